@@ -1,0 +1,3 @@
+"""Codecs and the self-describing frame format (arrives with the compression issue)."""
+
+__all__: list[str] = []

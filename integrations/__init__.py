@@ -1,0 +1,3 @@
+"""Engine adapters built on the public kvstore API (arrive with the engine-hooks issue)."""
+
+__all__: list[str] = []

@@ -1,0 +1,163 @@
+"""Prefix-chained block keys.
+
+A key names a block of tokens *and its whole prefix*, so equal keys mean
+equal KV and dedup across requests, processes and machines is safe. The byte
+encoding is specified in ``docs/keys.md``; nothing here depends on
+``PYTHONHASHSEED``, the process, the machine or the Python version.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import struct
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+import torch
+import xxhash
+
+Tokens = Union[Sequence[int], np.ndarray, torch.Tensor]
+Salt = Union[str, bytes, None]
+
+ROOT_TAG = b"kvstore/root/v1\x00"
+# One byte in front of a trailing partial block's message. Full-block messages
+# are ``digest || 4*n bytes``; a partial one is one byte longer modulo 4, so
+# the two can never be the same byte string.
+PARTIAL_TAG = b"P"
+MAX_TOKEN_ID = 2**32 - 1
+
+# Hash registry: name -> constructor of a hashlib-like object with update/digest.
+HASHES: dict[str, Callable[[], "hashlib._Hash"]] = {
+    "sha256": hashlib.sha256,
+    "blake2b": lambda: hashlib.blake2b(digest_size=32),
+    # Not collision resistant: only for single-tenant caches you fully trust.
+    "xxh3_128": xxhash.xxh3_128,
+}
+
+_ARRAY_CODE = "I" if array.array("I").itemsize == 4 else "L"
+
+
+def _bad_token_error(values: Sequence[object]) -> ValueError:
+    for position, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            return ValueError(f"tokens: expected integer token ids, got {value!r} at position {position}")
+        if not 0 <= int(value) <= MAX_TOKEN_ID:
+            return ValueError(
+                f"tokens: expected token ids 0 <= id < 2**32, got {int(value)} at position {position}"
+            )
+    return ValueError("tokens: expected integer token ids 0 <= id < 2**32")
+
+
+def token_bytes(tokens: Tokens) -> bytes:
+    """Validate ``tokens`` and return them as little-endian u32 bytes (4 bytes a token).
+
+    Accepts a list/tuple of ints, a 1-D integer numpy array or a 1-D integer
+    torch tensor (any device). Raises ``ValueError`` naming the first bad id.
+    """
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens: expected an integer tensor, got dtype {tokens.dtype}")
+        tokens = tokens.detach().cpu().numpy()
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens: expected a 1-D array, got shape {list(tokens.shape)}")
+        if tokens.dtype.kind not in "iu":
+            raise ValueError(f"tokens: expected an integer array, got dtype {tokens.dtype}")
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > MAX_TOKEN_ID):
+            raise _bad_token_error(tokens.tolist())
+        return tokens.astype("<u4", copy=False).tobytes()
+    if not isinstance(tokens, (list, tuple)):
+        raise ValueError(
+            f"tokens: expected a list of ints, a 1-D numpy array or a 1-D torch tensor, "
+            f"got {type(tokens).__name__}"
+        )
+    if any(isinstance(t, bool) for t in tokens[:1]):
+        raise _bad_token_error(tokens)
+    try:
+        packed = array.array(_ARRAY_CODE, tokens)
+    except (OverflowError, TypeError):
+        raise _bad_token_error(tokens) from None
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _length_prefixed(data: bytes) -> bytes:
+    return struct.pack("<I", len(data)) + data
+
+
+def _salt_bytes(salt: Salt) -> bytes:
+    if salt is None:
+        return b"\x00"
+    if isinstance(salt, str):
+        salt = salt.encode("utf-8")
+    if not isinstance(salt, (bytes, bytearray)):
+        raise ValueError(f"salt: expected None, str or bytes, got {type(salt).__name__}")
+    return b"\x01" + _length_prefixed(bytes(salt))
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One block of a token sequence: its key and the token range it covers."""
+
+    key: bytes
+    start: int  # first token (inclusive)
+    end: int  # last token (exclusive)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+class KeyChain:
+    """Computes the prefix-chained keys of token sequences for one model and layout."""
+
+    def __init__(self, model_id: str, fingerprint: bytes, block_tokens: int, hash_name: str = "sha256"):
+        if hash_name not in HASHES:
+            raise ValueError(f"hash: expected one of {sorted(HASHES)}, got {hash_name!r}")
+        if not isinstance(model_id, str) or not model_id:
+            raise ValueError(f"model_id: expected a non-empty string, got {model_id!r}")
+        self._new = HASHES[hash_name]
+        self._root_prefix = ROOT_TAG + _length_prefixed(model_id.encode()) + _length_prefixed(fingerprint)
+        self.block_tokens = block_tokens
+        self.hash_name = hash_name
+
+    def root(self, salt: Salt = None) -> bytes:
+        """Digest every chain starts from: domain tag, model id, layout fingerprint, salt."""
+        h = self._new()
+        h.update(self._root_prefix + _salt_bytes(salt))
+        return h.digest()
+
+    def iter_blocks(self, tokens: Tokens, salt: Salt = None) -> Iterator[BlockRef]:
+        """Yield the full blocks of ``tokens`` in order, then the trailing partial block if any.
+
+        Lazy, so a caller that stops at the first miss hashes no further.
+        """
+        data = token_bytes(tokens)
+        yield from self._iter_packed(data, self.root(salt))
+
+    def blocks(self, tokens: Tokens, salt: Salt = None) -> list[BlockRef]:
+        """All blocks of ``tokens`` (full ones, then the partial tail)."""
+        return list(self.iter_blocks(tokens, salt))
+
+    def _iter_packed(self, data: bytes, parent: bytes) -> Iterator[BlockRef]:
+        step = 4 * self.block_tokens
+        view = memoryview(data)
+        num_tokens = len(data) // 4
+        full = num_tokens // self.block_tokens
+        for index in range(full):
+            h = self._new()
+            h.update(parent)
+            h.update(view[index * step:(index + 1) * step])
+            parent = h.digest()
+            yield BlockRef(parent, index * self.block_tokens, (index + 1) * self.block_tokens)
+        if num_tokens > full * self.block_tokens:
+            h = self._new()
+            h.update(PARTIAL_TAG)
+            h.update(parent)
+            h.update(view[full * step:])
+            yield BlockRef(h.digest(), full * self.block_tokens, num_tokens)

@@ -1,0 +1,126 @@
+"""KVLayout: what one block of KV looks like for one model and one TP shard."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+# Stable names for dtypes: they go into the fingerprint, so they must never
+# depend on torch's repr. Extend by adding a row.
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float8_e4m3fn: "float8_e4m3fn",
+    torch.float8_e5m2: "float8_e5m2",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+}
+_DTYPE_BY_NAME: dict[str, torch.dtype] = {name: dt for dt, name in DTYPE_NAMES.items()}
+_DTYPE_BY_NAME.update({"fp16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
+                       "fp32": torch.float32, "float": torch.float32})
+
+LAYOUT_FORMAT_VERSION = 1
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Map a torch dtype or its name ("bfloat16", "bf16", ...) to a supported torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPE_NAMES:
+            return dtype
+    elif isinstance(dtype, str):
+        found = _DTYPE_BY_NAME.get(dtype.lower().removeprefix("torch."))
+        if found is not None:
+            return found
+    raise ValueError(f"dtype: expected one of {sorted(DTYPE_NAMES.values())}, got {dtype!r}")
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of the KV cache of one model shard, and the block size it is stored in.
+
+    A block holds ``block_tokens`` consecutive tokens of KV for every layer,
+    as the canonical tensor ``[num_layers, kv_parts, tokens, num_kv_heads,
+    head_dim]``. That order is layer-major: one layer's bytes are one
+    contiguous slice of the block.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.bfloat16
+    block_tokens: int = 256
+    kv_parts: int = 2
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype))
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_tokens", "tp_size"):
+            _positive_int(name, getattr(self, name))
+        if self.kv_parts not in (1, 2):
+            raise ValueError(f"kv_parts: expected 2 (K and V) or 1 (latent/MLA), got {self.kv_parts!r}")
+        _positive_int("tp_rank", self.tp_rank, minimum=0)
+        if self.tp_rank >= self.tp_size:
+            raise ValueError(f"tp_rank: expected 0 <= tp_rank < tp_size={self.tp_size}, got {self.tp_rank}")
+
+    @property
+    def element_bytes(self) -> int:
+        """Bytes per element of ``dtype``."""
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of KV per token across all layers."""
+        return self.num_layers * self.kv_parts * self.num_kv_heads * self.head_dim * self.element_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one full block (``block_tokens`` tokens)."""
+        return self.token_bytes * self.block_tokens
+
+    def shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
+        """Canonical tensor shape ``[L, P, num_tokens, H, D]``."""
+        return (self.num_layers, self.kv_parts, num_tokens, self.num_kv_heads, self.head_dim)
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int, int]:
+        """Canonical shape of one full block."""
+        return self.shape(self.block_tokens)
+
+    def layer_bytes(self, num_tokens: int) -> int:
+        """Bytes of one layer's slice of a block holding ``num_tokens`` tokens."""
+        return self.token_bytes // self.num_layers * num_tokens
+
+    def describe(self) -> str:
+        """The canonical text the fingerprint is the hash of (stable across versions)."""
+        return (
+            f"kvstore-layout/v{LAYOUT_FORMAT_VERSION};layers={self.num_layers};parts={self.kv_parts};"
+            f"heads={self.num_kv_heads};head_dim={self.head_dim};dtype={DTYPE_NAMES[self.dtype]};"
+            f"block_tokens={self.block_tokens};tp={self.tp_rank}/{self.tp_size}"
+        )
+
+    @property
+    def fingerprint(self) -> bytes:
+        """16-byte digest of every field: KV of another shape, dtype or shard never matches."""
+        return hashlib.sha256(self.describe().encode()).digest()[:16]
+
+    def check_kv(self, kv: torch.Tensor, num_tokens: int) -> None:
+        """Raise ``ValueError`` unless ``kv`` is a tensor ``[L, P, num_tokens, H, D]`` of ``dtype``."""
+        if not isinstance(kv, torch.Tensor):
+            raise ValueError(f"kv: expected a torch.Tensor, got {type(kv).__name__}")
+        expected = self.shape(num_tokens)
+        if tuple(kv.shape) != expected:
+            raise ValueError(
+                f"kv: expected shape {list(expected)} ([layers, kv_parts, tokens, heads, head_dim] "
+                f"for {num_tokens} tokens), got {list(kv.shape)}"
+            )
+        if kv.dtype != self.dtype:
+            raise ValueError(f"kv: expected dtype {self.dtype}, got {kv.dtype}")

@@ -1,0 +1,57 @@
+"""The protocol every storage tier implements, and helpers they share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+# Counters every tier reports in ``stats()``.
+TIER_COUNTERS = ("hits", "misses", "bytes_read", "bytes_written", "blocks_written",
+                 "evictions", "rejected", "corrupt")
+
+
+@runtime_checkable
+class Tier(Protocol):
+    """A storage medium for KV blocks, addressed by prefix-chained key.
+
+    Blocks travel as canonical tensors ``[L, P, tokens, H, D]`` (a view into a
+    caller's buffer may be strided). A tier never raises on a miss or on a
+    damaged block: ``get_into`` returns False and the event is counted.
+    """
+
+    name: str
+
+    @property
+    def capacity_bytes(self) -> int: ...
+
+    def used_bytes(self) -> int: ...
+
+    def contains(self, key: bytes) -> bool: ...
+
+    def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+        """Store blocks; returns how many are stored afterwards (already present counts)."""
+        ...
+
+    def get_into(self, key: bytes, out: torch.Tensor) -> bool:
+        """Copy block ``key`` into ``out`` (its shape says how many tokens); False on a miss."""
+        ...
+
+    def delete(self, key: bytes) -> bool: ...
+
+    def keys(self) -> Iterator[bytes]:
+        """Stored keys, least recently used first."""
+        ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+def as_byte_view(block: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 CPU view of ``block``'s bytes (copies only if it is strided or on a device)."""
+    block = block.detach()
+    if block.device.type != "cpu":
+        block = block.cpu()
+    return block.contiguous().view(torch.uint8).reshape(-1)

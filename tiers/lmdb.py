@@ -1,0 +1,277 @@
+"""Local-NVMe tier on an LMDB environment: persistent, bounded, one writer and many readers.
+
+Eviction is an approximation of LRU. Every block's meta record carries an
+access stamp from a persistent logical clock. Within a process the order is
+exact (kept in memory). Reads do not open write transactions: their new
+stamps are written with the next put (or on close), so after a crash the
+reads since the last put are forgotten and those blocks look older than they
+were. On open the order is rebuilt by sorting the stamps.
+
+The LMDB map is reserved at twice the byte capacity (at least capacity +
+1 GiB) of virtual address space, so the user never sizes it; if free-page
+fragmentation still fills it, more blocks are evicted and the write retried.
+One process owns a directory at a time (an flock guards it); threads of that
+process read concurrently while one writes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lmdb
+import torch
+
+from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.layout import KVLayout
+from kvstore.metrics import Counters
+from kvstore.tiers.base import TIER_COUNTERS, as_byte_view
+
+_STAMP = struct.Struct("<Q")
+_MAX_WRITE_ATTEMPTS = 8
+# Dirty access stamps kept for the next write; beyond this they are written on their own.
+_MAX_PENDING_STAMPS = 4096
+
+
+class DirectoryInUseError(RuntimeError):
+    """Another process has this LMDB directory open."""
+
+
+class LmdbTier:
+    """Blocks in an LMDB environment under ``path``, at most ``capacity_bytes`` of them.
+
+    ``capacity_bytes`` counts each block's payload plus its header. ``sync``
+    makes every write durable (fdatasync at commit) before ``put_many``
+    returns.
+    """
+
+    name = "lmdb"
+
+    def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, sync: bool = True):
+        if capacity_bytes < layout.block_bytes + HEADER_BYTES:
+            raise ValueError(
+                f"disk_bytes: expected at least one block ({layout.block_bytes + HEADER_BYTES} bytes), "
+                f"got {capacity_bytes}"
+            )
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.path / "kvstore.lock", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise DirectoryInUseError(
+                f"disk_dir {self.path} is open in another process; give each process its own disk_dir "
+                f"or share one through the cache server"
+            ) from None
+        self._capacity = capacity_bytes
+        self._fingerprint = layout.fingerprint
+        map_size = max(2 * capacity_bytes, capacity_bytes + (1 << 30))
+        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=2, sync=sync, metasync=sync,
+                              readahead=False, max_readers=512, subdir=True)
+        self._blocks = self._env.open_db(b"blocks")
+        self._meta = self._env.open_db(b"meta")
+        self._lock = threading.Lock()  # guards the index, the clock and the pending stamps
+        self._write_lock = threading.Lock()  # one writer at a time
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> stored bytes, LRU first
+        self._used = 0
+        self._pending_stamps: dict[bytes, int] = {}
+        self._counters = Counters(*TIER_COUNTERS)
+        self._clock = self._load_index()
+        self._closed = False
+        if self._used > self._capacity:
+            self._write([], [])
+
+    def _load_index(self) -> int:
+        """Rebuild the in-memory LRU from the meta records; drop records that do not parse."""
+        records: list[tuple[int, bytes, int]] = []
+        broken: list[bytes] = []
+        with self._env.begin(db=self._meta) as txn:
+            for key, value in txn.cursor():
+                header = BlockHeader.unpack(value)
+                if header is None or len(value) != HEADER_BYTES + _STAMP.size or header.key != key:
+                    broken.append(key)
+                    continue
+                (stamp,) = _STAMP.unpack_from(value, HEADER_BYTES)
+                records.append((stamp, key, header.length + HEADER_BYTES))
+        if broken:
+            with self._env.begin(write=True) as txn:
+                for key in broken:
+                    txn.delete(key, db=self._meta)
+                    txn.delete(key, db=self._blocks)
+            self._counters.add("corrupt", len(broken))
+        records.sort()
+        for _, key, size in records:
+            self._index[key] = size
+            self._used += size
+        return records[-1][0] + 1 if records else 0
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._used
+
+    def contains(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._index
+
+    def keys(self) -> Iterator[bytes]:
+        with self._lock:
+            return iter(list(self._index))
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+        """Write blocks in one durable transaction, evicting LRU blocks to make room."""
+        with self._lock:
+            new = [(key, block) for key, block in items if key not in self._index]
+        present = len(items) - len(new)
+        fitting = []
+        for key, block in new:
+            if block.numel() * block.element_size() + HEADER_BYTES > self._capacity:
+                self._counters.add("rejected")
+            else:
+                fitting.append((key, as_byte_view(block).numpy()))
+        if not fitting:
+            return present
+        return present + self._write(fitting, [])
+
+    def _write(self, payloads: list[tuple[bytes, object]], deletes: list[bytes]) -> int:
+        with self._write_lock:
+            incoming = sum(memoryview(p).nbytes + HEADER_BYTES for _, p in payloads)
+            for _ in range(_MAX_WRITE_ATTEMPTS):
+                with self._lock:
+                    victims = self._pick_victims(incoming, {k for k, _ in payloads})
+                    stamps = dict(self._pending_stamps)
+                    records = [(k, p, self._tick()) for k, p in payloads]
+                try:
+                    with self._env.begin(write=True) as txn:
+                        for key in victims + deletes:
+                            txn.delete(key, db=self._blocks)
+                            txn.delete(key, db=self._meta)
+                        for key, payload, stamp in records:
+                            header = BlockHeader.for_payload(key, self._fingerprint, payload).pack()
+                            txn.put(key, payload, db=self._blocks)
+                            txn.put(key, header + _STAMP.pack(stamp), db=self._meta)
+                        self._write_stamps(txn, stamps, skip=set(victims) | set(deletes))
+                except lmdb.MapFullError:
+                    incoming += self._capacity // 8  # fragmentation: make more room and retry
+                    continue
+                self._commit_index(records, victims + deletes, stamps)
+                self._counters.add("evictions", len(victims))
+                return len(records)
+        self._counters.add("rejected", len(payloads))
+        return 0
+
+    def _pick_victims(self, incoming: int, keep: set[bytes]) -> list[bytes]:
+        """Under the lock: LRU keys whose removal brings used + incoming within capacity."""
+        victims = []
+        freed = 0
+        for key, size in self._index.items():
+            if self._used - freed + incoming <= self._capacity:
+                break
+            if key not in keep:
+                victims.append(key)
+                freed += size
+        return victims
+
+    def _write_stamps(self, txn: lmdb.Transaction, stamps: dict[bytes, int], skip: set[bytes]) -> None:
+        for key, stamp in stamps.items():
+            if key in skip:
+                continue
+            value = txn.get(key, db=self._meta)
+            if value is not None and len(value) == HEADER_BYTES + _STAMP.size:
+                txn.put(key, bytes(value[:HEADER_BYTES]) + _STAMP.pack(stamp), db=self._meta)
+
+    def _commit_index(self, records: list[tuple[bytes, object, int]], removed: list[bytes],
+                      stamps: dict[bytes, int]) -> None:
+        with self._lock:
+            for key in removed:
+                size = self._index.pop(key, None)
+                if size is not None:
+                    self._used -= size
+            for key, payload, _ in records:
+                size = memoryview(payload).nbytes + HEADER_BYTES
+                self._index[key] = size
+                self._used += size
+                self._counters.add("blocks_written")
+                self._counters.add("bytes_written", size - HEADER_BYTES)
+            for key, stamp in stamps.items():
+                if self._pending_stamps.get(key) == stamp:
+                    del self._pending_stamps[key]
+
+    def get_into(self, key: bytes, out: torch.Tensor) -> bool:
+        """Copy block ``key`` into ``out`` after checking its header and checksum."""
+        with self._lock:
+            known = key in self._index
+        if not known:
+            self._counters.add("misses")
+            return False
+        expected = out.numel() * out.element_size()
+        with self._env.begin(buffers=True) as txn:
+            meta = txn.get(key, db=self._meta)
+            payload = txn.get(key, db=self._blocks)
+            header = BlockHeader.unpack(meta) if meta is not None else None
+            intact = (
+                header is not None
+                and payload is not None
+                and len(payload) == expected
+                and header.verifies(key, self._fingerprint, payload)
+            )
+            if intact:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # read-only mmap; we only read it
+                    source = torch.frombuffer(payload, dtype=torch.uint8)
+                out.copy_(source.view(out.dtype).view(out.shape))
+        if not intact:
+            self._counters.add("corrupt")
+            self._counters.add("misses")
+            self._write([], [key])
+            return False
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+                self._pending_stamps[key] = self._tick()
+            flush = len(self._pending_stamps) >= _MAX_PENDING_STAMPS
+        if flush:
+            self._write([], [])
+        self._counters.add("hits")
+        self._counters.add("bytes_read", expected)
+        return True
+
+    def delete(self, key: bytes) -> bool:
+        with self._lock:
+            if key not in self._index:
+                return False
+        self._write([], [key])
+        return True
+
+    def stats(self) -> dict[str, int]:
+        snapshot = self._counters.snapshot()
+        with self._lock:
+            snapshot.update(blocks=len(self._index), used_bytes=self._used)
+        snapshot["capacity_bytes"] = self._capacity
+        return snapshot
+
+    def close(self) -> None:
+        """Write pending access stamps, close the environment and release the directory."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            pending = bool(self._pending_stamps)
+        if pending:
+            self._write([], [])
+        self._env.close()
+        self._lock_file.close()
