@@ -13,8 +13,7 @@ import hashlib
 import struct
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
@@ -100,8 +99,7 @@ def _salt_bytes(salt: Salt) -> bytes:
     return b"\x01" + _length_prefixed(bytes(salt))
 
 
-@dataclass(frozen=True)
-class BlockRef:
+class BlockRef(NamedTuple):
     """One block of a token sequence: its key and the token range it covers."""
 
     key: bytes
@@ -149,12 +147,14 @@ class KeyChain:
         view = memoryview(data)
         num_tokens = len(data) // 4
         full = num_tokens // self.block_tokens
+        new = self._new
+        block_tokens = self.block_tokens
         for index in range(full):
-            h = self._new()
+            h = new()
             h.update(parent)
             h.update(view[index * step:(index + 1) * step])
             parent = h.digest()
-            yield BlockRef(parent, index * self.block_tokens, (index + 1) * self.block_tokens)
+            yield BlockRef(parent, index * block_tokens, (index + 1) * block_tokens)
         if num_tokens > full * self.block_tokens:
             h = self._new()
             h.update(PARTIAL_TAG)

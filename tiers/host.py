@@ -75,8 +75,8 @@ class HostTier:
         return self._pool[slot, : self.layout.token_bytes // self.layout.element_bytes * num_tokens].view(shape)
 
     def contains(self, key: bytes) -> bool:
-        with self._lock:
-            return key in self._index
+        # A dict membership test is atomic under the GIL; no lock on the lookup hot path.
+        return key in self._index
 
     def keys(self) -> Iterator[bytes]:
         with self._lock:

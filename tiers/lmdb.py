@@ -121,8 +121,8 @@ class LmdbTier:
             return self._used
 
     def contains(self, key: bytes) -> bool:
-        with self._lock:
-            return key in self._index
+        # A dict membership test is atomic under the GIL; no lock on the lookup hot path.
+        return key in self._index
 
     def keys(self) -> Iterator[bytes]:
         with self._lock:

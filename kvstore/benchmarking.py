@@ -1,0 +1,203 @@
+"""Measured ceilings and the quick benchmark behind ``kvstore bench --quick``.
+
+Every figure is a ratio to a ceiling measured in the same run on the same
+bytes (a tensor ``copy_`` for RAM; a raw file write+fsync or read for disk),
+because shared machines drift too much for absolute numbers to mean much.
+The pytest-benchmark suites under ``bench/`` reuse these pieces.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvstore.config import StoreConfig
+from kvstore.layout import KVLayout
+from kvstore.store import KVStore
+
+# Llama-3-8B: 32 layers, 8 KV heads, head dim 128, bf16; 256-token blocks are 32 MiB.
+LLAMA3_8B = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_tokens=256)
+# Same 256-token blocks with a few bytes of KV: lookup cost depends on keys, not on block bytes.
+LOOKUP_LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.bfloat16, block_tokens=256)
+LOOKUP_TOKENS = 131_072
+
+
+def random_kv(layout: KVLayout, num_tokens: int, seed: int = 0) -> torch.Tensor:
+    """Deterministic random KV ``[L, P, num_tokens, H, D]``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(layout.shape(num_tokens), generator=generator).to(layout.dtype)
+
+
+class PromptSource:
+    """Distinct token sequences (no two share a first block), so every put stores new blocks."""
+
+    def __init__(self, num_tokens: int, vocab: int = 128_256):
+        self._num_tokens = num_tokens
+        self._vocab = vocab
+        self._next = 0
+
+    def __call__(self) -> np.ndarray:
+        rng = np.random.default_rng(self._next)
+        self._next += 1
+        return rng.integers(0, self._vocab, self._num_tokens, dtype=np.int64)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def raw_write_fsync(path: Path, data: np.ndarray) -> None:
+    """The disk-write ceiling: write ``data`` to a new file and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raw_read(path: Path, buffer: np.ndarray) -> None:
+    """The disk-read ceiling: read a whole file into a preallocated buffer."""
+    with open(path, "rb", buffering=0) as handle:
+        view = memoryview(buffer).cast("B")
+        while view:
+            got = handle.readinto(view)
+            if not got:
+                raise OSError(f"{path}: short read")
+            view = view[got:]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A subject and its ceiling, timed alternately on the same bytes (seconds per call)."""
+
+    name: str
+    nbytes: int
+    subject_s: list[float]
+    ceiling_s: list[float]
+    ceiling_name: str
+    target: float
+
+    @property
+    def ratio(self) -> float:
+        """Subject throughput over ceiling throughput (median times)."""
+        return statistics.median(self.ceiling_s) / statistics.median(self.subject_s)
+
+    def gbps(self, times: list[float]) -> float:
+        return self.nbytes / statistics.median(times) / 1e9
+
+    def line(self) -> str:
+        verdict = "met" if self.ratio >= self.target else "MISSED"
+        return (f"{self.name:<22} {self.gbps(self.subject_s):7.2f} GB/s   {self.ceiling_name:<22} "
+                f"{self.gbps(self.ceiling_s):7.2f} GB/s   ratio {self.ratio:5.2f}  (target >= {self.target}: {verdict})")
+
+
+def alternate(name: str, nbytes: int, subject: Callable[[], object], ceiling: Callable[[], object],
+              ceiling_name: str, target: float, repeat: int) -> Pair:
+    """Time ``subject`` and ``ceiling`` ``repeat`` times each, interleaved, after one warm-up of each."""
+    subject()
+    ceiling()
+    subject_s, ceiling_s = [], []
+    for _ in range(repeat):
+        ceiling_s.append(timed(ceiling))
+        subject_s.append(timed(subject))
+    return Pair(name, nbytes, subject_s, ceiling_s, ceiling_name, target)
+
+
+def host_pairs(repeat: int, layout: KVLayout = LLAMA3_8B) -> Iterator[Pair]:
+    """Host-tier put and get of one block against ``Tensor.copy_`` of the same bytes."""
+    kv = random_kv(layout, layout.block_tokens)
+    out = torch.empty_like(kv)
+    config = StoreConfig(model_id="bench", host_bytes=(repeat + 3) * layout.block_bytes)
+    prompts = PromptSource(layout.block_tokens)
+    with KVStore(layout, config) as store:
+        yield alternate("host put", layout.block_bytes, lambda: store.put(prompts(), kv),
+                        lambda: out.copy_(kv), "Tensor.copy_", 0.8, repeat)
+        stored = prompts()
+        store.put(stored, kv)
+        yield alternate("host get_into", layout.block_bytes, lambda: store.get_into(stored, out),
+                        lambda: out.copy_(kv), "Tensor.copy_", 0.8, repeat)
+
+
+def disk_pairs(directory: Path, repeat: int, layout: KVLayout = LLAMA3_8B) -> Iterator[Pair]:
+    """LMDB put (durable) against raw write+fsync, and warm LMDB get against a raw read."""
+    kv = random_kv(layout, layout.block_tokens)
+    raw = kv.view(torch.uint8).reshape(-1).numpy()
+    buffer = np.empty_like(raw)
+    out = torch.empty_like(kv)
+    raw_path = directory / "raw.bin"
+    config = StoreConfig(model_id="bench", host_bytes=0, disk_dir=str(directory / "lmdb"),
+                         disk_bytes=(repeat + 3) * (layout.block_bytes + 4096))
+    prompts = PromptSource(layout.block_tokens)
+    with KVStore(layout, config) as store:
+        yield alternate("lmdb put (fsync)", layout.block_bytes, lambda: store.put(prompts(), kv),
+                        lambda: raw_write_fsync(raw_path, raw), "raw write+fsync", 0.7, repeat)
+        stored = prompts()
+        store.put(stored, kv)
+        yield alternate("lmdb get (warm)", layout.block_bytes, lambda: store.get_into(stored, out),
+                        lambda: raw_read(raw_path, buffer), "raw read (warm)", 0.7, repeat)
+
+
+@dataclass(frozen=True)
+class LookupFigure:
+    name: str
+    times_s: list[float]
+    target_s: float = 0.002
+
+    def line(self) -> str:
+        median = statistics.median(self.times_s)
+        verdict = "met" if median <= self.target_s else "MISSED"
+        return (f"{self.name:<36} median {median * 1e3:6.3f} ms  p90 {np.percentile(self.times_s, 90) * 1e3:6.3f} ms"
+                f"  (target <= {self.target_s * 1e3:.0f} ms: {verdict})")
+
+
+def lookup_figures(directory: Path, repeat: int) -> list[LookupFigure]:
+    """``lookup`` of a 131,072-token prompt, all hits and all misses, as numpy array and as list."""
+    layout = LOOKUP_LAYOUT
+    blocks = LOOKUP_TOKENS // layout.block_tokens
+    config = StoreConfig(model_id="bench", host_bytes=(blocks + 1) * layout.block_bytes,
+                         disk_dir=str(directory / "lookup-lmdb"), disk_bytes="64MiB")
+    prompts = PromptSource(LOOKUP_TOKENS)
+    hit, miss = prompts(), prompts()
+    figures = []
+    with KVStore(layout, config) as store:
+        store.put(hit, random_kv(layout, LOOKUP_TOKENS))
+        if store.lookup(hit) != LOOKUP_TOKENS or store.lookup(miss) != 0:
+            raise RuntimeError("lookup benchmark set-up did not store the prompt")
+        for label, tokens in (("all hits", hit), ("all misses", miss)):
+            for form, value in (("numpy", tokens), ("list", tokens.tolist())):
+                store.lookup(value)
+                times = [timed(lambda: store.lookup(value)) for _ in range(repeat)]
+                figures.append(LookupFigure(f"lookup 131072 tokens, {label}, {form}", times))
+    return figures
+
+
+def run_quick(data_dir: str | os.PathLike[str], repeat: int = 5, echo: Callable[[str], None] = print) -> None:
+    """Store and retrieve Llama-3-8B-shaped 32 MiB blocks through host RAM and LMDB; print ratios."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix="bench-", dir=data_dir))
+    try:
+        echo(f"kvstore bench --quick: {LLAMA3_8B.block_bytes >> 20} MiB blocks "
+             f"(Llama-3-8B: 32 layers, 8 KV heads, head dim 128, bf16, 256 tokens); data in {directory}")
+        for pair in host_pairs(repeat):
+            echo(pair.line())
+        for pair in disk_pairs(directory, repeat):
+            echo(pair.line())
+        for figure in lookup_figures(directory, max(repeat * 10, 20)):
+            echo(figure.line())
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,60 @@
+"""The ``kvstore`` console script, run as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _kvstore(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    exe = shutil.which("kvstore") or str(Path(sys.executable).with_name("kvstore"))
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    full_env.update(env or {})
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300)
+
+
+def test_help_lists_commands():
+    result = _kvstore("--help")
+    assert result.returncode == 0
+    assert "info" in result.stdout and "bench" in result.stdout
+
+
+def test_info_reports_config_and_tier_usage(tmp_path):
+    config = tmp_path / "kvstore.toml"
+    config.write_text(f'model_id = "tiny"\nhost_bytes = "1MiB"\ndisk_dir = "{tmp_path / "disk"}"\n'
+                      f'disk_bytes = "4MiB"\n')
+    result = _kvstore("info", "--config", str(config), "--layers", "2", "--kv-heads", "2", "--head-dim", "16",
+                      "--dtype", "float16", "--block-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    assert "model_id = 'tiny'" in result.stdout
+    assert "host: 0 blocks, 0 B used of 1.0 MiB" in result.stdout
+    assert "lmdb: 0 blocks, 0 B used of 4.0 MiB" in result.stdout
+
+
+def test_info_names_a_bad_setting(tmp_path):
+    config = tmp_path / "kvstore.yaml"
+    config.write_text("model_id: tiny\nhost_byts: 1MiB\n")
+    result = _kvstore("info", "--config", str(config))
+    assert result.returncode == 2
+    assert "host_byts" in result.stderr
+    result = _kvstore("info", env={"KVSTORE_HOST_BYTES": "lots"})
+    assert result.returncode == 2
+    assert "host_bytes" in result.stderr and "'lots'" in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_quick_prints_every_figure_with_its_ceiling(tmp_path):
+    result = _kvstore("bench", "--quick", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for name, ceiling in (("host put", "Tensor.copy_"), ("host get_into", "Tensor.copy_"),
+                          ("lmdb put (fsync)", "raw write+fsync"), ("lmdb get (warm)", "raw read (warm)")):
+        (line,) = [line for line in lines if line.startswith(name + " ")]
+        assert ceiling in line and "ratio" in line
+    assert sum("lookup 131072 tokens" in line for line in lines) == 4
+    assert list((tmp_path / "data").iterdir()) == []  # its scratch data is removed

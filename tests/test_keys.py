@@ -1,0 +1,117 @@
+"""Keys: the documented vectors, the encoding spelled out with hashlib, and input handling."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvstore import KeyChain, KVLayout
+from kvstore.keys import token_bytes
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "keys.md"
+TOKENS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+
+
+def _doc_values() -> dict[str, str]:
+    text = DOC.read_text()
+    blocks = re.findall(r"```text\n(.*?)```", text, flags=re.S)
+    values = {}
+    for block in blocks:
+        for line in block.splitlines():
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return values
+
+
+@pytest.fixture(scope="module")
+def doc_chain() -> tuple[KVLayout, KeyChain]:
+    layout = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_tokens=4)
+    return layout, KeyChain("llama-3-8b", layout.fingerprint, 4, "sha256")
+
+
+def test_docs_worked_example_matches(doc_chain):
+    layout, chain = doc_chain
+    doc = _doc_values()
+    assert layout.describe() == doc["layout"]
+    assert layout.fingerprint.hex() == doc["fingerprint"]
+    assert chain.root().hex() == doc["root"]
+    blocks = chain.blocks(TOKENS)
+    assert [(b.start, b.end) for b in blocks] == [(0, 4), (4, 8), (8, 10)]
+    assert [b.key.hex() for b in blocks] == [doc["key[0]"], doc["key[1]"], doc["tail"]]
+    salted = chain.blocks(TOKENS, salt="tenant-a")
+    assert chain.root("tenant-a").hex() == doc["salt_root"]
+    assert [b.key.hex() for b in salted] == [doc["salt_key[0]"], doc["salt_key[1]"], doc["salt_tail"]]
+
+
+def test_docs_python_snippet_runs():
+    snippet = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert len(snippet) == 1
+    exec(compile(snippet[0], str(DOC), "exec"), {})
+
+
+def test_encoding_recomputed_with_hashlib(doc_chain):
+    layout, chain = doc_chain
+    model = b"llama-3-8b"
+    root_input = (b"kvstore/root/v1\x00" + struct.pack("<I", len(model)) + model
+                  + struct.pack("<I", 16) + layout.fingerprint + b"\x00")
+    assert chain.root() == hashlib.sha256(root_input).digest()
+    salt = "tenant-a".encode()
+    salted_input = root_input[:-1] + b"\x01" + struct.pack("<I", len(salt)) + salt
+    assert chain.root("tenant-a") == hashlib.sha256(salted_input).digest()
+
+
+def test_token_forms_agree(doc_chain):
+    _, chain = doc_chain
+    expected = [b.key for b in chain.blocks(TOKENS)]
+    for form in (tuple(TOKENS), np.array(TOKENS, dtype=np.int64), np.array(TOKENS, dtype=np.uint32),
+                 torch.tensor(TOKENS, dtype=torch.int64), torch.tensor(TOKENS, dtype=torch.int32)):
+        assert [b.key for b in chain.blocks(form)] == expected
+
+
+def test_full_and_partial_keys_follow_the_spec(doc_chain):
+    _, chain = doc_chain
+    root = chain.root()
+    full, tail = chain.blocks([7, 8, 9, 10, 11])
+    assert full.key == hashlib.sha256(root + struct.pack("<4I", 7, 8, 9, 10)).digest()
+    assert tail.key == hashlib.sha256(b"P" + full.key + struct.pack("<I", 11)).digest()
+    (short,) = chain.blocks([7, 8, 9])
+    assert short.key == hashlib.sha256(b"P" + root + struct.pack("<3I", 7, 8, 9)).digest()
+    assert (short.start, short.end) == (0, 3)
+
+
+def test_hashes_give_different_keys(doc_chain):
+    layout, _ = doc_chain
+    keys = {name: KeyChain("m", layout.fingerprint, 4, name).blocks(TOKENS)[0].key
+            for name in ("sha256", "blake2b", "xxh3_128")}
+    assert len(set(keys.values())) == 3
+    assert len(keys["xxh3_128"]) == 16 and len(keys["sha256"]) == 32
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    ([1, -1], "got -1 at position 1"),
+    ([2**32], "got 4294967296 at position 0"),
+    ([1, 2.0], "got 2.0 at position 1"),
+    ([True], "got True at position 0"),
+    (np.zeros((2, 2), dtype=np.int64), "1-D array, got shape [2, 2]"),
+    (np.array([1.0]), "integer array, got dtype float64"),
+    (np.array([-5], dtype=np.int64), "got -5 at position 0"),
+    (torch.tensor([1.0]), "integer tensor, got dtype torch.float32"),
+    ("abc", "got str"),
+])
+def test_bad_tokens_raise(bad, fragment):
+    with pytest.raises(ValueError) as info:
+        token_bytes(bad)
+    assert fragment in str(info.value)
+
+
+def test_unknown_hash_and_empty_model_rejected():
+    with pytest.raises(ValueError, match="hash: expected one of"):
+        KeyChain("m", b"\x00" * 16, 4, "md5")
+    with pytest.raises(ValueError, match="model_id"):
+        KeyChain("", b"\x00" * 16, 4)
