@@ -50,31 +50,10 @@ def test_copy_ceiling(benchmark, kv):
     _pedantic(benchmark, lambda: out.copy_(kv))
 
 
-@pytest.mark.benchmark(group="host")
-def test_host_put(benchmark, kv, host_store):
-    prompts = PromptSource(LAYOUT.block_tokens)
-    _pedantic(benchmark, lambda tokens: host_store.put(tokens, kv), setup=lambda: ((prompts(),), {}))
-
-
-@pytest.mark.benchmark(group="host")
-def test_host_get_into(benchmark, kv, host_store):
-    tokens = PromptSource(LAYOUT.block_tokens)()
-    host_store.put(tokens, kv)
-    out = torch.empty_like(kv)
-    _pedantic(benchmark, lambda: host_store.get_into(tokens, out))
-    assert torch.equal(out, kv)
-
-
 @pytest.mark.benchmark(group="disk-write")
 def test_write_fsync_ceiling(benchmark, kv, tmp_path):
     raw = kv.view(torch.uint8).reshape(-1).numpy()
     _pedantic(benchmark, lambda: raw_write_fsync(tmp_path / "raw.bin", raw))
-
-
-@pytest.mark.benchmark(group="disk-write")
-def test_lmdb_put(benchmark, kv, disk_store):
-    prompts = PromptSource(LAYOUT.block_tokens)
-    _pedantic(benchmark, lambda tokens: disk_store.put(tokens, kv), setup=lambda: ((prompts(),), {}))
 
 
 @pytest.mark.benchmark(group="disk-read")
@@ -85,12 +64,28 @@ def test_read_ceiling(benchmark, kv, tmp_path):
     _pedantic(benchmark, lambda: raw_read(tmp_path / "raw.bin", buffer))
 
 
-@pytest.mark.benchmark(group="disk-read")
-def test_lmdb_get_warm(benchmark, kv, disk_store):
+# Each store's put is measured against the write ceiling of its medium, get against the read ceiling.
+PUT_GROUPS = {"host_store": "host", "disk_store": "disk-write"}
+GET_GROUPS = {"host_store": "host", "disk_store": "disk-read"}
+
+
+@pytest.mark.parametrize("store_name", sorted(PUT_GROUPS))
+def test_put(benchmark, kv, request, store_name):
+    store = request.getfixturevalue(store_name)
+    benchmark.group = PUT_GROUPS[store_name]
+    prompts = PromptSource(LAYOUT.block_tokens)
+    _pedantic(benchmark, lambda tokens: store.put(tokens, kv), setup=lambda: ((prompts(),), {}))
+    assert store.stats()["store"]["dedup_blocks"] == 0
+
+
+@pytest.mark.parametrize("store_name", sorted(GET_GROUPS))
+def test_get_into(benchmark, kv, request, store_name):
+    store = request.getfixturevalue(store_name)
+    benchmark.group = GET_GROUPS[store_name]
     tokens = PromptSource(LAYOUT.block_tokens)()
-    disk_store.put(tokens, kv)
+    store.put(tokens, kv)
     out = torch.empty_like(kv)
-    _pedantic(benchmark, lambda: disk_store.get_into(tokens, out))
+    _pedantic(benchmark, lambda: store.get_into(tokens, out))
     assert torch.equal(out, kv)
 
 
