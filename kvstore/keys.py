@@ -42,7 +42,7 @@ _ARRAY_CODE = "I" if array.array("I").itemsize == 4 else "L"
 
 def _bad_token_error(values: Sequence[object]) -> ValueError:
     for position, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not isinstance(value, (int, np.integer)):
             return ValueError(f"tokens: expected integer token ids, got {value!r} at position {position}")
         if not 0 <= int(value) <= MAX_TOKEN_ID:
             return ValueError(
@@ -56,6 +56,8 @@ def token_bytes(tokens: Tokens) -> bytes:
 
     Accepts a list/tuple of ints, a 1-D integer numpy array or a 1-D integer
     torch tensor (any device). Raises ``ValueError`` naming the first bad id.
+    In a list, ``True``/``False`` are the Python ints 1/0 they are (checking
+    every element's type would cost more than hashing the prompt).
     """
     if isinstance(tokens, torch.Tensor):
         if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
@@ -74,8 +76,6 @@ def token_bytes(tokens: Tokens) -> bytes:
             f"tokens: expected a list of ints, a 1-D numpy array or a 1-D torch tensor, "
             f"got {type(tokens).__name__}"
         )
-    if any(isinstance(t, bool) for t in tokens[:1]):
-        raise _bad_token_error(tokens)
     try:
         packed = array.array(_ARRAY_CODE, tokens)
     except (OverflowError, TypeError):

@@ -134,21 +134,21 @@ class LmdbTier:
 
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """Write blocks in one durable transaction, evicting LRU blocks to make room."""
-        with self._lock:
-            new = [(key, block) for key, block in items if key not in self._index]
-        present = len(items) - len(new)
         fitting = []
-        for key, block in new:
+        for key, block in items:
             if block.numel() * block.element_size() + HEADER_BYTES > self._capacity:
                 self._counters.add("rejected")
-            else:
+            elif not self.contains(key):
                 fitting.append((key, as_byte_view(block).numpy()))
-        if not fitting:
-            return present
-        return present + self._write(fitting, [])
+        self._write(fitting, [])
+        return sum(self.contains(key) for key, _ in items)
 
     def _write(self, payloads: list[tuple[bytes, object]], deletes: list[bytes]) -> int:
+        """One write transaction: evict, delete, store ``payloads`` not yet stored, persist stamps."""
         with self._write_lock:
+            # Another writer may have stored some of these since the caller looked.
+            with self._lock:
+                payloads = [(k, p) for k, p in payloads if k not in self._index]
             incoming = sum(memoryview(p).nbytes + HEADER_BYTES for _, p in payloads)
             for _ in range(_MAX_WRITE_ATTEMPTS):
                 with self._lock:
@@ -222,22 +222,17 @@ class LmdbTier:
         with self._env.begin(buffers=True) as txn:
             meta = txn.get(key, db=self._meta)
             payload = txn.get(key, db=self._blocks)
-            header = BlockHeader.unpack(meta) if meta is not None else None
-            intact = (
-                header is not None
-                and payload is not None
-                and len(payload) == expected
-                and header.verifies(key, self._fingerprint, payload)
-            )
-            if intact:
+            verdict = self._check(key, meta, payload, expected)
+            if verdict == "intact":
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # read-only mmap; we only read it
                     source = torch.frombuffer(payload, dtype=torch.uint8)
                 out.copy_(source.view(out.dtype).view(out.shape))
-        if not intact:
-            self._counters.add("corrupt")
+        if verdict != "intact":
             self._counters.add("misses")
-            self._write([], [key])
+            if verdict == "corrupt":
+                self._counters.add("corrupt")
+                self._write([], [key])
             return False
         with self._lock:
             if key in self._index:
@@ -249,6 +244,15 @@ class LmdbTier:
         self._counters.add("hits")
         self._counters.add("bytes_read", expected)
         return True
+
+    def _check(self, key: bytes, meta: object, payload: object, expected: int) -> str:
+        """``intact``, ``gone`` (evicted since the index said present), ``other-size`` or ``corrupt``."""
+        if meta is None and payload is None:
+            return "gone"
+        header = BlockHeader.unpack(meta) if meta is not None else None
+        if header is None or payload is None or not header.verifies(key, self._fingerprint, payload):
+            return "corrupt"
+        return "intact" if header.length == expected else "other-size"
 
     def delete(self, key: bytes) -> bool:
         with self._lock:

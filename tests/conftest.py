@@ -1,0 +1,112 @@
+"""Shared fixtures and helpers for the kvstore test suite.
+
+Everything here is real: real LMDB environments in ``tmp_path``, real files,
+real subprocesses. Data is deterministic (fixed ``torch.Generator`` seeds), so
+a child process importing this module produces the very same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvstore.layout import KVLayout
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+
+
+def tiny_layout(**changes) -> KVLayout:
+    """The tiny layout every test uses: a 16-token block is 4096 bytes in fp16."""
+    fields = dict(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float16, block_tokens=16)
+    fields.update(changes)
+    return KVLayout(**fields)
+
+
+def make_kv(layout: KVLayout, num_tokens: int, seed: int = 0) -> torch.Tensor:
+    """Deterministic random KV ``[L, P, num_tokens, H, D]`` of ``layout.dtype`` (same bytes in any process)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(layout.shape(num_tokens), generator=gen, dtype=torch.float32).to(layout.dtype)
+
+
+def make_tokens(num_tokens: int, seed: int = 0, vocab: int = 50_000) -> list[int]:
+    """Deterministic token ids (a plain list of Python ints)."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    return torch.randint(0, vocab, (num_tokens,), generator=gen).tolist()
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def assert_same_kv(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Exact equality: same shape, same dtype, same bytes."""
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert tuple(actual.shape) == tuple(expected.shape), (tuple(actual.shape), tuple(expected.shape))
+    assert torch.equal(actual, expected)
+    assert as_bytes(actual) == as_bytes(expected)
+
+
+def run_python(code: str, *, env_extra: dict[str, str] | None = None, timeout: float = 60) -> str:
+    """Run ``code`` in a fresh interpreter (tests dir importable); return stdout, fail on a non-zero exit."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])
+    env.update(env_extra or {})
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            env=env, cwd=str(REPO_ROOT), timeout=timeout)
+    assert result.returncode == 0, f"child failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture
+def layout() -> KVLayout:
+    return tiny_layout()
+
+
+@pytest.fixture
+def kv_for(layout):
+    """``kv_for(n, seed=0)``: deterministic KV for ``n`` tokens of the tiny layout."""
+    def factory(num_tokens: int, seed: int = 0, lay: KVLayout | None = None) -> torch.Tensor:
+        return make_kv(lay or layout, num_tokens, seed)
+    return factory
+
+
+@pytest.fixture
+def disk_dir(tmp_path) -> Path:
+    path = tmp_path / "kvdisk"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def make_store(tmp_path, layout):
+    """``make_store(mode, lay=None, disk=None, **config)``: a KVStore closed at teardown.
+
+    ``mode``: "host" (1 MiB host pool only), "disk" (host_bytes=0, LMDB only) or
+    "both" (host pool + LMDB, write-through unless ``write_policy`` says otherwise).
+    The LMDB dir defaults to ``tmp_path / "disk"``; ``disk_sync`` defaults to False.
+    """
+    from kvstore.config import StoreConfig
+    from kvstore.store import KVStore
+
+    stores = []
+
+    def factory(mode: str = "host", lay: KVLayout | None = None, disk=None, **config):
+        assert mode in ("host", "disk", "both"), mode
+        settings: dict = {"host_bytes": 0 if mode == "disk" else 1 << 20}
+        if mode != "host":
+            settings.update(disk_dir=str(disk or tmp_path / "disk"), disk_bytes=4 << 20, disk_sync=False)
+        settings.update(config)
+        store = KVStore(lay or layout, StoreConfig(**settings))
+        stores.append(store)
+        return store
+
+    yield factory
+    for store in stores:
+        store.close()

@@ -1,0 +1,270 @@
+"""StoreConfig and parse_size: code, TOML, YAML and KVSTORE_* variables."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstore.config import StoreConfig
+from kvstore.sizes import parse_size
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("512MiB", 512 * MiB),
+        ("4GiB", 4 * GiB),
+        ("4gib", 4 * GiB),
+        (" 4 GiB ", 4 * GiB),
+        ("1KiB", 1024),
+        ("2TiB", 2 << 40),
+        ("1.5GiB", 3 * GiB // 2),
+        ("1GB", 10**9),
+        ("3MB", 3 * 10**6),
+        ("7k", 7000),
+        ("123", 123),
+        ("123B", 123),
+        (0, 0),
+        (536870912, 536870912),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+    assert type(parse_size(text)) is int
+
+
+@pytest.mark.parametrize("bad", ["lots", "", "4 GiBs", "-1", "1e9", "GiB", -5, True, 1.5, None])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ValueError) as info:
+        parse_size(bad, "host_bytes")
+    assert str(info.value).startswith("host_bytes:")
+    assert repr(bad) in str(info.value) or str(bad) in str(info.value)
+
+
+def test_defaults_and_sizes_in_code():
+    config = StoreConfig()
+    assert config.host_bytes == GiB
+    assert config.disk_bytes == 16 * GiB
+    assert (config.model_id, config.disk_dir, config.write_policy, config.hash, config.promote,
+            config.disk_sync) == ("default", None, "write_through", "sha256", True, True)
+    config = StoreConfig(host_bytes="512MiB", disk_bytes="4GiB", disk_dir="/tmp/x")
+    assert (config.host_bytes, config.disk_bytes) == (512 * MiB, 4 * GiB)
+    assert StoreConfig(host_bytes=12345).host_bytes == 12345
+    # replace validates again and keeps parsed sizes
+    assert config.replace(host_bytes="1MiB").host_bytes == MiB
+    with pytest.raises(ValueError, match="write_policy"):
+        config.replace(write_policy="never")
+
+
+def test_disk_dir_pathlike(tmp_path):
+    config = StoreConfig(disk_dir=tmp_path)
+    assert config.disk_dir == str(tmp_path)
+    assert isinstance(config.disk_dir, str)
+
+
+TOML = """\
+model_id = "llama-3-8b"
+host_bytes = "512MiB"
+disk_dir = "{disk}"
+disk_bytes = "4GiB"
+write_policy = "write_back"
+hash = "blake2b"
+promote = false
+disk_sync = false
+"""
+
+YAML = """\
+model_id: llama-3-8b
+host_bytes: 512MiB
+disk_dir: {disk}
+disk_bytes: 4GiB
+write_policy: write_back
+hash: blake2b
+promote: false
+disk_sync: false
+"""
+
+
+def _expected(disk):
+    return StoreConfig(model_id="llama-3-8b", host_bytes=512 * MiB, disk_dir=str(disk), disk_bytes=4 * GiB,
+                       write_policy="write_back", hash="blake2b", promote=False, disk_sync=False)
+
+
+@pytest.mark.parametrize("suffix, template", [(".toml", TOML), (".yaml", YAML), (".yml", YAML)])
+def test_file_top_level(tmp_path, suffix, template):
+    path = tmp_path / f"kv{suffix}"
+    path.write_text(template.format(disk=tmp_path / "d"))
+    config = StoreConfig.from_file(path)
+    assert config == _expected(tmp_path / "d")
+    assert config.host_bytes == 536870912 and config.disk_bytes == 4294967296
+    assert StoreConfig.load(path, environ={}) == config
+
+
+def test_toml_kvstore_table(tmp_path):
+    path = tmp_path / "serving.toml"
+    body = "\n".join(f"  {line}" for line in TOML.format(disk=tmp_path / "d").splitlines())
+    path.write_text("[kvstore]\n" + body + "\n")
+    assert StoreConfig.from_file(path) == _expected(tmp_path / "d")
+
+
+def test_yaml_kvstore_table(tmp_path):
+    path = tmp_path / "serving.yaml"
+    body = "\n".join(f"  {line}" for line in YAML.format(disk=tmp_path / "d").splitlines())
+    path.write_text("kvstore:\n" + body + "\n")
+    assert StoreConfig.from_file(path) == _expected(tmp_path / "d")
+
+
+def test_kvstore_table_beside_other_tables_is_not_unwrapped(tmp_path):
+    path = tmp_path / "serving.toml"
+    path.write_text('[kvstore]\nhost_bytes = "1MiB"\n[engine]\nx = 1\n')
+    with pytest.raises(ValueError) as info:
+        StoreConfig.from_file(path)
+    assert "'engine'" in str(info.value) and "'kvstore'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "suffix, content",
+    [
+        (".toml", 'host_bytes = "1MiB"\nhost_byte = "2MiB"\n'),
+        (".yaml", "host_bytes: 1MiB\nhost_byte: 2MiB\n"),
+        (".toml", '[kvstore]\nhost_byte = "2MiB"\n'),
+    ],
+)
+def test_unknown_key_in_file(tmp_path, suffix, content):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(content)
+    with pytest.raises(ValueError) as info:
+        StoreConfig.from_file(path)
+    message = str(info.value)
+    assert "host_byte'" in message  # the unknown key, quoted
+    assert str(path) in message
+    assert "host_bytes" in message  # what was expected
+
+
+@pytest.mark.parametrize(
+    "field, toml_value, shown",
+    [
+        ("write_policy", '"sometimes"', "sometimes"),
+        ("host_bytes", '"lots"', "lots"),
+        ("disk_bytes", '"-3GiB"', "-3GiB"),
+        ("hash", '"md5"', "md5"),
+        ("promote", '"yes"', "yes"),
+        ("model_id", '""', "''"),
+    ],
+)
+def test_bad_value_in_file(tmp_path, field, toml_value, shown):
+    path = tmp_path / "c.toml"
+    path.write_text(f"{field} = {toml_value}\n")
+    with pytest.raises(ValueError) as info:
+        StoreConfig.from_file(path)
+    message = str(info.value)
+    assert message.startswith(f"{field}:"), message
+    assert shown in message
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(write_policy="sometimes"), "write_policy"),
+        (dict(host_bytes="lots"), "host_bytes"),
+        (dict(hash="md5"), "hash"),
+        (dict(disk_bytes=-1), "disk_bytes"),
+        (dict(promote=1), "promote"),
+        (dict(disk_sync="true"), "disk_sync"),
+        (dict(host_bytes=0), "host_bytes"),  # no tier at all
+    ],
+)
+def test_bad_value_in_code(kwargs, field):
+    with pytest.raises(ValueError) as info:
+        StoreConfig(**kwargs)
+    assert str(info.value).startswith(f"{field}:"), str(info.value)
+
+
+def test_host_bytes_zero_ok_with_disk(tmp_path):
+    assert StoreConfig(host_bytes=0, disk_dir=str(tmp_path)).host_bytes == 0
+
+
+def test_unsupported_file_suffix(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text("{}")
+    with pytest.raises(ValueError, match=r"\.json"):
+        StoreConfig.from_file(path)
+
+
+def test_file_not_a_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="expected a mapping of settings, got list"):
+        StoreConfig.from_file(path)
+
+
+def test_env_overrides_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(TOML.format(disk=tmp_path / "d"))
+    environ = {
+        "KVSTORE_HOST_BYTES": "2GiB",
+        "KVSTORE_DISK_BYTES": "1000",
+        "KVSTORE_WRITE_POLICY": "write_through",
+        "KVSTORE_PROMOTE": "yes",
+        "KVSTORE_MODEL_ID": "other-model",
+        "KVSTORE_CONFIG": "/does/not/matter/when/path/is/given.toml",
+        "HOME": "/ignored",
+        "KVSTOREX": "ignored, no underscore after the prefix",
+    }
+    config = StoreConfig.load(path, environ=environ)
+    assert config == StoreConfig(model_id="other-model", host_bytes=2 * GiB, disk_dir=str(tmp_path / "d"),
+                                 disk_bytes=1000, write_policy="write_through", hash="blake2b", promote=True,
+                                 disk_sync=False)
+
+
+def test_env_config_path_variable(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(YAML.format(disk=tmp_path / "d"))
+    config = StoreConfig.load(environ={"KVSTORE_CONFIG": str(path), "KVSTORE_HASH": "sha256"})
+    assert config == _expected(tmp_path / "d").replace(hash="sha256")
+
+
+def test_env_only_and_disk_dir_none(tmp_path):
+    config = StoreConfig.load(environ={"KVSTORE_HOST_BYTES": "64MiB", "KVSTORE_DISK_DIR": "none"})
+    assert config == StoreConfig(host_bytes=64 * MiB)
+    config = StoreConfig.load(environ={"KVSTORE_DISK_DIR": str(tmp_path), "KVSTORE_HOST_BYTES": "0"})
+    assert (config.disk_dir, config.host_bytes) == (str(tmp_path), 0)
+    assert StoreConfig.load(environ={}) == StoreConfig()
+
+
+def test_env_unknown_variable(tmp_path):
+    with pytest.raises(ValueError) as info:
+        StoreConfig.load(environ={"KVSTORE_FOO": "1"})
+    assert "KVSTORE_FOO" in str(info.value)
+    assert "'foo'" in str(info.value)
+    path = tmp_path / "c.toml"
+    path.write_text('host_bytes = "1MiB"\n')
+    with pytest.raises(ValueError, match="KVSTORE_FOO"):
+        StoreConfig.load(path, environ={"KVSTORE_FOO": "1"})
+
+
+def test_env_bad_value_names_field():
+    with pytest.raises(ValueError) as info:
+        StoreConfig.load(environ={"KVSTORE_HOST_BYTES": "lots"})
+    assert str(info.value).startswith("host_bytes:") and "lots" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("1", True), ("true", True), ("TRUE", True), ("yes", True), ("on", True), (" True ", True),
+     ("0", False), ("false", False), ("False", False), ("no", False), ("off", False), ("OFF", False)],
+)
+def test_env_bool(text, expected):
+    config = StoreConfig.load(environ={"KVSTORE_PROMOTE": text, "KVSTORE_DISK_SYNC": text})
+    assert config.promote is expected
+    assert config.disk_sync is expected
+
+
+@pytest.mark.parametrize("text", ["", "2", "maybe", "y"])
+def test_env_bool_rejects(text):
+    with pytest.raises(ValueError) as info:
+        StoreConfig.load(environ={"KVSTORE_PROMOTE": text})
+    assert str(info.value).startswith("KVSTORE_PROMOTE:")
+    assert repr(text) in str(info.value)

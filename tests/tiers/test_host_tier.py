@@ -1,0 +1,257 @@
+"""HostTier: fixed slot pool, exact LRU, pins, rejection, write-back through KVStore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_same_kv, make_kv, make_tokens
+from kvstore.tiers.base import Tier
+from kvstore.tiers.host import HostTier
+
+A, B, C, D, E = (bytes([ord(c)]) * 32 for c in "ABCDE")
+NAMES = {A: "A", B: "B", C: "C", D: "D", E: "E"}
+
+
+def _names(tier):
+    return [NAMES.get(k, k) for k in tier.keys()]
+
+
+@pytest.fixture
+def blocks(layout):
+    """A distinct full block of KV per key."""
+    return {key: make_kv(layout, 16, seed=i) for i, key in enumerate((A, B, C, D, E))}
+
+
+def _read(tier, layout, key, tokens=16):
+    out = torch.zeros(layout.shape(tokens), dtype=layout.dtype)
+    return out if tier.get_into(key, out) else None
+
+
+def test_is_a_tier_and_sizes(layout):
+    tier = HostTier(layout, 3 * layout.block_bytes + 100, pin_memory=False)
+    assert isinstance(tier, Tier)
+    assert tier.num_slots == 3
+    assert tier.capacity_bytes == 3 * 4096
+    assert tier.used_bytes() == 0
+    assert tier.stats() == {"hits": 0, "misses": 0, "bytes_read": 0, "bytes_written": 0, "blocks_written": 0,
+                            "evictions": 0, "rejected": 0, "corrupt": 0, "blocks": 0, "used_bytes": 0,
+                            "capacity_bytes": 3 * 4096}
+
+
+def test_capacity_below_one_block(layout):
+    with pytest.raises(ValueError) as info:
+        HostTier(layout, layout.block_bytes - 1)
+    assert str(info.value).startswith("host_bytes:")
+    assert "4096" in str(info.value) and "4095" in str(info.value)
+
+
+def test_exact_lru_eviction_order(layout, blocks):
+    tier = HostTier(layout, 3 * layout.block_bytes)
+    for key in (A, B, C):
+        assert tier.put(key, blocks[key])
+    assert _names(tier) == ["A", "B", "C"]
+    assert_same_kv(_read(tier, layout, A), blocks[A])
+    assert _names(tier) == ["B", "C", "A"]
+    assert tier.put(D, blocks[D])
+    assert _names(tier) == ["C", "A", "D"]
+    assert not tier.contains(B)
+    assert _read(tier, layout, B) is None
+    for key in (C, A, D):
+        assert_same_kv(_read(tier, layout, key), blocks[key])
+    stats = tier.stats()
+    assert (stats["evictions"], stats["hits"], stats["misses"], stats["blocks_written"]) == (1, 4, 1, 4)
+    assert stats["bytes_written"] == 4 * 4096 and stats["bytes_read"] == 4 * 4096
+
+
+def test_put_existing_key_refreshes_without_copy(layout, blocks):
+    tier = HostTier(layout, 3 * layout.block_bytes)
+    for key in (A, B, C):
+        tier.put(key, blocks[key])
+    assert tier.put(A, blocks[E])  # already stored: only made most recent, bytes unchanged
+    assert _names(tier) == ["B", "C", "A"]
+    assert_same_kv(_read(tier, layout, A), blocks[A])
+    assert tier.stats()["blocks_written"] == 3
+    tier.put(D, blocks[D])
+    assert _names(tier) == ["C", "A", "D"]
+
+
+def test_capacity_never_exceeded(layout):
+    tier = HostTier(layout, 5 * layout.block_bytes)
+    expected: dict[bytes, torch.Tensor] = {}
+    order: list[bytes] = []
+    for i in range(60):
+        tokens = 16 if i % 3 else 1 + i % 16  # partial blocks take a whole slot
+        key = i.to_bytes(32, "little")
+        block = make_kv(layout, tokens, seed=i)
+        assert tier.put(key, block)
+        expected[key] = block
+        order.append(key)
+        stats = tier.stats()
+        assert tier.used_bytes() <= tier.capacity_bytes
+        assert stats["blocks"] == min(i + 1, 5) <= tier.num_slots
+        assert stats["used_bytes"] == tier.used_bytes() == min(i + 1, 5) * layout.block_bytes
+        assert stats["evictions"] == max(0, i + 1 - 5)
+        assert list(tier.keys()) == order[-5:]
+    for key in order[-5:]:
+        block = expected[key]
+        assert_same_kv(_read(tier, layout, key, block.shape[2]), block)
+
+
+def test_strided_source_block(layout):
+    tier = HostTier(layout, 2 * layout.block_bytes)
+    kv = make_kv(layout, 40, seed=3)
+    tail = kv[:, :, 32:40]  # a strided view of a bigger tensor
+    assert not tail.is_contiguous()
+    tier.put(A, tail)
+    assert_same_kv(_read(tier, layout, A, 8), tail.contiguous())
+    # Shape must match exactly: the 8-token block is not served as 16 or 7 tokens.
+    assert _read(tier, layout, A, 16) is None
+    assert _read(tier, layout, A, 7) is None
+    assert tier.stats()["misses"] == 2
+
+
+def test_pinned_block_not_evicted(layout, blocks):
+    tier = HostTier(layout, 3 * layout.block_bytes)
+    for key in (A, B, C):
+        tier.put(key, blocks[key])
+    with tier.reading(A) as view:
+        assert_same_kv(view, blocks[A])
+        _read(tier, layout, B)
+        _read(tier, layout, C)
+        assert _names(tier) == ["A", "B", "C"]  # A is least recently used, but pinned
+        assert tier.put(D, blocks[D])
+        assert _names(tier) == ["A", "C", "D"]  # B, the LRU unpinned block, went
+        assert tier.delete(A) is False  # refused while pinned
+        assert_same_kv(view, blocks[A])  # the pinned slot was not reused
+    assert tier.put(E, blocks[E])  # now A is unpinned and least recently used
+    assert _names(tier) == ["C", "D", "E"]
+    assert tier.stats()["evictions"] == 2
+
+
+def test_all_pinned_rejects(layout, blocks):
+    tier = HostTier(layout, 2 * layout.block_bytes)
+    tier.put(A, blocks[A])
+    tier.put(B, blocks[B])
+    with tier.reading(A), tier.reading(B), tier.reading(A):
+        assert tier.put(C, blocks[C]) is False
+        assert tier.put(D, blocks[D]) is False
+        assert tier.put(A, blocks[A]) is True  # already stored
+        assert tier.stats()["rejected"] == 2
+        assert _names(tier) == ["B", "A"]
+        assert not tier.contains(C)
+    assert tier.put(C, blocks[C]) is True
+    assert _names(tier) == ["A", "C"]
+    stats = tier.stats()
+    assert (stats["rejected"], stats["evictions"], stats["blocks"]) == (2, 1, 2)
+    assert_same_kv(_read(tier, layout, C), blocks[C])
+
+
+def test_nested_pins_need_every_exit(layout, blocks):
+    tier = HostTier(layout, 1 * layout.block_bytes)
+    tier.put(A, blocks[A])
+    with tier.reading(A):
+        with tier.reading(A):
+            pass
+        assert tier.put(B, blocks[B]) is False  # still pinned once
+    assert tier.put(B, blocks[B]) is True
+    assert _names(tier) == ["B"]
+
+
+def test_reading_miss_and_delete(layout, blocks):
+    tier = HostTier(layout, 2 * layout.block_bytes)
+    with tier.reading(A) as view:
+        assert view is None
+    tier.put(A, blocks[A])
+    tier.put(B, blocks[B])
+    assert tier.delete(A) is True
+    assert tier.delete(A) is False
+    assert _names(tier) == ["B"]
+    assert tier.put(C, blocks[C])  # takes the freed slot, evicts nothing
+    assert tier.stats()["evictions"] == 0
+    assert_same_kv(_read(tier, layout, B), blocks[B])
+    assert_same_kv(_read(tier, layout, C), blocks[C])
+
+
+def test_on_evict_sees_victim_bytes(layout, blocks):
+    seen = []
+    tier = HostTier(layout, 2 * layout.block_bytes, on_evict=lambda key, view: seen.append((key, view.clone())))
+    tier.put(A, blocks[A])
+    tier.put(B, blocks[B])
+    assert seen == []
+    tier.put(C, blocks[C])
+    tier.put(D, make_kv(layout, 3, seed=9))  # a partial block in a full slot
+    tier.put(E, blocks[E])
+    assert [NAMES[k] for k, _ in seen] == ["A", "B", "C"]
+    for key, view in seen:
+        assert_same_kv(view, blocks[key])
+    tier.put(A, blocks[A])
+    assert NAMES[seen[-1][0]] == "D"
+    assert_same_kv(seen[-1][1], make_kv(layout, 3, seed=9))
+
+
+def test_close_forgets(layout, blocks):
+    tier = HostTier(layout, 2 * layout.block_bytes)
+    tier.put(A, blocks[A])
+    tier.close()
+    assert list(tier.keys()) == [] and tier.used_bytes() == 0
+    assert tier.put(B, blocks[B]) and tier.put(C, blocks[C])
+    assert tier.stats()["evictions"] == 0
+
+
+# -- write-back through a KVStore ------------------------------------------------------------------------
+
+
+def test_write_back_evicted_block_lands_on_disk(make_store, layout):
+    store = make_store("both", host_bytes=2 * layout.block_bytes, write_policy="write_back")
+    prompts = [(make_tokens(16, seed=i), make_kv(layout, 16, seed=i)) for i in range(3)]
+    keys = [store.block_keys(t)[0].key for t, _ in prompts]
+    store.put(*prompts[0])
+    store.put(*prompts[1])
+    assert store.host.contains(keys[0]) and not store.disk.contains(keys[0])
+    assert store.disk.stats()["blocks_written"] == 0
+    store.put(*prompts[2])  # evicts prompt 0 from host RAM into LMDB
+    assert not store.host.contains(keys[0])
+    assert store.disk.contains(keys[0])
+    assert list(store.disk.keys()) == [keys[0]]
+    assert store.disk.stats()["blocks_written"] == 1
+    assert store.lookup(prompts[0][0]) == 16
+    assert_same_kv(store.get(prompts[0][0]), prompts[0][1])  # from disk, promoted: evicts prompt 1
+    stats = store.stats()
+    assert stats["store"]["promotions"] == 1
+    assert stats["tiers"]["lmdb"]["hits"] == 1
+    assert stats["tiers"]["host"]["evictions"] == 2
+    assert list(store.disk.keys()) == [keys[0], keys[1]]
+    assert list(store.host.keys()) == [keys[2], keys[0]]
+    for tokens, kv in prompts:
+        assert_same_kv(store.get(tokens), kv)
+    # Evicting a block already on disk does not write it again.
+    store.put(make_tokens(16, seed=50), make_kv(layout, 16, seed=50))
+    store.put(make_tokens(16, seed=51), make_kv(layout, 16, seed=51))
+    assert store.disk.stats()["blocks_written"] == 3  # 0, 1, then 2 (0 was already there)
+
+
+def test_write_through_writes_at_once(make_store, layout):
+    store = make_store("both", host_bytes=2 * layout.block_bytes)
+    tokens, kv = make_tokens(40), make_kv(layout, 40)
+    assert store.put(tokens, kv) == 3
+    assert store.disk.stats()["blocks_written"] == 3
+    assert store.host.stats()["blocks"] == 2  # the pool holds 2 of them
+    assert store.lookup(tokens) == 40  # found on disk
+    assert_same_kv(store.get(tokens), kv)
+
+
+@pytest.mark.parametrize("reader_host_bytes", [0, 1 << 20])
+def test_write_back_on_close(make_store, layout, reader_host_bytes):
+    store = make_store("both", host_bytes=4 * layout.block_bytes, write_policy="write_back")
+    tokens, kv = make_tokens(40), make_kv(layout, 40, seed=4)
+    other, other_kv = make_tokens(5, seed=2), make_kv(layout, 5, seed=2)
+    assert store.put(tokens, kv) == 3
+    assert store.put(other, other_kv) == 1
+    assert store.disk.stats()["blocks"] == 0
+    store.close()
+    reader = make_store("both" if reader_host_bytes else "disk", host_bytes=reader_host_bytes)
+    assert reader.disk.stats()["blocks"] == 4
+    assert reader.lookup(tokens) == 40 and reader.lookup(other) == 5
+    assert_same_kv(reader.get(tokens), kv)
+    assert_same_kv(reader.get(other), other_kv)

@@ -1,0 +1,421 @@
+"""LmdbTier: bounded LRU on a real LMDB environment, persistence, directory lock, corruption, races."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, TESTS_DIR, assert_same_kv, make_kv, make_tokens, run_python, tiny_layout
+from kvstore.blockformat import HEADER_BYTES, MAGIC
+from kvstore.tiers.base import Tier
+from kvstore.tiers.lmdb import DirectoryInUseError, LmdbTier
+
+A, B, C, D, E = (bytes([ord(c)]) * 32 for c in "ABCDE")
+NAMES = {A: "A", B: "B", C: "C", D: "D", E: "E"}
+BLOCK = 4096 + HEADER_BYTES  # bytes one full tiny-layout fp16 block counts against the capacity
+
+
+def _names(tier):
+    return [NAMES.get(k, k) for k in tier.keys()]
+
+
+def _read(tier, layout, key, tokens=16):
+    out = torch.zeros(layout.shape(tokens), dtype=layout.dtype)
+    return out if tier.get_into(key, out) else None
+
+
+@pytest.fixture
+def blocks(layout):
+    return {key: make_kv(layout, 16, seed=i) for i, key in enumerate((A, B, C, D, E))}
+
+
+@pytest.fixture
+def open_tier(disk_dir, layout):
+    """``open_tier(capacity, path=disk_dir)``: an LmdbTier closed at teardown."""
+    tiers = []
+
+    def factory(capacity=3 * BLOCK, path=None, sync=False, lay=None):
+        tier = LmdbTier(path or disk_dir, capacity, lay or layout, sync=sync)
+        tiers.append(tier)
+        return tier
+
+    yield factory
+    for tier in tiers:
+        tier.close()
+
+
+def test_is_a_tier_and_exact_accounting(open_tier, layout, blocks):
+    tier = open_tier(10 * BLOCK)
+    assert isinstance(tier, Tier)
+    assert HEADER_BYTES == 72
+    assert tier.put_many([(A, blocks[A]), (B, blocks[B])]) == 2
+    assert tier.put_many([(A, blocks[A]), (C, make_kv(layout, 3, seed=7))]) == 2  # A already there counts
+    stats = tier.stats()
+    assert stats["blocks"] == 3
+    assert stats["used_bytes"] == tier.used_bytes() == 2 * BLOCK + 3 * 256 + 72
+    assert stats["blocks_written"] == 3
+    assert stats["bytes_written"] == 2 * 4096 + 3 * 256
+    assert stats["capacity_bytes"] == 10 * BLOCK
+    assert_same_kv(_read(tier, layout, C, 3), make_kv(layout, 3, seed=7))
+    assert _read(tier, layout, D) is None
+    stats = tier.stats()
+    assert (stats["hits"], stats["misses"], stats["bytes_read"], stats["corrupt"]) == (1, 1, 3 * 256, 0)
+
+
+def test_capacity_below_one_block(disk_dir, layout):
+    with pytest.raises(ValueError) as info:
+        LmdbTier(disk_dir, BLOCK - 1, layout)
+    assert str(info.value).startswith("disk_bytes:")
+    assert str(BLOCK) in str(info.value) and str(BLOCK - 1) in str(info.value)
+    LmdbTier(disk_dir, BLOCK, layout).close()  # the failed attempt held no lock
+
+
+def test_block_larger_than_capacity_rejected(open_tier, disk_dir, layout):
+    tier = open_tier(BLOCK)
+    big = make_kv(tiny_layout(dtype=torch.float32), 16)  # 8192 bytes: never fits
+    assert tier.put_many([(A, big)]) == 0
+    assert tier.stats()["rejected"] == 1 and tier.stats()["blocks"] == 0
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_exact_lru_eviction_order(open_tier, layout, blocks, sync):
+    tier = open_tier(3 * BLOCK, sync=sync)
+    for key in (A, B, C):
+        assert tier.put_many([(key, blocks[key])]) == 1
+    assert _names(tier) == ["A", "B", "C"]
+    assert_same_kv(_read(tier, layout, A), blocks[A])
+    assert _names(tier) == ["B", "C", "A"]
+    assert tier.put_many([(D, blocks[D])]) == 1
+    assert _names(tier) == ["C", "A", "D"]
+    assert not tier.contains(B)
+    assert _read(tier, layout, B) is None
+    for key in (C, A, D):
+        assert_same_kv(_read(tier, layout, key), blocks[key])
+    stats = tier.stats()
+    assert (stats["evictions"], stats["blocks"], stats["used_bytes"]) == (1, 3, 3 * BLOCK)
+
+
+def test_batch_evicts_enough_and_keeps_its_own_blocks(open_tier, layout, blocks):
+    tier = open_tier(3 * BLOCK)
+    tier.put_many([(A, blocks[A]), (B, blocks[B]), (C, blocks[C])])
+    assert tier.put_many([(D, blocks[D]), (E, blocks[E])]) == 2
+    assert _names(tier) == ["C", "D", "E"]
+    assert tier.stats()["evictions"] == 2
+
+
+def test_capacity_never_exceeded(open_tier, layout):
+    capacity = 5 * BLOCK + 1000
+    tier = open_tier(capacity)
+    sizes: dict[bytes, int] = {}
+    for i in range(80):
+        tokens = 16 if i % 3 else 1 + i % 16
+        key = i.to_bytes(32, "little")
+        assert tier.put_many([(key, make_kv(layout, tokens, seed=i))]) == 1
+        sizes[key] = tokens * 256 + HEADER_BYTES
+        assert tier.used_bytes() <= capacity
+        assert tier.used_bytes() == sum(sizes[k] for k in tier.keys())
+        assert list(tier.keys())[-1] == key
+        assert tier.stats()["blocks"] == len(list(tier.keys()))
+    assert tier.stats()["evictions"] == 80 - tier.stats()["blocks"]
+    for key in tier.keys():
+        i = int.from_bytes(key, "little")
+        tokens = 16 if i % 3 else 1 + i % 16
+        assert_same_kv(_read(tier, layout, key, tokens), make_kv(layout, tokens, seed=i))
+
+
+def test_delete(open_tier, layout, blocks):
+    tier = open_tier()
+    tier.put_many([(A, blocks[A]), (B, blocks[B])])
+    assert tier.delete(A) is True
+    assert tier.delete(A) is False
+    assert _names(tier) == ["B"] and tier.used_bytes() == BLOCK
+    assert _read(tier, layout, A) is None
+    assert tier.stats()["evictions"] == 0
+
+
+# -- persistence -----------------------------------------------------------------------------------------
+
+
+def test_restart_same_process(open_tier, layout, blocks):
+    tier = open_tier(3 * BLOCK, sync=True)
+    tier.put_many([(A, blocks[A]), (B, blocks[B])])
+    tier.put_many([(C, make_kv(layout, 5, seed=11))])
+    tier.close()
+    tier.close()  # idempotent
+    again = open_tier(3 * BLOCK)
+    assert _names(again) == ["A", "B", "C"]
+    assert again.used_bytes() == 2 * BLOCK + 5 * 256 + 72
+    assert_same_kv(_read(again, layout, A), blocks[A])
+    assert_same_kv(_read(again, layout, B), blocks[B])
+    assert_same_kv(_read(again, layout, C, 5), make_kv(layout, 5, seed=11))
+    assert again.stats()["corrupt"] == 0
+
+
+def test_lru_order_survives_restart(open_tier, layout, blocks):
+    tier = open_tier(3 * BLOCK)
+    for key in (A, B, C):
+        tier.put_many([(key, blocks[key])])
+    _read(tier, layout, A)  # a read: its stamp is written on close
+    tier.close()
+    again = open_tier(3 * BLOCK)
+    assert _names(again) == ["B", "C", "A"]
+    again.put_many([(D, blocks[D])])
+    assert _names(again) == ["C", "A", "D"]
+    again.close()
+    third = open_tier(3 * BLOCK)
+    assert _names(third) == ["C", "A", "D"]
+
+
+def test_reopen_with_smaller_capacity_evicts_lru(open_tier, layout, blocks):
+    tier = open_tier(5 * BLOCK)
+    for key in (A, B, C, D):
+        tier.put_many([(key, blocks[key])])
+    _read(tier, layout, A)
+    tier.close()
+    small = open_tier(2 * BLOCK)
+    assert _names(small) == ["D", "A"]
+    assert small.used_bytes() == 2 * BLOCK
+    assert small.stats()["evictions"] == 2
+    assert_same_kv(_read(small, layout, A), blocks[A])
+    small.close()
+    assert _names(open_tier(5 * BLOCK)) == ["D", "A"]
+
+
+CHILD_PUT = """
+import sys
+from conftest import make_kv, make_tokens, tiny_layout
+from kvstore import KVStore, StoreConfig
+lay = tiny_layout(dtype=sys.argv[2])
+store = KVStore(lay, StoreConfig(host_bytes=0, disk_dir=sys.argv[1], disk_bytes="4MiB", disk_sync=True))
+for seed, n in ((1, 40), (2, 16), (3, 7)):
+    assert store.put(make_tokens(n, seed=seed), make_kv(lay, n, seed=seed)) == -(-n // 16)
+store.close()
+print("stored", store.stats()["tiers"]["lmdb"]["blocks"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_restart_across_processes(make_store, disk_dir, dtype):
+    result = subprocess.run([sys.executable, "-c", CHILD_PUT, str(disk_dir), dtype], capture_output=True,
+                            text=True, cwd=str(REPO_ROOT), timeout=120,
+                            env=dict(os.environ, PYTHONPATH=str(TESTS_DIR)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "stored 5"
+    lay = tiny_layout(dtype=dtype)
+    store = make_store("disk", lay=lay, disk=disk_dir)
+    assert store.disk.stats()["blocks"] == 5
+    for seed, n in ((1, 40), (2, 16), (3, 7)):
+        tokens = make_tokens(n, seed=seed)
+        assert store.lookup(tokens) == n
+        assert_same_kv(store.get(tokens), make_kv(lay, n, seed=seed))
+    assert store.disk.stats()["corrupt"] == 0
+
+
+# -- one process per directory ---------------------------------------------------------------------------
+
+CHILD_HOLD = """
+import sys
+from conftest import tiny_layout
+from kvstore.tiers.lmdb import LmdbTier
+tier = LmdbTier(sys.argv[1], 1 << 20, tiny_layout(), sync=False)
+print("ready", flush=True)
+sys.stdin.read()
+tier.close()
+print("closed", flush=True)
+"""
+
+
+def test_directory_in_use_by_other_process(disk_dir, layout, blocks):
+    from kvstore.config import StoreConfig
+    from kvstore.store import KVStore
+
+    child = subprocess.Popen([sys.executable, "-c", CHILD_HOLD, str(disk_dir)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO_ROOT),
+                             env=dict(os.environ, PYTHONPATH=str(TESTS_DIR)))
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with pytest.raises(DirectoryInUseError) as info:
+            LmdbTier(disk_dir, 1 << 20, layout)
+        assert str(disk_dir) in str(info.value)
+        assert isinstance(info.value, RuntimeError)
+        with pytest.raises(DirectoryInUseError):
+            KVStore(layout, StoreConfig(host_bytes="64KiB", disk_dir=str(disk_dir), disk_bytes="1MiB"))
+        stdout, stderr = child.communicate("", timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, stderr
+    assert stdout.strip() == "closed"
+    tier = LmdbTier(disk_dir, 1 << 20, layout)  # released when the child closed it
+    tier.put_many([(A, blocks[A])])
+    tier.close()
+
+
+def test_directory_released_when_holder_process_dies(disk_dir, layout):
+    run_python(f"""
+        import os
+        from conftest import tiny_layout
+        from kvstore.tiers.lmdb import LmdbTier
+        LmdbTier({str(disk_dir)!r}, 1 << 20, tiny_layout(), sync=False)
+        os._exit(0)  # no close: the kernel drops the flock with the process
+    """)
+    LmdbTier(disk_dir, 1 << 20, layout).close()
+
+
+def test_directory_in_use_in_same_process(open_tier, disk_dir, layout, blocks):
+    # flock locks belong to an open file description; the second open() makes a new one, so a
+    # second LmdbTier on the same directory conflicts even inside one process.
+    first = open_tier(1 << 20)
+    first.put_many([(A, blocks[A])])
+    with pytest.raises(DirectoryInUseError):
+        LmdbTier(disk_dir, 1 << 20, layout)
+    with pytest.raises(DirectoryInUseError):
+        LmdbTier(str(disk_dir) + "/", 1 << 20, layout)  # another spelling of the same directory
+    assert_same_kv(_read(first, layout, A), blocks[A])  # the failed attempt did not disturb the owner
+    first.close()
+    second = open_tier(1 << 20)
+    assert_same_kv(_read(second, layout, A), blocks[A])
+
+
+# -- damaged blocks --------------------------------------------------------------------------------------
+
+
+def _flip_once(path, needle: bytes, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.find(needle)
+    assert at >= 0, "pattern not found in data.mdb"
+    assert data.find(needle, at + 1) == -1, "pattern found twice in data.mdb"
+    data[at + offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_payload_is_a_miss(make_store, disk_dir, layout):
+    tokens = make_tokens(48)
+    kv = make_kv(layout, 48)
+    store = make_store("disk", disk=disk_dir)
+    assert store.put(tokens, kv) == 3
+    store.close()
+    # The second block's payload: find 64 bytes from its middle in the file, flip one bit in there.
+    payload = kv[:, :, 16:32].contiguous().view(torch.uint8).numpy().tobytes()
+    assert len(payload) == 4096
+    _flip_once(disk_dir / "data.mdb", payload[2000:2064], 31)
+
+    store = make_store("disk", disk=disk_dir)
+    assert store.disk.stats()["corrupt"] == 0  # headers are intact: found only when read
+    assert store.lookup(tokens) == 48
+    got = store.get(tokens)  # no exception: fewer tokens
+    assert_same_kv(got, kv[:, :, :16])
+    stats = store.stats()["tiers"]["lmdb"]
+    assert (stats["corrupt"], stats["misses"], stats["hits"]) == (1, 1, 1)
+    assert store.lookup(tokens) == 16  # the damaged block is gone
+    assert stats["blocks"] == 2
+    assert not store.disk.contains(store.block_keys(tokens)[1].key)
+    assert store.put(tokens, kv) == 1  # stored again, the third block is deduplicated
+    assert_same_kv(store.get(tokens), kv)
+    store.close()
+    store = make_store("disk", disk=disk_dir)
+    assert_same_kv(store.get(tokens), kv)
+    assert store.disk.stats()["corrupt"] == 0
+
+
+@pytest.mark.parametrize(
+    "where, offset, corrupt_on_open",
+    [
+        ("checksum", 4 + 2 + 2 + 16 + 32 + 8, False),  # header parses, checksum does not match
+        ("layout", 4 + 2 + 2 + 3, False),  # header parses, names another layout
+        ("length", 4 + 2 + 2 + 16 + 32, False),  # header parses, wrong length
+        ("magic", 1, True),  # header does not parse: dropped when the index is rebuilt
+    ],
+)
+def test_corrupt_header_is_a_miss(open_tier, disk_dir, layout, blocks, where, offset, corrupt_on_open):
+    tier = open_tier(3 * BLOCK)
+    tier.put_many([(A, blocks[A])])
+    tier.close()
+    _flip_once(disk_dir / "data.mdb", MAGIC + (1).to_bytes(2, "little") + (32).to_bytes(2, "little"), offset)
+    again = open_tier(3 * BLOCK)
+    assert again.stats()["corrupt"] == (1 if corrupt_on_open else 0)
+    assert _read(again, layout, A) is None
+    stats = again.stats()
+    assert (stats["corrupt"], stats["hits"], stats["blocks"], stats["used_bytes"]) == (1, 0, 0, 0)
+    assert not again.contains(A)
+    again.put_many([(A, blocks[A])])
+    assert_same_kv(_read(again, layout, A), blocks[A])
+
+
+# -- races (deterministic interleavings) -----------------------------------------------------------------
+
+
+def _wait_until_blocked_in(thread: threading.Thread, function: str) -> None:
+    """Spin until ``thread``'s innermost Python frame is ``function`` (it waits on a lock there)."""
+    while True:
+        frame = sys._current_frames().get(thread.ident)
+        if frame is not None and frame.f_code.co_name == function:
+            return
+        assert thread.is_alive()
+        threading.Event().wait(0.001)
+
+
+def test_same_key_put_by_two_threads_counted_once(open_tier, layout, blocks):
+    tier = open_tier(3 * BLOCK)
+    writers = [threading.Thread(target=tier.put_many, args=([(A, blocks[A])],)) for _ in range(2)]
+    with tier._write_lock:  # both writers pass the "already stored?" check, then queue on the lock
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            _wait_until_blocked_in(writer, "_write")
+    for writer in writers:
+        writer.join()
+    stats = tier.stats()
+    assert (stats["blocks"], stats["blocks_written"], stats["used_bytes"]) == (1, 1, BLOCK)
+    assert_same_kv(_read(tier, layout, A), blocks[A])
+
+
+def test_block_evicted_during_read_is_a_plain_miss(open_tier, layout, blocks):
+    tier = open_tier(3 * BLOCK)
+    tier.put_many([(A, blocks[A])])
+    source, first = inspect.getsourcelines(LmdbTier.get_into)
+    pause_line = first + next(i for i, line in enumerate(source) if "expected = " in line)
+    paused, resume = threading.Event(), threading.Event()
+
+    def tracer(frame, event, arg):
+        if frame.f_code is LmdbTier.get_into.__code__:
+            if event == "line" and frame.f_lineno == pause_line:
+                paused.set()
+                resume.wait(10)
+            return tracer
+        return None
+
+    result = {}
+
+    def reader():
+        sys.settrace(tracer)
+        try:
+            result["got"] = _read(tier, layout, A)
+        finally:
+            sys.settrace(None)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert paused.wait(10)  # the reader has seen A in the index ...
+    assert tier.delete(A)  # ... and A is deleted before its read transaction opens
+    resume.set()
+    thread.join()
+    assert result["got"] is None
+    stats = tier.stats()
+    assert (stats["misses"], stats["corrupt"], stats["hits"]) == (1, 0, 0)
+
+
+def test_wrong_out_shape_does_not_destroy_block(open_tier, layout, blocks):
+    tier = open_tier(3 * BLOCK)
+    tier.put_many([(A, blocks[A])])
+    assert _read(tier, layout, A, 8) is None
+    assert tier.contains(A)
+    assert tier.stats()["corrupt"] == 0
