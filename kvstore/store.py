@@ -158,9 +158,11 @@ class KVStore:
         ``n`` is ``len(tokens)`` when every block is found (as ``lookup``
         promised), fewer if a block was evicted or damaged in between.
         """
-        num_tokens = _num_tokens(self._keys.blocks(tokens, salt))
+        self._check_open()
+        blocks = self._keys.blocks(tokens, salt)
+        num_tokens = _num_tokens(blocks)
         out = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype, device=device)
-        filled = self.get_into(tokens, out, salt)
+        filled = self._fill(blocks, out)
         return out if filled == num_tokens else out[:, :, :filled].clone()
 
     def get_into(self, tokens: Tokens, out: torch.Tensor, salt: Salt = None) -> int:
@@ -171,15 +173,18 @@ class KVStore:
         """
         self._check_open()
         blocks = self._keys.blocks(tokens, salt)
-        num_tokens = _num_tokens(blocks)
-        self.layout.check_kv(out, num_tokens)
+        self.layout.check_kv(out, _num_tokens(blocks))
+        return self._fill(blocks, out)
+
+    def _fill(self, blocks: Sequence[BlockRef], out: torch.Tensor) -> int:
+        """Copy blocks into ``out`` in order until one is missing; returns tokens filled."""
         filled = 0
         for block in blocks:
             if not self._read_block(block.key, out[:, :, block.start:block.end]):
                 break
             filled = block.end
         self._counters.add("gets")
-        self._counters.add("get_tokens", num_tokens)
+        self._counters.add("get_tokens", _num_tokens(blocks))
         self._counters.add("get_hit_tokens", filled)
         return filled
 

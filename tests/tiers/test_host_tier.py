@@ -9,23 +9,12 @@ from conftest import assert_same_kv, make_kv, make_tokens
 from kvstore.tiers.base import Tier
 from kvstore.tiers.host import HostTier
 
-A, B, C, D, E = (bytes([ord(c)]) * 32 for c in "ABCDE")
-NAMES = {A: "A", B: "B", C: "C", D: "D", E: "E"}
-
-
-def _names(tier):
-    return [NAMES.get(k, k) for k in tier.keys()]
+from tierkit import NAMES, A, B, C, D, E, make_blocks, names as _names, read as _read
 
 
 @pytest.fixture
 def blocks(layout):
-    """A distinct full block of KV per key."""
-    return {key: make_kv(layout, 16, seed=i) for i, key in enumerate((A, B, C, D, E))}
-
-
-def _read(tier, layout, key, tokens=16):
-    out = torch.zeros(layout.shape(tokens), dtype=layout.dtype)
-    return out if tier.get_into(key, out) else None
+    return make_blocks(layout)
 
 
 def test_is_a_tier_and_sizes(layout):
@@ -44,24 +33,6 @@ def test_capacity_below_one_block(layout):
         HostTier(layout, layout.block_bytes - 1)
     assert str(info.value).startswith("host_bytes:")
     assert "4096" in str(info.value) and "4095" in str(info.value)
-
-
-def test_exact_lru_eviction_order(layout, blocks):
-    tier = HostTier(layout, 3 * layout.block_bytes)
-    for key in (A, B, C):
-        assert tier.put(key, blocks[key])
-    assert _names(tier) == ["A", "B", "C"]
-    assert_same_kv(_read(tier, layout, A), blocks[A])
-    assert _names(tier) == ["B", "C", "A"]
-    assert tier.put(D, blocks[D])
-    assert _names(tier) == ["C", "A", "D"]
-    assert not tier.contains(B)
-    assert _read(tier, layout, B) is None
-    for key in (C, A, D):
-        assert_same_kv(_read(tier, layout, key), blocks[key])
-    stats = tier.stats()
-    assert (stats["evictions"], stats["hits"], stats["misses"], stats["blocks_written"]) == (1, 4, 1, 4)
-    assert stats["bytes_written"] == 4 * 4096 and stats["bytes_read"] == 4 * 4096
 
 
 def test_put_existing_key_refreshes_without_copy(layout, blocks):

@@ -16,23 +16,13 @@ from kvstore.blockformat import HEADER_BYTES, MAGIC
 from kvstore.tiers.base import Tier
 from kvstore.tiers.lmdb import DirectoryInUseError, LmdbTier
 
-A, B, C, D, E = (bytes([ord(c)]) * 32 for c in "ABCDE")
-NAMES = {A: "A", B: "B", C: "C", D: "D", E: "E"}
+from tierkit import A, B, C, D, E, make_blocks, names as _names, read as _read
 BLOCK = 4096 + HEADER_BYTES  # bytes one full tiny-layout fp16 block counts against the capacity
-
-
-def _names(tier):
-    return [NAMES.get(k, k) for k in tier.keys()]
-
-
-def _read(tier, layout, key, tokens=16):
-    out = torch.zeros(layout.shape(tokens), dtype=layout.dtype)
-    return out if tier.get_into(key, out) else None
 
 
 @pytest.fixture
 def blocks(layout):
-    return {key: make_kv(layout, 16, seed=i) for i, key in enumerate((A, B, C, D, E))}
+    return make_blocks(layout)
 
 
 @pytest.fixture
@@ -81,24 +71,6 @@ def test_block_larger_than_capacity_rejected(open_tier, disk_dir, layout):
     big = make_kv(tiny_layout(dtype=torch.float32), 16)  # 8192 bytes: never fits
     assert tier.put_many([(A, big)]) == 0
     assert tier.stats()["rejected"] == 1 and tier.stats()["blocks"] == 0
-
-
-@pytest.mark.parametrize("sync", [False, True])
-def test_exact_lru_eviction_order(open_tier, layout, blocks, sync):
-    tier = open_tier(3 * BLOCK, sync=sync)
-    for key in (A, B, C):
-        assert tier.put_many([(key, blocks[key])]) == 1
-    assert _names(tier) == ["A", "B", "C"]
-    assert_same_kv(_read(tier, layout, A), blocks[A])
-    assert _names(tier) == ["B", "C", "A"]
-    assert tier.put_many([(D, blocks[D])]) == 1
-    assert _names(tier) == ["C", "A", "D"]
-    assert not tier.contains(B)
-    assert _read(tier, layout, B) is None
-    for key in (C, A, D):
-        assert_same_kv(_read(tier, layout, key), blocks[key])
-    stats = tier.stats()
-    assert (stats["evictions"], stats["blocks"], stats["used_bytes"]) == (1, 3, 3 * BLOCK)
 
 
 def test_batch_evicts_enough_and_keeps_its_own_blocks(open_tier, layout, blocks):
