@@ -7,8 +7,6 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-import torch
-
 from kvstore.config import StoreConfig
 from kvstore.layout import KVLayout
 from kvstore.sizes import format_size
