@@ -191,7 +191,7 @@ def run_quick(data_dir: str | os.PathLike[str], repeat: int = 5, echo: Callable[
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix="bench-", dir=data_dir))
     try:
-        echo(f"kvstore bench --quick: {LLAMA3_8B.block_bytes >> 20} MiB blocks "
+        echo(f"kvstore bench ({repeat} rounds a figure): {LLAMA3_8B.block_bytes >> 20} MiB blocks "
              f"(Llama-3-8B: 32 layers, 8 KV heads, head dim 128, bf16, 256 tokens); data in {directory}")
         for pair in host_pairs(repeat):
             echo(pair.line())
