@@ -59,7 +59,7 @@ def run_python(code: str, *, env_extra: dict[str, str] | None = None, timeout: f
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])
     env.update(env_extra or {})
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            env=env, cwd=str(REPO_ROOT), timeout=timeout)
+                            env=env, cwd=str(TESTS_DIR), timeout=timeout)
     assert result.returncode == 0, f"child failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result.stdout
 

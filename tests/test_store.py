@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TESTS_DIR, assert_same_kv, make_kv, make_tokens, tiny_layout
+from conftest import TESTS_DIR, assert_same_kv, make_kv, make_tokens, tiny_layout
 from kvstore.config import StoreConfig
 from kvstore.keys import KeyChain
 from kvstore.store import KVStore
@@ -473,7 +473,7 @@ def test_keys_equal_across_processes_and_hash_seeds():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
     children = [
         subprocess.Popen([sys.executable, "-c", KEYS_CODE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=str(REPO_ROOT), env=dict(env, PYTHONHASHSEED=seed))
+                         text=True, cwd=str(TESTS_DIR), env=dict(env, PYTHONHASHSEED=seed))
         for seed in ("1", "2")
     ]
     results = []

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TESTS_DIR, assert_same_kv, make_kv, make_tokens, run_python, tiny_layout
+from conftest import TESTS_DIR, assert_same_kv, make_kv, make_tokens, run_python, tiny_layout
 from kvstore.blockformat import HEADER_BYTES, MAGIC
 from kvstore.tiers.base import Tier
 from kvstore.tiers.lmdb import DirectoryInUseError, LmdbTier
@@ -176,7 +176,7 @@ print("stored", store.stats()["tiers"]["lmdb"]["blocks"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_restart_across_processes(make_store, disk_dir, dtype):
     result = subprocess.run([sys.executable, "-c", CHILD_PUT, str(disk_dir), dtype], capture_output=True,
-                            text=True, cwd=str(REPO_ROOT), timeout=120,
+                            text=True, cwd=str(TESTS_DIR), timeout=120,
                             env=dict(os.environ, PYTHONPATH=str(TESTS_DIR)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "stored 5"
@@ -209,7 +209,7 @@ def test_directory_in_use_by_other_process(disk_dir, layout, blocks):
     from kvstore.store import KVStore
 
     child = subprocess.Popen([sys.executable, "-c", CHILD_HOLD, str(disk_dir)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO_ROOT),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(TESTS_DIR),
                              env=dict(os.environ, PYTHONPATH=str(TESTS_DIR)))
     try:
         assert child.stdout.readline().strip() == "ready"
