@@ -75,8 +75,8 @@ class KVStore:
         if self.host is not None and self.disk is not None and self.config.write_policy == "write_back":
             for key in self.host.keys():
                 with self.host.reading(key) as view:
-                    if view is not None and not self.disk.contains(key):
-                        self.disk.put_many([(key, view)])
+                    if view is not None:
+                        self._write_back(key, view)
         for tier in self.tiers:
             tier.close()
 

@@ -143,7 +143,7 @@ class LmdbTier:
         self._write(fitting, [])
         return sum(self.contains(key) for key, _ in items)
 
-    def _write(self, payloads: list[tuple[bytes, object]], deletes: list[bytes]) -> int:
+    def _write(self, payloads: list[tuple[bytes, object]], deletes: list[bytes]) -> None:
         """One write transaction: evict, delete, store ``payloads`` not yet stored, persist stamps."""
         with self._write_lock:
             # Another writer may have stored some of these since the caller looked.
@@ -170,9 +170,8 @@ class LmdbTier:
                     continue
                 self._commit_index(records, victims + deletes, stamps)
                 self._counters.add("evictions", len(victims))
-                return len(records)
+                return
         self._counters.add("rejected", len(payloads))
-        return 0
 
     def _pick_victims(self, incoming: int, keep: set[bytes]) -> list[bytes]:
         """Under the lock: LRU keys whose removal brings used + incoming within capacity."""
