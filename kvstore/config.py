@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from kvstore.keys import HASHES
 from kvstore.sizes import parse_size
 
 WRITE_POLICIES = ("write_through", "write_back")
+QUEUE_FULL_POLICIES = ("block", "drop")
 ENV_PREFIX = "KVSTORE_"
 # Names under the prefix that are not settings.
 ENV_RESERVED = frozenset({"KVSTORE_CONFIG"})
@@ -25,45 +26,100 @@ ENV_RESERVED = frozenset({"KVSTORE_CONFIG"})
 class StoreConfig:
     """Settings of one KVStore. Sizes are bytes (int) or strings such as ``"4GiB"``.
 
-    - ``model_id``: names the model in every key; two models never share KV.
-    - ``host_bytes``: host-RAM pool, allocated once at start (0 = no host tier).
-    - ``disk_dir`` / ``disk_bytes``: the LMDB directory on local NVMe and its
-      byte budget (``disk_dir=None`` = no disk tier).
-    - ``write_policy``: ``write_through`` writes every put to disk at once;
-      ``write_back`` writes a block to disk when host RAM evicts it (and on close).
-    - ``hash``: key hash; ``sha256`` (default) or ``blake2b`` are safe in a
-      shared cache, ``xxh3_128`` only where every tenant is trusted.
-    - ``promote``: copy a block found on disk up into host RAM.
-    - ``disk_sync``: fdatasync every disk write before put returns.
+    Tiers, fastest first (a size of 0 or a directory of None leaves one out):
+
+    - ``device_bytes`` / ``device``: a slot pool in HBM on a torch device
+      (``"cuda"``, ``"cuda:1"``; ``"cpu"`` runs the same code without a GPU).
+    - ``host_bytes``: host-RAM pool, allocated once at start (pinned with CUDA).
+    - ``disk_dir`` / ``disk_bytes`` / ``disk_sync``: the LMDB tier on local NVMe.
+    - ``files_dir`` / ``files_bytes`` / ``files_sync`` / ``files_o_direct``:
+      one file per block on shared storage, safe for many processes at once.
+
+    Placement (see ``kvstore/placement.py``):
+
+    - ``write_policy``: how lower tiers receive blocks by default.
+      ``write_through``: every put is queued for them at once (written in the
+      background); ``write_back``: a tier gets a block when the tier above
+      evicts it (and, for the persistent tiers, on close).
+      ``host_write_policy`` (used when a device tier sits above host RAM),
+      ``disk_write_policy`` and ``files_write_policy`` override it per tier.
+    - ``disk_admit_after`` / ``files_admit_after``: sightings (puts and read
+      hits) a block needs before it is written to that tier (1 = at once).
+    - ``write_queue_blocks``: bound of each lower tier's background write
+      queue; ``queue_full``: ``block`` the caller or ``drop`` the lower copy.
+    - ``promote``: copy a block found in a lower tier up into the faster ones.
+    - ``slow_factor`` / ``degraded_seconds``: a tier that errors, or reads
+      ``slow_factor`` times slower than its moving bandwidth estimate, is
+      bypassed for ``degraded_seconds``, then tried again.
+
+    ``model_id`` names the model in every key; ``hash`` is the key hash
+    (``sha256`` default, ``blake2b``; ``xxh3_128`` only where every tenant is trusted).
     """
 
     model_id: str = "default"
+    device_bytes: int | str = 0
+    device: str = "cuda"
     host_bytes: int | str = "1GiB"
     disk_dir: str | None = None
     disk_bytes: int | str = "16GiB"
-    write_policy: str = "write_through"
-    hash: str = "sha256"
-    promote: bool = True
     disk_sync: bool = True
+    files_dir: str | None = None
+    files_bytes: int | str = "64GiB"
+    files_sync: bool = True
+    files_o_direct: bool = False
+    write_policy: str = "write_through"
+    host_write_policy: str | None = None
+    disk_write_policy: str | None = None
+    files_write_policy: str | None = None
+    disk_admit_after: int = 1
+    files_admit_after: int = 1
+    write_queue_blocks: int = 64
+    queue_full: str = "block"
+    promote: bool = True
+    slow_factor: float = 10.0
+    degraded_seconds: float = 30.0
+    hash: str = "sha256"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
             raise ValueError(f"model_id: expected a non-empty string, got {self.model_id!r}")
-        object.__setattr__(self, "host_bytes", parse_size(self.host_bytes, "host_bytes"))
-        object.__setattr__(self, "disk_bytes", parse_size(self.disk_bytes, "disk_bytes"))
-        if self.disk_dir is not None:
-            if not isinstance(self.disk_dir, (str, os.PathLike)) or not str(self.disk_dir):
-                raise ValueError(f"disk_dir: expected a directory path or None, got {self.disk_dir!r}")
-            object.__setattr__(self, "disk_dir", os.fspath(self.disk_dir))
-        if self.write_policy not in WRITE_POLICIES:
-            raise ValueError(f"write_policy: expected one of {list(WRITE_POLICIES)}, got {self.write_policy!r}")
-        if self.hash not in HASHES:
-            raise ValueError(f"hash: expected one of {sorted(HASHES)}, got {self.hash!r}")
-        for name in ("promote", "disk_sync"):
+        for name in ("device_bytes", "host_bytes", "disk_bytes", "files_bytes"):
+            object.__setattr__(self, name, parse_size(getattr(self, name), name))
+        for name in ("disk_dir", "files_dir"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (str, os.PathLike)) or not str(value):
+                    raise ValueError(f"{name}: expected a directory path or None, got {value!r}")
+                object.__setattr__(self, name, os.fspath(value))
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"device: expected a torch device name such as 'cuda:0' or 'cpu', got {self.device!r}")
+        _check_choice("write_policy", self.write_policy, WRITE_POLICIES)
+        for name in ("host_write_policy", "disk_write_policy", "files_write_policy"):
+            if getattr(self, name) is not None:
+                _check_choice(name, getattr(self, name), WRITE_POLICIES)
+        _check_choice("queue_full", self.queue_full, QUEUE_FULL_POLICIES)
+        _check_choice("hash", self.hash, sorted(HASHES))
+        for name in ("promote", "disk_sync", "files_sync", "files_o_direct"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
-        if self.host_bytes == 0 and self.disk_dir is None:
-            raise ValueError("host_bytes: expected > 0 when no disk_dir is set (the store needs a tier), got 0")
+        for name in ("disk_admit_after", "files_admit_after", "write_queue_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        for name, least in (("slow_factor", 1.0), ("degraded_seconds", 0.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
+                raise ValueError(f"{name}: expected a number >= {least}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.device_bytes == 0 and self.host_bytes == 0 and self.disk_dir is None and self.files_dir is None:
+            raise ValueError("host_bytes: expected > 0 when no device_bytes, disk_dir or files_dir is set "
+                             "(the store needs a tier), got 0")
+
+    def tier_write_policy(self, tier: str) -> str:
+        """The write policy of tier ``tier`` (``host``, ``lmdb`` or ``files``)."""
+        override = {"host": self.host_write_policy, "lmdb": self.disk_write_policy,
+                    "files": self.files_write_policy}.get(tier)
+        return override or self.write_policy
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "StoreConfig":
@@ -122,13 +178,36 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
         name = var[len(ENV_PREFIX):].lower()
         if name not in types:
             raise ValueError(f"{var}: unknown setting {name!r}; expected KVSTORE_ plus one of {sorted(types)}")
-        if types[name] == "bool":
-            values[name] = _parse_bool(var, text)
-        elif name == "disk_dir" and text.strip().lower() in ("", "none"):
+        if "None" in types[name] and text.strip().lower() in ("", "none"):
             values[name] = None
         else:
-            values[name] = text
+            values[name] = _ENV_CONVERTERS.get(types[name], _as_text)(var, text)
     return values
+
+
+def _as_text(name: str, text: str) -> str:
+    return text
+
+
+def _parse_number(kind: Callable[[str], Any]) -> Callable[[str, str], Any]:
+    def convert(name: str, text: str) -> Any:
+        try:
+            return kind(text.strip())
+        except ValueError:
+            raise ValueError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    return convert
+
+
+_ENV_CONVERTERS: dict[str, Callable[[str, str], Any]] = {
+    "bool": _parse_bool,
+    "int": _parse_number(int),
+    "float": _parse_number(float),
+}
+
+
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
 
 
 _FILE_LOADERS: dict[str, Callable[[str], Any]] = {

@@ -1,37 +1,52 @@
-"""KVStore: put, find and get the KV of token prefixes across the host-RAM and NVMe tiers."""
+"""KVStore: put, find and get the KV of token prefixes across a hierarchy of tiers.
+
+The store owns the tiers (fastest first), asks ``Placement`` where blocks go,
+hands lower-tier copies to ``WriteBehind`` and guards every tier call with
+its ``TierHealth``: a tier that raises or turns slow is bypassed, never an
+exception into the engine.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
-from contextlib import ExitStack
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
 from kvstore.config import StoreConfig
+from kvstore.health import TierHealth
+from kvstore.hierarchy import build_tiers, policies_for
 from kvstore.keys import BlockRef, KeyChain, Salt, Tokens
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
+from kvstore.placement import Placement
 from kvstore.tiers.base import Tier
-from kvstore.tiers.host import HostTier
-from kvstore.tiers.lmdb import LmdbTier
+from kvstore.writebehind import WriteBehind
 
 STORE_COUNTERS = ("puts", "blocks_stored", "dedup_blocks", "dedup_bytes", "lookups", "lookup_tokens",
-                  "lookup_hit_tokens", "gets", "get_tokens", "get_hit_tokens", "promotions")
+                  "lookup_hit_tokens", "gets", "get_tokens", "get_hit_tokens", "promotions", "demotions")
+# Store-side counters kept per tier, shown beside the tier's own in ``stats()``.
+PER_TIER_COUNTERS = ("admission_rejected", "queue_dropped", "bypassed", "errors")
 
 
 class KVStore:
     """A prefix-deduplicated KV-cache store for one model shard.
 
-    ``put`` lands blocks in host RAM (if configured) and writes them to the
-    LMDB tier at once (write-through) or when host RAM evicts them
-    (write-back). ``lookup`` and ``get`` search the tiers fastest first. A
-    miss or a damaged block is never an exception: fewer tokens come back,
-    and ``stats()`` counts why. Safe to call from many threads.
+    ``put`` lands blocks in the fastest tier that takes them and returns;
+    lower tiers get them in the background (write-through) or when the tier
+    above evicts them (write-back), as ``Placement`` decides. ``lookup`` and
+    ``get`` search the tiers fastest first and promote what they find. A
+    miss, a damaged block or a failing tier is never an exception: fewer
+    tokens come back and ``stats()`` counts why. Safe to call from many threads.
+
+    ``tiers`` (fastest first) replaces the tiers the config would build, for
+    custom media; their policies still come from the config, by tier name.
     """
 
-    def __init__(self, layout: KVLayout, config: StoreConfig | None = None):
+    def __init__(self, layout: KVLayout, config: StoreConfig | None = None, tiers: Sequence[Tier] | None = None):
         if not isinstance(layout, KVLayout):
             raise ValueError(f"layout: expected a KVLayout, got {type(layout).__name__}")
         config = StoreConfig() if config is None else config
@@ -43,20 +58,46 @@ class KVStore:
         self._counters = Counters(*STORE_COUNTERS)
         self._closed = False
         self._close_lock = threading.Lock()
-        self.disk: LmdbTier | None = None
-        if config.disk_dir is not None:
-            self.disk = LmdbTier(config.disk_dir, config.disk_bytes, layout, sync=config.disk_sync)
-        write_back = config.write_policy == "write_back" and self.disk is not None
-        try:
-            self.host: HostTier | None = (
-                HostTier(layout, config.host_bytes, on_evict=self._write_back if write_back else None)
-                if config.host_bytes > 0 else None
-            )
-        except BaseException:
-            if self.disk is not None:
-                self.disk.close()
-            raise
-        self.tiers: list[Tier] = [t for t in (self.host, self.disk) if t is not None]
+        self.tiers: list[Tier] = list(tiers) if tiers is not None else build_tiers(layout, config)
+        if not self.tiers:
+            raise ValueError("tiers: expected at least one tier, got none")
+        self.placement = Placement(policies_for(self.tiers, config), promote=config.promote)
+        self._health = [TierHealth(config.slow_factor, config.degraded_seconds) for _ in self.tiers]
+        self._tier_counters = [Counters(*PER_TIER_COUNTERS) for _ in self.tiers]
+        below = {i for i in range(1, len(self.tiers))}
+        self._writes = WriteBehind({self.tiers[i].name: partial(self._write, i) for i in below},
+                                   self._queue_bound(), config.queue_full)
+        for i, tier in enumerate(self.tiers):
+            if hasattr(tier, "on_evict") and self.placement.on_evict(i) is not None:
+                tier.on_evict = partial(self._evicted, i)
+
+    def _queue_bound(self) -> int:
+        """Queued jobs pin their source slots: keep the pins to half the fastest slot pool."""
+        bound = self.config.write_queue_blocks
+        slots = getattr(self.tiers[0], "num_slots", None)
+        targets = max(1, len(self.tiers) - 1)
+        if slots is not None:
+            bound = min(bound, max(1, slots // (2 * targets)))
+        return bound
+
+    def _tier(self, name: str) -> Tier | None:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    @property
+    def device(self) -> Tier | None:
+        return self._tier("device")
+
+    @property
+    def host(self) -> Tier | None:
+        return self._tier("host")
+
+    @property
+    def disk(self) -> Tier | None:
+        return self._tier("lmdb")
+
+    @property
+    def files(self) -> Tier | None:
+        return self._tier("files")
 
     # -- context management -------------------------------------------------
 
@@ -66,17 +107,34 @@ class KVStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every block ``put`` accepted is in every tier placement sent it to.
+
+        With ``disk_sync`` / ``files_sync`` on (the default) those writes are
+        then durable. False if ``timeout`` seconds ran out first.
+        """
+        self._check_open()
+        return self._writes.flush(timeout)
+
     def close(self) -> None:
-        """Write back blocks only host RAM holds (write-back policy), then close every tier."""
+        """Flush the write-behind queues, stop their workers, write back what only volatile tiers hold, close tiers."""
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
-        if self.host is not None and self.disk is not None and self.config.write_policy == "write_back":
-            for key in self.host.keys():
-                with self.host.reading(key) as view:
-                    if view is not None:
-                        self._write_back(key, view)
+        self._writes.close()
+        target = self.placement.on_close()
+        if target is not None:
+            persistent = [i for i, p in enumerate(self.placement.policies) if p.persistent]
+            for i, tier in enumerate(self.tiers):
+                if self.placement.policies[i].persistent or not hasattr(tier, "reading"):
+                    continue
+                for key in tier.keys():
+                    if any(self._contains(j, key) for j in persistent):
+                        continue
+                    with tier.reading(key) as view:
+                        if view is not None:
+                            self._write(target, [(key, view)])
         for tier in self.tiers:
             tier.close()
 
@@ -84,19 +142,58 @@ class KVStore:
         if self._closed:
             raise RuntimeError("KVStore is closed")
 
+    # -- guarded tier calls --------------------------------------------------------
+
+    def _available(self, i: int) -> bool:
+        if self._health[i].available():
+            return True
+        self._tier_counters[i].add("bypassed")
+        return False
+
+    def _guarded(self, i: int, call: Callable[[], Any], failed: Any) -> Any:
+        """Run a call on tier ``i``; an exception marks the tier degraded and returns ``failed``."""
+        try:
+            result = call()
+        except Exception:
+            self._tier_counters[i].add("errors")
+            self._health[i].record_error()
+            return failed
+        return result
+
+    def _contains(self, i: int, key: bytes) -> bool:
+        return self._available(i) and self._guarded(i, partial(self.tiers[i].contains, key), False)
+
+    def _where(self, key: bytes) -> int | None:
+        """The fastest available tier holding ``key``."""
+        return next((i for i in range(len(self.tiers)) if self._contains(i, key)), None)
+
+    def _read(self, i: int, key: bytes, dst: torch.Tensor) -> bool:
+        if not self._available(i):
+            return False
+        start = time.perf_counter()
+        found = self._guarded(i, partial(self.tiers[i].get_into, key, dst), False)
+        if found:
+            self._health[i].record_read(dst.numel() * dst.element_size(), time.perf_counter() - start)
+        return found
+
+    def _write(self, i: int, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
+        if not items or not self._available(i):
+            return
+        if self._guarded(i, partial(self.tiers[i].put_many, items), None) is not None:
+            self._health[i].record_ok()
+
     # -- the contract -----------------------------------------------------------
 
     def block_keys(self, tokens: Tokens, salt: Salt = None) -> list[BlockRef]:
         """The keys and token ranges of ``tokens``' blocks (full blocks, then the partial tail)."""
         return self._keys.blocks(tokens, salt)
 
-    def _stored_anywhere(self, key: bytes) -> bool:
-        return any(tier.contains(key) for tier in self.tiers)
-
     def put(self, tokens: Tokens, kv: torch.Tensor, salt: Salt = None) -> int:
         """Store the KV of ``tokens`` (``kv``: ``[L, P, len(tokens), H, D]``); returns blocks newly stored.
 
-        Blocks already stored in any tier are skipped and counted as dedup.
+        Returns once the blocks are in the fastest tier that takes them;
+        lower tiers are written in the background (see ``flush``). Blocks
+        already stored in any tier are skipped and counted as dedup.
         Everything is validated before anything is stored.
         """
         self._check_open()
@@ -105,38 +202,82 @@ class KVStore:
         self._counters.add("puts")
         new = []
         for block in blocks:
-            if self._stored_anywhere(block.key):
-                self._counters.add("dedup_blocks")
-                self._counters.add("dedup_bytes", block.num_tokens * self.layout.token_bytes)
-            else:
-                new.append((block.key, kv[:, :, block.start:block.end]))
-        if not new:
-            return 0
-        self._put_blocks(new)
-        stored = sum(self._stored_anywhere(key) for key, _ in new)
+            sightings = self.placement.sighted(block.key)
+            where = self._where(block.key)
+            if where is None:
+                new.append((block.key, kv[:, :, block.start:block.end], sightings))
+                continue
+            self._counters.add("dedup_blocks")
+            self._counters.add("dedup_bytes", block.num_tokens * self.layout.token_bytes)
+            self._send_down(where, block.key, None, sightings, newly_admitted=True)
+        stored = self._land(new)
         self._counters.add("blocks_stored", stored)
         return stored
 
-    def _put_blocks(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
-        if self.host is None:
-            if self.disk is not None:
-                self.disk.put_many(items)
-            return
-        for key, block in items:
-            self.host.put(key, block)
-        if self.disk is None or self.config.write_policy != "write_through":
-            return
-        # Write to disk from the contiguous host slots (pinned meanwhile), not the strided input.
-        with ExitStack() as stack:
-            sources = []
-            for key, block in items:
-                view = stack.enter_context(self.host.reading(key))
-                sources.append((key, block if view is None else view))
-            self.disk.put_many(sources)
+    def _land(self, items: list[tuple[bytes, torch.Tensor, int]]) -> int:
+        """Put blocks in the fastest available tier that takes them, then queue the lower copies."""
+        stored = 0
+        for i in range(len(self.tiers)):
+            if not items:
+                break
+            self._write(i, [(key, block) for key, block, _ in items])
+            rest = []
+            for key, block, sightings in items:
+                if self._contains(i, key):
+                    stored += 1
+                    self._send_down(i, key, block, sightings)
+                else:
+                    rest.append((key, block, sightings))
+            items = rest
+        return stored
 
-    def _write_back(self, key: bytes, block: torch.Tensor) -> None:
-        if self.disk is not None and not self.disk.contains(key):
-            self.disk.put_many([(key, block)])
+    def _send_down(self, landed: int, key: bytes, block: torch.Tensor | None, sightings: int,
+                   newly_admitted: bool = False) -> None:
+        """Queue write-through copies of a block held by tier ``landed`` for the tiers below it.
+
+        ``newly_admitted``: only for tiers whose admission threshold this
+        very sighting reached (a block seen again that was kept out before).
+        """
+        for j in self.placement.write_through(landed):
+            threshold = self.placement.policies[j].admit_after
+            if newly_admitted and sightings != threshold:
+                continue
+            if not self.placement.admits(j, sightings):
+                self._tier_counters[j].add("admission_rejected")
+                continue
+            if self._contains(j, key) or self._writes.pending(self.tiers[j].name, key):
+                continue
+            self._queue(j, key, block, landed)
+
+    def _queue(self, j: int, key: bytes, block: torch.Tensor | None, holder: int) -> None:
+        """Hand a copy of ``key`` for tier ``j`` to the write-behind, from a pinned slot if one holds it."""
+        release = None
+        for i, tier in enumerate(self.tiers[:j]):
+            pin = getattr(tier, "pin", None)
+            view = pin(key) if pin is not None and self._available(i) else None
+            if view is not None:
+                block, release = view, partial(tier.unpin, key)
+                break
+        else:
+            if block is None:  # only a persistent tier holds it: read a private copy
+                block = torch.empty(self.layout.block_shape, dtype=self.layout.dtype)
+                if not self._read(holder, key, block):
+                    return
+            else:
+                block = block.detach().to("cpu", copy=True)  # the caller may reuse its buffer after put
+        if not self._writes.submit(self.tiers[j].name, key, block, release):
+            self._tier_counters[j].add("queue_dropped")
+
+    def _evicted(self, i: int, key: bytes, block: torch.Tensor) -> None:
+        """Write-back: tier ``i`` evicts ``key``; the tier below keeps it if it admits it."""
+        j = self.placement.on_evict(i)
+        if j is None or self._contains(j, key):
+            return
+        if not self.placement.admits(j, self.placement.sightings(key)):
+            self._tier_counters[j].add("admission_rejected")
+            return
+        self._write(j, [(key, block)])
+        self._counters.add("demotions")
 
     def lookup(self, tokens: Tokens, salt: Salt = None) -> int:
         """Number of leading tokens of ``tokens`` whose KV is stored in some tier (partial tail included)."""
@@ -144,7 +285,7 @@ class KVStore:
         found = 0
         total = len(tokens)
         for block in self._keys.iter_blocks(tokens, salt):
-            if not self._stored_anywhere(block.key):
+            if self._where(block.key) is None:
                 break
             found = block.end
         self._counters.add("lookups")
@@ -189,17 +330,42 @@ class KVStore:
         return filled
 
     def _read_block(self, key: bytes, dst: torch.Tensor) -> bool:
-        if self.host is not None and self.host.get_into(key, dst):
-            return True
-        if self.disk is None or not self.disk.get_into(key, dst):
-            return False
-        if self.host is not None and self.config.promote and self.host.put(key, dst):
-            self._counters.add("promotions")
-        return True
+        """Read ``key`` from the fastest tier that has it, then promote it into the faster ones."""
+        for i in range(len(self.tiers)):
+            if self._read(i, key, dst):
+                sightings = self.placement.sighted(key)
+                self._promote(i, key, dst, sightings)
+                if self.placement.counting:  # a read hit may be the sighting that admits it below
+                    self._send_down(i, key, None, sightings, newly_admitted=True)
+                return True
+        return False
+
+    def _promote(self, hit: int, key: bytes, block: torch.Tensor, sightings: int) -> None:
+        for j in self.placement.promote_into(hit):
+            if self._contains(j, key) or not self._available(j):
+                continue
+            if not self.placement.admits(j, sightings):
+                self._tier_counters[j].add("admission_rejected")
+            elif self.placement.policies[j].persistent:
+                self._queue(j, key, block, hit)
+                self._counters.add("promotions")
+            else:
+                self._write(j, [(key, block)])
+                if self._contains(j, key):
+                    self._counters.add("promotions")
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the store and of each tier (hits, misses, bytes, evictions, dedup, ...)."""
-        return {"store": self._counters.snapshot(), "tiers": {t.name: t.stats() for t in self.tiers}}
+        """Counters of the store, of the write-behind and of each tier with its health and queue depth."""
+        depth = self._writes.depth()
+        tiers = {}
+        for i, tier in enumerate(self.tiers):
+            entry: dict[str, Any] = dict(tier.stats())
+            entry.update(self._tier_counters[i].snapshot())
+            entry.update(self._health[i].snapshot())
+            entry["queue_depth"] = depth.get(tier.name, 0)
+            entry["write_policy"] = self.placement.policies[i].write if i else "landing"
+            tiers[tier.name] = entry
+        return {"store": self._counters.snapshot(), "write_behind": self._writes.counters.snapshot(), "tiers": tiers}
 
 
 def _num_tokens(blocks: Sequence[BlockRef]) -> int:

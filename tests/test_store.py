@@ -49,6 +49,7 @@ def test_round_trip_exact(make_store, mode, lay_name):
         assert_same_kv(out, kv)
     total_blocks = sum(len(store.block_keys(t)) for t, _ in prompts)
     assert total_blocks == 15
+    store.flush()  # lower tiers are written in the background
     for tier in store.tiers:  # write-through: every tier holds every block
         assert tier.stats()["blocks"] == total_blocks
         for tokens, _ in prompts:
@@ -171,7 +172,7 @@ def test_miss_and_empty(make_store, layout):
     stats = store.stats()["store"]
     assert stats == {"puts": 1, "blocks_stored": 0, "dedup_blocks": 0, "dedup_bytes": 0, "lookups": 2,
                      "lookup_tokens": 40, "lookup_hit_tokens": 0, "gets": 2, "get_tokens": 40,
-                     "get_hit_tokens": 0, "promotions": 0}
+                     "get_hit_tokens": 0, "promotions": 0, "demotions": 0}
 
 
 @pytest.mark.parametrize("mode", ["host", "disk"])
@@ -226,6 +227,7 @@ def test_dedup_same_prompt(make_store, kv_for, layout, mode):
     assert stats["store"]["dedup_bytes"] == 40 * layout.token_bytes
     assert stats["store"]["blocks_stored"] == 3
     assert stats["store"]["puts"] == 2
+    store.flush()
     for tier in store.tiers:
         assert tier.stats()["blocks"] == 3
         assert tier.stats()["blocks_written"] == 3
@@ -248,6 +250,7 @@ def test_dedup_extension_stores_only_new_blocks(make_store, kv_for, mode):
     assert store.put(tokens[:40], kv[:, :, :40]) == 1  # 0..16, 16..32 dedup; 32..40 tail new
     stats = store.stats()["store"]
     assert (stats["dedup_blocks"], stats["blocks_stored"]) == (5, 6)
+    store.flush()
     for tier in store.tiers:
         assert tier.stats()["blocks"] == 6
     for n in (20, 32, 40, 56):
@@ -266,7 +269,7 @@ def test_counters_exact(make_store, kv_for):
     assert store.stats()["store"] == {
         "puts": 1, "blocks_stored": 3, "dedup_blocks": 0, "dedup_bytes": 0,
         "lookups": 2, "lookup_tokens": 64, "lookup_hit_tokens": 56,
-        "gets": 2, "get_tokens": 88, "get_hit_tokens": 72, "promotions": 0,
+        "gets": 2, "get_tokens": 88, "get_hit_tokens": 72, "promotions": 0, "demotions": 0,
     }
     host = store.stats()["tiers"]["host"]
     assert (host["hits"], host["misses"], host["blocks"]) == (5, 1, 3)
@@ -366,6 +369,7 @@ def test_bad_put_rejected_and_store_unchanged(make_store, kv_for, case, mode):
     tokens = make_tokens(40)
     kv = kv_for(40)
     store.put(tokens, kv)
+    store.flush()
     probes = [tokens, tokens[:16], tokens[:20]]
     before = _state(store, probes)
     before_after_probe = store.stats()
@@ -401,6 +405,7 @@ def test_kv_dtype_differs_from_store_layout(make_store, kv_for):
     tokens = make_tokens(32)
     good = make_kv(store.layout, 32)
     store.put(tokens[:16], good[:, :, :16])
+    store.flush()
     before = store.stats()
     with pytest.raises(ValueError) as info:
         store.put(tokens, kv_for(32))  # float16 KV into a bfloat16 store
@@ -421,6 +426,7 @@ def test_get_into_bad_out(make_store, kv_for, shape_tokens, dtype, fragments):
     store = make_store("both")
     tokens, kv = make_tokens(20), kv_for(20)
     store.put(tokens, kv)
+    store.flush()
     before = store.stats()
     out = torch.full(store.layout.shape(shape_tokens), 5, dtype=dtype)
     with pytest.raises(ValueError) as info:

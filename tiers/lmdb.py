@@ -22,7 +22,7 @@ import struct
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import lmdb
@@ -52,6 +52,7 @@ class LmdbTier:
     """
 
     name = "lmdb"
+    persistent = True
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, sync: bool = True):
         if capacity_bytes < layout.block_bytes + HEADER_BYTES:
@@ -71,7 +72,10 @@ class LmdbTier:
                 f"or share one through the cache server"
             ) from None
         self._capacity = capacity_bytes
+        self._layout = layout
         self._fingerprint = layout.fingerprint
+        # Sees each block evicted for room (verified bytes) after the eviction commits: write-back below.
+        self.on_evict: Callable[[bytes, torch.Tensor], None] | None = None
         map_size = max(2 * capacity_bytes, capacity_bytes + (1 << 30))
         self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=2, sync=sync, metasync=sync,
                               readahead=False, max_readers=512, subdir=True)
@@ -145,6 +149,14 @@ class LmdbTier:
 
     def _write(self, payloads: list[tuple[bytes, object]], deletes: list[bytes]) -> None:
         """One write transaction: evict, delete, store ``payloads`` not yet stored, persist stamps."""
+        evicted = self._write_locked(payloads, deletes)
+        if self.on_evict is not None:
+            for key, block in evicted:
+                self.on_evict(key, block)
+
+    def _write_locked(self, payloads: list[tuple[bytes, object]],
+                      deletes: list[bytes]) -> list[tuple[bytes, torch.Tensor]]:
+        """``_write`` under the write lock; returns the evicted blocks ``on_evict`` wants to see."""
         with self._write_lock:
             # Another writer may have stored some of these since the caller looked.
             with self._lock:
@@ -157,6 +169,7 @@ class LmdbTier:
                     records = [(k, p, self._tick()) for k, p in payloads]
                 try:
                     with self._env.begin(write=True) as txn:
+                        evicted = self._copy_out(txn, victims) if self.on_evict is not None else []
                         for key in victims + deletes:
                             txn.delete(key, db=self._blocks)
                             txn.delete(key, db=self._meta)
@@ -170,8 +183,23 @@ class LmdbTier:
                     continue
                 self._commit_index(records, victims + deletes, stamps)
                 self._counters.add("evictions", len(victims))
-                return
+                return evicted
         self._counters.add("rejected", len(payloads))
+        return []
+
+    def _copy_out(self, txn: lmdb.Transaction, keys: list[bytes]) -> list[tuple[bytes, torch.Tensor]]:
+        """Verified copies of blocks about to be evicted (a damaged one is not passed on)."""
+        blocks = []
+        for key in keys:
+            meta = txn.get(key, db=self._meta)
+            payload = txn.get(key, db=self._blocks)
+            header = BlockHeader.unpack(meta) if meta is not None else None
+            if header is None or self._check(key, meta, payload, header.length) != "intact":
+                continue
+            num_tokens = header.length // self._layout.token_bytes
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            blocks.append((key, data.view(self._layout.dtype).view(self._layout.shape(num_tokens))))
+        return blocks
 
     def _pick_victims(self, incoming: int, keep: set[bytes]) -> list[bytes]:
         """Under the lock: LRU keys whose removal brings used + incoming within capacity."""

@@ -342,7 +342,7 @@ def test_same_key_put_by_two_threads_counted_once(open_tier, layout, blocks):
         for writer in writers:
             writer.start()
         for writer in writers:
-            _wait_until_blocked_in(writer, "_write")
+            _wait_until_blocked_in(writer, "_write_locked")
     for writer in writers:
         writer.join()
     stats = tier.stats()

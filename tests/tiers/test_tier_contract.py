@@ -6,6 +6,7 @@ import pytest
 
 from conftest import assert_same_kv
 from kvstore.blockformat import HEADER_BYTES
+from kvstore.tiers.files import FilesTier
 from kvstore.tiers.host import HostTier
 from kvstore.tiers.lmdb import LmdbTier
 from tierkit import A, B, C, D, make_blocks, names, read
@@ -15,6 +16,7 @@ FACTORIES = {
     "host": lambda layout, path: HostTier(layout, 3 * layout.block_bytes, pin_memory=False),
     "lmdb": lambda layout, path: LmdbTier(path, 3 * (layout.block_bytes + HEADER_BYTES), layout, sync=False),
     "lmdb-fsync": lambda layout, path: LmdbTier(path, 3 * (layout.block_bytes + HEADER_BYTES), layout, sync=True),
+    "files": lambda layout, path: FilesTier(path, 3 * (layout.block_bytes + HEADER_BYTES), layout, sync=False),
 }
 
 

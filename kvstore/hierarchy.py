@@ -1,0 +1,75 @@
+"""The tiers a StoreConfig asks for, built fastest first, each with its placement policy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from kvstore.config import StoreConfig
+from kvstore.layout import KVLayout
+from kvstore.placement import TierPolicy
+from kvstore.tiers.base import Tier
+from kvstore.tiers.device import DeviceTier
+from kvstore.tiers.files import FilesTier
+from kvstore.tiers.host import HostTier
+from kvstore.tiers.lmdb import LmdbTier
+
+
+class TierKind(NamedTuple):
+    """How to build one kind of tier from the config, and whether the config asks for it."""
+
+    wanted: Callable[[StoreConfig], bool]
+    build: Callable[[KVLayout, StoreConfig], Tier]
+    admit_after: Callable[[StoreConfig], int]
+
+
+# Fastest first: the order of this registry is the order of the hierarchy.
+TIER_KINDS: dict[str, TierKind] = {
+    "device": TierKind(
+        lambda c: c.device_bytes > 0,
+        lambda layout, c: DeviceTier(layout, c.device_bytes, c.device),
+        lambda c: 1,
+    ),
+    "host": TierKind(
+        lambda c: c.host_bytes > 0,
+        lambda layout, c: HostTier(layout, c.host_bytes),
+        lambda c: 1,
+    ),
+    "lmdb": TierKind(
+        lambda c: c.disk_dir is not None,
+        lambda layout, c: LmdbTier(c.disk_dir, c.disk_bytes, layout, sync=c.disk_sync),
+        lambda c: c.disk_admit_after,
+    ),
+    "files": TierKind(
+        lambda c: c.files_dir is not None,
+        lambda layout, c: FilesTier(c.files_dir, c.files_bytes, layout, sync=c.files_sync, o_direct=c.files_o_direct),
+        lambda c: c.files_admit_after,
+    ),
+}
+
+
+def build_tiers(layout: KVLayout, config: StoreConfig) -> list[Tier]:
+    """The configured tiers, fastest first; if one fails to open, those already open are closed."""
+    tiers: list[Tier] = []
+    try:
+        for kind in TIER_KINDS.values():
+            if kind.wanted(config):
+                tiers.append(kind.build(layout, config))
+    except BaseException:
+        for tier in tiers:
+            tier.close()
+        raise
+    return tiers
+
+
+def policies_for(tiers: Sequence[Tier], config: StoreConfig) -> list[TierPolicy]:
+    """Each tier's placement policy from the config, found by tier name (unknown names get the defaults)."""
+    policies = []
+    for tier in tiers:
+        kind = TIER_KINDS.get(tier.name)
+        policies.append(TierPolicy(
+            write=config.tier_write_policy(tier.name),
+            admit_after=kind.admit_after(config) if kind is not None else 1,
+            persistent=bool(getattr(tier, "persistent", False)),
+        ))
+    return policies

@@ -1,0 +1,149 @@
+"""Write-behind: lower-tier writes on background workers behind bounded queues.
+
+``put`` returns once a block is in the fastest tier; copies for slower tiers
+are queued here, one bounded queue and one worker thread per target tier (a
+worker drains up to ``BATCH`` jobs into one ``write`` call, one LMDB
+transaction). A job holds its source block (usually a pinned slot of a
+faster tier) until written, then calls its ``release``. When a queue is full
+the caller is blocked (``block``) or the lower copy is dropped and counted
+(``drop``). ``flush()`` returns once every accepted job has been written;
+``close()`` flushes and stops every worker.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.metrics import Counters
+
+BATCH = 16
+# Writes ``[(key, block), ...]`` to one tier; exceptions are the writer's to handle.
+Writer = Callable[[Sequence[tuple[bytes, torch.Tensor]]], None]
+_STOP = object()
+
+
+@dataclass
+class Job:
+    key: bytes
+    block: torch.Tensor
+    release: Callable[[], None] | None = None
+
+    def done(self) -> None:
+        if self.release is not None:
+            self.release()
+
+
+class WriteBehind:
+    """Background writers for named target tiers, each behind a queue of ``max_blocks`` jobs."""
+
+    def __init__(self, writers: dict[str, Writer], max_blocks: int, on_full: str = "block"):
+        if max_blocks < 1:
+            raise ValueError(f"max_blocks: expected >= 1, got {max_blocks}")
+        if on_full not in ("block", "drop"):
+            raise ValueError(f"on_full: expected 'block' or 'drop', got {on_full!r}")
+        self._writers = dict(writers)
+        self._on_full = on_full
+        self._queues = {name: queue.Queue(maxsize=max_blocks) for name in writers}
+        self._pending: set[tuple[str, bytes]] = set()
+        self._unfinished = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self.counters = Counters("queued", "written", "dropped", "coalesced", "failed")
+        self._threads = [threading.Thread(target=self._work, args=(name,), name=f"kvstore-write-{name}", daemon=True)
+                         for name in writers]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, target: str, key: bytes, block: torch.Tensor,
+               release: Callable[[], None] | None = None) -> bool:
+        """Queue ``block`` for tier ``target``; False if it was dropped (queue full, ``drop`` policy).
+
+        A job for the same key and target already queued or being written is not queued twice.
+        ``release`` is called once the job is written, dropped or coalesced.
+        """
+        if target not in self._queues:
+            raise ValueError(f"target: expected one of {sorted(self._queues)}, got {target!r}")
+        job = Job(key, block, release)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("write-behind is closed")
+            if (target, key) in self._pending:
+                self.counters.add("coalesced")
+                job.done()
+                return True
+            self._pending.add((target, key))
+            self._unfinished += 1
+        try:
+            if self._on_full == "block":
+                self._queues[target].put(job)
+            else:
+                self._queues[target].put_nowait(job)
+        except queue.Full:
+            self._finish(target, [job])
+            self.counters.add("dropped")
+            return False
+        self.counters.add("queued")
+        return True
+
+    def pending(self, target: str, key: bytes) -> bool:
+        with self._cond:
+            return (target, key) in self._pending
+
+    def _work(self, target: str) -> None:
+        jobs_queue = self._queues[target]
+        while True:
+            first = jobs_queue.get()
+            if first is _STOP:
+                return
+            jobs = [first]
+            while len(jobs) < BATCH:
+                try:
+                    job = jobs_queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    jobs_queue.put(_STOP)  # handle the batch first, then stop
+                    break
+                jobs.append(job)
+            try:
+                self._writers[target]([(job.key, job.block) for job in jobs])
+                self.counters.add("written", len(jobs))
+            except Exception:  # the writer records its own errors; a worker never dies of one
+                self.counters.add("failed", len(jobs))
+            finally:
+                self._finish(target, jobs)
+
+    def _finish(self, target: str, jobs: list[Job]) -> None:
+        for job in jobs:
+            job.done()
+        with self._cond:
+            for job in jobs:
+                self._pending.discard((target, job.key))
+            self._unfinished -= len(jobs)
+            self._cond.notify_all()
+
+    def depth(self) -> dict[str, int]:
+        """Jobs waiting per target tier."""
+        return {name: q.qsize() for name, q in self._queues.items()}
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every accepted job is written; False if ``timeout`` seconds ran out first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._unfinished == 0, timeout)
+
+    def close(self) -> None:
+        """Flush, then stop and join every worker. Idempotent."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        self.flush()
+        for q in self._queues.values():
+            q.put(_STOP)
+        for thread in self._threads:
+            thread.join()

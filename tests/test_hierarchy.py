@@ -1,0 +1,339 @@
+"""The four-level hierarchy through KVStore: placement, write-behind, admission, promotion, pins, health."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import assert_same_kv, make_kv, make_tokens, tiny_layout
+from faulty import FaultyTier
+from kvstore.blockformat import HEADER_BYTES
+from kvstore.config import StoreConfig
+from kvstore.store import KVStore
+from kvstore.tiers.files import FilesTier
+from kvstore.tiers.host import HostTier
+from kvstore.tiers.lmdb import LmdbTier
+
+BLOCK = 4096
+STORED = BLOCK + HEADER_BYTES  # a block below host RAM, with its header
+
+
+@pytest.fixture
+def stack(tmp_path, layout):
+    """``stack(device=2, host=3, lmdb=4, files=100, **config)``: sizes in blocks (0 leaves a tier out)."""
+    stores = []
+
+    def factory(device=2, host=3, lmdb=4, files=100, **config):
+        settings = dict(device="cpu", device_bytes=device * BLOCK, host_bytes=host * BLOCK,
+                        disk_dir=str(tmp_path / "lmdb") if lmdb else None, disk_bytes=max(lmdb, 1) * STORED,
+                        disk_sync=False, files_dir=str(tmp_path / "files") if files else None,
+                        files_bytes=max(files, 1) * STORED, files_sync=False)
+        settings.update(config)
+        store = KVStore(layout, StoreConfig(**settings))
+        stores.append(store)
+        return store
+
+    yield factory
+    for store in stores:
+        store.close()
+
+
+def prompts(count, first=0):
+    """``count`` one-block prompts (16 tokens each, distinct first blocks) with their KV."""
+    return [(make_tokens(16, seed=i), make_kv(tiny_layout(), 16, seed=i)) for i in range(first, first + count)]
+
+
+def where(store, tokens):
+    """Names of the tiers that hold the (single) block of ``tokens``."""
+    key = store.block_keys(tokens)[0].key
+    return [tier.name for tier in store.tiers if tier.contains(key)]
+
+
+def test_write_back_cascade_keeps_each_block_exactly_once(stack):
+    store = stack(write_policy="write_back")
+    data = prompts(10)
+    for tokens, kv in data:
+        assert store.put(tokens, kv) == 1
+    store.flush()
+    expected = ["files"] + ["lmdb"] * 4 + ["host"] * 3 + ["device"] * 2  # oldest demoted furthest
+    assert [where(store, tokens) for tokens, _ in data] == [[name] for name in expected]
+    stats = store.stats()
+    assert stats["store"]["demotions"] == 8 + 5 + 1
+    assert [stats["tiers"][n]["evictions"] for n in ("device", "host", "lmdb", "files")] == [8, 5, 1, 0]
+    for tokens, kv in data:
+        assert_same_kv(store.get(tokens), kv)
+    for tier in store.tiers:
+        assert tier.used_bytes() <= tier.capacity_bytes
+
+
+def test_write_through_cascade_copies_to_every_lower_tier(stack):
+    store = stack(write_policy="write_through")
+    data = prompts(10)
+    for tokens, kv in data:
+        store.put(tokens, kv)
+        store.flush()
+    for i, (tokens, _) in enumerate(data):
+        expected = [name for name, newest in (("device", 2), ("host", 3), ("lmdb", 4)) if i >= 10 - newest]
+        assert where(store, tokens) == expected + ["files"], i
+    stats = store.stats()
+    assert stats["store"]["demotions"] == 0
+    assert stats["write_behind"]["written"] == 30  # host, lmdb and files got every block
+    assert [stats["tiers"][n]["blocks"] for n in ("device", "host", "lmdb", "files")] == [2, 3, 4, 10]
+
+
+def test_close_writes_back_what_only_volatile_tiers_hold(stack, tmp_path, layout):
+    store = stack(device=2, host=3, lmdb=20, files=0, write_policy="write_back")
+    data = prompts(4)
+    for tokens, kv in data:
+        store.put(tokens, kv)
+    assert [where(store, t) for t, _ in data] == [["host"], ["host"], ["device"], ["device"]]
+    store.close()
+    with KVStore(layout, StoreConfig(host_bytes=0, disk_dir=str(tmp_path / "lmdb"), disk_bytes=20 * STORED,
+                                     disk_sync=False)) as again:
+        for tokens, kv in data:
+            assert_same_kv(again.get(tokens), kv)
+
+
+def test_promotion_from_files_into_every_faster_tier(stack):
+    data = prompts(3)
+    first = stack(device=0, host=0, lmdb=0)
+    for tokens, kv in data:
+        first.put(tokens, kv)
+    first.close()
+    store = stack(device=2, host=3, lmdb=4)
+    for tokens, kv in data:
+        assert where(store, tokens) == ["files"]
+        assert_same_kv(store.get(tokens), kv)
+    store.flush()
+    assert store.stats()["store"]["promotions"] == 3 * 3
+    assert [where(store, t) for t, _ in data] == [["host", "lmdb", "files"]] + [["device", "host", "lmdb", "files"]] * 2
+    hits = {name: tier["hits"] for name, tier in store.stats()["tiers"].items()}
+    for tokens, kv in data[1:]:
+        assert_same_kv(store.get(tokens), kv)
+    after = {name: tier["hits"] for name, tier in store.stats()["tiers"].items()}
+    assert after["device"] == hits["device"] + 2 and after["files"] == hits["files"]
+
+
+def test_no_promotion_when_disabled(stack):
+    tokens, kv = prompts(1)[0]
+    first = stack(device=0, host=0, lmdb=0)
+    first.put(tokens, kv)
+    first.close()
+    store = stack(promote=False)
+    assert_same_kv(store.get(tokens), kv)
+    store.flush()
+    assert where(store, tokens) == ["files"]
+    assert store.stats()["store"]["promotions"] == 0
+
+
+def test_admission_filter_keeps_one_off_blocks_off_the_files_tier(stack):
+    store = stack(device=0, host=8, lmdb=8, files_admit_after=2)
+    (once, kv_once), (twice, kv_twice), (read, kv_read) = prompts(3)
+    for tokens, kv in ((once, kv_once), (twice, kv_twice), (read, kv_read)):
+        store.put(tokens, kv)
+    store.flush()
+    assert [where(store, t) for t in (once, twice, read)] == [["host", "lmdb"]] * 3
+    assert store.stats()["tiers"]["files"]["admission_rejected"] == 3
+    store.put(twice, kv_twice)  # second sighting by put
+    assert_same_kv(store.get(read), kv_read)  # second sighting by a read hit
+    store.flush()
+    assert where(store, once) == ["host", "lmdb"]
+    assert where(store, twice) == where(store, read) == ["host", "lmdb", "files"]
+    assert store.stats()["tiers"]["files"]["blocks_written"] == 2
+
+
+def test_write_back_admission_drops_blocks_seen_once(stack):
+    store = stack(device=0, host=2, lmdb=8, files=0, write_policy="write_back", disk_admit_after=2)
+    data = prompts(4)
+    store.put(*data[0])
+    assert_same_kv(store.get(data[0][0]), data[0][1])  # seen twice: admitted when evicted
+    for tokens, kv in data[1:]:
+        store.put(tokens, kv)
+    assert where(store, data[0][0]) == ["lmdb"]
+    assert where(store, data[1][0]) == []  # seen once and evicted: not worth the disk write
+    stats = store.stats()
+    assert stats["tiers"]["lmdb"]["admission_rejected"] == 1 and stats["store"]["demotions"] == 1
+
+
+def gated_store(layout, tmp_path, **config):
+    lower = FaultyTier(LmdbTier(tmp_path / "gated", 64 * STORED, layout, sync=False))
+    lower.gate.clear()
+    host = HostTier(layout, 8 * BLOCK, pin_memory=False)
+    return KVStore(layout, StoreConfig(host_bytes=8 * BLOCK, **config), tiers=[host, lower]), lower
+
+
+def wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_put_returns_once_in_the_fastest_tier(layout, tmp_path):
+    store, lower = gated_store(layout, tmp_path)
+    with store:
+        tokens, kv = prompts(1)[0]
+        assert store.put(tokens, kv) == 1  # returns although the lower tier is held
+        assert where(store, tokens) == ["host"]
+        assert_same_kv(store.get(tokens), kv)
+        assert store.flush(timeout=0.05) is False
+        lower.gate.set()
+        assert store.flush(timeout=10) is True
+        assert where(store, tokens) == ["host", "lmdb"]
+
+
+def test_full_queue_drops_lower_copies_when_asked(layout, tmp_path):
+    store, lower = gated_store(layout, tmp_path, queue_full="drop", write_queue_blocks=1)
+    with store:
+        data = prompts(4)
+        store.put(*data[0])
+        wait_for(lambda: store.stats()["tiers"]["lmdb"]["queue_depth"] == 0)  # the worker holds job 0
+        for tokens, kv in data[1:]:
+            assert store.put(tokens, kv) == 1
+        stats = store.stats()
+        assert stats["tiers"]["lmdb"]["queue_dropped"] == 2 and stats["write_behind"]["dropped"] == 2
+        assert stats["tiers"]["lmdb"]["queue_depth"] == 1
+        lower.gate.set()
+        store.flush()
+        assert [where(store, t) for t, _ in data] == [["host", "lmdb"]] * 2 + [["host"]] * 2
+        for tokens, kv in data:
+            assert_same_kv(store.get(tokens), kv)
+
+
+def test_full_queue_blocks_the_caller_by_default(layout, tmp_path):
+    store, lower = gated_store(layout, tmp_path, write_queue_blocks=1)
+    with store:
+        data = prompts(3)
+        store.put(*data[0])
+        wait_for(lambda: store.stats()["tiers"]["lmdb"]["queue_depth"] == 0)
+        store.put(*data[1])  # fills the queue
+        third = threading.Thread(target=store.put, args=data[2])
+        third.start()
+        third.join(0.2)
+        assert third.is_alive()  # blocked on the full queue
+        lower.gate.set()
+        third.join(10)
+        assert not third.is_alive()
+        store.flush()
+        assert [where(store, t) for t, _ in data] == [["host", "lmdb"]] * 3
+        assert store.stats()["write_behind"]["dropped"] == 0
+
+
+def test_pins_hold_while_puts_evict_around_readers(stack):
+    store = stack(device=0, host=4, lmdb=0, files=0)
+    tokens = make_tokens(48, seed=999)
+    kv = make_kv(store.layout, 48, seed=999)
+    errors, stop = [], threading.Event()
+
+    def writer(offset):
+        for tokens_i, kv_i in prompts(40, first=100 + 40 * offset):
+            store.put(tokens_i, kv_i)
+
+    def reader():
+        while not stop.is_set():
+            store.put(tokens, kv)
+            got = store.get(tokens)
+            if not torch.equal(got, kv[:, :, :got.shape[2]]):
+                errors.append(got.shape[2])
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for thread in readers + threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stop.set()
+    for thread in readers:
+        thread.join()
+    assert errors == []
+    assert store.host.used_bytes() <= store.host.capacity_bytes
+
+
+def fault_store(layout, tmp_path, **config):
+    """host-less store: a wrapped LMDB tier above a files tier, both holding every block."""
+    lmdb = FaultyTier(LmdbTier(tmp_path / "lmdb", 64 * STORED, layout, sync=False))
+    files = FilesTier(tmp_path / "files", 64 * STORED, layout, sync=False)
+    settings = dict(host_bytes=0, disk_dir=str(tmp_path / "lmdb"), degraded_seconds=0.2)
+    settings.update(config)
+    return KVStore(layout, StoreConfig(**settings), tiers=[lmdb, files]), lmdb
+
+
+def test_slow_tier_is_bypassed_then_recovers(layout, tmp_path):
+    store, lmdb = fault_store(layout, tmp_path)
+    with store:
+        data = prompts(3)
+        for tokens, kv in data:
+            store.put(tokens, kv)
+        store.flush()
+        for _ in range(3):
+            for tokens, kv in data:
+                assert_same_kv(store.get(tokens), kv)
+        assert store.stats()["tiers"]["lmdb"]["state"] == "healthy"
+        lmdb.delay = 0.05  # far slower than its estimate
+        assert_same_kv(store.get(data[0][0]), data[0][1])  # served, slowly, then the tier is marked
+        stats = store.stats()["tiers"]
+        assert stats["lmdb"]["state"] == "degraded" and stats["lmdb"]["degradations"] == 1
+        reads, files_hits = lmdb.reads, stats["files"]["hits"]
+        for tokens, kv in data:
+            assert store.lookup(tokens) == 16
+            assert_same_kv(store.get(tokens), kv)  # from files: the slow tier is stepped around
+        stats = store.stats()["tiers"]
+        assert lmdb.reads == reads and stats["files"]["hits"] == files_hits + 3
+        assert stats["lmdb"]["bypassed"] > 0
+        lmdb.delay = 0.0
+        time.sleep(0.25)  # past the back-off
+        assert_same_kv(store.get(data[1][0]), data[1][1])
+        assert lmdb.reads == reads + 1 and store.stats()["tiers"]["lmdb"]["state"] == "healthy"
+
+
+def test_failing_tier_is_bypassed_and_never_raises(layout, tmp_path):
+    store, lmdb = fault_store(layout, tmp_path)
+    with store:
+        data = prompts(3)
+        store.put(*data[0])
+        store.flush()
+        lmdb.fail = True
+        assert_same_kv(store.get(data[0][0]), data[0][1])  # lmdb raised; files answered
+        stats = store.stats()["tiers"]["lmdb"]
+        assert (stats["state"], stats["errors"]) == ("degraded", 1)
+        for tokens, kv in data[1:]:
+            assert store.put(tokens, kv) == 1  # lands in files while lmdb is bypassed
+        store.flush()
+        assert store.lookup(data[2][0]) == 16
+        lmdb.fail = False
+        time.sleep(0.25)
+        assert_same_kv(store.get(data[0][0]), data[0][1])
+        stats = store.stats()["tiers"]["lmdb"]
+        assert stats["state"] == "healthy" and stats["hits"] >= 1
+
+
+def test_write_behind_error_degrades_the_tier_without_raising(layout, tmp_path):
+    lower = FaultyTier(LmdbTier(tmp_path / "lmdb", 64 * STORED, layout, sync=False))
+    lower.fail = True
+    host = HostTier(layout, 8 * BLOCK, pin_memory=False)
+    with KVStore(layout, StoreConfig(host_bytes=8 * BLOCK), tiers=[host, lower]) as store:
+        tokens, kv = prompts(1)[0]
+        assert store.put(tokens, kv) == 1
+        store.flush()
+        stats = store.stats()["tiers"]["lmdb"]
+        assert stats["state"] == "degraded" and stats["errors"] >= 1 and stats["blocks"] == 0
+        assert_same_kv(store.get(tokens), kv)
+
+
+def test_stats_show_state_bandwidth_and_queue(stack):
+    store = stack()
+    tokens, kv = prompts(1)[0]
+    store.put(tokens, kv)
+    store.flush()
+    store.get(tokens)
+    tiers = store.stats()["tiers"]
+    assert list(tiers) == ["device", "host", "lmdb", "files"]
+    for name, entry in tiers.items():
+        for field in ("state", "read_bandwidth", "hits", "misses", "bytes_read", "bytes_written", "evictions",
+                      "admission_rejected", "corrupt", "queue_depth", "errors", "used_bytes", "capacity_bytes"):
+            assert field in entry, (name, field)
+        assert entry["state"] == "healthy"
+    assert tiers["device"]["read_bandwidth"] > 0 and tiers["device"]["hits"] == 1

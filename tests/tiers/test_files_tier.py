@@ -1,0 +1,575 @@
+"""FilesTier: one verified file per block in a shared directory, mtime-LRU eviction, corruption, processes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import TESTS_DIR, as_bytes, assert_same_kv, make_kv, tiny_layout
+from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.tiers import files as files_module
+from kvstore.tiers.base import Tier
+from kvstore.tiers.files import FilesTier
+
+from tierkit import A, B, C, D, E, make_blocks, names as _names, read as _read
+
+BLOCK = 4096 + HEADER_BYTES  # bytes one full tiny-layout fp16 block counts against the capacity
+SECOND = 1_000_000_000  # ns
+
+
+@pytest.fixture
+def blocks(layout):
+    return make_blocks(layout)
+
+
+@pytest.fixture
+def open_tier(disk_dir, layout):
+    """``open_tier(capacity, path=disk_dir, **options)``: a FilesTier (sync off unless asked) closed at teardown."""
+    tiers = []
+
+    def factory(capacity=3 * BLOCK, path=None, lay=None, **options):
+        options.setdefault("sync", False)
+        tier = FilesTier(path or disk_dir, capacity, lay or layout, **options)
+        tiers.append(tier)
+        return tier
+
+    yield factory
+    for tier in tiers:
+        tier.close()
+
+
+def block_path(root, key: bytes) -> str:
+    h = key.hex()
+    return os.path.join(str(root), h[:2], h[2:4], h + ".kvb")
+
+
+def all_files(root) -> list[str]:
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(str(root)) for f in names)
+
+
+def disk_usage(root) -> int:
+    return sum(os.path.getsize(p) for p in all_files(root) if p.endswith(".kvb"))
+
+
+def set_mtime(root, key: bytes, seconds: int) -> None:
+    os.utime(block_path(root, key), ns=(seconds * SECOND, seconds * SECOND))
+
+
+# -- basics ----------------------------------------------------------------------------------------------
+
+
+def test_is_a_tier_and_round_trips_exact_bytes(open_tier, layout, blocks):
+    tier = open_tier(10 * BLOCK)
+    assert isinstance(tier, Tier) and tier.name == "files"
+    partial = make_kv(layout, 5, seed=7)
+    assert tier.put_many([(A, blocks[A]), (B, blocks[B]), (C, partial)]) == 3
+    assert_same_kv(_read(tier, layout, A), blocks[A])  # contiguous out: read straight into it
+    wide = torch.full(layout.shape(40), 7.0, dtype=layout.dtype)
+    assert tier.get_into(B, wide[:, :, 8:24])  # strided out: through the scratch buffer
+    assert_same_kv(wide[:, :, 8:24], blocks[B])
+    assert torch.all(wide[:, :, :8] == 7) and torch.all(wide[:, :, 24:] == 7)  # nothing else written
+    assert tier.get_into(C, wide[:, :, 30:35])
+    assert_same_kv(wide[:, :, 30:35], partial)
+    assert_same_kv(_read(tier, layout, C, 5), partial)
+    assert _read(tier, layout, D) is None
+    stats = tier.stats()
+    assert stats["used_bytes"] == tier.used_bytes() == 2 * BLOCK + 5 * 256 + HEADER_BYTES == disk_usage(tier._root)
+    assert (stats["blocks"], stats["blocks_written"], stats["bytes_written"]) == (3, 3, 2 * 4096 + 5 * 256)
+    assert (stats["hits"], stats["misses"], stats["corrupt"]) == (4, 1, 0)
+    assert stats["bytes_read"] == 2 * 4096 + 2 * 5 * 256
+    assert stats["capacity_bytes"] == 10 * BLOCK
+    assert set(stats) >= {"temp_removed", "o_direct_fallbacks", "evictions", "rejected"}
+
+
+def test_files_are_fanned_out_with_header_and_payload(open_tier, disk_dir, layout, blocks):
+    tier = open_tier(sync=True)
+    partial = make_kv(layout, 3, seed=9)
+    tier.put_many([(A, blocks[A]), (E, partial)])
+    assert all_files(disk_dir) == sorted([block_path(disk_dir, A), block_path(disk_dir, E)])  # no temp left
+    assert block_path(disk_dir, A) == str(disk_dir / "41" / "41" / ("41" * 32 + ".kvb"))
+    for key, kv in ((A, blocks[A]), (E, partial)):
+        data = open(block_path(disk_dir, key), "rb").read()
+        payload = as_bytes(kv)
+        assert len(data) == HEADER_BYTES + len(payload)
+        assert data[:HEADER_BYTES] == BlockHeader.for_payload(key, layout.fingerprint, payload).pack()
+        assert data[HEADER_BYTES:] == payload
+
+
+def test_present_block_is_not_rewritten(open_tier, disk_dir, layout, blocks):
+    tier = open_tier()
+    tier.put_many([(A, blocks[A])])
+    set_mtime(disk_dir, A, 1000)
+    before = os.stat(block_path(disk_dir, A))
+    assert tier.put_many([(A, blocks[A]), (A, blocks[A])]) == 2
+    other = open_tier(path=disk_dir)  # sees A on disk (scan on open) and does not write it either
+    assert other.put_many([(A, blocks[A])]) == 1
+    after = os.stat(block_path(disk_dir, A))
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, 1000 * SECOND)
+    assert tier.stats()["blocks_written"] == 1 and other.stats()["blocks_written"] == 0
+    assert tier.used_bytes() == other.used_bytes() == BLOCK
+
+
+def test_capacity_below_one_block_and_oversized_block(disk_dir, open_tier, layout):
+    with pytest.raises(ValueError) as info:
+        FilesTier(disk_dir, BLOCK - 1, layout)
+    message = str(info.value)
+    assert message.startswith("files_bytes:") and str(BLOCK) in message and str(BLOCK - 1) in message
+    tier = open_tier(BLOCK)
+    big = make_kv(tiny_layout(dtype=torch.float32), 16)  # 8192 bytes: never fits
+    assert tier.put_many([(A, big)]) == 0
+    assert tier.stats()["rejected"] == 1 and tier.stats()["blocks"] == 0 and all_files(disk_dir) == []
+
+
+def test_o_direct_needs_the_platform(disk_dir, layout, monkeypatch):
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    with pytest.raises(ValueError, match="o_direct"):
+        FilesTier(disk_dir, BLOCK, layout, o_direct=True)
+
+
+def test_delete_close_and_reopen(open_tier, disk_dir, layout, blocks):
+    tier = open_tier()
+    tier.put_many([(A, blocks[A]), (B, blocks[B])])
+    assert tier.delete(A) is True and tier.delete(A) is False
+    assert not os.path.exists(block_path(disk_dir, A))
+    assert _names(tier) == ["B"] and tier.used_bytes() == BLOCK
+    assert _read(tier, layout, A) is None
+    tier.close()
+    tier.close()  # idempotent; the files stay
+    assert tier.stats()["blocks"] == 0
+    again = open_tier()
+    assert _names(again) == ["B"]
+    assert_same_kv(_read(again, layout, B), blocks[B])
+
+
+# -- capacity and eviction -------------------------------------------------------------------------------
+
+
+def test_eviction_follows_mtimes_learned_from_a_scan(open_tier, disk_dir, layout, blocks):
+    writer = open_tier(4 * BLOCK)
+    for key in (A, B, C, D):
+        writer.put_many([(key, blocks[key])])
+    for key, seconds in ((A, 1000), (B, 4000), (C, 2000), (D, 3000)):
+        set_mtime(disk_dir, key, seconds)
+    reader = open_tier(4 * BLOCK)
+    assert _names(reader) == ["A", "C", "D", "B"]
+    assert reader.put_many([(E, blocks[E])]) == 1
+    assert _names(reader) == ["C", "D", "B", "E"]
+    assert not os.path.exists(block_path(disk_dir, A))
+    assert reader.stats()["evictions"] == 1 and disk_usage(disk_dir) == 4 * BLOCK
+
+
+def test_rescan_places_a_block_touched_elsewhere_by_its_mtime(open_tier, disk_dir, layout, blocks):
+    tier = open_tier(3 * BLOCK, rescan_seconds=0)
+    for key in (A, B, C):
+        tier.put_many([(key, blocks[key])])
+    set_mtime(disk_dir, A, 4_000_000_000)  # another process read A long after everything else
+    assert tier.put_many([(D, blocks[D])]) == 1
+    assert _names(tier) == ["C", "A", "D"]  # B, the oldest of this process's own order, went
+    assert not os.path.exists(block_path(disk_dir, B))
+
+
+def test_own_order_is_exact_when_mtimes_tie(open_tier, disk_dir, layout, blocks, monkeypatch):
+    # A filesystem with a coarse clock: every file this process writes or touches reads back the same mtime.
+    tick = 1_700_000_000 * SECOND
+    real_fstat = os.fstat
+
+    def coarse_fstat(fd):
+        st = real_fstat(fd)
+        return SimpleNamespace(st_size=st.st_size, st_mtime_ns=tick, st_nlink=st.st_nlink, st_dev=st.st_dev,
+                               st_ino=st.st_ino)
+
+    tier = open_tier(3 * BLOCK, rescan_seconds=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(files_module.os, "fstat", coarse_fstat)
+        for key in (C, B, A):  # put in the reverse of key order
+            tier.put_many([(key, blocks[key])])
+            os.utime(block_path(disk_dir, key), ns=(tick, tick))
+        assert_same_kv(_read(tier, layout, C), blocks[C])
+        os.utime(block_path(disk_dir, C), ns=(tick, tick))
+        assert tier.put_many([(D, blocks[D])]) == 1  # rescans: all three files still show the tick
+    assert _names(tier) == ["A", "C", "D"]  # B was least recently used here, whatever the key order
+    assert not os.path.exists(block_path(disk_dir, B))
+
+
+def test_block_evicted_during_read_is_returned_and_forgotten(open_tier, disk_dir, layout, blocks, monkeypatch):
+    tier = open_tier()
+    tier.put_many([(A, blocks[A]), (B, blocks[B])])
+    real_preadv = os.preadv
+
+    def evicted_meanwhile(fd, buffers, offset):  # another process unlinks the file after our open
+        _unlink_once()
+        return real_preadv(fd, buffers, offset)
+
+    unlinked = []
+
+    def _unlink_once():
+        if not unlinked:
+            unlinked.append(os.unlink(block_path(disk_dir, A)))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files_module.os, "preadv", evicted_meanwhile)
+        got = _read(tier, layout, A)
+    assert_same_kv(got, blocks[A])  # POSIX kept the open file readable: sound data, a hit
+    assert not tier.contains(A) and _names(tier) == ["B"] and tier.used_bytes() == BLOCK
+    assert tier.stats()["hits"] == 1 and tier.stats()["corrupt"] == 0
+
+
+def test_changes_made_during_a_rescan_are_kept(open_tier, disk_dir, layout, blocks):
+    tier = open_tier(5 * BLOCK, rescan_seconds=0)
+    for key in (A, B, C):
+        tier.put_many([(key, blocks[key])])
+    real_scan = tier._scan
+
+    def scan_racing_this_process(clean_temps):
+        found = real_scan(clean_temps)  # the directory as it was ...
+        open_tier(5 * BLOCK, path=disk_dir).put_many([(D, blocks[D])])  # ... then D is written elsewhere,
+        assert tier.contains(D)  # learned here by a stat,
+        assert_same_kv(_read(tier, layout, A), blocks[A])  # A is read (touched)
+        assert tier.delete(B)  # and B deleted, all before the scan is merged
+        return found
+
+    tier._scan = scan_racing_this_process
+    assert tier.put_many([(E, blocks[E])]) == 1
+    del tier._scan
+    assert _names(tier) == ["C", "D", "A", "E"]
+    assert tier.used_bytes() == disk_usage(disk_dir) == 4 * BLOCK
+
+
+def test_hit_touches_mtime_and_misses_do_not(open_tier, disk_dir, layout, blocks):
+    tier = open_tier()
+    tier.put_many([(A, blocks[A])])
+    set_mtime(disk_dir, A, 1000)
+    assert _read(tier, layout, A, 8) is None  # another token count: a plain miss
+    assert os.stat(block_path(disk_dir, A)).st_mtime_ns == 1000 * SECOND
+    assert_same_kv(_read(tier, layout, A), blocks[A])
+    assert os.stat(block_path(disk_dir, A)).st_mtime_ns > 1_600_000_000 * SECOND
+
+
+def test_low_water_mark_evicts_ten_percent_in_whole_blocks(open_tier, disk_dir, layout):
+    tier = open_tier(20 * BLOCK)
+    keys = [i.to_bytes(32, "little") for i in range(21)]
+    for i, key in enumerate(keys[:20]):
+        tier.put_many([(key, make_kv(layout, 16, seed=i))])
+    assert tier.stats()["evictions"] == 0
+    tier.put_many([(keys[20], make_kv(layout, 16, seed=20))])
+    assert tier.stats()["evictions"] == 3  # down to 18 blocks including the new one
+    assert list(tier.keys()) == keys[3:]
+    assert disk_usage(disk_dir) == tier.used_bytes() == 18 * BLOCK
+
+
+def test_capacity_never_exceeded(open_tier, disk_dir, layout):
+    capacity = 5 * BLOCK + 1000
+    tier = open_tier(capacity)
+    sizes: dict[bytes, int] = {}
+    for i in range(60):
+        tokens = 16 if i % 3 else 1 + i % 16
+        key = i.to_bytes(32, "little")
+        assert tier.put_many([(key, make_kv(layout, tokens, seed=i))]) == 1
+        sizes[key] = tokens * 256 + HEADER_BYTES
+        assert tier.used_bytes() == sum(sizes[k] for k in tier.keys()) == disk_usage(disk_dir) <= capacity
+        assert list(tier.keys())[-1] == key
+    assert tier.stats()["evictions"] == 60 - tier.stats()["blocks"]
+    for key in tier.keys():
+        i = int.from_bytes(key, "little")
+        tokens = 16 if i % 3 else 1 + i % 16
+        assert_same_kv(_read(tier, layout, key, tokens), make_kv(layout, tokens, seed=i))
+
+
+# -- sharing a directory ---------------------------------------------------------------------------------
+
+
+def test_two_tiers_on_one_directory(open_tier, disk_dir, layout):
+    capacity = 6 * BLOCK
+    first, second = open_tier(capacity, rescan_seconds=0), open_tier(capacity, rescan_seconds=0)
+    kv = {i: make_kv(layout, 16, seed=i) for i in range(24)}
+    key = {i: hashlib.sha256(b"%d" % i).digest() for i in range(24)}
+    first.put_many([(key[0], kv[0])])
+    assert key[0] not in list(second.keys()) and second.contains(key[0])  # found by a stat of its path
+    assert_same_kv(_read(second, layout, key[0]), kv[0])
+    set_mtime(disk_dir, key[0], 1000)  # explicit access times: no ties within the clock's resolution
+    for i in range(1, 24):
+        (first if i % 2 else second).put_many([(key[i], kv[i])])
+        set_mtime(disk_dir, key[i], 1000 + i)
+        assert disk_usage(disk_dir) <= capacity
+        assert first.used_bytes() <= capacity and second.used_bytes() <= capacity
+    on_disk = {bytes.fromhex(os.path.basename(p)[:-4]) for p in all_files(disk_dir)}
+    assert on_disk == {key[i] for i in range(18, 24)}  # the oldest went, whoever wrote them
+    for tier in (first, second):
+        for i in range(18, 24):
+            assert_same_kv(_read(tier, layout, key[i]), kv[i])
+    assert second.delete(key[23])
+    assert _read(first, layout, key[23]) is None  # vanished under first: a plain miss
+    assert not first.contains(key[23])
+    assert first.stats()["corrupt"] == second.stats()["corrupt"] == 0
+    first.put_many([(key[0], kv[0])])  # rescans: learns exactly what is on disk
+    assert first.used_bytes() == disk_usage(disk_dir) == 6 * BLOCK
+
+
+def test_stale_temp_files_removed_on_open(disk_dir, open_tier, layout):
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(done.stdout)
+    folder = disk_dir / "41" / "41"
+    folder.mkdir(parents=True)
+    names = {
+        "dead": f".{'41' * 32}~{host}~{dead_pid}~aaaa.tmp",
+        "old": f".{'41' * 32}~elsewhere~123~bbbb.tmp",
+        "live": f".{'41' * 32}~{host}~{os.getpid()}~cccc.tmp",
+        "fresh-elsewhere": f".{'41' * 32}~elsewhere~123~dddd.tmp",
+    }
+    for name in names.values():
+        (folder / name).write_bytes(b"partial")
+    os.utime(folder / names["old"], ns=(1000 * SECOND, 1000 * SECOND))
+    tier = open_tier(stale_temp_seconds=300)
+    assert tier.stats()["temp_removed"] == 2
+    assert sorted(os.listdir(folder)) == sorted([names["live"], names["fresh-elsewhere"]])
+    assert tier.stats()["blocks"] == 0 and tier.used_bytes() == 0
+
+
+# -- damaged blocks --------------------------------------------------------------------------------------
+
+
+def _damage(path: str, how: str, disk_dir, layout, blocks) -> None:
+    data = bytearray(open(path, "rb").read())
+    if how == "payload-bit":
+        data[HEADER_BYTES + 2000] ^= 0x10
+    elif how == "header-byte":
+        data[1] ^= 0x01  # magic
+    elif how == "checksum-byte":
+        data[HEADER_BYTES - 1] ^= 0x01
+    elif how == "truncated":
+        data = data[:-100]
+    elif how == "too-long":
+        data += b"\0"
+    elif how == "empty":
+        data = bytearray()
+    elif how == "other-key":  # B's intact block renamed onto A's path
+        FilesTier(disk_dir / "other", BLOCK, layout, sync=False).put_many([(B, blocks[B])])
+        data = bytearray(open(block_path(disk_dir / "other", B), "rb").read())
+    elif how == "other-layout":
+        lay = tiny_layout(head_dim=8, block_tokens=32)  # 4096 bytes too, another fingerprint
+        FilesTier(disk_dir / "other", BLOCK, lay, sync=False).put_many([(A, make_kv(lay, 32))])
+        data = bytearray(open(block_path(disk_dir / "other", A), "rb").read())
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("o_direct", [False, True])
+@pytest.mark.parametrize("how", ["payload-bit", "header-byte", "checksum-byte", "truncated", "too-long", "empty",
+                                 "other-key", "other-layout"])
+def test_damaged_file_is_a_counted_miss_and_deleted(open_tier, disk_dir, layout, blocks, how, o_direct):
+    if o_direct and not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    tier = open_tier(path=disk_dir / "tier", o_direct=o_direct)
+    tier.put_many([(A, blocks[A]), (C, blocks[C])])
+    path = block_path(disk_dir / "tier", A)
+    _damage(path, how, disk_dir, layout, blocks)
+    assert tier.contains(A)
+    assert _read(tier, layout, A) is None  # no exception, no wrong data
+    stats = tier.stats()
+    assert (stats["corrupt"], stats["misses"], stats["hits"]) == (1, 1, 0)
+    assert not os.path.exists(path) and not tier.contains(A)
+    assert stats["used_bytes"] == BLOCK and stats["blocks"] == 1
+    assert tier.put_many([(A, blocks[A])]) == 1  # stored again
+    assert_same_kv(_read(tier, layout, A), blocks[A])
+    assert_same_kv(_read(tier, layout, C), blocks[C])
+
+
+def test_damaged_file_replaced_meanwhile_is_kept(open_tier, disk_dir, layout, blocks):
+    tier = open_tier()
+    tier.put_many([(A, blocks[A])])
+    path = block_path(disk_dir, A)
+    intact = open(path, "rb").read()
+    _damage(path, "payload-bit", disk_dir, layout, blocks)
+    real_judge = tier._judge
+
+    def judge_then_writer_renames_a_good_copy(*args):
+        verdict = real_judge(*args)
+        with open(path + ".new", "wb") as f:
+            f.write(intact)
+        os.rename(path + ".new", path)
+        return verdict
+
+    tier._judge = judge_then_writer_renames_a_good_copy
+    assert _read(tier, layout, A) is None and tier.stats()["corrupt"] == 1
+    del tier._judge
+    assert open(path, "rb").read() == intact  # only the damaged inode was to be deleted
+    assert_same_kv(_read(tier, layout, A), blocks[A])
+
+
+def test_other_token_count_is_a_plain_miss(open_tier, disk_dir, layout):
+    tier = open_tier()
+    partial = make_kv(layout, 5, seed=3)
+    tier.put_many([(C, partial)])
+    assert _read(tier, layout, C) is None
+    assert _read(tier, layout, C, 4) is None
+    assert tier.stats()["corrupt"] == 0 and tier.contains(C) and os.path.exists(block_path(disk_dir, C))
+    assert_same_kv(_read(tier, layout, C, 5), partial)
+
+
+def test_vanished_file_is_a_plain_miss(open_tier, disk_dir, layout, blocks):
+    tier = open_tier()
+    tier.put_many([(A, blocks[A]), (B, blocks[B])])
+    os.unlink(block_path(disk_dir, A))
+    assert tier.contains(A)  # the index does not know yet ...
+    assert _read(tier, layout, A) is None  # ... the read finds out
+    stats = tier.stats()
+    assert (stats["misses"], stats["corrupt"], stats["blocks"], stats["used_bytes"]) == (1, 0, 1, BLOCK)
+    assert not tier.contains(A)
+
+
+def test_other_os_errors_propagate(open_tier, disk_dir, layout, blocks):
+    tier = open_tier()
+    tier.put_many([(A, blocks[A])])
+    path = block_path(disk_dir, A)
+    os.unlink(path)
+    os.mkdir(path)  # opens fine, reading it fails with EISDIR (as root too)
+    with pytest.raises(IsADirectoryError):
+        tier.get_into(A, torch.zeros(layout.block_shape, dtype=layout.dtype))
+    assert tier.stats()["corrupt"] == 0 and os.path.isdir(path)
+
+
+# -- O_DIRECT --------------------------------------------------------------------------------------------
+
+needs_o_direct = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+
+
+@needs_o_direct
+def test_o_direct_round_trip(open_tier, disk_dir, layout, blocks):
+    tier = open_tier(o_direct=True, sync=True)
+    partial = make_kv(layout, 3, seed=5)
+    assert tier.put_many([(A, blocks[A]), (C, partial)]) == 2
+    assert os.path.getsize(block_path(disk_dir, C)) == HEADER_BYTES + 3 * 256  # padding cut off
+    buffered = open_tier(path=disk_dir)
+    assert_same_kv(_read(buffered, layout, C, 3), partial)
+    assert_same_kv(_read(tier, layout, A), blocks[A])
+    wide = torch.zeros(layout.shape(20), dtype=layout.dtype)
+    assert tier.get_into(C, wide[:, :, 2:5])
+    assert_same_kv(wide[:, :, 2:5], partial)
+    assert _read(tier, layout, C) is None and tier.stats()["corrupt"] == 0
+    assert all(not p.endswith(".tmp") for p in all_files(disk_dir))
+
+
+@needs_o_direct
+def test_o_direct_refused_falls_back_to_buffered(open_tier, disk_dir, layout, blocks, monkeypatch):
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):  # what tmpfs did before Linux 6.6
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    tier = open_tier(o_direct=True)
+    os.makedirs(os.path.dirname(block_path(disk_dir, A)))  # so the refused open is the only failure
+    monkeypatch.setattr(files_module.os, "open", refusing_open)
+    assert tier.put_many([(A, blocks[A])]) == 1
+    assert_same_kv(_read(tier, layout, A), blocks[A])
+    assert tier.stats()["o_direct_fallbacks"] == 2  # one write, one read
+    monkeypatch.undo()
+    assert_same_kv(_read(tier, layout, A), blocks[A])
+    assert tier.stats()["o_direct_fallbacks"] == 2
+
+
+# -- concurrency -----------------------------------------------------------------------------------------
+
+
+def test_threads_share_one_tier(open_tier, disk_dir, layout):
+    tier = open_tier(12 * BLOCK)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(20):
+                seed = 100 * t + i
+                key = seed.to_bytes(32, "big")
+                tier.put_many([(key, make_kv(layout, 16, seed=seed))])
+                got = _read(tier, layout, key)
+                if got is not None:
+                    assert_same_kv(got, make_kv(layout, 16, seed=seed))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert tier.used_bytes() <= 12 * BLOCK and tier.stats()["corrupt"] == 0
+    assert tier.stats()["blocks_written"] == 80
+    assert sorted(tier.keys()) == sorted(bytes.fromhex(os.path.basename(p)[:-4]) for p in all_files(disk_dir))
+
+
+CHILD = r"""
+import hashlib, sys, time
+import torch
+from conftest import as_bytes, make_kv, tiny_layout
+from kvstore.tiers.files import FilesTier
+
+def key_of(seed):
+    return hashlib.sha256(b"block %d" % seed).digest()
+
+def tokens_of(seed):
+    return 16 if seed % 5 else 1 + seed % 16
+
+me, other, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+lay = tiny_layout()
+tier = FilesTier(path, 1 << 20, lay, sync=False, rescan_seconds=0.05)
+mine = [1000 * me + i for i in range(40)]
+shared = [9000 + i for i in range(20)]
+for seed in [s for pair in zip(mine[:20], shared) for s in pair] + mine[20:]:
+    assert tier.put_many([(key_of(seed), make_kv(lay, tokens_of(seed), seed=seed))]) == 1
+wanted = [1000 * other + i for i in range(40)] + shared
+found = 0
+deadline = time.monotonic() + 30
+while wanted and time.monotonic() < deadline:
+    seed = wanted[0]
+    out = torch.zeros(lay.shape(tokens_of(seed)), dtype=lay.dtype)
+    if tier.get_into(key_of(seed), out):
+        assert as_bytes(out) == as_bytes(make_kv(lay, tokens_of(seed), seed=seed)), seed
+        found += 1
+        wanted.pop(0)
+    else:
+        time.sleep(0.01)
+assert tier.stats()["corrupt"] == 0, tier.stats()
+print("verified", found)
+"""
+
+
+def test_two_processes_write_and_read_one_directory(disk_dir, layout):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+    children = [subprocess.Popen([sys.executable, "-c", CHILD, str(me), str(1 - me), str(disk_dir)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                 cwd=str(TESTS_DIR)) for me in (0, 1)]
+    results = []
+    for child in children:
+        try:
+            stdout, stderr = child.communicate(timeout=90)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        results.append((child.returncode, stdout, stderr))
+    for code, stdout, stderr in results:
+        assert code == 0, stderr
+        assert stdout.strip() == "verified 60"
+    seeds = [1000 * me + i for me in (0, 1) for i in range(40)] + [9000 + i for i in range(20)]
+    by_key = {hashlib.sha256(b"block %d" % seed).digest(): seed for seed in seeds}
+    paths = all_files(disk_dir)
+    assert len(paths) == 100 and all(p.endswith(".kvb") for p in paths)
+    for path in paths:
+        key = bytes.fromhex(os.path.basename(path)[:-4])
+        seed = by_key[key]
+        payload = as_bytes(make_kv(layout, 16 if seed % 5 else 1 + seed % 16, seed=seed))
+        data = open(path, "rb").read()
+        assert data == BlockHeader.for_payload(key, layout.fingerprint, payload).pack() + payload

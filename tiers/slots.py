@@ -1,0 +1,226 @@
+"""A fixed pool of block-sized slots on one torch device, with exact LRU and pins.
+
+The host-RAM tier and the device (HBM) tier are both this pool; they differ
+only in where the pool lives and how bytes get in and out of it (see
+``tiers/host.py`` and ``tiers/device.py``). The pool is allocated once at
+start and every page touched then, so the hot path never allocates or faults.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.layout import KVLayout
+from kvstore.metrics import Counters
+from kvstore.tiers.base import TIER_COUNTERS
+
+EvictCallback = Callable[[bytes, torch.Tensor], None]
+
+
+@dataclass
+class _Entry:
+    slot: int
+    num_tokens: int
+    pins: int = 0
+
+
+class SlotTier:
+    """Blocks in slots of one pool of ``capacity_bytes // layout.block_bytes`` full-block slots.
+
+    A partial block takes a whole slot. Eviction is least-recently-used among
+    blocks nobody has pinned; ``on_evict`` sees an evicted block's bytes
+    before its slot is reused (that is how write-back to a lower tier works).
+    Subclasses choose the device and may override ``_copy_in`` /
+    ``_copy_out`` / ``_ready`` to make copies asynchronous.
+    """
+
+    name = "slots"
+    persistent = False
+    setting = "slot_bytes"  # the config field that sized the pool, for error messages
+
+    def __init__(self, layout: KVLayout, capacity_bytes: int, device: torch.device,
+                 on_evict: EvictCallback | None = None, pin_memory: bool = False):
+        self.layout = layout
+        self.device = device
+        self._slots = max(0, capacity_bytes) // layout.block_bytes
+        if capacity_bytes < 0 or (capacity_bytes > 0 and self._slots == 0):
+            raise ValueError(
+                f"{self.setting}: expected 0 (no {self.name} tier) or at least one block of "
+                f"{layout.block_bytes} bytes, got {capacity_bytes}"
+            )
+        numel = self._slots * layout.block_bytes // layout.element_bytes
+        pool = torch.empty(numel, dtype=layout.dtype, device=device, pin_memory=pin_memory)
+        pool.view(torch.uint8).zero_()  # fault every page in now, not on the hot path
+        self._pool = pool.view(self._slots, layout.block_bytes // layout.element_bytes)
+        self.on_evict = on_evict
+        self._lock = threading.Lock()
+        self._index: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU first
+        self._free = list(range(self._slots - 1, -1, -1))
+        self._counters = Counters(*TIER_COUNTERS)
+
+    # -- copies (overridden where they can run asynchronously) -------------------
+
+    def _copy_in(self, slot: int, dst: torch.Tensor, block: torch.Tensor) -> None:
+        """Copy ``block`` into slot ``slot`` (its view ``dst``); done when this returns."""
+        dst.copy_(block)
+
+    def _copy_out(self, slot: int, out: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy slot ``slot`` (its view ``src``) into ``out``; ``out`` is usable when this returns."""
+        out.copy_(src)
+
+    def _ready(self, slot: int) -> None:
+        """Wait until the last copy into ``slot`` has landed (the host may then read its view)."""
+
+    # -- the tier protocol ---------------------------------------------------------
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._slots * self.layout.block_bytes
+
+    @property
+    def num_slots(self) -> int:
+        return self._slots
+
+    def used_bytes(self) -> int:
+        """Bytes of slots in use (a partial block counts its whole slot)."""
+        with self._lock:
+            return len(self._index) * self.layout.block_bytes
+
+    def _view(self, slot: int, num_tokens: int) -> torch.Tensor:
+        shape = self.layout.shape(num_tokens)
+        return self._pool[slot, : self.layout.token_bytes // self.layout.element_bytes * num_tokens].view(shape)
+
+    def contains(self, key: bytes) -> bool:
+        # A dict membership test is atomic under the GIL; no lock on the lookup hot path.
+        return key in self._index
+
+    def keys(self) -> Iterator[bytes]:
+        with self._lock:
+            return iter(list(self._index))
+
+    def _take_slot(self) -> tuple[int, tuple[bytes, _Entry] | None] | None:
+        """Under the lock: a free slot, or the LRU unpinned block's slot (removed from the index)."""
+        if self._free:
+            return self._free.pop(), None
+        for key, entry in self._index.items():
+            if entry.pins == 0:
+                del self._index[key]
+                return entry.slot, (key, entry)
+        return None
+
+    def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+        return sum(self.put(key, block) for key, block in items)
+
+    def put(self, key: bytes, block: torch.Tensor) -> bool:
+        """Copy ``block`` into a slot; False if every slot is pinned by readers."""
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+                return True
+            taken = self._take_slot()
+            if taken is None:
+                self._counters.add("rejected")
+                return False
+        slot, victim = taken
+        if victim is not None:
+            self._counters.add("evictions")
+            if self.on_evict is not None:
+                victim_key, victim_entry = victim
+                self._ready(slot)
+                self.on_evict(victim_key, self._view(slot, victim_entry.num_tokens))
+        num_tokens = block.shape[2]
+        try:
+            self._copy_in(slot, self._view(slot, num_tokens), block)
+        except BaseException:
+            with self._lock:
+                self._free.append(slot)
+            raise
+        with self._lock:
+            if key in self._index:  # another thread stored it meanwhile
+                self._free.append(slot)
+                return True
+            self._index[key] = _Entry(slot, num_tokens)
+        self._counters.add("blocks_written")
+        self._counters.add("bytes_written", block.numel() * block.element_size())
+        return True
+
+    def pin(self, key: bytes) -> torch.Tensor | None:
+        """Pin ``key`` against eviction and return a view of its bytes (None on a miss).
+
+        The view stays valid until the matching ``unpin(key)``; background
+        writers hold a pin while a lower tier copies the block.
+        """
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is None:
+                return None
+            entry.pins += 1
+            self._index.move_to_end(key)
+        self._ready(entry.slot)
+        return self._view(entry.slot, entry.num_tokens)
+
+    def unpin(self, key: bytes) -> None:
+        """Release one pin taken by ``pin(key)``."""
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is not None and entry.pins > 0:
+                entry.pins -= 1
+
+    @contextmanager
+    def reading(self, key: bytes) -> Iterator[torch.Tensor | None]:
+        """Pin ``key`` and yield a view of its stored block (None on a miss); unpinned on exit."""
+        view = self.pin(key)
+        try:
+            yield view
+        finally:
+            if view is not None:
+                self.unpin(key)
+
+    def get_into(self, key: bytes, out: torch.Tensor) -> bool:
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is not None and self.layout.shape(entry.num_tokens) == tuple(out.shape):
+                entry.pins += 1
+                self._index.move_to_end(key)
+            else:
+                entry = None
+        if entry is None:
+            self._counters.add("misses")
+            return False
+        try:
+            self._copy_out(entry.slot, out, self._view(entry.slot, entry.num_tokens))
+        finally:
+            with self._lock:
+                entry.pins -= 1
+        self._counters.add("hits")
+        self._counters.add("bytes_read", out.numel() * out.element_size())
+        return True
+
+    def delete(self, key: bytes) -> bool:
+        """Drop ``key``; refused (False) while a reader has it pinned."""
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is None or entry.pins:
+                return False
+            del self._index[key]
+            self._free.append(entry.slot)
+            return True
+
+    def stats(self) -> dict[str, int]:
+        snapshot = self._counters.snapshot()
+        with self._lock:
+            snapshot.update(blocks=len(self._index), used_bytes=len(self._index) * self.layout.block_bytes)
+        snapshot["capacity_bytes"] = self.capacity_bytes
+        return snapshot
+
+    def close(self) -> None:
+        """Forget every block (the pool is freed with the object)."""
+        with self._lock:
+            self._index.clear()
+            self._free = list(range(self._slots - 1, -1, -1))
