@@ -1,7 +1,10 @@
-"""Storage tiers, one medium per module: host RAM (``host``), local NVMe via LMDB (``lmdb``)."""
+"""Storage tiers, one medium per module, fastest first: HBM (``device``), host RAM (``host``),
+local NVMe via LMDB (``lmdb``), shared storage (``files``). ``slots`` is the pool the first two share."""
 
 from kvstore.tiers.base import Tier
+from kvstore.tiers.device import DeviceTier
+from kvstore.tiers.files import FilesTier
 from kvstore.tiers.host import HostTier
 from kvstore.tiers.lmdb import DirectoryInUseError, LmdbTier
 
-__all__ = ["DirectoryInUseError", "HostTier", "LmdbTier", "Tier"]
+__all__ = ["DeviceTier", "DirectoryInUseError", "FilesTier", "HostTier", "LmdbTier", "Tier"]

@@ -1,37 +1,33 @@
 """Shared-storage tier: one file per block in a directory that processes and machines share.
 
-Block ``key`` is the file ``<path>/<hex[0:2]>/<hex[2:4]>/<hex of key>.kvb``:
-the 72-byte ``BlockHeader`` then the payload. A writer writes a temp file
-(``.<hex>~<host>~<pid>~<token>.tmp``) and renames it into place, so readers
-never see a partial block and no lock server is needed; two writers of one key
-replace one identical file with another. Readers check header and checksum;
-a damaged file is deleted and read as a miss.
+Block ``key`` is ``<path>/<hex[0:2]>/<hex[2:4]>/<hex of key>.kvb``: the 72-byte
+``BlockHeader``, then the payload. Writers write a temp file
+(``.<hex>~<host>~<pid>~<token>.tmp``) and rename it into place, so nobody sees
+a partial block and no lock server is needed (two writers of one key replace
+one identical file with another). Readers check header and checksum; a
+damaged file is deleted and read as a miss.
 
-Eviction rule: the file mtime is the shared last-access time (writing a file
-sets it, a hit touches it). Each process keeps an index key -> (size, mtime),
-least recently accessed first, built by scanning the directory on open. Its
-order is exact for what this process did (moved to the end on put and hit,
-as in ``LmdbTier``); mtimes place only what a rescan learns: files other
-processes wrote, and files whose mtime is not the one this process last saw
+Eviction rule: the file mtime is the shared last-access time (a write sets
+it, a hit touches it). Each process keeps an index key -> (size, mtime),
+least recently accessed first, built by a scan on open; what this process
+does orders it exactly (moved to the end on put and hit, as ``LmdbTier``
+does with stamps), and mtimes place only what a rescan learns: files other
+processes wrote, or whose mtime is not the one this process last saw
 (touched elsewhere), merged in by mtime, ties by key. Before a write, if
 used + incoming exceeds the capacity in this process's view, or more than
-``rescan_seconds`` passed since the last scan, it rescans; if still over, it
-deletes the least recently accessed files until used + incoming is at most
-the low-water mark, 90% of capacity rounded to whole full blocks (so tiers
-of under ten blocks evict only what the write needs), which keeps rescans
-rare. Files another process deleted first are skipped. Processes writing at
-once can overshoot by their in-flight writes until their next rescan. A
-reader racing an eviction opened the file first (POSIX keeps it readable) or
-misses.
-
-``capacity_bytes`` counts header + payload of each file. ``keys``,
-``used_bytes`` and ``contains`` answer from this process's index;
-``contains`` also stats the path of a key it does not know, so blocks other
-processes wrote are found.
+``rescan_seconds`` passed since the last scan, it rescans; if still over,
+it deletes the least recently accessed files until used + incoming is at
+most the low-water mark, 90% of capacity in whole full blocks (a tier of
+under ten blocks evicts just what the write needs), so rescans stay rare.
+Files already deleted by another process are skipped; writers in several
+processes may overshoot by their in-flight writes until they rescan. A
+reader racing an eviction opened the file first (POSIX keeps it readable)
+or misses. Capacity counts header + payload of each file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import mmap
@@ -103,16 +99,6 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, someone else's
-    return True
-
-
 def _subdirs(path: str) -> list[str]:
     """The two-character fan-out directories directly under ``path``."""
     try:
@@ -134,6 +120,7 @@ class FilesTier:
     """
 
     name = "files"
+    persistent = True
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, *,
                  sync: bool = True, o_direct: bool = False, stale_temp_seconds: float = 300.0,
@@ -215,8 +202,6 @@ class FilesTier:
         with self._lock:
             return iter(list(self._index))
 
-    # -- scanning and eviction ---------------------------------------------------------------------------
-
     def _scan(self, clean_temps: bool) -> dict[bytes, tuple[int, int]]:
         """Every block file: key -> (size, mtime_ns); also removes stale temp files if asked."""
         found: dict[bytes, tuple[int, int]] = {}
@@ -245,8 +230,12 @@ class FilesTier:
         """Written by a process of this host that is gone, or not modified for ``stale_temp_seconds``."""
         parts = entry.name[1:-len(_TEMP_SUFFIX)].split("~")
         if len(parts) == 4 and parts[1] == self._host and parts[2].isdigit() and int(parts[2]) > 0:
-            if not _pid_alive(int(parts[2])):
+            try:
+                os.kill(int(parts[2]), 0)  # signal 0: only asks whether the writer is alive
+            except ProcessLookupError:
                 return True
+            except PermissionError:
+                pass  # alive, another user's
         return time.time_ns() - entry.stat(follow_symlinks=False).st_mtime_ns > self._stale_temp_ns
 
     def _rescan(self, clean_temps: bool = False) -> None:
@@ -255,14 +244,16 @@ class FilesTier:
             start_seq, self._scan_removed = self._seq, set()
         try:
             found = self._scan(clean_temps)
-        finally:
+        except BaseException:
             with self._lock:
-                removed, self._scan_removed = self._scan_removed, None
+                self._scan_removed = None
+            raise
         with self._lock:
+            removed, self._scan_removed = self._scan_removed, None
             anchored, floating = [], []  # kept in this process's order / placed by mtime
             for key, entry in self._index.items():
                 seen = found.pop(key, None)
-                if False:
+                if entry.seq > start_seq:
                     anchored.append((entry.mtime_ns, key, entry))  # put or read during the scan
                 elif seen is not None and seen[1] == entry.mtime_ns:
                     anchored.append((entry.mtime_ns, key, entry._replace(size=seen[0])))
@@ -288,12 +279,11 @@ class FilesTier:
                     while self._index and self._used + self._reserved + incoming > self._low_water:
                         victims.append(next(iter(self._index)))
                         self._forget(victims[-1])
-                self._reserved += incoming
             for key in victims:
                 _unlink(self._path(key))
             self._counters.add("evictions", len(victims))
-
-    # -- writing -----------------------------------------------------------------------------------------
+            with self._lock:
+                self._reserved += incoming
 
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """Write each block not yet present (here or by another process) atomically; count those stored."""
@@ -366,7 +356,8 @@ class FilesTier:
                 os.close(fd)
             os.rename(temp, final)
         except BaseException:
-            _unlink(temp)
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
             raise
         if self._sync:
             _fsync_dir(directory)
@@ -379,8 +370,6 @@ class FilesTier:
             buf = mmap.mmap(-1, _round_up(nbytes)) if name == "bounce" else bytearray(nbytes)
             setattr(self._local, name, buf)
         return buf
-
-    # -- reading -----------------------------------------------------------------------------------------
 
     def get_into(self, key: bytes, out: torch.Tensor) -> bool:
         """Read and verify block ``key`` into ``out``; on False ``out`` may have been partly overwritten.

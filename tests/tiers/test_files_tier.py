@@ -68,7 +68,7 @@ def set_mtime(root, key: bytes, seconds: int) -> None:
 # -- basics ----------------------------------------------------------------------------------------------
 
 
-def test_is_a_tier_and_round_trips_exact_bytes(open_tier, layout, blocks):
+def test_is_a_tier_and_round_trips_exact_bytes(open_tier, disk_dir, layout, blocks):
     tier = open_tier(10 * BLOCK)
     assert isinstance(tier, Tier) and tier.name == "files"
     partial = make_kv(layout, 5, seed=7)
@@ -83,7 +83,7 @@ def test_is_a_tier_and_round_trips_exact_bytes(open_tier, layout, blocks):
     assert_same_kv(_read(tier, layout, C, 5), partial)
     assert _read(tier, layout, D) is None
     stats = tier.stats()
-    assert stats["used_bytes"] == tier.used_bytes() == 2 * BLOCK + 5 * 256 + HEADER_BYTES == disk_usage(tier._root)
+    assert stats["used_bytes"] == tier.used_bytes() == 2 * BLOCK + 5 * 256 + HEADER_BYTES == disk_usage(disk_dir)
     assert (stats["blocks"], stats["blocks_written"], stats["bytes_written"]) == (3, 3, 2 * 4096 + 5 * 256)
     assert (stats["hits"], stats["misses"], stats["corrupt"]) == (4, 1, 0)
     assert stats["bytes_read"] == 2 * 4096 + 2 * 5 * 256
@@ -207,14 +207,9 @@ def test_block_evicted_during_read_is_returned_and_forgotten(open_tier, disk_dir
     real_preadv = os.preadv
 
     def evicted_meanwhile(fd, buffers, offset):  # another process unlinks the file after our open
-        _unlink_once()
+        if os.path.exists(block_path(disk_dir, A)):
+            os.unlink(block_path(disk_dir, A))
         return real_preadv(fd, buffers, offset)
-
-    unlinked = []
-
-    def _unlink_once():
-        if not unlinked:
-            unlinked.append(os.unlink(block_path(disk_dir, A)))
 
     with monkeypatch.context() as patch:
         patch.setattr(files_module.os, "preadv", evicted_meanwhile)
@@ -478,6 +473,15 @@ def test_o_direct_refused_falls_back_to_buffered(open_tier, disk_dir, layout, bl
     monkeypatch.undo()
     assert_same_kv(_read(tier, layout, A), blocks[A])
     assert tier.stats()["o_direct_fallbacks"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_tensors_round_trip(open_tier, layout, blocks):
+    tier = open_tier()
+    assert tier.put_many([(A, blocks[A].cuda())]) == 1
+    out = torch.zeros(layout.block_shape, dtype=layout.dtype, device="cuda")
+    assert tier.get_into(A, out)  # through the scratch buffer, then one copy to the device
+    assert_same_kv(out.cpu(), blocks[A])
 
 
 # -- concurrency -----------------------------------------------------------------------------------------

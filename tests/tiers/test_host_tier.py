@@ -202,10 +202,11 @@ def test_write_back_evicted_block_lands_on_disk(make_store, layout):
     assert store.disk.stats()["blocks_written"] == 3  # 0, 1, then 2 (0 was already there)
 
 
-def test_write_through_writes_at_once(make_store, layout):
+def test_write_through_reaches_disk_by_flush(make_store, layout):
     store = make_store("both", host_bytes=2 * layout.block_bytes)
     tokens, kv = make_tokens(40), make_kv(layout, 40)
     assert store.put(tokens, kv) == 3
+    store.flush()  # the disk copies are written in the background
     assert store.disk.stats()["blocks_written"] == 3
     assert store.host.stats()["blocks"] == 2  # the pool holds 2 of them
     assert store.lookup(tokens) == 40  # found on disk
