@@ -121,7 +121,7 @@ class Pair:
     def line(self) -> str:
         verdict = "met" if self.ratio >= self.target else "MISSED"
         return (f"{self.name:<22} {self.gbps(self.subject_s):7.2f} GB/s   {self.ceiling_name:<22} "
-                f"{self.gbps(self.ceiling_s):7.2f} GB/s   ratio {self.ratio:5.2f}  (target >= {self.target}: {verdict})")
+                f"{self.gbps(self.ceiling_s):7.2f} GB/s   ratio {self.ratio:5.2f}  (target >= {self.target:.2f}: {verdict})")
 
 
 def alternate(name: str, nbytes: int, subject: Callable[[], object], ceiling: Callable[[], object],

@@ -28,7 +28,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("tiers:")
     for name, tier in stats["tiers"].items():
         print(f"  {name}: {tier['blocks']} blocks, {format_size(tier['used_bytes'])} used "
-              f"of {format_size(tier['capacity_bytes'])}")
+              f"of {format_size(tier['capacity_bytes'])}, {tier['state']}")
     if args.json:
         print(json.dumps(stats, indent=2))
     return 0

@@ -46,6 +46,8 @@ class TierHealth:
 
     def available(self) -> bool:
         """False while the tier is bypassed; a degraded tier whose back-off ran out is probed."""
+        if self._state == HEALTHY:  # one attribute read under the GIL: the lookup hot path takes no lock
+            return True
         with self._lock:
             if self._state == DEGRADED and self._clock() >= self._until:
                 self._state = PROBING

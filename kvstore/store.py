@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -150,28 +150,36 @@ class KVStore:
         self._tier_counters[i].add("bypassed")
         return False
 
-    def _guarded(self, i: int, call: Callable[[], Any], failed: Any) -> Any:
-        """Run a call on tier ``i``; an exception marks the tier degraded and returns ``failed``."""
-        try:
-            result = call()
-        except Exception:
-            self._tier_counters[i].add("errors")
-            self._health[i].record_error()
-            return failed
-        return result
+    def _failed(self, i: int) -> None:
+        """Tier ``i`` raised: count it and bypass the tier for its back-off period."""
+        self._tier_counters[i].add("errors")
+        self._health[i].record_error()
 
     def _contains(self, i: int, key: bytes) -> bool:
-        return self._available(i) and self._guarded(i, partial(self.tiers[i].contains, key), False)
+        if not self._available(i):
+            return False
+        try:
+            return self.tiers[i].contains(key)
+        except Exception:
+            self._failed(i)
+            return False
 
     def _where(self, key: bytes) -> int | None:
         """The fastest available tier holding ``key``."""
-        return next((i for i in range(len(self.tiers)) if self._contains(i, key)), None)
+        for i in range(len(self.tiers)):
+            if self._contains(i, key):
+                return i
+        return None
 
     def _read(self, i: int, key: bytes, dst: torch.Tensor) -> bool:
         if not self._available(i):
             return False
         start = time.perf_counter()
-        found = self._guarded(i, partial(self.tiers[i].get_into, key, dst), False)
+        try:
+            found = self.tiers[i].get_into(key, dst)
+        except Exception:
+            self._failed(i)
+            return False
         if found:
             self._health[i].record_read(dst.numel() * dst.element_size(), time.perf_counter() - start)
         return found
@@ -179,8 +187,12 @@ class KVStore:
     def _write(self, i: int, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
         if not items or not self._available(i):
             return
-        if self._guarded(i, partial(self.tiers[i].put_many, items), None) is not None:
-            self._health[i].record_ok()
+        try:
+            self.tiers[i].put_many(items)
+        except Exception:
+            self._failed(i)
+            return
+        self._health[i].record_ok()
 
     # -- the contract -----------------------------------------------------------
 
