@@ -151,23 +151,38 @@ def host_pairs(repeat: int, layout: KVLayout = LLAMA3_8B) -> Iterator[Pair]:
                         lambda: out.copy_(kv), "Tensor.copy_", 0.8, repeat)
 
 
-def disk_pairs(directory: Path, repeat: int, layout: KVLayout = LLAMA3_8B) -> Iterator[Pair]:
-    """LMDB put (durable) against raw write+fsync, and warm LMDB get against a raw read."""
+def _medium_pairs(label: str, config: StoreConfig, layout: KVLayout, repeat: int, raw_dir: Path,
+                  write_ceilings: dict[str, Callable[[np.ndarray], Callable[[], object]]],
+                  target: float) -> Iterator[Pair]:
+    """A persistent tier's durable put against each write ceiling, and its warm get against a raw read.
+
+    ``write_ceilings`` maps a ceiling's name to a factory that, given the raw
+    bytes, makes the ceiling call. All files live under ``raw_dir``.
+    """
     kv = random_kv(layout, layout.block_tokens)
     raw = kv.view(torch.uint8).reshape(-1).numpy()
     buffer = np.empty_like(raw)
     out = torch.empty_like(kv)
-    raw_path = directory / "raw.bin"
-    config = StoreConfig(model_id="bench", host_bytes=0, disk_dir=str(directory / "lmdb"),
-                         disk_bytes=(repeat + 3) * (layout.block_bytes + 4096))
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    raw_path = raw_dir / "raw.bin"
+    raw_write_fsync(raw_path, raw)
     prompts = PromptSource(layout.block_tokens)
     with KVStore(layout, config) as store:
-        yield alternate("lmdb put (fsync)", layout.block_bytes, lambda: store.put(prompts(), kv),
-                        lambda: raw_write_fsync(raw_path, raw), "raw write+fsync", 0.7, repeat)
+        for ceiling_name, make in write_ceilings.items():
+            yield alternate(f"{label} put (fsync)", layout.block_bytes, lambda: store.put(prompts(), kv),
+                            make(raw), ceiling_name, target, repeat)
         stored = prompts()
         store.put(stored, kv)
-        yield alternate("lmdb get (warm)", layout.block_bytes, lambda: store.get_into(stored, out),
-                        lambda: raw_read(raw_path, buffer), "raw read (warm)", 0.7, repeat)
+        yield alternate(f"{label} get (warm)", layout.block_bytes, lambda: store.get_into(stored, out),
+                        lambda: raw_read(raw_path, buffer), "raw read (warm)", target, repeat)
+
+
+def disk_pairs(directory: Path, repeat: int, layout: KVLayout = LLAMA3_8B) -> Iterator[Pair]:
+    """LMDB put (durable) against raw write+fsync, and warm LMDB get against a raw read."""
+    config = StoreConfig(model_id="bench", host_bytes=0, disk_dir=str(directory / "lmdb"),
+                         disk_bytes=(repeat + 3) * (layout.block_bytes + 4096))
+    same = {"raw write+fsync": lambda raw: lambda: raw_write_fsync(directory / "raw.bin", raw)}
+    yield from _medium_pairs("lmdb", config, layout, repeat, directory, same, 0.7)
 
 
 def files_pairs(directory: Path, repeat: int, layout: KVLayout = LLAMA3_8B) -> Iterator[Pair]:
@@ -176,25 +191,14 @@ def files_pairs(directory: Path, repeat: int, layout: KVLayout = LLAMA3_8B) -> I
     Put is measured against writing a new file per block (``FreshFiles``),
     as the tier must, and also against rewriting one file.
     """
-    kv = random_kv(layout, layout.block_tokens)
-    raw = kv.view(torch.uint8).reshape(-1).numpy()
-    buffer = np.empty_like(raw)
-    out = torch.empty_like(kv)
     files_dir = directory / "files"
-    files_dir.mkdir(parents=True, exist_ok=True)
-    raw_path = files_dir / "raw.bin"
     config = StoreConfig(model_id="bench", host_bytes=0, files_dir=str(files_dir / "tier"),
                          files_bytes=(2 * repeat + 4) * (layout.block_bytes + 4096))
-    prompts = PromptSource(layout.block_tokens)
-    with KVStore(layout, config) as store:
-        yield alternate("files put (fsync)", layout.block_bytes, lambda: store.put(prompts(), kv),
-                        FreshFiles(files_dir, raw), "raw write+fsync, new", 0.8, repeat)
-        yield alternate("files put (fsync)", layout.block_bytes, lambda: store.put(prompts(), kv),
-                        lambda: raw_write_fsync(raw_path, raw), "raw write+fsync, same", 0.8, repeat)
-        stored = prompts()
-        store.put(stored, kv)
-        yield alternate("files get (warm)", layout.block_bytes, lambda: store.get_into(stored, out),
-                        lambda: raw_read(raw_path, buffer), "raw read (warm)", 0.8, repeat)
+    ceilings = {
+        "raw write+fsync, new": lambda raw: FreshFiles(files_dir, raw),
+        "raw write+fsync, same": lambda raw: lambda: raw_write_fsync(files_dir / "raw.bin", raw),
+    }
+    yield from _medium_pairs("files", config, layout, repeat, files_dir, ceilings, 0.8)
 
 
 def queued_blocks(store: KVStore) -> int:
