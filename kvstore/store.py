@@ -321,8 +321,10 @@ class KVStore:
     def get_into(self, tokens: Tokens, out: torch.Tensor, salt: Salt = None) -> int:
         """Copy the KV of ``tokens`` into ``out`` (``[L, P, len(tokens), H, D]``); returns tokens filled.
 
-        Filling stops at the first block no tier can return; the rest of
-        ``out`` is left as it was.
+        Filling stops at the first block no tier can return. Only the
+        returned count of tokens is valid: the slice of a block that failed
+        its checksum may have been read into (tiers read straight into
+        ``out``, without a bounce copy), and slices after it are untouched.
         """
         self._check_open()
         blocks = self._keys.blocks(tokens, salt)
