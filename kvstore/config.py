@@ -46,7 +46,9 @@ class StoreConfig:
     - ``disk_admit_after`` / ``files_admit_after``: sightings (puts and read
       hits) a block needs before it is written to that tier (1 = at once).
     - ``write_queue_blocks``: bound of each lower tier's background write
-      queue; ``queue_full``: ``block`` the caller or ``drop`` the lower copy.
+      queue (queued blocks stay pinned in the fastest tier, so the bound is
+      also capped at half its slots shared among the lower tiers);
+      ``queue_full``: ``block`` the caller or ``drop`` the lower copy.
     - ``promote``: copy a block found in a lower tier up into the faster ones.
     - ``slow_factor`` / ``degraded_seconds``: a tier that errors, or reads
       ``slow_factor`` times slower than its moving bandwidth estimate, is
