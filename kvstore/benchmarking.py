@@ -213,35 +213,39 @@ def wait_until_draining(store: KVStore, most: int = 1, timeout: float = 60.0) ->
         time.sleep(0.002)
 
 
-def cascade_pair(directory: Path, repeat: int, layout: KVLayout = LLAMA3_8B) -> Pair:
-    """Put latency of host + LMDB + files (write-through) while the write-behind drains, against a host-only put.
+def cascade_pair(directory: Path, repeat: int, layout: KVLayout = LLAMA3_8B, threads: int | None = None) -> Pair:
+    """Put latency of host + LMDB + files (write-through) while its writers drain, against a quiet host-only put.
 
-    Before each timed cascade put the queues are let down to at most one
-    waiting block, so the put is timed while the background writers are
-    still busy with the earlier blocks (not against a full queue, which
-    would measure the disks). Target: within 1.5x of the host-only put.
+    Each round: the cascade is flushed and a host-only put is timed with no
+    background work anywhere (the ceiling); then one cascade put starts the
+    writers and the next cascade put is timed while they write. Target:
+    within 1.5x of the host-only put. ``threads``: torch intra-op threads
+    for both (None keeps torch's default; on a machine with few cores the
+    background writers take cores torch's parallel copy would use).
     """
     kv = random_kv(layout, layout.block_tokens)
     slots = repeat + 4
-    lower = (repeat + 4) * (layout.block_bytes + 4096)
+    lower = 2 * (repeat + 4) * (layout.block_bytes + 4096)
     cascade_config = StoreConfig(model_id="bench", host_bytes=slots * layout.block_bytes,
-                                 disk_dir=str(directory / "cascade-lmdb"), disk_bytes=lower,
-                                 files_dir=str(directory / "cascade-files"), files_bytes=lower)
+                                 disk_dir=str(directory / f"cascade-lmdb-{threads}"), disk_bytes=lower,
+                                 files_dir=str(directory / f"cascade-files-{threads}"), files_bytes=lower)
     prompts = PromptSource(layout.block_tokens)
-    with KVStore(layout, cascade_config) as cascade, \
-            KVStore(layout, StoreConfig(model_id="bench", host_bytes=slots * layout.block_bytes)) as host_only:
-        def cascade_put() -> None:
-            wait_until_draining(cascade)
-            tokens = prompts()
-            start = time.perf_counter()
-            cascade.put(tokens, kv)
-            cascade_s.append(time.perf_counter() - start)
-
-        cascade_s: list[float] = []
-        pair = alternate("cascade put (draining)", layout.block_bytes, cascade_put,
-                         lambda: host_only.put(prompts(), kv), "host-only put", 1 / 1.5, repeat)
-        cascade.flush()
-    return Pair(pair.name, pair.nbytes, cascade_s[-repeat:], pair.ceiling_s, pair.ceiling_name, pair.target)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        with KVStore(layout, cascade_config) as cascade, \
+                KVStore(layout, StoreConfig(model_id="bench", host_bytes=slots * layout.block_bytes)) as host_only:
+            subject_s, ceiling_s = [], []
+            for _ in range(repeat + 1):  # the first round is a warm-up
+                cascade.flush()
+                ceiling_s.append(timed(lambda: host_only.put(prompts(), kv)))
+                cascade.put(prompts(), kv)
+                subject_s.append(timed(lambda: cascade.put(prompts(), kv)))
+    finally:
+        torch.set_num_threads(before)
+    label = f"{threads} torch thread{'s' if threads != 1 else ''}" if threads else "default threads"
+    return Pair(f"cascade put, {label}", layout.block_bytes, subject_s[1:], ceiling_s[1:],
+                "quiet host-only put", 1 / 1.5)
 
 
 @dataclass(frozen=True)
@@ -291,7 +295,8 @@ def run_quick(data_dir: str | os.PathLike[str], repeat: int = 5, echo: Callable[
             echo(pair.line())
         for pair in files_pairs(directory, repeat):
             echo(pair.line())
-        echo(cascade_pair(directory, repeat).line())
+        for threads in (None, 1):
+            echo(cascade_pair(directory, repeat, threads=threads).line())
         for figure in lookup_figures(directory, max(repeat * 10, 20)):
             echo(figure.line())
     finally:
