@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.config import QUEUE_FULL_POLICIES
 from kvstore.metrics import Counters
 
 BATCH = 16
@@ -58,8 +59,8 @@ class WriteBehind:
     def __init__(self, writers: dict[str, Writer], max_blocks: int, on_full: str = "block"):
         if max_blocks < 1:
             raise ValueError(f"max_blocks: expected >= 1, got {max_blocks}")
-        if on_full not in ("block", "drop"):
-            raise ValueError(f"on_full: expected 'block' or 'drop', got {on_full!r}")
+        if on_full not in QUEUE_FULL_POLICIES:
+            raise ValueError(f"on_full: expected one of {list(QUEUE_FULL_POLICIES)}, got {on_full!r}")
         self._writers = dict(writers)
         self._on_full = on_full
         self._queues = {name: queue.Queue(maxsize=max_blocks) for name in writers}

@@ -7,6 +7,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from kvstore.metrics import Counters
+
 # Counters every tier reports in ``stats()``.
 TIER_COUNTERS = ("hits", "misses", "bytes_read", "bytes_written", "blocks_written",
                  "evictions", "rejected", "corrupt")
@@ -47,6 +49,13 @@ class Tier(Protocol):
     def stats(self) -> dict[str, int]: ...
 
     def close(self) -> None: ...
+
+
+def tier_stats(counters: Counters, blocks: int, used_bytes: int, capacity_bytes: int) -> dict[str, int]:
+    """The ``stats()`` every tier returns: its counters plus blocks held, bytes used and byte capacity."""
+    snapshot = counters.snapshot()
+    snapshot.update(blocks=blocks, used_bytes=used_bytes, capacity_bytes=capacity_bytes)
+    return snapshot
 
 
 def as_byte_view(block: torch.Tensor) -> torch.Tensor:

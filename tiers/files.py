@@ -46,7 +46,7 @@ import torch
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS, as_byte_view
+from kvstore.tiers.base import TIER_COUNTERS, as_byte_view, tier_stats
 
 _SUFFIX, _TEMP_SUFFIX = ".kvb", ".tmp"
 _ALIGN = 4096  # O_DIRECT alignment of buffers, file offsets and lengths, bytes
@@ -467,11 +467,9 @@ class FilesTier:
         return _unlink(path)
 
     def stats(self) -> dict[str, int]:
-        snapshot = self._counters.snapshot()
         with self._lock:
-            snapshot.update(blocks=len(self._index), used_bytes=self._used)
-        snapshot["capacity_bytes"] = self._capacity
-        return snapshot
+            blocks, used = len(self._index), self._used
+        return tier_stats(self._counters, blocks, used, self._capacity)
 
     def close(self) -> None:
         """Forget the in-memory index; the files stay (they are the shared cache). Idempotent."""

@@ -31,7 +31,7 @@ import torch
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS, as_byte_view
+from kvstore.tiers.base import TIER_COUNTERS, as_byte_view, tier_stats
 
 _STAMP = struct.Struct("<Q")
 _MAX_WRITE_ATTEMPTS = 8
@@ -289,11 +289,9 @@ class LmdbTier:
         return True
 
     def stats(self) -> dict[str, int]:
-        snapshot = self._counters.snapshot()
         with self._lock:
-            snapshot.update(blocks=len(self._index), used_bytes=self._used)
-        snapshot["capacity_bytes"] = self._capacity
-        return snapshot
+            blocks, used = len(self._index), self._used
+        return tier_stats(self._counters, blocks, used, self._capacity)
 
     def close(self) -> None:
         """Write pending access stamps, close the environment and release the directory."""

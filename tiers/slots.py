@@ -18,7 +18,7 @@ import torch
 
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS
+from kvstore.tiers.base import TIER_COUNTERS, tier_stats
 
 EvictCallback = Callable[[bytes, torch.Tensor], None]
 
@@ -213,11 +213,9 @@ class SlotTier:
             return True
 
     def stats(self) -> dict[str, int]:
-        snapshot = self._counters.snapshot()
         with self._lock:
-            snapshot.update(blocks=len(self._index), used_bytes=len(self._index) * self.layout.block_bytes)
-        snapshot["capacity_bytes"] = self.capacity_bytes
-        return snapshot
+            blocks = len(self._index)
+        return tier_stats(self._counters, blocks, blocks * self.layout.block_bytes, self.capacity_bytes)
 
     def close(self) -> None:
         """Forget every block (the pool is freed with the object)."""
