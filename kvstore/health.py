@@ -9,8 +9,8 @@ error or slow read degrades it for another period. Slow reads still move the
 estimate, so a tier that has become slower for good stops tripping after a
 few probes instead of being bypassed forever.
 
-Reads shorter than ``MIN_SLOW_SECONDS`` are never judged slow: at that scale
-the time is scheduler noise, not the medium.
+Reads shorter than ``min_slow_seconds`` (default ``MIN_SLOW_SECONDS``) are
+never judged slow: at that scale the time is scheduler noise, not the medium.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ class TierHealth:
     """Health of one tier; thread-safe. ``clock`` returns seconds (monotonic)."""
 
     def __init__(self, slow_factor: float = 10.0, degraded_seconds: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, min_slow_seconds: float = MIN_SLOW_SECONDS):
         self._slow_factor = slow_factor
+        self._min_slow_seconds = min_slow_seconds
         self._degraded_seconds = degraded_seconds
         self._clock = clock
         self._lock = threading.Lock()
@@ -57,7 +58,7 @@ class TierHealth:
         """A read of ``nbytes`` that took ``seconds`` succeeded."""
         bandwidth = nbytes / max(seconds, 1e-9)
         with self._lock:
-            slow = (self._reads >= WARMUP_READS and seconds >= MIN_SLOW_SECONDS
+            slow = (self._reads >= WARMUP_READS and seconds >= self._min_slow_seconds
                     and bandwidth * self._slow_factor < self._bandwidth)
             self._bandwidth = bandwidth if self._reads == 0 else (1 - ALPHA) * self._bandwidth + ALPHA * bandwidth
             self._reads += 1

@@ -8,6 +8,8 @@ exception into the engine.
 
 from __future__ import annotations
 
+import math
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from kvstore.config import StoreConfig
-from kvstore.health import TierHealth
+from kvstore.health import MIN_SLOW_SECONDS, TierHealth
 from kvstore.hierarchy import build_tiers, policies_for
 from kvstore.keys import BlockRef, KeyChain, Salt, Tokens
 from kvstore.layout import KVLayout
@@ -28,6 +30,8 @@ from kvstore.writebehind import WriteBehind
 
 STORE_COUNTERS = ("puts", "blocks_stored", "dedup_blocks", "dedup_bytes", "lookups", "lookup_tokens",
                   "lookup_hit_tokens", "gets", "get_tokens", "get_hit_tokens", "promotions", "demotions")
+# A read must take this many GIL switch intervals (5 ms each by default) to be judged slow.
+SLOW_READ_SWITCH_INTERVALS = 10
 # Store-side counters kept per tier, shown beside the tier's own in ``stats()``.
 PER_TIER_COUNTERS = ("admission_rejected", "queue_dropped", "bypassed", "errors")
 
@@ -62,10 +66,14 @@ class KVStore:
         if not self.tiers:
             raise ValueError("tiers: expected at least one tier, got none")
         self.placement = Placement(policies_for(self.tiers, config), promote=config.promote)
-        self._health = [TierHealth(config.slow_factor, config.degraded_seconds) for _ in self.tiers]
+        # A read timed in a busy process includes waits for the GIL (a switch interval each):
+        # only reads longer than many switch intervals are judged slow, and only on persistent
+        # tiers (a memory tier's read time is all scheduling). Any tier that raises is bypassed.
+        min_slow = max(MIN_SLOW_SECONDS, SLOW_READ_SWITCH_INTERVALS * sys.getswitchinterval())
+        self._health = [TierHealth(config.slow_factor if policy.persistent else math.inf, config.degraded_seconds,
+                                   min_slow_seconds=min_slow) for policy in self.placement.policies]
         self._tier_counters = [Counters(*PER_TIER_COUNTERS) for _ in self.tiers]
-        below = {i for i in range(1, len(self.tiers))}
-        self._writes = WriteBehind({self.tiers[i].name: partial(self._write, i) for i in below},
+        self._writes = WriteBehind({self.tiers[i].name: partial(self._write, i) for i in range(1, len(self.tiers))},
                                    self._queue_bound(), config.queue_full)
         for i, tier in enumerate(self.tiers):
             if hasattr(tier, "on_evict") and self.placement.on_evict(i) is not None:
@@ -262,9 +270,15 @@ class KVStore:
             self._queue(j, key, block, landed)
 
     def _queue(self, j: int, key: bytes, block: torch.Tensor | None, holder: int) -> None:
-        """Hand a copy of ``key`` for tier ``j`` to the write-behind, from a pinned slot if one holds it."""
+        """Hand a copy of ``key`` for tier ``j`` to the write-behind, from a pinned slot if one holds it.
+
+        The slot is taken from the slowest memory tier above ``j`` that holds
+        the block (host RAM before HBM): the copy's source is then CPU memory,
+        and the scarce HBM slots stay free for puts and promotions.
+        """
         release = None
-        for i, tier in enumerate(self.tiers[:j]):
+        for i in reversed(range(j)):
+            tier = self.tiers[i]
             pin = getattr(tier, "pin", None)
             view = pin(key) if pin is not None and self._available(i) else None
             if view is not None:
