@@ -1,3 +1,22 @@
-"""Codecs and the self-describing frame format (arrives with the compression issue)."""
+"""Codecs for KV blocks: self-describing frames, lossless and quantized, and the fidelity harness."""
 
-__all__: list[str] = []
+from kvstore.compression.codec import Codec, FrameCodec
+from kvstore.compression.frame import (
+    BadMagicError,
+    BadParamsError,
+    ChecksumError,
+    FrameError,
+    TruncatedFrameError,
+    UnknownCodecError,
+    UnsupportedVersionError,
+)
+from kvstore.compression.lossless import RawCodec, ZstdCodec
+from kvstore.compression.quant import Int8Codec, KiviCodec
+from kvstore.compression.registry import CODECS, codec_of, decode, get_codec, parse_spec
+from kvstore.compression.rotation import RotationCodec
+
+__all__ = [
+    "CODECS", "BadMagicError", "BadParamsError", "ChecksumError", "Codec", "FrameCodec", "FrameError",
+    "Int8Codec", "KiviCodec", "RawCodec", "RotationCodec", "TruncatedFrameError", "UnknownCodecError",
+    "UnsupportedVersionError", "ZstdCodec", "codec_of", "decode", "get_codec", "parse_spec",
+]

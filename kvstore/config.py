@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from kvstore.compression.registry import get_codec
 from kvstore.keys import HASHES
 from kvstore.sizes import parse_size
 
@@ -54,6 +55,17 @@ class StoreConfig:
       ``slow_factor`` times slower than its moving bandwidth estimate, is
       bypassed for ``degraded_seconds``, then tried again.
 
+    Compression (``kvstore/compression``; a codec spec such as ``"zstd"``,
+    ``"kivi4"``, ``"rq3:zstd=3"``):
+
+    - ``disk_codec`` / ``files_codec``: how blocks are stored in that tier;
+      encoded on the way down (in the background writer), decoded on the way
+      up, and capacities count encoded bytes. Default ``raw`` (exact);
+      ``zstd`` is lossless; ``int8``, ``kivi4``, ``kivi2``, ``rq4``, ``rq3``
+      and ``rq2`` are lossy and only used when asked for.
+    - ``host_codec``: ``raw`` only: host and device slots hold whole blocks
+      the engine copies from directly.
+
     ``model_id`` names the model in every key; ``hash`` is the key hash
     (``sha256`` default, ``blake2b``; ``xxh3_128`` only where every tenant is trusted).
     """
@@ -80,6 +92,9 @@ class StoreConfig:
     promote: bool = True
     slow_factor: float = 10.0
     degraded_seconds: float = 30.0
+    host_codec: str = "raw"
+    disk_codec: str = "raw"
+    files_codec: str = "raw"
     hash: str = "sha256"
 
     def __post_init__(self) -> None:
@@ -113,6 +128,11 @@ class StoreConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
                 raise ValueError(f"{name}: expected a number >= {least}, got {value!r}")
             object.__setattr__(self, name, float(value))
+        for name in ("disk_codec", "files_codec"):
+            get_codec(getattr(self, name))  # raises ValueError naming the codecs there are
+        if get_codec(self.host_codec).name != "raw":
+            raise ValueError(f"host_codec: expected 'raw' (host slots hold whole blocks; compress disk_codec or "
+                             f"files_codec instead), got {self.host_codec!r}")
         if self.device_bytes == 0 and self.host_bytes == 0 and self.disk_dir is None and self.files_dir is None:
             raise ValueError("host_bytes: expected > 0 when no device_bytes, disk_dir or files_dir is set "
                              "(the store needs a tier), got 0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+from kvstore.compression.registry import get_codec
 from kvstore.config import StoreConfig
 from kvstore.layout import KVLayout
 from kvstore.placement import TierPolicy
@@ -37,12 +38,14 @@ TIER_KINDS: dict[str, TierKind] = {
     ),
     "lmdb": TierKind(
         lambda c: c.disk_dir is not None,
-        lambda layout, c: LmdbTier(c.disk_dir, c.disk_bytes, layout, sync=c.disk_sync),
+        lambda layout, c: LmdbTier(c.disk_dir, c.disk_bytes, layout, sync=c.disk_sync,
+                                    codec=get_codec(c.disk_codec)),
         lambda c: c.disk_admit_after,
     ),
     "files": TierKind(
         lambda c: c.files_dir is not None,
-        lambda layout, c: FilesTier(c.files_dir, c.files_bytes, layout, sync=c.files_sync, o_direct=c.files_o_direct),
+        lambda layout, c: FilesTier(c.files_dir, c.files_bytes, layout, sync=c.files_sync,
+                                     o_direct=c.files_o_direct, codec=get_codec(c.files_codec)),
         lambda c: c.files_admit_after,
     ),
 }

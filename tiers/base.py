@@ -57,10 +57,3 @@ def tier_stats(counters: Counters, blocks: int, used_bytes: int, capacity_bytes:
     snapshot.update(blocks=blocks, used_bytes=used_bytes, capacity_bytes=capacity_bytes)
     return snapshot
 
-
-def as_byte_view(block: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 CPU view of ``block``'s bytes (copies only if it is strided or on a device)."""
-    block = block.detach()
-    if block.device.type != "cpu":
-        block = block.cpu()
-    return block.contiguous().view(torch.uint8).reshape(-1)

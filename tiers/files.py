@@ -44,9 +44,12 @@ from typing import NamedTuple
 import torch
 
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.compression.codec import FrameCodec
+from kvstore.compression.frame import MAGIC
+from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS, as_byte_view, tier_stats
+from kvstore.tiers.base import TIER_COUNTERS, tier_stats
 
 _SUFFIX, _TEMP_SUFFIX = ".kvb", ".tmp"
 _ALIGN = 4096  # O_DIRECT alignment of buffers, file offsets and lengths, bytes
@@ -114,7 +117,8 @@ class FilesTier:
     ``sync`` fsyncs each file and its directory before ``put_many`` returns.
     ``o_direct`` bypasses the page cache through a page-aligned bounce buffer,
     which costs one extra memory copy per block; a filesystem that refuses
-    O_DIRECT is used buffered for that call (``o_direct_fallbacks``). Temp
+    O_DIRECT is used buffered for that call (``o_direct_fallbacks``). With a
+    ``codec`` each file holds the codec's frame, and capacity counts it. Temp
     files of dead writers on this host, or older than ``stale_temp_seconds``,
     are removed on open (``temp_removed``).
     """
@@ -124,7 +128,7 @@ class FilesTier:
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, *,
                  sync: bool = True, o_direct: bool = False, stale_temp_seconds: float = 300.0,
-                 rescan_seconds: float = 5.0):
+                 rescan_seconds: float = 5.0, codec: FrameCodec | None = None):
         full = layout.block_bytes + HEADER_BYTES
         if capacity_bytes < full:
             raise ValueError(f"files_bytes: expected at least one block ({full} bytes), got {capacity_bytes}")
@@ -139,6 +143,7 @@ class FilesTier:
         self._low_water = capacity_bytes - capacity_bytes // 10 // full * full
         self._layout = layout
         self._fingerprint = layout.fingerprint
+        self.encoding = BlockEncoding(layout, codec)
         self._sync, self._o_direct = sync, o_direct
         self._stale_temp_ns = int(stale_temp_seconds * 1e9)
         self._rescan_seconds = rescan_seconds
@@ -152,7 +157,7 @@ class FilesTier:
         self._seq = 0
         self._scan_removed: set[bytes] | None = None  # keys forgotten while a scan runs
         self._last_scan = 0.0
-        self._counters = Counters(*TIER_COUNTERS, "temp_removed", "o_direct_fallbacks")
+        self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "temp_removed", "o_direct_fallbacks")
         self._rescan(clean_temps=True)
 
     @property
@@ -288,13 +293,13 @@ class FilesTier:
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """Write each block not yet present (here or by another process) atomically; count those stored."""
         for key, block in items:
-            size = block.numel() * block.element_size() + HEADER_BYTES
+            if self.contains(key):
+                continue  # an existing file is never rewritten
+            payload = self.encoding.encode(block)
+            size = memoryview(payload).nbytes + HEADER_BYTES
             if size > self._capacity:
                 self._counters.add("rejected")
                 continue
-            if self.contains(key):
-                continue  # an existing file is never rewritten
-            payload = as_byte_view(block).numpy()
             self._make_room(size)
             try:
                 mtime_ns = self._write_file(key, payload)
@@ -305,6 +310,7 @@ class FilesTier:
                 self._remember(key, size, mtime_ns)
             self._counters.add("blocks_written")
             self._counters.add("bytes_written", size - HEADER_BYTES)
+            self._counters.add("logical_bytes_written", block.numel() * block.element_size())
         return sum(self.contains(key) for key, _ in items)
 
     def _open(self, path: str, flags: int) -> tuple[int, bool]:
@@ -385,20 +391,20 @@ class FilesTier:
             if exc.errno not in _GONE:
                 raise
             verdict, st = "gone", None
-        if verdict == "intact":
+        if verdict == INTACT:
             with self._lock:
                 if st.st_nlink:
                     self._remember(key, st.st_size, st.st_mtime_ns)
                 else:  # evicted while we read it: the data was still sound
                     self._forget(key)
             self._counters.add("hits")
-            self._counters.add("bytes_read", out.numel() * out.element_size())
+            self._counters.add("bytes_read", st.st_size - HEADER_BYTES)
             return True
         self._counters.add("misses")
-        if verdict != "other-size":
+        if verdict not in (OTHER_SIZE, OTHER_CODEC):
             with self._lock:
                 self._forget(key)
-        if verdict == "corrupt":
+        if verdict == CORRUPT:
             self._counters.add("corrupt")
             try:  # unless a writer has renamed a new file over it since
                 now = os.stat(path)
@@ -409,36 +415,20 @@ class FilesTier:
         return False
 
     def _read(self, path: str, key: bytes, out: torch.Tensor) -> tuple[str, os.stat_result]:
-        """(verdict, the file's stat, touched on a hit); raises OSError."""
-        expected = out.numel() * out.element_size()
+        """(verdict, the file's stat, touched on a hit); raises OSError.
+
+        A raw tier reads header and payload straight into a contiguous CPU
+        ``out``; anything else (a codec, O_DIRECT, a frame or another size
+        found there) reads the whole file into a buffer and decodes it.
+        """
         fd, direct = self._open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            source = None  # a buffer holding header + payload, if not read straight into out
-            if direct:
-                length = _round_up(HEADER_BYTES + expected + 1)  # + 1: notice a file that is too long
-                source = memoryview(self._buffer("bounce", length))[:length]
-                total = 0
-                while total < length:  # aligned reads only; a short one is the end of the file
-                    n = os.preadv(fd, [source[total:]], total)
-                    total += n
-                    if n == 0 or n % _ALIGN:
-                        break
-                header = source[:HEADER_BYTES]
-            else:
-                header = bytearray(HEADER_BYTES)
-                if out.device.type == "cpu" and out.is_contiguous():
-                    payload = memoryview(out.detach().view(torch.uint8).reshape(-1).numpy())
-                else:
-                    source = memoryview(self._buffer("scratch", HEADER_BYTES + expected))
-                    payload = source[HEADER_BYTES:HEADER_BYTES + expected]
-                total = _transfer(os.preadv, fd, [header, payload, bytearray(1)])
-            if source is not None:
-                payload = source[HEADER_BYTES:HEADER_BYTES + expected]
-            verdict = self._judge(key, header, payload, total, expected)
-            if verdict == "intact":
-                if source is not None and expected:
-                    raw = torch.frombuffer(source, dtype=torch.uint8, count=expected, offset=HEADER_BYTES)
-                    out.copy_(raw.view(out.dtype).view(out.shape))
+            verdict = None
+            if self.encoding.codec is None and not direct and out.device.type == "cpu" and out.is_contiguous():
+                verdict = self._read_raw(fd, key, out)
+            if verdict is None:
+                verdict = self._read_whole(fd, direct, key, out)
+            if verdict == INTACT:
                 try:
                     os.utime(fd)  # the shared last-access stamp
                 except PermissionError:
@@ -447,17 +437,43 @@ class FilesTier:
         finally:
             os.close(fd)
 
-    def _judge(self, key: bytes, header: object, payload: object, total: int, expected: int) -> str:
-        """``intact``, ``other-size`` (a sound header for another token count) or ``corrupt``."""
+    def _read_raw(self, fd: int, key: bytes, out: torch.Tensor) -> str | None:
+        """Header and payload read straight into ``out``; None if the file holds something else."""
+        expected = out.numel() * out.element_size()
+        header = bytearray(HEADER_BYTES)
+        payload = memoryview(out.detach().view(torch.uint8).reshape(-1).numpy())
+        total = _transfer(os.preadv, fd, [header, payload, bytearray(1)])
         parsed = BlockHeader.unpack(header) if total >= HEADER_BYTES else None
         if parsed is None or parsed.key != key or parsed.layout != self._fingerprint:
-            return "corrupt"
-        if parsed.length != expected:
-            valid = 0 < parsed.length <= self._layout.block_bytes and parsed.length % self._layout.token_bytes == 0
-            return "other-size" if valid else "corrupt"
+            return CORRUPT
+        if parsed.length != expected or (expected >= len(MAGIC) and payload[:len(MAGIC)] == MAGIC):
+            return None  # another size, or a frame: the general path decides
         if total != HEADER_BYTES + expected or not parsed.verifies(key, self._fingerprint, payload):
-            return "corrupt"  # truncated, too long, or the checksum does not match
-        return "intact"
+            return CORRUPT  # truncated, too long, or the checksum does not match
+        return INTACT
+
+    def _read_whole(self, fd: int, direct: bool, key: bytes, out: torch.Tensor) -> str:
+        """Read the whole file into a buffer, check its header and checksum, decode it into ``out``."""
+        size = os.fstat(fd).st_size
+        if direct:
+            length = _round_up(size + 1)  # aligned reads only; + 1: notice a file that grew
+            source = memoryview(self._buffer("bounce", length))[:length]
+            total = 0
+            while total < length:  # a short read is the end of the file
+                n = os.preadv(fd, [source[total:]], total)
+                total += n
+                if n == 0 or n % _ALIGN:
+                    break
+        else:
+            source = memoryview(self._buffer("scratch", size + 1))[:size + 1]
+            total = _transfer(os.preadv, fd, [source])
+        parsed = BlockHeader.unpack(source[:HEADER_BYTES]) if total >= HEADER_BYTES else None
+        if parsed is None or total != HEADER_BYTES + parsed.length:
+            return CORRUPT
+        payload = source[HEADER_BYTES:total]
+        if not parsed.verifies(key, self._fingerprint, payload):
+            return CORRUPT
+        return self.encoding.decode_into(payload, out)
 
     def delete(self, key: bytes) -> bool:
         """Remove block ``key`` for every process sharing the directory; True if this call removed it."""

@@ -20,7 +20,6 @@ import fcntl
 import os
 import struct
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,9 +28,11 @@ import lmdb
 import torch
 
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.compression.codec import FrameCodec
+from kvstore.compression.stored import CORRUPT, INTACT, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS, as_byte_view, tier_stats
+from kvstore.tiers.base import TIER_COUNTERS, tier_stats
 
 _STAMP = struct.Struct("<Q")
 _MAX_WRITE_ATTEMPTS = 8
@@ -46,15 +47,16 @@ class DirectoryInUseError(RuntimeError):
 class LmdbTier:
     """Blocks in an LMDB environment under ``path``, at most ``capacity_bytes`` of them.
 
-    ``capacity_bytes`` counts each block's payload plus its header. ``sync``
-    makes every write durable (fdatasync at commit) before ``put_many``
-    returns.
+    ``capacity_bytes`` counts each block's stored payload (encoded, if a
+    ``codec`` is given) plus its header. ``sync`` makes every write durable
+    (fdatasync at commit) before ``put_many`` returns.
     """
 
     name = "lmdb"
     persistent = True
 
-    def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, sync: bool = True):
+    def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, sync: bool = True,
+                 codec: FrameCodec | None = None):
         if capacity_bytes < layout.block_bytes + HEADER_BYTES:
             raise ValueError(
                 f"disk_bytes: expected at least one block ({layout.block_bytes + HEADER_BYTES} bytes), "
@@ -74,6 +76,7 @@ class LmdbTier:
         self._capacity = capacity_bytes
         self._layout = layout
         self._fingerprint = layout.fingerprint
+        self.encoding = BlockEncoding(layout, codec)
         # Sees each block evicted for room (verified bytes) after the eviction commits: write-back below.
         self.on_evict: Callable[[bytes, torch.Tensor], None] | None = None
         map_size = max(2 * capacity_bytes, capacity_bytes + (1 << 30))
@@ -86,7 +89,7 @@ class LmdbTier:
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> stored bytes, LRU first
         self._used = 0
         self._pending_stamps: dict[bytes, int] = {}
-        self._counters = Counters(*TIER_COUNTERS)
+        self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written")
         self._clock = self._load_index()
         self._closed = False
         if self._used > self._capacity:
@@ -140,10 +143,14 @@ class LmdbTier:
         """Write blocks in one durable transaction, evicting LRU blocks to make room."""
         fitting = []
         for key, block in items:
-            if block.numel() * block.element_size() + HEADER_BYTES > self._capacity:
+            if self.contains(key):
+                continue
+            payload = self.encoding.encode(block)
+            if memoryview(payload).nbytes + HEADER_BYTES > self._capacity:
                 self._counters.add("rejected")
-            elif not self.contains(key):
-                fitting.append((key, as_byte_view(block).numpy()))
+            else:
+                fitting.append((key, payload))
+                self._counters.add("logical_bytes_written", block.numel() * block.element_size())
         self._write(fitting, [])
         return sum(self.contains(key) for key, _ in items)
 
@@ -193,12 +200,11 @@ class LmdbTier:
         for key in keys:
             meta = txn.get(key, db=self._meta)
             payload = txn.get(key, db=self._blocks)
-            header = BlockHeader.unpack(meta) if meta is not None else None
-            if header is None or self._check(key, meta, payload, header.length) != "intact":
+            if self._check(key, meta, payload) != INTACT:
                 continue
-            num_tokens = header.length // self._layout.token_bytes
-            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-            blocks.append((key, data.view(self._layout.dtype).view(self._layout.shape(num_tokens))))
+            block = self.encoding.decode_new(payload)
+            if block is not None:
+                blocks.append((key, block))
         return blocks
 
     def _pick_victims(self, incoming: int, keep: set[bytes]) -> list[bytes]:
@@ -245,19 +251,16 @@ class LmdbTier:
         if not known:
             self._counters.add("misses")
             return False
-        expected = out.numel() * out.element_size()
         with self._env.begin(buffers=True) as txn:
             meta = txn.get(key, db=self._meta)
             payload = txn.get(key, db=self._blocks)
-            verdict = self._check(key, meta, payload, expected)
-            if verdict == "intact":
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # read-only mmap; we only read it
-                    source = torch.frombuffer(payload, dtype=torch.uint8)
-                out.copy_(source.view(out.dtype).view(out.shape))
-        if verdict != "intact":
+            verdict = self._check(key, meta, payload)
+            if verdict == INTACT:  # decoded straight from the read-only map, inside the transaction
+                stored = memoryview(payload).nbytes
+                verdict = self.encoding.decode_into(payload, out)
+        if verdict != INTACT:
             self._counters.add("misses")
-            if verdict == "corrupt":
+            if verdict == CORRUPT:
                 self._counters.add("corrupt")
                 self._write([], [key])
             return False
@@ -269,17 +272,17 @@ class LmdbTier:
         if flush:
             self._write([], [])
         self._counters.add("hits")
-        self._counters.add("bytes_read", expected)
+        self._counters.add("bytes_read", stored)
         return True
 
-    def _check(self, key: bytes, meta: object, payload: object, expected: int) -> str:
-        """``intact``, ``gone`` (evicted since the index said present), ``other-size`` or ``corrupt``."""
+    def _check(self, key: bytes, meta: object, payload: object) -> str:
+        """``intact`` (header and checksum hold), ``gone`` (evicted since the index said present) or ``corrupt``."""
         if meta is None and payload is None:
             return "gone"
         header = BlockHeader.unpack(meta) if meta is not None else None
         if header is None or payload is None or not header.verifies(key, self._fingerprint, payload):
-            return "corrupt"
-        return "intact" if header.length == expected else "other-size"
+            return CORRUPT
+        return INTACT
 
     def delete(self, key: bytes) -> bool:
         with self._lock:

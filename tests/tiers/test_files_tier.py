@@ -386,7 +386,7 @@ def test_damaged_file_replaced_meanwhile_is_kept(open_tier, disk_dir, layout, bl
     path = block_path(disk_dir, A)
     intact = open(path, "rb").read()
     _damage(path, "payload-bit", disk_dir, layout, blocks)
-    real_judge = tier._judge
+    real_judge = tier._read_raw
 
     def judge_then_writer_renames_a_good_copy(*args):
         verdict = real_judge(*args)
@@ -395,9 +395,9 @@ def test_damaged_file_replaced_meanwhile_is_kept(open_tier, disk_dir, layout, bl
         os.rename(path + ".new", path)
         return verdict
 
-    tier._judge = judge_then_writer_renames_a_good_copy
+    tier._read_raw = judge_then_writer_renames_a_good_copy
     assert _read(tier, layout, A) is None and tier.stats()["corrupt"] == 1
-    del tier._judge
+    del tier._read_raw
     assert open(path, "rb").read() == intact  # only the damaged inode was to be deleted
     assert_same_kv(_read(tier, layout, A), blocks[A])
 

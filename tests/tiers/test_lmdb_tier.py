@@ -354,7 +354,7 @@ def test_block_evicted_during_read_is_a_plain_miss(open_tier, layout, blocks):
     tier = open_tier(3 * BLOCK)
     tier.put_many([(A, blocks[A])])
     source, first = inspect.getsourcelines(LmdbTier.get_into)
-    pause_line = first + next(i for i, line in enumerate(source) if "expected = " in line)
+    pause_line = first + next(i for i, line in enumerate(source) if "self._env.begin(buffers=True)" in line)
     paused, resume = threading.Event(), threading.Event()
 
     def tracer(frame, event, arg):

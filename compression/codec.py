@@ -1,0 +1,208 @@
+"""What a codec is, and the framing every codec shares.
+
+A codec turns a KV tensor (a block ``[L, P, T, H, D]``, one layer
+``[P, T, H, D]``, or for the per-vector codecs any shape whose last dim is the
+head dim) into a self-describing frame (``kvstore.compression.frame``) and
+back. ``FrameCodec`` does the framing, the optional zstd pass over the
+payload and the device moves; a codec class only turns a tensor into payload
+parts and payload bytes back into a tensor.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+import zstandard
+
+from kvstore.compression.frame import (
+    BadParamsError,
+    FrameHeader,
+    UnknownCodecError,
+    pack_frame,
+    parse_frame,
+)
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Rows of input processed at once: temporaries stay in the CPU cache and are
+# reused by the allocator instead of faulting in fresh pages for every pass.
+CHUNK_BYTES = 1 << 20
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Encodes KV tensors into frames and decodes frames; ``lossless`` says whether bytes survive."""
+
+    name: str
+    codec_id: int
+    lossless: bool
+
+    def params(self) -> tuple[int, ...]: ...
+
+    def encode(self, tensor: torch.Tensor) -> bytearray: ...
+
+    def decode(self, frame: object, out: torch.Tensor | None = None,
+               device: torch.device | str | None = None) -> torch.Tensor: ...
+
+
+def param_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scales, minimums and norms are stored in: the input's if 16-bit, else float32."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def row_chunks(rows: int, row_elems: int, element_size: int = 4) -> Iterator[slice]:
+    """Slices of about ``CHUNK_BYTES`` (of ``element_size``-byte elements) over ``rows`` rows."""
+    step = max(1, CHUNK_BYTES // max(1, row_elems * element_size))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def check_int(name: str, value: object, low: int, high: int) -> int:
+    """``value`` as an int in [low, high], or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name}: expected an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+class FrameCodec:
+    """Shared encode/decode around a codec's ``_encode`` / ``_decode``.
+
+    Subclasses set ``codec_id``, ``PARAMS`` (names of int attributes written
+    into the frame, in order) and ``lossless``, and implement
+    ``_encode(tensor) -> list of tensors`` (payload parts, concatenated as
+    bytes) and ``_decode(header, payload uint8 tensor, out)``. A lossy codec
+    with a ``zstd`` parameter > 0 compresses its payload with that level.
+    """
+
+    codec_id: ClassVar[int]
+    PARAMS: ClassVar[tuple[str, ...]]
+    lossless: ClassVar[bool]
+    name: str
+    zstd: int = 0
+
+    def params(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name) for name in self.PARAMS)
+
+    @classmethod
+    def from_params(cls, values: tuple[int, ...]) -> "FrameCodec":
+        """The codec a frame's parameters describe; a ``BadParamsError`` if they are not valid."""
+        if len(values) != len(cls.PARAMS):
+            raise BadParamsError(f"frame: expected {len(cls.PARAMS)} parameters {cls.PARAMS} for codec "
+                                 f"{cls.codec_id}, got {len(values)}")
+        try:
+            return cls(**dict(zip(cls.PARAMS, values)))
+        except ValueError as exc:
+            raise BadParamsError(f"frame: {exc}") from None
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{n}={getattr(self, n)}" for n in self.PARAMS)
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.params() == self.params()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.params()))
+
+    def check_tensor(self, tensor: torch.Tensor) -> None:
+        """Raise ValueError unless ``tensor`` is something this codec encodes."""
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"tensor: expected a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"tensor: expected dtype in {[str(d) for d in FLOAT_DTYPES]}, got {tensor.dtype}")
+
+    def encode(self, tensor: torch.Tensor) -> bytearray:
+        """A frame holding ``tensor`` (on any device; the frame is host bytes)."""
+        self.check_tensor(tensor)
+        tensor = tensor.detach()
+        parts = self._encode(tensor) if tensor.numel() else []
+        views = [_host_bytes(part) for part in parts]
+        if self.zstd and not self.lossless:
+            joined = b"".join(v.tobytes() if not isinstance(v, bytes) else v for v in views)
+            views = [zstandard.ZstdCompressor(level=self.zstd).compress(joined)]
+        return pack_frame(self.codec_id, tensor.dtype, tuple(tensor.shape), self.params(), views)
+
+    def decode(self, frame: object, out: torch.Tensor | None = None,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        """The tensor in ``frame``, written into ``out`` if given (same shape and dtype), else a new one.
+
+        A frame of this codec with other parameters decodes too (they travel
+        in the frame). Raises a ``FrameError`` for a damaged frame or one of
+        another codec, and ValueError if ``out`` does not match the frame.
+        """
+        header, payload = parse_frame(frame)
+        if header.codec_id != self.codec_id:
+            raise UnknownCodecError(f"frame: expected codec id {self.codec_id} ({self.name}), "
+                                    f"got {header.codec_id}; decode it with kvstore.compression.decode")
+        codec = self if header.params == self.params() else self.from_params(header.params)
+        return codec.decode_payload(header, payload, out, device)
+
+    def decode_payload(self, header: FrameHeader, payload: memoryview, out: torch.Tensor | None,
+                       device: torch.device | str | None) -> torch.Tensor:
+        """Decode a payload already checked by ``parse_frame``."""
+        if out is None:
+            out = torch.empty(header.shape, dtype=header.dtype, device=device or "cpu")
+        elif tuple(out.shape) != header.shape or out.dtype != header.dtype:
+            raise ValueError(f"out: expected shape {list(header.shape)} and dtype {header.dtype} as in the frame, "
+                             f"got {list(out.shape)} and {out.dtype}")
+        if header.numel == 0:
+            return out
+        if self.zstd and not self.lossless:
+            try:
+                payload = memoryview(zstandard.ZstdDecompressor().decompress(payload))
+            except zstandard.ZstdError as exc:
+                raise BadParamsError(f"frame: the zstd payload does not decompress ({exc})") from None
+        data = as_uint8(payload)
+        if out.device.type != "cpu":
+            data = data.to(out.device, non_blocking=False)
+        self._decode(header, data, out)
+        return out
+
+    def _encode(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _decode(self, header: FrameHeader, payload: torch.Tensor, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+def take(payload: torch.Tensor, at: int, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """``count`` elements of ``dtype`` from ``payload`` (uint8) at byte ``at``; returns them and the next offset."""
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    if at + nbytes > payload.numel():
+        raise BadParamsError(f"frame: payload too short: expected at least {at + nbytes} bytes, "
+                             f"got {payload.numel()}")
+    part = payload[at:at + nbytes]
+    if dtype != torch.uint8:
+        if part.data_ptr() % part.new_empty((), dtype=dtype).element_size():
+            part = part.clone()  # the frame sits at an odd address; floats need alignment
+        part = part.view(dtype)
+    return part, at + nbytes
+
+
+def expect_end(payload: torch.Tensor, at: int) -> None:
+    """A ``BadParamsError`` if bytes are left after the codec read all it expected."""
+    if at != payload.numel():
+        raise BadParamsError(f"frame: expected a payload of {at} bytes for its shape and parameters, "
+                             f"got {payload.numel()}")
+
+
+def _host_bytes(part: torch.Tensor | bytes) -> object:
+    if isinstance(part, (bytes, bytearray, memoryview)):
+        return part
+    part = part.detach()
+    if part.device.type != "cpu":
+        part = part.cpu()
+    return part.contiguous().view(torch.uint8).reshape(-1).numpy()
+
+
+def as_uint8(payload: object) -> torch.Tensor:
+    """A uint8 tensor over a (possibly read-only) bytes-like object, without a copy."""
+    payload = memoryview(payload).cast("B")
+    if payload.nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only buffer: decoders only read it
+        return torch.frombuffer(payload, dtype=torch.uint8)
+

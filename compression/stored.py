@@ -1,0 +1,88 @@
+"""How a tier below host RAM stores a block: the raw bytes, or a codec's frame.
+
+A tier with a codec writes frames; every tier reads both forms, because a
+directory may hold blocks written under another config (or by another
+process sharing it). A payload is a frame when it starts with the frame
+magic and parses with a good checksum; otherwise it is raw bytes. Lossless
+frames are always decoded; a lossy frame only by a tier configured with that
+same codec, so turning a lossy codec off stops lossy blocks being served
+(they read as misses, and stay for a tier that wants them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvstore.compression.codec import FrameCodec, as_uint8
+from kvstore.compression.frame import MAGIC, FrameError, UnknownCodecError, UnsupportedVersionError
+from kvstore.compression.lossless import RawCodec
+from kvstore.compression.registry import codec_of
+from kvstore.layout import KVLayout
+
+# Verdicts of ``decode_into``.
+INTACT, OTHER_SIZE, OTHER_CODEC, CORRUPT = "intact", "other-size", "other-codec", "corrupt"
+
+
+class BlockEncoding:
+    """Encodes blocks for one tier (``codec`` None or ``raw``: plain bytes) and decodes what it reads."""
+
+    def __init__(self, layout: KVLayout, codec: FrameCodec | None = None):
+        if codec is not None and not isinstance(codec, FrameCodec):
+            raise ValueError(f"codec: expected a kvstore codec or None, got {type(codec).__name__}")
+        self._layout = layout
+        self.codec = None if codec is None or isinstance(codec, RawCodec) else codec
+        self.name = self.codec.name if self.codec is not None else "raw"
+
+    def encode(self, block: torch.Tensor) -> object:
+        """The bytes-like payload to store for ``block``."""
+        if self.codec is None:
+            block = block.detach()
+            return (block if block.device.type == "cpu" else block.cpu()).contiguous().view(torch.uint8).reshape(-1).numpy()
+        return self.codec.encode(block)
+
+    def decode_into(self, payload: object, out: torch.Tensor) -> str:
+        """Write the block ``payload`` holds into ``out``; a verdict (``INTACT`` only if ``out`` is valid).
+
+        ``payload`` has passed its block header's checksum, so ``CORRUPT``
+        means a damaged frame inside sound storage (or a wrong raw length).
+        """
+        view = memoryview(payload).cast("B")
+        if view.nbytes >= len(MAGIC) and view[:len(MAGIC)] == MAGIC:
+            try:
+                codec, header, body = codec_of(view)
+            except (UnsupportedVersionError, UnknownCodecError):
+                return OTHER_CODEC  # written by a newer kvstore: not ours to judge or delete
+            except FrameError:
+                codec = None  # raw bytes that happen to start like a frame
+            if codec is not None:
+                if not (codec.lossless or codec == self.codec):
+                    return OTHER_CODEC
+                if header.shape != tuple(out.shape) or header.dtype != out.dtype:
+                    return OTHER_SIZE
+                try:
+                    codec.decode_payload(header, body, out, None)
+                except FrameError:
+                    return CORRUPT
+                return INTACT
+        expected = out.numel() * out.element_size()
+        if view.nbytes != expected:
+            valid = 0 < view.nbytes <= self._layout.block_bytes and view.nbytes % self._layout.token_bytes == 0
+            return OTHER_SIZE if valid else CORRUPT
+        if expected:
+            out.copy_(as_uint8(view).view(out.dtype).view(out.shape))
+        return INTACT
+
+    def decode_new(self, payload: object) -> torch.Tensor | None:
+        """The block in ``payload`` as a new CPU tensor, or None if it cannot be read here."""
+        view = memoryview(payload).cast("B")
+        tokens = view.nbytes // self._layout.token_bytes
+        if view.nbytes >= len(MAGIC) and view[:len(MAGIC)] == MAGIC:
+            try:
+                codec, header, _ = codec_of(view)
+                tokens = header.shape[2] if len(header.shape) == 5 else -1
+            except FrameError:
+                pass
+        if not 0 < tokens <= self._layout.block_tokens:
+            return None
+        out = torch.empty(self._layout.shape(tokens), dtype=self._layout.dtype)
+        return out if self.decode_into(bytearray(view), out) == INTACT else None
