@@ -29,6 +29,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Rows of input processed at once: temporaries stay in the CPU cache and are
 # reused by the allocator instead of faulting in fresh pages for every pass.
 CHUNK_BYTES = 1 << 20
+# Largest tensor a frame may describe (2^40 elements): refuse absurd shapes before allocating.
+MAX_ELEMENTS = 1 << 40
 
 
 @runtime_checkable
@@ -143,7 +145,12 @@ class FrameCodec:
                        device: torch.device | str | None) -> torch.Tensor:
         """Decode a payload already checked by ``parse_frame``."""
         if out is None:
-            out = torch.empty(header.shape, dtype=header.dtype, device=device or "cpu")
+            if header.numel > MAX_ELEMENTS:
+                raise BadParamsError(f"frame: expected at most {MAX_ELEMENTS} elements, got shape {list(header.shape)}")
+            try:
+                out = torch.empty(header.shape, dtype=header.dtype, device=device or "cpu")
+            except (RuntimeError, TypeError, OverflowError, MemoryError) as exc:
+                raise BadParamsError(f"frame: cannot allocate shape {list(header.shape)} ({exc})") from None
         elif tuple(out.shape) != header.shape or out.dtype != header.dtype:
             raise ValueError(f"out: expected shape {list(header.shape)} and dtype {header.dtype} as in the frame, "
                              f"got {list(out.shape)} and {out.dtype}")

@@ -55,7 +55,7 @@ class Int8Codec(FrameCodec):
         scales = torch.empty(flat.shape[0], dtype=pdtype, device=tensor.device)
         codes = torch.empty(flat.shape, dtype=torch.int8, device=tensor.device)
         for rows in row_chunks(flat.shape[0], width):
-            x = flat[rows].float()
+            x = flat[rows].to(torch.float32, copy=True)  # divided in place below: never the caller's tensor
             scale = round_outward(x.abs().amax(-1) / 127.0, pdtype, up=True)
             scales[rows] = scale
             used = scale.float().unsqueeze(-1)
@@ -164,7 +164,7 @@ class KiviCodec(FrameCodec):
         v_codes = torch.empty((L, v_rows * gv), dtype=torch.uint8, device=dev)
         if Tq:
             for layer in range(L):
-                keys = _pad(x[layer, 0, :Tq].float(), 0, gk).view(nk, gk, H * D)
+                keys = _pad(x[layer, 0, :Tq].float(), 0, gk).reshape(nk, gk, H * D)
                 k_low[layer], k_scale[layer], codes = quantize_groups(keys, self.bits, pd)
                 k_codes[layer] = codes.view(nk * gk, H * D)
                 if P > 1:

@@ -74,15 +74,24 @@ def rotation(dim: int, seed: int) -> torch.Tensor:
 
 
 class RotationCodec(FrameCodec):
-    """Rotate each head vector, keep its norm, code its unit coordinates with a Lloyd-Max codebook."""
+    """Rotate each head vector, keep its norm, code its unit coordinates with a Lloyd-Max codebook.
+
+    With ``center`` (default) and a token axis (dim -3, as in ``[L, P, T, H, D]``),
+    each channel's mean over the tokens is stored (pdtype, ``16 / T`` bits per
+    element) and subtracted first. Keys' outlier channels keep one sign on
+    every token, so their mean carries most of their magnitude; without it
+    the per-vector norm, and so every coordinate's error, is set by the
+    outliers. (TurboQuant itself does not center; ``center=0`` turns it off.)
+    """
 
     codec_id = 4
-    PARAMS = ("bits", "seed", "zstd")
+    PARAMS = ("bits", "seed", "center", "zstd")
     lossless = False
 
-    def __init__(self, bits: int = 4, seed: int = 0, zstd: int = 0):
+    def __init__(self, bits: int = 4, seed: int = 0, center: int = 1, zstd: int = 0):
         self.bits = check_int("bits", bits, 1, 8)
         self.seed = check_int("seed", seed, 0, (1 << 63) - 1)
+        self.center = check_int("center", center, 0, 1)
         self.zstd = check_int("zstd", zstd, 0, 19)
         self.name = f"rq{self.bits}"
         self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
@@ -110,10 +119,18 @@ class RotationCodec(FrameCodec):
                                  centroids.to(device, dtype), table.to(device), _CELLS / (2 * span))
         return self._tables[key]
 
+    def _centered(self, shape: tuple[int, ...]) -> bool:
+        return bool(self.center) and len(shape) >= 3
+
     def _encode(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         dim = tensor.shape[-1]
-        flat = tensor.reshape(-1, dim)
         cd, pd = self._compute_dtype(tensor.dtype, tensor.device), param_dtype(tensor.dtype)
+        means = []
+        if self._centered(tuple(tensor.shape)):  # the per-channel mean over tokens: keys' outlier channels
+            mean = tensor.float().mean(dim=-3, keepdim=True).to(pd)
+            tensor = tensor - mean.to(tensor.dtype)
+            means = [mean]
+        flat = tensor.reshape(-1, dim)
         rot, _, _, table, per_unit = self._prepared(dim, cd, tensor.device)
         norms = torch.empty(flat.shape[0], dtype=pd, device=tensor.device)
         codes = torch.empty(flat.shape, dtype=torch.uint8, device=tensor.device)
@@ -125,7 +142,7 @@ class RotationCodec(FrameCodec):
             scale = (per_unit / norm).nan_to_num_(0.0, 0.0, 0.0).unsqueeze(-1)
             cell = y.mul_(scale).add_(_CELLS / 2).clamp_(0, _CELLS - 1).to(torch.int32)
             codes[rows] = table.index_select(0, cell.view(-1)).view(-1, dim)
-        return [norms, pack(codes, self.bits)]
+        return [*means, norms, pack(codes, self.bits)]
 
     def _decode(self, header: FrameHeader, payload: torch.Tensor, out: torch.Tensor) -> None:
         if not header.shape or header.shape[-1] < 2:
@@ -134,7 +151,12 @@ class RotationCodec(FrameCodec):
         count = header.numel // dim
         cd = self._compute_dtype(header.dtype, out.device)
         _, rot_t, centroids, _, _ = self._prepared(dim, cd, out.device)
-        norms, at = take(payload, 0, count, param_dtype(header.dtype))
+        at, mean = 0, None
+        if self._centered(header.shape):
+            mean_shape = (*header.shape[:-3], 1, *header.shape[-2:])
+            mean, at = take(payload, 0, math.prod(mean_shape), param_dtype(header.dtype))
+            mean = mean.view(mean_shape)
+        norms, at = take(payload, at, count, param_dtype(header.dtype))
         packed, at = take(payload, at, packed_bytes(header.numel, self.bits), torch.uint8)
         expect_end(payload, at)
         codes = unpack(packed, self.bits, header.numel).view(count, dim)
@@ -142,5 +164,11 @@ class RotationCodec(FrameCodec):
         for sl in row_chunks(count, dim):
             y = centroids.index_select(0, codes[sl].reshape(-1).to(torch.int32)).view(-1, dim)
             rows[sl] = (y @ rot_t).float().mul_(norms[sl].float().unsqueeze(-1))
+        if mean is not None:
+            if temporary:
+                rows = rows.view(out.shape)
+                rows += mean
+            else:
+                out += mean
         if temporary:
             out.copy_(rows.view(out.shape))

@@ -3,7 +3,11 @@
 A tier with a codec writes frames; every tier reads both forms, because a
 directory may hold blocks written under another config (or by another
 process sharing it). A payload is a frame when it starts with the frame
-magic and parses with a good checksum; otherwise it is raw bytes. Lossless
+magic and parses with a good checksum; otherwise it is raw bytes, with one
+exception: magic followed by a version (or codec id) this kvstore does not
+know reads as a miss, since it may be a newer kvstore's frame and a frame
+must never be served as KV (a raw block that starts that way by chance, a
+few bit patterns in 2^32, is then a miss, never wrong data). Lossless
 frames are always decoded; a lossy frame only by a tier configured with that
 same codec, so turning a lossy codec off stops lossy blocks being served
 (they read as misses, and stay for a tier that wants them).

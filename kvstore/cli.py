@@ -1,4 +1,4 @@
-"""The ``kvstore`` command line: ``info`` and ``bench``."""
+"""The ``kvstore`` command line: ``info``, ``bench`` and ``codecs``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_codecs(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvstore.compression.table import DEFAULT_SPECS, TableSettings, codec_table, format_table
+
+    specs = [s for s in args.codecs.split(";") if s.strip()] if args.codecs else list(DEFAULT_SPECS)
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"--dtype: expected float16, bfloat16 or float32, got {args.dtype!r}")
+    settings = TableSettings(layers=args.layers, tokens=args.tokens, dtype=dtype, model=not args.no_model,
+                             peers=not args.no_peers)
+    rows, context = codec_table(specs, settings, progress=lambda name: print(f"measuring {name} ...",
+                                                                             file=sys.stderr, flush=True))
+    print(f"synthetic KV [{settings.layers}, 2, {settings.tokens}, {settings.heads}, {settings.head_dim}] "
+          f"{args.dtype}; model check: {'4-layer random Llama, 4 x 32 positions' if settings.model else 'off'}")
+    print(format_table(rows, context))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvstore", description="Tiered, prefix-deduplicated KV-cache store.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                        help=f"local folder for the disk tier (default {DEFAULT_DATA_DIR})")
     bench.set_defaults(run=_cmd_bench)
+
+    codecs = commands.add_parser("codecs", help="compare the codecs: size, fidelity and speed on one core")
+    codecs.add_argument("--codecs", help="codec specs separated by ';' (default: every codec, some variants)")
+    codecs.add_argument("--tokens", type=int, default=512, help="tokens of synthetic KV (default 512)")
+    codecs.add_argument("--layers", type=int, default=4, help="layers of synthetic KV (default 4)")
+    codecs.add_argument("--dtype", default="bfloat16", help="float16, bfloat16 or float32 (default bfloat16)")
+    codecs.add_argument("--no-model", action="store_true", help="skip the small-model logit check")
+    codecs.add_argument("--no-peers", action="store_true", help="skip transformers' quanto cache rows")
+    codecs.set_defaults(run=_cmd_codecs)
     return parser
 
 

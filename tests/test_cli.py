@@ -58,3 +58,19 @@ def test_bench_quick_prints_every_figure_with_its_ceiling(tmp_path):
         assert ceiling in line and "ratio" in line
     assert sum("lookup 131072 tokens" in line for line in lines) == 4
     assert list((tmp_path / "data").iterdir()) == []  # its scratch data is removed
+
+
+def test_codecs_prints_a_row_per_codec():
+    result = _kvstore("codecs", "--codecs", "raw;int8;rq4", "--tokens", "64", "--layers", "1", "--no-peers",
+                      "--no-model")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["raw", "int8", "rq4"]
+    raw = rows[1].split("|")
+    assert raw[2].strip() == "1.00x" and raw[3].strip() == "0.0000"  # raw is exact and the same size
+
+
+def test_codecs_names_a_bad_codec():
+    result = _kvstore("codecs", "--codecs", "kivi9", "--no-model", "--no-peers")
+    assert result.returncode == 2
+    assert "kivi9" in result.stderr and "kivi4" in result.stderr

@@ -1,0 +1,151 @@
+"""The codec comparison ``kvstore codecs`` prints: size, fidelity and speed of every codec, one run.
+
+Each row round-trips the same synthetic KV (``fidelity.synthetic_kv``) and
+the same small Llama's prefix cache (``fidelity.ModelCheck``). Speeds are
+GB/s of 16-bit input on one CPU core (torch limited to one thread while
+timing), next to ``Tensor.copy_`` of the same tensor measured in the same run.
+Peers (transformers' ``QuantizedCache`` with the quanto backend) are rows of
+the same table when ``optimum-quanto`` is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.compression import fidelity
+from kvstore.compression.registry import get_codec
+
+DEFAULT_SPECS = ("raw", "zstd", "zstd:level=9", "int8", "kivi4", "kivi4:group=64", "kivi2", "rq4", "rq3", "rq2",
+                 "int8:zstd=3", "kivi2:zstd=3", "rq3:zstd=3")
+COLUMNS = ("codec", "ratio", "k_rel_err", "v_rel_err", "attn_cos_diffuse", "attn_cos_peaked", "attn_cos_min",
+           "top1_agree", "kl_mean", "encode_gbps", "decode_gbps")
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    """What ``codec_table`` measures on: synthetic KV size (tokens x layers x heads x head_dim), dtype, repeats."""
+
+    layers: int = 4
+    heads: int = 8
+    tokens: int = 512
+    head_dim: int = 128
+    dtype: torch.dtype = torch.bfloat16
+    repeats: int = 3
+    model: bool = True
+    peers: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "heads", "tokens", "head_dim", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread while inside (the per-core figures), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls after one warm-up call, seconds."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _row(name: str, kv: torch.Tensor, stored_bytes: int, roundtrip: Callable[[torch.Tensor], torch.Tensor],
+         check: fidelity.ModelCheck | None) -> dict[str, object]:
+    row: dict[str, object] = {"codec": name, "ratio": kv.numel() * 2 / stored_bytes}
+    row.update(fidelity.kv_metrics(kv, roundtrip(kv)))
+    if check is not None:
+        model = check.run(roundtrip)
+        row.update(top1_agree=model["top1_agree"], kl_mean=model["kl_mean"])
+    return row
+
+
+def codec_table(specs: Sequence[str] = DEFAULT_SPECS, settings: TableSettings | None = None,
+                progress: Callable[[str], None] | None = None) -> tuple[list[dict[str, object]], dict[str, float]]:
+    """(one dict per codec with ``COLUMNS``, context: the copy ceiling in GB/s and the KV shape)."""
+    settings = settings or TableSettings()
+    codecs = [(spec, get_codec(spec)) for spec in specs]  # bad specs fail before any measuring
+    kv = fidelity.synthetic_kv(settings.layers, settings.heads, settings.tokens, settings.head_dim,
+                               dtype=settings.dtype)
+    input_bytes = kv.numel() * kv.element_size()
+    check = fidelity.ModelCheck(fidelity.ModelCheckSettings(kv_dtype=settings.dtype)) if settings.model else None
+    with one_thread():
+        out = torch.empty_like(kv)
+        copy_gbps = input_bytes / best_seconds(lambda: out.copy_(kv), settings.repeats) / 1e9
+    rows = []
+    for spec, codec in codecs:
+        if progress is not None:
+            progress(spec)
+        frame = codec.encode(kv)
+        row = _row(spec, kv, len(frame), lambda t, c=codec: c.decode(c.encode(t)), check)
+        with one_thread():
+            row["encode_gbps"] = input_bytes / best_seconds(lambda: codec.encode(kv), settings.repeats) / 1e9
+            row["decode_gbps"] = input_bytes / best_seconds(lambda: codec.decode(frame), settings.repeats) / 1e9
+        rows.append(row)
+    if settings.peers:
+        rows.extend(_peer_rows(kv, check, settings, progress))
+    return rows, {"copy_gbps": copy_gbps, "input_bytes": float(input_bytes)}
+
+
+def _peer_rows(kv: torch.Tensor, check: fidelity.ModelCheck | None, settings: TableSettings,
+               progress: Callable[[str], None] | None) -> list[dict[str, object]]:
+    """transformers ``QuantizedCache(backend="quanto")`` at 4 and 2 bits, if optimum-quanto is installed."""
+    try:
+        import optimum.quanto  # noqa: F401
+    except ImportError:
+        return []
+    rows = []
+    for bits in (4, 2):
+        name = f"transformers quanto {bits}-bit"
+        if progress is not None:
+            progress(name)
+        quanto = fidelity.QuantoSettings(bits=bits)
+        result = fidelity.quanto_quantize(kv, quanto)
+        row = _row(name, kv, result.stored_bytes, lambda t: fidelity.quanto_quantize(t, quanto).decoded, check)
+        with one_thread():
+            seconds = best_seconds(lambda: fidelity.quanto_quantize(kv, quanto), settings.repeats)
+        row["encode_gbps"] = kv.numel() * kv.element_size() / seconds / 1e9  # quantize + dequantize together
+        row["decode_gbps"] = float("nan")
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, object]], context: dict[str, float]) -> str:
+    """A Markdown table of ``rows`` (as ``codec_table`` returns them) with a line on the ceiling."""
+    header = ("| codec | ratio vs 16-bit | K rel err | V rel err | attn cos diffuse | attn cos peaked | "
+              "attn cos min | model top-1 | model KL (nats) | encode GB/s | decode GB/s |")
+    lines = [header, "|" + "---|" * 11]
+    for row in rows:
+        cells = [str(row["codec"]), f"{row['ratio']:.2f}x"]
+        cells += [f"{row[k]:.4f}" for k in ("k_rel_err", "v_rel_err")]
+        cells += [f"{row[k]:.5f}" for k in ("attn_cos_diffuse", "attn_cos_peaked", "attn_cos_min")]
+        cells += [f"{row['top1_agree'] * 100:.1f}%" if "top1_agree" in row else "-"]
+        cells += [f"{row['kl_mean']:.2e}" if "kl_mean" in row else "-"]
+        cells += [_speed(row.get("encode_gbps")), _speed(row.get("decode_gbps"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Speeds on one CPU core; Tensor.copy_ of the same {context['input_bytes'] / 2**20:.0f} MiB "
+                 f"in the same run: {context['copy_gbps']:.1f} GB/s. Peer rows time quantize + dequantize together.")
+    return "\n".join(lines)
+
+
+def _speed(value: object) -> str:
+    return "-" if value is None or value != value else f"{value:.2f}"

@@ -1,0 +1,424 @@
+"""Codecs in the tiers and the store: encoded on the way down, decoded on the way up, capacity in encoded bytes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TESTS_DIR, assert_same_kv, make_kv, make_tokens, tiny_layout
+from kvstore.blockformat import HEADER_BYTES
+from kvstore.compression import KiviCodec, get_codec
+from kvstore.config import StoreConfig
+from kvstore.store import KVStore
+from kvstore.tiers.files import FilesTier
+from kvstore.tiers.lmdb import LmdbTier
+
+sys.path.insert(0, str(TESTS_DIR / "tiers"))
+from tierkit import A, B, C, D, make_blocks, read  # noqa: E402
+
+LAYOUT = tiny_layout()  # [2, 2, 16, 2, 16] fp16: 4096-byte blocks
+RAW_BLOCK = LAYOUT.block_bytes + HEADER_BYTES
+KEYS = [bytes([i]) * 32 for i in range(1, 21)]  # twenty more keys
+TIERS = ["lmdb", "files"]
+
+
+def open_tier(kind: str, path: Path, capacity: int, codec: str | None, layout=LAYOUT):
+    codec_obj = get_codec(codec) if codec else None
+    if kind == "lmdb":
+        return LmdbTier(path, capacity, layout, sync=False, codec=codec_obj)
+    return FilesTier(path, capacity, layout, sync=False, codec=codec_obj)
+
+
+@pytest.fixture
+def tiers(tmp_path):
+    """``tiers(kind, codec, capacity=1 MiB, path=None)``: a tier closed at teardown."""
+    opened = []
+
+    def factory(kind: str, codec: str | None, capacity: int = 1 << 20, path: Path | None = None, layout=LAYOUT):
+        tier = open_tier(kind, path or tmp_path / kind, capacity, codec, layout)
+        opened.append(tier)
+        return tier
+
+    yield factory
+    for tier in opened:
+        tier.close()
+
+
+def rel_err(y: torch.Tensor, x: torch.Tensor) -> float:
+    return float((y.float() - x.float()).norm() / x.float().norm())
+
+
+def block_files(path: Path) -> list[Path]:
+    return sorted(path.rglob("*.kvb"))
+
+
+# -- put / get through a tier with a codec ---------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["kivi4", "rq3", "zstd", "int8"])
+@pytest.mark.parametrize("kind", TIERS)
+def test_put_then_get_decodes(tiers, kind, spec):
+    tier = tiers(kind, spec)
+    codec = get_codec(spec)
+    blocks = make_blocks(LAYOUT)
+    assert tier.put_many(list(blocks.items())) == 5
+    for key, block in blocks.items():
+        got = read(tier, LAYOUT, key)
+        assert got is not None and got.shape == block.shape and got.dtype == block.dtype
+        if codec.lossless:
+            assert_same_kv(got, block)
+        else:
+            assert rel_err(got, block) < 0.25
+            assert_same_kv(got, codec.decode(codec.encode(block)))  # what the codec gives, no more loss
+    # a partial block (a prompt's tail) too
+    tail = make_kv(LAYOUT, 5, seed=9)
+    assert tier.put_many([(KEYS[0], tail)]) == 1
+    got = read(tier, LAYOUT, KEYS[0], tokens=5)
+    assert got is not None
+    assert_same_kv(got, codec.decode(codec.encode(tail)))
+    assert read(tier, LAYOUT, KEYS[0], tokens=16) is None  # asked as a full block: another size, a miss
+
+
+@pytest.mark.parametrize("kind", TIERS)
+def test_get_into_a_strided_view(tiers, kind):
+    tier = tiers(kind, "kivi4")
+    block = make_kv(LAYOUT, 16, seed=3)
+    tier.put_many([(A, block)])
+    big = torch.zeros(LAYOUT.shape(40), dtype=LAYOUT.dtype)
+    assert tier.get_into(A, big[:, :, 16:32])
+    codec = get_codec("kivi4")
+    assert_same_kv(big[:, :, 16:32], codec.decode(codec.encode(block)))
+    assert bool((big[:, :, :16] == 0).all()) and bool((big[:, :, 32:] == 0).all())
+
+
+@pytest.mark.parametrize("spec", ["kivi4", "rq3", "zstd"])
+@pytest.mark.parametrize("kind", TIERS)
+def test_capacity_and_stats_count_encoded_bytes(tiers, kind, spec):
+    tier = tiers(kind, spec)
+    blocks = make_blocks(LAYOUT)
+    tier.put_many(list(blocks.items()))
+    frames = {key: len(get_codec(spec).encode(block)) for key, block in blocks.items()}
+    assert tier.used_bytes() == sum(frames.values()) + 5 * HEADER_BYTES
+    stats = tier.stats()
+    assert stats["blocks"] == 5 and stats["used_bytes"] == tier.used_bytes()
+    assert stats["bytes_written"] == sum(frames.values())
+    assert stats["logical_bytes_written"] == 5 * LAYOUT.block_bytes
+    assert stats["bytes_written"] < stats["logical_bytes_written"]
+    read(tier, LAYOUT, A)
+    assert tier.stats()["bytes_read"] == frames[A]
+
+
+@pytest.mark.parametrize("kind", TIERS)
+def test_raw_tier_counts_block_bytes(tiers, kind):
+    tier = tiers(kind, None)
+    tier.put_many(list(make_blocks(LAYOUT).items()))
+    stats = tier.stats()
+    assert tier.used_bytes() == 5 * RAW_BLOCK
+    assert stats["bytes_written"] == stats["logical_bytes_written"] == 5 * LAYOUT.block_bytes
+
+
+@pytest.mark.parametrize("spec", ["kivi4", "rq3", "kivi2", None])
+@pytest.mark.parametrize("kind", TIERS)
+def test_a_codec_fits_more_blocks_before_evicting(tiers, kind, spec):
+    """Capacity of 4 raw blocks: the codec's tier holds capacity // (frame + header) blocks, LRU evicted."""
+    capacity = 4 * RAW_BLOCK
+    tier = tiers(kind, spec, capacity=capacity)
+    per_block = (len(get_codec(spec).encode(make_kv(LAYOUT, 16))) if spec else LAYOUT.block_bytes) + HEADER_BYTES
+    fits = capacity // per_block
+    if spec in ("kivi4", "kivi2", None):  # kivi4: 1636-byte frames (2.5x), kivi2: 1124 (3.6x)
+        assert fits == {"kivi4": 9, "kivi2": 13, None: 4}[spec]
+    assert fits < len(KEYS)
+    for i, key in enumerate(KEYS):
+        assert tier.put_many([(key, make_kv(LAYOUT, 16, seed=i))]) == 1
+    stats = tier.stats()
+    held = min(fits, len(KEYS))
+    assert stats["blocks"] == held
+    assert stats["evictions"] == len(KEYS) - held
+    assert tier.used_bytes() == held * per_block <= capacity
+    assert list(tier.keys()) == KEYS[len(KEYS) - held:]  # the oldest went first
+    assert read(tier, LAYOUT, KEYS[-1]) is not None
+    if held < len(KEYS):
+        assert read(tier, LAYOUT, KEYS[0]) is None
+
+
+@pytest.mark.parametrize("kind", TIERS)
+def test_a_frame_larger_than_the_capacity_is_rejected(tiers, kind):
+    # zstd of incompressible fp32 data is larger than the raw block: a one-block tier refuses it
+    lay = tiny_layout(dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randint(-2**31, 2**31 - 1, lay.block_shape, generator=gen, dtype=torch.int64)
+    block = noise.to(torch.int32).view(torch.float32)
+    frame = len(get_codec("zstd").encode(block))
+    assert frame > lay.block_bytes
+    tier = tiers(kind, "zstd", capacity=lay.block_bytes + HEADER_BYTES, layout=lay)
+    assert tier.put_many([(A, block)]) == 0
+    assert tier.stats()["rejected"] == 1 and tier.used_bytes() == 0
+
+
+# -- directories shared between configs ----------------------------------------------------------
+
+
+def test_files_written_lossy_are_misses_for_a_raw_tier_and_stay(tiers, tmp_path):
+    path = tmp_path / "shared"
+    blocks = make_blocks(LAYOUT)
+    kivi = tiers("files", "kivi4", path=path)
+    kivi.put_many([(A, blocks[A]), (B, blocks[B])])
+    tiers("files", "zstd", path=path).put_many([(C, blocks[C])])
+    tiers("files", None, path=path).put_many([(D, blocks[D])])
+    assert len(block_files(path)) == 4
+
+    raw = tiers("files", None, path=path)
+    assert read(raw, LAYOUT, A) is None and read(raw, LAYOUT, B) is None  # lossy: not served here
+    assert_same_kv(read(raw, LAYOUT, C), blocks[C])  # lossless: served exactly
+    assert_same_kv(read(raw, LAYOUT, D), blocks[D])
+    stats = raw.stats()
+    assert stats["misses"] == 2 and stats["corrupt"] == 0
+    assert len(block_files(path)) == 4  # nothing deleted
+    assert raw.contains(A)
+
+    rq = tiers("files", "rq3", path=path)  # another lossy codec does not serve them either
+    assert read(rq, LAYOUT, A) is None
+    assert_same_kv(read(rq, LAYOUT, C), blocks[C])
+
+    again = tiers("files", "kivi4", path=path)  # the codec that wrote them still does
+    codec = get_codec("kivi4")
+    assert_same_kv(read(again, LAYOUT, A), codec.decode(codec.encode(blocks[A])))
+    assert_same_kv(read(again, LAYOUT, D), blocks[D])  # and raw blocks read exactly under a codec
+
+
+def test_lmdb_written_lossy_is_a_miss_for_a_raw_tier_and_stays(tmp_path):
+    path = tmp_path / "lmdb"
+    blocks = make_blocks(LAYOUT)
+    tier = open_tier("lmdb", path, 1 << 20, "kivi4")
+    tier.put_many([(A, blocks[A])])
+    tier.close()
+    tier = open_tier("lmdb", path, 1 << 20, "zstd")
+    tier.put_many([(B, blocks[B])])
+    tier.close()
+    tier = open_tier("lmdb", path, 1 << 20, None)
+    tier.put_many([(C, blocks[C])])
+    try:
+        assert read(tier, LAYOUT, A) is None
+        assert_same_kv(read(tier, LAYOUT, B), blocks[B])
+        assert_same_kv(read(tier, LAYOUT, C), blocks[C])
+        assert tier.stats()["corrupt"] == 0 and tier.stats()["blocks"] == 3 and tier.contains(A)
+    finally:
+        tier.close()
+    tier = open_tier("lmdb", path, 1 << 20, "kivi4")
+    try:
+        codec = get_codec("kivi4")
+        assert_same_kv(read(tier, LAYOUT, A), codec.decode(codec.encode(blocks[A])))
+        assert_same_kv(read(tier, LAYOUT, B), blocks[B])
+        assert_same_kv(read(tier, LAYOUT, C), blocks[C])
+        # used bytes after reopening are the encoded sizes, as stored
+        assert tier.used_bytes() == (len(codec.encode(blocks[A])) + len(get_codec("zstd").encode(blocks[B]))
+                                     + LAYOUT.block_bytes + 3 * HEADER_BYTES)
+    finally:
+        tier.close()
+
+
+@pytest.mark.parametrize("kind", TIERS)
+def test_raw_dir_opened_by_a_codec_tier_reads_exactly(tiers, tmp_path, kind):
+    path = tmp_path / "raw-first"
+    blocks = make_blocks(LAYOUT)
+    first = open_tier(kind, path, 1 << 20, None)
+    first.put_many(list(blocks.items()))
+    first.close()
+    tier = tiers(kind, "kivi4", path=path)
+    for key, block in blocks.items():
+        assert_same_kv(read(tier, LAYOUT, key), block)
+
+
+def lru_evictions(sizes: list[tuple[bytes, int]], capacity: int) -> list[bytes]:
+    """The keys an exact LRU of ``capacity`` bytes evicts when ``sizes`` are put one after another."""
+    held: list[tuple[bytes, int]] = []
+    evicted = []
+    for key, size in sizes:
+        while held and sum(s for _, s in held) + size > capacity:
+            evicted.append(held.pop(0)[0])
+        held.append((key, size))
+    return evicted
+
+
+@pytest.mark.parametrize("spec", ["kivi4", "rq3", "zstd"])
+def test_lmdb_evictions_pass_decoded_blocks_down(tiers, spec):
+    codec = get_codec(spec)
+    capacity = 4 * RAW_BLOCK
+    tier = tiers("lmdb", spec, capacity=capacity)
+    seen = []
+    tier.on_evict = lambda key, block: seen.append((key, block.clone()))
+    originals = {key: make_kv(LAYOUT, 16, seed=i) for i, key in enumerate(KEYS)}
+    originals[KEYS[0]] = make_kv(LAYOUT, 5, seed=99)  # a partial block is passed down with its own length
+    for key, block in originals.items():
+        tier.put_many([(key, block)])
+    sizes = [(key, len(codec.encode(block)) + HEADER_BYTES) for key, block in originals.items()]
+    expected = lru_evictions(sizes, capacity)
+    assert len(expected) >= 2
+    assert [key for key, _ in seen] == expected
+    assert tier.stats()["evictions"] == len(expected)
+    for key, block in seen:
+        original = originals[key]
+        assert block.shape == original.shape and block.dtype == original.dtype and block.device.type == "cpu"
+        assert_same_kv(block, codec.decode(codec.encode(original)))
+
+
+# -- dtypes the frame does not have --------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: KVLayout accepts float8 dtypes but the frame's DTYPE_IDS lacks them: "
+                                       "ZstdCodec.encode of an fp8 block raises ValueError('dtype: expected one "
+                                       "of ...') in pack_frame, so a tier with disk_codec/files_codec='zstd' can "
+                                       "store no fp8 block (the store counts errors and bypasses the tier)")
+@pytest.mark.parametrize("kind", TIERS)
+def test_zstd_tier_stores_fp8_blocks(tiers, kind):
+    lay = tiny_layout(dtype=torch.float8_e4m3fn)
+    block = make_kv(lay, 16)
+    tier = tiers(kind, "zstd", layout=lay)
+    assert tier.put_many([(A, block)]) == 1
+    got = torch.zeros(lay.block_shape, dtype=lay.dtype)
+    assert tier.get_into(A, got)
+    assert torch.equal(got.view(torch.uint8), block.view(torch.uint8))
+
+
+@pytest.mark.parametrize("kind", TIERS)
+def test_zstd_tier_stores_int8_blocks(tiers, kind):
+    lay = tiny_layout(dtype=torch.int8)
+    block = torch.randint(-128, 128, lay.block_shape, generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    tier = tiers(kind, "zstd", layout=lay)
+    assert tier.put_many([(A, block)]) == 1
+    got = torch.zeros(lay.block_shape, dtype=lay.dtype)
+    assert tier.get_into(A, got) and torch.equal(got, block)
+
+
+# -- through the store -------------------------------------------------------------------------
+
+
+def prompt(n: int = 40, seed: int = 0):
+    return make_tokens(n, seed=seed), make_kv(LAYOUT, n, seed=seed)
+
+
+@pytest.mark.parametrize("mode", ["disk", "both"])
+def test_store_with_a_lossy_disk_codec_survives_restart_close_to_the_original(make_store, mode):
+    tokens, kv = prompt(40)  # two full blocks and an 8-token tail
+    first = make_store(mode, disk_codec="kivi4")
+    assert first.put(tokens, kv) == 3
+    if mode == "both":
+        assert_same_kv(first.get(tokens), kv)  # host RAM holds the exact KV
+    first.close()
+    assert first.disk is not None
+    second = make_store(mode, disk_codec="kivi4")
+    assert second.lookup(tokens) == 40
+    got = second.get(tokens)
+    assert got.shape == kv.shape and got.dtype == kv.dtype
+    assert not torch.equal(got, kv)
+    assert rel_err(got, kv) < 0.15
+    codec = get_codec("kivi4")
+    for start, end in ((0, 16), (16, 32), (32, 40)):  # each block is the codec's image of it
+        assert_same_kv(got[:, :, start:end], codec.decode(codec.encode(kv[:, :, start:end].contiguous())))
+    assert_same_kv(second.get(tokens), got)  # read again (from host if promoted): the same values
+    stats = second.stats()["tiers"]["lmdb"]
+    assert stats["blocks"] == 3
+    assert stats["bytes_written"] == 0 and stats["bytes_read"] > 0
+    assert second.disk.used_bytes() == sum(
+        len(codec.encode(kv[:, :, s:e].contiguous())) + HEADER_BYTES for s, e in ((0, 16), (16, 32), (32, 40)))
+
+
+@pytest.mark.parametrize("mode", ["disk", "both"])
+def test_store_with_zstd_disk_codec_is_exact_after_restart(make_store, mode):
+    tokens, kv = prompt(40, seed=1)
+    first = make_store(mode, disk_codec="zstd")
+    first.put(tokens, kv)
+    first.close()
+    second = make_store(mode, disk_codec="zstd")
+    assert_same_kv(second.get(tokens), kv)
+    stats = second.stats()["tiers"]["lmdb"]
+    assert stats["used_bytes"] < 2 * LAYOUT.block_bytes + 8 * LAYOUT.token_bytes + 3 * HEADER_BYTES
+
+
+def test_store_files_codec(make_store, tmp_path):
+    tokens, kv = prompt(40, seed=2)
+    files = tmp_path / "files"
+    first = make_store("host", files_dir=str(files), files_codec="rq3", files_sync=False)
+    first.put(tokens, kv)
+    first.close()
+    second = make_store("host", files_dir=str(files), files_codec="rq3", files_sync=False)
+    assert second.files.encoding.codec == get_codec("rq3")
+    got = second.get(tokens)
+    assert got.shape == kv.shape and rel_err(got, kv) < 0.25
+    third = make_store("host", files_dir=str(files), files_sync=False)  # raw: the rq3 blocks are not served
+    assert third.get(tokens).shape[2] == 0
+    assert len(block_files(files)) == 3
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: after disk_codec changes from kivi4 to raw, the kivi4 blocks still "
+                                       "'exist' (contains/lookup say 40 tokens) but read as misses; put() of the "
+                                       "same prompt counts them as dedup and never rewrites them, so get() returns "
+                                       "0 tokens until they are evicted")
+def test_store_switching_off_a_lossy_codec_serves_the_prompt_again_after_a_put(make_store):
+    tokens, kv = prompt(40, seed=3)
+    first = make_store("disk", disk_codec="kivi4")
+    first.put(tokens, kv)
+    first.close()
+    second = make_store("disk")  # raw
+    assert second.get(tokens).shape[2] == 0  # the lossy blocks are not served to a raw store
+    second.put(tokens, kv)
+    assert second.lookup(tokens) == 40
+    assert_same_kv(second.get(tokens), kv)
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+def test_config_codec_defaults():
+    config = StoreConfig()
+    assert (config.host_codec, config.disk_codec, config.files_codec) == ("raw", "raw", "raw")
+
+
+@pytest.mark.parametrize("field", ["disk_codec", "files_codec"])
+@pytest.mark.parametrize("spec", ["nope", "kivi3", "", "kivi4:bits=9", "kivi4:foo=1", "zstd:level"])
+def test_config_bad_codec_is_a_value_error(field, spec):
+    with pytest.raises(ValueError) as info:
+        StoreConfig(**{field: spec})
+    if spec in ("nope", "kivi3", ""):
+        assert "kivi4" in str(info.value) and "zstd" in str(info.value)  # names the codecs there are
+
+
+@pytest.mark.parametrize("spec", ["kivi4", "zstd", "rq3", "int8", "nope"])
+def test_config_host_codec_is_raw_only(spec):
+    with pytest.raises(ValueError, match="host_codec|codec"):
+        StoreConfig(host_codec=spec)
+    assert StoreConfig(host_codec="raw").host_codec == "raw"
+
+
+def test_config_codecs_from_the_environment(tmp_path):
+    environ = {"KVSTORE_DISK_CODEC": "kivi2:group=64", "KVSTORE_FILES_CODEC": "zstd:level=3",
+               "KVSTORE_DISK_DIR": str(tmp_path / "disk"), "KVSTORE_FILES_DIR": str(tmp_path / "files"),
+               "KVSTORE_HOST_BYTES": "0", "KVSTORE_DISK_BYTES": "4MiB", "KVSTORE_FILES_BYTES": "4MiB",
+               "KVSTORE_DISK_SYNC": "false", "KVSTORE_FILES_SYNC": "false"}
+    config = StoreConfig.load(environ=environ)
+    assert config.disk_codec == "kivi2:group=64" and config.files_codec == "zstd:level=3"
+    with KVStore(LAYOUT, config) as store:
+        assert store.disk.encoding.codec == KiviCodec(bits=2, group=64)
+        assert store.files.encoding.codec == get_codec("zstd:level=3")
+        tokens, kv = prompt(16, seed=4)
+        store.put(tokens, kv)
+        store.flush()
+        got = store.get(tokens)
+        assert got.shape == kv.shape and rel_err(got, kv) < 0.6
+    with pytest.raises(ValueError, match="kivi4"):
+        StoreConfig.load(environ={"KVSTORE_DISK_CODEC": "nope"})
+    with pytest.raises(ValueError, match="host_codec"):
+        StoreConfig.load(environ={"KVSTORE_HOST_CODEC": "kivi4"})
+
+
+def test_config_from_file_with_codecs(tmp_path):
+    path = tmp_path / "kv.toml"
+    path.write_text('[kvstore]\ndisk_codec = "rq3:zstd=3"\nfiles_codec = "zstd"\n')
+    config = StoreConfig.from_file(path)
+    assert config.disk_codec == "rq3:zstd=3" and config.files_codec == "zstd"
+    assert config.replace(disk_codec="kivi4").disk_codec == "kivi4"
+    with pytest.raises(ValueError):
+        config.replace(disk_codec="nope")
