@@ -46,11 +46,12 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         for i in range(1, group):
             word |= grouped[:, i] << (bits * i)
         return word
-    word = grouped[:, 0].to(torch.int32)
+    width = bits * group // 8  # bytes per group: 3 at 3 and 6 bits, 5 at 5 bits, 7 at 7 bits
+    word = grouped[:, 0].to(torch.int64)
     for i in range(1, group):
-        word |= grouped[:, i].to(torch.int32) << (bits * i)
-    out = torch.empty((word.numel(), bits), dtype=torch.uint8, device=codes.device)
-    for j in range(bits):
+        word |= grouped[:, i].to(torch.int64) << (bits * i)
+    out = torch.empty((word.numel(), width), dtype=torch.uint8, device=codes.device)
+    for j in range(width):
         out[:, j] = (word >> (8 * j)) & 0xFF
     return out.view(-1)
 
@@ -67,9 +68,10 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if bits * group == 8:
         parts = [(packed >> (bits * i)) & mask for i in range(group)]
     else:
-        byte_groups = packed.view(-1, bits)
-        word = byte_groups[:, 0].to(torch.int32)
-        for j in range(1, bits):
-            word |= byte_groups[:, j].to(torch.int32) << (8 * j)
+        width = bits * group // 8
+        byte_groups = packed.view(-1, width)
+        word = byte_groups[:, 0].to(torch.int64)
+        for j in range(1, width):
+            word |= byte_groups[:, j].to(torch.int64) << (8 * j)
         parts = [((word >> (bits * i)) & mask).to(torch.uint8) for i in range(group)]
     return torch.stack(parts, dim=1).view(-1)[:count]

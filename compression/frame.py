@@ -47,6 +47,8 @@ DTYPE_IDS: dict[torch.dtype, int] = {
     torch.int16: 7,
     torch.int32: 8,
     torch.int64: 9,
+    torch.float8_e4m3fn: 10,
+    torch.float8_e5m2: 11,
 }
 _DTYPES_BY_ID = {v: k for k, v in DTYPE_IDS.items()}
 

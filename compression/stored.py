@@ -9,8 +9,9 @@ know reads as a miss, since it may be a newer kvstore's frame and a frame
 must never be served as KV (a raw block that starts that way by chance, a
 few bit patterns in 2^32, is then a miss, never wrong data). Lossless
 frames are always decoded; a lossy frame only by a tier configured with that
-same codec, so turning a lossy codec off stops lossy blocks being served
-(they read as misses, and stay for a tier that wants them).
+same codec, so turning a lossy codec off stops lossy blocks being served.
+Tiers delete what they read as ``OTHER_CODEC`` (counted ``stale``), so the
+next put of that prefix stores it again in the tier's own form.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ class BlockEncoding:
             raise ValueError(f"codec: expected a kvstore codec or None, got {type(codec).__name__}")
         self._layout = layout
         self.codec = None if codec is None or isinstance(codec, RawCodec) else codec
+        if self.codec is not None:
+            try:
+                self.codec.check_tensor(torch.empty(layout.shape(1), dtype=layout.dtype))
+            except ValueError as exc:
+                raise ValueError(f"codec {self.codec.name}: cannot store this layout's blocks ({exc})") from None
         self.name = self.codec.name if self.codec is not None else "raw"
 
     def encode(self, block: torch.Tensor) -> object:

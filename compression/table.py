@@ -108,9 +108,9 @@ def codec_table(specs: Sequence[str] = DEFAULT_SPECS, settings: TableSettings | 
 def _peer_rows(kv: torch.Tensor, check: fidelity.ModelCheck | None, settings: TableSettings,
                progress: Callable[[str], None] | None) -> list[dict[str, object]]:
     """transformers ``QuantizedCache(backend="quanto")`` at 4 and 2 bits, if optimum-quanto is installed."""
-    try:
-        import optimum.quanto  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
         return []
     rows = []
     for bits in (4, 2):

@@ -157,7 +157,7 @@ class FilesTier:
         self._seq = 0
         self._scan_removed: set[bytes] | None = None  # keys forgotten while a scan runs
         self._last_scan = 0.0
-        self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "temp_removed", "o_direct_fallbacks")
+        self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale", "temp_removed", "o_direct_fallbacks")
         self._rescan(clean_temps=True)
 
     @property
@@ -401,11 +401,11 @@ class FilesTier:
             self._counters.add("bytes_read", st.st_size - HEADER_BYTES)
             return True
         self._counters.add("misses")
-        if verdict not in (OTHER_SIZE, OTHER_CODEC):
+        if verdict != OTHER_SIZE:
             with self._lock:
                 self._forget(key)
-        if verdict == CORRUPT:
-            self._counters.add("corrupt")
+        if verdict in (CORRUPT, OTHER_CODEC):  # damaged, or in a form this tier no longer serves
+            self._counters.add("corrupt" if verdict == CORRUPT else "stale")
             try:  # unless a writer has renamed a new file over it since
                 now = os.stat(path)
                 if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):

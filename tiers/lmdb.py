@@ -29,7 +29,7 @@ import torch
 
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.compression.codec import FrameCodec
-from kvstore.compression.stored import CORRUPT, INTACT, BlockEncoding
+from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
 from kvstore.tiers.base import TIER_COUNTERS, tier_stats
@@ -89,7 +89,7 @@ class LmdbTier:
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> stored bytes, LRU first
         self._used = 0
         self._pending_stamps: dict[bytes, int] = {}
-        self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written")
+        self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale")
         self._clock = self._load_index()
         self._closed = False
         if self._used > self._capacity:
@@ -260,8 +260,8 @@ class LmdbTier:
                 verdict = self.encoding.decode_into(payload, out)
         if verdict != INTACT:
             self._counters.add("misses")
-            if verdict == CORRUPT:
-                self._counters.add("corrupt")
+            if verdict in (CORRUPT, OTHER_CODEC):  # damaged, or in a form this tier no longer serves
+                self._counters.add("corrupt" if verdict == CORRUPT else "stale")
                 self._write([], [key])
             return False
         with self._lock:

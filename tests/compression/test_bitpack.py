@@ -9,26 +9,8 @@ import torch
 
 from kvstore.compression.bitpack import pack, packed_bytes, unpack
 
-# Bit widths whose packing is broken (see the xfails below): a group of 8 codes
-# of 5 or 7 bits is 40 / 56 bits, built in an int32 word; 6-bit groups are
-# written as 6 bytes instead of 3.
-BROKEN = {5, 6, 7}
-
-
-def bits_param(bits: int):
-    if bits in (5, 7):
-        return pytest.param(bits, marks=pytest.mark.xfail(
-            strict=True, reason=f"BUG: pack() builds a group of 8 {bits}-bit codes ({8 * bits} bits) in an int32 "
-                                "word: the last codes of each group overflow and unpack() returns wrong codes"))
-    if bits == 6:
-        return pytest.param(bits, marks=pytest.mark.xfail(
-            strict=True, reason="BUG: pack() writes `bits`=6 bytes per 4-code group instead of 3, so its output "
-                                "is twice packed_bytes() and unpack() of it raises ValueError"))
-    return bits
-
-
-ALL_BITS = [bits_param(b) for b in range(1, 9)]
-GOOD_BITS = [b for b in range(1, 9) if b not in BROKEN]
+ALL_BITS = list(range(1, 9))
+GOOD_BITS = list(range(1, 9))
 
 
 def group_of(bits: int) -> int:

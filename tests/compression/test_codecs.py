@@ -457,9 +457,6 @@ def test_zstd_post_pass_shrinks_redundant_codes():
 
 @pytest.mark.parametrize("cls, bits", [(KiviCodec, 5), (KiviCodec, 6), (KiviCodec, 7), (RotationCodec, 6)],
                          ids=lambda v: getattr(v, "__name__", str(v)))
-@pytest.mark.xfail(strict=True, reason="BUG: bitpack.pack is wrong for 5, 6 and 7 bits (int32 overflow of the "
-                                       "40/56-bit group; 6 bytes per 3-byte group), so KiviCodec/RotationCodec with "
-                                       "bits=5..7 (accepted, e.g. 'kivi4:bits=6') decode garbage or raise BadParamsError")
 def test_lossy_codecs_with_5_to_7_bits(cls, bits):
     x = kv((2, 2, 16, 2, D), torch.float32, seed=bits)
     codec = cls(bits=bits)

@@ -161,7 +161,7 @@ def test_a_frame_larger_than_the_capacity_is_rejected(tiers, kind):
 # -- directories shared between configs ----------------------------------------------------------
 
 
-def test_files_written_lossy_are_misses_for_a_raw_tier_and_stay(tiers, tmp_path):
+def test_files_written_lossy_are_stale_for_a_raw_tier(tiers, tmp_path):
     path = tmp_path / "shared"
     blocks = make_blocks(LAYOUT)
     kivi = tiers("files", "kivi4", path=path)
@@ -170,26 +170,28 @@ def test_files_written_lossy_are_misses_for_a_raw_tier_and_stay(tiers, tmp_path)
     tiers("files", None, path=path).put_many([(D, blocks[D])])
     assert len(block_files(path)) == 4
 
-    raw = tiers("files", None, path=path)
-    assert read(raw, LAYOUT, A) is None and read(raw, LAYOUT, B) is None  # lossy: not served here
-    assert_same_kv(read(raw, LAYOUT, C), blocks[C])  # lossless: served exactly
-    assert_same_kv(read(raw, LAYOUT, D), blocks[D])
-    stats = raw.stats()
-    assert stats["misses"] == 2 and stats["corrupt"] == 0
-    assert len(block_files(path)) == 4  # nothing deleted
-    assert raw.contains(A)
-
-    rq = tiers("files", "rq3", path=path)  # another lossy codec does not serve them either
-    assert read(rq, LAYOUT, A) is None
-    assert_same_kv(read(rq, LAYOUT, C), blocks[C])
-
-    again = tiers("files", "kivi4", path=path)  # the codec that wrote them still does
+    again = tiers("files", "kivi4", path=path)  # the codec that wrote them serves them
     codec = get_codec("kivi4")
     assert_same_kv(read(again, LAYOUT, A), codec.decode(codec.encode(blocks[A])))
     assert_same_kv(read(again, LAYOUT, D), blocks[D])  # and raw blocks read exactly under a codec
 
+    rq = tiers("files", "rq3", path=path)  # another lossy codec does not serve them
+    assert read(rq, LAYOUT, A) is None
+    assert_same_kv(read(rq, LAYOUT, C), blocks[C])
+    assert rq.stats()["stale"] == 1 and not rq.contains(A)  # deleted, so a put stores it again
 
-def test_lmdb_written_lossy_is_a_miss_for_a_raw_tier_and_stays(tmp_path):
+    raw = tiers("files", None, path=path)
+    assert read(raw, LAYOUT, B) is None  # lossy: not served here
+    assert_same_kv(read(raw, LAYOUT, C), blocks[C])  # lossless: served exactly
+    assert_same_kv(read(raw, LAYOUT, D), blocks[D])
+    stats = raw.stats()
+    assert stats["misses"] == 1 and stats["stale"] == 1 and stats["corrupt"] == 0
+    assert len(block_files(path)) == 2 and not raw.contains(B)
+    assert raw.put_many([(B, blocks[B])]) == 1
+    assert_same_kv(read(raw, LAYOUT, B), blocks[B])
+
+
+def test_lmdb_written_lossy_is_stale_for_a_raw_tier(tmp_path):
     path = tmp_path / "lmdb"
     blocks = make_blocks(LAYOUT)
     tier = open_tier("lmdb", path, 1 << 20, "kivi4")
@@ -198,24 +200,24 @@ def test_lmdb_written_lossy_is_a_miss_for_a_raw_tier_and_stays(tmp_path):
     tier = open_tier("lmdb", path, 1 << 20, "zstd")
     tier.put_many([(B, blocks[B])])
     tier.close()
-    tier = open_tier("lmdb", path, 1 << 20, None)
-    tier.put_many([(C, blocks[C])])
-    try:
-        assert read(tier, LAYOUT, A) is None
-        assert_same_kv(read(tier, LAYOUT, B), blocks[B])
-        assert_same_kv(read(tier, LAYOUT, C), blocks[C])
-        assert tier.stats()["corrupt"] == 0 and tier.stats()["blocks"] == 3 and tier.contains(A)
-    finally:
-        tier.close()
     tier = open_tier("lmdb", path, 1 << 20, "kivi4")
     try:
         codec = get_codec("kivi4")
         assert_same_kv(read(tier, LAYOUT, A), codec.decode(codec.encode(blocks[A])))
         assert_same_kv(read(tier, LAYOUT, B), blocks[B])
-        assert_same_kv(read(tier, LAYOUT, C), blocks[C])
         # used bytes after reopening are the encoded sizes, as stored
         assert tier.used_bytes() == (len(codec.encode(blocks[A])) + len(get_codec("zstd").encode(blocks[B]))
-                                     + LAYOUT.block_bytes + 3 * HEADER_BYTES)
+                                     + 2 * HEADER_BYTES)
+    finally:
+        tier.close()
+    tier = open_tier("lmdb", path, 1 << 20, None)
+    try:
+        assert read(tier, LAYOUT, A) is None
+        assert_same_kv(read(tier, LAYOUT, B), blocks[B])
+        stats = tier.stats()
+        assert stats["corrupt"] == 0 and stats["stale"] == 1 and stats["blocks"] == 1 and not tier.contains(A)
+        assert tier.put_many([(A, blocks[A])]) == 1
+        assert_same_kv(read(tier, LAYOUT, A), blocks[A])
     finally:
         tier.close()
 
@@ -268,10 +270,6 @@ def test_lmdb_evictions_pass_decoded_blocks_down(tiers, spec):
 # -- dtypes the frame does not have --------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: KVLayout accepts float8 dtypes but the frame's DTYPE_IDS lacks them: "
-                                       "ZstdCodec.encode of an fp8 block raises ValueError('dtype: expected one "
-                                       "of ...') in pack_frame, so a tier with disk_codec/files_codec='zstd' can "
-                                       "store no fp8 block (the store counts errors and bypasses the tier)")
 @pytest.mark.parametrize("kind", TIERS)
 def test_zstd_tier_stores_fp8_blocks(tiers, kind):
     lay = tiny_layout(dtype=torch.float8_e4m3fn)
@@ -350,13 +348,12 @@ def test_store_files_codec(make_store, tmp_path):
     assert got.shape == kv.shape and rel_err(got, kv) < 0.25
     third = make_store("host", files_dir=str(files), files_sync=False)  # raw: the rq3 blocks are not served
     assert third.get(tokens).shape[2] == 0
-    assert len(block_files(files)) == 3
+    assert len(block_files(files)) == 2  # the first block read as stale is deleted; get stops at that miss
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after disk_codec changes from kivi4 to raw, the kivi4 blocks still "
-                                       "'exist' (contains/lookup say 40 tokens) but read as misses; put() of the "
-                                       "same prompt counts them as dedup and never rewrites them, so get() returns "
-                                       "0 tokens until they are evicted")
+@pytest.mark.xfail(strict=True, reason="KNOWN LIMITATION: a tier learns that a lossy block is stale only when it "
+                                       "reads it; put() dedups against the stale blocks not yet read, so after "
+                                       "turning a lossy codec off a prefix is re-stored one block per get/put")
 def test_store_switching_off_a_lossy_codec_serves_the_prompt_again_after_a_put(make_store):
     tokens, kv = prompt(40, seed=3)
     first = make_store("disk", disk_codec="kivi4")
