@@ -120,10 +120,9 @@ class FrameCodec:
         self.check_tensor(tensor)
         tensor = tensor.detach()
         parts = self._encode(tensor) if tensor.numel() else []
-        views = [_host_bytes(part) for part in parts]
+        views = [part if isinstance(part, bytes) else host_bytes(part) for part in parts]
         if self.zstd and not self.lossless:
-            joined = b"".join(v.tobytes() if not isinstance(v, bytes) else v for v in views)
-            views = [zstandard.ZstdCompressor(level=self.zstd).compress(joined)]
+            views = [zstandard.ZstdCompressor(level=self.zstd).compress(b"".join(views))]
         return pack_frame(self.codec_id, tensor.dtype, tuple(tensor.shape), self.params(), views)
 
     def decode(self, frame: object, out: torch.Tensor | None = None,
@@ -176,13 +175,13 @@ class FrameCodec:
 
 def take(payload: torch.Tensor, at: int, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     """``count`` elements of ``dtype`` from ``payload`` (uint8) at byte ``at``; returns them and the next offset."""
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    nbytes = count * dtype.itemsize
     if at + nbytes > payload.numel():
         raise BadParamsError(f"frame: payload too short: expected at least {at + nbytes} bytes, "
                              f"got {payload.numel()}")
     part = payload[at:at + nbytes]
     if dtype != torch.uint8:
-        if part.data_ptr() % part.new_empty((), dtype=dtype).element_size():
+        if part.data_ptr() % dtype.itemsize:
             part = part.clone()  # the frame sits at an odd address; floats need alignment
         part = part.view(dtype)
     return part, at + nbytes
@@ -195,13 +194,12 @@ def expect_end(payload: torch.Tensor, at: int) -> None:
                              f"got {payload.numel()}")
 
 
-def _host_bytes(part: torch.Tensor | bytes) -> object:
-    if isinstance(part, (bytes, bytearray, memoryview)):
-        return part
-    part = part.detach()
-    if part.device.type != "cpu":
-        part = part.cpu()
-    return part.contiguous().view(torch.uint8).reshape(-1).numpy()
+def host_bytes(tensor: torch.Tensor) -> object:
+    """A flat uint8 numpy view of ``tensor``'s bytes (copied only if strided or on a device)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    return tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
 
 
 def as_uint8(payload: object) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.compression.codec import FrameCodec, as_uint8
+from kvstore.compression.codec import FrameCodec, as_uint8, host_bytes
 from kvstore.compression.frame import MAGIC, FrameError, UnknownCodecError, UnsupportedVersionError
 from kvstore.compression.lossless import RawCodec
 from kvstore.compression.registry import codec_of
@@ -45,10 +45,7 @@ class BlockEncoding:
 
     def encode(self, block: torch.Tensor) -> object:
         """The bytes-like payload to store for ``block``."""
-        if self.codec is None:
-            block = block.detach()
-            return (block if block.device.type == "cpu" else block.cpu()).contiguous().view(torch.uint8).reshape(-1).numpy()
-        return self.codec.encode(block)
+        return host_bytes(block) if self.codec is None else self.codec.encode(block)
 
     def decode_into(self, payload: object, out: torch.Tensor) -> str:
         """Write the block ``payload`` holds into ``out``; a verdict (``INTACT`` only if ``out`` is valid).
@@ -57,23 +54,35 @@ class BlockEncoding:
         means a damaged frame inside sound storage (or a wrong raw length).
         """
         view = memoryview(payload).cast("B")
-        if view.nbytes >= len(MAGIC) and view[:len(MAGIC)] == MAGIC:
+        return self._decode(view, self._frame(view), out)
+
+    @staticmethod
+    def _frame(view: memoryview) -> tuple | str | None:
+        """(codec, header, body) of the frame in ``view``; None for raw bytes; ``OTHER_CODEC`` if unreadable here."""
+        if view.nbytes < len(MAGIC) or view[:len(MAGIC)] != MAGIC:
+            return None
+        try:
+            return codec_of(view)
+        except (UnsupportedVersionError, UnknownCodecError):
+            return OTHER_CODEC  # written by a newer kvstore: not ours to judge or delete
+        except FrameError:
+            return None  # raw bytes that happen to start like a frame
+
+    def _decode(self, view: memoryview, frame: tuple | str | None, out: torch.Tensor) -> str:
+        """``decode_into`` once ``_frame`` has looked at the payload."""
+        if frame == OTHER_CODEC:
+            return OTHER_CODEC
+        if frame is not None:
+            codec, header, body = frame
+            if not (codec.lossless or codec == self.codec):
+                return OTHER_CODEC
+            if header.shape != tuple(out.shape) or header.dtype != out.dtype:
+                return OTHER_SIZE
             try:
-                codec, header, body = codec_of(view)
-            except (UnsupportedVersionError, UnknownCodecError):
-                return OTHER_CODEC  # written by a newer kvstore: not ours to judge or delete
+                codec.decode_payload(header, body, out, None)
             except FrameError:
-                codec = None  # raw bytes that happen to start like a frame
-            if codec is not None:
-                if not (codec.lossless or codec == self.codec):
-                    return OTHER_CODEC
-                if header.shape != tuple(out.shape) or header.dtype != out.dtype:
-                    return OTHER_SIZE
-                try:
-                    codec.decode_payload(header, body, out, None)
-                except FrameError:
-                    return CORRUPT
-                return INTACT
+                return CORRUPT
+            return INTACT
         expected = out.numel() * out.element_size()
         if view.nbytes != expected:
             valid = 0 < view.nbytes <= self._layout.block_bytes and view.nbytes % self._layout.token_bytes == 0
@@ -85,14 +94,15 @@ class BlockEncoding:
     def decode_new(self, payload: object) -> torch.Tensor | None:
         """The block in ``payload`` as a new CPU tensor, or None if it cannot be read here."""
         view = memoryview(payload).cast("B")
-        tokens = view.nbytes // self._layout.token_bytes
-        if view.nbytes >= len(MAGIC) and view[:len(MAGIC)] == MAGIC:
-            try:
-                codec, header, _ = codec_of(view)
-                tokens = header.shape[2] if len(header.shape) == 5 else -1
-            except FrameError:
-                pass
+        frame = self._frame(view)
+        if frame is None:
+            tokens = view.nbytes // self._layout.token_bytes
+        elif frame == OTHER_CODEC:
+            return None
+        else:
+            shape = frame[1].shape
+            tokens = shape[2] if len(shape) == 5 else -1
         if not 0 < tokens <= self._layout.block_tokens:
             return None
         out = torch.empty(self._layout.shape(tokens), dtype=self._layout.dtype)
-        return out if self.decode_into(bytearray(view), out) == INTACT else None
+        return out if self._decode(view, frame, out) == INTACT else None

@@ -68,10 +68,11 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def _row(name: str, kv: torch.Tensor, stored_bytes: int, roundtrip: Callable[[torch.Tensor], torch.Tensor],
-         check: fidelity.ModelCheck | None) -> dict[str, object]:
+def _row(name: str, kv: torch.Tensor, stored_bytes: int, decoded: torch.Tensor,
+         roundtrip: Callable[[torch.Tensor], torch.Tensor], check: fidelity.ModelCheck | None) -> dict[str, object]:
+    """Size and fidelity of one codec: ``decoded`` is ``kv`` after it, ``roundtrip`` runs it on the model's KV."""
     row: dict[str, object] = {"codec": name, "ratio": kv.numel() * 2 / stored_bytes}
-    row.update(fidelity.kv_metrics(kv, roundtrip(kv)))
+    row.update(fidelity.kv_metrics(kv, decoded))
     if check is not None:
         model = check.run(roundtrip)
         row.update(top1_agree=model["top1_agree"], kl_mean=model["kl_mean"])
@@ -95,7 +96,7 @@ def codec_table(specs: Sequence[str] = DEFAULT_SPECS, settings: TableSettings | 
         if progress is not None:
             progress(spec)
         frame = codec.encode(kv)
-        row = _row(spec, kv, len(frame), lambda t, c=codec: c.decode(c.encode(t)), check)
+        row = _row(spec, kv, len(frame), codec.decode(frame), lambda t, c=codec: c.decode(c.encode(t)), check)
         with one_thread():
             row["encode_gbps"] = input_bytes / best_seconds(lambda: codec.encode(kv), settings.repeats) / 1e9
             row["decode_gbps"] = input_bytes / best_seconds(lambda: codec.decode(frame), settings.repeats) / 1e9
@@ -119,7 +120,8 @@ def _peer_rows(kv: torch.Tensor, check: fidelity.ModelCheck | None, settings: Ta
             progress(name)
         quanto = fidelity.QuantoSettings(bits=bits)
         result = fidelity.quanto_quantize(kv, quanto)
-        row = _row(name, kv, result.stored_bytes, lambda t: fidelity.quanto_quantize(t, quanto).decoded, check)
+        row = _row(name, kv, result.stored_bytes, result.decoded,
+                   lambda t, q=quanto: fidelity.quanto_quantize(t, q).decoded, check)
         with one_thread():
             seconds = best_seconds(lambda: fidelity.quanto_quantize(kv, quanto), settings.repeats)
         row["encode_gbps"] = kv.numel() * kv.element_size() / seconds / 1e9  # quantize + dequantize together
