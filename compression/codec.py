@@ -81,6 +81,9 @@ class FrameCodec:
     codec_id: ClassVar[int]
     PARAMS: ClassVar[tuple[str, ...]]
     lossless: ClassVar[bool]
+    # Decoded bytes per second on one CPU core, as `kvstore codecs` measured it: the planner's
+    # prior for a tier's load cost before the tier has served a read.
+    decode_bytes_per_second: ClassVar[float] = float("inf")
     name: str
     zstd: int = 0
 

@@ -38,6 +38,7 @@ class Int8Codec(FrameCodec):
     codec_id = 2
     PARAMS = ("zstd",)
     lossless = False
+    decode_bytes_per_second = 6.0e9
 
     def __init__(self, zstd: int = 0):
         self.zstd = check_int("zstd", zstd, 0, 19)
@@ -129,6 +130,7 @@ class KiviCodec(FrameCodec):
     codec_id = 3
     PARAMS = ("bits", "group", "residual", "zstd")
     lossless = False
+    decode_bytes_per_second = 2.0e9
 
     def __init__(self, bits: int = 4, group: int = 32, residual: int = 0, zstd: int = 0):
         self.bits = check_int("bits", bits, 1, 8)

@@ -87,6 +87,7 @@ class RotationCodec(FrameCodec):
     codec_id = 4
     PARAMS = ("bits", "seed", "center", "zstd")
     lossless = False
+    decode_bytes_per_second = 0.6e9
 
     def __init__(self, bits: int = 4, seed: int = 0, center: int = 1, zstd: int = 0):
         self.bits = check_int("bits", bits, 1, 8)

@@ -18,6 +18,7 @@ from kvstore.sizes import parse_size
 
 WRITE_POLICIES = ("write_through", "write_back")
 QUEUE_FULL_POLICIES = ("block", "drop")
+PREFETCH_POLICIES = ("best_effort", "wait", "timeout")
 ENV_PREFIX = "KVSTORE_"
 # Names under the prefix that are not settings.
 ENV_RESERVED = frozenset({"KVSTORE_CONFIG"})
@@ -66,6 +67,19 @@ class StoreConfig:
     - ``host_codec``: ``raw`` only: host and device slots hold whole blocks
       the engine copies from directly.
 
+    Engine hooks (``kvstore/prefetch.py``, ``kvstore/layerwise.py``, ``kvstore/planner.py``):
+
+    - ``prefetch_policy``: how long ``PrefetchHandle.result()`` (and a
+      ``load`` given the handle) waits: ``best_effort`` (what is ready),
+      ``wait`` (everything) or ``timeout`` (at most
+      ``prefetch_timeout_base_seconds`` + ``prefetch_timeout_per_1k_tokens_seconds``
+      per 1,000 tokens of the request).
+    - ``prefetch_workers``: threads bringing blocks up; ``prefetch_queue_blocks``:
+      fetches that may wait for them (beyond that a prefetch is cut short and counted).
+    - ``load_lookahead_layers``: layers a layer-wise load copies ahead of the engine.
+    - ``prefill_tokens_per_second``: the engine's prefill throughput, for the
+      load-vs-recompute planner; 0 learns it from ``KVStore.record_prefill``.
+
     ``model_id`` names the model in every key; ``hash`` is the key hash
     (``sha256`` default, ``blake2b``; ``xxh3_128`` only where every tenant is trusted).
     """
@@ -96,6 +110,13 @@ class StoreConfig:
     disk_codec: str = "raw"
     files_codec: str = "raw"
     hash: str = "sha256"
+    prefetch_policy: str = "best_effort"
+    prefetch_timeout_base_seconds: float = 0.02
+    prefetch_timeout_per_1k_tokens_seconds: float = 0.02
+    prefetch_workers: int = 2
+    prefetch_queue_blocks: int = 256
+    load_lookahead_layers: int = 2
+    prefill_tokens_per_second: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
@@ -119,11 +140,14 @@ class StoreConfig:
         for name in ("promote", "disk_sync", "files_sync", "files_o_direct"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
-        for name in ("disk_admit_after", "files_admit_after", "write_queue_blocks"):
+        _check_choice("prefetch_policy", self.prefetch_policy, PREFETCH_POLICIES)
+        for name in ("disk_admit_after", "files_admit_after", "write_queue_blocks", "prefetch_workers",
+                     "prefetch_queue_blocks", "load_lookahead_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-        for name, least in (("slow_factor", 1.0), ("degraded_seconds", 0.0)):
+        for name, least in (("slow_factor", 1.0), ("degraded_seconds", 0.0), ("prefetch_timeout_base_seconds", 0.0),
+                            ("prefetch_timeout_per_1k_tokens_seconds", 0.0), ("prefill_tokens_per_second", 0.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
                 raise ValueError(f"{name}: expected a number >= {least}, got {value!r}")

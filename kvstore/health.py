@@ -89,6 +89,11 @@ class TierHealth:
         self._until = self._clock() + self._degraded_seconds
 
     @property
+    def read_bandwidth(self) -> float:
+        """Moving estimate of read bandwidth in bytes/s; 0.0 before the first read."""
+        return self._bandwidth
+
+    @property
     def state(self) -> str:
         self.available()
         with self._lock:

@@ -1,0 +1,254 @@
+"""Layer-wise load and save: hand the engine layer i while layer i+1 is still being copied.
+
+``LayerLoader`` (``KVStore.load(..., layer_wise=True)``) first makes every
+planned block readable (pinned in a memory tier by a prefetch handle, or read
+into a private buffer), which fixes how many tokens it delivers; then a
+worker copies one layer of every block into a layer buffer on the engine's
+device, at most ``lookahead`` layers ahead of the layer the engine holds.
+The engine's attention for layer i runs while layer i+1's copy (a
+host-to-device transfer on a GPU) is in flight: load time hides behind
+compute. Buffers are a ring of ``lookahead + 1`` layers, so memory is
+bounded by that many layers, not the whole prefix.
+
+``LayerSaver`` (``KVStore.save(..., layer_wise=True)``) takes one layer at a
+time during the forward pass, copies it into a staging buffer and stores the
+blocks when their last layer arrives.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from kvstore.keys import BlockRef
+from kvstore.layout import KVLayout
+from kvstore.prefetch import PrefetchHandle
+
+# Reads a block into ``dst`` (its canonical view) from whichever tier has it; False on a miss.
+ReadBlock = Callable[[BlockRef, torch.Tensor], bool]
+
+
+class LayerLoader:
+    """Yields ``(layer, kv)`` with ``kv`` of shape ``[P, num_tokens, H, D]``, in layer order.
+
+    A layer's tensor stays valid until the next layer is asked for (the
+    ring reuses it then): copy it into the engine's own cache first, as
+    engines do. ``on_layer(i)``, if given, is called from the worker as soon
+    as layer i is copied (for tracing). ``close()`` stops the worker and
+    releases every pin; a loader used as a context manager closes itself.
+    """
+
+    def __init__(self, layout: KVLayout, blocks: Sequence[BlockRef], handle: PrefetchHandle,
+                 read_block: ReadBlock, device: torch.device | str = "cpu", lookahead: int = 2,
+                 on_layer: Callable[[int], None] | None = None, on_sized: Callable[[int, float], None] | None = None):
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
+            raise ValueError(f"lookahead: expected an integer >= 1, got {lookahead!r}")
+        self.layout = layout
+        self.device = torch.device(device)
+        self.lookahead = lookahead
+        self._blocks = list(blocks)
+        self._handle = handle
+        self._read_block = read_block
+        self._on_layer = on_layer
+        self._on_sized = on_sized
+        self._cond = threading.Condition()
+        self._num_tokens: int | None = None
+        self._loaded = 0  # layers copied
+        self._taken = -1  # the layer the engine holds
+        self._closed = False
+        self._error: BaseException | None = None
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._copied: list[torch.cuda.Event | None] = [None] * layout.num_layers
+        self._released: list[torch.cuda.Event | None] = [None] * layout.num_layers
+        self._ring: list[torch.Tensor] = []
+        self._thread = threading.Thread(target=self._run, name="kvstore-layer-loader", daemon=True)
+        self._thread.start()
+
+    # -- the worker -------------------------------------------------------------------
+
+    def _sources(self) -> list[torch.Tensor]:
+        """A readable block view per planned block, stopping at the first that cannot be had."""
+        self._handle.result()
+        pinned = self._handle.views()
+        sources = []
+        for i, block in enumerate(self._blocks):
+            if i < len(pinned) and tuple(pinned[i].shape) == self.layout.shape(block.num_tokens):
+                sources.append(pinned[i])
+                continue
+            private = torch.empty(self.layout.shape(block.num_tokens), dtype=self.layout.dtype)
+            if not self._read_block(block, private):
+                break
+            sources.append(private)
+        return sources
+
+    def _run(self) -> None:
+        try:
+            start = time.perf_counter()
+            sources = self._sources()
+            num_tokens = self._blocks[len(sources) - 1].end if sources else 0
+            with self._cond:
+                self._num_tokens = num_tokens
+                self._ring = [torch.empty(self.layout.shape(num_tokens)[1:], dtype=self.layout.dtype,
+                                          device=self.device) for _ in range(self.lookahead + 1)]
+                self._cond.notify_all()
+            if self._on_sized is not None:
+                self._on_sized(num_tokens, time.perf_counter() - start)
+            for layer in range(self.layout.num_layers):
+                with self._cond:
+                    while not self._closed and layer > self._taken + self.lookahead:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                self._copy_layer(layer, sources)
+                with self._cond:
+                    self._loaded = layer + 1
+                    self._cond.notify_all()
+                if self._on_layer is not None:
+                    self._on_layer(layer)
+        except BaseException as exc:  # handed to the engine's thread by layer()
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+        finally:
+            self._handle.close()
+
+    def _copy_layer(self, layer: int, sources: Sequence[torch.Tensor]) -> None:
+        buf = self._ring[layer % len(self._ring)]
+        if self._stream is None:
+            for block, src in zip(self._blocks, sources):
+                buf[:, block.start:block.end].copy_(src[layer])
+            return
+        reused = layer - len(self._ring)
+        with torch.cuda.stream(self._stream):
+            if reused >= 0 and self._released[reused] is not None:
+                self._stream.wait_event(self._released[reused])  # the engine's reads of that buffer are done
+            for block, src in zip(self._blocks, sources):
+                buf[:, block.start:block.end].copy_(src[layer], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._copied[layer] = event
+
+    # -- the engine's side ------------------------------------------------------------
+
+    def _wait(self, ready: Callable[[], bool]) -> None:
+        with self._cond:
+            while not ready() and self._error is None and not self._closed:
+                self._cond.wait()
+            if self._error is not None:
+                raise RuntimeError(f"layer-wise load failed: {self._error!r}") from self._error
+            if self._closed:
+                raise RuntimeError("layer-wise load is closed")
+
+    @property
+    def num_tokens(self) -> int:
+        """Leading tokens every layer holds (waits until the blocks are readable)."""
+        self._wait(lambda: self._num_tokens is not None)
+        return self._num_tokens
+
+    @property
+    def loaded_layers(self) -> int:
+        """Layers copied so far."""
+        with self._cond:
+            return self._loaded
+
+    def layer(self, index: int) -> torch.Tensor:
+        """Layer ``index`` as ``[P, num_tokens, H, D]``; layers are asked for in order, each once."""
+        with self._cond:
+            expected = self._taken + 1
+            if index != expected:
+                raise ValueError(f"layer: expected layer {expected} next (layers come in order, once each), "
+                                 f"got {index}")
+            if index >= self.layout.num_layers:
+                raise ValueError(f"layer: expected < {self.layout.num_layers} layers, got {index}")
+        if self._cuda and index > 0:
+            released = torch.cuda.Event()
+            released.record(torch.cuda.current_stream(self.device))
+            self._released[index - 1] = released
+        with self._cond:
+            self._taken = index
+            self._cond.notify_all()
+        self._wait(lambda: self._loaded > index)
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_event(self._copied[index])
+        return self._ring[index % len(self._ring)]
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for index in range(self._taken + 1, self.layout.num_layers):
+            yield index, self.layer(index)
+
+    def close(self) -> None:
+        """Stop copying, release the prefetch pins and the layer buffers."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self._handle.close()
+        self._ring = []
+
+    def __enter__(self) -> "LayerLoader":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class LayerSaver:
+    """Takes a request's KV one layer at a time; stores its blocks when the last layer arrives.
+
+    ``kv`` for ``save_layer`` covers tokens ``[start, len(tokens))`` as
+    ``[P, tokens, H, D]``. Blocks before ``start`` (already stored, or loaded
+    from the store) are not written. ``store_blocks(blocks, kv)`` writes
+    the blocks whose KV is ``kv`` (token 0 of ``kv`` is ``blocks[0].start``)
+    and returns how many were newly stored.
+    """
+
+    def __init__(self, layout: KVLayout, blocks: Sequence[BlockRef], start: int,
+                 store_blocks: Callable[[Sequence[BlockRef], torch.Tensor], int]):
+        total = blocks[-1].end if blocks else 0
+        bounds = {0, total} | {block.start for block in blocks}
+        if isinstance(start, bool) or not isinstance(start, int) or start not in bounds:
+            raise ValueError(f"start: expected a block boundary in {sorted(bounds)}, got {start!r}")
+        self.layout = layout
+        self.start = start
+        self.num_tokens = total
+        self._blocks = [block for block in blocks if block.start >= start]
+        self._store_blocks = store_blocks
+        self._staging = torch.empty(layout.shape(total - start), dtype=layout.dtype)
+        self._seen = [False] * layout.num_layers
+        self._copied = 0
+        self._lock = threading.Lock()
+        self.stored: int | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once every layer arrived and the blocks were stored."""
+        return self.stored is not None
+
+    def save_layer(self, layer: int, kv: torch.Tensor) -> int | None:
+        """Take layer ``layer``'s KV; returns blocks newly stored when this was the last layer, else None."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.layout.num_layers:
+            raise ValueError(f"layer: expected an int in [0, {self.layout.num_layers}), got {layer!r}")
+        expected = self.layout.shape(self.num_tokens - self.start)[1:]
+        if not isinstance(kv, torch.Tensor) or tuple(kv.shape) != expected:
+            got = list(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
+            raise ValueError(f"kv: expected shape {list(expected)} ([kv_parts, tokens from {self.start}, heads, "
+                             f"head_dim]), got {got}")
+        if kv.dtype != self.layout.dtype:
+            raise ValueError(f"kv: expected dtype {self.layout.dtype}, got {kv.dtype}")
+        with self._lock:
+            if self._seen[layer]:
+                raise ValueError(f"layer: expected each layer once, got layer {layer} again")
+            self._seen[layer] = True
+        self._staging[layer].copy_(kv)
+        with self._lock:
+            self._copied += 1
+            if self._copied < self.layout.num_layers:
+                return None
+        self.stored = self._store_blocks(self._blocks, self._staging) if self._blocks else 0
+        self._staging = torch.empty(0)
+        return self.stored

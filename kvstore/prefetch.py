@@ -1,0 +1,293 @@
+"""Prefetch: bring a request's cached blocks up into the fastest tier before the engine asks.
+
+``KVStore.prefetch`` returns a ``PrefetchHandle`` at once; background
+workers (a fixed number, behind one bounded queue) read each block from the
+tier that holds it and put it in the fastest tier, where the handle pins it
+so it cannot be evicted before the engine loads it. Two requests that need
+the same block share one read (an in-flight table keyed by block key).
+Cancelling a handle, closing it, or dropping the last reference to it
+releases its pins, and fetches nobody waits for any more are skipped.
+
+How long the engine waits when it asks is the handle's policy:
+``best_effort`` uses what is ready, ``wait`` waits for everything, and
+``timeout`` waits at most ``base + per_1k * tokens / 1000`` seconds.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.config import PREFETCH_POLICIES
+from kvstore.keys import BlockRef
+from kvstore.metrics import Counters
+
+BEST_EFFORT, WAIT, TIMEOUT = PREFETCH_POLICIES
+PREFETCH_COUNTERS = ("prefetches", "prefetch_blocks", "prefetch_ready_blocks", "prefetch_fetched",
+                     "prefetch_coalesced", "prefetch_failed", "prefetch_cancelled", "prefetch_dropped",
+                     "prefetch_pin_limited")
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class PrefetchPolicy:
+    """How long ``PrefetchHandle.result`` waits: ``policy`` and, for ``timeout``, seconds base + per 1k tokens."""
+
+    policy: str = BEST_EFFORT
+    timeout_base_seconds: float = 0.02
+    timeout_per_1k_tokens_seconds: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.policy not in PREFETCH_POLICIES:
+            raise ValueError(f"policy: expected one of {list(PREFETCH_POLICIES)}, got {self.policy!r}")
+        for name in ("timeout_base_seconds", "timeout_per_1k_tokens_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+
+    def budget(self, num_tokens: int) -> float | None:
+        """Seconds to wait for ``num_tokens`` tokens (None: no limit)."""
+        return {BEST_EFFORT: 0.0, WAIT: None,
+                TIMEOUT: self.timeout_base_seconds + self.timeout_per_1k_tokens_seconds * num_tokens / 1000}[self.policy]
+
+
+class _Fetch:
+    """One block being brought up; shared by every handle that needs it."""
+
+    __slots__ = ("block", "event", "waiters", "ok")
+
+    def __init__(self, block: BlockRef):
+        self.block = block
+        self.event = threading.Event()
+        self.waiters: list[_HandleState] = []
+        self.ok = False
+
+
+class _HandleState:
+    """What a handle owns (kept apart from the handle so dropping the handle can release it)."""
+
+    def __init__(self, blocks: Sequence[BlockRef]):
+        self.blocks = list(blocks)
+        self.index = {block.key: i for i, block in enumerate(self.blocks)}
+        self.views: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.fetches: list[_Fetch | None] = [None] * len(self.blocks)
+        self.closed = False
+
+
+class Prefetcher:
+    """Background workers that bring blocks into the fastest tier and pin them there.
+
+    ``fetch(block)`` reads a block from wherever it is stored into the
+    fastest tier (True when it is there afterwards); ``pin(key)`` /
+    ``unpin(key)`` pin it there (``pin`` returns the block's view or None).
+    At most ``max_pins`` blocks are pinned by all handles together, and at
+    most ``queue_blocks`` fetches wait in the queue.
+    """
+
+    def __init__(self, fetch: Callable[[BlockRef], bool], pin: Callable[[bytes], torch.Tensor | None],
+                 unpin: Callable[[bytes], None], workers: int = 2, queue_blocks: int = 256, max_pins: int = 0):
+        if workers < 1:
+            raise ValueError(f"prefetch_workers: expected an integer >= 1, got {workers!r}")
+        self._fetch = fetch
+        self._pin = pin
+        self._unpin = unpin
+        self._max_pins = max_pins
+        self._pins = 0
+        self._lock = threading.RLock()  # a handle's finalizer may run inside a locked region (gc)
+        self._inflight: dict[bytes, _Fetch] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_blocks)
+        self.counters = Counters(*PREFETCH_COUNTERS)
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"kvstore-prefetch-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def start(self, blocks: Sequence[BlockRef], stored: Callable[[bytes], bool],
+              policy: PrefetchPolicy) -> "PrefetchHandle":
+        """A handle for the leading ``blocks`` that ``stored`` says some tier holds."""
+        leading = []
+        for block in blocks:
+            if not stored(block.key):
+                break
+            leading.append(block)
+        state = _HandleState(leading)
+        handle = PrefetchHandle(self, state, policy)
+        self.counters.add("prefetches")
+        self.counters.add("prefetch_blocks", len(leading))
+        with self._lock:
+            for i, block in enumerate(leading):
+                if self._closed:
+                    break
+                if self._max_pins and self._pins >= self._max_pins:
+                    self.counters.add("prefetch_pin_limited", len(leading) - i)
+                    break
+                view = self._pin(block.key)
+                if view is not None:
+                    self._pins += 1
+                    state.views[i] = view
+                    self.counters.add("prefetch_ready_blocks")
+                    continue
+                fetch = self._inflight.get(block.key)
+                if fetch is None:
+                    fetch = _Fetch(block)
+                    try:
+                        self._queue.put_nowait(fetch)
+                    except queue.Full:
+                        self.counters.add("prefetch_dropped", len(leading) - i)
+                        break
+                    self._inflight[block.key] = fetch
+                else:
+                    self.counters.add("prefetch_coalesced")
+                self._pins += 1  # reserved now, released if the fetch fails
+                fetch.waiters.append(state)
+                state.fetches[i] = fetch
+        return handle
+
+    def _work(self) -> None:
+        while True:
+            fetch = self._queue.get()
+            if fetch is _STOP:
+                return
+            with self._lock:
+                wanted = bool(fetch.waiters) and not self._closed
+                if not wanted:
+                    del self._inflight[fetch.block.key]
+            if not wanted:
+                self.counters.add("prefetch_cancelled")
+                fetch.event.set()
+                continue
+            try:
+                ok = self._fetch(fetch.block)
+            except Exception:
+                ok = False
+            self.counters.add("prefetch_fetched" if ok else "prefetch_failed")
+            with self._lock:
+                del self._inflight[fetch.block.key]
+                waiters, fetch.waiters = fetch.waiters, []
+                for state in waiters:
+                    view = self._pin(fetch.block.key) if ok else None
+                    if view is None:
+                        self._pins -= 1
+                    else:
+                        state.views[state.index[fetch.block.key]] = view
+                fetch.ok = ok
+            fetch.event.set()
+
+    def release(self, state: _HandleState) -> None:
+        """Unpin what ``state`` holds and stop waiting for its fetches (idempotent)."""
+        with self._lock:
+            if state.closed:
+                return
+            state.closed = True
+            for i, fetch in enumerate(state.fetches):
+                if fetch is not None and state in fetch.waiters:
+                    fetch.waiters.remove(state)
+                    self._pins -= 1
+                view, state.views[i] = state.views[i], None
+                if view is not None:
+                    self._unpin(state.blocks[i].key)
+                    self._pins -= 1
+
+    def pinned(self) -> int:
+        """Blocks pinned (or reserved for a pin) by live handles."""
+        with self._lock:
+            return self._pins
+
+    def close(self) -> None:
+        """Stop the workers; queued fetches are dropped and every waiting handle wakes up."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join()
+        with self._lock:
+            for fetch in self._inflight.values():
+                fetch.event.set()
+            self._inflight.clear()
+
+
+class PrefetchHandle:
+    """A prefetch in flight: which of the request's leading tokens are ready in the fastest tier.
+
+    Pins stay until ``close()`` / ``cancel()`` (or the handle is garbage
+    collected); the store's ``load(..., prefetch=handle)`` closes it.
+    """
+
+    def __init__(self, prefetcher: Prefetcher, state: _HandleState, policy: PrefetchPolicy):
+        self._prefetcher = prefetcher
+        self._state = state
+        self.policy = policy
+        self._finalizer = weakref.finalize(self, prefetcher.release, state)
+
+    @property
+    def blocks(self) -> list[BlockRef]:
+        """The request's leading blocks some tier held when the prefetch started."""
+        return self._state.blocks
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this prefetch brings up if every fetch succeeds."""
+        return self._state.blocks[-1].end if self._state.blocks else 0
+
+    def done(self) -> bool:
+        """True when no fetch of this handle is still queued or running."""
+        return all(f is None or f.event.is_set() for f in self._state.fetches)
+
+    def ready(self) -> int:
+        """Leading tokens pinned in the fastest tier right now."""
+        ready = 0
+        for block, view in zip(self._state.blocks, self._state.views):
+            if view is None:
+                break
+            ready = block.end
+        return ready
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait up to ``timeout`` seconds (None: until done); returns leading tokens ready in the fastest tier."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for fetch in self._state.fetches:
+            if fetch is None:
+                continue
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not fetch.event.wait(remaining):
+                break
+        return self.ready()
+
+    def result(self) -> int:
+        """Tokens ready after waiting as the handle's policy says (best_effort, wait or timeout)."""
+        return self.wait(self.policy.budget(self.num_tokens))
+
+    def views(self) -> list[torch.Tensor]:
+        """Pinned views ``[L, P, tokens, H, D]`` of the leading ready blocks (valid until close)."""
+        out = []
+        for view in self._state.views:
+            if view is None:
+                break
+            out.append(view)
+        return out
+
+    def cancel(self) -> None:
+        """Stop waiting for fetches and release every pin; fetches no other handle needs are skipped."""
+        self._finalizer()
+
+    close = cancel
+
+    @property
+    def closed(self) -> bool:
+        return self._state.closed
+
+    def __enter__(self) -> "PrefetchHandle":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
