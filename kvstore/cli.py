@@ -1,4 +1,4 @@
-"""The ``kvstore`` command line: ``info``, ``bench`` and ``codecs``."""
+"""The ``kvstore`` command line: ``demo``, ``info``, ``bench`` and ``codecs``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from kvstore.sizes import format_size
 from kvstore.store import KVStore
 
 DEFAULT_DATA_DIR = "./kvstore-data"
+DEFAULT_DEMO_DIR = "./kvstore-demo"
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -61,9 +62,44 @@ def _cmd_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    # The demo drives a transformers model: it lives with the integrations, imported only here.
+    from tqdm import tqdm
+
+    from kvstore.integrations.demo import DemoSettings, run_demo
+    from kvstore.integrations.demo_report import format_report
+
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    if args.prefix_tokens is not None:
+        settings = settings.__class__(**{**vars(settings), "prefix_tokens": args.prefix_tokens})
+    steps = 2 * sum(1 for _ in _workload_requests(settings)) + 5 * settings.repeats
+    with tqdm(total=steps, desc="kvstore demo", unit="step", disable=args.no_progress) as bar:
+        def progress(label: str) -> None:
+            bar.set_postfix_str(label[:40])
+            bar.update()
+
+        figures = run_demo(settings, args.data_dir, progress, chart=not args.no_chart)
+    print(format_report(figures, settings))
+    return 0
+
+
+def _workload_requests(settings):  # noqa: ANN001, ANN202 - counts requests for the progress bar
+    s = settings.workload
+    return range(s.agent_calls + s.rag_requests + s.chats * s.chat_turns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvstore", description="Tiered, prefix-deduplicated KV-cache store.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="serve a small random Llama with and without kvstore; print TTFT")
+    demo.add_argument("--data-dir", default=DEFAULT_DEMO_DIR,
+                      help=f"local folder for the demo's stores and chart (default {DEFAULT_DEMO_DIR})")
+    demo.add_argument("--quick", action="store_true", help="a tiny model and workload (seconds; for tests)")
+    demo.add_argument("--prefix-tokens", type=int, help="tokens of the shared-prefix benchmark (default 4096)")
+    demo.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(run=_cmd_demo)
 
     info = commands.add_parser("info", help="show the configuration and what each tier holds")
     info.add_argument("--config", help="TOML or YAML config file (default: $KVSTORE_CONFIG, then KVSTORE_* vars)")

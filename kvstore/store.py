@@ -474,7 +474,7 @@ class KVStore:
 
     def load(self, tokens: Tokens, salt: Salt = None, *, layer_wise: bool = False,
              device: torch.device | str = "cpu", prefetch: PrefetchHandle | None = None,
-             plan: LoadPlan | None = None) -> torch.Tensor | LayerLoader:
+             plan: LoadPlan | None = None, out: torch.Tensor | None = None) -> torch.Tensor | LayerLoader:
         """Load the KV of the leading tokens of ``tokens`` the planner says are worth loading.
 
         Returns ``[L, P, n, H, D]`` on ``device``, or with ``layer_wise`` a
@@ -482,10 +482,17 @@ class KVStore:
         next (``loader.num_tokens`` is ``n``). ``prefetch``: a handle from
         ``prefetch(tokens)``: with ``best_effort`` or ``timeout`` only what its
         policy finds ready in the fastest tier is loaded (the engine computes
-        the rest), with ``wait`` everything planned; the handle is closed. ``plan``: a plan made by ``plan(tokens)`` (else one is made now).
+        the rest), with ``wait`` everything planned; the handle is closed.
+        ``plan``: a plan made by ``plan(tokens)`` (else one is made now).
+        ``out``: a buffer ``[L, P, len(tokens), H, D]`` to load into (an
+        engine's preallocated one); the result is then a view of it.
         """
         self._check_open()
         blocks = self._keys.blocks(tokens, salt)
+        if out is not None:
+            if layer_wise:
+                raise ValueError("out: expected None with layer_wise=True (the loader yields layers), got a tensor")
+            self.layout.check_kv(out, _num_tokens(blocks))
         if prefetch is not None and prefetch.blocks and (not blocks or prefetch.blocks[0].key != blocks[0].key):
             raise ValueError("prefetch: expected a handle from prefetch() of these tokens and salt, got one of others")
         if plan is not None and plan.num_tokens != _num_tokens(blocks):
@@ -502,14 +509,15 @@ class KVStore:
             return LayerLoader(self.layout, chosen, handle, lambda block, dst: self._read_block(block.key, dst),
                                device, self.config.load_lookahead_layers, on_sized=self._loaded)
         start = time.perf_counter()
-        out = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype, device=device)
+        if out is None:
+            out = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype, device=device)
         try:
             filled = self._fill(chosen, out)
         finally:
             if prefetch is not None:
                 prefetch.close()
         self._loaded(filled, time.perf_counter() - start)
-        return out if filled == num_tokens else out[:, :, :filled].clone()
+        return out[:, :, :filled]
 
     def _loaded(self, num_tokens: int, seconds: float) -> None:
         self._planner.record_load(num_tokens, seconds)

@@ -1,0 +1,401 @@
+"""Hugging Face transformers adapter: load a prompt's stored prefix KV into a ``DynamicCache``, prefill the rest.
+
+Why: prefill is the compute-bound part of a request. When the leading tokens
+of a prompt (a system prompt, a shared document, earlier chat turns) were
+seen before, their KV is loaded from a ``KVStore`` and the model only runs
+on the uncached suffix; the KV it computes is saved for the next request.
+
+    store = KVStore(layout_for(model, block_tokens=256), StoreConfig(host_bytes="8GiB"))
+    cached = CachedModel(model, store)
+    out, info = cached.forward(input_ids)            # out.logits: [B, computed tokens, vocab]
+    seqs, info = cached.generate(input_ids, max_new_tokens=64, do_sample=False)
+    print(info.loaded_tokens, info.computed_tokens, info.ttft_seconds)
+
+How a request runs (``CachedModel._load`` then the model):
+
+1. ``store.plan`` decides how many leading tokens to load: those stored
+   whose load is expected to beat recomputing them (the prefill time of
+   each request is reported back with ``store.record_prefill``).
+2. ``store.load`` returns ``[L, 2, n, H, D]``, possibly fewer tokens than
+   planned if a block vanished in between: the returned size is used. A
+   ``prefetch`` handle started when the request was queued makes the
+   load a host-RAM copy even when the prefix was on disk.
+3. At least one prompt token is always computed (the model needs one
+   position to produce logits). When the whole prompt is stored, all of it
+   is fetched and the last token dropped: fetching ``tokens[:len-1]`` would
+   miss, because a trailing partial block is stored under a key covering
+   exactly its own token count.
+4. The KV becomes a ``DynamicCache`` of plain (full) layers; the model runs
+   on ``input_ids[:, loaded:]`` and positions continue from the cache length.
+5. The KV of the prompt (and, after ``generate``, of the generated tokens
+   except the last one, which has no KV yet) is saved; stored blocks dedup.
+
+``generate`` in transformers 5.23: given ``past_key_values`` holding ``c``
+tokens and the full ``input_ids`` (``S`` tokens, no padding), ``generate``
+builds an all-ones attention mask of length ``S``, so ``_prefill`` sets
+``next_sequence_length = S - c`` and ``prepare_inputs_for_generation``
+feeds only ``input_ids[:, -(S - c):]``; position ids come from the mask's
+cumsum (``0..S-1``) sliced the same way. A user-supplied cache is marked
+``_is_user_defined`` and returned grown to ``len(sequences) - 1`` tokens.
+
+Equality (tests/integrations/test_transformers.py; CPU, torch 2.13, tiny
+random models of 5 architectures): with fp32 weights, logits with a store
+hit match a plain ``model(input_ids)`` within 1e-4 max abs (measured: at
+most 5e-7, matmuls of another shape round differently) and greedy
+generations are identical. With bf16 weights the loaded prefix KV is
+bit-equal to the recomputed one and the logits were bit-identical too
+(max abs difference 0 over Llama, Qwen2, Mistral and Gemma, prefixes of
+16-48 tokens, eager and sdpa, logits up to |9|): CPU bf16 kernels round
+each output once, independently of how many rows a matmul has. GPU kernels
+chosen by shape may differ by bf16 rounding; the tests allow 1e-2.
+
+Limits: batch rows must have equal length without padding (each row is
+looked up separately and the shortest stored prefix is loaded for all);
+``num_beams`` and ``num_return_sequences`` must be 1 (beam search reorders
+cache rows, so the saved KV would not match the returned sequences).
+Sliding-window layers are cached in full (so their KV can be saved); the
+attention mask still applies the window. Rows of a batch that stop early
+at EOS save their padding tokens too (valid KV of those ids, rarely reused).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from kvstore import KVLayout, KVStore
+from kvstore.prefetch import PrefetchHandle
+
+Salt = str | bytes | None
+# Layer kinds whose cache is plain per-token K and V (what a KVLayout with kv_parts=2 describes).
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+
+
+def _text_config(model_or_config: Any) -> Any:
+    config = getattr(model_or_config, "config", model_or_config)
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config(decoder=True) if callable(get_text_config) else config
+
+
+def _config_int(config: Any, name: str) -> int:
+    value = getattr(config, name, None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def layout_for(model_or_config: Any, dtype: torch.dtype | str | None = None, block_tokens: int = 256,
+               **layout_fields: Any) -> KVLayout:
+    """The ``KVLayout`` of a transformers model's KV cache (a model or its config).
+
+    ``num_kv_heads`` is ``num_key_value_heads`` (grouped-query attention),
+    else ``num_attention_heads``; ``head_dim`` is the config's ``head_dim``
+    when set (Gemma and others decouple it from the width), else
+    ``hidden_size // num_attention_heads``. ``dtype`` defaults to the
+    model's parameter dtype (or the config's ``dtype``): it must be the
+    dtype of the KV the model computes. ``block_tokens`` is tokens per
+    stored block; other KVLayout fields (``tp_rank``...) pass through.
+    """
+    config = _text_config(model_or_config)
+    num_layers = _config_int(config, "num_hidden_layers")
+    num_heads = _config_int(config, "num_attention_heads")
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None:
+        hidden = _config_int(config, "hidden_size")
+        if hidden % num_heads:
+            raise ValueError(f"config.hidden_size: expected a multiple of num_attention_heads={num_heads}, "
+                             f"got {hidden}")
+        head_dim = hidden // num_heads
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
+    if other:
+        raise ValueError(f"config.layer_types: expected only {sorted(ATTENTION_LAYER_TYPES)}, got {other}")
+    if dtype is None:
+        dtype = getattr(model_or_config, "dtype", None) if hasattr(model_or_config, "config") else None
+        dtype = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if dtype is None:
+            raise ValueError("dtype: expected a torch dtype (the config names none), got None")
+    return KVLayout(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
+                    block_tokens=block_tokens, **layout_fields)
+
+
+def cache_from_kv(kv: torch.Tensor) -> DynamicCache:
+    """A ``DynamicCache`` holding ``kv``: ``[B, L, 2, n, H, D]`` (or ``[L, 2, n, H, D]`` for one row).
+
+    Each layer gets keys and values ``[B, H, n, D]`` (one permute, no per-token work).
+    """
+    if kv.dim() == 5:
+        kv = kv.unsqueeze(0)
+    if kv.dim() != 6 or kv.shape[2] != 2:
+        raise ValueError(f"kv: expected shape [B, L, 2, n, H, D], got {list(kv.shape)}")
+    per_layer = kv.permute(1, 2, 0, 4, 3, 5)  # [L, 2, B, H, n, D]
+    return DynamicCache([(layer[0], layer[1]) for layer in per_layer])
+
+
+def kv_from_cache(cache: DynamicCache, row: int = 0, num_tokens: int | None = None) -> torch.Tensor:
+    """Leading ``num_tokens`` (default all) of batch row ``row`` of ``cache`` as a contiguous ``[L, 2, n, H, D]``.
+
+    One copy per layer and part, straight into the result (a strided transpose, no per-token work).
+    """
+    layers = cache.layers
+    keys = layers[0].keys if layers else None
+    if keys is None or keys.dim() != 4:
+        raise ValueError(f"cache: expected layers holding keys [B, H, n, D], got {len(layers)} layers, "
+                         f"first keys {None if keys is None else list(keys.shape)}")
+    n = keys.shape[2] if num_tokens is None else num_tokens
+    if n > keys.shape[2]:
+        raise ValueError(f"num_tokens: expected at most the {keys.shape[2]} cached tokens, got {n}")
+    out = torch.empty((len(layers), 2, n, keys.shape[1], keys.shape[3]), dtype=keys.dtype, device=keys.device)
+    for index, layer in enumerate(layers):
+        out[index, 0].copy_(layer.keys[row, :, :n].transpose(0, 1))
+        out[index, 1].copy_(layer.values[row, :, :n].transpose(0, 1))
+    return out
+
+
+def _report_prefill(store: KVStore, num_tokens: int, seconds: float) -> None:
+    """Tell the store's planner how long ``num_tokens`` of prefill took (its prefill throughput estimate)."""
+    if num_tokens > 0:
+        store.record_prefill(num_tokens, seconds)
+
+
+@dataclass
+class RequestInfo:
+    """What one request cost and saved. Token counts are per batch row; times are seconds (wall clock)."""
+
+    batch_size: int
+    prompt_tokens: int
+    planned_tokens: int = 0  # leading tokens the store's planner chose to load
+    sources: dict[str, int] = field(default_factory=dict)  # of those, tokens per tier (row 0)
+    fetched_tokens: int = 0  # tokens store.load returned for every row (fewer than planned if a block vanished)
+    loaded_tokens: int = 0  # tokens whose KV went from the store into the cache: min(fetched, prompt - 1)
+    computed_tokens: int = 0  # prompt tokens the model prefilled: prompt_tokens - loaded_tokens
+    generated_tokens: int = 0  # new tokens from generate (0 for forward)
+    saved_tokens: int = 0  # leading tokens whose KV was handed to store.put (0: already all stored, or save off)
+    blocks_stored: int = 0  # blocks newly stored by those puts (the others were already stored)
+    load_seconds: float = 0.0  # plan, get and cache construction
+    prefill_seconds: float = 0.0  # the model's first forward: the computed prompt tokens
+    save_seconds: float = 0.0  # cache to store layout and store.put
+
+    @property
+    def ttft_seconds(self) -> float:
+        """Time to first token: loading the prefix plus prefilling the rest."""
+        return self.load_seconds + self.prefill_seconds
+
+
+class CachedModel:
+    """A causal LM from transformers whose prompt prefill is served from a ``KVStore`` where possible.
+
+    ``model``'s KV must match ``store.layout`` (layers, KV heads, head
+    dimension, dtype), else ``ValueError``. ``salt`` separates tenants (no
+    hit across salts); a per-call ``salt`` overrides it. ``save_generated``:
+    after ``generate``, also save the generated tokens' KV (what the next
+    turn of a chat reuses). ``last_info`` is the latest ``RequestInfo``.
+    """
+
+    def __init__(self, model: Any, store: KVStore, *, salt: Salt = None, save_generated: bool = True):
+        if not isinstance(store, KVStore):
+            raise ValueError(f"store: expected a KVStore, got {type(store).__name__}")
+        layout = store.layout
+        got = layout_for(model, block_tokens=layout.block_tokens, tp_rank=layout.tp_rank, tp_size=layout.tp_size)
+        for name in ("num_layers", "num_kv_heads", "head_dim", "dtype", "kv_parts"):
+            if getattr(got, name) != getattr(layout, name):
+                raise ValueError(f"store.layout.{name}: expected {getattr(got, name)} (the model's KV), "
+                                 f"got {getattr(layout, name)}")
+        self.model = model
+        self.store = store
+        self.salt = salt
+        self.save_generated = save_generated
+        self.last_info: RequestInfo | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _batch(self, input_ids: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        """``input_ids`` as ``[B, S]`` int64 on the model's device; rejects padding, a caller's cache, no cache."""
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.shape[1] < 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"input_ids: expected integer ids [batch, tokens >= 1], "
+                             f"got {ids.dtype} {list(ids.shape)}")
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("past_key_values: expected None (the cache is built from the store), got a cache")
+        if kwargs.pop("use_cache", True) is not True:
+            raise ValueError("use_cache: expected True (the KV to save comes from the cache), got False")
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if tuple(mask.shape) != tuple(ids.shape) or not bool((mask == 1).all()):
+                raise ValueError(f"attention_mask: expected all ones of shape {list(ids.shape)} (padding is not "
+                                 f"supported), got shape {list(mask.shape)} with {int((mask == 0).sum())} zeros")
+        return ids.to(device=self.device, dtype=torch.long)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _load(self, ids: torch.Tensor, salt: Salt,
+              prefetch: PrefetchHandle | None = None) -> tuple[DynamicCache, RequestInfo]:
+        """Fetch the stored prefix every row has (at most ``S - 1`` tokens) into a new cache."""
+        start = time.perf_counter()
+        batch, length = ids.shape
+        info = RequestInfo(batch_size=batch, prompt_tokens=length)
+        rows = ids.cpu()
+        if prefetch is not None and batch != 1:
+            raise ValueError(f"prefetch: expected a batch of 1 with a prefetch handle, got {batch} rows")
+        plans = [self.store.plan(row, salt=salt) for row in rows]
+        info.planned_tokens = min(plan.load_tokens for plan in plans)
+        info.sources = dict(plans[0].sources)
+        kvs = []
+        have = info.planned_tokens
+        for row, plan in zip(rows, plans):
+            if have == 0:
+                break
+            if plan.load_tokens != have:  # another row has less: load the common prefix only
+                plan = self.store.plan(row[:have], salt=salt)
+                row = row[:have]
+            kv = self.store.load(row, salt=salt, device=self.device, prefetch=prefetch, plan=plan)
+            have = min(have, kv.shape[2])
+            kvs.append(kv)
+        if prefetch is not None:
+            prefetch.close()
+        info.fetched_tokens = have
+        info.loaded_tokens = min(have, length - 1)
+        info.computed_tokens = length - info.loaded_tokens
+        if info.loaded_tokens:
+            cache = cache_from_kv(torch.stack([kv[:, :, :info.loaded_tokens] for kv in kvs]))
+        else:
+            cache = DynamicCache()  # plain layers keep every token (sliding layers included), so all can be saved
+        self._sync()
+        info.load_seconds = time.perf_counter() - start
+        return cache, info
+
+    def _time_prefill(self, info: RequestInfo) -> tuple[Any, Any]:
+        """Hooks timing the model's first forward (the prefill) into ``info`` and reporting it to the store."""
+        marks: list[float] = []
+
+        def before(*_: Any) -> None:
+            if not marks:
+                marks.append(time.perf_counter())
+
+        def after(*_: Any) -> None:
+            if len(marks) == 1:
+                self._sync()
+                marks.append(time.perf_counter())
+                info.prefill_seconds = marks[1] - marks[0]
+                _report_prefill(self.store, info.computed_tokens * info.batch_size, info.prefill_seconds)
+
+        return self.model.register_forward_pre_hook(before), self.model.register_forward_hook(after)
+
+    def save(self, input_ids: Any, cache: DynamicCache, lengths: int | Sequence[int], salt: Salt = None) -> int:
+        """Store the KV of each row's first ``n`` tokens of ``input_ids`` ``[B, >= n]``, for each ``n`` in ``lengths``.
+
+        Several lengths share one copy out of the cache: each is worth a put
+        because a trailing partial block is keyed by its exact token count.
+        Returns blocks newly stored (already stored ones are deduplicated).
+        """
+        lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+        ids = torch.as_tensor(input_ids).cpu()
+        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+        stored = 0
+        for row in range(ids.shape[0]):
+            kv = kv_from_cache(cache, row, max(lengths))
+            for n in lengths:
+                stored += self.store.put(ids[row, :n], kv[:, :, :n], salt=salt)
+        return stored
+
+    def _save(self, ids: torch.Tensor, cache: DynamicCache, lengths: list[int], salt: Salt,
+              info: RequestInfo) -> None:
+        """Save unless the fetch just returned every block of the longest length (then all are stored)."""
+        if info.fetched_tokens == max(lengths):
+            return
+        start = time.perf_counter()
+        info.blocks_stored = self.save(ids, cache, lengths, salt)
+        info.saved_tokens = max(lengths)
+        info.save_seconds = time.perf_counter() - start
+
+    def prefetch(self, input_ids: Any, *, salt: Salt = None, policy: str | None = None) -> PrefetchHandle:
+        """Start bringing a request's stored prefix up to the fastest tier (call it when the request is queued).
+
+        Pass the handle to ``forward`` / ``generate`` of the same
+        ``input_ids``: its policy (``best_effort``, ``wait``, ``timeout``)
+        decides how much of the prefix is loaded rather than computed.
+        """
+        ids = torch.as_tensor(input_ids)
+        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise ValueError(f"input_ids: expected one request [tokens] or [1, tokens], got {list(ids.shape)}")
+        return self.store.prefetch(ids[0].cpu(), salt=self.salt if salt is None else salt, policy=policy)
+
+    def forward(self, input_ids: Any, *, salt: Salt = None, save: bool = True,
+                prefetch: PrefetchHandle | None = None, **model_kwargs: Any) -> tuple[Any, RequestInfo]:
+        """Run the model on ``input_ids`` (``[B, S]`` or ``[S]``), loading the stored prefix first.
+
+        Returns the model's output, whose ``logits`` cover only the computed
+        positions ``[B, computed_tokens, vocab]`` (the last is the next-token
+        distribution) and whose ``past_key_values`` hold all ``S`` tokens,
+        and the request's ``RequestInfo``. Other ``model_kwargs`` pass through.
+        """
+        ids = self._batch(input_ids, model_kwargs)
+        model_kwargs.pop("attention_mask", None)  # all ones (checked): the cache length sets positions
+        salt = self.salt if salt is None else salt
+        cache, info = self._load(ids, salt, prefetch)
+        hooks = self._time_prefill(info)
+        try:
+            with torch.no_grad():
+                output = self.model(input_ids=ids[:, info.loaded_tokens:], past_key_values=cache, use_cache=True,
+                                    **model_kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if save:
+            self._save(ids, cache, [info.prompt_tokens], salt, info)
+        self.last_info = info
+        return output, info
+
+    def generate(self, input_ids: Any, *, salt: Salt = None, save: bool = True, save_generated: bool | None = None,
+                 prefetch: PrefetchHandle | None = None, **generate_kwargs: Any) -> tuple[Any, RequestInfo]:
+        """``model.generate`` with the prompt's stored prefix preloaded; returns its output and the ``RequestInfo``.
+
+        ``generate_kwargs`` pass through (``max_new_tokens``, ``do_sample``,
+        ``return_dict_in_generate``...); ``generate`` computes only the
+        uncached prompt tokens (see the module docstring). Then the prompt's
+        KV is saved and, when ``save_generated`` (default: the wrapper's),
+        that of the generated tokens but the last, which has none yet.
+        """
+        ids = self._batch(input_ids, generate_kwargs)
+        config = self.model.generation_config
+        for name in ("num_beams", "num_return_sequences"):
+            value = generate_kwargs.get(name, getattr(config, name, 1)) or 1
+            if value != 1:
+                raise ValueError(f"{name}: expected 1 (the saved KV must match the returned rows), got {value}")
+        salt = self.salt if salt is None else salt
+        save_generated = self.save_generated if save_generated is None else save_generated
+        cache, info = self._load(ids, salt, prefetch)
+        hooks = self._time_prefill(info)
+        try:
+            output = self.model.generate(ids, past_key_values=cache, **generate_kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        info.generated_tokens = sequences.shape[1] - info.prompt_tokens
+        if save:
+            lengths = [info.prompt_tokens]
+            if save_generated and cache.get_seq_length() > info.prompt_tokens:
+                # the prompt's own partial tail is keyed by its length: keep it, so the same prompt hits again
+                whole = min(cache.get_seq_length(), sequences.shape[1])
+                tail = info.prompt_tokens % self.store.layout.block_tokens
+                lengths = [whole, info.prompt_tokens] if tail and info.fetched_tokens < info.prompt_tokens else [whole]
+            self._save(sequences, cache, lengths, salt, info)
+        self.last_info = info
+        return output, info
+
+
+__all__ = ["CachedModel", "RequestInfo", "cache_from_kv", "kv_from_cache", "layout_for"]

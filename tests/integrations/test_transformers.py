@@ -1,0 +1,304 @@
+"""The transformers adapter against tiny random-initialised models: a store hit must not change the output.
+
+Every comparison is with the same model run without kvstore (``model(ids)``,
+``model.generate(ids)``), same attention implementation (sdpa), same weights.
+Block size 16 tokens, so prompts of 5, 32 and 37 tokens are: shorter than a
+block, exactly two blocks, two blocks and a partial tail.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from conftest import run_python  # noqa: E402
+from kvstore import KVLayout, KVStore, StoreConfig  # noqa: E402
+from kvstore.integrations.transformers import (  # noqa: E402
+    CachedModel,
+    cache_from_kv,
+    kv_from_cache,
+    layout_for,
+)
+
+BLOCK = 16
+VOCAB = 512
+FP32_TOL = 1e-4
+# bf16 on CPU (torch 2.13) measured bit-identical (max abs difference 0) over 4 architectures,
+# prefixes of 16-48 tokens, logits up to |9|; 1e-2 (under one bf16 ulp at |logit| >= 2) leaves room
+# for kernels whose rounding depends on the matmul shape.
+BF16_TOL = 1e-2
+GREEDY = dict(max_new_tokens=14, min_new_tokens=14, do_sample=False)
+
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),  # grouped-query attention
+    # a window shorter than the prompts: the cache keeps every token, the mask still applies the window
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=12)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=1, head_dim=32)),  # head_dim != hidden/heads
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),  # partial rotary, fused QKV, no num_key_value_heads
+}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(arch: str, dtype: torch.dtype = torch.float32):
+    config_name, model_name, extra = ARCHS[arch]
+    config = getattr(transformers, config_name)(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, initializer_range=0.1, **extra)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).to(dtype).eval()
+
+
+def tokens(num: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, num), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture
+def new_store():
+    stores = []
+
+    def factory(model, **config):
+        config.setdefault("host_bytes", "4MiB")
+        # A slow prefill (1 token/s) makes every stored token worth loading: exact counts, whatever the machine.
+        config.setdefault("prefill_tokens_per_second", 1.0)
+        store = KVStore(layout_for(model, block_tokens=BLOCK), StoreConfig(**config))
+        stores.append(store)
+        return store
+
+    yield factory
+    for store in stores:
+        store.close()
+
+
+def test_layout_for_reads_heads_head_dim_and_dtype():
+    llama = layout_for(tiny_model("llama"), block_tokens=BLOCK)
+    assert (llama.num_layers, llama.num_kv_heads, llama.head_dim, llama.dtype) == (2, 4, 16, torch.float32)
+    assert layout_for(tiny_model("qwen2")).num_kv_heads == 2
+    gemma = layout_for(tiny_model("gemma").config, dtype="bf16")
+    assert (gemma.num_kv_heads, gemma.head_dim, gemma.dtype, gemma.block_tokens) == (1, 32, torch.bfloat16, 256)
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
+    config.dtype = None
+    with pytest.raises(ValueError, match="dtype"):
+        layout_for(config)
+    bare = types.SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, dtype="float16")
+    assert layout_for(bare) == KVLayout(2, 4, 16, torch.float16, block_tokens=256)  # no head_dim: width / heads
+    bare.num_attention_heads = 5
+    with pytest.raises(ValueError, match="hidden_size: expected a multiple of num_attention_heads=5, got 64"):
+        layout_for(bare)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_forward_hit_gives_the_same_logits(arch, new_store):
+    model = tiny_model(arch)
+    cached = CachedModel(model, new_store(model))
+    for length in (5, 2 * BLOCK, 2 * BLOCK + 5):
+        ids = tokens(length, seed=length)
+        expected = reference_logits(model, ids)
+        cold_out, cold = cached.forward(ids)
+        assert (cold.loaded_tokens, cold.computed_tokens, cold.saved_tokens) == (0, length, length)
+        assert cold.blocks_stored == -(-length // BLOCK)
+        assert max_diff(cold_out.logits, expected) <= FP32_TOL
+        warm_out, warm = cached.forward(ids)
+        # the whole prompt is stored: all of it is fetched, the last token recomputed for its logits
+        assert (warm.planned_tokens, warm.fetched_tokens) == (length, length)
+        assert (warm.loaded_tokens, warm.computed_tokens, warm.saved_tokens) == (length - 1, 1, 0)
+        assert warm_out.logits.shape == (1, 1, VOCAB)
+        assert max_diff(warm_out.logits[:, -1], expected[:, -1]) <= FP32_TOL
+        assert warm_out.past_key_values.get_seq_length() == length
+        assert warm.prefill_seconds > 0 and warm.ttft_seconds >= warm.prefill_seconds
+        assert cached.last_info is warm
+
+
+def test_prefix_hit_computes_only_the_suffix(new_store):
+    model = tiny_model("qwen2")
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(60, seed=1)
+    cached.forward(ids[:, :37])  # blocks 0-16, 16-32 and a partial tail 32-37 (matches only 37 tokens)
+    out, info = cached.forward(ids)
+    assert (info.planned_tokens, info.loaded_tokens, info.computed_tokens) == (32, 32, 28)
+    assert (info.saved_tokens, info.blocks_stored) == (60, 2)  # 32-48 and the partial 48-60
+    assert max_diff(out.logits, reference_logits(model, ids)[:, 32:]) <= FP32_TOL
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_generate_multi_turn_loads_the_previous_turn(arch, new_store):
+    model = tiny_model(arch)
+    cached = CachedModel(model, new_store(model))
+    turn1 = tokens(20, seed=2)
+    out1, info1 = cached.generate(turn1, **GREEDY)
+    assert torch.equal(out1, model.generate(turn1, **GREEDY))
+    # prompt + generated but the last (which has no KV yet): 33 tokens = 2 blocks + a 1-token tail,
+    # plus the prompt's own 4-token tail (16-20)
+    assert (info1.generated_tokens, info1.saved_tokens, info1.blocks_stored) == (14, 33, 4)
+    turn2 = torch.cat([out1, tokens(5, seed=3)], dim=1)  # 39 tokens
+    out2, info2 = cached.generate(turn2, **GREEDY)
+    assert (info2.loaded_tokens, info2.computed_tokens) == (32, 7)
+    assert info2.prefill_seconds > 0 and info2.saved_tokens == 39 + 13
+    assert torch.equal(out2, model.generate(turn2, **GREEDY))
+    out3, info3 = cached.forward(turn2)
+    assert info3.loaded_tokens == 38  # generate stored the prompt's own 7-token tail too
+    assert max_diff(out3.logits[:, -1], reference_logits(model, turn2)[:, -1]) <= FP32_TOL
+
+
+def test_generate_passes_kwargs_and_can_save_only_the_prompt(new_store):
+    model = tiny_model("llama")
+    cached = CachedModel(model, new_store(model), save_generated=False)
+    ids = tokens(21, seed=4)
+    out, info = cached.generate(ids, return_dict_in_generate=True, output_scores=True, **GREEDY)
+    assert torch.equal(out.sequences, model.generate(ids, **GREEDY))
+    assert len(out.scores) == 14 and info.saved_tokens == 21
+    assert cached.store.lookup(out.sequences[0, :34]) == BLOCK  # only the prompt's first block covers it
+    _, again = cached.generate(ids, save_generated=True, **GREEDY)
+    assert (again.loaded_tokens, again.saved_tokens) == (20, 34)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_within_measured_tolerance(arch, new_store):
+    model = tiny_model(arch, torch.bfloat16)
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(45, seed=5)
+    cached.forward(ids[:, :33])
+    out, info = cached.forward(ids)
+    assert info.loaded_tokens == 32
+    assert max_diff(out.logits, reference_logits(model, ids)[:, 32:]) <= BF16_TOL
+    short = dict(GREEDY, max_new_tokens=6, min_new_tokens=6)  # bf16 matmuls are slow on CPU
+    generated, _ = cached.generate(ids, **short)
+    assert torch.equal(generated, model.generate(ids, **short))
+
+
+def test_hits_from_the_disk_tier_after_reopening(tmp_path, new_store):
+    model = tiny_model("mistral")
+    ids = tokens(40, seed=6)
+    disk = dict(disk_dir=str(tmp_path / "disk"), disk_bytes="64MiB", disk_sync=False)
+    first = new_store(model, **disk)
+    _, turn = CachedModel(model, first).generate(ids, **GREEDY)  # puts 53 tokens, then the prompt's 40
+    assert (turn.saved_tokens, turn.blocks_stored) == (53, 5)  # 0-16, 16-32, 32-48, tails 48-53 and 32-40
+    first.close()  # flushes the write-behind to LMDB; the host pool is gone
+    store = new_store(model, **disk)
+    out, info = CachedModel(model, store).forward(ids)
+    assert (info.loaded_tokens, info.computed_tokens) == (39, 1)
+    assert store.stats()["tiers"]["lmdb"]["hits"] == 3  # 0-16, 16-32 and the tail 32-40
+    assert max_diff(out.logits[:, -1], reference_logits(model, ids)[:, -1]) <= FP32_TOL
+
+
+def test_salt_separates_tenants(new_store):
+    model = tiny_model("llama")
+    store = new_store(model)
+    alice, bob = CachedModel(model, store, salt="alice"), CachedModel(model, store, salt=b"bob")
+    ids = tokens(32, seed=7)
+    assert alice.forward(ids)[1].loaded_tokens == 0
+    assert bob.forward(ids)[1].loaded_tokens == 0
+    assert bob.forward(ids, salt="alice")[1].loaded_tokens == 31  # a per-call salt overrides the wrapper's
+    assert CachedModel(model, store).forward(ids)[1].loaded_tokens == 0  # unsalted is a tenant of its own
+
+
+def test_store_returning_fewer_tokens_than_planned(new_store, monkeypatch):
+    model = tiny_model("qwen2")
+    store = new_store(model)
+    cached = CachedModel(model, store)
+    ids = tokens(40, seed=8)
+    cached.forward(ids)
+    real_load = store.load
+
+    def load_after_eviction(toks, salt=None, **kwargs):
+        store.host.delete(store.block_keys(toks, salt)[1].key)  # block 16-32 vanishes after the plan
+        return real_load(toks, salt=salt, **kwargs)
+
+    monkeypatch.setattr(store, "load", load_after_eviction)
+    out, info = cached.forward(ids)
+    assert (info.planned_tokens, info.fetched_tokens, info.loaded_tokens, info.computed_tokens) == (40, 16, 16, 24)
+    assert max_diff(out.logits, reference_logits(model, ids)[:, 16:]) <= FP32_TOL
+    assert (info.saved_tokens, info.blocks_stored) == (40, 1)  # the vanished block is stored again
+    assert store.lookup(ids[0]) == 40
+
+
+def test_batch_loads_the_prefix_every_row_has(new_store):
+    model = tiny_model("llama")
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(40, seed=9, batch=2)
+    cached.forward(ids[:1, :35])  # row 0: 32 tokens usable (the 35-token tail matches no prefix of 40)
+    cached.forward(ids[1:, :20])  # row 1: 16
+    out, info = cached.forward(ids)
+    assert (info.batch_size, info.planned_tokens, info.loaded_tokens) == (2, 16, 16)
+    assert max_diff(out.logits, reference_logits(model, ids)[:, 16:]) <= FP32_TOL
+    mask = torch.ones_like(ids)
+    generated, info = cached.generate(ids, attention_mask=mask, **GREEDY)
+    assert info.loaded_tokens == 39
+    assert torch.equal(generated, model.generate(ids, attention_mask=mask, **GREEDY))
+
+
+def test_mismatched_layout_and_bad_requests_raise_value_error(new_store):
+    model = tiny_model("llama")
+    bf16_layout = layout_for(model, dtype=torch.bfloat16, block_tokens=BLOCK)
+    with KVStore(bf16_layout, StoreConfig(host_bytes="1MiB")) as store:
+        with pytest.raises(ValueError, match=r"store.layout.dtype: expected torch.float32 .*got torch.bfloat16"):
+            CachedModel(model, store)
+    with KVStore(layout_for(tiny_model("qwen2"), block_tokens=BLOCK), StoreConfig(host_bytes="1MiB")) as store:
+        with pytest.raises(ValueError, match="num_kv_heads: expected 4 .*got 2"):
+            CachedModel(model, store)
+    with pytest.raises(ValueError, match="store: expected a KVStore"):
+        CachedModel(model, object())
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(10, seed=10)
+    padded = torch.ones_like(ids)
+    padded[0, 0] = 0
+    with pytest.raises(ValueError, match="attention_mask: expected all ones"):
+        cached.forward(ids, attention_mask=padded)
+    with pytest.raises(ValueError, match="past_key_values: expected None"):
+        cached.generate(ids, past_key_values=transformers.DynamicCache())
+    with pytest.raises(ValueError, match="num_beams: expected 1.*got 2"):
+        cached.generate(ids, num_beams=2, max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids: expected integer ids"):
+        cached.forward(torch.zeros((1, 0), dtype=torch.long))
+    assert cached.store.lookup(ids[0]) == 0  # nothing was stored by the rejected requests
+
+
+def test_cache_conversion_round_trips_exactly():
+    kv = torch.randn(3, 2, 2, 7, 4, 8)  # [B, L, 2, n, H, D]
+    cache = cache_from_kv(kv)
+    assert cache.layers[1].keys.shape == (3, 4, 7, 8)
+    assert torch.equal(cache.layers[1].values[2], kv[2, 1, 1].transpose(0, 1))
+    for row in range(3):
+        assert torch.equal(kv_from_cache(cache, row), kv[row])
+    assert torch.equal(kv_from_cache(cache, 1, 5), kv[1, :, :, :5])
+    assert kv_from_cache(cache, 1).is_contiguous()
+    with pytest.raises(ValueError, match="num_tokens: expected at most the 7"):
+        kv_from_cache(cache, 0, 8)
+
+
+def test_prefill_is_reported_to_a_store_that_records_it(new_store):
+    model = tiny_model("llama")
+    store = new_store(model)
+    recorded = []
+    store.record_prefill = lambda num_tokens, seconds: recorded.append((num_tokens, seconds))
+    cached = CachedModel(model, store)
+    ids = tokens(30, seed=11, batch=2)
+    _, info = cached.forward(ids)
+    _, again = cached.forward(ids)
+    assert [n for n, _ in recorded] == [60, 2]
+    assert [s for _, s in recorded] == [info.prefill_seconds, again.prefill_seconds]
+
+
+def test_kvstore_imports_without_transformers():
+    out = run_python("""
+        import sys
+        sys.modules["transformers"] = None  # any import of it now fails
+        import kvstore, kvstore.integrations
+        print("ok", "transformers" in sys.modules and sys.modules["transformers"] is not None)
+    """)
+    assert out.strip() == "ok False"
