@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -31,6 +32,116 @@ from kvstore.prefetch import PrefetchHandle
 ReadBlock = Callable[[BlockRef, torch.Tensor], bool]
 
 
+class _Pipeline:
+    """The copying worker and what it shares with the engine's thread.
+
+    Kept apart from ``LayerLoader`` (it holds no reference to it), so an
+    engine that drops a loader half-way, without ``close()``, still gets its
+    worker stopped and its pins released when the loader is collected.
+    """
+
+    def __init__(self, layout: KVLayout, blocks: Sequence[BlockRef], handle: PrefetchHandle,
+                 read_block: ReadBlock, device: torch.device, lookahead: int,
+                 on_layer: Callable[[int], None] | None, on_sized: Callable[[int, float], None] | None):
+        self.layout = layout
+        self.blocks = list(blocks)
+        self.handle = handle
+        self.read_block = read_block
+        self.device = device
+        self.lookahead = lookahead
+        self.on_layer = on_layer
+        self.on_sized = on_sized
+        self.cond = threading.Condition()
+        self.num_tokens: int | None = None
+        self.loaded = 0  # layers copied
+        self.taken = -1  # the layer the engine holds
+        self.closed = False
+        self.error: BaseException | None = None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.copied: list[torch.cuda.Event | None] = [None] * layout.num_layers
+        self.released: list[torch.cuda.Event | None] = [None] * layout.num_layers
+        self.ring: list[torch.Tensor] = []
+
+    def sources(self) -> list[torch.Tensor]:
+        """A readable block view per planned block, stopping at the first that cannot be had."""
+        self.handle.result()
+        pinned = self.handle.views()
+        sources = []
+        for i, block in enumerate(self.blocks):
+            if i < len(pinned) and tuple(pinned[i].shape) == self.layout.shape(block.num_tokens):
+                sources.append(pinned[i])
+                continue
+            private = torch.empty(self.layout.shape(block.num_tokens), dtype=self.layout.dtype)
+            if not self.read_block(block, private):
+                break
+            sources.append(private)
+        return sources
+
+    def run(self) -> None:
+        try:
+            start = time.perf_counter()
+            sources = self.sources()
+            num_tokens = self.blocks[len(sources) - 1].end if sources else 0
+            with self.cond:
+                self.num_tokens = num_tokens
+                self.ring = [torch.empty(self.layout.shape(num_tokens)[1:], dtype=self.layout.dtype,
+                                         device=self.device) for _ in range(self.lookahead + 1)]
+                self.cond.notify_all()
+            if self.on_sized is not None:
+                self.on_sized(num_tokens, time.perf_counter() - start)
+            for layer in range(self.layout.num_layers):
+                with self.cond:
+                    while not self.closed and layer > self.taken + self.lookahead:
+                        self.cond.wait()
+                    if self.closed:
+                        return
+                self.copy_layer(layer, sources)
+                with self.cond:
+                    self.loaded = layer + 1
+                    self.cond.notify_all()
+                if self.on_layer is not None:
+                    self.on_layer(layer)
+        except BaseException as exc:  # handed to the engine's thread by layer()
+            with self.cond:
+                self.error = exc
+                self.cond.notify_all()
+        finally:
+            self.handle.close()
+
+    def copy_layer(self, layer: int, sources: Sequence[torch.Tensor]) -> None:
+        buf = self.ring[layer % len(self.ring)]
+        if self.stream is None:
+            for block, src in zip(self.blocks, sources):
+                buf[:, block.start:block.end].copy_(src[layer])
+            return
+        reused = layer - len(self.ring)
+        with torch.cuda.stream(self.stream):
+            if reused >= 0 and self.released[reused] is not None:
+                self.stream.wait_event(self.released[reused])  # the engine's reads of that buffer are done
+            for block, src in zip(self.blocks, sources):
+                buf[:, block.start:block.end].copy_(src[layer], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.copied[layer] = event
+
+    def wait(self, ready: Callable[[], bool]) -> None:
+        with self.cond:
+            while not ready() and self.error is None and not self.closed:
+                self.cond.wait()
+            if ready():
+                return
+            if self.error is not None:
+                raise RuntimeError(f"layer-wise load failed: {self.error!r}") from self.error
+            raise RuntimeError("layer-wise load is closed")
+
+    def stop(self) -> None:
+        """Stop the worker at its next step and release the pins (from any thread; idempotent)."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.handle.close()
+
+
 class LayerLoader:
     """Yields ``(layer, kv)`` with ``kv`` of shape ``[P, num_tokens, H, D]``, in layer order.
 
@@ -38,7 +149,8 @@ class LayerLoader:
     ring reuses it then): copy it into the engine's own cache first, as
     engines do. ``on_layer(i)``, if given, is called from the worker as soon
     as layer i is copied (for tracing). ``close()`` stops the worker and
-    releases every pin; a loader used as a context manager closes itself.
+    releases every pin; a loader used as a context manager closes itself,
+    and one dropped without either is stopped when it is garbage collected.
     """
 
     def __init__(self, layout: KVLayout, blocks: Sequence[BlockRef], handle: PrefetchHandle,
@@ -49,146 +161,57 @@ class LayerLoader:
         self.layout = layout
         self.device = torch.device(device)
         self.lookahead = lookahead
-        self._blocks = list(blocks)
-        self._handle = handle
-        self._read_block = read_block
-        self._on_layer = on_layer
-        self._on_sized = on_sized
-        self._cond = threading.Condition()
-        self._num_tokens: int | None = None
-        self._loaded = 0  # layers copied
-        self._taken = -1  # the layer the engine holds
-        self._closed = False
-        self._error: BaseException | None = None
-        self._cuda = self.device.type == "cuda"
-        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._copied: list[torch.cuda.Event | None] = [None] * layout.num_layers
-        self._released: list[torch.cuda.Event | None] = [None] * layout.num_layers
-        self._ring: list[torch.Tensor] = []
-        self._thread = threading.Thread(target=self._run, name="kvstore-layer-loader", daemon=True)
+        self._pipe = _Pipeline(layout, blocks, handle, read_block, self.device, lookahead, on_layer, on_sized)
+        self._thread = threading.Thread(target=self._pipe.run, name="kvstore-layer-loader", daemon=True)
+        self._finalizer = weakref.finalize(self, self._pipe.stop)
         self._thread.start()
-
-    # -- the worker -------------------------------------------------------------------
-
-    def _sources(self) -> list[torch.Tensor]:
-        """A readable block view per planned block, stopping at the first that cannot be had."""
-        self._handle.result()
-        pinned = self._handle.views()
-        sources = []
-        for i, block in enumerate(self._blocks):
-            if i < len(pinned) and tuple(pinned[i].shape) == self.layout.shape(block.num_tokens):
-                sources.append(pinned[i])
-                continue
-            private = torch.empty(self.layout.shape(block.num_tokens), dtype=self.layout.dtype)
-            if not self._read_block(block, private):
-                break
-            sources.append(private)
-        return sources
-
-    def _run(self) -> None:
-        try:
-            start = time.perf_counter()
-            sources = self._sources()
-            num_tokens = self._blocks[len(sources) - 1].end if sources else 0
-            with self._cond:
-                self._num_tokens = num_tokens
-                self._ring = [torch.empty(self.layout.shape(num_tokens)[1:], dtype=self.layout.dtype,
-                                          device=self.device) for _ in range(self.lookahead + 1)]
-                self._cond.notify_all()
-            if self._on_sized is not None:
-                self._on_sized(num_tokens, time.perf_counter() - start)
-            for layer in range(self.layout.num_layers):
-                with self._cond:
-                    while not self._closed and layer > self._taken + self.lookahead:
-                        self._cond.wait()
-                    if self._closed:
-                        return
-                self._copy_layer(layer, sources)
-                with self._cond:
-                    self._loaded = layer + 1
-                    self._cond.notify_all()
-                if self._on_layer is not None:
-                    self._on_layer(layer)
-        except BaseException as exc:  # handed to the engine's thread by layer()
-            with self._cond:
-                self._error = exc
-                self._cond.notify_all()
-        finally:
-            self._handle.close()
-
-    def _copy_layer(self, layer: int, sources: Sequence[torch.Tensor]) -> None:
-        buf = self._ring[layer % len(self._ring)]
-        if self._stream is None:
-            for block, src in zip(self._blocks, sources):
-                buf[:, block.start:block.end].copy_(src[layer])
-            return
-        reused = layer - len(self._ring)
-        with torch.cuda.stream(self._stream):
-            if reused >= 0 and self._released[reused] is not None:
-                self._stream.wait_event(self._released[reused])  # the engine's reads of that buffer are done
-            for block, src in zip(self._blocks, sources):
-                buf[:, block.start:block.end].copy_(src[layer], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        self._copied[layer] = event
-
-    # -- the engine's side ------------------------------------------------------------
-
-    def _wait(self, ready: Callable[[], bool]) -> None:
-        with self._cond:
-            while not ready() and self._error is None and not self._closed:
-                self._cond.wait()
-            if self._error is not None:
-                raise RuntimeError(f"layer-wise load failed: {self._error!r}") from self._error
-            if self._closed:
-                raise RuntimeError("layer-wise load is closed")
 
     @property
     def num_tokens(self) -> int:
         """Leading tokens every layer holds (waits until the blocks are readable)."""
-        self._wait(lambda: self._num_tokens is not None)
-        return self._num_tokens
+        self._pipe.wait(lambda: self._pipe.num_tokens is not None)
+        return self._pipe.num_tokens
 
     @property
     def loaded_layers(self) -> int:
         """Layers copied so far."""
-        with self._cond:
-            return self._loaded
+        with self._pipe.cond:
+            return self._pipe.loaded
 
     def layer(self, index: int) -> torch.Tensor:
         """Layer ``index`` as ``[P, num_tokens, H, D]``; layers are asked for in order, each once."""
-        with self._cond:
-            expected = self._taken + 1
+        pipe = self._pipe
+        with pipe.cond:
+            if pipe.closed:
+                raise RuntimeError("layer-wise load is closed")
+            expected = pipe.taken + 1
             if index != expected:
                 raise ValueError(f"layer: expected layer {expected} next (layers come in order, once each), "
                                  f"got {index}")
             if index >= self.layout.num_layers:
                 raise ValueError(f"layer: expected < {self.layout.num_layers} layers, got {index}")
-        if self._cuda and index > 0:
+        if pipe.stream is not None and index > 0:
             released = torch.cuda.Event()
             released.record(torch.cuda.current_stream(self.device))
-            self._released[index - 1] = released
-        with self._cond:
-            self._taken = index
-            self._cond.notify_all()
-        self._wait(lambda: self._loaded > index)
-        if self._cuda:
-            torch.cuda.current_stream(self.device).wait_event(self._copied[index])
-        return self._ring[index % len(self._ring)]
+            pipe.released[index - 1] = released
+        with pipe.cond:
+            pipe.taken = index
+            pipe.cond.notify_all()
+        pipe.wait(lambda: pipe.loaded > index)
+        if pipe.stream is not None:
+            torch.cuda.current_stream(self.device).wait_event(pipe.copied[index])
+        return pipe.ring[index % len(pipe.ring)]
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
-        for index in range(self._taken + 1, self.layout.num_layers):
+        for index in range(self._pipe.taken + 1, self.layout.num_layers):
             yield index, self.layer(index)
 
     def close(self) -> None:
         """Stop copying, release the prefetch pins and the layer buffers."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        self._finalizer()
         if self._thread is not threading.current_thread():
             self._thread.join()
-        self._handle.close()
-        self._ring = []
+        self._pipe.ring = []
 
     def __enter__(self) -> "LayerLoader":
         return self

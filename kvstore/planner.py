@@ -124,8 +124,8 @@ class Planner:
         best_end, best_gain, elapsed, best_elapsed = 0, 0.0, 0.0, 0.0
         for end, nbytes, tier in blocks:
             elapsed += tier.seconds(nbytes)
-            gain = math.inf if throughput == 0 else end / throughput - elapsed
-            if gain > best_gain or (throughput == 0 and math.isfinite(elapsed)):
+            gain = 0.0 if throughput == 0 else end / throughput - elapsed
+            if math.isfinite(elapsed) if throughput == 0 else gain > best_gain:
                 best_end, best_gain, best_elapsed = end, gain, elapsed
         sources: dict[str, int] = {}
         start = 0

@@ -72,8 +72,9 @@ class _Fetch:
 class _HandleState:
     """What a handle owns (kept apart from the handle so dropping the handle can release it)."""
 
-    def __init__(self, blocks: Sequence[BlockRef]):
+    def __init__(self, blocks: Sequence[BlockRef], request_tokens: int):
         self.blocks = list(blocks)
+        self.request_tokens = request_tokens
         self.index = {block.key: i for i, block in enumerate(self.blocks)}
         self.views: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.fetches: list[_Fetch | None] = [None] * len(self.blocks)
@@ -86,12 +87,13 @@ class Prefetcher:
     ``fetch(block)`` reads a block from wherever it is stored into the
     fastest tier (True when it is there afterwards); ``pin(key)`` /
     ``unpin(key)`` pin it there (``pin`` returns the block's view or None).
-    At most ``max_pins`` blocks are pinned by all handles together, and at
-    most ``queue_blocks`` fetches wait in the queue.
+    At most ``max_pins`` blocks (None: no limit) are pinned by all handles
+    together, and at most ``queue_blocks`` fetches wait in the queue.
     """
 
     def __init__(self, fetch: Callable[[BlockRef], bool], pin: Callable[[bytes], torch.Tensor | None],
-                 unpin: Callable[[bytes], None], workers: int = 2, queue_blocks: int = 256, max_pins: int = 0):
+                 unpin: Callable[[bytes], None], workers: int = 2, queue_blocks: int = 256,
+                 max_pins: int | None = None):
         if workers < 1:
             raise ValueError(f"prefetch_workers: expected an integer >= 1, got {workers!r}")
         self._fetch = fetch
@@ -117,7 +119,7 @@ class Prefetcher:
             if not stored(block.key):
                 break
             leading.append(block)
-        state = _HandleState(leading)
+        state = _HandleState(leading, blocks[-1].end if blocks else 0)
         handle = PrefetchHandle(self, state, policy)
         self.counters.add("prefetches")
         self.counters.add("prefetch_blocks", len(leading))
@@ -125,7 +127,7 @@ class Prefetcher:
             for i, block in enumerate(leading):
                 if self._closed:
                     break
-                if self._max_pins and self._pins >= self._max_pins:
+                if self._max_pins is not None and self._pins >= self._max_pins:
                     self.counters.add("prefetch_pin_limited", len(leading) - i)
                     break
                 view = self._pin(block.key)
@@ -265,7 +267,7 @@ class PrefetchHandle:
 
     def result(self) -> int:
         """Tokens ready after waiting as the handle's policy says (best_effort, wait or timeout)."""
-        return self.wait(self.policy.budget(self.num_tokens))
+        return self.wait(self.policy.budget(self._state.request_tokens))
 
     def views(self) -> list[torch.Tensor]:
         """Pinned views ``[L, P, tokens, H, D]`` of the leading ready blocks (valid until close)."""

@@ -85,9 +85,10 @@ class KVStore:
         self._policy = PrefetchPolicy(config.prefetch_policy, config.prefetch_timeout_base_seconds,
                                       config.prefetch_timeout_per_1k_tokens_seconds)
         self._scratch = threading.local()
-        slots = getattr(self.tiers[0], "num_slots", 0)
+        slots = getattr(self.tiers[0], "num_slots", None)  # prefetches pin at most half the fastest slot pool
         self._prefetcher = Prefetcher(self._bring_up, self._pin_fastest, self._unpin_fastest,
-                                      config.prefetch_workers, config.prefetch_queue_blocks, max_pins=slots // 2)
+                                      config.prefetch_workers, config.prefetch_queue_blocks,
+                                      max_pins=None if slots is None else slots // 2)
 
     def _queue_bound(self) -> int:
         """Queued jobs pin their source slots: keep the pins to half the fastest slot pool."""

@@ -1,0 +1,412 @@
+"""Layer-wise load and save: one layer at a time, exact bytes, a bounded look-ahead, pins released.
+
+Real tiers and a real loader thread. The interleaving test records what the
+loader's worker reports (``on_layer``) next to what the consumer asks for,
+and waits on a Condition for the loader to get ahead: no sleeps.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import torch
+
+from conftest import assert_same_kv, make_kv, make_tokens, tiny_layout
+from kvstore.layerwise import LayerLoader, LayerSaver
+from kvstore.store import KVStore
+
+LONG = 10.0  # an upper bound on waits that must succeed
+STILL_BLOCKED = 0.01  # seconds a loader that must wait is given to (wrongly) run further ahead
+LAY = tiny_layout(num_layers=6)  # enough layers for a look-ahead to show
+
+
+def keys_of(store: KVStore, tokens) -> list[bytes]:
+    return [ref.key for ref in store.block_keys(tokens)]
+
+
+def pinned(store: KVStore) -> int:
+    return store.stats()["prefetch"]["pinned_blocks"]
+
+
+def loader_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "kvstore-layer-loader"}
+
+
+def stored(make_store, where: str, tokens, kv) -> KVStore:
+    """A store holding ``tokens``: in the host tier, on disk only (no host tier), or on disk below an empty host."""
+    if where == "disk_only_store":
+        store = make_store("disk", lay=LAY)
+        store.put(tokens, kv)
+        return store
+    store = make_store("host" if where == "host" else "both", lay=LAY)
+    store.put(tokens, kv)
+    assert store.flush(LONG)
+    keys = keys_of(store, tokens)
+    dropped = {"host": [], "lower_tier": keys, "mix": keys[1::2]}[where]
+    for key in dropped:
+        assert store.host.delete(key)
+    return store
+
+
+# -- layer-wise load ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["host", "disk_only_store", "lower_tier", "mix"])
+@pytest.mark.parametrize("num_tokens", [37, 48, 5])
+def test_load_yields_every_layer_once_in_order_exact(make_store, where, num_tokens):
+    tokens, kv = make_tokens(num_tokens), make_kv(LAY, num_tokens)
+    store = stored(make_store, where, tokens, kv)
+
+    with store.load(tokens, layer_wise=True) as loader:
+        assert isinstance(loader, LayerLoader)
+        assert loader.num_tokens == num_tokens  # partial tail block included
+        seen = []
+        for index, layer in loader:
+            seen.append(index)
+            assert layer.device == torch.device("cpu")
+            assert_same_kv(layer, kv[index])  # [P, num_tokens, H, D]
+        assert seen == list(range(LAY.num_layers))
+        assert loader.loaded_layers == LAY.num_layers
+
+    assert pinned(store) == 0
+    stats = store.stats()
+    assert stats["store"]["prefill_tokens_saved"] == num_tokens
+    assert stats["prefetch"]["prefetch_failed"] == 0
+    if store.host is not None:
+        keys = keys_of(store, tokens)
+        assert all(store.host.contains(key) for key in keys)  # brought up from the disk where needed
+        assert all(store.host.delete(key) for key in keys)  # and no pin left behind
+        assert stats["prefetch"]["prefetch_fetched"] == {"host": 0, "lower_tier": len(keys),
+                                                          "mix": len(keys[1::2])}[where]
+
+
+def test_load_stops_at_a_missing_block(make_store):
+    tokens, kv = make_tokens(48), make_kv(LAY, 48)
+    store = stored(make_store, "host", tokens, kv)
+    assert store.host.delete(keys_of(store, tokens)[1])
+    with store.load(tokens, layer_wise=True) as loader:
+        assert loader.num_tokens == 16
+        for index, layer in loader:
+            assert_same_kv(layer, kv[index][:, :16])
+    assert pinned(store) == 0
+    assert store.stats()["store"]["prefill_tokens_saved"] == 16
+
+
+def test_load_stops_at_a_block_lost_after_the_plan(make_store):
+    tokens, kv = make_tokens(48), make_kv(LAY, 48)
+    store = stored(make_store, "mix", tokens, kv)  # block 1 only on disk
+    plan = store.plan(tokens)
+    assert plan.load_tokens == 48
+    keys = keys_of(store, tokens)
+    assert store.disk.delete(keys[1])  # gone from every tier between the plan and the load
+
+    with store.load(tokens, layer_wise=True, plan=plan) as loader:
+        assert loader.num_tokens == 16
+        layers = [(index, layer.clone()) for index, layer in loader]
+    assert [index for index, _ in layers] == list(range(LAY.num_layers))
+    for index, layer in layers:
+        assert_same_kv(layer, kv[index][:, :16])
+    assert store.stats()["prefetch"]["prefetch_failed"] == 1
+    assert pinned(store) == 0
+    assert store.host.delete(keys[2])  # block 2 was pinned for the load, then released
+
+
+def test_load_of_nothing_stored_yields_empty_layers(make_store):
+    store = make_store("both", lay=LAY)
+    with store.load(make_tokens(40), layer_wise=True) as loader:
+        assert loader.num_tokens == 0
+        shapes = [tuple(layer.shape) for _, layer in loader]
+    assert shapes == [(2, 0, 2, 16)] * LAY.num_layers
+    assert pinned(store) == 0
+
+
+def test_load_with_a_prefetch_handle_uses_and_closes_it(make_store):
+    tokens, kv = make_tokens(40), make_kv(LAY, 40)
+    store = stored(make_store, "host", tokens, kv)
+    handle = store.prefetch(tokens)
+    assert pinned(store) == 3
+    with store.load(tokens, layer_wise=True, prefetch=handle) as loader:
+        assert loader.num_tokens == 40
+        for index, layer in loader:
+            assert_same_kv(layer, kv[index])
+    assert handle.closed
+    assert pinned(store) == 0
+
+
+def test_layers_must_be_asked_for_in_order_once_each(make_store):
+    tokens, kv = make_tokens(40), make_kv(LAY, 40)
+    store = stored(make_store, "host", tokens, kv)
+    with store.load(tokens, layer_wise=True) as loader:
+        with pytest.raises(ValueError, match=r"^layer: expected layer 0 next \(layers come in order, once each\), "
+                                             r"got 1$"):
+            loader.layer(1)
+        assert_same_kv(loader.layer(0), kv[0])
+        with pytest.raises(ValueError, match=r"^layer: expected layer 1 next .*, got 0$"):
+            loader.layer(0)
+        for index in range(1, LAY.num_layers):
+            assert_same_kv(loader.layer(index), kv[index])
+        with pytest.raises(ValueError, match=rf"^layer: expected < {LAY.num_layers} layers, got {LAY.num_layers}$"):
+            loader.layer(LAY.num_layers)
+        assert list(loader) == []  # every layer was taken
+    assert pinned(store) == 0
+
+
+@pytest.mark.parametrize("lookahead", [1, 2, 3])
+def test_next_layers_load_while_the_consumer_holds_one(make_store, lookahead):
+    store = make_store("host", lay=LAY)
+    tokens, kv = make_tokens(40), make_kv(LAY, 40)
+    store.put(tokens, kv)
+    num_layers = LAY.num_layers
+    events: list[tuple[str, int]] = []
+    cond = threading.Condition()
+
+    def on_layer(index: int) -> None:  # called from the loader's worker once layer ``index`` is copied
+        with cond:
+            events.append(("loaded", index))
+            cond.notify_all()
+
+    misses: list[int] = []
+    handle = store.prefetch(tokens, policy="wait")
+    loader = LayerLoader(LAY, store.block_keys(tokens), handle, lambda block, dst: misses.append(block.start) or False,
+                         "cpu", lookahead=lookahead, on_layer=on_layer)
+    try:
+        assert loader.lookahead == lookahead
+        assert loader.num_tokens == 40
+        for index in range(num_layers):
+            with cond:
+                events.append(("ask", index))
+            layer = loader.layer(index)
+            held = layer.clone()
+            assert_same_kv(held, kv[index])
+            ahead = min(index + lookahead, num_layers - 1)
+            with cond:  # holding layer ``index``, wait for the loader to copy the layers after it
+                assert cond.wait_for(lambda: ("loaded", ahead) in events, LONG)
+            assert loader.loaded_layers == ahead + 1  # and no further: it waits for the consumer
+            if ahead + 1 < num_layers:
+                with cond:  # a bounded check that it stays blocked (a correct loader never fails it)
+                    assert not cond.wait_for(lambda: ("loaded", ahead + 1) in events, STILL_BLOCKED)
+            assert_same_kv(layer, held)  # the ring did not reuse the buffer the consumer holds
+    finally:
+        loader.close()
+
+    assert misses == []  # every block came from the prefetch handle's pinned host views
+    loaded = [i for kind, i in events if kind == "loaded"]
+    assert loaded == list(range(num_layers))
+    asked = -1
+    for kind, index in events:  # never more than ``lookahead`` layers past the one the consumer holds
+        if kind == "ask":
+            asked = index
+        else:
+            assert index <= asked + lookahead, (index, asked, events)
+    assert handle.closed and pinned(store) == 0
+
+
+def test_store_loader_uses_the_configured_lookahead(make_store):
+    store = make_store("host", lay=LAY, load_lookahead_layers=3)
+    tokens = make_tokens(16)
+    store.put(tokens, make_kv(LAY, 16))
+    with store.load(tokens, layer_wise=True) as loader:
+        assert loader.lookahead == 3
+        assert loader.device == torch.device("cpu")
+
+
+def test_close_midway_stops_the_worker_and_releases_pins(make_store):
+    store = make_store("host", lay=LAY, load_lookahead_layers=1)
+    tokens, kv = make_tokens(40), make_kv(LAY, 40)
+    store.put(tokens, kv)
+    keys = keys_of(store, tokens)
+    before = loader_threads()
+
+    loader = store.load(tokens, layer_wise=True)
+    assert_same_kv(loader.layer(0), kv[0])
+    workers = loader_threads() - before
+    assert len(workers) == 1  # waiting: it may copy layer 1 but not layer 2 before layer 1 is asked for
+    assert pinned(store) == 3
+    assert [store.host.delete(key) for key in keys] == [False, False, False]
+
+    loader.close()
+    assert not any(t.is_alive() for t in workers)
+    assert pinned(store) == 0
+    assert [store.host.delete(key) for key in keys] == [True, True, True]
+    with pytest.raises(RuntimeError, match="closed"):
+        loader.layer(1)
+    loader.close()  # idempotent
+
+
+def test_dropping_an_unfinished_loader_releases_its_pins(make_store):
+    store = make_store("host", lay=LAY, load_lookahead_layers=1)
+    tokens = make_tokens(40)
+    store.put(tokens, make_kv(LAY, 40))
+    before = loader_threads()
+    loader = store.load(tokens, layer_wise=True)
+    loader.layer(0)
+    workers = loader_threads() - before
+    assert pinned(store) == 3
+    del loader  # e.g. the engine's forward pass raised before the last layer
+    gc.collect()
+    assert pinned(store) == 0
+    assert all(store.host.delete(key) for key in keys_of(store, tokens))
+    for worker in workers:
+        worker.join(LONG)
+        assert not worker.is_alive()
+
+
+def test_a_failing_read_surfaces_in_the_consumer(make_store):
+    store = make_store("host", lay=LAY)
+    tokens = make_tokens(40)  # nothing stored: the handle pins nothing and every block is read privately
+    handle = store.prefetch(tokens)
+    assert handle.blocks == []
+
+    def read_block(block, dst):
+        raise OSError("injected read failure")
+
+    loader = LayerLoader(LAY, store.block_keys(tokens), handle, read_block)
+    with pytest.raises(RuntimeError, match="^layer-wise load failed: OSError") as info:
+        loader.num_tokens
+    assert isinstance(info.value.__cause__, OSError)
+    with pytest.raises(RuntimeError, match="^layer-wise load failed"):
+        loader.layer(0)
+    loader.close()
+    assert handle.closed
+
+
+@pytest.mark.parametrize("lookahead", [0, -1, True, 1.5])
+def test_loader_rejects_a_bad_lookahead(make_store, lookahead):
+    store = make_store("host", lay=LAY)
+    handle = store.prefetch(make_tokens(16))
+    with pytest.raises(ValueError, match=rf"^lookahead: expected an integer >= 1, got {lookahead!r}$"):
+        LayerLoader(LAY, [], handle, lambda block, dst: False, lookahead=lookahead)
+    handle.close()
+
+
+# -- layer-wise save ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["host", "disk", "both"])
+@pytest.mark.parametrize("num_tokens", [37, 48])
+def test_save_stores_the_blocks_after_the_last_layer_in_any_order(make_store, mode, num_tokens):
+    store = make_store(mode, lay=LAY)
+    tokens, kv = make_tokens(num_tokens), make_kv(LAY, num_tokens)
+    saver = store.save(tokens, layer_wise=True)
+    assert isinstance(saver, LayerSaver)
+    assert (saver.start, saver.num_tokens, saver.done, saver.stored) == (0, num_tokens, False, None)
+
+    order = [3, 0, 5, 1, 4, 2]
+    for layer in order[:-1]:
+        assert saver.save_layer(layer, kv[layer]) is None
+        assert store.lookup(tokens) == 0  # nothing stored before the last layer
+    assert saver.save_layer(order[-1], kv[order[-1]].clone()) == 3
+
+    assert saver.done and saver.stored == 3
+    assert store.lookup(tokens) == num_tokens
+    assert_same_kv(store.get(tokens), kv)
+    assert store.stats()["store"]["blocks_stored"] == 3
+
+
+def test_save_layers_from_threads(make_store):
+    store = make_store("host", lay=LAY)
+    tokens, kv = make_tokens(40), make_kv(LAY, 40)
+    saver = store.save(tokens, layer_wise=True)
+    results: list[int | None] = []
+    lock = threading.Lock()
+
+    def save(layer: int) -> None:
+        result = saver.save_layer(layer, kv[layer])
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=save, args=(layer,)) for layer in range(LAY.num_layers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(LONG)
+    assert sorted(results, key=lambda r: r is not None) == [None] * (LAY.num_layers - 1) + [3]
+    assert_same_kv(store.get(tokens), kv)
+
+
+def test_save_from_a_block_boundary_stores_only_the_suffix(make_store):
+    store = make_store("host", lay=LAY)
+    tokens, kv = make_tokens(45), make_kv(LAY, 45)
+    assert store.put(tokens[:32], kv[:, :, :32]) == 2
+
+    saver = store.save(tokens, layer_wise=True, start=32)
+    assert (saver.start, saver.num_tokens) == (32, 45)
+    for layer in range(LAY.num_layers):
+        result = saver.save_layer(layer, kv[layer][:, 32:])  # [P, 13, H, D]: the suffix only
+    assert result == 1
+
+    assert store.lookup(tokens) == 45
+    assert_same_kv(store.get(tokens), kv)
+    assert store.stats()["store"]["blocks_stored"] == 3
+
+
+def test_save_of_already_stored_blocks_stores_none_again(make_store):
+    store = make_store("host", lay=LAY)
+    tokens, kv = make_tokens(40), make_kv(LAY, 40)
+    store.put(tokens, kv)
+    saver = store.save(tokens, layer_wise=True)
+    for layer in range(LAY.num_layers):
+        result = saver.save_layer(layer, kv[layer])
+    assert result == 0
+    end = store.save(tokens, layer_wise=True, start=40)  # everything is before ``start``
+    for layer in range(LAY.num_layers):
+        result = end.save_layer(layer, kv[layer][:, 40:])
+    assert result == 0 and end.done
+    assert store.stats()["store"]["dedup_blocks"] == 3
+
+
+def test_nothing_is_stored_while_a_layer_is_missing(make_store):
+    store = make_store("both", lay=LAY)
+    tokens, kv = make_tokens(40), make_kv(LAY, 40)
+    saver = store.save(tokens, layer_wise=True)
+    for layer in range(LAY.num_layers):
+        if layer != 2:
+            assert saver.save_layer(layer, kv[layer]) is None
+    assert store.flush(LONG)
+    assert not saver.done and saver.stored is None
+    assert store.lookup(tokens) == 0
+    stats = store.stats()
+    assert stats["store"]["blocks_stored"] == 0
+    assert stats["tiers"]["host"]["blocks"] == 0 and stats["tiers"]["lmdb"]["blocks"] == 0
+
+
+def test_save_layer_rejects_bad_input_and_keeps_going(make_store):
+    store = make_store("host", lay=LAY)
+    tokens, kv = make_tokens(40), make_kv(LAY, 40)
+    saver = store.save(tokens, layer_wise=True)
+    with pytest.raises(ValueError, match=r"^kv: expected shape \[2, 40, 2, 16\] \(\[kv_parts, tokens from 0, heads, "
+                                         r"head_dim\]\), got \[2, 39, 2, 16\]$"):
+        saver.save_layer(0, kv[0][:, :39])
+    with pytest.raises(ValueError, match=r"^kv: expected shape \[2, 40, 2, 16\] .*, got \[6, 2, 40, 2, 16\]$"):
+        saver.save_layer(0, kv)
+    with pytest.raises(ValueError, match=r"^kv: expected shape \[2, 40, 2, 16\] .*, got list$"):
+        saver.save_layer(0, kv[0].tolist())
+    with pytest.raises(ValueError, match=r"^kv: expected dtype torch.float16, got torch.float32$"):
+        saver.save_layer(0, kv[0].float())
+    for layer in (-1, LAY.num_layers, True, 1.0):
+        with pytest.raises(ValueError, match=rf"^layer: expected an int in \[0, {LAY.num_layers}\), got {layer!r}$"):
+            saver.save_layer(layer, kv[0])
+    assert saver.save_layer(0, kv[0]) is None  # a rejected call did not count layer 0 as seen
+    with pytest.raises(ValueError, match=r"^layer: expected each layer once, got layer 0 again$"):
+        saver.save_layer(0, kv[0])
+    for layer in range(1, LAY.num_layers):
+        result = saver.save_layer(layer, kv[layer])
+    assert result == 3
+    assert_same_kv(store.get(tokens), kv)
+
+
+def test_save_rejects_bad_arguments(make_store):
+    store = make_store("host", lay=LAY)
+    tokens, kv = make_tokens(40), make_kv(LAY, 40)
+    for start in (5, 17, 41, -16, True, 16.0):
+        with pytest.raises(ValueError, match=rf"^start: expected a block boundary in \[0, 16, 32, 40\], "
+                                             rf"got {start!r}$"):
+            store.save(tokens, layer_wise=True, start=start)
+    with pytest.raises(ValueError, match=r"^kv: expected None with layer_wise=True .*, got Tensor$"):
+        store.save(tokens, kv, layer_wise=True)
+    with pytest.raises(ValueError, match=r"^kv: expected a tensor .*, got None$"):
+        store.save(tokens)
+    assert store.save(tokens, kv) == 3  # not layer-wise: a put
+    assert store.lookup(tokens) == 40
