@@ -8,6 +8,8 @@ block, exactly two blocks, two blocks and a partial tail.
 
 from __future__ import annotations
 
+import threading
+
 import functools
 import types
 
@@ -193,6 +195,34 @@ def test_hits_from_the_disk_tier_after_reopening(tmp_path, new_store):
     out, info = CachedModel(model, store).forward(ids)
     assert (info.loaded_tokens, info.computed_tokens) == (39, 1)
     assert store.stats()["tiers"]["lmdb"]["hits"] == 3  # 0-16, 16-32 and the tail 32-40
+    assert max_diff(out.logits[:, -1], reference_logits(model, ids)[:, -1]) <= FP32_TOL
+
+
+@pytest.mark.parametrize("policy, loaded", [("wait", 39), ("best_effort", 0)])
+def test_prefetch_brings_a_disk_prefix_up_before_the_request(tmp_path, new_store, policy, loaded):
+    model = tiny_model("llama")
+    ids = tokens(40, seed=9)
+    disk = dict(disk_dir=str(tmp_path / "disk"), disk_bytes="64MiB", disk_sync=False)
+    first = new_store(model, **disk)
+    CachedModel(model, first).forward(ids)
+    first.close()
+    store = new_store(model, **disk)  # the prefix is on disk only
+    cached = CachedModel(model, store)
+    gate = threading.Event()
+    real_get = store.disk.get_into
+
+    def held_get(key, out):
+        gate.wait(10)
+        return real_get(key, out)
+
+    store.disk.get_into = held_get  # reads wait until the engine has asked (best_effort) or are let go (wait)
+    handle = cached.prefetch(ids, policy=policy)
+    if policy == "wait":
+        gate.set()
+    out, info = cached.forward(ids, prefetch=handle)
+    gate.set()
+    assert (info.loaded_tokens, info.computed_tokens) == (loaded, 40 - loaded)
+    assert handle.closed and store.stats()["prefetch"]["pinned_blocks"] == 0
     assert max_diff(out.logits[:, -1], reference_logits(model, ids)[:, -1]) <= FP32_TOL
 
 
