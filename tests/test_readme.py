@@ -22,7 +22,7 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
     assert len(commands) == 2
     install_and_run, install_and_test = (c.strip() for c in commands)
-    assert "kvstore bench --quick" in install_and_run and "torch==2.13.0" in install_and_run
+    assert "kvstore demo" in install_and_run and "torch==2.13.0" in install_and_run
     assert "pytest" in install_and_test and "torch==2.13.0" in install_and_test
     ci = (ROOT / ".ci" / "run").read_text()
     assert "grep -E '^python3\\.11 -m venv .* pytest ' README.md" in ci
