@@ -46,6 +46,8 @@ class KVStore(EngineHooks):
     ``get`` search the tiers fastest first and promote what they find. A
     miss, a damaged block or a failing tier is never an exception: fewer
     tokens come back and ``stats()`` counts why. Safe to call from many threads.
+    The engine hooks (``plan``, ``prefetch``, ``load``, ``save``,
+    ``record_prefill``) come from ``EngineHooks`` (``kvstore/hooks.py``).
 
     ``tiers`` (fastest first) replaces the tiers the config would build, for
     custom media; their policies still come from the config, by tier name.
