@@ -24,7 +24,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class DemoSettings:
     question_tokens: int = 32
     repeats: int = 5
     queue_wait_seconds: float = 0.3
+    prefill_tokens_per_second: float = 0.0  # the planner's prefill rate; 0 learns it from the requests
     workload: WorkloadSettings = field(default_factory=WorkloadSettings)
     seed: int = 0
 
@@ -205,7 +206,8 @@ def open_stores(settings: DemoSettings, model: Any, directory: Path) -> dict[str
         shutil.rmtree(path, ignore_errors=True)  # the demo's own data: a run starts cold
         stores[name] = KVStore(layout, StoreConfig(model_id="kvstore-demo", host_bytes=settings.host_bytes,
                                                    disk_dir=str(path), disk_bytes=settings.disk_bytes,
-                                                   disk_codec=codec, prefetch_policy="wait"))
+                                                   disk_codec=codec, prefetch_policy="wait",
+                                                   prefill_tokens_per_second=settings.prefill_tokens_per_second))
     return stores
 
 
@@ -235,7 +237,3 @@ def run_demo(settings: DemoSettings, directory: str | Path, progress: Progress |
         figures["chart"] = write_chart(timings, prefix, directory / "ttft.png", settings)
     return figures
 
-
-def settings_with(settings: DemoSettings, **changes: Any) -> DemoSettings:
-    """``settings`` with some fields changed (validated again)."""
-    return replace(settings, **changes)

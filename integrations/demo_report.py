@@ -42,7 +42,7 @@ def format_report(figures: dict[str, Any], settings: Any) -> str:
                      f"{tier['blocks']} blocks held")
     store = stats["store"]
     lines += [f"prefill tokens saved: {store['prefill_tokens_saved']}; estimated compute saved: "
-              f"{store['compute_seconds_saved']:.2f} s at the measured {store['prefill_tokens_per_second']:.0f} "
+              f"{store['compute_seconds_saved']:.2f} s at the planner's {store['prefill_tokens_per_second']:.0f} "
               f"tokens/s prefill, for {store['load_seconds']:.3f} s of loading", ""]
 
     full = prefix.ttft[FULL]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -71,7 +72,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     if args.prefix_tokens is not None:
-        settings = settings.__class__(**{**vars(settings), "prefix_tokens": args.prefix_tokens})
+        settings = dataclasses.replace(settings, prefix_tokens=args.prefix_tokens)
     steps = 2 * sum(1 for _ in _workload_requests(settings)) + 5 * settings.repeats
     with tqdm(total=steps, desc="kvstore demo", unit="step", disable=args.no_progress) as bar:
         def progress(label: str) -> None:
