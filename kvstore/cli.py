@@ -1,10 +1,11 @@
-"""The ``kvstore`` command line: ``demo``, ``info``, ``bench`` and ``codecs``."""
+"""The ``kvstore`` command line: ``demo``, ``serve``, ``stats``, ``info``, ``bench`` and ``codecs``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -89,6 +90,56 @@ def _workload_requests(settings):  # noqa: ANN001, ANN202 - counts requests for 
     return range(s.agent_calls + s.rag_requests + s.chats * s.chat_turns)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kvstore.config import convert_settings
+    from kvstore.server import ServerConfig, run
+
+    flags = {f.name: (f"--{f.name.replace('_', '-')}", getattr(args, f"server_{f.name}"))
+             for f in dataclasses.fields(ServerConfig) if getattr(args, f"server_{f.name}") is not None}
+    config = ServerConfig.load(args.config, **convert_settings(ServerConfig, flags))
+    return run(config)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from kvstore.client import Connection
+
+    token = args.token
+    if token is None and args.token_file:
+        with open(args.token_file) as f:
+            token = f.read().strip()
+    conn = Connection(args.url, token, args.timeout)
+    try:
+        stats = conn.stats()
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    print(format_server_stats(args.url, stats))
+    return 0
+
+
+def format_server_stats(url: str, stats: dict) -> str:
+    """A readable summary of a STATS reply: the namespace's traffic, then the server's tiers."""
+    ns, server = stats["blocks"], stats["server"]
+    hits = ns["hits_ram"] + ns["hits_disk"]
+    asked = hits + ns["misses"]
+    quota = format_size(ns["quota_bytes"]) if ns["quota_bytes"] else "none"
+    return "\n".join([
+        f"server {url}: up {server['uptime_seconds']:.0f} s, {server['connections']} connection(s)",
+        f"namespace {stats['namespace']}: {ns['blocks']} blocks, {format_size(ns['used_bytes'])} (quota {quota})",
+        f"  reads: {hits} hits ({ns['hits_ram']} from RAM, {ns['hits_disk']} from disk), {ns['misses']} misses"
+        f" ({100 * hits / asked if asked else 0:.1f}% hit rate), {format_size(ns['bytes_out'])} out",
+        f"  writes: {ns['stored']} stored, {ns['present']} already present, {ns['rejected']} rejected, "
+        f"{ns['invalid']} invalid, {format_size(ns['bytes_in'])} in",
+        f"  evictions: {ns['evicted_quota']} for quota, {ns['evicted_capacity']} for capacity; "
+        f"{ns['corrupt']} corrupt, {ns['deleted']} deleted",
+        f"server tiers: host RAM {format_size(server['ram_bytes'])} of {format_size(server['ram_capacity_bytes'])}"
+        f", LMDB {format_size(server['disk_used_bytes'])} of {format_size(server['disk_capacity_bytes'])}"
+        f", {server['blocks']} blocks, {format_size(server['write_backlog_bytes'])} waiting for the disk",
+    ])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvstore", description="Tiered, prefix-deduplicated KV-cache store.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(run=_cmd_demo)
+
+    serve = commands.add_parser("serve", help="run the cache server (defaults: loopback, ./kvstore-server, "
+                                              "a printed token)")
+    serve.add_argument("--config", help="TOML or YAML file (default: $KVSTORE_SERVER_CONFIG); "
+                                        "KVSTORE_SERVER_* variables override it, flags override both")
+    _add_settings_flags(serve)
+    serve.set_defaults(run=_cmd_serve)
+
+    stats = commands.add_parser("stats", help="print a cache server's figures for your namespace")
+    stats.add_argument("--url", default="kvstore://127.0.0.1:8477", help="the server (default kvstore://127.0.0.1:8477)")
+    stats.add_argument("--token", default=os.environ.get("KVSTORE_REMOTE_TOKEN"),
+                       help="shared secret (default $KVSTORE_REMOTE_TOKEN)")
+    stats.add_argument("--token-file", default="./kvstore-server/token",
+                       help="read the token from this file when --token is not given (default ./kvstore-server/token)")
+    stats.add_argument("--timeout", type=float, default=5.0, help="seconds per socket operation (default 5)")
+    stats.add_argument("--json", action="store_true", help="print the raw figures as JSON")
+    stats.set_defaults(run=_cmd_stats)
 
     info = commands.add_parser("info", help="show the configuration and what each tier holds")
     info.add_argument("--config", help="TOML or YAML config file (default: $KVSTORE_CONFIG, then KVSTORE_* vars)")
@@ -130,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """A ``--flag`` per ServerConfig field (its docstring says what each means), as text converted like env vars."""
+    from kvstore.server import ServerConfig
+
+    for f in dataclasses.fields(ServerConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"server_{f.name}", metavar="VALUE",
+                            help=f"default {default!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kvstore`` console script."""
     parser = build_parser()
@@ -140,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"kvstore: error: {error}", file=sys.stderr)
         return 2
+    except (ConnectionError, TimeoutError, OSError) as error:
+        print(f"kvstore: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

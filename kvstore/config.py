@@ -19,9 +19,13 @@ from kvstore.sizes import parse_size
 WRITE_POLICIES = ("write_through", "write_back")
 QUEUE_FULL_POLICIES = ("block", "drop")
 PREFETCH_POLICIES = ("best_effort", "wait", "timeout")
+REMOTE_SCHEMES = ("kvstore", "kvstores")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster")
 ENV_PREFIX = "KVSTORE_"
 # Names under the prefix that are not settings.
 ENV_RESERVED = frozenset({"KVSTORE_CONFIG"})
+# Variables under these prefixes belong to other settings (the cache server's ``ServerConfig``).
+ENV_OTHER_PREFIXES = ("KVSTORE_SERVER_",)
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,23 @@ class StoreConfig:
     - ``prefill_tokens_per_second``: the engine's prefill throughput, for the
       load-vs-recompute planner; 0 learns it from ``KVStore.record_prefill``.
 
+    Shared tiers, below the local ones (``tiers/remote.py``, ``tiers/redis.py``):
+
+    - ``remote_url``: a ``kvstore serve`` cache server, ``kvstore://host:port``
+      (``kvstores://`` for TLS, verified against ``remote_tls_ca_file`` or the
+      system's CAs); ``remote_token`` or ``remote_token_file``: its shared
+      secret; ``remote_timeout_seconds``: the longest one call may wait;
+      ``remote_connections``: the client's connection pool.
+    - ``redis_url``: ``redis://``, ``rediss://``, ``unix://`` or a cluster,
+      ``redis+cluster://host:port[,host:port...]``; ``redis_namespace``:
+      keeps tenants apart on a shared Redis; ``redis_ttl_seconds``: expiry
+      (None: never); ``redis_timeout_seconds``: per call.
+    - ``remote_codec`` / ``redis_codec``: the form blocks travel and are
+      stored in (as ``disk_codec``); ``remote_write_policy`` /
+      ``redis_write_policy`` and ``remote_admit_after`` / ``redis_admit_after``
+      as for the disk. If a server is down or slow the store serves from its
+      local tiers and counts the failures.
+
     ``model_id`` names the model in every key; ``hash`` is the key hash
     (``sha256`` default, ``blake2b``; ``xxh3_128`` only where every tenant is trusted).
     """
@@ -117,22 +138,48 @@ class StoreConfig:
     prefetch_queue_blocks: int = 256
     load_lookahead_layers: int = 2
     prefill_tokens_per_second: float = 0.0
+    remote_url: str | None = None
+    remote_token: str | None = None
+    remote_token_file: str | None = None
+    remote_tls_ca_file: str | None = None
+    remote_timeout_seconds: float = 2.0
+    remote_connections: int = 4
+    remote_codec: str = "raw"
+    remote_write_policy: str | None = None
+    remote_admit_after: int = 1
+    redis_url: str | None = None
+    redis_namespace: str = "default"
+    redis_ttl_seconds: float | None = None
+    redis_timeout_seconds: float = 1.0
+    redis_codec: str = "raw"
+    redis_write_policy: str | None = None
+    redis_admit_after: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
             raise ValueError(f"model_id: expected a non-empty string, got {self.model_id!r}")
         for name in ("device_bytes", "host_bytes", "disk_bytes", "files_bytes"):
             object.__setattr__(self, name, parse_size(getattr(self, name), name))
-        for name in ("disk_dir", "files_dir"):
+        for name in ("disk_dir", "files_dir", "remote_token_file", "remote_tls_ca_file"):
             value = getattr(self, name)
             if value is not None:
                 if not isinstance(value, (str, os.PathLike)) or not str(value):
-                    raise ValueError(f"{name}: expected a directory path or None, got {value!r}")
+                    raise ValueError(f"{name}: expected a path or None, got {value!r}")
                 object.__setattr__(self, name, os.fspath(value))
+        for name, schemes in (("remote_url", REMOTE_SCHEMES), ("redis_url", REDIS_SCHEMES)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or value.partition("://")[0] not in schemes
+                                      or not value.partition("://")[2]):
+                raise ValueError(f"{name}: expected a URL starting {[s + '://' for s in schemes]}, got {value!r}")
+        for name in ("remote_token", "redis_namespace"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device: expected a torch device name such as 'cuda:0' or 'cpu', got {self.device!r}")
         _check_choice("write_policy", self.write_policy, WRITE_POLICIES)
-        for name in ("host_write_policy", "disk_write_policy", "files_write_policy"):
+        for name in ("host_write_policy", "disk_write_policy", "files_write_policy", "remote_write_policy",
+                     "redis_write_policy"):
             if getattr(self, name) is not None:
                 _check_choice(name, getattr(self, name), WRITE_POLICIES)
         _check_choice("queue_full", self.queue_full, QUEUE_FULL_POLICIES)
@@ -142,29 +189,38 @@ class StoreConfig:
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         _check_choice("prefetch_policy", self.prefetch_policy, PREFETCH_POLICIES)
         for name in ("disk_admit_after", "files_admit_after", "write_queue_blocks", "prefetch_workers",
-                     "prefetch_queue_blocks", "load_lookahead_layers"):
+                     "prefetch_queue_blocks", "load_lookahead_layers", "remote_connections",
+                     "remote_admit_after", "redis_admit_after"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         for name, least in (("slow_factor", 1.0), ("degraded_seconds", 0.0), ("prefetch_timeout_base_seconds", 0.0),
-                            ("prefetch_timeout_per_1k_tokens_seconds", 0.0), ("prefill_tokens_per_second", 0.0)):
+                            ("prefetch_timeout_per_1k_tokens_seconds", 0.0), ("prefill_tokens_per_second", 0.0),
+                            ("remote_timeout_seconds", 0.001), ("redis_timeout_seconds", 0.001)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
                 raise ValueError(f"{name}: expected a number >= {least}, got {value!r}")
             object.__setattr__(self, name, float(value))
-        for name in ("disk_codec", "files_codec"):
+        if self.redis_ttl_seconds is not None:
+            ttl = self.redis_ttl_seconds
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
+                raise ValueError(f"redis_ttl_seconds: expected a number > 0 or None, got {ttl!r}")
+            object.__setattr__(self, "redis_ttl_seconds", float(ttl))
+        for name in ("disk_codec", "files_codec", "remote_codec", "redis_codec"):
             get_codec(getattr(self, name))  # raises ValueError naming the codecs there are
         if get_codec(self.host_codec).name != "raw":
             raise ValueError(f"host_codec: expected 'raw' (host slots hold whole blocks; compress disk_codec or "
                              f"files_codec instead), got {self.host_codec!r}")
-        if self.device_bytes == 0 and self.host_bytes == 0 and self.disk_dir is None and self.files_dir is None:
-            raise ValueError("host_bytes: expected > 0 when no device_bytes, disk_dir or files_dir is set "
-                             "(the store needs a tier), got 0")
+        if (self.device_bytes == 0 and self.host_bytes == 0 and self.disk_dir is None and self.files_dir is None
+                and self.remote_url is None and self.redis_url is None):
+            raise ValueError("host_bytes: expected > 0 when no device_bytes, disk_dir, files_dir, remote_url or "
+                             "redis_url is set (the store needs a tier), got 0")
 
     def tier_write_policy(self, tier: str) -> str:
-        """The write policy of tier ``tier`` (``host``, ``lmdb`` or ``files``)."""
+        """The write policy of tier ``tier`` (``host``, ``lmdb``, ``files``, ``remote`` or ``redis``)."""
         override = {"host": self.host_write_policy, "lmdb": self.disk_write_policy,
-                    "files": self.files_write_policy}.get(tier)
+                    "files": self.files_write_policy, "remote": self.remote_write_policy,
+                    "redis": self.redis_write_policy}.get(tier)
         return override or self.write_policy
 
     @classmethod
@@ -179,16 +235,7 @@ class StoreConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> "StoreConfig":
         """Load a ``.toml``, ``.yaml`` or ``.yml`` file (top level, or a ``[kvstore]`` table)."""
-        path = Path(path)
-        loader = _FILE_LOADERS.get(path.suffix.lower())
-        if loader is None:
-            raise ValueError(f"{path}: expected a file ending in {sorted(_FILE_LOADERS)}, got {path.suffix!r}")
-        values = loader(path.read_text())
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
-        if set(values) == {"kvstore"} and isinstance(values["kvstore"], dict):
-            values = values["kvstore"]
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(read_settings_file(path, "kvstore"), source=str(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None,
@@ -197,7 +244,7 @@ class StoreConfig:
         environ = os.environ if environ is None else environ
         path = path if path is not None else environ.get("KVSTORE_CONFIG")
         base = dataclasses.asdict(cls.from_file(path)) if path else {}
-        base.update(_env_values(environ))
+        base.update(env_values(cls, environ, ENV_PREFIX, ENV_RESERVED, ENV_OTHER_PREFIXES))
         return cls.from_dict(base, source="KVSTORE_* environment" if not path else f"{path} + environment")
 
     def replace(self, **changes: Any) -> "StoreConfig":
@@ -214,20 +261,48 @@ def _parse_bool(name: str, text: str) -> bool:
     raise ValueError(f"{name}: expected true/false/1/0, got {text!r}")
 
 
-def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Settings from ``KVSTORE_<FIELD>`` variables, converted to each field's type."""
-    types = {f.name: f.type for f in dataclasses.fields(StoreConfig)}
-    values: dict[str, Any] = {}
+def read_settings_file(path: str | os.PathLike[str], table: str) -> dict[str, Any]:
+    """Settings from a ``.toml``, ``.yaml`` or ``.yml`` file: its top level, or its ``[table]`` table alone."""
+    path = Path(path)
+    loader = _FILE_LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise ValueError(f"{path}: expected a file ending in {sorted(_FILE_LOADERS)}, got {path.suffix!r}")
+    values = loader(path.read_text())
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+    if set(values) == {table} and isinstance(values[table], dict):
+        values = values[table]
+    return values
+
+
+def env_values(cls: type, environ: Mapping[str, str], prefix: str, reserved: frozenset[str] = frozenset(),
+               other_prefixes: Sequence[str] = ()) -> dict[str, Any]:
+    """Settings of dataclass ``cls`` from ``<prefix><FIELD>`` variables, converted to each field's type.
+
+    A variable under ``prefix`` that names no field is an error naming it,
+    unless it is ``reserved`` or starts with one of ``other_prefixes``.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    texts: dict[str, tuple[str, str]] = {}
     for var, text in environ.items():
-        if not var.startswith(ENV_PREFIX) or var in ENV_RESERVED:
+        if not var.startswith(prefix) or var in reserved or var.startswith(tuple(other_prefixes)):
             continue
-        name = var[len(ENV_PREFIX):].lower()
-        if name not in types:
-            raise ValueError(f"{var}: unknown setting {name!r}; expected KVSTORE_ plus one of {sorted(types)}")
+        name = var[len(prefix):].lower()
+        if name not in names:
+            raise ValueError(f"{var}: unknown setting {name!r}; expected {prefix} plus one of {sorted(names)}")
+        texts[name] = (var, text)
+    return convert_settings(cls, texts)
+
+
+def convert_settings(cls: type, texts: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+    """``{field: (source name, text)}`` converted to the types of dataclass ``cls``'s fields (env vars, flags)."""
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for name, (source, text) in texts.items():
         if "None" in types[name] and text.strip().lower() in ("", "none"):
             values[name] = None
         else:
-            values[name] = _ENV_CONVERTERS.get(types[name], _as_text)(var, text)
+            values[name] = _ENV_CONVERTERS.get(types[name].removesuffix(" | None"), _as_text)(source, text)
     return values
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 from kvstore.compression.registry import get_codec
@@ -48,7 +49,35 @@ TIER_KINDS: dict[str, TierKind] = {
                                      o_direct=c.files_o_direct, codec=get_codec(c.files_codec)),
         lambda c: c.files_admit_after,
     ),
+    "remote": TierKind(
+        lambda c: c.remote_url is not None,
+        lambda layout, c: _remote_tier(layout, c),
+        lambda c: c.remote_admit_after,
+    ),
+    "redis": TierKind(
+        lambda c: c.redis_url is not None,
+        lambda layout, c: _redis_tier(layout, c),
+        lambda c: c.redis_admit_after,
+    ),
 }
+
+
+def _remote_tier(layout: KVLayout, config: StoreConfig) -> Tier:
+    from kvstore.tiers.remote import RemoteTier
+
+    token = config.remote_token
+    if token is None and config.remote_token_file is not None:
+        token = Path(config.remote_token_file).read_text().strip()
+    return RemoteTier(config.remote_url, layout, token, timeout_seconds=config.remote_timeout_seconds,
+                      connections=config.remote_connections, codec=get_codec(config.remote_codec),
+                      tls_ca_file=config.remote_tls_ca_file)
+
+
+def _redis_tier(layout: KVLayout, config: StoreConfig) -> Tier:
+    from kvstore.tiers.redis import RedisTier  # redis-py is imported only when a Redis tier is configured
+
+    return RedisTier(config.redis_url, layout, namespace=config.redis_namespace, ttl_seconds=config.redis_ttl_seconds,
+                     codec=get_codec(config.redis_codec), timeout_seconds=config.redis_timeout_seconds)
 
 
 def build_tiers(layout: KVLayout, config: StoreConfig) -> list[Tier]:

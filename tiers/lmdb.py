@@ -23,6 +23,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import lmdb
 import torch
@@ -44,6 +45,21 @@ class DirectoryInUseError(RuntimeError):
     """Another process has this LMDB directory open."""
 
 
+def lock_directory(path: Path, message: str) -> IO[str]:
+    """Create ``path`` and hold an exclusive flock on it (released when the returned file closes).
+
+    ``DirectoryInUseError(message)`` (``{path}`` filled in) if another process holds it.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    lock_file = open(path / "kvstore.lock", "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        raise DirectoryInUseError(message.format(path=path)) from None
+    return lock_file
+
+
 class LmdbTier:
     """Blocks in an LMDB environment under ``path``, at most ``capacity_bytes`` of them.
 
@@ -63,16 +79,8 @@ class LmdbTier:
                 f"got {capacity_bytes}"
             )
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.path / "kvstore.lock", "a+")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise DirectoryInUseError(
-                f"disk_dir {self.path} is open in another process; give each process its own disk_dir "
-                f"or share one through the cache server"
-            ) from None
+        self._lock_file = lock_directory(self.path, "disk_dir {path} is open in another process; give each "
+                                                    "process its own disk_dir or share one through the cache server")
         self._capacity = capacity_bytes
         self._layout = layout
         self._fingerprint = layout.fingerprint

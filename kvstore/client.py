@@ -1,0 +1,268 @@
+"""The cache server's client: connections, a small pool, and the batched, pipelined operations.
+
+Blocking sockets (the store calls tiers from its own threads). A GET reads
+each returned block straight into buffers the caller hands over (for a raw
+block, the caller's tensor); a PUT sends each block's header and payload
+from where they are. Requests larger than the server's limits (learned at
+HELLO) are split into several frames, all sent before the first reply is
+read (pipelining). Any failure closes the connection (the pool opens a new
+one next time) and raises ``ConnectionError``, ``TimeoutError`` or
+``ServerError``; ``tiers/remote.py`` turns those into misses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+from kvstore.protocol import (FLAG_ERROR, FLAG_REPLY, HEADER_BYTES, MAX_KEY_BYTES, MISSING, U64, Header, Op,
+                              ProtocolError, PutResult, ServerError, Status, Welcome, pack_hello, pack_keys,
+                              put_item_header, unpack_json, unpack_keys)
+
+DEFAULT_PORT = 8477
+Bytes = bytes | bytearray | memoryview
+# Given (index of the key, blob bytes), the buffers to read that blob into, in order (None: read and discard).
+Sink = Callable[[int, int], Sequence[memoryview] | None]
+
+
+def parse_url(url: str) -> tuple[str, int, bool]:
+    """(host, port, tls) of ``kvstore://host:port`` or ``kvstores://host:port``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("kvstore", "kvstores") or not parts.hostname:
+        raise ValueError(f"url: expected kvstore://host:port or kvstores://host:port, got {url!r}")
+    return parts.hostname, parts.port or DEFAULT_PORT, parts.scheme == "kvstores"
+
+
+class Connection:
+    """One authenticated connection to a server. Not thread-safe: a pool lends it to one thread at a time."""
+
+    def __init__(self, url: str, token: str | None, timeout: float, tls_ca_file: str | None = None):
+        host, port, tls = parse_url(url)
+        sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls:
+                context = ssl.create_default_context(cafile=tls_ca_file)
+                sock = context.wrap_socket(sock, server_hostname=host)
+            sock.settimeout(timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._ids = itertools.count(1)
+        self.closed = False
+        try:
+            rid = self._send(Op.HELLO, 0, [pack_hello(token)])
+            header = self._header(rid, Op.HELLO)
+            self.welcome = Welcome.unpack(self._recv(header.payload_len))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    # -- framing ---------------------------------------------------------------------
+
+    def _send(self, op: Op, count: int, parts: Sequence[Bytes]) -> int:
+        rid = next(self._ids)
+        size = sum(memoryview(p).nbytes for p in parts)
+        head = Header(int(op), rid, count, size).pack()
+        small = [head]
+        for part in parts:
+            if memoryview(part).nbytes < 65536:
+                small.append(bytes(part))
+                continue
+            self._sock.sendall(b"".join(small))
+            small = []
+            self._sock.sendall(part)
+        if small:
+            self._sock.sendall(b"".join(small))
+        return rid
+
+    def _recv_into(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = self._sock.recv_into(view[got:])
+            if n == 0:
+                raise ConnectionError("the server closed the connection")
+            got += n
+
+    def _recv(self, num_bytes: int) -> bytearray:
+        data = bytearray(num_bytes)
+        self._recv_into(memoryview(data))
+        return data
+
+    def _header(self, rid: int, op: Op) -> Header:
+        """Read the next reply header; raises ``ServerError`` for an error reply."""
+        try:
+            header = Header.unpack(self._recv(HEADER_BYTES))
+        except ProtocolError as exc:
+            raise ConnectionError(f"bad reply from server: {exc}") from None
+        if header.flags & FLAG_ERROR:
+            message = self._recv(min(header.payload_len, 1 << 16)).decode("utf-8", "replace")
+            raise ServerError(header.status, message)
+        if not header.flags & FLAG_REPLY or header.request_id != rid or header.opcode != op:
+            raise ConnectionError(f"expected the reply to request {rid} ({op.name}), got request "
+                                  f"{header.request_id} opcode {header.opcode}")
+        return header
+
+    def _batches(self, count: int, sizes: Callable[[int], int] | None = None) -> list[range]:
+        """Split ``count`` items into runs within the server's key and frame limits."""
+        limit_keys = self.welcome.max_keys
+        limit_bytes = self.welcome.max_frame_bytes
+        runs, start, size = [], 0, 0
+        for i in range(count):
+            item = sizes(i) if sizes is not None else 1 + MAX_KEY_BYTES
+            if i > start and (i - start >= limit_keys or size + item > limit_bytes):
+                runs.append(range(start, i))
+                start, size = i, 0
+            size += item
+        if count > start:
+            runs.append(range(start, count))
+        return runs
+
+    # -- operations ---------------------------------------------------------------------
+
+    def ping(self, payload: bytes = b"") -> bytes:
+        rid = self._send(Op.PING, 0, [payload])
+        return bytes(self._recv(self._header(rid, Op.PING).payload_len))
+
+    def exists_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` the server holds (one round trip per ``max_keys`` keys)."""
+        found = 0
+        for run in self._batches(len(keys)):
+            rid = self._send(Op.EXISTS_PREFIX, len(run), [pack_keys(keys[run.start:run.stop])])
+            count = self._header(rid, Op.EXISTS_PREFIX).count
+            found += count
+            if count < len(run):
+                break
+        return found
+
+    def get(self, keys: Sequence[bytes], sink: Sink) -> list[int | None]:
+        """Fetch blobs; ``sink(i, size)`` names the buffers blob ``i`` is read into. Returns sizes (None: miss)."""
+        runs = self._batches(len(keys))
+        rids = [self._send(Op.GET, len(run), [pack_keys(keys[run.start:run.stop])]) for run in runs]
+        sizes: list[int | None] = []
+        for run, rid in zip(runs, rids):
+            header = self._header(rid, Op.GET)
+            if header.count != len(run):
+                raise ConnectionError(f"expected {len(run)} sizes in a GET reply, got {header.count}")
+            table = self._recv(8 * len(run))
+            for j, i in enumerate(run):
+                (size,) = U64.unpack_from(table, 8 * j)
+                if size == MISSING:
+                    sizes.append(None)
+                    continue
+                buffers = sink(i, size)
+                if buffers is None:  # not wanted: read it through
+                    buffers = [memoryview(bytearray(size))]
+                elif sum(len(b) for b in buffers) != size:
+                    raise ValueError(f"sink: expected buffers of {size} bytes in all for key {i}, got "
+                                     f"{sum(len(b) for b in buffers)}")
+                for buffer in buffers:
+                    self._recv_into(buffer)
+                sizes.append(size)
+        return sizes
+
+    def put(self, items: Sequence[tuple[bytes, Sequence[Bytes]]]) -> list[PutResult]:
+        """Store blobs given as parts (no join); a result per item."""
+        lengths = [sum(memoryview(p).nbytes for p in parts) for _, parts in items]
+        runs = self._batches(len(items), lambda i: 1 + len(items[i][0]) + U64.size + lengths[i])
+        rids = []
+        for run in runs:
+            parts: list[Bytes] = []
+            for i in run:
+                key, blob = items[i]
+                parts.append(put_item_header(key, lengths[i]))
+                parts.extend(blob)
+            rids.append(self._send(Op.PUT, len(run), parts))
+        results: list[PutResult] = []
+        for run, rid in zip(runs, rids):
+            header = self._header(rid, Op.PUT)
+            statuses = self._recv(header.payload_len)
+            if len(statuses) != len(run):
+                raise ConnectionError(f"expected {len(run)} PUT results, got {len(statuses)}")
+            results.extend(PutResult(s) for s in statuses)
+        return results
+
+    def delete(self, keys: Sequence[bytes]) -> list[bool]:
+        runs = self._batches(len(keys))
+        rids = [self._send(Op.DELETE, len(run), [pack_keys(keys[run.start:run.stop])]) for run in runs]
+        done: list[bool] = []
+        for rid in rids:
+            done.extend(bool(b) for b in self._recv(self._header(rid, Op.DELETE).payload_len))
+        return done
+
+    def stats(self) -> dict[str, Any]:
+        rid = self._send(Op.STATS, 0, [])
+        return unpack_json(self._recv(self._header(rid, Op.STATS).payload_len))
+
+    def list_keys(self, offset: int = 0, limit: int | None = None) -> list[bytes]:
+        limit = self.welcome.max_keys if limit is None else min(limit, self.welcome.max_keys)
+        rid = self._send(Op.LIST, limit, [U64.pack(offset)])
+        header = self._header(rid, Op.LIST)
+        return unpack_keys(self._recv(header.payload_len), header.count)
+
+
+class ConnectionPool:
+    """At most ``size`` connections, opened on demand and reused; a failed one is closed, not returned."""
+
+    def __init__(self, url: str, token: str | None, timeout: float, size: int = 4, tls_ca_file: str | None = None):
+        parse_url(url)
+        self.url = url
+        self._token = token
+        self._timeout = timeout
+        self._tls_ca_file = tls_ca_file
+        self._idle: queue.LifoQueue[Connection] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._closed = False
+        self.welcome: Welcome | None = None
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        if not self._slots.acquire(timeout=self._timeout):
+            raise TimeoutError(f"no free connection to {self.url} within {self._timeout} s")
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = Connection(self.url, self._token, self._timeout, self._tls_ca_file)
+                self.welcome = conn.welcome
+            try:
+                yield conn
+            except BaseException:
+                conn.close()
+                raise
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                else:
+                    self._idle.put(conn)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    return isinstance(exc, ServerError) and exc.status == Status.UNAUTHORIZED

@@ -1,0 +1,412 @@
+"""The cache server's storage: namespaced blobs in host RAM over an LMDB environment.
+
+The server does not know the layouts of its clients: a blob is a block's
+integrity header (``kvstore/blockformat.py``) followed by its payload (raw
+bytes or a codec frame), checked on the way in and on every read from disk,
+so a damaged blob is a miss, never data.
+
+Every blob goes to LMDB (the persistent copy, ``disk_bytes`` bound, LRU
+eviction) through one background writer; host RAM (``host_bytes``) keeps
+the most recently used blobs, and every blob until its disk write commits.
+With ``disk_bytes = 0`` the server is memory only. A namespace's blobs are
+bounded by its quota: a put past it evicts that namespace's own least
+recently used blobs, never another namespace's. ``durable`` puts are
+acknowledged only after their LMDB commit (fsync'ed when ``sync``).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+
+from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.protocol import PutResult
+from kvstore.tiers.lmdb import lock_directory
+
+NAMESPACE_COUNTERS = ("hits_ram", "hits_disk", "misses", "bytes_in", "bytes_out", "stored", "present", "rejected",
+                      "invalid", "deleted", "corrupt", "evicted_quota", "evicted_capacity")
+_META = struct.Struct("<QQ")  # access stamp, blob bytes
+_BATCH_OPS = 64
+_BATCH_BYTES = 256 << 20
+
+Ident = tuple[str, bytes]
+Blob = bytes | bytearray
+
+
+def blob_intact(key: bytes, blob: Blob) -> bool:
+    """True if ``blob`` is an integrity header naming ``key`` followed by exactly the payload it checksums."""
+    header = BlockHeader.unpack(blob)
+    if header is None:
+        return False
+    return header.verifies(key, header.layout, memoryview(blob)[HEADER_BYTES:])
+
+
+def _lmdb_key(ident: Ident) -> bytes:
+    namespace, key = ident
+    return namespace.encode() + b"\0" + key
+
+
+@dataclass(eq=False)
+class _Entry:
+    size: int
+    ram: Blob | None
+    on_disk: bool = False
+    waiters: list[Callable[[], None]] = field(default_factory=list)
+
+
+class BlobStore:
+    """Blobs by (namespace, key); thread-safe. ``quota_of(namespace)`` gives a byte quota (0: none)."""
+
+    def __init__(self, data_dir: str | Path, host_bytes: int, disk_bytes: int, quota_of: Callable[[str], int],
+                 sync: bool = True):
+        self._host_bytes = host_bytes
+        self._disk_bytes = disk_bytes
+        self._quota_of = quota_of
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[Ident, _Entry] = OrderedDict()  # every blob, least recently used first
+        self._ram: OrderedDict[Ident, None] = OrderedDict()  # blobs with a RAM copy, LRU first
+        self._namespaces: dict[str, OrderedDict[bytes, _Entry]] = {}
+        self._ns_used: Counter[str] = Counter()
+        self._used = 0
+        self._ram_used = 0
+        self._counters: dict[str, Counter[str]] = {}
+        self.evicted_ram = 0
+        self._closed = False
+        self._env: lmdb.Environment | None = None
+        self._lock_file = None
+        if disk_bytes > 0:
+            path = Path(data_dir)
+            self._lock_file = lock_directory(path, "data_dir {path} is in use by another kvstore server")
+            self._env = lmdb.open(str(path / "blobs.lmdb"), map_size=max(2 * disk_bytes, disk_bytes + (1 << 30)),
+                                  max_dbs=2, sync=sync, metasync=sync, readahead=False, max_readers=512)
+            self._blobs = self._env.open_db(b"blobs")
+            self._meta = self._env.open_db(b"meta")
+            self._stamp = self._load_index()
+            self._ops: deque = deque()  # disk writes and deletes in order; bounded through ``backlog_bytes``
+            self._backlog = 0
+            self._wake = threading.Condition(self._lock)
+            self._writer = threading.Thread(target=self._write_loop, name="kvstore-server-writer", daemon=True)
+            self._writer.start()
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes of blobs the store holds at most (the disk's, or host RAM's when memory only)."""
+        return self._disk_bytes if self._env is not None else self._host_bytes
+
+    def _load_index(self) -> int:
+        records = []
+        with self._env.begin(db=self._meta) as txn:
+            for lkey, value in txn.cursor():
+                namespace, _, key = bytes(lkey).partition(b"\0")
+                if len(value) == _META.size and key:
+                    stamp, size = _META.unpack(value)
+                    records.append((stamp, (namespace.decode(), key), size))
+        records.sort()
+        for _, ident, size in records:
+            self._insert(ident, _Entry(size, None, on_disk=True))
+        for ident in self._make_room("", 0, 0):  # the capacity may have shrunk since
+            self._enqueue("del", ident)
+        return records[-1][0] + 1 if records else 0
+
+    def _enqueue(self, kind: str, ident: Ident | None, blob: Blob | None = None, entry: _Entry | None = None) -> None:
+        """Under the lock: queue a disk operation for the writer (order is kept)."""
+        if self._env is None:
+            return
+        self._ops.append((kind, ident, blob, entry))
+        self._backlog += len(blob) if blob is not None else 0
+        self._wake.notify()
+
+    def backlog_bytes(self) -> int:
+        """Bytes queued for the disk and not yet committed (the server stops taking puts past its bound)."""
+        return self._backlog if self._env is not None else 0
+
+    def _insert(self, ident: Ident, entry: _Entry) -> None:
+        self._lru[ident] = entry
+        self._namespaces.setdefault(ident[0], OrderedDict())[ident[1]] = entry
+        self._ns_used[ident[0]] += entry.size
+        self._used += entry.size
+        if entry.ram is not None:
+            self._ram[ident] = None
+            self._ram_used += entry.size
+
+    def _remove(self, ident: Ident) -> _Entry:
+        entry = self._lru.pop(ident)
+        del self._namespaces[ident[0]][ident[1]]
+        self._ns_used[ident[0]] -= entry.size
+        self._used -= entry.size
+        self._drop_ram(ident, entry)
+        return entry
+
+    def _drop_ram(self, ident: Ident, entry: _Entry) -> None:
+        if entry.ram is not None:
+            entry.ram = None
+            del self._ram[ident]
+            self._ram_used -= entry.size
+
+    def _count(self, namespace: str, name: str, amount: int = 1) -> None:
+        self._counters.setdefault(namespace, Counter())[name] += amount
+
+    # -- operations -------------------------------------------------------------
+
+    def exists_prefix(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` the namespace holds."""
+        held = self._namespaces.get(namespace, {})
+        with self._lock:
+            for i, key in enumerate(keys):
+                if key not in held:
+                    return i
+        return len(keys)
+
+    def put_many(self, namespace: str, items: Sequence[tuple[bytes, Blob]],
+                 on_durable: Callable[[], None] | None = None) -> list[PutResult]:
+        """Store blobs; a result per item. ``on_durable`` runs (on the writer thread) once all are on disk."""
+        results = []
+        quota = self._quota_of(namespace)
+        waiting = []
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("BlobStore is closed")
+            for key, blob in items:
+                ident = (namespace, key)
+                entry = self._lru.get(ident)
+                if entry is not None:
+                    self._touch(ident)
+                    results.append(PutResult.PRESENT)
+                    if not entry.on_disk and self._env is not None:
+                        waiting.append(entry)
+                    continue
+                if not blob_intact(key, blob):
+                    results.append(PutResult.INVALID)
+                    continue
+                size = len(blob)
+                if size > self.capacity_bytes or (quota and size > quota):
+                    results.append(PutResult.REJECTED)
+                    continue
+                for victim in self._make_room(namespace, size, quota):
+                    self._enqueue("del", victim)
+                entry = _Entry(size, blob, on_disk=self._env is None)
+                self._insert(ident, entry)
+                results.append(PutResult.STORED)
+                self._count(namespace, "bytes_in", size)
+                self._enqueue("put", ident, blob, entry)
+                if self._env is not None:
+                    waiting.append(entry)
+            for result in results:
+                self._count(namespace, result.name.lower())
+            if on_durable is not None:
+                if waiting:
+                    self._wait_all(waiting, on_durable)
+                else:
+                    on_durable()
+        return results
+
+    @staticmethod
+    def _wait_all(entries: list[_Entry], callback: Callable[[], None]) -> None:
+        remaining = [len(entries)]
+
+        def one_done() -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                callback()
+        for entry in entries:
+            entry.waiters.append(one_done)
+
+    def _make_room(self, namespace: str, incoming: int, quota: int) -> list[Ident]:
+        """Under the lock: evict the namespace's LRU blobs past its quota, then any LRU blobs past capacity."""
+        victims = []
+        own = self._namespaces.get(namespace, OrderedDict())
+        while quota and self._ns_used[namespace] + incoming > quota and own:
+            ident = (namespace, next(iter(own)))
+            self._remove(ident)
+            victims.append(ident)
+            self._count(namespace, "evicted_quota")
+        while self._used + incoming > self.capacity_bytes and self._lru:
+            ident = next(iter(self._lru))
+            self._remove(ident)
+            victims.append(ident)
+            self._count(ident[0], "evicted_capacity")
+        return victims
+
+    def _trim_ram(self) -> None:
+        """Under the lock: drop RAM copies (LRU first) of blobs safely on disk until RAM fits."""
+        if self._env is None:
+            return
+        for ident in list(self._ram):
+            if self._ram_used <= self._host_bytes:
+                break
+            entry = self._lru[ident]
+            if entry.on_disk:
+                self._drop_ram(ident, entry)
+                self.evicted_ram += 1
+
+    def _touch(self, ident: Ident) -> None:
+        self._lru.move_to_end(ident)
+        self._namespaces[ident[0]].move_to_end(ident[1])
+        if ident in self._ram:
+            self._ram.move_to_end(ident)
+
+    def get_ram(self, namespace: str, key: bytes) -> tuple[Blob | None, bool]:
+        """(blob, on_disk): the RAM copy if there is one; ``on_disk`` says whether ``read_disk`` may find it."""
+        ident = (namespace, key)
+        with self._lock:
+            entry = self._lru.get(ident)
+            if entry is None:
+                self._count(namespace, "misses")
+                return None, False
+            self._touch(ident)
+            if entry.ram is not None:
+                self._count(namespace, "hits_ram")
+                self._count(namespace, "bytes_out", entry.size)
+                return entry.ram, True
+            return None, entry.on_disk
+
+    def read_disk(self, namespace: str, key: bytes) -> Blob | None:
+        """Read a blob from LMDB (blocking: run it off the event loop), check it and keep a RAM copy."""
+        ident = (namespace, key)
+        with self._env.begin(db=self._blobs) as txn:
+            blob = txn.get(_lmdb_key(ident))
+        if blob is None or not blob_intact(key, blob):
+            with self._lock:
+                self._count(namespace, "misses")
+                if blob is not None:
+                    self._count(namespace, "corrupt")
+                    if self._lru.get(ident) is not None:
+                        self._remove(ident)
+                        self._enqueue("del", ident)
+            return None
+        with self._lock:
+            self._count(namespace, "hits_disk")
+            self._count(namespace, "bytes_out", len(blob))
+            entry = self._lru.get(ident)
+            if entry is not None and entry.ram is None and entry.size == len(blob):
+                entry.ram = blob
+                self._ram[ident] = None
+                self._ram_used += entry.size
+                self._trim_ram()
+        return blob
+
+    def delete_many(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
+        """Delete the namespace's blobs ``keys``; True for each that was held."""
+        done = []
+        with self._lock:
+            for key in keys:
+                ident = (namespace, key)
+                held = ident in self._lru
+                if held:
+                    self._remove(ident)
+                    self._enqueue("del", ident)
+                    self._count(namespace, "deleted")
+                done.append(held)
+        return done
+
+    def list_keys(self, namespace: str, offset: int, limit: int) -> list[bytes]:
+        """The namespace's keys, least recently used first, from position ``offset``."""
+        with self._lock:
+            keys = list(self._namespaces.get(namespace, ()))
+        return keys[offset:offset + limit]
+
+    def namespace_stats(self, namespace: str) -> dict[str, int]:
+        with self._lock:
+            counters = dict.fromkeys(NAMESPACE_COUNTERS, 0)
+            counters.update(self._counters.get(namespace, {}))
+            counters.update(blocks=len(self._namespaces.get(namespace, ())), used_bytes=self._ns_used[namespace],
+                            quota_bytes=self._quota_of(namespace))
+        return counters
+
+    def namespaces(self) -> list[str]:
+        with self._lock:
+            return sorted(set(self._namespaces) | set(self._counters))
+
+    def totals(self) -> dict[str, int]:
+        with self._lock:
+            return {"blocks": len(self._lru), "used_bytes": self._used, "capacity_bytes": self.capacity_bytes,
+                    "disk_used_bytes": self._used if self._env is not None else 0,
+                    "disk_capacity_bytes": self._disk_bytes,
+                    "ram_bytes": self._ram_used, "ram_capacity_bytes": self._host_bytes,
+                    "ram_evictions": self.evicted_ram,
+                    "write_backlog_bytes": self.backlog_bytes()}
+
+    # -- the disk writer ------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._ops:
+                    self._wake.wait()
+                ops, size = [], 0
+                while self._ops and len(ops) < _BATCH_OPS and size < _BATCH_BYTES:
+                    op = self._ops.popleft()
+                    ops.append(op)
+                    size += len(op[2]) if op[2] is not None else 0
+            self._commit(ops)
+            with self._lock:
+                self._backlog -= size
+            if any(op[0] == "stop" for op in ops):
+                return
+
+    def _commit(self, ops: list) -> None:
+        """One write transaction for a batch of queued operations, then wake whoever waits on them."""
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for kind, ident, blob, _ in ops:
+                        if kind == "put":
+                            self._stamp += 1
+                            txn.put(_lmdb_key(ident), blob, db=self._blobs)
+                            txn.put(_lmdb_key(ident), _META.pack(self._stamp, len(blob)), db=self._meta)
+                        elif kind == "del":
+                            txn.delete(_lmdb_key(ident), db=self._blobs)
+                            txn.delete(_lmdb_key(ident), db=self._meta)
+                break
+            except lmdb.MapFullError:  # free-page fragmentation: evict an eighth more and retry
+                with self._lock:
+                    room = self._make_room("", self._disk_bytes // 8, 0)
+                ops = [("del", ident, None, None) for ident in room] + ops
+        callbacks = []
+        with self._lock:
+            for kind, _, _, entry in ops:
+                if entry is not None:
+                    entry.on_disk = True
+                    callbacks += entry.waiters
+                    entry.waiters = []
+            self._trim_ram()
+        for callback in callbacks:
+            callback()
+
+    def flush(self) -> None:
+        """Block until every disk write queued so far has committed."""
+        if self._env is None:
+            return
+        done = threading.Event()
+        marker = _Entry(0, None, waiters=[done.set])
+        with self._lock:
+            self._enqueue("flush", None, None, marker)
+        done.wait()
+
+    def close(self) -> None:
+        """Drain the disk writer, persist the LRU order and close LMDB; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._env is None:
+            return
+        with self._lock:
+            self._enqueue("stop", None)
+        self._writer.join()
+        with self._lock:
+            order = [ident for ident, entry in self._lru.items() if entry.on_disk]
+        with self._env.begin(write=True) as txn:
+            for stamp, ident in enumerate(order, start=self._stamp):
+                lkey = _lmdb_key(ident)
+                value = txn.get(lkey, db=self._meta)
+                if value is not None:
+                    txn.put(lkey, _META.pack(stamp, _META.unpack(value)[1]), db=self._meta)
+        self._env.close()
+        self._lock_file.close()

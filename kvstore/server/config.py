@@ -1,0 +1,121 @@
+"""ServerConfig: every setting of ``kvstore serve``, from flags, a TOML/YAML file or KVSTORE_SERVER_* variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kvstore.config import env_values, read_settings_file
+from kvstore.sizes import parse_size
+
+ENV_PREFIX = "KVSTORE_SERVER_"
+LOOPS = ("auto", "asyncio", "uvloop")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one cache server. Sizes are bytes or strings such as ``"4GiB"``.
+
+    - ``host`` / ``port``: where clients connect (loopback by default; port
+      0 picks a free one); ``metrics_port``: HTTP ``/metrics`` (Prometheus)
+      and ``/healthz`` on ``host`` (None: off; 0: a free port).
+    - ``data_dir``: the LMDB environment, the default token and the lock;
+      ``host_bytes``: RAM for the most recently used blocks;
+      ``disk_bytes``: the LMDB tier (0: memory only); ``disk_sync``: fsync
+      every commit; ``durable``: acknowledge a PUT only once it is on disk
+      (otherwise once it is in RAM, with the disk written behind).
+    - Auth: ``tokens_file`` (tenants, see ``kvstore/server/auth.py``) or
+      ``token`` (the ``default`` namespace); with neither, a token is made
+      and kept in ``data_dir/token`` and printed at start.
+      ``allow_unauthenticated``: accept any client into ``default``, only on
+      a loopback ``host``. ``tls_cert`` / ``tls_key``: serve TLS.
+    - Limits: ``max_frame_bytes`` (one request's payload),
+      ``max_keys`` (per request), ``max_connections``,
+      ``max_inflight_bytes`` (a connection's request plus reply),
+      ``write_backlog_bytes`` (disk writes queued before PUTs wait),
+      ``shutdown_grace_seconds`` (how long in-flight requests may finish).
+    - ``loop``: ``uvloop`` when installed (``auto``), or ``asyncio``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8477
+    metrics_port: int | None = 8478
+    data_dir: str = "./kvstore-server"
+    host_bytes: int | str = "1GiB"
+    disk_bytes: int | str = "16GiB"
+    disk_sync: bool = True
+    durable: bool = False
+    tokens_file: str | None = None
+    token: str | None = None
+    allow_unauthenticated: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_frame_bytes: int | str = "256MiB"
+    max_keys: int = 4096
+    max_connections: int = 256
+    max_inflight_bytes: int | str = "512MiB"
+    write_backlog_bytes: int | str = "512MiB"
+    shutdown_grace_seconds: float = 10.0
+    loop: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("host_bytes", "disk_bytes", "max_frame_bytes", "max_inflight_bytes", "write_backlog_bytes"):
+            object.__setattr__(self, name, parse_size(getattr(self, name), name))
+        for name, least in (("port", 0), ("metrics_port", 0), ("max_keys", 1), ("max_connections", 1)):
+            value = getattr(self, name)
+            if value is None and name == "metrics_port":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= (
+                    65535 if "port" in name else 1 << 31):
+                raise ValueError(f"{name}: expected an integer in [{least}, "
+                                 f"{65535 if 'port' in name else 1 << 31}], got {value!r}")
+        if self.host_bytes <= 0:
+            raise ValueError(f"host_bytes: expected > 0, got {self.host_bytes}")
+        if self.max_frame_bytes > self.max_inflight_bytes:
+            raise ValueError(f"max_frame_bytes: expected <= max_inflight_bytes ({self.max_inflight_bytes}), "
+                             f"got {self.max_frame_bytes}")
+        for name in ("disk_sync", "durable", "allow_unauthenticated"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop: expected one of {list(LOOPS)}, got {self.loop!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert, tls_key: expected both or neither, got one")
+        if self.allow_unauthenticated and not _is_loopback(self.host):
+            raise ValueError(f"allow_unauthenticated: only on a loopback host (127.0.0.1, ::1, localhost), "
+                             f"got host {self.host!r}")
+        if not isinstance(self.shutdown_grace_seconds, (int, float)) or self.shutdown_grace_seconds < 0:
+            raise ValueError(f"shutdown_grace_seconds: expected a number >= 0, got {self.shutdown_grace_seconds!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "server config") -> "ServerConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {unknown}; expected some of {sorted(fields)}")
+        return cls(**dict(values))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None,
+             **overrides: Any) -> "ServerConfig":
+        """File settings (``path`` or ``$KVSTORE_SERVER_CONFIG``; a ``[server]`` table or the top level),
+        overridden by ``KVSTORE_SERVER_*`` variables, overridden by ``overrides`` (the command line)."""
+        environ = os.environ if environ is None else environ
+        path = path if path is not None else environ.get(ENV_PREFIX + "CONFIG")
+        values = dict(read_settings_file(path, "server")) if path else {}
+        values.update(env_values(cls, environ, ENV_PREFIX, frozenset({ENV_PREFIX + "CONFIG"})))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values, source=f"{path or 'defaults'} + KVSTORE_SERVER_* + flags")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

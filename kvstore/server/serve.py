@@ -1,0 +1,71 @@
+"""Running a cache server as a process: tenants from the config, the event loop, signals, the banner."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Callable
+
+from kvstore.server.app import CacheServer
+from kvstore.server.auth import DEFAULT_NAMESPACE, Tenant, default_token, load_tenants
+from kvstore.server.config import ServerConfig
+
+
+def tenants_of(config: ServerConfig) -> tuple[list[Tenant], str | None, str | None]:
+    """(tenants, open namespace, token to print): from ``tokens_file``, ``token``, or a kept default token."""
+    if config.tokens_file is not None:
+        return load_tenants(config.tokens_file), None, None
+    if config.token is not None:
+        return [Tenant(DEFAULT_NAMESPACE, config.token)], None, None
+    if config.allow_unauthenticated:
+        return [], DEFAULT_NAMESPACE, None
+    token = default_token(config.data_dir)
+    return [Tenant(DEFAULT_NAMESPACE, token)], None, token
+
+
+def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
+    """uvloop's loop when asked for (or ``auto`` and installed), else asyncio's."""
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ValueError("loop: expected uvloop to be installed (pip install uvloop), it is not") from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run(config: ServerConfig, say: Callable[[str], None] = print) -> int:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; returns the exit status (0)."""
+    tenants, open_namespace, token = tenants_of(config)
+    loop = new_event_loop(config.loop)
+    asyncio.set_event_loop(loop)
+    server = CacheServer(config, tenants, open_namespace)
+
+    async def main() -> None:
+        await server.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: loop.create_task(server.stop()))
+        host, port = server.address
+        scheme = "kvstores" if config.tls_cert else "kvstore"
+        say(f"kvstore serve: listening on {scheme}://{host}:{port} (data in {config.data_dir}, "
+            f"host {config.host_bytes} bytes, disk {config.disk_bytes} bytes, loop {type(loop).__module__})")
+        if server.metrics_address is not None:
+            say(f"kvstore serve: metrics on http://{server.metrics_address[0]}:{server.metrics_address[1]}/metrics")
+        if token is not None:
+            say(f"kvstore serve: token {token} (namespace {DEFAULT_NAMESPACE}; kept in {config.data_dir}/token)")
+        elif open_namespace is not None:
+            say(f"kvstore serve: unauthenticated, every client in namespace {open_namespace}")
+        else:
+            say(f"kvstore serve: {len(tenants)} tenant(s): {', '.join(t.namespace for t in tenants)}")
+        sys.stdout.flush()
+        await server.serve_until_stopped()
+        say("kvstore serve: stopped")
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    return 0

@@ -1,0 +1,429 @@
+"""RedisTier on real redis-server processes: standalone, unix socket and a three-node Redis Cluster.
+
+Round trips are exact bytes; damaged values are misses counted ``corrupt``;
+a server or cluster node that dies, or stops answering, turns calls into
+quick misses counted ``errors`` (and ``timeouts``), never exceptions.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+
+from conftest import assert_same_kv, make_kv, make_tokens, tiny_layout
+import redisfixtures
+from redisfixtures import RedisServer, free_port, redis
+from tierkit import A, B, C, D, E, make_blocks, read
+
+from kvstore.blockformat import HEADER_BYTES
+from kvstore.compression.registry import get_codec
+from kvstore.config import StoreConfig
+from kvstore.store import KVStore
+from kvstore.tiers.base import TIER_COUNTERS, Tier
+from kvstore.tiers.host import HostTier
+from kvstore.tiers.redis import RedisTier
+
+# The fixtures starting real servers (pytest finds fixtures by module-level name).
+redis_server, shared_redis = redisfixtures.redis_server, redisfixtures.shared_redis
+redis_cluster, fresh_cluster = redisfixtures.redis_cluster, redisfixtures.fresh_cluster
+
+# Calls to a dead local server are refused at once; this bounds them with a wide margin.
+QUICK_SECONDS = 1.0
+
+
+@pytest.fixture
+def make_tier(request, shared_redis):
+    """``make_tier(url=None, lay=None, **options)``: a RedisTier in a namespace of this test, closed at teardown."""
+    tiers = []
+    namespace = request.node.name.replace(":", "_")
+
+    def factory(url=None, lay=None, **options):
+        options.setdefault("namespace", namespace)
+        tier = RedisTier(url or shared_redis.url, lay or tiny_layout(), **options)
+        tiers.append(tier)
+        return tier
+
+    yield factory
+    for tier in tiers:
+        tier.close()
+
+
+def counts(tier, *names):
+    stats = tier.stats()
+    return tuple(stats[name] for name in names)
+
+
+def out_like(layout, tokens=16):
+    return torch.zeros(layout.shape(tokens), dtype=layout.dtype)
+
+
+# -- round trips ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_round_trip_full_and_tail_blocks(make_tier, dtype):
+    lay = tiny_layout(dtype=dtype)
+    tier = make_tier(lay=lay)
+    assert isinstance(tier, Tier) and tier.name == "redis" and tier.persistent
+    full, tail = make_kv(lay, 16, seed=1), make_kv(lay, 5, seed=2)
+    assert tier.put_many([(A, full), (B, tail)]) == 2
+    assert_same_kv(read(tier, lay, A), full)
+    assert_same_kv(read(tier, lay, B, 5), tail)
+    strided = torch.zeros(lay.shape(40), dtype=dtype)[:, :, 3:19]  # a view into a bigger buffer
+    assert tier.get_into(A, strided) and torch.equal(strided, full)
+    assert read(tier, lay, C) is None
+    assert read(tier, lay, A, 8) is None  # a block of another size: a miss that keeps the block
+    assert tier.contains(A)
+    stats = tier.stats()
+    assert set(TIER_COUNTERS) | {"errors", "timeouts", "blocks", "used_bytes", "capacity_bytes"} <= set(stats)
+    assert (stats["hits"], stats["misses"], stats["corrupt"], stats["errors"]) == (3, 2, 0, 0)
+    assert stats["blocks_written"] == 2 and stats["bytes_written"] == 4096 + 5 * 256
+    assert stats["bytes_read"] == 2 * 4096 + 5 * 256
+    assert stats["blocks"] >= 2 and stats["used_bytes"] > 0
+    assert sorted(tier.keys()) == [A, B]
+
+
+def test_value_is_header_then_payload_under_a_namespaced_key(make_tier, shared_redis, layout):
+    tier = make_tier(namespace="tenant1", key_prefix="kv")
+    block = make_kv(layout, 16)
+    tier.put_many([(A, block)])
+    name = f"kv:tenant1:{layout.fingerprint.hex()}:{A.hex()}".encode()
+    assert tier.redis_key(A) == name
+    with shared_redis.client() as raw:
+        value = raw.get(name)
+        assert raw.pttl(name) == -1  # no ttl: no expiry
+    assert len(value) == HEADER_BYTES + 4096
+    assert value[:4] == b"KVSB" and value[HEADER_BYTES:] == block.view(torch.uint8).numpy().tobytes()
+
+
+def test_batch_put_get_and_prefix_length(make_tier, layout):
+    tier = make_tier()
+    blocks = make_blocks(layout)
+    assert tier.put_many([(k, blocks[k]) for k in (A, B, C)]) == 3
+    assert tier.put_many([(A, blocks[A]), (D, blocks[D]), (D, blocks[D])]) == 3  # present ones count
+    assert counts(tier, "blocks_written", "rejected") == (4, 0)
+    outs = [out_like(layout) for _ in range(5)]
+    assert tier.get_many_into([A, B, E, C, D], outs) == [True, True, False, True, True]
+    for key, out in zip((A, B, None, C, D), outs):
+        if key is not None:
+            assert_same_kv(out, blocks[key])
+    assert tier.get_many_into([], []) == [] and tier.put_many([]) == 0
+    assert tier.prefix_length([A, B, C, D, E]) == 4
+    assert tier.prefix_length([A, E, B]) == 1
+    assert tier.prefix_length([E, A]) == 0 and tier.prefix_length([]) == 0
+    assert tier.delete(B) is True and tier.delete(B) is False
+    assert tier.prefix_length([A, B, C]) == 1
+    assert sorted(tier.keys()) == [A, C, D]
+    assert counts(tier, "hits", "misses", "errors") == (4, 1, 0)
+
+
+def test_namespaces_and_layouts_isolated(make_tier, layout):
+    one, two = make_tier(namespace="one"), make_tier(namespace="two")
+    other_layout = tiny_layout(num_kv_heads=4, head_dim=8)  # same block bytes, another fingerprint
+    three = make_tier(namespace="one", lay=other_layout)
+    one.put_many([(A, make_kv(layout, 16, seed=1))])
+    two.put_many([(A, make_kv(layout, 16, seed=2))])
+    assert_same_kv(read(one, layout, A), make_kv(layout, 16, seed=1))
+    assert_same_kv(read(two, layout, A), make_kv(layout, 16, seed=2))
+    assert not three.contains(A) and read(three, other_layout, A) is None
+    assert list(three.keys()) == [] and list(one.keys()) == [A]
+    two.delete(A)
+    assert one.contains(A) and not two.contains(A)
+    assert counts(one, "corrupt") == counts(two, "corrupt") == counts(three, "corrupt") == (0,)
+
+
+def test_ttl_expiry(make_tier, layout, shared_redis):
+    tier = make_tier(ttl_seconds=0.3)
+    block = make_kv(layout, 16)
+    assert tier.put_many([(A, block)]) == 1
+    with shared_redis.client() as raw:
+        assert 0 < raw.pttl(tier.redis_key(A)) <= 300
+    assert_same_kv(read(tier, layout, A), block)
+    time.sleep(0.45)
+    assert not tier.contains(A)
+    assert read(tier, layout, A) is None
+    assert counts(tier, "hits", "misses", "corrupt") == (1, 1, 0)
+
+
+def _flip(value: bytes, at: int) -> bytes:
+    data = bytearray(value)
+    data[at] ^= 0x01
+    return bytes(data)
+
+
+DAMAGE = {
+    "payload-bit": lambda value, other: _flip(value, HEADER_BYTES + 2000),
+    "checksum": lambda value, other: _flip(value, HEADER_BYTES - 1),
+    "layout": lambda value, other: _flip(value, 4 + 2 + 2 + 3),
+    "magic": lambda value, other: _flip(value, 0),
+    "truncated": lambda value, other: value[:-100],
+    "header-only": lambda value, other: value[:HEADER_BYTES],
+    "empty": lambda value, other: b"",
+    "other-key": lambda value, other: other,  # a sound block, stored under the wrong key
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_value_is_a_miss_counted_corrupt(make_tier, layout, shared_redis, damage):
+    tier = make_tier()
+    blocks = make_blocks(layout)
+    tier.put_many([(A, blocks[A]), (B, blocks[B])])
+    with shared_redis.client() as raw:
+        value, other = raw.get(tier.redis_key(A)), raw.get(tier.redis_key(B))
+        raw.set(tier.redis_key(A), DAMAGE[damage](value, other))
+        assert read(tier, layout, A) is None
+        assert counts(tier, "corrupt", "misses", "hits", "errors") == (1, 1, 0, 0)
+        assert raw.exists(tier.redis_key(A)) == 0  # deleted
+    assert tier.put_many([(A, blocks[A])]) == 1  # stored again
+    assert_same_kv(read(tier, layout, A), blocks[A])
+
+
+def test_value_of_another_type_is_corrupt(make_tier, layout, shared_redis):
+    tier = make_tier()
+    with shared_redis.client() as raw:
+        raw.hset(tier.redis_key(A), "field", "value")
+    assert read(tier, layout, A) is None
+    assert counts(tier, "corrupt", "errors") == (1, 0)
+    assert not tier.contains(A)
+
+
+def test_codecs(make_tier, layout):
+    zstd = make_tier(codec=get_codec("zstd"))
+    block = make_kv(layout, 16)
+    tail = make_kv(layout, 3, seed=4)
+    assert zstd.put_many([(A, block), (B, tail)]) == 2
+    assert_same_kv(read(zstd, layout, A), block)
+    assert_same_kv(read(zstd, layout, B, 3), tail)
+    raw = make_tier()  # same namespace, no codec: lossless frames are still read
+    assert_same_kv(read(raw, layout, A), block)
+
+    int8 = make_tier(namespace="int8", codec=get_codec("int8"))
+    assert int8.put_many([(A, block)]) == 1
+    assert counts(int8, "bytes_written")[0] < 4096
+    got = read(int8, layout, A)
+    assert got is not None and torch.allclose(got.float(), block.float(), atol=0.05, rtol=0.05)
+    assert not torch.equal(got, block)
+    plain = make_tier(namespace="int8")  # a lossy frame is never served by a tier without that codec
+    assert read(plain, layout, A) is None
+    assert counts(plain, "stale", "corrupt") == (1, 0)
+    assert not int8.contains(A)  # deleted: the next put stores it in the reader's form
+
+
+def test_capacity(make_tier, redis_server, layout):
+    small = make_tier(capacity_bytes=4096 + HEADER_BYTES - 1)
+    assert small.capacity_bytes == 4096 + HEADER_BYTES - 1
+    assert small.put_many([(A, make_kv(layout, 16)), (B, make_kv(layout, 15))]) == 1
+    assert counts(small, "rejected", "blocks_written") == (1, 1)
+    with redis_server.client() as raw:
+        raw.config_set("maxmemory", 1)  # below what the server already uses: every write is refused
+        raw.config_set("maxmemory-policy", "noeviction")
+        tier = make_tier(url=redis_server.url)
+        assert tier.capacity_bytes == 1
+        assert tier.put_many([(A, make_kv(layout, 16))]) == 0
+        assert counts(tier, "rejected", "errors") == (1, 0)
+        raw.config_set("maxmemory", 0)
+    assert tier.put_many([(A, make_kv(layout, 16))]) == 1
+
+
+def test_unix_socket(tmp_path, layout):
+    server = RedisServer(tmp_path / "unix", None, "--unixsocket", str(tmp_path / "redis.sock"),
+                         "--unixsocketperm", "700").start()
+    try:
+        tier = RedisTier(f"unix://{tmp_path / 'redis.sock'}?db=2", layout)
+        block = make_kv(layout, 16)
+        assert tier.put_many([(A, block)]) == 1
+        assert_same_kv(read(tier, layout, A), block)
+        tier.close()
+        with server.client() as raw:
+            raw.select(2)
+            assert raw.dbsize() == 1
+    finally:
+        server.stop()
+
+
+# -- cluster -------------------------------------------------------------------------------------
+
+
+def _keys(n):
+    return [i.to_bytes(32, "little") for i in range(n)]
+
+
+def test_cluster_round_trip(redis_cluster, layout):
+    tier = RedisTier(redis_cluster.url, layout, namespace="spread")
+    keys = _keys(48)
+    blocks = [make_kv(layout, 16 if i % 5 else 1 + i % 16, seed=i) for i in range(48)]
+    assert tier.put_many(list(zip(keys, blocks))) == 48
+    per_node = []
+    for node in redis_cluster.nodes:
+        with node.client() as raw:
+            per_node.append(sum(1 for _ in raw.scan_iter(match=b"kvstore:spread:*")))
+    assert sum(per_node) == 48 and sum(n > 0 for n in per_node) == 3, per_node
+    outs = [torch.empty(layout.shape(b.shape[2]), dtype=layout.dtype) for b in blocks]
+    assert tier.get_many_into(keys, outs) == [True] * 48
+    for out, block in zip(outs, blocks):
+        assert_same_kv(out, block)
+    assert_same_kv(read(tier, layout, keys[7]), blocks[7])
+    assert tier.prefix_length(keys) == 48 and tier.prefix_length(keys[:3] + [A] + keys[3:]) == 3
+    assert sorted(tier.keys()) == sorted(keys)
+    stats = tier.stats()
+    assert stats["blocks"] >= 48 and stats["used_bytes"] > 0 and stats["errors"] == 0
+    assert tier.delete(keys[0]) and not tier.contains(keys[0])
+    tier.close()
+    tier.close()
+
+
+def test_cluster_node_killed_degrades_to_misses(fresh_cluster, layout):
+    tier = RedisTier(fresh_cluster.url, layout)
+    keys = _keys(30)
+    blocks = [make_kv(layout, 16, seed=i) for i in range(30)]
+    assert tier.put_many(list(zip(keys, blocks))) == 30
+    victim = fresh_cluster.nodes[1]
+    with victim.client() as raw:
+        on_victim = {bytes.fromhex(k.decode().rsplit(":", 1)[1]) for k in raw.scan_iter(match=b"kvstore:*")}
+    assert 0 < len(on_victim) < 30
+    victim.stop()
+
+    start = time.monotonic()
+    outs = [out_like(layout) for _ in keys]
+    found = tier.get_many_into(keys, outs)
+    assert found == [k not in on_victim for k in keys]  # the nodes still up are served
+    for key, out, block in zip(keys, outs, blocks):
+        if key not in on_victim:
+            assert_same_kv(out, block)
+    lost = next(k for k in keys if k in on_victim)
+    kept = next(k for k in keys if k not in on_victim)
+    assert read(tier, layout, lost) is None and not tier.contains(lost) and not tier.delete(lost)
+    assert_same_kv(read(tier, layout, kept), blocks[keys.index(kept)])
+    assert tier.prefix_length(keys) == keys.index(lost)
+    more = [(bytes([i]) * 32, make_kv(layout, 16, seed=100 + i)) for i in range(1, 13)]
+    stored = tier.put_many(more)
+    assert 0 < stored < len(more)
+    assert set(tier.keys()) >= {k for k in keys if k not in on_victim}
+    stats = tier.stats()
+    assert time.monotonic() - start < 5 * QUICK_SECONDS
+    assert stats["errors"] >= 5 and stats["corrupt"] == 0
+    tier.close()
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+
+def _quick(call):
+    start = time.monotonic()
+    result = call()
+    assert time.monotonic() - start < QUICK_SECONDS, call
+    return result
+
+
+def test_server_killed_then_restarted(redis_server, layout):
+    tier = RedisTier(redis_server.url, layout, timeout_seconds=0.5)
+    blocks = make_blocks(layout)
+    assert tier.put_many([(A, blocks[A])]) == 1
+    assert_same_kv(read(tier, layout, A), blocks[A])
+    redis_server.stop()
+
+    assert _quick(lambda: read(tier, layout, A)) is None
+    assert _quick(lambda: tier.get_many_into([A, B], [out_like(layout), out_like(layout)])) == [False, False]
+    assert _quick(lambda: tier.contains(A)) is False
+    assert _quick(lambda: tier.prefix_length([A, B])) == 0
+    assert _quick(lambda: tier.put_many([(B, blocks[B])])) == 0
+    assert _quick(lambda: tier.delete(A)) is False
+    assert _quick(lambda: list(tier.keys())) == []
+    assert _quick(lambda: tier.used_bytes()) == 0
+    stats = _quick(tier.stats)
+    assert stats["errors"] >= 8 and stats["hits"] == 1 and stats["misses"] == 3
+    assert stats["blocks"] == 0 and stats["corrupt"] == 0
+
+    redis_server.start()  # same port, empty (no persistence): the same tier object reconnects
+    errors = stats["errors"]
+    assert read(tier, layout, A) is None
+    assert tier.put_many([(A, blocks[A]), (B, blocks[B])]) == 2
+    assert_same_kv(read(tier, layout, B), blocks[B])
+    assert tier.prefix_length([A, B, C]) == 2
+    assert counts(tier, "errors") == (errors,)
+    tier.close()
+
+
+def test_server_not_answering_times_out(redis_server, layout):
+    tier = RedisTier(redis_server.url, layout, timeout_seconds=0.2)
+    block = make_kv(layout, 16)
+    assert tier.put_many([(A, block)]) == 1
+    redis_server.process.send_signal(signal.SIGSTOP)  # alive, accepts nothing: a hung server
+    try:
+        start = time.monotonic()
+        assert read(tier, layout, A) is None
+        assert tier.put_many([(B, block)]) == 0
+        assert time.monotonic() - start < 2 * (2 * 0.2) + 0.5  # two tries of 0.2 s each, per call
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert counts(tier, "timeouts", "errors") == (2, 2)
+    assert_same_kv(read(tier, layout, A), block)
+    tier.close()
+
+
+def test_cluster_unreachable_at_start(layout):
+    tier = RedisTier(f"redis+cluster://127.0.0.1:{free_port()}", layout, timeout_seconds=0.2)
+    assert _quick(lambda: read(tier, layout, A)) is None
+    assert _quick(lambda: tier.put_many([(A, make_kv(layout, 16))])) == 0
+    assert counts(tier, "errors")[0] >= 2
+    tier.close()
+
+
+# -- through a KVStore ---------------------------------------------------------------------------
+
+
+def test_kvstore_host_then_redis(shared_redis, layout):
+    host = HostTier(layout, 2 * layout.block_bytes, pin_memory=False)
+    tier = RedisTier(shared_redis.url, layout, namespace="store")
+    tokens, kv = make_tokens(64), make_kv(layout, 64)
+    with KVStore(layout, StoreConfig(host_bytes=2 * layout.block_bytes), tiers=[host, tier]) as store:
+        assert store.put(tokens, kv) == 4
+        assert store.flush(10)
+        assert tier.stats()["blocks_written"] == 4
+        assert host.stats()["evictions"] == 2  # the first two blocks are only in redis now
+        assert store.lookup(tokens) == 64
+        assert_same_kv(store.get(tokens), kv)
+        stats = store.stats()["tiers"]["redis"]
+        # Blocks 0 and 1 come from redis; promoting them evicts blocks 2 and 3 from host: 4 hits.
+        assert stats["hits"] == 4 and stats["corrupt"] == 0 and stats["errors"] == 0
+    with pytest.raises(RuntimeError):
+        tier.contains(A)  # the store closed it
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "127.0.0.1:6379", "memcached://host:11211", ""])
+def test_unknown_url_scheme(url, layout):
+    with pytest.raises(ValueError) as info:
+        RedisTier(url, layout)
+    message = str(info.value)
+    assert message.startswith("url:")
+    for scheme in ("redis://", "rediss://", "unix://", "redis+cluster://"):
+        assert scheme in message
+
+
+def test_bad_arguments(make_tier, layout):
+    for options in ({"namespace": "a:b"}, {"namespace": ""}, {"ttl_seconds": 0}, {"timeout_seconds": 0},
+                    {"capacity_bytes": -1}, {"key_prefix": ""}):
+        with pytest.raises(ValueError):
+            make_tier(**options)
+    tier = make_tier()
+    with pytest.raises(ValueError):
+        tier.put_many([(A, make_kv(tiny_layout(dtype=torch.float32), 16))])
+    with pytest.raises(ValueError):
+        tier.put_many([(A, make_kv(layout, 17))])
+    with pytest.raises(ValueError):
+        tier.put_many([(b"k" * 33, make_kv(layout, 16))])
+    with pytest.raises(ValueError):
+        tier.get_into(A, torch.zeros(layout.shape(16), dtype=torch.float32))
+    with pytest.raises(ValueError):
+        tier.get_many_into([A, B], [out_like(layout)])
+    assert list(tier.keys()) == []
+    tls = RedisTier("rediss://127.0.0.1:1/0", layout)  # builds a TLS client; connects on first use
+    assert tls._client().connection_pool.connection_class is redis.SSLConnection
+    tls.close()
+    tls.close()

@@ -1,0 +1,421 @@
+"""Redis / Valkey tier: blocks in a Redis server or Redis Cluster that many machines share.
+
+Why: scale-out. Every serving node of a fleet reads and writes one cache held
+by an existing distributed engine (standalone Redis or Valkey, or a Redis
+Cluster spreading keys over its nodes), so a prefix computed on one machine is
+a hit on every other, and capacity grows by adding Redis nodes.
+
+One concept: a block is one Redis string under
+``<key_prefix>:<namespace>:<layout fingerprint hex>:<key hex>`` whose value is
+the 72-byte ``BlockHeader`` then the payload (raw bytes or a codec's frame,
+``BlockEncoding``). The namespace keeps tenants apart, the fingerprint keeps
+layouts (models, dtypes, shards) apart. A value that fails its header or
+checksum is a miss counted ``corrupt`` and deleted, never data.
+
+Redis manages its own memory: eviction follows the server's
+``maxmemory-policy`` (``allkeys-lru`` recommended) and ``ttl_seconds`` sets an
+expiry on each block; this tier keeps no index and no LRU order, so
+``keys()`` comes in SCAN order and ``evictions`` stays 0. A node that is down,
+slow or resets a connection makes calls return misses (counted ``errors``,
+``timeouts``), never raise; redis-py reconnects on a later call. Each call
+tries once more on a connection error, so it waits at most about
+2 x ``timeout_seconds``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import OutOfMemoryError, RedisClusterException, ResponseError
+from redis.retry import Retry
+
+from kvstore.blockformat import HEADER_BYTES, BlockHeader, checksum
+from kvstore.compression.codec import FrameCodec
+from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
+from kvstore.layout import KVLayout
+from kvstore.metrics import Counters
+from kvstore.tiers.base import TIER_COUNTERS, tier_stats
+
+SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+_SCAN_COUNT = 1000
+_T = TypeVar("_T")
+_FAILED = object()  # a command whose server could not be reached
+
+
+def _connect(url: str, timeout: float) -> Callable[[], Any]:
+    """A function building the redis-py client for ``url``; ValueError for an unknown scheme."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1))
+    if scheme in ("redis", "rediss", "unix"):
+        return lambda: redis.Redis.from_url(url, **options)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        parts = urlsplit(url)
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        if parts.path not in ("", "/", "/0"):
+            raise ValueError(f"url: a Redis Cluster has only database 0, got path {parts.path!r}")
+        nodes = []
+        for host in hosts.split(","):
+            node = urlsplit("//" + host.strip())
+            if not node.hostname:
+                raise ValueError(f"url: expected redis+cluster://host:port[,host:port...], got host {host!r}")
+            nodes.append(ClusterNode(node.hostname, node.port or 6379))
+        return lambda: RedisCluster(startup_nodes=nodes, username=unquote(user) or None,
+                                    password=unquote(password) or None, ssl=scheme == "rediss+cluster",
+                                    **options)
+    raise ValueError(f"url: expected one of the schemes {', '.join(SCHEMES)} (redis://host:port/db, "
+                     f"unix:///path.sock, redis+cluster://host:port[,host:port...]), got scheme {scheme!r}")
+
+
+def _wrong_type(reply: object) -> bool:
+    """True if ``reply`` is the server's WRONGTYPE error: the key holds something other than a string."""
+    return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+class RedisTier:
+    """Blocks of ``layout`` in the Redis or Valkey server (or cluster) at ``url``.
+
+    ``url``: ``redis://host:port/db``, ``rediss://`` (TLS), ``unix:///path``
+    or ``redis+cluster://host:port[,host:port...]`` (startup nodes of a Redis
+    Cluster; ``rediss+cluster://`` for TLS). ``namespace`` separates tenants
+    sharing a server. ``ttl_seconds`` (None: no expiry) expires each block
+    that long after it was written. ``timeout_seconds`` bounds each connect and
+    socket read or write. ``capacity_bytes`` is reported as the capacity (a
+    larger block is rejected); 0 reports the server's ``maxmemory`` (summed
+    over cluster primaries; 0 if unlimited). Redis evicts on its own.
+    """
+
+    name = "redis"
+    persistent = True
+
+    def __init__(self, url: str, layout: KVLayout, *, namespace: str = "default", ttl_seconds: float | None = None,
+                 codec: FrameCodec | None = None, timeout_seconds: float = 1.0, capacity_bytes: int = 0,
+                 key_prefix: str = "kvstore"):
+        if not isinstance(url, str):
+            raise ValueError(f"url: expected a string, got {type(url).__name__}")
+        if not isinstance(layout, KVLayout):
+            raise ValueError(f"layout: expected a KVLayout, got {type(layout).__name__}")
+        for label, text in (("namespace", namespace), ("key_prefix", key_prefix)):
+            if not isinstance(text, str) or not text or ":" in text:
+                raise ValueError(f"{label}: expected a non-empty string without ':', got {text!r}")
+        if ttl_seconds is not None and not ttl_seconds > 0:
+            raise ValueError(f"ttl_seconds: expected seconds > 0 or None, got {ttl_seconds!r}")
+        if not timeout_seconds > 0:
+            raise ValueError(f"timeout_seconds: expected seconds > 0, got {timeout_seconds!r}")
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes: expected an integer >= 0, got {capacity_bytes!r}")
+        self._build = _connect(url, float(timeout_seconds))
+        self.cluster = url.lower().startswith(("redis+cluster://", "rediss+cluster://"))
+        self._layout = layout
+        self._fingerprint = layout.fingerprint
+        self.encoding = BlockEncoding(layout, codec)
+        self._prefix = f"{key_prefix}:{namespace}:{layout.fingerprint.hex()}:".encode()
+        self._pattern = _glob_escape(self._prefix.decode()) + "*"
+        self._ttl_ms = None if ttl_seconds is None else max(1, round(ttl_seconds * 1000))
+        self._capacity = capacity_bytes
+        self._server_capacity: int | None = None
+        self._counters = Counters(*TIER_COUNTERS, "stale", "errors", "timeouts")
+        self._lock = threading.Lock()  # guards building the client
+        self._client_obj: Any = None
+        self._closed = False
+        try:  # a cluster client connects on construction: if the cluster is down, the first call retries
+            self._client()
+        except (redis.RedisError, RedisClusterException, OSError):
+            self._counters.add("errors")
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        if self._closed:
+            raise RuntimeError("RedisTier is closed")
+        client = self._client_obj
+        if client is None:
+            with self._lock:
+                if self._client_obj is None:
+                    self._client_obj = self._build()
+                client = self._client_obj
+        return client
+
+    def _guard(self, call: Callable[[Any], _T], default: _T, server: Any = None) -> _T:
+        """``call(server or the client)``, or ``default`` if the server is down, slow or drops the connection."""
+        try:
+            return call(self._client() if server is None else server)
+        except (redis.RedisError, RedisClusterException, OSError) as exc:
+            self._count_failure(exc)
+        return default
+
+    def _count_failure(self, exc: Exception) -> None:
+        self._counters.add("errors")
+        if isinstance(exc, (redis.TimeoutError, TimeoutError)):
+            self._counters.add("timeouts")
+
+    def _batch(self, rkeys: Sequence[bytes], queue: Callable[[Any, int], None]) -> list:
+        """One pipeline (one round trip) of the command ``queue(pipe, i)`` queues for each of ``rkeys``.
+
+        Returns each command's reply, its error (an exception), or ``_FAILED``
+        where the server could not be reached. On a cluster, if the pipeline
+        fails (a node is down), the keys are sent again in one pipeline per
+        node, so the keys of the nodes still up are served.
+        """
+        def run(client: Any, indices: Sequence[int]) -> list:
+            with client.pipeline(transaction=False) as pipe:
+                for i in indices:
+                    queue(pipe, i)
+                return pipe.execute(raise_on_error=False)
+
+        everything = range(len(rkeys))
+        results = self._guard(lambda c: run(c, everything), None)
+        if results is None and self.cluster:
+            results = self._guard(lambda c: self._per_node(c, rkeys, run), None)
+        return [_FAILED] * len(rkeys) if results is None else results
+
+    @staticmethod
+    def _per_node(client: Any, rkeys: Sequence[bytes], run: Callable[[Any, Sequence[int]], list]) -> list:
+        """``run`` the keys of each cluster node on that node alone; ``_FAILED`` for a node that fails.
+
+        Not counted again: the failed cluster pipeline before it was.
+        """
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for i, rkey in enumerate(rkeys):
+            node = client.get_node_from_key(rkey)
+            groups.setdefault(node.name, (node, []))[1].append(i)
+        results: list = [_FAILED] * len(rkeys)
+        for node, indices in groups.values():
+            try:
+                replies = run(client.get_redis_connection(node), indices)
+            except (redis.RedisError, OSError):
+                continue
+            for i, reply in zip(indices, replies):
+                results[i] = reply
+        return results
+
+    def _per_server(self, ask: Callable[[Any], _T]) -> tuple[list[_T], bool]:
+        """(``ask(server)`` of each server that answered, whether all did): each primary of a cluster."""
+        def servers(client: Any) -> list:
+            if self.cluster:
+                return [client.get_redis_connection(node) for node in client.get_primaries()]
+            return [client]
+        answers = [self._guard(ask, _FAILED, server) for server in self._guard(servers, [])]
+        found = [a for a in answers if a is not _FAILED]
+        return found, bool(answers) and len(found) == len(answers)
+
+    def redis_key(self, key: bytes) -> bytes:
+        """The Redis key block ``key`` is stored under (namespace and layout included)."""
+        if not isinstance(key, (bytes, bytearray)) or not 1 <= len(key) <= 32:
+            raise ValueError(f"key: expected 1 to 32 bytes, got {key!r:.80}")
+        return self._prefix + bytes(key).hex().encode()
+
+    def _check_block(self, name: str, block: torch.Tensor) -> None:
+        """ValueError unless ``block`` is a tensor of this layout with 1 to ``block_tokens`` tokens."""
+        tokens = block.shape[2] if isinstance(block, torch.Tensor) and block.dim() == 5 else 0
+        if not 1 <= tokens <= self._layout.block_tokens:
+            shape = list(block.shape) if isinstance(block, torch.Tensor) else type(block).__name__
+            raise ValueError(f"{name}: expected shape {list(self._layout.block_shape)} "
+                             f"with 1 to {self._layout.block_tokens} tokens, got {shape}")
+        self._layout.check_kv(block, tokens)
+
+    def _value(self, key: bytes, block: torch.Tensor) -> bytes | bytearray:
+        """Header + payload of ``block``: one copy of the block's bytes when stored raw."""
+        if self.encoding.codec is not None:
+            payload = self.encoding.encode(block)
+            return BlockHeader.for_payload(key, self._fingerprint, payload).pack() + payload
+        nbytes = block.numel() * block.element_size()
+        value = bytearray(HEADER_BYTES + nbytes)
+        dst = torch.frombuffer(value, dtype=torch.uint8, offset=HEADER_BYTES, count=nbytes)
+        dst.view(block.dtype).view(block.shape).copy_(block.detach())
+        value[:HEADER_BYTES] = BlockHeader(key, self._fingerprint, nbytes,
+                                           checksum(memoryview(value)[HEADER_BYTES:])).pack()
+        return value
+
+    # -- the Tier protocol ----------------------------------------------------------------------------
+
+    def _server_figures(self) -> tuple[int, int, int]:
+        """(used_memory bytes, keys in the database, maxmemory bytes), summed over the servers that
+        answer (each primary of a cluster); one round trip per server. Caches a complete maxmemory."""
+        def ask(server: Any) -> tuple[int, int, int]:
+            with server.pipeline(transaction=False) as pipe:
+                pipe.info("memory")
+                pipe.dbsize()
+                memory, keys = pipe.execute()
+            return int(memory.get("used_memory", 0)), int(keys), int(memory.get("maxmemory", 0))
+        found, complete = self._per_server(ask)
+        used, keys, maxmemory = (sum(column) for column in zip(*found)) if found else (0, 0, 0)
+        if complete and self._server_capacity is None:
+            self._server_capacity = maxmemory
+        return used, keys, maxmemory
+
+    @property
+    def capacity_bytes(self) -> int:
+        """The configured capacity, else the server's maxmemory in bytes (summed over cluster
+        primaries; 0: unlimited, or no server answered yet)."""
+        if self._capacity:
+            return self._capacity
+        if self._server_capacity is None:
+            return self._server_figures()[2]
+        return self._server_capacity
+
+    def used_bytes(self) -> int:
+        """The server's ``used_memory`` in bytes (summed over the cluster primaries that answer): every
+        namespace and any other data there, plus Redis' own overhead. 0 if no server answers."""
+        return self._server_figures()[0]
+
+    def contains(self, key: bytes) -> bool:
+        """EXISTS on the block's key; False if the server cannot be reached."""
+        rkey = self.redis_key(key)
+        return bool(self._guard(lambda c: c.exists(rkey), 0))
+
+    def prefix_length(self, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` are stored: pipelined EXISTS, one round trip; 0 if unreachable."""
+        rkeys = [self.redis_key(k) for k in keys]
+        count = 0
+        for reply in self._batch(rkeys, lambda pipe, i: pipe.exists(rkeys[i])) if rkeys else []:
+            if reply is _FAILED or isinstance(reply, Exception) or not reply:
+                break
+            count += 1
+        return count
+
+    def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+        """SET NX each block (with the TTL) in one pipeline; returns how many are stored afterwards.
+
+        A block already stored counts as stored and is not rewritten. A block
+        on a server that cannot be reached is not stored (counted ``errors``);
+        one the server refuses (out of memory) or larger than
+        ``capacity_bytes`` is counted ``rejected``.
+        """
+        for key, block in items:
+            self.redis_key(key)
+            self._check_block("block", block)
+        rkeys: list[bytes] = []
+        values: list[bytes | bytearray] = []
+        for key, block in items:
+            value = self._value(bytes(key), block)
+            if self._capacity and len(value) > self._capacity:
+                self._counters.add("rejected")
+                continue
+            rkeys.append(self.redis_key(key))
+            values.append(value)
+        if not rkeys:
+            return 0
+        replies = self._batch(rkeys, lambda pipe, i: pipe.set(rkeys[i], values[i], nx=True, px=self._ttl_ms))
+        stored = 0
+        for value, reply in zip(values, replies):
+            if reply is _FAILED:
+                continue
+            if isinstance(reply, OutOfMemoryError):
+                self._counters.add("rejected")  # out of memory under maxmemory-policy noeviction
+            elif isinstance(reply, Exception):
+                self._count_failure(reply)
+            else:
+                stored += 1
+                if reply:  # None: NX found it already stored
+                    self._counters.add("blocks_written")
+                    self._counters.add("bytes_written", len(value) - HEADER_BYTES)
+        return stored
+
+    def get_into(self, key: bytes, out: torch.Tensor) -> bool:
+        """GET block ``key`` and copy it into ``out`` after checking header and checksum; False on a miss."""
+        rkey = self.redis_key(key)
+        self._check_block("out", out)
+        def get(client: Any) -> object:
+            try:
+                return client.get(rkey)
+            except ResponseError as exc:
+                if _wrong_type(exc):
+                    return exc
+                raise
+        return self._decode(bytes(key), rkey, self._guard(get, _FAILED), out)
+
+    def get_many_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]:
+        """Read blocks ``keys`` into ``outs`` in one round trip (MGET, or pipelined GETs on a cluster)."""
+        if len(keys) != len(outs):
+            raise ValueError(f"outs: expected one per key ({len(keys)}), got {len(outs)}")
+        rkeys = [self.redis_key(k) for k in keys]
+        for out in outs:
+            self._check_block("out", out)
+        if not rkeys:
+            return []
+        if self.cluster:  # MGET needs all its keys in one hash slot
+            values = self._batch(rkeys, lambda pipe, i: pipe.get(rkeys[i]))
+        else:
+            values = self._guard(lambda c: c.mget(rkeys), [_FAILED] * len(rkeys))
+        return [self._decode(bytes(key), rkey, value, out)
+                for key, rkey, value, out in zip(keys, rkeys, values, outs)]
+
+    def _decode(self, key: bytes, rkey: bytes, value: object, out: torch.Tensor) -> bool:
+        """Verify ``value`` read for ``key`` and decode it into ``out``; a damaged value is deleted."""
+        verdict = None
+        if _wrong_type(value):
+            verdict = CORRUPT  # not a string: not a block of ours under our key
+        elif isinstance(value, Exception):
+            self._count_failure(value)
+        elif value is not None and value is not _FAILED:
+            header = BlockHeader.unpack(value)
+            payload = memoryview(value)[HEADER_BYTES:]
+            if header is None or not header.verifies(key, self._fingerprint, payload):
+                verdict = CORRUPT
+            else:
+                verdict = self.encoding.decode_into(payload, out)
+        if verdict == INTACT:
+            self._counters.add("hits")
+            self._counters.add("bytes_read", payload.nbytes)
+            return True
+        self._counters.add("misses")
+        if verdict in (CORRUPT, OTHER_CODEC):  # damaged, or in a form this tier no longer serves
+            self._counters.add("corrupt" if verdict == CORRUPT else "stale")
+            self._guard(lambda c: c.delete(rkey), 0)
+        return False
+
+    def delete(self, key: bytes) -> bool:
+        """DEL block ``key``; True if it was stored, False if not or if the server cannot be reached."""
+        rkey = self.redis_key(key)
+        return bool(self._guard(lambda c: c.delete(rkey), 0))
+
+    def keys(self) -> Iterator[bytes]:
+        """This tier's block keys (its namespace and layout) in SCAN order, not LRU order: Redis keeps
+        its own LRU. The keys of a server that does not answer are missing (counted ``errors``)."""
+        prefix = len(self._prefix)
+
+        def scan(server: Any) -> list[bytes]:
+            return list(server.scan_iter(match=self._pattern, count=_SCAN_COUNT))
+
+        found = []
+        for rkeys in self._per_server(scan)[0]:
+            for rkey in rkeys:
+                try:
+                    found.append(bytes.fromhex(rkey[prefix:].decode()))
+                except ValueError:
+                    continue  # not a block key of this tier
+        return iter(found)
+
+    def stats(self) -> dict[str, int]:
+        """Counters, plus ``blocks`` (DBSIZE: keys of the whole database, every namespace, summed over
+        cluster primaries), ``used_bytes`` (see ``used_bytes``) and ``capacity_bytes``; servers that do
+        not answer add nothing."""
+        used, keys, maxmemory = self._server_figures()
+        capacity = self._capacity or (maxmemory if self._server_capacity is None else self._server_capacity)
+        return tier_stats(self._counters, keys, used, capacity)
+
+    def close(self) -> None:
+        """Close the client and its connection pool; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            client, self._client_obj = self._client_obj, None
+        if client is not None:
+            try:
+                client.close()
+            except (redis.RedisError, RedisClusterException, OSError):
+                pass

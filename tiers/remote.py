@@ -1,0 +1,196 @@
+"""Remote tier: blocks on a ``kvstore serve`` cache server, shared by every engine that connects to it.
+
+Blocks travel with the same integrity header as on disk (the server checks
+it on the way in, this tier on the way back), raw or in the tier's codec's
+frames. A raw block is read from the socket straight into the caller's
+tensor. A server that is down, slow or refusing is never an exception
+here: the call is a miss (or stores nothing), the failure is counted
+(``errors``, ``timeouts``), and the tier waits an exponentially growing
+back-off (``unavailable`` counts calls skipped meanwhile) before it tries
+a fresh connection, so an engine keeps serving from its local tiers and
+picks the server up again on its own when it returns.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+import torch
+
+from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.client import ConnectionPool, Connection
+from kvstore.compression.codec import FrameCodec
+from kvstore.compression.frame import MAGIC
+from kvstore.compression.stored import INTACT, BlockEncoding
+from kvstore.layout import KVLayout
+from kvstore.metrics import Counters
+from kvstore.tiers.base import TIER_COUNTERS, tier_stats
+
+T = TypeVar("T")
+REMOTE_COUNTERS = ("errors", "timeouts", "unavailable")
+
+
+def writable_bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
+    return memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")
+
+
+class RemoteTier:
+    """Blocks of ``layout`` in this client's namespace on the server at ``url`` (``kvstore://host:port``).
+
+    ``timeout_seconds`` bounds each socket operation; ``connections`` is
+    the pool size (calls beyond it wait for a free connection, at most
+    ``timeout_seconds``); back-off after a failure starts at
+    ``backoff_seconds`` and doubles up to ``max_backoff_seconds``.
+    """
+
+    name = "remote"
+    persistent = True
+
+    def __init__(self, url: str, layout: KVLayout, token: str | None = None, *, timeout_seconds: float = 2.0,
+                 connections: int = 4, codec: FrameCodec | None = None, tls_ca_file: str | None = None,
+                 backoff_seconds: float = 0.05, max_backoff_seconds: float = 2.0):
+        self.layout = layout
+        self.url = url
+        self.encoding = BlockEncoding(layout, codec)
+        self._pool = ConnectionPool(url, token, timeout_seconds, connections, tls_ca_file)
+        self._fingerprint = layout.fingerprint
+        self._counters = Counters(*TIER_COUNTERS, *REMOTE_COUNTERS)
+        self._backoff_seconds = backoff_seconds
+        self._max_backoff_seconds = max_backoff_seconds
+        self._lock = threading.Lock()
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self.last_error: str | None = None
+
+    def _call(self, operation: Callable[[Connection], T], default: T) -> T:
+        """``operation`` on a pooled connection; ``default`` (and a counted failure) if the server fails."""
+        if time.monotonic() < self._retry_at:
+            self._counters.add("unavailable")
+            return default
+        try:
+            with self._pool.connection() as conn:
+                result = operation(conn)
+        except OSError as exc:  # ConnectionError, TimeoutError, ssl.SSLError and ServerError are all OSErrors
+            self._counters.add("errors")
+            if isinstance(exc, TimeoutError):
+                self._counters.add("timeouts")
+            with self._lock:
+                self._backoff = min(self._max_backoff_seconds, 2 * self._backoff or self._backoff_seconds)
+                self._retry_at = time.monotonic() + self._backoff
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return default
+        if self._backoff:
+            with self._lock:
+                self._backoff = 0.0
+        return result
+
+    @property
+    def capacity_bytes(self) -> int:
+        """The namespace's quota, or the server's capacity when it has none (0 until first connected)."""
+        welcome = self._pool.welcome
+        if welcome is None:
+            self._call(lambda conn: None, None)
+            welcome = self._pool.welcome
+        return welcome.quota_bytes if welcome is not None else 0
+
+    def _server_stats(self) -> dict:
+        return self._call(lambda conn: conn.stats(), {}).get("blocks", {})
+
+    def used_bytes(self) -> int:
+        return int(self._server_stats().get("used_bytes", 0))
+
+    def contains(self, key: bytes) -> bool:
+        return self._call(lambda conn: conn.exists_prefix([key]), 0) == 1
+
+    def prefix_length(self, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` the server holds, in one round trip."""
+        return self._call(lambda conn: conn.exists_prefix(keys), 0) if keys else 0
+
+    def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+        """Send the blocks in as few frames as the server's limits allow; returns how many it holds after."""
+        if not items:
+            return 0
+        parts = []
+        for key, block in items:
+            payload = self.encoding.encode(block)
+            parts.append((key, [BlockHeader.for_payload(key, self._fingerprint, payload).pack(), payload]))
+        results = self._call(lambda conn: conn.put(parts), None)
+        if results is None:
+            return 0
+        held = 0
+        for (_, (_, payload)), result in zip(parts, results):
+            if result.name in ("STORED", "PRESENT"):
+                held += 1
+            else:
+                self._counters.add("rejected")
+            if result.name == "STORED":
+                self._counters.add("blocks_written")
+                self._counters.add("bytes_written", memoryview(payload).nbytes)
+        return held
+
+    def get_into(self, key: bytes, out: torch.Tensor) -> bool:
+        return self.get_many_into([key], [out])[0]
+
+    def get_many_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]:
+        """Fetch blocks in one round trip; raw blocks land in ``outs`` without a bounce buffer."""
+        heads = [bytearray(HEADER_BYTES) for _ in keys]
+        scratch: list[bytearray | None] = [None] * len(keys)
+
+        def sink(i: int, size: int) -> list[memoryview]:
+            out = outs[i]
+            if (self.encoding.codec is None and out.device.type == "cpu" and out.is_contiguous()
+                    and size == HEADER_BYTES + out.numel() * out.element_size()):
+                return [memoryview(heads[i]), writable_bytes(out)]
+            scratch[i] = bytearray(size)
+            return [memoryview(scratch[i])]
+
+        sizes = self._call(lambda conn: conn.get(keys, sink), None)
+        if sizes is None:
+            self._counters.add("misses", len(keys))
+            return [False] * len(keys)
+        return [size is not None and self._verify(keys[i], outs[i], heads[i], scratch[i], size)
+                for i, size in enumerate(sizes)]
+
+    def _verify(self, key: bytes, out: torch.Tensor, head: bytearray, blob: bytearray | None, size: int) -> bool:
+        """Check a fetched block's header (and decode it if it came in a buffer); counts hit, miss or corrupt."""
+        if blob is None:
+            payload = writable_bytes(out)
+            header = BlockHeader.unpack(head)
+            intact = header is not None and header.verifies(key, self._fingerprint, payload)
+            if intact and payload[:len(MAGIC)] == MAGIC:  # a frame after all (or raw bytes that look like one)
+                intact = self.encoding.decode_into(bytes(payload), out) == INTACT
+        else:
+            header = BlockHeader.unpack(blob)
+            payload = memoryview(blob)[HEADER_BYTES:]
+            intact = (header is not None and header.verifies(key, self._fingerprint, payload)
+                      and self.encoding.decode_into(payload, out) == INTACT)
+        self._counters.add("hits" if intact else "misses")
+        if intact:
+            self._counters.add("bytes_read", size - HEADER_BYTES)
+        else:
+            self._counters.add("corrupt")
+        return intact
+
+    def delete(self, key: bytes) -> bool:
+        return self._call(lambda conn: conn.delete([key])[0], False)
+
+    def keys(self) -> Iterator[bytes]:
+        """This namespace's keys on the server, least recently used first (empty if it is unreachable)."""
+        keys: list[bytes] = []
+        while True:
+            page = self._call(lambda conn: conn.list_keys(len(keys)), [])
+            keys.extend(page)
+            if not page or self._pool.welcome is None or len(page) < self._pool.welcome.max_keys:
+                return iter(keys)
+
+    def stats(self) -> dict[str, int]:
+        server = self._server_stats()
+        return tier_stats(self._counters, int(server.get("blocks", 0)), int(server.get("used_bytes", 0)),
+                          self.capacity_bytes)
+
+    def close(self) -> None:
+        self._pool.close()
