@@ -57,10 +57,7 @@ class EngineHooks:
     def _plan(self, blocks: Sequence[BlockRef]) -> LoadPlan:
         costs: dict[int, TierCost] = {}
         found = []
-        for block in blocks:
-            where = self._where(block.key)
-            if where is None:
-                break
+        for block, where in zip(blocks, self._locate(blocks)):
             if where not in costs:
                 costs[where] = self._tier_cost(where)
             found.append((block.end, block.num_tokens * self.layout.token_bytes, costs[where]))

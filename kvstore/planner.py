@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # Read bandwidth (bytes/s) assumed for a tier that has not served a read yet, by tier name.
-MEDIUM_PRIORS: dict[str, float] = {"device": 20e9, "host": 10e9, "lmdb": 2e9, "files": 0.5e9}
+MEDIUM_PRIORS: dict[str, float] = {"device": 20e9, "host": 10e9, "lmdb": 2e9, "files": 0.5e9, "remote": 1e9,
+                                  "redis": 0.5e9}
 DEFAULT_MEDIUM_PRIOR = 0.5e9
 # Weight of the newest prefill measurement in the moving throughput estimate.
 ALPHA = 0.3

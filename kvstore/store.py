@@ -76,6 +76,7 @@ class KVStore(EngineHooks):
         self._health = [TierHealth(config.slow_factor if policy.persistent else math.inf, config.degraded_seconds,
                                    min_slow_seconds=min_slow) for policy in self.placement.policies]
         self._tier_counters = [Counters(*PER_TIER_COUNTERS) for _ in self.tiers]
+        self._batch_tiers = frozenset(i for i, t in enumerate(self.tiers) if hasattr(t, "prefix_length"))
         self._writes = WriteBehind({self.tiers[i].name: partial(self._write, i) for i in range(1, len(self.tiers))},
                                    self._queue_bound(), config.queue_full)
         for i, tier in enumerate(self.tiers):
@@ -183,6 +184,41 @@ class KVStore(EngineHooks):
             if self._contains(i, key):
                 return i
         return None
+
+    def _locate(self, blocks: Sequence[BlockRef]) -> list[int]:
+        """The fastest available tier holding each leading block, up to the first block no tier holds.
+
+        Tiers with ``prefix_length`` (the cache server, Redis) answer for all
+        the remaining keys in one round trip when the local tiers first miss,
+        and again only past the end of the run they reported.
+        """
+        keys = [block.key for block in blocks]
+        runs: dict[int, tuple[int, int]] = {}  # batch tier -> [start, end) of blocks it holds
+        where = []
+        for n, key in enumerate(keys):
+            for i in range(len(self.tiers)):
+                if i not in self._batch_tiers:
+                    if self._contains(i, key):
+                        break
+                    continue
+                run = runs.get(i)
+                if run is None or n > run[1]:
+                    run = runs[i] = (n, n + self._prefix_length(i, keys[n:]))
+                if run[0] <= n < run[1]:
+                    break
+            else:
+                return where
+            where.append(i)
+        return where
+
+    def _prefix_length(self, i: int, keys: Sequence[bytes]) -> int:
+        if not self._available(i):
+            return 0
+        try:
+            return self.tiers[i].prefix_length(keys)
+        except Exception:
+            self._failed(i)
+            return 0
 
     def _read(self, i: int, key: bytes, dst: torch.Tensor) -> bool:
         if not self._available(i):
@@ -319,12 +355,16 @@ class KVStore(EngineHooks):
     def lookup(self, tokens: Tokens, salt: Salt = None) -> int:
         """Number of leading tokens of ``tokens`` whose KV is stored in some tier (partial tail included)."""
         self._check_open()
-        found = 0
         total = len(tokens)
-        for block in self._keys.iter_blocks(tokens, salt):
-            if self._where(block.key) is None:
-                break
-            found = block.end
+        if self._batch_tiers:
+            blocks = self._keys.blocks(tokens, salt)
+            found = num_tokens_of(blocks[:len(self._locate(blocks))])
+        else:  # keys are chained lazily: a miss early on hashes no more blocks
+            found = 0
+            for block in self._keys.iter_blocks(tokens, salt):
+                if self._where(block.key) is None:
+                    break
+                found = block.end
         self._counters.add("lookups")
         self._counters.add("lookup_tokens", total)
         self._counters.add("lookup_hit_tokens", found)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
 import redis
 import torch
 from redis.backoff import NoBackoff
@@ -48,6 +49,7 @@ SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+clust
 _SCAN_COUNT = 1000
 _T = TypeVar("_T")
 _FAILED = object()  # a command whose server could not be reached
+_SAME_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # numpy-viewable dtypes
 
 
 def _connect(url: str, timeout: float) -> Callable[[], Any]:
@@ -126,6 +128,7 @@ class RedisTier:
         self._ttl_ms = None if ttl_seconds is None else max(1, round(ttl_seconds * 1000))
         self._capacity = capacity_bytes
         self._server_capacity: int | None = None
+        self._last_figures = (0, 0, 0)  # what _server_figures last returned
         self._counters = Counters(*TIER_COUNTERS, "stale", "errors", "timeouts")
         self._lock = threading.Lock()  # guards building the client
         self._client_obj: Any = None
@@ -234,7 +237,13 @@ class RedisTier:
         nbytes = block.numel() * block.element_size()
         value = bytearray(HEADER_BYTES + nbytes)
         dst = torch.frombuffer(value, dtype=torch.uint8, offset=HEADER_BYTES, count=nbytes)
-        dst.view(block.dtype).view(block.shape).copy_(block.detach())
+        dst = dst.view(block.dtype).view(block.shape)
+        block = block.detach()
+        if block.device.type == "cpu":  # numpy's one-thread copy: no wait on busy intra-op threads
+            same = _SAME_SIZE[block.element_size()]
+            np.copyto(dst.view(same).numpy(), block.view(same).numpy())
+        else:
+            dst.copy_(block)
         value[:HEADER_BYTES] = BlockHeader(key, self._fingerprint, nbytes,
                                            checksum(memoryview(value)[HEADER_BYTES:])).pack()
         return value
@@ -243,7 +252,10 @@ class RedisTier:
 
     def _server_figures(self) -> tuple[int, int, int]:
         """(used_memory bytes, keys in the database, maxmemory bytes), summed over the servers that
-        answer (each primary of a cluster); one round trip per server. Caches a complete maxmemory."""
+        answer (each primary of a cluster); one round trip per server. Caches a complete maxmemory.
+        After ``close``, the figures last read."""
+        if self._closed:
+            return self._last_figures
         def ask(server: Any) -> tuple[int, int, int]:
             with server.pipeline(transaction=False) as pipe:
                 pipe.info("memory")
@@ -254,7 +266,8 @@ class RedisTier:
         used, keys, maxmemory = (sum(column) for column in zip(*found)) if found else (0, 0, 0)
         if complete and self._server_capacity is None:
             self._server_capacity = maxmemory
-        return used, keys, maxmemory
+        self._last_figures = used, keys, maxmemory
+        return self._last_figures
 
     @property
     def capacity_bytes(self) -> int:

@@ -96,8 +96,7 @@ async def serve_http(host: str, port: int, metrics: ServerMetrics, healthy: Call
             elif path == b"/metrics":
                 status, body, kind = "200 OK", metrics.render(), "text/plain; version=0.0.4; charset=utf-8"
             elif path == b"/healthz":
-                ok = healthy()
-                status, body, kind = ("200 OK", b"ok\n") if ok else ("503 Service Unavailable", b"stopping\n")
+                status, body = ("200 OK", b"ok\n") if healthy() else ("503 Service Unavailable", b"stopping\n")
                 kind = "text/plain"
             else:
                 status, body, kind = "404 Not Found", b"try /metrics or /healthz\n", "text/plain"
