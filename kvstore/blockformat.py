@@ -58,6 +58,14 @@ class BlockHeader:
             return None
         return cls(key[:key_len], layout, length, digest)
 
+    def verifies_parts(self, key: bytes, layout: bytes, parts: "list[memoryview]") -> bool:
+        """``verifies`` for a payload held in several pieces (in order), without joining them."""
+        digest = xxhash.xxh3_64()
+        for part in parts:
+            digest.update(part)
+        return (self.key == key and self.layout == layout and self.length == sum(p.nbytes for p in parts)
+                and self.checksum == digest.intdigest())
+
     def verifies(self, key: bytes, layout: bytes, payload: object) -> bool:
         """True if this header describes exactly ``payload`` stored as ``key`` for ``layout``."""
         view = memoryview(payload)

@@ -33,6 +33,8 @@ STORE_COUNTERS = ("puts", "blocks_stored", "dedup_blocks", "dedup_bytes", "looku
                   "lookup_hit_tokens", "gets", "get_tokens", "get_hit_tokens", "promotions", "demotions")
 # A read must take this many GIL switch intervals (5 ms each by default) to be judged slow.
 SLOW_READ_SWITCH_INTERVALS = 10
+# Blocks a batch tier (cache server, Redis) is asked for in one read.
+BATCH_READ_BLOCKS = 64
 # Store-side counters kept per tier, shown beside the tier's own in ``stats()``.
 PER_TIER_COUNTERS = ("admission_rejected", "queue_dropped", "bypassed", "errors")
 
@@ -76,7 +78,8 @@ class KVStore(EngineHooks):
         self._health = [TierHealth(config.slow_factor if policy.persistent else math.inf, config.degraded_seconds,
                                    min_slow_seconds=min_slow) for policy in self.placement.policies]
         self._tier_counters = [Counters(*PER_TIER_COUNTERS) for _ in self.tiers]
-        self._batch_tiers = frozenset(i for i, t in enumerate(self.tiers) if hasattr(t, "prefix_length"))
+        self._batch_tiers = frozenset(i for i, t in enumerate(self.tiers)
+                                      if hasattr(t, "prefix_length") and hasattr(t, "get_many_into"))
         self._writes = WriteBehind({self.tiers[i].name: partial(self._write, i) for i in range(1, len(self.tiers))},
                                    self._queue_bound(), config.queue_full)
         for i, tier in enumerate(self.tiers):
@@ -397,12 +400,23 @@ class KVStore(EngineHooks):
         return self._fill(blocks, out)
 
     def _fill(self, blocks: Sequence[BlockRef], out: torch.Tensor) -> int:
-        """Copy blocks into ``out`` in order until one is missing; returns tokens filled."""
+        """Copy blocks into ``out`` in order until one is missing; returns tokens filled.
+
+        A run of blocks no local tier holds is read from the batch tiers
+        (cache server, Redis) in one round trip.
+        """
         filled = 0
-        for block in blocks:
-            if not self._read_block(block.key, out[:, :, block.start:block.end]):
+        n = 0
+        while n < len(blocks):
+            run = self._remote_run(blocks, n)
+            if run:
+                got = self._read_run(run, [out[:, :, b.start:b.end] for b in run])
+            else:
+                got = int(self._read_block(blocks[n].key, out[:, :, blocks[n].start:blocks[n].end]))
+            if not got:
                 break
-            filled = block.end
+            n += got
+            filled = blocks[n - 1].end
         self._counters.add("gets")
         self._counters.add("get_tokens", num_tokens_of(blocks))
         self._counters.add("get_hit_tokens", filled)
@@ -412,12 +426,48 @@ class KVStore(EngineHooks):
         """Read ``key`` from the fastest tier that has it, then promote it into the faster ones."""
         for i in range(len(self.tiers)):
             if self._read(i, key, dst):
-                sightings = self.placement.sighted(key)
-                self._promote(i, key, dst, sightings)
-                if self.placement.counting:  # a read hit may be the sighting that admits it below
-                    self._send_down(i, key, None, sightings, newly_admitted=True)
+                self._was_read(i, key, dst)
                 return True
         return False
+
+    def _was_read(self, i: int, key: bytes, dst: torch.Tensor) -> None:
+        """Tier ``i`` served ``key`` into ``dst``: count the sighting, promote, maybe admit it below."""
+        sightings = self.placement.sighted(key)
+        self._promote(i, key, dst, sightings)
+        if self.placement.counting:  # a read hit may be the sighting that admits it below
+            self._send_down(i, key, None, sightings, newly_admitted=True)
+
+    def _remote_run(self, blocks: Sequence[BlockRef], n: int) -> list[BlockRef]:
+        """Blocks from ``n`` on that no local tier holds (at most ``BATCH_READ_BLOCKS``), if batch tiers exist."""
+        if not self._batch_tiers:
+            return []
+        local = [i for i in range(len(self.tiers)) if i not in self._batch_tiers]
+        run = []
+        for block in blocks[n:n + BATCH_READ_BLOCKS]:
+            if any(self._contains(i, block.key) for i in local):
+                break
+            run.append(block)
+        return run
+
+    def _read_run(self, run: Sequence[BlockRef], dsts: Sequence[torch.Tensor]) -> int:
+        """Read ``run`` from the first batch tier that serves its first block; returns leading blocks read."""
+        for i in sorted(self._batch_tiers):
+            if not self._available(i):
+                continue
+            start = time.perf_counter()
+            try:
+                found = self.tiers[i].get_many_into([b.key for b in run], dsts)
+            except Exception:
+                self._failed(i)
+                continue
+            got = next((k for k, ok in enumerate(found) if not ok), len(found))
+            if got:
+                nbytes = sum(d.numel() * d.element_size() for d in dsts[:got])
+                self._health[i].record_read(nbytes, time.perf_counter() - start)
+                for block, dst in zip(run[:got], dsts):
+                    self._was_read(i, block.key, dst)
+                return got
+        return 0
 
     def _promote(self, hit: int, key: bytes, block: torch.Tensor, sightings: int) -> None:
         for j in self.placement.promote_into(hit):

@@ -17,9 +17,12 @@ Redis manages its own memory: eviction follows the server's
 expiry on each block; this tier keeps no index and no LRU order, so
 ``keys()`` comes in SCAN order and ``evictions`` stays 0. A node that is down,
 slow or resets a connection makes calls return misses (counted ``errors``,
-``timeouts``), never raise; redis-py reconnects on a later call. Each call
-tries once more on a connection error, so it waits at most about
-2 x ``timeout_seconds``.
+``timeouts``), never raise; redis-py reconnects on a later call. A call
+tries once more after a connection error or timeout, so a hung server costs
+it about 2 x ``timeout_seconds`` (twice that for a cluster batch, which is
+then retried node by node so that the nodes still up serve their keys).
+``used_bytes`` and ``stats()["blocks"]`` are the server's own figures
+(``used_memory``, DBSIZE): every namespace on it, not just this tier's.
 """
 
 from __future__ import annotations

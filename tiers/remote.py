@@ -38,6 +38,23 @@ def writable_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")
 
 
+def payload_views(out: torch.Tensor) -> list[memoryview] | None:
+    """Byte views of ``out`` ([L, P, tokens, H, D] on the CPU) in raw-payload order, one per (layer, part).
+
+    A token range of a larger buffer is strided, but each (layer, part) of
+    it is contiguous: a raw block can be read from the socket straight into
+    it. None if ``out`` is not laid out that way.
+    """
+    if out.device.type != "cpu" or out.dim() != 5:
+        return None
+    if out.is_contiguous():
+        return [writable_bytes(out)]
+    _, _, tokens, heads, dim = out.shape
+    if out.stride(4) != 1 or out.stride(3) != dim or (tokens > 1 and out.stride(2) != heads * dim):
+        return None
+    return [writable_bytes(out[layer, part]) for layer in range(out.shape[0]) for part in range(out.shape[1])]
+
+
 class RemoteTier:
     """Blocks of ``layout`` in this client's namespace on the server at ``url`` (``kvstore://host:port``).
 
@@ -142,9 +159,10 @@ class RemoteTier:
 
         def sink(i: int, size: int) -> list[memoryview]:
             out = outs[i]
-            if (self.encoding.codec is None and out.device.type == "cpu" and out.is_contiguous()
-                    and size == HEADER_BYTES + out.numel() * out.element_size()):
-                return [memoryview(heads[i]), writable_bytes(out)]
+            if self.encoding.codec is None and size == HEADER_BYTES + out.numel() * out.element_size():
+                views = payload_views(out)
+                if views is not None:
+                    return [memoryview(heads[i]), *views]
             scratch[i] = bytearray(size)
             return [memoryview(scratch[i])]
 
@@ -158,11 +176,11 @@ class RemoteTier:
     def _verify(self, key: bytes, out: torch.Tensor, head: bytearray, blob: bytearray | None, size: int) -> bool:
         """Check a fetched block's header (and decode it if it came in a buffer); counts hit, miss or corrupt."""
         if blob is None:
-            payload = writable_bytes(out)
+            views = payload_views(out)
             header = BlockHeader.unpack(head)
-            intact = header is not None and header.verifies(key, self._fingerprint, payload)
-            if intact and payload[:len(MAGIC)] == MAGIC:  # a frame after all (or raw bytes that look like one)
-                intact = self.encoding.decode_into(bytes(payload), out) == INTACT
+            intact = header is not None and header.verifies_parts(key, self._fingerprint, views)
+            if intact and bytes(views[0][:len(MAGIC)]) == MAGIC:  # a frame after all, or raw bytes that look like one
+                intact = self.encoding.decode_into(b"".join(views), out) == INTACT
         else:
             header = BlockHeader.unpack(blob)
             payload = memoryview(blob)[HEADER_BYTES:]
