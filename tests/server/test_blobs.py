@@ -1,0 +1,173 @@
+"""The server's BlobStore: namespaces, quotas, exact LRU eviction, RAM over LMDB, persistence, integrity."""
+
+from __future__ import annotations
+
+import threading
+
+import lmdb
+import pytest
+
+from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.protocol import PutResult
+from kvstore.server.blobs import BlobStore, blob_intact
+
+LAYOUT = b"L" * 16
+PAYLOAD = 1000
+BLOB = HEADER_BYTES + PAYLOAD
+
+
+def key(name: str) -> bytes:
+    return name.encode().ljust(32, b".")
+
+
+def blob(name: str, size: int = PAYLOAD) -> bytes:
+    payload = (name.encode() * size)[:size]
+    return BlockHeader.for_payload(key(name), LAYOUT, payload).pack() + payload
+
+
+def put(store: BlobStore, ns: str, *names: str) -> list[PutResult]:
+    return store.put_many(ns, [(key(n), bytearray(blob(n))) for n in names])
+
+
+def held(store: BlobStore, ns: str) -> list[str]:
+    return [k.rstrip(b".").decode() for k in store.list_keys(ns, 0, 1000)]
+
+
+def read(store: BlobStore, ns: str, name: str) -> bytes | None:
+    data, on_disk = store.get_ram(ns, key(name))
+    if data is None and on_disk:
+        data = store.read_disk(ns, key(name))
+    return None if data is None else bytes(data)
+
+
+@pytest.fixture
+def quotas():
+    return {}
+
+
+@pytest.fixture
+def open_store(tmp_path, quotas):
+    stores = []
+
+    def make(host_blobs: int = 100, disk_blobs: int = 100, path=None) -> BlobStore:
+        store = BlobStore(path or tmp_path / "data", host_blobs * BLOB, disk_blobs * BLOB,
+                          lambda ns: quotas.get(ns, 0), sync=False)
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+def test_round_trip_and_present_is_reported(open_store):
+    store = open_store()
+    assert put(store, "a", "x", "y") == [PutResult.STORED, PutResult.STORED]
+    assert put(store, "a", "x") == [PutResult.PRESENT]
+    assert read(store, "a", "x") == blob("x")
+    assert store.exists_prefix("a", [key("x"), key("y"), key("z"), key("x")]) == 2
+    assert store.namespace_stats("a")["present"] == 1
+
+
+def test_namespaces_are_isolated(open_store):
+    store = open_store()
+    put(store, "a", "x")
+    assert read(store, "b", "x") is None
+    assert store.exists_prefix("b", [key("x")]) == 0
+    assert store.delete_many("b", [key("x")]) == [False]
+    assert read(store, "a", "x") == blob("x")
+
+
+def test_invalid_and_oversized_blobs_are_not_stored(open_store, quotas):
+    quotas["a"] = 2 * BLOB
+    store = open_store()
+    wrong_key = bytearray(blob("x"))
+    results = store.put_many("a", [(key("y"), wrong_key)])
+    flipped = bytearray(blob("z"))
+    flipped[-1] ^= 1
+    results += store.put_many("a", [(key("z"), flipped)])
+    results += store.put_many("a", [(key("big"), bytearray(blob("big", 3 * PAYLOAD)))])
+    assert results == [PutResult.INVALID, PutResult.INVALID, PutResult.REJECTED]
+    assert held(store, "a") == []
+    assert not blob_intact(key("z"), flipped) and blob_intact(key("x"), blob("x"))
+
+
+def test_capacity_evicts_least_recently_used_across_namespaces(open_store):
+    store = open_store(host_blobs=10, disk_blobs=3)
+    put(store, "a", "1")
+    put(store, "b", "2")
+    put(store, "a", "3")
+    read(store, "a", "1")  # now 2 is the least recently used
+    put(store, "a", "4")
+    assert held(store, "a") == ["3", "1", "4"] and held(store, "b") == []
+    assert store.namespace_stats("b")["evicted_capacity"] == 1
+
+
+def test_quota_evicts_only_the_namespaces_own_blocks(open_store, quotas):
+    quotas["a"] = 2 * BLOB
+    store = open_store()
+    put(store, "b", "keep")
+    for name in ("1", "2", "3", "4"):
+        put(store, "a", name)
+        assert store.namespace_stats("a")["used_bytes"] <= 2 * BLOB
+    assert held(store, "a") == ["3", "4"]
+    assert held(store, "b") == ["keep"]
+    assert store.namespace_stats("a")["evicted_quota"] == 2
+
+
+def test_data_and_lru_order_survive_a_reopen(tmp_path, open_store):
+    store = open_store(path=tmp_path / "d")
+    put(store, "a", "1", "2", "3")
+    read(store, "a", "1")
+    store.close()
+    again = open_store(path=tmp_path / "d")
+    assert held(again, "a") == ["2", "3", "1"]
+    assert read(again, "a", "2") == blob("2")
+    assert again.namespace_stats("a")["hits_disk"] == 1
+
+
+def test_ram_keeps_only_the_recent_blobs_once_they_are_on_disk(open_store):
+    store = open_store(host_blobs=2, disk_blobs=10)
+    put(store, "a", "1", "2", "3", "4")
+    store.flush()
+    assert store.totals()["ram_bytes"] <= 2 * BLOB
+    assert read(store, "a", "1") == blob("1")  # from disk, then kept in RAM
+    assert store.namespace_stats("a")["hits_disk"] == 1
+
+
+def test_a_blob_damaged_on_disk_is_a_miss_and_dropped(tmp_path, open_store):
+    store = open_store(path=tmp_path / "d")
+    put(store, "a", "1")
+    store.close()
+    env = lmdb.open(str(tmp_path / "d" / "blobs.lmdb"), max_dbs=2)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"blobs", txn=txn)
+        damaged = bytearray(txn.get(b"a\0" + key("1"), db=db))
+        damaged[HEADER_BYTES + 5] ^= 0xFF
+        txn.put(b"a\0" + key("1"), bytes(damaged), db=db)
+    env.close()
+    again = open_store(path=tmp_path / "d")
+    assert read(again, "a", "1") is None
+    assert again.namespace_stats("a")["corrupt"] == 1
+    assert held(again, "a") == []
+
+
+def test_durable_callback_runs_after_the_commit(open_store):
+    store = open_store()
+    done = threading.Event()
+    store.put_many("a", [(key("1"), bytearray(blob("1")))], on_durable=done.set)
+    assert done.wait(10)
+    with store._lock:
+        assert store._lru[("a", key("1"))].on_disk
+
+
+def test_memory_only_store_bounds_ram(tmp_path):
+    store = BlobStore(tmp_path / "m", 2 * BLOB, 0, lambda ns: 0)
+    try:
+        put(store, "a", "1", "2", "3")
+        assert held(store, "a") == ["2", "3"]
+        assert store.totals()["ram_bytes"] == 2 * BLOB
+        assert read(store, "a", "3") == blob("3")
+        assert not (tmp_path / "m").exists()
+    finally:
+        store.close()
