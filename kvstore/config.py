@@ -20,7 +20,7 @@ WRITE_POLICIES = ("write_through", "write_back")
 QUEUE_FULL_POLICIES = ("block", "drop")
 PREFETCH_POLICIES = ("best_effort", "wait", "timeout")
 REMOTE_SCHEMES = ("kvstore", "kvstores")
-REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 ENV_PREFIX = "KVSTORE_"
 # Names under the prefix that are not settings.
 ENV_RESERVED = frozenset({"KVSTORE_CONFIG"})

@@ -52,6 +52,7 @@ SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+clust
 _SCAN_COUNT = 1000
 _T = TypeVar("_T")
 _FAILED = object()  # a command whose server could not be reached
+_SCRATCH_BYTES = 128 << 20  # most bytes of values a thread keeps a buffer for between puts
 _SAME_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # numpy-viewable dtypes
 
 
@@ -99,7 +100,8 @@ class RedisTier:
     that long after it was written. ``timeout_seconds`` bounds each connect and
     socket read or write. ``capacity_bytes`` is reported as the capacity (a
     larger block is rejected); 0 reports the server's ``maxmemory`` (summed
-    over cluster primaries; 0 if unlimited). Redis evicts on its own.
+    over cluster primaries; 0 if unlimited). Redis evicts on its own. Each
+    thread that puts keeps a buffer for the values it sends (at most 128 MiB).
     """
 
     name = "redis"
@@ -134,6 +136,7 @@ class RedisTier:
         self._last_figures = (0, 0, 0)  # what _server_figures last returned
         self._counters = Counters(*TIER_COUNTERS, "stale", "errors", "timeouts")
         self._lock = threading.Lock()  # guards building the client
+        self._local = threading.local()  # each thread's scratch buffer for values
         self._client_obj: Any = None
         self._closed = False
         try:  # a cluster client connects on construction: if the cluster is down, the first call retries
@@ -232,13 +235,25 @@ class RedisTier:
                              f"with 1 to {self._layout.block_tokens} tokens, got {shape}")
         self._layout.check_kv(block, tokens)
 
-    def _value(self, key: bytes, block: torch.Tensor) -> bytes | bytearray:
-        """Header + payload of ``block``: one copy of the block's bytes when stored raw."""
+    def _scratch(self, nbytes: int) -> memoryview:
+        """This thread's reusable buffer for values, at least ``min(nbytes, _SCRATCH_BYTES)`` bytes.
+
+        Fresh memory costs a page fault per page when first written, which
+        can cost as much as sending the block to a local server.
+        """
+        want = min(nbytes, _SCRATCH_BYTES)
+        buffer = getattr(self._local, "scratch", None)
+        if buffer is None or len(buffer) < want:
+            buffer = self._local.scratch = bytearray(want)
+        return memoryview(buffer)
+
+    def _value(self, key: bytes, block: torch.Tensor, into: memoryview | None) -> bytes | bytearray | memoryview:
+        """Header + payload of ``block``; stored raw, one copy of its bytes into ``into`` (or a new buffer)."""
         if self.encoding.codec is not None:
             payload = self.encoding.encode(block)
             return BlockHeader.for_payload(key, self._fingerprint, payload).pack() + payload
         nbytes = block.numel() * block.element_size()
-        value = bytearray(HEADER_BYTES + nbytes)
+        value = bytearray(HEADER_BYTES + nbytes) if into is None else into
         dst = torch.frombuffer(value, dtype=torch.uint8, offset=HEADER_BYTES, count=nbytes)
         dst = dst.view(block.dtype).view(block.shape)
         block = block.detach()
@@ -313,10 +328,16 @@ class RedisTier:
         for key, block in items:
             self.redis_key(key)
             self._check_block("block", block)
+        sizes = [HEADER_BYTES + block.numel() * block.element_size() for _, block in items]
+        scratch = self._scratch(sum(sizes)) if self.encoding.codec is None and sizes else None
+        used = 0
         rkeys: list[bytes] = []
-        values: list[bytes | bytearray] = []
-        for key, block in items:
-            value = self._value(bytes(key), block)
+        values: list[bytes | bytearray | memoryview] = []
+        for (key, block), size in zip(items, sizes):
+            into = None
+            if scratch is not None and used + size <= len(scratch):
+                into, used = scratch[used:used + size], used + size
+            value = self._value(bytes(key), block, into)
             if self._capacity and len(value) > self._capacity:
                 self._counters.add("rejected")
                 continue

@@ -74,16 +74,19 @@ def test_round_trip_full_and_tail_blocks(make_tier, dtype):
     assert_same_kv(read(tier, lay, B, 5), tail)
     strided = torch.zeros(lay.shape(40), dtype=dtype)[:, :, 3:19]  # a view into a bigger buffer
     assert tier.get_into(A, strided) and torch.equal(strided, full)
+    wide = make_kv(lay, 40, seed=3)
+    assert tier.put_many([(D, wide[:, :, 8:24])]) == 1  # a strided view of a longer sequence
+    assert_same_kv(read(tier, lay, D), wide[:, :, 8:24].contiguous())
     assert read(tier, lay, C) is None
     assert read(tier, lay, A, 8) is None  # a block of another size: a miss that keeps the block
     assert tier.contains(A)
     stats = tier.stats()
     assert set(TIER_COUNTERS) | {"errors", "timeouts", "blocks", "used_bytes", "capacity_bytes"} <= set(stats)
-    assert (stats["hits"], stats["misses"], stats["corrupt"], stats["errors"]) == (3, 2, 0, 0)
-    assert stats["blocks_written"] == 2 and stats["bytes_written"] == 4096 + 5 * 256
-    assert stats["bytes_read"] == 2 * 4096 + 5 * 256
-    assert stats["blocks"] >= 2 and stats["used_bytes"] > 0
-    assert sorted(tier.keys()) == [A, B]
+    assert (stats["hits"], stats["misses"], stats["corrupt"], stats["errors"]) == (4, 2, 0, 0)
+    assert stats["blocks_written"] == 3 and stats["bytes_written"] == 2 * 4096 + 5 * 256
+    assert stats["bytes_read"] == 3 * 4096 + 5 * 256
+    assert stats["blocks"] >= 3 and stats["used_bytes"] > 0
+    assert sorted(tier.keys()) == [A, B, D]
 
 
 def test_value_is_header_then_payload_under_a_namespaced_key(make_tier, shared_redis, layout):
@@ -389,6 +392,7 @@ def test_kvstore_host_then_redis(shared_redis, layout):
         stats = store.stats()["tiers"]["redis"]
         # Blocks 0 and 1 come from redis; promoting them evicts blocks 2 and 3 from host: 4 hits.
         assert stats["hits"] == 4 and stats["corrupt"] == 0 and stats["errors"] == 0
+    assert store.stats()["tiers"]["redis"]["hits"] == 4  # stats still read after close
     with pytest.raises(RuntimeError):
         tier.contains(A)  # the store closed it
 
