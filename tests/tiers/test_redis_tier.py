@@ -397,6 +397,20 @@ def test_kvstore_host_then_redis(shared_redis, layout):
         tier.contains(A)  # the store closed it
 
 
+def test_store_config_builds_the_redis_tier_below_host(redis_cluster, layout):
+    config = StoreConfig(host_bytes=2 * layout.block_bytes, redis_url=redis_cluster.url, redis_namespace="cfg",
+                         redis_codec="zstd", redis_ttl_seconds=600)
+    tokens, kv = make_tokens(96, seed=5), make_kv(layout, 96, seed=5)
+    with KVStore(layout, config) as writer:
+        assert [t.name for t in writer.tiers] == ["host", "redis"]
+        writer.put(tokens, kv)
+        assert writer.flush(10)
+    with KVStore(layout, config) as reader:  # a fresh store: everything comes from the cluster
+        assert reader.lookup(tokens) == 96
+        assert_same_kv(reader.get(tokens), kv)
+        assert reader.stats()["tiers"]["redis"]["hits"] == 6
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
