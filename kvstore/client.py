@@ -118,10 +118,11 @@ class Connection:
                                   f"{header.request_id} opcode {header.opcode}")
         return header
 
-    def _batches(self, count: int, sizes: Callable[[int], int] | None = None) -> list[range]:
-        """Split ``count`` items into runs within the server's key and frame limits."""
+    def _batches(self, count: int, sizes: Callable[[int], int] | None = None,
+                 limit_bytes: int | None = None) -> list[range]:
+        """Split ``count`` items of ``sizes(i)`` bytes into runs within the server's key and byte limits."""
         limit_keys = self.welcome.max_keys
-        limit_bytes = self.welcome.max_frame_bytes
+        limit_bytes = self.welcome.max_frame_bytes if limit_bytes is None else limit_bytes
         runs, start, size = [], 0, 0
         for i in range(count):
             item = sizes(i) if sizes is not None else 1 + MAX_KEY_BYTES
@@ -144,15 +145,20 @@ class Connection:
         found = 0
         for run in self._batches(len(keys)):
             rid = self._send(Op.EXISTS_PREFIX, len(run), [pack_keys(keys[run.start:run.stop])])
-            count = self._header(rid, Op.EXISTS_PREFIX).count
+            count = min(self._header(rid, Op.EXISTS_PREFIX).count, len(run))
             found += count
             if count < len(run):
                 break
         return found
 
-    def get(self, keys: Sequence[bytes], sink: Sink) -> list[int | None]:
-        """Fetch blobs; ``sink(i, size)`` names the buffers blob ``i`` is read into. Returns sizes (None: miss)."""
-        runs = self._batches(len(keys))
+    def get(self, keys: Sequence[bytes], sink: Sink, expected: Sequence[int] | None = None) -> list[int | None]:
+        """Fetch blobs; ``sink(i, size)`` names the buffers blob ``i`` is read into. Returns sizes (None: miss).
+
+        ``expected``: blob sizes the caller expects (bytes), so that no
+        reply is asked to exceed the server's ``max_inflight_bytes``.
+        """
+        sizes_of = (lambda i: 8 + expected[i]) if expected is not None else None
+        runs = self._batches(len(keys), sizes_of, self.welcome.max_inflight_bytes)
         rids = [self._send(Op.GET, len(run), [pack_keys(keys[run.start:run.stop])]) for run in runs]
         sizes: list[int | None] = []
         for run, rid in zip(runs, rids):
@@ -177,24 +183,31 @@ class Connection:
         return sizes
 
     def put(self, items: Sequence[tuple[bytes, Sequence[Bytes]]]) -> list[PutResult]:
-        """Store blobs given as parts (no join); a result per item."""
-        lengths = [sum(memoryview(p).nbytes for p in parts) for _, parts in items]
-        runs = self._batches(len(items), lambda i: 1 + len(items[i][0]) + U64.size + lengths[i])
+        """Store blobs given as parts (no join); a result per item.
+
+        A block too large for one frame (``max_frame_bytes``) is not sent:
+        its result is ``REJECTED``, and the others are stored.
+        """
+        results: list[PutResult] = [PutResult.REJECTED] * len(items)
+        sizes = {i: 1 + len(key) + U64.size + sum(memoryview(p).nbytes for p in parts)
+                 for i, (key, parts) in enumerate(items)}
+        sendable = [i for i in range(len(items)) if sizes[i] <= self.welcome.max_frame_bytes]
+        runs = [[sendable[j] for j in run] for run in self._batches(len(sendable), lambda j: sizes[sendable[j]])]
         rids = []
         for run in runs:
             parts: list[Bytes] = []
             for i in run:
                 key, blob = items[i]
-                parts.append(put_item_header(key, lengths[i]))
+                parts.append(put_item_header(key, sizes[i] - 1 - len(key) - U64.size))
                 parts.extend(blob)
             rids.append(self._send(Op.PUT, len(run), parts))
-        results: list[PutResult] = []
         for run, rid in zip(runs, rids):
             header = self._header(rid, Op.PUT)
             statuses = self._recv(header.payload_len)
             if len(statuses) != len(run):
                 raise ConnectionError(f"expected {len(run)} PUT results, got {len(statuses)}")
-            results.extend(PutResult(s) for s in statuses)
+            for i, status in zip(run, statuses):
+                results[i] = PutResult(status)
         return results
 
     def delete(self, keys: Sequence[bytes]) -> list[bool]:
@@ -253,6 +266,14 @@ class ConnectionPool:
                     self._idle.put(conn)
         finally:
             self._slots.release()
+
+    def discard_idle(self) -> None:
+        """Close the idle connections (after one failed, the others to that server are likely dead too)."""
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
 
     def close(self) -> None:
         with self._lock:

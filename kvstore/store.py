@@ -489,8 +489,11 @@ class KVStore(EngineHooks):
         tiers = {}
         for i, tier in enumerate(self.tiers):
             entry: dict[str, Any] = dict(tier.stats())
-            entry.update(self._tier_counters[i].snapshot())
-            entry.update(self._health[i].snapshot())
+            for name, value in self._tier_counters[i].snapshot().items():
+                entry[name] = entry.get(name, 0) + value  # "errors": what the tier counted and what it raised
+            health = self._health[i].snapshot()
+            del health["errors"]  # the store's per-tier "errors" count the same events
+            entry.update(health)
             entry["queue_depth"] = depth.get(tier.name, 0)
             entry["write_policy"] = self.placement.policies[i].write if i else "landing"
             tiers[tier.name] = entry

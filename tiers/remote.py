@@ -27,6 +27,7 @@ from kvstore.compression.frame import MAGIC
 from kvstore.compression.stored import INTACT, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
+from kvstore.protocol import ProtocolError
 from kvstore.tiers.base import TIER_COUNTERS, tier_stats
 
 T = TypeVar("T")
@@ -91,7 +92,9 @@ class RemoteTier:
         try:
             with self._pool.connection() as conn:
                 result = operation(conn)
-        except OSError as exc:  # ConnectionError, TimeoutError, ssl.SSLError and ServerError are all OSErrors
+        except (OSError, ProtocolError, ValueError) as exc:  # OSError: ConnectionError, TimeoutError, SSLError,
+            # ServerError; ProtocolError and ValueError: a reply this client cannot parse (a broken or newer server)
+            self._pool.discard_idle()
             self._counters.add("errors")
             if isinstance(exc, TimeoutError):
                 self._counters.add("timeouts")
@@ -166,12 +169,19 @@ class RemoteTier:
             scratch[i] = bytearray(size)
             return [memoryview(scratch[i])]
 
-        sizes = self._call(lambda conn: conn.get(keys, sink), None)
+        # A frame may be a little larger than the raw block (an incompressible block under a lossless codec).
+        expected = [HEADER_BYTES + out.numel() * out.element_size() + (4096 if self.encoding.codec else 0)
+                    for out in outs]
+        sizes = self._call(lambda conn: conn.get(keys, sink, expected), None)
         if sizes is None:
             self._counters.add("misses", len(keys))
             return [False] * len(keys)
-        return [size is not None and self._verify(keys[i], outs[i], heads[i], scratch[i], size)
-                for i, size in enumerate(sizes)]
+        found = []
+        for i, size in enumerate(sizes):
+            if size is None:
+                self._counters.add("misses")
+            found.append(size is not None and self._verify(keys[i], outs[i], heads[i], scratch[i], size))
+        return found
 
     def _verify(self, key: bytes, out: torch.Tensor, head: bytearray, blob: bytearray | None, size: int) -> bool:
         """Check a fetched block's header (and decode it if it came in a buffer); counts hit, miss or corrupt."""

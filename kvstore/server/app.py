@@ -34,6 +34,7 @@ from kvstore.server.streams import SocketStream, Stream, TlsStream, read_exact
 MAX_HELLO_BYTES = 4096
 DISK_READ_THREADS = 4
 _BACKLOG_POLL_SECONDS = 0.002
+_ACCEPT_RETRY_SECONDS = 0.05
 
 
 @dataclass(eq=False)
@@ -127,7 +128,14 @@ class CacheServer:
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            sock, _ = await loop.sock_accept(self._listener)
+            try:
+                sock, _ = await loop.sock_accept(self._listener)
+            except OSError:  # out of file descriptors or memory for now: keep accepting once some are freed
+                if self._stopping:
+                    return
+                self.metrics.errors.labels("ACCEPT").inc()
+                await asyncio.sleep(_ACCEPT_RETRY_SECONDS)
+                continue
             self.metrics.connections_total.inc()
             conn_task = loop.create_task(self._open(sock))
             conn_task.add_done_callback(lambda t: t.cancelled() or t.exception())

@@ -1,0 +1,142 @@
+"""``kvstore serve`` and ``kvstore stats`` from the command line.
+
+Settings come from a TOML file (``--config``), ``KVSTORE_SERVER_*`` variables and flags, in that order
+of precedence (flags win), checked on a real server through its STATS figures. ``kvstore stats``
+prints a readable summary of a namespace, or a one-line error (exit 1, no traceback) when the
+server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from kvstore.blockformat import BlockHeader
+from kvstore.cli import main
+
+from .conftest import TOKEN, ServerProcess
+
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kvstore(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``kvstore ARGS`` in a fresh process."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    environ.update(env or {})
+    return subprocess.run([sys.executable, "-m", "kvstore.cli", *args], capture_output=True, text=True,
+                          env=environ, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def configured(tmp_path_factory):
+    """A server whose settings come from all three sources: the file sets host_bytes, disk_bytes and
+    max_keys; the environment overrides host_bytes and disk_bytes; a flag overrides host_bytes again."""
+    root = tmp_path_factory.mktemp("cli-srv")
+    config = root / "server.toml"
+    config.write_text('[server]\nhost_bytes = "8MiB"\ndisk_bytes = "32MiB"\nmax_keys = 100\n')
+    server = ServerProcess(root / "data", "--config", str(config), "--host-bytes", "24MiB",
+                           env={"KVSTORE_SERVER_HOST_BYTES": "16MiB", "KVSTORE_SERVER_DISK_BYTES": "48MiB"}).start()
+    yield server
+    server.kill()
+
+
+def test_serve_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--config", "--host", "--port", "--data-dir", "--host-bytes", "--disk-bytes", "--disk-sync",
+                 "--durable", "--tokens-file", "--token", "--max-frame-bytes", "--max-keys", "--max-connections",
+                 "--max-inflight-bytes", "--metrics-port", "--tls-cert", "--shutdown-grace-seconds"):
+        assert f"{flag} " in text or f"{flag}\n" in text, flag
+    assert "KVSTORE_SERVER_" in text
+
+
+def test_flags_override_the_environment_which_overrides_the_file(configured, capsys):
+    assert main(["stats", "--url", configured.url, "--token", TOKEN, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["server"]["ram_capacity_bytes"] == 24 * MiB  # flag, over the environment and the file
+    assert stats["server"]["disk_capacity_bytes"] == 48 * MiB  # environment, over the file
+    conn = configured.connect()
+    try:
+        assert conn.welcome.max_keys == 100  # the file, over the default
+        assert conn.welcome.quota_bytes == 48 * MiB  # no quota: the server's capacity
+    finally:
+        conn.close()
+    assert "host 25165824 bytes, disk 50331648 bytes" in "".join(configured.output)
+
+
+def test_stats_prints_a_readable_summary(configured, capsys, tmp_path):
+    payload = bytes(range(256)) * 8
+    conn = configured.connect()
+    try:
+        keys = [b"cli-stats-%d" % i for i in range(3)]
+        conn.put([(k, [BlockHeader.for_payload(k, b"F" * 16, payload).pack(), payload]) for k in keys])
+        assert conn.get([keys[0], b"cli-stats-missing"], lambda i, size: None) == [72 + len(payload), None]
+        blocks = conn.stats()["blocks"]["blocks"]
+    finally:
+        conn.close()
+    assert main(["stats", "--url", configured.url, "--token", TOKEN]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].startswith(f"server {configured.url}: up ")
+    assert f"namespace default: {blocks} blocks" in text
+    assert "(quota none)" in text
+    assert "1 hits (1 from RAM, 0 from disk), 1 misses (50.0% hit rate)" in text
+    assert "3 stored, 0 already present, 0 rejected, 0 invalid" in text
+    assert "host RAM" in text and "of 24.0 MiB" in text and "of 48.0 MiB" in text
+    # the token from a file, as an operator would keep it
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    assert main(["stats", "--url", configured.url, "--token-file", str(token_file)]) == 0
+    assert f"namespace default: {blocks} blocks" in capsys.readouterr().out
+
+
+def test_stats_with_a_wrong_token_is_a_one_line_error(configured, capsys):
+    assert main(["stats", "--url", configured.url, "--token", "not-the-token-0123456789"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("kvstore: error: ") and "UNAUTHORIZED" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_stats_against_a_closed_port_exits_1_without_a_traceback():
+    done = kvstore("stats", "--url", f"kvstore://127.0.0.1:{free_port()}", "--token", TOKEN, "--timeout", "2")
+    assert done.returncode == 1, done
+    assert done.stdout == ""
+    assert done.stderr.startswith("kvstore: error: ") and "refused" in done.stderr.lower()
+    assert "Traceback" not in done.stderr
+
+
+def test_an_unknown_server_variable_stops_serve_and_is_named(tmp_path):
+    done = kvstore("serve", "--data-dir", str(tmp_path / "data"), "--port", "0", "--metrics-port", "0",
+                   "--token", TOKEN, env={"KVSTORE_SERVER_FOO": "1"})
+    assert done.returncode == 2, done
+    assert "KVSTORE_SERVER_FOO" in done.stderr and "Traceback" not in done.stderr
+    assert "listening" not in done.stdout
+    assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--host-bytes", "lots"], "host_bytes"),
+    (["--durable", "maybe"], "--durable"),
+    (["--host", "0.0.0.0", "--allow-unauthenticated", "true"], "allow_unauthenticated"),
+])
+def test_a_bad_setting_stops_serve_and_is_named(tmp_path, capsys, monkeypatch, args, message):
+    # in-process: the settings are checked before anything is opened or bound (never serve from a test)
+    monkeypatch.setattr("kvstore.server.run", lambda config: pytest.fail(f"serve accepted {args}: {config}"))
+    assert main(["serve", "--data-dir", str(tmp_path / "data"), "--port", "0", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvstore: error: ") and message in err
+    assert not (tmp_path / "data").exists()
