@@ -170,7 +170,11 @@ class CacheServer:
         try:
             while not self._stopping:
                 conn.busy = False
-                raw = await read_exact(conn.stream, HEADER_BYTES)
+                if conn.tenant is None:  # a client that never says HELLO must not keep a slot
+                    raw = await asyncio.wait_for(read_exact(conn.stream, HEADER_BYTES),
+                                                 self.config.hello_timeout_seconds)
+                else:
+                    raw = await read_exact(conn.stream, HEADER_BYTES)
                 conn.busy = True
                 start = time.perf_counter()
                 header = Header(0, 0)
@@ -185,7 +189,7 @@ class CacheServer:
             if exc.status == Status.UNAUTHORIZED:
                 self.metrics.auth_failures.inc()
             await self._send_error(conn.stream, header, exc.status, str(exc))
-        except (EOFError, ConnectionError, OSError, asyncio.CancelledError):
+        except (EOFError, ConnectionError, OSError, asyncio.CancelledError, asyncio.TimeoutError):
             pass
         except Exception as exc:  # a bug must cost one connection, never the server
             self.metrics.errors.labels(Status.INTERNAL.name).inc()

@@ -21,7 +21,6 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kvstore.config import read_settings_file
 from kvstore.sizes import parse_size
@@ -105,11 +104,8 @@ def default_token(data_dir: str | os.PathLike[str]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that already existed keeps its mode otherwise
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
 
-
-def tenants_from(values: Mapping[str, Any]) -> list[Tenant]:
-    """Tenants given inline as ``{namespace: {"token": ..., "quota": ...}}`` (for programmatic servers)."""
-    return [Tenant(ns, entry["token"], parse_size(entry.get("quota", 0), "quota")) for ns, entry in values.items()]

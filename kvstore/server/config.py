@@ -37,7 +37,9 @@ class ServerConfig:
       ``max_keys`` (per request), ``max_connections``,
       ``max_inflight_bytes`` (a connection's request plus reply),
       ``write_backlog_bytes`` (disk writes queued before PUTs wait),
-      ``shutdown_grace_seconds`` (how long in-flight requests may finish).
+      ``shutdown_grace_seconds`` (how long in-flight requests may finish),
+      ``hello_timeout_seconds`` (how long a new connection may take to send
+      its HELLO before it is closed, so silent sockets cannot hold slots).
     - ``loop``: ``uvloop`` when installed (``auto``), or ``asyncio``.
     """
 
@@ -60,6 +62,7 @@ class ServerConfig:
     max_inflight_bytes: int | str = "512MiB"
     write_backlog_bytes: int | str = "512MiB"
     shutdown_grace_seconds: float = 10.0
+    hello_timeout_seconds: float = 10.0
     loop: str = "auto"
 
     def __post_init__(self) -> None:
@@ -83,13 +86,17 @@ class ServerConfig:
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.loop not in LOOPS:
             raise ValueError(f"loop: expected one of {list(LOOPS)}, got {self.loop!r}")
+        if self.tokens_file is not None and self.token is not None:
+            raise ValueError("tokens_file, token: expected one of them (a tokens file names every tenant), got both")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert, tls_key: expected both or neither, got one")
         if self.allow_unauthenticated and not _is_loopback(self.host):
             raise ValueError(f"allow_unauthenticated: only on a loopback host (127.0.0.1, ::1, localhost), "
                              f"got host {self.host!r}")
-        if not isinstance(self.shutdown_grace_seconds, (int, float)) or self.shutdown_grace_seconds < 0:
-            raise ValueError(f"shutdown_grace_seconds: expected a number >= 0, got {self.shutdown_grace_seconds!r}")
+        for name in ("shutdown_grace_seconds", "hello_timeout_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}: expected a number > 0, got {value!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "server config") -> "ServerConfig":

@@ -55,7 +55,8 @@ class ServerProcess:
                 self.port = int(self.url.rsplit(":", 1)[1])
             if (m := _METRICS.search(line)) is not None:
                 self.metrics_url = m.group(1)
-            if self.url and ("token" in line or "tenant" in line or "unauthenticated" in line):
+            if self.url and line.startswith(("kvstore serve: token ", "kvstore serve: unauthenticated,")) or (
+                    line.startswith("kvstore serve: ") and "tenant(s):" in line):
                 return self
         raise RuntimeError(f"server did not start within {timeout} s: {''.join(self.output)}")
 
