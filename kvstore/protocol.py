@@ -177,6 +177,12 @@ def check_key(key: bytes) -> None:
 
 def pack_keys(keys: Sequence[bytes]) -> bytes:
     """Keys as ``u8 length + bytes`` each (EXISTS_PREFIX, GET, DELETE requests; LIST replies)."""
+    if not keys:
+        return b""
+    size = len(keys[0])
+    if 1 <= size <= MAX_KEY_BYTES and all(isinstance(k, bytes) and len(k) == size for k in keys):
+        prefix = U8.pack(size)  # one length for every key: a chain of block keys (the common case)
+        return prefix + prefix.join(keys)
     parts = []
     for key in keys:
         check_key(key)
@@ -188,6 +194,11 @@ def pack_keys(keys: Sequence[bytes]) -> bytes:
 def unpack_keys(data: bytes | memoryview, count: int) -> list[bytes]:
     """Exactly ``count`` keys filling ``data``; ``ProtocolError`` otherwise."""
     view = memoryview(data)
+    if count and len(view) % count == 0:  # every key the same length: slice without a loop per byte
+        stride = len(view) // count
+        raw = bytes(view)
+        if 2 <= stride <= 1 + MAX_KEY_BYTES and raw[::stride] == bytes([stride - 1]) * count:
+            return [raw[i + 1:i + stride] for i in range(0, len(raw), stride)]
     keys = []
     pos = 0
     for _ in range(count):

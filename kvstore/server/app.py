@@ -42,6 +42,7 @@ class _Connection:
     stream: Stream
     tenant: Tenant | None = None
     busy: bool = False
+    replying: bool = False  # a reply is partly sent: an error frame now would corrupt the stream
     task: asyncio.Task | None = field(default=None, repr=False)
 
 
@@ -188,12 +189,14 @@ class CacheServer:
             self.metrics.errors.labels(exc.status.name).inc()
             if exc.status == Status.UNAUTHORIZED:
                 self.metrics.auth_failures.inc()
-            await self._send_error(conn.stream, header, exc.status, str(exc))
+            if not conn.replying:
+                await self._send_error(conn.stream, header, exc.status, str(exc))
         except (EOFError, ConnectionError, OSError, asyncio.CancelledError, asyncio.TimeoutError):
             pass
         except Exception as exc:  # a bug must cost one connection, never the server
             self.metrics.errors.labels(Status.INTERNAL.name).inc()
-            await self._send_error(conn.stream, header, Status.INTERNAL, f"{type(exc).__name__}: {exc}")
+            if not conn.replying:
+                await self._send_error(conn.stream, header, Status.INTERNAL, f"{type(exc).__name__}: {exc}")
         finally:
             conn.busy = False
 
@@ -223,7 +226,10 @@ class CacheServer:
                      ) -> None:
         payload_len = sum(len(p) for p in parts)
         head = Header(request.opcode, request.request_id, count, payload_len, FLAG_REPLY).pack()
+        conn.replying = True
         await conn.stream.write([head, *parts])
+        conn.replying = False
+        await asyncio.sleep(0)  # let other connections run between replies (asyncio's loop is not fair otherwise)
 
     async def _send_error(self, stream: Stream, request: Header, status: Status, message: str) -> None:
         body = message.encode()[:4096]

@@ -27,6 +27,7 @@ import lmdb
 
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.protocol import PutResult
+from kvstore.server.streams import alloc_bytes
 from kvstore.tiers.lmdb import lock_directory
 
 NAMESPACE_COUNTERS = ("hits_ram", "hits_disk", "misses", "bytes_in", "bytes_out", "stored", "present", "rejected",
@@ -36,7 +37,7 @@ _BATCH_OPS = 64
 _BATCH_BYTES = 256 << 20
 
 Ident = tuple[str, bytes]
-Blob = bytes | bytearray
+Blob = bytes | bytearray | memoryview
 
 
 def blob_intact(key: bytes, blob: Blob) -> bool:
@@ -269,9 +270,13 @@ class BlobStore:
     def read_disk(self, namespace: str, key: bytes) -> Blob | None:
         """Read a blob from LMDB (blocking: run it off the event loop), check it and keep a RAM copy."""
         ident = (namespace, key)
-        with self._env.begin(db=self._blobs) as txn:
-            blob = txn.get(_lmdb_key(ident))
-        if blob is None or not blob_intact(key, blob):
+        with self._env.begin(db=self._blobs, buffers=True) as txn:
+            stored = txn.get(_lmdb_key(ident))
+            intact = stored is not None and blob_intact(key, stored)  # checked in place, in the map
+            blob = alloc_bytes(len(stored)) if intact else stored
+            if intact:
+                blob[:] = stored
+        if not intact:
             with self._lock:
                 self._count(namespace, "misses")
                 if blob is not None:

@@ -16,7 +16,11 @@ import ssl
 from collections.abc import Sequence
 from typing import Protocol
 
+import numpy as np
+
 READ_AHEAD_BYTES = 256 << 10
+# Buffers from this size up are allocated without zero-filling.
+LARGE_BYTES = 1 << 20
 # Parts of a reply smaller than this are joined into one send.
 _JOIN_BYTES = 64 << 10
 
@@ -33,8 +37,16 @@ class Stream(Protocol):
     def close(self) -> None: ...
 
 
-async def read_exact(stream: Stream, num_bytes: int) -> bytearray:
-    data = bytearray(num_bytes)
+def alloc_bytes(num_bytes: int) -> bytearray | memoryview:
+    """A writable buffer of ``num_bytes``. Large ones come uninitialised from numpy: a ``bytearray``
+    zero-fills and faults in every 4 KiB page, which costs more than receiving the bytes."""
+    if num_bytes < LARGE_BYTES:
+        return bytearray(num_bytes)
+    return memoryview(np.empty(num_bytes, dtype=np.uint8)).cast("B")
+
+
+async def read_exact(stream: Stream, num_bytes: int) -> bytearray | memoryview:
+    data = alloc_bytes(num_bytes)
     await stream.read_into(memoryview(data))
     return data
 
