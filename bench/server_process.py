@@ -64,7 +64,7 @@ def aligned_buffer(num_bytes: int) -> memoryview:
     return memoryview(view)
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
+def recv_exact(sock: socket.socket, view: memoryview) -> bool:
     got = 0
     while got < len(view):
         n = sock.recv_into(view[got:])
@@ -114,17 +114,17 @@ class RawEndpoint:
     def _serve(self, sock: socket.socket) -> None:
         head = bytearray(RAW_HEADER.size)
         try:
-            while _recv_exact(sock, memoryview(head)):
+            while recv_exact(sock, memoryview(head)):
                 n_in, n_out, flags = RAW_HEADER.unpack(head)
                 if flags & (FRESH | FRESH_NUMPY):
                     fresh = bytearray(n_in) if flags & FRESH else np.empty(n_in, np.uint8)
-                    if not _recv_exact(sock, memoryview(fresh)):
+                    if not recv_exact(sock, memoryview(fresh)):
                         return
                     del fresh
                 else:
                     while n_in:
                         step = min(n_in, BUFFER_BYTES)
-                        if not _recv_exact(sock, self._sink[:step]):
+                        if not recv_exact(sock, self._sink[:step]):
                             return
                         n_in -= step
                         if flags & WRITE_FSYNC and self._fd is not None:

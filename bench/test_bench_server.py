@@ -69,9 +69,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+
+from server_process import aligned_buffer, recv_exact
 
 from kvstore.benchmarking import LLAMA3_8B, random_kv
 from kvstore.blockformat import HEADER_BYTES as BLOCK_HEADER_BYTES
@@ -166,22 +167,9 @@ def server(request, tmp_path_factory):
     started.stop()
 
 
-def _aligned(num_bytes: int) -> memoryview:
-    """A page-aligned, resident byte buffer (as server_process.aligned_buffer)."""
-    array = np.empty(num_bytes + 4096, np.uint8)
-    start = -array.ctypes.data % 4096
-    view = array[start:start + num_bytes]
-    view[:] = np.resize(np.frombuffer(os.urandom(1 << 16), np.uint8), num_bytes)
-    return memoryview(view)
-
-
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionError("raw endpoint closed the connection")
-        got += n
+    if not recv_exact(sock, view):
+        raise ConnectionError("raw endpoint closed the connection")
 
 
 class RawClient:
@@ -191,8 +179,8 @@ class RawClient:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(None)
-        self._out = _aligned(max_bytes)
-        self._in = _aligned(max_bytes)
+        self._out = aligned_buffer(max_bytes)
+        self._in = aligned_buffer(max_bytes)
 
     def exchange(self, n_in: int, n_out: int, flags: int = 0) -> None:
         """Send the 24-byte header and ``n_in`` bytes (two ``sendall``), receive ``n_out`` bytes."""

@@ -226,11 +226,7 @@ class StoreConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "StoreConfig":
         """Build from a mapping; an unknown key is a ``ValueError`` naming it and ``source``."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {unknown}; expected some of {sorted(fields)}")
-        return cls(**dict(values))
+        return settings_from_dict(cls, values, source)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> "StoreConfig":
@@ -259,6 +255,15 @@ def _parse_bool(name: str, text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{name}: expected true/false/1/0, got {text!r}")
+
+
+def settings_from_dict(cls: type, values: Mapping[str, Any], source: str) -> Any:
+    """Dataclass ``cls`` built from ``values``; an unknown key is a ``ValueError`` naming it and ``source``."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"{source}: unknown setting(s) {unknown}; expected some of {sorted(fields)}")
+    return cls(**dict(values))
 
 
 def read_settings_file(path: str | os.PathLike[str], table: str) -> dict[str, Any]:

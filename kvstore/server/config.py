@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvstore.config import env_values, read_settings_file
+from kvstore.config import env_values, read_settings_file, settings_from_dict
 from kvstore.sizes import parse_size
 
 ENV_PREFIX = "KVSTORE_SERVER_"
@@ -100,11 +99,8 @@ class ServerConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "server config") -> "ServerConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {unknown}; expected some of {sorted(fields)}")
-        return cls(**dict(values))
+        """Build from a mapping; an unknown key is a ``ValueError`` naming it and ``source``."""
+        return settings_from_dict(cls, values, source)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None,
@@ -116,7 +112,7 @@ class ServerConfig:
         values = dict(read_settings_file(path, "server")) if path else {}
         values.update(env_values(cls, environ, ENV_PREFIX, frozenset({ENV_PREFIX + "CONFIG"})))
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(values, source=f"{path or 'defaults'} + KVSTORE_SERVER_* + flags")
+        return settings_from_dict(cls, values, f"{path or 'defaults'} + KVSTORE_SERVER_* + flags")
 
 
 def _is_loopback(host: str) -> bool:
