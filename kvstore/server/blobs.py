@@ -30,7 +30,8 @@ from kvstore.protocol import PutResult
 from kvstore.server.streams import alloc_bytes
 from kvstore.tiers.lmdb import lock_directory
 
-NAMESPACE_COUNTERS = ("hits_ram", "hits_disk", "misses", "bytes_in", "bytes_out", "stored", "present", "rejected",
+NAMESPACE_COUNTERS = ("hits_ram", "hits_disk", "misses", "bytes_in", "bytes_out", "bytes_out_ram", "bytes_out_disk",
+                      "bytes_written_disk", "stored", "present", "rejected",
                       "invalid", "deleted", "corrupt", "evicted_quota", "evicted_capacity")
 _META = struct.Struct("<QQ")  # access stamp, blob bytes
 _BATCH_OPS = 64
@@ -264,6 +265,7 @@ class BlobStore:
             if entry.ram is not None:
                 self._count(namespace, "hits_ram")
                 self._count(namespace, "bytes_out", entry.size)
+                self._count(namespace, "bytes_out_ram", entry.size)
                 return entry.ram, True
             return None, entry.on_disk
 
@@ -288,6 +290,7 @@ class BlobStore:
         with self._lock:
             self._count(namespace, "hits_disk")
             self._count(namespace, "bytes_out", len(blob))
+            self._count(namespace, "bytes_out_disk", len(blob))
             entry = self._lru.get(ident)
             if entry is not None and entry.ram is None and entry.size == len(blob):
                 entry.ram = blob
@@ -375,6 +378,9 @@ class BlobStore:
                 ops = [("del", ident, None, None) for ident in room] + ops
         callbacks = []
         with self._lock:
+            for kind, ident, blob, _ in ops:
+                if kind == "put":
+                    self._count(ident[0], "bytes_written_disk", len(blob))
             for kind, _, _, entry in ops:
                 if entry is not None:
                     entry.on_disk = True

@@ -28,8 +28,10 @@ class _StoreCollector(Collector):
     def collect(self) -> Iterator:
         hits = CounterMetricFamily("kvstore_server_hits", "Blocks found, by tier", labels=["namespace", "tier"])
         misses = CounterMetricFamily("kvstore_server_misses", "Blocks asked for and not found", labels=["namespace"])
-        bytes_in = CounterMetricFamily("kvstore_server_bytes_in", "Block bytes stored", labels=["namespace"])
-        bytes_out = CounterMetricFamily("kvstore_server_bytes_out", "Block bytes served", labels=["namespace"])
+        bytes_in = CounterMetricFamily("kvstore_server_bytes_in", "Block bytes stored, by tier",
+                                       labels=["namespace", "tier"])
+        bytes_out = CounterMetricFamily("kvstore_server_bytes_out", "Block bytes served, by tier",
+                                        labels=["namespace", "tier"])
         puts = CounterMetricFamily("kvstore_server_put_blocks", "Blocks offered by PUT, by outcome",
                                    labels=["namespace", "outcome"])
         evictions = CounterMetricFamily("kvstore_server_evictions", "Blocks evicted, by reason",
@@ -40,8 +42,10 @@ class _StoreCollector(Collector):
             hits.add_metric([ns, "host"], s["hits_ram"])
             hits.add_metric([ns, "lmdb"], s["hits_disk"])
             misses.add_metric([ns], s["misses"])
-            bytes_in.add_metric([ns], s["bytes_in"])
-            bytes_out.add_metric([ns], s["bytes_out"])
+            bytes_in.add_metric([ns, "host"], s["bytes_in"])
+            bytes_in.add_metric([ns, "lmdb"], s["bytes_written_disk"])
+            bytes_out.add_metric([ns, "host"], s["bytes_out_ram"])
+            bytes_out.add_metric([ns, "lmdb"], s["bytes_out_disk"])
             for outcome in ("stored", "present", "rejected", "invalid"):
                 puts.add_metric([ns, outcome], s[outcome])
             evictions.add_metric([ns, "quota"], s["evicted_quota"])

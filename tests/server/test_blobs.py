@@ -171,3 +171,19 @@ def test_memory_only_store_bounds_ram(tmp_path):
         assert not (tmp_path / "m").exists()
     finally:
         store.close()
+
+
+def test_metrics_count_bytes_per_namespace_and_tier(tmp_path, open_store):
+    from kvstore.server.metrics import ServerMetrics
+
+    store = open_store(host_blobs=1, disk_blobs=10)
+    put(store, "a", "1", "2")
+    store.flush()
+    assert read(store, "a", "1") == blob("1")  # RAM holds only the newest: this one comes from disk
+    assert read(store, "a", "1") == blob("1")  # and now from RAM
+    text = ServerMetrics(store).render().decode()
+    assert f'kvstore_server_bytes_in_total{{namespace="a",tier="host"}} {2 * BLOB}.0' in text
+    assert f'kvstore_server_bytes_in_total{{namespace="a",tier="lmdb"}} {2 * BLOB}.0' in text
+    assert f'kvstore_server_bytes_out_total{{namespace="a",tier="lmdb"}} {BLOB}.0' in text
+    assert f'kvstore_server_bytes_out_total{{namespace="a",tier="host"}} {BLOB}.0' in text
+    assert 'kvstore_server_hits_total{namespace="a",tier="lmdb"} 1.0' in text
