@@ -42,7 +42,9 @@ class ServerProcess:
         if self.token is not None:
             cmd += ["--token", self.token]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        # cwd: not the repository root, whose kvstore/ folder would shadow the installed package.
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     cwd=Path(__file__).resolve().parents[1])
         deadline = time.monotonic() + timeout
         self.output = []
         while time.monotonic() < deadline:

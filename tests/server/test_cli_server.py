@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from conftest import TESTS_DIR
+
 from kvstore.blockformat import BlockHeader
 from kvstore.cli import main
 
@@ -35,7 +37,7 @@ def kvstore(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     environ.update(env or {})
     return subprocess.run([sys.executable, "-m", "kvstore.cli", *args], capture_output=True, text=True,
-                          env=environ, timeout=timeout)
+                          env=environ, timeout=timeout, cwd=TESTS_DIR)
 
 
 @pytest.fixture(scope="module")
