@@ -57,7 +57,7 @@ class EngineHooks:
     def _plan(self, blocks: Sequence[BlockRef]) -> LoadPlan:
         costs: dict[int, TierCost] = {}
         found = []
-        for block, where in zip(blocks, self._locate(blocks)):
+        for block, where in zip(blocks, self._locate([b.key for b in blocks])):
             if where not in costs:
                 costs[where] = self._tier_cost(where)
             found.append((block.end, block.num_tokens * self.layout.token_bytes, costs[where]))

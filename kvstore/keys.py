@@ -27,6 +27,8 @@ ROOT_TAG = b"kvstore/root/v1\x00"
 # are ``digest || 4*n bytes``; a partial one is one byte longer modulo 4, so
 # the two can never be the same byte string.
 PARTIAL_TAG = b"P"
+# In front of a key an engine computed itself (``KeyChain.engine_key``).
+ENGINE_TAG = b"E"
 MAX_TOKEN_ID = 2**32 - 1
 
 # Hash registry: name -> constructor of a hashlib-like object with update/digest.
@@ -128,6 +130,19 @@ class KeyChain:
         """Digest every chain starts from: domain tag, model id, layout fingerprint, salt."""
         h = self._new()
         h.update(self._root_prefix + _salt_bytes(salt))
+        return h.digest()
+
+    def engine_key(self, name: str | bytes, salt: Salt = None) -> bytes:
+        """The store key of a block an engine names itself (SGLang's page hashes, for example).
+
+        ``H(ENGINE_TAG || root(salt) || name)``: scoped to this model, layout
+        and salt like every chain, and domain-separated from chained keys.
+        """
+        raw = name.encode() if isinstance(name, str) else bytes(name)
+        if not raw:
+            raise ValueError("name: expected a non-empty engine key, got an empty one")
+        h = self._new()
+        h.update(ENGINE_TAG + self.root(salt) + raw)
         return h.digest()
 
     def iter_blocks(self, tokens: Tokens, salt: Salt = None) -> Iterator[BlockRef]:

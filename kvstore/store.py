@@ -22,6 +22,7 @@ from kvstore.config import StoreConfig
 from kvstore.health import MIN_SLOW_SECONDS, TierHealth
 from kvstore.hierarchy import build_tiers, policies_for
 from kvstore.hooks import EngineHooks, num_tokens_of
+from kvstore.keyed import KeyedBlocks
 from kvstore.keys import BlockRef, KeyChain, Salt, Tokens
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
@@ -39,7 +40,7 @@ BATCH_READ_BLOCKS = 64
 PER_TIER_COUNTERS = ("admission_rejected", "queue_dropped", "bypassed", "errors")
 
 
-class KVStore(EngineHooks):
+class KVStore(EngineHooks, KeyedBlocks):
     """A prefix-deduplicated KV-cache store for one model shard.
 
     ``put`` lands blocks in the fastest tier that takes them and returns;
@@ -49,7 +50,8 @@ class KVStore(EngineHooks):
     miss, a damaged block or a failing tier is never an exception: fewer
     tokens come back and ``stats()`` counts why. Safe to call from many threads.
     The engine hooks (``plan``, ``prefetch``, ``load``, ``save``,
-    ``record_prefill``) come from ``EngineHooks`` (``kvstore/hooks.py``).
+    ``record_prefill``) come from ``EngineHooks`` (``kvstore/hooks.py``); blocks an engine names
+    itself (``put_keyed``, ``lookup_keyed``, ``get_keyed``) from ``KeyedBlocks`` (``kvstore/keyed.py``).
 
     ``tiers`` (fastest first) replaces the tiers the config would build, for
     custom media; their policies still come from the config, by tier name.
@@ -188,14 +190,13 @@ class KVStore(EngineHooks):
                 return i
         return None
 
-    def _locate(self, blocks: Sequence[BlockRef]) -> list[int]:
-        """The fastest available tier holding each leading block, up to the first block no tier holds.
+    def _locate(self, keys: Sequence[bytes]) -> list[int]:
+        """The fastest available tier holding each leading key, up to the first key no tier holds.
 
         Tiers with ``prefix_length`` (the cache server, Redis) answer for all
         the remaining keys in one round trip when the local tiers first miss,
         and again only past the end of the run they reported.
         """
-        keys = [block.key for block in blocks]
         runs: dict[int, tuple[int, int]] = {}  # batch tier -> [start, end) of blocks it holds
         where = []
         for n, key in enumerate(keys):
@@ -267,19 +268,23 @@ class KVStore(EngineHooks):
 
     def _store_blocks(self, blocks: Sequence[BlockRef], kv: torch.Tensor) -> int:
         """Store ``blocks`` whose KV is ``kv`` (its token 0 is ``blocks[0].start``); returns blocks newly stored."""
-        self._check_open()
         offset = blocks[0].start if blocks else 0
+        return self._store_items([(b.key, kv[:, :, b.start - offset:b.end - offset]) for b in blocks])
+
+    def _store_items(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+        """Store blocks ``(key, [L, P, tokens, H, D])`` not stored yet; returns blocks newly stored."""
+        self._check_open()
         self._counters.add("puts")
         new = []
-        for block in blocks:
-            sightings = self.placement.sighted(block.key)
-            where = self._where(block.key)
+        for key, block in items:
+            sightings = self.placement.sighted(key)
+            where = self._where(key)
             if where is None:
-                new.append((block.key, kv[:, :, block.start - offset:block.end - offset], sightings))
+                new.append((key, block, sightings))
                 continue
             self._counters.add("dedup_blocks")
-            self._counters.add("dedup_bytes", block.num_tokens * self.layout.token_bytes)
-            self._send_down(where, block.key, None, sightings, newly_admitted=True)
+            self._counters.add("dedup_bytes", block.shape[2] * self.layout.token_bytes)
+            self._send_down(where, key, None, sightings, newly_admitted=True)
         stored = self._land(new)
         self._counters.add("blocks_stored", stored)
         return stored
@@ -361,7 +366,7 @@ class KVStore(EngineHooks):
         total = len(tokens)
         if self._batch_tiers:
             blocks = self._keys.blocks(tokens, salt)
-            found = num_tokens_of(blocks[:len(self._locate(blocks))])
+            found = num_tokens_of(blocks[:len(self._locate([b.key for b in blocks]))])
         else:  # keys are chained lazily: a miss early on hashes no more blocks
             found = 0
             for block in self._keys.iter_blocks(tokens, salt):
@@ -400,27 +405,31 @@ class KVStore(EngineHooks):
         return self._fill(blocks, out)
 
     def _fill(self, blocks: Sequence[BlockRef], out: torch.Tensor) -> int:
-        """Copy blocks into ``out`` in order until one is missing; returns tokens filled.
-
-        A run of blocks no local tier holds is read from the batch tiers
-        (cache server, Redis) in one round trip.
-        """
-        filled = 0
-        n = 0
-        while n < len(blocks):
-            run = self._remote_run(blocks, n)
-            if run:
-                got = self._read_run(run, [out[:, :, b.start:b.end] for b in run])
-            else:
-                got = int(self._read_block(blocks[n].key, out[:, :, blocks[n].start:blocks[n].end]))
-            if not got:
-                break
-            n += got
-            filled = blocks[n - 1].end
+        """Copy blocks into ``out`` in order until one is missing; returns tokens filled."""
+        got = self._fill_keys([b.key for b in blocks], [out[:, :, b.start:b.end] for b in blocks])
+        filled = blocks[got - 1].end if got else 0
         self._counters.add("gets")
         self._counters.add("get_tokens", num_tokens_of(blocks))
         self._counters.add("get_hit_tokens", filled)
         return filled
+
+    def _fill_keys(self, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
+        """Read blocks ``keys`` into ``dsts`` in order until one is missing; returns blocks read.
+
+        A run of blocks no local tier holds is read from the batch tiers
+        (cache server, Redis) in one round trip.
+        """
+        n = 0
+        while n < len(keys):
+            run = self._remote_run(keys, n)
+            if run:
+                got = self._read_run(keys[n:n + run], dsts[n:n + run])
+            else:
+                got = int(self._read_block(keys[n], dsts[n]))
+            if not got:
+                break
+            n += got
+        return n
 
     def _read_block(self, key: bytes, dst: torch.Tensor) -> bool:
         """Read ``key`` from the fastest tier that has it, then promote it into the faster ones."""
@@ -437,26 +446,26 @@ class KVStore(EngineHooks):
         if self.placement.counting:  # a read hit may be the sighting that admits it below
             self._send_down(i, key, None, sightings, newly_admitted=True)
 
-    def _remote_run(self, blocks: Sequence[BlockRef], n: int) -> list[BlockRef]:
-        """Blocks from ``n`` on that no local tier holds (at most ``BATCH_READ_BLOCKS``), if batch tiers exist."""
+    def _remote_run(self, keys: Sequence[bytes], n: int) -> int:
+        """How many blocks from ``n`` on no local tier holds (at most ``BATCH_READ_BLOCKS``; 0 without batch tiers)."""
         if not self._batch_tiers:
-            return []
+            return 0
         local = [i for i in range(len(self.tiers)) if i not in self._batch_tiers]
-        run = []
-        for block in blocks[n:n + BATCH_READ_BLOCKS]:
-            if any(self._contains(i, block.key) for i in local):
+        run = 0
+        for key in keys[n:n + BATCH_READ_BLOCKS]:
+            if any(self._contains(i, key) for i in local):
                 break
-            run.append(block)
+            run += 1
         return run
 
-    def _read_run(self, run: Sequence[BlockRef], dsts: Sequence[torch.Tensor]) -> int:
-        """Read ``run`` from the first batch tier that serves its first block; returns leading blocks read."""
+    def _read_run(self, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
+        """Read ``keys`` from the first batch tier that serves the first; returns leading blocks read."""
         for i in sorted(self._batch_tiers):
             if not self._available(i):
                 continue
             start = time.perf_counter()
             try:
-                found = self.tiers[i].get_many_into([b.key for b in run], dsts)
+                found = self.tiers[i].get_many_into(list(keys), list(dsts))
             except Exception:
                 self._failed(i)
                 continue
@@ -464,8 +473,8 @@ class KVStore(EngineHooks):
             if got:
                 nbytes = sum(d.numel() * d.element_size() for d in dsts[:got])
                 self._health[i].record_read(nbytes, time.perf_counter() - start)
-                for block, dst in zip(run[:got], dsts):
-                    self._was_read(i, block.key, dst)
+                for key, dst in zip(keys[:got], dsts):
+                    self._was_read(i, key, dst)
                 return got
         return 0
 

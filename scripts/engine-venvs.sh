@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Build the opt-in virtual environments in which kvstore's engine connectors
+# are tested against the real packages (see ../shared/ENGINES.md): vLLM 0.33.0
+# in .venv-vllm and SGLang 0.5.23 in .venv-sglang, each with torch 2.13.0 (CPU)
+# and kvstore installed. Their CUDA builds cannot run a model here, but the
+# connector APIs import and run on a CPU.
+#
+#   scripts/engine-venvs.sh [vllm] [sglang]      (default: both)
+#
+# Then: .venv-vllm/bin/pytest -p no:cacheprovider tests/integrations/test_vllm_connector.py
+#       .venv-sglang/bin/pytest -p no:cacheprovider tests/integrations/test_sglang_backend.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3.11}
+engines=("$@")
+[ ${#engines[@]} -eq 0 ] && engines=(vllm sglang)
+
+# kvstore's own dependencies, installed without letting pip resolve the engines' pins again.
+kvstore_deps=(numpy lmdb zstandard aiofiles xxhash pyyaml "prometheus_client>=0.17" "redis>=5" pytest
+              "pytest-benchmark>=4" "hypothesis>=6")
+
+build_vllm() {
+    local venv=.venv-vllm
+    rm -rf "$venv" && "$python" -m venv "$venv"
+    "$venv/bin/pip" install -q torch==2.13.0
+    mkdir -p .engine-wheels
+    "$venv/bin/pip" download -q --no-deps -d .engine-wheels vllm==0.33.0
+    "$venv/bin/pip" install -q --no-deps .engine-wheels/vllm-0.33.0-*.whl xgrammar==0.2.8
+    "$venv/bin/pip" install -q packaging psutil pyzmq urllib3 "requests>=2.33.0" regex numpy \
+        "transformers>=5.16.1,<5.21.0" cbor2 "aiohttp>=3.14.4" "oss-harmony>=0.0.11" \
+        "openai>=2.25.0" "pillow>=13.0.0" pybase64 cachetools msgspec cloudpickle uvloop \
+        py-cpuinfo "prometheus_client>=0.18.0" apache-tvm-ffi==0.1.11 \
+        "fastapi>=0.133.0,<0.137.0" partial-json-parser "llguidance>=1.7.0,<1.8.0" einops
+    "$venv/bin/pip" install -q "${kvstore_deps[@]}"
+    "$venv/bin/pip" install -q --no-deps .
+    "$venv/bin/python" -c "import vllm, kvstore; print('vllm', vllm.__version__, 'ready in $venv')"
+}
+
+build_sglang() {
+    local venv=.venv-sglang
+    rm -rf "$venv" && "$python" -m venv "$venv"
+    "$venv/bin/pip" install -q torch==2.13.0
+    "$venv/bin/pip" install -q --no-deps sglang==0.5.23 triton==3.9.0
+    "$venv/bin/pip" install -q numpy orjson psutil pybase64 requests packaging pillow starlette \
+        msgspec pydantic pyzmq tqdm IPython aiohttp
+    "$venv/bin/pip" install -q transformers==5.19.0 tokenizers==0.23.2 dill apache-tvm-ffi==0.1.11 \
+        sentencepiece compressed-tensors gguf
+    "$venv/bin/pip" install -q "${kvstore_deps[@]}"
+    "$venv/bin/pip" install -q --no-deps .
+    "$venv/bin/python" -c "import sglang, kvstore; print('sglang', sglang.__version__, 'ready in $venv')"
+}
+
+for engine in "${engines[@]}"; do
+    case "$engine" in
+        vllm) build_vllm ;;
+        sglang) build_sglang ;;
+        *) echo "engine-venvs: expected vllm or sglang, got $engine" >&2; exit 2 ;;
+    esac
+done

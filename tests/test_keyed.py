@@ -1,0 +1,68 @@
+"""Blocks named by the engine (put_keyed / lookup_keyed / get_keyed): exact bytes, scoping, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_same_kv, make_kv, make_tokens, tiny_layout
+from kvstore import KVStore, StoreConfig
+
+
+@pytest.fixture
+def store(tmp_path):
+    layout = tiny_layout()
+    with KVStore(layout, StoreConfig(host_bytes=2 * layout.block_bytes, disk_dir=str(tmp_path / "d"))) as s:
+        yield s
+
+
+def test_round_trip_through_host_and_disk(store):
+    layout = store.layout
+    pages = {f"page-{i}": make_kv(layout, 16 if i < 4 else 5, seed=i) for i in range(5)}
+    assert store.put_keyed(list(pages.items())) == 5
+    assert store.put_keyed(list(pages.items())) == 0  # already stored: deduplicated
+    store.flush()
+    names = list(pages)
+    assert store.lookup_keyed(names + ["missing"]) == 5
+    outs = [torch.zeros_like(kv) for kv in pages.values()]
+    assert store.get_keyed(names, outs) == 5  # host holds 2 slots: the first pages come from LMDB
+    for out, kv in zip(outs, pages.values()):
+        assert_same_kv(out, kv)
+    assert store.stats()["tiers"]["lmdb"]["hits"] >= 3
+
+
+def test_reading_stops_at_the_first_missing_name(store):
+    kv = make_kv(store.layout, 16, seed=1)
+    store.put_keyed([("a", kv), ("c", kv)])
+    outs = [torch.zeros_like(kv) for _ in range(3)]
+    assert store.lookup_keyed(["a", "b", "c"]) == 1
+    assert store.get_keyed(["a", "b", "c"], outs) == 1
+    assert_same_kv(outs[0], kv)
+    assert not outs[2].any()
+
+
+def test_names_are_scoped_by_salt_and_never_meet_token_keys(store):
+    kv = make_kv(store.layout, 16, seed=2)
+    store.put_keyed([(b"page", kv)], salt="tenant-a")
+    assert store.lookup_keyed([b"page"]) == 0
+    assert store.lookup_keyed([b"page"], salt="tenant-b") == 0
+    assert store.lookup_keyed(["page"], salt="tenant-a") == 1  # a str name is its UTF-8 bytes
+    tokens = make_tokens(16, seed=2)
+    store.put(tokens, kv)
+    assert store.engine_keys(["page"]) != [store.block_keys(tokens)[0].key]
+    other = KVStore(tiny_layout(dtype=torch.bfloat16), StoreConfig(host_bytes=1 << 20))
+    with other:
+        assert other.engine_keys(["page"]) != store.engine_keys(["page"])  # the layout is in the key
+
+
+def test_bad_input_stores_nothing(store):
+    good = make_kv(store.layout, 16, seed=3)
+    with pytest.raises(ValueError, match="tokens|shape|dtype|expected"):
+        store.put_keyed([("a", good), ("b", good.to(torch.float32))])
+    with pytest.raises(ValueError, match=r"1\.\.16"):
+        store.put_keyed([("c", make_kv(store.layout, 32, seed=3))])
+    with pytest.raises(ValueError, match="empty"):
+        store.put_keyed([("", good)])
+    with pytest.raises(ValueError, match="one buffer per name"):
+        store.get_keyed(["a", "b"], [torch.zeros_like(good)])
+    assert store.lookup_keyed(["a", "b", "c"]) == 0
