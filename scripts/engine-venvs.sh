@@ -32,7 +32,7 @@ build_vllm() {
         py-cpuinfo "prometheus_client>=0.18.0" apache-tvm-ffi==0.1.11 \
         "fastapi>=0.133.0,<0.137.0" partial-json-parser "llguidance>=1.7.0,<1.8.0" einops
     "$venv/bin/pip" install -q "${kvstore_deps[@]}"
-    "$venv/bin/pip" install -q --no-deps .
+    "$venv/bin/pip" install -q --no-deps -e .  # editable: the tests see the working tree
     "$venv/bin/python" -c "import vllm, kvstore; print('vllm', vllm.__version__, 'ready in $venv')"
 }
 
@@ -46,7 +46,7 @@ build_sglang() {
     "$venv/bin/pip" install -q transformers==5.19.0 tokenizers==0.23.2 dill apache-tvm-ffi==0.1.11 \
         sentencepiece compressed-tensors gguf
     "$venv/bin/pip" install -q "${kvstore_deps[@]}"
-    "$venv/bin/pip" install -q --no-deps .
+    "$venv/bin/pip" install -q --no-deps -e .  # editable: the tests see the working tree
     "$venv/bin/python" -c "import sglang, kvstore; print('sglang', sglang.__version__, 'ready in $venv')"
 }
 
