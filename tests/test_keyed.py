@@ -66,3 +66,10 @@ def test_bad_input_stores_nothing(store):
     with pytest.raises(ValueError, match="one buffer per name"):
         store.get_keyed(["a", "b"], [torch.zeros_like(good)])
     assert store.lookup_keyed(["a", "b", "c"]) == 0
+
+
+def test_engine_key_is_the_documented_hash(store):
+    import hashlib
+
+    root = store._keys.root("s")
+    assert store.engine_keys(["page-7"], salt="s") == [hashlib.sha256(b"E" + root + b"page-7").digest()]
