@@ -178,7 +178,7 @@ class CacheServer:
                     raw = await read_exact(conn.stream, HEADER_BYTES)
                 conn.busy = True
                 start = time.perf_counter()
-                header = Header(0, 0)
+                header = Header(0, 0)  # what an error reply carries if this header does not parse
                 header = Header.unpack(raw)
                 handler = self._check(conn, header)
                 await handler(conn, header)
