@@ -207,7 +207,10 @@ class StoreConfig:
                 raise ValueError(f"redis_ttl_seconds: expected a number > 0 or None, got {ttl!r}")
             object.__setattr__(self, "redis_ttl_seconds", float(ttl))
         for name in ("disk_codec", "files_codec", "remote_codec", "redis_codec"):
-            get_codec(getattr(self, name))  # raises ValueError naming the codecs there are
+            try:
+                get_codec(getattr(self, name))
+            except ValueError as exc:  # name the setting, then the codecs there are
+                raise ValueError(f"{name}: {str(exc).removeprefix('codec: ')}") from None
         if get_codec(self.host_codec).name != "raw":
             raise ValueError(f"host_codec: expected 'raw' (host slots hold whole blocks; compress disk_codec or "
                              f"files_codec instead), got {self.host_codec!r}")

@@ -1,0 +1,418 @@
+"""SGLang HiCache L3 backend backed by a KVStore: SGLang's pages get kvstore's tiers, codecs, server and Redis.
+
+Load it through SGLang's ``dynamic`` storage backend::
+
+    --enable-hierarchical-cache --hicache-storage-backend dynamic
+    --hicache-storage-backend-extra-config '{"backend_name": "kvstore",
+        "module_path": "kvstore.integrations.sglang", "class_name": "KVStoreHiCache",
+        "interface_v1": 1, "host_bytes": "8GiB", "disk_dir": "/nvme/kvstore"}'
+
+``interface_v1`` makes SGLang's cache controller call the zero-copy page
+methods (``batch_get_v1`` / ``batch_set_v1``); without it, it moves flat page
+copies through ``batch_get`` / ``batch_set``. Both work.
+
+Configuration, lowest precedence first: ``StoreConfig`` defaults, the file
+``extra_config["kvstore_config"]`` or ``$KVSTORE_CONFIG`` names, ``KVSTORE_*``
+variables, then the ``StoreConfig`` fields given in ``extra_config``
+(``host_bytes``, ``disk_dir``, ``remote_url``, ``redis_url``, ``disk_codec``, ...).
+SGLang runs each TP/PP/CP rank in its own process and an LMDB directory
+belongs to one process, so with more than one rank each gets its own
+``disk_dir/rank-tp{r}of{n}-pp{r}of{n}-cp{r}of{n}``; ``files_dir``, the cache
+server and Redis are shared by all ranks as they are.
+``model_id`` defaults to SGLang's model name; ``extra_config["salt"]`` adds a
+tenant salt. Keys SGLang or other backends read from ``extra_config`` are
+ignored (``SGLANG_KEYS``); any other unknown key is a ``ValueError`` naming it.
+
+Mapping (see ``KVStoreHiCache``):
+
+* One SGLang page is one kvstore block: ``block_tokens = page_size``; the
+  ``KVLayout`` (layers, KV heads, head dim, dtype, TP shard) is read from the
+  host pool SGLang registers (``register_mem_pool_host``), so the store opens
+  then, not in ``__init__``.
+* Keys: SGLang's page hash strings go to the store's keyed API as they are;
+  the store scopes them to the model, the layout fingerprint (shape, dtype,
+  TP rank/size) and a salt naming the pipeline stage and attention-CP rank,
+  so ranks and stages never read each other's blocks. MLA KV is the same on
+  every TP rank, so its layout says ``tp 0/1`` and the ranks share blocks.
+* A page in the host pool, in any of SGLang's layouts (``layer_first``
+  ``[2, L, T, H, D]``, ``page_first`` ``[2, T, L, H, D]``,
+  ``page_first_direct`` ``[2, 1, L, T, H, D]``, ``page_head``
+  ``[2, 1, H, T, L, D]``; MLA without the K/V axis), is viewed as kvstore's
+  canonical ``[L, P, T, H, D]`` by a permutation of strides, without a copy.
+  The zero-copy methods hand those views of the host pool straight to the
+  store, which copies once, between the pool and its own tier (a host slot,
+  an LMDB page, a socket buffer). The flat-page methods (``get``/``set`` and
+  the ``batch_`` forms) view SGLang's flat page the same way; the flat page
+  itself is SGLang's copy.
+
+Nothing raises into SGLang once the backend is built: a miss, a damaged
+block, a tier or server that is down, bad input, a closed store: ``get``
+returns None, ``set`` False, ``exists`` False, ``batch_exists`` 0 (or the hits
+before the failure), ``batch_*_v1`` a False for that page, and the event is
+logged (and counted by the store's ``stats()``).
+
+Not supported (a ``ValueError`` at registration): asymmetric K/V head dims,
+the ``page_unified`` layout, split-heads heterogeneous TP; the ``_v2``
+methods of hybrid (Mamba/SWA/DSA) models are SGLang's ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from kvstore import KVLayout, KVStore, StoreConfig
+
+try:
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "kvstore.integrations.sglang needs SGLang (tested with sglang==0.5.23), which kvstore's own environment "
+        "does not install: build the opt-in environment with `scripts/engine-venvs.sh sglang` and use "
+        f".venv-sglang/bin/python (import failed: {_exc})") from _exc
+
+__all__ = ["KVStoreHiCache", "SGLANG_KEYS", "canonical_page_view", "store_config_from"]
+
+logger = logging.getLogger(__name__)
+
+# extra_config keys SGLang itself (or another backend sharing the config) reads: ignored here.
+SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "tp_lcm_size",
+                         "extra_backend_tag", "enable_storage_metrics"})
+# extra_config keys of this backend that are not StoreConfig fields.
+OWN_KEYS = frozenset({"kvstore_config", "salt"})
+_STORE_FIELDS = frozenset(f.name for f in dataclasses.fields(StoreConfig))
+
+# A page view (``host_pool.get_data_page(i, flat=False)``) -> canonical [L, P, T, H, D], by host layout.
+_MHA_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "layer_first": lambda v: v.transpose(0, 1),            # [2, L, T, H, D]
+    "page_first": lambda v: v.permute(2, 0, 1, 3, 4),      # [2, T, L, H, D]
+    "page_first_direct": lambda v: v[:, 0].transpose(0, 1),  # [2, 1, L, T, H, D]
+    "page_head": lambda v: v[:, 0].permute(3, 0, 2, 1, 4),  # [2, 1, H, T, L, D]
+}
+_MLA_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "layer_first": lambda v: v.unsqueeze(1),                # [L, T, 1, D]
+    "page_first": lambda v: v.transpose(0, 1).unsqueeze(1),  # [T, L, 1, D]
+    "page_first_direct": lambda v: v[0].unsqueeze(1),       # [1, L, T, 1, D]
+}
+
+
+def canonical_page_view(page: torch.Tensor, host_layout: str, mla: bool = False) -> torch.Tensor:
+    """SGLang's page view (``get_data_page(i, flat=False)``) as kvstore's ``[L, P, T, H, D]``: a view, no copy."""
+    views = _MLA_VIEWS if mla else _MHA_VIEWS
+    if host_layout not in views:
+        raise ValueError(f"host layout: expected one of {sorted(views)} for {'MLA' if mla else 'MHA'}, "
+                         f"got {host_layout!r}")
+    return views[host_layout](page)
+
+
+def store_config_from(storage_config: HiCacheStorageConfig,
+                      environ: Mapping[str, str] | None = None) -> tuple[StoreConfig, str | None]:
+    """The ``StoreConfig`` and extra salt of a backend (precedence in the module docstring)."""
+    extra = dict(storage_config.extra_config or {})
+    unknown = sorted(set(extra) - SGLANG_KEYS - OWN_KEYS - _STORE_FIELDS)
+    if unknown:
+        raise ValueError(f"extra_config: unknown setting(s) {unknown} for the kvstore HiCache backend; expected "
+                         f"StoreConfig fields {sorted(_STORE_FIELDS)}, {sorted(OWN_KEYS)} or SGLang's "
+                         f"{sorted(SGLANG_KEYS)}")
+    fields = {k: v for k, v in extra.items() if k in _STORE_FIELDS}
+    path = extra.get("kvstore_config")
+    if path is not None and (not isinstance(path, str) or not path):
+        raise ValueError(f"extra_config['kvstore_config']: expected a path to a TOML or YAML file, got {path!r}")
+    config = StoreConfig.load(path, environ)
+    if fields:
+        config = StoreConfig.from_dict({**dataclasses.asdict(config), **fields}, source="extra_config")
+    c = storage_config
+    if config.disk_dir is not None and c.tp_size * c.pp_size * c.attn_cp_size > 1:
+        # One LMDB environment per process (its directory is locked): each rank gets its own under disk_dir.
+        rank = f"rank-tp{c.tp_rank}of{c.tp_size}-pp{c.pp_rank}of{c.pp_size}-cp{c.attn_cp_rank}of{c.attn_cp_size}"
+        config = config.replace(disk_dir=os.path.join(config.disk_dir, rank))
+    if config.model_id == StoreConfig.model_id and storage_config.model_name:
+        config = config.replace(model_id=storage_config.model_name)  # not named anywhere: SGLang's model
+    salt = extra.get("salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError(f"extra_config['salt']: expected a non-empty string, got {salt!r}")
+    return config, salt
+
+
+def _count_leading(n: int, total: int) -> list[bool]:
+    return [True] * n + [False] * (total - n)
+
+
+class KVStoreHiCache(HiCacheStorage):
+    """SGLang ``HiCacheStorage`` over a ``KVStore`` (host RAM, NVMe, shared files, cache server, Redis).
+
+    Built by SGLang's ``StorageBackendFactory`` as ``KVStoreHiCache(storage_config, kwargs)``;
+    the store opens when SGLang registers its host pool (``register_mem_pool_host``), whose
+    geometry gives the block layout. Before that every call is a miss. ``close`` closes the
+    store (flushing write-behind queues); ``clear`` hides everything stored so far from this
+    backend (see ``clear``). ``store`` is the ``KVStore`` (``store.stats()``: hits, tiers, ...).
+    """
+
+    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Any = None,
+                 environ: Mapping[str, str] | None = None):
+        if not isinstance(storage_config, HiCacheStorageConfig):
+            raise ValueError(f"storage_config: expected a HiCacheStorageConfig, got {type(storage_config).__name__}")
+        self.storage_config = storage_config
+        self.config, self._user_salt = store_config_from(storage_config, environ)
+        self.store: KVStore | None = None
+        self.layout: KVLayout | None = None
+        self.host_layout: str | None = None
+        self.mla = bool(storage_config.is_mla_model)
+        self._page_shape: tuple[int, ...] | None = None
+        self._to_canonical: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._generation = 0
+        self._salt = self._make_salt()
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+        # The built-in backends that take a host pool get it as the second argument.
+        if kwargs is not None and not isinstance(kwargs, Mapping) and hasattr(kwargs, "get_data_page"):
+            self.register_mem_pool_host(kwargs)
+
+    # -- setup ------------------------------------------------------------------------
+
+    def _make_salt(self) -> str:
+        c = self.storage_config
+        parts = [f"sglang-hicache/v1;gen={self._generation}", f"pp={c.pp_rank}/{c.pp_size}",
+                 f"cp={c.attn_cp_rank}/{c.attn_cp_size}", f"dcp={c.dcp_rank}/{c.dcp_size}"]
+        if self._user_salt is not None:
+            parts.append(f"salt={self._user_salt}")
+        return ";".join(parts)
+
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        """Open the store for the page geometry of SGLang's host pool (reopen it if the geometry changed)."""
+        super().register_mem_pool_host(mem_pool_host)
+        layout, host_layout, to_canonical, page_shape = self._describe(mem_pool_host)
+        with self._lock:
+            old = self.store
+            if old is not None and self.layout == layout:
+                self.host_layout, self._to_canonical, self._page_shape = host_layout, to_canonical, page_shape
+                return
+            self.store = None
+            if old is not None:
+                old.close()
+            self.layout, self.host_layout = layout, host_layout
+            self._to_canonical, self._page_shape = to_canonical, page_shape
+            self.store = KVStore(layout, self.config)
+        logger.info("kvstore HiCache backend: %s pages of %d tokens (%s host layout, %d bytes each), tiers %s",
+                    "MLA" if self.mla else "MHA", layout.block_tokens, host_layout, layout.block_bytes,
+                    [t.name for t in self.store.tiers])
+
+    def _describe(self, pool: Any) -> tuple[KVLayout, str, Callable[[torch.Tensor], torch.Tensor], tuple[int, ...]]:
+        """The KVLayout of one page of ``pool``, its host layout, page view -> canonical, and the page view's shape."""
+        if getattr(pool, "kv_buffer", None) is None:
+            raise ValueError(f"host pool {type(pool).__name__}: expected a materialized kv_buffer (hybrid/logical "
+                             f"anchor pools are not supported by the kvstore backend)")
+        host_layout = pool.layout
+        c = self.storage_config
+        mla = hasattr(pool, "kv_cache_dim")
+        if mla != self.mla:
+            raise ValueError(f"host pool {type(pool).__name__}: expected an {'MLA' if self.mla else 'MHA'} pool "
+                             f"(storage_config.is_mla_model={self.mla}), got {'MLA' if mla else 'MHA'}")
+        if mla:
+            heads, head_dim, parts, tp_rank, tp_size = 1, pool.kv_cache_dim, 1, 0, 1  # replicated on every rank
+        else:
+            head_dim, v_head_dim = pool.head_dim, getattr(pool, "v_head_dim", pool.head_dim)
+            if v_head_dim != head_dim:
+                raise ValueError(f"host pool: expected equal K and V head dims, got {head_dim} and {v_head_dim}")
+            if getattr(c, "should_split_heads", False):
+                raise ValueError("storage_config.should_split_heads: split-heads heterogeneous TP is not supported "
+                                 "by the kvstore backend")
+            heads, parts, tp_rank, tp_size = pool.head_num, 2, c.tp_rank, c.tp_size
+        layout = KVLayout(num_layers=pool.layer_num, num_kv_heads=heads, head_dim=head_dim, dtype=pool.dtype,
+                          block_tokens=pool.page_size, kv_parts=parts, tp_rank=tp_rank, tp_size=tp_size)
+        views = _MLA_VIEWS if mla else _MHA_VIEWS
+        if host_layout not in views:
+            raise ValueError(f"host pool layout: expected one of {sorted(views)}, got {host_layout!r}")
+        to_canonical = views[host_layout]
+        sample = pool.get_data_page(0, flat=False)
+        canonical = to_canonical(sample)
+        if tuple(canonical.shape) != layout.block_shape:
+            raise ValueError(f"host pool page: expected a view of shape {list(layout.block_shape)} after mapping "
+                             f"{host_layout!r}, got {list(canonical.shape)} from {list(sample.shape)}")
+        return layout, host_layout, to_canonical, tuple(sample.shape)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _fail(self, what: str, exc: BaseException | None = None) -> None:
+        """Log a failure that becomes a miss: the first of each kind as a warning, later ones at debug level."""
+        message = f"kvstore HiCache backend: {what}" + (f": {type(exc).__name__}: {exc}" if exc else "")
+        key = what if exc is None else f"{what}:{type(exc).__name__}"
+        if key in self._warned:
+            logger.debug(message)
+        else:
+            self._warned.add(key)
+            logger.warning(message)
+
+    def _open_store(self) -> KVStore | None:
+        store = self.store
+        if store is None:
+            self._fail("no host pool registered yet (register_mem_pool_host): treating the call as a miss")
+        return store
+
+    def _flat_view(self, flat: torch.Tensor) -> torch.Tensor:
+        """A flat page (SGLang's ``get_data_page(i)`` / ``get_dummy_flat_data_page()``) as ``[L, P, T, H, D]``."""
+        if not isinstance(flat, torch.Tensor):
+            raise ValueError(f"page: expected a torch.Tensor, got {type(flat).__name__}")
+        expected = 1
+        for n in self._page_shape:
+            expected *= n
+        if flat.numel() != expected:
+            raise ValueError(f"page: expected {expected} elements (one page {list(self._page_shape)}), "
+                             f"got {flat.numel()}")
+        return self._to_canonical(flat.reshape(self._page_shape))
+
+    def _pool_views(self, host_indices: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """Canonical views of the host pool's pages starting at ``host_indices[i * page_size]``."""
+        pool = self.mem_pool_host
+        page = pool.page_size
+        if host_indices.numel() != count * page:
+            raise ValueError(f"host_indices: expected {count * page} indices for {count} pages of {page}, got "
+                             f"{host_indices.numel()}")
+        starts = host_indices[::page].tolist()
+        return [self._to_canonical(pool.get_data_page(i, flat=False)) for i in starts]
+
+    # -- flat-page interface (SGLang's generic path) ----------------------------------
+
+    def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> torch.Tensor | None:
+        """Page ``key`` into the flat tensor ``target_location`` (a new one if None); None on a miss."""
+        got = self.batch_get([key], [target_location], target_sizes)
+        return got[0] if got else None
+
+    def batch_get(self, keys: list[str], target_locations: Any = None,
+                  target_sizes: Any = None) -> list[torch.Tensor | None]:
+        """Pages ``keys`` into flat tensors; the leading pages found, then None (a miss ends the run)."""
+        keys = list(keys)
+        misses: list[torch.Tensor | None] = [None] * len(keys)
+        store = self._open_store()
+        if store is None or not keys:
+            return misses
+        try:
+            targets = list(target_locations) if target_locations is not None else [None] * len(keys)
+            if len(targets) != len(keys):
+                raise ValueError(f"target_locations: expected {len(keys)}, got {len(targets)}")
+            flats, outs, bounces = [], [], []
+            for t in targets:
+                flat = t if t is not None else torch.empty(self.layout.block_bytes // self.layout.element_bytes,
+                                                           dtype=self.layout.dtype)
+                # A flat page SGLang allocated is contiguous; another is read through a bounce buffer.
+                direct = flat.is_contiguous() and flat.device.type == "cpu"
+                buf = flat if direct else torch.empty(flat.shape, dtype=flat.dtype)
+                flats.append(flat)
+                outs.append(self._flat_view(buf))
+                bounces.append(None if direct else buf)
+            n = store.get_keyed(keys, outs, self._salt)
+            for flat, buf in zip(flats[:n], bounces[:n]):
+                if buf is not None:
+                    flat.copy_(buf.view(flat.shape))
+            return flats[:n] + misses[n:]
+        except Exception as exc:  # never into SGLang: a miss
+            self._fail("batch_get failed", exc)
+            return misses
+
+    def set(self, key: str, value: Any = None, target_location: Any = None, target_sizes: Any = None) -> bool:
+        """Store the flat page ``value`` under ``key``; False if it could not be stored."""
+        return self.batch_set([key], [value], target_location, target_sizes)
+
+    def batch_set(self, keys: list[str], values: Any = None, target_locations: Any = None,
+                  target_sizes: Any = None) -> bool:
+        """Store flat pages; True when every page is held afterwards (already-held pages are deduplicated)."""
+        keys = list(keys)
+        store = self._open_store()
+        if store is None:
+            return False
+        if not keys:
+            return True
+        try:
+            values = list(values) if values is not None else []
+            if len(values) != len(keys):
+                raise ValueError(f"values: expected {len(keys)} pages, got {len(values)}")
+            return self._put(store, keys, [self._flat_view(v) for v in values]) == len(keys)
+        except Exception as exc:
+            self._fail("batch_set failed", exc)
+            return False
+
+    def _put(self, store: KVStore, keys: Sequence[str], blocks: Sequence[torch.Tensor]) -> int:
+        """Store blocks; how many leading ``keys`` some tier holds afterwards."""
+        store.put_keyed(list(zip(keys, blocks)), self._salt)
+        return store.lookup_keyed(keys, self._salt)
+
+    # -- existence --------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        return self.batch_exists([key]) == 1
+
+    def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
+        """How many leading ``keys`` the store holds (any tier; one round trip to a server for the rest)."""
+        store = self._open_store()
+        if store is None or not keys:
+            return 0
+        try:
+            return store.lookup_keyed(list(keys), self._salt)
+        except Exception as exc:
+            self._fail("batch_exists failed", exc)
+            return 0
+
+    # -- zero-copy page interface (extra_config "interface_v1": 1) --------------------
+
+    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor,
+                     extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
+        """Read pages straight into the host pool at ``host_indices`` (one page per ``page_size`` indices)."""
+        keys = list(keys)
+        store = self._open_store()
+        if store is None:
+            return [False] * len(keys)
+        try:
+            n = store.get_keyed(keys, self._pool_views(host_indices, len(keys)), self._salt) if keys else 0
+            return _count_leading(n, len(keys))
+        except Exception as exc:
+            self._fail("batch_get_v1 failed", exc)
+            return [False] * len(keys)
+
+    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor,
+                     extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
+        """Store the host pool's pages at ``host_indices`` under ``keys``, straight from the pool."""
+        keys = list(keys)
+        store = self._open_store()
+        if store is None:
+            return [False] * len(keys)
+        if not keys:
+            return []
+        try:
+            return _count_leading(self._put(store, keys, self._pool_views(host_indices, len(keys))), len(keys))
+        except Exception as exc:
+            self._fail("batch_set_v1 failed", exc)
+            return [False] * len(keys)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Forget every page stored so far, as far as this backend can see.
+
+        kvstore has no public delete: the salt moves to a new generation, so
+        older blocks are never returned to this backend again and age out of
+        the tiers by LRU. A new backend (a restart) starts from generation 0
+        and sees persistent blocks stored before the clear.
+        """
+        with self._lock:
+            self._generation += 1
+            self._salt = self._make_salt()
+
+    def close(self) -> None:
+        """Close the store: flush write-behind queues to the lower tiers, close the tiers. Idempotent."""
+        with self._lock:
+            store, self.store = self.store, None
+        if store is not None:
+            try:
+                store.close()
+            except Exception as exc:
+                self._fail("close failed", exc)
+
+    def get_stats(self) -> None:
+        """SGLang's ``StorageMetrics`` are not filled in (None: SGLang uses empty ones); see ``store.stats()``."""
+        return None
