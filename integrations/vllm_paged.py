@@ -1,0 +1,136 @@
+"""Copies between kvstore's blocks and vLLM's per-layer paged KV caches, in every layout vLLM 0.33 hands out.
+
+vLLM 0.33 registers one standardized view per layer, ``[num_blocks, H,
+page, Dk + Dv]`` with K and V side by side in the last dimension, whose
+memory order depends on the attention backend (``LBNHC``, ``LBHNC``, ...);
+earlier versions registered ``[2, num_blocks, page, H, D]``, which
+``integrations/paged.py``'s ``VLLMPagedAdapter`` handles. ``paged_adapter``
+picks the right one. No vLLM import: the copies are plain torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvstore.integrations.paged import VLLMPagedAdapter, check_page_size
+from kvstore.layout import KVLayout
+
+
+@dataclass(frozen=True)
+class PageSlots:
+    """Tokens ``[start, start + num_tokens)`` of a request: whole pages by id, then single tokens."""
+
+    num_tokens: int
+    whole_pages: torch.Tensor  # page ids of the leading whole pages (start on a page boundary), int64
+    pages: torch.Tensor  # page id of each remaining token
+    offsets: torch.Tensor  # its slot in the page
+
+
+class StandardizedPagedAdapter:
+    """vLLM 0.33's standardized per-layer views ``[num_blocks, H, page, Dk + Dv]`` (K then V in the last dim).
+
+    The views may have any strides (``LBNHC``, ``LBHNC``...). Whole pages
+    move by one indexed copy per layer; a range starting or ending inside a
+    page moves its partial pages token by token.
+    """
+
+    def __init__(self, layout: KVLayout, kv_caches: Sequence[torch.Tensor]):
+        caches = list(kv_caches)
+        if len(caches) != layout.num_layers:
+            raise ValueError(f"kv_caches: expected {layout.num_layers} layers, got {len(caches)}")
+        h, d = layout.num_kv_heads, layout.head_dim
+        for i, t in enumerate(caches):
+            if t.dim() != 4 or t.shape[1] != h or t.shape[3] != 2 * d or t.shape != caches[0].shape:
+                raise ValueError(f"kv_caches[{i}]: expected [num_blocks, {h}, page, {2 * d}] as layer 0, "
+                                 f"got {list(t.shape)}")
+            if t.dtype != layout.dtype:
+                raise ValueError(f"kv_caches[{i}]: expected dtype {layout.dtype}, got {t.dtype}")
+        check_page_size(caches[0].shape[2], layout.block_tokens)
+        self.layout = layout
+        self.kv_caches = caches
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_caches[0].device
+
+    @property
+    def page_size(self) -> int:
+        return self.kv_caches[0].shape[2]
+
+    @property
+    def num_pages(self) -> int:
+        return self.kv_caches[0].shape[0]
+
+    def locate(self, block_table: Sequence[int], num_tokens: int, start: int = 0) -> PageSlots:
+        page = self.page_size
+        table = torch.as_tensor(list(block_table), dtype=torch.int64)
+        end = start + num_tokens
+        if table.numel() < -(-end // page):
+            raise ValueError(f"block_table: expected at least {-(-end // page)} block ids for tokens "
+                             f"[{start}, {end}), got {table.numel()}")
+        if table.numel() and (int(table.min()) < 0 or int(table.max()) >= self.num_pages):
+            raise ValueError(f"block_table: expected ids in [0, {self.num_pages}), got {table.tolist()}")
+        whole = (end // page - start // page) if start % page == 0 else 0
+        whole_pages = table[start // page:start // page + whole]
+        rest = torch.arange(start + whole * page, end, dtype=torch.int64)
+        dev = self.device
+        return PageSlots(num_tokens, whole_pages.to(dev), table[rest // page].to(dev), (rest % page).to(dev))
+
+    def gather_layer(self, layer: int, where: PageSlots, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer ``layer``'s KV at ``where`` as ``[2, n, H, D]``."""
+        lay, cache = self.layout, self.kv_caches[layer]
+        d = lay.head_dim
+        if out is None:
+            out = torch.empty(lay.shape(where.num_tokens)[1:], dtype=lay.dtype, device=self.device)
+        w = where.whole_pages.numel() * self.page_size
+        if w:
+            phys = _token_major(cache)
+            if phys is not None:  # one contiguous page copy each, then K and V split out of it
+                pages = phys.index_select(0, where.whole_pages)  # [np, page, H, 2D]
+            else:
+                pages = cache[where.whole_pages].transpose(1, 2)
+            out[0, :w].view(-1, self.page_size, lay.num_kv_heads, d).copy_(pages[..., :d])
+            out[1, :w].view(-1, self.page_size, lay.num_kv_heads, d).copy_(pages[..., d:])
+        if w < where.num_tokens:
+            rows = cache[where.pages, :, where.offsets]  # [n, H, 2D]
+            out[0, w:].copy_(rows[..., :d])
+            out[1, w:].copy_(rows[..., d:])
+        return out
+
+    def scatter_layer(self, layer: int, kv_layer: torch.Tensor, where: PageSlots) -> None:
+        """Write ``kv_layer`` ``[2, n, H, D]`` into layer ``layer``'s pages at ``where``."""
+        lay, cache = self.layout, self.kv_caches[layer]
+        if tuple(kv_layer.shape) != lay.shape(where.num_tokens)[1:] or kv_layer.dtype != lay.dtype:
+            raise ValueError(f"kv_layer: expected {list(lay.shape(where.num_tokens)[1:])} {lay.dtype}, "
+                             f"got {list(kv_layer.shape)} {kv_layer.dtype}")
+        rows = torch.cat([kv_layer[0], kv_layer[1]], dim=-1)  # [n, H, 2D]
+        w = where.whole_pages.numel() * self.page_size
+        phys = _token_major(cache)
+        if w and phys is not None:  # the cache is [B, page, H, 2D] in memory: whole contiguous pages
+            phys.index_copy_(0, where.whole_pages, rows[:w].view(-1, self.page_size, lay.num_kv_heads,
+                                                                 2 * lay.head_dim))
+        elif w:
+            pages = rows[:w].view(-1, self.page_size, lay.num_kv_heads, 2 * lay.head_dim).transpose(1, 2)
+            cache.index_copy_(0, where.whole_pages, pages) if cache.is_contiguous() else \
+                cache.index_put_((where.whole_pages,), pages)
+        if w < where.num_tokens:
+            cache.index_put_((where.pages, torch.arange(lay.num_kv_heads, device=self.device)[None, :],
+                              where.offsets[:, None]), rows[w:])
+
+
+def _token_major(cache: torch.Tensor) -> torch.Tensor | None:
+    """``cache`` ``[B, H, page, 2D]`` as the contiguous ``[B, page, H, 2D]`` it is in memory (vLLM's default
+    ``LBNHC``), or None if it is laid out otherwise."""
+    phys = cache.transpose(1, 2)
+    return phys if phys.is_contiguous() else None
+
+
+def paged_adapter(layout: KVLayout, kv_caches: Sequence[torch.Tensor]) -> Any:
+    """The adapter for vLLM's per-layer caches: standardized 4-D views, or the pre-0.33 5-D ``[2, B, page, H, D]``."""
+    if kv_caches and kv_caches[0].dim() == 5:
+        return VLLMPagedAdapter(layout, list(kv_caches))
+    return StandardizedPagedAdapter(layout, kv_caches)
