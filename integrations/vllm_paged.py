@@ -107,19 +107,19 @@ class StandardizedPagedAdapter:
         if tuple(kv_layer.shape) != lay.shape(where.num_tokens)[1:] or kv_layer.dtype != lay.dtype:
             raise ValueError(f"kv_layer: expected {list(lay.shape(where.num_tokens)[1:])} {lay.dtype}, "
                              f"got {list(kv_layer.shape)} {kv_layer.dtype}")
-        rows = torch.cat([kv_layer[0], kv_layer[1]], dim=-1)  # [n, H, 2D]
         w = where.whole_pages.numel() * self.page_size
-        phys = _token_major(cache)
-        if w and phys is not None:  # the cache is [B, page, H, 2D] in memory: whole contiguous pages
-            phys.index_copy_(0, where.whole_pages, rows[:w].view(-1, self.page_size, lay.num_kv_heads,
-                                                                 2 * lay.head_dim))
-        elif w:
-            pages = rows[:w].view(-1, self.page_size, lay.num_kv_heads, 2 * lay.head_dim).transpose(1, 2)
-            cache.index_copy_(0, where.whole_pages, pages) if cache.is_contiguous() else \
-                cache.index_put_((where.whole_pages,), pages)
+        d = lay.head_dim
+        if w:  # K and V straight into their halves of the last dim: no interleaved copy first
+            phys = _token_major(cache)
+            target = phys if phys is not None else cache
+            for half, part in ((slice(0, d), kv_layer[0, :w]), (slice(d, 2 * d), kv_layer[1, :w])):
+                pages = part.reshape(-1, self.page_size, lay.num_kv_heads, d)
+                target[..., half].index_copy_(0, where.whole_pages, pages if phys is not None else
+                                              pages.transpose(1, 2))
         if w < where.num_tokens:
+            rows = torch.cat([kv_layer[0, w:], kv_layer[1, w:]], dim=-1)  # [n, H, 2D]
             cache.index_put_((where.pages, torch.arange(lay.num_kv_heads, device=self.device)[None, :],
-                              where.offsets[:, None]), rows[w:])
+                              where.offsets[:, None]), rows)
 
 
 def _token_major(cache: torch.Tensor) -> torch.Tensor | None:
