@@ -617,7 +617,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         saver, where, given = entry
         if layer not in given:
             given.add(layer)
-            saver.save_layer(layer, self._adapter.gather_layer(layer, where))
+            saver.save_layer(layer, self._adapter.gather_layer(layer, where, out=saver.layer_buffer(layer)))
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         meta = self._connector_metadata

@@ -252,6 +252,11 @@ class LayerSaver:
         """True once every layer arrived and the blocks were stored."""
         return self.stored is not None
 
+    def layer_buffer(self, layer: int) -> torch.Tensor:
+        """Where layer ``layer`` is staged, ``[P, tokens, H, D]``: an engine may write the layer there
+        itself and pass this tensor to ``save_layer``, which then copies nothing."""
+        return self._staging[layer]
+
     def save_layer(self, layer: int, kv: torch.Tensor) -> int | None:
         """Take layer ``layer``'s KV; returns blocks newly stored when this was the last layer, else None."""
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.layout.num_layers:
@@ -267,7 +272,9 @@ class LayerSaver:
             if self._seen[layer]:
                 raise ValueError(f"layer: expected each layer once, got layer {layer} again")
             self._seen[layer] = True
-        self._staging[layer].copy_(kv)
+        staged = self._staging[layer]
+        if kv.data_ptr() != staged.data_ptr() or kv.stride() != staged.stride():
+            staged.copy_(kv)
         with self._lock:
             self._copied += 1
             if self._copied < self.layout.num_layers:

@@ -410,3 +410,18 @@ def test_save_rejects_bad_arguments(make_store):
         store.save(tokens)
     assert store.save(tokens, kv) == 3  # not layer-wise: a put
     assert store.lookup(tokens) == 40
+
+
+def test_a_layer_written_into_its_buffer_is_saved_without_a_copy(tmp_path):
+    from kvstore import StoreConfig
+
+    layout = tiny_layout()
+    tokens, kv = make_tokens(40, seed=8), make_kv(layout, 40, seed=8)
+    with KVStore(layout, StoreConfig(host_bytes=8 * layout.block_bytes)) as store:
+        saver = store.save(tokens, layer_wise=True)
+        for layer in range(layout.num_layers):
+            buffer = saver.layer_buffer(layer)
+            buffer.copy_(kv[layer])
+            saver.save_layer(layer, buffer)
+        assert saver.stored == 3
+        assert_same_kv(store.get(tokens), kv)
