@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from kvstore.buffers import empty_host
 from kvstore.keys import BlockRef
 from kvstore.layout import KVLayout
 from kvstore.prefetch import PrefetchHandle
@@ -84,8 +85,10 @@ class _Pipeline:
             num_tokens = self.blocks[len(sources) - 1].end if sources else 0
             with self.cond:
                 self.num_tokens = num_tokens
-                self.ring = [torch.empty(self.layout.shape(num_tokens)[1:], dtype=self.layout.dtype,
-                                         device=self.device) for _ in range(self.lookahead + 1)]
+                shape = self.layout.shape(num_tokens)[1:]
+                self.ring = [empty_host(shape, self.layout.dtype) if self.device.type == "cpu" else
+                             torch.empty(shape, dtype=self.layout.dtype, device=self.device)
+                             for _ in range(self.lookahead + 1)]
                 self.cond.notify_all()
             if self.on_sized is not None:
                 self.on_sized(num_tokens, time.perf_counter() - start)
@@ -241,7 +244,7 @@ class LayerSaver:
         self.num_tokens = total
         self._blocks = [block for block in blocks if block.start >= start]
         self._store_blocks = store_blocks
-        self._staging = torch.empty(layout.shape(total - start), dtype=layout.dtype)
+        self._staging = empty_host(layout.shape(total - start), layout.dtype)
         self._seen = [False] * layout.num_layers
         self._copied = 0
         self._lock = threading.Lock()

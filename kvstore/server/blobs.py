@@ -26,8 +26,8 @@ from pathlib import Path
 import lmdb
 
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.buffers import alloc_bytes
 from kvstore.protocol import PutResult
-from kvstore.server.streams import alloc_bytes
 from kvstore.tiers.lmdb import lock_directory
 
 NAMESPACE_COUNTERS = ("hits_ram", "hits_disk", "misses", "bytes_in", "bytes_out", "bytes_out_ram", "bytes_out_disk",

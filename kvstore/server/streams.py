@@ -16,11 +16,9 @@ import ssl
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
+from kvstore.buffers import alloc_bytes
 
 READ_AHEAD_BYTES = 256 << 10
-# Buffers from this size up are allocated without zero-filling.
-LARGE_BYTES = 1 << 20
 # Parts of a reply smaller than this are joined into one send.
 _JOIN_BYTES = 64 << 10
 
@@ -35,14 +33,6 @@ class Stream(Protocol):
     async def write(self, parts: Sequence[Bytes]) -> None: ...
 
     def close(self) -> None: ...
-
-
-def alloc_bytes(num_bytes: int) -> bytearray | memoryview:
-    """A writable buffer of ``num_bytes``. Large ones come uninitialised from numpy: a ``bytearray``
-    zero-fills and faults in every 4 KiB page, which costs more than receiving the bytes."""
-    if num_bytes < LARGE_BYTES:
-        return bytearray(num_bytes)
-    return memoryview(np.empty(num_bytes, dtype=np.uint8)).cast("B")
 
 
 async def read_exact(stream: Stream, num_bytes: int) -> bytearray | memoryview:
