@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kvstore.protocol import (FLAG_ERROR, FLAG_REPLY, HEADER_BYTES, MAX_KEY_BYTES, MISSING, U64, Header, Op,
-                              ProtocolError, PutResult, ServerError, Status, Welcome, pack_hello, pack_keys,
+                              ProtocolError, PutResult, ServerError, Welcome, pack_hello, pack_keys,
                               put_item_header, unpack_json, unpack_keys)
 
 DEFAULT_PORT = 8477
@@ -278,12 +278,5 @@ class ConnectionPool:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
+        self.discard_idle()
 
-
-def is_auth_error(exc: BaseException) -> bool:
-    return isinstance(exc, ServerError) and exc.status == Status.UNAUTHORIZED

@@ -27,7 +27,7 @@ from kvstore.compression.frame import MAGIC
 from kvstore.compression.stored import INTACT, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.protocol import ProtocolError
+from kvstore.protocol import ProtocolError, PutResult
 from kvstore.tiers.base import TIER_COUNTERS, tier_stats
 
 T = TypeVar("T")
@@ -143,11 +143,11 @@ class RemoteTier:
             return 0
         held = 0
         for (_, (_, payload)), result in zip(parts, results):
-            if result.name in ("STORED", "PRESENT"):
+            if result in (PutResult.STORED, PutResult.PRESENT):
                 held += 1
             else:
                 self._counters.add("rejected")
-            if result.name == "STORED":
+            if result == PutResult.STORED:
                 self._counters.add("blocks_written")
                 self._counters.add("bytes_written", memoryview(payload).nbytes)
         return held
