@@ -7,6 +7,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.compression.stored import CORRUPT, BlockEncoding
 from kvstore.metrics import Counters
 
 # Counters every tier reports in ``stats()``.
@@ -57,3 +59,13 @@ def tier_stats(counters: Counters, blocks: int, used_bytes: int, capacity_bytes:
     snapshot.update(blocks=blocks, used_bytes=used_bytes, capacity_bytes=capacity_bytes)
     return snapshot
 
+
+
+def decode_blob(encoding: BlockEncoding, key: bytes, fingerprint: bytes, blob: object, out: torch.Tensor) -> str:
+    """Verdict of a stored blob (integrity header, then payload) read for ``key``: ``INTACT`` only if its
+    header names ``key`` and ``fingerprint``, its checksum holds and ``encoding`` decoded it into ``out``."""
+    header = BlockHeader.unpack(blob)
+    payload = memoryview(blob)[HEADER_BYTES:]
+    if header is None or not header.verifies(key, fingerprint, payload):
+        return CORRUPT
+    return encoding.decode_into(payload, out)

@@ -46,7 +46,7 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS, tier_stats
+from kvstore.tiers.base import TIER_COUNTERS, decode_blob, tier_stats
 
 SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 _SCAN_COUNT = 1000
@@ -398,15 +398,10 @@ class RedisTier:
         elif isinstance(value, Exception):
             self._count_failure(value)
         elif value is not None and value is not _FAILED:
-            header = BlockHeader.unpack(value)
-            payload = memoryview(value)[HEADER_BYTES:]
-            if header is None or not header.verifies(key, self._fingerprint, payload):
-                verdict = CORRUPT
-            else:
-                verdict = self.encoding.decode_into(payload, out)
+            verdict = decode_blob(self.encoding, key, self._fingerprint, value, out)
         if verdict == INTACT:
             self._counters.add("hits")
-            self._counters.add("bytes_read", payload.nbytes)
+            self._counters.add("bytes_read", len(value) - HEADER_BYTES)
             return True
         self._counters.add("misses")
         if verdict in (CORRUPT, OTHER_CODEC):  # damaged, or in a form this tier no longer serves

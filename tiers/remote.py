@@ -28,7 +28,7 @@ from kvstore.compression.stored import INTACT, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
 from kvstore.protocol import ProtocolError, PutResult
-from kvstore.tiers.base import TIER_COUNTERS, tier_stats
+from kvstore.tiers.base import TIER_COUNTERS, decode_blob, tier_stats
 
 T = TypeVar("T")
 REMOTE_COUNTERS = ("errors", "timeouts", "unavailable")
@@ -192,10 +192,7 @@ class RemoteTier:
             if intact and bytes(views[0][:len(MAGIC)]) == MAGIC:  # a frame after all, or raw bytes that look like one
                 intact = self.encoding.decode_into(b"".join(views), out) == INTACT
         else:
-            header = BlockHeader.unpack(blob)
-            payload = memoryview(blob)[HEADER_BYTES:]
-            intact = (header is not None and header.verifies(key, self._fingerprint, payload)
-                      and self.encoding.decode_into(payload, out) == INTACT)
+            intact = decode_blob(self.encoding, key, self._fingerprint, blob, out) == INTACT
         self._counters.add("hits" if intact else "misses")
         if intact:
             self._counters.add("bytes_read", size - HEADER_BYTES)
