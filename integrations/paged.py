@@ -237,7 +237,7 @@ def _tiles(t: torch.Tensor, size: int) -> bool:
             and t.storage_offset() * es % size == 0 and all(s * es % size == 0 for s in t.stride()[:-1]))
 
 
-def _words(*tensors: torch.Tensor) -> list[torch.Tensor]:
+def as_words(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """``tensors`` viewed as the widest words that tile all of them (bitwise copies, see ``_WORDS``)."""
     for word in _WORDS:
         if word.is_complex and tensors[0].device.type not in _COMPLEX_DEVICES:
@@ -256,10 +256,10 @@ def _scatter_rows(rows: tuple[torch.Tensor, torch.Tensor], src: torch.Tensor, wh
     page_rows, token_rows = rows
     whole, n = where.paged_tokens, where.num_tokens
     if whole:
-        dst, src_rows = _words(page_rows, src[:whole].reshape(whole // where.page_size, -1))
+        dst, src_rows = as_words(page_rows, src[:whole].reshape(whole // where.page_size, -1))
         dst.index_copy_(0, where.pages, src_rows)
     if whole < n:
-        dst, src_rows = _words(token_rows, src[whole:].reshape(n - whole, -1))
+        dst, src_rows = as_words(token_rows, src[whole:].reshape(n - whole, -1))
         dst.index_copy_(0, where.slots[whole:], src_rows)
 
 
@@ -273,10 +273,10 @@ def _gather_rows(rows: tuple[torch.Tensor, torch.Tensor], where: TokenSlots, out
     page_rows, token_rows = rows
     whole, n = where.paged_tokens, where.num_tokens
     if whole:
-        src, out_rows = _words(page_rows, out[:whole].view(whole // where.page_size, -1))
+        src, out_rows = as_words(page_rows, out[:whole].view(whole // where.page_size, -1))
         torch.index_select(src, 0, where.pages, out=out_rows)
     if whole < n:
-        src, out_rows = _words(token_rows, out[whole:].view(n - whole, -1))
+        src, out_rows = as_words(token_rows, out[whole:].view(n - whole, -1))
         torch.index_select(src, 0, where.slots[whole:], out=out_rows)
 
 
@@ -539,7 +539,7 @@ class HFContiguousAdapter(_Layerwise):
         """Layer ``layer``'s KV at ``where``: ``[P, n, H, D]`` (into ``out`` when given)."""
         out = self._layer_call(layer, where, "out", out)
         for part, span in enumerate(self._spans(layer, where)):
-            dst, src = _words(out[part].transpose(0, 1), span)
+            dst, src = as_words(out[part].transpose(0, 1), span)
             dst.copy_(src)
         return out
 
@@ -547,5 +547,5 @@ class HFContiguousAdapter(_Layerwise):
         """Write ``kv_layer`` ``[P, n, H, D]`` into layer ``layer``'s caches at ``where``; the rest is untouched."""
         self._layer_call(layer, where, "kv_layer", kv_layer)
         for part, span in enumerate(self._spans(layer, where)):
-            dst, src = _words(span, kv_layer[part].transpose(0, 1))
+            dst, src = as_words(span, kv_layer[part].transpose(0, 1))
             dst.copy_(src)

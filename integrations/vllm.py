@@ -84,7 +84,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -310,9 +310,10 @@ class _Match:
 class _ActiveLoad:
     """A sync layer-wise load in flight on the worker."""
 
-    def __init__(self, spec: LoadSpec, loader: Any):
+    def __init__(self, spec: LoadSpec, loader: Any, sunk: bool):
         self.spec = spec
         self.loader = loader
+        self.sunk = sunk  # the loader scatters into vLLM's pages itself (CPU caches)
         self.next_layer = 0
         self.where: Any = None
         self.n = 0
@@ -553,8 +554,23 @@ class KVStoreConnector(KVConnectorBase_V1):
                     self._async_pool = ThreadPoolExecutor(2, thread_name_prefix="kvstore-vllm-load")
                 self._async_loads[spec.req_id] = self._async_pool.submit(self._load_whole, spec)
             else:
-                loader = self.store.load(spec.tokens, spec.salt, layer_wise=True, device=self._adapter.device)
-                self._active.append(_ActiveLoad(spec, loader))
+                sunk = self._adapter.device.type == "cpu"
+                loader = self.store.load(spec.tokens, spec.salt, layer_wise=True, device=self._adapter.device,
+                                         sink=self._sink(spec) if sunk else None)
+                self._active.append(_ActiveLoad(spec, loader, sunk))
+
+    def _sink(self, spec: LoadSpec) -> Callable[[int, list[tuple[int, torch.Tensor]]], None]:
+        """Scatter each loaded block's layer straight from the store into vLLM's pages: one copy, no staging."""
+        places: dict[int, Any] = {}
+
+        def sink(layer: int, parts: list[tuple[int, torch.Tensor]]) -> None:
+            for start, block in parts:
+                lo, hi = max(start, spec.start), min(start + block.shape[1], spec.end)
+                if lo < hi:
+                    if start not in places:
+                        places[start] = self._adapter.locate(spec.block_ids, hi - lo, start=lo)
+                    self._adapter.scatter_layer(layer, block[:, lo - start:hi - start], places[start])
+        return sink
 
     def _load_whole(self, spec: LoadSpec) -> None:
         """An async load: every layer at once, in a background thread."""
@@ -566,7 +582,7 @@ class KVStoreConnector(KVConnectorBase_V1):
             if loaded > spec.start:
                 where = self._adapter.locate(spec.block_ids, loaded - spec.start, start=spec.start)
                 for layer in range(self.layout.num_layers):
-                    self._adapter.scatter_layer(layer, kv[layer, :, spec.start:loaded].contiguous(), where)
+                    self._adapter.scatter_layer(layer, kv[layer, :, spec.start:loaded], where)
         except Exception:
             loaded = 0
         finally:
@@ -582,15 +598,20 @@ class KVStoreConnector(KVConnectorBase_V1):
     def _advance(self, load: _ActiveLoad, upto: int) -> None:
         """Scatter layers ``next_layer .. upto`` of a sync load into vLLM's caches."""
         spec = load.spec
+        upto = min(upto, self.layout.num_layers - 1)
         try:
-            while load.next_layer <= min(upto, self.layout.num_layers - 1):
+            if load.sunk and load.next_layer <= upto:
+                load.loader.wait_layer(upto)
+                load.n = min(load.loader.num_tokens, spec.end)
+                load.next_layer = upto + 1
+            while load.next_layer <= upto:
                 if load.where is None:
                     load.n = min(load.loader.num_tokens, spec.end)
                     load.where = (self._adapter.locate(spec.block_ids, load.n - spec.start, start=spec.start)
                                   if load.n > spec.start else False)
                 kv = load.loader.layer(load.next_layer)
                 if load.where is not False:
-                    self._adapter.scatter_layer(load.next_layer, kv[:, spec.start:load.n].contiguous(), load.where)
+                    self._adapter.scatter_layer(load.next_layer, kv[:, spec.start:load.n], load.where)
                 load.next_layer += 1
         except Exception:
             load.n = 0

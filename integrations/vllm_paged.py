@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kvstore.integrations.paged import VLLMPagedAdapter, check_page_size
+from kvstore.integrations.paged import VLLMPagedAdapter, as_words, check_page_size
 from kvstore.layout import KVLayout
 
 
@@ -89,12 +89,14 @@ class StandardizedPagedAdapter:
         w = where.whole_pages.numel() * self.page_size
         if w:
             phys = _token_major(cache)
-            if phys is not None:  # one contiguous page copy each, then K and V split out of it
-                pages = phys.index_select(0, where.whole_pages)  # [np, page, H, 2D]
+            if phys is not None and out.is_contiguous():  # K and V straight out of their halves, as words
+                for part, half in enumerate((slice(0, d), slice(d, 2 * d))):
+                    src, dst = as_words(phys[..., half], out[part, :w].view(-1, self.page_size, lay.num_kv_heads, d))
+                    torch.index_select(src, 0, where.whole_pages, out=dst)
             else:
-                pages = cache[where.whole_pages].transpose(1, 2)
-            out[0, :w].view(-1, self.page_size, lay.num_kv_heads, d).copy_(pages[..., :d])
-            out[1, :w].view(-1, self.page_size, lay.num_kv_heads, d).copy_(pages[..., d:])
+                pages = cache[where.whole_pages].transpose(1, 2)  # [np, page, H, 2D]
+                out[0, :w].view(-1, self.page_size, lay.num_kv_heads, d).copy_(pages[..., :d])
+                out[1, :w].view(-1, self.page_size, lay.num_kv_heads, d).copy_(pages[..., d:])
         if w < where.num_tokens:
             rows = cache[where.pages, :, where.offsets]  # [n, H, 2D]
             out[0, w:].copy_(rows[..., :d])
@@ -114,8 +116,8 @@ class StandardizedPagedAdapter:
             target = phys if phys is not None else cache
             for half, part in ((slice(0, d), kv_layer[0, :w]), (slice(d, 2 * d), kv_layer[1, :w])):
                 pages = part.reshape(-1, self.page_size, lay.num_kv_heads, d)
-                target[..., half].index_copy_(0, where.whole_pages, pages if phys is not None else
-                                              pages.transpose(1, 2))
+                dst, src = as_words(target[..., half], pages if phys is not None else pages.transpose(1, 2))
+                dst.index_copy_(0, where.whole_pages, src)
         if w < where.num_tokens:
             rows = torch.cat([kv_layer[0, w:], kv_layer[1, w:]], dim=-1)  # [n, H, 2D]
             cache.index_put_((where.pages, torch.arange(lay.num_kv_heads, device=self.device)[None, :],

@@ -10,6 +10,8 @@ allocates (a staging area, a received blob) come from here.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 
 import numpy as np
 import torch
@@ -31,3 +33,63 @@ def empty_host(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch
     if nbytes < LARGE_BYTES:
         return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+class BufferPool:
+    """Keeps released large host buffers for the next request instead of handing them back to the kernel.
+
+    A fresh buffer, even from huge pages, is zero-filled by the kernel on
+    first touch: for a 64 MiB layer-wise staging area that costs as much as
+    the copy it stages. ``take`` reuses an idle buffer of at least the
+    bytes asked for (and at most twice, so a small request does not pin a
+    large one); ``give`` keeps a buffer while the idle total stays within
+    ``max_idle_bytes``, dropping the oldest idle ones past it. Only what is
+    idle is bounded here: buffers in use belong to their requests.
+    """
+
+    def __init__(self, max_idle_bytes: int):
+        if isinstance(max_idle_bytes, bool) or not isinstance(max_idle_bytes, int) or max_idle_bytes < 0:
+            raise ValueError(f"max_idle_bytes: expected an integer >= 0, got {max_idle_bytes!r}")
+        self.max_idle_bytes = max_idle_bytes
+        self._idle: list[np.ndarray] = []  # oldest first
+        # data_ptr -> the buffer behind a taken tensor; weak, so a tensor never given back is simply freed
+        self._lent: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    @property
+    def idle_bytes(self) -> int:
+        with self._lock:
+            return sum(buf.nbytes for buf in self._idle)
+
+    def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised CPU tensor of ``shape`` and ``dtype``; give it back with ``give`` when done."""
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if nbytes < LARGE_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            fits = [b for b in self._idle if nbytes <= b.nbytes <= 2 * nbytes]
+            buf = min(fits, key=lambda b: b.nbytes) if fits else None
+            if buf is not None:
+                self._idle = [b for b in self._idle if b is not buf]
+        if buf is None:
+            buf = np.empty(nbytes, dtype=np.uint8)
+        tensor = torch.from_numpy(buf[:nbytes]).view(dtype).view(shape)
+        with self._lock:
+            self._lent[tensor.data_ptr()] = buf
+        return tensor
+
+    def give(self, tensor: torch.Tensor) -> None:
+        """Return a tensor from ``take`` (its views must no longer be used); anything else is ignored."""
+        with self._lock:
+            buf = self._lent.pop(tensor.data_ptr(), None)
+            if buf is None or buf.nbytes > self.max_idle_bytes:
+                return
+            self._idle.append(buf)
+            total = sum(b.nbytes for b in self._idle)
+            while total > self.max_idle_bytes:
+                total -= self._idle.pop(0).nbytes
+
+    def clear(self) -> None:
+        """Drop every idle buffer."""
+        with self._lock:
+            self._idle = []

@@ -81,6 +81,9 @@ class StoreConfig:
     - ``prefetch_workers``: threads bringing blocks up; ``prefetch_queue_blocks``:
       fetches that may wait for them (beyond that a prefetch is cut short and counted).
     - ``load_lookahead_layers``: layers a layer-wise load copies ahead of the engine.
+    - ``staging_bytes``: host RAM kept idle between requests for layer-wise
+      staging buffers, so a request reuses one instead of faulting in fresh
+      pages (0: none kept).
     - ``prefill_tokens_per_second``: the engine's prefill throughput, for the
       load-vs-recompute planner; 0 learns it from ``KVStore.record_prefill``.
 
@@ -137,6 +140,7 @@ class StoreConfig:
     prefetch_workers: int = 2
     prefetch_queue_blocks: int = 256
     load_lookahead_layers: int = 2
+    staging_bytes: int | str = "256MiB"
     prefill_tokens_per_second: float = 0.0
     remote_url: str | None = None
     remote_token: str | None = None
@@ -158,7 +162,7 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
             raise ValueError(f"model_id: expected a non-empty string, got {self.model_id!r}")
-        for name in ("device_bytes", "host_bytes", "disk_bytes", "files_bytes"):
+        for name in ("device_bytes", "host_bytes", "disk_bytes", "files_bytes", "staging_bytes"):
             object.__setattr__(self, name, parse_size(getattr(self, name), name))
         for name in ("disk_dir", "files_dir", "remote_token_file", "remote_tls_ca_file"):
             value = getattr(self, name)

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 
 import torch
 
+from kvstore.buffers import BufferPool
 from kvstore.config import StoreConfig
 from kvstore.keys import BlockRef, Salt, Tokens
-from kvstore.layerwise import LayerLoader, LayerSaver
+from kvstore.layerwise import LayerLoader, LayerSaver, LayerSink
 from kvstore.planner import LoadPlan, Planner, TierCost, tier_bandwidth
 from kvstore.prefetch import WAIT, Prefetcher, PrefetchHandle, PrefetchPolicy
 
@@ -40,6 +41,7 @@ class EngineHooks:
         self._policy = PrefetchPolicy(config.prefetch_policy, config.prefetch_timeout_base_seconds,
                                       config.prefetch_timeout_per_1k_tokens_seconds)
         self._scratch = threading.local()
+        self._buffers = BufferPool(config.staging_bytes)
         slots = getattr(self.tiers[0], "num_slots", None)  # prefetches pin at most half the fastest slot pool
         self._prefetcher = Prefetcher(self._bring_up, self._pin_fastest, self._unpin_fastest,
                                       config.prefetch_workers, config.prefetch_queue_blocks,
@@ -115,7 +117,8 @@ class EngineHooks:
 
     def load(self, tokens: Tokens, salt: Salt = None, *, layer_wise: bool = False,
              device: torch.device | str = "cpu", prefetch: PrefetchHandle | None = None,
-             plan: LoadPlan | None = None, out: torch.Tensor | None = None) -> torch.Tensor | LayerLoader:
+             plan: LoadPlan | None = None, out: torch.Tensor | None = None,
+             sink: LayerSink | None = None) -> torch.Tensor | LayerLoader:
         """Load the KV of the leading tokens of ``tokens`` the planner says are worth loading.
 
         Returns ``[L, P, n, H, D]`` on ``device``, or with ``layer_wise`` a
@@ -127,6 +130,10 @@ class EngineHooks:
         ``plan``: a plan made by ``plan(tokens)`` (else one is made now).
         ``out``: a buffer ``[L, P, len(tokens), H, D]`` to load into (an
         engine's preallocated one); the result is then a view of it.
+        ``sink``: with ``layer_wise``, ``sink(layer, [(first token, block
+        layer)])`` receives each layer in place of the loader's ring (see
+        ``LayerLoader``): an engine on the CPU scatters straight from the
+        store's blocks into its own cache.
         """
         self._check_open()
         blocks = self._keys.blocks(tokens, salt)
@@ -134,6 +141,8 @@ class EngineHooks:
             if layer_wise:
                 raise ValueError("out: expected None with layer_wise=True (the loader yields layers), got a tensor")
             self.layout.check_kv(out, num_tokens_of(blocks))
+        if sink is not None and not layer_wise:
+            raise ValueError("sink: expected None without layer_wise=True, got a callable")
         if prefetch is not None and prefetch.blocks and (not blocks or prefetch.blocks[0].key != blocks[0].key):
             raise ValueError("prefetch: expected a handle from prefetch() of these tokens and salt, got one of others")
         if plan is not None and plan.num_tokens != num_tokens_of(blocks):
@@ -148,7 +157,8 @@ class EngineHooks:
             handle = prefetch if prefetch is not None else self._prefetcher.start(
                 chosen, lambda key: True, PrefetchPolicy(WAIT))
             return LayerLoader(self.layout, chosen, handle, lambda block, dst: self._read_block(block.key, dst),
-                               device, self.config.load_lookahead_layers, on_sized=self._loaded)
+                               device, self.config.load_lookahead_layers, on_sized=self._loaded, buffers=self._buffers,
+                               sink=sink)
         start = time.perf_counter()
         if out is None:
             out = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype, device=device)
@@ -179,4 +189,4 @@ class EngineHooks:
         if kv is not None:
             raise ValueError(f"kv: expected None with layer_wise=True (layers go to save_layer), got "
                              f"{type(kv).__name__}")
-        return LayerSaver(self.layout, self._keys.blocks(tokens, salt), start, self._store_blocks)
+        return LayerSaver(self.layout, self._keys.blocks(tokens, salt), start, self._store_blocks, self._buffers)

@@ -24,13 +24,15 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from kvstore.buffers import empty_host
+from kvstore.buffers import BufferPool, empty_host
 from kvstore.keys import BlockRef
 from kvstore.layout import KVLayout
 from kvstore.prefetch import PrefetchHandle
 
 # Reads a block into ``dst`` (its canonical view) from whichever tier has it; False on a miss.
 ReadBlock = Callable[[BlockRef, torch.Tensor], bool]
+# Takes layer ``layer`` of the loaded blocks as ``(first token, [P, block tokens, H, D])`` pairs, in token order.
+LayerSink = Callable[[int, list[tuple[int, torch.Tensor]]], None]
 
 
 class _Pipeline:
@@ -43,8 +45,11 @@ class _Pipeline:
 
     def __init__(self, layout: KVLayout, blocks: Sequence[BlockRef], handle: PrefetchHandle,
                  read_block: ReadBlock, device: torch.device, lookahead: int,
-                 on_layer: Callable[[int], None] | None, on_sized: Callable[[int, float], None] | None):
+                 on_layer: Callable[[int], None] | None, on_sized: Callable[[int, float], None] | None,
+                 buffers: BufferPool | None = None, sink: LayerSink | None = None):
         self.layout = layout
+        self.buffers = buffers
+        self.sink = sink
         self.blocks = list(blocks)
         self.handle = handle
         self.read_block = read_block
@@ -86,15 +91,16 @@ class _Pipeline:
             with self.cond:
                 self.num_tokens = num_tokens
                 shape = self.layout.shape(num_tokens)[1:]
-                self.ring = [empty_host(shape, self.layout.dtype) if self.device.type == "cpu" else
-                             torch.empty(shape, dtype=self.layout.dtype, device=self.device)
-                             for _ in range(self.lookahead + 1)]
+                self.ring = [] if self.sink is not None else [
+                    self.host_buffer(shape) if self.device.type == "cpu" else
+                    torch.empty(shape, dtype=self.layout.dtype, device=self.device)
+                    for _ in range(min(self.lookahead + 1, self.layout.num_layers))]
                 self.cond.notify_all()
             if self.on_sized is not None:
                 self.on_sized(num_tokens, time.perf_counter() - start)
             for layer in range(self.layout.num_layers):
-                with self.cond:
-                    while not self.closed and layer > self.taken + self.lookahead:
+                with self.cond:  # a sink holds no ring: nothing bounds how far ahead it runs
+                    while not self.closed and self.sink is None and layer > self.taken + self.lookahead:
                         self.cond.wait()
                     if self.closed:
                         return
@@ -111,7 +117,22 @@ class _Pipeline:
         finally:
             self.handle.close()
 
+    def host_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.buffers is None:
+            return empty_host(shape, self.layout.dtype)
+        return self.buffers.take(shape, self.layout.dtype)
+
+    def give_back(self) -> None:
+        """Hand the ring to the buffer pool (only once the worker has stopped)."""
+        ring, self.ring = self.ring, []
+        if self.buffers is not None and self.device.type == "cpu":
+            for buf in ring:
+                self.buffers.give(buf)
+
     def copy_layer(self, layer: int, sources: Sequence[torch.Tensor]) -> None:
+        if self.sink is not None:
+            self.sink(layer, [(block.start, src[layer]) for block, src in zip(self.blocks, sources)])
+            return
         buf = self.ring[layer % len(self.ring)]
         if self.stream is None:
             for block, src in zip(self.blocks, sources):
@@ -151,20 +172,26 @@ class LayerLoader:
     A layer's tensor stays valid until the next layer is asked for (the
     ring reuses it then): copy it into the engine's own cache first, as
     engines do. ``on_layer(i)``, if given, is called from the worker as soon
-    as layer i is copied (for tracing). ``close()`` stops the worker and
+    as layer i is copied (for tracing). With a ``sink``, the worker hands
+    each layer of the loaded blocks, in place, to ``sink(layer, parts)``
+    instead (an engine scattering straight into its own cache: one copy,
+    no ring), as fast as it can; the engine then calls ``wait_layer(i)``
+    rather than ``layer(i)``. ``close()`` stops the worker and
     releases every pin; a loader used as a context manager closes itself,
     and one dropped without either is stopped when it is garbage collected.
     """
 
     def __init__(self, layout: KVLayout, blocks: Sequence[BlockRef], handle: PrefetchHandle,
                  read_block: ReadBlock, device: torch.device | str = "cpu", lookahead: int = 2,
-                 on_layer: Callable[[int], None] | None = None, on_sized: Callable[[int, float], None] | None = None):
+                 on_layer: Callable[[int], None] | None = None, on_sized: Callable[[int, float], None] | None = None,
+                 buffers: BufferPool | None = None, sink: LayerSink | None = None):
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
             raise ValueError(f"lookahead: expected an integer >= 1, got {lookahead!r}")
         self.layout = layout
         self.device = torch.device(device)
         self.lookahead = lookahead
-        self._pipe = _Pipeline(layout, blocks, handle, read_block, self.device, lookahead, on_layer, on_sized)
+        self._pipe = _Pipeline(layout, blocks, handle, read_block, self.device, lookahead, on_layer, on_sized,
+                               buffers, sink)
         self._thread = threading.Thread(target=self._pipe.run, name="kvstore-layer-loader", daemon=True)
         self._finalizer = weakref.finalize(self, self._pipe.stop)
         self._thread.start()
@@ -181,9 +208,17 @@ class LayerLoader:
         with self._pipe.cond:
             return self._pipe.loaded
 
+    def wait_layer(self, index: int) -> None:
+        """Wait until layer ``index`` is delivered (into the sink, or the ring); raises what the worker raised."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.layout.num_layers:
+            raise ValueError(f"layer: expected an int in [0, {self.layout.num_layers}), got {index!r}")
+        self._pipe.wait(lambda: self._pipe.loaded > index)
+
     def layer(self, index: int) -> torch.Tensor:
         """Layer ``index`` as ``[P, num_tokens, H, D]``; layers are asked for in order, each once."""
         pipe = self._pipe
+        if pipe.sink is not None:
+            raise ValueError("layer: this loader hands layers to its sink; expected wait_layer(index)")
         with pipe.cond:
             if pipe.closed:
                 raise RuntimeError("layer-wise load is closed")
@@ -214,7 +249,9 @@ class LayerLoader:
         self._finalizer()
         if self._thread is not threading.current_thread():
             self._thread.join()
-        self._pipe.ring = []
+            self._pipe.give_back()
+        else:
+            self._pipe.ring = []
 
     def __enter__(self) -> "LayerLoader":
         return self
@@ -234,7 +271,7 @@ class LayerSaver:
     """
 
     def __init__(self, layout: KVLayout, blocks: Sequence[BlockRef], start: int,
-                 store_blocks: Callable[[Sequence[BlockRef], torch.Tensor], int]):
+                 store_blocks: Callable[[Sequence[BlockRef], torch.Tensor], int], buffers: BufferPool | None = None):
         total = blocks[-1].end if blocks else 0
         bounds = {0, total} | {block.start for block in blocks}
         if isinstance(start, bool) or not isinstance(start, int) or start not in bounds:
@@ -244,7 +281,9 @@ class LayerSaver:
         self.num_tokens = total
         self._blocks = [block for block in blocks if block.start >= start]
         self._store_blocks = store_blocks
-        self._staging = empty_host(layout.shape(total - start), layout.dtype)
+        self._buffers = buffers
+        shape = layout.shape(total - start)
+        self._staging = empty_host(shape, layout.dtype) if buffers is None else buffers.take(shape, layout.dtype)
         self._seen = [False] * layout.num_layers
         self._copied = 0
         self._lock = threading.Lock()
@@ -282,6 +321,10 @@ class LayerSaver:
             self._copied += 1
             if self._copied < self.layout.num_layers:
                 return None
-        self.stored = self._store_blocks(self._blocks, self._staging) if self._blocks else 0
-        self._staging = torch.empty(0)
+        staging, self._staging = self._staging, torch.empty(0)
+        try:
+            self.stored = self._store_blocks(self._blocks, staging) if self._blocks else 0
+        finally:
+            if self._buffers is not None:
+                self._buffers.give(staging)
         return self.stored

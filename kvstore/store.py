@@ -141,6 +141,7 @@ class KVStore(EngineHooks, KeyedBlocks):
                 return
             self._closed = True
         self._prefetcher.close()
+        self._buffers.clear()
         self._writes.close()
         target = self.placement.on_close()
         if target is not None:

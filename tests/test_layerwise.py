@@ -281,6 +281,55 @@ def test_loader_rejects_a_bad_lookahead(make_store, lookahead):
     handle.close()
 
 
+@pytest.mark.parametrize("where", ["host", "disk_only_store", "mix"])
+def test_a_sink_gets_every_layer_of_every_block_in_place(make_store, where):
+    tokens, kv = make_tokens(37), make_kv(LAY, 37)
+    store = stored(make_store, where, tokens, kv)
+    got = torch.zeros_like(kv)
+    calls = []
+
+    def sink(layer, parts):
+        calls.append((layer, [start for start, _ in parts]))
+        for start, block in parts:
+            got[layer, :, start:start + block.shape[1]] = block
+
+    with store.load(tokens, layer_wise=True, sink=sink) as loader:
+        loader.wait_layer(LAY.num_layers - 1)
+        assert loader.num_tokens == 37 and loader.loaded_layers == LAY.num_layers
+        with pytest.raises(ValueError, match=r"^layer: this loader hands layers to its sink; expected wait_layer"):
+            loader.layer(0)
+    assert calls == [(layer, [0, 16, 32]) for layer in range(LAY.num_layers)]
+    assert_same_kv(got, kv)
+    assert pinned(store) == 0
+    assert store._buffers.idle_bytes == 0  # no ring was taken
+
+
+def test_a_failing_sink_surfaces_in_wait_layer_and_stops_the_worker(make_store):
+    tokens, kv = make_tokens(48), make_kv(LAY, 48)
+    store = stored(make_store, "host", tokens, kv)
+    layers = []
+
+    def sink(layer, parts):
+        layers.append(layer)
+        if layer == 2:
+            raise OSError("engine cache gone")
+
+    loader = store.load(tokens, layer_wise=True, sink=sink)
+    loader.wait_layer(1)
+    with pytest.raises(RuntimeError, match=r"^layer-wise load failed: OSError\('engine cache gone'\)"):
+        loader.wait_layer(LAY.num_layers - 1)
+    loader.close()
+    assert layers == [0, 1, 2] and pinned(store) == 0
+    with pytest.raises(ValueError, match=r"^layer: expected an int in \[0, 6\), got 6$"):
+        loader.wait_layer(6)
+
+
+def test_a_sink_needs_a_layer_wise_load(make_store):
+    store = make_store("host", lay=LAY)
+    with pytest.raises(ValueError, match=r"^sink: expected None without layer_wise=True, got a callable$"):
+        store.load(make_tokens(16), sink=lambda layer, parts: None)
+
+
 # -- layer-wise save ---------------------------------------------------------------------------
 
 

@@ -1,0 +1,127 @@
+"""Reused host buffers: a layer-wise save or load takes its staging from the store's pool and gives it back.
+
+What a user cares about: the second request reuses the first one's memory
+(no fresh pages to fault in), never sees or leaks another request's bytes,
+and the idle memory kept stays within ``staging_bytes``.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from conftest import assert_same_kv, make_kv, make_tokens, tiny_layout
+from kvstore import StoreConfig
+from kvstore.buffers import LARGE_BYTES, BufferPool
+from kvstore.store import KVStore
+
+MIB = 1 << 20
+LAY = tiny_layout()
+TOKENS = 4 * LARGE_BYTES // LAY.token_bytes  # staging of 4 MiB: big enough to be pooled
+
+
+def test_a_given_back_buffer_is_taken_again():
+    pool = BufferPool(16 * MIB)
+    first = pool.take((MIB,), torch.uint8)
+    address = first.data_ptr()
+    pool.give(first)
+    assert pool.idle_bytes == MIB
+    again = pool.take((MIB // 2, 2), torch.uint8)  # same bytes, another shape
+    assert again.data_ptr() == address and again.shape == (MIB // 2, 2)
+    assert pool.idle_bytes == 0
+
+
+def test_take_never_hands_out_a_buffer_too_small_or_over_twice_the_size():
+    pool = BufferPool(64 * MIB)
+    small, big = pool.take((2 * MIB,), torch.uint8), pool.take((8 * MIB,), torch.uint8)
+    small_at, big_at = small.data_ptr(), big.data_ptr()
+    pool.give(small)
+    pool.give(big)
+    mid = pool.take((3 * MIB,), torch.uint8)  # 2 MiB is too small, 8 MiB over twice 3 MiB
+    assert mid.data_ptr() not in (small_at, big_at)
+    assert pool.take((5 * MIB,), torch.uint8).data_ptr() == big_at
+    assert pool.take((MIB + 1,), torch.uint8).data_ptr() == small_at
+
+
+def test_idle_bytes_stay_within_the_bound_dropping_the_oldest():
+    pool = BufferPool(5 * MIB)
+    buffers = [pool.take((2 * MIB,), torch.uint8) for _ in range(3)]
+    addresses = [b.data_ptr() for b in buffers]
+    for b in buffers:
+        pool.give(b)
+    assert pool.idle_bytes == 4 * MIB  # the oldest was dropped
+    kept = {pool.take((2 * MIB,), torch.uint8).data_ptr() for _ in range(2)}
+    assert kept == set(addresses[1:])
+
+
+def test_small_and_foreign_tensors_are_not_kept():
+    pool = BufferPool(16 * MIB)
+    pool.give(pool.take((16,), torch.float32))
+    pool.give(torch.empty(MIB, dtype=torch.uint8))
+    pool.give(pool.take((32 * MIB,), torch.uint8))  # over the bound on its own
+    assert pool.idle_bytes == 0
+
+
+def test_a_buffer_never_given_back_is_freed():
+    pool = BufferPool(16 * MIB)
+    pool.take((MIB,), torch.uint8)
+    gc.collect()
+    assert len(pool._lent) == 0 and pool.idle_bytes == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1MiB"])
+def test_a_bad_bound_is_refused(bad):
+    with pytest.raises(ValueError, match=rf"^max_idle_bytes: expected an integer >= 0, got {bad!r}$"):
+        BufferPool(bad)
+
+
+def _save_layerwise(store: KVStore, tokens, kv) -> int:
+    saver = store.save(tokens, layer_wise=True)
+    for layer in range(LAY.num_layers):
+        saver.save_layer(layer, kv[layer])
+    return saver.stored
+
+
+def test_layerwise_saves_reuse_staging_and_keep_every_request_exact():
+    tokens_a, kv_a = make_tokens(TOKENS, seed=1), make_kv(LAY, TOKENS, seed=1)
+    tokens_b, kv_b = make_tokens(TOKENS, seed=2), make_kv(LAY, TOKENS, seed=2)
+    with KVStore(LAY, StoreConfig(host_bytes=64 * MIB)) as store:
+        first = store.save(tokens_a, layer_wise=True)
+        staging_at = first.layer_buffer(0).data_ptr()
+        for layer in range(LAY.num_layers):
+            first.save_layer(layer, kv_a[layer])
+        assert store._buffers.idle_bytes == LAY.token_bytes * TOKENS
+        second = store.save(tokens_b, layer_wise=True)
+        assert second.layer_buffer(0).data_ptr() == staging_at  # the first request's staging, reused
+        for layer in range(LAY.num_layers):
+            second.save_layer(layer, kv_b[layer])
+        assert_same_kv(store.get(tokens_a), kv_a)
+        assert_same_kv(store.get(tokens_b), kv_b)
+
+
+def test_layerwise_loads_reuse_their_ring_and_stay_exact():
+    tokens_a, kv_a = make_tokens(TOKENS, seed=3), make_kv(LAY, TOKENS, seed=3)
+    tokens_b, kv_b = make_tokens(TOKENS, seed=4), make_kv(LAY, TOKENS, seed=4)
+    with KVStore(LAY, StoreConfig(host_bytes=64 * MIB)) as store:
+        store.put(tokens_a, kv_a)
+        store.put(tokens_b, kv_b)
+        rings = []
+        for tokens, kv in ((tokens_a, kv_a), (tokens_b, kv_b), (tokens_a, kv_a)):
+            with store.load(tokens, layer_wise=True) as loader:
+                seen = set()
+                for layer, got in loader:
+                    seen.add(got.data_ptr())
+                    assert_same_kv(got, kv[layer])
+            rings.append(seen)
+            assert store._buffers.idle_bytes == min(3, LAY.num_layers) * LAY.token_bytes * TOKENS // LAY.num_layers
+        assert rings[0] == rings[1] == rings[2]
+
+
+def test_staging_bytes_zero_keeps_nothing_idle():
+    tokens, kv = make_tokens(TOKENS, seed=5), make_kv(LAY, TOKENS, seed=5)
+    with KVStore(LAY, StoreConfig(host_bytes=64 * MIB, staging_bytes=0)) as store:
+        assert _save_layerwise(store, tokens, kv) == len(store.block_keys(tokens))
+        assert store._buffers.idle_bytes == 0
+        assert_same_kv(store.get(tokens), kv)
