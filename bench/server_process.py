@@ -33,11 +33,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 
@@ -72,6 +76,73 @@ def recv_exact(sock: socket.socket, view: memoryview) -> bool:
             return False
         got += n
     return True
+
+
+class ServerProcess:
+    """``bench/server_process.py`` with ``settings``: ``url``, ``raw_port``, ``token``, ``loop``."""
+
+    def __init__(self, variant: str, settings: dict, profile: str | None = None, timeout: float = 60.0):
+        self.variant = variant
+        cmd = [sys.executable, str(Path(__file__).resolve()), json.dumps(settings)]
+        if profile is not None:
+            cmd += ["--profile", profile]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        deadline = time.monotonic() + timeout
+        output = []
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = self.proc.stdout.readline() if ready else ""
+            if not line:
+                break
+            output.append(line)
+            if line.startswith("READY "):
+                _, port, raw_port, self.token, self.loop = line.split()
+                self.url = f"kvstore://127.0.0.1:{port}"
+                self.raw_port = int(raw_port)
+                return
+        self.proc.kill()
+        self.proc.wait()
+        raise RuntimeError(f"server_process.py did not start: {''.join(output)}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    if not recv_exact(sock, view):
+        raise ConnectionError("raw endpoint closed the connection")
+
+
+class RawClient:
+    """One plain blocking socket (no timeout, TCP_NODELAY) to the raw endpoint, with preallocated buffers."""
+
+    def __init__(self, port: int, max_bytes: int):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(None)
+        self._out = aligned_buffer(max_bytes)
+        self._in = aligned_buffer(max_bytes)
+
+    def exchange(self, n_in: int, n_out: int, flags: int = 0) -> None:
+        """Send the 24-byte header and ``n_in`` bytes (two ``sendall``), receive ``n_out`` bytes."""
+        self.sock.sendall(RAW_HEADER.pack(n_in, n_out, flags))
+        if n_in:
+            self.sock.sendall(self._out[:n_in])
+        _recv_exact(self.sock, self._in[:n_out])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 
 
 class RawEndpoint:

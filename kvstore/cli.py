@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from kvstore.config import StoreConfig
 from kvstore.layout import KVLayout
@@ -37,11 +38,39 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from kvstore.benchmarking import run_quick
+def _bench_dir(explicit: str | None) -> Path | None:
+    """The checkout's ``bench/`` folder (suites and report harness): given, beside this package, or in the cwd."""
+    candidates = [Path(explicit)] if explicit else [Path(__file__).resolve().parents[1] / "bench",
+                                                    Path.cwd() / "bench"]
+    for folder in candidates:
+        if (folder / "kvbench" / "run.py").exists():
+            return folder
+    return None
 
-    repeat = 5 if args.quick else args.repeat
-    run_quick(args.data_dir, repeat=repeat)
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.quick:
+        from kvstore.benchmarking import run_quick
+
+        run_quick(args.data_dir, repeat=5)
+        return 0
+    folder = _bench_dir(args.bench_dir)
+    if folder is None:
+        print("kvstore bench: the full run needs a checkout of kvstore (its bench/ folder: the suites and the "
+              "report harness); run it from the repository after pip install -e ., or pass --bench-dir. "
+              "kvstore bench --quick runs anywhere.", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(folder))
+    from kvbench.run import BenchSettings, run
+
+    settings = BenchSettings(out_dir=args.out, data_dir=args.work_dir, quick=args.smoke, rounds=args.repeat,
+                             suites=not args.no_suites, peers=not args.no_peers,
+                             workloads=tuple(args.workloads.split(",")) if args.workloads else BenchSettings.workloads,
+                             configs=tuple(args.configs.split(",")) if args.configs else BenchSettings.configs,
+                             lmcache_python=args.lmcache_python, gpu_price_per_hour=args.gpu_price,
+                             prefill_tokens_per_second=args.prefill_tokens_per_second,
+                             **({"gpu": args.gpu} if args.gpu else {}))
+    run(settings)
     return 0
 
 
@@ -180,11 +209,26 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="also print every counter as JSON")
     info.set_defaults(run=_cmd_info)
 
-    bench = commands.add_parser("bench", help="measure the tiers against ceilings taken in the same run")
-    bench.add_argument("--quick", action="store_true", help="5 rounds per figure (about a minute)")
-    bench.add_argument("--repeat", type=int, default=10, help="rounds per figure without --quick (default 10)")
+    bench = commands.add_parser("bench", help="the benchmark report (in a checkout), or --quick: the tiers' "
+                                              "ratios to ceilings taken in the same run")
+    bench.add_argument("--quick", action="store_true", help="print the tiers' ratios, 5 rounds each (about a minute)")
     bench.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
-                       help=f"local folder for the disk tier (default {DEFAULT_DATA_DIR})")
+                       help=f"--quick: local folder for the disk tier (default {DEFAULT_DATA_DIR})")
+    bench.add_argument("--out", default="bench-report", help="where report.md, the charts and results.json go")
+    bench.add_argument("--work-dir", help="scratch folder for stores and files (default OUT/data, removed after)")
+    bench.add_argument("--repeat", type=int, default=10, help="rounds per figure (default 10)")
+    bench.add_argument("--smoke", action="store_true", help="check the whole harness in a few minutes on tiny "
+                                                           "sizes (its figures are not the report's)")
+    bench.add_argument("--no-suites", action="store_true", help="skip the pytest-benchmark suites")
+    bench.add_argument("--no-peers", action="store_true", help="skip LMCache")
+    bench.add_argument("--workloads", help="comma-separated: chat,rag,agent,no_reuse (default all)")
+    bench.add_argument("--configs", help="comma-separated: host,host+nvme,host+nvme+codec,remote (default all)")
+    bench.add_argument("--lmcache-python", help="a Python with lmcache 0.5.6 (default: this one, or .venv-lmcache)")
+    bench.add_argument("--gpu", help="the GPU the cost view assumes")
+    bench.add_argument("--gpu-price", type=float, default=2.50, help="dollars per GPU-hour for the cost view")
+    bench.add_argument("--prefill-tokens-per-second", type=float, default=15_000.0,
+                       help="the GPU's prefill throughput for the cost view (tokens/s)")
+    bench.add_argument("--bench-dir", help="the checkout's bench/ folder (default: found beside the package)")
     bench.set_defaults(run=_cmd_bench)
 
     codecs = commands.add_parser("codecs", help="compare the codecs: size, fidelity and speed on one core")
