@@ -85,12 +85,15 @@ class Steps:
         else:
             self._echo(f"  {text}")
 
-    def done(self, text: str) -> None:
+    def start(self, text: str) -> None:
         if self._bar is not None:
-            self._bar.update(1)
             self._bar.set_description(text[:40])
         else:
             self._echo(text)
+
+    def done(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -119,7 +122,14 @@ def _fidelity(quick: bool, progress: Progress) -> tuple[list[dict], str | None]:
     peer_rows = [r for r in rows if r["codec"].startswith("transformers")]
     skipped = None if peer_rows else "optimum-quanto is not installed (pip install '.[fidelity]')"
     return [{"method": ("" if r["codec"].startswith("transformers") else "kvstore ") + str(r["codec"]),
-             **{k: (None if v != v else v) for k, v in r.items() if k != "codec"}} for r in rows], skipped
+             "bits": 16 / r["ratio"], "compression_ratio": r["ratio"], "kl_mean": r["kl_mean"],
+             "top1_agreement": r["top1_agree"], "k_rel_err": r["k_rel_err"], "v_rel_err": r["v_rel_err"],
+             "encode_GBps": _finite(r["encode_gbps"]), "decode_GBps": _finite(r["decode_gbps"])}
+            for r in rows], skipped
+
+
+def _finite(value: float) -> float | None:
+    return None if value != value else value  # NaN (a speed not measured) is JSON null
 
 
 def run(settings: BenchSettings, echo: Callable[[str], None] = print) -> Path:
@@ -148,6 +158,7 @@ def run(settings: BenchSettings, echo: Callable[[str], None] = print) -> Path:
         "skipped": {}}
     steps = Steps(4, echo)
     try:
+        steps.start("benchmark suites")
         if settings.suites:
             ran, tail = suites.run_suites(out / "suites.json", settings.quick)
             if ran:
@@ -156,7 +167,8 @@ def run(settings: BenchSettings, echo: Callable[[str], None] = print) -> Path:
                 results["skipped"]["tiers"] = f"the benchmark suites failed: {tail}"
         else:
             results["skipped"]["tiers"] = "suites not run (--no-suites)"
-        steps.done("suites")
+        steps.done()
+        steps.start("peers side by side")
         with cache_server(data) as server:
             rows, skipped = compare.kvstore_rows(rounds, data, server, steps.note)
             results["skipped"].update(skipped)
@@ -164,15 +176,17 @@ def run(settings: BenchSettings, echo: Callable[[str], None] = print) -> Path:
                     if settings.peers else {"rows": [], "skipped": {"lmcache": "peers not run (--no-peers)"}})
             results["skipped"].update(peer.get("skipped", {}))
             results["comparisons"] = peers.comparisons(rows, peer)
-            steps.done("peers side by side")
+            steps.done()
+            steps.start("compression and fidelity")
             results["fidelity"], skipped_peer = _fidelity(settings.quick, steps.note)
             if skipped_peer:
                 results["skipped"]["QuantizedCache"] = skipped_peer
-            steps.done("compression")
+            steps.done()
+            steps.start("workloads")
             arrivals = {name: generate(name, workload_settings) for name in settings.workloads}
             results["workloads"] = serving.run_serving(arrivals, settings.configs, serving_settings, data / "stores",
                                                        server, steps.note)
-            steps.done("workloads")
+            steps.done()
     finally:
         steps.close()
         (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -1,0 +1,1 @@
+"""The ``kvstore bench`` full run: seeded workloads, the runner, and the report renderer (``kvbench.report``)."""
