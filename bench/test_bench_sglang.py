@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,9 @@ from kvstore.compression.table import one_thread  # noqa: E402
 
 
 # SGLang's pools and its storage config, built as the backend's tests build them (torchvision stub included).
-_spec = importlib.util.spec_from_file_location(
-    "_sglang_backend_tests", Path(__file__).resolve().parents[1] / "tests" / "integrations" / "test_sglang_backend.py")
+_TESTS = Path(__file__).resolve().parents[1] / "tests" / "integrations"
+sys.path.insert(0, str(_TESTS))  # its sglang_env.py
+_spec = importlib.util.spec_from_file_location("_sglang_backend_tests", _TESTS / "test_sglang_backend.py")
 _tests = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_tests)
 MHATokenToKVPool, MHATokenToKVPoolHost, storage_config = (_tests.MHATokenToKVPool, _tests.MHATokenToKVPoolHost,

@@ -11,12 +11,7 @@ where it cannot be found, a stub module stands in while the pools import.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import socket
-import sys
-import types
 
 import pytest
 import torch
@@ -28,62 +23,12 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheFile, HiCacheStorageConf
 from sglang.srt.mem_cache.storage import StorageBackendFactory  # noqa: E402
 
 from kvstore.integrations.sglang import KVStoreHiCache, canonical_page_view  # noqa: E402
+from sglang_env import stubbed_torchvision  # noqa: E402
 
 
-class _StubModule(types.ModuleType):
-    """Any attribute is another stub (``torchvision.transforms.InterpolationMode.BICUBIC``), callable."""
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        sub = sys.modules.get(f"{self.__name__}.{name}") or _stub(f"{self.__name__}.{name}")
-        setattr(self, name, sub)
-        return sub
-
-    def __call__(self, *args, **kwargs):
-        return self
-
-
-def _stub(name: str) -> _StubModule:
-    module = _StubModule(name)
-    module.__spec__ = importlib.machinery.ModuleSpec(name, _TorchvisionStub, is_package=True)
-    module.__path__ = []
-    module.__version__ = "0.0.0+stub"
-    sys.modules[name] = module
-    return module
-
-
-class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name == "torchvision" or name.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(name, cls, is_package=True)
-        return None
-
-    @classmethod
-    def create_module(cls, spec):
-        return _stub(spec.name)
-
-    @classmethod
-    def exec_module(cls, module):
-        pass
-
-
-def _import_pools():
-    """SGLang's device and host MHA pools (torchvision stubbed while they import, if it is missing)."""
-    stubbed = importlib.util.find_spec("torchvision") is None
-    if stubbed:
-        sys.meta_path.insert(0, _TorchvisionStub)
-    try:
-        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-        from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
-    finally:
-        if stubbed:
-            sys.meta_path.remove(_TorchvisionStub)
-    return MHATokenToKVPool, MHATokenToKVPoolHost
-
-
-MHATokenToKVPool, MHATokenToKVPoolHost = _import_pools()
+with stubbed_torchvision():
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 
 LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head")
 LAYERS, HEADS, HEAD_DIM, PAGE = 3, 2, 16, 16

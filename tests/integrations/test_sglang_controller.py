@@ -21,16 +21,11 @@ hit query and page transfer, the acks) is SGLang's unchanged code.
 
 SGLang's multimodal configs import torchvision, whose registry build is
 CUDA-only: where it cannot be found, a stub module stands in while the pools
-import (as in ``test_sglang_backend.py``; ``tests`` is not a package, so the
-stub is repeated here rather than imported).
+import (``sglang_env.py``).
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
-import sys
 import threading
 import types
 
@@ -44,53 +39,12 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig  # noqa: E
 from sglang.srt.mem_cache.storage import StorageBackendFactory  # noqa: E402
 
 from kvstore.integrations.sglang import KVStoreHiCache, canonical_page_view  # noqa: E402
-
-
-class _StubModule(types.ModuleType):
-    """Any attribute is another stub (``torchvision.transforms.InterpolationMode.BICUBIC``), callable."""
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        sub = sys.modules.get(f"{self.__name__}.{name}") or _stub(f"{self.__name__}.{name}")
-        setattr(self, name, sub)
-        return sub
-
-    def __call__(self, *args, **kwargs):
-        return self
-
-
-def _stub(name: str) -> _StubModule:
-    module = _StubModule(name)
-    module.__spec__ = importlib.machinery.ModuleSpec(name, _TorchvisionStub, is_package=True)
-    module.__path__ = []
-    module.__version__ = "0.0.0+stub"
-    sys.modules[name] = module
-    return module
-
-
-class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name == "torchvision" or name.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(name, cls, is_package=True)
-        return None
-
-    @classmethod
-    def create_module(cls, spec):
-        return _stub(spec.name)
-
-    @classmethod
-    def exec_module(cls, module):
-        pass
+from sglang_env import stubbed_torchvision  # noqa: E402
 
 
 def _import_sglang():
     """SGLang's pools, allocator and cache controller (torchvision stubbed while they import, if it is missing)."""
-    stubbed = importlib.util.find_spec("torchvision") is None
-    if stubbed:
-        sys.meta_path.insert(0, _TorchvisionStub)
-    try:
+    with stubbed_torchvision():
         from sglang.srt.managers.cache_controller import HiCacheController
         from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
         from sglang.srt.mem_cache.base_prefix_cache import CacheRequestHandle
@@ -103,12 +57,13 @@ def _import_sglang():
         from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
         from sglang.srt.mem_cache.utils import get_storage_hash_str
         from sglang.srt.runtime_context import get_parallel
-        found = dict(locals())
-    finally:
-        if stubbed:
-            sys.meta_path.remove(_TorchvisionStub)
-    del found["stubbed"]
-    return types.SimpleNamespace(**found)
+    return types.SimpleNamespace(
+        HiCacheController=HiCacheController, PagedTokenToKVPoolAllocator=PagedTokenToKVPoolAllocator,
+        CacheRequestHandle=CacheRequestHandle, PoolName=PoolName, HybridCacheController=HybridCacheController,
+        build_pool_entry=build_pool_entry, MHATokenToKVPool=MHATokenToKVPool,
+        MLATokenToKVPool=MLATokenToKVPool, HostPoolGroup=HostPoolGroup,
+        MHATokenToKVPoolHost=MHATokenToKVPoolHost, MLATokenToKVPoolHost=MLATokenToKVPoolHost,
+        get_storage_hash_str=get_storage_hash_str, get_parallel=get_parallel)
 
 
 sgl = _import_sglang()
