@@ -96,7 +96,9 @@ def _tokens(row: dict) -> int | None:
 def comparisons(kvstore_rows: list[dict], peer: dict) -> list[dict]:
     """One comparison per kvstore row, the peer's matching row beside it (``peer_value`` None if absent)."""
     version = peer.get("version", "")
-    peer_rows = {(r["path"], r["op"], _tokens(r)): r for r in peer.get("rows", [])}
+    peer_rows: dict[tuple, dict] = {}
+    for r in peer.get("rows", []):  # the peer's first row of a kind is its main figure (others are variants)
+        peer_rows.setdefault((r["path"], r["op"], _tokens(r)), r)
     out = []
     for row in kvstore_rows:
         tokens = _tokens(row)
