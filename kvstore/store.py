@@ -126,10 +126,14 @@ class KVStore(EngineHooks, KeyedBlocks):
         self.close()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every block ``put`` accepted is in every tier placement sent it to.
+        """Wait until every copy ``put`` queued for a lower tier has been written or has failed.
 
-        With ``disk_sync`` / ``files_sync`` on (the default) those writes are
-        then durable. False if ``timeout`` seconds ran out first.
+        With ``disk_sync`` / ``files_sync`` on (the default) the written ones
+        are then durable. A write that failed (a cache server down, a full
+        disk) is not retried: it is counted in the tier's ``errors`` (``stats()``) and the
+        block stays where it was, so True means the queues are empty, not
+        that every tier holds every block. False if ``timeout`` seconds ran
+        out first.
         """
         self._check_open()
         return self._writes.flush(timeout)
