@@ -258,7 +258,7 @@ class KVStoreConnectorMetadata(KVConnectorMetadata):
 
 
 STAT_KEYS = ("lookups", "lookup_tokens", "hit_tokens", "loads", "loaded_tokens", "load_seconds",
-             "load_error_blocks", "saves", "saved_tokens", "save_seconds")
+             "load_error_blocks", "saves", "saved_tokens", "save_seconds", "save_errors")
 
 
 @dataclass
@@ -645,8 +645,21 @@ class KVStoreConnector(KVConnectorBase_V1):
         layer = self._layer_index.get(layer_name)
         if not isinstance(meta, KVStoreConnectorMetadata) or layer is None or self._adapter is None:
             return
+        if self._adapter.device.type == "cpu":
+            return  # saved whole in wait_for_save, straight from the pages into the store (one copy)
         for spec in meta.saves:
             self._save_layer(spec, layer)
+
+    def _save_from_pages(self, spec: SaveSpec) -> None:
+        """Every new block of ``spec`` gathered from vLLM's (CPU) pages straight into the store's slots."""
+        def fill(block: Any, dst: torch.Tensor) -> None:
+            where = self._adapter.locate(spec.block_ids, block.num_tokens, start=block.start)
+            for layer in range(self.layout.num_layers):
+                self._adapter.gather_layer(layer, where, out=dst[layer])
+        try:
+            self.store.put_from(spec.tokens, fill, salt=spec.salt, start=spec.start)
+        except Exception:  # a save that cannot be made is a later miss, never an error in vLLM's step
+            self._count("save_errors")
 
     def wait_for_save(self) -> None:
         for load in self._active:  # loads vLLM did not wait for layer by layer
@@ -657,8 +670,11 @@ class KVStoreConnector(KVConnectorBase_V1):
             return
         for spec in meta.saves:
             start = time.perf_counter()
-            for layer in range(self.layout.num_layers):
-                self._save_layer(spec, layer)
+            if self._adapter.device.type == "cpu":
+                self._save_from_pages(spec)
+            else:
+                for layer in range(self.layout.num_layers):
+                    self._save_layer(spec, layer)
             self._count("saves")
             self._count("saved_tokens", len(spec.tokens) - spec.start)
             self._count("save_seconds", time.perf_counter() - start)

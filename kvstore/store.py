@@ -26,6 +26,7 @@ from kvstore.keyed import KeyedBlocks
 from kvstore.keys import BlockRef, KeyChain, Salt, Tokens
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
+from kvstore.pending import Fill, FillError, PendingBlock, as_tensor
 from kvstore.placement import Placement
 from kvstore.tiers.base import Tier
 from kvstore.writebehind import WriteBehind
@@ -242,11 +243,16 @@ class KVStore(EngineHooks, KeyedBlocks):
             self._health[i].record_read(dst.numel() * dst.element_size(), time.perf_counter() - start)
         return found
 
-    def _write(self, i: int, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
+    def _write(self, i: int, items: Sequence[tuple[bytes, torch.Tensor | PendingBlock]]) -> None:
         if not items or not self._available(i):
             return
+        tier = self.tiers[i]
+        if not getattr(tier, "fills_in_place", False):
+            items = [(key, as_tensor(block)) for key, block in items]
         try:
-            self.tiers[i].put_many(items)
+            tier.put_many(items)
+        except FillError:
+            raise  # the engine's fill failed, not the tier
         except Exception:
             self._failed(i)
             return
@@ -270,6 +276,31 @@ class KVStore(EngineHooks, KeyedBlocks):
         blocks = self._keys.blocks(tokens, salt)
         self.layout.check_kv(kv, num_tokens_of(blocks))
         return self._store_blocks(blocks, kv)
+
+    def put_from(self, tokens: Tokens, fill: Fill, salt: Salt = None, *, start: int = 0) -> int:
+        """Store the KV of ``tokens`` written by ``fill(block, dst)`` straight into the store's memory.
+
+        For engines whose KV sits in their own (paged) buffers: each block
+        not stored yet is handed to ``fill`` with ``dst``, a tensor ``[L, P,
+        block.num_tokens, H, D]`` in the host tier's slot, and the engine
+        gathers the block there: one copy, nothing staged (see
+        ``kvstore/pending.py``). Blocks before token ``start`` (a block
+        boundary) are skipped. Returns blocks newly stored. If ``fill``
+        raises, that block is not stored and the error (``FillError``)
+        reaches the caller; blocks filled before it stay stored.
+        """
+        self._check_open()
+        blocks = self._keys.blocks(tokens, salt)
+        bounds = {0, num_tokens_of(blocks)} | {b.start for b in blocks}
+        if isinstance(start, bool) or not isinstance(start, int) or start not in bounds:
+            raise ValueError(f"start: expected a block boundary in {sorted(bounds)}, got {start!r}")
+        if not callable(fill):
+            raise ValueError(f"fill: expected a callable fill(block, dst), got {type(fill).__name__}")
+        stored = 0
+        for block in blocks:  # one at a time: a fill that raises leaves every earlier block fully stored
+            if block.start >= start:
+                stored += self._store_items([(block.key, PendingBlock(self.layout, block, fill))])
+        return stored
 
     def _store_blocks(self, blocks: Sequence[BlockRef], kv: torch.Tensor) -> int:
         """Store ``blocks`` whose KV is ``kv`` (its token 0 is ``blocks[0].start``); returns blocks newly stored."""
@@ -349,6 +380,8 @@ class KVStore(EngineHooks, KeyedBlocks):
                 block = torch.empty(self.layout.block_shape, dtype=self.layout.dtype)
                 if not self._read(holder, key, block):
                     return
+            elif isinstance(block, PendingBlock):
+                block = block.materialize()  # a host tensor of the store's own
             else:
                 block = block.detach().to("cpu", copy=True)  # the caller may reuse its buffer after put
         if not self._writes.submit(self.tiers[j].name, key, block, release):

@@ -18,6 +18,7 @@ import torch
 
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
+from kvstore.pending import PendingBlock
 from kvstore.tiers.base import TIER_COUNTERS, tier_stats
 
 EvictCallback = Callable[[bytes, torch.Tensor], None]
@@ -117,8 +118,14 @@ class SlotTier:
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         return sum(self.put(key, block) for key, block in items)
 
-    def put(self, key: bytes, block: torch.Tensor) -> bool:
-        """Copy ``block`` into a slot; False if every slot is pinned by readers."""
+    @property
+    def fills_in_place(self) -> bool:
+        """Whether a ``PendingBlock`` may be filled straight into a slot (host memory: the engine's gather
+        writes there); slots on another device take it materialized."""
+        return self.device.type == "cpu"
+
+    def put(self, key: bytes, block: torch.Tensor | PendingBlock) -> bool:
+        """Copy ``block`` into a slot (a pending block fills it); False if every slot is pinned by readers."""
         with self._lock:
             if key in self._index:
                 self._index.move_to_end(key)
@@ -136,7 +143,10 @@ class SlotTier:
                 self.on_evict(victim_key, self._view(slot, victim_entry.num_tokens))
         num_tokens = block.shape[2]
         try:
-            self._copy_in(slot, self._view(slot, num_tokens), block)
+            if isinstance(block, PendingBlock):
+                block.write_into(self._view(slot, num_tokens))
+            else:
+                self._copy_in(slot, self._view(slot, num_tokens), block)
         except BaseException:
             with self._lock:
                 self._free.append(slot)
@@ -147,7 +157,7 @@ class SlotTier:
                 return True
             self._index[key] = _Entry(slot, num_tokens)
         self._counters.add("blocks_written")
-        self._counters.add("bytes_written", block.numel() * block.element_size())
+        self._counters.add("bytes_written", num_tokens * self.layout.token_bytes)
         return True
 
     def pin(self, key: bytes) -> torch.Tensor | None:

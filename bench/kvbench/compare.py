@@ -82,9 +82,9 @@ def _paged(layout: KVLayout, tokens: int, seed: int) -> tuple[VLLMPagedAdapter, 
 
 
 def paged_rows(rounds: int) -> Iterator[Row]:
-    """Store: the chunk gathered layer by layer from vLLM's pages into the store (``save(layer_wise=True)``,
-    each layer straight into the saver's buffer); retrieve: ``load(layer_wise=True)`` with a sink scattering
-    each stored block straight into the pages (one copy)."""
+    """Store: ``put_from``, each layer gathered from vLLM's pages straight into the host tier's slot (one
+    copy); retrieve: ``load(layer_wise=True)`` with a sink scattering each stored block straight into the
+    pages (one copy). As the vLLM connector does on CPU caches."""
     for tokens in CHUNKS.values():
         layout = chunk_layout(tokens)
         kv, out = random_kv(layout, tokens), torch.empty(layout.shape(tokens), dtype=layout.dtype)
@@ -94,10 +94,12 @@ def paged_rows(rounds: int) -> Iterator[Row]:
         prompts = PromptSource(tokens)
         config = StoreConfig(model_id="kvbench", host_bytes=(rounds + 4) * layout.block_bytes)
         with KVStore(layout, config) as store:
-            def save() -> None:
-                saver = store.save(prompts(), layer_wise=True)
+            def fill(block: object, dst: torch.Tensor) -> None:  # one block: the whole chunk
                 for layer in range(layout.num_layers):
-                    saver.save_layer(layer, adapter.gather_layer(layer, where, out=saver.layer_buffer(layer)))
+                    adapter.gather_layer(layer, where, out=dst[layer])
+
+            def save() -> None:
+                store.put_from(prompts(), fill)
             yield _ratio_row("paged", "store", alternate("paged store", layout.block_bytes, save,
                                                          lambda: out.copy_(kv), "Tensor.copy_", 0, rounds))
             stored = prompts()
