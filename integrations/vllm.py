@@ -84,7 +84,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +103,7 @@ except ImportError as exc:  # pragma: no cover - exercised without vllm
 
 from kvstore import KVLayout, KVStore, StoreConfig
 from kvstore.config import ENV_PREFIX
+from kvstore.integrations.paged_store import block_sink, save_paged
 from kvstore.integrations.vllm_paged import paged_adapter
 from kvstore.layout import resolve_dtype
 from kvstore.prefetch import PrefetchHandle
@@ -556,21 +557,9 @@ class KVStoreConnector(KVConnectorBase_V1):
             else:
                 sunk = self._adapter.device.type == "cpu"
                 loader = self.store.load(spec.tokens, spec.salt, layer_wise=True, device=self._adapter.device,
-                                         sink=self._sink(spec) if sunk else None)
+                                         sink=block_sink(self._adapter, spec.block_ids, spec.start, spec.end) if sunk
+                                         else None)
                 self._active.append(_ActiveLoad(spec, loader, sunk))
-
-    def _sink(self, spec: LoadSpec) -> Callable[[int, list[tuple[int, torch.Tensor]]], None]:
-        """Scatter each loaded block's layer straight from the store into vLLM's pages: one copy, no staging."""
-        places: dict[int, Any] = {}
-
-        def sink(layer: int, parts: list[tuple[int, torch.Tensor]]) -> None:
-            for start, block in parts:
-                lo, hi = max(start, spec.start), min(start + block.shape[1], spec.end)
-                if lo < hi:
-                    if start not in places:
-                        places[start] = self._adapter.locate(spec.block_ids, hi - lo, start=lo)
-                    self._adapter.scatter_layer(layer, block[:, lo - start:hi - start], places[start])
-        return sink
 
     def _load_whole(self, spec: LoadSpec) -> None:
         """An async load: every layer at once, in a background thread."""
@@ -651,13 +640,9 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._save_layer(spec, layer)
 
     def _save_from_pages(self, spec: SaveSpec) -> None:
-        """Every new block of ``spec`` gathered from vLLM's (CPU) pages straight into the store's slots."""
-        def fill(block: Any, dst: torch.Tensor) -> None:
-            where = self._adapter.locate(spec.block_ids, block.num_tokens, start=block.start)
-            for layer in range(self.layout.num_layers):
-                self._adapter.gather_layer(layer, where, out=dst[layer])
+        """Every new block of ``spec`` from vLLM's (CPU) pages into the store (``paged_store.save_paged``)."""
         try:
-            self.store.put_from(spec.tokens, fill, salt=spec.salt, start=spec.start)
+            save_paged(self.store, spec.tokens, self._adapter, spec.block_ids, spec.salt, spec.start)
         except Exception:  # a save that cannot be made is a later miss, never an error in vLLM's step
             self._count("save_errors")
 

@@ -74,7 +74,7 @@ class KVLayout:
     @property
     def element_bytes(self) -> int:
         """Bytes per element of ``dtype``."""
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def token_bytes(self) -> int:

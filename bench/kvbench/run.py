@@ -188,7 +188,7 @@ def run(settings: BenchSettings, echo: Callable[[str], None] = print) -> Path:
         steps.done()
         steps.start("peers side by side")
         with cache_server(data) as server:
-            rows, skipped = compare.kvstore_rows(rounds, data, server, steps.note)
+            rows, skipped = compare.kvstore_rows(rounds, data, server, steps.note, 1024 if settings.quick else 2048)
             results["skipped"].update(skipped)
             peer = (peers.run_lmcache(peers.lmcache_python(settings.lmcache_python), settings.quick)
                     if settings.peers else {"rows": [], "skipped": {"lmcache": "peers not run (--no-peers)"}})
