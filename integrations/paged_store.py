@@ -66,13 +66,30 @@ def save_paged(store: Any, tokens: Tokens, adapter: Any, block_table: Sequence[i
 
 def block_sink(adapter: Any, block_table: Sequence[int], start: int = 0,
                end: int | None = None) -> Callable[[int, list[tuple[int, torch.Tensor]]], None]:
-    """A loader sink scattering tokens ``[start, end)`` of each loaded block into ``adapter``'s pages."""
+    """A loader sink scattering tokens ``[start, end)`` of each loaded block into ``adapter``'s pages.
+
+    Blocks spanning many pages are scattered one by one, straight from the
+    store's slots (one copy). Blocks of a page or two would cost thousands
+    of small calls a request: a layer's blocks are then first joined into
+    one reused buffer and scattered in one call (two copies, few calls).
+    """
     places = PagePlaces(adapter, block_table)
+    joined: dict[tuple[int, ...], torch.Tensor] = {}
 
     def sink(layer: int, parts: list[tuple[int, torch.Tensor]]) -> None:
+        spans = []
         for first, block in parts:
             last = first + block.shape[1]
             lo, hi = max(first, start), (last if end is None else min(last, end))
             if lo < hi:
-                adapter.scatter_layer(layer, block[:, lo - first:hi - first], places(lo, hi - lo))
+                spans.append((lo, hi, block[:, lo - first:hi - first]))
+        if len(spans) > 1 and parts[0][1].shape[1] < DIRECT_PAGES * adapter.page_size:
+            lo, hi = spans[0][0], spans[-1][1]
+            shape = (spans[0][2].shape[0], hi - lo, *spans[0][2].shape[2:])
+            if shape not in joined:
+                joined[shape] = torch.empty(shape, dtype=spans[0][2].dtype, device=spans[0][2].device)
+            torch.cat([kv for _, _, kv in spans], dim=1, out=joined[shape])
+            spans = [(lo, hi, joined[shape])]
+        for lo, hi, kv in spans:
+            adapter.scatter_layer(layer, kv, places(lo, hi - lo))
     return sink
