@@ -3,12 +3,15 @@
 # are tested against the real packages (see ../shared/ENGINES.md): vLLM 0.33.0
 # in .venv-vllm and SGLang 0.5.23 in .venv-sglang, each with torch 2.13.0 (CPU)
 # and kvstore installed. Their CUDA builds cannot run a model here, but the
-# connector APIs import and run on a CPU.
+# connector APIs import and run on a CPU. The lmcache target builds
+# .venv-lmcache (LMCache 0.5.6, the peer that bench/peers/lmcache_peer.py
+# measures side by side; about 2 minutes and 1.9 GB).
 #
-#   scripts/engine-venvs.sh [vllm] [sglang]      (default: both)
+#   scripts/engine-venvs.sh [vllm] [sglang] [lmcache]      (default: vllm sglang)
 #
 # Then: .venv-vllm/bin/pytest -p no:cacheprovider tests/integrations/test_vllm_connector.py
 #       .venv-sglang/bin/pytest -p no:cacheprovider tests/integrations/test_sglang_backend.py
+#       .venv-lmcache/bin/python bench/peers/lmcache_peer.py --out lmcache-rows.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3.11}
@@ -50,10 +53,31 @@ build_sglang() {
     "$venv/bin/python" -c "import sglang, kvstore; print('sglang', sglang.__version__, 'ready in $venv')"
 }
 
+build_lmcache() {
+    local venv=.venv-lmcache
+    rm -rf "$venv" && "$python" -m venv "$venv"
+    "$venv/bin/pip" install -q torch==2.13.0
+    local torch_before
+    torch_before=$("$venv/bin/python" -W ignore -c 'import torch; print(torch.__version__)')
+    # LMCache leaves torch unpinned; naming torch==2.13.0 again keeps pip from
+    # swapping the CPU build for a CUDA one. It still pulls cupy-cuda13x and
+    # cuda-python, which import without a GPU.
+    "$venv/bin/pip" install -q lmcache==0.5.6 torch==2.13.0
+    "$venv/bin/pip" install -q "${kvstore_deps[@]}"
+    "$venv/bin/pip" install -q --no-deps -e .  # editable: the tests see the working tree
+    LMCACHE_TRACK_USAGE=false DO_NOT_TRACK=1 LMCACHE_LOG_LEVEL=ERROR LMCACHE_DISABLE_BANNER=1 \
+        "$venv/bin/python" -W ignore -c "
+import torch, lmcache.v1.cache_engine, kvstore
+from importlib.metadata import version
+assert torch.__version__ == '$torch_before', 'pip replaced torch $torch_before with ' + torch.__version__
+print('lmcache', version('lmcache'), 'torch', torch.__version__, 'ready in $venv')"
+}
+
 for engine in "${engines[@]}"; do
     case "$engine" in
         vllm) build_vllm ;;
         sglang) build_sglang ;;
-        *) echo "engine-venvs: expected vllm or sglang, got $engine" >&2; exit 2 ;;
+        lmcache) build_lmcache ;;
+        *) echo "engine-venvs: expected vllm, sglang or lmcache, got $engine" >&2; exit 2 ;;
     esac
 done

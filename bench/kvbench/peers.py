@@ -40,6 +40,11 @@ TARGETS: dict[tuple[str, str, int | None], tuple[float, str, str]] = {
 LABELS = {"cpu": "host tier, contiguous chunk", "paged": "paged (vLLM layout) <-> host tier",
           "lookup": "lookup, 131,072 tokens, nothing cached", "disk": "local disk",
           "server": "cache server on loopback"}
+# kvstore's path -> the peer's paths it is compared with: LMCache has two servers, its legacy one over TCP
+# (lm://, the transport kvstore's server also uses) and ``lmcache server``, which moves the KV through
+# shared memory with a client on the same host (a row each).
+PEER_PATHS = {"server": (("remote", "legacy server over TCP (lm://)"),
+                         ("server", "lmcache server, shared memory (lmcache_driven)"))}
 
 
 def lmcache_python(explicit: str | None = None) -> str | None:
@@ -103,13 +108,14 @@ def comparisons(kvstore_rows: list[dict], peer: dict) -> list[dict]:
     for row in kvstore_rows:
         tokens = _tokens(row)
         factor, better, target = _target(row["path"], row["op"], tokens)
-        match = peer_rows.get((row["path"], row["op"], tokens))
-        note = row.get("note", "")
-        if match is not None and match.get("note"):
-            note = f"{note}; {PEER_NAME}: {match['note']}" if note else f"{PEER_NAME}: {match['note']}"
-        out.append({"path": LABELS.get(row["path"], row["path"]), "op": row["op"], "chunk_bytes": row["chunk_bytes"],
-                    "chunk_tokens": tokens, "unit": row["unit"], "kvstore": row["kvstore"],
-                    "peer": f"{PEER_NAME} {version}".strip(),
-                    "peer_value": None if match is None else _peer_value(match, row["unit"]),
-                    "better": better, "target": target, "target_factor": factor, "note": note})
+        for peer_path, kind in PEER_PATHS.get(row["path"], ((row["path"], ""),)):
+            match = peer_rows.get((peer_path, row["op"], tokens))
+            note = row.get("note", "")
+            if match is not None and match.get("note"):
+                note = f"{note}; {PEER_NAME}: {match['note']}" if note else f"{PEER_NAME}: {match['note']}"
+            out.append({"path": LABELS.get(row["path"], row["path"]), "op": row["op"],
+                        "chunk_bytes": row["chunk_bytes"], "chunk_tokens": tokens, "unit": row["unit"],
+                        "kvstore": row["kvstore"], "peer": f"{PEER_NAME} {version} {kind}".strip(),
+                        "peer_value": None if match is None else _peer_value(match, row["unit"]),
+                        "better": better, "target": target, "target_factor": factor, "note": note})
     return out
