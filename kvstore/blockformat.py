@@ -48,6 +48,14 @@ class BlockHeader:
         return cls(key, layout, memoryview(payload).nbytes, checksum(payload))
 
     @classmethod
+    def for_parts(cls, key: bytes, layout: bytes, parts: "list[memoryview]") -> "BlockHeader":
+        """``for_payload`` of a payload held in several pieces (in order), without joining them."""
+        digest = xxhash.xxh3_64()
+        for part in parts:
+            digest.update(part)
+        return cls(key, layout, sum(p.nbytes for p in parts), digest.intdigest())
+
+    @classmethod
     def unpack(cls, data: object) -> "BlockHeader | None":
         """Parse a header; None if it is short, has the wrong magic or an unknown version."""
         view = memoryview(data)
@@ -60,11 +68,7 @@ class BlockHeader:
 
     def verifies_parts(self, key: bytes, layout: bytes, parts: "list[memoryview]") -> bool:
         """``verifies`` for a payload held in several pieces (in order), without joining them."""
-        digest = xxhash.xxh3_64()
-        for part in parts:
-            digest.update(part)
-        return (self.key == key and self.layout == layout and self.length == sum(p.nbytes for p in parts)
-                and self.checksum == digest.intdigest())
+        return self == BlockHeader.for_parts(key, layout, parts)
 
     def verifies(self, key: bytes, layout: bytes, payload: object) -> bool:
         """True if this header describes exactly ``payload`` stored as ``key`` for ``layout``."""

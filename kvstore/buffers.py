@@ -35,6 +35,28 @@ def empty_host(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch
     return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
+def writable_bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
+    return memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def payload_views(out: torch.Tensor) -> list[memoryview] | None:
+    """Byte views of ``out`` ([L, P, tokens, H, D] on the CPU) in raw-payload order, one per (layer, part).
+
+    A token range of a larger buffer is strided, but each (layer, part) of
+    it is contiguous: a raw block can be read from the socket straight into
+    it. None if ``out`` is not laid out that way.
+    """
+    if out.device.type != "cpu" or out.dim() != 5:
+        return None
+    if out.is_contiguous():
+        return [writable_bytes(out)]
+    _, _, tokens, heads, dim = out.shape
+    if out.stride(4) != 1 or out.stride(3) != dim or (tokens > 1 and out.stride(2) != heads * dim):
+        return None
+    return [writable_bytes(out[layer, part]) for layer in range(out.shape[0]) for part in range(out.shape[1])]
+
+
 class BufferPool:
     """Keeps released large host buffers for the next request instead of handing them back to the kernel.
 

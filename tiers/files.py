@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.buffers import payload_views
 from kvstore.compression.codec import FrameCodec
 from kvstore.compression.frame import MAGIC
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE, BlockEncoding
@@ -53,6 +54,7 @@ from kvstore.tiers.base import TIER_COUNTERS, tier_stats
 
 _SUFFIX, _TEMP_SUFFIX = ".kvb", ".tmp"
 _ALIGN = 4096  # O_DIRECT alignment of buffers, file offsets and lengths, bytes
+_MAX_IOVECS = 512  # pieces of one preadv/pwritev (the kernel's limit is 1024, with the header and a spare)
 _GONE = (errno.ENOENT, errno.ESTALE)  # ESTALE: deleted by another NFS client
 
 
@@ -295,14 +297,16 @@ class FilesTier:
         for key, block in items:
             if self.contains(key):
                 continue  # an existing file is never rewritten
-            payload = self.encoding.encode(block)
-            size = memoryview(payload).nbytes + HEADER_BYTES
+            parts = self._raw_parts(block)
+            if parts is None:
+                parts = [memoryview(self.encoding.encode(block)).cast("B")]
+            size = sum(part.nbytes for part in parts) + HEADER_BYTES
             if size > self._capacity:
                 self._counters.add("rejected")
                 continue
             self._make_room(size)
             try:
-                mtime_ns = self._write_file(key, payload)
+                mtime_ns = self._write_file(key, parts)
             finally:
                 with self._lock:
                     self._reserved -= size
@@ -326,13 +330,22 @@ class FilesTier:
                     flags = (flags & ~os.O_EXCL) | os.O_TRUNC
         return os.open(path, flags, 0o666), False
 
-    def _write_file(self, key: bytes, payload: object) -> int:
-        """Write a temp file, rename it onto block ``key``'s path; returns the file's mtime (ns)."""
+    def _raw_parts(self, block: torch.Tensor) -> list[memoryview] | None:
+        """A raw tier's payload as byte views of ``block`` itself (one per layer and part of a token range of
+        a larger tensor): written with one ``pwritev``, no contiguous copy first. None: encode it."""
+        if self.encoding.codec is not None or self._o_direct:
+            return None
+        views = payload_views(block)
+        return views if views is not None and len(views) <= _MAX_IOVECS else None
+
+    def _write_file(self, key: bytes, parts: list[memoryview]) -> int:
+        """Write a temp file holding ``parts`` (the payload, in order), rename it onto block ``key``'s path;
+        returns the file's mtime (ns)."""
         final = self._path(key)
         directory = os.path.dirname(final)
         temp = os.path.join(directory, f".{key.hex()}~{self._host}~{os.getpid()}~{secrets.token_hex(6)}.tmp")
-        header = BlockHeader.for_payload(key, self._fingerprint, payload).pack()
-        total = HEADER_BYTES + memoryview(payload).nbytes
+        header = BlockHeader.for_parts(key, self._fingerprint, parts).pack()
+        total = HEADER_BYTES + sum(part.nbytes for part in parts)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             fd, direct = self._open(temp, flags)
@@ -347,12 +360,15 @@ class FilesTier:
                 if direct:  # aligned bounce buffer padded to a page, then cut to the true length
                     bounce = self._buffer("bounce", _round_up(total))
                     bounce[:HEADER_BYTES] = header
-                    bounce[HEADER_BYTES:total] = memoryview(payload).cast("B")
+                    at = HEADER_BYTES
+                    for part in parts:
+                        bounce[at:at + part.nbytes] = part
+                        at += part.nbytes
                     bounce[total:_round_up(total)] = bytes(_round_up(total) - total)
                     written = _transfer(os.pwritev, fd, [memoryview(bounce)[:_round_up(total)]])
                     os.ftruncate(fd, total)
                 else:
-                    written = _transfer(os.pwritev, fd, [header, payload])
+                    written = _transfer(os.pwritev, fd, [header, *parts])
                 if written < total:
                     raise OSError(errno.EIO, f"short write of {temp}: {written} of {total} bytes")
                 if self._sync:
@@ -424,8 +440,9 @@ class FilesTier:
         fd, direct = self._open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             verdict = None
-            if self.encoding.codec is None and not direct and out.device.type == "cpu" and out.is_contiguous():
-                verdict = self._read_raw(fd, key, out)
+            views = payload_views(out) if self.encoding.codec is None and not direct else None
+            if views is not None and len(views) <= _MAX_IOVECS:
+                verdict = self._read_raw(fd, key, views)
             if verdict is None:
                 verdict = self._read_whole(fd, direct, key, out)
             if verdict == INTACT:
@@ -437,18 +454,18 @@ class FilesTier:
         finally:
             os.close(fd)
 
-    def _read_raw(self, fd: int, key: bytes, out: torch.Tensor) -> str | None:
-        """Header and payload read straight into ``out``; None if the file holds something else."""
-        expected = out.numel() * out.element_size()
+    def _read_raw(self, fd: int, key: bytes, views: list[memoryview]) -> str | None:
+        """Header and payload read straight into ``views`` (the output's bytes, in payload order, one
+        ``preadv``); None if the file holds something else."""
+        expected = sum(view.nbytes for view in views)
         header = bytearray(HEADER_BYTES)
-        payload = memoryview(out.detach().view(torch.uint8).reshape(-1).numpy())
-        total = _transfer(os.preadv, fd, [header, payload, bytearray(1)])
+        total = _transfer(os.preadv, fd, [header, *views, bytearray(1)])
         parsed = BlockHeader.unpack(header) if total >= HEADER_BYTES else None
         if parsed is None or parsed.key != key or parsed.layout != self._fingerprint:
             return CORRUPT
-        if parsed.length != expected or (expected >= len(MAGIC) and payload[:len(MAGIC)] == MAGIC):
+        if parsed.length != expected or (views[0].nbytes >= len(MAGIC) and views[0][:len(MAGIC)] == MAGIC):
             return None  # another size, or a frame: the general path decides
-        if total != HEADER_BYTES + expected or not parsed.verifies(key, self._fingerprint, payload):
+        if total != HEADER_BYTES + expected or not parsed.verifies_parts(key, self._fingerprint, views):
             return CORRUPT  # truncated, too long, or the checksum does not match
         return INTACT
 

@@ -105,6 +105,23 @@ def test_files_are_fanned_out_with_header_and_payload(open_tier, disk_dir, layou
         assert data[HEADER_BYTES:] == payload
 
 
+def test_a_token_range_of_a_larger_tensor_is_written_and_read_in_place(open_tier, disk_dir, layout):
+    """Blocks sliced out of a prompt's KV (strided) go to disk and come back with pwritev/preadv of their
+    pieces: the file is the same as for a contiguous block, and the read lands in the slice only."""
+    prompt = make_kv(layout, 3 * layout.block_tokens, seed=11)
+    sliced = prompt[:, :, layout.block_tokens:2 * layout.block_tokens]
+    assert not sliced.is_contiguous()
+    tier = open_tier()
+    tier.put_many([(A, sliced)])
+    data = open(block_path(disk_dir, A), "rb").read()
+    payload = as_bytes(sliced.contiguous())
+    assert data == BlockHeader.for_payload(A, layout.fingerprint, payload).pack() + payload
+    out = torch.zeros_like(prompt)
+    assert tier.get_into(A, out[:, :, layout.block_tokens:2 * layout.block_tokens])
+    assert_same_kv(out[:, :, layout.block_tokens:2 * layout.block_tokens], sliced)
+    assert not out[:, :, :layout.block_tokens].any() and not out[:, :, 2 * layout.block_tokens:].any()
+
+
 def test_present_block_is_not_rewritten(open_tier, disk_dir, layout, blocks):
     tier = open_tier()
     tier.put_many([(A, blocks[A])])
