@@ -15,7 +15,9 @@ pool and the L3 backend:
   zero-copy ``batch_set_v1`` (``interface_v1``), ``host_flat`` the generic
   path. Each round stores new page keys (both backends skip keys they hold).
   ``disk`` waits for the LMDB write-behind (``store.flush()``, fsync'ed)
-  inside the timed round; ``HiCacheFile`` never fsyncs.
+  inside the timed round; ``HiCacheFile`` never fsyncs, nor does
+  ``files_no_fsync`` (kvstore's files tier alone, a file per page: the same
+  durability).
 * get: ``HiCacheFile`` and kvstore ``host_flat`` read into flat pages and
   SGLang copies them into the pool (``set_from_flat_data_page``), the
   generic path; kvstore ``host`` / ``disk`` read straight into the pool
@@ -67,7 +69,9 @@ SUBJECTS = {
     "host_flat": ({"host_bytes": "512MiB"}, False),
     "disk": ({"host_bytes": 0}, True),
 }
-SET_SUBJECTS = {**SUBJECTS, "disk": ({"host_bytes": "512MiB"}, True)}  # host + write-through LMDB, flushed
+SET_SUBJECTS = {**SUBJECTS, "disk": ({"host_bytes": "512MiB"}, True),  # host + write-through LMDB, flushed
+                # HiCacheFile's durability: a file per page, no fsync (the files tier alone)
+                "files_no_fsync": ({"host_bytes": 0, "files_sync": False}, True)}
 
 
 def _pool():
@@ -165,6 +169,8 @@ def test_set_hicache_file_ceiling(benchmark, pool, tmp_path):
 @pytest.mark.parametrize("subject", list(SET_SUBJECTS))
 def test_set_kvstore(benchmark, pool, tmp_path, subject):
     settings, zero_copy = SET_SUBJECTS[subject]
+    if subject == "files_no_fsync":
+        settings = {**settings, "files_dir": str(tmp_path / "files")}
     backend = _kvstore_backend(pool, settings, tmp_path / "kv" if subject == "disk" else None)
     indices = _indices(SRC)
 
