@@ -394,12 +394,12 @@ def _compression_section(results: dict, out_dir: Path) -> list[str]:
     lines, rows = ["## Compression and fidelity", ""], results.get("fidelity")
     if not rows:
         return lines + [_not_measured(results, "fidelity")]
-    lines += ["Logit error and top-1 agreement against the same model with an uncompressed cache; GB/s "
-              "counts uncompressed bytes.", ""]
+    lines += ["Mean KL divergence of the next-token distribution and top-1 agreement against the same model "
+              "with an uncompressed cache; bits per 16-bit value stored; GB/s counts uncompressed bytes.", ""]
     speed = (lambda v: "-" if v is None else f"{v:.2f}")
     lines += _table(("method", "bits", "compression", "mean KL of the next token", "top-1 agreement", "encode GB/s",
                      "decode GB/s"),
-                    ((r["method"], f"{r['bits']:g}", f"{r['compression_ratio']:.2f}x",
+                    ((r["method"], f"{r['bits']:.2f}", f"{r['compression_ratio']:.2f}x",
                       f"{r['kl_mean']:.3g}", f"{r['top1_agreement']:.1%}", speed(r["encode_GBps"]),
                       speed(r["decode_GBps"])) for r in rows))
     return lines + ["", f"![compression vs fidelity]({_save(_compression_chart(rows), out_dir / 'compression.png')})"]
