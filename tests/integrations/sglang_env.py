@@ -1,4 +1,4 @@
-"""Importing SGLang's pools on a CPU machine: torchvision stubbed while they import, where it is missing.
+"""Importing SGLang's pools on a CPU machine (torchvision stubbed where missing), and the SGLang tests' helpers.
 
 SGLang's multimodal configs import torchvision, whose registry build is
 CUDA-only (it fails to import here, see ENGINES.md). ``stubbed_torchvision``
@@ -16,6 +16,9 @@ import sys
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import pytest
+import torch
 
 
 class _StubModule(types.ModuleType):
@@ -68,3 +71,26 @@ def stubbed_torchvision() -> Iterator[None]:
     finally:
         if stubbed:
             sys.meta_path.remove(_TorchvisionStub)
+
+
+def page_bytes(pool, index: int) -> torch.Tensor:
+    """The bytes of the page at token ``index`` (a copy, in the host layout's order)."""
+    return pool.get_data_page(int(index), flat=False).contiguous().view(torch.uint8).clone()
+
+
+def page_indices(pages, page_size: int) -> torch.Tensor:
+    """The token slots of host ``pages``, in order."""
+    return torch.cat([torch.arange(p * page_size, (p + 1) * page_size) for p in pages])
+
+
+def keys(n: int, tag: str = "k") -> list[str]:
+    """``n`` page hashes as SGLang spells them (64 characters)."""
+    return [f"{tag}{i:04d}" + "0" * 56 for i in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def no_failure_injection(monkeypatch):
+    """SGLang's test knobs (random delays and failures) and a stray kvstore config are off in every test."""
+    for var in ("SGLANG_TEST_HICACHE_BACKEND_RANDOM_DELAY", "SGLANG_TEST_HICACHE_BACKEND_RANDOM_FAILURE",
+                "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", "KVSTORE_CONFIG"):
+        monkeypatch.delenv(var, raising=False)

@@ -23,7 +23,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheFile, HiCacheStorageConf
 from sglang.srt.mem_cache.storage import StorageBackendFactory  # noqa: E402
 
 from kvstore.integrations.sglang import KVStoreHiCache, canonical_page_view  # noqa: E402
-from sglang_env import stubbed_torchvision  # noqa: E402
+from sglang_env import keys, no_failure_injection, page_bytes, page_indices, stubbed_torchvision  # noqa: E402,F401
 
 
 with stubbed_torchvision():
@@ -69,23 +69,8 @@ def make_backend(pool=None, **settings) -> KVStoreHiCache:
     return backend
 
 
-def page_bytes(pool, index: int) -> torch.Tensor:
-    return pool.get_data_page(index, flat=False).contiguous().view(torch.uint8).clone()
-
-
 def indices(pages) -> torch.Tensor:
-    return torch.cat([torch.arange(p * PAGE, (p + 1) * PAGE) for p in pages])
-
-
-def keys(n: int, tag: str = "k") -> list[str]:
-    return [f"{tag}{i:04d}" + "0" * 56 for i in range(n)]
-
-
-@pytest.fixture(autouse=True)
-def _no_failure_injection(monkeypatch):
-    for var in ("SGLANG_TEST_HICACHE_BACKEND_RANDOM_DELAY", "SGLANG_TEST_HICACHE_BACKEND_RANDOM_FAILURE",
-                "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", "KVSTORE_CONFIG"):
-        monkeypatch.delenv(var, raising=False)
+    return page_indices(pages, PAGE)
 
 
 def test_sglang_factory_loads_the_backend(tmp_path):
