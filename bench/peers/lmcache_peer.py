@@ -815,18 +815,8 @@ def _make_connectors(torch: Any, GPUConnectorInterface: type) -> Any:
     hidden = NUM_KV_HEADS * HEAD_DIM
     cpu = torch.device("cpu")
 
-    class Contiguous(GPUConnectorInterface):
-        """KV held as one contiguous [2, L, T, H*D] tensor per chunk (kwargs
-        ``chunks`` on store, ``out`` on retrieve); the copy is a plain ``copy_``."""
-
-        def __init__(self, chunk_tokens: int):
-            self.chunk_tokens = chunk_tokens
-
-        def from_gpu(self, memory_obj, start, end, **kwargs):
-            memory_obj.tensor.copy_(kwargs["chunks"][start // self.chunk_tokens])
-
-        def to_gpu(self, memory_obj, start, end, **kwargs):
-            kwargs["out"][start // self.chunk_tokens].copy_(memory_obj.tensor)
+    class _Batched(GPUConnectorInterface):
+        """The batched calls one chunk at a time, and the KV_2LTD memory-object shape."""
 
         def batched_from_gpu(self, memory_objs, starts, ends, **kwargs):
             for m, s, e in zip(memory_objs, starts, ends):
@@ -839,7 +829,20 @@ def _make_connectors(torch: Any, GPUConnectorInterface: type) -> Any:
         def get_shape(self, num_tokens):
             return torch.Size([2, NUM_LAYERS, num_tokens, hidden])
 
-    class Paged(GPUConnectorInterface):
+    class Contiguous(_Batched):
+        """KV held as one contiguous [2, L, T, H*D] tensor per chunk (kwargs
+        ``chunks`` on store, ``out`` on retrieve); the copy is a plain ``copy_``."""
+
+        def __init__(self, chunk_tokens: int):
+            self.chunk_tokens = chunk_tokens
+
+        def from_gpu(self, memory_obj, start, end, **kwargs):
+            memory_obj.tensor.copy_(kwargs["chunks"][start // self.chunk_tokens])
+
+        def to_gpu(self, memory_obj, start, end, **kwargs):
+            kwargs["out"][start // self.chunk_tokens].copy_(memory_obj.tensor)
+
+    class Paged(_Batched):
         """vLLM's paged KV on the CPU: ``kvcaches`` is one [2, num_blocks,
         block_size, H, D] tensor per layer, ``slot_mapping`` the token -> slot
         map of the whole prompt. Same flow as LMCache's
@@ -872,17 +875,6 @@ def _make_connectors(torch: Any, GPUConnectorInterface: type) -> Any:
             vllm_cached = kwargs.get("vllm_cached_tokens", 0)
             skip = min(end - start, max(0, vllm_cached - start))
             self._transfer(memory_obj, start, end, TransferDirection.H2D, skip=skip, **kwargs)
-
-        def batched_from_gpu(self, memory_objs, starts, ends, **kwargs):
-            for m, s, e in zip(memory_objs, starts, ends):
-                self.from_gpu(m, s, e, **kwargs)
-
-        def batched_to_gpu(self, memory_objs, starts, ends, **kwargs):
-            for m, s, e in zip(memory_objs, starts, ends):
-                self.to_gpu(m, s, e, **kwargs)
-
-        def get_shape(self, num_tokens):
-            return torch.Size([2, NUM_LAYERS, num_tokens, hidden])
 
     class _NS:
         pass
