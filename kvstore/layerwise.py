@@ -177,7 +177,8 @@ class LayerLoader:
     instead (an engine scattering straight into its own cache: one copy,
     no ring), as fast as it can; the engine then calls ``wait_layer(i)``
     rather than ``layer(i)``. ``close()`` stops the worker and
-    releases every pin; a loader used as a context manager closes itself,
+    releases every pin (its layer buffers go back to the store for reuse: do
+    not keep a layer tensor past it); a loader used as a context manager closes itself,
     and one dropped without either is stopped when it is garbage collected.
     """
 
