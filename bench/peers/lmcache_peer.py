@@ -334,11 +334,8 @@ class Bench:
                     t1 = time.perf_counter()
                     mask = eng.retrieve(toks, out=out)
                     t2 = time.perf_counter()
-                    got = int(mask.sum())
-                    if got != plan.prompt_tokens:
-                        raise RuntimeError(f"retrieve returned {got} of {plan.prompt_tokens} tokens")
-                    if i == 0 and not all(self.torch.equal(a, b) for a, b in zip(src, out)):
-                        raise RuntimeError("retrieved KV differs from stored KV")
+                    _check_round_trip("cpu", mask, plan.prompt_tokens, i != 0 or
+                        all(self.torch.equal(a, b) for a, b in zip(src, out)))
                     for o in out:
                         o.zero_()
                     if i >= plan.warmup:
@@ -414,14 +411,8 @@ class Bench:
                     t1 = time.perf_counter()
                     mask = eng.retrieve(toks, kvcaches=kv_dst, slot_mapping=slot_mapping)
                     t2 = time.perf_counter()
-                    got = int(mask.sum())
-                    if got != plan.prompt_tokens:
-                        raise RuntimeError(f"retrieve returned {got} of {plan.prompt_tokens} tokens")
-                    if i == 0:
-                        blocks = block_table
-                        ok = all(torch.equal(a[:, blocks], b[:, blocks]) for a, b in zip(kv_src, kv_dst))
-                        if not ok:
-                            raise RuntimeError("paged round trip differs")
+                    _check_round_trip("paged", mask, plan.prompt_tokens, i != 0 or
+                        all(torch.equal(a[:, block_table], b[:, block_table]) for a, b in zip(kv_src, kv_dst)))
                     if i >= plan.warmup:
                         st.append(t1 - t0)
                         rt.append(t2 - t1)
@@ -536,11 +527,8 @@ class Bench:
                     t2 = time.perf_counter()
                     mask = eng.retrieve(toks, out=out)
                     t3 = time.perf_counter()
-                    got = int(mask.sum())
-                    if got != plan.prompt_tokens:
-                        raise RuntimeError(f"disk retrieve returned {got} of {plan.prompt_tokens} tokens")
-                    if i == 0 and not all(torch.equal(a, b) for a, b in zip(src, out)):
-                        raise RuntimeError("disk round trip differs")
+                    _check_round_trip("disk", mask, plan.prompt_tokens, i != 0 or
+                        all(torch.equal(a, b) for a, b in zip(src, out)))
                     for name in os.listdir(raw_dir):
                         os.unlink(os.path.join(raw_dir, name))
                     if i >= plan.warmup:
@@ -631,11 +619,8 @@ class Bench:
                         t1 = time.perf_counter()
                         mask = eng.retrieve(toks, out=out)
                         t2 = time.perf_counter()
-                        got = int(mask.sum())
-                        if got != plan.prompt_tokens:
-                            raise RuntimeError(f"remote retrieve returned {got} of {plan.prompt_tokens} tokens")
-                        if i == 0 and not all(self.torch.equal(a, b) for a, b in zip(src, out)):
-                            raise RuntimeError("remote round trip differs")
+                        _check_round_trip("remote", mask, plan.prompt_tokens, i != 0 or
+                            all(self.torch.equal(a, b) for a, b in zip(src, out)))
                         if i >= plan.warmup:
                             st.append(t1 - t0)
                             rt.append(t2 - t1)
@@ -805,6 +790,15 @@ class Bench:
                                  f"{v['rounds']} rounds after 1 warmup, p50 reported by the tool; ceilings: raw "
                                  "one-thread write (no fsync) / warm readinto of the same sizes, this process",
                                  [], variant=ad, adapter=ad, success=f"{v.get('total_success')}/{v.get('total_keys')}")
+
+
+def _check_round_trip(path: str, mask: Any, tokens: int, same: bool) -> None:
+    """A retrieve must return every token (``mask``) and the bytes stored (``same``: checked, or not checked)."""
+    got = int(mask.sum())
+    if got != tokens:
+        raise RuntimeError(f"{path} retrieve returned {got} of {tokens} tokens")
+    if not same:
+        raise RuntimeError(f"{path} round trip differs")
 
 
 def _make_connectors(torch: Any, GPUConnectorInterface: type) -> Any:
