@@ -22,10 +22,21 @@ engines=("$@")
 kvstore_deps=(numpy lmdb zstandard aiofiles xxhash pyyaml "prometheus_client>=0.17" "redis>=5" pytest
               "pytest-benchmark>=4" "hypothesis>=6")
 
+# A fresh venv $1 with torch 2.13.0 (CPU), before the engine goes in.
+new_venv() {
+    rm -rf "$1" && "$python" -m venv "$1"
+    "$1/bin/pip" install -q torch==2.13.0
+}
+
+# kvstore into venv $1 after the engine: its dependencies, then the working tree (editable).
+add_kvstore() {
+    "$1/bin/pip" install -q "${kvstore_deps[@]}"
+    "$1/bin/pip" install -q --no-deps -e .  # editable: the tests see the working tree
+}
+
 build_vllm() {
     local venv=.venv-vllm
-    rm -rf "$venv" && "$python" -m venv "$venv"
-    "$venv/bin/pip" install -q torch==2.13.0
+    new_venv "$venv"
     mkdir -p .engine-wheels
     "$venv/bin/pip" download -q --no-deps -d .engine-wheels vllm==0.33.0
     "$venv/bin/pip" install -q --no-deps .engine-wheels/vllm-0.33.0-*.whl xgrammar==0.2.8
@@ -34,37 +45,32 @@ build_vllm() {
         "openai>=2.25.0" "pillow>=13.0.0" pybase64 cachetools msgspec cloudpickle uvloop \
         py-cpuinfo "prometheus_client>=0.18.0" apache-tvm-ffi==0.1.11 \
         "fastapi>=0.133.0,<0.137.0" partial-json-parser "llguidance>=1.7.0,<1.8.0" einops
-    "$venv/bin/pip" install -q "${kvstore_deps[@]}"
-    "$venv/bin/pip" install -q --no-deps -e .  # editable: the tests see the working tree
+    add_kvstore "$venv"
     "$venv/bin/python" -c "import vllm, kvstore; print('vllm', vllm.__version__, 'ready in $venv')"
 }
 
 build_sglang() {
     local venv=.venv-sglang
-    rm -rf "$venv" && "$python" -m venv "$venv"
-    "$venv/bin/pip" install -q torch==2.13.0
+    new_venv "$venv"
     "$venv/bin/pip" install -q --no-deps sglang==0.5.23 triton==3.9.0
     "$venv/bin/pip" install -q numpy orjson psutil pybase64 requests packaging pillow starlette \
         msgspec pydantic pyzmq tqdm IPython aiohttp
     "$venv/bin/pip" install -q transformers==5.19.0 tokenizers==0.23.2 dill apache-tvm-ffi==0.1.11 \
         sentencepiece compressed-tensors gguf
-    "$venv/bin/pip" install -q "${kvstore_deps[@]}"
-    "$venv/bin/pip" install -q --no-deps -e .  # editable: the tests see the working tree
+    add_kvstore "$venv"
     "$venv/bin/python" -c "import sglang, kvstore; print('sglang', sglang.__version__, 'ready in $venv')"
 }
 
 build_lmcache() {
     local venv=.venv-lmcache
-    rm -rf "$venv" && "$python" -m venv "$venv"
-    "$venv/bin/pip" install -q torch==2.13.0
+    new_venv "$venv"
     local torch_before
     torch_before=$("$venv/bin/python" -W ignore -c 'import torch; print(torch.__version__)')
     # LMCache leaves torch unpinned; naming torch==2.13.0 again keeps pip from
     # swapping the CPU build for a CUDA one. It still pulls cupy-cuda13x and
     # cuda-python, which import without a GPU.
     "$venv/bin/pip" install -q lmcache==0.5.6 torch==2.13.0
-    "$venv/bin/pip" install -q "${kvstore_deps[@]}"
-    "$venv/bin/pip" install -q --no-deps -e .  # editable: the tests see the working tree
+    add_kvstore "$venv"
     LMCACHE_TRACK_USAGE=false DO_NOT_TRACK=1 LMCACHE_LOG_LEVEL=ERROR LMCACHE_DISABLE_BANNER=1 \
         "$venv/bin/python" -W ignore -c "
 import torch, lmcache.v1.cache_engine, kvstore
