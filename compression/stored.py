@@ -1,35 +1,48 @@
 """How a tier below host RAM stores a block: the raw bytes, or a codec's frame.
 
-A tier with a codec writes frames; every tier reads both forms, because a
-directory may hold blocks written under another config (or by another
-process sharing it). A payload is a frame when it starts with the frame
-magic and parses with a good checksum; otherwise it is raw bytes, with one
-exception: magic followed by a version (or codec id) this kvstore does not
-know reads as a miss, since it may be a newer kvstore's frame and a frame
-must never be served as KV (a raw block that starts that way by chance, a
-few bit patterns in 2^32, is then a miss, never wrong data). Lossless
-frames are always decoded; a lossy frame only by a tier configured with that
-same codec, so turning a lossy codec off stops lossy blocks being served.
-Tiers delete what they read as ``OTHER_CODEC`` (counted ``stale``), so the
-next put of that prefix stores it again in the tier's own form.
+The block header says which (``BlockHeader.encoding``: raw, or the codec id
+of a frame); nothing is guessed from the payload, so raw KV whose bytes
+happen to form a valid frame is served as the raw KV it is, and a frame
+is never served as raw KV.
+
+A tier with a codec writes frames; every tier reads raw blocks and lossless
+frames, because a directory may hold blocks written under another config
+(or by another process sharing it). A lossy frame is decoded only by a tier
+configured with that same codec: a store that did not opt into a lossy
+codec never gets approximate bytes, whatever another process wrote into a
+shared tier. A frame of a codec id this kvstore does not know (a newer
+kvstore's) is a miss. Tiers delete what they read as ``OTHER_CODEC``
+(counted ``stale``), so the next put of that prefix stores it again in the
+tier's own form.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvstore.blockformat import ENCODING_RAW
 from kvstore.compression.codec import FrameCodec, as_uint8, host_bytes
-from kvstore.compression.frame import MAGIC, FrameError, UnknownCodecError, UnsupportedVersionError
+from kvstore.compression.frame import FrameError, UnknownCodecError, UnsupportedVersionError
 from kvstore.compression.lossless import RawCodec
-from kvstore.compression.registry import codec_of
+from kvstore.compression.registry import CODEC_CLASSES, codec_of
 from kvstore.layout import KVLayout
 
 # Verdicts of ``decode_into``.
 INTACT, OTHER_SIZE, OTHER_CODEC, CORRUPT = "intact", "other-size", "other-codec", "corrupt"
 
 
+def frame_encoding(codec: FrameCodec) -> int:
+    """The header's ``encoding`` for a payload that is a frame of ``codec``."""
+    return codec.codec_id + 1
+
+
 class BlockEncoding:
-    """Encodes blocks for one tier (``codec`` None or ``raw``: plain bytes) and decodes what it reads."""
+    """Encodes blocks for one tier (``codec`` None or ``raw``: plain bytes) and decodes what it reads.
+
+    ``header_encoding`` is what goes into the header of every payload
+    ``encode`` returns; ``lossy`` names the lossy codec this tier stores
+    with (None: the tier is exact).
+    """
 
     def __init__(self, layout: KVLayout, codec: FrameCodec | None = None):
         if codec is not None and not isinstance(codec, FrameCodec):
@@ -42,36 +55,43 @@ class BlockEncoding:
             except ValueError as exc:
                 raise ValueError(f"codec {self.codec.name}: cannot store this layout's blocks ({exc})") from None
         self.name = self.codec.name if self.codec is not None else "raw"
+        self.header_encoding = ENCODING_RAW if self.codec is None else frame_encoding(self.codec)
+        self.lossy = None if self.codec is None or self.codec.lossless else self.codec.name
 
     def encode(self, block: torch.Tensor) -> object:
-        """The bytes-like payload to store for ``block``."""
+        """The bytes-like payload to store for ``block`` (its header's encoding is ``header_encoding``)."""
         return host_bytes(block) if self.codec is None else self.codec.encode(block)
 
-    def decode_into(self, payload: object, out: torch.Tensor) -> str:
+    def decode_into(self, payload: object, out: torch.Tensor, encoding: int) -> str:
         """Write the block ``payload`` holds into ``out``; a verdict (``INTACT`` only if ``out`` is valid).
 
+        ``encoding`` is the header's: raw bytes or a frame of one codec.
         ``payload`` has passed its block header's checksum, so ``CORRUPT``
         means a damaged frame inside sound storage (or a wrong raw length).
         """
         view = memoryview(payload).cast("B")
-        return self._decode(view, self._frame(view), out)
+        return self._decode(view, self._frame(view, encoding), out)
 
-    @staticmethod
-    def _frame(view: memoryview) -> tuple | str | None:
-        """(codec, header, body) of the frame in ``view``; None for raw bytes; ``OTHER_CODEC`` if unreadable here."""
-        if view.nbytes < len(MAGIC) or view[:len(MAGIC)] != MAGIC:
+    def _frame(self, view: memoryview, encoding: int) -> tuple | str | None:
+        """(codec, header, body) of the frame the header announced; None for raw bytes; else a verdict."""
+        if encoding == ENCODING_RAW:
             return None
+        if encoding - 1 not in CODEC_CLASSES:
+            return OTHER_CODEC  # written by a newer kvstore: not ours to judge
         try:
-            return codec_of(view)
+            frame = codec_of(view)
         except (UnsupportedVersionError, UnknownCodecError):
-            return OTHER_CODEC  # written by a newer kvstore: not ours to judge or delete
+            return OTHER_CODEC
         except FrameError:
-            return None  # raw bytes that happen to start like a frame
+            return CORRUPT  # the header promised a frame
+        if frame[0].codec_id != encoding - 1:
+            return CORRUPT
+        return frame
 
     def _decode(self, view: memoryview, frame: tuple | str | None, out: torch.Tensor) -> str:
         """``decode_into`` once ``_frame`` has looked at the payload."""
-        if frame == OTHER_CODEC:
-            return OTHER_CODEC
+        if isinstance(frame, str):
+            return frame
         if frame is not None:
             codec, header, body = frame
             if not (codec.lossless or codec == self.codec):
@@ -91,14 +111,14 @@ class BlockEncoding:
             out.copy_(as_uint8(view).view(out.dtype).view(out.shape))
         return INTACT
 
-    def decode_new(self, payload: object) -> torch.Tensor | None:
-        """The block in ``payload`` as a new CPU tensor, or None if it cannot be read here."""
+    def decode_new(self, payload: object, encoding: int) -> torch.Tensor | None:
+        """The block in ``payload`` (header ``encoding``) as a new CPU tensor, or None if it cannot be read here."""
         view = memoryview(payload).cast("B")
-        frame = self._frame(view)
+        frame = self._frame(view, encoding)
+        if isinstance(frame, str):
+            return None
         if frame is None:
             tokens = view.nbytes // self._layout.token_bytes
-        elif frame == OTHER_CODEC:
-            return None
         else:
             shape = frame[1].shape
             tokens = shape[2] if len(shape) == 5 else -1

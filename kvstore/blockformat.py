@@ -4,11 +4,17 @@ A block read back from disk (or any medium that can tear, rot or be shared)
 is trusted only if its header names the same key, the same layout and the
 same length, and the payload's checksum matches. Otherwise it is a miss.
 
+The header also says how the payload is encoded (``encoding``): nothing
+is ever guessed from the payload's bytes, so raw KV that happens to look
+like a codec frame is still served as the raw KV it is.
+
 Layout of the 72-byte header, little-endian::
 
     magic      4s   b"KVSB"
     version    u16  FORMAT_VERSION
-    key_len    u16  bytes of the key actually used (<= 32)
+    key_len    u8   bytes of the key actually used (<= 32)
+    encoding   u8   ENCODING_RAW (0): the payload is the block's raw bytes;
+                    n > 0: the payload is a codec frame of codec id n - 1
     layout     16s  KVLayout.fingerprint
     key        32s  the block key, zero padded
     length     u64  payload bytes
@@ -23,8 +29,10 @@ from dataclasses import dataclass
 import xxhash
 
 MAGIC = b"KVSB"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sHH16s32sQQ")
+# Version 2 added ``encoding`` (version 1 had a u16 key length there); a version-1 block reads as a miss.
+FORMAT_VERSION = 2
+_HEADER = struct.Struct("<4sHBB16s32sQQ")
+ENCODING_RAW = 0
 HEADER_BYTES = _HEADER.size
 
 
@@ -39,21 +47,24 @@ class BlockHeader:
     layout: bytes
     length: int
     checksum: int
+    encoding: int = ENCODING_RAW
 
     def pack(self) -> bytes:
-        return _HEADER.pack(MAGIC, FORMAT_VERSION, len(self.key), self.layout, self.key, self.length, self.checksum)
+        return _HEADER.pack(MAGIC, FORMAT_VERSION, len(self.key), self.encoding, self.layout, self.key, self.length,
+                            self.checksum)
 
     @classmethod
-    def for_payload(cls, key: bytes, layout: bytes, payload: object) -> "BlockHeader":
-        return cls(key, layout, memoryview(payload).nbytes, checksum(payload))
+    def for_payload(cls, key: bytes, layout: bytes, payload: object, encoding: int = ENCODING_RAW) -> "BlockHeader":
+        return cls(key, layout, memoryview(payload).nbytes, checksum(payload), encoding)
 
     @classmethod
-    def for_parts(cls, key: bytes, layout: bytes, parts: "list[memoryview]") -> "BlockHeader":
+    def for_parts(cls, key: bytes, layout: bytes, parts: "list[memoryview]",
+                  encoding: int = ENCODING_RAW) -> "BlockHeader":
         """``for_payload`` of a payload held in several pieces (in order), without joining them."""
         digest = xxhash.xxh3_64()
         for part in parts:
             digest.update(part)
-        return cls(key, layout, sum(p.nbytes for p in parts), digest.intdigest())
+        return cls(key, layout, sum(p.nbytes for p in parts), digest.intdigest(), encoding)
 
     @classmethod
     def unpack(cls, data: object) -> "BlockHeader | None":
@@ -61,14 +72,14 @@ class BlockHeader:
         view = memoryview(data)
         if len(view) < HEADER_BYTES:
             return None
-        magic, version, key_len, layout, key, length, digest = _HEADER.unpack_from(view)
+        magic, version, key_len, encoding, layout, key, length, digest = _HEADER.unpack_from(view)
         if magic != MAGIC or version != FORMAT_VERSION or key_len > 32:
             return None
-        return cls(key[:key_len], layout, length, digest)
+        return cls(key[:key_len], layout, length, digest, encoding)
 
     def verifies_parts(self, key: bytes, layout: bytes, parts: "list[memoryview]") -> bool:
         """``verifies`` for a payload held in several pieces (in order), without joining them."""
-        return self == BlockHeader.for_parts(key, layout, parts)
+        return self == BlockHeader.for_parts(key, layout, parts, self.encoding)
 
     def verifies(self, key: bytes, layout: bytes, payload: object) -> bool:
         """True if this header describes exactly ``payload`` stored as ``key`` for ``layout``."""

@@ -68,4 +68,4 @@ def decode_blob(encoding: BlockEncoding, key: bytes, fingerprint: bytes, blob: o
     payload = memoryview(blob)[HEADER_BYTES:]
     if header is None or not header.verifies(key, fingerprint, payload):
         return CORRUPT
-    return encoding.decode_into(payload, out)
+    return encoding.decode_into(payload, out, header.encoding)

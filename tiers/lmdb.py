@@ -189,7 +189,8 @@ class LmdbTier:
                             txn.delete(key, db=self._blocks)
                             txn.delete(key, db=self._meta)
                         for key, payload, stamp in records:
-                            header = BlockHeader.for_payload(key, self._fingerprint, payload).pack()
+                            header = BlockHeader.for_payload(key, self._fingerprint, payload,
+                                                             self.encoding.header_encoding).pack()
                             txn.put(key, payload, db=self._blocks)
                             txn.put(key, header + _STAMP.pack(stamp), db=self._meta)
                         self._write_stamps(txn, stamps, skip=set(victims) | set(deletes))
@@ -210,7 +211,7 @@ class LmdbTier:
             payload = txn.get(key, db=self._blocks)
             if self._check(key, meta, payload) != INTACT:
                 continue
-            block = self.encoding.decode_new(payload)
+            block = self.encoding.decode_new(payload, BlockHeader.unpack(meta).encoding)
             if block is not None:
                 blocks.append((key, block))
         return blocks
@@ -265,7 +266,7 @@ class LmdbTier:
             verdict = self._check(key, meta, payload)
             if verdict == INTACT:  # decoded straight from the read-only map, inside the transaction
                 stored = memoryview(payload).nbytes
-                verdict = self.encoding.decode_into(payload, out)
+                verdict = self.encoding.decode_into(payload, out, BlockHeader.unpack(meta).encoding)
         if verdict != INTACT:
             self._counters.add("misses")
             if verdict in (CORRUPT, OTHER_CODEC):  # damaged, or in a form this tier no longer serves
@@ -315,3 +316,52 @@ class LmdbTier:
             self._write([], [])
         self._env.close()
         self._lock_file.close()
+
+
+def inspect_directory(path: str | os.PathLike[str]) -> dict[str, int]:
+    """What an ``LmdbTier`` directory holds, read-only (for ``kvstore info``): nothing is written or evicted.
+
+    Takes neither ``kvstore.lock`` nor a write transaction, so it works while
+    an engine has the directory open: the environment is opened read-only
+    with LMDB's own reader table (``lock.mdb``), and one read transaction
+    counts the ``meta`` records of a consistent snapshot. Returns ``blocks``
+    and ``used_bytes`` (header + payload, as the tier counts its capacity),
+    ``unreadable`` (records whose header does not parse: another format
+    version, or damaged; the tier drops them when it opens) and
+    ``file_bytes`` (``data.mdb`` on disk). A directory that does not exist
+    or was never written holds 0 blocks. ``OSError`` naming the directory if
+    it cannot be read.
+    """
+    root = Path(path)
+    usage = {"blocks": 0, "used_bytes": 0, "unreadable": 0, "file_bytes": 0}
+    try:
+        usage["file_bytes"] = os.stat(root / "data.mdb").st_size
+    except FileNotFoundError:
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"disk_dir {root}: not a directory") from None
+        return usage
+    except OSError as exc:
+        raise OSError(f"disk_dir {root}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        env = lmdb.open(str(root), readonly=True, lock=True, create=False, subdir=True, max_dbs=2,
+                        max_readers=512, readahead=False)
+    except lmdb.Error as exc:
+        raise OSError(f"disk_dir {root}: cannot open the LMDB environment read-only: {exc}") from None
+    try:
+        try:
+            meta = env.open_db(b"meta", create=False)
+        except lmdb.NotFoundError:
+            return usage  # created, never opened by a tier
+        with env.begin(db=meta, buffers=True) as txn:
+            for value in txn.cursor().iternext(keys=False, values=True):
+                header = BlockHeader.unpack(value)
+                if header is None:
+                    usage["unreadable"] += 1
+                else:
+                    usage["blocks"] += 1
+                    usage["used_bytes"] += HEADER_BYTES + header.length
+    except lmdb.Error as exc:
+        raise OSError(f"disk_dir {root}: cannot read the LMDB environment: {exc}") from None
+    finally:
+        env.close()
+    return usage

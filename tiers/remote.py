@@ -20,11 +20,10 @@ from typing import TypeVar
 
 import torch
 
-from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.blockformat import ENCODING_RAW, HEADER_BYTES, BlockHeader
 from kvstore.buffers import payload_views
 from kvstore.client import ConnectionPool, Connection
 from kvstore.compression.codec import FrameCodec
-from kvstore.compression.frame import MAGIC
 from kvstore.compression.stored import INTACT, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
@@ -116,7 +115,8 @@ class RemoteTier:
         parts = []
         for key, block in items:
             payload = self.encoding.encode(block)
-            parts.append((key, [BlockHeader.for_payload(key, self._fingerprint, payload).pack(), payload]))
+            header = BlockHeader.for_payload(key, self._fingerprint, payload, self.encoding.header_encoding)
+            parts.append((key, [header.pack(), payload]))
         results = self._call(lambda conn: conn.put(parts), None)
         if results is None:
             return 0
@@ -168,8 +168,8 @@ class RemoteTier:
             views = payload_views(out)
             header = BlockHeader.unpack(head)
             intact = header is not None and header.verifies_parts(key, self._fingerprint, views)
-            if intact and bytes(views[0][:len(MAGIC)]) == MAGIC:  # a frame after all, or raw bytes that look like one
-                intact = self.encoding.decode_into(b"".join(views), out) == INTACT
+            if intact and header.encoding != ENCODING_RAW:  # a frame of the raw block's size: decode it
+                intact = self.encoding.decode_into(b"".join(views), out, header.encoding) == INTACT
         else:
             intact = decode_blob(self.encoding, key, self._fingerprint, blob, out) == INTACT
         self._counters.add("hits" if intact else "misses")

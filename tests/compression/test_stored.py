@@ -7,8 +7,10 @@ import torch
 
 from conftest import assert_same_kv, make_kv, tiny_layout
 from kvstore.compression import RawCodec, get_codec
-from kvstore.compression.frame import MAGIC, pack_frame, parse_frame
-from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE, BlockEncoding
+from kvstore.blockformat import ENCODING_RAW
+from kvstore.compression.frame import MAGIC, FrameError, pack_frame, parse_frame
+from kvstore.compression.registry import codec_of
+from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE, BlockEncoding, frame_encoding
 
 LAYOUT = tiny_layout()  # [2, 2, 16, 2, 16] fp16 blocks of 4096 bytes
 
@@ -17,9 +19,23 @@ def fresh(tokens: int = 16, layout=LAYOUT) -> torch.Tensor:
     return torch.full(layout.shape(tokens), 9.0, dtype=layout.dtype)
 
 
-def read(encoding: BlockEncoding, payload: object, tokens: int = 16) -> tuple[str, torch.Tensor]:
+def written_as(payload: object) -> int:
+    """The header encoding a writer gives ``payload`` (a test helper: the store never looks at the bytes)."""
+    try:
+        codec, _, _ = codec_of(payload)
+    except FrameError:
+        return ENCODING_RAW
+    return frame_encoding(codec)
+
+
+def read(encoding: BlockEncoding, payload: object, tokens: int = 16,
+         header: int | None = None) -> tuple[str, torch.Tensor]:
     out = fresh(tokens)
-    return encoding.decode_into(payload, out), out
+    return encoding.decode_into(payload, out, written_as(payload) if header is None else header), out
+
+
+def decode_new(encoding: BlockEncoding, payload: object, header: int | None = None) -> torch.Tensor | None:
+    return encoding.decode_new(payload, written_as(payload) if header is None else header)
 
 
 # -- raw --------------------------------------------------------------------------------
@@ -47,7 +63,7 @@ def test_raw_partial_block_and_strided_input():
     verdict, out = read(encoding, payload, tokens=8)
     assert verdict == INTACT
     assert_same_kv(out, tail.contiguous())
-    assert_same_kv(encoding.decode_new(payload), tail.contiguous())
+    assert_same_kv(decode_new(encoding, payload), tail.contiguous())
 
 
 def test_raw_bytes_of_another_length():
@@ -110,7 +126,7 @@ def test_lossy_frame_of_another_codec_is_other_codec(frame_spec, tier):
     verdict, out = read(encoding, payload)
     assert verdict == OTHER_CODEC
     assert bool((out == 9).all())  # untouched
-    assert encoding.decode_new(payload) is None
+    assert decode_new(encoding, payload) is None
     # the tier configured with that codec reads it
     assert read(BlockEncoding(LAYOUT, get_codec(frame_spec)), payload)[0] == INTACT
 
@@ -148,10 +164,11 @@ def test_frame_from_a_newer_kvstore_is_other_codec_not_corrupt():
     frame = bytearray(encoding.encode(make_kv(LAYOUT, 16)))
     newer_version = bytearray(frame)
     newer_version[4] = 2
-    assert read(encoding, newer_version)[0] == OTHER_CODEC
+    kivi = frame_encoding(get_codec("kivi4"))
+    assert read(encoding, newer_version, header=kivi)[0] == OTHER_CODEC
     header, body = parse_frame(frame)
     unknown_codec = pack_frame(77, header.dtype, header.shape, header.params, [bytes(body)])
-    assert read(encoding, unknown_codec)[0] == OTHER_CODEC
+    assert read(encoding, unknown_codec, header=78)[0] == OTHER_CODEC
 
 
 # -- raw bytes that look like a frame --------------------------------------------------------
@@ -165,26 +182,37 @@ def kvcf_block(fifth_byte: int) -> torch.Tensor:
     return block
 
 
-@pytest.mark.parametrize("fifth", [0x01])
+@pytest.mark.parametrize("fifth", [0x00, 0x01, 0x02, 0x05])
 def test_raw_bytes_starting_with_the_magic_are_still_raw(fifth):
+    """The header says raw: whatever the bytes look like, they are served as the raw KV they are."""
     block = kvcf_block(fifth)
-    for encoding in (BlockEncoding(LAYOUT), BlockEncoding(LAYOUT, get_codec("kivi4"))):
+    for encoding in (BlockEncoding(LAYOUT), BlockEncoding(LAYOUT, get_codec("kivi4")),
+                     BlockEncoding(LAYOUT, get_codec("zstd"))):
         payload = BlockEncoding(LAYOUT).encode(block)
         assert bytes(memoryview(payload)[:4]) == MAGIC
-        verdict, out = read(encoding, payload)
+        verdict, out = read(encoding, payload, header=ENCODING_RAW)
         assert verdict == INTACT, fifth
         assert_same_kv(out, block)
-        assert_same_kv(encoding.decode_new(payload), block)
+        assert_same_kv(decode_new(encoding, payload, ENCODING_RAW), block)
 
 
-@pytest.mark.parametrize("fifth", [0x00, 0x02, 0x05])
-def test_raw_bytes_starting_with_the_magic_and_an_unknown_version_are_a_miss(fifth):
-    """Documented trade-off (stored.py): it may be a newer kvstore's frame, so it is a miss, never wrong data."""
-    block = kvcf_block(fifth)
+def test_a_valid_frame_stored_as_raw_is_not_decoded():
+    """Crafted: a zstd frame of zeros whose bytes fill exactly one fp16 block, stored as raw KV."""
+    frame = bytes(get_codec("zstd").encode(torch.zeros(LAYOUT.shape(16), dtype=LAYOUT.dtype)))
+    payload = (frame + bytes(LAYOUT.block_bytes))[:LAYOUT.block_bytes]
+    as_raw = torch.frombuffer(bytearray(payload), dtype=LAYOUT.dtype).view(LAYOUT.shape(16))
     for encoding in (BlockEncoding(LAYOUT), BlockEncoding(LAYOUT, get_codec("zstd"))):
-        verdict, out = read(encoding, BlockEncoding(LAYOUT).encode(block))
-        assert verdict == OTHER_CODEC
-        assert bool((out == 9).all())
+        verdict, out = read(encoding, payload, header=ENCODING_RAW)
+        assert verdict == INTACT
+        assert torch.equal(out.view(torch.int16), as_raw.view(torch.int16))  # the raw bytes, not zeros
+
+
+def test_raw_bytes_announced_as_a_frame_are_corrupt():
+    block = make_kv(LAYOUT, 16)
+    payload = BlockEncoding(LAYOUT).encode(block)
+    assert read(BlockEncoding(LAYOUT), payload, header=frame_encoding(get_codec("zstd")))[0] == CORRUPT
+    frame = get_codec("zstd").encode(block)  # a frame of another codec than the header says
+    assert read(BlockEncoding(LAYOUT), frame, header=frame_encoding(get_codec("int8")))[0] == CORRUPT
 
 
 # -- decode_new ---------------------------------------------------------------------------
@@ -195,7 +223,7 @@ def test_decode_new(spec):
     encoding = BlockEncoding(LAYOUT, get_codec(spec) if spec else None)
     for tokens in (16, 5, 1):
         block = make_kv(LAYOUT, tokens, seed=tokens)
-        got = encoding.decode_new(encoding.encode(block))
+        got = decode_new(encoding, encoding.encode(block))
         assert got is not None
         assert got.shape == LAYOUT.shape(tokens) and got.dtype == LAYOUT.dtype and got.device.type == "cpu"
         expected = block if spec in (None, "zstd") else get_codec(spec).decode(encoding.encode(block))
@@ -204,15 +232,15 @@ def test_decode_new(spec):
 
 def test_decode_new_refuses_what_the_tier_cannot_read():
     encoding = BlockEncoding(LAYOUT)
-    assert encoding.decode_new(b"") is None
-    assert encoding.decode_new(bytes(LAYOUT.block_bytes + LAYOUT.token_bytes)) is None  # more than a block
-    assert encoding.decode_new(bytes(100)) is None  # not whole tokens
-    assert encoding.decode_new(get_codec("rq3").encode(make_kv(LAYOUT, 16))) is None  # lossy, not ours
+    assert decode_new(encoding, b"") is None
+    assert decode_new(encoding, bytes(LAYOUT.block_bytes + LAYOUT.token_bytes)) is None  # more than a block
+    assert decode_new(encoding, bytes(100)) is None  # not whole tokens
+    assert decode_new(encoding, get_codec("rq3").encode(make_kv(LAYOUT, 16))) is None  # lossy, not ours
     # a frame of a layer or of more tokens than a block
-    assert encoding.decode_new(get_codec("zstd").encode(make_kv(LAYOUT, 16)[0])) is None
-    assert encoding.decode_new(get_codec("zstd").encode(make_kv(LAYOUT, 17))) is None
+    assert decode_new(encoding, get_codec("zstd").encode(make_kv(LAYOUT, 16)[0])) is None
+    assert decode_new(encoding, get_codec("zstd").encode(make_kv(LAYOUT, 17))) is None
     # a frame of another dtype
-    assert encoding.decode_new(get_codec("zstd").encode(make_kv(tiny_layout(dtype=torch.float32), 4))) is None
+    assert decode_new(encoding, get_codec("zstd").encode(make_kv(tiny_layout(dtype=torch.float32), 4))) is None
 
 
 def test_encoding_refuses_a_non_codec():
