@@ -93,7 +93,7 @@ def test_scheduler_lookup_32k(benchmark, connectors):
     tokens = torch.randint(0, 1000, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
     kv = random_kv(worker.layout, 256)
     for b in scheduler.store.block_keys(tokens):  # every block stored (same KV: only keys matter here)
-        scheduler.store._store_items([(b.key, kv[:, :, :b.num_tokens])])
+        scheduler.store._flow.store_items([(b.key, kv[:, :, :b.num_tokens])])
     request = Request("r", tokens, SamplingParams(max_tokens=1), None)
     assert scheduler.get_num_new_matched_tokens(request, 0) == (PROMPT - PAGE, False)
     _pedantic(benchmark, lambda: scheduler.get_num_new_matched_tokens(request, 0), rounds=200)

@@ -6,71 +6,52 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from kvstore.config import StoreConfig
 from kvstore.layout import KVLayout
 from kvstore.sizes import format_size
-from kvstore.store import KVStore
 
 DEFAULT_DATA_DIR = "./kvstore-data"
 DEFAULT_DEMO_DIR = "./kvstore-demo"
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    config = StoreConfig.load(args.config)
-    print("config:")
-    for name, value in vars(config).items():
-        print(f"  {name} = {value!r}")
+    # Read-only: no KVStore is opened (no pool allocated, no directory lock taken), so it also works on a
+    # store a running engine has open. See kvstore/inventory.py.
+    from kvstore.inventory import format_inventory, inventory, load_config
+
+    config, source = load_config(args.config)
     layout = KVLayout(num_layers=args.layers, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
                       dtype=args.dtype, block_tokens=args.block_tokens)
-    print(f"layout: {layout.describe()} ({format_size(layout.block_bytes)} per block)")
-    with KVStore(layout, config) as store:
-        stats = store.stats()
-    print("tiers:")
-    for name, tier in stats["tiers"].items():
-        print(f"  {name}: {tier['blocks']} blocks, {format_size(tier['used_bytes'])} used "
-              f"of {format_size(tier['capacity_bytes'])}, {tier['state']}")
+    info = inventory(config, source, layout)
     if args.json:
-        print(json.dumps(stats, indent=2))
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_inventory(info))
     return 0
 
 
-def _bench_dir(explicit: str | None) -> Path | None:
-    """The checkout's ``bench/`` folder (suites and report harness): given, beside this package, or in the cwd."""
-    candidates = [Path(explicit)] if explicit else [Path(__file__).resolve().parents[1] / "bench",
-                                                    Path.cwd() / "bench"]
-    for folder in candidates:
-        if (folder / "kvbench" / "run.py").exists():
-            return folder
-    return None
+BENCH_SCRIPT = "bench/run_bench.py"
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.quick:
-        from kvstore.benchmarking import run_quick
-
-        run_quick(args.data_dir, repeat=5)
-        return 0
-    folder = _bench_dir(args.bench_dir)
-    if folder is None:
-        print("kvstore bench: the full run needs a checkout of kvstore (its bench/ folder: the suites and the "
-              "report harness); run it from the repository after pip install -e ., or pass --bench-dir. "
-              "kvstore bench --quick runs anywhere.", file=sys.stderr)
+    if not args.quick:
+        # The full run's harness (bench/: suites, peers, report) is not part of the installed package.
+        extra = shlex.join(args.full_run_args)
+        print(f"kvstore bench: the full benchmark is a script of the kvstore checkout, not of the installed "
+              f"command: from a checkout (after pip install -e \".[test]\") run "
+              f"`python {BENCH_SCRIPT}{' ' + extra if extra else ''}` (--help lists its options); "
+              f"`kvstore bench --quick` runs anywhere.", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(folder))
-    from kvbench.run import BenchSettings, run
+    if args.full_run_args:
+        print(f"kvstore bench: error: --quick takes only --data-dir, got {' '.join(args.full_run_args)}",
+              file=sys.stderr)
+        return 2
+    from kvstore.benchmarking import run_quick
 
-    settings = BenchSettings(out_dir=args.out, data_dir=args.work_dir, quick=args.smoke, rounds=args.repeat,
-                             suites=not args.no_suites, peers=not args.no_peers,
-                             workloads=tuple(args.workloads.split(",")) if args.workloads else BenchSettings.workloads,
-                             configs=tuple(args.configs.split(",")) if args.configs else BenchSettings.configs,
-                             lmcache_python=args.lmcache_python, gpu_price_per_hour=args.gpu_price,
-                             prefill_tokens_per_second=args.prefill_tokens_per_second,
-                             **({"gpu": args.gpu} if args.gpu else {}))
-    run(settings)
+    run_quick(args.data_dir, repeat=5)
     return 0
 
 
@@ -199,36 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     stats.set_defaults(run=_cmd_stats)
 
-    info = commands.add_parser("info", help="show the configuration and what each tier holds")
+    info = commands.add_parser("info", help="show the configuration and what each persistent tier holds (read-only; "
+                                            "works while an engine has the store open)")
     info.add_argument("--config", help="TOML or YAML config file (default: $KVSTORE_CONFIG, then KVSTORE_* vars)")
     info.add_argument("--layers", type=int, default=32, help="layout: layers (default 32)")
     info.add_argument("--kv-heads", type=int, default=8, help="layout: KV heads (default 8)")
     info.add_argument("--head-dim", type=int, default=128, help="layout: head dim (default 128)")
     info.add_argument("--dtype", default="bfloat16", help="layout: dtype (default bfloat16)")
     info.add_argument("--block-tokens", type=int, default=256, help="layout: tokens per block (default 256)")
-    info.add_argument("--json", action="store_true", help="also print every counter as JSON")
+    info.add_argument("--json", action="store_true", help="print it all as one JSON object instead")
     info.set_defaults(run=_cmd_info)
 
-    bench = commands.add_parser("bench", help="the benchmark report (in a checkout), or --quick: the tiers' "
-                                              "ratios to ceilings taken in the same run")
+    bench = commands.add_parser("bench", help="--quick: the tiers' ratios to ceilings taken in the same run (the "
+                                              f"full report is a script of the checkout: python {BENCH_SCRIPT})")
     bench.add_argument("--quick", action="store_true", help="print the tiers' ratios, 5 rounds each (about a minute)")
     bench.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                        help=f"--quick: local folder for the disk tier (default {DEFAULT_DATA_DIR})")
-    bench.add_argument("--out", default="bench-report", help="where report.md, the charts and results.json go")
-    bench.add_argument("--work-dir", help="scratch folder for stores and files (default OUT/data, removed after)")
-    bench.add_argument("--repeat", type=int, default=10, help="rounds per figure (default 10)")
-    bench.add_argument("--smoke", action="store_true", help="check the whole harness in a few minutes on tiny "
-                                                           "sizes (its figures are not the report's)")
-    bench.add_argument("--no-suites", action="store_true", help="skip the pytest-benchmark suites")
-    bench.add_argument("--no-peers", action="store_true", help="skip LMCache")
-    bench.add_argument("--workloads", help="comma-separated: chat,rag,agent,no_reuse (default all)")
-    bench.add_argument("--configs", help="comma-separated: host,host+nvme,host+nvme+codec,remote (default all)")
-    bench.add_argument("--lmcache-python", help="a Python with lmcache 0.5.6 (default: this one, or .venv-lmcache)")
-    bench.add_argument("--gpu", help="the GPU the cost view assumes")
-    bench.add_argument("--gpu-price", type=float, default=2.50, help="dollars per GPU-hour for the cost view")
-    bench.add_argument("--prefill-tokens-per-second", type=float, default=15_000.0,
-                       help="the GPU's prefill throughput for the cost view (tokens/s)")
-    bench.add_argument("--bench-dir", help="the checkout's bench/ folder (default: found beside the package)")
     bench.set_defaults(run=_cmd_bench)
 
     codecs = commands.add_parser("codecs", help="compare the codecs: size, fidelity and speed on one core")
@@ -255,16 +222,24 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kvstore`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Only ``bench`` takes arguments it does not know: the full run's, to name them in its message.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.full_run_args = extra
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
     except ValueError as error:
-        print(f"kvstore: error: {error}", file=sys.stderr)
+        print(f"kvstore: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except (ConnectionError, TimeoutError, OSError) as error:
-        print(f"kvstore: error: {error}", file=sys.stderr)
+        print(f"kvstore: error: {_one_line(error)}", file=sys.stderr)
         return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from where they are. Requests larger than the server's limits (learned at
 HELLO) are split into several frames, all sent before the first reply is
 read (pipelining). Any failure closes the connection (the pool opens a new
 one next time) and raises ``ConnectionError``, ``TimeoutError`` or
-``ServerError``; ``tiers/remote.py`` turns those into misses.
+``ServerError``; ``tiers/remote.py`` raises those on the data path (for the
+store's health breaker) and turns them into empty answers for listings and figures.
 """
 
 from __future__ import annotations

@@ -1,29 +1,30 @@
-"""The engine hooks of ``KVStore``: plan, prefetch, load (whole or layer by layer) and save.
+"""The engine hooks of a ``KVStore``: plan, prefetch, load (whole or layer by layer) and save.
 
-Kept apart from the store's put/lookup/get core so each reads on its own;
-``KVStore`` inherits them. They use the store's keys (``_keys``), tiers and
-their health (``tiers``, ``_health``), and its guarded tier calls
-(``_where``, ``_contains``, ``_available``, ``_read_block``, ``_write``,
-``_fill``, ``_store_blocks``).
+An object the store owns (``KVStore.hooks``) and delegates to, built on the
+tier stack's guarded calls (``kvstore/levels.py``) and the block flow's
+reads and puts (``kvstore/flow.py``). Arguments are validated before any
+tier is touched.
 """
 
 from __future__ import annotations
 
-import math
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from kvstore.buffers import BufferPool
 from kvstore.config import StoreConfig
-from kvstore.keys import BlockRef, Salt, Tokens
+from kvstore.flow import BlockFlow
+from kvstore.keys import BlockRef, KeyChain, Salt, Tokens
 from kvstore.layerwise import LayerLoader, LayerSaver, LayerSink
+from kvstore.layout import KVLayout
+from kvstore.levels import Level
 from kvstore.planner import LoadPlan, Planner, TierCost, tier_bandwidth
 from kvstore.prefetch import WAIT, Prefetcher, PrefetchHandle, PrefetchPolicy
+from kvstore.validation import check_device, check_out
 
-# What ``_pin_fastest`` returns for a block a tier that cannot pin holds: it is ready where it is.
+# What ``_pin_fastest`` returns for a block a fastest level that cannot pin holds: it is ready where it is.
 _PRESENT = torch.empty(0)
 
 
@@ -33,19 +34,39 @@ def num_tokens_of(blocks: Sequence[BlockRef]) -> int:
 
 
 class EngineHooks:
-    """``plan``, ``record_prefill``, ``prefetch``, ``load`` and ``save`` of a ``KVStore``."""
+    """``plan``, ``record_prefill``, ``prefetch``, ``load`` and ``save`` over one store's keys and tiers.
 
-    def _start_hooks(self, config: StoreConfig) -> None:
-        """The planner and the prefetch workers (stopped by ``close``)."""
-        self._planner = Planner(config.prefill_tokens_per_second)
+    ``put(tokens, kv, salt)`` and ``store_blocks(blocks, kv)`` (the blocks
+    whose KV is ``kv``) are the store's put paths; ``check_open()`` raises
+    once the store is closed.
+    """
+
+    def __init__(self, layout: KVLayout, config: StoreConfig, keys: KeyChain, flow: BlockFlow,
+                 put: Callable[[Tokens, torch.Tensor, Salt], int],
+                 store_blocks: Callable[[Sequence[BlockRef], torch.Tensor], int], check_open: Callable[[], None]):
+        self.layout = layout
+        self.config = config
+        self._keys = keys
+        self._flow = flow
+        self._stack = flow.stack
+        self._put = put
+        self._store_blocks = store_blocks
+        self._check_open = check_open
+        self.planner = Planner(config.prefill_tokens_per_second)
         self._policy = PrefetchPolicy(config.prefetch_policy, config.prefetch_timeout_base_seconds,
                                       config.prefetch_timeout_per_1k_tokens_seconds)
-        self._scratch = threading.local()
-        self._buffers = BufferPool(config.staging_bytes)
-        slots = getattr(self.tiers[0], "num_slots", None)  # prefetches pin at most half the fastest slot pool
-        self._prefetcher = Prefetcher(self._bring_up, self._pin_fastest, self._unpin_fastest,
-                                      config.prefetch_workers, config.prefetch_queue_blocks,
-                                      max_pins=None if slots is None else slots // 2)
+        self.buffers = BufferPool(config.staging_bytes)
+        fastest = self._stack.fastest
+        slots = fastest.tier.num_slots if fastest is not None and fastest.slots else None
+        # prefetches pin at most half the fastest slot pool
+        self.prefetcher = Prefetcher(lambda block: flow.bring_up(block.key, block.num_tokens), self._pin_fastest,
+                                     self._unpin_fastest, config.prefetch_workers, config.prefetch_queue_blocks,
+                                     max_pins=None if slots is None else slots // 2)
+
+    def close(self) -> None:
+        """Stop the prefetch workers and drop idle staging buffers."""
+        self.prefetcher.close()
+        self.buffers.clear()
 
     def plan(self, tokens: Tokens, salt: Salt = None) -> LoadPlan:
         """How many leading tokens of ``tokens`` to load, and from which tiers (see ``kvstore/planner.py``).
@@ -59,21 +80,20 @@ class EngineHooks:
     def _plan(self, blocks: Sequence[BlockRef]) -> LoadPlan:
         costs: dict[int, TierCost] = {}
         found = []
-        for block, where in zip(blocks, self._locate([b.key for b in blocks])):
-            if where not in costs:
-                costs[where] = self._tier_cost(where)
-            found.append((block.end, block.num_tokens * self.layout.token_bytes, costs[where]))
-        return self._planner.plan(num_tokens_of(blocks), found)
+        for block, level in zip(blocks, self._stack.locate([b.key for b in blocks])):
+            if level.index not in costs:
+                costs[level.index] = self._tier_cost(level)
+            found.append((block.end, block.num_tokens * self.layout.token_bytes, costs[level.index]))
+        return self.planner.plan(num_tokens_of(blocks), found)
 
-    def _tier_cost(self, i: int) -> TierCost:
-        codec = getattr(getattr(self.tiers[i], "encoding", None), "codec", None)
-        decode = codec.decode_bytes_per_second if codec is not None else math.inf
-        name = self.tiers[i].name
-        return TierCost(name, tier_bandwidth(name, self._health[i].read_bandwidth, decode))
+    @staticmethod
+    def _tier_cost(level: Level) -> TierCost:
+        bandwidth = tier_bandwidth(level.bandwidth_prior, level.health.read_bandwidth, level.decode_bytes_per_second)
+        return TierCost(level.name, bandwidth)
 
     def record_prefill(self, num_tokens: int, seconds: float) -> None:
         """Tell the planner the engine prefilled ``num_tokens`` tokens in ``seconds`` (its throughput estimate)."""
-        self._planner.record_prefill(num_tokens, seconds)
+        self.planner.record_prefill(num_tokens, seconds)
 
     def prefetch(self, tokens: Tokens, salt: Salt = None, policy: str | None = None) -> PrefetchHandle:
         """Start bringing the stored leading blocks of ``tokens`` into the fastest tier; returns at once.
@@ -86,34 +106,23 @@ class EngineHooks:
         blocks = self._keys.blocks(tokens, salt)
         chosen = self._policy if policy is None else PrefetchPolicy(
             policy, self._policy.timeout_base_seconds, self._policy.timeout_per_1k_tokens_seconds)
-        return self._prefetcher.start(blocks, lambda key: self._where(key) is not None, chosen)
+        located = self._stack.locate([b.key for b in blocks])
+        return self.prefetcher.start(blocks[:len(located)], lambda key: True, chosen)
 
     def _pin_fastest(self, key: bytes) -> torch.Tensor | None:
-        """Pin ``key`` in the fastest tier; a tier that cannot pin (persistent) gives an empty marker if it has it."""
-        pin = getattr(self.tiers[0], "pin", None)
-        if pin is not None:
-            return pin(key) if self._available(0) else None
-        return _PRESENT if self._contains(0, key) else None
+        """Pin ``key`` in the fastest level; one that cannot pin (persistent) gives an empty marker if it has it."""
+        fastest = self._stack.fastest
+        if fastest is None:
+            return None
+        if fastest.slots:
+            pinned = self._stack.pin(fastest, key)
+            return None if pinned is None else pinned[0]
+        return _PRESENT if self._stack.contains(fastest, key) else None
 
     def _unpin_fastest(self, key: bytes) -> None:
-        unpin = getattr(self.tiers[0], "unpin", None)
-        if unpin is not None:
-            unpin(key)
-
-    def _bring_up(self, block: BlockRef) -> bool:
-        """Read ``block`` from the tier that has it into the fastest tier (a prefetch worker's job)."""
-        if self._contains(0, block.key):
-            return True
-        scratch = getattr(self._scratch, "buffer", None)
-        if scratch is None:
-            scratch = self._scratch.buffer = torch.empty(self.layout.block_shape, dtype=self.layout.dtype)
-        dst = scratch.view(-1)[:self.layout.token_bytes // self.layout.element_bytes * block.num_tokens]
-        dst = dst.view(self.layout.shape(block.num_tokens))
-        if not self._read_block(block.key, dst):
-            return False
-        if not self._contains(0, block.key):
-            self._write(0, [(block.key, dst)])
-        return self._contains(0, block.key)
+        fastest = self._stack.fastest
+        if fastest is not None and fastest.slots:
+            fastest.tier.unpin(key)
 
     def load(self, tokens: Tokens, salt: Salt = None, *, layer_wise: bool = False,
              device: torch.device | str = "cpu", prefetch: PrefetchHandle | None = None,
@@ -137,10 +146,11 @@ class EngineHooks:
         """
         self._check_open()
         blocks = self._keys.blocks(tokens, salt)
+        device = check_device(device)
         if out is not None:
             if layer_wise:
                 raise ValueError("out: expected None with layer_wise=True (the loader yields layers), got a tensor")
-            self.layout.check_kv(out, num_tokens_of(blocks))
+            check_out(self.layout, out, num_tokens_of(blocks))
         if sink is not None and not layer_wise:
             raise ValueError("sink: expected None without layer_wise=True, got a callable")
         if prefetch is not None and prefetch.blocks and (not blocks or prefetch.blocks[0].key != blocks[0].key):
@@ -154,16 +164,16 @@ class EngineHooks:
                 num_tokens = min(num_tokens, ready)
         chosen = [block for block in blocks if block.end <= num_tokens]
         if layer_wise:
-            handle = prefetch if prefetch is not None else self._prefetcher.start(
+            handle = prefetch if prefetch is not None else self.prefetcher.start(
                 chosen, lambda key: True, PrefetchPolicy(WAIT))
-            return LayerLoader(self.layout, chosen, handle, lambda block, dst: self._read_block(block.key, dst),
-                               device, self.config.load_lookahead_layers, on_sized=self._loaded, buffers=self._buffers,
+            return LayerLoader(self.layout, chosen, handle, lambda block, dst: self._flow.read_block(block.key, dst),
+                               device, self.config.load_lookahead_layers, on_sized=self._loaded, buffers=self.buffers,
                                sink=sink)
         start = time.perf_counter()
         if out is None:
             out = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype, device=device)
         try:
-            filled = self._fill(chosen, out)
+            filled = self._flow.fill(chosen, out)
         finally:
             if prefetch is not None:
                 prefetch.close()
@@ -171,7 +181,7 @@ class EngineHooks:
         return out[:, :, :filled]
 
     def _loaded(self, num_tokens: int, seconds: float) -> None:
-        self._planner.record_load(num_tokens, seconds)
+        self.planner.record_load(num_tokens, seconds)
 
     def save(self, tokens: Tokens, kv: torch.Tensor | None = None, salt: Salt = None, *,
              layer_wise: bool = False, start: int = 0) -> int | LayerSaver:
@@ -185,8 +195,8 @@ class EngineHooks:
         if not layer_wise:
             if kv is None:
                 raise ValueError("kv: expected a tensor [L, P, len(tokens), H, D] (or layer_wise=True), got None")
-            return self.put(tokens, kv, salt)
+            return self._put(tokens, kv, salt)
         if kv is not None:
             raise ValueError(f"kv: expected None with layer_wise=True (layers go to save_layer), got "
                              f"{type(kv).__name__}")
-        return LayerSaver(self.layout, self._keys.blocks(tokens, salt), start, self._store_blocks, self._buffers)
+        return LayerSaver(self.layout, self._keys.blocks(tokens, salt), start, self._store_blocks, self.buffers)

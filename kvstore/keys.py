@@ -64,6 +64,9 @@ def token_bytes(tokens: Tokens) -> bytes:
     if isinstance(tokens, torch.Tensor):
         if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
             raise ValueError(f"tokens: expected an integer tensor, got dtype {tokens.dtype}")
+        if tokens.layout != torch.strided or tokens.device.type == "meta":
+            raise ValueError(f"tokens: expected a dense tensor that holds data, got layout {tokens.layout} "
+                             f"on device {tokens.device}")
         tokens = tokens.detach().cpu().numpy()
     if isinstance(tokens, np.ndarray):
         if tokens.ndim != 1:
@@ -95,7 +98,11 @@ def _salt_bytes(salt: Salt) -> bytes:
     if salt is None:
         return b"\x00"
     if isinstance(salt, str):
-        salt = salt.encode("utf-8")
+        try:
+            salt = salt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"salt: expected a string that is valid UTF-8, got {salt!r} ({error.reason} at "
+                             f"position {error.start})") from None
     if not isinstance(salt, (bytes, bytearray)):
         raise ValueError(f"salt: expected None, str or bytes, got {type(salt).__name__}")
     return b"\x01" + _length_prefixed(bytes(salt))
@@ -138,7 +145,10 @@ class KeyChain:
         ``H(ENGINE_TAG || root(salt) || name)``: scoped to this model, layout
         and salt like every chain, and domain-separated from chained keys.
         """
-        raw = name.encode() if isinstance(name, str) else bytes(name)
+        try:
+            raw = name.encode() if isinstance(name, str) else bytes(name)
+        except (UnicodeEncodeError, TypeError):
+            raise ValueError(f"name: expected a str of valid UTF-8 or bytes, got {name!r}") from None
         if not raw:
             raise ValueError("name: expected a non-empty engine key, got an empty one")
         h = self._new()

@@ -112,15 +112,20 @@ class KVLayout:
         """16-byte digest of every field: KV of another shape, dtype or shard never matches."""
         return hashlib.sha256(self.describe().encode()).digest()[:16]
 
-    def check_kv(self, kv: torch.Tensor, num_tokens: int) -> None:
-        """Raise ``ValueError`` unless ``kv`` is a tensor ``[L, P, num_tokens, H, D]`` of ``dtype``."""
+    def check_kv(self, kv: torch.Tensor, num_tokens: int, name: str = "kv") -> None:
+        """Raise ``ValueError`` unless ``kv`` is a dense tensor ``[L, P, num_tokens, H, D]`` of ``dtype``
+        holding data (not on the ``meta`` device)."""
         if not isinstance(kv, torch.Tensor):
-            raise ValueError(f"kv: expected a torch.Tensor, got {type(kv).__name__}")
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(kv).__name__}")
+        if kv.layout != torch.strided:
+            raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {kv.layout}")
+        if kv.device.type == "meta":
+            raise ValueError(f"{name}: expected a tensor that holds data, got one on the 'meta' device")
         expected = self.shape(num_tokens)
         if tuple(kv.shape) != expected:
             raise ValueError(
-                f"kv: expected shape {list(expected)} ([layers, kv_parts, tokens, heads, head_dim] "
+                f"{name}: expected shape {list(expected)} ([layers, kv_parts, tokens, heads, head_dim] "
                 f"for {num_tokens} tokens), got {list(kv.shape)}"
             )
         if kv.dtype != self.dtype:
-            raise ValueError(f"kv: expected dtype {self.dtype}, got {kv.dtype}")
+            raise ValueError(f"{name}: expected dtype {self.dtype}, got {kv.dtype}")

@@ -21,10 +21,6 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-# Read bandwidth (bytes/s) assumed for a tier that has not served a read yet, by tier name.
-MEDIUM_PRIORS: dict[str, float] = {"device": 20e9, "host": 10e9, "lmdb": 2e9, "files": 0.5e9, "remote": 1e9,
-                                  "redis": 0.5e9}
-DEFAULT_MEDIUM_PRIOR = 0.5e9
 # Weight of the newest prefill measurement in the moving throughput estimate.
 ALPHA = 0.3
 
@@ -40,12 +36,12 @@ class TierCost:
         return nbytes / self.bytes_per_second if self.bytes_per_second > 0 else math.inf
 
 
-def tier_bandwidth(name: str, measured: float, decode_bytes_per_second: float = math.inf) -> float:
-    """Expected read bandwidth (bytes/s): the measured one, else the medium and codec priors combined."""
+def tier_bandwidth(prior: float, measured: float, decode_bytes_per_second: float = math.inf) -> float:
+    """Expected read bandwidth (bytes/s): the measured one, else the medium's ``prior`` (its tier spec's,
+    bytes/s) and the codec's decode rate combined."""
     if measured > 0:
         return float(measured)
-    medium = MEDIUM_PRIORS.get(name, DEFAULT_MEDIUM_PRIOR)
-    return 1.0 / (1.0 / medium + 1.0 / decode_bytes_per_second)
+    return 1.0 / (1.0 / prior + 1.0 / decode_bytes_per_second)
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ def test_layerwise_saves_reuse_staging_and_keep_every_request_exact():
         staging_at = first.layer_buffer(0).data_ptr()
         for layer in range(LAY.num_layers):
             first.save_layer(layer, kv_a[layer])
-        assert store._buffers.idle_bytes == LAY.token_bytes * TOKENS
+        assert store.hooks.buffers.idle_bytes == LAY.token_bytes * TOKENS
         second = store.save(tokens_b, layer_wise=True)
         assert second.layer_buffer(0).data_ptr() == staging_at  # the first request's staging, reused
         for layer in range(LAY.num_layers):
@@ -115,7 +115,7 @@ def test_layerwise_loads_reuse_their_ring_and_stay_exact():
                     seen.add(got.data_ptr())
                     assert_same_kv(got, kv[layer])
             rings.append(seen)
-            assert store._buffers.idle_bytes == min(3, LAY.num_layers) * LAY.token_bytes * TOKENS // LAY.num_layers
+            assert store.hooks.buffers.idle_bytes == min(3, LAY.num_layers) * LAY.token_bytes * TOKENS // LAY.num_layers
         assert rings[0] == rings[1] == rings[2]
 
 
@@ -123,5 +123,5 @@ def test_staging_bytes_zero_keeps_nothing_idle():
     tokens, kv = make_tokens(TOKENS, seed=5), make_kv(LAY, TOKENS, seed=5)
     with KVStore(LAY, StoreConfig(host_bytes=64 * MIB, staging_bytes=0)) as store:
         assert _save_layerwise(store, tokens, kv) == len(store.block_keys(tokens))
-        assert store._buffers.idle_bytes == 0
+        assert store.hooks.buffers.idle_bytes == 0
         assert_same_kv(store.get(tokens), kv)

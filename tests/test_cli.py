@@ -32,8 +32,9 @@ def test_info_reports_config_and_tier_usage(tmp_path):
                       "--dtype", "float16", "--block-tokens", "16")
     assert result.returncode == 0, result.stderr
     assert "model_id = 'tiny'" in result.stdout
-    assert "host: 0 blocks, 0 B used of 1.0 MiB" in result.stdout
-    assert "lmdb: 0 blocks, 0 B used of 4.0 MiB" in result.stdout
+    assert "host: 1.0 MiB pool" in result.stdout  # configured, not allocated: info opens no store
+    assert f"lmdb: 0 blocks, 0 B used of 4.0 MiB ({tmp_path / 'disk'}: not created yet)" in result.stdout
+    assert not (tmp_path / "disk").exists()  # read-only: nothing created
 
 
 def test_info_names_a_bad_setting(tmp_path):

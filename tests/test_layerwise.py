@@ -301,7 +301,7 @@ def test_a_sink_gets_every_layer_of_every_block_in_place(make_store, where):
     assert calls == [(layer, [0, 16, 32]) for layer in range(LAY.num_layers)]
     assert_same_kv(got, kv)
     assert pinned(store) == 0
-    assert store._buffers.idle_bytes == 0  # no ring was taken
+    assert store.hooks.buffers.idle_bytes == 0  # no ring was taken
 
 
 def test_a_failing_sink_surfaces_in_wait_layer_and_stops_the_worker(make_store):

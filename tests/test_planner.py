@@ -16,8 +16,10 @@ from conftest import assert_same_kv, make_tokens
 from faulty import FaultyTier
 from kvstore.compression.registry import get_codec
 from kvstore.config import StoreConfig
-from kvstore.planner import (ALPHA, DEFAULT_MEDIUM_PRIOR, MEDIUM_PRIORS, LoadPlan, Planner, TierCost,
-                             tier_bandwidth)
+from kvstore.hierarchy import TIER_SPECS
+from kvstore.planner import ALPHA, LoadPlan, Planner, TierCost, tier_bandwidth
+
+MEDIUM_PRIORS = {name: spec.bandwidth_prior for name, spec in TIER_SPECS.items()}
 from kvstore.store import KVStore
 from kvstore.tiers.host import HostTier
 from kvstore.tiers.lmdb import LmdbTier
@@ -181,12 +183,12 @@ def test_record_prefill_rejects_bad_values(num_tokens, seconds, name):
 
 
 def test_tier_bandwidth_measured_else_priors():
-    assert tier_bandwidth("lmdb", 123.0) == 123.0
-    assert tier_bandwidth("lmdb", 123.0, 1.0) == 123.0  # a measured read already includes decoding
-    for name, prior in MEDIUM_PRIORS.items():
-        assert tier_bandwidth(name, 0.0) == pytest.approx(prior, rel=1e-12)
-    assert tier_bandwidth("redis", 0.0) == pytest.approx(DEFAULT_MEDIUM_PRIOR, rel=1e-12)
-    assert tier_bandwidth("lmdb", 0.0, 2e9) == pytest.approx(1e9)  # medium and decode in series
+    lmdb = MEDIUM_PRIORS["lmdb"]
+    assert tier_bandwidth(lmdb, 123.0) == 123.0
+    assert tier_bandwidth(lmdb, 123.0, 1.0) == 123.0  # a measured read already includes decoding
+    for prior in MEDIUM_PRIORS.values():
+        assert tier_bandwidth(prior, 0.0) == pytest.approx(prior, rel=1e-12)
+    assert tier_bandwidth(lmdb, 0.0, 2e9) == pytest.approx(1e9)  # medium and decode in series
 
 
 # -- the store's plans ---------------------------------------------------------------------------------
@@ -313,7 +315,7 @@ def test_the_codec_decode_speed_enters_the_prior(make_store, kv_for):
     plan = store.plan(tokens)
     decode = get_codec("zstd").decode_bytes_per_second
     assert math.isfinite(decode)
-    assert plan.load_seconds == pytest.approx(2 * BLOCK / tier_bandwidth("lmdb", 0.0, decode))
+    assert plan.load_seconds == pytest.approx(2 * BLOCK / tier_bandwidth(MEDIUM_PRIORS["lmdb"], 0.0, decode))
     assert plan.load_seconds > 2 * BLOCK / MEDIUM_PRIORS["lmdb"]
 
 

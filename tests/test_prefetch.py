@@ -657,7 +657,7 @@ def test_a_handle_waiting_during_close_returns(held_store, kv_for):
     closer = threading.Thread(target=store.close, daemon=True)
     closer.start()  # stops the workers: joins the one in the held read
     # No public signal says the prefetcher is closing: poll its flag, so the held read ends only after it is set.
-    assert wait_until(lambda: store._prefetcher._closed)
+    assert wait_until(lambda: store.hooks.prefetcher._closed)
     disk.hold.set()
 
     closer.join(LONG)

@@ -16,7 +16,8 @@ import torch
 from conftest import TESTS_DIR, assert_same_kv, make_kv, make_tokens, tiny_layout
 from kvstore.config import StoreConfig
 from kvstore.keys import KeyChain
-from kvstore.store import STORE_COUNTERS, KVStore
+from kvstore.flow import STORE_COUNTERS
+from kvstore.store import KVStore
 
 LAYOUTS = {
     "fp16": tiny_layout(dtype=torch.float16),

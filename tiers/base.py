@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import enum
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -26,6 +28,8 @@ class Tier(Protocol):
     """
 
     name: str
+    # Whether what it holds survives the process (a disk, a server), as opposed to a memory pool.
+    persistent: bool
 
     @property
     def capacity_bytes(self) -> int: ...
@@ -51,6 +55,109 @@ class Tier(Protocol):
     def stats(self) -> dict[str, int]: ...
 
     def close(self) -> None: ...
+
+
+class Capability(enum.Flag):
+    """What a tier can do beyond ``Tier``, declared by its class (``capabilities``) and checked once at open.
+
+    The store never probes a tier with ``hasattr``: a tier declares its
+    capabilities, ``check_capabilities`` verifies that it has every member
+    the matching protocol names (a misspelt method is an error at open, not
+    a silent slow path), and the store uses the declaration from then on.
+    """
+
+    NONE = 0
+    SLOTS = enum.auto()  # ``MemorySlots``: a memory slot pool with pins and a lossy mark per block
+    BATCH = enum.auto()  # ``BatchTier``: one round trip answers for many keys (cache server, Redis)
+    EVICTS = enum.auto()  # ``EvictingTier``: hands each block it evicts for room to ``on_evict``
+    ENCODED = enum.auto()  # ``EncodedTier``: stores blocks serialized by a ``BlockEncoding`` (raw or a codec)
+
+
+# Sees a block a tier evicts for room: (key, its bytes, the lossy codec they went through or None).
+EvictCallback = Callable[[bytes, torch.Tensor, "str | None"], None]
+
+
+class MemorySlots(Tier, Protocol):
+    """A pool of block slots in memory (host RAM, HBM): pins, in-place fills and a lossy mark per block.
+
+    A block that went through a lossy codec (read from a tier that stores
+    with one) is written with ``put_lossy`` and keeps that mark while it is
+    held; ``get_into_marked`` returns it with the bytes.
+    """
+
+    @property
+    def num_slots(self) -> int: ...
+
+    @property
+    def fills_in_place(self) -> bool: ...
+
+    def put_lossy(self, items: Sequence[tuple[bytes, torch.Tensor]], codec: str) -> int: ...
+
+    def get_into_marked(self, key: bytes, out: torch.Tensor) -> tuple[bool, str | None]: ...
+
+    def lossy_of(self, key: bytes) -> str | None: ...
+
+    def pin(self, key: bytes) -> torch.Tensor | None: ...
+
+    def unpin(self, key: bytes) -> None: ...
+
+    def pinned_marked(self, key: bytes) -> tuple[torch.Tensor, str | None] | None: ...
+
+    def reading(self, key: bytes) -> AbstractContextManager[torch.Tensor | None]: ...
+
+
+class BatchTier(Tier, Protocol):
+    """A tier that answers for many keys in one round trip."""
+
+    def prefix_length(self, keys: Sequence[bytes]) -> int: ...
+
+    def get_many_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]: ...
+
+
+class EvictingTier(Tier, Protocol):
+    """A tier that evicts for room and lets the store see each evicted block (write-back below it)."""
+
+    on_evict: EvictCallback | None
+
+
+class EncodedTier(Tier, Protocol):
+    """A tier that serializes blocks (disk, files, servers): ``encoding`` says raw or which codec."""
+
+    encoding: BlockEncoding
+
+
+_PROTOCOLS: dict[Capability, type] = {Capability.SLOTS: MemorySlots, Capability.BATCH: BatchTier,
+                                      Capability.EVICTS: EvictingTier, Capability.ENCODED: EncodedTier}
+_BASE_MEMBERS = frozenset(dir(Protocol)) | {"_is_protocol", "__protocol_attrs__", "__non_callable_proto_members__"}
+
+
+def _members(protocol: type) -> list[str]:
+    names = set(getattr(protocol, "__annotations__", {}))
+    for klass in protocol.__mro__:
+        if klass in (Protocol, object, Tier):
+            continue
+        names.update(n for n in vars(klass) if not n.startswith("_"))
+        names.update(getattr(klass, "__annotations__", {}))
+    return sorted(names - _BASE_MEMBERS)
+
+
+def declared_capabilities(tier: object) -> Capability:
+    """The capabilities ``tier``'s class declares, after checking it has every member they promise.
+
+    Called once per tier when a store opens; raises ``ValueError`` naming
+    the tier and the missing member.
+    """
+    declared = getattr(type(tier), "capabilities", Capability.NONE)
+    if not isinstance(declared, Capability):
+        raise ValueError(f"tier {getattr(tier, 'name', tier)!r}: capabilities: expected a Capability, "
+                         f"got {declared!r}")
+    for capability, protocol in _PROTOCOLS.items():
+        if capability in declared:
+            missing = [name for name in _members(protocol) if not hasattr(tier, name)]
+            if missing:
+                raise ValueError(f"tier {getattr(tier, 'name', tier)!r}: declares {capability.name} but lacks "
+                                 f"{missing}")
+    return declared
 
 
 def tier_stats(counters: Counters, blocks: int, used_bytes: int, capacity_bytes: int) -> dict[str, int]:

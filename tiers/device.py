@@ -19,7 +19,10 @@ from __future__ import annotations
 import torch
 
 from kvstore.layout import KVLayout
-from kvstore.tiers.slots import EvictCallback, SlotTier
+from kvstore.tiers.base import EvictCallback
+from kvstore.tiers.slots import SlotTier
+from kvstore.config import StoreConfig
+from kvstore.tiers.spec import TierSpec
 
 
 class DeviceTier(SlotTier):
@@ -75,3 +78,12 @@ class DeviceTier(SlotTier):
         event = self._events[slot]
         if event is not None:
             event.synchronize()
+
+
+SPEC = TierSpec(
+    name="device",
+    wanted=lambda config: config.device_bytes > 0,
+    build=lambda layout, config: DeviceTier(layout, config.device_bytes, config.device),
+    persistent=False,
+    bandwidth_prior=20e9,
+)

@@ -5,7 +5,11 @@ Block ``key`` is ``<path>/<hex[0:2]>/<hex[2:4]>/<hex of key>.kvb``: the 72-byte
 (``.<hex>~<host>~<pid>~<token>.tmp``) and rename it into place, so nobody sees
 a partial block and no lock server is needed (two writers of one key replace
 one identical file with another). Readers check header and checksum; a
-damaged file is deleted and read as a miss.
+damaged file is deleted and read as a miss. The directory is untrusted:
+whatever else sits at a block's path (a symlink, FIFO, directory, device, a
+file larger than any block) is a miss too, found without following, waiting
+on or reading it, and only regular files are ever deleted. A read-only
+directory still serves reads (the access stamp and deletions are best effort).
 
 Eviction rule: the file mtime is the shared last-access time (a write sets
 it, a hit touches it). Each process keeps an index key -> (size, mtime),
@@ -35,6 +39,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -43,19 +48,32 @@ from typing import NamedTuple
 
 import torch
 
-from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.blockformat import ENCODING_RAW, HEADER_BYTES, BlockHeader
 from kvstore.buffers import payload_views
 from kvstore.compression.codec import FrameCodec
-from kvstore.compression.frame import MAGIC
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS, tier_stats
+from kvstore.tiers.base import TIER_COUNTERS, Capability, tier_stats
+from kvstore.compression.registry import get_codec
+from kvstore.config import StoreConfig
+from kvstore.tiers.spec import TierSpec
 
 _SUFFIX, _TEMP_SUFFIX = ".kvb", ".tmp"
 _ALIGN = 4096  # O_DIRECT alignment of buffers, file offsets and lengths, bytes
 _MAX_IOVECS = 512  # pieces of one preadv/pwritev (the kernel's limit is 1024, with the header and a spare)
 _GONE = (errno.ENOENT, errno.ESTALE)  # ESTALE: deleted by another NFS client
+# The directory is shared, so whatever sits at a block's path is untrusted: never follow a symlink there
+# (ELOOP), never wait on a FIFO (O_NONBLOCK), never take a terminal; then fstat must show a regular file.
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+# open() of something at a block's path that is no block file: a symlink (ELOOP; EMLINK on the BSDs), a
+# socket (ENXIO), a device node without a driver (ENODEV).
+_NOT_A_FILE = (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.ENODEV)
+# open() that finds no block there: a fan-out directory is a file (ENOTDIR), or another process holds a
+# lease on the file (EAGAIN: O_NONBLOCK instead of waiting for it).
+_NO_FILE = (*_GONE, errno.ENOTDIR, errno.EAGAIN)
+_FRAME_SLACK = 4096  # bytes a codec's frame may exceed the raw block by (frame header, zstd block headers)
+_STAMP_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)  # atime stamp on a read-only or foreign file
 
 
 class _Entry(NamedTuple):
@@ -85,15 +103,35 @@ def _transfer(call: Callable[[int, list, int], int], fd: int, buffers: Sequence[
     return done
 
 
-def _unlink(path: str) -> bool:
-    """Remove ``path``; False if it was already gone (another process may have removed it)."""
+def _unlink(path: str, same: os.stat_result | None = None) -> bool:
+    """Remove ``path`` if it is a regular file (and the inode of ``same``, if given); False if it was
+    already gone (another process may have removed it) or is something else: a directory is never
+    removed, and a symlink is not followed."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        if exc.errno in _GONE or exc.errno == errno.ENOTDIR:
+            return False
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if same is not None and (st.st_dev, st.st_ino) != (same.st_dev, same.st_ino):
+        return False  # a writer has renamed a new file over it since
     try:
         os.unlink(path)
     except OSError as exc:
-        if exc.errno in _GONE:
+        if exc.errno in _GONE or exc.errno == errno.EISDIR:  # EISDIR: swapped for a directory meanwhile
             return False
         raise
     return True
+
+
+def _squatted(path: str) -> bool:
+    """True if something other than a regular file is at ``path`` (False if nothing, or unknown)."""
+    try:
+        return not stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _fsync_dir(directory: str) -> None:
@@ -105,12 +143,26 @@ def _fsync_dir(directory: str) -> None:
 
 
 def _subdirs(path: str) -> list[str]:
-    """The two-character fan-out directories directly under ``path``."""
+    """The two-character fan-out directories directly under ``path`` (never a symlink to one)."""
     try:
         with os.scandir(path) as entries:
             return [e.path for e in entries if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
-    except FileNotFoundError:
-        return []
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []  # gone, replaced, or another user's and unreadable: holds no block of ours
+
+
+def _block_key(directory: str, name: str) -> bytes | None:
+    """The key of the block file ``name`` in fan-out ``directory``; None if no block's file has that name
+    there (a key this tier could not address would break eviction)."""
+    stem = name[:-len(_SUFFIX)]
+    try:
+        key = bytes.fromhex(stem)
+    except ValueError:
+        return None
+    level1, level2 = os.path.split(directory)
+    if not 2 <= len(key) <= 32 or key.hex() != stem or (os.path.basename(level1), level2) != (stem[:2], stem[2:4]):
+        return None
+    return key
 
 
 class FilesTier:
@@ -127,6 +179,7 @@ class FilesTier:
 
     name = "files"
     persistent = True
+    capabilities = Capability.ENCODED
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, *,
                  sync: bool = True, o_direct: bool = False, stale_temp_seconds: float = 300.0,
@@ -176,6 +229,13 @@ class FilesTier:
         h = key.hex()
         return os.path.join(self._root, h[:2], h[2:4], h + _SUFFIX)
 
+    def _max_file_bytes(self, raw_bytes: int) -> int:
+        """The largest file a block of ``raw_bytes`` (or a full block of this layout, if larger: a read may
+        find one) can be, raw or as a codec's frame; anything larger at a block's path is read as corrupt
+        without reading it."""
+        raw = max(raw_bytes, self._layout.block_bytes)
+        return HEADER_BYTES + raw + raw // 1024 + _FRAME_SLACK
+
     def _remember(self, key: bytes, size: int, mtime_ns: int) -> None:
         """Under the lock: ``key`` is stored and was just accessed."""
         self._forget(key)
@@ -195,11 +255,13 @@ class FilesTier:
         if key in self._index:  # atomic under the GIL: no lock on the lookup hot path
             return True
         try:
-            st = os.stat(self._path(key))
+            st = os.lstat(self._path(key))
         except OSError as exc:
             if exc.errno in _GONE or exc.errno == errno.ENOTDIR:
                 return False
             raise
+        if not stat.S_ISREG(st.st_mode):
+            return False  # a symlink, FIFO, directory, ... is no block (a put renames a block over it)
         with self._lock:
             if key not in self._index:
                 self._remember(key, st.st_size, st.st_mtime_ns)
@@ -210,39 +272,47 @@ class FilesTier:
             return iter(list(self._index))
 
     def _scan(self, clean_temps: bool) -> dict[bytes, tuple[int, int]]:
-        """Every block file: key -> (size, mtime_ns); also removes stale temp files if asked."""
+        """Every block file (regular files only): key -> (size, mtime_ns); also removes stale temp files if
+        asked, as far as the directory lets it (a read-only one keeps them)."""
         found: dict[bytes, tuple[int, int]] = {}
         for level2 in (d for level1 in _subdirs(self._root) for d in _subdirs(level1)):
             try:
                 with os.scandir(level2) as it:
                     entries = list(it)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
                 continue
             for entry in entries:
                 name = entry.name
                 try:
                     if name.endswith(_SUFFIX) and not name.startswith("."):
-                        st = entry.stat(follow_symlinks=False)
-                        found[bytes.fromhex(name[:-len(_SUFFIX)])] = (st.st_size, st.st_mtime_ns)
+                        key = _block_key(level2, name)
+                        st = entry.stat(follow_symlinks=False) if key is not None else None
+                        if st is not None and stat.S_ISREG(st.st_mode):
+                            found[key] = (st.st_size, st.st_mtime_ns)
                     elif clean_temps and name.startswith(".") and name.endswith(_TEMP_SUFFIX):
-                        if self._stale_temp(entry) and _unlink(entry.path):
+                        try:
+                            removed = self._stale_temp(entry) and _unlink(entry.path)
+                        except FileNotFoundError:
+                            raise
+                        except OSError:
+                            removed = False  # best effort: EROFS, EACCES, EPERM, ... leave it
+                        if removed:
                             self._counters.add("temp_removed")
                 except FileNotFoundError:
                     continue  # removed by another process meanwhile
-                except ValueError:
-                    continue  # not a hex name: not a block
         return found
 
     def _stale_temp(self, entry: os.DirEntry) -> bool:
         """Written by a process of this host that is gone, or not modified for ``stale_temp_seconds``."""
         parts = entry.name[1:-len(_TEMP_SUFFIX)].split("~")
-        if len(parts) == 4 and parts[1] == self._host and parts[2].isdigit() and int(parts[2]) > 0:
+        if len(parts) == 4 and parts[1] == self._host and parts[2].isascii() and parts[2].isdigit() \
+                and int(parts[2]) > 0:
             try:
                 os.kill(int(parts[2]), 0)  # signal 0: only asks whether the writer is alive
             except ProcessLookupError:
                 return True
-            except PermissionError:
-                pass  # alive, another user's
+            except (PermissionError, OverflowError):
+                pass  # alive, another user's; or no pid at all (left to the age rule)
         return time.time_ns() - entry.stat(follow_symlinks=False).st_mtime_ns > self._stale_temp_ns
 
     def _rescan(self, clean_temps: bool = False) -> None:
@@ -301,12 +371,15 @@ class FilesTier:
             if parts is None:
                 parts = [memoryview(self.encoding.encode(block)).cast("B")]
             size = sum(part.nbytes for part in parts) + HEADER_BYTES
-            if size > self._capacity:
-                self._counters.add("rejected")
+            if size > self._capacity or size > self._max_file_bytes(block.numel() * block.element_size()):
+                self._counters.add("rejected")  # too big to fit, or a frame so big a read would refuse it
                 continue
             self._make_room(size)
             try:
                 mtime_ns = self._write_file(key, parts)
+            except (IsADirectoryError, NotADirectoryError):  # a directory squats on the block's path, or a
+                self._counters.add("rejected")                  # file on a fan-out directory's: not ours
+                continue
             finally:
                 with self._lock:
                     self._reserved -= size
@@ -344,7 +417,7 @@ class FilesTier:
         final = self._path(key)
         directory = os.path.dirname(final)
         temp = os.path.join(directory, f".{key.hex()}~{self._host}~{os.getpid()}~{secrets.token_hex(6)}.tmp")
-        header = BlockHeader.for_parts(key, self._fingerprint, parts).pack()
+        header = BlockHeader.for_parts(key, self._fingerprint, parts, self.encoding.header_encoding).pack()
         total = HEADER_BYTES + sum(part.nbytes for part in parts)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
@@ -396,17 +469,22 @@ class FilesTier:
     def get_into(self, key: bytes, out: torch.Tensor) -> bool:
         """Read and verify block ``key`` into ``out``; on False ``out`` may have been partly overwritten.
 
-        A missing file is a miss; a damaged one is also deleted and counted
-        ``corrupt``. Other OSErrors (EIO, EACCES, ...) propagate: the store
-        above tracks tier health.
+        A missing file is a miss; a damaged one is also deleted (best effort)
+        and counted ``corrupt``. So is anything else found at the block's
+        path (a symlink, FIFO, directory, a file too large to be a block),
+        except that only regular files are ever deleted. Other OSErrors (EIO,
+        EACCES, ...) propagate: the store above tracks tier health.
         """
         path = self._path(key)
         try:
             verdict, st = self._read(path, key, out)
         except OSError as exc:
-            if exc.errno not in _GONE:
+            if exc.errno in _NOT_A_FILE or (exc.errno in (errno.EACCES, errno.EPERM) and _squatted(path)):
+                verdict, st = CORRUPT, None  # a symlink, socket, device (EACCES on nodev), ... is there
+            elif exc.errno in _NO_FILE:
+                verdict, st = "gone", None
+            else:
                 raise
-            verdict, st = "gone", None
         if verdict == INTACT:
             with self._lock:
                 if st.st_nlink:
@@ -422,12 +500,9 @@ class FilesTier:
                 self._forget(key)
         if verdict in (CORRUPT, OTHER_CODEC):  # damaged, or in a form this tier no longer serves
             self._counters.add("corrupt" if verdict == CORRUPT else "stale")
-            try:  # unless a writer has renamed a new file over it since
-                now = os.stat(path)
-                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                    _unlink(path)
-            except FileNotFoundError:
-                pass
+            if st is not None:  # only the regular file judged, unless a writer has renamed a new one over it
+                with contextlib.suppress(OSError):  # best effort: a read-only directory keeps it
+                    _unlink(path, same=st)
         return False
 
     def _read(self, path: str, key: bytes, out: torch.Tensor) -> tuple[str, os.stat_result]:
@@ -436,20 +511,29 @@ class FilesTier:
         A raw tier reads header and payload straight into a contiguous CPU
         ``out``; anything else (a codec, O_DIRECT, a frame or another size
         found there) reads the whole file into a buffer and decodes it.
+        Whatever is there is untrusted: it is opened without following a
+        symlink or waiting on a FIFO, and only a regular file of at most
+        ``_max_file_bytes`` is read (at most that many bytes + 1), so memory
+        and time stay bounded by the block size; anything else is ``CORRUPT``.
         """
-        fd, direct = self._open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd, direct = self._open(path, _READ_FLAGS)
         try:
+            st = os.fstat(fd)
+            if not (stat.S_ISREG(st.st_mode)
+                    and HEADER_BYTES <= st.st_size <= self._max_file_bytes(out.numel() * out.element_size())):
+                return CORRUPT, st  # a FIFO, device, directory; or a file no block of this size can be
             verdict = None
             views = payload_views(out) if self.encoding.codec is None and not direct else None
             if views is not None and len(views) <= _MAX_IOVECS:
                 verdict = self._read_raw(fd, key, views)
             if verdict is None:
-                verdict = self._read_whole(fd, direct, key, out)
+                verdict = self._read_whole(fd, direct, key, out, st.st_size)
             if verdict == INTACT:
                 try:
                     os.utime(fd)  # the shared last-access stamp
-                except PermissionError:
-                    pass  # another user's file, readable but not ours to stamp
+                except OSError as exc:  # best effort: another user's file, or a read-only directory
+                    if exc.errno not in _STAMP_REFUSED:
+                        raise
             return verdict, os.fstat(fd)
         finally:
             os.close(fd)
@@ -463,15 +547,15 @@ class FilesTier:
         parsed = BlockHeader.unpack(header) if total >= HEADER_BYTES else None
         if parsed is None or parsed.key != key or parsed.layout != self._fingerprint:
             return CORRUPT
-        if parsed.length != expected or (views[0].nbytes >= len(MAGIC) and views[0][:len(MAGIC)] == MAGIC):
+        if parsed.length != expected or parsed.encoding != ENCODING_RAW:
             return None  # another size, or a frame: the general path decides
         if total != HEADER_BYTES + expected or not parsed.verifies_parts(key, self._fingerprint, views):
             return CORRUPT  # truncated, too long, or the checksum does not match
         return INTACT
 
-    def _read_whole(self, fd: int, direct: bool, key: bytes, out: torch.Tensor) -> str:
-        """Read the whole file into a buffer, check its header and checksum, decode it into ``out``."""
-        size = os.fstat(fd).st_size
+    def _read_whole(self, fd: int, direct: bool, key: bytes, out: torch.Tensor, size: int) -> str:
+        """Read the whole file (``size`` bytes when opened, at most size + 1 read) into a buffer, check its
+        header and checksum, decode it into ``out``."""
         if direct:
             length = _round_up(size + 1)  # aligned reads only; + 1: notice a file that grew
             source = memoryview(self._buffer("bounce", length))[:length]
@@ -490,7 +574,7 @@ class FilesTier:
         payload = source[HEADER_BYTES:total]
         if not parsed.verifies(key, self._fingerprint, payload):
             return CORRUPT
-        return self.encoding.decode_into(payload, out)
+        return self.encoding.decode_into(payload, out, parsed.encoding)
 
     def delete(self, key: bytes) -> bool:
         """Remove block ``key`` for every process sharing the directory; True if this call removed it."""
@@ -509,3 +593,19 @@ class FilesTier:
         with self._lock:
             self._index.clear()
             self._used = 0
+
+
+def _build(layout: KVLayout, config: StoreConfig) -> FilesTier:
+    return FilesTier(config.files_dir, config.files_bytes, layout, sync=config.files_sync,
+                     o_direct=config.files_o_direct, codec=get_codec(config.files_codec))
+
+
+SPEC = TierSpec(
+    name="files",
+    wanted=lambda config: config.files_dir is not None and config.files_bytes > 0,
+    build=_build,
+    persistent=True,
+    bandwidth_prior=0.5e9,
+    admit_after=lambda config: config.files_admit_after,
+    codec_setting="files_codec",
+)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 
 from kvstore.layout import KVLayout
-from kvstore.tiers.slots import EvictCallback, SlotTier
+from kvstore.tiers.base import EvictCallback
+from kvstore.tiers.slots import SlotTier
+from kvstore.config import StoreConfig
+from kvstore.tiers.spec import TierSpec
 
 __all__ = ["EvictCallback", "HostTier"]
 
@@ -25,3 +28,12 @@ class HostTier(SlotTier):
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
         super().__init__(layout, capacity_bytes, torch.device("cpu"), on_evict=on_evict, pin_memory=pin_memory)
+
+
+SPEC = TierSpec(
+    name="host",
+    wanted=lambda config: config.host_bytes > 0,
+    build=lambda layout, config: HostTier(layout, config.host_bytes),
+    persistent=False,
+    bandwidth_prior=10e9,
+)

@@ -21,7 +21,7 @@ import os
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -33,7 +33,10 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS, tier_stats
+from kvstore.tiers.base import TIER_COUNTERS, Capability, EvictCallback, tier_stats
+from kvstore.compression.registry import get_codec
+from kvstore.config import StoreConfig
+from kvstore.tiers.spec import TierSpec
 
 _STAMP = struct.Struct("<Q")
 _MAX_WRITE_ATTEMPTS = 8
@@ -70,6 +73,7 @@ class LmdbTier:
 
     name = "lmdb"
     persistent = True
+    capabilities = Capability.EVICTS | Capability.ENCODED
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, sync: bool = True,
                  codec: FrameCodec | None = None):
@@ -86,7 +90,7 @@ class LmdbTier:
         self._fingerprint = layout.fingerprint
         self.encoding = BlockEncoding(layout, codec)
         # Sees each block evicted for room (verified bytes) after the eviction commits: write-back below.
-        self.on_evict: Callable[[bytes, torch.Tensor], None] | None = None
+        self.on_evict: EvictCallback | None = None
         map_size = max(2 * capacity_bytes, capacity_bytes + (1 << 30))
         self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=2, sync=sync, metasync=sync,
                               readahead=False, max_readers=512, subdir=True)
@@ -167,7 +171,7 @@ class LmdbTier:
         evicted = self._write_locked(payloads, deletes)
         if self.on_evict is not None:
             for key, block in evicted:
-                self.on_evict(key, block)
+                self.on_evict(key, block, self.encoding.lossy)
 
     def _write_locked(self, payloads: list[tuple[bytes, object]],
                       deletes: list[bytes]) -> list[tuple[bytes, torch.Tensor]]:
@@ -340,6 +344,8 @@ def inspect_directory(path: str | os.PathLike[str]) -> dict[str, int]:
         if root.exists() and not root.is_dir():
             raise NotADirectoryError(f"disk_dir {root}: not a directory") from None
         return usage
+    except NotADirectoryError:
+        raise NotADirectoryError(f"disk_dir {root}: not a directory") from None
     except OSError as exc:
         raise OSError(f"disk_dir {root}: cannot read it: {exc.strerror or exc}") from None
     try:
@@ -365,3 +371,19 @@ def inspect_directory(path: str | os.PathLike[str]) -> dict[str, int]:
     finally:
         env.close()
     return usage
+
+
+def _build(layout: KVLayout, config: StoreConfig) -> LmdbTier:
+    return LmdbTier(config.disk_dir, config.disk_bytes, layout, sync=config.disk_sync,
+                    codec=get_codec(config.disk_codec))
+
+
+SPEC = TierSpec(
+    name="lmdb",
+    wanted=lambda config: config.disk_dir is not None and config.disk_bytes > 0,
+    build=_build,
+    persistent=True,
+    bandwidth_prior=2e9,
+    admit_after=lambda config: config.disk_admit_after,
+    codec_setting="disk_codec",
+)

@@ -15,18 +15,30 @@ checksum is a miss counted ``corrupt`` and deleted, never data.
 Redis manages its own memory: eviction follows the server's
 ``maxmemory-policy`` (``allkeys-lru`` recommended) and ``ttl_seconds`` sets an
 expiry on each block; this tier keeps no index and no LRU order, so
-``keys()`` comes in SCAN order and ``evictions`` stays 0. A node that is down,
-slow or resets a connection makes calls return misses (counted ``errors``,
-``timeouts``), never raise; redis-py reconnects on a later call. A call
-tries once more after a connection error or timeout, so a hung server costs
-it about 2 x ``timeout_seconds`` (twice that for a cluster batch, which is
-then retried node by node so that the nodes still up serve their keys).
+``keys()`` comes in SCAN order and ``evictions`` stays 0.
+
+A server that is down, hung or resets a connection is a failure, not a miss:
+``contains``, ``prefix_length``, ``put_many``, ``get_into`` and
+``get_many_into`` raise what redis-py raised (``redis.TimeoutError``,
+``redis.ConnectionError``, ...), so that the store's health breaker bypasses
+the tier instead of waiting on it call after call. Each call makes one
+attempt (no redis-py retry): a hung server costs it one ``timeout_seconds``.
+redis-py reconnects on a later call. A cluster batch goes to each node in its
+own pipeline: a node that refuses the connection (down) leaves its keys
+unserved (counted ``errors``) while the nodes still up serve theirs; a node
+that times out fails the whole call. Only a miss (no such key) or a damaged
+value is a False / 0 answer. ``delete``, ``keys``, ``used_bytes`` and
+``stats`` never raise for a failing server: they count it (``errors``,
+``timeouts``) and answer as if the server held nothing. ``errors`` counts the
+failures the tier absorbed; the ones it raised are the caller's to count (the
+store counts them in the tier's ``errors``). ``timeouts`` counts both.
 ``used_bytes`` and ``stats()["blocks"]`` are the server's own figures
 (``used_memory``, DBSIZE): every namespace on it, not just this tier's.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +50,8 @@ import redis
 import torch
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import OutOfMemoryError, RedisClusterException, ResponseError
+from redis.exceptions import (AskError, ClusterDownError, OutOfMemoryError, RedisClusterException, ResponseError,
+                              TryAgainError)
 from redis.retry import Retry
 
 from kvstore.blockformat import HEADER_BYTES, BlockHeader, checksum
@@ -46,9 +59,19 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS, decode_blob, tier_stats
+from kvstore.tiers.base import TIER_COUNTERS, Capability, decode_blob, tier_stats
+from kvstore.compression.registry import get_codec
+from kvstore.config import StoreConfig
+from kvstore.tiers.spec import TierSpec
+
+log = logging.getLogger(__name__)
 
 SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+# What a call that could not reach the server raises: redis-py's errors (TimeoutError, ConnectionError, ...),
+# the cluster client's, and the socket layer's (socket.timeout is the builtin TimeoutError, an OSError).
+_FAILURES = (redis.RedisError, RedisClusterException, OSError)
+# Replies of a cluster node that no longer owns the key's slot (or is migrating it): the cluster client resends them.
+_REDIRECTED = (AskError, TryAgainError, ClusterDownError)
 _SCAN_COUNT = 1000
 _T = TypeVar("_T")
 _FAILED = object()  # a command whose server could not be reached
@@ -59,7 +82,10 @@ _SAME_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  #
 def _connect(url: str, timeout: float) -> Callable[[], Any]:
     """A function building the redis-py client for ``url``; ValueError for an unknown scheme."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1))
+    # One attempt per command, no redis-py retry: a retried timeout would cost a hung server's every call a
+    # multiple of ``timeout`` before the caller hears of it. A connection the server closed meanwhile (a
+    # restart) needs no retry: the pool checks a connection before lending it and reconnects.
+    options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
     if scheme in ("redis", "rediss", "unix"):
         return lambda: redis.Redis.from_url(url, **options)
     if scheme in ("redis+cluster", "rediss+cluster"):
@@ -86,6 +112,10 @@ def _wrong_type(reply: object) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
 
 
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, (redis.TimeoutError, TimeoutError))
+
+
 def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
@@ -106,6 +136,7 @@ class RedisTier:
 
     name = "redis"
     persistent = True
+    capabilities = Capability.BATCH | Capability.ENCODED
 
     def __init__(self, url: str, layout: KVLayout, *, namespace: str = "default", ttl_seconds: float | None = None,
                  codec: FrameCodec | None = None, timeout_seconds: float = 1.0, capacity_bytes: int = 0,
@@ -139,6 +170,7 @@ class RedisTier:
         self._local = threading.local()  # each thread's scratch buffer for values
         self._client_obj: Any = None
         self._closed = False
+        self._failing = False  # the last call raised: logged once, until a call succeeds again
         try:  # a cluster client connects on construction: if the cluster is down, the first call retries
             self._client()
         except (redis.RedisError, RedisClusterException, OSError):
@@ -157,26 +189,48 @@ class RedisTier:
                 client = self._client_obj
         return client
 
+    def _call(self, call: Callable[[Any], _T]) -> _T:
+        """``call(the client)``; if the server is down, hung or drops the connection, the error is raised.
+
+        Raised, not turned into a miss: the caller (the store's health
+        breaker) then stops calling for a while instead of paying a timeout
+        on every call. Counted here only in ``timeouts``; the caller counts it.
+        """
+        try:
+            result = call(self._client())
+        except _FAILURES as exc:
+            if _is_timeout(exc):
+                self._counters.add("timeouts")
+            if not self._failing:
+                self._failing = True
+                log.warning("redis tier: a call failed (%s: %s); raising it to the caller", type(exc).__name__, exc)
+            raise
+        if self._failing:
+            self._failing = False
+            log.info("redis tier: the server answers again")
+        return result
+
     def _guard(self, call: Callable[[Any], _T], default: _T, server: Any = None) -> _T:
-        """``call(server or the client)``, or ``default`` if the server is down, slow or drops the connection."""
+        """``call(server or the client)``, or ``default`` (the failure counted) if the server is down, hung or
+        drops the connection: for the calls that never raise for a failing server (listings, figures, deletes)."""
         try:
             return call(self._client() if server is None else server)
-        except (redis.RedisError, RedisClusterException, OSError) as exc:
+        except _FAILURES as exc:
             self._count_failure(exc)
         return default
 
-    def _count_failure(self, exc: Exception) -> None:
+    def _count_failure(self, exc: BaseException) -> None:
+        """A failure this tier absorbs (does not raise): counted ``errors`` (and ``timeouts``)."""
         self._counters.add("errors")
-        if isinstance(exc, (redis.TimeoutError, TimeoutError)):
+        if _is_timeout(exc):
             self._counters.add("timeouts")
 
     def _batch(self, rkeys: Sequence[bytes], queue: Callable[[Any, int], None]) -> list:
         """One pipeline (one round trip) of the command ``queue(pipe, i)`` queues for each of ``rkeys``.
 
-        Returns each command's reply, its error (an exception), or ``_FAILED``
-        where the server could not be reached. On a cluster, if the pipeline
-        fails (a node is down), the keys are sent again in one pipeline per
-        node, so the keys of the nodes still up are served.
+        Returns each command's reply or its error (an exception); raises if
+        the server cannot be reached. On a cluster, one pipeline per node
+        (see ``_per_node``): ``_FAILED`` for the keys of a node that is down.
         """
         def run(client: Any, indices: Sequence[int]) -> list:
             with client.pipeline(transaction=False) as pipe:
@@ -184,30 +238,57 @@ class RedisTier:
                     queue(pipe, i)
                 return pipe.execute(raise_on_error=False)
 
-        everything = range(len(rkeys))
-        results = self._guard(lambda c: run(c, everything), None)
-        if results is None and self.cluster:
-            results = self._guard(lambda c: self._per_node(c, rkeys, run), None)
-        return [_FAILED] * len(rkeys) if results is None else results
+        if self.cluster:
+            return self._call(lambda c: self._per_node(c, rkeys, run))
+        return self._call(lambda c: run(c, range(len(rkeys))))
 
-    @staticmethod
-    def _per_node(client: Any, rkeys: Sequence[bytes], run: Callable[[Any, Sequence[int]], list]) -> list:
-        """``run`` the keys of each cluster node on that node alone; ``_FAILED`` for a node that fails.
+    def _per_node(self, client: Any, rkeys: Sequence[bytes], run: Callable[[Any, Sequence[int]], list]) -> list:
+        """``run`` the keys of each cluster node in a pipeline on that node alone; ``_FAILED`` for a node down.
 
-        Not counted again: the failed cluster pipeline before it was.
+        Not the cluster client's own pipeline: when a node times out, that one
+        sends each of the node's commands again on its own, a timeout apiece.
+        Here a node that times out raises at once. Keys whose node refused
+        (down) or answered with a redirection (the slot moved) are sent again
+        through the cluster client, which refreshes its slot table and follows
+        redirections; those still unserved are ``_FAILED``, counted once in
+        ``errors``. Raises if no key could be served.
         """
         groups: dict[str, tuple[Any, list[int]]] = {}
         for i, rkey in enumerate(rkeys):
             node = client.get_node_from_key(rkey)
             groups.setdefault(node.name, (node, []))[1].append(i)
         results: list = [_FAILED] * len(rkeys)
+        failure: BaseException | None = None
         for node, indices in groups.values():
             try:
                 replies = run(client.get_redis_connection(node), indices)
-            except (redis.RedisError, OSError):
+            except _FAILURES as exc:
+                if _is_timeout(exc):
+                    raise  # a hung node: one timeout for the call, not one per key
+                failure = exc
                 continue
             for i, reply in zip(indices, replies):
                 results[i] = reply
+        again = [i for i, reply in enumerate(results) if reply is _FAILED or isinstance(reply, _REDIRECTED)]
+        if again:
+            try:
+                replies = run(client, again)
+            except _FAILURES as exc:
+                if _is_timeout(exc):
+                    raise
+                failure = exc
+            else:
+                for i, reply in zip(again, replies):
+                    results[i] = reply
+        for i, reply in enumerate(results):
+            if _is_timeout(reply):
+                raise reply
+            if isinstance(reply, redis.ConnectionError):
+                failure, results[i] = reply, _FAILED
+        if failure is not None and any(reply is _FAILED for reply in results):
+            if all(reply is _FAILED for reply in results):
+                raise failure
+            self._count_failure(failure)  # the nodes still up served their keys
         return results
 
     def _per_server(self, ask: Callable[[Any], _T]) -> tuple[list[_T], bool]:
@@ -303,12 +384,12 @@ class RedisTier:
         return self._server_figures()[0]
 
     def contains(self, key: bytes) -> bool:
-        """EXISTS on the block's key; False if the server cannot be reached."""
+        """EXISTS on the block's key; raises if the server cannot be reached."""
         rkey = self.redis_key(key)
-        return bool(self._guard(lambda c: c.exists(rkey), 0))
+        return bool(self._call(lambda c: c.exists(rkey)))
 
     def prefix_length(self, keys: Sequence[bytes]) -> int:
-        """How many leading ``keys`` are stored: pipelined EXISTS, one round trip; 0 if unreachable."""
+        """How many leading ``keys`` are stored: pipelined EXISTS, one round trip; raises if unreachable."""
         rkeys = [self.redis_key(k) for k in keys]
         count = 0
         for reply in self._batch(rkeys, lambda pipe, i: pipe.exists(rkeys[i])) if rkeys else []:
@@ -320,9 +401,10 @@ class RedisTier:
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """SET NX each block (with the TTL) in one pipeline; returns how many are stored afterwards.
 
-        A block already stored counts as stored and is not rewritten. A block
-        on a server that cannot be reached is not stored (counted ``errors``);
-        one the server refuses (out of memory) or larger than
+        A block already stored counts as stored and is not rewritten. If the
+        server cannot be reached the call raises (a cluster node that is down
+        while others serve: its blocks are not stored, counted ``errors``);
+        a block the server refuses (out of memory) or larger than
         ``capacity_bytes`` is counted ``rejected``.
         """
         for key, block in items:
@@ -362,7 +444,8 @@ class RedisTier:
         return stored
 
     def get_into(self, key: bytes, out: torch.Tensor) -> bool:
-        """GET block ``key`` and copy it into ``out`` after checking header and checksum; False on a miss."""
+        """GET block ``key`` and copy it into ``out`` after checking header and checksum; False on a miss
+        (or a damaged value); raises if the server cannot be reached."""
         rkey = self.redis_key(key)
         self._check_block("out", out)
         def get(client: Any) -> object:
@@ -372,10 +455,11 @@ class RedisTier:
                 if _wrong_type(exc):
                     return exc
                 raise
-        return self._decode(bytes(key), rkey, self._guard(get, _FAILED), out)
+        return self._decode(bytes(key), rkey, self._call(get), out)
 
     def get_many_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]:
-        """Read blocks ``keys`` into ``outs`` in one round trip (MGET, or pipelined GETs on a cluster)."""
+        """Read blocks ``keys`` into ``outs`` in one round trip (MGET, or pipelined GETs on a cluster);
+        raises if the server cannot be reached (a cluster node that is down while others serve: misses)."""
         if len(keys) != len(outs):
             raise ValueError(f"outs: expected one per key ({len(keys)}), got {len(outs)}")
         rkeys = [self.redis_key(k) for k in keys]
@@ -386,7 +470,7 @@ class RedisTier:
         if self.cluster:  # MGET needs all its keys in one hash slot
             values = self._batch(rkeys, lambda pipe, i: pipe.get(rkeys[i]))
         else:
-            values = self._guard(lambda c: c.mget(rkeys), [_FAILED] * len(rkeys))
+            values = self._call(lambda c: c.mget(rkeys))
         return [self._decode(bytes(key), rkey, value, out)
                 for key, rkey, value, out in zip(keys, rkeys, values, outs)]
 
@@ -451,3 +535,19 @@ class RedisTier:
                 client.close()
             except (redis.RedisError, RedisClusterException, OSError):
                 pass
+
+
+def _build(layout: KVLayout, config: StoreConfig) -> RedisTier:
+    return RedisTier(config.redis_url, layout, namespace=config.redis_namespace, ttl_seconds=config.redis_ttl_seconds,
+                     codec=get_codec(config.redis_codec), timeout_seconds=config.redis_timeout_seconds)
+
+
+SPEC = TierSpec(
+    name="redis",
+    wanted=lambda config: config.redis_url is not None,
+    build=_build,
+    persistent=True,
+    bandwidth_prior=0.5e9,
+    admit_after=lambda config: config.redis_admit_after,
+    codec_setting="redis_codec",
+)

@@ -3,19 +3,32 @@
 Blocks travel with the same integrity header as on disk (the server checks
 it on the way in, this tier on the way back), raw or in the tier's codec's
 frames. A raw block is read from the socket straight into the caller's
-tensor. A server that is down, slow or refusing is never an exception
-here: the call is a miss (or stores nothing), the failure is counted
-(``errors``, ``timeouts``), and the tier waits an exponentially growing
-back-off (``unavailable`` counts calls skipped meanwhile) before it tries
-a fresh connection, so an engine keeps serving from its local tiers and
-picks the server up again on its own when it returns.
+tensor.
+
+A server that is down, hung, refusing or breaking the protocol is a
+failure, not a miss: ``contains``, ``prefix_length``, ``put_many``,
+``get_into`` and ``get_many_into`` raise what the client raised
+(``ConnectionError``, ``TimeoutError``, ``ServerError``, ``ProtocolError``,
+...), so that the store's health breaker bypasses the tier instead of
+paying a timeout on every call. After a failure the tier waits an
+exponentially growing back-off before it tries a fresh connection; a data
+call inside it raises ``ConnectionError`` at once without trying
+(``unavailable`` counts those). ``delete``, ``keys``, ``used_bytes``,
+``capacity_bytes`` and ``stats`` never raise for a failing server: they
+count it (``errors``) and answer as if the server held nothing. ``errors``
+counts the failures the tier absorbed; the ones it raised are the caller's
+to count (the store counts them in the tier's ``errors``). ``timeouts``
+counts both. Either way the tier picks the server up again on its own
+when it returns.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -28,10 +41,22 @@ from kvstore.compression.stored import INTACT, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
 from kvstore.protocol import ProtocolError, PutResult
-from kvstore.tiers.base import TIER_COUNTERS, decode_blob, tier_stats
+from kvstore.tiers.base import TIER_COUNTERS, Capability, decode_blob, tier_stats
+from kvstore.compression.registry import get_codec
+from kvstore.config import StoreConfig
+from kvstore.tiers.spec import TierSpec
 
 T = TypeVar("T")
 REMOTE_COUNTERS = ("errors", "timeouts", "unavailable")
+# What a call to a server that is down, hung or broken raises. OSError: ConnectionError, TimeoutError,
+# SSLError, ServerError; ProtocolError and ValueError: a reply this client cannot parse (a broken or newer server).
+FAILURES = (OSError, ProtocolError, ValueError)
+
+log = logging.getLogger(__name__)
+
+
+class _BackingOff(ConnectionError):
+    """A call not tried: the server failed a moment ago and the tier's back-off has not run out."""
 
 
 class RemoteTier:
@@ -45,6 +70,7 @@ class RemoteTier:
 
     name = "remote"
     persistent = True
+    capabilities = Capability.BATCH | Capability.ENCODED
 
     def __init__(self, url: str, layout: KVLayout, token: str | None = None, *, timeout_seconds: float = 2.0,
                  connections: int = 4, codec: FrameCodec | None = None, tls_ca_file: str | None = None,
@@ -62,54 +88,70 @@ class RemoteTier:
         self._retry_at = 0.0
         self.last_error: str | None = None
 
-    def _call(self, operation: Callable[[Connection], T], default: T) -> T:
-        """``operation`` on a pooled connection; ``default`` (and a counted failure) if the server fails."""
+    def _call(self, operation: Callable[[Connection], T]) -> T:
+        """``operation`` on a pooled connection; raises if the server fails (one of ``FAILURES``), and inside
+        the back-off after a failure raises ``ConnectionError`` without trying."""
         if time.monotonic() < self._retry_at:
             self._counters.add("unavailable")
-            return default
+            raise _BackingOff(f"{self.url}: not tried inside the back-off after {self.last_error}")
         try:
             with self._pool.connection() as conn:
                 result = operation(conn)
-        except (OSError, ProtocolError, ValueError) as exc:  # OSError: ConnectionError, TimeoutError, SSLError,
-            # ServerError; ProtocolError and ValueError: a reply this client cannot parse (a broken or newer server)
+        except FAILURES as exc:
             self._pool.discard_idle()
-            self._counters.add("errors")
             if isinstance(exc, TimeoutError):
                 self._counters.add("timeouts")
             with self._lock:
+                first = not self._backoff
                 self._backoff = min(self._max_backoff_seconds, 2 * self._backoff or self._backoff_seconds)
                 self._retry_at = time.monotonic() + self._backoff
             self.last_error = f"{type(exc).__name__}: {exc}"
-            return default
+            if first:
+                log.warning("remote tier: %s failed a call (%s); backing off", self.url, self.last_error)
+            raise
         if self._backoff:
             with self._lock:
                 self._backoff = 0.0
+            log.info("remote tier: %s answers again", self.url)
         return result
+
+    def _quiet(self, operation: Callable[[Connection], T], default: T) -> T:
+        """``operation`` as ``_call`` runs it, but ``default`` (the failure counted ``errors``) if the server fails:
+        for the calls that never raise for a failing server (listings, figures, deletes)."""
+        try:
+            return self._call(operation)
+        except _BackingOff:
+            return default
+        except FAILURES:
+            self._counters.add("errors")
+            return default
 
     @property
     def capacity_bytes(self) -> int:
         """The namespace's quota, or the server's capacity when it has none (0 until first connected)."""
         welcome = self._pool.welcome
         if welcome is None:
-            self._call(lambda conn: None, None)
+            self._quiet(lambda conn: None, None)
             welcome = self._pool.welcome
         return welcome.quota_bytes if welcome is not None else 0
 
     def _server_stats(self) -> dict:
-        return self._call(lambda conn: conn.stats(), {}).get("blocks", {})
+        return self._quiet(lambda conn: conn.stats(), {}).get("blocks", {})
 
     def used_bytes(self) -> int:
         return int(self._server_stats().get("used_bytes", 0))
 
     def contains(self, key: bytes) -> bool:
-        return self._call(lambda conn: conn.exists_prefix([key]), 0) == 1
+        """Whether the server holds ``key``; raises if the server fails."""
+        return self._call(lambda conn: conn.exists_prefix([key])) == 1
 
     def prefix_length(self, keys: Sequence[bytes]) -> int:
-        """How many leading ``keys`` the server holds, in one round trip."""
-        return self._call(lambda conn: conn.exists_prefix(keys), 0) if keys else 0
+        """How many leading ``keys`` the server holds, in one round trip; raises if the server fails."""
+        return self._call(lambda conn: conn.exists_prefix(keys)) if keys else 0
 
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
-        """Send the blocks in as few frames as the server's limits allow; returns how many it holds after."""
+        """Send the blocks in as few frames as the server's limits allow; returns how many it holds after.
+        Raises if the server fails."""
         if not items:
             return 0
         parts = []
@@ -117,9 +159,7 @@ class RemoteTier:
             payload = self.encoding.encode(block)
             header = BlockHeader.for_payload(key, self._fingerprint, payload, self.encoding.header_encoding)
             parts.append((key, [header.pack(), payload]))
-        results = self._call(lambda conn: conn.put(parts), None)
-        if results is None:
-            return 0
+        results = self._call(lambda conn: conn.put(parts))
         held = 0
         for (_, (_, payload)), result in zip(parts, results):
             if result in (PutResult.STORED, PutResult.PRESENT):
@@ -132,10 +172,12 @@ class RemoteTier:
         return held
 
     def get_into(self, key: bytes, out: torch.Tensor) -> bool:
+        """Fetch block ``key`` into ``out``; False on a miss (or a damaged block); raises if the server fails."""
         return self.get_many_into([key], [out])[0]
 
     def get_many_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]:
-        """Fetch blocks in one round trip; raw blocks land in ``outs`` without a bounce buffer."""
+        """Fetch blocks in one round trip; raw blocks land in ``outs`` without a bounce buffer. Raises if the
+        server fails."""
         heads = [bytearray(HEADER_BYTES) for _ in keys]
         scratch: list[bytearray | None] = [None] * len(keys)
 
@@ -151,10 +193,7 @@ class RemoteTier:
         # A frame may be a little larger than the raw block (an incompressible block under a lossless codec).
         expected = [HEADER_BYTES + out.numel() * out.element_size() + (4096 if self.encoding.codec else 0)
                     for out in outs]
-        sizes = self._call(lambda conn: conn.get(keys, sink, expected), None)
-        if sizes is None:
-            self._counters.add("misses", len(keys))
-            return [False] * len(keys)
+        sizes = self._call(lambda conn: conn.get(keys, sink, expected))
         found = []
         for i, size in enumerate(sizes):
             if size is None:
@@ -180,13 +219,14 @@ class RemoteTier:
         return intact
 
     def delete(self, key: bytes) -> bool:
-        return self._call(lambda conn: conn.delete([key])[0], False)
+        """Delete ``key``; False if the server did not hold it, or failed (counted ``errors``)."""
+        return self._quiet(lambda conn: conn.delete([key])[0], False)
 
     def keys(self) -> Iterator[bytes]:
         """This namespace's keys on the server, least recently used first (empty if it is unreachable)."""
         keys: list[bytes] = []
         while True:
-            page = self._call(lambda conn: conn.list_keys(len(keys)), [])
+            page = self._quiet(lambda conn: conn.list_keys(len(keys)), [])
             keys.extend(page)
             if not page or self._pool.welcome is None or len(page) < self._pool.welcome.max_keys:
                 return iter(keys)
@@ -198,3 +238,23 @@ class RemoteTier:
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _build(layout: KVLayout, config: StoreConfig) -> RemoteTier:
+    token = config.remote_token
+    if token is None and config.remote_token_file is not None:
+        token = Path(config.remote_token_file).read_text().strip()
+    return RemoteTier(config.remote_url, layout, token, timeout_seconds=config.remote_timeout_seconds,
+                      connections=config.remote_connections, codec=get_codec(config.remote_codec),
+                      tls_ca_file=config.remote_tls_ca_file)
+
+
+SPEC = TierSpec(
+    name="remote",
+    wanted=lambda config: config.remote_url is not None,
+    build=_build,
+    persistent=True,
+    bandwidth_prior=1e9,
+    admit_after=lambda config: config.remote_admit_after,
+    codec_setting="remote_codec",
+)

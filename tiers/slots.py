@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,9 +19,7 @@ import torch
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
 from kvstore.pending import PendingBlock
-from kvstore.tiers.base import TIER_COUNTERS, tier_stats
-
-EvictCallback = Callable[[bytes, torch.Tensor], None]
+from kvstore.tiers.base import TIER_COUNTERS, Capability, EvictCallback, tier_stats
 
 
 @dataclass
@@ -29,6 +27,7 @@ class _Entry:
     slot: int
     num_tokens: int
     pins: int = 0
+    lossy: str | None = None  # the lossy codec these bytes went through (None: exactly what was put)
 
 
 class SlotTier:
@@ -43,6 +42,7 @@ class SlotTier:
 
     name = "slots"
     persistent = False
+    capabilities = Capability.SLOTS | Capability.EVICTS
     setting = "slot_bytes"  # the config field that sized the pool, for error messages
 
     def __init__(self, layout: KVLayout, capacity_bytes: int, device: torch.device,
@@ -118,18 +118,33 @@ class SlotTier:
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         return sum(self.put(key, block) for key, block in items)
 
+    def put_lossy(self, items: Sequence[tuple[bytes, torch.Tensor]], codec: str) -> int:
+        """``put_many`` of blocks decoded from the lossy ``codec``: they keep that mark while held here."""
+        if not codec:
+            raise ValueError(f"codec: expected the name of a lossy codec, got {codec!r}")
+        return sum(self.put(key, block, lossy=codec) for key, block in items)
+
     @property
     def fills_in_place(self) -> bool:
         """Whether a ``PendingBlock`` may be filled straight into a slot (host memory: the engine's gather
         writes there); slots on another device take it materialized."""
         return self.device.type == "cpu"
 
-    def put(self, key: bytes, block: torch.Tensor | PendingBlock) -> bool:
-        """Copy ``block`` into a slot (a pending block fills it); False if every slot is pinned by readers."""
+    def put(self, key: bytes, block: torch.Tensor | PendingBlock, lossy: str | None = None) -> bool:
+        """Copy ``block`` into a slot (a pending block fills it); False if every slot is pinned by readers.
+
+        ``lossy``: the lossy codec ``block`` went through. Exact bytes put
+        for a key held with a lossy mark replace them (unless a reader has
+        the slot pinned).
+        """
         with self._lock:
-            if key in self._index:
+            entry = self._index.get(key)
+            if entry is not None:
                 self._index.move_to_end(key)
-                return True
+                if entry.lossy is None or lossy is not None or entry.pins:
+                    return True
+                del self._index[key]  # exact bytes replace approximate ones: a fresh slot, same order
+                self._free.append(entry.slot)
             taken = self._take_slot()
             if taken is None:
                 self._counters.add("rejected")
@@ -140,7 +155,7 @@ class SlotTier:
             if self.on_evict is not None:
                 victim_key, victim_entry = victim
                 self._ready(slot)
-                self.on_evict(victim_key, self._view(slot, victim_entry.num_tokens))
+                self.on_evict(victim_key, self._view(slot, victim_entry.num_tokens), victim_entry.lossy)
         num_tokens = block.shape[2]
         try:
             if isinstance(block, PendingBlock):
@@ -155,7 +170,7 @@ class SlotTier:
             if key in self._index:  # another thread stored it meanwhile
                 self._free.append(slot)
                 return True
-            self._index[key] = _Entry(slot, num_tokens)
+            self._index[key] = _Entry(slot, num_tokens, lossy=lossy)
         self._counters.add("blocks_written")
         self._counters.add("bytes_written", num_tokens * self.layout.token_bytes)
         return True
@@ -166,6 +181,11 @@ class SlotTier:
         The view stays valid until the matching ``unpin(key)``; background
         writers hold a pin while a lower tier copies the block.
         """
+        pinned = self.pinned_marked(key)
+        return None if pinned is None else pinned[0]
+
+    def pinned_marked(self, key: bytes) -> tuple[torch.Tensor, str | None] | None:
+        """``pin`` that also says which lossy codec the pinned bytes went through (None: exact)."""
         with self._lock:
             entry = self._index.get(key)
             if entry is None:
@@ -173,7 +193,12 @@ class SlotTier:
             entry.pins += 1
             self._index.move_to_end(key)
         self._ready(entry.slot)
-        return self._view(entry.slot, entry.num_tokens)
+        return self._view(entry.slot, entry.num_tokens), entry.lossy
+
+    def lossy_of(self, key: bytes) -> str | None:
+        """The lossy codec the bytes held for ``key`` went through (None: exact, or not held)."""
+        entry = self._index.get(key)
+        return None if entry is None else entry.lossy
 
     def unpin(self, key: bytes) -> None:
         """Release one pin taken by ``pin(key)``."""
@@ -193,6 +218,10 @@ class SlotTier:
                 self.unpin(key)
 
     def get_into(self, key: bytes, out: torch.Tensor) -> bool:
+        return self.get_into_marked(key, out)[0]
+
+    def get_into_marked(self, key: bytes, out: torch.Tensor) -> tuple[bool, str | None]:
+        """``get_into``, and the lossy codec the bytes copied out went through (None: exact)."""
         with self._lock:
             entry = self._index.get(key)
             if entry is not None and self.layout.shape(entry.num_tokens) == tuple(out.shape):
@@ -202,7 +231,7 @@ class SlotTier:
                 entry = None
         if entry is None:
             self._counters.add("misses")
-            return False
+            return False, None
         try:
             self._copy_out(entry.slot, out, self._view(entry.slot, entry.num_tokens))
         finally:
@@ -210,7 +239,7 @@ class SlotTier:
                 entry.pins -= 1
         self._counters.add("hits")
         self._counters.add("bytes_read", out.numel() * out.element_size())
-        return True
+        return True, entry.lossy
 
     def delete(self, key: bytes) -> bool:
         """Drop ``key``; refused (False) while a reader has it pinned."""

@@ -1,1 +1,1 @@
-"""The ``kvstore bench`` full run: seeded workloads, the runner, and the report renderer (``kvbench.report``)."""
+"""The full benchmark run (``python bench/run_bench.py``): seeded workloads, the runner, the report renderer."""

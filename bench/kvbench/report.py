@@ -1,4 +1,4 @@
-"""Turns a ``kvstore bench`` results JSON into ``report.md`` and PNG charts beside it.
+"""Turns a full run's results JSON (``python bench/run_bench.py``) into ``report.md`` and PNG charts beside it.
 
 The runner measures; this module only checks and presents. Every ratio in the
 report names what it divides by (a ceiling measured in the same run, or a peer

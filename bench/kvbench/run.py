@@ -1,4 +1,4 @@
-"""``kvstore bench`` (the full run): every suite, the peers, the workloads, then ``report.md`` and charts.
+"""``python bench/run_bench.py`` (the full run): every suite, the peers, the workloads, then ``report.md`` and charts.
 
 Steps, each a bar of the progress display: the machine's description; the
 pytest-benchmark suites (their JSON kept as ``suites.json``); kvstore's side

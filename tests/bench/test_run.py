@@ -1,4 +1,4 @@
-"""The whole report harness end to end on tiny sizes (``kvstore bench --smoke``): every section written."""
+"""The whole report harness end to end on tiny sizes (``python bench/run_bench.py --smoke``): every section written."""
 
 from __future__ import annotations
 

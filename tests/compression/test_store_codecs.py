@@ -251,7 +251,7 @@ def test_lmdb_evictions_pass_decoded_blocks_down(tiers, spec):
     capacity = 4 * RAW_BLOCK
     tier = tiers("lmdb", spec, capacity=capacity)
     seen = []
-    tier.on_evict = lambda key, block: seen.append((key, block.clone()))
+    tier.on_evict = lambda key, block, lossy: seen.append((key, block.clone()))
     originals = {key: make_kv(LAYOUT, 16, seed=i) for i, key in enumerate(KEYS)}
     originals[KEYS[0]] = make_kv(LAYOUT, 5, seed=99)  # a partial block is passed down with its own length
     for key, block in originals.items():

@@ -145,7 +145,7 @@ def test_lru_eviction_order(layout, blocks):
 def test_on_evict_sees_exact_bytes_before_slot_reuse(layout, blocks):
     seen = []
 
-    def on_evict(k, view):
+    def on_evict(k, view, lossy):
         seen.append((k, view, view.clone()))
 
     tier = cpu_tier(layout, 2, on_evict=on_evict)

@@ -146,7 +146,7 @@ def test_reading_miss_and_delete(layout, blocks):
 
 def test_on_evict_sees_victim_bytes(layout, blocks):
     seen = []
-    tier = HostTier(layout, 2 * layout.block_bytes, on_evict=lambda key, view: seen.append((key, view.clone())))
+    tier = HostTier(layout, 2 * layout.block_bytes, on_evict=lambda key, view, lossy: seen.append((key, view.clone())))
     tier.put(A, blocks[A])
     tier.put(B, blocks[B])
     assert seen == []

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import TESTS_DIR, assert_same_kv, make_kv, make_tokens, run_python, tiny_layout
-from kvstore.blockformat import HEADER_BYTES, MAGIC
+from kvstore.blockformat import ENCODING_RAW, FORMAT_VERSION, HEADER_BYTES, MAGIC
 from kvstore.tiers.base import Tier
 from kvstore.tiers.lmdb import DirectoryInUseError, LmdbTier
 
@@ -311,7 +311,7 @@ def test_corrupt_header_is_a_miss(open_tier, disk_dir, layout, blocks, where, of
     tier = open_tier(3 * BLOCK)
     tier.put_many([(A, blocks[A])])
     tier.close()
-    _flip_once(disk_dir / "data.mdb", MAGIC + (1).to_bytes(2, "little") + (32).to_bytes(2, "little"), offset)
+    _flip_once(disk_dir / "data.mdb", MAGIC + FORMAT_VERSION.to_bytes(2, "little") + bytes([32, ENCODING_RAW]), offset)
     again = open_tier(3 * BLOCK)
     assert again.stats()["corrupt"] == (1 if corrupt_on_open else 0)
     assert _read(again, layout, A) is None

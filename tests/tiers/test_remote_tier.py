@@ -259,7 +259,8 @@ def test_raw_blocks_land_in_the_output_without_a_bounce_buffer(remote, monkeypat
     tier.put_many([(key("direct"), block), (key("direct-tail"), tail)])
     decodes = []
     decode = tier.encoding.decode_into
-    monkeypatch.setattr(tier.encoding, "decode_into", lambda payload, out: decodes.append(1) or decode(payload, out))
+    monkeypatch.setattr(tier.encoding, "decode_into",
+                        lambda payload, out, encoding: decodes.append(1) or decode(payload, out, encoding))
     out, out_tail = zeros(FP16), zeros(FP16, 5)
     assert tier.get_many_into([key("direct"), key("direct-tail")], [out, out_tail]) == [True, True]
     assert_same_kv(out, block)

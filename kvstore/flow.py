@@ -1,0 +1,303 @@
+"""How blocks move through the tier stack: landing a put, copies down, promotion, write-back, reads.
+
+``BlockFlow`` carries out ``Placement``'s decisions on a ``TierStack``:
+
+- A put lands in the fastest level that takes it; lower levels with
+  ``write_through`` get a copy from the write-behind queues once the block
+  has been seen ``admit_after`` times.
+- A read hit in a lower level is promoted into the faster ones: memory
+  levels at once, persistent ones through the write-behind.
+- A level that evicts for room hands the block to the ``write_back`` level
+  below it; on close, blocks only memory levels hold go to the first
+  persistent ``write_back`` level.
+
+Exact bytes or a miss: every block travels with the lossy codec it went
+through (None: exactly what the engine put). Approximate bytes are kept
+only in this store's memory slots, which mark them; they are never written
+into a level below (``Level.takes``), so a tier another process reads never
+holds approximate bytes under an exact header. A put of exact bytes for a
+block held approximately stores them again instead of counting dedup.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+
+from kvstore.config import StoreConfig
+from kvstore.keys import BlockRef
+from kvstore.layout import KVLayout
+from kvstore.levels import Level, TierStack
+from kvstore.metrics import Counters
+from kvstore.pending import PendingBlock
+from kvstore.placement import Placement
+from kvstore.tiers.base import Capability
+from kvstore.writebehind import WriteBehind
+
+STORE_COUNTERS = ("puts", "blocks_stored", "dedup_blocks", "dedup_bytes", "lookups", "lookup_tokens",
+                  "lookup_hit_tokens", "gets", "get_tokens", "get_hit_tokens", "promotions", "demotions")
+# Blocks a batch level (cache server, Redis) is asked for in one read.
+BATCH_READ_BLOCKS = 64
+
+Item = tuple[bytes, "torch.Tensor | PendingBlock"]
+
+
+class BlockFlow:
+    """Puts, reads, promotions and lower-tier copies of one store's blocks over ``stack``."""
+
+    def __init__(self, layout: KVLayout, config: StoreConfig, stack: TierStack, placement: Placement):
+        self.layout = layout
+        self.stack = stack
+        self.placement = placement
+        self.counters = Counters(*STORE_COUNTERS)
+        self._targets = {level.index: level for level in stack if level.index > 0 or level.persistent}
+        self.writes = WriteBehind({level.name: partial(self._write_queued, level) for level in self._targets.values()},
+                                  self._queue_bound(config), config.queue_full)
+        for level in stack:
+            if Capability.EVICTS in level.capabilities and placement.on_evict(level.index) is not None:
+                level.tier.on_evict = partial(self.evicted, level)
+        self._scratch = threading.local()
+
+    def _queue_bound(self, config: StoreConfig) -> int:
+        """Queued jobs pin their source slots: keep the pins to half the fastest slot pool."""
+        bound = config.write_queue_blocks
+        fastest = self.stack.fastest
+        if fastest is not None and fastest.slots:
+            bound = min(bound, max(1, fastest.tier.num_slots // (2 * max(1, len(self._targets)))))
+        return bound
+
+    # -- writes -------------------------------------------------------------------------
+
+    def _write_queued(self, level: Level, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
+        self.stack.write(level, items)  # queued copies are exact: approximate ones are never queued
+
+    def store_items(self, items: Sequence[Item]) -> int:
+        """Store blocks ``(key, [L, P, tokens, H, D])`` not stored yet; returns blocks newly stored."""
+        self.counters.add("puts")
+        new = []
+        for key, block in items:
+            sightings = self.placement.sighted(key)
+            where = self.stack.where(key)
+            if where is None or self._marked(where, key):
+                new.append((key, block, sightings))  # not stored, or held approximately in memory: store these
+                continue
+            self.counters.add("dedup_blocks")
+            self.counters.add("dedup_bytes", block.shape[2] * self.layout.token_bytes)
+            # a level that stores with a lossy codec cannot give an exact copy down: these bytes can
+            self._send_down(where, key, block if where.lossy else None, sightings, newly_admitted=True)
+        stored = self._land(new)
+        self.counters.add("blocks_stored", stored)
+        return stored
+
+    @staticmethod
+    def _marked(level: Level, key: bytes) -> bool:
+        """Whether a memory level holds ``key`` with approximate bytes (read from a lossy tier)."""
+        return level.slots and level.tier.lossy_of(key) is not None
+
+    def _land(self, items: list[tuple[bytes, torch.Tensor | PendingBlock, int]]) -> int:
+        """Put blocks in the fastest available level that takes them, then queue the lower copies."""
+        stored = 0
+        for level in self.stack:
+            if not items:
+                break
+            self.stack.write(level, [(key, block) for key, block, _ in items])
+            rest = []
+            for key, block, sightings in items:
+                if self.stack.contains(level, key) and not self._marked(level, key):
+                    stored += 1
+                    self._send_down(level, key, block, sightings)
+                else:
+                    rest.append((key, block, sightings))
+            items = rest
+        return stored
+
+    def _send_down(self, landed: Level, key: bytes, block: torch.Tensor | PendingBlock | None, sightings: int,
+                   newly_admitted: bool = False) -> None:
+        """Queue write-through copies of a block held by ``landed`` for the levels below it.
+
+        ``newly_admitted``: only for levels whose admission threshold this
+        very sighting reached (a block seen again that was kept out before).
+        """
+        for index in self.placement.write_through(landed.index):
+            level = self.stack[index]
+            if newly_admitted and sightings != level.policy.admit_after:
+                continue
+            if not self.placement.admits(index, sightings):
+                level.counters.add("admission_rejected")
+                continue
+            if self.stack.contains(level, key) or self.writes.pending(level.name, key):
+                continue
+            self._queue(level, key, block, landed)
+
+    def _queue(self, target: Level, key: bytes, block: torch.Tensor | PendingBlock | None, holder: Level) -> None:
+        """Hand an exact copy of ``key`` for ``target`` to the write-behind, from a pinned slot if one holds it.
+
+        The slot is taken from the slowest memory level above ``target`` that
+        holds the block (host RAM before HBM): the copy's source is then CPU
+        memory, and the scarce HBM slots stay free for puts and promotions.
+        """
+        release = None
+        for level in reversed(self.stack.levels[:target.index]):
+            if not level.slots:
+                continue
+            pinned = self.stack.pin(level, key)
+            if pinned is None:
+                continue
+            view, lossy = pinned
+            if lossy is not None:  # held approximately: no exact copy to give
+                level.tier.unpin(key)
+                target.counters.add("lossy_refused")
+                return
+            block, release = view, partial(level.tier.unpin, key)
+            break
+        else:
+            if block is None:  # only a persistent level holds it: read a private copy
+                block = torch.empty(self.layout.block_shape, dtype=self.layout.dtype)
+                if self.stack.read(holder, key, block) is not None:  # a miss (False) or approximate bytes
+                    return
+            elif isinstance(block, PendingBlock):
+                block = block.materialize()  # a host tensor of the store's own
+            else:
+                block = block.detach().to("cpu", copy=True)  # the caller may reuse its buffer after put
+        if not self.writes.submit(target.name, key, block, release):
+            target.counters.add("queue_dropped")
+
+    def evicted(self, level: Level, key: bytes, block: torch.Tensor, lossy: str | None = None) -> None:
+        """Write-back: ``level`` evicts ``key`` (bytes that went through ``lossy``); the level below keeps it
+        if it admits it and may hold such bytes."""
+        index = self.placement.on_evict(level.index)
+        if index is None:
+            return
+        below = self.stack[index]
+        if self.stack.contains(below, key):
+            return
+        if not self.placement.admits(index, self.placement.sightings(key)):
+            below.counters.add("admission_rejected")
+            return
+        self.stack.write(below, [(key, block)], lossy)
+        if below.takes(lossy):
+            self.counters.add("demotions")
+
+    def write_back_all(self) -> None:
+        """On close: blocks only memory levels hold go to the first persistent ``write_back`` level."""
+        target = self.placement.on_close()
+        if target is None:
+            return
+        persistent = [level for level in self.stack if level.persistent]
+        for level in self.stack:
+            if level.persistent or not level.slots:
+                continue
+            for key in level.tier.keys():
+                if any(self.stack.contains(p, key) for p in persistent):
+                    continue
+                pinned = self.stack.pin(level, key)
+                if pinned is None:
+                    continue
+                try:
+                    self.stack.write(self.stack[target], [(key, pinned[0])], pinned[1])
+                finally:
+                    level.tier.unpin(key)
+
+    # -- reads --------------------------------------------------------------------------
+
+    def read_block(self, key: bytes, dst: torch.Tensor) -> bool:
+        """Read ``key`` from the fastest level that has it, then promote it into the faster ones."""
+        for level in self.stack:
+            lossy = self.stack.read(level, key, dst)
+            if lossy is not False:
+                self._was_read(level, key, dst, lossy)
+                return True
+        return False
+
+    def _was_read(self, level: Level, key: bytes, dst: torch.Tensor, lossy: str | None) -> None:
+        """``level`` served ``key`` into ``dst``: count the sighting, promote, maybe admit it below."""
+        sightings = self.placement.sighted(key)
+        self._promote(level, key, dst, sightings, lossy)
+        if self.placement.counting:  # a read hit may be the sighting that admits it below
+            self._send_down(level, key, None, sightings, newly_admitted=True)
+
+    def fill(self, blocks: Sequence[BlockRef], out: torch.Tensor) -> int:
+        """Copy a request's ``blocks`` into ``out`` (token 0 is ``blocks[0]``'s first) in order until one is
+        missing; returns tokens filled, and counts the get."""
+        offset = blocks[0].start if blocks else 0
+        got = self.fill_keys([b.key for b in blocks], [out[:, :, b.start - offset:b.end - offset] for b in blocks])
+        filled = blocks[got - 1].end - offset if got else 0
+        self.counters.add("gets")
+        self.counters.add("get_tokens", blocks[-1].end - offset if blocks else 0)
+        self.counters.add("get_hit_tokens", filled)
+        return filled
+
+    def fill_keys(self, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
+        """Read blocks ``keys`` into ``dsts`` in order until one is missing; returns blocks read.
+
+        A run of blocks no local level holds is read from the batch levels
+        (cache server, Redis) in one round trip.
+        """
+        n = 0
+        while n < len(keys):
+            run = self.stack.local_run(keys[n:n + BATCH_READ_BLOCKS]) if self.stack.batch else 0
+            if run:
+                got = self._read_run(keys[n:n + run], dsts[n:n + run])
+            else:
+                got = int(self.read_block(keys[n], dsts[n]))
+            if not got:
+                break
+            n += got
+        return n
+
+    def _read_run(self, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
+        """Read ``keys`` from the first batch level that serves the first; returns leading blocks read."""
+        for level in self.stack.batch:
+            got = self.stack.read_many(level, keys, dsts)
+            if got:
+                for key, dst in zip(keys[:got], dsts):
+                    self._was_read(level, key, dst, level.lossy)
+                return got
+        return 0
+
+    def _promote(self, hit: Level, key: bytes, block: torch.Tensor, sightings: int, lossy: str | None) -> None:
+        for index in self.placement.promote_into(hit.index):
+            level = self.stack[index]
+            if self.stack.contains(level, key) or not self.stack.available(level):
+                continue
+            if not self.placement.admits(index, sightings):
+                level.counters.add("admission_rejected")
+            elif not level.takes(lossy):
+                level.counters.add("lossy_refused")
+            elif level.persistent:
+                self._queue(level, key, block, hit)
+                self.counters.add("promotions")
+            else:
+                self.stack.write(level, [(key, block)], lossy)
+                if self.stack.contains(level, key):
+                    self.counters.add("promotions")
+
+    def bring_up(self, key: bytes, num_tokens: int) -> bool:
+        """Read ``key`` (a block of ``num_tokens``) from where it is into the fastest level (a prefetch job)."""
+        fastest = self.stack.fastest
+        if fastest is None:
+            return False
+        if self.stack.contains(fastest, key):
+            return True
+        scratch = getattr(self._scratch, "buffer", None)
+        if scratch is None:
+            scratch = self._scratch.buffer = torch.empty(self.layout.block_shape, dtype=self.layout.dtype)
+        dst = scratch.view(-1)[:self.layout.token_bytes // self.layout.element_bytes * num_tokens]
+        dst = dst.view(self.layout.shape(num_tokens))
+        for level in self.stack:
+            lossy = self.stack.read(level, key, dst)
+            if lossy is False:
+                continue
+            self._was_read(level, key, dst, lossy)
+            if not self.stack.contains(fastest, key):
+                self.stack.write(fastest, [(key, dst)], lossy)
+            return self.stack.contains(fastest, key)
+        return False
+
+    def close(self) -> None:
+        """Flush and stop the write-behind workers, then write back what only memory levels hold."""
+        self.writes.close()
+        self.write_back_all()

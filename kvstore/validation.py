@@ -1,0 +1,33 @@
+"""Checks of a caller's arguments, made before any tier is touched.
+
+A bad argument is the caller's error: a ``ValueError`` naming what was
+expected and what came, raised before the store reads or writes anything,
+so no tier is ever blamed (and bypassed) for it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvstore.layout import KVLayout
+
+
+def check_device(device: object) -> torch.device:
+    """``device`` (a ``torch.device`` or a string such as ``"cpu"``, ``"cuda:0"``) as a usable torch device."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if parsed.type == "meta":
+        raise ValueError("device: expected a device that holds data, got 'meta'")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: expected an available device, got {device!r} on a machine without CUDA")
+    return parsed
+
+
+def check_out(layout: KVLayout, out: torch.Tensor, num_tokens: int, name: str = "out") -> None:
+    """``out`` must be a writable ``[L, P, num_tokens, H, D]`` tensor of the layout's dtype."""
+    layout.check_kv(out, num_tokens, name)
+    if out.requires_grad:
+        raise ValueError(f"{name}: expected a tensor that does not require grad (the store writes into it), "
+                         f"got one with requires_grad=True")
