@@ -56,9 +56,11 @@ class StoreConfig:
       also capped at half its slots shared among the lower tiers);
       ``queue_full``: ``block`` the caller or ``drop`` the lower copy.
     - ``promote``: copy a block found in a lower tier up into the faster ones.
-    - ``slow_factor`` / ``degraded_seconds``: a tier that errors, or reads
-      ``slow_factor`` times slower than its moving bandwidth estimate, is
-      bypassed for ``degraded_seconds``, then tried again.
+    - ``slow_factor`` / ``degraded_seconds``: a tier that errors, or whose
+      reads stay ``slow_factor`` times slower than its baseline (5 of the
+      last 8 reads against the median of the last 64; see
+      ``kvstore/health.py``), is bypassed for ``degraded_seconds``, then
+      tried again.
 
     Compression (``kvstore/compression``; a codec spec such as ``"zstd"``,
     ``"kivi4"``, ``"rq3:zstd=3"``):
