@@ -1,8 +1,10 @@
 """RedisTier on real redis-server processes: standalone, unix socket and a three-node Redis Cluster.
 
 Round trips are exact bytes; damaged values are misses counted ``corrupt``;
-a server or cluster node that dies, or stops answering, turns calls into
-quick misses counted ``errors`` (and ``timeouts``), never exceptions.
+a server or cluster node that dies, or stops answering, makes the data
+calls raise (one timeout per call, no retries) so that the store's breaker
+backs off, while listings and figures stay quiet; in a cluster batch the
+nodes still up serve their keys.
 """
 
 from __future__ import annotations
@@ -298,7 +300,11 @@ def test_cluster_node_killed_degrades_to_misses(fresh_cluster, layout):
             assert_same_kv(out, block)
     lost = next(k for k in keys if k in on_victim)
     kept = next(k for k in keys if k not in on_victim)
-    assert read(tier, layout, lost) is None and not tier.contains(lost) and not tier.delete(lost)
+    with pytest.raises(redis.ConnectionError):
+        read(tier, layout, lost)  # one key, on the dead node: a failure, not a miss
+    with pytest.raises(redis.ConnectionError):
+        tier.contains(lost)
+    assert not tier.delete(lost)  # delete never raises
     assert_same_kv(read(tier, layout, kept), blocks[keys.index(kept)])
     assert tier.prefix_length(keys) == keys.index(lost)
     more = [(bytes([i]) * 32, make_kv(layout, 16, seed=100 + i)) for i in range(1, 13)]
@@ -321,6 +327,14 @@ def _quick(call):
     return result
 
 
+def _quick_failure(call, error=redis.ConnectionError):
+    """``call`` raises ``error`` (a failure for the store's breaker, not a miss), and at once."""
+    start = time.monotonic()
+    with pytest.raises(error):
+        call()
+    assert time.monotonic() - start < QUICK_SECONDS, call
+
+
 def test_server_killed_then_restarted(redis_server, layout):
     tier = RedisTier(redis_server.url, layout, timeout_seconds=0.5)
     blocks = make_blocks(layout)
@@ -328,17 +342,19 @@ def test_server_killed_then_restarted(redis_server, layout):
     assert_same_kv(read(tier, layout, A), blocks[A])
     redis_server.stop()
 
-    assert _quick(lambda: read(tier, layout, A)) is None
-    assert _quick(lambda: tier.get_many_into([A, B], [out_like(layout), out_like(layout)])) == [False, False]
-    assert _quick(lambda: tier.contains(A)) is False
-    assert _quick(lambda: tier.prefix_length([A, B])) == 0
-    assert _quick(lambda: tier.put_many([(B, blocks[B])])) == 0
+    # The data calls raise (the store counts the failure and bypasses the tier for a while) ...
+    _quick_failure(lambda: read(tier, layout, A))
+    _quick_failure(lambda: tier.get_many_into([A, B], [out_like(layout), out_like(layout)]))
+    _quick_failure(lambda: tier.contains(A))
+    _quick_failure(lambda: tier.prefix_length([A, B]))
+    _quick_failure(lambda: tier.put_many([(B, blocks[B])]))
+    # ... deletes, listings and figures answer as if the server held nothing, and count it.
     assert _quick(lambda: tier.delete(A)) is False
     assert _quick(lambda: list(tier.keys())) == []
     assert _quick(lambda: tier.used_bytes()) == 0
     stats = _quick(tier.stats)
-    assert stats["errors"] >= 8 and stats["hits"] == 1 and stats["misses"] == 3
-    assert stats["blocks"] == 0 and stats["corrupt"] == 0
+    assert stats["errors"] >= 4 and stats["hits"] == 1 and stats["misses"] == 0  # raised: the caller's to count
+    assert stats["blocks"] == 0 and stats["corrupt"] == 0 and stats["timeouts"] == 0
 
     redis_server.start()  # same port, empty (no persistence): the same tier object reconnects
     errors = stats["errors"]
@@ -357,21 +373,25 @@ def test_server_not_answering_times_out(redis_server, layout):
     redis_server.process.send_signal(signal.SIGSTOP)  # alive, accepts nothing: a hung server
     try:
         start = time.monotonic()
-        assert read(tier, layout, A) is None
-        assert tier.put_many([(B, block)]) == 0
-        assert time.monotonic() - start < 2 * (2 * 0.2) + 0.5  # two tries of 0.2 s each, per call
+        with pytest.raises(redis.TimeoutError):
+            read(tier, layout, A)
+        with pytest.raises(redis.TimeoutError):
+            tier.put_many([(B, block)])
+        assert time.monotonic() - start < 2 * 0.2 + 0.5  # one try of 0.2 s per call, no retry
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
-    assert counts(tier, "timeouts", "errors") == (2, 2)
+    assert counts(tier, "timeouts", "errors") == (2, 0)  # raised, so not counted as errors absorbed here
     assert_same_kv(read(tier, layout, A), block)
     tier.close()
 
 
 def test_cluster_unreachable_at_start(layout):
     tier = RedisTier(f"redis+cluster://127.0.0.1:{free_port()}", layout, timeout_seconds=0.2)
-    assert _quick(lambda: read(tier, layout, A)) is None
-    assert _quick(lambda: tier.put_many([(A, make_kv(layout, 16))])) == 0
-    assert counts(tier, "errors")[0] >= 2
+    assert counts(tier, "errors")[0] >= 1  # building the client failed: counted, not raised
+    unreachable = (redis.RedisError, redis.exceptions.RedisClusterException)
+    _quick_failure(lambda: read(tier, layout, A), unreachable)
+    _quick_failure(lambda: tier.put_many([(A, make_kv(layout, 16))]), unreachable)
+    assert _quick(lambda: tier.delete(A)) is False
     tier.close()
 
 

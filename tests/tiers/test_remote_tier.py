@@ -25,7 +25,7 @@ from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.compression.registry import get_codec
 from kvstore.protocol import FLAG_REPLY, HEADER_BYTES as FRAME_HEADER_BYTES, Header, Op, PutResult, Welcome
 from kvstore.tiers.base import Tier
-from kvstore.tiers.remote import RemoteTier
+from kvstore.tiers.remote import FAILURES, RemoteTier
 from server.conftest import TOKEN, ServerProcess
 
 FP16 = tiny_layout()
@@ -332,32 +332,39 @@ def test_the_server_rejects_blobs_that_do_not_verify(srv, token):
 # -- a server that is down, slow or misbehaving --------------------------------------------------------------
 
 
-def test_a_down_server_costs_misses_then_the_tier_comes_back_on_its_own(tmp_path):
+def test_a_down_server_costs_failures_then_the_tier_comes_back_on_its_own(tmp_path):
     port = free_port()
     block = make_kv(FP16, 16, seed=1)
     tier = RemoteTier(f"kvstore://127.0.0.1:{port}", FP16, TOKEN, timeout_seconds=1.0, backoff_seconds=1.0,
                       max_backoff_seconds=2.0)
     try:
         start = time.monotonic()
-        calls = [
-            lambda: tier.contains(key("down")) is False,
-            lambda: tier.get_into(key("down"), zeros(FP16)) is False,
-            lambda: tier.put_many([(key("down"), block)]) == 0,
-            lambda: tier.prefix_length([key("down"), key("down", 1)]) == 0,
-            lambda: tier.get_many_into([key("down"), key("down", 1)], [zeros(FP16), zeros(FP16)]) == [False, False],
+        # the data calls raise (the store's breaker counts them and bypasses the tier): the first one
+        # tried and was refused, the others fell inside the back-off and were not even tried
+        failing = [
+            lambda: tier.contains(key("down")),
+            lambda: tier.get_into(key("down"), zeros(FP16)),
+            lambda: tier.put_many([(key("down"), block)]),
+            lambda: tier.prefix_length([key("down"), key("down", 1)]),
+            lambda: tier.get_many_into([key("down"), key("down", 1)], [zeros(FP16), zeros(FP16)]),
+        ]
+        for call in failing:
+            with pytest.raises(ConnectionError):
+                call()
+        # deletes, listings and figures answer as if the server held nothing
+        quiet = [
             lambda: tier.delete(key("down")) is False,
             lambda: list(tier.keys()) == [],
             lambda: tier.used_bytes() == 0,
             lambda: tier.capacity_bytes == 0,
         ]
-        for call in calls:
+        for call in quiet:
             assert call()
         assert time.monotonic() - start < 5
         stats = tier.stats()
-        assert stats["errors"] >= 1 and stats["timeouts"] == 0
-        assert stats["unavailable"] >= 1  # calls inside the back-off did not even try
-        assert stats["errors"] + stats["unavailable"] == len(calls) + 2  # stats() asked twice more
-        assert stats["misses"] == 1 + 2  # get_into, then get_many_into of two keys
+        assert stats["timeouts"] == 0 and stats["misses"] == 0
+        assert stats["unavailable"] == len(failing) - 1 + len(quiet) + 2  # stats() asked twice more
+        assert stats["errors"] == 0  # the only failure tried was raised: the caller's to count
         assert "refused" in (tier.last_error or "").lower()
         server = ServerProcess(tmp_path / "srv", "--host-bytes", "16MiB", "--disk-bytes", "0")
         server.port = port
@@ -455,11 +462,13 @@ def test_a_server_that_never_answers_costs_a_timeout_not_a_hang(fake):
     tier = RemoteTier(server.url, FP16, TOKEN, timeout_seconds=0.3)
     try:
         start = time.monotonic()
-        assert tier.get_into(key("silent"), zeros(FP16)) is False
-        assert tier.put_many([(key("silent"), make_kv(FP16, 16))]) == 0
+        with pytest.raises(TimeoutError):
+            tier.get_into(key("silent"), zeros(FP16))
+        with pytest.raises(ConnectionError):  # inside the back-off: not tried
+            tier.put_many([(key("silent"), make_kv(FP16, 16))])
         assert time.monotonic() - start < 5
         stats = tier.stats()
-        assert stats["timeouts"] >= 1 and stats["errors"] == stats["timeouts"]
+        assert stats["timeouts"] == 1 and stats["errors"] == 0 and stats["unavailable"] >= 1
         assert "timed out" in (tier.last_error or "")
     finally:
         tier.close()
@@ -471,19 +480,22 @@ def test_a_server_that_stops_answering_after_hello_costs_timeouts_then_back_off(
     try:
         block = make_kv(FP16, 16)
         start = time.monotonic()
-        assert tier.get_into(key("slow"), zeros(FP16)) is False
+        with pytest.raises(TimeoutError):
+            tier.get_into(key("slow"), zeros(FP16))
         assert time.monotonic() - start < 5
-        assert tier.contains(key("slow")) is False  # inside the back-off: not even tried
-        for call in (lambda: tier.contains(key("slow")) is False, lambda: tier.put_many([(key("slow"), block)]) == 0,
-                     lambda: tier.prefix_length([key("slow")]) == 0):
+        with pytest.raises(ConnectionError):
+            tier.contains(key("slow"))  # inside the back-off: not even tried
+        for call in (lambda: tier.contains(key("slow")), lambda: tier.put_many([(key("slow"), block)]),
+                     lambda: tier.prefix_length([key("slow")])):
             time.sleep(0.6)  # past the back-off: the tier tries again, on a fresh connection
             start = time.monotonic()
-            assert call()
+            with pytest.raises(TimeoutError):
+                call()
             assert time.monotonic() - start < 5
-        stats = tier.stats()
-        assert stats["unavailable"] >= 1
-        assert 4 <= stats["timeouts"] <= 6 and stats["errors"] == stats["timeouts"]  # stats() may try twice more
-        assert stats["misses"] == 1
+        stats = tier.stats()  # inside the back-off again: stats() does not try
+        assert stats["unavailable"] >= 2
+        assert stats["timeouts"] == 4 and stats["errors"] == 0  # one timeout per call tried, all of them raised
+        assert stats["misses"] == 0
     finally:
         tier.close()
 
@@ -508,10 +520,11 @@ def _misbehave(case: str):
 
 
 @pytest.mark.parametrize("case", ["short-hello", "bad-replies"])
-def test_a_server_breaking_the_protocol_costs_misses_not_exceptions(fake, case):
+def test_a_server_breaking_the_protocol_costs_failures_not_wrong_answers(fake, case):
+    """Data calls raise only the tier's failures (for the store's breaker); listings and figures never raise."""
     server = fake(_misbehave(case))
     tier = RemoteTier(server.url, FP16, TOKEN, timeout_seconds=2.0, backoff_seconds=0.001, max_backoff_seconds=0.001)
-    raised = {}
+    raised, failed = {}, []
     try:
         for name, call in [("contains", lambda: tier.contains(key("x"))),
                            ("put_many", lambda: tier.put_many([(key("x"), make_kv(FP16, 16))])),
@@ -521,7 +534,11 @@ def test_a_server_breaking_the_protocol_costs_misses_not_exceptions(fake, case):
             time.sleep(0.01)
             try:
                 result = call()
-            except Exception as exc:  # noqa: BLE001 - the point is that nothing escapes
+            except FAILURES as exc:
+                if name in ("keys", "used_bytes", "stats"):
+                    raised[name] = f"{type(exc).__name__}: {exc}"
+                failed.append(name)
+            except Exception as exc:  # noqa: BLE001 - the point is that nothing else escapes
                 raised[name] = f"{type(exc).__name__}: {exc}"
             else:
                 if name == "prefix_length" and result > 2:
@@ -529,6 +546,8 @@ def test_a_server_breaking_the_protocol_costs_misses_not_exceptions(fake, case):
     finally:
         tier.close()
     assert raised == {}
+    # a HELLO this client cannot read fails every data call; a PUT result it does not know fails the put
+    assert failed == (["contains", "put_many", "prefix_length"] if case == "short-hello" else ["put_many"])
 
 
 # -- a KVStore whose lowest tier is the server -----------------------------------------------------------------
@@ -586,8 +605,8 @@ def test_a_store_whose_server_dies_serves_its_host_tier(tmp_path):
                 assert store.flush(timeout=30)
                 assert store.lookup(later) == 16
             remote = store.stats()["tiers"]["remote"]
-            assert remote["misses"] >= 1 and remote["timeouts"] == 0
-            assert remote["unavailable"] >= 1  # calls inside the back-off were not even tried
+            assert remote["errors"] >= 1 and remote["timeouts"] == 0  # the tier raised; the store counted it
+            assert remote["bypassed"] >= 1  # and then did not call the tier for a while
     finally:
         server.kill()
 
@@ -597,8 +616,9 @@ def test_store_stats_show_the_remote_tiers_errors():
                          remote_token=TOKEN, remote_timeout_seconds=0.5)
     with KVStore(FP16, config) as store:
         assert store.lookup(make_tokens(32, seed=1)) == 0
-        assert store.tiers[-1].stats()["errors"] >= 1  # the tier counted it
-        assert store.stats()["tiers"]["remote"]["errors"] >= 1
+        assert "refused" in (store.tiers[-1].last_error or "").lower()  # the tier raised it ...
+        remote = store.stats()["tiers"]["remote"]
+        assert remote["errors"] >= 1 and remote["state"] == "degraded"  # ... and the store counted it
 
 
 # -- client limits -------------------------------------------------------------------------------------------------
