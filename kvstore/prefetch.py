@@ -270,10 +270,15 @@ class PrefetchHandle:
         return self.wait(self.policy.budget(self._state.request_tokens))
 
     def views(self) -> list[torch.Tensor]:
-        """Pinned views ``[L, P, tokens, H, D]`` of the leading ready blocks (valid until close)."""
+        """Pinned views ``[L, P, tokens, H, D]`` of the leading ready blocks (valid until close).
+
+        Only blocks pinned in a memory tier have a view: when the fastest
+        tier cannot pin (a persistent one), a block ready there is counted by
+        ``ready()`` but has none, and the list stops before it.
+        """
         out = []
         for view in self._state.views:
-            if view is None:
+            if view is None or view.numel() == 0:  # numel 0: ready where it is, nothing to pin
                 break
             out.append(view)
         return out
