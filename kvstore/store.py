@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from kvstore.config import StoreConfig
-from kvstore.flow import STORE_COUNTERS, BlockFlow
+from kvstore.flow import BlockFlow
 from kvstore.hierarchy import TIER_SPECS, build_tiers
 from kvstore.hooks import EngineHooks, num_tokens_of
 from kvstore.keyed import EngineKey, KeyedBlocks

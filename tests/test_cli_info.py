@@ -64,21 +64,28 @@ def _main(monkeypatch, capsys, *args: str, env: dict[str, str] | None = None) ->
     return subprocess.CompletedProcess(["kvstore", *args], code, out, err)
 
 
+# Runs the installed command's entry point and, at exit, writes this process's peak RSS (VmHWM, KiB) to a file.
+# (``ru_maxrss`` of a child is no good here: Linux carries the forking parent's peak across exec, and the
+# test process itself may be gigabytes by then.)
+_PEAK_RSS_RUNNER = """
+import atexit, sys
+def _peak():
+    with open("/proc/self/status") as status, open(sys.argv[1], "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+atexit.register(_peak)
+from kvstore.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def _kvstore_peak_rss(*args: str) -> tuple[subprocess.CompletedProcess, int]:
-    """``kvstore ARGS`` and the peak RSS (VmHWM) of that process alone, in bytes (``os.wait4``'s rusage)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([*_kvstore_cmd(), *args], stdout=out, stderr=err, env=_env())
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            proc.kill()
-            raise
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux
-    return result, usage.ru_maxrss * scale
+    """``kvstore ARGS`` and the peak RSS (VmHWM) of that process itself, in bytes."""
+    with tempfile.TemporaryDirectory() as folder:
+        peak_file = Path(folder) / "peak"
+        result = subprocess.run([sys.executable, "-c", _PEAK_RSS_RUNNER, str(peak_file), *args],
+                                capture_output=True, text=True, env=_env(), timeout=120)
+        peak = int(peak_file.read_text()) * 1024 if peak_file.exists() else 0
+    return result, peak
 
 
 def _write_config(path: Path, **settings: object) -> Path:

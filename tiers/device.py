@@ -21,7 +21,6 @@ import torch
 from kvstore.layout import KVLayout
 from kvstore.tiers.base import EvictCallback
 from kvstore.tiers.slots import SlotTier
-from kvstore.config import StoreConfig
 from kvstore.tiers.spec import TierSpec
 
 
