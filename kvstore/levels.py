@@ -115,9 +115,10 @@ class Level:
         return entry
 
 
-def make_level(index: int, tier: Tier, policy: TierPolicy, slow_factor: float, degraded_seconds: float,
+def make_level(index: int, tier: Tier, write: str, admit_after: int, slow_factor: float, degraded_seconds: float,
                bandwidth_prior: float) -> Level:
-    """A level for ``tier``; its declared capabilities are checked here, once (``ValueError`` if one lies).
+    """A level for ``tier`` with its placement policy (``write``, ``admit_after``); the tier's protocol and
+    declared capabilities are checked here, once (``ValueError`` naming what is missing).
 
     A read timed in a busy process includes waits for the GIL (a switch
     interval each): only reads longer than many switch intervals are judged
@@ -125,6 +126,7 @@ def make_level(index: int, tier: Tier, policy: TierPolicy, slow_factor: float, d
     scheduling).
     """
     capabilities = declared_capabilities(tier)
+    policy = TierPolicy(write=write, admit_after=admit_after, persistent=bool(tier.persistent))
     min_slow = max(MIN_SLOW_SECONDS, SLOW_READ_SWITCH_INTERVALS * sys.getswitchinterval())
     health = TierHealth(slow_factor if policy.persistent else float("inf"), degraded_seconds,
                         min_slow_seconds=min_slow)

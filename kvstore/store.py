@@ -33,10 +33,10 @@ from kvstore.layerwise import LayerLoader, LayerSaver, LayerSink
 from kvstore.layout import KVLayout
 from kvstore.levels import TierStack, make_level
 from kvstore.pending import Fill, PendingBlock
-from kvstore.placement import Placement, TierPolicy
+from kvstore.placement import Placement
 from kvstore.planner import LoadPlan
 from kvstore.prefetch import PrefetchHandle
-from kvstore.tiers.base import Tier
+from kvstore.tiers.base import Tier, check_tier
 from kvstore.tiers.spec import DEFAULT_BANDWIDTH_PRIOR
 from kvstore.validation import check_device, check_out
 
@@ -72,12 +72,12 @@ class KVStore:
         try:
             levels = []
             for index, tier in enumerate(built):
+                check_tier(tier)
                 spec = TIER_SPECS.get(tier.name)
-                policy = TierPolicy(write=config.tier_write_policy(tier.name),
-                                    admit_after=spec.admit_after(config) if spec is not None else 1,
-                                    persistent=bool(tier.persistent))
+                admit_after = spec.admit_after(config) if spec is not None else 1
                 prior = spec.bandwidth_prior if spec is not None else DEFAULT_BANDWIDTH_PRIOR
-                levels.append(make_level(index, tier, policy, config.slow_factor, config.degraded_seconds, prior))
+                levels.append(make_level(index, tier, config.tier_write_policy(tier.name), admit_after,
+                                         config.slow_factor, config.degraded_seconds, prior))
         except BaseException:
             if tiers is None:
                 for tier in built:

@@ -141,12 +141,25 @@ def _members(protocol: type) -> list[str]:
     return sorted(names - _BASE_MEMBERS)
 
 
+_TIER_MEMBERS = ("name", "persistent", "capacity_bytes", "used_bytes", "contains", "put_many", "get_into", "delete",
+                 "keys", "stats", "close")
+
+
+def check_tier(tier: object) -> None:
+    """``ValueError`` unless ``tier`` has every member of the ``Tier`` protocol (checked once, at open)."""
+    missing = [name for name in _TIER_MEMBERS if not hasattr(tier, name)]
+    if missing:
+        raise ValueError(f"tier {getattr(tier, 'name', tier)!r}: expected the Tier protocol "
+                         f"({', '.join(_TIER_MEMBERS)}), got one without {missing}")
+
+
 def declared_capabilities(tier: object) -> Capability:
     """The capabilities ``tier``'s class declares, after checking it has every member they promise.
 
     Called once per tier when a store opens; raises ``ValueError`` naming
     the tier and the missing member.
     """
+    check_tier(tier)
     declared = getattr(type(tier), "capabilities", Capability.NONE)
     if not isinstance(declared, Capability):
         raise ValueError(f"tier {getattr(tier, 'name', tier)!r}: capabilities: expected a Capability, "
