@@ -51,7 +51,7 @@ class KeyedBlocks:
             self._check_block(name, block, "block")
             self.layout.check_kv(block, block.shape[2])
         keys = self.engine_keys([name for name, _ in items], salt)
-        return self._flow.store_items([(key, block) for key, (_, block) in zip(keys, items)])
+        return self._flow.store_items([(key, block.detach()) for key, (_, block) in zip(keys, items)])
 
     def lookup_keyed(self, names: Sequence[EngineKey], salt: Salt = None) -> int:
         """How many leading engine-named blocks some tier holds (one round trip to a server for the rest)."""

@@ -311,13 +311,15 @@ class LayerSaver:
                              f"head_dim]), got {got}")
         if kv.dtype != self.layout.dtype:
             raise ValueError(f"kv: expected dtype {self.layout.dtype}, got {kv.dtype}")
+        if kv.layout != torch.strided or kv.device.type == "meta":
+            raise ValueError(f"kv: expected a dense tensor that holds data, got layout {kv.layout} on {kv.device}")
         with self._lock:
             if self._seen[layer]:
                 raise ValueError(f"layer: expected each layer once, got layer {layer} again")
             self._seen[layer] = True
         staged = self._staging[layer]
         if kv.data_ptr() != staged.data_ptr() or kv.stride() != staged.stride():
-            staged.copy_(kv)
+            staged.copy_(kv.detach())
         with self._lock:
             self._copied += 1
             if self._copied < self.layout.num_layers:

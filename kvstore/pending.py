@@ -49,7 +49,8 @@ class PendingBlock:
             dst.copy_(self._materialized)
             return
         try:
-            self.fill(self.ref, dst)
+            with torch.no_grad():  # the store's memory never joins an autograd graph, whatever the engine hands
+                self.fill(self.ref, dst)
         except Exception as exc:
             raise FillError(f"fill of tokens [{self.ref.start}, {self.ref.end}) raised {exc!r}") from exc
 

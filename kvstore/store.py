@@ -198,6 +198,7 @@ class KVStore:
         """Store ``blocks`` whose KV is ``kv`` (its token 0 is ``blocks[0].start``); returns blocks newly stored."""
         self._check_open()
         offset = blocks[0].start if blocks else 0
+        kv = kv.detach()  # the bytes, not an autograd graph: stored copies never require grad
         return self._flow.store_items([(b.key, kv[:, :, b.start - offset:b.end - offset]) for b in blocks])
 
     def lookup(self, tokens: Tokens, salt: Salt = None) -> int:

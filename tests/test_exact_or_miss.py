@@ -195,3 +195,32 @@ def test_a_tier_that_raises_is_logged_once_per_interval_and_shows_its_last_error
     assert "injected I/O error" in entry["last_error"]
     records = [r for r in caplog.records if r.name == "kvstore.levels"]
     assert len(records) == 1 and "tier files" in records[0].getMessage()
+
+
+def test_kv_that_requires_grad_is_stored_as_plain_bytes_and_blames_no_tier(tmp_path):
+    config = StoreConfig(model_id="m", host_bytes=8 * BLOCK, disk_dir=str(tmp_path / "disk"), disk_bytes=16 * BLOCK,
+                         files_dir=str(tmp_path / "files"), files_bytes=16 * BLOCK)
+    tokens = make_tokens(40)
+    kv = make_kv(LAYOUT, 40).float().requires_grad_().to(LAYOUT.dtype)  # a non-leaf with a graph behind it
+    with KVStore(LAYOUT, config) as store:
+        assert store.put(tokens, kv) == 3
+        saver = store.save(make_tokens(16, seed=3), layer_wise=True)
+        for layer in range(LAYOUT.num_layers):
+            saver.save_layer(layer, make_kv(LAYOUT, 16, seed=3)[layer].requires_grad_())
+        store.flush()
+        got = store.get(tokens)
+        assert not got.requires_grad and torch.equal(bits(got), bits(kv.detach()))
+        assert torch.equal(bits(store.get(make_tokens(16, seed=3))), bits(make_kv(LAYOUT, 16, seed=3)))
+        for name, tier in store.stats()["tiers"].items():
+            assert tier["errors"] == 0 and tier["state"] == "healthy", name
+
+
+def test_a_layer_on_the_meta_device_is_a_value_error_and_the_layer_can_be_saved_again(tmp_path):
+    with KVStore(LAYOUT, StoreConfig(model_id="m", host_bytes=4 * BLOCK)) as store:
+        saver = store.save(make_tokens(16), layer_wise=True)
+        kv = make_kv(LAYOUT, 16)
+        with pytest.raises(ValueError, match="meta"):
+            saver.save_layer(0, torch.empty(kv[0].shape, dtype=kv.dtype, device="meta"))
+        for layer in range(LAYOUT.num_layers):
+            saver.save_layer(layer, kv[layer])
+        assert saver.stored == 1 and torch.equal(bits(store.get(make_tokens(16))), bits(kv))
