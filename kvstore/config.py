@@ -220,10 +220,13 @@ class StoreConfig:
         if get_codec(self.host_codec).name != "raw":
             raise ValueError(f"host_codec: expected 'raw' (host slots hold whole blocks; compress disk_codec or "
                              f"files_codec instead), got {self.host_codec!r}")
-        if (self.device_bytes == 0 and self.host_bytes == 0 and self.disk_dir is None and self.files_dir is None
+        no_disk = self.disk_dir is None or self.disk_bytes == 0
+        no_files = self.files_dir is None or self.files_bytes == 0
+        if (self.device_bytes == 0 and self.host_bytes == 0 and no_disk and no_files
                 and self.remote_url is None and self.redis_url is None):
-            raise ValueError("host_bytes: expected > 0 when no device_bytes, disk_dir, files_dir, remote_url or "
-                             "redis_url is set (the store needs a tier), got 0")
+            raise ValueError("host_bytes: expected > 0 when no device_bytes, disk_dir (with disk_bytes > 0), "
+                             "files_dir (with files_bytes > 0), remote_url or redis_url is set (the store needs a "
+                             "tier), got 0")
 
     def tier_write_policy(self, tier: str) -> str:
         """The write policy of tier ``tier`` (``host``, ``lmdb``, ``files``, ``remote`` or ``redis``)."""
