@@ -15,6 +15,7 @@ How long the engine waits when it asks is the handle's policy:
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -27,6 +28,8 @@ import torch
 from kvstore.config import PREFETCH_POLICIES
 from kvstore.keys import BlockRef
 from kvstore.metrics import Counters
+
+log = logging.getLogger(__name__)
 
 BEST_EFFORT, WAIT, TIMEOUT = PREFETCH_POLICIES
 PREFETCH_COUNTERS = ("prefetches", "prefetch_blocks", "prefetch_ready_blocks", "prefetch_fetched",
@@ -167,7 +170,8 @@ class Prefetcher:
                 continue
             try:
                 ok = self._fetch(fetch.block)
-            except Exception:
+            except Exception:  # tier failures are handled below the fetch: this is a bug, not a medium
+                log.exception("prefetch of tokens [%d, %d) failed", fetch.block.start, fetch.block.end)
                 ok = False
             self.counters.add("prefetch_fetched" if ok else "prefetch_failed")
             with self._lock:

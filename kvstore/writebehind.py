@@ -12,6 +12,7 @@ the caller is blocked (``block``) or the lower copy is dropped and counted
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -22,6 +23,8 @@ import torch
 
 from kvstore.config import QUEUE_FULL_POLICIES
 from kvstore.metrics import Counters
+
+log = logging.getLogger(__name__)
 
 BATCH = 16
 # Writes ``[(key, block), ...]`` to one tier; exceptions are the writer's to handle.
@@ -129,7 +132,8 @@ class WriteBehind:
             try:
                 self._writers[target]([(job.key, job.block) for job in jobs])
                 self.counters.add("written", len(jobs))
-            except Exception:  # the writer records its own errors; a worker never dies of one
+            except Exception:  # the writer records its own tier's errors; a worker never dies of one
+                log.exception("write-behind to %s failed for %d blocks", target, len(jobs))
                 self.counters.add("failed", len(jobs))
             finally:
                 self._finish(target, jobs)
