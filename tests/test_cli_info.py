@@ -82,8 +82,9 @@ def _kvstore_peak_rss(*args: str) -> tuple[subprocess.CompletedProcess, int]:
     """``kvstore ARGS`` and the peak RSS (VmHWM) of that process itself, in bytes."""
     with tempfile.TemporaryDirectory() as folder:
         peak_file = Path(folder) / "peak"
+        # cwd: not the checkout, whose kvstore/ folder would shadow the installed package
         result = subprocess.run([sys.executable, "-c", _PEAK_RSS_RUNNER, str(peak_file), *args],
-                                capture_output=True, text=True, env=_env(), timeout=120)
+                                capture_output=True, text=True, env=_env(), timeout=120, cwd=folder)
         peak = int(peak_file.read_text()) * 1024 if peak_file.exists() else 0
     return result, peak
 
