@@ -32,6 +32,9 @@ CHUNK_BYTES = 1 << 20
 # Largest tensor a frame may describe (2^40 elements): refuse absurd shapes before allocating.
 MAX_ELEMENTS = 1 << 40
 
+# Dtypes whose lossy decodes are clamped to their finite range (NaN stays NaN).
+_CLAMPED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 @runtime_checkable
 class Codec(Protocol):
@@ -167,6 +170,10 @@ class FrameCodec:
         if out.device.type != "cpu":
             data = data.to(out.device, non_blocking=False)
         self._decode(header, data, out)
+        if not self.lossless and out.dtype in _CLAMPED_DTYPES:
+            # A value decoded a rounding step past the dtype's largest finite one would read back as inf.
+            info = torch.finfo(out.dtype)
+            out.clamp_(info.min, info.max)
         return out
 
     def _encode(self, tensor: torch.Tensor) -> list[torch.Tensor]:

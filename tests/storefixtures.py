@@ -17,16 +17,25 @@ tokens than were ever stored is caught.
 Real servers for the shared tiers: a ``kvstore serve`` process
 (``tests/server/conftest.py``'s ``ServerProcess``) and a ``redis-server``
 (``tests/tiers/redisfixtures.py``'s ``RedisServer``), each started once per
-test module.
+test module. ``LazyCacheServer`` is the cache server for code that cannot
+take a fixture (a hypothesis state machine): started on first use, killed,
+stopped and restarted on demand, killed at module end by a module fixture.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextlib
 import hashlib
 import importlib.util
+import os
 import shutil
+import signal
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -320,6 +329,165 @@ def cache_server(tmp_path_factory):
     server.kill()
     if server.proc is not None and server.proc.stdout is not None:
         server.proc.stdout.close()
+
+
+class LazyCacheServer:
+    """A real ``kvstore serve`` (``ServerProcess``) started on the first ``get()``, for code that cannot take a
+    fixture (a hypothesis state machine); the faults a deployment meets on demand.
+
+    ``kill()`` (SIGKILL: the server and its RAM blocks are gone), ``stop()`` / ``cont()`` (SIGSTOP / SIGCONT:
+    alive but hung), ``restart(wait=False)`` (a fresh process on the same port, in the background: stores
+    configured with the URL pick it up again on their own). ``down`` is True from a ``kill()`` until the next
+    ``restart()``. ``get()`` returns a running server (restarting or continuing it as needed). ``close()`` kills
+    it; call it at module end (a module fixture), and ``atexit`` does too, as a last resort.
+    """
+
+    def __init__(self, *args: str):
+        self.args = args or ("--host-bytes", "64MiB", "--disk-bytes", "0")
+        self.server = None  # a ServerProcess once started
+        self.down = False
+        self.starts = 0
+        self.log: collections.deque[str] = collections.deque(maxlen=200)  # the server's latest output lines
+        self._stopped = False
+        self._dir: str | None = None
+        self._restart: threading.Thread | None = None
+        self._restart_error: BaseException | None = None
+        self._replaced = None  # the process a background restart replaces (ServerProcess.proc until it has)
+
+    @property
+    def url(self) -> str:
+        return self.server.url if self.server is not None else ""
+
+    def get(self):
+        """The server, started (or restarted after a kill) and continued if it was stopped."""
+        self._join()
+        if self.server is None:
+            from server.conftest import ServerProcess
+
+            self._dir = tempfile.mkdtemp(prefix="kvstateful-serve-")
+            self.server = ServerProcess(Path(self._dir), *self.args)
+            atexit.register(self.close)
+        self.cont()
+        if not self.server.alive():
+            self._start()
+        self.down = False
+        return self.server
+
+    def _start(self) -> None:
+        try:
+            self.server.start()
+        except RuntimeError:  # its port was taken meanwhile (or a start timed out): a fresh port
+            self.server.kill()
+            self.server.port = 0
+            self.server.start()
+        self.starts += 1
+        proc = self.server.proc
+        threading.Thread(target=self._drain, args=(proc,), name="kvserve-drain", daemon=True).start()
+
+    def _drain(self, proc) -> None:
+        """Read the server's output, so that a server that logs a lot never blocks on a full pipe."""
+        try:
+            for line in proc.stdout:
+                self.log.append(line)
+        except (OSError, ValueError):
+            pass
+
+    def _join(self) -> None:
+        thread, self._restart = self._restart, None
+        if thread is not None:
+            thread.join()
+        error, self._restart_error = self._restart_error, None
+        if error is not None:
+            raise RuntimeError(f"restarting the cache server failed: {error}") from error
+
+    def alive(self) -> bool:
+        return self.server is not None and self.server.alive()
+
+    def kill(self) -> None:
+        """SIGKILL (a stopped server too): no flush, no goodbye; its blocks are lost."""
+        self._join()
+        if self.alive():
+            self.server.kill()
+        self._stopped = False
+        self.down = True
+
+    def stop(self) -> bool:
+        """SIGSTOP: the kernel still accepts connections, nothing answers. False if it was not running (killed,
+        or still starting after a ``restart(wait=False)``: not waited for)."""
+        if self._restart is not None and self._restart.is_alive():
+            return False
+        self._join()
+        if not self.alive() or self._stopped:
+            return False
+        os.kill(self.server.proc.pid, signal.SIGSTOP)
+        self._stopped = True
+        return True
+
+    def cont(self) -> None:
+        if self._stopped and self.alive():
+            os.kill(self.server.proc.pid, signal.SIGCONT)
+        self._stopped = False
+
+    @contextlib.contextmanager
+    def hung(self) -> Iterator[bool]:
+        """Stopped inside the block (True if it was running), continued after it, whatever happens."""
+        stopped = self.stop()
+        try:
+            yield stopped
+        finally:
+            if stopped:
+                self.cont()
+
+    def restart(self, wait: bool = True) -> None:
+        """A fresh process on the same port after a kill (no-op if running); ``wait=False``: in the background."""
+        self._join()
+        self.down = False
+        if self.server is None or self.alive():
+            return
+
+        def start() -> None:
+            try:
+                self._start()
+            except BaseException as exc:  # raised by the next call that joins
+                self._restart_error = exc
+
+        if wait:
+            self._start()
+        else:
+            self._replaced = self.server.proc
+            self._restart = threading.Thread(target=start, name="kvserve-restart", daemon=True)
+            self._restart.start()
+
+    def spawned(self) -> None:
+        """Return once a background restart's child process has become the server (exec'd), or the restart ended.
+
+        Until its exec the forked child holds copies of this process's file descriptors, and with them every
+        flock taken through them: an LMDB tier's directory lock stays held after this process closed its store,
+        and a store reopened on that directory meanwhile raises ``DirectoryInUseError``. Wait here before
+        reopening a store while a restart may be under way.
+        """
+        thread = self._restart
+        while thread is not None and thread.is_alive() and self.server.proc is self._replaced:
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        """Kill the server (if any) and remove its data directory; safe to call twice."""
+        try:
+            self._join()
+        except RuntimeError:
+            pass
+        if self.server is not None:
+            self.cont()
+            self.server.kill()
+            if self.server.proc is not None and self.server.proc.stdout is not None:
+                try:
+                    self.server.proc.stdout.close()
+                except (OSError, ValueError):
+                    pass
+            self.server = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
 
 @pytest.fixture(scope="module")

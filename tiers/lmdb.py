@@ -16,10 +16,12 @@ process read concurrently while one writes.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import struct
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -48,6 +50,22 @@ class DirectoryInUseError(RuntimeError):
     """Another process has this LMDB directory open."""
 
 
+# The lock files this process holds. An flock is shared by a forked child (the open file is), so a child
+# (an engine's worker, a multiprocessing fork) would keep a directory locked after its parent closed the
+# store: each child closes its inherited copies right after fork, which leaves the parent's lock held.
+_HELD_LOCKS: "weakref.WeakSet[IO[str]]" = weakref.WeakSet()
+
+
+def _close_inherited_locks() -> None:
+    for lock_file in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            lock_file.close()
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 def lock_directory(path: Path, message: str) -> IO[str]:
     """Create ``path`` and hold an exclusive flock on it (released when the returned file closes).
 
@@ -60,6 +78,7 @@ def lock_directory(path: Path, message: str) -> IO[str]:
     except BlockingIOError:
         lock_file.close()
         raise DirectoryInUseError(message.format(path=path)) from None
+    _HELD_LOCKS.add(lock_file)
     return lock_file
 
 
