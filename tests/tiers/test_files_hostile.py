@@ -33,7 +33,7 @@ from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.compression.registry import get_codec
 from kvstore.tiers.files import FilesTier
 
-from tierkit import A, B, C, D, E, make_blocks, read as _read
+from tierkit import A, B, C, D, E, block_path, files_tiers, make_blocks, read as _read
 
 BLOCK = 4096 + HEADER_BYTES  # one full tiny-layout fp16 block on disk
 SECOND = 1_000_000_000  # ns
@@ -62,22 +62,8 @@ def blocks(layout):
 @pytest.fixture
 def open_tier(disk_dir, layout):
     """``open_tier(capacity, path=disk_dir, **options)``: a FilesTier (sync off) closed at teardown."""
-    tiers = []
-
-    def factory(capacity=10 * BLOCK, path=None, **options):
-        options.setdefault("sync", False)
-        tier = FilesTier(path or disk_dir, capacity, layout, **options)
-        tiers.append(tier)
-        return tier
-
-    yield factory
-    for tier in tiers:
-        tier.close()
-
-
-def block_path(root, key: bytes) -> str:
-    h = key.hex()
-    return os.path.join(str(root), h[:2], h[2:4], h + ".kvb")
+    with files_tiers(disk_dir, layout, 10 * BLOCK) as factory:
+        yield factory
 
 
 def read_bounded(tier, key: bytes, out: torch.Tensor, path: str) -> bool:

@@ -21,7 +21,7 @@ from kvstore.tiers import files as files_module
 from kvstore.tiers.base import Tier
 from kvstore.tiers.files import FilesTier
 
-from tierkit import A, B, C, D, E, make_blocks, names as _names, read as _read
+from tierkit import A, B, C, D, E, block_path, files_tiers, make_blocks, names as _names, read as _read
 
 BLOCK = 4096 + HEADER_BYTES  # bytes one full tiny-layout fp16 block counts against the capacity
 SECOND = 1_000_000_000  # ns
@@ -35,22 +35,8 @@ def blocks(layout):
 @pytest.fixture
 def open_tier(disk_dir, layout):
     """``open_tier(capacity, path=disk_dir, **options)``: a FilesTier (sync off unless asked) closed at teardown."""
-    tiers = []
-
-    def factory(capacity=3 * BLOCK, path=None, lay=None, **options):
-        options.setdefault("sync", False)
-        tier = FilesTier(path or disk_dir, capacity, lay or layout, **options)
-        tiers.append(tier)
-        return tier
-
-    yield factory
-    for tier in tiers:
-        tier.close()
-
-
-def block_path(root, key: bytes) -> str:
-    h = key.hex()
-    return os.path.join(str(root), h[:2], h[2:4], h + ".kvb")
+    with files_tiers(disk_dir, layout, 3 * BLOCK) as factory:
+        yield factory
 
 
 def all_files(root) -> list[str]:
