@@ -269,9 +269,14 @@ class TierStack:
             return
         if not (level.slots and level.tier.fills_in_place):
             items = [(key, as_tensor(block)) for key, block in items]
-        tier = level.tier
-        call = (lambda: tier.put_many(items)) if lossy is None else (lambda: tier.put_lossy(items, lossy))
-        if self.guarded(level, "put_many", lambda: (call(), True)[1], False):
+        def put() -> bool:
+            if lossy is None:
+                level.tier.put_many(items)
+            else:
+                level.tier.put_lossy(items, lossy)
+            return True
+
+        if self.guarded(level, "put_many", put, False):
             level.health.record_ok()
 
     def pin(self, level: Level, key: bytes) -> tuple[torch.Tensor, str | None] | None:
