@@ -21,7 +21,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -144,7 +144,7 @@ class TierStack:
         self.local = tuple(level for level in self.levels if not level.batch)
         self.batch = tuple(level for level in self.levels if level.batch)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Level]:
         return iter(self.levels)
 
     def __len__(self) -> int:
