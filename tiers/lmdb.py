@@ -21,6 +21,7 @@ import fcntl
 import os
 import struct
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -66,6 +67,11 @@ def _close_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
+# A child forked a moment ago may not have closed its inherited copy yet: a held lock is retried this long
+# (seconds) before the directory is reported in use.
+LOCK_WAIT_SECONDS = 2.0
+
+
 def lock_directory(path: Path, message: str) -> IO[str]:
     """Create ``path`` and hold an exclusive flock on it (released when the returned file closes).
 
@@ -73,11 +79,16 @@ def lock_directory(path: Path, message: str) -> IO[str]:
     """
     path.mkdir(parents=True, exist_ok=True)
     lock_file = open(path / "kvstore.lock", "a+")
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_file.close()
-        raise DirectoryInUseError(message.format(path=path)) from None
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                lock_file.close()
+                raise DirectoryInUseError(message.format(path=path)) from None
+            time.sleep(0.01)
     _HELD_LOCKS.add(lock_file)
     return lock_file
 
