@@ -205,11 +205,15 @@ class BlockFlow:
 
     def read_block(self, key: bytes, dst: torch.Tensor) -> bool:
         """Read ``key`` from the fastest level that has it, then promote it into the faster ones."""
+        return self._read_promoted(key, dst) is not False
+
+    def _read_promoted(self, key: bytes, dst: torch.Tensor) -> str | None | bool:
+        """``read_block``, returning False on a miss, else the lossy codec the bytes went through (None: exact)."""
         for level in self.stack:
             lossy = self.stack.read(level, key, dst)
             if lossy is not False:
                 self._was_read(level, key, dst, lossy)
-                return True
+                return lossy
         return False
 
     def _was_read(self, level: Level, key: bytes, dst: torch.Tensor, lossy: str | None) -> None:
@@ -287,15 +291,12 @@ class BlockFlow:
             scratch = self._scratch.buffer = torch.empty(self.layout.block_shape, dtype=self.layout.dtype)
         dst = scratch.view(-1)[:self.layout.token_bytes // self.layout.element_bytes * num_tokens]
         dst = dst.view(self.layout.shape(num_tokens))
-        for level in self.stack:
-            lossy = self.stack.read(level, key, dst)
-            if lossy is False:
-                continue
-            self._was_read(level, key, dst, lossy)
-            if not self.stack.contains(fastest, key):
-                self.stack.write(fastest, [(key, dst)], lossy)
-            return self.stack.contains(fastest, key)
-        return False
+        lossy = self._read_promoted(key, dst)
+        if lossy is False:
+            return False
+        if not self.stack.contains(fastest, key):
+            self.stack.write(fastest, [(key, dst)], lossy)
+        return self.stack.contains(fastest, key)
 
     def close(self) -> None:
         """Flush and stop the write-behind workers, then write back what only memory levels hold."""

@@ -107,7 +107,7 @@ class EngineHooks:
         chosen = self._policy if policy is None else PrefetchPolicy(
             policy, self._policy.timeout_base_seconds, self._policy.timeout_per_1k_tokens_seconds)
         located = self._stack.locate([b.key for b in blocks])
-        return self.prefetcher.start(blocks[:len(located)], lambda key: True, chosen)
+        return self.prefetcher.start(blocks[:len(located)], chosen, num_tokens_of(blocks))
 
     def _pin_fastest(self, key: bytes) -> torch.Tensor | None:
         """Pin ``key`` in the fastest level; one that cannot pin (persistent) gives an empty marker if it has it."""
@@ -165,7 +165,7 @@ class EngineHooks:
         chosen = [block for block in blocks if block.end <= num_tokens]
         if layer_wise:
             handle = prefetch if prefetch is not None else self.prefetcher.start(
-                chosen, lambda key: True, PrefetchPolicy(WAIT))
+                chosen, PrefetchPolicy(WAIT), num_tokens_of(chosen))
             return LayerLoader(self.layout, chosen, handle, lambda block, dst: self._flow.read_block(block.key, dst),
                                device, self.config.load_lookahead_layers, on_sized=self._loaded, buffers=self.buffers,
                                sink=sink)

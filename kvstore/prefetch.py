@@ -114,15 +114,11 @@ class Prefetcher:
         for thread in self._threads:
             thread.start()
 
-    def start(self, blocks: Sequence[BlockRef], stored: Callable[[bytes], bool],
-              policy: PrefetchPolicy) -> "PrefetchHandle":
-        """A handle for the leading ``blocks`` that ``stored`` says some tier holds."""
-        leading = []
-        for block in blocks:
-            if not stored(block.key):
-                break
-            leading.append(block)
-        state = _HandleState(leading, blocks[-1].end if blocks else 0)
+    def start(self, leading: Sequence[BlockRef], policy: PrefetchPolicy, request_tokens: int) -> "PrefetchHandle":
+        """A handle bringing up ``leading``, the stored leading blocks of a request of ``request_tokens``
+        tokens (the ``timeout`` policy's budget grows with the request)."""
+        leading = list(leading)
+        state = _HandleState(leading, request_tokens)
         handle = PrefetchHandle(self, state, policy)
         self.counters.add("prefetches")
         self.counters.add("prefetch_blocks", len(leading))
