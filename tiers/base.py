@@ -61,7 +61,7 @@ class Capability(enum.Flag):
     """What a tier can do beyond ``Tier``, declared by its class (``capabilities``) and checked once at open.
 
     The store never probes a tier with ``hasattr``: a tier declares its
-    capabilities, ``check_capabilities`` verifies that it has every member
+    capabilities, ``declared_capabilities`` verifies that it has every member
     the matching protocol names (a misspelt method is an error at open, not
     a silent slow path), and the store uses the declaration from then on.
     """
@@ -128,21 +128,21 @@ class EncodedTier(Tier, Protocol):
 
 _PROTOCOLS: dict[Capability, type] = {Capability.SLOTS: MemorySlots, Capability.BATCH: BatchTier,
                                       Capability.EVICTS: EvictingTier, Capability.ENCODED: EncodedTier}
-_BASE_MEMBERS = frozenset(dir(Protocol)) | {"_is_protocol", "__protocol_attrs__", "__non_callable_proto_members__"}
 
 
-def _members(protocol: type) -> list[str]:
-    names = set(getattr(protocol, "__annotations__", {}))
+def _members(protocol: type, inherited: type | None = None) -> tuple[str, ...]:
+    """The public members ``protocol`` declares (annotated attributes, methods, properties), in declaration
+    order, less ``inherited``'s."""
+    names: dict[str, None] = {}
     for klass in protocol.__mro__:
-        if klass in (Protocol, object, Tier):
+        if klass in (Protocol, object, inherited) or klass.__module__ == "typing":
             continue
-        names.update(n for n in vars(klass) if not n.startswith("_"))
-        names.update(getattr(klass, "__annotations__", {}))
-    return sorted(names - _BASE_MEMBERS)
+        names.update(dict.fromkeys(n for n in (*vars(klass).get("__annotations__", {}), *vars(klass))
+                                   if not n.startswith("_")))
+    return tuple(names)
 
 
-_TIER_MEMBERS = ("name", "persistent", "capacity_bytes", "used_bytes", "contains", "put_many", "get_into", "delete",
-                 "keys", "stats", "close")
+_TIER_MEMBERS = _members(Tier)
 
 
 def check_tier(tier: object) -> None:
@@ -166,7 +166,7 @@ def declared_capabilities(tier: object) -> Capability:
                          f"got {declared!r}")
     for capability, protocol in _PROTOCOLS.items():
         if capability in declared:
-            missing = [name for name in _members(protocol) if not hasattr(tier, name)]
+            missing = [name for name in _members(protocol, Tier) if not hasattr(tier, name)]
             if missing:
                 raise ValueError(f"tier {getattr(tier, 'name', tier)!r}: declares {capability.name} but lacks "
                                  f"{missing}")
