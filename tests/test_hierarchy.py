@@ -262,14 +262,19 @@ def fault_store(layout, tmp_path, **config):
     return KVStore(layout, StoreConfig(**settings), tiers=[lmdb, files]), lmdb
 
 
+def put_flushed(store, data):
+    """Put every ``(tokens, kv)`` of ``data`` and wait for the lower tiers' copies; returns ``data``."""
+    for tokens, kv in data:
+        store.put(tokens, kv)
+    store.flush()
+    return data
+
+
 def test_one_200ms_stall_among_fast_reads_does_not_bypass_a_tier(layout, tmp_path):
     """A page-cache read that stalls once (the process starved of CPU, say) is an outlier, not a slow medium."""
     store, lmdb = fault_store(layout, tmp_path, degraded_seconds=30.0)
     with store:
-        data = prompts(3)
-        for tokens, kv in data:
-            store.put(tokens, kv)
-        store.flush()
+        data = put_flushed(store, prompts(3))
         for round_ in range(8):
             lmdb.delay = 0.2 if round_ == 4 else 0.0
             for tokens, kv in data:
@@ -283,10 +288,7 @@ def test_one_200ms_stall_among_fast_reads_does_not_bypass_a_tier(layout, tmp_pat
 def test_slow_tier_is_bypassed_then_recovers(layout, tmp_path):
     store, lmdb = fault_store(layout, tmp_path)
     with store:
-        data = prompts(3)
-        for tokens, kv in data:
-            store.put(tokens, kv)
-        store.flush()
+        data = put_flushed(store, prompts(3))
         for _ in range(3):
             for tokens, kv in data:
                 assert_same_kv(store.get(tokens), kv)
