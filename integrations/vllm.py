@@ -1,677 +1,223 @@
-"""vLLM connector: serve prompt prefixes from a ``KVStore`` through vLLM's ``KVConnectorBase_V1`` (vLLM 0.33).
+"""vLLM connector: serve prompt prefixes from kvstore through vLLM's ``KVConnectorBase_V1`` (vLLM 0.32 and 0.33).
 
 Load it with::
 
     vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVStoreConnector",
         "kv_connector_module_path": "kvstore.integrations.vllm", "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"block_tokens": 256, "host_bytes": "8GiB", "files_dir": "/shared/kv"}}'
+        "kv_connector_extra_config": {"host_bytes": "8GiB", "disk_dir": "/nvme/kv", "files_dir": "/shared/kv"}}'
 
 Configuration: ``StoreConfig.load()`` (``$KVSTORE_CONFIG`` and ``KVSTORE_*``
 variables) overridden by the ``StoreConfig`` keys of
 ``kv_connector_extra_config``. Connector keys there: ``block_tokens``
 (tokens per stored block; a multiple of vLLM's ``--block-size``; default the
-multiple nearest above 256), ``async_load`` (default false), ``salt``
-(an extra tenant salt), ``scheduler_host_bytes`` (see below) and ``config``
-(a settings file instead of ``$KVSTORE_CONFIG``). Any other key is a
-``ValueError`` naming it. ``model_id`` defaults to vLLM's model name.
+multiple nearest above 256), ``async_load`` (default false), ``salt`` (an
+extra tenant salt), ``staging_bytes`` (device and pinned host staging per
+worker, default 256 MiB each on CUDA), ``lookup_timeout_s`` (default 1) and
+``config`` (a settings file instead of ``$KVSTORE_CONFIG``). Any other key
+is a ``ValueError`` naming it. ``model_id`` defaults to a digest of the
+model's weights (``integrations/model_identity.py``), so engines loading the
+same weights from different paths share one cache.
 ``kv_load_failure_policy: "recompute"`` makes vLLM recompute blocks this
 connector reports as failed (vLLM's default, ``fail``, fails the request).
 
-Design:
+The connector is a facade over two halves, as vLLM runs it:
 
-* Keys are kvstore's own prefix-chained keys of the request's prompt tokens
-  in blocks of ``block_tokens``, salted with the request's ``cache_salt``,
-  its LoRA adapter name and the ``salt`` setting; never vLLM's per-process
-  block hashes, so vLLM instances with different ``PYTHONHASHSEED`` share one
-  cache through a files, cache-server or Redis tier.
-* The layout comes from ``vllm_config``: layers of this pipeline stage, KV
-  heads per TP rank, head size, the KV-cache dtype (``cache_dtype``, or the
-  model dtype for ``auto``), ``tp_rank``/``tp_size``. MLA models are refused.
-* One ``KVStore`` per process and (config, layout), reference counted
-  (``_STORES``): with the uniproc executor (TP=1) the scheduler and the
-  worker live in one process and share it, so the scheduler's lookups and
-  prefetches see the worker's host RAM and LMDB tiers. The scheduler opens
-  its store lazily, at its first lookup, so a worker created in the same
-  process before or after the scheduler is found. A scheduler in a process
-  with no worker store (multiproc executor, TP>1) opens a lookup view of the
-  same config instead: no LMDB directory (one process may open it), no
-  device tier, ``scheduler_host_bytes`` (default 64 MiB) of host RAM; it sees
-  what the shared tiers (files, cache server, Redis) hold. Its layout is
-  rank 0's; another rank missing a block is reported as a load error.
-* Scheduler side: ``get_num_new_matched_tokens`` asks ``store.plan`` (lookup
-  plus the load-vs-recompute cost model) for the prompt, rounds down to
-  vLLM's block size and to at most ``prompt - 1`` tokens (vLLM must compute
-  one). With ``async_load`` it starts ``store.prefetch`` and answers
-  ``(None, True)`` until the prefetch is done, then ``(n, True)``; the worker
-  loads in a background thread and reports the request in ``get_finished``.
-  ``update_state_after_alloc`` records the block ids the tokens go to;
-  ``build_connector_meta`` emits the step's loads (``LoadSpec``) and, for
-  each request whose prompt prefill completes this step, one save
-  (``SaveSpec``, from the first kvstore block not stored yet).
-* Worker side: ``register_kv_caches`` wraps vLLM's per-layer caches in a
-  paged adapter: the standardized 0.33 layout, per layer a view ``[blocks,
-  H, page, Dk + Dv]`` in any physical order (``kvstore/integrations/vllm_paged.py``,
-  here), or the pre-0.33 flash-attention ``[2, blocks, page, H, D]``
-  (``VLLMPagedAdapter`` from ``kvstore.integrations.paged``).
-  ``start_load_kv`` starts a layer-wise ``store.load`` per sync load;
-  ``wait_for_layer_load(layer)`` scatters that layer's tokens
-  ``[start, end)`` into the request's blocks while the loader reads the next
-  layers. ``save_kv_layer`` gathers the request's tokens of that layer into a
-  ``LayerSaver``; ``wait_for_save`` completes any layer vLLM did not hand
-  over (and any unfinished load), so every save is in the store's fastest
-  tier when the step ends. ``request_finished`` therefore returns
-  ``(False, None)``: vLLM may free the blocks at once.
-* Load errors: when a load delivers fewer tokens than the scheduler promised
-  (a block evicted or damaged in between, a tier down), the vLLM blocks from
-  the first token missing on are returned by ``get_block_ids_with_load_errors``
-  (for async loads no later than the step that reports the request in
-  ``get_finished``), and vLLM recomputes them.
-* Metrics: ``get_kv_connector_stats`` (both roles) returns
-  ``KVStoreConnectorStats``: lookups, hit tokens, loaded/saved tokens and
-  seconds, load-error blocks since the last call.
-  ``get_external_cache_hit_sources`` maps the plan's tiers to vLLM's
-  ``CacheHitSource`` (device, host, disk for LMDB and files, else unspecified).
+* the scheduler half (``integrations/vllm_scheduler.py``) opens no store:
+  it asks every worker's store over a local socket
+  (``integrations/vllm_lookup.py``), once per admitted request, and builds
+  each step's loads and saves (``integrations/vllm_meta.py``);
+* the worker half (``integrations/vllm_worker.py``) opens its rank's store
+  (its own LMDB directory when other ranks run beside it), serves those
+  lookups, and moves KV with the copy engine (``integrations/vllm_copy.py``),
+  which needs no vLLM and runs the same on CUDA and CPU caches.
 
-Limits: only the prompt is saved (not generated tokens); one KV-cache group
-(full attention); the page size of the registered caches must be vLLM's
-block size (no kernel-block splitting); loads read the kvstore blocks from
-token 0 even when vLLM's own prefix cache already holds their beginning.
+So the multi-process engine of ``vllm serve``, tensor and pipeline
+parallelism (each stage's keys name its layers) and data-parallel ranks on
+one node hit on host and local-disk tiers, not only on shared ones.
+
+Exactness: keys chain over the prompt's tokens with each multimodal item's
+placeholder tokens replaced by its content digest, salted with
+``cache_salt``, the LoRA name and ``salt``; fp8 caches (vLLM's uint8 views)
+and MLA latent caches are stored byte for byte. A load vLLM would not wait
+for layer by layer (the request has at most a decode's worth of tokens left,
+so the step may replay a FULL CUDA graph) is queued whole before the forward;
+saves are gathered after the forward, outside any graph, so vLLM's default
+``FULL_AND_PIECEWISE`` mode needs no change. A hybrid cache config (sliding
+window, Mamba) is accepted (``SupportsHMA``) and recomputed: see
+``integrations/vllm_scheduler.py``. Blocks a load could not fill are
+reported through ``get_block_ids_with_load_errors`` and vLLM recomputes them.
+
+Observability: ``get_kv_connector_stats`` (lookups, hit, loaded and saved
+tokens and bytes, seconds, errors, skipped saves, staging bytes), vLLM's
+Prometheus ``/metrics`` (``build_prom_metrics``) and KV cache events for
+KV-aware routers (``BlockStored`` with vLLM's block hashes, medium of the
+tier, from the workers through ``take_events``): ``integrations/vllm_metrics.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
-import time
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 try:
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
-                                                                   KVConnectorRole)
-    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
-    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 except ImportError as exc:  # pragma: no cover - exercised without vllm
     raise ImportError(
-        "kvstore.integrations.vllm needs vLLM 0.33 (the KVConnectorBase_V1 API), which is not importable here "
-        f"({exc}); build its environment with `scripts/engine-venvs.sh vllm` and run in .venv-vllm") from exc
+        "kvstore.integrations.vllm needs vLLM 0.32 or 0.33 (the KVConnectorBase_V1 API), which is not importable "
+        f"here ({exc}); build its environment with `scripts/engine-venvs.sh vllm` and run in .venv-vllm") from exc
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA
+except ImportError:  # pragma: no cover - vLLM without the hybrid allocator interface
+    SupportsHMA = object  # type: ignore[misc,assignment]
+try:
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+except ImportError:  # pragma: no cover - vLLM 0.32
+    CacheHitSource = None  # type: ignore[misc,assignment]
 
-from kvstore import KVLayout, KVStore, StoreConfig
-from kvstore.config import ENV_PREFIX
-from kvstore.integrations.paged_store import block_sink, save_paged
-from kvstore.integrations.vllm_paged import paged_adapter
-from kvstore.layout import resolve_dtype
-from kvstore.prefetch import PrefetchHandle
+from kvstore.integrations.vllm_meta import KVStoreConnectorMetadata, LoadSpec, SaveSpec
+from kvstore.integrations.vllm_metrics import (ConnectorEvents, KVStoreConnectorStats, KVStoreKVEvents,
+                                               build_kv_connector_stats, build_prom_metrics)
+from kvstore.integrations.vllm_scheduler import SchedulerHalf
+from kvstore.integrations.vllm_settings import (ConnectorSettings, connector_settings, key_tokens, rank_place,
+                                                request_salt)
+from kvstore.integrations.vllm_worker import WorkerHalf
 
 __all__ = ["KVStoreConnector", "KVStoreConnectorMetadata", "KVStoreConnectorStats", "LoadSpec", "SaveSpec",
-           "connector_settings", "layout_from_vllm", "request_salt"]
+           "ConnectorSettings", "connector_settings", "key_tokens", "request_salt"]
 
-DEFAULT_BLOCK_TOKENS = 256
-CONNECTOR_KEYS = frozenset({"block_tokens", "async_load", "salt", "scheduler_host_bytes", "config"})
-_CACHE_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
-_HIT_SOURCES = {"device": CacheHitSource.DEVICE, "host": CacheHitSource.HOST, "lmdb": CacheHitSource.DISK,
-                "files": CacheHitSource.DISK}
+_HIT_SOURCES = {"device": "DEVICE", "host": "HOST", "lmdb": "DISK", "files": "DISK"}
 
 
-# -- settings and layout ---------------------------------------------------------------
+def _hit_source(tier: str) -> Any:
+    return getattr(CacheHitSource, _HIT_SOURCES.get(tier, "EXTERNAL_UNSPECIFIED"))
 
 
-@dataclass(frozen=True)
-class ConnectorSettings:
-    """What ``kv_connector_extra_config`` and the environment say."""
-
-    store: StoreConfig
-    block_tokens: int
-    async_load: bool
-    salt: str | None
-    scheduler_host_bytes: int | str
-
-
-def connector_settings(vllm_config: Any, environ: dict[str, str] | None = None) -> ConnectorSettings:
-    """The store config (``StoreConfig.load`` + extra_config overrides) and the connector's own settings."""
-    import os
-    environ = dict(os.environ if environ is None else environ)
-    extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
-    own = {k: extra.pop(k) for k in list(extra) if k in CONNECTOR_KEYS}
-    base = StoreConfig.load(own.get("config"), environ)
-    explicit_model = "model_id" in extra or f"{ENV_PREFIX}MODEL_ID" in environ or base.model_id != "default"
-    values = dataclasses.asdict(base)
-    values.update(extra)
-    if not explicit_model:
-        values["model_id"] = str(vllm_config.model_config.model)
-    store = StoreConfig.from_dict(values, source="kv_connector_extra_config")
-    page = vllm_config.cache_config.block_size
-    block_tokens = own.get("block_tokens")
-    if block_tokens is None:
-        block_tokens = page * max(1, -(-DEFAULT_BLOCK_TOKENS // page))
-    if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens < 1:
-        raise ValueError(f"kv_connector_extra_config.block_tokens: expected a positive int, got {block_tokens!r}")
-    if block_tokens % page:
-        raise ValueError(f"kv_connector_extra_config.block_tokens: expected a multiple of vLLM's block size "
-                         f"{page}, got {block_tokens}")
-    async_load = own.get("async_load", False)
-    if not isinstance(async_load, bool):
-        raise ValueError(f"kv_connector_extra_config.async_load: expected true or false, got {async_load!r}")
-    salt = own.get("salt")
-    if salt is not None and (not isinstance(salt, str) or not salt):
-        raise ValueError(f"kv_connector_extra_config.salt: expected a non-empty string, got {salt!r}")
-    return ConnectorSettings(store, block_tokens, async_load, salt, own.get("scheduler_host_bytes", "64MiB"))
-
-
-def _tp_rank() -> int:
-    try:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, model_parallel_is_initialized
-        return get_tensor_model_parallel_rank() if model_parallel_is_initialized() else 0
-    except Exception:
-        return 0
-
-
-def layout_from_vllm(vllm_config: Any, block_tokens: int, tp_rank: int = 0) -> KVLayout:
-    """The ``KVLayout`` of one worker's KV cache: its layers, KV heads per rank, head size and cache dtype."""
-    model = vllm_config.model_config
-    parallel = vllm_config.parallel_config
-    if model.use_mla:
-        raise ValueError("model: expected a model with K and V per head (MLA latent caches are not supported), "
-                         f"got MLA model {model.model!r}")
-    cache_dtype = vllm_config.cache_config.cache_dtype
-    dtype = model.dtype if cache_dtype in (None, "auto") else _CACHE_DTYPES.get(cache_dtype, cache_dtype)
-    return KVLayout(num_layers=model.get_num_layers(parallel), num_kv_heads=model.get_num_kv_heads(parallel),
-                    head_dim=model.get_head_size(), dtype=resolve_dtype(dtype), block_tokens=block_tokens,
-                    tp_rank=tp_rank, tp_size=parallel.tensor_parallel_size)
-
-
-def request_salt(request: Any, extra: str | None = None) -> str | None:
-    """The kvstore salt of a vLLM request: its ``cache_salt``, LoRA adapter name and the configured salt."""
-    lora = getattr(request, "lora_request", None)
-    parts = {"cache_salt": getattr(request, "cache_salt", None),
-             "lora": getattr(lora, "lora_name", None) if lora is not None else None, "salt": extra}
-    if all(v is None for v in parts.values()):
-        return None
-    return ";".join(f"{k}={v!r}" for k, v in parts.items())
-
-
-# -- one store per process --------------------------------------------------------------
-
-_STORES: dict[tuple[StoreConfig, KVLayout], list] = {}  # key -> [store, references]
-_STORES_LOCK = threading.Lock()
-
-
-def _acquire(config: StoreConfig, layout: KVLayout, view: StoreConfig | None = None) -> KVStore:
-    """The process's store for (config, layout), opened if needed; ``view``: open that config instead if absent."""
-    with _STORES_LOCK:
-        entry = _STORES.get((config, layout))
-        if entry is None and view is not None:
-            config = view
-            entry = _STORES.get((config, layout))
-        if entry is None:
-            entry = _STORES[(config, layout)] = [KVStore(layout, config), 0]
-        entry[1] += 1
-        return entry[0]
-
-
-def _release(store: KVStore) -> None:
-    with _STORES_LOCK:
-        for key, entry in list(_STORES.items()):
-            if entry[0] is store:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del _STORES[key]
-                    store.close()
-                return
-
-
-# -- metadata -----------------------------------------------------------------------------
-
-
-@dataclass
-class LoadSpec:
-    """Load tokens ``[start, end)`` of ``tokens`` (the prompt up to a kvstore block boundary) into ``block_ids``."""
-
-    req_id: str
-    tokens: list[int]
-    salt: str | None
-    block_ids: list[int]
-    start: int
-    end: int
-    is_async: bool = False
-
-
-@dataclass
-class SaveSpec:
-    """Save the prompt ``tokens`` from ``start`` (a kvstore block boundary) on, read from ``block_ids``."""
-
-    req_id: str
-    tokens: list[int]
-    salt: str | None
-    block_ids: list[int]
-    start: int
-
-
-@dataclass
-class KVStoreConnectorMetadata(KVConnectorMetadata):
-    loads: list[LoadSpec] = field(default_factory=list)
-    saves: list[SaveSpec] = field(default_factory=list)
-
-
-STAT_KEYS = ("lookups", "lookup_tokens", "hit_tokens", "loads", "loaded_tokens", "load_seconds",
-             "load_error_blocks", "saves", "saved_tokens", "save_seconds", "save_errors")
-
-
-@dataclass
-class KVStoreConnectorStats(KVConnectorStats):
-    """Counters since the last ``get_kv_connector_stats`` (sums aggregate across workers)."""
-
-    def __post_init__(self) -> None:
-        for key in STAT_KEYS:
-            self.data.setdefault(key, 0)
-
-    def add(self, key: str, value: float = 1) -> None:
-        self.data[key] = self.data.get(key, 0) + value
-
-    def reset(self) -> None:
-        self.data = {key: 0 for key in STAT_KEYS}
-
-    def aggregate(self, other: KVConnectorStats) -> "KVStoreConnectorStats":
-        for key, value in other.data.items():
-            self.add(key, value)
-        return self
-
-    def reduce(self) -> dict[str, int | float]:
-        return dict(self.data)
-
-    def is_empty(self) -> bool:
-        return not any(self.data.values())
-
-
-# -- the connector --------------------------------------------------------------------------
-
-
-@dataclass
-class _Request:
-    """What the scheduler side tracks of a running request."""
-
-    tokens: list[int]
-    salt: str | None
-    block_ids: list[int] = field(default_factory=list)
-    saved: bool = False
-
-
-@dataclass
-class _Match:
-    start: int
-    end: int
-    sources: dict[str, int]
-
-
-class _ActiveLoad:
-    """A sync layer-wise load in flight on the worker."""
-
-    def __init__(self, spec: LoadSpec, loader: Any, sunk: bool):
-        self.spec = spec
-        self.loader = loader
-        self.sunk = sunk  # the loader scatters into vLLM's pages itself (CPU caches)
-        self.next_layer = 0
-        self.where: Any = None
-        self.n = 0
-        self.started = time.perf_counter()
-
-
-class KVStoreConnector(KVConnectorBase_V1):
-    """kvstore as vLLM's KV connector (scheduler and worker roles); see the module docstring."""
+class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
+    """kvstore as vLLM's KV connector, in the scheduler or the worker role; see the module docstring."""
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.settings = connector_settings(vllm_config)
-        self.page_size = vllm_config.cache_config.block_size
-        self.block_tokens = self.settings.block_tokens
-        self.async_load = self.settings.async_load
-        self.layout = layout_from_vllm(vllm_config, self.block_tokens,
-                                       _tp_rank() if role == KVConnectorRole.WORKER else 0)
+        transfer = self._kv_transfer_config
         self._stats = KVStoreConnectorStats()
         self._stats_lock = threading.Lock()
-        self._store: KVStore | None = None
-        self._store_lock = threading.Lock()
+        self._events = ConnectorEvents()
+        self._worker_events: KVStoreKVEvents | None = None
         self._closed = False
-        # scheduler side
-        self._requests: dict[str, _Request] = {}
-        self._matches: dict[str, _Match] = {}
-        self._prefetches: dict[str, PrefetchHandle] = {}
-        self._pending_loads: dict[str, LoadSpec] = {}
-        # worker side
-        self._adapter: Any = None
-        self._layer_index: dict[str, int] = {}
-        self._active: list[_ActiveLoad] = []
-        self._savers: dict[str, tuple[Any, Any, set[int]]] = {}  # req_id -> (LayerSaver, location, layers given)
-        self._async_pool: ThreadPoolExecutor | None = None
-        self._async_loads: dict[str, Future] = {}
-        self._errors: set[int] = set()
-        self._errors_lock = threading.Lock()
+        self.scheduler: SchedulerHalf | None = None
+        self.worker: WorkerHalf | None = None
         if role == KVConnectorRole.WORKER:
-            self._store = _acquire(self.settings.store, self.layout)
-
-    # -- shared ---------------------------------------------------------------------------
+            self.worker = WorkerHalf(vllm_config, kv_cache_config, self.settings, rank_place(vllm_config, True),
+                                     self._stats, self._events, self._stats_lock)
+        else:
+            self.scheduler = SchedulerHalf(vllm_config, kv_cache_config, self.settings,
+                                           rank_place(vllm_config, False), self._stats, transfer.is_kv_consumer,
+                                           transfer.is_kv_producer)
 
     @property
-    def store(self) -> KVStore:
-        """This role's store (the scheduler's is opened at first use, see the module docstring)."""
-        with self._store_lock:
-            if self._store is None:
-                config = self.settings.store
-                view = config.replace(disk_dir=None, device_bytes=0, host_bytes=self.settings.scheduler_host_bytes)
-                self._store = _acquire(config, self.layout, view=view)
-            return self._store
+    def store(self) -> Any:
+        """The worker's store (None in the scheduler, which opens none, or before caches are registered)."""
+        return self.worker.store if self.worker is not None else None
 
-    def _count(self, key: str, value: float = 1) -> None:
-        with self._stats_lock:
-            self._stats.add(key, value)
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """False: loads a FULL graph would skip are completed before the forward, and saves run after it."""
+        return False
+
+    # -- metrics and events -----------------------------------------------------------------------------
 
     def get_kv_connector_stats(self) -> KVStoreConnectorStats | None:
         with self._stats_lock:
             if self._stats.is_empty():
                 return None
-            stats, self._stats = self._stats, KVStoreConnectorStats()
+            stats = KVStoreConnectorStats(data=self._stats.data)
+            self._stats.reset()
             return stats
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVStoreConnectorStats:
-        return KVStoreConnectorStats(data=dict(data or {}))
+        return build_kv_connector_stats(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+        return build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def get_kv_connector_kv_cache_events(self) -> KVStoreKVEvents | None:
+        return self._events.take_kv_events()
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        events = getattr(connector_output, "kv_cache_events", None)
+        if isinstance(events, KVStoreKVEvents):
+            if self._worker_events is None:
+                self._worker_events = events
+            else:
+                self._worker_events.merge(events)
+
+    def take_events(self) -> Any:
+        events, self._worker_events = self._worker_events, None
+        if events is not None:
+            yield from events.aggregate().get_all_events()
 
     def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for handle in self._prefetches.values():
-            handle.close()
-        self._prefetches.clear()
-        if self._async_pool is not None:
-            self._async_pool.shutdown(wait=True)
-        for load in self._active:
-            load.loader.close()
-        self._active.clear()
-        if self._store is not None:
-            _release(self._store)
-            self._store = None
+        if self.worker is not None:
+            self.worker.close()
+        if self.scheduler is not None:
+            self.scheduler.close()
 
-    # -- scheduler side -------------------------------------------------------------------
-
-    def _salt(self, request: Any) -> str | None:
-        return request_salt(request, self.settings.salt)
-
-    def _load_tokens(self, prompt: Sequence[int], end: int) -> list[int]:
-        """The prompt up to the kvstore block boundary at or after ``end`` (or all of it)."""
-        cut = min(len(prompt), -(-end // self.block_tokens) * self.block_tokens)
-        return list(prompt[:cut])
+    # -- scheduler side -----------------------------------------------------------------------------------
 
     def on_new_request(self, request: Any) -> None:
-        """Remember the prompt and salt (``cache_salt`` is not in the scheduler output's request data)."""
-        self._requests[request.request_id] = _Request(list(request.prompt_token_ids or []), self._salt(request))
+        self.scheduler.on_new_request(request)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if not self._kv_transfer_config.is_kv_consumer:
-            return 0, False
-        prompt = request.prompt_token_ids or []
-        salt = self._salt(request)
-        plan = self.store.plan(prompt, salt)
-        hit = min(plan.load_tokens, len(prompt) - 1) // self.page_size * self.page_size
-        self._count("lookups")
-        self._count("lookup_tokens", len(prompt))
-        if hit <= num_computed_tokens:
-            self._matches.pop(request.request_id, None)
-            return 0, False
-        self._count("hit_tokens", hit - num_computed_tokens)
-        self._matches[request.request_id] = _Match(num_computed_tokens, hit, dict(plan.sources))
-        if not self.async_load:
-            return hit - num_computed_tokens, False
-        handle = self._prefetches.get(request.request_id)
-        if handle is None:
-            handle = self._prefetches[request.request_id] = self.store.prefetch(self._load_tokens(prompt, hit), salt)
-        if not handle.done():
-            return None, True
-        return hit - num_computed_tokens, True
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict:
-        match = self._matches.get(request.request_id)
-        if not num_external_tokens:
+        if CacheHitSource is None:
             return {}
-        if match is None or not match.sources:
-            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
-        out: dict = {}
-        total = sum(match.sources.values())
-        for tier, tokens in match.sources.items():
-            source = _HIT_SOURCES.get(tier, CacheHitSource.EXTERNAL_UNSPECIFIED)
-            out[source] = out.get(source, 0) + num_external_tokens * tokens // total
-        biggest = max(out, key=out.get)
-        out[biggest] += num_external_tokens - sum(out.values())
-        return {k: v for k, v in out.items() if v}
+        return self.scheduler.get_external_cache_hit_sources(request, num_external_tokens, _hit_source,
+                                                             CacheHitSource.EXTERNAL_UNSPECIFIED)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        if num_external_tokens <= 0:
-            return
-        match = self._matches.get(request.request_id)
-        start = match.start if match is not None else request.num_computed_tokens
-        end = start + num_external_tokens
-        prompt = request.prompt_token_ids or []
-        self._pending_loads[request.request_id] = LoadSpec(
-            request.request_id, self._load_tokens(prompt, end), self._salt(request),
-            list(blocks.get_block_ids()[0]), start, end, is_async=self.async_load)
-
-    def _save_spec(self, req_id: str, state: _Request, num_computed: int, num_scheduled: int) -> SaveSpec | None:
-        if (state.saved or not self._kv_transfer_config.is_kv_producer
-                or num_computed + num_scheduled < len(state.tokens) or not state.tokens):
-            return None
-        state.saved = True
-        stored = self.store.lookup(state.tokens, state.salt)
-        if stored >= len(state.tokens):
-            return None
-        pages = -(-len(state.tokens) // self.page_size)
-        return SaveSpec(req_id, state.tokens, state.salt, state.block_ids[:pages],
-                        stored // self.block_tokens * self.block_tokens)
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVStoreConnectorMetadata:
-        meta = KVStoreConnectorMetadata(loads=list(self._pending_loads.values()))
-        self._pending_loads.clear()
-        for new in scheduler_output.scheduled_new_reqs:
-            request = self._requests.get(new.req_id)
-            if request is None:  # not seen by on_new_request: its cache_salt is unknown, so save nothing
-                request = self._requests[new.req_id] = _Request([], None, saved=True)
-            request.block_ids = list(new.block_ids[0])
-            spec = self._save_spec(new.req_id, request, new.num_computed_tokens,
-                                   scheduler_output.num_scheduled_tokens.get(new.req_id, 0))
-            if spec is not None:
-                meta.saves.append(spec)
-        cached = scheduler_output.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            request = self._requests.get(req_id)
-            if request is None:
-                continue
-            new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
-                request.block_ids = list(new_ids[0]) if new_ids is not None else []
-            elif new_ids is not None:
-                request.block_ids.extend(new_ids[0])
-            spec = self._save_spec(req_id, request, cached.num_computed_tokens[i],
-                                   scheduler_output.num_scheduled_tokens.get(req_id, 0))
-            if spec is not None:
-                meta.saves.append(spec)
-        for req_id in scheduler_output.finished_req_ids:
-            self._forget(req_id)
-        return meta
+        return self.scheduler.build_connector_meta(scheduler_output)
 
-    def _forget(self, req_id: str) -> None:
-        self._requests.pop(req_id, None)
-        self._matches.pop(req_id, None)
-        handle = self._prefetches.pop(req_id, None)
-        if handle is not None:
-            handle.close()
-
-    def update_connector_output(self, connector_output: Any) -> None:
-        for req_id in connector_output.finished_recving or ():
-            handle = self._prefetches.pop(req_id, None)
-            if handle is not None:
-                handle.close()
-
-    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Saves complete within the step (``wait_for_save``): the blocks may be freed now."""
-        self._forget(request.request_id)
-        self._pending_loads.pop(request.request_id, None)
+    def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict[str, Any] | None]:
+        """Saves are handed over within the step (``wait_for_save``): the blocks may be freed now."""
+        self.scheduler.forget(request.request_id)
         return False, None
 
-    # -- worker side ----------------------------------------------------------------------
+    def request_finished_all_groups(self, request: Any, block_ids: Any) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished(request, block_ids)
+
+    # -- worker side ----------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        names = list(kv_caches)
-        try:
-            from vllm.model_executor.models.utils import extract_layer_index
-            names.sort(key=extract_layer_index)
-        except Exception:
-            pass
-        self._layer_index = {name: i for i, name in enumerate(names)}
-        self._adapter = paged_adapter(self.layout, [kv_caches[name] for name in names])
-        if self._adapter.page_size != self.page_size:
-            raise ValueError(f"kv_caches: expected pages of vLLM's block size {self.page_size} tokens, "
-                             f"got {self._adapter.page_size}")
-
-    def _error_blocks(self, spec: LoadSpec, loaded: int) -> None:
-        """Blocks of ``spec`` from the first token not loaded on: vLLM recomputes them."""
-        first = max(loaded, spec.start) // self.page_size
-        bad = set(spec.block_ids[first:-(-spec.end // self.page_size)])
-        if bad:
-            with self._errors_lock:
-                self._errors.update(bad)
-            self._count("load_error_blocks", len(bad))
+        self.worker.register_kv_caches(kv_caches)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        meta = self._connector_metadata
-        if not isinstance(meta, KVStoreConnectorMetadata) or self._adapter is None:
-            return
-        for spec in meta.loads:
-            if spec.is_async:
-                if self._async_pool is None:
-                    self._async_pool = ThreadPoolExecutor(2, thread_name_prefix="kvstore-vllm-load")
-                self._async_loads[spec.req_id] = self._async_pool.submit(self._load_whole, spec)
-            else:
-                sunk = self._adapter.device.type == "cpu"
-                loader = self.store.load(spec.tokens, spec.salt, layer_wise=True, device=self._adapter.device,
-                                         sink=block_sink(self._adapter, spec.block_ids, spec.start, spec.end) if sunk
-                                         else None)
-                self._active.append(_ActiveLoad(spec, loader, sunk))
-
-    def _load_whole(self, spec: LoadSpec) -> None:
-        """An async load: every layer at once, in a background thread."""
-        start = time.perf_counter()
-        loaded = 0
-        try:
-            kv = self.store.load(spec.tokens, spec.salt, device=self._adapter.device)
-            loaded = min(kv.shape[2], spec.end)
-            if loaded > spec.start:
-                where = self._adapter.locate(spec.block_ids, loaded - spec.start, start=spec.start)
-                for layer in range(self.layout.num_layers):
-                    self._adapter.scatter_layer(layer, kv[layer, :, spec.start:loaded], where)
-        except Exception:
-            loaded = 0
-        finally:
-            self._finish_load(spec, loaded, start)
-
-    def _finish_load(self, spec: LoadSpec, loaded: int, started: float) -> None:
-        if loaded < spec.end:
-            self._error_blocks(spec, loaded)
-        self._count("loads")
-        self._count("loaded_tokens", max(0, loaded - spec.start))
-        self._count("load_seconds", time.perf_counter() - started)
-
-    def _advance(self, load: _ActiveLoad, upto: int) -> None:
-        """Scatter layers ``next_layer .. upto`` of a sync load into vLLM's caches."""
-        spec = load.spec
-        upto = min(upto, self.layout.num_layers - 1)
-        try:
-            if load.sunk and load.next_layer <= upto:
-                load.loader.wait_layer(upto)
-                load.n = min(load.loader.num_tokens, spec.end)
-                load.next_layer = upto + 1
-            while load.next_layer <= upto:
-                if load.where is None:
-                    load.n = min(load.loader.num_tokens, spec.end)
-                    load.where = (self._adapter.locate(spec.block_ids, load.n - spec.start, start=spec.start)
-                                  if load.n > spec.start else False)
-                kv = load.loader.layer(load.next_layer)
-                if load.where is not False:
-                    self._adapter.scatter_layer(load.next_layer, kv[:, spec.start:load.n], load.where)
-                load.next_layer += 1
-        except Exception:
-            load.n = 0
-            load.next_layer = self.layout.num_layers
-        if load.next_layer >= self.layout.num_layers:
-            load.loader.close()
-            self._finish_load(spec, load.n, load.started)
+        self.worker.start_load_kv(self._connector_metadata, forward_context)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        layer = self._layer_index.get(layer_name)
-        if layer is None or not self._active:
-            return
-        for load in self._active:
-            self._advance(load, layer)
-        self._active = [load for load in self._active if load.next_layer < self.layout.num_layers]
-
-    def _save_layer(self, spec: SaveSpec, layer: int) -> None:
-        """Hand layer ``layer`` of ``spec``'s tokens to its ``LayerSaver`` (once)."""
-        entry = self._savers.get(spec.req_id)
-        if entry is None:
-            saver = self.store.save(spec.tokens, salt=spec.salt, layer_wise=True, start=spec.start)
-            where = self._adapter.locate(spec.block_ids, len(spec.tokens) - spec.start, start=spec.start)
-            entry = self._savers[spec.req_id] = (saver, where, set())
-        saver, where, given = entry
-        if layer not in given:
-            given.add(layer)
-            saver.save_layer(layer, self._adapter.gather_layer(layer, where, out=saver.layer_buffer(layer)))
+        self.worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        meta = self._connector_metadata
-        layer = self._layer_index.get(layer_name)
-        if not isinstance(meta, KVStoreConnectorMetadata) or layer is None or self._adapter is None:
-            return
-        if self._adapter.device.type == "cpu":
-            return  # saved whole in wait_for_save, straight from the pages into the store (one copy)
-        for spec in meta.saves:
-            self._save_layer(spec, layer)
-
-    def _save_from_pages(self, spec: SaveSpec) -> None:
-        """Every new block of ``spec`` from vLLM's (CPU) pages into the store (``paged_store.save_paged``)."""
-        try:
-            save_paged(self.store, spec.tokens, self._adapter, spec.block_ids, spec.salt, spec.start)
-        except Exception:  # a save that cannot be made is a later miss, never an error in vLLM's step
-            self._count("save_errors")
+        """Nothing per layer: ``wait_for_save`` gathers every layer after the forward (outside CUDA graphs)."""
 
     def wait_for_save(self) -> None:
-        for load in self._active:  # loads vLLM did not wait for layer by layer
-            self._advance(load, self.layout.num_layers - 1)
-        self._active = []
-        meta = self._connector_metadata
-        if not isinstance(meta, KVStoreConnectorMetadata) or self._adapter is None:
-            return
-        for spec in meta.saves:
-            start = time.perf_counter()
-            if self._adapter.device.type == "cpu":
-                self._save_from_pages(spec)
-            else:
-                for layer in range(self.layout.num_layers):
-                    self._save_layer(spec, layer)
-            self._count("saves")
-            self._count("saved_tokens", len(spec.tokens) - spec.start)
-            self._count("save_seconds", time.perf_counter() - start)
-        self._savers.clear()
+        self.worker.wait_for_save(self._connector_metadata)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        done = {req_id for req_id, future in self._async_loads.items() if future.done()}
-        for req_id in done:
-            del self._async_loads[req_id]
-        return None, (done or None)
+        return None, self.worker.get_finished()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        with self._errors_lock:
-            errors, self._errors = self._errors, set()
-        return errors
+        return self.worker.get_block_ids_with_load_errors()

@@ -31,21 +31,22 @@ class PageSlots:
 
 
 class StandardizedPagedAdapter:
-    """vLLM 0.33's standardized per-layer views ``[num_blocks, H, page, Dk + Dv]`` (K then V in the last dim).
+    """vLLM 0.33's standardized per-layer views ``[num_blocks, H, page, P * D]`` (K then V in the last dim;
+    an MLA latent cache is ``P = 1``, ``H = 1``).
 
     The views may have any strides (``LBNHC``, ``LBHNC``...). Whole pages
-    move by one indexed copy per layer; a range starting or ending inside a
-    page moves its partial pages token by token.
+    move by one indexed copy per part and layer; a range starting or ending
+    inside a page moves its partial pages token by token.
     """
 
     def __init__(self, layout: KVLayout, kv_caches: Sequence[torch.Tensor]):
-        caches = list(kv_caches)
+        caches = [as_dtype(t, layout.dtype, f"kv_caches[{i}]") for i, t in enumerate(kv_caches)]
         if len(caches) != layout.num_layers:
             raise ValueError(f"kv_caches: expected {layout.num_layers} layers, got {len(caches)}")
-        h, d = layout.num_kv_heads, layout.head_dim
+        h, c = layout.num_kv_heads, layout.kv_parts * layout.head_dim
         for i, t in enumerate(caches):
-            if t.dim() != 4 or t.shape[1] != h or t.shape[3] != 2 * d or t.shape != caches[0].shape:
-                raise ValueError(f"kv_caches[{i}]: expected [num_blocks, {h}, page, {2 * d}] as layer 0, "
+            if t.dim() != 4 or t.shape[1] != h or t.shape[3] != c or t.shape != caches[0].shape:
+                raise ValueError(f"kv_caches[{i}]: expected [num_blocks, {h}, page, {c}] as layer 0, "
                                  f"got {list(t.shape)}")
             if t.dtype != layout.dtype:
                 raise ValueError(f"kv_caches[{i}]: expected dtype {layout.dtype}, got {t.dtype}")
@@ -89,18 +90,20 @@ class StandardizedPagedAdapter:
         w = where.whole_pages.numel() * self.page_size
         if w:
             phys = _token_major(cache)
-            if phys is not None and out.is_contiguous():  # K and V straight out of their halves, as words
-                for part, half in enumerate((slice(0, d), slice(d, 2 * d))):
-                    src, dst = as_words(phys[..., half], out[part, :w].view(-1, self.page_size, lay.num_kv_heads, d))
+            if phys is not None and out.is_contiguous():  # each part straight out of its slice, as words
+                for part in range(lay.kv_parts):
+                    src, dst = as_words(phys[..., part * d:(part + 1) * d],
+                                        out[part, :w].view(-1, self.page_size, lay.num_kv_heads, d))
                     torch.index_select(src, 0, where.whole_pages, out=dst)
             else:
-                pages = cache[where.whole_pages].transpose(1, 2)  # [np, page, H, 2D]
-                out[0, :w].view(-1, self.page_size, lay.num_kv_heads, d).copy_(pages[..., :d])
-                out[1, :w].view(-1, self.page_size, lay.num_kv_heads, d).copy_(pages[..., d:])
+                pages = cache[where.whole_pages].transpose(1, 2)  # [np, page, H, P * D]
+                for part in range(lay.kv_parts):
+                    out[part, :w].view(-1, self.page_size, lay.num_kv_heads, d).copy_(
+                        pages[..., part * d:(part + 1) * d])
         if w < where.num_tokens:
-            rows = cache[where.pages, :, where.offsets]  # [n, H, 2D]
-            out[0, w:].copy_(rows[..., :d])
-            out[1, w:].copy_(rows[..., d:])
+            rows = cache[where.pages, :, where.offsets]  # [n, H, P * D]
+            for part in range(lay.kv_parts):
+                out[part, w:].copy_(rows[..., part * d:(part + 1) * d])
         return out
 
     def scatter_layer(self, layer: int, kv_layer: torch.Tensor, where: PageSlots) -> None:
@@ -111,17 +114,27 @@ class StandardizedPagedAdapter:
                              f"got {list(kv_layer.shape)} {kv_layer.dtype}")
         w = where.whole_pages.numel() * self.page_size
         d = lay.head_dim
-        if w:  # K and V straight into their halves of the last dim: no interleaved copy first
+        if w:  # each part straight into its slice of the last dim: no interleaved copy first
             phys = _token_major(cache)
             target = phys if phys is not None else cache
-            for half, part in ((slice(0, d), kv_layer[0, :w]), (slice(d, 2 * d), kv_layer[1, :w])):
-                pages = part.reshape(-1, self.page_size, lay.num_kv_heads, d)
-                dst, src = as_words(target[..., half], pages if phys is not None else pages.transpose(1, 2))
+            for part in range(lay.kv_parts):
+                pages = kv_layer[part, :w].reshape(-1, self.page_size, lay.num_kv_heads, d)
+                dst, src = as_words(target[..., part * d:(part + 1) * d],
+                                    pages if phys is not None else pages.transpose(1, 2))
                 dst.index_copy_(0, where.whole_pages, src)
         if w < where.num_tokens:
-            rows = torch.cat([kv_layer[0, w:], kv_layer[1, w:]], dim=-1)  # [n, H, 2D]
+            rows = torch.cat(list(kv_layer[:, w:]), dim=-1)  # [n, H, P * D]
             cache.index_put_((where.pages, torch.arange(lay.num_kv_heads, device=self.device)[None, :],
                               where.offsets[:, None]), rows)
+
+
+def as_dtype(cache: torch.Tensor, dtype: torch.dtype, name: str = "kv_cache") -> torch.Tensor:
+    """``cache`` as ``dtype``: vLLM allocates fp8 caches as ``uint8`` views of the same bytes."""
+    if cache.dtype == dtype:
+        return cache
+    if cache.dtype in (torch.uint8, torch.int8) and dtype.itemsize == 1:
+        return cache.view(dtype)
+    raise ValueError(f"{name}: expected dtype {dtype} (or uint8 bytes of an fp8 cache), got {cache.dtype}")
 
 
 def _token_major(cache: torch.Tensor) -> torch.Tensor | None:
@@ -134,5 +147,5 @@ def _token_major(cache: torch.Tensor) -> torch.Tensor | None:
 def paged_adapter(layout: KVLayout, kv_caches: Sequence[torch.Tensor]) -> Any:
     """The adapter for vLLM's per-layer caches: standardized 4-D views, or the pre-0.33 5-D ``[2, B, page, H, D]``."""
     if kv_caches and kv_caches[0].dim() == 5:
-        return VLLMPagedAdapter(layout, list(kv_caches))
+        return VLLMPagedAdapter(layout, [as_dtype(t, layout.dtype, f"kv_caches[{i}]") for i, t in enumerate(kv_caches)])
     return StandardizedPagedAdapter(layout, kv_caches)

@@ -127,7 +127,7 @@ class EngineHooks:
     def load(self, tokens: Tokens, salt: Salt = None, *, layer_wise: bool = False,
              device: torch.device | str = "cpu", prefetch: PrefetchHandle | None = None,
              plan: LoadPlan | None = None, out: torch.Tensor | None = None,
-             sink: LayerSink | None = None) -> torch.Tensor | LayerLoader:
+             sink: LayerSink | None = None, skip: int = 0) -> torch.Tensor | LayerLoader:
         """Load the KV of the leading tokens of ``tokens`` the planner says are worth loading.
 
         Returns ``[L, P, n, H, D]`` on ``device``, or with ``layer_wise`` a
@@ -142,7 +142,9 @@ class EngineHooks:
         ``sink``: with ``layer_wise``, ``sink(layer, [(first token, block
         layer)])`` receives each layer in place of the loader's ring (see
         ``LayerLoader``): an engine on the CPU scatters straight from the
-        store's blocks into its own cache.
+        store's blocks into its own cache. ``skip`` (with ``layer_wise``):
+        tokens the engine already holds; blocks that end at or before it are
+        not read, and the loader's layers start at ``loader.first_token``.
         """
         self._check_open()
         blocks = self._keys.blocks(tokens, salt)
@@ -153,6 +155,8 @@ class EngineHooks:
             check_out(self.layout, out, num_tokens_of(blocks))
         if sink is not None and not layer_wise:
             raise ValueError("sink: expected None without layer_wise=True, got a callable")
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0 or (skip and not layer_wise):
+            raise ValueError(f"skip: expected an int >= 0 (and layer_wise=True when > 0), got {skip!r}")
         if prefetch is not None and prefetch.blocks and (not blocks or prefetch.blocks[0].key != blocks[0].key):
             raise ValueError("prefetch: expected a handle from prefetch() of these tokens and salt, got one of others")
         if plan is not None and plan.num_tokens != num_tokens_of(blocks):
@@ -164,6 +168,7 @@ class EngineHooks:
                 num_tokens = min(num_tokens, ready)
         chosen = [block for block in blocks if block.end <= num_tokens]
         if layer_wise:
+            chosen = [block for block in chosen if block.end > skip]
             handle = prefetch if prefetch is not None else self.prefetcher.start(
                 chosen, PrefetchPolicy(WAIT), num_tokens_of(chosen))
             return LayerLoader(self.layout, chosen, handle, lambda block, dst: self._flow.read_block(block.key, dst),

@@ -59,6 +59,7 @@ class _Pipeline:
         self.on_sized = on_sized
         self.cond = threading.Condition()
         self.num_tokens: int | None = None
+        self.first_token = self.blocks[0].start if self.blocks else 0  # the ring's token 0
         self.loaded = 0  # layers copied
         self.taken = -1  # the layer the engine holds
         self.closed = False
@@ -90,14 +91,14 @@ class _Pipeline:
             num_tokens = self.blocks[len(sources) - 1].end if sources else 0
             with self.cond:
                 self.num_tokens = num_tokens
-                shape = self.layout.shape(num_tokens)[1:]
+                shape = self.layout.shape(max(0, num_tokens - self.first_token))[1:]
                 self.ring = [] if self.sink is not None else [
                     self.host_buffer(shape) if self.device.type == "cpu" else
                     torch.empty(shape, dtype=self.layout.dtype, device=self.device)
                     for _ in range(min(self.lookahead + 1, self.layout.num_layers))]
                 self.cond.notify_all()
             if self.on_sized is not None:
-                self.on_sized(num_tokens, time.perf_counter() - start)
+                self.on_sized(max(0, num_tokens - self.first_token), time.perf_counter() - start)
             for layer in range(self.layout.num_layers):
                 with self.cond:  # a sink holds no ring: nothing bounds how far ahead it runs
                     while not self.closed and self.sink is None and layer > self.taken + self.lookahead:
@@ -136,14 +137,15 @@ class _Pipeline:
         buf = self.ring[layer % len(self.ring)]
         if self.stream is None:
             for block, src in zip(self.blocks, sources):
-                buf[:, block.start:block.end].copy_(src[layer])
+                buf[:, block.start - self.first_token:block.end - self.first_token].copy_(src[layer])
             return
         reused = layer - len(self.ring)
         with torch.cuda.stream(self.stream):
             if reused >= 0 and self.released[reused] is not None:
                 self.stream.wait_event(self.released[reused])  # the engine's reads of that buffer are done
             for block, src in zip(self.blocks, sources):
-                buf[:, block.start:block.end].copy_(src[layer], non_blocking=True)
+                buf[:, block.start - self.first_token:block.end - self.first_token].copy_(src[layer],
+                                                                                          non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
         self.copied[layer] = event
@@ -202,6 +204,11 @@ class LayerLoader:
         """Leading tokens every layer holds (waits until the blocks are readable)."""
         self._pipe.wait(lambda: self._pipe.num_tokens is not None)
         return self._pipe.num_tokens
+
+    @property
+    def first_token(self) -> int:
+        """The token a layer's tensor starts at (0 unless the load skipped leading blocks)."""
+        return self._pipe.first_token
 
     @property
     def loaded_layers(self) -> int:

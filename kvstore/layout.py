@@ -60,6 +60,7 @@ class KVLayout:
     kv_parts: int = 2
     tp_rank: int = 0
     tp_size: int = 1
+    first_layer: int = 0  # model index of this shard's layer 0 (a pipeline stage); part of the fingerprint
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype))
@@ -68,6 +69,7 @@ class KVLayout:
         if self.kv_parts not in (1, 2):
             raise ValueError(f"kv_parts: expected 2 (K and V) or 1 (latent/MLA), got {self.kv_parts!r}")
         _positive_int("tp_rank", self.tp_rank, minimum=0)
+        _positive_int("first_layer", self.first_layer, minimum=0)
         if self.tp_rank >= self.tp_size:
             raise ValueError(f"tp_rank: expected 0 <= tp_rank < tp_size={self.tp_size}, got {self.tp_rank}")
 
@@ -105,6 +107,7 @@ class KVLayout:
             f"kvstore-layout/v{LAYOUT_FORMAT_VERSION};layers={self.num_layers};parts={self.kv_parts};"
             f"heads={self.num_kv_heads};head_dim={self.head_dim};dtype={DTYPE_NAMES[self.dtype]};"
             f"block_tokens={self.block_tokens};tp={self.tp_rank}/{self.tp_size}"
+            + (f";first_layer={self.first_layer}" if self.first_layer else "")  # fingerprints before it unchanged
         )
 
     @property

@@ -264,10 +264,10 @@ class KVStore:
     def load(self, tokens: Tokens, salt: Salt = None, *, layer_wise: bool = False,
              device: torch.device | str = "cpu", prefetch: PrefetchHandle | None = None,
              plan: LoadPlan | None = None, out: torch.Tensor | None = None,
-             sink: LayerSink | None = None) -> torch.Tensor | LayerLoader:
+             sink: LayerSink | None = None, skip: int = 0) -> torch.Tensor | LayerLoader:
         """Load the KV of the leading tokens the planner says are worth loading (``EngineHooks.load``)."""
         return self.hooks.load(tokens, salt, layer_wise=layer_wise, device=device, prefetch=prefetch, plan=plan,
-                               out=out, sink=sink)
+                               out=out, sink=sink, skip=skip)
 
     def save(self, tokens: Tokens, kv: torch.Tensor | None = None, salt: Salt = None, *,
              layer_wise: bool = False, start: int = 0) -> int | LayerSaver:

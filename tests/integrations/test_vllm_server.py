@@ -2,8 +2,8 @@
 
 Two engines, A and B, each made of two processes as with vLLM 0.33's
 multiproc executor: a scheduler process (a real ``Scheduler`` whose
-``KVStoreConnector`` runs in the SCHEDULER role, with no worker store in its
-process: the lookup view) and a worker process forked from it after the
+``KVStoreConnector`` runs in the SCHEDULER role and opens no store: it asks
+the worker's over its lookup socket) and a worker process forked from it after the
 imports, as vLLM forks its workers (a ``KVStoreConnector`` in the WORKER
 role over random bf16 CPU caches in vLLM 0.33's standardized layout). The
 connector metadata a scheduler builds reaches its worker pickled, as vLLM
@@ -13,7 +13,8 @@ variables removed): host RAM plus ``remote_url`` / ``remote_token``, no
 disk or files tier, so the cache server is all the engines share.
 
 * A schedules a prompt and A's worker saves its KV to the server; B's
-  scheduler is served the prompt's blocks by ``get_num_new_matched_tokens``
+  scheduler (which opens no store: it asks B's worker over the worker's
+  lookup socket, from another process) is served the prompt's blocks by ``get_num_new_matched_tokens``
   and B's worker loads them byte-exact into other block ids; the bytes are
   compared here, from ``torch.save`` dumps of both workers' caches.
 * The server SIGKILLed before A's save or between the save and B's load: B's
@@ -60,7 +61,7 @@ CALL_SECONDS = 60.0
 # scheduler on stdin/stdout, the worker on the pipes WORKER_IN/WORKER_OUT) until "exit".
 AGENT = r'''
 import ctypes, json, os, pickle, signal, sys, traceback
-MODEL, WORKER_IN, WORKER_OUT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+MODEL, WORKER_IN, WORKER_OUT, ENGINE_ID = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 replies = os.fdopen(os.dup(1), "w", buffering=1)
 os.dup2(2, 1)  # vLLM's logs go to stderr: stdout carries the replies alone
 
@@ -117,7 +118,8 @@ def vllm_config(extra):
         kv_transfer_config=KVTransferConfig(kv_connector="KVStoreConnector",
                                             kv_connector_module_path="kvstore.integrations.vllm",
                                             kv_role="kv_both", kv_connector_extra_config=extra,
-                                            kv_load_failure_policy="recompute"))
+                                            kv_load_failure_policy="recompute", engine_id=ENGINE_ID))
+    # vLLM hands one pickled config to both processes; here each builds its own, with the engine's id
     config.cache_config.num_gpu_blocks = NUM_BLOCKS
     return config
 
@@ -177,7 +179,7 @@ def op_schedule(requests, meta, lookup=()):
             "scheduled": dict(out.num_scheduled_tokens),
             "loads": [{"req_id": s.req_id, "start": s.start, "end": s.end, "block_ids": list(s.block_ids),
                        "tokens": len(s.tokens), "is_async": s.is_async} for s in md.loads],
-            "saves": [{"req_id": s.req_id, "start": s.start, "block_ids": list(s.block_ids),
+            "saves": [{"req_id": s.req_id, "block_ids": list(s.block_ids),
                        "tokens": len(s.tokens)} for s in md.saves]}
 
 
@@ -296,7 +298,8 @@ class EngineProcess:
         from_worker, worker_out = os.pipe()
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", textwrap.dedent(AGENT), str(model), str(worker_in), str(worker_out)],
+                [sys.executable, "-c", textwrap.dedent(AGENT), str(model), str(worker_in), str(worker_out),
+                 f"test-engine-{name}-{os.getpid()}"],
                 cwd=folder, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                 pass_fds=(worker_in, worker_out))
         os.close(worker_in)
@@ -398,7 +401,7 @@ def save_on_a(engines, tmp_path: Path, tokens: list[int], before_save=None) -> t
     assert out["matched"]["a"] == [0, False]  # the server is empty
     ids = out["new"]["a"]["block_ids"]
     assert [s["req_id"] for s in out["saves"]] == ["filler", "a"], out["saves"]
-    assert out["saves"][1] == {"req_id": "a", "start": 0, "block_ids": ids, "tokens": len(tokens)}
+    assert out["saves"][1] == {"req_id": "a", "block_ids": ids, "tokens": len(tokens)}
     if before_save is not None:
         before_save()
     step = a_worker.call("step", meta=meta, dump=str(tmp_path / "a.pt"), flush=True)

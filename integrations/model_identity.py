@@ -1,0 +1,120 @@
+"""Which model's KV this is: a digest of the weights, not the path they were loaded from.
+
+Stored KV is only valid for the exact weights that computed it. Naming the
+model by its path is wrong both ways: the same weights under two paths (two
+mount points, a copy per node) share nothing, and two different fine-tunes
+at one path over time would share wrong KV. So the default model id is a
+digest of the files that determine the KV (weights and ``config.json``):
+
+* a file that is a Hugging Face cache link (``.../blobs/<sha256>``) is named
+  by its blob, which is the content's sha256 already: free;
+* any other file is hashed once (sha256, about 1-2 GB/s) and the digest is
+  kept in ``$XDG_CACHE_HOME/kvstore/weight-digests.json`` keyed by the
+  file's real path, size, mtime and inode, so later starts cost a stat.
+
+A model vLLM names by hub id is looked up in the local Hugging Face cache;
+if its files cannot be found (weights streamed from object storage, say)
+the id is ``name@revision``. An explicit ``model_id`` skips all of this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_BLOB = re.compile(r"[0-9a-f]{64}")
+_CHUNK = 16 << 20
+
+
+def _cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvstore" / "weight-digests.json"
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.rglob("*")):
+        if path.name == "config.json" or path.name.endswith(WEIGHT_SUFFIXES):
+            if path.is_file():
+                yield path
+
+
+def _content_id(path: Path, cache: dict[str, str]) -> str:
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and _BLOB.fullmatch(real.name):
+        return real.name  # a Hugging Face cache blob is named by its content's sha256
+    st = real.stat()
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    if key not in cache:
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        cache[key] = h.hexdigest()
+    return cache[key]
+
+
+def _load_cache(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _save_cache(path: Path, cache: dict[str, str]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".weight-digests-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(cache, f)
+        os.replace(tmp, path)  # atomic: ranks hashing side by side never read half a file
+    except OSError as exc:
+        log.info("could not keep weight digests in %s (%s); they are recomputed next start", path, exc)
+
+
+def folder_digest(folder: str | os.PathLike[str]) -> str | None:
+    """``weights-sha256:<hex>`` of a model folder's weights and config, or None if it has no weight file."""
+    folder = Path(folder)
+    cache_path = _cache_file()
+    cache = _load_cache(cache_path)
+    before = dict(cache)
+    h = hashlib.sha256()
+    weights = 0
+    for path in _files(folder):
+        weights += path.name != "config.json"
+        h.update(f"{path.relative_to(folder).as_posix()}\0{_content_id(path, cache)}\n".encode())
+    if cache != before:
+        _save_cache(cache_path, cache)
+    return f"weights-sha256:{h.hexdigest()[:32]}" if weights else None
+
+
+def _hub_folder(name: str, revision: str | None) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, revision=revision, local_files_only=True))
+    except Exception:
+        return None
+
+
+def default_model_id(model: str, revision: str | None = None) -> str:
+    """The model id of the weights vLLM or SGLang loads as ``model`` (a folder or a hub id); see module docstring."""
+    folder = Path(model) if os.path.isdir(model) else _hub_folder(model, revision)
+    if folder is not None:
+        try:
+            digest = folder_digest(folder)
+        except OSError as exc:
+            log.warning("could not read the weights of %s to name them (%s); naming the model by %r instead",
+                        folder, exc, model)
+            digest = None
+        if digest is not None:
+            return digest
+    return f"{model}@{revision or 'default'}"

@@ -1,0 +1,46 @@
+"""What vLLM's scheduler half of the kvstore connector tells its worker halves each step.
+
+vLLM pickles the metadata to every worker process; it carries only plain
+values (token ids, block ids, vLLM's block hashes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass
+class LoadSpec:
+    """Load tokens ``[start, end)`` of ``tokens`` (the key tokens up to a store block boundary) into
+    ``block_ids`` (vLLM's block ids of the request, from token 0)."""
+
+    req_id: str
+    tokens: list[int]
+    salt: str | None
+    block_ids: list[int]
+    start: int
+    end: int
+    is_async: bool = False
+    eager: bool = False  # complete it before the forward: the step may replay a FULL CUDA graph
+
+
+@dataclass
+class SaveSpec:
+    """Save the prompt ``tokens`` (key tokens) from ``block_ids``; ``block_hashes`` are vLLM's hashes of
+    the request's full blocks (for KV cache events)."""
+
+    req_id: str
+    tokens: list[int]
+    salt: str | None
+    block_ids: list[int]
+    block_hashes: list = field(default_factory=list)
+    lora_name: str | None = None
+
+
+@dataclass
+class KVStoreConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+    step_tokens: int = 0  # tokens vLLM computes this step (the planner learns prefill speed from it)

@@ -1,0 +1,195 @@
+"""The scheduler half of the kvstore connector: which prompt tokens to load, which to save.
+
+It opens no store. It asks the workers' stores over their lookup sockets
+(``integrations/vllm_lookup.py``), once per admitted request: vLLM asks
+``get_num_new_matched_tokens`` again every step a request waits for memory,
+and those retries reuse the first answer.
+
+Hybrid KV-cache configs (``SupportsHMA``): kvstore stores full-attention
+(and MLA) KV. A model whose cache config has any other group (sliding
+window, Mamba, chunked local attention) would need that group's state at
+the hit point too, which kvstore does not store yet: such requests are
+looked up as misses and nothing is saved, so vLLM recomputes them exactly
+(counted as ``hybrid_skipped`` in the log, once).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvstore.integrations.vllm_lookup import Answer, LookupClient, address
+from kvstore.integrations.vllm_meta import KVStoreConnectorMetadata, LoadSpec, SaveSpec
+from kvstore.integrations.vllm_metrics import KVStoreConnectorStats
+from kvstore.integrations.vllm_settings import ConnectorSettings, RankPlace, key_tokens, request_salt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    """What the scheduler tracks of a request: its key tokens and salt, its blocks, whether it was saved."""
+
+    tokens: list[int] | None
+    salt: str | None
+    lora_name: str | None = None
+    block_ids: list[int] = field(default_factory=list)
+    saved: bool = False
+    answer: Answer | None = None  # the lookup of this admission (reused while the request waits)
+    computed: int = 0  # vLLM's computed tokens when the answer was given
+    request: Any = None  # vLLM's Request: its block_hashes name the saved blocks in KV cache events
+
+
+def storable_group(kv_cache_config: Any) -> int | None:
+    """The index of the one KV-cache group kvstore stores, or None when the config has others (hybrid)."""
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
+    if not groups:
+        return 0
+    try:
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+    except ImportError:  # pragma: no cover - every supported vLLM has it
+        return 0
+    full = [i for i, g in enumerate(groups) if isinstance(g.kv_cache_spec, FullAttentionSpec)]
+    return full[0] if len(full) == 1 and len(groups) == 1 else None
+
+
+class SchedulerHalf:
+    """Lookups, load and save decisions, and the metadata the workers act on (see module docstring)."""
+
+    def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings, place: RankPlace,
+                 stats: KVStoreConnectorStats, consumer: bool, producer: bool):
+        self.settings = settings
+        self.page_size = vllm_config.cache_config.block_size
+        self.block_tokens = settings.block_tokens
+        self.consumer, self.producer = consumer, producer
+        self.stats = stats
+        self.group = storable_group(kv_cache_config)
+        if self.group is None:
+            log.warning("kvstore: this model's KV cache has groups other than full attention (sliding window, "
+                        "Mamba...); kvstore stores none of their state, so every prompt is recomputed")
+        spec = getattr(vllm_config, "speculative_config", None)
+        self.uniform_decode = 1 + int(getattr(spec, "num_speculative_tokens", 0) or 0)
+        names = [address(place.engine_id, place.dp_rank, pp, tp) for pp, tp in place.peers()]
+        self.client = LookupClient(names, settings.lookup_timeout_s)
+        self._requests: dict[str, _Request] = {}
+        self._pending_loads: dict[str, LoadSpec] = {}
+
+    # -- requests --------------------------------------------------------------------------------------
+
+    def _state(self, request: Any) -> _Request:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            lora = getattr(request, "lora_request", None)
+            state = self._requests[request.request_id] = _Request(
+                key_tokens(request), request_salt(request, self.settings.salt),
+                getattr(lora, "lora_name", None) if lora is not None else None, request=request)
+        return state
+
+    def on_new_request(self, request: Any) -> None:
+        self._state(request)
+
+    def _answer(self, state: _Request) -> Answer:
+        if state.answer is None:
+            started = time.perf_counter()
+            state.answer = self.client.lookup(state.tokens, state.salt) if state.tokens else Answer()
+            hit = min(state.answer.load_tokens, len(state.tokens or ()) - 1) // self.page_size * self.page_size
+            self.stats.record_lookup(len(state.tokens or ()), 0, time.perf_counter() - started)
+            state.answer = Answer(max(0, hit), state.answer.sources)
+        return state.answer
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if not self.consumer or self.group is None:
+            return 0, False
+        state = self._state(request)
+        hit = self._answer(state).load_tokens
+        state.computed = num_computed_tokens
+        if hit <= num_computed_tokens:
+            return 0, False
+        return hit - num_computed_tokens, self.settings.async_load
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            return
+        answer, state.answer = state.answer, None  # admitted: a later admission (after preemption) asks again
+        if num_external_tokens <= 0 or answer is None or not state.tokens:
+            return
+        start = state.computed
+        end = start + num_external_tokens
+        self.stats.add("hit_tokens", num_external_tokens)
+        cut = min(len(state.tokens), -(-end // self.block_tokens) * self.block_tokens)
+        block_ids = list(blocks.get_block_ids()[self.group or 0])
+        eager = len(state.tokens) - end <= self.uniform_decode
+        self._pending_loads[request.request_id] = LoadSpec(
+            request.request_id, state.tokens[:cut], state.salt, block_ids, start, end,
+            is_async=self.settings.async_load, eager=eager)
+
+    def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int, hit_source: Any,
+                                       unspecified: Any) -> dict:
+        """vLLM's ``CacheHitSource`` split of the hit, by the tiers the answer named (largest gets rounding)."""
+        state = self._requests.get(request.request_id)
+        if not num_external_tokens:
+            return {}
+        sources = state.answer.sources if state is not None and state.answer is not None else {}
+        if not sources:
+            return {unspecified: num_external_tokens}
+        out: dict = {}
+        total = sum(sources.values()) or 1
+        for tier, tokens in sources.items():
+            source = hit_source(tier)
+            out[source] = out.get(source, 0) + num_external_tokens * tokens // total
+        biggest = max(out, key=out.get)
+        out[biggest] += num_external_tokens - sum(out.values())
+        return {k: v for k, v in out.items() if v}
+
+    # -- the step's metadata ---------------------------------------------------------------------------
+
+    def _save_spec(self, req_id: str, state: _Request, num_computed: int, num_scheduled: int) -> SaveSpec | None:
+        if (state.saved or not self.producer or self.group is None or not state.tokens
+                or num_computed + num_scheduled < len(state.tokens)):
+            return None
+        state.saved = True
+        pages = -(-len(state.tokens) // self.page_size)
+        hashes = list(getattr(state.request, "block_hashes", None) or ())[:len(state.tokens) // self.page_size]
+        return SaveSpec(req_id, state.tokens, state.salt, state.block_ids[:pages], hashes, state.lora_name)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVStoreConnectorMetadata:
+        meta = KVStoreConnectorMetadata(loads=list(self._pending_loads.values()),
+                                        step_tokens=int(getattr(scheduler_output, "total_num_scheduled_tokens", 0)))
+        self._pending_loads.clear()
+        scheduled = scheduler_output.num_scheduled_tokens
+        group = self.group or 0
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._requests.get(new.req_id)
+            if state is None:  # not seen by on_new_request or a lookup: its salt is unknown, so save nothing
+                state = self._requests[new.req_id] = _Request(None, None, saved=True)
+            state.block_ids = list(new.block_ids[group])
+            spec = self._save_spec(new.req_id, state, new.num_computed_tokens, scheduled.get(new.req_id, 0))
+            if spec is not None:
+                meta.saves.append(spec)
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = set(getattr(cached, "resumed_req_ids", ()) or ())
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in resumed:
+                state.block_ids = list(new_ids[group]) if new_ids is not None else []
+            elif new_ids is not None:
+                state.block_ids.extend(new_ids[group])
+            spec = self._save_spec(req_id, state, cached.num_computed_tokens[i], scheduled.get(req_id, 0))
+            if spec is not None:
+                meta.saves.append(spec)
+        for req_id in scheduler_output.finished_req_ids:
+            self.forget(req_id)
+        return meta
+
+    def forget(self, req_id: str) -> None:
+        self._requests.pop(req_id, None)
+        self._pending_loads.pop(req_id, None)
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,239 @@
+"""What a vLLM deployment tells the kvstore connector: its settings, its rank, the layout of its caches, and
+what a request's keys bind.
+
+No vLLM import: every function takes vLLM's objects (``VllmConfig``,
+``Request``, the registered caches) as they come, so the same code serves
+vLLM 0.32 and 0.33 and is testable without vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvstore import KVLayout, StoreConfig
+from kvstore.config import ENV_PREFIX
+from kvstore.integrations.model_identity import default_model_id
+from kvstore.layout import resolve_dtype
+from kvstore.sizes import parse_size
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_TOKENS = 256
+DEFAULT_STAGING = "256MiB"
+CONNECTOR_KEYS = frozenset({"block_tokens", "async_load", "salt", "config", "staging_bytes", "lookup_timeout_s",
+                            "scheduler_host_bytes"})
+CACHE_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2",
+                "fp8_inc": "float8_e4m3fn", "fp8_ds_mla": "uint8"}
+MM_TOKEN_BIT = 1 << 31  # placeholder tokens of a multimodal item become content words with this bit set
+MM_WORDS = 8  # 32-bit words of an item's digest; an item shorter than this also goes into the salt
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """What ``kv_connector_extra_config`` and the environment say (see ``integrations/vllm.py``)."""
+
+    store: StoreConfig
+    block_tokens: int
+    async_load: bool
+    salt: str | None
+    staging_bytes: int  # bytes of device and of pinned host staging the worker's copy engine may hold
+    lookup_timeout_s: float  # seconds the scheduler waits for a worker's lookup answer
+    model_named: bool  # the operator named the model (model_id set): no weight digest
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"kv_connector_extra_config.{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def connector_settings(vllm_config: Any, environ: Mapping[str, str] | None = None) -> ConnectorSettings:
+    """The store config (``StoreConfig.load`` + extra_config overrides) and the connector's own settings."""
+    environ = dict(os.environ if environ is None else environ)
+    extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+    own = {k: extra.pop(k) for k in list(extra) if k in CONNECTOR_KEYS}
+    base = StoreConfig.load(own.get("config"), environ)
+    named = "model_id" in extra or f"{ENV_PREFIX}MODEL_ID" in environ or base.model_id != StoreConfig.model_id
+    store = StoreConfig.from_dict({**dataclasses.asdict(base), **extra}, source="kv_connector_extra_config")
+    page = vllm_config.cache_config.block_size
+    block_tokens = own.get("block_tokens")
+    if block_tokens is None:
+        block_tokens = page * max(1, -(-DEFAULT_BLOCK_TOKENS // page))
+    block_tokens = _positive_int("block_tokens", block_tokens)
+    if block_tokens % page:
+        raise ValueError(f"kv_connector_extra_config.block_tokens: expected a multiple of vLLM's block size "
+                         f"{page}, got {block_tokens}")
+    async_load = own.get("async_load", False)
+    if not isinstance(async_load, bool):
+        raise ValueError(f"kv_connector_extra_config.async_load: expected true or false, got {async_load!r}")
+    salt = own.get("salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError(f"kv_connector_extra_config.salt: expected a non-empty string, got {salt!r}")
+    staging = parse_size(own.get("staging_bytes", DEFAULT_STAGING), "kv_connector_extra_config.staging_bytes")
+    if staging < 1 << 20:
+        raise ValueError(f"kv_connector_extra_config.staging_bytes: expected at least 1MiB, got {staging} bytes")
+    timeout = own.get("lookup_timeout_s", 1.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
+        raise ValueError(f"kv_connector_extra_config.lookup_timeout_s: expected seconds in (0, 60], got {timeout!r}")
+    if "scheduler_host_bytes" in own:
+        log.info("kv_connector_extra_config.scheduler_host_bytes is ignored: the scheduler opens no store; "
+                 "it asks the workers' stores")
+    return ConnectorSettings(store, block_tokens, async_load, salt, staging, float(timeout), named)
+
+
+# -- ranks -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    """Where a worker sits in the deployment: its engine, data-parallel, pipeline and tensor ranks."""
+
+    engine_id: str
+    dp_rank: int = 0
+    dp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    @property
+    def shared_node(self) -> bool:
+        """Whether other ranks of this deployment may run beside this one (and must not share its LMDB)."""
+        return self.dp_size * self.pp_size * self.tp_size > 1
+
+    @property
+    def rank_dir(self) -> str:
+        return f"rank-dp{self.dp_rank}-pp{self.pp_rank}of{self.pp_size}-tp{self.tp_rank}of{self.tp_size}"
+
+    def peers(self) -> list[tuple[int, int]]:
+        """``(pp_rank, tp_rank)`` of every worker the scheduler of this data-parallel rank asks."""
+        return [(pp, tp) for pp in range(self.pp_size) for tp in range(self.tp_size)]
+
+
+def rank_place(vllm_config: Any, worker: bool) -> RankPlace:
+    """This process's place; a worker reads its ranks from vLLM's parallel state (the scheduler has none)."""
+    parallel = vllm_config.parallel_config
+    place = RankPlace(engine_id=str(vllm_config.kv_transfer_config.engine_id),
+                      dp_rank=int(getattr(parallel, "data_parallel_rank", 0) or 0),
+                      dp_size=int(getattr(parallel, "data_parallel_size", 1) or 1),
+                      pp_size=int(parallel.pipeline_parallel_size), tp_size=int(parallel.tensor_parallel_size))
+    if not worker:
+        return place
+    try:
+        from vllm.distributed.parallel_state import get_pp_group, get_tp_group, model_parallel_is_initialized
+        if model_parallel_is_initialized():
+            return dataclasses.replace(place, pp_rank=get_pp_group().rank_in_group,
+                                       tp_rank=get_tp_group().rank_in_group)
+    except Exception as exc:  # vLLM without parallel state (tests that build a worker by hand)
+        log.debug("no vLLM parallel state (%r): worker taken as rank 0", exc)
+    return place
+
+
+def model_id_of(settings: ConnectorSettings, vllm_config: Any) -> str:
+    """The configured model id, or a digest of the weights vLLM loads (``integrations/model_identity.py``)."""
+    if settings.model_named:
+        return settings.store.model_id
+    model = vllm_config.model_config
+    return default_model_id(str(model.model), getattr(model, "revision", None))
+
+
+def rank_store_config(settings: ConnectorSettings, place: RankPlace, model_id: str) -> StoreConfig:
+    """The worker's store config: its own LMDB directory when other ranks run beside it, and the model id."""
+    config = settings.store.replace(model_id=model_id)
+    if config.disk_dir is not None and place.shared_node:
+        config = config.replace(disk_dir=os.path.join(config.disk_dir, place.rank_dir))
+    return config
+
+
+# -- the caches' layout ------------------------------------------------------------------------------
+
+
+def layer_index(name: str) -> int:
+    """The model layer a cache belongs to, from its name (``model.layers.12.self_attn.attn`` -> 12)."""
+    try:
+        from vllm.model_executor.models.utils import extract_layer_index
+        return int(extract_layer_index(name))
+    except Exception:
+        found = re.findall(r"\d+", name)
+        return int(found[0]) if found else 0
+
+
+def cache_dtype(vllm_config: Any) -> torch.dtype:
+    """The dtype the KV is stored in: ``--kv-cache-dtype`` (fp8 variants), else the model's dtype."""
+    name = vllm_config.cache_config.cache_dtype
+    model_dtype = vllm_config.model_config.dtype
+    if name in (None, "auto"):
+        return resolve_dtype(model_dtype)
+    mapped = CACHE_DTYPES.get(str(name), str(name))
+    return resolve_dtype(mapped)
+
+
+def layout_from_caches(vllm_config: Any, caches: Sequence[torch.Tensor], first_layer: int, block_tokens: int,
+                       place: RankPlace) -> KVLayout:
+    """The ``KVLayout`` of one worker's registered caches (standardized ``[B, H, page, P * D]`` views, the
+    pre-0.33 ``[2, B, page, H, D]``, or MLA's ``[B, page, D]``)."""
+    first = caches[0]
+    mla = bool(getattr(vllm_config.model_config, "use_mla", False))
+    parts = 1 if mla else 2
+    if first.dim() == 5:
+        heads, head_dim = first.shape[3], first.shape[4]
+        parts = first.shape[0]
+    elif first.dim() == 4:
+        heads, head_dim = first.shape[1], first.shape[3] // parts
+    elif first.dim() == 3:
+        heads, head_dim, parts = 1, first.shape[2], 1
+    else:
+        raise ValueError(f"kv_caches: expected per-layer tensors of 3, 4 or 5 dims, got {list(first.shape)}")
+    return KVLayout(num_layers=len(caches), num_kv_heads=int(heads), head_dim=int(head_dim),
+                    dtype=cache_dtype(vllm_config), block_tokens=block_tokens, kv_parts=parts,
+                    tp_rank=0 if mla else place.tp_rank, tp_size=1 if mla else place.tp_size,
+                    first_layer=first_layer)
+
+
+# -- what a request's keys bind ------------------------------------------------------------------------
+
+
+def request_salt(request: Any, extra: str | None = None) -> str | None:
+    """The kvstore salt of a request: its ``cache_salt``, LoRA adapter, the configured salt, and the digests of
+    multimodal items too short to be bound through their placeholder tokens (``key_tokens``)."""
+    lora = getattr(request, "lora_request", None)
+    parts: dict[str, Any] = {"cache_salt": getattr(request, "cache_salt", None),
+                             "lora": getattr(lora, "lora_name", None) if lora is not None else None, "salt": extra}
+    short = [f"{f.mm_position.offset}:{_item_digest(f).hex()}" for f in (getattr(request, "mm_features", None) or ())
+             if f.mm_position.length < MM_WORDS]
+    if short:
+        parts["mm"] = ",".join(short)
+    if all(v is None for v in parts.values()):
+        return None
+    return ";".join(f"{k}={v!r}" for k, v in parts.items())
+
+
+def _item_digest(feature: Any) -> bytes:
+    return hashlib.sha256(f"{feature.modality}\0{feature.identifier}".encode()).digest()
+
+
+def key_tokens(request: Any) -> list[int] | None:
+    """The token ids a request's keys chain over: its prompt, with each multimodal item's placeholder tokens
+    replaced by words of the item's digest (top bit set: no vocabulary reaches it). An image then binds
+    the blocks from its first placeholder on, as vLLM's own block hashes do, and the text before it is
+    shared with requests that have other images. None for a prompt given as embeddings (not stored)."""
+    tokens = getattr(request, "prompt_token_ids", None)
+    if tokens is None:
+        return None
+    tokens = list(tokens)
+    for feature in getattr(request, "mm_features", None) or ():
+        words = struct.unpack(f"<{MM_WORDS}I", _item_digest(feature))
+        offset, length = feature.mm_position.offset, feature.mm_position.length
+        for j in range(max(0, offset), min(len(tokens), offset + length)):
+            tokens[j] = MM_TOKEN_BIT | (words[(j - offset) % MM_WORDS] >> 1)
+    return tokens

@@ -1,0 +1,251 @@
+"""The worker half of the kvstore connector: one rank's store, its lookup service, loads and saves.
+
+Each worker (a TP rank of a PP stage of a DP rank) opens its own store when
+vLLM registers its caches: the layout comes from those caches (so EAGLE or
+MTP draft layers registered beside the model's are stored too, and a
+pipeline stage's keys name its first layer), the model id from the weights,
+and the LMDB directory is the rank's own when other ranks run beside it.
+The worker then serves lookups of that store to the scheduler
+(``integrations/vllm_lookup.py``).
+
+Per step: ``start_load_kv`` starts each load (an eager one, or every one
+when the forward replays a FULL CUDA graph, is queued whole before the
+forward; an async one runs in a thread); ``wait_for_layer_load`` scatters a
+layer once it has arrived; ``wait_for_save`` finishes the loads and hands
+the finished prompts to the copy engine (``integrations/vllm_copy.py``).
+Blocks a load could not fill are reported to vLLM, which recomputes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from kvstore import KVStore
+from kvstore.integrations.vllm_copy import CopyEngine, LoadJob
+from kvstore.integrations.vllm_lookup import Answer, LookupServer, address
+from kvstore.integrations.vllm_meta import KVStoreConnectorMetadata, LoadSpec, SaveSpec
+from kvstore.integrations.vllm_metrics import ConnectorEvents, KVStoreConnectorStats
+from kvstore.integrations.vllm_paged import paged_adapter
+from kvstore.integrations.vllm_settings import (ConnectorSettings, RankPlace, layer_index, layout_from_caches,
+                                                model_id_of, rank_store_config)
+
+log = logging.getLogger(__name__)
+
+PREFILL_SAMPLE_TOKENS = 512  # steps computing at least this many tokens teach the planner prefill speed
+FULL_GRAPH = "FULL"
+
+
+def stored_layers(kv_caches: dict[str, torch.Tensor], kv_cache_config: Any) -> list[str]:
+    """The names of the caches kvstore stores, in model order: those of the full-attention group (all, when
+    vLLM gives no config), draft layers included."""
+    names = list(kv_caches)
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
+    if groups:
+        wanted = set(groups[0].layer_names)
+        names = [n for n in names if n in wanted] or names
+    return sorted(names, key=lambda n: (layer_index(n), n))
+
+
+class WorkerHalf:
+    """One rank's store, lookup server and copy engine (see module docstring); ``close()`` stops them."""
+
+    def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings, place: RankPlace,
+                 stats: KVStoreConnectorStats, events: ConnectorEvents, lock: threading.Lock):
+        self.vllm_config = vllm_config
+        self.kv_cache_config = kv_cache_config
+        self.settings = settings
+        self.place = place
+        self.page_size = vllm_config.cache_config.block_size
+        self.stats = stats
+        self.events = events
+        self.store: KVStore | None = None
+        self.engine: CopyEngine | None = None
+        self.server: LookupServer | None = None
+        self._layers: dict[str, int] = {}
+        self._pages_per_block = 1
+        self._active: list[LoadJob] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._async: dict[str, Future] = {}
+        self._errors: set[int] = set()
+        self._lock = lock  # guards the stats and the error blocks (async loads finish on other threads)
+        self._step_started = 0.0
+
+    # -- setup -------------------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        names = stored_layers(kv_caches, self.kv_cache_config)
+        caches = [kv_caches[n] for n in names]
+        odd = [n for n, c in zip(names, caches) if c.shape != caches[0].shape]
+        if odd:
+            raise ValueError(f"kv_caches: expected the stored layers to share one shape "
+                             f"{list(caches[0].shape)} ({names[0]}), got others for {odd[:4]}")
+        layout = layout_from_caches(self.vllm_config, caches, layer_index(names[0]), self.settings.block_tokens,
+                                    self.place)
+        config = rank_store_config(self.settings, self.place, model_id_of(self.settings, self.vllm_config))
+        adapter = paged_adapter(layout, caches)
+        if self.page_size % adapter.page_size:
+            raise ValueError(f"kv_caches: expected pages that divide vLLM's block size {self.page_size} tokens, "
+                             f"got {adapter.page_size}")
+        self._pages_per_block = self.page_size // adapter.page_size
+        self.store = KVStore(layout, config)
+        self.engine = CopyEngine(self.store, adapter, self.settings.staging_bytes)
+        self._layers = {name: i for i, name in enumerate(names)}
+        with self._lock:
+            self.stats.set_staging_bytes(self.place.tp_rank + self.place.tp_size * self.place.pp_rank,
+                                         self.engine.staging_bytes)
+        name = address(self.place.engine_id, self.place.dp_rank, self.place.pp_rank, self.place.tp_rank)
+        self.server = LookupServer(name, self._lookup)
+        log.info("kvstore worker %s: %d layers %s, model id %s, %d bytes of staging", self.place.rank_dir,
+                 layout.num_layers, layout.describe(), config.model_id, self.engine.staging_bytes)
+
+    def _lookup(self, tokens: list[int], salt: str | None) -> Answer:
+        plan = self.store.plan(tokens, salt)
+        return Answer(plan.load_tokens, dict(plan.sources))
+
+    def _pages(self, block_ids: Sequence[int]) -> list[int]:
+        """vLLM's block ids as the caches' pages (a block spans several kernel pages when vLLM splits them)."""
+        r = self._pages_per_block
+        return list(block_ids) if r == 1 else [b * r + i for b in block_ids for i in range(r)]
+
+    # -- loads --------------------------------------------------------------------------------------------
+
+    def start_load_kv(self, meta: Any, forward_context: Any) -> None:
+        self._step_started = time.perf_counter()
+        if not isinstance(meta, KVStoreConnectorMetadata) or self.engine is None:
+            return
+        mode = getattr(getattr(forward_context, "cudagraph_runtime_mode", None), "name", None)
+        for spec in meta.loads:
+            if spec.is_async:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(2, thread_name_prefix="kvstore-vllm-load")
+                self._async[spec.req_id] = self._pool.submit(self._load_async, spec)
+                continue
+            job = self._start(spec)
+            if job is None:
+                continue
+            if spec.eager or mode == FULL_GRAPH:  # a FULL graph replays without wait_for_layer_load
+                self._finish(spec, job, job.finish())
+            else:
+                self._active.append(job)
+
+    def _start(self, spec: LoadSpec) -> LoadJob | None:
+        try:
+            job = self.engine.load(spec.tokens, spec.salt, self._pages(spec.block_ids), spec.start, spec.end)
+        except Exception as exc:
+            log.warning("a load could not start (vLLM recomputes its blocks): %r", exc)
+            self._finish(spec, None, 0)
+            return None
+        job.spec = spec
+        return job
+
+    def _load_async(self, spec: LoadSpec) -> None:
+        job = self._start(spec)
+        if job is not None:
+            self._finish(spec, job, self.engine.load_now(job))
+
+    def _finish(self, spec: LoadSpec, job: LoadJob | None, loaded: int) -> None:
+        if loaded < spec.end:
+            first = max(loaded, spec.start) // self.page_size
+            bad = set(spec.block_ids[first:-(-spec.end // self.page_size)])
+        else:
+            bad = set()
+        tokens = max(0, min(loaded, spec.end) - spec.start)
+        seconds = time.perf_counter() - job.started if job is not None else 0.0
+        with self._lock:
+            self._errors.update(bad)
+            self.stats.add("load_error_blocks", len(bad))
+            self.stats.record_transfer("load", tokens, tokens * self.store.layout.token_bytes, seconds)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        layer = self._layers.get(layer_name)
+        if layer is None or not self._active:
+            return
+        for job in self._active:
+            job.advance(layer)
+        self._retire()
+
+    def _retire(self) -> None:
+        for job in [j for j in self._active if j.done]:
+            self._finish(job.spec, job, job.loaded)
+        self._active = [j for j in self._active if not j.done]
+
+    # -- saves --------------------------------------------------------------------------------------------
+
+    def wait_for_save(self, meta: Any) -> None:
+        for job in self._active:  # loads vLLM did not wait for layer by layer
+            job.advance(self.store.layout.num_layers - 1 if self.store else 0)
+        self._retire()
+        if not isinstance(meta, KVStoreConnectorMetadata) or self.engine is None:
+            return
+        for spec in meta.saves:
+            self._save(spec)
+        if meta.step_tokens >= PREFILL_SAMPLE_TOKENS and not meta.loads:
+            self.store.record_prefill(meta.step_tokens, time.perf_counter() - self._step_started)
+
+    def _save(self, spec: SaveSpec) -> None:
+        started = time.perf_counter()
+        block_tokens = self.store.layout.block_tokens
+        try:
+            start = self.store.lookup(spec.tokens, spec.salt) // block_tokens * block_tokens
+            if start >= len(spec.tokens):
+                return
+            skipped = self.engine.skipped
+            handed = self.engine.save(spec.tokens, spec.salt, self._pages(spec.block_ids), start)
+        except Exception as exc:  # a save that cannot be made is a later miss, never an error in vLLM's step
+            log.warning("a save failed (a later lookup misses): %r", exc)
+            with self._lock:
+                self.stats.add("save_errors")
+            return
+        with self._lock:
+            if self.engine.skipped > skipped:
+                self.stats.add("save_skipped")
+            self.stats.record_transfer("save", handed, handed * self.store.layout.token_bytes,
+                                       time.perf_counter() - started)
+        self._stored_event(spec, start, start + handed)
+
+    def _stored_event(self, spec: SaveSpec, start: int, end: int) -> None:
+        """A KV cache event naming the saved vLLM blocks by vLLM's own hashes."""
+        first, last = -(-start // self.page_size), min(end // self.page_size, len(spec.block_hashes))
+        if last <= first:
+            return
+        tier = self.store.stack.fastest.name if self.store.stack.fastest is not None else "host"
+        self.events.stored(spec.block_hashes[first:last], spec.block_hashes[first - 1] if first else None,
+                           spec.tokens[first * self.page_size:last * self.page_size], self.page_size, tier,
+                           spec.lora_name)
+
+    # -- results ------------------------------------------------------------------------------------------
+
+    def get_finished(self) -> set[str] | None:
+        done = {req_id for req_id, future in self._async.items() if future.done()}
+        for req_id in done:
+            del self._async[req_id]
+        return done or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._errors = self._errors, set()
+        return errors
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for job in self._active:
+            job.loader.close()
+        self._active = []
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None

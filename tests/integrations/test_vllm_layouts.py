@@ -1,0 +1,344 @@
+"""The vLLM connector on caches as vLLM 0.33 allocates them, and on the deployment shapes that broke it.
+
+Caches come from vLLM's own ``get_kv_cache_config_from_groups`` and
+``allocate_kv_cache`` in every ``KVCacheLayout``, bf16 and fp8 (vLLM's uint8
+views), and MLA latent caches. Then: kernel pages smaller than vLLM's block,
+EAGLE draft layers registered beside the model's, a hybrid (full attention +
+sliding window) cache config, the one-token-left condition that makes vLLM
+replay a FULL CUDA graph, multimodal prompts that share placeholder ids but
+not images, loads that read only the blocks vLLM lacks, ``hit_tokens`` equal
+to the tokens loaded, KV cache events and Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed: build its environment with scripts/engine-venvs.sh vllm")
+
+from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
+from vllm.distributed.kv_events import BlockStored  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole, supports_hma  # noqa: E402
+from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange  # noqa: E402
+from vllm.v1.core.kv_cache_planning import get_kv_cache_config_from_groups  # noqa: E402
+from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash  # noqa: E402
+from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,  # noqa: E402
+                                        MLAAttentionSpec, SlidingWindowSpec)
+from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
+from vllm.v1.worker.utils import allocate_kv_cache  # noqa: E402
+
+from kvstore.integrations.vllm import (KVStoreConnector, KVStoreConnectorMetadata, LoadSpec, SaveSpec,  # noqa: E402
+                                       key_tokens, request_salt)
+from vllm_env import (BLOCK_TOKENS, KV_HEADS, HEAD_DIM, LAYER_NAMES, LAYERS, NUM_BLOCKS, PAGE,  # noqa: E402
+                      Engine, make_config, make_request, prompt, read_tokens, true_kv, write_model, write_tokens)
+
+LAYOUTS = ["LBNHC", "LBHNC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"]
+
+
+def vllm_caches(config, spec, names=LAYER_NAMES) -> tuple[KVCacheConfig, dict[str, torch.Tensor]]:
+    """vLLM's own allocation of ``names`` with ``spec`` in the config's layout, filled with random bytes."""
+    config.cache_config.num_gpu_blocks_override = NUM_BLOCKS
+    kcc = get_kv_cache_config_from_groups(config, [KVCacheGroupSpec(list(names), spec)],
+                                          spec.page_size_bytes * len(names) * NUM_BLOCKS * 2)
+    caches = allocate_kv_cache(kcc, torch.device("cpu"), config.cache_config.get_resolved_kv_cache_layout())
+    first = caches[names[0]]
+    base = first.untyped_storage()
+    raw = torch.empty(0, dtype=torch.uint8).set_(base)
+    raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    if first.dtype.is_floating_point:  # no NaN/inf patterns: bitwise equality is then plain equality too
+        for view in caches.values():
+            view.copy_(torch.randn(view.shape, generator=torch.Generator().manual_seed(1)).to(view.dtype))
+    return kcc, caches
+
+
+def page_bytes(cache: torch.Tensor, page: int) -> bytes:
+    return cache[page].contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def connector(config, kcc, role=KVConnectorRole.WORKER) -> KVStoreConnector:
+    return KVConnectorFactory.create_connector(config, role, kcc)
+
+
+def save_then_load(tmp_path: Path, make, src_ids, dst_ids, tokens, start, end, names=LAYER_NAMES):
+    """A worker saves ``tokens`` from ``src_ids``; another (sharing a files tier) loads ``[start, end)`` into
+    ``dst_ids``. Returns (source caches, destination caches before, after, the loader's errors)."""
+    files = str(tmp_path / "files")
+    config_a, kcc_a, src = make({"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB", "files_dir": files}, 0)
+    config_b, kcc_b, dst = make({"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB", "files_dir": files}, 1)
+    saver, loader = connector(config_a, kcc_a), connector(config_b, kcc_b)
+    try:
+        saver.register_kv_caches(src)
+        loader.register_kv_caches(dst)
+        saver.bind_connector_metadata(KVStoreConnectorMetadata(saves=[SaveSpec("s", tokens, None, src_ids)]))
+        saver.wait_for_save()
+        assert saver.store.flush(30)
+        before = {n: t.clone() for n, t in dst.items()}
+        loader.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("l", tokens, None, dst_ids,
+                                                                                start, end)]))
+        loader.start_load_kv(None)
+        for name in names:
+            loader.wait_for_layer_load(name)
+        loader.wait_for_save()
+        return src, before, dst, loader.get_block_ids_with_load_errors()
+    finally:
+        saver.shutdown()
+        loader.shutdown()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+def test_caches_vllm_allocates_round_trip_byte_exact(tmp_path, layout, kind):
+    dtype = torch.uint8 if kind == "fp8" else torch.bfloat16
+
+    def make(extra, seed):
+        config = make_config(write_model(tmp_path / "model"), extra, dtype="bfloat16",
+                             cache_dtype="fp8" if kind == "fp8" else "auto", layout=layout)
+        spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=KV_HEADS, head_size=HEAD_DIM, dtype=dtype)
+        kcc, caches = vllm_caches(config, spec)
+        if seed:  # the loader's caches hold other bytes
+            for view in caches.values():
+                view.view(torch.uint8).bitwise_xor_(0x5A)
+        return config, kcc, caches
+    tokens = prompt(90, seed=2)
+    src_ids, dst_ids = [3, 9, 1, 30, 12, 7], [40, 2, 17, 5, 22, 60]
+    src, before, dst, errors = save_then_load(tmp_path, make, src_ids, dst_ids, tokens, 16, 80)
+    assert errors == set()
+    for name in LAYER_NAMES:
+        for i in range(1, 5):  # pages of tokens [16, 80): the source's bytes
+            assert page_bytes(dst[name], dst_ids[i]) == page_bytes(src[name], src_ids[i]), (name, i)
+        for page in set(range(NUM_BLOCKS)) - set(dst_ids[1:5]):  # every other page untouched
+            assert page_bytes(dst[name], page) == page_bytes(before[name], page)
+
+
+def test_mla_latent_caches_round_trip_byte_exact(tmp_path):
+    def make(extra, seed):
+        config = make_config(write_model(tmp_path / "model"), extra, dtype="bfloat16")
+        spec = MLAAttentionSpec(block_size=PAGE, num_kv_heads=1, head_size=72, dtype=torch.bfloat16)
+        kcc, caches = vllm_caches(config, spec)
+        if seed:
+            for view in caches.values():
+                view.mul_(-1)
+        return config, kcc, caches
+    tokens = prompt(64, seed=3)
+    src, before, dst, errors = save_then_load(tmp_path, make, [1, 2, 3, 4], [10, 11, 12, 13], tokens, 0, 48)
+    assert errors == set()
+    assert dst[LAYER_NAMES[0]].shape[1:] == (1, PAGE, 72)  # one latent "head" of 72 elements
+    for name in LAYER_NAMES:
+        for s, d in zip([1, 2, 3], [10, 11, 12]):
+            assert page_bytes(dst[name], d) == page_bytes(src[name], s)
+        assert page_bytes(dst[name], 13) == page_bytes(before[name], 13)
+
+
+def test_eagle_draft_layers_are_stored_beside_the_models(tmp_path):
+    names = LAYER_NAMES + [f"model.layers.{LAYERS}.self_attn.attn"]  # an EAGLE head's layer after the model's
+
+    def make(extra, seed):
+        config = make_config(write_model(tmp_path / "model"), extra, dtype="bfloat16")
+        spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=KV_HEADS, head_size=HEAD_DIM, dtype=torch.bfloat16)
+        kcc, caches = vllm_caches(config, spec, names)
+        if seed:
+            for view in caches.values():
+                view.mul_(-1)
+        return config, kcc, caches
+    tokens = prompt(64, seed=4)
+    src, _, dst, errors = save_then_load(tmp_path, make, [1, 2, 3, 4], [5, 6, 7, 8], tokens, 0, 48, names)
+    assert errors == set()
+    for name in names:
+        assert all(page_bytes(dst[name], d) == page_bytes(src[name], s) for s, d in [(1, 5), (2, 6), (3, 7)])
+
+
+def test_kernel_pages_smaller_than_vllm_blocks(tmp_path):
+    """vLLM may split a 16-token block into kernel pages of 8: block b is pages 2b and 2b+1."""
+    def make(extra, seed):
+        config = make_config(write_model(tmp_path / "model"), extra, dtype="float32")
+        gen = torch.Generator().manual_seed(seed)
+        raw = torch.randn(LAYERS, 2 * NUM_BLOCKS, PAGE // 2, KV_HEADS, 2 * HEAD_DIM, generator=gen)
+        return config, None, {name: raw[i].permute(0, 2, 1, 3) for i, name in enumerate(LAYER_NAMES)}
+    tokens = prompt(64, seed=5)
+    src, _, dst, errors = save_then_load(tmp_path, make, [1, 2, 3, 4], [9, 8, 7, 6], tokens, 0, 64)
+    assert errors == set()
+    for name in LAYER_NAMES:
+        for s, d in zip([1, 2, 3], [9, 8, 7]):  # the last page is the request's tail, loaded too
+            assert torch.equal(dst[name][2 * d:2 * d + 2], src[name][2 * s:2 * s + 2])
+
+
+def test_hybrid_cache_config_starts_with_hma_and_recomputes(tmp_path):
+    config = make_config(write_model(tmp_path / "model"), {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    full = FullAttentionSpec(block_size=PAGE, num_kv_heads=KV_HEADS, head_size=HEAD_DIM, dtype=torch.float32)
+    window = SlidingWindowSpec(block_size=PAGE, num_kv_heads=KV_HEADS, head_size=HEAD_DIM, dtype=torch.float32,
+                               sliding_window=32)
+    kcc = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+                        kv_cache_groups=[KVCacheGroupSpec([LAYER_NAMES[0]], full),
+                                         KVCacheGroupSpec([LAYER_NAMES[1]], window)])
+    assert supports_hma(KVStoreConnector)  # vLLM keeps its hybrid allocator on with kvstore
+    scheduler = connector(config, kcc, KVConnectorRole.SCHEDULER)
+    try:
+        request = make_request("h", prompt(100, seed=6))
+        scheduler.on_new_request(request)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+        finished = scheduler.request_finished_all_groups(request, ([1, 2], [3]))
+        assert finished == (False, None)
+    finally:
+        scheduler.shutdown()
+
+
+def run_prompt(engine: Engine, req_id: str, tokens: list[int]):
+    engine.add(make_request(req_id, tokens))
+    out = engine.run(req_id)
+    engine.step()
+    assert engine.scheduler.reset_prefix_cache()
+    return out
+
+
+def test_one_token_left_loads_before_the_forward(tmp_path):
+    """A fully stored prompt leaves vLLM one token: a uniform-decode batch that replays a FULL CUDA graph,
+    in which wait_for_layer_load never runs. The load must be complete when start_load_kv returns."""
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    try:
+        tokens = prompt(65, seed=7)  # 64 stored tokens + 1 computed
+        run_prompt(engine, "a", tokens)
+        request = make_request("b", tokens)
+        engine.add(request)
+        out = engine.scheduler.schedule()
+        meta = out.kv_connector_metadata
+        assert [(s.start, s.end, s.eager) for s in meta.loads] == [(0, 64, True)]
+        worker = engine.worker
+        worker.bind_connector_metadata(meta)
+        worker.start_load_kv(SimpleNamespace(cudagraph_runtime_mode=SimpleNamespace(name="FULL")))
+        # no wait_for_layer_load: what a FULL graph replay does
+        ids = out.scheduled_new_reqs[0].block_ids[0]
+        assert torch.equal(read_tokens(engine.caches, ids, 0, 64), true_kv(tokens, 0, 64))
+        worker.wait_for_save()
+        worker.clear_connector_metadata()
+    finally:
+        engine.close()
+
+
+def test_any_load_completes_before_a_full_graph_forward(tmp_path):
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    try:
+        tokens = prompt(100, seed=8)
+        run_prompt(engine, "a", tokens)
+        worker = engine.worker
+        ids = list(range(20, 27))
+        worker.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("x", tokens[:96], None, ids, 0,
+                                                                                96)]))
+        worker.start_load_kv(SimpleNamespace(cudagraph_runtime_mode=SimpleNamespace(name="FULL")))
+        assert torch.equal(read_tokens(engine.caches, ids, 0, 96), true_kv(tokens, 0, 96))
+        worker.wait_for_save()
+        worker.clear_connector_metadata()
+    finally:
+        engine.close()
+
+
+def with_image(tokens: list[int], identifier: str, offset: int, length: int):
+    request = make_request(f"img-{identifier}-{offset}", tokens)
+    request.mm_features = [MultiModalFeatureSpec(data=None, modality="image", identifier=identifier,
+                                                 mm_position=PlaceholderRange(offset=offset, length=length))]
+    return request
+
+
+def test_images_with_the_same_placeholders_do_not_share_kv(tmp_path):
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    try:
+        text = prompt(40, seed=9)
+        tokens = text + [999] * 40 + prompt(20, seed=10)  # placeholder ids 999 at [40, 80)
+        a = with_image(tokens, "image-A", 40, 40)
+        ids = list(range(10, 17))
+        write_tokens(engine.caches, ids, 0, true_kv(tokens, 0, len(tokens)))  # the forward of request a
+        keys = key_tokens(a)
+        assert keys[:40] == tokens[:40] and keys[80:] == tokens[80:] and all(k >= 1 << 31 for k in keys[40:80])
+        worker = engine.worker
+        worker.bind_connector_metadata(KVStoreConnectorMetadata(saves=[SaveSpec("a", keys, request_salt(a),
+                                                                                ids)]))
+        worker.wait_for_save()
+        worker.clear_connector_metadata()
+        sched = engine.connector
+        same = with_image(list(tokens), "image-A", 40, 40)
+        other = with_image(list(tokens), "image-B", 40, 40)
+        assert sched.get_num_new_matched_tokens(same, 0) == (96, False)
+        assert sched.get_num_new_matched_tokens(other, 0) == (32, False)  # the text before the image only
+        text_only = make_request("t", list(tokens))
+        assert sched.get_num_new_matched_tokens(text_only, 0) == (32, False)
+        moved = with_image(list(tokens), "image-A", 44, 36)  # the same image at another place
+        assert sched.get_num_new_matched_tokens(moved, 0) == (32, False)
+    finally:
+        engine.close()
+
+
+def test_scheduler_counts_each_hit_once_and_equal_to_tokens_loaded(tmp_path):
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    taken = []
+    real = engine.connector.get_kv_connector_stats
+
+    def spy():  # vLLM's scheduler drains its connector's stats each step: keep a copy of what it took
+        stats = real()
+        if stats is not None:
+            taken.append(dict(stats.data))
+        return stats
+    engine.connector.get_kv_connector_stats = spy
+    loaded = 0
+    try:
+        shared = prompt(96, seed=11)
+        run_prompt(engine, "a", shared + [1])
+        loaded += sum(engine.worker.get_kv_connector_stats().data.get("loaded_tokens", 0) for _ in [0])
+        for i in range(3):
+            run_prompt(engine, f"b{i}", shared + [2 + i] * (i + 1))
+            loaded += engine.worker.get_kv_connector_stats().data.get("loaded_tokens", 0)
+    finally:
+        engine.close()
+    hit = sum(d.get("hit_tokens", 0) for d in taken)
+    lookups = sum(d.get("lookups", 0) for d in taken)
+    assert hit == loaded == 3 * 96
+    assert lookups == 4  # one per admitted request, however many times vLLM asked
+
+
+def test_saved_blocks_are_reported_as_kv_events(tmp_path):
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    try:
+        tokens = prompt(70, seed=12)
+        engine.add(make_request("a", tokens))
+        engine.run("a")
+        request = engine.requests["a"]
+        events = engine.worker.get_kv_connector_kv_cache_events()
+        assert events is not None
+        engine.connector.update_connector_output(KVConnectorOutput(kv_cache_events=events))
+        taken = list(engine.connector.take_events())
+        stored = [e for e in taken if isinstance(e, BlockStored)]
+        assert stored and stored[0].block_hashes == [maybe_convert_block_hash(h)  # as vLLM publishes its own
+                                                     for h in request.block_hashes[:70 // PAGE]]
+        assert stored[0].token_ids == tokens[:70 // PAGE * PAGE] and stored[0].block_size == PAGE
+        assert stored[0].parent_block_hash is None
+        assert list(engine.connector.take_events()) == []  # drained
+    finally:
+        engine.close()
+
+
+def test_prometheus_metrics_register_and_move(tmp_path):
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+    del PrometheusStatLogger  # the real logger calls build_prom_metrics with prometheus_client's classes
+    import prometheus_client
+    config = make_config(write_model(tmp_path / "model"), {"block_tokens": BLOCK_TOKENS})
+    registry = CollectorRegistry()
+
+    def bound(cls):
+        return lambda *a, **k: cls(*a, registry=registry, **k)
+    metric_types = {prometheus_client.Counter: bound(prometheus_client.Counter),
+                    prometheus_client.Gauge: bound(prometheus_client.Gauge),
+                    prometheus_client.Histogram: bound(prometheus_client.Histogram)}
+    prom = KVStoreConnector.build_prom_metrics(config, metric_types, ["model_name", "engine"],
+                                               {0: ["m", "0"]})
+    assert isinstance(prom, KVConnectorPromMetrics)
+    stats = KVStoreConnector.build_kv_connector_stats()
+    stats.record_lookup(100, 0, 0.001)
+    stats.add("hit_tokens", 64)
+    stats.record_transfer("load", 64, 64 * 1024, 0.002)
+    prom.observe(stats.data, 0)
+    text = generate_latest(registry).decode()
+    assert 'kvstore_hit_tokens_total{engine="0",model_name="m"} 64.0' in text.replace("vllm:", ""), text[:2000]
