@@ -159,8 +159,8 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
 
     def take_events(self) -> Any:
         events, self._worker_events = self._worker_events, None
-        if events is not None:
-            yield from events.aggregate().get_all_events()
+        if events is not None:  # a block counts as stored once every rank (TP shard, PP stage) stored it
+            yield from events.aggregate(self._vllm_config.parallel_config.world_size).get_all_events()
 
     def shutdown(self) -> None:
         if self._closed:
