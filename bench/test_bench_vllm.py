@@ -1,10 +1,13 @@
 """vLLM connector: scheduler-side lookup cost per request, worker-side load/save into vLLM-layout CPU tensors.
 
 Run (in the vLLM venv, ``scripts/engine-venvs.sh vllm``):
-``pytest bench/test_bench_vllm.py --benchmark-only``. Scheduler side:
-``get_num_new_matched_tokens`` of a 32k-token prompt whose every block is
-in host RAM (256-token blocks, sha256 keys: 128 keys hashed and located);
-the median is printed in microseconds. Worker side: bf16 KV of a
+``pytest bench/test_bench_vllm.py --benchmark-only``. Scheduler side: one
+admitted request's ``get_num_new_matched_tokens`` (then
+``request_finished``, so each round asks anew) of a 32k-token prompt whose
+every block the worker's store holds (256-token blocks, sha256 keys: 128
+keys hashed and located), asked over the worker's lookup socket, with the
+blocks in the worker's host RAM or on a ``kvstore serve`` cache server (its
+only tier); the median is printed in microseconds. Worker side: bf16 KV of a
 Llama-3-8B-shaped 8-layer shard (``[8, 2, 2048, 8, 128]``, 64 MiB), pages
 of 16 tokens at random block ids in vLLM 0.33's standardized LBNHC layout,
 loaded through ``start_load_kv`` + ``wait_for_layer_load`` and saved through
@@ -15,6 +18,10 @@ the same bytes (the ceiling; the summary prints the ratio). One CPU thread.
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -63,18 +70,48 @@ def _kv_cache_config() -> KVCacheConfig:
     return KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(NAMES, spec)])
 
 
+def _open(folder: Path, extra: dict):
+    config = _config(folder / "model", extra)
+    worker = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER, _kv_cache_config())
+    raw = torch.zeros(LAYERS, NUM_BLOCKS, PAGE, HEADS, 2 * HEAD_DIM, dtype=torch.bfloat16)  # LBNHC
+    caches = {name: raw[i].permute(0, 2, 1, 3) for i, name in enumerate(NAMES)}
+    worker.register_kv_caches(caches)
+    scheduler = KVConnectorFactory.create_connector(config, KVConnectorRole.SCHEDULER, _kv_cache_config())
+    return scheduler, worker, caches
+
+
 @pytest.fixture(scope="module")
 def connectors():
     with tempfile.TemporaryDirectory() as tmp:
-        config = _config(Path(tmp) / "model", {"block_tokens": 256, "host_bytes": "2GiB"})
-        worker = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER, _kv_cache_config())
-        scheduler = KVConnectorFactory.create_connector(config, KVConnectorRole.SCHEDULER, _kv_cache_config())
-        raw = torch.zeros(LAYERS, NUM_BLOCKS, PAGE, HEADS, 2 * HEAD_DIM, dtype=torch.bfloat16)  # LBNHC
-        caches = {name: raw[i].permute(0, 2, 1, 3) for i, name in enumerate(NAMES)}
-        worker.register_kv_caches(caches)
+        scheduler, worker, caches = _open(Path(tmp), {"block_tokens": 256, "host_bytes": "2GiB"})
         yield scheduler, worker, caches
         scheduler.shutdown()
         worker.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server_connectors():
+    """Connectors whose worker store's only tier is a ``kvstore serve`` process on this machine."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "kvstore.cli", "serve", "--data-dir", str(Path(tmp) / "server"), "--port", "0",
+               "--host-bytes", "1536MiB", "--disk-bytes", "0", "--token", "bench-token-0123456789"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        url = None
+        for line in proc.stdout:
+            if (m := re.search(r"listening on (kvstores?://[0-9.]+:\d+)", line)) is not None:
+                url = m.group(1)
+            if url and "tenant(s):" in line:
+                break
+        try:
+            scheduler, worker, caches = _open(Path(tmp), {"block_tokens": 256, "host_bytes": 0, "remote_url": url,
+                                                          "remote_token": "bench-token-0123456789"})
+            yield scheduler, worker, caches
+            scheduler.shutdown()
+            worker.shutdown()
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
 
 @pytest.fixture(autouse=True)
@@ -88,16 +125,22 @@ def _pedantic(benchmark, fn, rounds: int = 20):
 
 
 @pytest.mark.benchmark(group="vllm-scheduler")
-def test_scheduler_lookup_32k(benchmark, connectors):
-    scheduler, worker, _ = connectors
+@pytest.mark.parametrize("where", ["host", "server"])
+def test_scheduler_lookup_32k(benchmark, request, where):
+    scheduler, worker, _ = request.getfixturevalue("connectors" if where == "host" else "server_connectors")
     tokens = torch.randint(0, 1000, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
-    kv = random_kv(worker.layout, 256)
-    for b in scheduler.store.block_keys(tokens):  # every block stored (same KV: only keys matter here)
-        scheduler.store._flow.store_items([(b.key, kv[:, :, :b.num_tokens])])
-    request = Request("r", tokens, SamplingParams(max_tokens=1), None)
-    assert scheduler.get_num_new_matched_tokens(request, 0) == (PROMPT - PAGE, False)
-    _pedantic(benchmark, lambda: scheduler.get_num_new_matched_tokens(request, 0), rounds=200)
-    print(f"\nscheduler get_num_new_matched_tokens, 32k prompt: {benchmark.stats.stats.median * 1e6:.0f} us")
+    kv = random_kv(worker.store.layout, 256)
+    for b in worker.store.block_keys(tokens):  # every block stored (same KV: only keys matter here)
+        worker.store._flow.store_items([(b.key, kv[:, :, :b.num_tokens])])
+    assert worker.store.flush(60)
+    req = Request("r", tokens, SamplingParams(max_tokens=1), None)
+
+    def admit() -> None:  # one admitted request: one lookup over the worker's socket
+        assert scheduler.get_num_new_matched_tokens(req, 0) == (PROMPT - PAGE, False)
+        scheduler.request_finished(req, [])
+    _pedantic(benchmark, admit, rounds=100)
+    print(f"\nscheduler lookup per admitted request, 32k prompt, blocks in {where}: "
+          f"{benchmark.stats.stats.median * 1e6:.0f} us")
 
 
 def _table() -> list[int]:
@@ -106,7 +149,7 @@ def _table() -> list[int]:
 
 @pytest.fixture(scope="module")
 def kv(connectors):
-    return random_kv(connectors[1].layout, TOKENS)
+    return random_kv(connectors[1].store.layout, TOKENS)
 
 
 @pytest.mark.benchmark(group="vllm-worker-save")
@@ -128,7 +171,7 @@ def test_save(benchmark, connectors, kv):
     counter = iter(range(10**6))
 
     def save() -> None:  # a fresh salt each round: every block is stored anew (no dedup)
-        spec = SaveSpec("s", list(range(TOKENS)), f"round-{next(counter)}", table, 0)
+        spec = SaveSpec("s", list(range(TOKENS)), f"round-{next(counter)}", table)
         worker.bind_connector_metadata(KVStoreConnectorMetadata(saves=[spec]))
         for name in NAMES:
             worker.save_kv_layer(name, None, None)

@@ -29,7 +29,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kvstore.keys import token_bytes
+import numpy as np
+
+from kvstore.keys import Tokens, token_bytes
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class Answer:
 
 
 # A lookup function: (tokens, salt) -> Answer; raised errors are answered as a miss.
-Lookup = Callable[[list[int], str | None], Answer]
+Lookup = Callable[[Tokens, str | None], Answer]
 
 
 def address(engine_id: str, dp_rank: int, pp_rank: int, tp_rank: int) -> str:
@@ -116,7 +118,7 @@ class LookupServer:
                 thread = threading.Thread(target=self._serve, args=(conn,), name="kvstore-vllm-lookup-conn",
                                           daemon=True)
                 self._threads = [t for t in self._threads if t.is_alive()] + [thread]
-            thread.start()
+                thread.start()  # under the lock: close() never joins a thread that has not started
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -131,7 +133,7 @@ class LookupServer:
                 raw = _recv_frame(conn, 4 * MAX_TOKENS)
                 if len(raw) != 4 * n:
                     raise ValueError(f"lookup tokens: expected {4 * n} bytes, got {len(raw)}")
-                tokens = list(struct.unpack(f"<{n}I", raw))
+                tokens = np.frombuffer(raw, dtype="<u4")  # hashed as these bytes: no list of ints
                 try:
                     answer = self._lookup(tokens, salt)
                 except Exception as exc:  # the store's failure is a miss for the scheduler, logged here
@@ -261,7 +263,8 @@ class LookupClient:
         return Answer.merge(answers)
 
     def _failed(self, peer: _Peer, exc: BaseException) -> None:
-        peer.drop()
+        if time.monotonic() >= peer.down_until:  # a refusal during the back-off must not extend it
+            peer.drop()
         self.failures += 1
         if self.failures == 1 or self.failures % 100 == 0:
             log.warning("kvstore lookup of rank %r failed (%d failures so far; counted as a miss): %r",

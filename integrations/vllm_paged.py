@@ -124,7 +124,7 @@ class StandardizedPagedAdapter:
                 dst.index_copy_(0, where.whole_pages, src)
         if w < where.num_tokens:
             rows = torch.cat(list(kv_layer[:, w:]), dim=-1)  # [n, H, P * D]
-            cache.index_put_((where.pages, torch.arange(lay.num_kv_heads, device=self.device)[None, :],
+            cache.index_put_((where.pages[:, None], torch.arange(lay.num_kv_heads, device=self.device)[None, :],
                               where.offsets[:, None]), rows)
 
 

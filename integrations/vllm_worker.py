@@ -105,7 +105,7 @@ class WorkerHalf:
         log.info("kvstore worker %s: %d layers %s, model id %s, %d bytes of staging", self.place.rank_dir,
                  layout.num_layers, layout.describe(), config.model_id, self.engine.staging_bytes)
 
-    def _lookup(self, tokens: list[int], salt: str | None) -> Answer:
+    def _lookup(self, tokens: Any, salt: str | None) -> Answer:
         plan = self.store.plan(tokens, salt)
         return Answer(plan.load_tokens, dict(plan.sources))
 
