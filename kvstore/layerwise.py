@@ -116,6 +116,7 @@ class _Pipeline:
                 self.error = exc
                 self.cond.notify_all()
         finally:
+            self.settle()
             self.handle.close()
 
     def host_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -165,7 +166,13 @@ class _Pipeline:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+        self.settle()
         self.handle.close()
+
+    def settle(self) -> None:
+        """Wait for the copies queued on the loader's stream: they read pinned slots, whose pins go next."""
+        if self.stream is not None:
+            self.stream.synchronize()
 
 
 class LayerLoader:
