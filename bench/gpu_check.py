@@ -75,8 +75,6 @@ BUDGET_S = {"ceiling": 30, "device_tier": 30, "host_tier": 30, "layer_wise": 40,
 MiB = 1 << 20
 FP32_TOL = 1e-4  # tests/integrations/test_transformers.py
 BF16_TOL = 1e-2  # the same file: "tests allow 1e-2 for GPU kernels"
-# tests/compression/test_codecs.py: relative RMS error of rq at 4 / 3 / 2 bits (Lloyd-Max on a Gaussian).
-RQ_REL_RMS = {4: 0.11, 3: 0.20, 2: 0.37}
 
 
 # -- sizes -------------------------------------------------------------------------------------
@@ -619,41 +617,10 @@ def pins_race_check(ctx: Context) -> dict:
                f"loader enqueued its last copies; layers differing: {differing}")
 
 
-def int8_bound(x: torch.Tensor) -> torch.Tensor:
-    eps = torch.finfo(x.dtype).eps
-    absmax = x.float().abs().amax(-1, keepdim=True)
-    return (absmax / 127 * (1 + 2 * eps) / 2 + absmax * 2 * eps + 1e-30).expand(x.shape)
-
-
-def kivi_bound(x: torch.Tensor, bits: int, group: int = 32, residual: int = 0) -> torch.Tensor:
-    """tests/compression/test_codecs.py's bound: half a step of each element's group, plus the dtype's rounding."""
-    x5 = (x if x.dim() == 5 else x.unsqueeze(0)).float()
-    _, parts, tokens, _, dim = x5.shape
-    eps = torch.finfo(x.dtype).eps
-    qmax = (1 << bits) - 1
-    tq = max(0, tokens - residual)
-    bound = torch.zeros_like(x5)
-
-    def half_step(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        span = hi - lo + lo.abs() * 2 * eps
-        return span / qmax * (1 + 2 * eps) / 2 + (lo.abs() + hi.abs()) * 2 * eps + 1e-30
-
-    if tq:
-        gk = max(1, min(group, tq))
-        for start in range(0, tq, gk):
-            g = x5[:, 0, start:min(start + gk, tq)]
-            bound[:, 0, start:start + g.shape[1]] = half_step(g.amin(1, keepdim=True), g.amax(1, keepdim=True))
-        if parts > 1:
-            gv = min(group, dim)
-            for start in range(0, dim, gv):
-                g = x5[:, 1:, :tq, :, start:start + gv]
-                bound[:, 1:, :tq, :, start:start + gv] = half_step(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True))
-    return bound if x.dim() == 5 else bound[0]
-
-
 def within_bound(codec: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[bool, float, str, str]:
     """(ok, value, unit, what) of ``y`` decoded from ``x`` by ``codec``, as the codec tests check it."""
     from kvstore.compression import Int8Codec, KiviCodec, RotationCodec
+    from kvstore.compression.bounds import RQ_REL_RMS, int8_bound, kivi_bound
 
     if codec.lossless:
         differing = int((bits_of(y) != bits_of(x)).sum())

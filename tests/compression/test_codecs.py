@@ -22,6 +22,7 @@ from kvstore.compression import (
     parse_spec,
 )
 from kvstore.compression.bitpack import packed_bytes
+from kvstore.compression.bounds import RQ_REL_RMS, int8_bound, kivi_bound
 from kvstore.compression.frame import header_size, parse_frame
 
 NAMES = list(CODECS)
@@ -29,9 +30,6 @@ D = 128  # the head dim of most tests: every rq codebook is fitted once per (hea
 LOSSLESS = ("raw", "zstd")
 LOSSY = tuple(n for n in NAMES if n not in LOSSLESS)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Lloyd-Max distortion of a unit-variance Gaussian is 0.0095 / 0.0345 / 0.1175 at 4 / 3 / 2 bits:
-# relative RMS error 0.097 / 0.186 / 0.343; rq's codebook is fitted to the exact law of the coordinate.
-RQ_REL_RMS = {4: 0.11, 3: 0.20, 2: 0.37}
 
 
 def kv(shape, dtype=torch.float16, seed=0) -> torch.Tensor:
@@ -48,41 +46,6 @@ def bits_of(t: torch.Tensor) -> torch.Tensor:
 def rel_rms(y: torch.Tensor, x: torch.Tensor) -> float:
     x, y = x.double(), y.double()
     return float((y - x).norm() / x.norm())
-
-
-def kivi_bound(x: torch.Tensor, bits: int, group: int = 32, residual: int = 0) -> torch.Tensor:
-    """Per element, the largest error KIVI may make: half a step of its group (plus the dtype's rounding)."""
-    x5 = (x if x.dim() == 5 else x.unsqueeze(0)).float()
-    L, P, T, H, D = x5.shape
-    eps = torch.finfo(x.dtype).eps
-    qmax = (1 << bits) - 1
-    tq = max(0, T - residual)
-    bound = torch.zeros_like(x5)
-
-    def half_step(lo, hi):
-        # the stored minimum rounds down and the scale up by at most a relative eps each
-        span = hi - lo + lo.abs() * 2 * eps
-        return span / qmax * (1 + 2 * eps) / 2 + (lo.abs() + hi.abs()) * 2 * eps + 1e-30
-
-    if tq:
-        gk = max(1, min(group, tq))
-        for start in range(0, tq, gk):
-            g = x5[:, 0, start:min(start + gk, tq)]  # keys: per channel over gk tokens
-            bound[:, 0, start:start + g.shape[1]] = half_step(g.amin(1, keepdim=True), g.amax(1, keepdim=True))
-        if P > 1:
-            gv = min(group, D)
-            for start in range(0, D, gv):
-                g = x5[:, 1:, :tq, :, start:start + gv]  # values: per token over gv channels
-                bound[:, 1:, :tq, :, start:start + gv] = half_step(g.amin(-1, keepdim=True),
-                                                                   g.amax(-1, keepdim=True))
-    return bound if x.dim() == 5 else bound[0]
-
-
-def int8_bound(x: torch.Tensor) -> torch.Tensor:
-    """Per element: half a step of its vector's absmax / 127 scale (plus the dtype's rounding)."""
-    eps = torch.finfo(x.dtype).eps
-    absmax = x.float().abs().amax(-1, keepdim=True)
-    return (absmax / 127 * (1 + 2 * eps) / 2 + absmax * 2 * eps + 1e-30).expand(x.shape)
 
 
 def check_values(name: str, x: torch.Tensor, y: torch.Tensor, codec=None) -> None:

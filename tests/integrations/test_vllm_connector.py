@@ -81,11 +81,8 @@ def test_async_lookup_defers_then_waits_for_remote_kvs(tmp_path):
         engine.step()
         engine.scheduler.reset_prefix_cache()
         request = make_request("b", tokens + [5])
-        lookups = engine.connector.scheduler.client.lookups if hasattr(engine.connector.scheduler.client,
-                                                                          "lookups") else None
         answers = [engine.connector.get_num_new_matched_tokens(request, 0) for _ in range(50)]
         assert answers == [(64, True)] * 50  # retries while a request waits reuse the first answer
-        del lookups
         engine.add(request)
         engine.step()
         assert request.status in (RequestStatus.WAITING_FOR_REMOTE_KVS, RequestStatus.RUNNING)
