@@ -23,8 +23,8 @@ from vllm.v1.request import RequestStatus  # noqa: E402
 
 from conftest import run_python  # noqa: E402
 from kvstore.integrations.vllm import KVStoreConnectorMetadata, LoadSpec, SaveSpec, request_salt  # noqa: E402
-from vllm_env import (BLOCK_TOKENS, LAYER_NAMES, NUM_BLOCKS, PAGE, Engine, make_config,  # noqa: E402,F401
-                      make_request, paged_caches, prompt, read_tokens, true_kv, worker, write_model, write_tokens)
+from vllm_env import (BLOCK_TOKENS, LAYER_NAMES, NUM_BLOCKS, PAGE, Engine, make_request,  # noqa: E402
+                      paged_caches, prompt, read_tokens, true_kv, worker, write_tokens)
 
 
 @pytest.mark.parametrize("async_load", [False, True], ids=["sync", "async"])
@@ -187,7 +187,7 @@ def test_salt_names_cache_salt_and_lora():
 CHILD = """
 import sys
 sys.path.insert(0, {here!r})
-import test_vllm_connector as t
+import vllm_env as t
 from pathlib import Path
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
