@@ -47,6 +47,9 @@ saves are gathered after the forward, outside any graph, so vLLM's default
 window, Mamba) is accepted (``SupportsHMA``) and recomputed: see
 ``integrations/vllm_scheduler.py``. Blocks a load could not fill are
 reported through ``get_block_ids_with_load_errors`` and vLLM recomputes them.
+After vLLM's sleep mode (``unregister_kv_caches`` / ``restore_kv_caches``)
+the workers salt everything with a new weights epoch: the weights may have
+been replaced while asleep (RLHF), so what was saved before is never served.
 
 Observability: ``get_kv_connector_stats`` (lookups, hit, loaded and saved
 tokens and bytes, seconds, errors, skipped saves, staging bytes), vLLM's
@@ -203,6 +206,14 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.worker.register_kv_caches(kv_caches)
+
+    def unregister_kv_caches(self) -> None:
+        """vLLM 0.33's sleep mode: stop serving and saving until ``restore_kv_caches``."""
+        self.worker.sleep()
+
+    def restore_kv_caches(self) -> None:
+        """Awake: the weights may have been replaced while asleep, so nothing saved before is served."""
+        self.worker.wake()
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         self.worker.start_load_kv(self._connector_metadata, forward_context)

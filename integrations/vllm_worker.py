@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -76,6 +77,8 @@ class WorkerHalf:
         self._errors: set[int] = set()
         self._lock = lock  # guards the stats and the error blocks (async loads finish on other threads)
         self._step_started = 0.0
+        self._epoch = ""  # salt suffix; a new one after each sleep (the weights may have changed)
+        self._asleep = False
 
     # -- setup -------------------------------------------------------------------------------------------
 
@@ -106,8 +109,25 @@ class WorkerHalf:
                  layout.num_layers, layout.describe(), config.model_id, self.engine.staging_bytes)
 
     def _lookup(self, tokens: Any, salt: str | None) -> Answer:
-        plan = self.store.plan(tokens, salt)
+        if self._asleep:
+            return Answer()
+        plan = self.store.plan(tokens, self._salt(salt))
         return Answer(plan.load_tokens, dict(plan.sources))
+
+    def _salt(self, salt: str | None) -> str | None:
+        """The request's salt in this weights epoch (unchanged until the engine first sleeps)."""
+        if not self._epoch:
+            return salt
+        return f"{salt or ''};weights-epoch={self._epoch}"
+
+    def sleep(self) -> None:
+        """vLLM's sleep mode drops the caches and may load other weights before waking: serve nothing now."""
+        self._asleep = True
+
+    def wake(self) -> None:
+        """After a sleep the weights may differ (RLHF updates them so): prompts saved before are not served."""
+        self._epoch = uuid.uuid4().hex[:16]
+        self._asleep = False
 
     def _pages(self, block_ids: Sequence[int]) -> list[int]:
         """vLLM's block ids as the caches' pages (a block spans several kernel pages when vLLM splits them)."""
@@ -137,7 +157,10 @@ class WorkerHalf:
 
     def _start(self, spec: LoadSpec) -> LoadJob | None:
         try:
-            job = self.engine.load(spec.tokens, spec.salt, self._pages(spec.block_ids), spec.start, spec.end)
+            if self._asleep:
+                raise RuntimeError("the engine is asleep")
+            job = self.engine.load(spec.tokens, self._salt(spec.salt), self._pages(spec.block_ids), spec.start,
+                                   spec.end)
         except Exception as exc:
             log.warning("a load could not start (vLLM recomputes its blocks): %r", exc)
             self._finish(spec, None, 0)
@@ -192,12 +215,15 @@ class WorkerHalf:
     def _save(self, spec: SaveSpec) -> None:
         started = time.perf_counter()
         block_tokens = self.store.layout.block_tokens
+        if self._asleep:
+            return
+        salt = self._salt(spec.salt)
         try:
-            start = self.store.lookup(spec.tokens, spec.salt) // block_tokens * block_tokens
+            start = self.store.lookup(spec.tokens, salt) // block_tokens * block_tokens
             if start >= len(spec.tokens):
                 return
             skipped = self.engine.skipped
-            handed = self.engine.save(spec.tokens, spec.salt, self._pages(spec.block_ids), start)
+            handed = self.engine.save(spec.tokens, salt, self._pages(spec.block_ids), start)
         except Exception as exc:  # a save that cannot be made is a later miss, never an error in vLLM's step
             log.warning("a save failed (a later lookup misses): %r", exc)
             with self._lock:

@@ -359,3 +359,22 @@ def test_prefill_steps_teach_the_planner_the_engines_speed(tmp_path):
         assert planner.prefill_tokens_per_second > 0.0
     finally:
         engine.close()
+
+
+def test_sleep_mode_forgets_what_was_saved_under_the_old_weights(tmp_path):
+    """vLLM's sleep mode may load other weights before waking (RLHF does): after it nothing saved before is
+    served, and while asleep nothing is served or saved."""
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    try:
+        tokens = prompt(70, seed=15)
+        run_prompt(engine, "a", tokens)
+        sched = engine.connector
+        assert sched.get_num_new_matched_tokens(make_request("b", tokens), 0) == (64, False)
+        engine.worker.unregister_kv_caches()
+        assert sched.get_num_new_matched_tokens(make_request("c", tokens), 0) == (0, False)
+        engine.worker.restore_kv_caches()
+        assert sched.get_num_new_matched_tokens(make_request("d", tokens), 0) == (0, False)
+        run_prompt(engine, "e", tokens)  # computed and saved again, under the new weights
+        assert sched.get_num_new_matched_tokens(make_request("f", tokens), 0) == (64, False)
+    finally:
+        engine.close()
