@@ -104,7 +104,12 @@ class WorkerHalf:
             self.stats.set_staging_bytes(self.place.tp_rank + self.place.tp_size * self.place.pp_rank,
                                          self.engine.staging_bytes)
         name = address(self.place.engine_id, self.place.dp_rank, self.place.pp_rank, self.place.tp_rank)
-        self.server = LookupServer(name, self._lookup)
+        try:
+            self.server = LookupServer(name, self._lookup)
+        except OSError as exc:  # another engine took this engine's id: its scheduler gets misses, never an error
+            log.warning("kvstore worker %s: cannot serve lookups at %r (%s); this engine's prompts will not be "
+                        "served from kvstore (is another engine running with the same engine_id?)",
+                        self.place.rank_dir, name.lstrip("\0"), exc)
         log.info("kvstore worker %s: %d layers %s, model id %s, %d bytes of staging", self.place.rank_dir,
                  layout.num_layers, layout.describe(), config.model_id, self.engine.staging_bytes)
 

@@ -378,3 +378,24 @@ def test_sleep_mode_forgets_what_was_saved_under_the_old_weights(tmp_path):
         assert sched.get_num_new_matched_tokens(make_request("f", tokens), 0) == (64, False)
     finally:
         engine.close()
+
+
+def test_a_second_engine_with_the_same_engine_id_starts_and_misses(tmp_path):
+    """Two engines given one engine_id (a copied kv-transfer-config): the second cannot serve lookups on the
+    first's socket; it starts anyway, its scheduler gets misses at worst, never an error or the other's bytes."""
+    engine = Engine(tmp_path / "a", {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    try:
+        config = make_config(write_model(tmp_path / "model-b"), {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+        config.kv_transfer_config.engine_id = engine.config.kv_transfer_config.engine_id
+        from vllm_env import kv_cache_config, paged_caches
+        twin = connector(config, kv_cache_config())
+        try:
+            twin.register_kv_caches(paged_caches(seed=5))
+            assert twin.worker.server is None and twin.store is not None
+            tokens = prompt(70, seed=16)
+            run_prompt(engine, "a", tokens)
+            assert engine.connector.get_num_new_matched_tokens(make_request("b", tokens), 0) == (64, False)
+        finally:
+            twin.shutdown()
+    finally:
+        engine.close()
