@@ -399,3 +399,33 @@ def test_a_second_engine_with_the_same_engine_id_starts_and_misses(tmp_path):
             twin.shutdown()
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("role", ["kv_producer", "kv_consumer"])
+def test_producer_only_saves_and_consumer_only_loads(tmp_path, role):
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    try:
+        tokens = prompt(70, seed=17)
+        run_prompt(engine, "a", tokens)  # saved by the kv_both engine
+        config = make_config(write_model(tmp_path / "model"), {"block_tokens": BLOCK_TOKENS})
+        config.kv_transfer_config.kv_role = role
+        config.kv_transfer_config.engine_id = engine.config.kv_transfer_config.engine_id
+        from vllm_env import kv_cache_config
+        sched = connector(config, kv_cache_config(), KVConnectorRole.SCHEDULER)
+        try:
+            request = make_request("b", tokens)
+            sched.on_new_request(request)
+            expected = (64, False) if role == "kv_consumer" else (0, False)
+            assert sched.get_num_new_matched_tokens(request, 0) == expected
+            out = SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id="b", block_ids=([1, 2, 3, 4, 5],),
+                                                                       num_computed_tokens=0)],
+                                  scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[],
+                                                                        num_computed_tokens=[], resumed_req_ids=set()),
+                                  num_scheduled_tokens={"b": 70}, finished_req_ids=set(),
+                                  total_num_scheduled_tokens=70)
+            meta = sched.build_connector_meta(out)
+            assert len(meta.saves) == (1 if role == "kv_producer" else 0)
+        finally:
+            sched.shutdown()
+    finally:
+        engine.close()
