@@ -207,6 +207,12 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.worker.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: Any) -> None:
+        """vLLM binds each step's metadata before the forward: the worker times the forward from here."""
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None:
+            self.worker.step_started()
+
     def unregister_kv_caches(self) -> None:
         """vLLM 0.33's sleep mode: stop serving and saving until ``restore_kv_caches``."""
         self.worker.sleep()

@@ -141,8 +141,11 @@ class WorkerHalf:
 
     # -- loads --------------------------------------------------------------------------------------------
 
-    def start_load_kv(self, meta: Any, forward_context: Any) -> None:
+    def step_started(self) -> None:
+        """vLLM bound this step's metadata: the forward comes next (``start_load_kv`` may run after it)."""
         self._step_started = time.perf_counter()
+
+    def start_load_kv(self, meta: Any, forward_context: Any) -> None:
         if not isinstance(meta, KVStoreConnectorMetadata) or self.engine is None:
             return
         mode = getattr(getattr(forward_context, "cudagraph_runtime_mode", None), "name", None)
@@ -207,6 +210,7 @@ class WorkerHalf:
     # -- saves --------------------------------------------------------------------------------------------
 
     def wait_for_save(self, meta: Any) -> None:
+        forward_seconds = time.perf_counter() - self._step_started  # bind to here: the forward, not the saves
         for job in self._active:  # loads vLLM did not wait for layer by layer
             job.advance(self.store.layout.num_layers - 1 if self.store else 0)
         self._retire()
@@ -214,8 +218,9 @@ class WorkerHalf:
             return
         for spec in meta.saves:
             self._save(spec)
-        if meta.step_tokens >= PREFILL_SAMPLE_TOKENS and not meta.loads:
-            self.store.record_prefill(meta.step_tokens, time.perf_counter() - self._step_started)
+        if meta.step_tokens >= PREFILL_SAMPLE_TOKENS and not meta.loads and self._step_started:
+            self.store.record_prefill(meta.step_tokens, forward_seconds)
+        self._step_started = 0.0
 
     def _save(self, spec: SaveSpec) -> None:
         started = time.perf_counter()

@@ -429,3 +429,20 @@ def test_producer_only_saves_and_consumer_only_loads(tmp_path, role):
             sched.shutdown()
     finally:
         engine.close()
+
+
+def test_prefill_is_timed_over_the_forward_even_when_loads_start_after_it(tmp_path):
+    """With no sync load in a step, vLLM calls start_load_kv after the forward: the planner must still learn
+    the forward's time (timing from start_load_kv measured ~0 s, judged prefill free and refused every load)."""
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    try:
+        worker, planner = engine.worker, engine.worker.store.hooks.planner
+        worker.bind_connector_metadata(KVStoreConnectorMetadata(step_tokens=1000))
+        import time
+        time.sleep(0.25)  # the forward
+        worker.start_load_kv(None)
+        worker.wait_for_save()
+        worker.clear_connector_metadata()
+        assert 0 < planner.prefill_tokens_per_second <= 1000 / 0.25  # the 0.25 s forward counted
+    finally:
+        engine.close()
