@@ -23,7 +23,8 @@ from typing import Any
 from kvstore.integrations.vllm_lookup import Answer, LookupClient, address
 from kvstore.integrations.vllm_meta import KVStoreConnectorMetadata, LoadSpec, SaveSpec
 from kvstore.integrations.vllm_metrics import KVStoreConnectorStats
-from kvstore.integrations.vllm_settings import ConnectorSettings, RankPlace, key_tokens, request_salt
+from kvstore.integrations.vllm_settings import (ConnectorSettings, RankPlace, key_tokens, request_salt,
+                                                storable_group)
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,6 @@ class _Request:
     sources: dict[str, int] = field(default_factory=dict)  # tiers of the last answer (vLLM asks after alloc)
     computed: int = 0  # vLLM's computed tokens when the answer was given
     request: Any = None  # vLLM's Request: its block_hashes name the saved blocks in KV cache events
-
-
-def storable_group(kv_cache_config: Any) -> int | None:
-    """The index of the one KV-cache group kvstore stores, or None when the config has others (hybrid)."""
-    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
-    if not groups:
-        return 0
-    try:
-        from vllm.v1.kv_cache_interface import FullAttentionSpec
-    except ImportError:  # pragma: no cover - every supported vLLM has it
-        return 0
-    full = [i for i, g in enumerate(groups) if isinstance(g.kv_cache_spec, FullAttentionSpec)]
-    return full[0] if len(full) == 1 and len(groups) == 1 else None
 
 
 class SchedulerHalf:

@@ -35,7 +35,7 @@ from kvstore.integrations.vllm_meta import KVStoreConnectorMetadata, LoadSpec, S
 from kvstore.integrations.vllm_metrics import ConnectorEvents, KVStoreConnectorStats
 from kvstore.integrations.vllm_paged import paged_adapter
 from kvstore.integrations.vllm_settings import (ConnectorSettings, RankPlace, layer_index, layout_from_caches,
-                                                model_id_of, rank_store_config)
+                                                model_id_of, rank_store_config, storable_group)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,12 @@ class WorkerHalf:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = stored_layers(kv_caches, self.kv_cache_config)
+        if not names or storable_group(self.kv_cache_config) is None:  # hybrid or attention-free: recomputed
+            log.warning("kvstore worker %s: no full-attention KV cache to store (%d caches, groups %s); this "
+                        "engine's prompts are computed", self.place.rank_dir, len(kv_caches),
+                        [type(g.kv_cache_spec).__name__ for g in
+                         getattr(self.kv_cache_config, "kv_cache_groups", None) or []])
+            return
         caches = [kv_caches[n] for n in names]
         odd = [n for n, c in zip(names, caches) if c.shape != caches[0].shape]
         if odd:

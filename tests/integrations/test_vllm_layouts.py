@@ -185,6 +185,23 @@ def test_hybrid_cache_config_starts_with_hma_and_recomputes(tmp_path):
         assert finished == (False, None)
     finally:
         scheduler.shutdown()
+    worker = connector(config, kcc)  # the worker starts too, and stores nothing (a Mamba-like state cache here)
+    try:
+        worker.register_kv_caches({LAYER_NAMES[0]: torch.zeros(NUM_BLOCKS, KV_HEADS, PAGE, 2 * HEAD_DIM),
+                                   LAYER_NAMES[1]: torch.zeros(NUM_BLOCKS, 3, 7)})
+        assert worker.store is None
+        worker.bind_connector_metadata(KVStoreConnectorMetadata())
+        worker.start_load_kv(None)
+        worker.wait_for_save()
+        assert worker.get_finished(set()) == (None, None)
+    finally:
+        worker.shutdown()
+    empty = connector(config, None)  # an attention-free model registers no cache at all
+    try:
+        empty.register_kv_caches({})
+        assert empty.store is None
+    finally:
+        empty.shutdown()
 
 
 def run_prompt(engine: Engine, req_id: str, tokens: list[int]):
