@@ -49,6 +49,8 @@ class DeviceTier(SlotTier):
             dst.copy_(block)
             return
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        if block.is_cuda and block.device != self.device:  # the source's writes are ordered on its own device
+            self._stream.wait_stream(torch.cuda.current_stream(block.device))
         with torch.cuda.stream(self._stream):
             dst.copy_(block, non_blocking=True)
             event = torch.cuda.Event()
@@ -56,6 +58,9 @@ class DeviceTier(SlotTier):
         self._events[slot] = event
         if block.is_cuda:
             block.record_stream(self._stream)
+            # the caller's later kernels (which may overwrite its tensor) wait for the copy on the GPU,
+            # never on the host: the stored bytes are those of the put
+            torch.cuda.current_stream(block.device).wait_event(event)
         else:
             event.synchronize()  # the caller may reuse its host buffer as soon as put returns
 
