@@ -167,9 +167,13 @@ class CopyEngine:
                 log.info("staging full for %.1f s: tokens [%d, %d) of a request are not saved", SAVE_WAIT_SECONDS,
                          lo, len(tokens))
                 return lo - start
-            where = self.adapter.locate(block_ids, hi - lo, start=lo)
-            for layer in range(self.num_layers):
-                self.adapter.gather_layer(layer, where, out=chunk.device[layer, :, :hi - lo])
+            try:
+                where = self.adapter.locate(block_ids, hi - lo, start=lo)
+                for layer in range(self.num_layers):
+                    self.adapter.gather_layer(layer, where, out=chunk.device[layer, :, :hi - lo])
+            except BaseException:
+                self._free.put(chunk)  # a gather that fails (bad block ids) must not leak its staging
+                raise
             copied = None
             if self.cuda:
                 gathered = torch.cuda.Event()

@@ -245,3 +245,17 @@ def test_a_load_into_bad_block_ids_is_a_miss_not_a_crash(store, engine):
         job = eng.load(tokens, None, table, 0, 16)
         assert job.finish() == 0 and job.done
     assert not raw.any()
+
+
+def test_staged_save_with_bad_block_ids_raises_and_keeps_its_staging(store):
+    """A gather that fails (block ids outside the cache) hands its chunk back: later saves still have it."""
+    _, adapter = _caches()
+    eng = CopyEngine(store, adapter, CHUNK_STAGING, staged=True)
+    try:
+        chunks = eng._free.qsize()
+        tokens = make_tokens(2 * BT)
+        with pytest.raises(ValueError, match="block_table"):
+            eng.save(tokens, None, [NUM_PAGES + 5] * (len(tokens) // PAGE), 0)
+        assert eng._free.qsize() == chunks
+    finally:
+        eng.close()
