@@ -230,10 +230,10 @@ class LookupClient:
 
     def lookup(self, tokens: Sequence[int], salt: str | None) -> Answer:
         """Leading tokens of ``tokens`` every rank can load (0 if any rank cannot be asked)."""
-        header = json.dumps({"salt": salt, "tokens": len(tokens)}).encode()
-        raw = token_bytes(tokens)
         if len(tokens) > MAX_TOKENS:
             return Answer()
+        header = json.dumps({"salt": salt, "tokens": len(tokens)}).encode()
+        raw = token_bytes(tokens)
         with self._lock:  # one request in flight per connection; ranks are asked side by side
             if any(peer.conn is None for peer in self._peers):
                 return self._ask_each(header, raw)
