@@ -33,11 +33,8 @@ def test_second_request_is_served_the_shared_prefix(tmp_path, async_load):
     try:
         shared = prompt(80, seed=1)
         first, second = shared + prompt(20, seed=2), shared + prompt(21, seed=3)
-        engine.add(make_request("r1", first))
-        out = engine.run("r1")
+        out = engine.serve("r1", first)  # r1 finishes (max_tokens=1); its prompt was saved in its prefill step
         assert out.scheduled_new_reqs[0].num_computed_tokens == 0
-        engine.step()  # r1 finished (max_tokens=1); its prompt was saved in its prefill step
-        assert engine.scheduler.reset_prefix_cache()
 
         engine.add(make_request("r2", second))
         out = engine.run("r2")
@@ -72,14 +69,11 @@ def test_second_request_is_served_the_shared_prefix(tmp_path, async_load):
         engine.close()
 
 
-def test_async_lookup_defers_then_waits_for_remote_kvs(tmp_path):
+def test_async_lookup_answers_at_once_then_waits_for_remote_kvs(tmp_path):
     engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB", "async_load": True})
     try:
         tokens = prompt(70, seed=4)
-        engine.add(make_request("a", tokens))
-        engine.run("a")
-        engine.step()
-        engine.scheduler.reset_prefix_cache()
+        engine.serve("a", tokens)
         request = make_request("b", tokens + [5])
         answers = [engine.connector.get_num_new_matched_tokens(request, 0) for _ in range(50)]
         assert answers == [(64, True)] * 50  # retries while a request waits reuse the first answer
@@ -96,10 +90,7 @@ def test_failed_load_makes_vllm_recompute(tmp_path):
     engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
     try:
         tokens = prompt(70, seed=5)
-        engine.add(make_request("a", tokens))
-        engine.run("a")
-        engine.step()
-        engine.scheduler.reset_prefix_cache()
+        engine.serve("a", tokens)
         request = make_request("b", tokens + [5])
         engine.add(request)
         real_load = engine.worker.store.load

@@ -204,21 +204,13 @@ def test_hybrid_cache_config_starts_with_hma_and_recomputes(tmp_path):
         empty.shutdown()
 
 
-def run_prompt(engine: Engine, req_id: str, tokens: list[int]):
-    engine.add(make_request(req_id, tokens))
-    out = engine.run(req_id)
-    engine.step()
-    assert engine.scheduler.reset_prefix_cache()
-    return out
-
-
 def test_one_token_left_loads_before_the_forward(tmp_path):
     """A fully stored prompt leaves vLLM one token: a uniform-decode batch that replays a FULL CUDA graph,
     in which wait_for_layer_load never runs. The load must be complete when start_load_kv returns."""
     engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
     try:
         tokens = prompt(65, seed=7)  # 64 stored tokens + 1 computed
-        run_prompt(engine, "a", tokens)
+        engine.serve("a", tokens)
         request = make_request("b", tokens)
         engine.add(request)
         out = engine.scheduler.schedule()
@@ -240,7 +232,7 @@ def test_any_load_completes_before_a_full_graph_forward(tmp_path):
     engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
     try:
         tokens = prompt(100, seed=8)
-        run_prompt(engine, "a", tokens)
+        engine.serve("a", tokens)
         worker = engine.worker
         ids = list(range(20, 27))
         worker.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("x", tokens[:96], None, ids, 0,
@@ -302,10 +294,10 @@ def test_scheduler_counts_each_hit_once_and_equal_to_tokens_loaded(tmp_path):
     loaded = 0
     try:
         shared = prompt(96, seed=11)
-        run_prompt(engine, "a", shared + [1])
+        engine.serve("a", shared + [1])
         loaded += sum(engine.worker.get_kv_connector_stats().data.get("loaded_tokens", 0) for _ in [0])
         for i in range(3):
-            run_prompt(engine, f"b{i}", shared + [2 + i] * (i + 1))
+            engine.serve(f"b{i}", shared + [2 + i] * (i + 1))
             loaded += engine.worker.get_kv_connector_stats().data.get("loaded_tokens", 0)
     finally:
         engine.close()
@@ -384,14 +376,14 @@ def test_sleep_mode_forgets_what_was_saved_under_the_old_weights(tmp_path):
     engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
     try:
         tokens = prompt(70, seed=15)
-        run_prompt(engine, "a", tokens)
+        engine.serve("a", tokens)
         sched = engine.connector
         assert sched.get_num_new_matched_tokens(make_request("b", tokens), 0) == (64, False)
         engine.worker.unregister_kv_caches()
         assert sched.get_num_new_matched_tokens(make_request("c", tokens), 0) == (0, False)
         engine.worker.restore_kv_caches()
         assert sched.get_num_new_matched_tokens(make_request("d", tokens), 0) == (0, False)
-        run_prompt(engine, "e", tokens)  # computed and saved again, under the new weights
+        engine.serve("e", tokens)  # computed and saved again, under the new weights
         assert sched.get_num_new_matched_tokens(make_request("f", tokens), 0) == (64, False)
     finally:
         engine.close()
@@ -410,7 +402,7 @@ def test_a_second_engine_with_the_same_engine_id_starts_and_misses(tmp_path):
             twin.register_kv_caches(paged_caches(seed=5))
             assert twin.worker.server is None and twin.store is not None
             tokens = prompt(70, seed=16)
-            run_prompt(engine, "a", tokens)
+            engine.serve("a", tokens)
             assert engine.connector.get_num_new_matched_tokens(make_request("b", tokens), 0) == (64, False)
         finally:
             twin.shutdown()
@@ -423,7 +415,7 @@ def test_producer_only_saves_and_consumer_only_loads(tmp_path, role):
     engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
     try:
         tokens = prompt(70, seed=17)
-        run_prompt(engine, "a", tokens)  # saved by the kv_both engine
+        engine.serve("a", tokens)  # saved by the kv_both engine
         config = make_config(write_model(tmp_path / "model"), {"block_tokens": BLOCK_TOKENS})
         config.kv_transfer_config.kv_role = role
         config.kv_transfer_config.engine_id = engine.config.kv_transfer_config.engine_id

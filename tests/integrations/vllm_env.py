@@ -174,6 +174,15 @@ class Engine:
             time.sleep(0.005)  # an idle engine polls; give the background load threads the GIL
         raise AssertionError(f"{req_id} was never scheduled")
 
+    def serve(self, req_id: str, tokens: list[int]):
+        """Prefill ``tokens`` as request ``req_id`` to its end (its prompt is saved), then empty vLLM's own
+        prefix cache so that a later hit can only come from kvstore; returns the step that computed it."""
+        self.add(make_request(req_id, tokens))
+        out = self.run(req_id)
+        self.step()
+        assert self.scheduler.reset_prefix_cache()
+        return out
+
     def close(self) -> None:
         self.connector.shutdown()
         self.worker.shutdown()
