@@ -13,7 +13,6 @@ to the tokens loaded, KV cache events and Prometheus metrics.
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed: build its environment with scripts/engine-venvs.sh vllm")
 
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
+from vllm.config import CUDAGraphMode  # noqa: E402
 from vllm.distributed.kv_events import BlockStored  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole, supports_hma  # noqa: E402
@@ -29,14 +29,21 @@ from vllm.v1.core.kv_cache_planning import get_kv_cache_config_from_groups  # no
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash  # noqa: E402
 from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,  # noqa: E402
                                         MLAAttentionSpec, SlidingWindowSpec)
+from vllm.forward_context import ForwardContext  # noqa: E402
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
+from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 from vllm.v1.worker.utils import allocate_kv_cache  # noqa: E402
 
 from kvstore.integrations.vllm import (KVStoreConnector, KVStoreConnectorMetadata, LoadSpec, SaveSpec,  # noqa: E402
                                        key_tokens, request_salt)
 from vllm_env import (BLOCK_TOKENS, KV_HEADS, HEAD_DIM, LAYER_NAMES, LAYERS, NUM_BLOCKS, PAGE,  # noqa: E402
-                      Engine, make_config, make_request, prompt, read_tokens, true_kv, write_model, write_tokens)
+                      Engine, kv_cache_config, make_config, make_request, paged_caches, prompt, read_tokens,
+                      true_kv, write_model, write_tokens)
 
+# vLLM's own forward context of a step that replays a FULL CUDA graph
+FULL_GRAPH_STEP = ForwardContext(no_compile_layers={}, attn_metadata={}, slot_mapping={},
+                                 cudagraph_runtime_mode=CUDAGraphMode.FULL)
 LAYOUTS = ["LBNHC", "LBHNC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"]
 
 
@@ -218,7 +225,7 @@ def test_one_token_left_loads_before_the_forward(tmp_path):
         assert [(s.start, s.end, s.eager) for s in meta.loads] == [(0, 64, True)]
         worker = engine.worker
         worker.bind_connector_metadata(meta)
-        worker.start_load_kv(SimpleNamespace(cudagraph_runtime_mode=SimpleNamespace(name="FULL")))
+        worker.start_load_kv(FULL_GRAPH_STEP)
         # no wait_for_layer_load: what a FULL graph replay does
         ids = out.scheduled_new_reqs[0].block_ids[0]
         assert torch.equal(read_tokens(engine.caches, ids, 0, 64), true_kv(tokens, 0, 64))
@@ -237,7 +244,7 @@ def test_any_load_completes_before_a_full_graph_forward(tmp_path):
         ids = list(range(20, 27))
         worker.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("x", tokens[:96], None, ids, 0,
                                                                                 96)]))
-        worker.start_load_kv(SimpleNamespace(cudagraph_runtime_mode=SimpleNamespace(name="FULL")))
+        worker.start_load_kv(FULL_GRAPH_STEP)
         assert torch.equal(read_tokens(engine.caches, ids, 0, 96), true_kv(tokens, 0, 96))
         worker.wait_for_save()
         worker.clear_connector_metadata()
@@ -396,7 +403,6 @@ def test_a_second_engine_with_the_same_engine_id_starts_and_misses(tmp_path):
     try:
         config = make_config(write_model(tmp_path / "model-b"), {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
         config.kv_transfer_config.engine_id = engine.config.kv_transfer_config.engine_id
-        from vllm_env import kv_cache_config, paged_caches
         twin = connector(config, kv_cache_config())
         try:
             twin.register_kv_caches(paged_caches(seed=5))
@@ -418,24 +424,20 @@ def test_producer_only_saves_and_consumer_only_loads(tmp_path, role):
         engine.serve("a", tokens)  # saved by the kv_both engine
         config = make_config(write_model(tmp_path / "model"), {"block_tokens": BLOCK_TOKENS})
         config.kv_transfer_config.kv_role = role
-        config.kv_transfer_config.engine_id = engine.config.kv_transfer_config.engine_id
-        from vllm_env import kv_cache_config
-        sched = connector(config, kv_cache_config(), KVConnectorRole.SCHEDULER)
+        config.kv_transfer_config.engine_id = engine.config.kv_transfer_config.engine_id  # asks engine's worker
+        config.cache_config.num_gpu_blocks = NUM_BLOCKS
+        scheduler = Scheduler(vllm_config=config, kv_cache_config=kv_cache_config(), log_stats=True,
+                              structured_output_manager=StructuredOutputManager(config), block_size=PAGE)
         try:
-            request = make_request("b", tokens)
-            sched.on_new_request(request)
-            expected = (64, False) if role == "kv_consumer" else (0, False)
-            assert sched.get_num_new_matched_tokens(request, 0) == expected
-            out = SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id="b", block_ids=([1, 2, 3, 4, 5],),
-                                                                       num_computed_tokens=0)],
-                                  scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[],
-                                                                        num_computed_tokens=[], resumed_req_ids=set()),
-                                  num_scheduled_tokens={"b": 70}, finished_req_ids=set(),
-                                  total_num_scheduled_tokens=70)
-            meta = sched.build_connector_meta(out)
+            scheduler.add_request(make_request("b", tokens))
+            out = scheduler.schedule()
+            loaded = out.scheduled_new_reqs[0].num_computed_tokens
+            assert loaded == (64 if role == "kv_consumer" else 0)
+            meta = out.kv_connector_metadata
+            assert len(meta.loads) == (1 if role == "kv_consumer" else 0)
             assert len(meta.saves) == (1 if role == "kv_producer" else 0)
         finally:
-            sched.shutdown()
+            scheduler.connector.shutdown()
     finally:
         engine.close()
 

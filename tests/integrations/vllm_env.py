@@ -125,7 +125,8 @@ class Engine:
     def __init__(self, tmp_path: Path, extra: dict, kind: str = "LBNHC"):
         self.config = make_config(write_model(tmp_path / "model"), extra)
         self.config.cache_config.num_gpu_blocks = NUM_BLOCKS
-        # The worker connector first, as in vLLM's uniproc executor (its store is then shared in this process).
+        # The worker connector first, as vLLM initialises its workers before the scheduler: the worker's store
+        # answers the scheduler's lookups over its socket.
         self.worker = KVConnectorFactory.create_connector(self.config, KVConnectorRole.WORKER, kv_cache_config())
         self.caches = paged_caches(kind)
         self.worker.register_kv_caches(self.caches)
