@@ -171,7 +171,7 @@ def test_save(benchmark, connectors, kv):
     counter = iter(range(10**6))
 
     def save() -> None:  # a fresh salt each round: every block is stored anew (no dedup)
-        spec = SaveSpec("s", list(range(TOKENS)), f"round-{next(counter)}", table)
+        spec = SaveSpec("s", list(range(TOKENS)), f"round-{next(counter)}", (table,))
         worker.bind_connector_metadata(KVStoreConnectorMetadata(saves=[spec]))
         for name in NAMES:
             worker.save_kv_layer(name, None, None)
@@ -185,7 +185,7 @@ def test_load(benchmark, connectors, kv):
     _, worker, caches = connectors
     table = _table()
     worker.store.put(list(range(TOKENS)), kv, salt="load")
-    spec = LoadSpec("l", list(range(TOKENS)), "load", table, 0, TOKENS)
+    spec = LoadSpec("l", list(range(TOKENS)), "load", (table,), 0, TOKENS)
 
     def load() -> None:
         worker.bind_connector_metadata(KVStoreConnectorMetadata(loads=[spec]))

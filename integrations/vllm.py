@@ -43,10 +43,13 @@ and MLA latent caches are stored byte for byte. A load vLLM would not wait
 for layer by layer (the request has at most a decode's worth of tokens left,
 so the step may replay a FULL CUDA graph) is queued whole before the forward;
 saves are gathered after the forward, outside any graph, so vLLM's default
-``FULL_AND_PIECEWISE`` mode needs no change. A hybrid cache config (sliding
-window, Mamba) is accepted (``SupportsHMA``) and recomputed: see
-``integrations/vllm_scheduler.py``. Blocks a load could not fill are
-reported through ``get_block_ids_with_load_errors`` and vLLM recomputes them.
+``FULL_AND_PIECEWISE`` mode needs no change. Hybrid models (``SupportsHMA``):
+full-attention, sliding-window and chunked-local groups are stored and
+served exactly; Mamba and other state groups make kvstore serve nothing and
+vLLM recompute (``integrations/vllm_groups.py``). Blocks a load could not
+fill are reported through ``get_block_ids_with_load_errors`` and vLLM
+recomputes them (a multi-group request's async load is reported failed
+through ``get_transfer_results``, and recomputed whole).
 After vLLM's sleep mode (``unregister_kv_caches`` / ``restore_kv_caches``)
 the workers salt everything with a new weights epoch: the weights may have
 been replaced while asleep (RLHF), so what was saved before is never served.
@@ -66,7 +69,8 @@ from typing import Any
 import torch
 
 try:
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorRole,
+                                                                   KVConnectorTransferResults)
 except ImportError as exc:  # pragma: no cover - exercised without vllm
     raise ImportError(
         "kvstore.integrations.vllm needs vLLM 0.32 or 0.33 (the KVConnectorBase_V1 API), which is not importable "
@@ -153,6 +157,8 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         return self._events.take_kv_events()
 
     def update_connector_output(self, connector_output: Any) -> None:
+        if self.scheduler is not None:  # a request whose load failed is served nothing more: vLLM computes it
+            self.scheduler.loads_failed(getattr(connector_output, "failed_recving", None) or ())
         events = getattr(connector_output, "kv_cache_events", None)
         if isinstance(events, KVStoreKVEvents):
             if self._worker_events is None:
@@ -234,7 +240,12 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         self.worker.wait_for_save(self._connector_metadata)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, self.worker.get_finished()
+        return None, self.worker.get_finished()[0] or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        """Finished async loads, and those that failed: vLLM recomputes a failed multi-group request whole."""
+        done, failed = self.worker.get_finished()
+        return KVConnectorTransferResults(finished_recving=done, failed_recving=failed)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors()

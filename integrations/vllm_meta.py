@@ -14,12 +14,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 @dataclass
 class LoadSpec:
     """Load tokens ``[start, end)`` of ``tokens`` (the key tokens up to a store block boundary) into
-    ``block_ids`` (vLLM's block ids of the request, from token 0)."""
+    ``block_ids``: the request's block table of each KV-cache group, from token 0 (``NO_PAGE`` where a
+    group holds vLLM's null block)."""
 
     req_id: str
     tokens: list[int]
     salt: str | None
-    block_ids: list[int]
+    block_ids: tuple[list[int], ...]
     start: int
     end: int
     is_async: bool = False
@@ -28,15 +29,18 @@ class LoadSpec:
 
 @dataclass
 class SaveSpec:
-    """Save the prompt ``tokens`` (key tokens) from ``block_ids``; ``block_hashes`` are vLLM's hashes of
-    the request's full blocks (for KV cache events)."""
+    """Save ``tokens`` (the prompt's key tokens, or its first store blocks computed so far) from
+    ``block_ids`` (one block table per KV-cache group, ``NO_PAGE`` where a group may have freed the page);
+    tokens before ``after`` were handed over by an earlier step; ``block_hashes`` are vLLM's hashes of the
+    request's full blocks (for KV cache events)."""
 
     req_id: str
     tokens: list[int]
     salt: str | None
-    block_ids: list[int]
+    block_ids: tuple[list[int], ...]
     block_hashes: list = field(default_factory=list)
     lora_name: str | None = None
+    after: int = 0
 
 
 @dataclass

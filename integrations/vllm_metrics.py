@@ -47,6 +47,7 @@ _COUNTERS = {
     "saves": "Saves from vLLM's KV cache, one per worker.", "saved_tokens": "Tokens saved, summed over workers.",
     "save_bytes": "KV bytes saved, summed over workers, bytes.", "save_seconds": "Time spent saving, seconds.",
     "save_errors": "Saves that failed.", "save_skipped": "Saves dropped because staging memory was full.",
+    "save_window_gaps": "Saves not made because a sliding window had freed the pages of tokens not yet stored.",
 }
 STAT_KEYS: tuple[str, ...] = tuple(_COUNTERS)
 STAGING = "staging_bytes"  # the gauge: {"<worker rank>": bytes of staging memory in use}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kvstore.integrations.paged import VLLMPagedAdapter, as_words, check_page_size
+from kvstore.integrations.vllm_groups import NO_PAGE
 from kvstore.layout import KVLayout
 
 
@@ -126,6 +127,78 @@ class StandardizedPagedAdapter:
             rows = torch.cat(list(kv_layer[:, w:]), dim=-1)  # [n, H, P * D]
             cache.index_put_((where.pages[:, None], torch.arange(lay.num_kv_heads, device=self.device)[None, :],
                               where.offsets[:, None]), rows)
+
+
+@dataclass(frozen=True)
+class GroupSlots:
+    """Where one group's layers read or write tokens ``[start + skip, start + n)``; the first ``skip`` have no
+    page in that group (freed, or vLLM's null block)."""
+
+    skip: int
+    slots: PageSlots | None
+
+
+class GroupedAdapter:
+    """One adapter over the layers of several KV-cache groups: each layer reads and writes its own group's
+    block table (``tables[layer_groups[layer]]``), and a table's ``NO_PAGE`` entries are never touched.
+
+    A load scatters each group's tokens from its first page on; a gather (a
+    save) of tokens a group has no page for raises ``ValueError``: the
+    caller saves only what ``first_token`` says every group still holds.
+    """
+
+    def __init__(self, inner: Any, layer_groups: Sequence[int]):
+        if len(layer_groups) != inner.layout.num_layers:
+            raise ValueError(f"layer_groups: expected one group per layer ({inner.layout.num_layers}), "
+                             f"got {len(layer_groups)}")
+        self.inner = inner
+        self.layout = inner.layout
+        self.layer_groups = list(layer_groups)
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def page_size(self) -> int:
+        return self.inner.page_size
+
+    @property
+    def num_pages(self) -> int:
+        return self.inner.num_pages
+
+    def first_token(self, tables: Sequence[Sequence[int]], end: int) -> int:
+        """The first token from which every group holds a page for each token up to ``end``."""
+        page, first = self.page_size, 0
+        for table in tables:
+            used = list(table[:-(-end // page)])
+            missing = [i for i, b in enumerate(used) if b == NO_PAGE]
+            if missing:
+                first = max(first, (missing[-1] + 1) * page)
+        return min(first, end)
+
+    def locate(self, tables: Sequence[Sequence[int]], num_tokens: int, start: int = 0) -> list[GroupSlots]:
+        end, page = start + num_tokens, self.page_size
+        out = []
+        for table in tables:
+            skip = max(0, self.first_token([table], end) - start)
+            if skip >= num_tokens:
+                out.append(GroupSlots(num_tokens, None))
+                continue
+            ids = [max(b, 0) for b in table[:-(-end // page)]]  # entries before start + skip are not read
+            out.append(GroupSlots(skip, self.inner.locate(ids, num_tokens - skip, start=start + skip)))
+        return out
+
+    def gather_layer(self, layer: int, where: list[GroupSlots], out: torch.Tensor | None = None) -> torch.Tensor:
+        at = where[self.layer_groups[layer]]
+        if at.skip:
+            raise ValueError(f"layer {layer}: its KV-cache group holds no page for {at.skip} of the tokens to save")
+        return self.inner.gather_layer(layer, at.slots, out)
+
+    def scatter_layer(self, layer: int, kv_layer: torch.Tensor, where: list[GroupSlots]) -> None:
+        at = where[self.layer_groups[layer]]
+        if at.slots is not None:
+            self.inner.scatter_layer(layer, kv_layer[:, at.skip:], at.slots)
 
 
 def as_dtype(cache: torch.Tensor, dtype: torch.dtype, name: str = "kv_cache") -> torch.Tensor:

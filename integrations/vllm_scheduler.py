@@ -5,12 +5,12 @@ It opens no store. It asks the workers' stores over their lookup sockets
 ``get_num_new_matched_tokens`` again every step a request waits for memory,
 and those retries reuse the first answer.
 
-Hybrid KV-cache configs (``SupportsHMA``): kvstore stores full-attention
-(and MLA) KV. A model whose cache config has any other group (sliding
-window, Mamba, chunked local attention) would need that group's state at
-the hit point too, which kvstore does not store yet: such requests are
-looked up as misses and nothing is saved, so vLLM recomputes them exactly
-(counted as ``hybrid_skipped`` in the log, once).
+Hybrid KV-cache configs (``SupportsHMA``): full-attention, sliding-window
+and chunked-local groups are stored (``integrations/vllm_groups.py``): their
+saves go store block by store block as the prefill computes them, from the
+pages each group still holds, and their loads are async (vLLM recomputes a
+multi-group request whose load failed, whole). A config with any other group
+(Mamba...) is looked up as a miss and saves nothing: vLLM recomputes it exactly.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvstore.integrations.vllm_groups import cache_groups, load_tables
 from kvstore.integrations.vllm_lookup import Answer, LookupClient, address
 from kvstore.integrations.vllm_meta import KVStoreConnectorMetadata, LoadSpec, SaveSpec
 from kvstore.integrations.vllm_metrics import KVStoreConnectorStats
-from kvstore.integrations.vllm_settings import (ConnectorSettings, RankPlace, key_tokens, request_salt,
-                                                storable_group)
+from kvstore.integrations.vllm_settings import ConnectorSettings, RankPlace, key_tokens, request_salt
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,14 @@ class _Request:
     tokens: list[int] | None
     salt: str | None
     lora_name: str | None = None
-    block_ids: list[int] = field(default_factory=list)
-    saved: bool = False
+    block_ids: list[list[int]] = field(default_factory=list)  # vLLM's block ids, one list per KV-cache group
+    saved: bool = False  # the whole prompt was handed to the workers
+    saved_upto: int = 0  # tokens handed to the workers so far (block by block, for hybrid configs)
     answer: Answer | None = None  # the lookup of this admission (reused while the request waits)
     sources: dict[str, int] = field(default_factory=dict)  # tiers of the last answer (vLLM asks after alloc)
     computed: int = 0  # vLLM's computed tokens when the answer was given
     request: Any = None  # vLLM's Request: its block_hashes name the saved blocks in KV cache events
+    load_failed: bool = False  # a load of it failed: it is not offered another (vLLM would retry it forever)
 
 
 class SchedulerHalf:
@@ -54,10 +56,11 @@ class SchedulerHalf:
         self.block_tokens = settings.block_tokens
         self.consumer, self.producer = consumer, producer
         self.stats = stats
-        self.group = storable_group(kv_cache_config)
-        if self.group is None:
-            log.warning("kvstore: this model's KV cache has groups other than full attention (sliding window, "
-                        "Mamba...); kvstore stores none of their state, so every prompt is recomputed")
+        self.groups, reason = cache_groups(kv_cache_config, self.page_size)
+        if self.groups is None:
+            log.warning("kvstore: this model's KV cache holds state kvstore cannot store exactly (%s); every "
+                        "prompt is recomputed", reason)
+        self.async_load = settings.async_load or (self.groups is not None and self.groups.hybrid)
         spec = getattr(vllm_config, "speculative_config", None)
         self.uniform_decode = 1 + int(getattr(spec, "num_speculative_tokens", 0) or 0)
         names = [address(place.engine_id, place.dp_rank, pp, tp) for pp, tp in place.peers()]
@@ -80,6 +83,8 @@ class SchedulerHalf:
         self._state(request)
 
     def _answer(self, state: _Request) -> Answer:
+        if state.load_failed:
+            return Answer()
         if state.answer is None:
             started = time.perf_counter()
             state.answer = self.client.lookup(state.tokens, state.salt) if state.tokens else Answer()
@@ -90,14 +95,14 @@ class SchedulerHalf:
         return state.answer
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if not self.consumer or self.group is None:
+        if not self.consumer or self.groups is None:
             return 0, False
         state = self._state(request)
         hit = self._answer(state).load_tokens
         state.computed = num_computed_tokens
         if hit <= num_computed_tokens:
             return 0, False
-        return hit - num_computed_tokens, self.settings.async_load
+        return hit - num_computed_tokens, self.async_load
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         state = self._requests.get(request.request_id)
@@ -110,11 +115,10 @@ class SchedulerHalf:
         end = start + num_external_tokens
         self.stats.add("hit_tokens", num_external_tokens)
         cut = min(len(state.tokens), -(-end // self.block_tokens) * self.block_tokens)
-        block_ids = list(blocks.get_block_ids()[self.group or 0])
         eager = len(state.tokens) - end <= self.uniform_decode
         self._pending_loads[request.request_id] = LoadSpec(
-            request.request_id, state.tokens[:cut], state.salt, block_ids, start, end,
-            is_async=self.settings.async_load, eager=eager)
+            request.request_id, state.tokens[:cut], state.salt, load_tables(blocks), start, end,
+            is_async=self.async_load, eager=eager)
 
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int, hit_source: Any,
                                        unspecified: Any) -> dict:
@@ -137,25 +141,33 @@ class SchedulerHalf:
     # -- the step's metadata ---------------------------------------------------------------------------
 
     def _save_spec(self, req_id: str, state: _Request, num_computed: int, num_scheduled: int) -> SaveSpec | None:
-        if (state.saved or not self.producer or self.group is None or not state.tokens
-                or num_computed + num_scheduled < len(state.tokens)):
+        """What of the request to hand to the workers after this step: the whole prompt once computed, and
+        for hybrid configs also each store block as it completes (sliding windows free its pages later)."""
+        if state.saved or not self.producer or self.groups is None or not state.tokens:
             return None
-        state.saved = True
-        pages = -(-len(state.tokens) // self.page_size)
-        hashes = list(getattr(state.request, "block_hashes", None) or ())[:len(state.tokens) // self.page_size]
-        return SaveSpec(req_id, state.tokens, state.salt, state.block_ids[:pages], hashes, state.lora_name)
+        upto = min(num_computed + num_scheduled, len(state.tokens))
+        if upto < len(state.tokens):
+            if not self.groups.hybrid:
+                return None
+            upto = upto // self.block_tokens * self.block_tokens
+        if upto <= state.saved_upto:
+            return None
+        state.saved = upto == len(state.tokens)
+        after, state.saved_upto = state.saved_upto, upto
+        hashes = list(getattr(state.request, "block_hashes", None) or ())[:upto // self.page_size]
+        tables = self.groups.save_tables(state.block_ids, num_computed, self.page_size, -(-upto // self.page_size))
+        return SaveSpec(req_id, state.tokens[:upto], state.salt, tables, hashes, state.lora_name, after)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVStoreConnectorMetadata:
         meta = KVStoreConnectorMetadata(loads=list(self._pending_loads.values()),
                                         step_tokens=int(getattr(scheduler_output, "total_num_scheduled_tokens", 0)))
         self._pending_loads.clear()
         scheduled = scheduler_output.num_scheduled_tokens
-        group = self.group or 0
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
             if state is None:  # not seen by on_new_request or a lookup: its salt is unknown, so save nothing
                 state = self._requests[new.req_id] = _Request(None, None, saved=True)
-            state.block_ids = list(new.block_ids[group])
+            state.block_ids = [list(ids) for ids in new.block_ids]
             spec = self._save_spec(new.req_id, state, new.num_computed_tokens, scheduled.get(new.req_id, 0))
             if spec is not None:
                 meta.saves.append(spec)
@@ -167,15 +179,26 @@ class SchedulerHalf:
                 continue
             new_ids = cached.new_block_ids[i]
             if req_id in resumed:
-                state.block_ids = list(new_ids[group]) if new_ids is not None else []
+                state.block_ids = [list(ids) for ids in new_ids] if new_ids is not None else []
             elif new_ids is not None:
-                state.block_ids.extend(new_ids[group])
+                if not state.block_ids:
+                    state.block_ids = [[] for _ in new_ids]
+                for mine, more in zip(state.block_ids, new_ids):
+                    mine.extend(more)
             spec = self._save_spec(req_id, state, cached.num_computed_tokens[i], scheduled.get(req_id, 0))
             if spec is not None:
                 meta.saves.append(spec)
         for req_id in scheduler_output.finished_req_ids:
             self.forget(req_id)
         return meta
+
+    def loads_failed(self, req_ids: Any) -> None:
+        """vLLM reports these requests' loads failed and recomputes them: from now on they are misses."""
+        for req_id in req_ids:
+            state = self._requests.get(req_id)
+            if state is not None:
+                state.load_failed = True
+                state.answer = None
 
     def forget(self, req_id: str) -> None:
         self._requests.pop(req_id, None)

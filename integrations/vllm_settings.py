@@ -169,20 +169,6 @@ def rank_store_config(settings: ConnectorSettings, place: RankPlace, model_id: s
 # -- the caches' layout ------------------------------------------------------------------------------
 
 
-def storable_group(kv_cache_config: Any) -> int | None:
-    """The index of the one KV-cache group kvstore stores, or None when the config has others (hybrid)."""
-    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
-    if not groups:
-        return 0
-    try:
-        from vllm.v1.kv_cache_interface import FullAttentionSpec
-    except ImportError:  # pragma: no cover - every supported vLLM has it
-        return 0
-    full = [i for i, g in enumerate(groups) if isinstance(g.kv_cache_spec, FullAttentionSpec)]
-    return full[0] if len(full) == 1 and len(groups) == 1 else None
-
-
-
 def layer_index(name: str) -> int:
     """The model layer a cache belongs to, from its name (``model.layers.12.self_attn.attn`` -> 12)."""
     try:

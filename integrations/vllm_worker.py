@@ -30,12 +30,13 @@ import torch
 
 from kvstore import KVStore
 from kvstore.integrations.vllm_copy import CopyEngine, LoadJob
+from kvstore.integrations.vllm_groups import NO_PAGE, CacheGroups, cache_groups
 from kvstore.integrations.vllm_lookup import Answer, LookupServer, address
 from kvstore.integrations.vllm_meta import KVStoreConnectorMetadata, LoadSpec, SaveSpec
 from kvstore.integrations.vllm_metrics import ConnectorEvents, KVStoreConnectorStats
-from kvstore.integrations.vllm_paged import paged_adapter
+from kvstore.integrations.vllm_paged import GroupedAdapter, paged_adapter
 from kvstore.integrations.vllm_settings import (ConnectorSettings, RankPlace, layer_index, layout_from_caches,
-                                                model_id_of, rank_store_config, storable_group)
+                                                model_id_of, rank_store_config)
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,12 @@ PREFILL_SAMPLE_TOKENS = 512  # steps computing at least this many tokens teach t
 FULL_GRAPH = "FULL"
 
 
-def stored_layers(kv_caches: dict[str, torch.Tensor], kv_cache_config: Any) -> list[str]:
-    """The names of the caches kvstore stores, in model order: those of the full-attention group (all, when
-    vLLM gives no config), draft layers included."""
-    names = list(kv_caches)
-    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
-    if groups:
-        wanted = set(groups[0].layer_names)
-        names = [n for n in names if n in wanted] or names
+def stored_layers(kv_caches: dict[str, torch.Tensor], groups: CacheGroups) -> list[str]:
+    """The names of the caches kvstore stores, in model order: those of the groups it stores (every cache,
+    when vLLM gives no config or names none of them in its one group), draft layers included."""
+    names = [n for n in kv_caches if groups.layer_group(n) is not None]
+    if not names and not groups.hybrid:
+        names = list(kv_caches)
     return sorted(names, key=lambda n: (layer_index(n), n))
 
 
@@ -75,6 +74,8 @@ class WorkerHalf:
         self._pool: ThreadPoolExecutor | None = None
         self._async: dict[str, Future] = {}
         self._errors: set[int] = set()
+        self._failed: set[str] = set()  # requests whose async load failed (multi-group configs: recomputed whole)
+        self.groups, self._why_not = cache_groups(kv_cache_config, self.page_size)
         self._lock = lock  # guards the stats and the error blocks (async loads finish on other threads)
         self._step_started = 0.0
         self._epoch = ""  # salt suffix; a new one after each sleep (the weights may have changed)
@@ -83,22 +84,22 @@ class WorkerHalf:
     # -- setup -------------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        names = stored_layers(kv_caches, self.kv_cache_config)
-        if not names or storable_group(self.kv_cache_config) is None:  # hybrid or attention-free: recomputed
-            log.warning("kvstore worker %s: no full-attention KV cache to store (%d caches, groups %s); this "
-                        "engine's prompts are computed", self.place.rank_dir, len(kv_caches),
-                        [type(g.kv_cache_spec).__name__ for g in
-                         getattr(self.kv_cache_config, "kv_cache_groups", None) or []])
-            return
+        names = stored_layers(kv_caches, self.groups) if self.groups is not None else []
         caches = [kv_caches[n] for n in names]
         odd = [n for n, c in zip(names, caches) if c.shape != caches[0].shape]
         if odd:
-            raise ValueError(f"kv_caches: expected the stored layers to share one shape "
-                             f"{list(caches[0].shape)} ({names[0]}), got others for {odd[:4]}")
+            self._why_not = (f"the stored layers do not share one shape: {list(caches[0].shape)} ({names[0]}), "
+                             f"others for {odd[:4]}")
+        elif not names:
+            self._why_not = self._why_not or f"no attention KV cache among {len(kv_caches)} caches"
+        if odd or not names:  # recomputed, as without kvstore
+            log.warning("kvstore worker %s: nothing stored (%s); this engine's prompts are computed",
+                        self.place.rank_dir, self._why_not)
+            return
         layout = layout_from_caches(self.vllm_config, caches, layer_index(names[0]), self.settings.block_tokens,
                                     self.place)
         config = rank_store_config(self.settings, self.place, model_id_of(self.settings, self.vllm_config))
-        adapter = paged_adapter(layout, caches)
+        adapter = GroupedAdapter(paged_adapter(layout, caches), [self.groups.layer_group(n) for n in names])
         if self.page_size % adapter.page_size:
             raise ValueError(f"kv_caches: expected pages that divide vLLM's block size {self.page_size} tokens, "
                              f"got {adapter.page_size}")
@@ -140,10 +141,12 @@ class WorkerHalf:
         self._epoch = uuid.uuid4().hex[:16]
         self._asleep = False
 
-    def _pages(self, block_ids: Sequence[int]) -> list[int]:
-        """vLLM's block ids as the caches' pages (a block spans several kernel pages when vLLM splits them)."""
+    def _pages(self, tables: Sequence[Sequence[int]]) -> tuple[list[int], ...]:
+        """vLLM's block tables as the caches' pages (a block spans several kernel pages when vLLM splits them)."""
         r = self._pages_per_block
-        return list(block_ids) if r == 1 else [b * r + i for b in block_ids for i in range(r)]
+        if r == 1:
+            return tuple(list(t) for t in tables)
+        return tuple([b * r + i if b != NO_PAGE else NO_PAGE for b in t for i in range(r)] for t in tables)
 
     # -- loads --------------------------------------------------------------------------------------------
 
@@ -188,15 +191,21 @@ class WorkerHalf:
             self._finish(spec, job, self.engine.load_now(job))
 
     def _finish(self, spec: LoadSpec, job: LoadJob | None, loaded: int) -> None:
+        """Account a load; blocks it could not fill go to vLLM, which recomputes them (a multi-group request
+        is reported failed whole: vLLM maps no block ids back to one)."""
+        whole = self.groups is not None and self.groups.hybrid
+        bad: set[int] = set()
         if loaded < spec.end:
-            first = max(loaded, spec.start) // self.page_size
-            bad = set(spec.block_ids[first:-(-spec.end // self.page_size)])
-        else:
-            bad = set()
-        tokens = max(0, min(loaded, spec.end) - spec.start)
+            first = spec.start if whole else max(loaded, spec.start)
+            first, last = first // self.page_size, -(-spec.end // self.page_size)
+            bad = {b for table in spec.block_ids for b in table[first:last] if b != NO_PAGE}
+        tokens = 0 if whole and loaded < spec.end else max(0, min(loaded, spec.end) - spec.start)
         seconds = time.perf_counter() - job.started if job is not None else 0.0
         with self._lock:
-            self._errors.update(bad)
+            if whole and loaded < spec.end:
+                self._failed.add(spec.req_id)
+            else:
+                self._errors.update(bad)
             self.stats.add("load_error_blocks", len(bad))
             self.stats.record_transfer("load", tokens, tokens * self.store.layout.token_bytes, seconds)
 
@@ -235,11 +244,19 @@ class WorkerHalf:
             return
         salt = self._salt(spec.salt)
         try:
-            start = self.store.lookup(spec.tokens, salt) // block_tokens * block_tokens
+            start = max(spec.after, self.store.lookup(spec.tokens, salt) // block_tokens * block_tokens)
             if start >= len(spec.tokens):
                 return
+            pages = self._pages(spec.block_ids)
+            held = self.engine.adapter.first_token(pages, len(spec.tokens))
+            if start < held:  # a sliding window freed pages of tokens not yet stored: recomputed later
+                log.info("tokens [%d, %d) of a request are not saved: a sliding window freed the pages of "
+                         "[%d, %d) before they were stored", start, len(spec.tokens), start, held)
+                with self._lock:
+                    self.stats.add("save_window_gaps")
+                return
             skipped = self.engine.skipped
-            handed = self.engine.save(spec.tokens, salt, self._pages(spec.block_ids), start)
+            handed = self.engine.save(spec.tokens, salt, pages, start)
         except Exception as exc:  # a save that cannot be made is a later miss, never an error in vLLM's step
             log.warning("a save failed (a later lookup misses): %r", exc)
             with self._lock:
@@ -264,11 +281,15 @@ class WorkerHalf:
 
     # -- results ------------------------------------------------------------------------------------------
 
-    def get_finished(self) -> set[str] | None:
+    def get_finished(self) -> tuple[set[str], set[str]]:
+        """The async loads finished since the last call, and those of them that failed (multi-group configs)."""
         done = {req_id for req_id, future in self._async.items() if future.done()}
         for req_id in done:
             del self._async[req_id]
-        return done or None
+        with self._lock:
+            failed = self._failed & done
+            self._failed -= failed
+        return done, failed
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:

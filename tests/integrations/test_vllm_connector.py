@@ -128,7 +128,7 @@ def test_saved_blocks_load_byte_exact_into_other_block_ids(tmp_path, kind):
         src_ids = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(7))[:pages].tolist()
         kv = true_kv(tokens, 0, len(tokens))
         write_tokens(src_caches, src_ids, 0, kv)
-        saver.bind_connector_metadata(KVStoreConnectorMetadata(saves=[SaveSpec("s", tokens, "t", src_ids)]))
+        saver.bind_connector_metadata(KVStoreConnectorMetadata(saves=[SaveSpec("s", tokens, "t", (src_ids,))]))
         saver.save_kv_layer(LAYER_NAMES[1], src_caches[LAYER_NAMES[1]], None)  # out of order; wait_for_save does 0
         saver.wait_for_save()
         saver.clear_connector_metadata()
@@ -136,7 +136,7 @@ def test_saved_blocks_load_byte_exact_into_other_block_ids(tmp_path, kind):
 
         dst_ids = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(8))[:pages].tolist()
         before = {name: t.clone() for name, t in dst_caches.items()}
-        spec = LoadSpec("l", tokens, "t", dst_ids, 16, 80)  # vLLM already holds [0, 16)
+        spec = LoadSpec("l", tokens, "t", (dst_ids,), 16, 80)  # vLLM already holds [0, 16)
         loader.bind_connector_metadata(KVStoreConnectorMetadata(loads=[spec]))
         loader.start_load_kv(None)
         for name in LAYER_NAMES:
@@ -154,7 +154,7 @@ def test_saved_blocks_load_byte_exact_into_other_block_ids(tmp_path, kind):
 
         # a load the store cannot serve in full: the blocks from the first missing token on are reported
         other = tokens[:40] + [t + 1 for t in tokens[40:]]
-        loader.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("m", other, "t", dst_ids, 0, 80)]))
+        loader.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("m", other, "t", (dst_ids,), 0, 80)]))
         loader.start_load_kv(None)
         loader.wait_for_save()
         assert loader.get_block_ids_with_load_errors() == set(dst_ids[2:5])  # [32, 80): block 1 of kvstore missing
@@ -193,7 +193,7 @@ if {role!r} == "save":
     caches = t.paged_caches()
     w.register_kv_caches(caches)
     t.write_tokens(caches, ids, 0, t.true_kv(tokens, 0, 100))
-    w.bind_connector_metadata(KVStoreConnectorMetadata(saves=[SaveSpec("a", tokens, None, ids)]))
+    w.bind_connector_metadata(KVStoreConnectorMetadata(saves=[SaveSpec("a", tokens, None, (ids,))]))
     w.wait_for_save()
     w.shutdown()
     print("saved", hash("kvstore"))
@@ -203,7 +203,7 @@ else:
     w.register_kv_caches(caches)
     s = KVConnectorFactory.create_connector(config, KVConnectorRole.SCHEDULER, t.kv_cache_config())
     n, is_async = s.get_num_new_matched_tokens(t.make_request("b", tokens), 0)
-    w.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("b", tokens, None, ids, 0, n)]))
+    w.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("b", tokens, None, (ids,), 0, n)]))
     w.start_load_kv(None)
     w.wait_for_save()
     exact = bool((t.read_tokens(caches, ids, 0, n) == t.true_kv(tokens, 0, n)).all())

@@ -19,7 +19,9 @@ from conftest import make_kv, make_tokens, tiny_layout
 from kvstore import KVStore, StoreConfig
 from kvstore.integrations import vllm_copy
 from kvstore.integrations.vllm_copy import CopyEngine, LoadJob
-from kvstore.integrations.vllm_paged import paged_adapter
+from kvstore.integrations.paged_store import save_paged
+from kvstore.integrations.vllm_groups import NO_PAGE
+from kvstore.integrations.vllm_paged import GroupedAdapter, paged_adapter
 
 PAGE = 4
 LAY = tiny_layout(block_tokens=2 * PAGE)  # a store block is two vLLM pages; a token is 256 bytes
@@ -259,3 +261,34 @@ def test_staged_save_with_bad_block_ids_raises_and_keeps_its_staging(store):
         assert eng._free.qsize() == chunks
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
+def test_grouped_pages_load_each_group_from_its_own_table_and_never_touch_missing_pages(store, engine, staged):
+    """Layer 0 is a full-attention group, layer 1 a sliding-window group that holds no page (``NO_PAGE``)
+    for its first two: a load writes layer 1 from its first page on, and nothing into page 0 (vLLM's null
+    block); a save of tokens layer 1 has no page for is refused, never made of other pages' bytes."""
+    n = 3 * BT
+    tokens, kv = make_tokens(n, seed=7), make_kv(LAY, n, seed=7)
+    raw, inner = _caches()
+    full, window = list(range(1, 7)), list(range(11, 17))
+    _write(inner, full, kv[:1].expand(LAY.num_layers, *kv.shape[1:]).contiguous())
+    _write(inner, window, kv[1:].expand(LAY.num_layers, *kv.shape[1:]).contiguous())
+    grouped = GroupedAdapter(inner, [0, 1])
+    eng = engine(grouped, staged)
+    assert eng.save(tokens, None, (full, window), 0) == n
+    assert eng.drain()
+    assert _same(store.get(tokens), kv)
+
+    raw.zero_()
+    held = [NO_PAGE, NO_PAGE] + list(range(23, 27))  # the window's group: pages 0 and 1 freed or null
+    assert grouped.first_token(([20, 21, 22, 23, 24, 25], held), n) == 2 * PAGE
+    job = eng.load(tokens, None, (list(range(17, 23)), held), 0, n)
+    assert eng.load_now(job) == n
+    assert _same(_read(inner, list(range(17, 23)), 0, n)[0], kv[0])
+    assert _same(_read(inner, [0, 0] + held[2:], 2 * PAGE, n)[1], kv[1, :, 2 * PAGE:])
+    assert not raw[:, 0].any()  # no page of a missing entry was written (page 0 included)
+
+    with pytest.raises(ValueError, match="holds no page"):
+        save_paged(store, make_tokens(n, seed=8), grouped, (full, held))
+    assert store.lookup(make_tokens(n, seed=8)) == 0

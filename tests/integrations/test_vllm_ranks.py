@@ -94,14 +94,14 @@ for line in sys.stdin:
             t, ids = cmd["tokens"], cmd["ids"]
             for x in range(len(t)):
                 raw[:, ids[x // PAGE], x % PAGE] = kv(t, x)
-            w.bind_connector_metadata(KVStoreConnectorMetadata(saves=[SaveSpec("s", t, None, ids)]))
+            w.bind_connector_metadata(KVStoreConnectorMetadata(saves=[SaveSpec("s", t, None, (ids,))]))
             w.wait_for_save()
             w.clear_connector_metadata()
             w.store.flush(30)
             print(json.dumps({{"ok": True}}), flush=True)
         elif cmd["op"] == "load":
             t, ids, end = cmd["tokens"], cmd["ids"], cmd["end"]
-            w.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("l", t, None, ids, 0, end)]))
+            w.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("l", t, None, (ids,), 0, end)]))
             w.start_load_kv(None)
             w.wait_for_save()
             w.clear_connector_metadata()

@@ -177,9 +177,9 @@ def op_schedule(requests, meta, lookup=()):
             "new": {n.req_id: {"num_computed": n.num_computed_tokens, "block_ids": list(n.block_ids[0])}
                     for n in out.scheduled_new_reqs},
             "scheduled": dict(out.num_scheduled_tokens),
-            "loads": [{"req_id": s.req_id, "start": s.start, "end": s.end, "block_ids": list(s.block_ids),
+            "loads": [{"req_id": s.req_id, "start": s.start, "end": s.end, "block_ids": list(s.block_ids[0]),
                        "tokens": len(s.tokens), "is_async": s.is_async} for s in md.loads],
-            "saves": [{"req_id": s.req_id, "block_ids": list(s.block_ids),
+            "saves": [{"req_id": s.req_id, "block_ids": list(s.block_ids[0]),
                        "tokens": len(s.tokens)} for s in md.saves]}
 
 

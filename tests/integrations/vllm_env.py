@@ -111,9 +111,9 @@ def write_tokens(caches: dict[str, torch.Tensor], block_ids: list[int], start: i
                 cache[b, :, o] = torch.cat([kv[i, 0, j], kv[i, 1, j]], dim=-1)
 
 
-def make_request(req_id: str, tokens: list[int], cache_salt: str | None = None) -> Request:
+def make_request(req_id: str, tokens: list[int], cache_salt: str | None = None, max_tokens: int = 1) -> Request:
     init_none_hash(sha256)
-    params = SamplingParams(max_tokens=1)
+    params = SamplingParams(max_tokens=max_tokens)
     params.update_from_generation_config({}, 999)
     return Request(request_id=req_id, prompt_token_ids=tokens, sampling_params=params, pooling_params=None,
                    cache_salt=cache_salt, block_hasher=get_request_block_hasher(PAGE, sha256))
