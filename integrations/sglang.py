@@ -5,11 +5,16 @@ Load it through SGLang's ``dynamic`` storage backend::
     --enable-hierarchical-cache --hicache-storage-backend dynamic
     --hicache-storage-backend-extra-config '{"backend_name": "kvstore",
         "module_path": "kvstore.integrations.sglang", "class_name": "KVStoreHiCache",
-        "interface_v1": 1, "host_bytes": "8GiB", "disk_dir": "/nvme/kvstore"}'
+        "interface_v1": 1, "disk_dir": "/nvme/kvstore"}'
 
 ``interface_v1`` makes SGLang's cache controller call the zero-copy page
 methods (``batch_get_v1`` / ``batch_set_v1``); without it, it moves flat page
 copies through ``batch_get`` / ``batch_set``. Both work.
+
+As SGLang's L3, the store keeps no host tier unless ``host_bytes`` is given
+(SGLang's own pinned host pool already holds the pages in RAM) and, unless
+a tier below host RAM is given, keeps pages in ``$XDG_CACHE_HOME/kvstore/sglang-l3``
+(``l3_defaults``).
 
 Configuration, lowest precedence first: ``StoreConfig`` defaults, the file
 ``extra_config["kvstore_config"]`` or ``$KVSTORE_CONFIG`` names, ``KVSTORE_*``
@@ -62,12 +67,14 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from kvstore import KVLayout, KVStore, StoreConfig
+from kvstore.config import ENV_OTHER_PREFIXES, ENV_PREFIX, ENV_RESERVED, env_values, read_settings_file
 
 try:
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
@@ -76,6 +83,8 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
         "kvstore.integrations.sglang needs SGLang (tested with sglang==0.5.23), which kvstore's own environment "
         "does not install: build the opt-in environment with `scripts/engine-venvs.sh sglang` and use "
         f".venv-sglang/bin/python (import failed: {_exc})") from _exc
+
+from kvstore.integrations.sglang_metrics import StorageCounters  # noqa: E402
 
 __all__ = ["KVStoreHiCache", "SGLANG_KEYS", "canonical_page_view", "store_config_from"]
 
@@ -87,6 +96,7 @@ SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface
 # extra_config keys of this backend that are not StoreConfig fields.
 OWN_KEYS = frozenset({"kvstore_config", "salt"})
 _STORE_FIELDS = frozenset(f.name for f in dataclasses.fields(StoreConfig))
+LOWER_TIERS = ("disk_dir", "files_dir", "remote_url", "redis_url")  # the tiers an L3 keeps pages in
 
 # A page view (``host_pool.get_data_page(i, flat=False)``) -> canonical [L, P, T, H, D], by host layout.
 _MHA_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -113,7 +123,9 @@ def canonical_page_view(page: torch.Tensor, host_layout: str, mla: bool = False)
 
 def store_config_from(storage_config: HiCacheStorageConfig,
                       environ: Mapping[str, str] | None = None) -> tuple[StoreConfig, str | None]:
-    """The ``StoreConfig`` and extra salt of a backend (precedence in the module docstring)."""
+    """The ``StoreConfig`` and extra salt of a backend (precedence in the module docstring), with the L3
+    defaults of ``l3_defaults`` for the settings nobody gave."""
+    environ = os.environ if environ is None else environ
     extra = dict(storage_config.extra_config or {})
     unknown = sorted(set(extra) - SGLANG_KEYS - OWN_KEYS - _STORE_FIELDS)
     if unknown:
@@ -127,6 +139,11 @@ def store_config_from(storage_config: HiCacheStorageConfig,
     config = StoreConfig.load(path, environ)
     if fields:
         config = StoreConfig.from_dict({**dataclasses.asdict(config), **fields}, source="extra_config")
+    path = path if path is not None else environ.get("KVSTORE_CONFIG")
+    given = set(fields) | set(env_values(StoreConfig, environ, ENV_PREFIX, ENV_RESERVED, ENV_OTHER_PREFIXES))
+    if path:
+        given |= set(read_settings_file(path, "kvstore"))
+    config = l3_defaults(config, given, environ)
     c = storage_config
     if config.disk_dir is not None and c.tp_size * c.pp_size * c.attn_cp_size > 1:
         # One LMDB environment per process (its directory is locked): each rank gets its own under disk_dir.
@@ -138,6 +155,26 @@ def store_config_from(storage_config: HiCacheStorageConfig,
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise ValueError(f"extra_config['salt']: expected a non-empty string, got {salt!r}")
     return config, salt
+
+
+def default_l3_dir(environ: Mapping[str, str]) -> str:
+    """Where the L3's pages go when no tier below host RAM is configured: ``$XDG_CACHE_HOME/kvstore/sglang-l3``."""
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kvstore", "sglang-l3")
+
+
+def l3_defaults(config: StoreConfig, given: set[str], environ: Mapping[str, str]) -> StoreConfig:
+    """kvstore as SGLang's L3: SGLang already keeps every page it serves in its own pinned host pool (L2) on
+    each rank, so a kvstore host tier would hold the same pages in RAM twice. Unless ``host_bytes`` is
+    given, the store has no host tier (reads and writes go to the tiers below it); unless some tier below
+    host RAM is given (``disk_dir``, ``files_dir``, ``remote_url``, ``redis_url``), pages go to the local
+    disk under ``default_l3_dir``."""
+    changes: dict[str, Any] = {}
+    if "host_bytes" not in given:
+        changes["host_bytes"] = 0
+    if not any(getattr(config, name) for name in LOWER_TIERS):
+        changes["disk_dir"] = default_l3_dir(environ)
+    return config.replace(**changes) if changes else config
 
 
 def _count_leading(n: int, total: int) -> list[bool]:
@@ -170,6 +207,7 @@ class KVStoreHiCache(HiCacheStorage):
         self._salt = self._make_salt()
         self._lock = threading.Lock()
         self._warned: set[str] = set()
+        self.counters = StorageCounters()  # get_stats(): SGLang's storage metrics
         # The built-in backends that take a host pool get it as the second argument.
         if kwargs is not None and not isinstance(kwargs, Mapping) and hasattr(kwargs, "get_data_page"):
             self.register_mem_pool_host(kwargs)
@@ -249,6 +287,11 @@ class KVStoreHiCache(HiCacheStorage):
             self._warned.add(key)
             logger.warning(message)
 
+    def _record(self, operation: str, pages: int, asked: int, started: float) -> None:
+        """Count one storage call of ``asked`` pages of which ``pages`` moved (for ``get_stats``)."""
+        self.counters.record(operation, pages, asked - pages, pages * self.layout.block_bytes,
+                             time.perf_counter() - started)
+
     def _open_store(self) -> KVStore | None:
         store = self.store
         if store is None:
@@ -306,7 +349,9 @@ class KVStoreHiCache(HiCacheStorage):
                 flats.append(flat)
                 outs.append(self._flat_view(buf))
                 bounces.append(None if direct else buf)
+            started = time.perf_counter()
             n = store.get_keyed(keys, outs, self._salt)
+            self._record("prefetch", n, len(keys), started)
             for flat, buf in zip(flats[:n], bounces[:n]):
                 if buf is not None:
                     flat.copy_(buf.view(flat.shape))
@@ -332,7 +377,10 @@ class KVStoreHiCache(HiCacheStorage):
             values = list(values) if values is not None else []
             if len(values) != len(keys):
                 raise ValueError(f"values: expected {len(keys)} pages, got {len(values)}")
-            return self._put(store, keys, [self._flat_view(v) for v in values]) == len(keys)
+            started = time.perf_counter()
+            held = self._put(store, keys, [self._flat_view(v) for v in values])
+            self._record("backup", held, len(keys), started)
+            return held == len(keys)
         except Exception as exc:
             self._fail("batch_set failed", exc)
             return False
@@ -368,7 +416,9 @@ class KVStoreHiCache(HiCacheStorage):
         if store is None:
             return [False] * len(keys)
         try:
+            started = time.perf_counter()
             n = store.get_keyed(keys, self._pool_views(host_indices, len(keys)), self._salt) if keys else 0
+            self._record("prefetch", n, len(keys), started)
             return _count_leading(n, len(keys))
         except Exception as exc:
             self._fail("batch_get_v1 failed", exc)
@@ -384,7 +434,10 @@ class KVStoreHiCache(HiCacheStorage):
         if not keys:
             return []
         try:
-            return _count_leading(self._put(store, keys, self._pool_views(host_indices, len(keys))), len(keys))
+            started = time.perf_counter()
+            held = self._put(store, keys, self._pool_views(host_indices, len(keys)))
+            self._record("backup", held, len(keys), started)
+            return _count_leading(held, len(keys))
         except Exception as exc:
             self._fail("batch_set_v1 failed", exc)
             return [False] * len(keys)
@@ -413,6 +466,7 @@ class KVStoreHiCache(HiCacheStorage):
             except Exception as exc:
                 self._fail("close failed", exc)
 
-    def get_stats(self) -> None:
-        """SGLang's ``StorageMetrics`` are not filled in (None: SGLang uses empty ones); see ``store.stats()``."""
-        return None
+    def get_stats(self) -> Any:
+        """SGLang's ``StorageMetrics`` since the last call: pages and GB/s of each prefetch and backup call
+        (``integrations/sglang_metrics.py``); ``counters.totals()`` and ``store.stats()`` say more."""
+        return self.counters.take()

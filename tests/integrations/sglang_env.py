@@ -89,8 +89,10 @@ def keys(n: int, tag: str = "k") -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def no_failure_injection(monkeypatch):
-    """SGLang's test knobs (random delays and failures) and a stray kvstore config are off in every test."""
+def no_failure_injection(monkeypatch, tmp_path):
+    """SGLang's test knobs (random delays and failures) and a stray kvstore config are off in every test, and
+    the L3's default directory (``$XDG_CACHE_HOME/kvstore/sglang-l3``) is the test's own."""
     for var in ("SGLANG_TEST_HICACHE_BACKEND_RANDOM_DELAY", "SGLANG_TEST_HICACHE_BACKEND_RANDOM_FAILURE",
                 "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", "KVSTORE_CONFIG"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))

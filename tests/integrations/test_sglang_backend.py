@@ -341,3 +341,63 @@ def test_compressed_disk_round_trips_lossless(tmp_path):
         assert backend.store.stats()["tiers"]["lmdb"]["hits"] >= 1
     finally:
         backend.close()
+
+
+def test_default_l3_keeps_no_second_host_copy(tmp_path, monkeypatch):
+    """SGLang's own pinned host pool is the L2: without ``host_bytes`` kvstore opens no host tier, and without a
+    lower tier it keeps pages on the local disk (per rank), where a restart finds them."""
+    pool = host_pool()
+    extra = {k: v for k, v in kvstore_extra().items() if k != "host_bytes"}
+
+    def build(config):
+        backend = StorageBackendFactory.create_backend("dynamic", config, None)
+        backend.register_mem_pool_host(pool)
+        return backend
+    backend = build(storage_config(extra))
+    try:
+        default_dir = str(tmp_path / "xdg-cache" / "kvstore" / "sglang-l3")
+        assert backend.config.host_bytes == 0 and backend.config.disk_dir == default_dir
+        assert [t.name for t in backend.store.tiers] == ["lmdb"]
+        assert backend.batch_set_v1(keys(3, "l3"), indices([0, 1, 2])) == [True] * 3
+    finally:
+        backend.close()
+    again = build(storage_config(extra))
+    try:
+        assert again.batch_get_v1(keys(3, "l3"), indices([10, 11, 12])) == [True] * 3
+        for s, d in zip([0, 1, 2], [10, 11, 12]):
+            assert torch.equal(page_bytes(pool, s * PAGE), page_bytes(pool, d * PAGE))
+    finally:
+        again.close()
+    shared = build(storage_config({**extra, "files_dir": str(tmp_path / "shared")}, tp_rank=1, tp_size=2))
+    try:  # a shared tier given: no local disk added, and still no host copy
+        assert shared.config.disk_dir is None and [t.name for t in shared.store.tiers] == ["files"]
+    finally:
+        shared.close()
+    monkeypatch.setenv("KVSTORE_HOST_BYTES", "2MiB")  # asked for, anywhere: kept
+    asked = StorageBackendFactory.create_backend("dynamic", storage_config(extra), None)
+    assert asked.config.host_bytes == 2 << 20
+
+
+def test_storage_metrics_reach_sglangs_collector(tmp_path):
+    """``get_stats()`` is what SGLang's ``StorageMetricsCollector`` takes: pages and GB/s per prefetch and backup
+    call, handed over once."""
+    with stubbed_torchvision():
+        from sglang.srt.observability.metrics_collector import StorageMetrics, StorageMetricsCollector
+    pool = host_pool()
+    backend = make_backend(pool, disk_dir=str(tmp_path / "kv"))
+    try:
+        assert backend.batch_set_v1(keys(4, "m"), indices(range(4))) == [True] * 4
+        assert backend.batch_set(keys(2, "n"), [pool.get_data_page(p * PAGE) for p in (5, 6)])
+        assert backend.batch_get_v1(keys(4, "m") + keys(1, "x"), indices(range(8, 13))) == [True] * 4 + [False]
+        metrics = backend.get_stats()
+        assert isinstance(metrics, StorageMetrics)
+        assert metrics.backup_pgs == [4, 2] and metrics.prefetch_pgs == [4]
+        assert len(metrics.backup_bandwidth) == 2 and all(bw > 0 for bw in metrics.prefetch_bandwidth)
+        collector = StorageMetricsCollector(labels={"model_name": "test", "storage_backend": "kvstore"})
+        collector.log_storage_metrics(metrics)
+        assert collector.histogram_prefetch_pgs.labels(model_name="test", storage_backend="kvstore")._sum.get() == 4
+        assert backend.get_stats().prefetch_pgs == []  # handed over once
+        totals = backend.counters.totals()
+        assert totals["prefetch"]["misses"] == 1 and totals["backup"]["bytes"] == 6 * backend.layout.block_bytes
+    finally:
+        backend.close()
