@@ -56,9 +56,12 @@ returns None, ``set`` False, ``exists`` False, ``batch_exists`` 0 (or the hits
 before the failure), ``batch_*_v1`` a False for that page, and the event is
 logged (and counted by the store's ``stats()``).
 
+Hybrid models (Mamba, sliding window, DSA, draft KV): the v2 methods store
+each host pool beside the KV pool in a store of its own, page bytes exact
+(``integrations/sglang_pools.py``).
+
 Not supported (a ``ValueError`` at registration): asymmetric K/V head dims,
-the ``page_unified`` layout, split-heads heterogeneous TP; the ``_v2``
-methods of hybrid (Mamba/SWA/DSA) models are SGLang's ``NotImplementedError``.
+the ``page_unified`` layout, split-heads heterogeneous TP.
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ from kvstore import KVLayout, KVStore, StoreConfig
 from kvstore.config import ENV_OTHER_PREFIXES, ENV_PREFIX, ENV_RESERVED, env_values, read_settings_file
 
 try:
-    from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+    from sglang.srt.mem_cache.hicache_storage import (HiCacheStorage, HiCacheStorageConfig,
+                                                      HiCacheStorageExtraInfo, PoolTransfer, PoolTransferResult)
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "kvstore.integrations.sglang needs SGLang (tested with sglang==0.5.23), which kvstore's own environment "
@@ -85,6 +89,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
         f".venv-sglang/bin/python (import failed: {_exc})") from _exc
 
 from kvstore.integrations.sglang_metrics import StorageCounters  # noqa: E402
+from kvstore.integrations.sglang_pools import KV_POOL, SidecarPools, pool_hit  # noqa: E402
 
 __all__ = ["KVStoreHiCache", "SGLANG_KEYS", "canonical_page_view", "store_config_from"]
 
@@ -94,7 +99,9 @@ logger = logging.getLogger(__name__)
 SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "tp_lcm_size",
                          "extra_backend_tag", "enable_storage_metrics"})
 # extra_config keys of this backend that are not StoreConfig fields.
-OWN_KEYS = frozenset({"kvstore_config", "salt"})
+OWN_KEYS = frozenset({"kvstore_config", "salt", "kv_cache_dtype"})
+# SGLang's --kv-cache-dtype values whose pages its host pool holds as plain bytes (uint8): the format is in the key.
+FP8_FORMATS = frozenset({"fp8_e4m3", "fp8_e5m2", "fp8_e4m3fn", "fp4_e2m1"})
 _STORE_FIELDS = frozenset(f.name for f in dataclasses.fields(StoreConfig))
 LOWER_TIERS = ("disk_dir", "files_dir", "remote_url", "redis_url")  # the tiers an L3 keeps pages in
 
@@ -177,6 +184,15 @@ def l3_defaults(config: StoreConfig, given: set[str], environ: Mapping[str, str]
     return config.replace(**changes) if changes else config
 
 
+def _kv_format(extra: Mapping[str, Any]) -> str | None:
+    """``extra_config["kv_cache_dtype"]``: the fp8/fp4 format of pages SGLang's host pool holds as bytes."""
+    value = extra.get("kv_cache_dtype")
+    if value is not None and value not in FP8_FORMATS:
+        raise ValueError(f"extra_config['kv_cache_dtype']: expected one of {sorted(FP8_FORMATS)} (SGLang's "
+                         f"--kv-cache-dtype of a byte-stored cache), got {value!r}")
+    return value
+
+
 def _count_leading(n: int, total: int) -> list[bool]:
     return [True] * n + [False] * (total - n)
 
@@ -197,6 +213,7 @@ class KVStoreHiCache(HiCacheStorage):
             raise ValueError(f"storage_config: expected a HiCacheStorageConfig, got {type(storage_config).__name__}")
         self.storage_config = storage_config
         self.config, self._user_salt = store_config_from(storage_config, environ)
+        self.kv_format = _kv_format(storage_config.extra_config or {})
         self.store: KVStore | None = None
         self.layout: KVLayout | None = None
         self.host_layout: str | None = None
@@ -208,6 +225,7 @@ class KVStoreHiCache(HiCacheStorage):
         self._lock = threading.Lock()
         self._warned: set[str] = set()
         self.counters = StorageCounters()  # get_stats(): SGLang's storage metrics
+        self.pools = SidecarPools(self.config, self._pool_salt, self.counters.record)  # the v2 host pools
         # The built-in backends that take a host pool get it as the second argument.
         if kwargs is not None and not isinstance(kwargs, Mapping) and hasattr(kwargs, "get_data_page"):
             self.register_mem_pool_host(kwargs)
@@ -220,7 +238,14 @@ class KVStoreHiCache(HiCacheStorage):
                  f"cp={c.attn_cp_rank}/{c.attn_cp_size}", f"dcp={c.dcp_rank}/{c.dcp_size}"]
         if self._user_salt is not None:
             parts.append(f"salt={self._user_salt}")
+        if self.kv_format is not None:
+            parts.append(f"kv={self.kv_format}")
         return ";".join(parts)
+
+    def _pool_salt(self, name: str) -> str:
+        """The salt of a v2 pool's keys: the backend's, the pool and the TP rank (pools are sharded per rank)."""
+        c = self.storage_config
+        return f"{self._salt};pool={name};tp={c.tp_rank}/{c.tp_size}"
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         """Open the store for the page geometry of SGLang's host pool (reopen it if the geometry changed)."""
@@ -237,6 +262,10 @@ class KVStoreHiCache(HiCacheStorage):
             self.layout, self.host_layout = layout, host_layout
             self._to_canonical, self._page_shape = to_canonical, page_shape
             self.store = KVStore(layout, self.config)
+        if layout.dtype == torch.uint8 and self.kv_format is None:
+            self._fail("SGLang's host pool holds this model's KV as bytes (an fp8 or fp4 --kv-cache-dtype): set "
+                       "extra_config kv_cache_dtype to it (fp8_e4m3, fp8_e5m2...), or pages of one format may be "
+                       "served to an engine running another")
         logger.info("kvstore HiCache backend: %s pages of %d tokens (%s host layout, %d bytes each), tiers %s",
                     "MLA" if self.mla else "MHA", layout.block_tokens, host_layout, layout.block_bytes,
                     [t.name for t in self.store.tiers])
@@ -442,6 +471,62 @@ class KVStoreHiCache(HiCacheStorage):
             self._fail("batch_set_v1 failed", exc)
             return [False] * len(keys)
 
+    # -- v2: the host pools of hybrid models (Mamba, sliding window, DSA, draft) -----
+
+    def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
+        """Open a store for a host pool beside the KV pool (``integrations/sglang_pools.py``); the KV pool
+        itself is the one ``register_mem_pool_host`` opened. A pool whose pages cannot be stored is logged
+        and served as misses, never an error at attach."""
+        super().register_mem_host_pool_v2(host_pool, host_pool_name)
+        name = str(host_pool_name)
+        if name == KV_POOL:
+            if getattr(self, "mem_pool_host", None) is None:
+                self.register_mem_pool_host(host_pool)
+            return
+        try:
+            self.pools.register(host_pool, name)
+        except Exception as exc:
+            self._fail(f"host pool {name!r} cannot be stored (its pages are misses)", exc)
+
+    def batch_exists_v2(self, keys: list[str], pool_transfers: list[PoolTransfer] | None = None,
+                        extra_info: HiCacheStorageExtraInfo | None = None) -> PoolTransferResult:
+        """The longest prefix of ``keys`` the KV store and every pool can restore, under each pool's policy."""
+        keys = list(keys)
+        kv_pages = self.batch_exists(keys, extra_info)
+        try:
+            return pool_hit(kv_pages, list(pool_transfers or ()), self.pools.present, keys)
+        except Exception as exc:
+            self._fail("batch_exists_v2 failed", exc)
+            return PoolTransferResult(0, {}, [])
+
+    def batch_get_v2(self, transfers: list[PoolTransfer],
+                     extra_info: HiCacheStorageExtraInfo | None = None) -> dict[str, list[bool]]:
+        """Read each transfer's pages into its host pool; per pool, the leading pages read."""
+        return self._each_pool(transfers, "get", self.batch_get_v1, extra_info)
+
+    def batch_set_v2(self, transfers: list[PoolTransfer],
+                     extra_info: HiCacheStorageExtraInfo | None = None) -> dict[str, list[bool]]:
+        """Store each transfer's pages from its host pool; per pool, the leading pages held afterwards."""
+        return self._each_pool(transfers, "set", self.batch_set_v1, extra_info)
+
+    def _each_pool(self, transfers: list[PoolTransfer], op: str, kv_op: Callable[..., list[bool]],
+                   extra_info: HiCacheStorageExtraInfo | None) -> dict[str, list[bool]]:
+        results: dict[str, list[bool]] = {}
+        for transfer in transfers or ():
+            name, keys = str(transfer.name), list(transfer.keys or ())
+            if name == KV_POOL:
+                results[name] = kv_op(keys, transfer.host_indices, extra_info)
+                continue
+            try:
+                if name not in self.pools:
+                    raise ValueError(f"pool {name!r} was never registered (register_mem_host_pool_v2)")
+                pool_op = self.pools.get if op == "get" else self.pools.set
+                results[name] = _count_leading(pool_op(name, keys, transfer.host_indices), len(keys))
+            except Exception as exc:  # never into SGLang: this pool's pages are misses
+                self._fail(f"batch_{op}_v2 of pool {name!r} failed", exc)
+                results[name] = [False] * len(keys)
+        return results
+
     # -- lifecycle --------------------------------------------------------------------
 
     def clear(self) -> None:
@@ -460,11 +545,12 @@ class KVStoreHiCache(HiCacheStorage):
         """Close the store: flush write-behind queues to the lower tiers, close the tiers. Idempotent."""
         with self._lock:
             store, self.store = self.store, None
-        if store is not None:
-            try:
+        try:
+            self.pools.close()
+            if store is not None:
                 store.close()
-            except Exception as exc:
-                self._fail("close failed", exc)
+        except Exception as exc:
+            self._fail("close failed", exc)
 
     def get_stats(self) -> Any:
         """SGLang's ``StorageMetrics`` since the last call: pages and GB/s of each prefetch and backup call

@@ -401,3 +401,28 @@ def test_storage_metrics_reach_sglangs_collector(tmp_path):
         assert totals["prefetch"]["misses"] == 1 and totals["backup"]["bytes"] == 6 * backend.layout.block_bytes
     finally:
         backend.close()
+
+
+def test_fp8_formats_are_kept_apart(tmp_path):
+    """SGLang's host pool holds fp8 KV as bytes whatever the format: ``kv_cache_dtype`` binds it into the keys,
+    so an e5m2 engine is never served an e4m3 engine's pages (the same model, the same page hashes)."""
+    pool = host_pool(dtype=torch.float8_e4m3fn)
+    assert pool.dtype == torch.uint8  # what SGLang hands the backend: no format
+    e4m3 = make_backend(pool, disk_dir=str(tmp_path / "kv"), kv_cache_dtype="fp8_e4m3")
+    try:
+        assert e4m3.batch_set_v1(keys(2, "f"), indices([0, 1])) == [True, True]
+    finally:
+        e4m3.close()
+    e5m2 = make_backend(pool, disk_dir=str(tmp_path / "kv"), kv_cache_dtype="fp8_e5m2")
+    try:
+        assert e5m2.batch_exists(keys(2, "f")) == 0
+    finally:
+        e5m2.close()
+    again = make_backend(pool, disk_dir=str(tmp_path / "kv"), kv_cache_dtype="fp8_e4m3")
+    try:
+        assert again.batch_get_v1(keys(2, "f"), indices([8, 9])) == [True, True]
+        assert torch.equal(page_bytes(pool, 0), page_bytes(pool, 8 * PAGE))
+    finally:
+        again.close()
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        make_backend(None, kv_cache_dtype="e4m3")
