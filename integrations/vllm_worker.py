@@ -99,7 +99,8 @@ class WorkerHalf:
         layout = layout_from_caches(self.vllm_config, caches, layer_index(names[0]), self.settings.block_tokens,
                                     self.place)
         config = rank_store_config(self.settings, self.place, model_id_of(self.settings, self.vllm_config))
-        adapter = GroupedAdapter(paged_adapter(layout, caches), [self.groups.layer_group(n) for n in names])
+        groups = [self.groups.layer_group(n) for n in names]  # None: a single-group config naming none of them
+        adapter = GroupedAdapter(paged_adapter(layout, caches), [g if g is not None else 0 for g in groups])
         if self.page_size % adapter.page_size:
             raise ValueError(f"kv_caches: expected pages that divide vLLM's block size {self.page_size} tokens, "
                              f"got {adapter.page_size}")

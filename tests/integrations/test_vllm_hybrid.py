@@ -288,3 +288,19 @@ def test_groups_of_vllm_specs():
     assert cache_groups(other, PAGE)[0] is None  # groups of other block sizes: not stored
     single, _ = cache_groups(None, PAGE)
     assert not single.hybrid and single.layer_group("anything") == 0
+
+
+def test_a_single_group_naming_no_registered_cache_stores_them_all(tmp_path):
+    """A one-group config whose layer names match none of the registered caches (an older vLLM naming them
+    otherwise) still stores every cache, as before hybrid support."""
+    full = FullAttentionSpec(block_size=PAGE, num_kv_heads=KV_HEADS, head_size=HEAD_DIM, dtype=torch.float32)
+    kcc = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+                        kv_cache_groups=[KVCacheGroupSpec(["decoder.0.attn", "decoder.1.attn"], full)])
+    config = make_config(write_model(tmp_path / "model"), {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    worker = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER, kcc)
+    try:
+        worker.register_kv_caches({name: torch.zeros(NUM_BLOCKS, KV_HEADS, PAGE, 2 * HEAD_DIM)
+                                   for name in LAYER_NAMES})
+        assert worker.store is not None and worker.store.layout.num_layers == len(LAYER_NAMES)
+    finally:
+        worker.shutdown()
