@@ -29,9 +29,10 @@ from vllm.v1.kv_cache_interface import (ChunkedLocalAttentionSpec, FullAttention
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
+from kvstore.integrations.vllm import KVStoreConnectorMetadata, LoadSpec, SaveSpec  # noqa: E402
 from kvstore.integrations.vllm_groups import NO_PAGE, cache_groups  # noqa: E402
 from vllm_env import (HEAD_DIM, KV_HEADS, LAYER_NAMES, NUM_BLOCKS, PAGE, make_config, make_request,  # noqa: E402
-                      prompt, true_kv, write_model)
+                      paged_caches, prompt, read_tokens, true_kv, write_model, write_tokens)
 
 BLOCK_TOKENS = 32
 CHUNK = 64  # tokens vLLM computes per step: prompts longer than this are prefilled in chunks
@@ -299,8 +300,17 @@ def test_a_single_group_naming_no_registered_cache_stores_them_all(tmp_path):
     config = make_config(write_model(tmp_path / "model"), {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
     worker = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER, kcc)
     try:
-        worker.register_kv_caches({name: torch.zeros(NUM_BLOCKS, KV_HEADS, PAGE, 2 * HEAD_DIM)
-                                   for name in LAYER_NAMES})
+        caches = paged_caches()
+        worker.register_kv_caches(caches)
         assert worker.store is not None and worker.store.layout.num_layers == len(LAYER_NAMES)
+        tokens = prompt(64, seed=9)
+        write_tokens(caches, [1, 2, 3, 4], 0, true_kv(tokens, 0, 64))
+        worker.bind_connector_metadata(KVStoreConnectorMetadata(saves=[SaveSpec("s", tokens, None, ([1, 2, 3, 4],))]))
+        worker.wait_for_save()
+        worker.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("l", tokens, None, ([9, 8, 7, 6],),
+                                                                                0, 64)]))
+        worker.start_load_kv(None)
+        worker.wait_for_save()
+        assert torch.equal(read_tokens(caches, [9, 8, 7, 6], 0, 64), true_kv(tokens, 0, 64))
     finally:
         worker.shutdown()
