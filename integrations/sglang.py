@@ -12,9 +12,9 @@ methods (``batch_get_v1`` / ``batch_set_v1``); without it, it moves flat page
 copies through ``batch_get`` / ``batch_set``. Both work.
 
 As SGLang's L3, the store keeps no host tier unless ``host_bytes`` is given
-(SGLang's own pinned host pool already holds the pages in RAM) and, unless
-a tier below host RAM is given, keeps pages in ``$XDG_CACHE_HOME/kvstore/sglang-l3``
-(``l3_defaults``).
+(SGLang's own pinned host pool already holds the pages in RAM) and, when
+neither that nor a tier below host RAM is given, keeps pages in
+``$XDG_CACHE_HOME/kvstore/sglang-l3`` (``l3_defaults``).
 
 Configuration, lowest precedence first: ``StoreConfig`` defaults, the file
 ``extra_config["kvstore_config"]`` or ``$KVSTORE_CONFIG`` names, ``KVSTORE_*``
@@ -173,14 +173,14 @@ def default_l3_dir(environ: Mapping[str, str]) -> str:
 def l3_defaults(config: StoreConfig, given: set[str], environ: Mapping[str, str]) -> StoreConfig:
     """kvstore as SGLang's L3: SGLang already keeps every page it serves in its own pinned host pool (L2) on
     each rank, so a kvstore host tier would hold the same pages in RAM twice. Unless ``host_bytes`` is
-    given, the store has no host tier (reads and writes go to the tiers below it); unless some tier below
-    host RAM is given (``disk_dir``, ``files_dir``, ``remote_url``, ``redis_url``), pages go to the local
-    disk under ``default_l3_dir``."""
+    given, the store has no host tier (reads and writes go to the tiers below it), and if no tier below
+    host RAM is given either (``disk_dir``, ``files_dir``, ``remote_url``, ``redis_url``), pages go to the
+    local disk under ``default_l3_dir``. A ``host_bytes`` given alone is a host-only L3, as asked."""
     changes: dict[str, Any] = {}
     if "host_bytes" not in given:
         changes["host_bytes"] = 0
-    if not any(getattr(config, name) for name in LOWER_TIERS):
-        changes["disk_dir"] = default_l3_dir(environ)
+        if not any(getattr(config, name) for name in LOWER_TIERS):
+            changes["disk_dir"] = default_l3_dir(environ)
     return config.replace(**changes) if changes else config
 
 

@@ -373,9 +373,9 @@ def test_default_l3_keeps_no_second_host_copy(tmp_path, monkeypatch):
         assert shared.config.disk_dir is None and [t.name for t in shared.store.tiers] == ["files"]
     finally:
         shared.close()
-    monkeypatch.setenv("KVSTORE_HOST_BYTES", "2MiB")  # asked for, anywhere: kept
+    monkeypatch.setenv("KVSTORE_HOST_BYTES", "2MiB")  # asked for, anywhere: kept, and alone it is host-only
     asked = StorageBackendFactory.create_backend("dynamic", storage_config(extra), None)
-    assert asked.config.host_bytes == 2 << 20
+    assert asked.config.host_bytes == 2 << 20 and asked.config.disk_dir is None
 
 
 def test_storage_metrics_reach_sglangs_collector(tmp_path):
