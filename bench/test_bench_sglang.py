@@ -221,3 +221,74 @@ def test_get_kvstore(benchmark, pool, tmp_path, subject):
             assert backend.store.stats()["tiers"]["lmdb"]["hits"] >= ROUNDS * BATCH
     finally:
         backend.close()
+
+
+# -- v2: a host pool beside the KV pool (a sliding-window model's SWA pool: an MHA host pool of its own) ----------
+
+V2_SUBJECTS = {"disk": {}, "host": {"host_bytes": "512MiB"}}  # "disk": the L3 default, no host tier
+
+
+def _v2_transfer(keys, pages):
+    from sglang.srt.mem_cache.hicache_storage import PoolName, PoolTransfer
+    return [PoolTransfer(name=PoolName.SWA, keys=list(keys), host_indices=_indices(pages))]
+
+
+def _v2_backend(kind: str, pool, tmp_path):
+    if kind == "file":
+        backend = _file_backend(tmp_path / "hicache")
+    else:
+        backend = _kvstore_backend(pool, V2_SUBJECTS[kind], tmp_path / "kv")
+    backend.register_mem_host_pool_v2(pool, "swa")
+    return backend
+
+
+def _v2_set_round(benchmark, backend, pool, tag: str) -> None:
+    def store(keys) -> None:
+        assert all(backend.batch_set_v2(_v2_transfer(keys, SRC))["swa"])
+        if isinstance(backend, HiCacheFile):
+            return
+        backend.store.flush()  # the LMDB write-behind, fsync'ed, inside the timed round
+        for name in backend.pools.names:
+            backend.pools._pools[name].store.flush()
+    benchmark.pedantic(store, setup=_fresh_keys(tag), rounds=ROUNDS, warmup_rounds=1)
+    _record(benchmark, pool)
+
+
+def _v2_get_round(benchmark, backend, pool, tag: str) -> None:
+    keys = _keys(tag, BATCH)
+    assert all(backend.batch_set_v2(_v2_transfer(keys, SRC))["swa"])
+    benchmark.pedantic(lambda: backend.batch_get_v2(_v2_transfer(keys, DST)), rounds=ROUNDS, warmup_rounds=1)
+    _check_dst(pool)
+    _record(benchmark, pool)
+
+
+@pytest.mark.benchmark(group="sglang-v2-set")
+def test_v2_set_hicache_file_ceiling(benchmark, pool, tmp_path):
+    """``batch_set_v2`` of a batch of the pool beside the KV pool, SGLang's HiCacheFile."""
+    _v2_set_round(benchmark, _v2_backend("file", pool, tmp_path), pool, "v2sf")
+
+
+@pytest.mark.benchmark(group="sglang-v2-set")
+@pytest.mark.parametrize("kind", list(V2_SUBJECTS))
+def test_v2_set_kvstore(benchmark, pool, tmp_path, kind):
+    backend = _v2_backend(kind, pool, tmp_path)
+    try:
+        _v2_set_round(benchmark, backend, pool, "v2s" + kind)
+    finally:
+        backend.close()
+
+
+@pytest.mark.benchmark(group="sglang-v2-get")
+def test_v2_get_hicache_file_ceiling(benchmark, pool, tmp_path):
+    """``batch_get_v2`` of a batch stored before into other slots (checked byte-exact), SGLang's HiCacheFile."""
+    _v2_get_round(benchmark, _v2_backend("file", pool, tmp_path), pool, "v2gf")
+
+
+@pytest.mark.benchmark(group="sglang-v2-get")
+@pytest.mark.parametrize("kind", list(V2_SUBJECTS))
+def test_v2_get_kvstore(benchmark, pool, tmp_path, kind):
+    backend = _v2_backend(kind, pool, tmp_path)
+    try:
+        _v2_get_round(benchmark, backend, pool, "v2g" + kind)
+    finally:
+        backend.close()

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from kvstore import KVLayout, KVStore, StoreConfig
+from kvstore.buffers import BufferPool
 from kvstore.compression.registry import get_codec
 
 from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolTransferResult  # noqa: E402  (after kvstore)
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CODEC_SETTINGS = ("disk_codec", "files_codec", "remote_codec", "redis_codec")
 KV_POOL = "kv"  # SGLang's PoolName.KV: the anchor pool, served by the backend's own store
+IDLE_BUFFER_BYTES = 256 << 20  # read buffers kept for the next batch (a fresh one page-faults on every byte)
 
 
 def pool_layout(page_bytes: int) -> KVLayout:
@@ -84,6 +86,7 @@ class SidecarPools:
         self._salt = salt  # pool name -> the salt of its keys now (the backend's generation changes on clear)
         self._record = record  # (operation, pages moved, pages missed, bytes, seconds)
         self._pools: dict[str, _Pool] = {}
+        self._buffers = BufferPool(IDLE_BUFFER_BYTES)
 
     def __contains__(self, name: str) -> bool:
         return str(name) in self._pools
@@ -134,11 +137,14 @@ class SidecarPools:
         if not keys:
             return 0
         started = time.perf_counter()
-        buffer = torch.empty(len(keys), pool.page_bytes, dtype=torch.uint8)
-        outs = [row.view(1, 1, 1, 1, pool.page_bytes) for row in buffer]
-        n = pool.store.get_keyed(list(keys), outs, self._salt(pool.name))
-        for row, slot in zip(buffer[:n], slots):
-            pool.host_pool.set_from_flat_data_page(slot, row.view(pool.flat_dtype).view(pool.flat_shape))
+        buffer = self._buffers.take((len(keys), pool.page_bytes), torch.uint8)
+        try:
+            outs = [row.view(1, 1, 1, 1, pool.page_bytes) for row in buffer]
+            n = pool.store.get_keyed(list(keys), outs, self._salt(pool.name))
+            for row, slot in zip(buffer[:n], slots):
+                pool.host_pool.set_from_flat_data_page(slot, row.view(pool.flat_dtype).view(pool.flat_shape))
+        finally:
+            self._buffers.give(buffer)
         self._record("prefetch", n, len(keys) - n, n * pool.page_bytes, time.perf_counter() - started)
         return n
 
@@ -164,6 +170,7 @@ class SidecarPools:
 
     def close(self) -> None:
         pools, self._pools = self._pools, {}
+        self._buffers.clear()
         for pool in pools.values():
             pool.store.close()
 

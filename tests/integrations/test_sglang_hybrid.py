@@ -311,7 +311,7 @@ def pool_hits(acks, name) -> int | None:
     """The sidecar's page count the controller acked (its ``count_pool_hits`` of ``batch_get_v2``)."""
     for ack in acks:
         if ack.pool_hits is not None:
-            return ack.pool_hits.get(name)
+            return {str(k): v for k, v in ack.pool_hits.items()}.get(str(name))
     return None
 
 
@@ -387,7 +387,7 @@ def test_backup_then_prefetch_is_byte_exact(stacks, tmp_path, kind, backend):
     calls = spy_v2(stack.backend)
 
     n = 4
-    tokens, hashes = token_ids(n, seed=7), None
+    tokens = token_ids(n, seed=7)
     hashes = hash_chain(tokens)
     src = stack.kv_host.alloc(n * PAGE)
     side_src = alloc_sidecar(stack)
@@ -451,9 +451,8 @@ def test_missing_sidecar_limits_the_hit(stacks, tmp_path, kind, backend):
     assert op_a.completed_tokens == a * PAGE and op_b.completed_tokens == (n - a) * PAGE
 
     # Longer than node A, up to or past the end of node B: the hit is node A, with node A's sidecar.
-    for rid, pages in (("req-all", n + 1), ("req-mid", n - 1)):
-        fetched, dst, side, acks = prefetch(stack, rid, tokens[:pages * PAGE] + token_ids(pages - n, seed=18)
-                                            if pages > n else tokens[:pages * PAGE])
+    for rid, asked in (("req-all", tokens + token_ids(1, seed=18)), ("req-mid", tokens[:(n - 1) * PAGE])):
+        fetched, dst, side, acks = prefetch(stack, rid, asked)
         assert fetched.storage_hit_count == a * PAGE, rid
         assert fetched.hash_value == hashes[:a] and side.keys == hashes[a - stored:a]
         assert pool_hits(acks, stack.side_name) == stored
@@ -513,10 +512,10 @@ def test_restarted_controller_prefetches_what_the_first_backed_up(stacks, tmp_pa
 def back_up_in_this_process(backend: str, root: str, out: str) -> None:
     """The child's side of the cross-process test: back up a node of each kind, save what it stored."""
     saved = {}
-    for kind in KINDS:
+    for i, kind in enumerate(KINDS):
         stack = build_stack(kind, backend, Path(root), seed=5)
-        try:
-            saved[kind] = _back_up_node(stack, 4, seed=41)
+        try:  # other tokens per kind: the same model name and page hashes would name the same KV pages
+            saved[kind] = _back_up_node(stack, 4, seed=41 + i)
         finally:
             stack.close()
     torch.save(saved, out)
