@@ -225,7 +225,9 @@ def test_get_kvstore(benchmark, pool, tmp_path, subject):
 
 # -- v2: a host pool beside the KV pool (a sliding-window model's SWA pool: an MHA host pool of its own) ----------
 
-V2_SUBJECTS = {"disk": {}, "host": {"host_bytes": "512MiB"}}  # "disk": the L3 default, no host tier
+# "disk": the L3 default (no host tier, LMDB fsync'ed each round); "disk_no_fsync": HiCacheFile's durability
+# (it never fsyncs); "host": a host-only L3 (host_bytes alone).
+V2_SUBJECTS = {"disk": ({}, True), "disk_no_fsync": ({"disk_sync": False}, True), "host": ({"host_bytes": "512MiB"}, False)}
 
 
 def _v2_transfer(keys, pages):
@@ -237,7 +239,8 @@ def _v2_backend(kind: str, pool, tmp_path):
     if kind == "file":
         backend = _file_backend(tmp_path / "hicache")
     else:
-        backend = _kvstore_backend(pool, V2_SUBJECTS[kind], tmp_path / "kv")
+        settings, disk = V2_SUBJECTS[kind]
+        backend = _kvstore_backend(pool, settings, tmp_path / "kv" if disk else None)
     backend.register_mem_host_pool_v2(pool, "swa")
     return backend
 

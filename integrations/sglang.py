@@ -89,6 +89,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
         f".venv-sglang/bin/python (import failed: {_exc})") from _exc
 
 from kvstore.integrations.sglang_metrics import StorageCounters  # noqa: E402
+from kvstore.integrations.sglang_pages import canonical_page_view, describe_pool  # noqa: E402
 from kvstore.integrations.sglang_pools import KV_POOL, SidecarPools, pool_hit  # noqa: E402
 
 __all__ = ["KVStoreHiCache", "SGLANG_KEYS", "canonical_page_view", "store_config_from"]
@@ -104,29 +105,6 @@ OWN_KEYS = frozenset({"kvstore_config", "salt", "kv_cache_dtype"})
 FP8_FORMATS = frozenset({"fp8_e4m3", "fp8_e5m2", "fp8_e4m3fn", "fp4_e2m1"})
 _STORE_FIELDS = frozenset(f.name for f in dataclasses.fields(StoreConfig))
 LOWER_TIERS = ("disk_dir", "files_dir", "remote_url", "redis_url")  # the tiers an L3 keeps pages in
-
-# A page view (``host_pool.get_data_page(i, flat=False)``) -> canonical [L, P, T, H, D], by host layout.
-_MHA_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "layer_first": lambda v: v.transpose(0, 1),            # [2, L, T, H, D]
-    "page_first": lambda v: v.permute(2, 0, 1, 3, 4),      # [2, T, L, H, D]
-    "page_first_direct": lambda v: v[:, 0].transpose(0, 1),  # [2, 1, L, T, H, D]
-    "page_head": lambda v: v[:, 0].permute(3, 0, 2, 1, 4),  # [2, 1, H, T, L, D]
-}
-_MLA_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "layer_first": lambda v: v.unsqueeze(1),                # [L, T, 1, D]
-    "page_first": lambda v: v.transpose(0, 1).unsqueeze(1),  # [T, L, 1, D]
-    "page_first_direct": lambda v: v[0].unsqueeze(1),       # [1, L, T, 1, D]
-}
-
-
-def canonical_page_view(page: torch.Tensor, host_layout: str, mla: bool = False) -> torch.Tensor:
-    """SGLang's page view (``get_data_page(i, flat=False)``) as kvstore's ``[L, P, T, H, D]``: a view, no copy."""
-    views = _MLA_VIEWS if mla else _MHA_VIEWS
-    if host_layout not in views:
-        raise ValueError(f"host layout: expected one of {sorted(views)} for {'MLA' if mla else 'MHA'}, "
-                         f"got {host_layout!r}")
-    return views[host_layout](page)
-
 
 def store_config_from(storage_config: HiCacheStorageConfig,
                       environ: Mapping[str, str] | None = None) -> tuple[StoreConfig, str | None]:
@@ -225,7 +203,7 @@ class KVStoreHiCache(HiCacheStorage):
         self._lock = threading.Lock()
         self._warned: set[str] = set()
         self.counters = StorageCounters()  # get_stats(): SGLang's storage metrics
-        self.pools = SidecarPools(self.config, self._pool_salt, self.counters.record)  # the v2 host pools
+        self.pools = SidecarPools(self.config, storage_config, self._pool_salt, self.counters.record)  # the v2 host pools
         # The built-in backends that take a host pool get it as the second argument.
         if kwargs is not None and not isinstance(kwargs, Mapping) and hasattr(kwargs, "get_data_page"):
             self.register_mem_pool_host(kwargs)
@@ -250,7 +228,7 @@ class KVStoreHiCache(HiCacheStorage):
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         """Open the store for the page geometry of SGLang's host pool (reopen it if the geometry changed)."""
         super().register_mem_pool_host(mem_pool_host)
-        layout, host_layout, to_canonical, page_shape = self._describe(mem_pool_host)
+        layout, host_layout, to_canonical, page_shape = describe_pool(mem_pool_host, self.storage_config, self.mla)
         with self._lock:
             old = self.store
             if old is not None and self.layout == layout:
@@ -269,40 +247,6 @@ class KVStoreHiCache(HiCacheStorage):
         logger.info("kvstore HiCache backend: %s pages of %d tokens (%s host layout, %d bytes each), tiers %s",
                     "MLA" if self.mla else "MHA", layout.block_tokens, host_layout, layout.block_bytes,
                     [t.name for t in self.store.tiers])
-
-    def _describe(self, pool: Any) -> tuple[KVLayout, str, Callable[[torch.Tensor], torch.Tensor], tuple[int, ...]]:
-        """The KVLayout of one page of ``pool``, its host layout, page view -> canonical, and the page view's shape."""
-        if getattr(pool, "kv_buffer", None) is None:
-            raise ValueError(f"host pool {type(pool).__name__}: expected a materialized kv_buffer (hybrid/logical "
-                             f"anchor pools are not supported by the kvstore backend)")
-        host_layout = pool.layout
-        c = self.storage_config
-        mla = hasattr(pool, "kv_cache_dim")
-        if mla != self.mla:
-            raise ValueError(f"host pool {type(pool).__name__}: expected an {'MLA' if self.mla else 'MHA'} pool "
-                             f"(storage_config.is_mla_model={self.mla}), got {'MLA' if mla else 'MHA'}")
-        if mla:
-            heads, head_dim, parts, tp_rank, tp_size = 1, pool.kv_cache_dim, 1, 0, 1  # replicated on every rank
-        else:
-            head_dim, v_head_dim = pool.head_dim, getattr(pool, "v_head_dim", pool.head_dim)
-            if v_head_dim != head_dim:
-                raise ValueError(f"host pool: expected equal K and V head dims, got {head_dim} and {v_head_dim}")
-            if getattr(c, "should_split_heads", False):
-                raise ValueError("storage_config.should_split_heads: split-heads heterogeneous TP is not supported "
-                                 "by the kvstore backend")
-            heads, parts, tp_rank, tp_size = pool.head_num, 2, c.tp_rank, c.tp_size
-        layout = KVLayout(num_layers=pool.layer_num, num_kv_heads=heads, head_dim=head_dim, dtype=pool.dtype,
-                          block_tokens=pool.page_size, kv_parts=parts, tp_rank=tp_rank, tp_size=tp_size)
-        views = _MLA_VIEWS if mla else _MHA_VIEWS
-        if host_layout not in views:
-            raise ValueError(f"host pool layout: expected one of {sorted(views)}, got {host_layout!r}")
-        to_canonical = views[host_layout]
-        sample = pool.get_data_page(0, flat=False)
-        canonical = to_canonical(sample)
-        if tuple(canonical.shape) != layout.block_shape:
-            raise ValueError(f"host pool page: expected a view of shape {list(layout.block_shape)} after mapping "
-                             f"{host_layout!r}, got {list(canonical.shape)} from {list(sample.shape)}")
-        return layout, host_layout, to_canonical, tuple(sample.shape)
 
     # -- helpers ----------------------------------------------------------------------
 

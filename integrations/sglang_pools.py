@@ -8,10 +8,13 @@ name)`` and moves their pages with ``batch_exists_v2`` / ``batch_get_v2`` /
 ``batch_set_v2`` and a ``PoolTransfer`` per pool, keyed by the same page
 hashes as the KV pages.
 
-A page of such a pool is stored as its exact bytes: SGLang's flat page
-(``get_data_page(i, flat=True)``, which for a Mamba pool concatenates the
-conv and temporal states) viewed as ``uint8``, in a store whose layout is
-one opaque row of the page's bytes (``pool_layout``). Each pool has its own
+A pool of KV pages (a sliding-window pool, a draft model's KV) is stored
+as the KV pool is: its pages are viewed in place as kvstore blocks
+(``integrations/sglang_pages.py``) and copied once, between the pool and a
+tier. A page of any other pool is stored as its exact bytes: SGLang's flat
+page (``get_data_page(i, flat=True)``, which for a Mamba pool concatenates
+the conv and temporal states) viewed as ``uint8``, in a store whose layout
+is one opaque row of the page's bytes (``pool_layout``). Each pool has its own
 store, so pools never read each other's pages: its own layout fingerprint,
 a salt naming the pool and the TP rank (Mamba states and sliding-window KV
 are sharded per rank), its own LMDB directory (``disk_dir/pool-<name>``),
@@ -34,6 +37,7 @@ import torch
 from kvstore import KVLayout, KVStore, StoreConfig
 from kvstore.buffers import BufferPool
 from kvstore.compression.registry import get_codec
+from kvstore.integrations.sglang_pages import PageGeometry, describe_pool
 
 from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolTransferResult  # noqa: E402  (after kvstore)
 
@@ -63,7 +67,8 @@ def pool_config(config: StoreConfig, name: str) -> StoreConfig:
 
 @dataclass
 class _Pool:
-    """A registered pool: SGLang's host pool, its store, and the geometry of its flat pages."""
+    """A registered pool: SGLang's host pool, its store, the geometry of its flat pages, and of its KV pages
+    (``kv``: viewed in place) when it holds KV."""
 
     name: str
     host_pool: Any
@@ -71,6 +76,7 @@ class _Pool:
     page_bytes: int
     flat_dtype: torch.dtype
     flat_shape: tuple[int, ...]
+    kv: PageGeometry | None = None
 
     @property
     def tokens_per_page(self) -> int:
@@ -80,9 +86,10 @@ class _Pool:
 class SidecarPools:
     """The stores of SGLang's non-KV host pools (see module docstring); ``close()`` closes them."""
 
-    def __init__(self, config: StoreConfig, salt: Callable[[str], str],
+    def __init__(self, config: StoreConfig, storage_config: Any, salt: Callable[[str], str],
                  record: Callable[[str, int, int, int, float], None]):
         self.config = config
+        self.storage_config = storage_config  # SGLang's: the TP shard of a KV pool's layout
         self._salt = salt  # pool name -> the salt of its keys now (the backend's generation changes on clear)
         self._record = record  # (operation, pages moved, pages missed, bytes, seconds)
         self._pools: dict[str, _Pool] = {}
@@ -109,10 +116,12 @@ class SidecarPools:
             return
         if old is not None:
             old.store.close()
-        store = KVStore(pool_layout(page_bytes), pool_config(self.config, name))
-        self._pools[name] = _Pool(name, host_pool, store, page_bytes, sample.dtype, tuple(sample.shape))
-        log.info("kvstore HiCache backend: pool %r, pages of %d bytes (%s), tiers %s", name, page_bytes,
-                 type(host_pool).__name__, [t.name for t in store.tiers])
+        kv = _kv_geometry(host_pool, self.storage_config)
+        store = KVStore(kv.layout if kv is not None else pool_layout(page_bytes), pool_config(self.config, name))
+        self._pools[name] = _Pool(name, host_pool, store, page_bytes, sample.dtype, tuple(sample.shape), kv)
+        log.info("kvstore HiCache backend: pool %r, pages of %d bytes (%s, %s), tiers %s", name, page_bytes,
+                 type(host_pool).__name__, "KV pages in place" if kv is not None else "flat bytes",
+                 [t.name for t in store.tiers])
 
     def present(self, name: str, keys: Sequence[str]) -> list[bool]:
         """Whether the store of pool ``name`` holds each key (False for a pool not registered)."""
@@ -137,6 +146,11 @@ class SidecarPools:
         if not keys:
             return 0
         started = time.perf_counter()
+        if pool.kv is not None:  # straight into the pool's pages
+            outs = [pool.kv.to_canonical(pool.host_pool.get_data_page(slot, flat=False)) for slot in slots]
+            n = pool.store.get_keyed(list(keys), outs, self._salt(pool.name))
+            self._record("prefetch", n, len(keys) - n, n * pool.page_bytes, time.perf_counter() - started)
+            return n
         buffer = self._buffers.take((len(keys), pool.page_bytes), torch.uint8)
         try:
             outs = [row.view(1, 1, 1, 1, pool.page_bytes) for row in buffer]
@@ -155,24 +169,39 @@ class SidecarPools:
         if not keys:
             return 0
         started = time.perf_counter()
-        blocks = []
-        for key, slot in zip(keys, slots):
-            page = pool.host_pool.get_data_page(slot, flat=True).contiguous().view(torch.uint8).reshape(-1)
-            if page.numel() != pool.page_bytes:
-                raise ValueError(f"pool {pool.name!r} page {slot}: expected {pool.page_bytes} bytes, "
-                                 f"got {page.numel()}")
-            blocks.append((key, page.view(1, 1, 1, 1, pool.page_bytes)))
+        blocks = [(key, self._page(pool, slot)) for key, slot in zip(keys, slots)]
         salt = self._salt(pool.name)
         pool.store.put_keyed(blocks, salt)
         held = pool.store.lookup_keyed(list(keys), salt)
         self._record("backup", held, len(keys) - held, held * pool.page_bytes, time.perf_counter() - started)
         return held
 
+    @staticmethod
+    def _page(pool: _Pool, slot: int) -> torch.Tensor:
+        """The block to store for the page at ``slot``: a view of the pool's page, or its flat bytes."""
+        if pool.kv is not None:
+            return pool.kv.to_canonical(pool.host_pool.get_data_page(slot, flat=False))
+        page = pool.host_pool.get_data_page(slot, flat=True).contiguous().view(torch.uint8).reshape(-1)
+        if page.numel() != pool.page_bytes:
+            raise ValueError(f"pool {pool.name!r} page {slot}: expected {pool.page_bytes} bytes, got {page.numel()}")
+        return page.view(1, 1, 1, 1, pool.page_bytes)
+
     def close(self) -> None:
         pools, self._pools = self._pools, {}
         self._buffers.clear()
         for pool in pools.values():
             pool.store.close()
+
+
+def _kv_geometry(host_pool: Any, storage_config: Any) -> PageGeometry | None:
+    """The in-place KV geometry of a pool of KV pages (MHA or MLA, a layout kvstore views), else None."""
+    if getattr(host_pool, "kv_buffer", None) is None:
+        return None
+    try:
+        return describe_pool(host_pool, storage_config)
+    except ValueError as exc:  # a KV pool in a layout kvstore does not view: its flat bytes
+        log.info("kvstore HiCache backend: %s pages stored as flat bytes (%s)", type(host_pool).__name__, exc)
+        return None
 
 
 def pool_hit(kv_pages: int, transfers: Sequence[Any], present: Callable[[str, Sequence[str]], list[bool]],
