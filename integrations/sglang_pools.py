@@ -195,11 +195,11 @@ class SidecarPools:
 
 def _kv_geometry(host_pool: Any, storage_config: Any) -> PageGeometry | None:
     """The in-place KV geometry of a pool of KV pages (MHA or MLA, a layout kvstore views), else None."""
-    if getattr(host_pool, "kv_buffer", None) is None:
+    if not isinstance(getattr(host_pool, "kv_buffer", None), torch.Tensor):  # a Mamba pool holds a list of states
         return None
     try:
         return describe_pool(host_pool, storage_config)
-    except ValueError as exc:  # a KV pool in a layout kvstore does not view: its flat bytes
+    except (ValueError, AttributeError) as exc:  # KV kvstore does not view in place: its flat bytes
         log.info("kvstore HiCache backend: %s pages stored as flat bytes (%s)", type(host_pool).__name__, exc)
         return None
 

@@ -101,7 +101,7 @@ PLACEHOLDER = "__placeholder__"  # the tree's prefetch keys before the hit is kn
 
 KINDS = ("mamba", "swa")
 BACKENDS = [pytest.param("file", id="file"),
-            pytest.param("kvstore", id="kvstore", marks=pytest.mark.xfail(strict=False, reason="v2 not yet"))]
+            pytest.param("kvstore", id="kvstore")]
 
 
 # -- the stack ------------------------------------------------------------------------------------
@@ -174,7 +174,8 @@ def build_stack(kind: str, backend: str, root: Path, seed: int = 0) -> Stack:
         full_map = sgl._stage_local_layer_mapping(kvcache.full_attention_layer_id_mapping, kvcache.start_layer)
         (mamba_info,) = mamba.get_device_pool_infos()
         side_map = {layer - kvcache.start_layer: i for i, layer in enumerate(mamba_info.layer_ids)}
-        # MambaPoolHost takes page_first / page_first_direct only; the KV pool shares the global layout.
+        # MambaPoolHost takes page_first / page_first_direct only; the KV pool shares the global layout. Unpinned
+        # (build_mamba_host_pool leaves MambaPoolHost's pin_memory=True, which needs CUDA).
         kv_host = _kv_host(full, "page_first_direct")
         side_host = sgl.MambaPoolHost(mamba_info.buffer_info, 2.0, 0, device_capacity=mamba.size, pin_memory=False,
                                       layout="page_first_direct")
@@ -413,7 +414,9 @@ def test_backup_then_prefetch_is_byte_exact(stacks, tmp_path, kind, backend):
     assert_same_pages(kv_pages(stack, dst), want_kv, "KV")
     assert_same_pages(stack.side_pages(side.host_indices), want_side, stack.side_name.value)
     # What the controller handed the backend: the hit query over every page hash with the tree's placeholder
-    # keys, then the sidecar read re-keyed to the hit's trailing pages, one host page per key.
+    # keys, then the sidecar read re-keyed to the hit's trailing pages, one host page per key. The KV pages
+    # themselves never travel as a v2 transfer: they go through batch_get_v1/batch_set_v1 (kvstore,
+    # interface_v1) or batch_get/batch_set (HiCacheFile), and batch_exists_v2 answers for them by its keys.
     assert calls == [
         ("batch_exists_v2", n + 1, [Seen(stack.side_name.value, "trailing_pages", (PLACEHOLDER,) * stored,
                                          None, None)]),
