@@ -295,3 +295,96 @@ def test_v2_get_kvstore(benchmark, pool, tmp_path, kind):
         _v2_get_round(benchmark, backend, pool, "v2g" + kind)
     finally:
         backend.close()
+
+
+# -- v2: Mamba states (flat bytes: SGLang's MambaPoolHost concatenates each state's tensors) ----------------------
+
+MAMBA_LAYERS = [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def mamba_pool():
+    """A real ``MambaPoolHost`` of Mamba2 states (4 layers, 32 heads of 64 x 128 fp32 temporal state: about 4 MiB
+    a state), filled with random bytes; states are its pages (host page size 1)."""
+    with _tests.stubbed_torchvision():
+        from sglang.srt.configs.mamba_utils import Mamba2CacheParams, Mamba2StateShape
+        from sglang.srt.mem_cache.memory_pool import MambaPool
+        from sglang.srt.mem_cache.pool_host.mamba import MambaPoolHost
+    shape = Mamba2StateShape.create(tp_world_size=1, intermediate_size=2048, n_groups=1, num_heads=32, head_dim=64,
+                                    state_size=128, conv_kernel=4)
+    device = MambaPool(size=BATCH, spec_state_size=4, cache_params=Mamba2CacheParams(shape=shape, layers=MAMBA_LAYERS),
+                       mamba_layer_ids=MAMBA_LAYERS, device="cpu")
+    (info,) = device.get_device_pool_infos()
+    host = MambaPoolHost(info.buffer_info, 2.0, 0, device_capacity=device.size, pin_memory=False,
+                         layout="page_first_direct")
+    gen = torch.Generator().manual_seed(0)
+    for buf in host.kv_buffer:
+        raw = buf.view(torch.uint8)
+        raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=gen))
+    return host
+
+
+def _mamba_transfer(keys, slots):
+    from sglang.srt.mem_cache.hicache_storage import PoolName, PoolTransfer
+    return [PoolTransfer(name=PoolName.MAMBA, keys=list(keys), host_indices=torch.tensor(slots, dtype=torch.int64))]
+
+
+def _mamba_backend(kind: str, kv_pool, mamba_pool, tmp_path):
+    if kind == "file":
+        backend = _file_backend(tmp_path / "hicache")
+    else:
+        settings, disk = V2_SUBJECTS[kind]
+        backend = _kvstore_backend(kv_pool, settings, tmp_path / "kv" if disk else None)
+    backend.register_mem_host_pool_v2(mamba_pool, "mamba")
+    return backend
+
+
+def _mamba_rounds(benchmark, backend, mamba_pool, op: str, tag: str) -> None:
+    src, dst = list(range(BATCH)), list(range(BATCH, 2 * BATCH))
+    state_bytes = mamba_pool.get_dummy_flat_data_page().numel()
+    if op == "set":
+        def store(keys) -> None:
+            assert all(backend.batch_set_v2(_mamba_transfer(keys, src))["mamba"])
+            if not isinstance(backend, HiCacheFile):
+                for name in backend.pools.names:
+                    backend.pools._pools[name].store.flush()
+        benchmark.pedantic(store, setup=_fresh_keys(tag), rounds=ROUNDS, warmup_rounds=1)
+    else:
+        keys = _keys(tag, BATCH)
+        assert all(backend.batch_set_v2(_mamba_transfer(keys, src))["mamba"])
+        benchmark.pedantic(lambda: backend.batch_get_v2(_mamba_transfer(keys, dst)), rounds=ROUNDS, warmup_rounds=1)
+        for s, d in zip(src, dst):
+            assert torch.equal(mamba_pool.get_data_page(s), mamba_pool.get_data_page(d))
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["GB/s"] = round(BATCH * state_bytes / median / 1e9, 3)
+    benchmark.extra_info["batch_MiB"] = BATCH * state_bytes / (1 << 20)
+
+
+@pytest.mark.benchmark(group="sglang-v2-mamba-set")
+def test_v2_mamba_set_hicache_file_ceiling(benchmark, pool, mamba_pool, tmp_path):
+    _mamba_rounds(benchmark, _mamba_backend("file", pool, mamba_pool, tmp_path), mamba_pool, "set", "msf")
+
+
+@pytest.mark.benchmark(group="sglang-v2-mamba-set")
+@pytest.mark.parametrize("kind", list(V2_SUBJECTS))
+def test_v2_mamba_set_kvstore(benchmark, pool, mamba_pool, tmp_path, kind):
+    backend = _mamba_backend(kind, pool, mamba_pool, tmp_path)
+    try:
+        _mamba_rounds(benchmark, backend, mamba_pool, "set", "ms" + kind)
+    finally:
+        backend.close()
+
+
+@pytest.mark.benchmark(group="sglang-v2-mamba-get")
+def test_v2_mamba_get_hicache_file_ceiling(benchmark, pool, mamba_pool, tmp_path):
+    _mamba_rounds(benchmark, _mamba_backend("file", pool, mamba_pool, tmp_path), mamba_pool, "get", "mgf")
+
+
+@pytest.mark.benchmark(group="sglang-v2-mamba-get")
+@pytest.mark.parametrize("kind", list(V2_SUBJECTS))
+def test_v2_mamba_get_kvstore(benchmark, pool, mamba_pool, tmp_path, kind):
+    backend = _mamba_backend(kind, pool, mamba_pool, tmp_path)
+    try:
+        _mamba_rounds(benchmark, backend, mamba_pool, "get", "mg" + kind)
+    finally:
+        backend.close()
