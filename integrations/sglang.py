@@ -43,8 +43,8 @@ Mapping (see ``KVStoreHiCache``):
   ``[2, L, T, H, D]``, ``page_first`` ``[2, T, L, H, D]``,
   ``page_first_direct`` ``[2, 1, L, T, H, D]``, ``page_head``
   ``[2, 1, H, T, L, D]``; MLA without the K/V axis), is viewed as kvstore's
-  canonical ``[L, P, T, H, D]`` by a permutation of strides, without a copy.
-  The zero-copy methods hand those views of the host pool straight to the
+  canonical ``[L, P, T, H, D]`` by a permutation of strides, without a copy
+  (``integrations/sglang_pages.py``). The zero-copy methods hand those views of the host pool straight to the
   store, which copies once, between the pool and its own tier (a host slot,
   an LMDB page, a socket buffer). The flat-page methods (``get``/``set`` and
   the ``batch_`` forms) view SGLang's flat page the same way; the flat page
@@ -58,7 +58,15 @@ logged (and counted by the store's ``stats()``).
 
 Hybrid models (Mamba, sliding window, DSA, draft KV): the v2 methods store
 each host pool beside the KV pool in a store of its own, page bytes exact
-(``integrations/sglang_pools.py``).
+(``integrations/sglang_pools.py``); ``batch_exists_v2`` answers under each
+pool's hit policy as SGLang's own ``HiCacheFile`` does, and a v2 call on a
+pool that failed to register is a miss for that pool.
+
+Storage metrics (``--enable-storage-metrics``): ``get_stats()`` hands SGLang
+the pages and GB/s of each prefetch and backup call
+(``integrations/sglang_metrics.py``). A byte-stored fp8/fp4 cache (SGLang's
+host pool holds it as ``uint8`` whatever the format) is told apart by
+``extra_config["kv_cache_dtype"]``, which goes into the keys.
 
 Not supported (a ``ValueError`` at registration): asymmetric K/V head dims,
 the ``page_unified`` layout, split-heads heterogeneous TP.
