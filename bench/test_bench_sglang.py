@@ -227,7 +227,8 @@ def test_get_kvstore(benchmark, pool, tmp_path, subject):
 
 # "disk": the L3 default (no host tier, LMDB fsync'ed each round); "disk_no_fsync": HiCacheFile's durability
 # (it never fsyncs); "host": a host-only L3 (host_bytes alone).
-V2_SUBJECTS = {"disk": ({}, True), "disk_no_fsync": ({"disk_sync": False}, True), "host": ({"host_bytes": "512MiB"}, False)}
+V2_SUBJECTS = {"disk": ({}, True), "disk_no_fsync": ({"disk_sync": False}, True),
+               "host": ({"host_bytes": "512MiB"}, False)}
 
 
 def _v2_transfer(keys, pages):

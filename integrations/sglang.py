@@ -22,7 +22,8 @@ variables, then the ``StoreConfig`` fields given in ``extra_config``
 (``host_bytes``, ``disk_dir``, ``remote_url``, ``redis_url``, ``disk_codec``, ...).
 SGLang runs each TP/PP/CP rank in its own process and an LMDB directory
 belongs to one process, so with more than one rank each gets its own
-``disk_dir/rank-tp{r}of{n}-pp{r}of{n}-cp{r}of{n}``; ``files_dir``, the cache
+``disk_dir/rank-tp{r}of{n}-pp{r}of{n}-cp{r}of{n}`` (``rank-dp{d}-tp...`` for
+the DP ranks after the first under DP attention); ``files_dir``, the cache
 server and Redis are shared by all ranks as they are.
 ``model_id`` defaults to SGLang's model name; ``extra_config["salt"]`` adds a
 tenant salt. Keys SGLang or other backends read from ``extra_config`` are
@@ -138,9 +139,12 @@ def store_config_from(storage_config: HiCacheStorageConfig,
         given |= set(read_settings_file(path, "kvstore"))
     config = l3_defaults(config, given, environ)
     c = storage_config
-    if config.disk_dir is not None and c.tp_size * c.pp_size * c.attn_cp_size > 1:
+    if config.disk_dir is not None and (c.tp_size * c.pp_size * c.attn_cp_size > 1 or c.dp_rank > 0):
         # One LMDB environment per process (its directory is locked): each rank gets its own under disk_dir.
+        # With DP attention every DP rank's attention group counts TP ranks from 0: the DP rank tells them apart.
         rank = f"rank-tp{c.tp_rank}of{c.tp_size}-pp{c.pp_rank}of{c.pp_size}-cp{c.attn_cp_rank}of{c.attn_cp_size}"
+        if c.dp_rank > 0:
+            rank = f"rank-dp{c.dp_rank}-" + rank.removeprefix("rank-")
         config = config.replace(disk_dir=os.path.join(config.disk_dir, rank))
     if config.model_id == StoreConfig.model_id and storage_config.model_name:
         config = config.replace(model_id=storage_config.model_name)  # not named anywhere: SGLang's model
@@ -211,7 +215,8 @@ class KVStoreHiCache(HiCacheStorage):
         self._lock = threading.Lock()
         self._warned: set[str] = set()
         self.counters = StorageCounters()  # get_stats(): SGLang's storage metrics
-        self.pools = SidecarPools(self.config, storage_config, self._pool_salt, self.counters.record)  # the v2 host pools
+        # the v2 host pools beside the KV pool (Mamba states, sliding window, ...)
+        self.pools = SidecarPools(self.config, storage_config, self._pool_salt, self.counters.record)
         # The built-in backends that take a host pool get it as the second argument.
         if kwargs is not None and not isinstance(kwargs, Mapping) and hasattr(kwargs, "get_data_page"):
             self.register_mem_pool_host(kwargs)

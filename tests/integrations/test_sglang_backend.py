@@ -311,6 +311,25 @@ def test_each_rank_gets_its_own_disk_dir(tmp_path):
             backend.close()
 
 
+def test_dp_attention_ranks_open_their_own_disk_dirs(tmp_path):
+    """With DP attention each DP rank's attention group has TP rank 0 of 1: without the DP rank in the
+    directory, the second DP rank on a node could not open its LMDB (the first holds the lock)."""
+    pool = host_pool()
+    extra = kvstore_extra(disk_dir=str(tmp_path / "kv"))
+    ranks = [StorageBackendFactory.create_backend("dynamic", storage_config(extra, dp_rank=d), None) for d in range(3)]
+    try:
+        for backend in ranks:
+            backend.register_mem_pool_host(pool)  # each opens its LMDB environment: none is locked out
+        kv = tmp_path / "kv"
+        assert [b.config.disk_dir for b in ranks] == [str(kv), str(kv / "rank-dp1-tp0of1-pp0of1-cp0of1"),
+                                                      str(kv / "rank-dp2-tp0of1-pp0of1-cp0of1")]
+        assert [t.name for t in ranks[2].store.tiers] == ["host", "lmdb"]
+        assert ranks[2].batch_set_v1(keys(1, "p"), indices([0])) == [True]
+    finally:
+        for backend in ranks:
+            backend.close()
+
+
 def test_config_from_extra_config_and_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("KVSTORE_DISK_CODEC", "zstd")
     monkeypatch.setenv("KVSTORE_HOST_BYTES", "64MiB")
