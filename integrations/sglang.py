@@ -69,8 +69,13 @@ the pages and GB/s of each prefetch and backup call
 host pool holds it as ``uint8`` whatever the format) is told apart by
 ``extra_config["kv_cache_dtype"]``, which goes into the keys.
 
-Not supported (a ``ValueError`` at registration): asymmetric K/V head dims,
-the ``page_unified`` layout, split-heads heterogeneous TP.
+A KV pool whose pages kvstore cannot view in place (rows without heads, as
+MiniMax M3's NVFP4 pool; no bytes at all, as DeepSeek V4's logical anchor)
+is stored as its flat pages, or as presence alone (``flat_anchor``).
+
+Not supported (a ``ValueError`` at registration): a KV pool with neither
+viewable nor flat pages (asymmetric K/V head dims: SGLang gives no flat
+page of it either), split-heads heterogeneous TP.
 """
 
 from __future__ import annotations
@@ -98,7 +103,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
         f".venv-sglang/bin/python (import failed: {_exc})") from _exc
 
 from kvstore.integrations.sglang_metrics import StorageCounters  # noqa: E402
-from kvstore.integrations.sglang_pages import canonical_page_view, describe_pool  # noqa: E402
+from kvstore.integrations.sglang_pages import PoolKindMismatch, canonical_page_view, describe_pool  # noqa: E402
 from kvstore.integrations.sglang_pools import KV_POOL, SidecarPools, pool_hit  # noqa: E402
 
 __all__ = ["KVStoreHiCache", "SGLANG_KEYS", "canonical_page_view", "store_config_from"]
@@ -214,6 +219,7 @@ class KVStoreHiCache(HiCacheStorage):
         self._salt = self._make_salt()
         self._lock = threading.Lock()
         self._warned: set[str] = set()
+        self.flat_anchor = False  # the KV pool's pages are stored as flat bytes in ``pools`` (see registration)
         self.counters = StorageCounters()  # get_stats(): SGLang's storage metrics
         # the v2 host pools beside the KV pool (Mamba states, sliding window, ...)
         self.pools = SidecarPools(self.config, storage_config, self._pool_salt, self.counters.record)
@@ -233,15 +239,44 @@ class KVStoreHiCache(HiCacheStorage):
             parts.append(f"kv={self.kv_format}")
         return ";".join(parts)
 
+    def _register_flat_anchor(self, pool: Any, why: BaseException) -> None:
+        try:
+            self.pools.register(pool, KV_POOL)
+        except Exception as exc:
+            raise ValueError(f"host pool {type(pool).__name__}: expected pages kvstore can view ({why}) or flat "
+                             f"pages ({type(exc).__name__}: {exc})") from exc
+        with self._lock:
+            old, self.store = self.store, None
+            self.layout, self.flat_anchor = None, True
+        if old is not None:
+            old.close()
+        logger.info("kvstore HiCache backend: %s pages stored as flat bytes (%s)", type(pool).__name__, why)
+
     def _pool_salt(self, name: str) -> str:
-        """The salt of a v2 pool's keys: the backend's, the pool and the TP rank (pools are sharded per rank)."""
+        """The salt of a v2 pool's keys: the backend's, the pool, and the TP rank where ranks hold different
+        bytes: always for Mamba states (sharded by heads), for other pools unless SGLang says the model's
+        state is the same on every rank (``is_mla_model``), as its own file backend keys them."""
         c = self.storage_config
-        return f"{self._salt};pool={name};tp={c.tp_rank}/{c.tp_size}"
+        replicated = c.is_mla_model and name != "mamba"
+        return f"{self._salt};pool={name}" + ("" if replicated else f";tp={c.tp_rank}/{c.tp_size}")
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
-        """Open the store for the page geometry of SGLang's host pool (reopen it if the geometry changed)."""
+        """Open the store for the page geometry of SGLang's host pool (reopen it if the geometry changed).
+
+        A KV pool whose pages kvstore cannot view in place (no heads, as MiniMax's NVFP4 rows; no bytes,
+        as DeepSeek V4's logical anchor) is stored as its flat pages, as the v2 pools are
+        (``flat_anchor``); a pool with neither is refused with a ``ValueError``.
+        """
         super().register_mem_pool_host(mem_pool_host)
-        layout, host_layout, to_canonical, page_shape = describe_pool(mem_pool_host, self.storage_config, self.mla)
+        try:
+            layout, host_layout, to_canonical, page_shape = describe_pool(mem_pool_host, self.storage_config,
+                                                                          self.mla)
+        except PoolKindMismatch:
+            raise
+        except (ValueError, AttributeError) as exc:
+            self._register_flat_anchor(mem_pool_host, exc)
+            return
+        self.flat_anchor = False
         with self._lock:
             old = self.store
             if old is not None and self.layout == layout:
@@ -278,11 +313,18 @@ class KVStoreHiCache(HiCacheStorage):
         self.counters.record(operation, pages, asked - pages, pages * self.layout.block_bytes,
                              time.perf_counter() - started)
 
-    def _open_store(self) -> KVStore | None:
-        store = self.store
+    def _open_store(self) -> Any:
+        """The KV pool's store (the pools' for a ``flat_anchor``), or None before registration (a miss)."""
+        store = self.store if not self.flat_anchor else self.pools
         if store is None:
             self._fail("no host pool registered yet (register_mem_pool_host): treating the call as a miss")
         return store
+
+    def _new_flat_page(self) -> torch.Tensor:
+        """An empty flat page to read into when SGLang gives none."""
+        if self.flat_anchor:
+            return self.mem_pool_host.get_dummy_flat_data_page()
+        return torch.empty(self.layout.block_bytes // self.layout.element_bytes, dtype=self.layout.dtype)
 
     def _flat_view(self, flat: torch.Tensor) -> torch.Tensor:
         """A flat page (SGLang's ``get_data_page(i)`` / ``get_dummy_flat_data_page()``) as ``[L, P, T, H, D]``."""
@@ -325,19 +367,21 @@ class KVStoreHiCache(HiCacheStorage):
             targets = list(target_locations) if target_locations is not None else [None] * len(keys)
             if len(targets) != len(keys):
                 raise ValueError(f"target_locations: expected {len(keys)}, got {len(targets)}")
-            flats, outs, bounces = [], [], []
+            flats, bufs, bounces = [], [], []
             for t in targets:
-                flat = t if t is not None else torch.empty(self.layout.block_bytes // self.layout.element_bytes,
-                                                           dtype=self.layout.dtype)
+                flat = t if t is not None else self._new_flat_page()
                 # A flat page SGLang allocated is contiguous; another is read through a bounce buffer.
                 direct = flat.is_contiguous() and flat.device.type == "cpu"
                 buf = flat if direct else torch.empty(flat.shape, dtype=flat.dtype)
                 flats.append(flat)
-                outs.append(self._flat_view(buf))
+                bufs.append(buf)
                 bounces.append(None if direct else buf)
-            started = time.perf_counter()
-            n = store.get_keyed(keys, outs, self._salt)
-            self._record("prefetch", n, len(keys), started)
+            if self.flat_anchor:
+                n = self.pools.read_flat(KV_POOL, keys, bufs)
+            else:
+                started = time.perf_counter()
+                n = store.get_keyed(keys, [self._flat_view(buf) for buf in bufs], self._salt)
+                self._record("prefetch", n, len(keys), started)
             for flat, buf in zip(flats[:n], bounces[:n]):
                 if buf is not None:
                     flat.copy_(buf.view(flat.shape))
@@ -363,6 +407,8 @@ class KVStoreHiCache(HiCacheStorage):
             values = list(values) if values is not None else []
             if len(values) != len(keys):
                 raise ValueError(f"values: expected {len(keys)} pages, got {len(values)}")
+            if self.flat_anchor:
+                return self.pools.write_flat(KV_POOL, keys, values) == len(keys)
             started = time.perf_counter()
             held = self._put(store, keys, [self._flat_view(v) for v in values])
             self._record("backup", held, len(keys), started)
@@ -387,6 +433,8 @@ class KVStoreHiCache(HiCacheStorage):
         if store is None or not keys:
             return 0
         try:
+            if self.flat_anchor:
+                return self.pools.leading(KV_POOL, list(keys))
             return store.lookup_keyed(list(keys), self._salt)
         except Exception as exc:
             self._fail("batch_exists failed", exc)
@@ -402,6 +450,8 @@ class KVStoreHiCache(HiCacheStorage):
         if store is None:
             return [False] * len(keys)
         try:
+            if self.flat_anchor:
+                return _count_leading(self.pools.get(KV_POOL, keys, host_indices), len(keys))
             started = time.perf_counter()
             n = store.get_keyed(keys, self._pool_views(host_indices, len(keys)), self._salt) if keys else 0
             self._record("prefetch", n, len(keys), started)
@@ -420,6 +470,8 @@ class KVStoreHiCache(HiCacheStorage):
         if not keys:
             return []
         try:
+            if self.flat_anchor:
+                return _count_leading(self.pools.set(KV_POOL, keys, host_indices), len(keys))
             started = time.perf_counter()
             held = self._put(store, keys, self._pool_views(host_indices, len(keys)))
             self._record("backup", held, len(keys), started)

@@ -40,6 +40,10 @@ def canonical_page_view(page: torch.Tensor, host_layout: str, mla: bool = False)
     return views[host_layout](page)
 
 
+class PoolKindMismatch(ValueError):
+    """An MHA pool where SGLang said MLA (rank-replicated KV), or the other way round: a configuration error."""
+
+
 class PageGeometry(NamedTuple):
     """One page of a host pool: its ``KVLayout``, host layout, page view -> canonical, and page view's shape."""
 
@@ -59,7 +63,7 @@ def describe_pool(pool: Any, storage_config: Any, expect_mla: bool | None = None
     c = storage_config
     mla = hasattr(pool, "kv_cache_dim")
     if expect_mla is not None and mla != expect_mla:
-        raise ValueError(f"host pool {type(pool).__name__}: expected an {'MLA' if expect_mla else 'MHA'} pool "
+        raise PoolKindMismatch(f"host pool {type(pool).__name__}: expected an {'MLA' if expect_mla else 'MHA'} pool "
                          f"(storage_config.is_mla_model={expect_mla}), got {'MLA' if mla else 'MHA'}")
     if mla:
         heads, head_dim, parts, tp_rank, tp_size = 1, pool.kv_cache_dim, 1, 0, 1  # replicated on every rank

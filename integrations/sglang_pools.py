@@ -109,7 +109,11 @@ class SidecarPools:
         if not isinstance(sample, torch.Tensor) or not sample.is_contiguous():
             raise ValueError(f"host pool {name!r}: expected a contiguous tensor from get_dummy_flat_data_page, "
                              f"got {type(sample).__name__}")
-        page_bytes = sample.numel() * sample.element_size()
+        page_bytes = sample.numel() * sample.element_size()  # 0: a pool of no bytes (a logical anchor)
+        page = host_pool.get_data_page(0, flat=True)  # a pool without flat pages fails here, not on first use
+        if not isinstance(page, torch.Tensor) or page.numel() * page.element_size() != page_bytes:
+            raise ValueError(f"host pool {name!r}: expected flat pages of {page_bytes} bytes, got "
+                             f"{getattr(page, 'shape', type(page).__name__)}")
         old = self._pools.get(name)
         if old is not None and old.page_bytes == page_bytes:
             old.host_pool = host_pool
@@ -117,11 +121,12 @@ class SidecarPools:
         if old is not None:
             old.store.close()
         kv = _kv_geometry(host_pool, self.storage_config)
-        store = KVStore(kv.layout if kv is not None else pool_layout(page_bytes), pool_config(self.config, name))
+        layout = kv.layout if kv is not None else pool_layout(max(1, page_bytes))  # a marker byte for 0
+        store = KVStore(layout, pool_config(self.config, name))
         self._pools[name] = _Pool(name, host_pool, store, page_bytes, sample.dtype, tuple(sample.shape), kv)
+        how = "KV pages in place" if kv is not None else "flat bytes" if page_bytes else "presence only"
         log.info("kvstore HiCache backend: pool %r, pages of %d bytes (%s, %s), tiers %s", name, page_bytes,
-                 type(host_pool).__name__, "KV pages in place" if kv is not None else "flat bytes",
-                 [t.name for t in store.tiers])
+                 type(host_pool).__name__, how, [t.name for t in store.tiers])
 
     def present(self, name: str, keys: Sequence[str]) -> list[bool]:
         """Whether the store of pool ``name`` holds each key (False for a pool not registered)."""
@@ -151,12 +156,12 @@ class SidecarPools:
             n = pool.store.get_keyed(list(keys), outs, self._salt(pool.name))
             self._record("prefetch", n, len(keys) - n, n * pool.page_bytes, time.perf_counter() - started)
             return n
-        buffer = self._buffers.take((len(keys), pool.page_bytes), torch.uint8)
+        buffer = self._buffers.take((len(keys), max(1, pool.page_bytes)), torch.uint8)
         try:
-            outs = [row.view(1, 1, 1, 1, pool.page_bytes) for row in buffer]
-            n = pool.store.get_keyed(list(keys), outs, self._salt(pool.name))
+            n = pool.store.get_keyed(list(keys), [row.view(1, 1, 1, 1, -1) for row in buffer], self._salt(pool.name))
             for row, slot in zip(buffer[:n], slots):
-                pool.host_pool.set_from_flat_data_page(slot, row.view(pool.flat_dtype).view(pool.flat_shape))
+                if pool.page_bytes:
+                    pool.host_pool.set_from_flat_data_page(slot, row.view(pool.flat_dtype).view(pool.flat_shape))
         finally:
             self._buffers.give(buffer)
         self._record("prefetch", n, len(keys) - n, n * pool.page_bytes, time.perf_counter() - started)
@@ -181,16 +186,50 @@ class SidecarPools:
         """The block to store for the page at ``slot``: a view of the pool's page, or its flat bytes."""
         if pool.kv is not None:
             return pool.kv.to_canonical(pool.host_pool.get_data_page(slot, flat=False))
-        page = pool.host_pool.get_data_page(slot, flat=True).contiguous().view(torch.uint8).reshape(-1)
-        if page.numel() != pool.page_bytes:
-            raise ValueError(f"pool {pool.name!r} page {slot}: expected {pool.page_bytes} bytes, got {page.numel()}")
-        return page.view(1, 1, 1, 1, pool.page_bytes)
+        return _flat_block(pool, pool.host_pool.get_data_page(slot, flat=True), f"page {slot}")
+
+    def leading(self, name: str, keys: Sequence[str]) -> int:
+        """How many leading ``keys`` the store of pool ``name`` holds."""
+        pool = self._pools[str(name)]
+        return pool.store.lookup_keyed(list(keys), self._salt(pool.name))
+
+    def read_flat(self, name: str, keys: Sequence[str], outs: Sequence[torch.Tensor]) -> int:
+        """Read pages ``keys`` of pool ``name`` into flat pages ``outs`` (contiguous CPU tensors, SGLang's
+        ``get_dummy_flat_data_page``); how many leading pages were read."""
+        pool = self._pools[str(name)]
+        started = time.perf_counter()
+        n = pool.store.get_keyed(list(keys), [_flat_block(pool, out, "out") for out in outs], self._salt(pool.name))
+        self._record("prefetch", n, len(keys) - n, n * pool.page_bytes, time.perf_counter() - started)
+        return n
+
+    def write_flat(self, name: str, keys: Sequence[str], values: Sequence[torch.Tensor]) -> int:
+        """Store flat pages ``values`` of pool ``name`` under ``keys``; how many leading keys are held after."""
+        pool = self._pools[str(name)]
+        started = time.perf_counter()
+        salt = self._salt(pool.name)
+        pool.store.put_keyed([(key, _flat_block(pool, value, "value")) for key, value in zip(keys, values)], salt)
+        held = pool.store.lookup_keyed(list(keys), salt)
+        self._record("backup", held, len(keys) - held, held * pool.page_bytes, time.perf_counter() - started)
+        return held
 
     def close(self) -> None:
         pools, self._pools = self._pools, {}
         self._buffers.clear()
         for pool in pools.values():
             pool.store.close()
+
+
+def _flat_block(pool: _Pool, page: Any, what: str) -> torch.Tensor:
+    """A flat page of ``pool`` as its store block ``[1, 1, 1, 1, bytes]`` (a zero marker byte for a pool of no
+    bytes); a view when the page is contiguous on the CPU."""
+    if not isinstance(page, torch.Tensor):
+        raise ValueError(f"pool {pool.name!r} {what}: expected a torch.Tensor, got {type(page).__name__}")
+    if not pool.page_bytes:
+        return torch.zeros(1, 1, 1, 1, 1, dtype=torch.uint8)
+    flat = page.contiguous().view(torch.uint8).reshape(-1)
+    if flat.numel() != pool.page_bytes:
+        raise ValueError(f"pool {pool.name!r} {what}: expected {pool.page_bytes} bytes, got {flat.numel()}")
+    return flat.view(1, 1, 1, 1, pool.page_bytes)
 
 
 def _kv_geometry(host_pool: Any, storage_config: Any) -> PageGeometry | None:

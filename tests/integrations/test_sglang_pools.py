@@ -20,6 +20,7 @@ pytest.importorskip("sglang", reason="SGLang is not installed: build its environ
 
 from sglang.srt.mem_cache.hicache_storage import (HiCacheFile, PoolHitPolicy, PoolName,  # noqa: E402
                                                   PoolTransfer)
+from sglang.srt.mem_cache.storage import StorageBackendFactory  # noqa: E402
 
 from kvstore.integrations.sglang_pools import pool_config  # noqa: E402
 from kvstore import StoreConfig  # noqa: E402
@@ -111,3 +112,45 @@ def test_hit_answers_equal_sglangs_own_file_backend(pools, tmp_path_factory, kv_
             (expected.kv_hit_pages, expected.extra_pool_hit_pages, list(expected.restorable_prefix_pages))
     finally:
         mine.close()
+
+
+@pytest.mark.parametrize("replicated", [False, True], ids=["sharded", "rank-replicated"])
+def test_ranks_share_a_pool_only_where_sglang_says_its_bytes_are_the_same(tmp_path, replicated):
+    """Two TP ranks on one shared tier: a pool's pages are shared between ranks only when SGLang says the
+    model's state is the same on every rank (``is_mla_model``, as for an MLA model's DSA indexer); Mamba
+    states are sharded by heads and never shared, as SGLang's own file backend keys them."""
+    import test_sglang_controller as mla  # MLA pools and a storage config that says what SGLang says
+
+    anchor, side = mla.mla_host_pool(seed=3), mla.mla_host_pool(seed=4)
+    extra = mla.kvstore_extra(host_bytes=0, files_dir=str(tmp_path / "shared"))
+    ranks = []
+    for rank in range(2):
+        backend = StorageBackendFactory.create_backend("dynamic", mla.storage_config(extra, rank, 2, replicated),
+                                                       None)
+        if replicated:
+            backend.register_mem_pool_host(anchor)
+        else:  # an MHA model: the anchor is an MHA pool
+            backend.register_mem_pool_host(host_pool(seed=rank))
+        for name in (PoolName.INDEXER, PoolName.MAMBA):
+            backend.register_mem_host_pool_v2(side, name)
+        ranks.append(backend)
+    try:
+        ks = keys(2, "r")
+        slots = page_indices([0, 1], side.page_size)
+        for name in (PoolName.INDEXER, PoolName.MAMBA):
+            got = ranks[0].batch_set_v2([PoolTransfer(name=name, keys=ks, host_indices=slots)])
+            assert got == {str(name): [True, True]}
+        seen = {str(name): ranks[1].pools.present(name, ks) for name in (PoolName.INDEXER, PoolName.MAMBA)}
+        assert seen == {"indexer": [replicated] * 2, "mamba": [False, False]}
+    finally:
+        for backend in ranks:
+            backend.close()
+
+
+def test_an_mha_pool_where_sglang_said_mla_is_refused(tmp_path):
+    import test_sglang_controller as mla
+
+    backend = StorageBackendFactory.create_backend("dynamic", mla.storage_config(mla.kvstore_extra()), None)
+    with pytest.raises(ValueError, match="expected an MLA pool"):
+        backend.register_mem_pool_host(host_pool())
+    assert backend.batch_exists(keys(1)) == 0
