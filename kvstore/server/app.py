@@ -169,19 +169,27 @@ class CacheServer:
     async def _serve(self, conn: _Connection) -> None:
         header = Header(0, 0)
         try:
+            loop = asyncio.get_running_loop()
             while not self._stopping:
                 conn.busy = False
-                if conn.tenant is None:  # a client that never says HELLO must not keep a slot
+                if conn.tenant is None:  # a client that never says HELLO, or trickles it, must not keep a slot
+                    deadline = loop.time() + self.config.hello_timeout_seconds
                     raw = await asyncio.wait_for(read_exact(conn.stream, HEADER_BYTES),
                                                  self.config.hello_timeout_seconds)
-                else:
+                else:  # idle between requests is allowed (pooled engine connections); a request is timed
                     raw = await read_exact(conn.stream, HEADER_BYTES)
+                    deadline = loop.time() + self.config.request_timeout_seconds
                 conn.busy = True
                 start = time.perf_counter()
                 header = Header(0, 0)  # what an error reply carries if this header does not parse
                 header = Header.unpack(raw)
                 handler = self._check(conn, header)
-                await handler(conn, header)
+                try:
+                    async with asyncio.timeout_at(deadline):  # no task per request, unlike wait_for
+                        await handler(conn, header)
+                except TimeoutError:
+                    self.metrics.errors.labels("DEADLINE").inc()
+                    raise
                 op = Op(header.opcode).name
                 self.metrics.requests.labels(op).inc()
                 self.metrics.latency.labels(op).observe(time.perf_counter() - start)

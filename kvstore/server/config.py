@@ -38,7 +38,11 @@ class ServerConfig:
       ``write_backlog_bytes`` (disk writes queued before PUTs wait),
       ``shutdown_grace_seconds`` (how long in-flight requests may finish),
       ``hello_timeout_seconds`` (how long a new connection may take to send
-      its HELLO before it is closed, so silent sockets cannot hold slots).
+      its whole HELLO, header and payload, and be answered before it is
+      closed, so silent or trickling sockets cannot hold slots),
+      ``request_timeout_seconds`` (how long an authenticated request may take
+      from its header to its reply: its payload, the work and the reply to a
+      client that reads; a connection idle between requests is not timed).
     - ``loop``: ``uvloop`` when installed (``auto``), or ``asyncio``.
     """
 
@@ -62,6 +66,7 @@ class ServerConfig:
     write_backlog_bytes: int | str = "512MiB"
     shutdown_grace_seconds: float = 10.0
     hello_timeout_seconds: float = 10.0
+    request_timeout_seconds: float = 60.0
     loop: str = "auto"
 
     def __post_init__(self) -> None:
@@ -92,7 +97,7 @@ class ServerConfig:
         if self.allow_unauthenticated and not _is_loopback(self.host):
             raise ValueError(f"allow_unauthenticated: only on a loopback host (127.0.0.1, ::1, localhost), "
                              f"got host {self.host!r}")
-        for name in ("shutdown_grace_seconds", "hello_timeout_seconds"):
+        for name in ("shutdown_grace_seconds", "hello_timeout_seconds", "request_timeout_seconds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name}: expected a number > 0, got {value!r}")

@@ -926,6 +926,43 @@ def test_many_keys_of_every_length_round_trip(srv):
         assert sizes_and_blobs(MAX_KEYS, raw.call(Op.GET, pack_keys(keys), MAX_KEYS)[1]) == blobs
 
 
+def test_every_phase_of_a_request_has_a_deadline(server_factory):
+    """Slowloris: a HELLO header announcing a payload that never comes, and an authenticated PUT whose payload
+    stalls, are closed at their deadlines, while a client already connected (the server at its connection
+    limit) keeps getting exact bytes, and a new one gets in once the slots are free."""
+    srv = server_factory("--max-connections", "3", "--hello-timeout-seconds", "0.5",
+                         "--request-timeout-seconds", "0.5", "--disk-bytes", "0")
+    good = srv.connect()
+    key, data = b"deadline-key", os.urandom(4096)
+    hello = put = None
+    try:
+        assert good.put([(key, [blob(key, data)])]) == [PutResult.STORED]
+        hello = Raw(srv.url, timeout=10)
+        hello.send(Op.HELLO, b"", payload_len=100)  # the header only: the payload never comes
+        put = Raw(srv.url, timeout=10)
+        put.hello()
+        body = put_payload([(b"stalled", blob(b"stalled", os.urandom(8192)))])
+        put.send(Op.PUT, body[:100], 1, payload_len=len(body))  # the first 100 bytes, then nothing
+        started = time.monotonic()
+        for raw in (hello, put):
+            with pytest.raises(EOFError):
+                raw.reply()  # no reply: closed by the server at the deadline
+        assert time.monotonic() - started < 8
+        out = bytearray(len(blob(key, data)))
+        assert good.get([key], lambda i, size: [memoryview(out)]) == [len(out)]  # the kept client is served
+        assert bytes(out) == blob(key, data)
+        late = srv.connect()  # the slots the stalled ones held are free again
+        assert late.ping(b"ok") == b"ok"
+        late.close()
+        assert _metric(_http_get(srv.metrics_url + "/metrics")[1], "kvstore_server_errors_total",
+                       status="DEADLINE") == 2
+    finally:
+        good.close()
+        for raw in (hello, put):
+            if raw is not None:
+                raw.close()
+
+
 def test_a_silent_connection_is_closed_and_frees_its_slot(server_factory):
     """Sockets that never say HELLO cannot hold the connection slots (anyone can open them, no token needed)."""
     import socket as socket_module
