@@ -10,6 +10,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 
+from kvstore import __version__
 from kvstore.layout import KVLayout
 from kvstore.sizes import format_size
 
@@ -115,9 +116,17 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
     token = args.token
     if token is None and args.token_file:
-        with open(args.token_file) as f:
-            token = f.read().strip()
-    conn = Connection(args.url, token, args.timeout)
+        try:
+            with open(args.token_file) as f:
+                token = f.read().strip()
+        except FileNotFoundError:
+            raise ValueError(f"no token: --token-file {args.token_file} does not exist; give --token (or set "
+                             f"$KVSTORE_REMOTE_TOKEN), or --token-file <the server's data dir>/token") from None
+    try:
+        conn = Connection(args.url, token, args.timeout)
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        raise OSError(f"cannot reach the cache server at {args.url}: {_one_line(exc)} (is kvstore serve "
+                      f"running there? --url names another)") from None
     try:
         stats = conn.stats()
     finally:
@@ -152,6 +161,7 @@ def format_server_stats(url: str, stats: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvstore", description="Tiered, prefix-deduplicated KV-cache store.")
+    parser.add_argument("--version", action="version", version=f"kvstore {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="serve a small random Llama with and without kvstore; print TTFT")
@@ -212,11 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """A ``--flag`` per ServerConfig field (its docstring says what each means), as text converted like env vars."""
     from kvstore.server import ServerConfig
+    from kvstore.server.config import FLAG_HELP
 
     for f in dataclasses.fields(ServerConfig):
         default = f.default if f.default is not dataclasses.MISSING else None
+        shown = "none" if default is None else format_size(default) if f.name.endswith("_bytes") and \
+            isinstance(default, int) and default else default
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"server_{f.name}", metavar="VALUE",
-                            help=f"default {default!r}")
+                            help=f"{FLAG_HELP[f.name]} (default {shown})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -230,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
+    except BrokenPipeError:  # `kvstore stats | head -3`: the reader left, which is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush does not complain either
+        return 0
     except ValueError as error:
         print(f"kvstore: error: {_one_line(error)}", file=sys.stderr)
         return 2

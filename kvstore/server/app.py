@@ -15,6 +15,7 @@ disk writer, close, exit 0.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import ssl
 import time
@@ -44,6 +45,14 @@ class _Connection:
     busy: bool = False
     replying: bool = False  # a reply is partly sent: an error frame now would corrupt the stream
     task: asyncio.Task | None = field(default=None, repr=False)
+
+
+def _listen_error(exc: OSError, host: str, port: int, flag: str, what: str) -> OSError:
+    """An error naming the address a server could not listen on, and what to do."""
+    reason = exc.strerror or str(exc)
+    hint = f"another server is using it: stop it or choose another {flag}" if exc.errno == errno.EADDRINUSE else \
+        f"choose another host or {flag}"
+    return OSError(exc.errno, f"cannot listen for {what}connections on {host}:{port}: {reason} ({hint})")
 
 
 class CacheServer:
@@ -82,19 +91,28 @@ class CacheServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        host = self.config.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.config.host, self.config.port))
-        listener.listen(512)
-        listener.setblocking(False)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, self.config.port))
+            listener.listen(512)
+            listener.setblocking(False)
+        except OSError as exc:
+            listener.close()
+            raise _listen_error(exc, host, self.config.port, "--port", "") from None
+        if self.config.metrics_port is not None:  # before any task runs: a failure here leaves none pending
+            try:
+                self._http = await serve_http(host, self.config.metrics_port, self.metrics,
+                                              lambda: not self._stopping)
+            except OSError as exc:
+                listener.close()
+                raise _listen_error(exc, host, self.config.metrics_port, "--metrics-port", "metrics ") from None
+            self.metrics_address = self._http.sockets[0].getsockname()[:2]
         self._listener = listener
         self.address = listener.getsockname()[:2]
         self._accept_task = loop.create_task(self._accept_loop())
-        if self.config.metrics_port is not None:
-            self._http = await serve_http(self.config.host, self.config.metrics_port, self.metrics,
-                                          lambda: not self._stopping)
-            self.metrics_address = self._http.sockets[0].getsockname()[:2]
 
     async def serve_until_stopped(self) -> None:
         await self._stopped.wait()

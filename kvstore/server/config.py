@@ -15,6 +15,33 @@ ENV_PREFIX = "KVSTORE_SERVER_"
 LOOPS = ("auto", "asyncio", "uvloop")
 
 
+# One line per setting for ``kvstore serve --help`` (the class docstring says more).
+FLAG_HELP: dict[str, str] = {
+    "host": "address to listen on (loopback by default: clients on this machine only)",
+    "port": "port for clients; 0 picks a free one",
+    "metrics_port": "HTTP port of /metrics (Prometheus) and /healthz on --host; none: off; 0: a free one",
+    "data_dir": "folder of the LMDB data, the default token and the lock (one server per folder)",
+    "host_bytes": "RAM for the most recently used blocks, e.g. 4GiB",
+    "disk_bytes": "size of the LMDB disk tier, e.g. 100GiB; 0: memory only",
+    "disk_sync": "fsync every disk commit (true/false)",
+    "durable": "acknowledge a PUT only once it is on disk (true/false); otherwise once in RAM",
+    "tokens_file": "TOML/YAML file of tenants (namespace, token, quota); see kvstore/server/auth.py",
+    "token": "one shared secret for the default namespace (instead of a tokens file)",
+    "allow_unauthenticated": "accept any client into the default namespace (loopback hosts only)",
+    "tls_cert": "PEM certificate: serve TLS (kvstores://); needs --tls-key",
+    "tls_key": "PEM private key of --tls-cert",
+    "max_frame_bytes": "largest payload of one request, e.g. 256MiB",
+    "max_keys": "most keys in one request",
+    "max_connections": "most client connections at once",
+    "max_inflight_bytes": "most bytes of one connection's request plus reply in memory",
+    "write_backlog_bytes": "disk writes queued before PUTs wait",
+    "shutdown_grace_seconds": "seconds requests in flight may take to finish on SIGTERM",
+    "hello_timeout_seconds": "seconds a new connection has to send its whole HELLO",
+    "request_timeout_seconds": "seconds a request has from its header to its reply",
+    "loop": "event loop: auto (uvloop when installed), asyncio or uvloop",
+}
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Settings of one cache server. Sizes are bytes or strings such as ``"4GiB"``.
@@ -111,12 +138,12 @@ class ServerConfig:
     def load(cls, path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None,
              **overrides: Any) -> "ServerConfig":
         """File settings (``path`` or ``$KVSTORE_SERVER_CONFIG``; a ``[server]`` table or the top level),
-        overridden by ``KVSTORE_SERVER_*`` variables, overridden by ``overrides`` (the command line)."""
+        overridden by ``KVSTORE_SERVER_*`` variables, overridden by ``overrides`` (the flags given)."""
         environ = os.environ if environ is None else environ
         path = path if path is not None else environ.get(ENV_PREFIX + "CONFIG")
         values = dict(read_settings_file(path, "server")) if path else {}
         values.update(env_values(cls, environ, ENV_PREFIX, frozenset({ENV_PREFIX + "CONFIG"})))
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update(overrides)  # flags given (a None is "none" given: e.g. --metrics-port none turns metrics off)
         return settings_from_dict(cls, values, f"{path or 'defaults'} + KVSTORE_SERVER_* + flags")
 
 

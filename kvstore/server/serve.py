@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 import sys
 from collections.abc import Callable
@@ -10,6 +11,8 @@ from collections.abc import Callable
 from kvstore.server.app import CacheServer
 from kvstore.server.auth import DEFAULT_NAMESPACE, Tenant, default_token, load_tenants
 from kvstore.server.config import ServerConfig
+from kvstore.sizes import format_size
+from kvstore.tiers.lmdb import DirectoryInUseError
 
 
 def tenants_of(config: ServerConfig) -> tuple[list[Tenant], str | None, str | None]:
@@ -40,9 +43,13 @@ def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
 def run(config: ServerConfig, say: Callable[[str], None] = print) -> int:
     """Serve until SIGTERM or SIGINT, then shut down gracefully; returns the exit status (0)."""
     tenants, open_namespace, token = tenants_of(config)
+    try:
+        server = CacheServer(config, tenants, open_namespace)
+    except DirectoryInUseError:
+        raise OSError(errno.EBUSY, f"data directory {config.data_dir} is held by another process (another "
+                                   f"kvstore serve?): stop it, or give this server its own --data-dir") from None
     loop = new_event_loop(config.loop)
     asyncio.set_event_loop(loop)
-    server = CacheServer(config, tenants, open_namespace)
 
     async def main() -> None:
         await server.start()
@@ -51,7 +58,8 @@ def run(config: ServerConfig, say: Callable[[str], None] = print) -> int:
         host, port = server.address
         scheme = "kvstores" if config.tls_cert else "kvstore"
         say(f"kvstore serve: listening on {scheme}://{host}:{port} (data in {config.data_dir}, "
-            f"host {config.host_bytes} bytes, disk {config.disk_bytes} bytes, loop {type(loop).__module__})")
+            f"host RAM {format_size(config.host_bytes)}, disk {format_size(config.disk_bytes)}, "
+            f"loop {type(loop).__module__})")
         if server.metrics_address is not None:
             say(f"kvstore serve: metrics on http://{server.metrics_address[0]}:{server.metrics_address[1]}/metrics")
         if token is not None:
@@ -66,6 +74,9 @@ def run(config: ServerConfig, say: Callable[[str], None] = print) -> int:
 
     try:
         loop.run_until_complete(main())
+    except BaseException:
+        server.store.close()  # a server that could not start lets go of its data directory
+        raise
     finally:
         loop.close()
     return 0

@@ -8,8 +8,10 @@ server cannot be reached.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from conftest import TESTS_DIR
 
 from kvstore.blockformat import BlockHeader
 from kvstore.cli import main
+from kvstore.server.config import FLAG_HELP, ServerConfig
 
 from .conftest import TOKEN, ServerProcess
 
@@ -76,7 +79,7 @@ def test_flags_override_the_environment_which_overrides_the_file(configured, cap
         assert conn.welcome.quota_bytes == 48 * MiB  # no quota: the server's capacity
     finally:
         conn.close()
-    assert "host 25165824 bytes, disk 50331648 bytes" in "".join(configured.output)
+    assert "host RAM 24.0 MiB, disk 48.0 MiB" in "".join(configured.output)  # sizes as an operator writes them
 
 
 def test_stats_prints_a_readable_summary(configured, capsys, tmp_path):
@@ -119,6 +122,58 @@ def test_stats_against_a_closed_port_exits_1_without_a_traceback():
     assert done.stdout == ""
     assert done.stderr.startswith("kvstore: error: ") and "refused" in done.stderr.lower()
     assert "Traceback" not in done.stderr
+    assert "kvstore://127.0.0.1:" in done.stderr and "kvstore serve" in done.stderr  # names the URL, says what to do
+
+
+def one_line_error(done: subprocess.CompletedProcess, code: int = 1) -> str:
+    """The one ``kvstore: error:`` line a misused command must print (no traceback, nothing else)."""
+    assert done.returncode == code, done
+    assert "Traceback" not in done.stderr and "Task was destroyed" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvstore: error: "), done.stderr
+    return lines[0]
+
+
+def test_a_second_server_on_a_held_data_dir_or_a_used_port_says_which_and_what_to_do(configured, tmp_path):
+    held = one_line_error(kvstore("serve", "--data-dir", str(configured.data_dir), "--port", "0",
+                                  "--metrics-port", "none", "--token", TOKEN))
+    assert str(configured.data_dir) in held and "--data-dir" in held
+    port = configured.port
+    used = one_line_error(kvstore("serve", "--data-dir", str(tmp_path / "a"), "--port", str(port),
+                                  "--metrics-port", "none", "--token", TOKEN))
+    assert f"127.0.0.1:{port}" in used and "--port" in used and "in use" in used
+    metrics_port = int(configured.metrics_url.rsplit(":", 1)[1].split("/")[0])
+    used = one_line_error(kvstore("serve", "--data-dir", str(tmp_path / "b"), "--port", "0",
+                                  "--metrics-port", str(metrics_port), "--token", TOKEN))
+    assert f"127.0.0.1:{metrics_port}" in used and "--metrics-port" in used and "metrics" in used
+    again = ServerProcess(tmp_path / "b", "--metrics-port", "none").start()  # the failed start let go of it
+    try:
+        assert again.metrics_url is None  # --metrics-port none turns the endpoint off
+        assert not any("metrics on" in line for line in again.output)
+    finally:
+        again.kill()
+
+
+def test_stats_without_a_token_file_says_where_a_token_comes_from(tmp_path):
+    message = one_line_error(kvstore("stats", "--token-file", str(tmp_path / "nope")), code=2)
+    assert str(tmp_path / "nope") in message and "--token" in message and "KVSTORE_REMOTE_TOKEN" in message
+
+
+def test_stats_into_a_closed_pipe_ends_quietly(configured):
+    done = subprocess.run(f"{shlex.quote(sys.executable)} -m kvstore.cli stats --url {configured.url} "
+                          f"--token {TOKEN} | head -c 10", shell=True, capture_output=True, text=True,
+                          cwd=TESTS_DIR, timeout=60)
+    assert done.returncode == 0 and done.stdout == f"server {configured.url}"[:10]
+    assert done.stderr == ""
+
+
+def test_version_and_help_say_what_they_should():
+    done = kvstore("--version")
+    assert done.returncode == 0 and done.stdout.strip().startswith("kvstore ")
+    text = kvstore("serve", "--help").stdout
+    assert set(FLAG_HELP) == {f.name for f in dataclasses.fields(ServerConfig)}  # every setting described
+    for help_text in FLAG_HELP.values():
+        assert " ".join(help_text.split()[:3]) in " ".join(text.split())
 
 
 def test_an_unknown_server_variable_stops_serve_and_is_named(tmp_path):
