@@ -303,6 +303,8 @@ class KVStore:
                     entry[name] = entry.get(name, 0) + value  # what the tier counted and what it raised
                 else:
                     entry[name] = value
+            if entry.get("token_refused"):  # a server refusing the token: the fix is the operator's, say so
+                entry["state"] = "token refused"
             entry["queue_depth"] = depth.get(level.name, 0)
             entry["write_policy"] = level.policy.write if level.index else "landing"
             tiers[level.name] = entry

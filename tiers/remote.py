@@ -40,7 +40,7 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import INTACT, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.protocol import ProtocolError, PutResult
+from kvstore.protocol import ProtocolError, PutResult, ServerError, Status
 from kvstore.tiers.base import TIER_COUNTERS, Capability, decode_blob, tier_stats
 from kvstore.compression.registry import get_codec
 from kvstore.config import StoreConfig
@@ -87,6 +87,7 @@ class RemoteTier:
         self._backoff = 0.0
         self._retry_at = 0.0
         self.last_error: str | None = None
+        self.token_refused = False  # the server refused this client's token: said once, shown in stats()
 
     def _call(self, operation: Callable[[Connection], T]) -> T:
         """``operation`` on a pooled connection; raises if the server fails (one of ``FAILURES``), and inside
@@ -106,12 +107,19 @@ class RemoteTier:
                 self._backoff = min(self._max_backoff_seconds, 2 * self._backoff or self._backoff_seconds)
                 self._retry_at = time.monotonic() + self._backoff
             self.last_error = f"{type(exc).__name__}: {exc}"
-            if first:
+            if isinstance(exc, ServerError) and exc.status == Status.UNAUTHORIZED:
+                if not self.token_refused:
+                    self.token_refused = True
+                    log.error("remote tier: the server at %s refused this engine's token (remote_token or "
+                              "remote_token_file): nothing is read from or stored there until the token is one "
+                              "the server knows", self.url)
+            elif first:
                 log.warning("remote tier: %s failed a call (%s); backing off", self.url, self.last_error)
             raise
         if self._backoff:
             with self._lock:
                 self._backoff = 0.0
+            self.token_refused = False
             log.info("remote tier: %s answers again", self.url)
         return result
 
@@ -233,8 +241,10 @@ class RemoteTier:
 
     def stats(self) -> dict[str, int]:
         server = self._server_stats()
-        return tier_stats(self._counters, int(server.get("blocks", 0)), int(server.get("used_bytes", 0)),
-                          self.capacity_bytes)
+        stats = tier_stats(self._counters, int(server.get("blocks", 0)), int(server.get("used_bytes", 0)),
+                           self.capacity_bytes)
+        stats["token_refused"] = int(self.token_refused)  # the store's stats() says so in the tier's state
+        return stats
 
     def close(self) -> None:
         self._pool.close()

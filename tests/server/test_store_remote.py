@@ -87,3 +87,21 @@ def test_a_dead_server_costs_misses_not_exceptions(tmp_path):
             assert remote["errors"] + remote["unavailable"] + remote["bypassed"] >= 1
     finally:
         server.kill()
+
+
+def test_a_refused_token_is_said_once_and_in_the_tier_state(srv, caplog):
+    """An engine whose remote_token the server refuses gets misses, never exceptions, and is told: one clear
+    error in the log (not one per call), and the tier's state in ``stats()`` says the token was refused."""
+    layout = tiny_layout()
+    config = StoreConfig(host_bytes=4 * layout.block_bytes, remote_url=srv.url, remote_token="not-the-token-0123")
+    tokens, kv = make_tokens(2 * layout.block_tokens, seed=5), make_kv(layout, 2 * layout.block_tokens, seed=5)
+    with caplog.at_level("WARNING"), KVStore(layout, config) as store:
+        for _ in range(3):
+            store.put(tokens, kv)
+            store.flush()
+            assert store.lookup(make_tokens(layout.block_tokens, seed=6)) == 0
+        remote = store.stats()["tiers"]["remote"]
+        assert remote["state"] == "token refused", remote
+    refused = [r for r in caplog.records if r.levelname == "ERROR" and "refused" in r.getMessage()]
+    assert len(refused) == 1, [r.getMessage() for r in caplog.records]
+    assert srv.url in refused[0].getMessage() and "remote_token" in refused[0].getMessage()
