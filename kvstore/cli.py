@@ -139,13 +139,14 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def format_server_stats(url: str, stats: dict) -> str:
-    """A readable summary of a STATS reply: the namespace's traffic, then the server's tiers."""
-    ns, server = stats["blocks"], stats["server"]
+    """A readable summary of a STATS reply: the namespace's traffic, then the server's tiers (an operator's)."""
+    ns, server = stats["blocks"], stats.get("server")
     hits = ns["hits_ram"] + ns["hits_disk"]
     asked = hits + ns["misses"]
     quota = format_size(ns["quota_bytes"]) if ns["quota_bytes"] else "none"
-    return "\n".join([
-        f"server {url}: up {server['uptime_seconds']:.0f} s, {server['connections']} connection(s)",
+    lines = [
+        f"server {url}: up {server['uptime_seconds']:.0f} s, {server['connections']} connection(s)" if server else
+        f"server {url} (its own figures are shown to an operator token only)",
         f"namespace {stats['namespace']}: {ns['blocks']} blocks, {format_size(ns['used_bytes'])} (quota {quota})",
         f"  reads: {hits} hits ({ns['hits_ram']} from RAM, {ns['hits_disk']} from disk), {ns['misses']} misses"
         f" ({100 * hits / asked if asked else 0:.1f}% hit rate), {format_size(ns['bytes_out'])} out",
@@ -153,10 +154,13 @@ def format_server_stats(url: str, stats: dict) -> str:
         f"{ns['invalid']} invalid, {format_size(ns['bytes_in'])} in",
         f"  evictions: {ns['evicted_quota']} for quota, {ns['evicted_capacity']} for capacity; "
         f"{ns['corrupt']} corrupt, {ns['deleted']} deleted",
-        f"server tiers: host RAM {format_size(server['ram_bytes'])} of {format_size(server['ram_capacity_bytes'])}"
-        f", LMDB {format_size(server['disk_used_bytes'])} of {format_size(server['disk_capacity_bytes'])}"
-        f", {server['blocks']} blocks, {format_size(server['write_backlog_bytes'])} waiting for the disk",
-    ])
+    ]
+    if server:
+        lines.append(f"server tiers: host RAM {format_size(server['ram_bytes'])} of "
+                     f"{format_size(server['ram_capacity_bytes'])}, LMDB {format_size(server['disk_used_bytes'])} of "
+                     f"{format_size(server['disk_capacity_bytes'])}, {server['blocks']} blocks, "
+                     f"{format_size(server['write_backlog_bytes'])} waiting for the disk")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

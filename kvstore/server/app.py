@@ -66,7 +66,7 @@ class CacheServer:
         self.auth = Authenticator(tenants, open_namespace)
         self.store = BlobStore(config.data_dir, config.host_bytes, config.disk_bytes, self.auth.quota_of,
                                sync=config.disk_sync)
-        self.metrics = ServerMetrics(self.store)
+        self.metrics = ServerMetrics(self.store, config.metrics_namespaces)
         self._ssl = None
         if config.tls_cert is not None:
             self._ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -357,9 +357,10 @@ class CacheServer:
 
     async def _stats(self, conn: _Connection, header: Header) -> None:
         await read_exact(conn.stream, header.payload_len)
-        body = {"namespace": conn.tenant.namespace, "blocks": self.store.namespace_stats(conn.tenant.namespace),
-                "server": dict(self.store.totals(), connections=len(self._connections),
-                               uptime_seconds=round(time.time() - self._started, 3))}
+        body = {"namespace": conn.tenant.namespace, "blocks": self.store.namespace_stats(conn.tenant.namespace)}
+        if conn.tenant.operator:  # the whole server's figures say what other tenants hold: the operator's only
+            body["server"] = dict(self.store.totals(), connections=len(self._connections),
+                                  uptime_seconds=round(time.time() - self._started, 3))
         await self._reply(conn, header, 0, pack_json(body))
 
     async def _list(self, conn: _Connection, header: Header) -> None:

@@ -5,6 +5,11 @@ Tokens come from a tokens file (TOML or YAML)::
     [tenants.team-a]
     token = "a long random secret"
     quota = "8GiB"          # optional; 0 or absent: no quota
+    operator = true         # optional: STATS also shows the whole server's figures
+
+A tenant sees only its own namespace; the server's totals (which say what
+others hold) go to operator tenants only. The single ``token`` (and an
+unauthenticated loopback server) is its server's operator: it is alone.
 
 or a single ``token`` setting (``KVSTORE_SERVER_TOKEN``) for the namespace
 ``default``. A presented token is compared with every known token in
@@ -35,6 +40,7 @@ class Tenant:
     namespace: str
     token: str
     quota_bytes: int = 0
+    operator: bool = False
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.fullmatch(self.namespace):
@@ -56,7 +62,7 @@ class Authenticator:
             raise ValueError("tenants: expected a distinct token per namespace, got a token used twice")
         self._tenants = list(tenants)
         self._quotas = {t.namespace: t.quota_bytes for t in tenants}
-        self._open = Tenant(open_namespace, "-" * MIN_TOKEN_CHARS) if open_namespace else None
+        self._open = Tenant(open_namespace, "-" * MIN_TOKEN_CHARS, operator=True) if open_namespace else None
 
     def authenticate(self, token: str) -> Tenant | None:
         """The tenant whose token this is, or None. Takes the same time whichever token matches."""
@@ -85,10 +91,14 @@ def load_tenants(path: str | os.PathLike[str]) -> list[Tenant]:
     for namespace, entry in values.items():
         if not isinstance(entry, Mapping) or "token" not in entry:
             raise ValueError(f"{path}: tenant {namespace!r}: expected a table with a token, got {entry!r}")
-        unknown = sorted(set(entry) - {"token", "quota"})
+        unknown = sorted(set(entry) - {"token", "quota", "operator"})
         if unknown:
-            raise ValueError(f"{path}: tenant {namespace!r}: unknown setting(s) {unknown}; expected token, quota")
-        tenants.append(Tenant(str(namespace), entry["token"], parse_size(entry.get("quota", 0), "quota")))
+            raise ValueError(f"{path}: tenant {namespace!r}: unknown setting(s) {unknown}; expected token, quota, "
+                             f"operator")
+        operator = entry.get("operator", False)
+        if not isinstance(operator, bool):
+            raise ValueError(f"{path}: tenant {namespace!r}: operator: expected true or false, got {operator!r}")
+        tenants.append(Tenant(str(namespace), entry["token"], parse_size(entry.get("quota", 0), "quota"), operator))
     if not tenants:
         raise ValueError(f"{path}: expected at least one tenant, got none")
     return tenants

@@ -20,6 +20,8 @@ FLAG_HELP: dict[str, str] = {
     "host": "address to listen on (loopback by default: clients on this machine only)",
     "port": "port for clients; 0 picks a free one",
     "metrics_port": "HTTP port of /metrics (Prometheus) and /healthz on --host; none: off; 0: a free one",
+    "metrics_namespaces": "show each namespace (tenant names, traffic) in /metrics, which needs no token "
+                          "(true/false)",
     "data_dir": "folder of the LMDB data, the default token and the lock (one server per folder)",
     "host_bytes": "RAM for the most recently used blocks, e.g. 4GiB",
     "disk_bytes": "size of the LMDB disk tier, e.g. 100GiB; 0: memory only",
@@ -48,7 +50,10 @@ class ServerConfig:
 
     - ``host`` / ``port``: where clients connect (loopback by default; port
       0 picks a free one); ``metrics_port``: HTTP ``/metrics`` (Prometheus)
-      and ``/healthz`` on ``host`` (None: off; 0: a free port).
+      and ``/healthz`` on ``host`` (None: off; 0: a free port), which need
+      no token: bind ``host`` to loopback or firewall the port;
+      ``metrics_namespaces``: a series per namespace there (tenant names and
+      traffic), off by default (sums over the namespaces).
     - ``data_dir``: the LMDB environment, the default token and the lock;
       ``host_bytes``: RAM for the most recently used blocks;
       ``disk_bytes``: the LMDB tier (0: memory only); ``disk_sync``: fsync
@@ -76,6 +81,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8477
     metrics_port: int | None = 8478
+    metrics_namespaces: bool = False
     data_dir: str = "./kvstore-server"
     host_bytes: int | str = "1GiB"
     disk_bytes: int | str = "16GiB"
@@ -112,7 +118,7 @@ class ServerConfig:
         if self.max_frame_bytes > self.max_inflight_bytes:
             raise ValueError(f"max_frame_bytes: expected <= max_inflight_bytes ({self.max_inflight_bytes}), "
                              f"got {self.max_frame_bytes}")
-        for name in ("disk_sync", "durable", "allow_unauthenticated"):
+        for name in ("disk_sync", "durable", "allow_unauthenticated", "metrics_namespaces"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.loop not in LOOPS:

@@ -2,7 +2,9 @@
 
 Each server has its own ``CollectorRegistry`` (no process-global state).
 Per-namespace and per-tier figures are read from the ``BlobStore`` at
-scrape time by a collector, so nothing is counted twice; latency
+scrape time by a collector, so nothing is counted twice; the endpoint
+needs no token, so namespaces (tenants' names and traffic) are shown only
+when the operator turns them on (``metrics_namespaces``), else summed; latency
 histograms per operation, connections and errors are kept here.
 """
 
@@ -21,37 +23,45 @@ from kvstore.server.blobs import BlobStore
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
+# Per-namespace families: (name, kind, help, the second label or None, [(its value, namespace_stats key)]).
+_NAMESPACE_FAMILIES = (
+    ("kvstore_server_hits", CounterMetricFamily, "Blocks found, by tier", "tier",
+     (("host", "hits_ram"), ("lmdb", "hits_disk"))),
+    ("kvstore_server_misses", CounterMetricFamily, "Blocks asked for and not found", None, ((None, "misses"),)),
+    ("kvstore_server_bytes_in", CounterMetricFamily, "Block bytes stored, by tier", "tier",
+     (("host", "bytes_in"), ("lmdb", "bytes_written_disk"))),
+    ("kvstore_server_bytes_out", CounterMetricFamily, "Block bytes served, by tier", "tier",
+     (("host", "bytes_out_ram"), ("lmdb", "bytes_out_disk"))),
+    ("kvstore_server_put_blocks", CounterMetricFamily, "Blocks offered by PUT, by outcome", "outcome",
+     tuple((o, o) for o in ("stored", "present", "rejected", "invalid"))),
+    ("kvstore_server_evictions", CounterMetricFamily, "Blocks evicted, by reason", "reason",
+     (("quota", "evicted_quota"), ("capacity", "evicted_capacity"), ("corrupt", "corrupt"))),
+    ("kvstore_server_namespace_bytes", GaugeMetricFamily, "Bytes held (per namespace when they are shown)", None,
+     ((None, "used_bytes"),)),
+)
+
+
 class _StoreCollector(Collector):
-    def __init__(self, store: BlobStore):
+    """The store's figures at scrape time; per namespace (a ``namespace`` label naming each tenant) only when
+    ``per_namespace``, otherwise summed over the namespaces so that no tenant's name or traffic shows."""
+
+    def __init__(self, store: BlobStore, per_namespace: bool):
         self._store = store
+        self._per_namespace = per_namespace
 
     def collect(self) -> Iterator:
-        hits = CounterMetricFamily("kvstore_server_hits", "Blocks found, by tier", labels=["namespace", "tier"])
-        misses = CounterMetricFamily("kvstore_server_misses", "Blocks asked for and not found", labels=["namespace"])
-        bytes_in = CounterMetricFamily("kvstore_server_bytes_in", "Block bytes stored, by tier",
-                                       labels=["namespace", "tier"])
-        bytes_out = CounterMetricFamily("kvstore_server_bytes_out", "Block bytes served, by tier",
-                                        labels=["namespace", "tier"])
-        puts = CounterMetricFamily("kvstore_server_put_blocks", "Blocks offered by PUT, by outcome",
-                                   labels=["namespace", "outcome"])
-        evictions = CounterMetricFamily("kvstore_server_evictions", "Blocks evicted, by reason",
-                                        labels=["namespace", "reason"])
-        used = GaugeMetricFamily("kvstore_server_namespace_bytes", "Bytes a namespace holds", labels=["namespace"])
-        for ns in self._store.namespaces():
-            s = self._store.namespace_stats(ns)
-            hits.add_metric([ns, "host"], s["hits_ram"])
-            hits.add_metric([ns, "lmdb"], s["hits_disk"])
-            misses.add_metric([ns], s["misses"])
-            bytes_in.add_metric([ns, "host"], s["bytes_in"])
-            bytes_in.add_metric([ns, "lmdb"], s["bytes_written_disk"])
-            bytes_out.add_metric([ns, "host"], s["bytes_out_ram"])
-            bytes_out.add_metric([ns, "lmdb"], s["bytes_out_disk"])
-            for outcome in ("stored", "present", "rejected", "invalid"):
-                puts.add_metric([ns, outcome], s[outcome])
-            evictions.add_metric([ns, "quota"], s["evicted_quota"])
-            evictions.add_metric([ns, "capacity"], s["evicted_capacity"])
-            evictions.add_metric([ns, "corrupt"], s["corrupt"])
-            used.add_metric([ns], s["used_bytes"])
+        stats = {ns: self._store.namespace_stats(ns) for ns in self._store.namespaces()}
+        for name, kind, doc, second, items in _NAMESPACE_FAMILIES:
+            labels = (["namespace"] if self._per_namespace else []) + ([second] if second else [])
+            sums: dict[tuple[str, ...], float] = {}
+            for ns, s in stats.items():
+                for value, key in items:
+                    row = ((ns,) if self._per_namespace else ()) + ((value,) if second else ())
+                    sums[row] = sums.get(row, 0) + s[key]
+            family = kind(name, doc, labels=labels)
+            for row, total in sums.items():
+                family.add_metric(list(row), total)
+            yield family
         totals = self._store.totals()
         tier_bytes = GaugeMetricFamily("kvstore_server_tier_bytes", "Bytes held per tier", labels=["tier"])
         tier_bytes.add_metric(["host"], totals["ram_bytes"])
@@ -63,16 +73,15 @@ class _StoreCollector(Collector):
         ram_evictions.add_metric([], totals["ram_evictions"])
         backlog = GaugeMetricFamily("kvstore_server_write_backlog_bytes", "Bytes queued for the disk")
         backlog.add_metric([], totals["write_backlog_bytes"])
-        yield from (hits, misses, bytes_in, bytes_out, puts, evictions, used, tier_bytes, capacity, ram_evictions,
-                    backlog)
+        yield from (tier_bytes, capacity, ram_evictions, backlog)
 
 
 class ServerMetrics:
     """The metrics of one server; ``render()`` is the Prometheus text exposition."""
 
-    def __init__(self, store: BlobStore):
+    def __init__(self, store: BlobStore, per_namespace: bool = False):
         self.registry = CollectorRegistry()
-        self.registry.register(_StoreCollector(store))
+        self.registry.register(_StoreCollector(store, per_namespace))
         self.latency = Histogram("kvstore_server_request_seconds", "Request latency by operation", ["op"],
                                  registry=self.registry, buckets=LATENCY_BUCKETS)
         self.requests = Counter("kvstore_server_requests", "Requests by operation", ["op"], registry=self.registry)

@@ -20,11 +20,11 @@ def tenants_of(config: ServerConfig) -> tuple[list[Tenant], str | None, str | No
     if config.tokens_file is not None:
         return load_tenants(config.tokens_file), None, None
     if config.token is not None:
-        return [Tenant(DEFAULT_NAMESPACE, config.token)], None, None
+        return [Tenant(DEFAULT_NAMESPACE, config.token, operator=True)], None, None
     if config.allow_unauthenticated:
         return [], DEFAULT_NAMESPACE, None
     token = default_token(config.data_dir)
-    return [Tenant(DEFAULT_NAMESPACE, token)], None, token
+    return [Tenant(DEFAULT_NAMESPACE, token, operator=True)], None, token
 
 
 def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:

@@ -88,7 +88,8 @@ def stop_server(server: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def tenants_server(tmp_path_factory):
     path = tmp_path_factory.mktemp("two-namespaces") / "tokens.toml"
-    path.write_text(f'[tenants.a]\ntoken = "{TOKEN_A}"\nquota = "64KiB"\n\n[tenants.b]\ntoken = "{TOKEN_B}"\n')
+    path.write_text(f'[tenants.a]\ntoken = "{TOKEN_A}"\nquota = "64KiB"\noperator = true\n\n'
+                    f'[tenants.b]\ntoken = "{TOKEN_B}"\n')
     server = ServerProcess(tmp_path_factory.mktemp("two-namespaces-data"), "--tokens-file", str(path), "--host-bytes",
                            "16MiB", "--disk-bytes", "64MiB", "--disk-sync", "false", token=None).start()
     assert "2 tenant(s): a, b" in "".join(server.output)
@@ -126,6 +127,32 @@ WRONG_TOKENS = {
     "the default test token": TOKEN,
     "a space": " ",
 }
+
+
+def test_a_tenant_learns_nothing_of_another_through_stats_or_metrics(tenants_server, conn_a, conn_b, tmp_path):
+    """Tenant b's STATS is its own namespace only; the server's totals (what a holds) go to the operator (a);
+    /metrics, which needs no token, names no namespace unless the operator asks for it."""
+    key = b"private-to-a"
+    conn_a.put([(key, [blob(key, payload_of("private", 2000))])])
+    mine = conn_b.stats()
+    assert mine["namespace"] == "b" and "server" not in mine
+    assert set(mine) == {"namespace", "blocks"}
+    assert conn_a.stats()["server"]["blocks"] >= 1  # the operator sees the whole server
+    text = urllib.request.urlopen(tenants_server.metrics_url + "/metrics", timeout=10).read().decode()
+    assert 'namespace="a"' not in text and 'namespace="b"' not in text and "kvstore_server_namespace_bytes" in text
+    path = tmp_path / "tokens.toml"
+    path.write_text(f'[tenants.a]\ntoken = "{TOKEN_A}"\n\n[tenants.b]\ntoken = "{TOKEN_B}"\n')
+    shown = ServerProcess(tmp_path / "data", "--tokens-file", str(path), "--metrics-namespaces", "true",
+                          token=None).start()
+    try:
+        conn = Connection(shown.url, TOKEN_B, 10.0)
+        conn.put([(key, [blob(key, payload_of("b", 100))])])
+        assert "server" not in conn.stats()  # no operator in this file: nobody sees the totals over STATS
+        conn.close()
+        text = urllib.request.urlopen(shown.metrics_url + "/metrics", timeout=10).read().decode()
+        assert 'kvstore_server_namespace_bytes{namespace="b"}' in text  # the operator turned them on
+    finally:
+        stop_server(shown)
 
 
 @pytest.mark.parametrize("case", list(WRONG_TOKENS))
@@ -495,8 +522,8 @@ def test_tenants_of_a_config(tmp_path):
     assert tenants_of(ServerConfig(tokens_file=str(tokens), data_dir=str(tmp_path))) == \
         ([Tenant("a", TOKEN_A)], None, None)
     assert tenants_of(ServerConfig(token=TOKEN, data_dir=str(tmp_path))) == \
-        ([Tenant(DEFAULT_NAMESPACE, TOKEN)], None, None)
+        ([Tenant(DEFAULT_NAMESPACE, TOKEN, operator=True)], None, None)  # the only tenant runs the server
     assert tenants_of(ServerConfig(allow_unauthenticated=True, data_dir=str(tmp_path))) == ([], "default", None)
     tenants, open_namespace, printed = tenants_of(ServerConfig(data_dir=str(tmp_path / "fresh")))
-    assert tenants == [Tenant(DEFAULT_NAMESPACE, printed)] and open_namespace is None
+    assert tenants == [Tenant(DEFAULT_NAMESPACE, printed, operator=True)] and open_namespace is None
     assert (tmp_path / "fresh" / "token").read_text().strip() == printed

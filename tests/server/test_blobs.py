@@ -181,7 +181,7 @@ def test_metrics_count_bytes_per_namespace_and_tier(tmp_path, open_store):
     store.flush()
     assert read(store, "a", "1") == blob("1")  # RAM holds only the newest: this one comes from disk
     assert read(store, "a", "1") == blob("1")  # and now from RAM
-    text = ServerMetrics(store).render().decode()
+    text = ServerMetrics(store, per_namespace=True).render().decode()
     assert f'kvstore_server_bytes_in_total{{namespace="a",tier="host"}} {2 * BLOB}.0' in text
     assert f'kvstore_server_bytes_in_total{{namespace="a",tier="lmdb"}} {2 * BLOB}.0' in text
     assert f'kvstore_server_bytes_out_total{{namespace="a",tier="lmdb"}} {BLOB}.0' in text
