@@ -318,7 +318,8 @@ class CacheServer:
         await self._reply(conn, header, len(keys), sizes, *(b for b in blobs if b is not None))
 
     async def _put(self, conn: _Connection, header: Header) -> None:
-        while self.store.backlog_bytes() > self.config.write_backlog_bytes:
+        # A full backlog waits for the disk; a failing disk does not drain it, and refuses the blocks at once.
+        while self.store.backlog_bytes() > self.config.write_backlog_bytes and self.store.disk_error is None:
             await asyncio.sleep(_BACKLOG_POLL_SECONDS)
         remaining = header.payload_len
         items = []
@@ -339,13 +340,13 @@ class CacheServer:
         if remaining:
             raise ProtocolError(Status.MALFORMED, f"expected {header.count} blocks filling the payload, "
                                                   f"{remaining} bytes are left over")
-        done = None
         if self.config.durable:
             loop = asyncio.get_running_loop()
             done = loop.create_future()
             results = self.store.put_many(conn.tenant.namespace, items,
-                                          lambda: loop.call_soon_threadsafe(_resolve, done))
-            await done
+                                          lambda ok: loop.call_soon_threadsafe(_resolve, done, ok))
+            if not await done:  # the disk refused the commit: nothing of this PUT is acknowledged as durable
+                results = [PutResult.REJECTED if r == PutResult.STORED else r for r in results]
         else:
             results = self.store.put_many(conn.tenant.namespace, items)
         stored = sum(r == PutResult.STORED for r in results)
@@ -371,7 +372,7 @@ class CacheServer:
         await self._reply(conn, header, len(keys), pack_keys(keys))
 
 
-def _resolve(future: asyncio.Future) -> None:
+def _resolve(future: asyncio.Future, ok: bool) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(ok)
 

@@ -16,8 +16,10 @@ acknowledged only after their LMDB commit (fsync'ed when ``sync``).
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +36,10 @@ NAMESPACE_COUNTERS = ("hits_ram", "hits_disk", "misses", "bytes_in", "bytes_out"
                       "bytes_written_disk", "stored", "present", "rejected",
                       "invalid", "deleted", "corrupt", "evicted_quota", "evicted_capacity")
 _META = struct.Struct("<QQ")  # access stamp, blob bytes
+log = logging.getLogger(__name__)
+
 _BATCH_OPS = 64
+_RETRY_SECONDS = (0.25, 5.0)  # a failed commit is retried after this, doubling up to the second figure
 _BATCH_BYTES = 256 << 20
 
 Ident = tuple[str, bytes]
@@ -59,7 +64,7 @@ class _Entry:
     size: int
     ram: Blob | None
     on_disk: bool = False
-    waiters: list[Callable[[], None]] = field(default_factory=list)
+    waiters: list[Callable[[bool], None]] = field(default_factory=list)  # called with: on disk (or failed)
 
 
 class BlobStore:
@@ -79,6 +84,9 @@ class BlobStore:
         self._ram_used = 0
         self._counters: dict[str, Counter[str]] = {}
         self.evicted_ram = 0
+        self.disk_error: str | None = None  # while set, commits fail (full disk, I/O error, read-only): puts refused
+        self.disk_write_errors = 0
+        self.disk_refused = 0  # blobs refused because the disk was failing
         self._closed = False
         self._env: lmdb.Environment | None = None
         self._lock_file = None
@@ -166,8 +174,11 @@ class BlobStore:
         return len(keys)
 
     def put_many(self, namespace: str, items: Sequence[tuple[bytes, Blob]],
-                 on_durable: Callable[[], None] | None = None) -> list[PutResult]:
-        """Store blobs; a result per item. ``on_durable`` runs (on the writer thread) once all are on disk."""
+                 on_durable: Callable[[bool], None] | None = None) -> list[PutResult]:
+        """Store blobs; a result per item. ``on_durable(True)`` runs (on the writer thread) once all are on
+        disk, ``on_durable(False)`` as soon as a commit of one of them failed. While the disk is failing
+        (``disk_error``) new blobs are refused (``REJECTED``): what is not on disk must stay in RAM, and RAM
+        is bounded."""
         results = []
         quota = self._quota_of(namespace)
         waiting = []
@@ -190,6 +201,10 @@ class BlobStore:
                 if size > self.capacity_bytes or (quota and size > quota):
                     results.append(PutResult.REJECTED)
                     continue
+                if self.disk_error is not None:
+                    results.append(PutResult.REJECTED)
+                    self.disk_refused += 1
+                    continue
                 for victim in self._make_room(namespace, size, quota):
                     self._enqueue("del", victim)
                 entry = _Entry(size, blob, on_disk=self._env is None)
@@ -205,17 +220,20 @@ class BlobStore:
                 if waiting:
                     self._wait_all(waiting, on_durable)
                 else:
-                    on_durable()
+                    on_durable(True)
         return results
 
     @staticmethod
-    def _wait_all(entries: list[_Entry], callback: Callable[[], None]) -> None:
+    def _wait_all(entries: list[_Entry], callback: Callable[[bool], None]) -> None:
+        """``callback(True)`` once every entry is on disk, ``callback(False)`` at the first that failed."""
         remaining = [len(entries)]
 
-        def one_done() -> None:
-            remaining[0] -= 1
+        def one_done(ok: bool) -> None:
+            if remaining[0] <= 0:
+                return
+            remaining[0] = remaining[0] - 1 if ok else 0
             if remaining[0] == 0:
-                callback()
+                callback(ok)
         for entry in entries:
             entry.waiters.append(one_done)
 
@@ -338,11 +356,14 @@ class BlobStore:
                     "disk_capacity_bytes": self._disk_bytes,
                     "ram_bytes": self._ram_used, "ram_capacity_bytes": self._host_bytes,
                     "ram_evictions": self.evicted_ram,
-                    "write_backlog_bytes": self.backlog_bytes()}
+                    "write_backlog_bytes": self.backlog_bytes(),
+                    "disk_failing": int(self.disk_error is not None), "disk_write_errors": self.disk_write_errors,
+                    "disk_refused_blocks": self.disk_refused}
 
     # -- the disk writer ------------------------------------------------------------
 
     def _write_loop(self) -> None:
+        retry = 0.0
         while True:
             with self._lock:
                 while not self._ops:
@@ -352,14 +373,33 @@ class BlobStore:
                     op = self._ops.popleft()
                     ops.append(op)
                     size += len(op[2]) if op[2] is not None else 0
-            self._commit(ops)
-            with self._lock:
-                self._backlog -= size
-            if any(op[0] == "stop" for op in ops):
+            stopping = any(op[0] == "stop" for op in ops)
+            if self._commit(ops):
+                retry = 0.0
+                with self._lock:
+                    self._backlog -= size
+                if stopping:
+                    return
+                continue
+            if self._closed:  # closing on a failing disk: what is not committed is dropped (never acknowledged)
+                with self._lock:
+                    dropped = [op for op in self._ops if op[3] is not None]
+                    self._ops.clear()
+                    self._backlog = 0
+                for _, _, _, entry in dropped:
+                    for callback in entry.waiters:
+                        callback(False)
+                log.error("kvstore server: closing with the disk failing (%s): %d queued writes not committed",
+                          self.disk_error, len(dropped) + len(ops))
                 return
+            retry = min(_RETRY_SECONDS[1], max(_RETRY_SECONDS[0], 2 * retry))
+            with self._lock:  # the batch goes back in front, in order, and is tried again (space may come back)
+                self._ops.extendleft(reversed(ops))
+                self._wake.wait(retry)  # a close() wakes it at once
 
-    def _commit(self, ops: list) -> None:
-        """One write transaction for a batch of queued operations, then wake whoever waits on them."""
+    def _commit(self, ops: list) -> bool:
+        """One write transaction for a batch of queued operations, then wake whoever waits on them; False
+        (and ``disk_error`` set, the waiters told) when the disk refused it: full, an I/O error, read-only."""
         while True:
             try:
                 with self._env.begin(write=True) as txn:
@@ -376,6 +416,11 @@ class BlobStore:
                 with self._lock:
                     room = self._make_room("", self._disk_bytes // 8, 0)
                 ops = [("del", ident, None, None) for ident in room] + ops
+            except (lmdb.Error, OSError) as exc:
+                return self._commit_failed(ops, exc)
+        if self.disk_error is not None:
+            log.warning("kvstore server: disk writes commit again (after: %s)", self.disk_error)
+            self.disk_error = None
         callbacks = []
         with self._lock:
             for kind, ident, blob, _ in ops:
@@ -388,14 +433,33 @@ class BlobStore:
                     entry.waiters = []
             self._trim_ram()
         for callback in callbacks:
-            callback()
+            callback(True)
+        return True
+
+    def _commit_failed(self, ops: list, exc: BaseException) -> bool:
+        """A commit the disk refused: say it (once per episode), refuse new puts, tell durable waiters now."""
+        callbacks = []
+        with self._lock:
+            self.disk_write_errors += 1
+            first = self.disk_error is None
+            self.disk_error = f"{type(exc).__name__}: {exc}"
+            for _, _, _, entry in ops:
+                if entry is not None:
+                    callbacks += entry.waiters
+                    entry.waiters = []
+        if first:
+            log.error("kvstore server: the disk refused a commit (%s); puts are refused and reads go on from RAM "
+                      "and disk until a retry commits (every %.2g-%.2g s)", self.disk_error, *_RETRY_SECONDS)
+        for callback in callbacks:
+            callback(False)
+        return False
 
     def flush(self) -> None:
-        """Block until every disk write queued so far has committed."""
+        """Block until every disk write queued so far has committed, or a commit of them failed."""
         if self._env is None:
             return
         done = threading.Event()
-        marker = _Entry(0, None, waiters=[done.set])
+        marker = _Entry(0, None, waiters=[lambda ok: done.set()])
         with self._lock:
             self._enqueue("flush", None, None, marker)
         done.wait()
@@ -413,11 +477,14 @@ class BlobStore:
         self._writer.join()
         with self._lock:
             order = [ident for ident, entry in self._lru.items() if entry.on_disk]
-        with self._env.begin(write=True) as txn:
-            for stamp, ident in enumerate(order, start=self._stamp):
-                lkey = _lmdb_key(ident)
-                value = txn.get(lkey, db=self._meta)
-                if value is not None:
-                    txn.put(lkey, _META.pack(stamp, _META.unpack(value)[1]), db=self._meta)
+        try:
+            with self._env.begin(write=True) as txn:
+                for stamp, ident in enumerate(order, start=self._stamp):
+                    lkey = _lmdb_key(ident)
+                    value = txn.get(lkey, db=self._meta)
+                    if value is not None:
+                        txn.put(lkey, _META.pack(stamp, _META.unpack(value)[1]), db=self._meta)
+        except (lmdb.Error, OSError) as exc:  # the blocks are on disk; only their LRU order is not kept
+            log.error("kvstore server: the LRU order could not be saved at close (%s)", exc)
         self._env.close()
         self._lock_file.close()

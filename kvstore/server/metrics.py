@@ -73,7 +73,14 @@ class _StoreCollector(Collector):
         ram_evictions.add_metric([], totals["ram_evictions"])
         backlog = GaugeMetricFamily("kvstore_server_write_backlog_bytes", "Bytes queued for the disk")
         backlog.add_metric([], totals["write_backlog_bytes"])
-        yield from (tier_bytes, capacity, ram_evictions, backlog)
+        failing = GaugeMetricFamily("kvstore_server_disk_failing",
+                                    "1 while the disk refuses commits (full, I/O errors, read-only): puts refused")
+        failing.add_metric([], totals["disk_failing"])
+        write_errors = CounterMetricFamily("kvstore_server_disk_write_errors", "Disk commits that failed")
+        write_errors.add_metric([], totals["disk_write_errors"])
+        refused = CounterMetricFamily("kvstore_server_disk_refused_blocks", "Blocks refused while the disk failed")
+        refused.add_metric([], totals["disk_refused_blocks"])
+        yield from (tier_bytes, capacity, ram_evictions, backlog, failing, write_errors, refused)
 
 
 class ServerMetrics:

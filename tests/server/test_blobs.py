@@ -155,7 +155,7 @@ def test_a_blob_damaged_on_disk_is_a_miss_and_dropped(tmp_path, open_store):
 def test_durable_callback_runs_after_the_commit(open_store):
     store = open_store()
     done = threading.Event()
-    store.put_many("a", [(key("1"), bytearray(blob("1")))], on_durable=done.set)
+    store.put_many("a", [(key("1"), bytearray(blob("1")))], on_durable=lambda ok: done.set())
     assert done.wait(10)
     with store._lock:
         assert store._lru[("a", key("1"))].on_disk

@@ -9,9 +9,12 @@ the newest but never serve wrong bytes.
 from __future__ import annotations
 
 import random
+import shutil
 import socket
+import subprocess
 import threading
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -314,3 +317,80 @@ def test_a_client_that_vanishes_mid_put_stores_nothing_and_disturbs_no_one(tmp_p
         witness.close()
     finally:
         server.kill()
+
+
+# -- a full disk -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 3 MiB tmpfs to fill (grown back with ``mount -o remount,size=...``); skips where mounting is refused."""
+    point = tmp_path / "small"
+    point.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: cannot make a small filesystem")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(point)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()})")
+    yield point
+    subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def _metric_value(url: str, name: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return float(next(line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+@pytest.mark.slow
+def test_a_full_disk_refuses_puts_at_once_serves_reads_and_recovers_on_its_own(server_factory, small_fs):
+    """The data directory on a 3 MiB filesystem: once it is full every PUT gets its reply at once (REJECTED,
+    not stored) instead of hanging, GETs go on, stats and /metrics say the disk is failing; when space comes
+    back, writes resume without a restart; and every block acknowledged (durable PUTs) is exact afterwards."""
+    srv = server_factory("--durable", "true", "--host-bytes", "8MiB", "--disk-bytes", "64MiB",
+                         "--disk-sync", "false", data_dir=small_fs / "data")
+    conn = Connection(srv.url, TOKEN, 5.0)
+    acknowledged: dict[bytes, bytes] = {}
+    try:
+        refused = None
+        for i in range(64):  # 64 x 128 KiB: twice what the filesystem holds
+            key = b"full-%03d" % i
+            data = BlockHeader.for_payload(key, b"F" * 16, random.Random(i).randbytes(128 << 10)).pack() + \
+                random.Random(i).randbytes(128 << 10)
+            started = time.monotonic()
+            result = conn.put([(key, [data])])[0]
+            assert time.monotonic() - started < 5  # a reply within the client's timeout, never a hang
+            if result == PutResult.STORED:
+                acknowledged[key] = data
+            elif refused is None:
+                refused = i
+        assert refused is not None and acknowledged, "the filesystem never filled"
+        stats = conn.stats()["server"]
+        assert stats["disk_failing"] == 1 and stats["disk_refused_blocks"] >= 1
+        assert _metric_value(srv.metrics_url, "kvstore_server_disk_failing") == 1
+        for key, data in list(acknowledged.items())[:4]:  # reads go on while writes fail
+            out = bytearray(len(data))
+            assert conn.get([key], lambda i, size: [memoryview(out)]) == [len(data)] and bytes(out) == data
+        subprocess.run(["mount", "-o", "remount,size=128m", str(small_fs)], check=True)  # space comes back
+        deadline, stored = time.monotonic() + 20, False
+        while time.monotonic() < deadline and not stored:
+            key = b"after-%d" % int(time.monotonic() * 1000)
+            data = BlockHeader.for_payload(key, b"F" * 16, b"x" * 4096).pack() + b"x" * 4096
+            stored = conn.put([(key, [data])])[0] == PutResult.STORED
+            if stored:
+                acknowledged[key] = data
+            time.sleep(0.2)
+        assert stored, "writes did not resume once the filesystem had room"
+        assert conn.stats()["server"]["disk_failing"] == 0
+    finally:
+        conn.close()
+    assert srv.stop() == 0
+    srv.restart()  # every acknowledged block, exact, from the disk
+    conn = Connection(srv.url, TOKEN, 10.0)
+    try:
+        for key, data in acknowledged.items():
+            out = bytearray(len(data))
+            assert conn.get([key], lambda i, size: [memoryview(out)]) == [len(data)], key
+            assert bytes(out) == data
+    finally:
+        conn.close()
