@@ -160,6 +160,9 @@ def format_server_stats(url: str, stats: dict) -> str:
                      f"{format_size(server['ram_capacity_bytes'])}, LMDB {format_size(server['disk_used_bytes'])} of "
                      f"{format_size(server['disk_capacity_bytes'])}, {server['blocks']} blocks, "
                      f"{format_size(server['write_backlog_bytes'])} waiting for the disk")
+        if server.get("disk_failing"):
+            lines.append(f"DISK FAILING: commits refused (full, I/O error or read-only); "
+                         f"{server['disk_refused_blocks']} blocks refused so far, retrying")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -368,6 +369,9 @@ def test_a_full_disk_refuses_puts_at_once_serves_reads_and_recovers_on_its_own(s
         stats = conn.stats()["server"]
         assert stats["disk_failing"] == 1 and stats["disk_refused_blocks"] >= 1
         assert _metric_value(srv.metrics_url, "kvstore_server_disk_failing") == 1
+        shown = subprocess.run([sys.executable, "-m", "kvstore.cli", "stats", "--url", srv.url, "--token", TOKEN],
+                               capture_output=True, text=True, timeout=60, cwd=small_fs.parent)
+        assert "DISK FAILING" in shown.stdout, shown
         for key, data in list(acknowledged.items())[:4]:  # reads go on while writes fail
             out = bytearray(len(data))
             assert conn.get([key], lambda i, size: [memoryview(out)]) == [len(data)] and bytes(out) == data
