@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

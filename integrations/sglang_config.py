@@ -1,0 +1,89 @@
+"""The kvstore HiCache backend's settings: ``extra_config``, ``$KVSTORE_CONFIG`` and ``KVSTORE_*``, with the
+defaults an L3 under SGLang's own host pool needs (``l3_defaults``) and a data directory per rank."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from kvstore import StoreConfig
+from kvstore.config import ENV_OTHER_PREFIXES, ENV_PREFIX, ENV_RESERVED, env_values, read_settings_file
+
+# extra_config keys SGLang itself (or another backend sharing the config) reads: ignored here.
+SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "tp_lcm_size",
+                         "extra_backend_tag", "enable_storage_metrics"})
+# extra_config keys of this backend that are not StoreConfig fields.
+OWN_KEYS = frozenset({"kvstore_config", "salt", "kv_cache_dtype"})
+# SGLang's --kv-cache-dtype values whose pages its host pool holds as plain bytes (uint8): the format is in the key.
+FP8_FORMATS = frozenset({"fp8_e4m3", "fp8_e5m2", "fp8_e4m3fn", "fp4_e2m1"})
+_STORE_FIELDS = frozenset(f.name for f in dataclasses.fields(StoreConfig))
+LOWER_TIERS = ("disk_dir", "files_dir", "remote_url", "redis_url")  # the tiers an L3 keeps pages in
+
+def store_config_from(storage_config: Any,
+                      environ: Mapping[str, str] | None = None) -> tuple[StoreConfig, str | None]:
+    """The ``StoreConfig`` and extra salt of a backend (precedence in the module docstring), with the L3
+    defaults of ``l3_defaults`` for the settings nobody gave."""
+    environ = os.environ if environ is None else environ
+    extra = dict(storage_config.extra_config or {})
+    unknown = sorted(set(extra) - SGLANG_KEYS - OWN_KEYS - _STORE_FIELDS)
+    if unknown:
+        raise ValueError(f"extra_config: unknown setting(s) {unknown} for the kvstore HiCache backend; expected "
+                         f"StoreConfig fields {sorted(_STORE_FIELDS)}, {sorted(OWN_KEYS)} or SGLang's "
+                         f"{sorted(SGLANG_KEYS)}")
+    fields = {k: v for k, v in extra.items() if k in _STORE_FIELDS}
+    path = extra.get("kvstore_config")
+    if path is not None and (not isinstance(path, str) or not path):
+        raise ValueError(f"extra_config['kvstore_config']: expected a path to a TOML or YAML file, got {path!r}")
+    config = StoreConfig.load(path, environ)
+    if fields:
+        config = StoreConfig.from_dict({**dataclasses.asdict(config), **fields}, source="extra_config")
+    path = path if path is not None else environ.get("KVSTORE_CONFIG")
+    given = set(fields) | set(env_values(StoreConfig, environ, ENV_PREFIX, ENV_RESERVED, ENV_OTHER_PREFIXES))
+    if path:
+        given |= set(read_settings_file(path, "kvstore"))
+    config = l3_defaults(config, given, environ)
+    c = storage_config
+    if config.disk_dir is not None and (c.tp_size * c.pp_size * c.attn_cp_size > 1 or c.dp_rank > 0):
+        # One LMDB environment per process (its directory is locked): each rank gets its own under disk_dir.
+        # With DP attention every DP rank's attention group counts TP ranks from 0: the DP rank tells them apart.
+        rank = f"rank-tp{c.tp_rank}of{c.tp_size}-pp{c.pp_rank}of{c.pp_size}-cp{c.attn_cp_rank}of{c.attn_cp_size}"
+        if c.dp_rank > 0:
+            rank = f"rank-dp{c.dp_rank}-" + rank.removeprefix("rank-")
+        config = config.replace(disk_dir=os.path.join(config.disk_dir, rank))
+    if config.model_id == StoreConfig.model_id and storage_config.model_name:
+        config = config.replace(model_id=storage_config.model_name)  # not named anywhere: SGLang's model
+    salt = extra.get("salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError(f"extra_config['salt']: expected a non-empty string, got {salt!r}")
+    return config, salt
+
+
+def default_l3_dir(environ: Mapping[str, str]) -> str:
+    """Where the L3's pages go when no tier below host RAM is configured: ``$XDG_CACHE_HOME/kvstore/sglang-l3``."""
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kvstore", "sglang-l3")
+
+
+def l3_defaults(config: StoreConfig, given: set[str], environ: Mapping[str, str]) -> StoreConfig:
+    """kvstore as SGLang's L3: SGLang already keeps every page it serves in its own pinned host pool (L2) on
+    each rank, so a kvstore host tier would hold the same pages in RAM twice. Unless ``host_bytes`` is
+    given, the store has no host tier (reads and writes go to the tiers below it), and if no tier below
+    host RAM is given either (``disk_dir``, ``files_dir``, ``remote_url``, ``redis_url``), pages go to the
+    local disk under ``default_l3_dir``. A ``host_bytes`` given alone is a host-only L3, as asked."""
+    changes: dict[str, Any] = {}
+    if "host_bytes" not in given:
+        changes["host_bytes"] = 0
+        if not any(getattr(config, name) for name in LOWER_TIERS):
+            changes["disk_dir"] = default_l3_dir(environ)
+    return config.replace(**changes) if changes else config
+
+
+def kv_format(extra: Mapping[str, Any]) -> str | None:
+    """``extra_config["kv_cache_dtype"]``: the fp8/fp4 format of pages SGLang's host pool holds as bytes."""
+    value = extra.get("kv_cache_dtype")
+    if value is not None and value not in FP8_FORMATS:
+        raise ValueError(f"extra_config['kv_cache_dtype']: expected one of {sorted(FP8_FORMATS)} (SGLang's "
+                         f"--kv-cache-dtype of a byte-stored cache), got {value!r}")
+    return value
