@@ -8,9 +8,12 @@ a child process importing this module produces the very same bytes.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,6 +54,29 @@ def assert_same_kv(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert tuple(actual.shape) == tuple(expected.shape), (tuple(actual.shape), tuple(expected.shape))
     assert torch.equal(actual, expected)
     assert as_bytes(actual) == as_bytes(expected)
+
+
+@contextmanager
+def mounted_tmpfs(point: Path, options: str) -> Iterator[Path]:
+    """A fresh tmpfs at ``point`` mounted with ``options`` (``size=3m``...) for the block, unmounted after; skips
+    the test where mounting is not permitted (it needs CAP_SYS_ADMIN)."""
+    point.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: cannot make a small or read-only filesystem")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here (needs CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield point
+    finally:
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def remount(point: Path, options: str) -> subprocess.CompletedProcess:
+    """``mount -o remount,OPTIONS point`` (``ro``, ``size=128m``...)."""
+    return subprocess.run(["mount", "-o", f"remount,{options}", str(point)], capture_output=True, text=True)
 
 
 def run_python(code: str, *, env_extra: dict[str, str] | None = None, timeout: float = 60) -> str:

@@ -9,7 +9,6 @@ the newest but never serve wrong bytes.
 from __future__ import annotations
 
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import make_kv, tiny_layout
+from conftest import make_kv, mounted_tmpfs, remount, tiny_layout
 from kvstore.blockformat import BlockHeader
 from kvstore.client import Connection
 from kvstore.protocol import Header, Op, PutResult, pack_hello, put_item_header
@@ -325,17 +324,9 @@ def test_a_client_that_vanishes_mid_put_stores_nothing_and_disturbs_no_one(tmp_p
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """A 3 MiB tmpfs to fill (grown back with ``mount -o remount,size=...``); skips where mounting is refused."""
-    point = tmp_path / "small"
-    point.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command: cannot make a small filesystem")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(point)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()})")
-    yield point
-    subprocess.run(["umount", "-l", str(point)], capture_output=True)
+    """A 3 MiB tmpfs to fill (grown back with ``remount(point, "size=...")``); skips where mounting is refused."""
+    with mounted_tmpfs(tmp_path / "small", "size=3m") as point:
+        yield point
 
 
 def _metric_value(url: str, name: str) -> float:
@@ -375,7 +366,7 @@ def test_a_full_disk_refuses_puts_at_once_serves_reads_and_recovers_on_its_own(s
         for key, data in list(acknowledged.items())[:4]:  # reads go on while writes fail
             out = bytearray(len(data))
             assert conn.get([key], lambda i, size: [memoryview(out)]) == [len(data)] and bytes(out) == data
-        subprocess.run(["mount", "-o", "remount,size=128m", str(small_fs)], check=True)  # space comes back
+        assert remount(small_fs, "size=128m").returncode == 0  # space comes back
         deadline, stored = time.monotonic() + 20, False
         while time.monotonic() < deadline and not stored:
             key = b"after-%d" % int(time.monotonic() * 1000)

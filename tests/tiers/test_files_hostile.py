@@ -21,14 +21,13 @@ import pwd
 import shutil
 import socket
 import stat
-import subprocess
 import tempfile
 import threading
 
 import pytest
 import torch
 
-from conftest import assert_same_kv, run_python
+from conftest import assert_same_kv, mounted_tmpfs, remount, run_python
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.compression.registry import get_codec
 from kvstore.tiers.files import FilesTier
@@ -385,31 +384,17 @@ def check_serves_reads(root, layout, blocks, paths, stamp_refused: bool) -> None
         tier.close()
 
 
-def _mount(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["mount", *args], capture_output=True, text=True)
-
-
 @pytest.fixture
 def tmpfs(tmp_path):
-    """A fresh tmpfs (remount it read-only with ``mount -o remount,ro``); skips if mounting is not permitted."""
-    point = tmp_path / "mnt"
-    point.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command: cannot make a read-only filesystem")
-    done = _mount("-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(point))
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here (needs CAP_SYS_ADMIN): {done.stderr.strip()}")
-    try:
+    """A fresh tmpfs (remount it read-only with ``remount(point, "ro")``); skips if mounting is not permitted."""
+    with mounted_tmpfs(tmp_path / "mnt", "size=16m,mode=0755") as point:
         yield point
-    finally:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 def test_read_only_filesystem_still_serves_reads(tmpfs, layout, blocks):
     root = tmpfs / "kv"
     paths = populate(root, layout, blocks)
-    done = _mount("-o", "remount,ro", str(tmpfs))
+    done = remount(tmpfs, "ro")
     assert done.returncode == 0, done.stderr
     with pytest.raises(OSError) as info:
         os.utime(paths[A])
