@@ -113,6 +113,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     from kvstore.client import Connection
+    from kvstore.protocol import ServerError
 
     token = args.token
     if token is None and args.token_file:
@@ -124,6 +125,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
                              f"$KVSTORE_REMOTE_TOKEN), or --token-file <the server's data dir>/token") from None
     try:
         conn = Connection(args.url, token, args.timeout)
+    except ServerError:  # it answered (a refused token...): its own message says what is wrong
+        raise
     except (ConnectionError, TimeoutError, OSError) as exc:
         raise OSError(f"cannot reach the cache server at {args.url}: {_one_line(exc)} (is kvstore serve "
                       f"running there? --url names another)") from None

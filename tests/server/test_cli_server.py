@@ -113,6 +113,7 @@ def test_stats_with_a_wrong_token_is_a_one_line_error(configured, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("kvstore: error: ") and "UNAUTHORIZED" in captured.err
+    assert "kvstore serve running" not in captured.err  # the server answered: no hint that it is down
     assert len(captured.err.strip().splitlines()) == 1
 
 
