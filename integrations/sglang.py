@@ -299,9 +299,7 @@ class KVStoreHiCache(HiCacheStorage):
             if self.flat_anchor:
                 n = self.pools.read_flat(KV_POOL, keys, bufs)
             else:
-                started = time.perf_counter()
-                n = store.get_keyed(keys, [self._flat_view(buf) for buf in bufs], self._salt)
-                self._record("prefetch", n, len(keys), started)
+                n = self._get(store, keys, [self._flat_view(buf) for buf in bufs])
             for flat, buf in zip(flats[:n], bounces[:n]):
                 if buf is not None:
                     flat.copy_(buf.view(flat.shape))
@@ -329,18 +327,25 @@ class KVStoreHiCache(HiCacheStorage):
                 raise ValueError(f"values: expected {len(keys)} pages, got {len(values)}")
             if self.flat_anchor:
                 return self.pools.write_flat(KV_POOL, keys, values) == len(keys)
-            started = time.perf_counter()
-            held = self._put(store, keys, [self._flat_view(v) for v in values])
-            self._record("backup", held, len(keys), started)
-            return held == len(keys)
+            return self._put(store, keys, [self._flat_view(v) for v in values]) == len(keys)
         except Exception as exc:
             self._fail("batch_set failed", exc)
             return False
 
     def _put(self, store: KVStore, keys: Sequence[str], blocks: Sequence[torch.Tensor]) -> int:
-        """Store blocks; how many leading ``keys`` some tier holds afterwards."""
+        """Store blocks; how many leading ``keys`` some tier holds afterwards (a backup, counted)."""
+        started = time.perf_counter()
         store.put_keyed(list(zip(keys, blocks)), self._salt)
-        return store.lookup_keyed(keys, self._salt)
+        held = store.lookup_keyed(keys, self._salt)
+        self._record("backup", held, len(keys), started)
+        return held
+
+    def _get(self, store: KVStore, keys: Sequence[str], outs: Sequence[torch.Tensor]) -> int:
+        """Read blocks into ``outs``; how many leading ``keys`` were read (a prefetch, counted)."""
+        started = time.perf_counter()
+        n = store.get_keyed(keys, outs, self._salt)
+        self._record("prefetch", n, len(keys), started)
+        return n
 
     # -- existence --------------------------------------------------------------------
 
@@ -372,9 +377,7 @@ class KVStoreHiCache(HiCacheStorage):
         try:
             if self.flat_anchor:
                 return _count_leading(self.pools.get(KV_POOL, keys, host_indices), len(keys))
-            started = time.perf_counter()
-            n = store.get_keyed(keys, self._pool_views(host_indices, len(keys)), self._salt) if keys else 0
-            self._record("prefetch", n, len(keys), started)
+            n = self._get(store, keys, self._pool_views(host_indices, len(keys))) if keys else 0
             return _count_leading(n, len(keys))
         except Exception as exc:
             self._fail("batch_get_v1 failed", exc)
@@ -392,10 +395,7 @@ class KVStoreHiCache(HiCacheStorage):
         try:
             if self.flat_anchor:
                 return _count_leading(self.pools.set(KV_POOL, keys, host_indices), len(keys))
-            started = time.perf_counter()
-            held = self._put(store, keys, self._pool_views(host_indices, len(keys)))
-            self._record("backup", held, len(keys), started)
-            return _count_leading(held, len(keys))
+            return _count_leading(self._put(store, keys, self._pool_views(host_indices, len(keys))), len(keys))
         except Exception as exc:
             self._fail("batch_set_v1 failed", exc)
             return [False] * len(keys)
@@ -431,15 +431,17 @@ class KVStoreHiCache(HiCacheStorage):
     def batch_get_v2(self, transfers: list[PoolTransfer],
                      extra_info: HiCacheStorageExtraInfo | None = None) -> dict[str, list[bool]]:
         """Read each transfer's pages into its host pool; per pool, the leading pages read."""
-        return self._each_pool(transfers, "get", self.batch_get_v1, extra_info)
+        return self._each_pool(transfers, "get", self.batch_get_v1, self.pools.get, extra_info)
 
     def batch_set_v2(self, transfers: list[PoolTransfer],
                      extra_info: HiCacheStorageExtraInfo | None = None) -> dict[str, list[bool]]:
         """Store each transfer's pages from its host pool; per pool, the leading pages held afterwards."""
-        return self._each_pool(transfers, "set", self.batch_set_v1, extra_info)
+        return self._each_pool(transfers, "set", self.batch_set_v1, self.pools.set, extra_info)
 
     def _each_pool(self, transfers: list[PoolTransfer], op: str, kv_op: Callable[..., list[bool]],
+                   pool_op: Callable[[str, list[str], Any], int],
                    extra_info: HiCacheStorageExtraInfo | None) -> dict[str, list[bool]]:
+        """``kv_op`` for the KV pool's transfer, ``pool_op`` (pages moved) for every other pool's."""
         results: dict[str, list[bool]] = {}
         for transfer in transfers or ():
             name, keys = str(transfer.name), list(transfer.keys or ())
@@ -449,7 +451,6 @@ class KVStoreHiCache(HiCacheStorage):
             try:
                 if name not in self.pools:
                     raise ValueError(f"pool {name!r} was never registered (register_mem_host_pool_v2)")
-                pool_op = self.pools.get if op == "get" else self.pools.set
                 results[name] = _count_leading(pool_op(name, keys, transfer.host_indices), len(keys))
             except Exception as exc:  # never into SGLang: this pool's pages are misses
                 self._fail(f"batch_{op}_v2 of pool {name!r} failed", exc)

@@ -150,21 +150,21 @@ class SidecarPools:
         slots = self._slots(pool, host_indices, len(keys))
         if not keys:
             return 0
-        started = time.perf_counter()
         if pool.kv is not None:  # straight into the pool's pages
             outs = [pool.kv.to_canonical(pool.host_pool.get_data_page(slot, flat=False)) for slot in slots]
-            n = pool.store.get_keyed(list(keys), outs, self._salt(pool.name))
-            self._record("prefetch", n, len(keys) - n, n * pool.page_bytes, time.perf_counter() - started)
-            return n
+            return self._timed("prefetch", pool, keys, lambda: self._read(pool, keys, outs))
+        return self._timed("prefetch", pool, keys, lambda: self._read_flat_pages(pool, keys, slots))
+
+    def _read_flat_pages(self, pool: _Pool, keys: Sequence[str], slots: Sequence[int]) -> int:
+        """Read pages into a reused buffer, then into the pool through SGLang's ``set_from_flat_data_page``."""
         buffer = self._buffers.take((len(keys), max(1, pool.page_bytes)), torch.uint8)
         try:
-            n = pool.store.get_keyed(list(keys), [row.view(1, 1, 1, 1, -1) for row in buffer], self._salt(pool.name))
+            n = self._read(pool, keys, [row.view(1, 1, 1, 1, -1) for row in buffer])
             for row, slot in zip(buffer[:n], slots):
                 if pool.page_bytes:
                     pool.host_pool.set_from_flat_data_page(slot, row.view(pool.flat_dtype).view(pool.flat_shape))
         finally:
             self._buffers.give(buffer)
-        self._record("prefetch", n, len(keys) - n, n * pool.page_bytes, time.perf_counter() - started)
         return n
 
     def set(self, name: str, keys: Sequence[str], host_indices: Any) -> int:
@@ -173,13 +173,24 @@ class SidecarPools:
         slots = self._slots(pool, host_indices, len(keys))
         if not keys:
             return 0
-        started = time.perf_counter()
-        blocks = [(key, self._page(pool, slot)) for key, slot in zip(keys, slots)]
+        return self._timed("backup", pool, keys,
+                           lambda: self._write(pool, keys, [self._page(pool, slot) for slot in slots]))
+
+    def _read(self, pool: _Pool, keys: Sequence[str], outs: Sequence[torch.Tensor]) -> int:
+        return pool.store.get_keyed(list(keys), outs, self._salt(pool.name))
+
+    def _write(self, pool: _Pool, keys: Sequence[str], blocks: Sequence[torch.Tensor]) -> int:
+        """Store ``blocks`` under ``keys``; how many leading keys some tier holds afterwards."""
         salt = self._salt(pool.name)
-        pool.store.put_keyed(blocks, salt)
-        held = pool.store.lookup_keyed(list(keys), salt)
-        self._record("backup", held, len(keys) - held, held * pool.page_bytes, time.perf_counter() - started)
-        return held
+        pool.store.put_keyed(list(zip(keys, blocks)), salt)
+        return pool.store.lookup_keyed(list(keys), salt)
+
+    def _timed(self, operation: str, pool: _Pool, keys: Sequence[str], run: Callable[[], int]) -> int:
+        """``run()`` (pages moved), counted for SGLang's storage metrics."""
+        started = time.perf_counter()
+        moved = run()
+        self._record(operation, moved, len(keys) - moved, moved * pool.page_bytes, time.perf_counter() - started)
+        return moved
 
     @staticmethod
     def _page(pool: _Pool, slot: int) -> torch.Tensor:
@@ -197,20 +208,14 @@ class SidecarPools:
         """Read pages ``keys`` of pool ``name`` into flat pages ``outs`` (contiguous CPU tensors, SGLang's
         ``get_dummy_flat_data_page``); how many leading pages were read."""
         pool = self._pools[str(name)]
-        started = time.perf_counter()
-        n = pool.store.get_keyed(list(keys), [_flat_block(pool, out, "out") for out in outs], self._salt(pool.name))
-        self._record("prefetch", n, len(keys) - n, n * pool.page_bytes, time.perf_counter() - started)
-        return n
+        return self._timed("prefetch", pool, keys,
+                           lambda: self._read(pool, keys, [_flat_block(pool, out, "out") for out in outs]))
 
     def write_flat(self, name: str, keys: Sequence[str], values: Sequence[torch.Tensor]) -> int:
         """Store flat pages ``values`` of pool ``name`` under ``keys``; how many leading keys are held after."""
         pool = self._pools[str(name)]
-        started = time.perf_counter()
-        salt = self._salt(pool.name)
-        pool.store.put_keyed([(key, _flat_block(pool, value, "value")) for key, value in zip(keys, values)], salt)
-        held = pool.store.lookup_keyed(list(keys), salt)
-        self._record("backup", held, len(keys) - held, held * pool.page_bytes, time.perf_counter() - started)
-        return held
+        return self._timed("backup", pool, keys,
+                           lambda: self._write(pool, keys, [_flat_block(pool, value, "value") for value in values]))
 
     def close(self) -> None:
         pools, self._pools = self._pools, {}
