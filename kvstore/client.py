@@ -28,6 +28,7 @@ from kvstore.protocol import (FLAG_ERROR, FLAG_REPLY, HEADER_BYTES, MAX_KEY_BYTE
                               put_item_header, unpack_json, unpack_keys)
 
 DEFAULT_PORT = 8477
+_IOV_MAX = 512  # buffers per sendmsg (Linux allows 1024)
 Bytes = bytes | bytearray | memoryview
 # Given (index of the key, blob bytes), the buffers to read that blob into, in order (None: read and discard).
 Sink = Callable[[int, int], Sequence[memoryview] | None]
@@ -39,6 +40,11 @@ def parse_url(url: str) -> tuple[str, int, bool]:
     if parts.scheme not in ("kvstore", "kvstores") or not parts.hostname:
         raise ValueError(f"url: expected kvstore://host:port or kvstores://host:port, got {url!r}")
     return parts.hostname, parts.port or DEFAULT_PORT, parts.scheme == "kvstores"
+
+
+def _bytes_view(part: Bytes) -> memoryview:
+    view = part if isinstance(part, memoryview) else memoryview(part)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 class Connection:
@@ -78,19 +84,25 @@ class Connection:
 
     def _send(self, op: Op, count: int, parts: Sequence[Bytes]) -> int:
         rid = next(self._ids)
-        size = sum(memoryview(p).nbytes for p in parts)
-        head = Header(int(op), rid, count, size).pack()
-        small = [head]
-        for part in parts:
-            if memoryview(part).nbytes < 65536:
-                small.append(bytes(part))
-                continue
-            self._sock.sendall(b"".join(small))
-            small = []
-            self._sock.sendall(part)
-        if small:
-            self._sock.sendall(b"".join(small))
+        views = [_bytes_view(p) for p in parts]
+        head = Header(int(op), rid, count, sum(v.nbytes for v in views)).pack()
+        self._send_views([memoryview(head), *(v for v in views if v.nbytes)])
         return rid
+
+    def _send_views(self, views: list[memoryview]) -> None:
+        """Send the views in order from where they are: scatter-gather ``sendmsg`` (``sendall`` each over TLS)."""
+        if isinstance(self._sock, ssl.SSLSocket):
+            for view in views:
+                self._sock.sendall(view)
+            return
+        first = 0
+        while first < len(views):
+            sent = self._sock.sendmsg(views[first:first + _IOV_MAX])
+            while sent and sent >= views[first].nbytes:
+                sent -= views[first].nbytes
+                first += 1
+            if sent:
+                views[first] = views[first][sent:]
 
     def _recv_into(self, view: memoryview) -> None:
         got = 0

@@ -162,22 +162,29 @@ class RemoteTier:
         Raises if the server fails."""
         if not items:
             return 0
-        parts = []
-        for key, block in items:
-            payload = self.encoding.encode(block)
-            header = BlockHeader.for_payload(key, self._fingerprint, payload, self.encoding.header_encoding)
-            parts.append((key, [header.pack(), payload]))
+        parts = [(key, self._blob_parts(key, block)) for key, block in items]
         results = self._call(lambda conn: conn.put(parts))
         held = 0
-        for (_, (_, payload)), result in zip(parts, results):
+        for (_, blob), result in zip(parts, results):
             if result in (PutResult.STORED, PutResult.PRESENT):
                 held += 1
             else:
                 self._counters.add("rejected")
             if result == PutResult.STORED:
                 self._counters.add("blocks_written")
-                self._counters.add("bytes_written", memoryview(payload).nbytes)
+                self._counters.add("bytes_written", sum(memoryview(p).nbytes for p in blob[1:]))
         return held
+
+    def _blob_parts(self, key: bytes, block: torch.Tensor) -> list[object]:
+        """The blob of ``block`` as parts to send in order: its header, then the payload. A raw block in host
+        memory is sent from where it lies (a view per layer and K/V when it is a token range of a larger
+        tensor), with no gathering copy."""
+        views = payload_views(block.detach()) if self.encoding.codec is None else None
+        if views is not None:
+            return [BlockHeader.for_parts(key, self._fingerprint, views).pack(), *views]
+        payload = self.encoding.encode(block)
+        return [BlockHeader.for_payload(key, self._fingerprint, payload, self.encoding.header_encoding).pack(),
+                payload]
 
     def get_into(self, key: bytes, out: torch.Tensor) -> bool:
         """Fetch block ``key`` into ``out``; False on a miss (or a damaged block); raises if the server fails."""

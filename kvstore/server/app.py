@@ -64,8 +64,11 @@ class CacheServer:
     def __init__(self, config: ServerConfig, tenants: list[Tenant], open_namespace: str | None = None):
         self.config = config
         self.auth = Authenticator(tenants, open_namespace)
+        # What RAM may hold: the recent blobs, and with a disk the blobs queued for it (one frame past the bound).
+        arena_bytes = config.host_bytes + (config.write_backlog_bytes + config.max_frame_bytes
+                                           if config.disk_bytes else 0) if config.preallocate else 0
         self.store = BlobStore(config.data_dir, config.host_bytes, config.disk_bytes, self.auth.quota_of,
-                               sync=config.disk_sync)
+                               sync=config.disk_sync, arena_bytes=arena_bytes)
         self.metrics = ServerMetrics(self.store, config.metrics_namespaces)
         self._ssl = None
         if config.tls_cert is not None:
@@ -335,7 +338,9 @@ class CacheServer:
             if blob_len > remaining:
                 raise ProtocolError(Status.MALFORMED, f"block {i}: expected at most {remaining} bytes, "
                                                       f"header says {blob_len}")
-            items.append((key, await read_exact(conn.stream, blob_len)))
+            blob = self.store.buffer(blob_len)
+            await conn.stream.read_into(memoryview(blob))
+            items.append((key, blob))
             remaining -= blob_len
         if remaining:
             raise ProtocolError(Status.MALFORMED, f"expected {header.count} blocks filling the payload, "

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import lmdb
 
+from kvstore.arena import Arena
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.buffers import alloc_bytes
 from kvstore.protocol import PutResult
@@ -70,7 +71,7 @@ class BlobStore:
     """Blobs by (namespace, key); thread-safe. ``quota_of(namespace)`` gives a byte quota (0: none)."""
 
     def __init__(self, data_dir: str | Path, host_bytes: int, disk_bytes: int, quota_of: Callable[[str], int],
-                 sync: bool = True):
+                 sync: bool = True, arena_bytes: int = 0):
         self._host_bytes = host_bytes
         self._disk_bytes = disk_bytes
         self._quota_of = quota_of
@@ -92,6 +93,8 @@ class BlobStore:
         if disk_bytes > 0:
             path = Path(data_dir)
             self._lock_file = lock_directory(path, "data_dir {path} is in use by another kvstore server")
+        self._arena = Arena(arena_bytes)  # after the lock: a second server on the folder must not fault it in
+        if disk_bytes > 0:
             self._env = lmdb.open(str(path / "blobs.lmdb"), map_size=max(2 * disk_bytes, disk_bytes + (1 << 30)),
                                   max_dbs=2, sync=sync, metasync=sync, readahead=False, max_readers=512)
             self._blobs = self._env.open_db(b"blobs")
@@ -130,6 +133,11 @@ class BlobStore:
         self._ops.append((kind, ident, blob, entry))
         self._backlog += len(blob) if blob is not None else 0
         self._wake.notify()
+
+    def buffer(self, num_bytes: int) -> bytearray | memoryview:
+        """A writable buffer of ``num_bytes`` to receive a blob into: from the preallocated arena when it has a
+        free extent (no page faults), else newly allocated."""
+        return self._arena.take(num_bytes) or alloc_bytes(num_bytes)
 
     def backlog_bytes(self) -> int:
         """Bytes queued for the disk and not yet committed (the server stops taking puts past its bound)."""
@@ -292,7 +300,7 @@ class BlobStore:
         with self._env.begin(db=self._blobs, buffers=True) as txn:
             stored = txn.get(_lmdb_key(ident))
             intact = stored is not None and blob_intact(key, stored)  # checked in place, in the map
-            blob = alloc_bytes(len(stored)) if intact else stored
+            blob = self.buffer(len(stored)) if intact else stored
             if intact:
                 blob[:] = stored
         if not intact:
@@ -357,7 +365,8 @@ class BlobStore:
                     "ram_evictions": self.evicted_ram,
                     "write_backlog_bytes": self.backlog_bytes(),
                     "disk_failing": int(self.disk_error is not None), "disk_write_errors": self.disk_write_errors,
-                    "disk_refused_blocks": self.disk_refused}
+                    "disk_refused_blocks": self.disk_refused,
+                    **{f"arena_{name}": value for name, value in self._arena.stats().items()}}
 
     # -- the disk writer ------------------------------------------------------------
 
@@ -469,6 +478,7 @@ class BlobStore:
             if self._closed:
                 return
             self._closed = True
+        self._arena.close()
         if self._env is None:
             return
         with self._lock:

@@ -25,6 +25,8 @@ FLAG_HELP: dict[str, str] = {
     "data_dir": "folder of the LMDB data, the default token and the lock (one server per folder)",
     "host_bytes": "RAM for the most recently used blocks, e.g. 4GiB",
     "disk_bytes": "size of the LMDB disk tier, e.g. 100GiB; 0: memory only",
+    "preallocate": "allocate RAM for host_bytes (plus the write backlog) at start and fault it in the background, "
+                   "so PUTs receive into memory that is ready (true/false)",
     "disk_sync": "fsync every disk commit (true/false)",
     "durable": "acknowledge a PUT only once it is on disk (true/false); otherwise once in RAM",
     "tokens_file": "TOML/YAML file of tenants (namespace, token, quota); see kvstore/server/auth.py",
@@ -56,7 +58,10 @@ class ServerConfig:
       traffic), off by default (sums over the namespaces).
     - ``data_dir``: the LMDB environment, the default token and the lock;
       ``host_bytes``: RAM for the most recently used blocks;
-      ``disk_bytes``: the LMDB tier (0: memory only); ``disk_sync``: fsync
+      ``disk_bytes``: the LMDB tier (0: memory only); ``preallocate``: take
+      that RAM (plus, with a disk, the write backlog and one frame) at start
+      and fault it in on a background thread, so a PUT receives into memory
+      that is ready instead of growing the process; ``disk_sync``: fsync
       every commit; ``durable``: acknowledge a PUT only once it is on disk
       (otherwise once it is in RAM, with the disk written behind).
     - Auth: ``tokens_file`` (tenants, see ``kvstore/server/auth.py``) or
@@ -85,6 +90,7 @@ class ServerConfig:
     data_dir: str = "./kvstore-server"
     host_bytes: int | str = "1GiB"
     disk_bytes: int | str = "16GiB"
+    preallocate: bool = True
     disk_sync: bool = True
     durable: bool = False
     tokens_file: str | None = None
@@ -118,7 +124,7 @@ class ServerConfig:
         if self.max_frame_bytes > self.max_inflight_bytes:
             raise ValueError(f"max_frame_bytes: expected <= max_inflight_bytes ({self.max_inflight_bytes}), "
                              f"got {self.max_frame_bytes}")
-        for name in ("disk_sync", "durable", "allow_unauthenticated", "metrics_namespaces"):
+        for name in ("preallocate", "disk_sync", "durable", "allow_unauthenticated", "metrics_namespaces"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.loop not in LOOPS:

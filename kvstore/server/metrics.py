@@ -80,7 +80,14 @@ class _StoreCollector(Collector):
         write_errors.add_metric([], totals["disk_write_errors"])
         refused = CounterMetricFamily("kvstore_server_disk_refused_blocks", "Blocks refused while the disk failed")
         refused.add_metric([], totals["disk_refused_blocks"])
-        yield from (tier_bytes, capacity, ram_evictions, backlog, failing, write_errors, refused)
+        arena = GaugeMetricFamily("kvstore_server_arena_bytes", "The preallocated receive arena, in bytes: its "
+                                  "capacity, faulted in so far, taken by blobs, free", labels=["state"])
+        for state in ("capacity", "faulted", "taken", "free"):
+            arena.add_metric([state], totals[f"arena_{state}"])
+        arena_misses = CounterMetricFamily("kvstore_server_arena_misses",
+                                           "Blobs received into new memory: no faulted arena extent was free")
+        arena_misses.add_metric([], totals["arena_misses"])
+        yield from (tier_bytes, capacity, ram_evictions, backlog, failing, write_errors, refused, arena, arena_misses)
 
 
 class ServerMetrics:

@@ -60,6 +60,10 @@ def run(config: ServerConfig, say: Callable[[str], None] = print) -> int:
         say(f"kvstore serve: listening on {scheme}://{host}:{port} (data in {config.data_dir}, "
             f"host RAM {format_size(config.host_bytes)}, disk {format_size(config.disk_bytes)}, "
             f"loop {type(loop).__module__})")
+        arena = server.store.totals()["arena_capacity"]
+        if arena:
+            say(f"kvstore serve: preallocating {format_size(arena)} of RAM for received blocks in the background "
+                f"(--preallocate false: allocate per block instead)")
         if server.metrics_address is not None:
             say(f"kvstore serve: metrics on http://{server.metrics_address[0]}:{server.metrics_address[1]}/metrics")
         if token is not None:

@@ -44,7 +44,7 @@ MAX_INFLIGHT = 256 << 10
 MAX_KEYS = 32
 MAX_HELLO = 4096
 TIMEOUT = 2.0  # no reply or close within this: the server hangs
-EXAMPLES = 300
+EXAMPLES = 400
 
 WITNESS_KEY = hashlib.sha256(b"fuzz witness").digest()  # never named by a fuzzed frame
 WITNESS_BLOB = BlockHeader.for_payload(WITNESS_KEY, LAYOUT, b"w" * 3000).pack() + b"w" * 3000
