@@ -49,7 +49,7 @@ import numpy as np
 from kvstore.server.app import CacheServer
 from kvstore.server.auth import Tenant
 from kvstore.server.config import ServerConfig
-from kvstore.server.serve import new_event_loop
+from kvstore.server.serve import keep_freed_memory, new_event_loop
 
 RAW_HEADER = struct.Struct("<QQQ")
 FRESH = 1
@@ -221,6 +221,7 @@ def main(argv: list[str]) -> int:
     profile_path = argv[argv.index("--profile") + 1] if "--profile" in argv else None
     config = ServerConfig.from_dict(dict(settings, host="127.0.0.1", port=0, metrics_port=None, token=TOKEN))
     raw = RawEndpoint(config.data_dir if config.disk_bytes else None)
+    keep_freed_memory(config.max_frame_bytes)  # as ``kvstore serve`` does
     loop = new_event_loop(config.loop)
     asyncio.set_event_loop(loop)
     server = CacheServer(config, [Tenant("default", TOKEN)])

@@ -35,6 +35,27 @@ def empty_host(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch
     return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
+IOV_MAX = 512  # buffers per ``sendmsg`` (Linux allows 1024)
+
+
+def byte_view(part: bytes | bytearray | memoryview) -> memoryview:
+    """A flat unsigned-byte view of ``part`` (no copy; no new view when it already is one)."""
+    view = part if isinstance(part, memoryview) else memoryview(part)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def after_sent(views: list[memoryview], sent: int) -> list[memoryview]:
+    """What is left of ``views`` (in order) once a scatter-gather send took their first ``sent`` bytes."""
+    first = 0
+    while first < len(views) and sent >= views[first].nbytes:
+        sent -= views[first].nbytes
+        first += 1
+    rest = views[first:]
+    if sent:
+        rest[0] = rest[0][sent:]
+    return rest
+
+
 def writable_bytes(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
     return memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")

@@ -11,10 +11,12 @@ import gc
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import assert_same_kv, make_kv, make_tokens, tiny_layout
 from kvstore import StoreConfig
-from kvstore.buffers import LARGE_BYTES, BufferPool
+from kvstore.buffers import LARGE_BYTES, BufferPool, after_sent, byte_view, payload_views
 from kvstore.store import KVStore
 
 MIB = 1 << 20
@@ -125,3 +127,37 @@ def test_staging_bytes_zero_keeps_nothing_idle():
         assert _save_layerwise(store, tokens, kv) == len(store.block_keys(tokens))
         assert store.hooks.buffers.idle_bytes == 0
         assert_same_kv(store.get(tokens), kv)
+
+
+@given(st.lists(st.binary(min_size=0, max_size=40), min_size=1, max_size=8), st.data())
+def test_after_sent_leaves_exactly_the_unsent_bytes_in_order(parts, data):
+    whole = b"".join(parts)
+    sent = data.draw(st.integers(0, len(whole)))
+    rest = after_sent([memoryview(p) for p in parts], sent)
+    assert b"".join(rest) == whole[sent:]
+    assert all(view.nbytes for view in rest[:1]) or not rest  # never a leading empty view to resend
+
+
+def test_byte_view_flattens_without_copying():
+    array = bytearray(range(12))
+    shaped = memoryview(array).cast("B", (3, 4))
+    flat = byte_view(shaped)
+    assert flat.ndim == 1 and flat.format == "B" and bytes(flat) == bytes(array)
+    flat[0] = 99
+    assert array[0] == 99
+    plain = memoryview(array)
+    assert byte_view(plain) is plain
+
+
+@pytest.mark.parametrize("start, stop", [(0, 16), (16, 32), (40, 41), (8, 8)])
+def test_payload_views_of_a_token_range_are_its_bytes_in_order_and_write_through(start, stop):
+    kv = torch.randn(3, 2, 48, 2, 8).to(torch.bfloat16)
+    block = kv[:, :, start:stop]
+    views = payload_views(block)
+    assert len(views) in (1, 6)
+    assert b"".join(views) == block.contiguous().view(torch.uint8).numpy().tobytes()
+    for view in views:
+        view[:] = b"\x7f" * len(view)
+    assert (block.view(torch.uint8) == 0x7F).all()
+    untouched = torch.cat([kv[:, :, :start], kv[:, :, stop:]], dim=2)
+    assert not (untouched.view(torch.uint8) == 0x7F).all(dim=-1).any()  # nothing outside the range written

@@ -16,11 +16,9 @@ import ssl
 from collections.abc import Sequence
 from typing import Protocol
 
-from kvstore.buffers import alloc_bytes
+from kvstore.buffers import IOV_MAX, after_sent, alloc_bytes, byte_view
 
 READ_AHEAD_BYTES = 256 << 10
-# Parts of a reply smaller than this are joined into one send.
-_JOIN_BYTES = 64 << 10
 
 Bytes = bytes | bytearray | memoryview
 
@@ -39,23 +37,6 @@ async def read_exact(stream: Stream, num_bytes: int) -> bytearray | memoryview:
     data = alloc_bytes(num_bytes)
     await stream.read_into(memoryview(data))
     return data
-
-
-def _joined(parts: Sequence[Bytes]) -> list[Bytes]:
-    """Consecutive small parts joined, large ones passed as they are (no copy)."""
-    out: list[Bytes] = []
-    small: list[Bytes] = []
-    for part in parts:
-        if len(part) < _JOIN_BYTES:
-            small.append(part)
-            continue
-        if small:
-            out.append(b"".join(small))
-            small = []
-        out.append(part)
-    if small:
-        out.append(b"".join(small))
-    return out
 
 
 class SocketStream:
@@ -91,8 +72,22 @@ class SocketStream:
             got += take
 
     async def write(self, parts: Sequence[Bytes]) -> None:
-        for part in _joined(parts):
-            await self._loop.sock_sendall(self._sock, part)
+        """Send ``parts`` in order, as few ``sendmsg`` calls as the socket's buffer allows (no joining copy)."""
+        views = [view for view in map(byte_view, parts) if view.nbytes]
+        while views:
+            try:
+                views = after_sent(views, self._sock.sendmsg(views[:IOV_MAX]))
+            except (BlockingIOError, InterruptedError):
+                await self._writable()
+
+    async def _writable(self) -> None:
+        ready = self._loop.create_future()
+        fd = self._sock.fileno()
+        self._loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            self._loop.remove_writer(fd)
 
     def close(self) -> None:
         try:

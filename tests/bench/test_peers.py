@@ -34,6 +34,7 @@ def test_each_row_meets_its_peer_in_kvstores_unit_with_the_issues_target():
     assert lookup["peer_value"] == 0.016 and (lookup["better"], lookup["target_factor"]) == ("lower", 4.0)
     assert tcp["peer_value"] == pytest.approx(256 * MIB / 0.4 / 1e9) and tcp["target_factor"] == 2.0
     assert shm["peer_value"] == pytest.approx(256 * MIB / 0.2 / 1e9)
+    assert (tcp["target_factor"], shm["target_factor"]) == (2.0, 1.0)  # each LMCache server has its own bar
     assert disk["peer_value"] is None  # the peer has no such row: reported as not measured
 
 
