@@ -43,6 +43,7 @@ __all__ = [
     "evaluate_codec",
     "ModelCheckSettings",
     "ModelCheck",
+    "canonical_to_cache",
     "QuantoSettings",
     "quanto_quantize",
     "quanto_roundtrip",
@@ -519,11 +520,7 @@ class ModelCheck:
 
     def canonical_to_cache(self, kv: torch.Tensor) -> Any:
         """fp32 ``[batch, L, 2, T, H, D]`` -> a fresh ``DynamicCache`` holding it."""
-        from transformers import DynamicCache
-
-        kv = kv.float().permute(0, 1, 2, 4, 3, 5)  # [B, L, 2, H, T, D]
-        data = [(kv[:, i, 0].contiguous(), kv[:, i, 1].contiguous()) for i in range(kv.shape[1])]
-        return DynamicCache(data, config=self.config)
+        return canonical_to_cache(kv, self.config)
 
     def _continue(self, kv: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -555,6 +552,15 @@ class ModelCheck:
         out = self._compare(self.reference_logits, logits)
         out["kv_rel_err"] = relative_error(self.stored_kv, decoded)
         return {**out, **self.storage_metrics}
+
+
+def canonical_to_cache(kv: torch.Tensor, config: Any) -> Any:
+    """fp32 ``[batch, L, 2, T, H, D]`` -> a fresh transformers ``DynamicCache`` holding it, for ``config``."""
+    from transformers import DynamicCache
+
+    kv = kv.float().permute(0, 1, 2, 4, 3, 5)  # [B, L, 2, H, T, D]
+    data = [(kv[:, i, 0].contiguous(), kv[:, i, 1].contiguous()) for i in range(kv.shape[1])]
+    return DynamicCache(data, config=config)
 
 
 # --------------------------------------------------------------------------- quanto peer

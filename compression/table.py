@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,6 +39,7 @@ class TableSettings:
     repeats: int = 3
     model: bool = True
     peers: bool = True
+    text: "Any" = None  # a text_check.TextCheck: the real model's columns (delta_ppl, top1_text, ...)
 
     def __post_init__(self) -> None:
         for name in ("layers", "heads", "tokens", "head_dim", "repeats"):
@@ -69,13 +71,18 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def _row(name: str, kv: torch.Tensor, stored_bytes: int, decoded: torch.Tensor,
-         roundtrip: Callable[[torch.Tensor], torch.Tensor], check: fidelity.ModelCheck | None) -> dict[str, object]:
-    """Size and fidelity of one codec: ``decoded`` is ``kv`` after it, ``roundtrip`` runs it on the model's KV."""
+         roundtrip: Callable[[torch.Tensor], torch.Tensor], check: fidelity.ModelCheck | None,
+         text: Any = None) -> dict[str, object]:
+    """Size and fidelity of one codec: ``decoded`` is ``kv`` after it, ``roundtrip`` runs it on the models' KV."""
     row: dict[str, object] = {"codec": name, "ratio": kv.numel() * 2 / stored_bytes}
     row.update(fidelity.kv_metrics(kv, decoded))
     if check is not None:
         model = check.run(roundtrip)
         row.update(top1_agree=model["top1_agree"], kl_mean=model["kl_mean"])
+    if text is not None:
+        real = text.run(roundtrip)
+        row.update(delta_ppl=real["delta_ppl"], top1_text=real["top1_agree"], top1_confident=real["top1_confident"],
+                   kl_text=real["kl_mean"])
     return row
 
 
@@ -96,7 +103,8 @@ def codec_table(specs: Sequence[str] = DEFAULT_SPECS, settings: TableSettings | 
         if progress is not None:
             progress(spec)
         frame = codec.encode(kv)
-        row = _row(spec, kv, len(frame), codec.decode(frame), lambda t, c=codec: c.decode(c.encode(t)), check)
+        row = _row(spec, kv, len(frame), codec.decode(frame), lambda t, c=codec: c.decode(c.encode(t)), check,
+                   settings.text)
         with one_thread():
             row["encode_gbps"] = input_bytes / best_seconds(lambda: codec.encode(kv), settings.repeats) / 1e9
             row["decode_gbps"] = input_bytes / best_seconds(lambda: codec.decode(frame), settings.repeats) / 1e9
@@ -121,7 +129,7 @@ def _peer_rows(kv: torch.Tensor, check: fidelity.ModelCheck | None, settings: Ta
         quanto = fidelity.QuantoSettings(bits=bits)
         result = fidelity.quanto_quantize(kv, quanto)
         row = _row(name, kv, result.stored_bytes, result.decoded,
-                   lambda t, q=quanto: fidelity.quanto_quantize(t, q).decoded, check)
+                   lambda t, q=quanto: fidelity.quanto_quantize(t, q).decoded, check, settings.text)
         with one_thread():
             seconds = best_seconds(lambda: fidelity.quanto_quantize(kv, quanto), settings.repeats)
         row["encode_gbps"] = kv.numel() * kv.element_size() / seconds / 1e9  # quantize + dequantize together
@@ -131,12 +139,21 @@ def _peer_rows(kv: torch.Tensor, check: fidelity.ModelCheck | None, settings: Ta
 
 
 def format_table(rows: Sequence[dict[str, object]], context: dict[str, float]) -> str:
-    """A Markdown table of ``rows`` (as ``codec_table`` returns them) with a line on the ceiling."""
-    header = ("| codec | ratio vs 16-bit | K rel err | V rel err | attn cos diffuse | attn cos peaked | "
-              "attn cos min | model top-1 | model KL (nats) | encode GB/s | decode GB/s |")
-    lines = [header, "|" + "---|" * 11]
+    """A Markdown table of ``rows`` (as ``codec_table`` returns them) with a line on the ceiling; the real
+    model's columns (SmolLM2 on real text) first when the rows have them, the synthetic ones beside."""
+    real = any("delta_ppl" in row for row in rows)
+    header = "| codec | ratio vs 16-bit | "
+    if real:
+        header += "SmolLM2 ΔPPL | SmolLM2 top-1 | top-1 where it leads by ≥ 1 nat | SmolLM2 KL (nats) | "
+    header += ("K rel err | V rel err | attn cos diffuse | attn cos peaked | attn cos min | random-model top-1 | "
+               "random-model KL (nats) | encode GB/s | decode GB/s |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         cells = [str(row["codec"]), f"{row['ratio']:.2f}x"]
+        if real:
+            cells += [f"{row['delta_ppl'] * 100:+.2f}%", f"{row['top1_text'] * 100:.1f}%",
+                      f"{row['top1_confident'] * 100:.1f}%", f"{row['kl_text']:.2e}"] if "delta_ppl" in row \
+                else ["-"] * 4
         cells += [f"{row[k]:.4f}" for k in ("k_rel_err", "v_rel_err")]
         cells += [f"{row[k]:.5f}" for k in ("attn_cos_diffuse", "attn_cos_peaked", "attn_cos_min")]
         cells += [f"{row['top1_agree'] * 100:.1f}%" if "top1_agree" in row else "-"]

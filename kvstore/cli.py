@@ -65,14 +65,37 @@ def _cmd_codecs(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"--dtype: expected float16, bfloat16 or float32, got {args.dtype!r}")
+    text, text_line = _text_check(args, dtype)
     settings = TableSettings(layers=args.layers, tokens=args.tokens, dtype=dtype, model=not args.no_model,
-                             peers=not args.no_peers)
+                             peers=not args.no_peers, text=text)
     rows, context = codec_table(specs, settings, progress=lambda name: print(f"measuring {name} ...",
                                                                              file=sys.stderr, flush=True))
+    print(text_line)
     print(f"synthetic KV [{settings.layers}, 2, {settings.tokens}, {settings.heads}, {settings.head_dim}] "
           f"{args.dtype}; model check: {'4-layer random Llama, 4 x 32 positions' if settings.model else 'off'}")
     print(format_table(rows, context))
     return 0
+
+
+def _text_check(args: argparse.Namespace, dtype: object) -> tuple[object | None, str]:
+    """The real model's check when it is here (or ``--real-model`` fetches it), and the line that says so."""
+    from kvstore.models import ModelUnavailable, load_model, smollm2_gguf
+
+    if args.no_real_model:
+        return None, "real model: off (--no-real-model)"
+    try:
+        smollm2_gguf(fetch=args.real_model)
+        model, tokenizer = load_model()
+    except ModelUnavailable as exc:
+        return None, f"real model: not measured ({exc}; kvstore model fetches it, --real-model here)"
+    from kvstore.compression.text_check import TextCheck, TextCheckSettings
+
+    settings = TextCheckSettings(kv_dtype=dtype)
+    print("measuring the real model's exact KV ...", file=sys.stderr, flush=True)
+    return TextCheck(model, tokenizer, settings), (
+        f"real model: SmolLM2-135M-Instruct (fp32 compute) reading CPython's language reference, "
+        f"{settings.sequences} x {settings.prefix_tokens}-token prefixes stored {args.dtype} in "
+        f"{settings.block_tokens}-token blocks, {settings.continuation_tokens}-token continuations scored")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -240,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     codecs.add_argument("--dtype", default="bfloat16", help="float16, bfloat16 or float32 (default bfloat16)")
     codecs.add_argument("--no-model", action="store_true", help="skip the small-model logit check")
     codecs.add_argument("--no-peers", action="store_true", help="skip transformers' quanto cache rows")
+    codecs.add_argument("--real-model", action="store_true",
+                        help="fetch SmolLM2-135M-Instruct if it is not cached (otherwise its columns appear only "
+                             "when it is)")
+    codecs.add_argument("--no-real-model", action="store_true", help="skip the real model's columns")
     codecs.set_defaults(run=_cmd_codecs)
     return parser
 
