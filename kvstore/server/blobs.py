@@ -93,17 +93,18 @@ class BlobStore:
         if disk_bytes > 0:
             path = Path(data_dir)
             self._lock_file = lock_directory(path, "data_dir {path} is in use by another kvstore server")
-        self._arena = Arena(arena_bytes)  # after the lock: a second server on the folder must not fault it in
-        if disk_bytes > 0:
             self._env = lmdb.open(str(path / "blobs.lmdb"), map_size=max(2 * disk_bytes, disk_bytes + (1 << 30)),
                                   max_dbs=2, sync=sync, metasync=sync, readahead=False, max_readers=512)
             self._blobs = self._env.open_db(b"blobs")
             self._meta = self._env.open_db(b"meta")
-            self._stamp = self._load_index()
             self._ops: deque = deque()  # disk writes and deletes in order; bounded through ``backlog_bytes``
             self._backlog = 0
             self._wake = threading.Condition(self._lock)
+            self._stamp = self._load_index()  # may queue deletes: a smaller disk_bytes than last time
             self._writer = threading.Thread(target=self._write_loop, name="kvstore-server-writer", daemon=True)
+        # Last: a server that cannot open its folder or its LMDB environment faults nothing in.
+        self._arena = Arena(arena_bytes)
+        if self._env is not None:
             self._writer.start()
 
     @property
@@ -120,10 +121,11 @@ class BlobStore:
                     stamp, size = _META.unpack(value)
                     records.append((stamp, (namespace.decode(), key), size))
         records.sort()
-        for _, ident, size in records:
-            self._insert(ident, _Entry(size, None, on_disk=True))
-        for ident in self._make_room("", 0, 0):  # the capacity may have shrunk since
-            self._enqueue("del", ident)
+        with self._lock:
+            for _, ident, size in records:
+                self._insert(ident, _Entry(size, None, on_disk=True))
+            for ident in self._make_room("", 0, 0):  # the capacity may have shrunk since
+                self._enqueue("del", ident)
         return records[-1][0] + 1 if records else 0
 
     def _enqueue(self, kind: str, ident: Ident | None, blob: Blob | None = None, entry: _Entry | None = None) -> None:

@@ -126,6 +126,21 @@ def test_data_and_lru_order_survive_a_reopen(tmp_path, open_store):
     assert again.namespace_stats("a")["hits_disk"] == 1
 
 
+def test_a_restart_with_a_smaller_disk_keeps_the_most_recent_blobs(tmp_path, open_store):
+    """Restarting with a smaller ``disk_bytes`` evicts the least recently used blobs at open (it used to
+    crash: the evictions were queued before the writer's queue existed)."""
+    store = open_store(path=tmp_path / "d", disk_blobs=6)
+    put(store, "a", "1", "2", "3", "4", "5")
+    read(store, "a", "1")  # 1 is now the most recent
+    store.close()
+    smaller = open_store(path=tmp_path / "d", disk_blobs=2)
+    assert held(smaller, "a") == ["5", "1"]
+    assert read(smaller, "a", "1") == blob("1") and read(smaller, "a", "2") is None
+    smaller.close()
+    again = open_store(path=tmp_path / "d", disk_blobs=6)  # the evicted blobs are gone from LMDB too
+    assert held(again, "a") == ["5", "1"]
+
+
 def test_ram_keeps_only_the_recent_blobs_once_they_are_on_disk(open_store):
     store = open_store(host_blobs=2, disk_blobs=10)
     put(store, "a", "1", "2", "3", "4")
