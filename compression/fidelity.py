@@ -44,6 +44,7 @@ __all__ = [
     "ModelCheckSettings",
     "ModelCheck",
     "canonical_to_cache",
+    "cache_argument",
     "QuantoSettings",
     "quanto_quantize",
     "quanto_roundtrip",
@@ -524,7 +525,7 @@ class ModelCheck:
 
     def _continue(self, kv: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            out = self.model(input_ids=self.continuation_ids, past_key_values=self.canonical_to_cache(kv),
+            out = self.model(input_ids=self.continuation_ids, **{cache_argument(self.model): self.canonical_to_cache(kv)},
                              use_cache=True)
         return out.logits.float()
 
@@ -552,6 +553,14 @@ class ModelCheck:
         out = self._compare(self.reference_logits, logits)
         out["kv_rel_err"] = relative_error(self.stored_kv, decoded)
         return {**out, **self.storage_metrics}
+
+
+def cache_argument(model: Any) -> str:
+    """The name under which ``model``'s forward takes a KV cache: ``cache`` from transformers 5.2x (where
+    ``past_key_values`` still works but warns), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def canonical_to_cache(kv: torch.Tensor, config: Any) -> Any:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kvstore.compression.fidelity import ModelCheck, canonical_to_cache
+from kvstore.compression.fidelity import ModelCheck, cache_argument, canonical_to_cache
 
 Roundtrip = Callable[[torch.Tensor], torch.Tensor]
 
@@ -89,8 +89,8 @@ class TextCheck:
 
     def _continue(self, kv: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            out = self.model(input_ids=self.continuation_ids, past_key_values=canonical_to_cache(kv, self.model.config),
-                             use_cache=True)
+            cache = canonical_to_cache(kv, self.model.config)
+            out = self.model(input_ids=self.continuation_ids, use_cache=True, **{cache_argument(self.model): cache})
         return out.logits[:, :-1].float()  # position i predicts continuation token i + 1
 
     def _nll(self, logits: torch.Tensor) -> float:

@@ -69,6 +69,7 @@ import torch
 from transformers import DynamicCache
 
 from kvstore import KVLayout, KVStore
+from kvstore.compression.fidelity import cache_argument
 from kvstore.prefetch import PrefetchHandle
 
 Salt = str | bytes | None
@@ -211,6 +212,7 @@ class CachedModel:
         self.salt = salt
         self.save_generated = save_generated
         self.last_info: RequestInfo | None = None
+        self._cache_kwarg = cache_argument(model)  # transformers renamed it; the old name warns
 
     @property
     def device(self) -> torch.device:
@@ -224,8 +226,9 @@ class CachedModel:
         if ids.dim() != 2 or ids.shape[1] < 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"input_ids: expected integer ids [batch, tokens >= 1], "
                              f"got {ids.dtype} {list(ids.shape)}")
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("past_key_values: expected None (the cache is built from the store), got a cache")
+        for name in ("past_key_values", "cache"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name}: expected None (the cache is built from the store), got a cache")
         if kwargs.pop("use_cache", True) is not True:
             raise ValueError("use_cache: expected True (the KV to save comes from the cache), got False")
         mask = kwargs.get("attention_mask")
@@ -349,8 +352,8 @@ class CachedModel:
         hooks = self._time_prefill(info)
         try:
             with torch.no_grad():
-                output = self.model(input_ids=ids[:, info.loaded_tokens:], past_key_values=cache, use_cache=True,
-                                    **model_kwargs)
+                output = self.model(input_ids=ids[:, info.loaded_tokens:], use_cache=True,
+                                    **{self._cache_kwarg: cache}, **model_kwargs)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -380,7 +383,7 @@ class CachedModel:
         cache, info = self._load(ids, salt, prefetch)
         hooks = self._time_prefill(info)
         try:
-            output = self.model.generate(ids, past_key_values=cache, **generate_kwargs)
+            output = self.model.generate(ids, **{self._cache_kwarg: cache}, **generate_kwargs)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -24,6 +24,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from kvstore import KVStore, StoreConfig  # noqa: E402
+from kvstore.compression.fidelity import cache_argument  # noqa: E402
 from kvstore.integrations.transformers import CachedModel, layout_for  # noqa: E402
 from kvstore.models import ModelUnavailable, load_model  # noqa: E402
 
@@ -143,7 +144,8 @@ def test_bf16_hit_equals_the_same_split_computed_without_kvstore(new_store):
     cached.forward(ids[:, :2 * BLOCK])
     out, info = cached.forward(ids)
     assert info.loaded_tokens == 2 * BLOCK
+    cache_kwarg = cache_argument(model)
     with torch.no_grad():  # the same split without kvstore: the prefix, then the rest on its cache
         head = model(ids[:, :2 * BLOCK], use_cache=True)
-        tail = model(ids[:, 2 * BLOCK:], past_key_values=head.past_key_values, use_cache=True)
+        tail = model(ids[:, 2 * BLOCK:], use_cache=True, **{cache_kwarg: head.past_key_values})
     assert torch.equal(out.logits, tail.logits)  # bit-identical: kvstore gave back exactly the KV it stored
