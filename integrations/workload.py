@@ -43,6 +43,21 @@ class WorkloadSettings:
                 raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
 
 
+def schedule(agent_calls: int, rag_requests: int, chats: int, chat_turns: int) -> list[tuple[str, int, int]]:
+    """(kind, index, turn) in arrival order: the three kinds interleaved round-robin."""
+    queues = {
+        AGENT: [(AGENT, i, 0) for i in range(agent_calls)],
+        RAG: [(RAG, i, 0) for i in range(rag_requests)],
+        CHAT: [(CHAT, c, t) for t in range(chat_turns) for c in range(chats)],
+    }
+    order = []
+    while any(queues.values()):
+        for kind in (CHAT, RAG, AGENT):
+            if queues[kind]:
+                order.append(queues[kind].pop(0))
+    return order
+
+
 @dataclass(frozen=True)
 class Request:
     """One request: what kind, a readable name, the prompt token ids, and how many tokens to generate."""
@@ -67,24 +82,9 @@ class Workload:
     def _tokens(self, count: int) -> tuple[int, ...]:
         return tuple(torch.randint(0, self.settings.vocab_size, (count,), generator=self._generator).tolist())
 
-    def _schedule(self) -> list[tuple[str, int, int]]:
-        """(kind, index, turn) in arrival order: the three kinds interleaved round-robin."""
-        s = self.settings
-        queues = {
-            AGENT: [(AGENT, i, 0) for i in range(s.agent_calls)],
-            RAG: [(RAG, i, 0) for i in range(s.rag_requests)],
-            CHAT: [(CHAT, c, t) for t in range(s.chat_turns) for c in range(s.chats)],
-        }
-        order = []
-        while any(queues.values()):
-            for kind in (CHAT, RAG, AGENT):
-                if queues[kind]:
-                    order.append(queues[kind].pop(0))
-        return order
-
     def __iter__(self) -> Iterator[Request]:
         s = self.settings
-        for kind, index, turn in self._schedule():
+        for kind, index, turn in schedule(s.agent_calls, s.rag_requests, s.chats, s.chat_turns):
             if kind == AGENT:
                 yield Request(AGENT, f"agent call {index + 1}", self.system + self._tokens(s.task_tokens), 1)
             elif kind == RAG:

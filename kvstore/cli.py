@@ -101,27 +101,34 @@ def _text_check(args: argparse.Namespace, dtype: object) -> tuple[object | None,
 def _cmd_demo(args: argparse.Namespace) -> int:
     # The demo drives a transformers model: it lives with the integrations, imported only here.
     from tqdm import tqdm
+    from transformers.utils import logging as transformers_logging
 
-    from kvstore.integrations.demo import DemoSettings, run_demo
+    from kvstore.integrations.demo import RANDOM, DemoSettings, build_model, run_demo
     from kvstore.integrations.demo_report import format_report
 
-    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    model = RANDOM if args.random_model else args.model
+    settings = DemoSettings.quick(model) if args.quick else DemoSettings(model=model)
     if args.prefix_tokens is not None:
         settings = dataclasses.replace(settings, prefix_tokens=args.prefix_tokens)
-    steps = 2 * sum(1 for _ in _workload_requests(settings)) + 5 * settings.repeats
+    transformers_logging.disable_progress_bar()  # one progress bar: the demo's
+    steps = 2 + _workload_requests(settings) + 5 * settings.repeats
     with tqdm(total=steps, desc="kvstore demo", unit="step", disable=args.no_progress) as bar:
         def progress(label: str) -> None:
             bar.set_postfix_str(label[:40])
             bar.update()
 
-        figures = run_demo(settings, args.data_dir, progress, chart=not args.no_chart)
+        bar.set_postfix_str("loading the model")
+        bar.refresh()
+        loaded = build_model(settings)
+        progress("model loaded")
+        figures = run_demo(settings, args.data_dir, progress, chart=not args.no_chart, model=loaded)
     print(format_report(figures, settings))
     return 0
 
 
-def _workload_requests(settings):  # noqa: ANN001, ANN202 - counts requests for the progress bar
-    s = settings.workload
-    return range(s.agent_calls + s.rag_requests + s.chats * s.chat_turns)
+def _workload_requests(settings) -> int:  # noqa: ANN001 - counts requests for the progress bar
+    s = settings.workload if settings.model == "random" else settings.text_workload
+    return s.agent_calls + s.rag_requests + s.chats * s.chat_turns
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -204,10 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvstore {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="serve a small random Llama with and without kvstore; print TTFT")
+    demo = commands.add_parser("demo", help="serve a real model (SmolLM2-135M-Instruct, fetched once) with and "
+                                            "without kvstore on real text; print TTFT and the answers")
     demo.add_argument("--data-dir", default=DEFAULT_DEMO_DIR,
                       help=f"local folder for the demo's stores and chart (default {DEFAULT_DEMO_DIR})")
-    demo.add_argument("--quick", action="store_true", help="a tiny model and workload (seconds; for tests)")
+    demo.add_argument("--quick", action="store_true", help="a small workload (seconds; for tests)")
+    demo.add_argument("--model", default="smollm2",
+                      help="smollm2 (default; fetched into the model cache, see kvstore model), or a local folder "
+                           "or hub id of a causal LM")
+    demo.add_argument("--random-model", action="store_true",
+                      help="a small random-initialised Llama and random token ids instead (no model to fetch)")
     demo.add_argument("--prefix-tokens", type=int, help="tokens of the shared-prefix benchmark (default 4096)")
     demo.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -10,9 +10,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from kvstore.cli import main  # noqa: E402
-from kvstore.integrations.demo import DemoSettings, run_demo  # noqa: E402
+from kvstore.integrations.demo import RANDOM, DemoSettings, run_demo  # noqa: E402
 from kvstore.integrations.demo_report import format_report  # noqa: E402
 from kvstore.integrations.workload import AGENT, CHAT, RAG, Workload, WorkloadSettings  # noqa: E402
+from kvstore.models import ModelUnavailable, load_model  # noqa: E402
 
 
 def test_workload_shares_prefixes_the_way_real_traffic_does():
@@ -51,7 +52,7 @@ def test_demo_settings_are_validated():
 
 def test_quick_demo_loads_shared_prefixes_and_writes_a_chart(tmp_path):
     # A slow prefill rate (1 token/s) makes every stored token worth loading: exact counts, whatever the machine.
-    settings = dataclasses.replace(DemoSettings.quick(), prefill_tokens_per_second=1.0)
+    settings = dataclasses.replace(DemoSettings.quick(RANDOM), prefill_tokens_per_second=1.0)
     figures = run_demo(settings, tmp_path)
     timings = figures["timings"]
     assert len(timings) == 6
@@ -74,8 +75,38 @@ def test_quick_demo_loads_shared_prefixes_and_writes_a_chart(tmp_path):
     assert "prefetch hiding" in report and "token hit rate" in report
 
 
-def test_cli_demo_quick(tmp_path, capsys):
-    assert main(["demo", "--quick", "--no-chart", "--no-progress", "--data-dir", str(tmp_path)]) == 0
+def test_cli_demo_quick_random_model(tmp_path, capsys):
+    assert main(["demo", "--quick", "--random-model", "--no-chart", "--no-progress", "--data-dir",
+                 str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "host hit" in out and "prefill tokens saved" in out
+    assert "host hit" in out and "prefill tokens saved" in out and "random-init Llama" in out
     assert not (tmp_path / "ttft.png").exists()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return load_model()
+    except ModelUnavailable as exc:
+        pytest.skip(f"SmolLM2-135M-Instruct is not available here: {exc}")
+
+
+def test_quick_demo_on_the_real_model_answers_the_same_with_and_without_kvstore(tmp_path, smollm2):
+    settings = dataclasses.replace(DemoSettings.quick(), prefill_tokens_per_second=1.0)
+    figures = run_demo(settings, tmp_path, chart=False, model=smollm2)
+    timings = figures["timings"]
+    assert [t.request.name for t in timings] == ["chat 1 turn 1", "rag doc 1 q1", "agent call 1", "chat 1 turn 2",
+                                                 "rag doc 2 q1", "agent call 2"]
+    assert all(t.identical for t in timings)  # greedy fp32: the same tokens with and without a hit
+    assert timings[0].loaded_tokens == 0
+    system_blocks = 272  # the chat template's system turn: 17 whole 16-token blocks every request shares
+    assert all(t.loaded_tokens >= system_blocks for t in timings[1:])
+    assert timings[3].loaded_tokens >= len(timings[0].request.prompt) // 16 * 16  # turn 2 reuses turn 1
+    assert all(t.answer for t in timings)
+    prefix = figures["prefix"]
+    assert all(prefix.loaded_tokens[name] == settings.prefix_tokens for name in list(prefix.ttft)[1:])
+    report = format_report(figures, settings)
+    assert "SmolLM2-135M-Instruct" in report and "6 of 6 identical" in report
+    # memory in proportion to the KV: host RAM sized to what the demo keeps, not a fixed pool
+    kv_bytes = sum(len(t.request.prompt) + t.request.reply_tokens for t in timings) * 30 * 2 * 3 * 64 * 4
+    assert figures["host_bytes"] < 3 * kv_bytes + 64 << 20
