@@ -24,19 +24,19 @@ def int8_bound(x: torch.Tensor) -> torch.Tensor:
     return (absmax / 127 * (1 + 2 * eps) / 2 + absmax * 2 * eps + 1e-30).expand(x.shape)
 
 
-def kivi_bound(x: torch.Tensor, bits: int, group: int = 32, residual: int = 0) -> torch.Tensor:
-    """Per element, the largest error KIVI may make: half a step of its group (plus the dtype's rounding)."""
+def kivi_bound(x: torch.Tensor, bits: int, group: int = 32, residual: int = 0, value_bits: int = 0) -> torch.Tensor:
+    """Per element, the largest error KIVI may make: half a step of its group (plus the dtype's rounding);
+    ``value_bits`` (0: ``bits``) for the values."""
     x5 = (x if x.dim() == 5 else x.unsqueeze(0)).float()
     _, parts, tokens, _, dim = x5.shape
     eps = torch.finfo(x.dtype).eps
-    qmax = (1 << bits) - 1
     tq = max(0, tokens - residual)
     bound = torch.zeros_like(x5)
 
-    def half_step(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    def half_step(lo: torch.Tensor, hi: torch.Tensor, width: int = bits) -> torch.Tensor:
         # the stored minimum rounds down and the scale up by at most a relative eps each
         span = hi - lo + lo.abs() * 2 * eps
-        return span / qmax * (1 + 2 * eps) / 2 + (lo.abs() + hi.abs()) * 2 * eps + 1e-30
+        return span / ((1 << width) - 1) * (1 + 2 * eps) / 2 + (lo.abs() + hi.abs()) * 2 * eps + 1e-30
 
     if tq:
         gk = max(1, min(group, tq))
@@ -48,5 +48,5 @@ def kivi_bound(x: torch.Tensor, bits: int, group: int = 32, residual: int = 0) -
             for start in range(0, dim, gv):
                 g = x5[:, 1:, :tq, :, start:start + gv]  # values: per token over gv channels
                 bound[:, 1:, :tq, :, start:start + gv] = half_step(g.amin(-1, keepdim=True),
-                                                                   g.amax(-1, keepdim=True))
+                                                                   g.amax(-1, keepdim=True), value_bits or bits)
     return bound if x.dim() == 5 else bound[0]

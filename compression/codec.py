@@ -83,6 +83,9 @@ class FrameCodec:
 
     codec_id: ClassVar[int]
     PARAMS: ClassVar[tuple[str, ...]]
+    # Trailing PARAMS added later: written only when not 0 (their default), so that frames which do not use
+    # them keep the layout older frames have, and older frames (without them) still read.
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()
     lossless: ClassVar[bool]
     # Decoded bytes per second on one CPU core, as `kvstore codecs` measured it: the planner's
     # prior for a tier's load cost before the tier has served a read.
@@ -91,12 +94,15 @@ class FrameCodec:
     zstd: int = 0
 
     def params(self) -> tuple[int, ...]:
-        return tuple(getattr(self, name) for name in self.PARAMS)
+        values = [getattr(self, name) for name in self.PARAMS]
+        while len(values) > len(self.PARAMS) - len(self.OPTIONAL) and values[-1] == 0:
+            values.pop()
+        return tuple(values)
 
     @classmethod
     def from_params(cls, values: tuple[int, ...]) -> "FrameCodec":
         """The codec a frame's parameters describe; a ``BadParamsError`` if they are not valid."""
-        if len(values) != len(cls.PARAMS):
+        if not len(cls.PARAMS) - len(cls.OPTIONAL) <= len(values) <= len(cls.PARAMS):
             raise BadParamsError(f"frame: expected {len(cls.PARAMS)} parameters {cls.PARAMS} for codec "
                                  f"{cls.codec_id}, got {len(values)}")
         try:

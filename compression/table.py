@@ -22,7 +22,8 @@ from kvstore.compression import fidelity
 from kvstore.compression.registry import get_codec
 
 DEFAULT_SPECS = ("raw", "zstd", "zstd:level=9", "int8", "kivi4", "kivi4:group=64", "kivi2", "rq4", "rq3", "rq2",
-                 "int8:zstd=3", "kivi2:zstd=3", "rq3:zstd=3")
+                 "int8:zstd=3", "kivi4:group=64,zstd=3", "kivi4:group=128,zstd=3", "kivi4:value_bits=3,zstd=3",
+                 "kivi4:value_bits=2,zstd=3", "kivi2:zstd=3", "rq3:zstd=3")
 COLUMNS = ("codec", "ratio", "k_rel_err", "v_rel_err", "attn_cos_diffuse", "attn_cos_peaked", "attn_cos_min",
            "top1_agree", "kl_mean", "encode_gbps", "decode_gbps")
 
@@ -72,8 +73,9 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 def _row(name: str, kv: torch.Tensor, stored_bytes: int, decoded: torch.Tensor,
          roundtrip: Callable[[torch.Tensor], torch.Tensor], check: fidelity.ModelCheck | None,
-         text: Any = None) -> dict[str, object]:
-    """Size and fidelity of one codec: ``decoded`` is ``kv`` after it, ``roundtrip`` runs it on the models' KV."""
+         text: Any = None, size_of: Callable[[torch.Tensor], int] | None = None) -> dict[str, object]:
+    """Size and fidelity of one codec: ``decoded`` is ``kv`` after it, ``roundtrip`` runs it on the models' KV,
+    ``size_of(block)`` the bytes it keeps for a block of the real model's KV."""
     row: dict[str, object] = {"codec": name, "ratio": kv.numel() * 2 / stored_bytes}
     row.update(fidelity.kv_metrics(kv, decoded))
     if check is not None:
@@ -82,7 +84,7 @@ def _row(name: str, kv: torch.Tensor, stored_bytes: int, decoded: torch.Tensor,
     if text is not None:
         real = text.run(roundtrip)
         row.update(delta_ppl=real["delta_ppl"], top1_text=real["top1_agree"], top1_confident=real["top1_confident"],
-                   kl_text=real["kl_mean"])
+                   kl_text=real["kl_mean"], ratio_text=text.stored_ratio(size_of) if size_of else float("nan"))
     return row
 
 
@@ -104,7 +106,7 @@ def codec_table(specs: Sequence[str] = DEFAULT_SPECS, settings: TableSettings | 
             progress(spec)
         frame = codec.encode(kv)
         row = _row(spec, kv, len(frame), codec.decode(frame), lambda t, c=codec: c.decode(c.encode(t)), check,
-                   settings.text)
+                   settings.text, lambda t, c=codec: len(c.encode(t)))
         with one_thread():
             row["encode_gbps"] = input_bytes / best_seconds(lambda: codec.encode(kv), settings.repeats) / 1e9
             row["decode_gbps"] = input_bytes / best_seconds(lambda: codec.decode(frame), settings.repeats) / 1e9
@@ -129,7 +131,8 @@ def _peer_rows(kv: torch.Tensor, check: fidelity.ModelCheck | None, settings: Ta
         quanto = fidelity.QuantoSettings(bits=bits)
         result = fidelity.quanto_quantize(kv, quanto)
         row = _row(name, kv, result.stored_bytes, result.decoded,
-                   lambda t, q=quanto: fidelity.quanto_quantize(t, q).decoded, check, settings.text)
+                   lambda t, q=quanto: fidelity.quanto_quantize(t, q).decoded, check, settings.text,
+                   lambda t, q=quanto: fidelity.quanto_quantize(t, q).stored_bytes)
         with one_thread():
             seconds = best_seconds(lambda: fidelity.quanto_quantize(kv, quanto), settings.repeats)
         row["encode_gbps"] = kv.numel() * kv.element_size() / seconds / 1e9  # quantize + dequantize together
@@ -142,18 +145,19 @@ def format_table(rows: Sequence[dict[str, object]], context: dict[str, float]) -
     """A Markdown table of ``rows`` (as ``codec_table`` returns them) with a line on the ceiling; the real
     model's columns (SmolLM2 on real text) first when the rows have them, the synthetic ones beside."""
     real = any("delta_ppl" in row for row in rows)
-    header = "| codec | ratio vs 16-bit | "
+    header = "| codec | ratio vs 16-bit (synthetic) | "
     if real:
-        header += "SmolLM2 ΔPPL | SmolLM2 top-1 | top-1 where it leads by ≥ 1 nat | SmolLM2 KL (nats) | "
+        header += ("ratio on SmolLM2's KV | SmolLM2 ΔPPL | SmolLM2 top-1 | top-1 where it leads by ≥ 1 nat | "
+                   "SmolLM2 KL (nats) | ")
     header += ("K rel err | V rel err | attn cos diffuse | attn cos peaked | attn cos min | random-model top-1 | "
                "random-model KL (nats) | encode GB/s | decode GB/s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         cells = [str(row["codec"]), f"{row['ratio']:.2f}x"]
         if real:
-            cells += [f"{row['delta_ppl'] * 100:+.2f}%", f"{row['top1_text'] * 100:.1f}%",
+            cells += [f"{row['ratio_text']:.2f}x", f"{row['delta_ppl'] * 100:+.2f}%", f"{row['top1_text'] * 100:.1f}%",
                       f"{row['top1_confident'] * 100:.1f}%", f"{row['kl_text']:.2e}"] if "delta_ppl" in row \
-                else ["-"] * 4
+                else ["-"] * 5
         cells += [f"{row[k]:.4f}" for k in ("k_rel_err", "v_rel_err")]
         cells += [f"{row[k]:.5f}" for k in ("attn_cos_diffuse", "attn_cos_peaked", "attn_cos_min")]
         cells += [f"{row['top1_agree'] * 100:.1f}%" if "top1_agree" in row else "-"]

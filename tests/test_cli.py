@@ -63,12 +63,27 @@ def test_bench_quick_prints_every_figure_with_its_ceiling(tmp_path):
 
 def test_codecs_prints_a_row_per_codec():
     result = _kvstore("codecs", "--codecs", "raw;int8;rq4", "--tokens", "64", "--layers", "1", "--no-peers",
-                      "--no-model")
+                      "--no-model", "--no-real-model")
     assert result.returncode == 0, result.stderr
+    assert "real model: off" in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["raw", "int8", "rq4"]
     raw = rows[1].split("|")
     assert raw[2].strip() == "1.00x" and raw[3].strip() == "0.0000"  # raw is exact and the same size
+
+
+def test_codecs_shows_the_real_models_columns_when_it_is_cached():
+    from kvstore.models import ModelUnavailable, smollm2_gguf
+    try:
+        smollm2_gguf(fetch=False)
+    except ModelUnavailable:
+        pytest.skip("SmolLM2-135M-Instruct is not cached here (kvstore model fetches it)")
+    result = _kvstore("codecs", "--codecs", "raw;int8", "--tokens", "64", "--layers", "1", "--no-peers", "--no-model")
+    assert result.returncode == 0, result.stderr
+    header, raw, int8 = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ")][:3]
+    assert header[3].strip() == "ratio on SmolLM2's KV" and header[4].strip() == "SmolLM2 ΔPPL"
+    assert raw[3].strip() == "1.00x" and raw[4].strip() == "+0.00%"
+    assert 1.9 < float(int8[3].strip().rstrip("x")) < 2.0 and float(int8[4].strip().rstrip("%")) < 0.5
 
 
 def test_codecs_names_a_bad_codec():

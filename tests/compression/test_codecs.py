@@ -61,7 +61,7 @@ def check_values(name: str, x: torch.Tensor, y: torch.Tensor, codec=None) -> Non
     if isinstance(codec, Int8Codec):
         assert bool((err <= int8_bound(x)).all()), (name, float((err - int8_bound(x)).max()))
     elif isinstance(codec, KiviCodec):
-        bound = kivi_bound(x, codec.bits, codec.group, codec.residual)
+        bound = kivi_bound(x, codec.bits, codec.group, codec.residual, codec.value_bits)
         assert bool((err <= bound).all()), (name, float((err - bound).max()))
     else:
         assert rel_rms(y, x) <= RQ_REL_RMS[codec.bits], (name, rel_rms(y, x))
@@ -633,3 +633,29 @@ def test_lossy_codecs_keep_the_largest_finite_values_finite(spec, dtype):
     assert bool(torch.isfinite(decoded).all())
     if dtype == torch.float16:  # (bf16's max overflows the rotation codecs' float32 norms: finite, not close)
         assert decoded[0, 0, 1, 0, 3] > 0.5 * big and decoded[1, 1, 2, 1, 1] < -0.5 * big
+
+
+@pytest.mark.parametrize("value_bits", [2, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kivi_values_with_their_own_bits(value_bits, dtype):
+    """Keys at 4 bits, values at ``value_bits``: each within its own half step, keys exactly as kivi4 makes them,
+    and the frame as small as the two widths say."""
+    x = kv((2, 2, 64, 2, D), dtype, seed=value_bits)
+    y = round_trip("kivi4", x, value_bits=value_bits)
+    same = get_codec("kivi4")
+    assert torch.equal(bits_of(y[:, 0]), bits_of(same.decode(same.encode(x))[:, 0]))
+    codec = get_codec("kivi4", value_bits=value_bits)
+    grown = len(codec.encode(x)) - len(same.encode(x))
+    assert grown == packed_bytes(x[:, 1].numel(), value_bits) - packed_bytes(x[:, 1].numel(), 4) + 8  # one i64 more
+
+
+def test_kivi_frames_without_value_bits_keep_their_layout():
+    """A frame whose values use the keys' bits has the four parameters frames always had, so frames written
+    before ``value_bits`` existed decode, and new ones decode in the same way."""
+    x = kv((2, 2, 32, 2, D), torch.bfloat16)
+    old_style = get_codec("kivi4").encode(x)
+    assert len(parse_frame(old_style)[0].params) == 4
+    assert len(parse_frame(get_codec("kivi4", value_bits=4).encode(x))[0].params) == 4  # equal to bits: unset
+    assert len(parse_frame(get_codec("kivi4", value_bits=2).encode(x))[0].params) == 5
+    with pytest.raises(ValueError, match="value_bits"):
+        get_codec("kivi4", value_bits=9)
