@@ -20,6 +20,7 @@ import torch
 
 from kvstore.compression import fidelity
 from kvstore.compression.registry import get_codec
+from kvstore.validation import check_counts
 
 DEFAULT_SPECS = ("raw", "zstd", "zstd:level=9", "int8", "kivi4", "kivi4:group=64", "kivi2", "rq4", "rq3", "rq2",
                  "int8:zstd=3", "kivi4:group=64,zstd=3", "kivi4:group=128,zstd=3", "kivi4:value_bits=3,zstd=3",
@@ -43,10 +44,7 @@ class TableSettings:
     text: "Any" = None  # a text_check.TextCheck: the real model's columns (delta_ppl, top1_text, ...)
 
     def __post_init__(self) -> None:
-        for name in ("layers", "heads", "tokens", "head_dim", "repeats"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        check_counts(self, ("layers", "heads", "tokens", "head_dim", "repeats"))
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from kvstore.compression.fidelity import ModelCheck, cache_argument, canonical_to_cache
+from kvstore.validation import check_counts
 
 Roundtrip = Callable[[torch.Tensor], torch.Tensor]
 
@@ -55,10 +56,7 @@ class TextCheckSettings:
     margin_nats: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("sequences", "prefix_tokens", "continuation_tokens", "block_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        check_counts(self, ("sequences", "prefix_tokens", "continuation_tokens", "block_tokens"))
         if self.continuation_tokens < 2:
             raise ValueError(f"continuation_tokens: expected at least 2, got {self.continuation_tokens}")
         if not self.kv_dtype.is_floating_point:

@@ -44,6 +44,7 @@ from kvstore.integrations.demo_texts import TextWorkload, TextWorkloadSettings
 from kvstore.integrations.transformers import CachedModel, layout_for
 from kvstore.integrations.workload import Request, Workload, WorkloadSettings
 from kvstore.models import SMOLLM2, load_model
+from kvstore.validation import check_counts
 
 Progress = Callable[[str], None]
 
@@ -84,11 +85,8 @@ class DemoSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "layers", "heads", "kv_heads", "vocab_size",
-                     "block_tokens", "prefix_tokens", "question_tokens", "repeats", "bare_repeats"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        check_counts(self, ("hidden_size", "intermediate_size", "layers", "heads", "kv_heads", "vocab_size",
+                            "block_tokens", "prefix_tokens", "question_tokens", "repeats", "bare_repeats"))
         if self.hidden_size % self.heads or self.heads % self.kv_heads:
             raise ValueError(f"heads: expected hidden_size % heads == 0 and heads % kv_heads == 0, got "
                              f"hidden_size={self.hidden_size}, heads={self.heads}, kv_heads={self.kv_heads}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvstore.integrations.workload import AGENT, CHAT, RAG, Request, schedule
+from kvstore.validation import check_counts
 
 SYSTEM = (
     "You are the assistant of a team that maintains a Python library used by many services. You answer "
@@ -64,9 +65,7 @@ class TextWorkloadSettings:
     agent_calls: int = 4
 
     def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        check_counts(self, vars(self))
         for name, most in (("agent_calls", len(TASKS)), ("chats", len(CHATS)), ("chat_turns", len(CHATS[0]))):
             if getattr(self, name) > most:
                 raise ValueError(f"{name}: expected at most {most} (the texts written for the demo), "

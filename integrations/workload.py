@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.validation import check_counts
+
 CHAT, RAG, AGENT = "chat", "rag", "agent"
 
 
@@ -37,10 +39,9 @@ class WorkloadSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            least = 0 if name == "seed" else (2 if name == "vocab_size" else 1)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
+        check_counts(self, ("seed",), least=0)
+        check_counts(self, ("vocab_size",), least=2)
+        check_counts(self, (name for name in vars(self) if name not in ("seed", "vocab_size")))
 
 
 def schedule(agent_calls: int, rag_requests: int, chats: int, chat_turns: int) -> list[tuple[str, int, int]]:

@@ -7,6 +7,8 @@ so no tier is ever blamed (and bypassed) for it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from kvstore.layout import KVLayout
@@ -31,3 +33,12 @@ def check_out(layout: KVLayout, out: torch.Tensor, num_tokens: int, name: str = 
     if out.requires_grad:
         raise ValueError(f"{name}: expected a tensor that does not require grad (the store writes into it), "
                          f"got one with requires_grad=True")
+
+
+def check_counts(settings: object, names: Iterable[str], least: int = 1) -> None:
+    """A ``ValueError`` naming the first of ``settings``' fields ``names`` that is not an integer >= ``least``
+    (a bool is not a count)."""
+    for name in names:
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")

@@ -37,10 +37,14 @@ GROUPS: dict[str, tuple[str, float | None]] = {
 }
 
 
-def run_suites(json_path: Path, quick: bool, timeout: float = 1800.0) -> tuple[bool, str]:
-    """``pytest bench/ --benchmark-only --benchmark-json=json_path`` in a subprocess; (ran, output tail)."""
+def run_suites(json_path: Path, quick: bool, timeout: float = 1800.0, select: str | None = None
+               ) -> tuple[bool, str]:
+    """``pytest bench/ --benchmark-only --benchmark-json=json_path`` in a subprocess; (ran, output tail).
+    ``select``: a ``-k`` expression (all suites when None)."""
+    # Absolute: the subprocess runs in bench/, and a relative path would land the JSON there instead.
+    json_path = Path(json_path).resolve()
     cmd = [sys.executable, "-m", "pytest", str(BENCH_DIR), "--benchmark-only", f"--benchmark-json={json_path}",
-           "-p", "no:cacheprovider", "-q", "-x"]
+           "-p", "no:cacheprovider", "-q", "-x"] + (["-k", select] if select else [])
     if quick:
         cmd += ["--benchmark-min-rounds=2", "--benchmark-max-time=0.05"]
     # cwd: bench/, not the repository root, whose kvstore/ folder would shadow the installed package
