@@ -3,12 +3,11 @@
 A buffer the kernel has not backed yet costs a page fault per 4 KiB page on
 first write (zeroing included): receiving a 32 MiB blob into fresh memory
 runs at the speed of growing the process, not of copying bytes. The arena
-is mapped once, at its full ``capacity_bytes``, and a thread faults it in
-slice by slice from the start while the owner already serves
-(``MADV_POPULATE_WRITE``, about 0.7 s per GiB here, three times cheaper
-than writing the pages; on kernels before 5.14, by writing zeros); ``take``
-only hands out extents of slices already faulted in, so the hot path never
-faults and the faulting thread never writes into an extent in use.
+is mapped once, at its full ``capacity_bytes`` (a ``region.HostRegion``),
+and a thread faults it in slice by slice from the start while the owner
+already serves; ``take`` only hands out extents of slices already faulted
+in, so the hot path never faults and the faulting thread never writes into
+an extent in use.
 
 An extent goes back to the arena when the last view of it is gone (a weak
 finalizer on the extent's array, whichever thread drops it), never while a
@@ -22,16 +21,13 @@ from __future__ import annotations
 
 import bisect
 import logging
-import mmap
 import threading
 import weakref
 from collections import deque
 
-import numpy as np
+from kvstore.region import PAGE_BYTES, HostRegion
 
-PAGE_BYTES = mmap.PAGESIZE
 FAULT_SLICE_BYTES = 64 << 20  # faulted in per step of the background thread
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14; Python names it from 3.13
 log = logging.getLogger(__name__)
 
 
@@ -52,12 +48,8 @@ class Arena:
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
             raise ValueError(f"capacity_bytes: expected an integer >= 0, got {capacity_bytes!r}")
         self.capacity_bytes = capacity_bytes - capacity_bytes % PAGE_BYTES
-        self._map = mmap.mmap(-1, self.capacity_bytes) if self.capacity_bytes else None
-        self._region = (np.frombuffer(self._map, dtype=np.uint8) if self._map is not None
-                        else np.empty(0, dtype=np.uint8))
-        self._populate = self._map is not None and hasattr(self._map, "madvise")
-        if self._populate:
-            self._map.madvise(mmap.MADV_HUGEPAGE)  # fewer faults where the kernel has huge pages to give
+        self._memory = HostRegion(self.capacity_bytes)
+        self._region = self._memory.array
         self._lock = threading.Lock()
         self._starts: list[int] = []  # free extents' starts, sorted
         self._free: dict[int, int] = {}  # start -> bytes, free and faulted in
@@ -77,13 +69,7 @@ class Arena:
         done = 0
         while done < self.capacity_bytes and not self._stop.is_set():
             end = min(done + FAULT_SLICE_BYTES, self.capacity_bytes)
-            if self._populate:
-                try:
-                    self._map.madvise(_MADV_POPULATE_WRITE, done, end - done)
-                except OSError:  # an older kernel
-                    self._populate = False
-            if not self._populate:
-                self._region[done:end].fill(0)  # nobody holds these pages yet: writing them is safe
+            self._memory.fault_in(done, end)  # nobody holds these pages yet
             with self._lock:
                 self._release(done, end - done)
                 self.faulted_bytes = end

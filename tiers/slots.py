@@ -3,7 +3,12 @@
 The host-RAM tier and the device (HBM) tier are both this pool; they differ
 only in where the pool lives and how bytes get in and out of it (see
 ``tiers/host.py`` and ``tiers/device.py``). The pool is allocated once at
-start and every page touched then, so the hot path never allocates or faults.
+start. In plain host memory it is mapped at once and a background thread
+faults it in slice by slice (``kvstore/region.py``), handing each slice's
+slots out once it is done, so a store of any size opens at once and, once
+warm, the hot path never faults; a put that comes before its slot's slice
+takes the next unfaulted slot and faults those pages itself. Pinned and
+device pools are written through once at start.
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ import torch
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
 from kvstore.pending import PendingBlock
+from kvstore.region import HostRegion
 from kvstore.tiers.base import TIER_COUNTERS, Capability, EvictCallback, tier_stats
+
+
+_FAULT_SLICE_BYTES = 64 << 20  # faulted in per step of the fault thread
 
 
 @dataclass
@@ -56,14 +65,48 @@ class SlotTier:
                 f"{layout.block_bytes} bytes, got {capacity_bytes}"
             )
         numel = self._slots * layout.block_bytes // layout.element_bytes
-        pool = torch.empty(numel, dtype=layout.dtype, device=device, pin_memory=pin_memory)
-        pool.view(torch.uint8).zero_()  # fault every page in now, not on the hot path
+        self._region: HostRegion | None = None
+        if device.type == "cpu" and not pin_memory and self._slots:
+            self._region = HostRegion(self._slots * layout.block_bytes)
+            pool = torch.from_numpy(self._region.array).view(layout.dtype)
+        else:
+            pool = torch.empty(numel, dtype=layout.dtype, device=device, pin_memory=pin_memory)
+            pool.view(torch.uint8).zero_()  # fault every page in now, not on the hot path
         self._pool = pool.view(self._slots, layout.block_bytes // layout.element_bytes)
         self.on_evict = on_evict
         self._lock = threading.Lock()
+        self._faulted = threading.Condition(self._lock)  # a slice's slots became free
         self._index: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU first
-        self._free = list(range(self._slots - 1, -1, -1))
+        self._free: list[int] = []
+        self._fresh = 0  # slots [_fresh, _slots) are neither faulted in nor handed out
+        self._faulting = False  # the fault thread holds a slice it is about to free
         self._counters = Counters(*TIER_COUNTERS)
+        self._stop = threading.Event()
+        self._fault_thread: threading.Thread | None = None
+        if self._region is None:
+            self._free, self._fresh = list(range(self._slots - 1, -1, -1)), self._slots
+        elif self._slots:
+            self._fault_thread = threading.Thread(target=self._fault_in, name=f"kvstore-{self.name}-fault",
+                                                  daemon=True)
+            self._fault_thread.start()
+
+    def _fault_in(self) -> None:
+        """The fault thread: claim the next slice of slots, fault it in, hand its slots out."""
+        per_slice = max(1, _FAULT_SLICE_BYTES // self.layout.block_bytes)
+        while not self._stop.is_set():
+            with self._lock:
+                start = self._fresh
+                if start >= self._slots:
+                    return
+                self._fresh = end = min(start + per_slice, self._slots)
+                self._faulting = True
+            try:
+                self._region.fault_in(start * self.layout.block_bytes, end * self.layout.block_bytes)
+            finally:
+                with self._lock:
+                    self._free.extend(range(end - 1, start - 1, -1))
+                    self._faulting = False
+                    self._faulted.notify_all()
 
     # -- copies (overridden where they can run asynchronously) -------------------
 
@@ -107,6 +150,13 @@ class SlotTier:
 
     def _take_slot(self) -> tuple[int, tuple[bytes, _Entry] | None] | None:
         """Under the lock: a free slot, or the LRU unpinned block's slot (removed from the index)."""
+        if self._free:
+            return self._free.pop(), None
+        if self._fresh < self._slots:  # ahead of the fault thread: this put faults the slot's pages itself
+            self._fresh += 1
+            return self._fresh - 1, None
+        while self._faulting and not self._free:  # slots about to be free: evict nothing for want of them
+            self._faulted.wait()
         if self._free:
             return self._free.pop(), None
         for key, entry in self._index.items():
@@ -257,7 +307,10 @@ class SlotTier:
         return tier_stats(self._counters, blocks, blocks * self.layout.block_bytes, self.capacity_bytes)
 
     def close(self) -> None:
-        """Forget every block (the pool is freed with the object)."""
+        """Stop faulting in and forget every block (the pool is freed with the object)."""
+        self._stop.set()
+        if self._fault_thread is not None:
+            self._fault_thread.join()
         with self._lock:
             self._index.clear()
-            self._free = list(range(self._slots - 1, -1, -1))
+            self._free, self._fresh = list(range(self._slots - 1, -1, -1)), self._slots

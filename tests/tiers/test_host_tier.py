@@ -227,3 +227,37 @@ def test_write_back_on_close(make_store, layout, reader_host_bytes):
     assert reader.lookup(tokens) == 40 and reader.lookup(other) == 5
     assert_same_kv(reader.get(tokens), kv)
     assert_same_kv(reader.get(other), other_kv)
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_a_pool_still_faulting_in_stores_every_block_and_evicts_in_exact_order(layout, attempt, monkeypatch):
+    """The pool is faulted in by a background thread: puts that come first take slots of their own (and fault
+    them), nothing is evicted while any slot is still unused or being faulted in, and then eviction is exactly
+    least recent. Each slice is made slow (2 ms) so that the puts race the fault thread through all of them."""
+    import threading
+    import time
+
+    import kvstore.tiers.slots as slots
+    from kvstore.region import HostRegion
+
+    real_fault_in = HostRegion.fault_in
+
+    def slow_fault_in(region, start, end):
+        time.sleep(0.002)
+        real_fault_in(region, start, end)
+    monkeypatch.setattr(HostRegion, "fault_in", slow_fault_in)
+    monkeypatch.setattr(slots, "_FAULT_SLICE_BYTES", 3 * layout.block_bytes)
+    tier = HostTier(layout, 40 * layout.block_bytes, pin_memory=False)
+    keys = [i.to_bytes(32, "little") for i in range(41)]
+    kv = {key: make_kv(layout, 16, seed=attempt * 100 + i) for i, key in enumerate(keys)}
+    for i, key in enumerate(keys[:40]):
+        assert tier.put(key, kv[key])
+        if i % 7 == attempt:
+            time.sleep(0.003)  # let the fault thread hand a slice out in the middle of the puts
+    assert tier.stats()["evictions"] == 0  # 40 slots, 40 blocks: the fault thread never forced one out
+    assert tier.put(keys[40], kv[keys[40]])
+    assert tier.stats()["evictions"] == 1 and not tier.contains(keys[0])
+    for key in keys[1:]:
+        assert_same_kv(_read(tier, layout, key), kv[key])
+    tier.close()
+    assert not any(t.name == "kvstore-host-fault" for t in threading.enumerate())
