@@ -65,6 +65,10 @@ def _cmd_codecs(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"--dtype: expected float16, bfloat16 or float32, got {args.dtype!r}")
+    from kvstore.compression.registry import get_codec
+
+    for spec in specs:  # a bad spec fails before the real model is loaded
+        get_codec(spec)
     text, text_line = _text_check(args, dtype)
     settings = TableSettings(layers=args.layers, tokens=args.tokens, dtype=dtype, model=not args.no_model,
                              peers=not args.no_peers, text=text)

@@ -136,3 +136,26 @@ def make_store(tmp_path, layout):
     yield factory
     for store in stores:
         store.close()
+
+
+_REAL_MODELS: dict[torch.dtype, tuple | str] = {}
+
+
+def real_model(dtype: torch.dtype = torch.float32) -> tuple:
+    """(model, tokenizer) of SmolLM2-135M-Instruct in ``dtype``, loaded once per test session (through
+    ``kvstore.models.load_model``, which fetches it into the model cache the first time); the calling test is
+    skipped, with the reason, where it cannot be had (and the attempt is not repeated)."""
+    if dtype not in _REAL_MODELS and dtype != torch.float32:  # a cast of the fp32 one: no second GGUF load
+        import copy
+        model, tokenizer = real_model(torch.float32)
+        _REAL_MODELS[dtype] = (copy.deepcopy(model).to(dtype), tokenizer)
+    if dtype not in _REAL_MODELS:
+        from kvstore.models import ModelUnavailable, load_model
+        try:
+            _REAL_MODELS[dtype] = load_model(dtype=dtype)
+        except ModelUnavailable as exc:
+            _REAL_MODELS[dtype] = f"SmolLM2-135M-Instruct is not available here: {exc}"
+    loaded = _REAL_MODELS[dtype]
+    if isinstance(loaded, str):
+        pytest.skip(loaded)
+    return loaded

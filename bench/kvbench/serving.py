@@ -34,7 +34,7 @@ import torch
 
 from kvbench.workloads import Arrival
 from kvstore import KVStore, StoreConfig
-from kvstore.integrations.demo import DemoSettings, build_model
+from kvstore.integrations.demo import RANDOM, DemoSettings, build_model
 from kvstore.integrations.transformers import CachedModel, layout_for
 
 Progress = Callable[[str], None]
@@ -49,7 +49,8 @@ class ServingSettings:
     where the blocks host RAM cannot keep go.
     """
 
-    model: DemoSettings = field(default_factory=DemoSettings)
+    # The demo's random-initialised Llama in bf16: the workloads are random token ids.
+    model: DemoSettings = field(default_factory=lambda: DemoSettings(model=RANDOM, dtype="bfloat16"))
     block_tokens: int = 256
     host_bytes: str = "24MiB"
     disk_bytes: str = "2GiB"
@@ -59,7 +60,7 @@ class ServingSettings:
     @classmethod
     def quick(cls) -> "ServingSettings":
         """Seconds, not minutes: the demo's tiny model and 16-token blocks."""
-        return cls(model=DemoSettings.quick(), block_tokens=16, host_bytes="1MiB", disk_bytes="64MiB",
+        return cls(model=DemoSettings.quick(RANDOM), block_tokens=16, host_bytes="1MiB", disk_bytes="64MiB",
                    server_bytes="64MiB")
 
 
@@ -154,7 +155,7 @@ def opened(name: str, settings: ServingSettings, model: Any, data: Path, remote:
 def run_serving(workloads: dict[str, list[Arrival]], configs: Sequence[str], settings: ServingSettings,
                 data_dir: Path, remote: Any, progress: Progress) -> list[dict]:
     """Every workload on every configuration: the ``workloads`` section of the report's results."""
-    model = build_model(settings.model)
+    model, _ = build_model(settings.model)
     warm_up(model, settings)
     results = []
     for workload, arrivals in workloads.items():

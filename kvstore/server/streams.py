@@ -40,7 +40,7 @@ async def read_exact(stream: Stream, num_bytes: int) -> bytearray | memoryview:
 
 
 class SocketStream:
-    """A non-blocking socket driven by the event loop's ``sock_recv_into`` / ``sock_sendall``."""
+    """A non-blocking socket: reads through the event loop's ``sock_recv_into``, replies with ``sendmsg``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket):
         self._loop = loop

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from kvstore.compression.registry import get_codec  # noqa: E402
 from kvstore.compression.text_check import TextCheck, TextCheckSettings, reference_text  # noqa: E402
-from kvstore.models import ModelUnavailable, load_model  # noqa: E402
+from conftest import real_model  # noqa: E402
 
 SETTINGS = TextCheckSettings(sequences=2, prefix_tokens=512, continuation_tokens=128)
 # codec -> (most ΔPPL, least top-1 where the exact model leads by >= 1 nat), measured on SETTINGS with margin.
@@ -26,12 +26,12 @@ BOUNDS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _check() -> TextCheck:
-    try:
-        model, tokenizer = load_model()
-    except ModelUnavailable as exc:
-        pytest.skip(f"SmolLM2-135M-Instruct is not available here: {exc}")
+def _built(model: object, tokenizer: object) -> TextCheck:
     return TextCheck(model, tokenizer, SETTINGS)
+
+
+def _check() -> TextCheck:
+    return _built(*real_model())
 
 
 def test_the_text_ships_with_python_and_is_long_enough():

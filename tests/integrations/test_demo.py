@@ -13,7 +13,7 @@ from kvstore.cli import main  # noqa: E402
 from kvstore.integrations.demo import RANDOM, DemoSettings, run_demo  # noqa: E402
 from kvstore.integrations.demo_report import format_report  # noqa: E402
 from kvstore.integrations.workload import AGENT, CHAT, RAG, Workload, WorkloadSettings  # noqa: E402
-from kvstore.models import ModelUnavailable, load_model  # noqa: E402
+from conftest import real_model  # noqa: E402
 
 
 def test_workload_shares_prefixes_the_way_real_traffic_does():
@@ -83,12 +83,9 @@ def test_cli_demo_quick_random_model(tmp_path, capsys):
     assert not (tmp_path / "ttft.png").exists()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def smollm2():
-    try:
-        return load_model()
-    except ModelUnavailable as exc:
-        pytest.skip(f"SmolLM2-135M-Instruct is not available here: {exc}")
+    return real_model()
 
 
 def test_quick_demo_on_the_real_model_answers_the_same_with_and_without_kvstore(tmp_path, smollm2):

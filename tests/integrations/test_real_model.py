@@ -16,7 +16,6 @@ reason.
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 from kvstore import KVStore, StoreConfig  # noqa: E402
 from kvstore.compression.fidelity import cache_argument  # noqa: E402
 from kvstore.integrations.transformers import CachedModel, layout_for  # noqa: E402
-from kvstore.models import ModelUnavailable, load_model  # noqa: E402
+from conftest import real_model  # noqa: E402
 
 BLOCK = 16
 FP32_TOL = 1e-4
@@ -36,12 +35,8 @@ TEXT = ("The cache keeps the keys and values of every prompt it has seen, so tha
         "of hashes up before they compute anything.")
 
 
-@functools.lru_cache(maxsize=None)
 def _model(dtype: torch.dtype):
-    try:
-        model, tokenizer = load_model(dtype=dtype)
-    except ModelUnavailable as exc:
-        pytest.skip(f"SmolLM2-135M-Instruct is not available here: {exc}")
+    model, tokenizer = real_model(dtype)
     model.config._attn_implementation = "sdpa"
     return model, tokenizer
 
