@@ -78,9 +78,7 @@ def test_a_shared_tier_alone_is_a_store():
 def test_the_server_process_keeps_freed_blocks_for_lmdb_to_reuse():
     """``kvstore serve`` raises glibc's mmap threshold so LMDB's per-commit page buffers are reused (a fresh
     mapping per 32 MiB commit faults in 8,192 pages); done in a child process, as the server does it."""
-    import subprocess
-    import sys
-    done = subprocess.run([sys.executable, "-c", "from kvstore.server.serve import keep_freed_memory; "
-                                                 "print(keep_freed_memory(256 << 20))"],
-                          capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "True"
+    from conftest import run_python
+
+    out = run_python("from kvstore.server.serve import keep_freed_memory; print(keep_freed_memory(256 << 20))")
+    assert out.strip() == "True"
