@@ -64,9 +64,10 @@ class CacheServer:
     def __init__(self, config: ServerConfig, tenants: list[Tenant], open_namespace: str | None = None):
         self.config = config
         self.auth = Authenticator(tenants, open_namespace)
-        # What RAM may hold: the recent blobs, and with a disk the blobs queued for it (one frame past the bound).
-        arena_bytes = config.host_bytes + (config.write_backlog_bytes + config.max_frame_bytes
-                                           if config.disk_bytes else 0) if config.preallocate else 0
+        # What RAM holds: the recent blobs and, with a disk, the blobs queued for it (up to the backlog bound and
+        # one frame, counted here up to host_bytes again: past that, a backlog that deep allocates as before).
+        queued = min(config.write_backlog_bytes + config.max_frame_bytes, config.host_bytes) if config.disk_bytes else 0
+        arena_bytes = config.host_bytes + queued if config.preallocate else 0
         self.store = BlobStore(config.data_dir, config.host_bytes, config.disk_bytes, self.auth.quota_of,
                                sync=config.disk_sync, arena_bytes=arena_bytes)
         self.metrics = ServerMetrics(self.store, config.metrics_namespaces)

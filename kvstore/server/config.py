@@ -59,7 +59,8 @@ class ServerConfig:
     - ``data_dir``: the LMDB environment, the default token and the lock;
       ``host_bytes``: RAM for the most recently used blocks;
       ``disk_bytes``: the LMDB tier (0: memory only); ``preallocate``: take
-      that RAM (plus, with a disk, the write backlog and one frame) at start
+      that RAM (plus, with a disk, the write backlog and one frame, at most
+      ``host_bytes`` more) at start
       and fault it in on a background thread, so a PUT receives into memory
       that is ready instead of growing the process; ``disk_sync``: fsync
       every commit; ``durable``: acknowledge a PUT only once it is on disk
