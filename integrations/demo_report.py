@@ -72,9 +72,9 @@ def format_report(figures: dict[str, Any], settings: Any) -> str:
                      f"hit, {prefix.load[PREFETCHED] / prefix.load[DISK_HIT]:.2f}x that of a plain disk hit "
                      f"(queue wait {settings.queue_wait_seconds:.2f} s)")
         if prefix.ttft[PREFETCHED] > prefix.ttft[DISK_HIT]:
-            lines.append("  (its TTFT is above the plain disk hit's: the load is not what differs, the prefill of "
-                         "the question is; on two cores the prefetch thread's copies still running when the "
-                         "request starts compete with it)")
+            lines.append("  (its TTFT is above the plain disk hit's: on two cores, the prefetch's copies still "
+                         "running when the request starts compete with its load and its prefill; with the prefix "
+                         "already up, the engine's load is a host hit's)")
     if figures.get("chart"):
         lines.append(f"chart: {figures['chart']}")
     return "\n".join(lines)
