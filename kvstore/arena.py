@@ -20,7 +20,6 @@ never fails them.
 from __future__ import annotations
 
 import bisect
-import logging
 import threading
 import weakref
 from collections import deque
@@ -28,7 +27,6 @@ from collections import deque
 from kvstore.region import PAGE_BYTES, HostRegion
 
 FAULT_SLICE_BYTES = 64 << 20  # faulted in per step of the background thread
-log = logging.getLogger(__name__)
 
 
 def _pages(num_bytes: int) -> int:
@@ -49,7 +47,6 @@ class Arena:
             raise ValueError(f"capacity_bytes: expected an integer >= 0, got {capacity_bytes!r}")
         self.capacity_bytes = capacity_bytes - capacity_bytes % PAGE_BYTES
         self._memory = HostRegion(self.capacity_bytes)
-        self._region = self._memory.array
         self._lock = threading.Lock()
         self._starts: list[int] = []  # free extents' starts, sorted
         self._free: dict[int, int] = {}  # start -> bytes, free and faulted in
@@ -88,7 +85,7 @@ class Arena:
             if extent > size:
                 self._insert(start + size, extent - size)
             self.taken_bytes += size
-        array = self._region[start:start + size]
+        array = self._memory.array[start:start + size]
         finalizer = weakref.finalize(array, self._returned.append, (start, size))
         finalizer.atexit = False
         return memoryview(array)[:num_bytes]

@@ -159,3 +159,27 @@ def real_model(dtype: torch.dtype = torch.float32) -> tuple:
     if isinstance(loaded, str):
         pytest.skip(loaded)
     return loaded
+
+
+@contextmanager
+def model_stores(block_tokens: int, host_bytes: str) -> Iterator:
+    """A factory of stores for a transformers model (its layout, ``block_tokens``-token blocks, ``host_bytes`` of
+    host RAM unless given; a slow prefill rate, 1 token/s, so every stored token is worth loading: exact counts,
+    whatever the machine); every store it made is closed on exit."""
+    from kvstore import KVStore, StoreConfig
+    from kvstore.integrations.transformers import layout_for
+
+    stores = []
+
+    def factory(model, **config):
+        config.setdefault("host_bytes", host_bytes)
+        config.setdefault("prefill_tokens_per_second", 1.0)
+        store = KVStore(layout_for(model, block_tokens=block_tokens), StoreConfig(**config))
+        stores.append(store)
+        return store
+
+    try:
+        yield factory
+    finally:
+        for store in stores:
+            store.close()

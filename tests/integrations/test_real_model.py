@@ -22,10 +22,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from kvstore import KVStore, StoreConfig  # noqa: E402
 from kvstore.compression.fidelity import cache_argument  # noqa: E402
-from kvstore.integrations.transformers import CachedModel, layout_for  # noqa: E402
-from conftest import real_model  # noqa: E402
+from kvstore.integrations.transformers import CachedModel  # noqa: E402
+from conftest import model_stores, real_model  # noqa: E402
 
 BLOCK = 16
 FP32_TOL = 1e-4
@@ -47,19 +46,9 @@ def smollm2():
 
 
 @pytest.fixture
-def new_store(tmp_path):
-    stores = []
-
-    def factory(model, **config):
-        config.setdefault("host_bytes", "32MiB")
-        config.setdefault("prefill_tokens_per_second", 1.0)  # every stored token is worth loading
-        store = KVStore(layout_for(model, block_tokens=BLOCK), StoreConfig(**config))
-        stores.append(store)
-        return store
-
-    yield factory
-    for store in stores:
-        store.close()
+def new_store():
+    with model_stores(BLOCK, "32MiB") as factory:
+        yield factory
 
 
 def _ids(tokenizer, length: int | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import run_python  # noqa: E402
+from conftest import model_stores, run_python  # noqa: E402
 from kvstore import KVLayout, KVStore, StoreConfig  # noqa: E402
 from kvstore.integrations.transformers import (  # noqa: E402
     CachedModel,
@@ -72,19 +72,8 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture
 def new_store():
-    stores = []
-
-    def factory(model, **config):
-        config.setdefault("host_bytes", "4MiB")
-        # A slow prefill (1 token/s) makes every stored token worth loading: exact counts, whatever the machine.
-        config.setdefault("prefill_tokens_per_second", 1.0)
-        store = KVStore(layout_for(model, block_tokens=BLOCK), StoreConfig(**config))
-        stores.append(store)
-        return store
-
-    yield factory
-    for store in stores:
-        store.close()
+    with model_stores(BLOCK, "4MiB") as factory:
+        yield factory
 
 
 def test_layout_for_reads_heads_head_dim_and_dtype():
