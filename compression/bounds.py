@@ -50,3 +50,41 @@ def kivi_bound(x: torch.Tensor, bits: int, group: int = 32, residual: int = 0, v
                 bound[:, 1:, :tq, :, start:start + gv] = half_step(g.amin(-1, keepdim=True),
                                                                    g.amax(-1, keepdim=True), value_bits or bits)
     return bound if x.dim() == 5 else bound[0]
+
+
+def ec_bound(x: torch.Tensor, key_step: int = 250, value_step: int = 500, key_power: int = 500,
+             sinks: int = 1) -> torch.Tensor:
+    """Per element, the largest error ``ec`` may make (see ``kvstore.compression.entropy``).
+
+    Keys: half the channel's step, the step taken from the spread around the
+    mean and the largest deviation, each widened by the stored mean's
+    rounding. Values are coded in a rotated basis, so per vector: half a step
+    times sqrt(D) (the whole error of the vector in one element at worst),
+    the step at most ``max(value_step / 1000 * rms, |x| / 127)``. The first
+    ``sinks`` tokens: 0. Plus the dtype's rounding of the step and of the
+    result, and float32 rounding of the rotations.
+    """
+    x5 = (x if x.dim() == 5 else x.unsqueeze(0)).float()
+    _, parts, tokens, _, dim = x5.shape
+    eps = torch.finfo(x.dtype).eps
+    s = min(sinks, tokens)
+    bound = torch.zeros_like(x5)
+    if s == tokens:
+        return bound if x.dim() == 5 else bound[0]
+    keys = x5[:, 0, s:]
+    mean = keys.mean(1, keepdim=True)
+    slack = mean.abs() * 2 * eps
+    dev = keys - mean
+    spread = dev.square().mean(1, keepdim=True).sqrt() + slack
+    head = spread.square().mean(-1, keepdim=True).sqrt()
+    power = key_power / 1000
+    step = torch.maximum(key_step / 1000 * spread.pow(power) * head.pow(1 - power),
+                         (dev.abs().amax(1, keepdim=True) + slack) / 127)
+    bound[:, 0, s:] = (step * (1 + 4 * eps) / 2 + slack + keys.abs() * 2 * eps + 1e-6 * spread.amax()
+                       ).expand(keys.shape)
+    if parts > 1:
+        values = x5[:, 1:, s:]
+        norm = values.norm(dim=-1, keepdim=True)
+        step = torch.maximum(value_step / 1000 * norm / dim ** 0.5, norm / 127) * (1 + 4 * eps)
+        bound[:, 1:, s:] = (step * dim ** 0.5 / 2 + values.abs() * 2 * eps + norm * 1e-5).expand(values.shape)
+    return bound if x.dim() == 5 else bound[0]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from kvstore.compression.codec import FrameCodec
+from kvstore.compression.entropy import EntropyCodec
 from kvstore.compression.frame import FrameHeader, UnknownCodecError, parse_frame
 from kvstore.compression.lossless import RawCodec, ZstdCodec
 from kvstore.compression.quant import Int8Codec, KiviCodec
@@ -19,7 +20,7 @@ from kvstore.compression.rotation import RotationCodec
 
 # Frame codec id -> class; ids are on disk: never renumber, only append.
 CODEC_CLASSES: dict[int, type[FrameCodec]] = {
-    cls.codec_id: cls for cls in (RawCodec, ZstdCodec, Int8Codec, KiviCodec, RotationCodec)
+    cls.codec_id: cls for cls in (RawCodec, ZstdCodec, Int8Codec, KiviCodec, RotationCodec, EntropyCodec)
 }
 
 # Names a config may use -> factory (taking the spec's parameters).
@@ -32,6 +33,7 @@ CODECS: dict[str, Callable[..., FrameCodec]] = {
     "rq4": functools.partial(RotationCodec, bits=4),
     "rq3": functools.partial(RotationCodec, bits=3),
     "rq2": functools.partial(RotationCodec, bits=2),
+    "ec": EntropyCodec,
 }
 
 

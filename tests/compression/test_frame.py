@@ -173,7 +173,7 @@ def test_other_versions_are_refused_before_the_checksum(version, fix):
 # -- codec id, dtype id --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("codec_id", [5, 99, 255])
+@pytest.mark.parametrize("codec_id", [6, 99, 255])
 def test_unknown_codec_id(codec_id):
     assert codec_id not in CODEC_CLASSES
     frame = edited(frame_of(), CODEC, codec_id)
