@@ -53,20 +53,19 @@ def kivi_bound(x: torch.Tensor, bits: int, group: int = 32, residual: int = 0, v
 
 
 def ec_bound(x: torch.Tensor, key_step: int = 250, value_step: int = 500, key_power: int = 500,
-             sinks: int = 1) -> torch.Tensor:
+             sinks: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per element, the largest error ``ec`` may make (see ``kvstore.compression.entropy``).
 
     Keys: half the channel's step, the step taken from the spread around the
     mean and the largest deviation, each widened by the stored mean's
-    rounding. Values are coded in a rotated basis, so per vector: half a step
-    times sqrt(D) (the whole error of the vector in one element at worst),
-    the step at most ``max(value_step / 1000 * rms, |x| / 127)``. The first
-    ``sinks`` tokens: 0. Plus the dtype's rounding of the step and of the
-    result, and float32 rounding of the rotations.
+    rounding. Values: half the vector's step, ``max(value_step / 1000 * rms,
+    absmax / 127)``. The first
+    ``sinks`` tokens: 0. Plus the rounding of ``dtype`` (the stored one,
+    default ``x``'s) of the step and of the result.
     """
     x5 = (x if x.dim() == 5 else x.unsqueeze(0)).float()
     _, parts, tokens, _, dim = x5.shape
-    eps = torch.finfo(x.dtype).eps
+    eps = torch.finfo(dtype or x.dtype).eps
     s = min(sinks, tokens)
     bound = torch.zeros_like(x5)
     if s == tokens:
@@ -84,7 +83,7 @@ def ec_bound(x: torch.Tensor, key_step: int = 250, value_step: int = 500, key_po
                        ).expand(keys.shape)
     if parts > 1:
         values = x5[:, 1:, s:]
-        norm = values.norm(dim=-1, keepdim=True)
-        step = torch.maximum(value_step / 1000 * norm / dim ** 0.5, norm / 127) * (1 + 4 * eps)
-        bound[:, 1:, s:] = (step * dim ** 0.5 / 2 + values.abs() * 2 * eps + norm * 1e-5).expand(values.shape)
+        rms = values.square().mean(-1, keepdim=True).sqrt()
+        step = torch.maximum(value_step / 1000 * rms, values.abs().amax(-1, keepdim=True) / 127) * (1 + 4 * eps)
+        bound[:, 1:, s:] = (step / 2 + values.abs() * 2 * eps + rms * 1e-6 + 1e-30).expand(values.shape)
     return bound if x.dim() == 5 else bound[0]

@@ -9,9 +9,9 @@ cost, and KIVI's min/max groups get all three wrong:
   (``32 / T`` bits) and a value vector one step (``16 / D`` bits).
 - Fixed code widths. A min/max group spends its 2^b levels on its own
   range, outliers included. A uniform step set from the spread, with the
-  codes entropy-coded (zstd's Huffman stage on the int8 codes), spends bits
-  where values are: the entropy-coded uniform quantizer is within 0.25 bit
-  of the rate-distortion bound at these rates, the fixed-width one is not.
+  codes entropy-coded (zstd tuned down to its Huffman stage, on the int8
+  codes), spends bits where the values are: an entropy-coded uniform
+  quantizer is within a quarter bit of the rate-distortion bound.
 - The attention sink. A block's first tokens (the sequence's first token
   draws most of every head's attention) stay exact (``sinks``): with them
   quantized, key error on SmolLM2 rose by half.
@@ -24,13 +24,13 @@ p = 1 is KIVI's per-channel precision, p = 0 one step for the whole head;
 p = 0.5 measured best (key KL 0.41 e-2 against 0.72 e-2 at the same rate).
 ``rope`` (RoPE's theta, 0 for none) first undoes the rotary rotation by each
 token's position within the block, so that a channel's slow drift is not
-turned into an oscillation between two channels; it is a plain rotation,
-so a wrong theta costs size, never exactness.
+turned into an oscillation between two channels (key KL a quarter lower on
+SmolLM2, theta 100000); it is a plain rotation, so a wrong theta costs
+size, never exactness.
 
-Values (parts 1..) are rotated per vector (a seeded randomized Hadamard
-matrix, as ``rq``), which makes their coordinates near-Gaussian and spreads
-any one large channel, and coded with a step of ``value_step / 1000`` times
-the vector's RMS.
+Values (parts 1..) are coded per vector with a step of ``value_step / 1000``
+times the vector's RMS. (A Hadamard rotation first, as ``rq`` does, changed
+SmolLM2's KL by 3 % and cost half the codec's time.)
 
 Every step is at least the part's largest deviation / 127, so every code
 fits an int8: nothing is clipped, whatever the input.
@@ -46,17 +46,20 @@ import zstandard
 from kvstore.compression.codec import FrameCodec, check_int, expect_end, param_dtype, take
 from kvstore.compression.frame import BadParamsError, FrameHeader
 from kvstore.compression.quant import round_outward
-from kvstore.compression.rotation import rotation
 
 _CODE_LIMIT = 127
+# Named (key_step, value_step): about 4x and 5x smaller than 16-bit on SmolLM2's KV (``kvstore codecs``).
+PRESETS = {"ec4": (250, 500), "ec5": (400, 850)}
 # zstd tuned as an order-0 entropy coder: the fast strategy with long minimum matches skips
 # match searching on noise-like codes (1 G codes/s here against 0.3-0.4 for level 1 on low-entropy codes)
 # and leaves the literals to its Huffman stage, within 1-3 % of the codes' order-0 entropy.
 _ZSTD = zstandard.ZstdCompressionParameters(window_log=17, hash_log=10, chain_log=6, search_log=1,
                                             min_match=7, strategy=zstandard.STRATEGY_FAST,
                                             write_content_size=True)
-# Layers coded at once: temporaries of about a MiB stay in the CPU cache.
-_CHUNK_ELEMENTS = 1 << 18
+# Elements coded at once (whole layers): measured best on one core for a 256-token SmolLM2 block,
+# 4 MiB of float32 temporaries when encoding (fewer, larger ops), 1 MiB when decoding.
+_ENCODE_CHUNK = 1 << 20
+_DECODE_CHUNK = 1 << 18
 
 
 @functools.lru_cache(maxsize=32)
@@ -82,10 +85,9 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: 
     return out
 
 
-def _codes(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """round(x / step) as int8 (|code| <= 127 by the step's floor); a zero step codes 0."""
-    used = torch.where(step == 0, torch.ones_like(step), step)
-    return x.div(used).round_().to(torch.int8)
+def _inverse(step: torch.Tensor) -> torch.Tensor:
+    """1 / step, and 0 where the step is 0 (all values equal the centre: every code is 0)."""
+    return torch.where(step == 0, torch.zeros_like(step), step.reciprocal())
 
 
 class EntropyCodec(FrameCodec):
@@ -103,7 +105,7 @@ class EntropyCodec(FrameCodec):
         self.key_power = check_int("key_power", key_power, 0, 1000)
         self.sinks = check_int("sinks", sinks, 0, 1 << 20)
         self.rope = check_int("rope", rope, 0, 1 << 40)
-        self.name = "ec"
+        self.name = next((name for name, steps in PRESETS.items() if steps == (self.key_step, self.value_step)), "ec")
 
     def check_tensor(self, tensor: torch.Tensor) -> None:
         super().check_tensor(tensor)
@@ -121,8 +123,9 @@ class EntropyCodec(FrameCodec):
         sinks = min(self.sinks, tokens)
         return sinks, tokens - sinks
 
-    def _layer_chunks(self, layers: int, per_layer: int) -> list[slice]:
-        step = max(1, _CHUNK_ELEMENTS // max(1, per_layer))
+    @staticmethod
+    def _layer_chunks(layers: int, per_layer: int, elements: int) -> list[slice]:
+        step = max(1, elements // max(1, per_layer))
         return [slice(a, min(layers, a + step)) for a in range(0, layers, step)]
 
     def _encode(self, tensor: torch.Tensor) -> list[object]:
@@ -132,47 +135,47 @@ class EntropyCodec(FrameCodec):
         pd, dev = param_dtype(tensor.dtype), tensor.device
         k_mean = torch.empty((L, H, D), dtype=pd, device=dev)
         k_step = torch.empty((L, H, D), dtype=pd, device=dev)
-        k_codes = torch.empty((L, H, D, Tq), dtype=torch.int8, device=dev)
         v_step = torch.empty((L, P - 1, Tq, H), dtype=pd, device=dev)
-        v_codes = torch.empty((L, P - 1, Tq, H, D), dtype=torch.int8, device=dev)
+        codes = torch.empty((L, P, Tq, H, D), dtype=torch.int8, device=dev)
         if Tq:
-            rot = rotation(D, 0).to(dev, torch.float32) if P > 1 else None
-            for rows in self._layer_chunks(L, P * Tq * H * D):
-                self._encode_keys(x[rows, 0, S:], k_mean[rows], k_step[rows], k_codes[rows], pd)
-                if rot is not None:
-                    self._encode_values(x[rows, 1:, S:], rot, v_step[rows], v_codes[rows], pd)
-        codes = torch.cat((k_codes.view(-1), v_codes.view(-1))).view(torch.uint8)
-        packed = zstandard.ZstdCompressor(compression_params=_ZSTD).compress(codes.cpu().numpy().data)
+            for rows in self._layer_chunks(L, P * Tq * H * D, _ENCODE_CHUNK):
+                self._encode_keys(x[rows, 0, S:], k_mean[rows], k_step[rows], codes[rows, 0], pd)
+                if P > 1:
+                    self._encode_values(x[rows, 1:, S:], v_step[rows], codes[rows, 1:], pd)
+        packed = zstandard.ZstdCompressor(compression_params=_ZSTD).compress(
+            codes.view(torch.uint8).view(-1).cpu().numpy().data)
         return [k_mean, k_step, v_step, x[:, :, :S], len(packed).to_bytes(8, "little"), packed]
 
     def _encode_keys(self, keys: torch.Tensor, mean_out: torch.Tensor, step_out: torch.Tensor,
                      codes_out: torch.Tensor, pd: torch.dtype) -> None:
-        if self.rope:  # [l, Tq, H, D]
-            y = rope_rotate(keys.float(), *rope_tables(keys.shape[1], keys.shape[-1], self.rope, str(keys.device)),
+        tokens = keys.shape[1]  # keys: [l, Tq, H, D]
+        if self.rope:
+            y = rope_rotate(keys.float(), *rope_tables(tokens, keys.shape[-1], self.rope, str(keys.device)),
                             inverse=True)
         else:
-            y = keys.to(torch.float32, copy=True)  # changed in place below: never the caller's tensor
-        mean = y.mean(1).to(pd)
-        mean_out.copy_(mean)
-        y -= mean.float().unsqueeze(1)
-        spread = y.square().mean(1).sqrt_()  # [l, H, D]
+            y = keys.float()  # only read below: may be the caller's tensor
+        average = y.mean(1)
+        mean_out.copy_(average)
+        mean = mean_out.float()
+        # the spread around the stored mean without a centred copy: E[y^2] - 2 m E[y] + m^2
+        square = y.square().mean(1)
+        spread = square.sub_(mean * (2 * average - mean)).clamp_min_(0).sqrt_()  # [l, H, D]
         if self.key_power != 1000:
             head = spread.square().mean(-1, keepdim=True).sqrt_()
             power = self.key_power / 1000
-            spread = spread.pow(power).mul_(head.pow(1 - power))
-        floor = y.abs().amax(1).div_(_CODE_LIMIT)
-        step = round_outward(torch.maximum(spread.mul_(self.key_step / 1000), floor), pd, up=True)
-        step_out.copy_(step)
-        codes_out.copy_(_codes(y, step.float().unsqueeze(1)).permute(0, 2, 3, 1))
+            spread = spread.pow_(power).mul_(head.pow_(1 - power))
+        floor = torch.maximum(y.amax(1) - mean, mean - y.amin(1)).div_(_CODE_LIMIT)
+        step_out.copy_(round_outward(torch.maximum(spread.mul_(self.key_step / 1000), floor), pd, up=True))
+        inverse = _inverse(step_out.float())
+        codes_out.copy_(torch.addcmul((-mean * inverse).unsqueeze(1), y, inverse.unsqueeze(1)).round_())
 
-    def _encode_values(self, values: torch.Tensor, rot: torch.Tensor, step_out: torch.Tensor,
-                       codes_out: torch.Tensor, pd: torch.dtype) -> None:
-        y = values.float() @ rot  # [l, P-1, Tq, H, D]
-        rms = y.square().mean(-1).sqrt_()
-        floor = y.abs().amax(-1).div_(_CODE_LIMIT)
-        step = round_outward(torch.maximum(rms.mul_(self.value_step / 1000), floor), pd, up=True)
-        step_out.copy_(step)
-        codes_out.copy_(_codes(y, step.float().unsqueeze(-1)))
+    def _encode_values(self, values: torch.Tensor, step_out: torch.Tensor, codes_out: torch.Tensor,
+                       pd: torch.dtype) -> None:
+        y = values.float()  # [l, P-1, Tq, H, D]; only read below
+        rms = y.square().mean(-1).sqrt_().mul_(self.value_step / 1000)
+        floor = torch.maximum(y.amax(-1), y.amin(-1).neg_()).div_(_CODE_LIMIT)
+        step_out.copy_(round_outward(torch.maximum(rms, floor), pd, up=True))
+        codes_out.copy_(y.mul(_inverse(step_out.float()).unsqueeze(-1)).round_())
 
     def _decode(self, header: FrameHeader, payload: torch.Tensor, out: torch.Tensor) -> None:
         if len(header.shape) not in (4, 5):
@@ -190,26 +193,20 @@ class EntropyCodec(FrameCodec):
         length = int.from_bytes(bytes(length.cpu().numpy()), "little")
         packed, at = take(payload, at, min(length, payload.numel() - at), torch.uint8)
         expect_end(payload, at)
-        k_count, v_count = L * H * D * Tq, L * (P - 1) * Tq * H * D
-        codes = self._decompress(packed, k_count + v_count).view(torch.int8)
+        codes = self._decompress(packed, L * P * Tq * H * D).view(torch.int8).view(L, P, Tq, H, D)
         y = out if out.dim() == 5 else out.unsqueeze(0)
         y[:, :, :S] = sinks.view(L, P, S, H, D)
         if not Tq:
             return
-        k_codes = codes[:k_count].view(L, H, D, Tq)
-        v_codes = codes[k_count:].view(L, P - 1, Tq, H, D)
-        k_mean, k_step = k_mean.view(L, H, D), k_step.view(L, H, D)
-        v_step = v_step.view(L, P - 1, Tq, H)
-        rot_t = rotation(D, 0).t().to(out.device, torch.float32) if P > 1 else None
-        for rows in self._layer_chunks(L, P * Tq * H * D):
-            keys = k_codes[rows].float().mul_(k_step[rows].float().unsqueeze(-1))
-            keys = keys.add_(k_mean[rows].float().unsqueeze(-1)).permute(0, 3, 1, 2)
+        k_mean, k_step = k_mean.view(L, 1, H, D), k_step.view(L, 1, H, D)
+        v_step = v_step.view(L, P - 1, Tq, H, 1)
+        for rows in self._layer_chunks(L, P * Tq * H * D, _DECODE_CHUNK):
+            keys = torch.addcmul(k_mean[rows].float(), codes[rows, 0].float(), k_step[rows].float())
             if self.rope:
                 keys = rope_rotate(keys, *rope_tables(Tq, D, self.rope, str(keys.device)), inverse=False)
             y[rows, 0, S:] = keys
-            if rot_t is not None:
-                values = v_codes[rows].float().mul_(v_step[rows].float().unsqueeze(-1))
-                y[rows, 1:, S:] = values @ rot_t
+            if P > 1:
+                y[rows, 1:, S:] = codes[rows, 1:].float().mul_(v_step[rows].float())
 
     @staticmethod
     def _decompress(data: torch.Tensor, count: int) -> torch.Tensor:

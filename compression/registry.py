@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from kvstore.compression.codec import FrameCodec
+from kvstore.compression.entropy import PRESETS as EC_PRESETS
 from kvstore.compression.entropy import EntropyCodec
 from kvstore.compression.frame import FrameHeader, UnknownCodecError, parse_frame
 from kvstore.compression.lossless import RawCodec, ZstdCodec
@@ -33,7 +34,7 @@ CODECS: dict[str, Callable[..., FrameCodec]] = {
     "rq4": functools.partial(RotationCodec, bits=4),
     "rq3": functools.partial(RotationCodec, bits=3),
     "rq2": functools.partial(RotationCodec, bits=2),
-    "ec": EntropyCodec,
+    **{name: functools.partial(EntropyCodec, key_step=k, value_step=v) for name, (k, v) in EC_PRESETS.items()},
 }
 
 
