@@ -49,7 +49,7 @@ from kvstore.compression.quant import round_outward
 
 _CODE_LIMIT = 127
 # Named (key_step, value_step): about 4x and 5x smaller than 16-bit on SmolLM2's KV (``kvstore codecs``).
-PRESETS = {"ec4": (250, 500), "ec5": (400, 850)}
+PRESETS = {"ec4": (250, 500), "ec5": (450, 800)}
 # zstd tuned as an order-0 entropy coder: the fast strategy with long minimum matches skips
 # match searching on noise-like codes (1 G codes/s here against 0.3-0.4 for level 1 on low-entropy codes)
 # and leaves the literals to its Huffman stage, within 1-3 % of the codes' order-0 entropy.

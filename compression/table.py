@@ -1,6 +1,7 @@
 """The codec comparison ``kvstore codecs`` prints: size, fidelity and speed of every codec, one run.
 
-Each row round-trips the same synthetic KV (``fidelity.synthetic_kv``) and
+Each row round-trips the same synthetic KV (``fidelity.synthetic_kv``, with
+the structure fitted to SmolLM2's KV: ``fidelity.SMOLLM2_SPEC``) and
 the same small Llama's prefix cache (``fidelity.ModelCheck``). Speeds are
 GB/s of 16-bit input on one CPU core (torch limited to one thread while
 timing), next to ``Tensor.copy_`` of the same tensor measured in the same run.
@@ -24,7 +25,8 @@ from kvstore.validation import check_counts
 
 DEFAULT_SPECS = ("raw", "zstd", "zstd:level=9", "int8", "kivi4", "kivi4:group=64", "kivi2", "rq4", "rq3", "rq2",
                  "int8:zstd=3", "kivi4:group=64,zstd=3", "kivi4:group=128,zstd=3", "kivi4:value_bits=3,zstd=3",
-                 "kivi4:value_bits=2,zstd=3", "kivi2:zstd=3", "rq3:zstd=3")
+                 "kivi4:value_bits=2,zstd=3", "kivi2:zstd=3", "rq3:zstd=3", "ec4", "ec5", "ec4:rope=100000",
+                 "ec5:rope=100000")
 COLUMNS = ("codec", "ratio", "k_rel_err", "v_rel_err", "attn_cos_diffuse", "attn_cos_peaked", "attn_cos_min",
            "top1_agree", "kl_mean", "encode_gbps", "decode_gbps")
 
@@ -42,6 +44,7 @@ class TableSettings:
     model: bool = True
     peers: bool = True
     text: "Any" = None  # a text_check.TextCheck: the real model's columns (delta_ppl, top1_text, ...)
+    spec: fidelity.SyntheticSpec = fidelity.SMOLLM2_SPEC  # the synthetic KV's structure: fitted to a real model
 
     def __post_init__(self) -> None:
         check_counts(self, ("layers", "heads", "tokens", "head_dim", "repeats"))
@@ -92,7 +95,7 @@ def codec_table(specs: Sequence[str] = DEFAULT_SPECS, settings: TableSettings | 
     settings = settings or TableSettings()
     codecs = [(spec, get_codec(spec)) for spec in specs]  # bad specs fail before any measuring
     kv = fidelity.synthetic_kv(settings.layers, settings.heads, settings.tokens, settings.head_dim,
-                               dtype=settings.dtype)
+                               dtype=settings.dtype, spec=settings.spec)
     input_bytes = kv.numel() * kv.element_size()
     check = fidelity.ModelCheck(fidelity.ModelCheckSettings(kv_dtype=settings.dtype)) if settings.model else None
     with one_thread():

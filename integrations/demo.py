@@ -16,7 +16,7 @@ measured side by side):
    ``bare_repeats`` runs taken around the kvstore run.
 2. A shared prefix of ``prefix_tokens`` tokens followed by a fresh question:
    TTFT with a full prefill, with the prefix in host RAM, on disk (raw and
-   with a 4-bit codec), and on disk but prefetched during a simulated queue
+   with the ``ec4`` codec), and on disk but prefetched during a simulated queue
    wait. A warm-up round first, then ``repeats`` rounds in which every case
    runs once, in turn (so drift hits all cases alike); medians.
 
@@ -73,7 +73,7 @@ class DemoSettings:
     block_tokens: int = 64
     host_bytes: str = "auto"
     disk_bytes: str = "2GiB"
-    codec: str = "kivi4"
+    codec: str = "ec4"
     prefix_tokens: int = 4096
     question_tokens: int = 32
     repeats: int = 5

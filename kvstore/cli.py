@@ -76,7 +76,7 @@ def _cmd_codecs(args: argparse.Namespace) -> int:
                                                                              file=sys.stderr, flush=True))
     print(text_line)
     print(f"synthetic KV [{settings.layers}, 2, {settings.tokens}, {settings.heads}, {settings.head_dim}] "
-          f"{args.dtype}; model check: {'4-layer random Llama, 4 x 32 positions' if settings.model else 'off'}")
+          f"{args.dtype}, structure fitted to SmolLM2's KV; model check: {'4-layer random Llama, 4 x 32 positions' if settings.model else 'off'}")
     print(format_table(rows, context))
     return 0
 
