@@ -17,7 +17,7 @@ from kvstore.compression import get_codec
 from kvstore.compression.fidelity import synthetic_kv
 from kvstore.compression.table import one_thread
 
-SPECS = ("zstd", "int8", "kivi4", "kivi2", "rq4", "rq3", "rq2")
+SPECS = ("zstd", "int8", "ec4", "ec5", "kivi4", "kivi2", "rq4", "rq3", "rq2")
 ROUNDS = 10
 
 

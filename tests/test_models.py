@@ -46,3 +46,36 @@ def test_fetching_gives_the_verified_file(tmp_path_factory):
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert digest == SMOLLM2_GGUF.sha256
     assert smollm2_gguf(fetch=False) == path  # found again without the network
+
+
+@pytest.mark.slow
+def test_the_gguf_is_converted_once_and_the_copy_loads_the_same_weights(tmp_path, caplog):
+    """A fresh cache converts the GGUF (without printing) and keeps a transformers copy; the next load reads
+    the copy and gives the same weights bit for bit; a damaged copy is converted again."""
+    pytest.importorskip("transformers")
+    import shutil
+
+    import torch
+
+    from kvstore.models import CONVERTED_MARKER, load_model
+
+    try:
+        source = smollm2_gguf()
+    except ModelUnavailable as exc:
+        pytest.skip(f"the model cannot be fetched here: {exc}")
+    shutil.copy(source, tmp_path / source.name)
+    first, _ = load_model(cache_dir=tmp_path)
+    copy = tmp_path / f"{source.stem}.transformers"
+    assert (copy / CONVERTED_MARKER).read_text().strip() == SMOLLM2_GGUF.sha256
+    assert not any(p.name.startswith(".convert-") for p in tmp_path.iterdir())
+    second, tokenizer = load_model(cache_dir=tmp_path)
+    assert tokenizer("Paris").input_ids
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    for weights in copy.glob("*.safetensors"):
+        weights.write_bytes(b"damaged")
+    with caplog.at_level("WARNING", logger="kvstore.models"):
+        third, _ = load_model(cache_dir=tmp_path, dtype=torch.bfloat16)
+    assert "converting again" in caplog.text
+    assert third.dtype == torch.bfloat16
+    assert torch.equal(third.lm_head.weight, first.lm_head.weight.to(torch.bfloat16))

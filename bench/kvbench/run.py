@@ -133,7 +133,7 @@ def _fidelity(quick: bool, progress: Progress) -> tuple[list[dict], str | None]:
     from kvstore.compression.table import TableSettings, codec_table
 
     settings = TableSettings(tokens=128 if quick else 512, repeats=1 if quick else 3)
-    specs = ("zstd", "int8", "kivi4", "kivi2", "rq4", "rq3", "rq2")
+    specs = ("zstd", "int8", "ec4", "ec5", "kivi4", "kivi2", "rq4", "rq3", "rq2")
     rows, _ = codec_table(specs, settings, progress)
     peer_rows = [r for r in rows if r["codec"].startswith("transformers")]
     skipped = None if peer_rows else "optimum-quanto is not installed (pip install '.[fidelity]')"

@@ -54,7 +54,7 @@ class ServingSettings:
     block_tokens: int = 256
     host_bytes: str = "24MiB"
     disk_bytes: str = "2GiB"
-    codec: str = "kivi4"
+    codec: str = "ec4"
     server_bytes: str = "1GiB"
 
     @classmethod

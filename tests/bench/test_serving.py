@@ -34,7 +34,7 @@ def test_first_pass_loads_what_earlier_requests_left_and_the_warm_pass_everythin
 def test_every_workload_runs_on_every_named_config_with_the_same_cold_figures(served):
     _, rows, notes = served
     assert [(r["workload"], r["config"]) for r in rows] == [
-        ("agent", "host"), ("agent", "host+nvme+kivi4"), ("no_reuse", "host"), ("no_reuse", "host+nvme+kivi4")]
+        ("agent", "host"), ("agent", "host+nvme+ec4"), ("no_reuse", "host"), ("no_reuse", "host+nvme+ec4")]
     by_workload = {}
     for r in rows:
         by_workload.setdefault(r["workload"], []).append([q["ttft_cold"] for q in r["requests"]])
@@ -44,4 +44,4 @@ def test_every_workload_runs_on_every_named_config_with_the_same_cold_figures(se
 
 
 def test_config_labels_name_the_codec():
-    assert [config_label(name, QUICK) for name in CONFIGS] == ["host", "host+nvme", "host+nvme+kivi4", "remote"]
+    assert [config_label(name, QUICK) for name in CONFIGS] == ["host", "host+nvme", "host+nvme+ec4", "remote"]
