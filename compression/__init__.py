@@ -1,6 +1,7 @@
 """Codecs for KV blocks: self-describing frames, lossless and quantized, and the fidelity harness."""
 
 from kvstore.compression.codec import Codec, FrameCodec
+from kvstore.compression.entropy import EntropyCodec
 from kvstore.compression.frame import (
     BadMagicError,
     BadParamsError,
@@ -16,7 +17,7 @@ from kvstore.compression.registry import CODECS, codec_of, decode, get_codec, pa
 from kvstore.compression.rotation import RotationCodec
 
 __all__ = [
-    "CODECS", "BadMagicError", "BadParamsError", "ChecksumError", "Codec", "FrameCodec", "FrameError",
+    "CODECS", "BadMagicError", "BadParamsError", "ChecksumError", "Codec", "EntropyCodec", "FrameCodec", "FrameError",
     "Int8Codec", "KiviCodec", "RawCodec", "RotationCodec", "TruncatedFrameError", "UnknownCodecError",
     "UnsupportedVersionError", "ZstdCodec", "codec_of", "decode", "get_codec", "parse_spec",
 ]

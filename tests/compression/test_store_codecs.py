@@ -58,7 +58,7 @@ def block_files(path: Path) -> list[Path]:
 # -- put / get through a tier with a codec ---------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", ["kivi4", "rq3", "zstd", "int8"])
+@pytest.mark.parametrize("spec", ["kivi4", "rq3", "zstd", "int8", "ec4"])
 @pytest.mark.parametrize("kind", TIERS)
 def test_put_then_get_decodes(tiers, kind, spec):
     tier = tiers(kind, spec)
@@ -94,7 +94,7 @@ def test_get_into_a_strided_view(tiers, kind):
     assert bool((big[:, :, :16] == 0).all()) and bool((big[:, :, 32:] == 0).all())
 
 
-@pytest.mark.parametrize("spec", ["kivi4", "rq3", "zstd"])
+@pytest.mark.parametrize("spec", ["kivi4", "rq3", "zstd", "ec4"])
 @pytest.mark.parametrize("kind", TIERS)
 def test_capacity_and_stats_count_encoded_bytes(tiers, kind, spec):
     tier = tiers(kind, spec)
@@ -120,7 +120,7 @@ def test_raw_tier_counts_block_bytes(tiers, kind):
     assert stats["bytes_written"] == stats["logical_bytes_written"] == 5 * LAYOUT.block_bytes
 
 
-@pytest.mark.parametrize("spec", ["kivi4", "rq3", "kivi2", None])
+@pytest.mark.parametrize("spec", ["kivi4", "rq3", "kivi2", "ec4", None])
 @pytest.mark.parametrize("kind", TIERS)
 def test_a_codec_fits_more_blocks_before_evicting(tiers, kind, spec):
     """Capacity of 4 raw blocks: the codec's tier holds capacity // (frame + header) blocks, LRU evicted."""
@@ -245,7 +245,7 @@ def lru_evictions(sizes: list[tuple[bytes, int]], capacity: int) -> list[bytes]:
     return evicted
 
 
-@pytest.mark.parametrize("spec", ["kivi4", "rq3", "zstd"])
+@pytest.mark.parametrize("spec", ["kivi4", "rq3", "zstd", "ec5:rope=10000"])
 def test_lmdb_evictions_pass_decoded_blocks_down(tiers, spec):
     codec = get_codec(spec)
     capacity = 4 * RAW_BLOCK
