@@ -69,6 +69,8 @@ def _cmd_codecs(args: argparse.Namespace) -> int:
 
     for spec in specs:  # a bad spec fails before the real model is loaded
         get_codec(spec)
+    if args.windows < 1:
+        raise ValueError(f"--windows: expected at least 1 window of text, got {args.windows}")
     text, text_line = _text_check(args, dtype)
     settings = TableSettings(layers=args.layers, tokens=args.tokens, dtype=dtype, model=not args.no_model,
                              peers=not args.no_peers, text=text)
@@ -94,7 +96,7 @@ def _text_check(args: argparse.Namespace, dtype: object) -> tuple[object | None,
         return None, f"real model: not measured ({exc}; kvstore model fetches it, --real-model here)"
     from kvstore.compression.text_check import TextCheck, TextCheckSettings
 
-    settings = TextCheckSettings(kv_dtype=dtype)
+    settings = TextCheckSettings(kv_dtype=dtype, sequences=args.windows)
     print("measuring the real model's exact KV ...", file=sys.stderr, flush=True)
     return TextCheck(model, tokenizer, settings), (
         f"real model: SmolLM2-135M-Instruct (fp32 compute) reading CPython's language reference, "
@@ -284,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fetch SmolLM2-135M-Instruct if it is not cached (otherwise its columns appear only "
                              "when it is)")
     codecs.add_argument("--no-real-model", action="store_true", help="skip the real model's columns")
+    codecs.add_argument("--windows", type=int, default=16,
+                        help="windows of text the real model reads (default 16; more: less noise in ΔPPL)")
     codecs.set_defaults(run=_cmd_codecs)
     return parser
 

@@ -91,3 +91,9 @@ def test_codecs_names_a_bad_codec():
     result = _kvstore("codecs", "--codecs", "kivi9", "--no-model", "--no-peers")
     assert result.returncode == 2
     assert "kivi9" in result.stderr and "kivi4" in result.stderr
+
+
+def test_codecs_refuses_no_windows_of_text_before_loading_the_model():
+    result = _kvstore("codecs", "--codecs", "ec4", "--windows", "0", "--no-model", "--no-peers")
+    assert result.returncode == 2
+    assert "--windows" in result.stderr and "Traceback" not in result.stderr

@@ -123,25 +123,27 @@ def test_raw_tier_counts_block_bytes(tiers, kind):
 @pytest.mark.parametrize("spec", ["kivi4", "rq3", "kivi2", "ec4", None])
 @pytest.mark.parametrize("kind", TIERS)
 def test_a_codec_fits_more_blocks_before_evicting(tiers, kind, spec):
-    """Capacity of 4 raw blocks: the codec's tier holds capacity // (frame + header) blocks, LRU evicted."""
+    """Capacity of 4 raw blocks: the codec's tier holds as many encoded frames (+ headers) as fit, LRU
+    evicted; ec's frames differ in size block by block (entropy-coded), so the sizes are each block's own."""
     capacity = 4 * RAW_BLOCK
     tier = tiers(kind, spec, capacity=capacity)
-    per_block = (len(get_codec(spec).encode(make_kv(LAYOUT, 16))) if spec else LAYOUT.block_bytes) + HEADER_BYTES
-    fits = capacity // per_block
+    blocks = [make_kv(LAYOUT, 16, seed=i) for i in range(len(KEYS))]
+    sizes = [(key, (len(get_codec(spec).encode(block)) if spec else LAYOUT.block_bytes) + HEADER_BYTES)
+             for key, block in zip(KEYS, blocks)]
     if spec in ("kivi4", "kivi2", None):  # kivi4: 1636-byte frames (2.5x), kivi2: 1124 (3.6x)
-        assert fits == {"kivi4": 9, "kivi2": 13, None: 4}[spec]
-    assert fits < len(KEYS)
-    for i, key in enumerate(KEYS):
-        assert tier.put_many([(key, make_kv(LAYOUT, 16, seed=i))]) == 1
+        assert capacity // sizes[0][1] == {"kivi4": 9, "kivi2": 13, None: 4}[spec]
+    evicted = lru_evictions(sizes, capacity)
+    held = [key for key, _ in sizes if key not in evicted]
+    assert 4 < len(held) < len(KEYS) if spec else len(held) == 4
+    for key, block in zip(KEYS, blocks):
+        assert tier.put_many([(key, block)]) == 1
     stats = tier.stats()
-    held = min(fits, len(KEYS))
-    assert stats["blocks"] == held
-    assert stats["evictions"] == len(KEYS) - held
-    assert tier.used_bytes() == held * per_block <= capacity
-    assert list(tier.keys()) == KEYS[len(KEYS) - held:]  # the oldest went first
+    assert stats["blocks"] == len(held)
+    assert stats["evictions"] == len(evicted)
+    assert tier.used_bytes() == sum(size for key, size in sizes if key in held) <= capacity
+    assert list(tier.keys()) == held == KEYS[len(KEYS) - len(held):]  # the oldest went first
     assert read(tier, LAYOUT, KEYS[-1]) is not None
-    if held < len(KEYS):
-        assert read(tier, LAYOUT, KEYS[0]) is None
+    assert read(tier, LAYOUT, KEYS[0]) is None
 
 
 @pytest.mark.parametrize("kind", TIERS)

@@ -66,7 +66,7 @@ def test_quick_demo_loads_shared_prefixes_and_writes_a_chart(tmp_path):
     stats = figures["stats"]["store"]
     assert stats["prefill_tokens_saved"] >= sum(t.loaded_tokens for t in timings)
     prefix = figures["prefix"]
-    assert list(prefix.ttft) == ["full prefill", "host hit", "disk hit", "disk hit, kivi4", "disk hit, prefetched"]
+    assert list(prefix.ttft) == ["full prefill", "host hit", "disk hit", "disk hit, ec4", "disk hit, prefetched"]
     assert all(prefix.loaded_tokens[name] == settings.prefix_tokens for name in list(prefix.ttft)[1:])
     chart = figures["chart"]
     assert chart == tmp_path / "ttft.png" and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
