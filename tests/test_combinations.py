@@ -86,6 +86,9 @@ CASES += [
     _param(("host", "files"), "big", files_codec="kivi4"),
     _param(("lmdb", "files"), "big", files_codec="kivi4"),
     _param(("host", "lmdb"), "tiny", disk_codec="kivi4"),
+    _param(("host", "lmdb", "remote"), "big", remote_codec="ec4"),
+    _param(("host", "redis"), "tiny", redis_codec="ec5"),
+    _param(("lmdb", "files"), "big", disk_codec="ec5", files_codec="ec4:rope=10000"),
     _param(("host", "lmdb", "files"), "big", prefetch_policy="timeout", promote=False),
 ]
 
