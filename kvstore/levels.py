@@ -176,20 +176,22 @@ class TierStack:
             return default
 
     def contains(self, level: Level, key: bytes) -> bool:
-        return self.guarded(level, "contains", lambda: level.tier.contains(key), False)
+        """``guarded`` spelled out without its closure: a lookup asks this once a block and level."""
+        if not self.available(level):
+            return False
+        try:
+            return level.tier.contains(key)
+        except FillError:
+            raise
+        except Exception as error:
+            level.note_failure("contains", error)
+            return False
 
     def where(self, key: bytes) -> Level | None:
-        """The fastest available level holding ``key`` (``contains`` inlined: a lookup asks once a block)."""
+        """The fastest available level holding ``key``."""
         for level in self.levels:
-            if not self.available(level):
-                continue
-            try:
-                if level.tier.contains(key):
-                    return level
-            except FillError:
-                raise
-            except Exception as error:
-                level.note_failure("contains", error)
+            if self.contains(level, key):
+                return level
         return None
 
     def prefix_length(self, level: Level, keys: Sequence[bytes]) -> int:
