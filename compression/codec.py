@@ -57,9 +57,9 @@ def param_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def row_chunks(rows: int, row_elems: int, element_size: int = 4) -> Iterator[slice]:
-    """Slices of about ``CHUNK_BYTES`` (of ``element_size``-byte elements) over ``rows`` rows."""
-    step = max(1, CHUNK_BYTES // max(1, row_elems * element_size))
+def row_chunks(rows: int, row_elems: int, element_size: int = 4, chunk_bytes: int = CHUNK_BYTES) -> Iterator[slice]:
+    """Slices of about ``chunk_bytes`` (of ``element_size``-byte elements) over ``rows`` rows."""
+    step = max(1, chunk_bytes // max(1, row_elems * element_size))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
 

@@ -44,7 +44,7 @@ import functools
 import torch
 import zstandard
 
-from kvstore.compression.codec import FrameCodec, check_int, expect_end, param_dtype, take
+from kvstore.compression.codec import FrameCodec, check_int, expect_end, param_dtype, row_chunks, take
 from kvstore.compression.frame import BadParamsError, FrameHeader
 from kvstore.compression.quant import round_outward
 
@@ -57,10 +57,9 @@ PRESETS = {"ec4": (250, 500), "ec5": (450, 800)}
 _ZSTD = zstandard.ZstdCompressionParameters(window_log=17, hash_log=10, chain_log=6, search_log=1,
                                             min_match=7, strategy=zstandard.STRATEGY_FAST,
                                             write_content_size=True)
-# Elements coded at once (whole layers): measured best on one core for a 256-token SmolLM2 block,
-# 4 MiB of float32 temporaries when encoding (fewer, larger ops), 1 MiB when decoding.
-_ENCODE_CHUNK = 1 << 20
-_DECODE_CHUNK = 1 << 18
+# float32 temporaries of whole layers coded at once: measured best on one core for a 256-token SmolLM2
+# block, 4 MiB when encoding (fewer, larger ops); decoding takes row_chunks' default, 1 MiB.
+_ENCODE_CHUNK_BYTES = 4 << 20
 
 
 @functools.lru_cache(maxsize=32)
@@ -124,11 +123,6 @@ class EntropyCodec(FrameCodec):
         sinks = min(self.sinks, tokens)
         return sinks, tokens - sinks
 
-    @staticmethod
-    def _layer_chunks(layers: int, per_layer: int, elements: int) -> list[slice]:
-        step = max(1, elements // max(1, per_layer))
-        return [slice(a, min(layers, a + step)) for a in range(0, layers, step)]
-
     def _encode(self, tensor: torch.Tensor) -> list[object]:
         L, P, T, H, D = self._dims(tuple(tensor.shape))
         S, Tq = self._quantized(T)
@@ -139,7 +133,7 @@ class EntropyCodec(FrameCodec):
         v_step = torch.empty((L, P - 1, Tq, H), dtype=pd, device=dev)
         codes = torch.empty((L, P, Tq, H, D), dtype=torch.int8, device=dev)
         if Tq:
-            for rows in self._layer_chunks(L, P * Tq * H * D, _ENCODE_CHUNK):
+            for rows in row_chunks(L, P * Tq * H * D, chunk_bytes=_ENCODE_CHUNK_BYTES):
                 self._encode_keys(x[rows, 0, S:], k_mean[rows], k_step[rows], codes[rows, 0], pd)
                 if P > 1:
                     self._encode_values(x[rows, 1:, S:], v_step[rows], codes[rows, 1:], pd)
@@ -201,7 +195,7 @@ class EntropyCodec(FrameCodec):
             return
         k_mean, k_step = k_mean.view(L, 1, H, D), k_step.view(L, 1, H, D)
         v_step = v_step.view(L, P - 1, Tq, H, 1)
-        for rows in self._layer_chunks(L, P * Tq * H * D, _DECODE_CHUNK):
+        for rows in row_chunks(L, P * Tq * H * D):
             keys = torch.addcmul(k_mean[rows].float(), codes[rows, 0].float(), k_step[rows].float())
             if self.rope:
                 keys = rope_rotate(keys, *rope_tables(Tq, D, self.rope, str(keys.device)), inverse=False)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.compression.fidelity import SyntheticSpec
+
 OUTLIER_RATIO = 4.0  # a key channel with RMS above this multiple of its head's median is an outlier channel
 
 
@@ -95,10 +97,8 @@ def value_df_for(kurtosis: float) -> int:
     return max(5, min(100, round(4 + 6 / (kurtosis - 3))))
 
 
-def fit_spec(stats: KVStatistics, rope_base: float | None) -> "object":
+def fit_spec(stats: KVStatistics, rope_base: float | None) -> SyntheticSpec:
     """The ``fidelity.SyntheticSpec`` whose KV shows ``stats`` (outlier channels rounded to whole RoPE pairs)."""
-    from kvstore.compression.fidelity import SyntheticSpec
-
     pairs = math.ceil(stats.outlier_channels / 2 - 0.25)  # RoPE pairs: 1.6 channels a head -> one pair
     q25, q75 = stats.outlier_ratio
     low = max(1.0, q25 - (q75 - q25) / 2)  # the uniform draw whose quartiles are q25 and q75

@@ -77,8 +77,9 @@ def _cmd_codecs(args: argparse.Namespace) -> int:
     rows, context = codec_table(specs, settings, progress=lambda name: print(f"measuring {name} ...",
                                                                              file=sys.stderr, flush=True))
     print(text_line)
+    model_check = "4-layer random Llama, 4 x 32 positions" if settings.model else "off"
     print(f"synthetic KV [{settings.layers}, 2, {settings.tokens}, {settings.heads}, {settings.head_dim}] "
-          f"{args.dtype}, structure fitted to SmolLM2's KV; model check: {'4-layer random Llama, 4 x 32 positions' if settings.model else 'off'}")
+          f"{args.dtype}, structure fitted to SmolLM2's KV; model check: {model_check}")
     print(format_table(rows, context))
     return 0
 

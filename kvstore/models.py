@@ -144,8 +144,8 @@ def load_model(name: str = SMOLLM2, dtype: Any = None, cache_dir: str | os.PathL
         if _missing(needed):
             raise ModelUnavailable(f"loading a GGUF needs the {needed} package: pip install {needed}")
     log.info("kvstore models: converting %s once into %s", gguf, converted)
-    with contextlib.redirect_stderr(io.StringIO()):  # transformers' progress bars: the library never prints
-        model, tokenizer = _from_pretrained(name, str(gguf.parent), torch.float32, gguf_file=gguf.name)
+    model, tokenizer = _from_pretrained(name, str(gguf.parent), torch.float32, gguf_file=gguf.name)
+    with contextlib.redirect_stderr(io.StringIO()):  # save_pretrained's progress bar: the library never prints
         _keep_converted(model, tokenizer, converted)
     return (model if dtype == torch.float32 else model.to(dtype)), tokenizer
 
@@ -167,7 +167,7 @@ def _keep_converted(model: Any, tokenizer: Any, folder: Path) -> None:
     15 s of dequantizing; written into a temporary folder and renamed, so a reader never sees half of it."""
     # The weights are dequantized already; transformers refuses to save a model loaded from a GGUF
     # (its quantizer is "not serializable"), so it is saved as the plain float32 model it is.
-    quantizer, config = model.hf_quantizer, model.config.to_dict().get("quantization_config")
+    quantizer, config = model.hf_quantizer, getattr(model.config, "quantization_config", None)
     try:
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".convert-") as tmp:
             model.hf_quantizer = None
@@ -178,7 +178,7 @@ def _keep_converted(model: Any, tokenizer: Any, folder: Path) -> None:
             finally:
                 model.hf_quantizer = quantizer
                 if config is not None:
-                    model.config.quantization_config = quantizer.quantization_config
+                    model.config.quantization_config = config
             tokenizer.save_pretrained(tmp)
             Path(tmp, CONVERTED_MARKER).write_text(SMOLLM2_GGUF.sha256 + "\n")
             if folder.exists():

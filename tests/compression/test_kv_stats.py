@@ -55,7 +55,8 @@ def test_value_df_inverts_student_t_kurtosis():
 
 def test_key_sink_scale_sets_the_first_keys_norm():
     spec = dataclasses.replace(fidelity.SyntheticSpec(), key_sink_scale=0.5)
-    assert kv_statistics(fidelity.synthetic_kv(4, 2, 64, 32, torch.float32, spec=spec)).key_sink == pytest.approx(0.5, rel=0.01)
+    stats = kv_statistics(fidelity.synthetic_kv(4, 2, 64, 32, torch.float32, spec=spec))
+    assert stats.key_sink == pytest.approx(0.5, rel=0.01)
     with pytest.raises(ValueError, match="key_sink_scale"):
         dataclasses.replace(fidelity.SyntheticSpec(), key_sink_scale=0.0)
 
