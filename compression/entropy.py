@@ -149,20 +149,18 @@ class EntropyCodec(FrameCodec):
                             inverse=True)
         else:
             y = keys.float()  # only read below: may be the caller's tensor
-        average = y.mean(1)
-        mean_out.copy_(average)
-        mean = mean_out.float()
-        # the spread around the stored mean without a centred copy: E[y^2] - 2 m E[y] + m^2
-        square = y.square().mean(1)
-        spread = square.sub_(mean * (2 * average - mean)).clamp_min_(0).sqrt_()  # [l, H, D]
+        mean_out.copy_(y.mean(1))
+        # Centred on the stored mean before any square: E[y^2] - m^2 cancels catastrophically when a
+        # channel's mean dwarfs its spread (float32 keeps 7 digits of y^2, not of the spread).
+        centred = y - mean_out.float().unsqueeze(1)
+        spread = centred.square().mean(1).sqrt_()  # [l, H, D]
         if self.key_power != 1000:
             head = spread.square().mean(-1, keepdim=True).sqrt_()
             power = self.key_power / 1000
             spread = spread.pow_(power).mul_(head.pow_(1 - power))
-        floor = torch.maximum(y.amax(1) - mean, mean - y.amin(1)).div_(_CODE_LIMIT)
+        floor = centred.abs().amax(1).div_(_CODE_LIMIT)
         step_out.copy_(round_outward(torch.maximum(spread.mul_(self.key_step / 1000), floor), pd, up=True))
-        inverse = _inverse(step_out.float())
-        codes_out.copy_(torch.addcmul((-mean * inverse).unsqueeze(1), y, inverse.unsqueeze(1)).round_())
+        codes_out.copy_(centred.mul_(_inverse(step_out.float()).unsqueeze(1)).round_())
 
     def _encode_values(self, values: torch.Tensor, step_out: torch.Tensor, codes_out: torch.Tensor,
                        pd: torch.dtype) -> None:
