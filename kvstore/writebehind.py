@@ -13,7 +13,6 @@ the caller is blocked (``block``) or the lower copy is dropped and counted
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.background import become_background_worker
 from kvstore.config import QUEUE_FULL_POLICIES
 from kvstore.metrics import Counters
 
@@ -41,19 +41,6 @@ class Job:
     def done(self) -> None:
         if self.release is not None:
             self.release()
-
-
-# Nice value added to each writer thread: copies to slower tiers yield the CPU to
-# the engine's threads (a put, a load) when cores are scarce.
-WRITER_NICENESS = 10
-
-
-def _lower_priority() -> None:
-    """Lower this thread's scheduling priority (Linux: per-thread nice), where the OS allows it."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
-    except (AttributeError, OSError):
-        pass  # not Linux, or not permitted: writers simply keep normal priority
 
 
 class WriteBehind:
@@ -113,7 +100,7 @@ class WriteBehind:
             return (target, key) in self._pending
 
     def _work(self, target: str) -> None:
-        _lower_priority()
+        become_background_worker()
         jobs_queue = self._queues[target]
         while True:
             first = jobs_queue.get()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.background import lower_priority
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
 from kvstore.pending import PendingBlock
@@ -92,6 +93,7 @@ class SlotTier:
 
     def _fault_in(self) -> None:
         """The fault thread: claim the next slice of slots, fault it in, hand its slots out."""
+        lower_priority()  # a put ahead of it takes an unfaulted slot: the engine's threads come first
         per_slice = max(1, _FAULT_SLICE_BYTES // self.layout.block_bytes)
         while not self._stop.is_set():
             with self._lock:

@@ -1,0 +1,71 @@
+"""Background threads leave the cores to the engine's: niced, and their torch ops on one thread."""
+
+import os
+import threading
+
+import pytest
+import torch
+
+from kvstore import KVStore, StoreConfig
+from kvstore.background import BACKGROUND_NICENESS, become_background_worker
+from kvstore.layout import KVLayout
+from kvstore.writebehind import WriteBehind
+
+LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float16, block_tokens=4)
+
+
+def _in_thread(fn):
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", fn()))
+    thread.start()
+    thread.join()
+    return result["value"]
+
+
+def _state() -> tuple[int, int]:
+    """(torch threads, nice value) of the calling thread."""
+    return torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="torch runs one thread here anyway")
+def test_a_background_worker_runs_torch_on_one_thread_and_nobody_else_changes():
+    default = _in_thread(torch.get_num_threads)
+    main_before = _state()
+
+    def worker():
+        become_background_worker()
+        return _state()
+
+    threads, nice = _in_thread(worker)
+    assert threads == 1
+    assert nice == main_before[1] + BACKGROUND_NICENESS
+    assert _state() == main_before  # the caller's thread is untouched
+    assert _in_thread(torch.get_num_threads) == default  # threads started later (an engine's) keep the default
+
+
+def test_write_behind_workers_are_background_workers():
+    seen = []
+
+    def writer(items):
+        seen.append(_state())
+
+    writes = WriteBehind({"disk": writer}, max_blocks=4)
+    try:
+        writes.submit("disk", b"k", torch.zeros(4))
+        writes.flush()
+    finally:
+        writes.close()
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == [(1, main_nice + BACKGROUND_NICENESS)]
+
+
+def test_a_store_with_a_codec_tier_leaves_the_callers_threads_as_they_were(tmp_path):
+    before = _state()
+    config = StoreConfig(model_id="m", host_bytes=8 * LAYOUT.block_bytes, disk_dir=str(tmp_path / "lmdb"),
+                         disk_bytes="4MiB", disk_codec="ec4")
+    kv = torch.randn(LAYOUT.shape(8)).to(LAYOUT.dtype)
+    with KVStore(LAYOUT, config) as store:
+        store.put(list(range(8)), kv)
+        store.flush()
+        assert store.stats()["tiers"]["lmdb"]["blocks"] == 2  # encoded on the (background) writer
+    assert _state() == before
