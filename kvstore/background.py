@@ -1,4 +1,4 @@
-"""Manners for kvstore's background threads: they leave the cores to the engine's threads.
+"""kvstore's background threads: their manners (they leave the cores to the engine's), and a pool for I/O.
 
 A write-behind worker encodes and copies blocks while the engine prefills
 the next request. On a machine with few cores it slowed that prefill in two
@@ -17,8 +17,13 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # Nice value added to a background thread (Linux: per-thread).
 BACKGROUND_NICENESS = 10
@@ -53,3 +58,54 @@ def become_background_worker() -> None:
     """Called first by a thread that encodes or copies blocks in the background."""
     lower_priority()
     single_threaded_torch()
+
+
+class IOPool:
+    """A few threads running one owner's blocking calls (file writes, which release the GIL) side by side.
+
+    The threads start on first use, and again in a forked child: a pool's
+    threads do not survive a fork, and an executor inherited through one
+    queues work nobody runs. Their torch ops run on one thread each (an
+    encoder's), as ``single_threaded_torch`` says. With ``threads == 1``, or
+    after ``close``, calls run in the caller's thread.
+    """
+
+    def __init__(self, threads: int, name: str):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads: expected an integer >= 1, got {threads!r}")
+        self.threads = threads
+        self._name = name
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = 0
+        self._closed = False
+
+    def submit(self, fn: Callable[..., T], *args: object) -> "Future[T]":
+        """Run ``fn(*args)`` on a pool thread; its future."""
+        with self._lock:
+            inline = self.threads == 1 or self._closed
+            if not inline and (self._pool is None or self._pid != os.getpid()):
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=self._name,
+                                                initializer=single_threaded_torch)
+                self._pid = os.getpid()
+            if not inline:
+                return self._pool.submit(fn, *args)
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # the caller sees it from result(), as from a pool thread
+            future.set_exception(exc)
+        return future
+
+    def close(self) -> None:
+        """Wait for the calls submitted so far and stop the threads; later calls run inline. Idempotent."""
+        with self._lock:
+            pool, self._pool, self._closed = self._pool, None, True
+        if pool is not None and self._pid == os.getpid():
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> "IOPool":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

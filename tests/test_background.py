@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvstore import KVStore, StoreConfig
-from kvstore.background import BACKGROUND_NICENESS, become_background_worker
+from kvstore.background import BACKGROUND_NICENESS, IOPool, become_background_worker
 from kvstore.layout import KVLayout
 from kvstore.writebehind import WriteBehind
 
@@ -69,3 +69,43 @@ def test_a_store_with_a_codec_tier_leaves_the_callers_threads_as_they_were(tmp_p
         store.flush()
         assert store.stats()["tiers"]["lmdb"]["blocks"] == 2  # encoded on the (background) writer
     assert _state() == before
+
+
+def test_an_io_pool_runs_calls_on_its_threads_and_inline_when_it_has_one_or_is_closed():
+    here = threading.current_thread().name
+    with IOPool(2, "test-pool") as pool:
+        assert pool.submit(lambda: threading.current_thread().name).result().startswith("test-pool")
+    assert pool.submit(lambda: threading.current_thread().name).result() == here  # closed: inline
+    assert IOPool(1, "one").submit(lambda: threading.current_thread().name).result() == here
+
+
+def test_an_io_pool_hands_back_a_calls_exception():
+    for threads in (1, 2):
+        with IOPool(threads, "test-pool") as pool:
+            with pytest.raises(OSError, match="disk full"):
+                pool.submit(_raise, OSError("disk full")).result()
+
+
+def _raise(exc):
+    raise exc
+
+
+def test_an_io_pool_used_before_a_fork_works_in_the_child():
+    with IOPool(2, "test-pool") as pool:
+        assert pool.submit(lambda: 1).result() == 1  # threads started in the parent
+        pid = os.fork()
+        if pid == 0:  # the child: its inherited executor has no threads; a new one must run this
+            code = 0
+            try:
+                code = 0 if pool.submit(lambda: 2).result(timeout=10) == 2 else 1
+            except BaseException:
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "2"])
+def test_an_io_pool_needs_a_positive_thread_count(bad):
+    with pytest.raises(ValueError, match="threads: expected an integer >= 1"):
+        IOPool(bad, "test-pool")

@@ -54,7 +54,8 @@ def test_bench_quick_prints_every_figure_with_its_ceiling(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     for name, ceiling in (("host put", "Tensor.copy_"), ("host get_into", "Tensor.copy_"),
-                          ("lmdb put (fsync)", "raw write+fsync"), ("lmdb get (warm)", "raw read (warm)")):
+                          ("lmdb put (fsync)", "raw write+fsync"), ("lmdb get (warm)", "raw read (warm)"),
+                          ("lmdb get (promoted)", "raw read (warm)")):
         (line,) = [line for line in lines if line.startswith(name + " ")]
         assert ceiling in line and "ratio" in line
     assert sum("lookup 131072 tokens" in line for line in lines) == 4

@@ -40,7 +40,8 @@ Paths (LMCache's in-process v1 engine, ``LMCacheEngineBuilder.get_or_create``):
           ``engine.lookup(tokens=...)`` and ``LMCacheBypassLookupClient.lookup``
           (vLLM's scheduler-side call when the lookup runs in-process: hash the
           chunks, then ``engine.lookup(hashes=..., offsets=..., pin=True)``).
-  disk    Local-disk backend alone (``local_cpu=False``, ``local_disk=DIR``).
+  disk    Local-disk backend alone (``local_cpu=False``, ``local_disk=DIR``),
+          three prompts' capacity (as kvstore's files tier here): it evicts.
           Store = ``engine.store`` until every chunk is on disk (its writes
           are not fsync'ed); ceiling: the same bytes written one file per
           chunk, no fsync. Warm retrieve = ``engine.retrieve`` of chunks still
@@ -113,6 +114,9 @@ MODEL_NAME = "meta-llama/Meta-Llama-3-8B"
 # warm lookup with a miss right after acknowledging the store, so no retrieve
 # was timed; the sleep is not part of any reported latency.
 SERVER_INTERVAL_S = 0.3
+
+
+DISK_PROMPTS = 3  # the local-disk backend's capacity, in prompts
 
 
 def _mib(n: int) -> str:
@@ -490,7 +494,9 @@ class Bench:
             raw_dir = tempfile.mkdtemp(prefix=f"raw-{ct}-", dir=self.workdir)
             src, out = self.chunks(ct, True), self.chunks(ct, False)
             read_buf = bytearray(ct * BYTES_PER_TOKEN)
-            disk_gb = (total + 1) * plan.prompt_bytes / (1 << 30) + 0.5
+            # Three prompts, as kvstore's files tier holds in kvbench.compare: from the fourth round on both
+            # evict a prompt's chunks for each one stored, as a full cache does.
+            disk_gb = DISK_PROMPTS * plan.prompt_bytes / (1 << 30)
             iid, eng = self.engine(ct, self.connectors.Contiguous(ct), local_cpu=False,
                                    max_local_cpu_size=2 * plan.prompt_bytes / (1 << 30) + 0.25,
                                    local_disk=d, max_local_disk_size=disk_gb)

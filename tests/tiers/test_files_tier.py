@@ -181,6 +181,24 @@ def test_rescan_places_a_block_touched_elsewhere_by_its_mtime(open_tier, disk_di
     assert not os.path.exists(block_path(disk_dir, B))
 
 
+@pytest.mark.parametrize("scans", ["cheap", "costly"])
+def test_a_full_tier_rescans_only_while_scans_take_a_small_share_of_the_time(open_tier, disk_dir, layout, blocks,
+                                                                              scans):
+    """Another process wrote E long ago. Over capacity, a tier whose scans are cheap learns of E and evicts it
+    first; one whose last scan took longer than the time since (a huge shared directory) evicts from its own
+    index without scanning again, until ``rescan_seconds`` pass."""
+    writer, tier = open_tier(4 * BLOCK, rescan_seconds=0), open_tier(3 * BLOCK, rescan_seconds=3600)
+    for key in (A, B, C):
+        tier.put_many([(key, blocks[key])])
+    writer.put_many([(E, blocks[E])])
+    set_mtime(disk_dir, E, 1000)
+    tier._scan_seconds = 0.0 if scans == "cheap" else 3600.0  # what its last scan cost (seconds)
+    assert tier.put_many([(D, blocks[D])]) == 1
+    assert _names(tier) == ["B", "C", "D"] and not os.path.exists(block_path(disk_dir, A))
+    # cheap: E and A went (E the oldest); costly: E stays, unknown, until the next timed rescan
+    assert os.path.exists(block_path(disk_dir, E)) == (scans == "costly")
+
+
 def test_own_order_is_exact_when_mtimes_tie(open_tier, disk_dir, layout, blocks, monkeypatch):
     # A filesystem with a coarse clock: every file this process writes or touches reads back the same mtime.
     tick = 1_700_000_000 * SECOND
@@ -579,3 +597,92 @@ def test_two_processes_write_and_read_one_directory(disk_dir, layout):
         payload = as_bytes(make_kv(layout, 16 if seed % 5 else 1 + seed % 16, seed=seed))
         data = open(path, "rb").read()
         assert data == BlockHeader.for_payload(key, layout.fingerprint, payload).pack() + payload
+
+
+# -- a batch written by several threads ------------------------------------------------------------------
+
+
+def _recording_pwritev(monkeypatch, meet: int = 0, fail_key: bytes | None = None):
+    """Patch the tier's pwritev: record each write's thread; the first ``meet`` writes wait for each other
+    (they can only pass together if they run at once); a write of ``fail_key``'s temp file fails with ENOSPC."""
+    threads, barrier, real = [], threading.Barrier(meet, timeout=10) if meet else None, os.pwritev
+    paths = {}
+
+    def pwritev(fd, buffers, offset):
+        threads.append(threading.current_thread().name)
+        if barrier is not None and len(threads) <= meet:
+            barrier.wait()
+        if fail_key is not None and os.readlink(f"/proc/self/fd/{fd}").find(f".{fail_key.hex()}~") >= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(files_module.os, "pwritev", pwritev)
+    return threads
+
+
+def test_a_batch_is_written_by_several_threads_at_once(open_tier, disk_dir, layout, blocks, monkeypatch):
+    tier = open_tier(10 * BLOCK, write_threads=4)
+    threads = _recording_pwritev(monkeypatch, meet=2)  # deadlocks (BrokenBarrierError) if written one by one
+    assert tier.put_many(list(blocks.items())) == 5
+    assert len(threads) == 5 and all(name.startswith("kvstore-files-write") for name in threads)
+    assert _names(tier) == ["A", "B", "C", "D", "E"]  # indexed in the batch's order, whoever finished first
+    for key, kv in blocks.items():
+        assert_same_kv(_read(tier, layout, key), kv)
+    assert tier.used_bytes() == disk_usage(disk_dir) == 5 * BLOCK
+    assert tier.stats()["blocks_written"] == 5
+
+
+def test_one_write_thread_writes_in_the_callers_thread(open_tier, layout, blocks, monkeypatch):
+    tier = open_tier(10 * BLOCK, write_threads=1)
+    threads = _recording_pwritev(monkeypatch)
+    assert tier.put_many(list(blocks.items())) == 5
+    assert threads == [threading.current_thread().name] * 5
+
+
+@pytest.mark.parametrize("write_threads", [1, 4])
+def test_a_batch_larger_than_the_tier_keeps_its_last_blocks(open_tier, disk_dir, layout, blocks, write_threads):
+    tier = open_tier(3 * BLOCK, write_threads=write_threads)
+    tier.put_many([(A, blocks[A])])
+    assert tier.put_many([(key, blocks[key]) for key in (B, C, D, E)]) == 3  # B was evicted by E
+    assert _names(tier) == ["C", "D", "E"] and disk_usage(disk_dir) == tier.used_bytes() == 3 * BLOCK
+    assert tier.stats()["evictions"] == 2
+    for key in (C, D, E):
+        assert_same_kv(_read(tier, layout, key), blocks[key])
+
+
+def test_a_write_failing_in_a_batch_raises_after_the_others_are_stored(open_tier, disk_dir, layout, blocks,
+                                                                        monkeypatch):
+    tier = open_tier(10 * BLOCK, write_threads=4)
+    _recording_pwritev(monkeypatch, fail_key=C)
+    with pytest.raises(OSError) as raised:
+        tier.put_many(list(blocks.items()))
+    assert raised.value.errno == errno.ENOSPC
+    assert C not in set(tier.keys()) and not os.path.exists(block_path(disk_dir, C))
+    stored = set(tier.keys())
+    assert {A, B} <= stored  # written before the failure was seen; the rest as far as they got
+    for key in stored:
+        assert_same_kv(_read(tier, layout, key), blocks[key])
+    assert all(path.endswith(".kvb") for path in all_files(disk_dir))  # no temp file left behind
+    assert tier.used_bytes() == disk_usage(disk_dir)
+    monkeypatch.undo()
+    assert tier.put_many(list(blocks.items())) == 5  # the disk has room again: the rest is stored
+
+
+def test_a_squatted_path_in_a_batch_rejects_that_block_only(open_tier, disk_dir, layout, blocks):
+    tier = open_tier(10 * BLOCK, write_threads=4)
+    os.makedirs(block_path(disk_dir, B))  # a directory where B's file would go
+    assert tier.put_many(list(blocks.items())) == 4
+    assert _names(tier) == ["A", "C", "D", "E"] and tier.stats()["rejected"] == 1
+    assert tier.used_bytes() == disk_usage(disk_dir) == 4 * BLOCK
+
+
+def test_the_same_key_twice_in_a_batch_is_written_once(open_tier, disk_dir, layout, blocks):
+    tier = open_tier(10 * BLOCK, write_threads=4)
+    assert tier.put_many([(A, blocks[A]), (A, blocks[A]), (B, blocks[B])]) == 3  # counts items held
+    assert tier.stats()["blocks_written"] == 2 and disk_usage(disk_dir) == 2 * BLOCK
+
+
+def test_write_threads_must_be_a_positive_integer(disk_dir, layout):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads"):
+            FilesTier(disk_dir, 10 * BLOCK, layout, write_threads=bad)
