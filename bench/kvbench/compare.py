@@ -18,8 +18,9 @@ layout ``[2, num_blocks, 16, H, D]`` per layer at random block ids, ratio to
 seconds); ``disk`` store (GB/s, no fsync, as LMCache's local disk) and
 retrieve (warm, ratio to a raw read of the same bytes); ``server``
 store/retrieve through a store whose only tier is a ``kvstore serve`` on
-loopback (GB/s). The host tier holds three prompts: later rounds evict, as
-a full cache does.
+loopback (GB/s). The host tier and the files tier hold three prompts (as
+LMCache's local disk does in the peer script): later rounds evict, as a
+full cache does.
 """
 
 from __future__ import annotations

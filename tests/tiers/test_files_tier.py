@@ -606,7 +606,6 @@ def _recording_pwritev(monkeypatch, meet: int = 0, fail_key: bytes | None = None
     """Patch the tier's pwritev: record each write's thread; the first ``meet`` writes wait for each other
     (they can only pass together if they run at once); a write of ``fail_key``'s temp file fails with ENOSPC."""
     threads, barrier, real = [], threading.Barrier(meet, timeout=10) if meet else None, os.pwritev
-    paths = {}
 
     def pwritev(fd, buffers, offset):
         threads.append(threading.current_thread().name)
