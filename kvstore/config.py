@@ -40,7 +40,7 @@ class StoreConfig:
     - ``disk_dir`` / ``disk_bytes`` / ``disk_sync``: the LMDB tier on local NVMe.
     - ``files_dir`` / ``files_bytes`` / ``files_sync`` / ``files_o_direct``:
       one file per block on shared storage, safe for many processes at once;
-      ``files_write_threads`` files of a batch are written at once.
+      ``files_io_threads`` files of a batch are written, or read, at once.
 
     Placement (see ``kvstore/placement.py``):
 
@@ -123,7 +123,7 @@ class StoreConfig:
     files_bytes: int | str = "64GiB"
     files_sync: bool = True
     files_o_direct: bool = False
-    files_write_threads: int = 4
+    files_io_threads: int = 4
     write_policy: str = "write_through"
     host_write_policy: str | None = None
     disk_write_policy: str | None = None
@@ -197,7 +197,7 @@ class StoreConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         _check_choice("prefetch_policy", self.prefetch_policy, PREFETCH_POLICIES)
-        for name in ("disk_admit_after", "files_admit_after", "files_write_threads", "write_queue_blocks",
+        for name in ("disk_admit_after", "files_admit_after", "files_io_threads", "write_queue_blocks",
                      "prefetch_workers", "prefetch_queue_blocks", "load_lookahead_layers", "remote_connections",
                      "remote_admit_after", "redis_admit_after"):
             value = getattr(self, name)

@@ -49,6 +49,7 @@ from concurrent.futures import Future
 from typing import NamedTuple
 
 import torch
+import xxhash
 
 from kvstore.background import IOPool
 from kvstore.blockformat import ENCODING_RAW, HEADER_BYTES, BlockHeader
@@ -77,6 +78,7 @@ _NOT_A_FILE = (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.ENODEV)
 _NO_FILE = (*_GONE, errno.ENOTDIR, errno.EAGAIN)
 _FRAME_SLACK = 4096  # bytes a codec's frame may exceed the raw block by (frame header, zstd block headers)
 _STAMP_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)  # atime stamp on a read-only or foreign file
+_SPLIT_READ_BYTES = 8 << 20  # a raw payload this large is read in parts side by side
 # A scan forced by a full tier waits until scans have taken at most this share of the time since the last began.
 _SCAN_TIME_SHARE = 0.1
 
@@ -98,12 +100,12 @@ def _round_up(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def _transfer(call: Callable[[int, list, int], int], fd: int, buffers: Sequence[object]) -> int:
-    """``os.preadv``/``os.pwritev`` ``buffers`` from file offset 0 until done or end of file; bytes moved."""
+def _transfer(call: Callable[[int, list, int], int], fd: int, buffers: Sequence[object], offset: int = 0) -> int:
+    """``os.preadv``/``os.pwritev`` ``buffers`` from file ``offset`` until done or end of file; bytes moved."""
     views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
     done = 0
     while views:
-        n = call(fd, views, done)
+        n = call(fd, views, offset + done)
         if n == 0:
             break
         done += n
@@ -113,6 +115,20 @@ def _transfer(call: Callable[[int, list, int], int], fd: int, buffers: Sequence[
             else:
                 views[0], n = views[0][n:], 0
     return done
+
+
+def _split(views: Sequence[memoryview], parts: int) -> list[list[memoryview]]:
+    """``views`` cut into ``parts`` runs of about equal bytes, in order (a view may be cut in two)."""
+    total = sum(view.nbytes for view in views)
+    groups: list[list[memoryview]] = [[] for _ in range(parts)]
+    at = 0
+    for view in views:
+        while view.nbytes:
+            group = min(at * parts // total, parts - 1)
+            take = min(view.nbytes, (group + 1) * total // parts - at) or view.nbytes
+            groups[group].append(view[:take])
+            view, at = view[take:], at + take
+    return [group for group in groups if group]
 
 
 def _unlink(path: str, same: os.stat_result | None = None) -> bool:
@@ -195,7 +211,7 @@ class FilesTier:
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, *,
                  sync: bool = True, o_direct: bool = False, stale_temp_seconds: float = 300.0,
-                 rescan_seconds: float = 5.0, codec: FrameCodec | None = None, write_threads: int = 4):
+                 rescan_seconds: float = 5.0, codec: FrameCodec | None = None, io_threads: int = 4):
         full = layout.block_bytes + HEADER_BYTES
         if capacity_bytes < full:
             raise ValueError(f"files_bytes: expected at least one block ({full} bytes), got {capacity_bytes}")
@@ -227,7 +243,8 @@ class FilesTier:
         self._last_scan = 0.0  # when the last scan ended (monotonic seconds)
         self._scan_seconds = 0.0  # how long it took
         self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale", "temp_removed", "o_direct_fallbacks")
-        self._writers = IOPool(write_threads, "kvstore-files-write")
+        self._writers = IOPool(io_threads, "kvstore-files-write")
+        self._readers = IOPool(io_threads, "kvstore-files-read")  # reads never wait behind a batch of writes
         self._rescan(clean_temps=True)
 
     @property
@@ -388,7 +405,7 @@ class FilesTier:
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """Write each block not yet present (here or by another process) atomically; count those stored.
 
-        Up to ``write_threads`` files are written at once (a file write
+        Up to ``io_threads`` files are written at once (a file write
         releases the GIL; two threads wrote 256 MiB of new files in 54% of
         one's time here). Room is made block by block as if they were
         written one after another; a block that does not fit beside the
@@ -614,15 +631,51 @@ class FilesTier:
         ``preadv``); None if the file holds something else."""
         expected = sum(view.nbytes for view in views)
         header = bytearray(HEADER_BYTES)
-        total = _transfer(os.preadv, fd, [header, *views, bytearray(1)])
+        total, digest = self._read_parts(fd, header, views, expected)
         parsed = BlockHeader.unpack(header) if total >= HEADER_BYTES else None
         if parsed is None or parsed.key != key or parsed.layout != self._fingerprint:
             return CORRUPT
         if parsed.length != expected or parsed.encoding != ENCODING_RAW:
             return None  # another size, or a frame: the general path decides
-        if total != HEADER_BYTES + expected or not parsed.verifies_parts(key, self._fingerprint, views):
+        if total != HEADER_BYTES + expected or parsed.checksum != digest.intdigest():
             return CORRUPT  # truncated, too long, or the checksum does not match
         return INTACT
+
+    def _read_parts(self, fd: int, header: bytearray, views: list[memoryview],
+                    expected: int) -> tuple[int, "xxhash.xxh3_64"]:
+        """Read ``header`` and ``views`` from the file, and one byte more (it must not be there): bytes read,
+        and the checksum of what ``views`` hold.
+
+        A payload of ``_SPLIT_READ_BYTES`` or more is read in ``io_threads``
+        parts (at most one per core) side by side, each part checksummed as soon as it and those
+        before it are in (one thread copying from the page cache leaves the
+        other cores idle: a store read 256 MiB of 32 MiB blocks in 45 ms
+        this way before, 35 ms with two parts). Only this block's slice of
+        ``out`` is read into, so a failed block leaves the ones after it
+        untouched.
+        """
+        tail, digest = bytearray(1), xxhash.xxh3_64()
+        parts = min(self._readers.threads, os.cpu_count() or 1)  # copying from the page cache takes a core each
+        groups = _split(views, parts) if expected >= _SPLIT_READ_BYTES else [views]
+        later, offset = [], HEADER_BYTES + sum(view.nbytes for view in groups[0])
+        for n, group in enumerate(groups[1:], 2):
+            last = [tail] if n == len(groups) else []
+            later.append(self._readers.submit(_transfer, os.preadv, fd, group + last, offset))
+            offset += sum(view.nbytes for view in group)
+        total, error = 0, None
+        try:
+            total = _transfer(os.preadv, fd, [header, *groups[0], *([] if later else [tail])])
+        finally:
+            for group, future in zip(groups, [None, *later]):  # every read ends before the file is closed
+                try:
+                    total += future.result() if future is not None else 0
+                except Exception as exc:
+                    error = error or exc
+                for view in group:
+                    digest.update(view)
+        if error is not None:
+            raise error
+        return total, digest
 
     def _read_whole(self, fd: int, direct: bool, key: bytes, out: torch.Tensor, size: int) -> str:
         """Read the whole file (``size`` bytes when opened, at most size + 1 read) into a buffer, check its
@@ -663,6 +716,7 @@ class FilesTier:
         """Finish the writes under way and forget the in-memory index; the files stay (they are the shared
         cache). Idempotent."""
         self._writers.close()
+        self._readers.close()
         with self._lock:
             self._index.clear()
             self._used = 0
@@ -671,7 +725,7 @@ class FilesTier:
 def _build(layout: KVLayout, config: StoreConfig) -> FilesTier:
     return FilesTier(config.files_dir, config.files_bytes, layout, sync=config.files_sync,
                      o_direct=config.files_o_direct, codec=get_codec(config.files_codec),
-                     write_threads=config.files_write_threads)
+                     io_threads=config.files_io_threads)
 
 
 SPEC = TierSpec(

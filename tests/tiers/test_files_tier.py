@@ -20,6 +20,7 @@ from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.tiers import files as files_module
 from kvstore.tiers.base import Tier
 from kvstore.tiers.files import FilesTier
+from kvstore import KVStore, StoreConfig
 
 from tierkit import A, B, C, D, E, block_path, files_tiers, make_blocks, names as _names, read as _read
 
@@ -539,6 +540,7 @@ import hashlib, sys, time
 import torch
 from conftest import as_bytes, make_kv, tiny_layout
 from kvstore.tiers.files import FilesTier
+from kvstore import KVStore, StoreConfig
 
 def key_of(seed):
     return hashlib.sha256(b"block %d" % seed).digest()
@@ -620,7 +622,7 @@ def _recording_pwritev(monkeypatch, meet: int = 0, fail_key: bytes | None = None
 
 
 def test_a_batch_is_written_by_several_threads_at_once(open_tier, disk_dir, layout, blocks, monkeypatch):
-    tier = open_tier(10 * BLOCK, write_threads=4)
+    tier = open_tier(10 * BLOCK, io_threads=4)
     threads = _recording_pwritev(monkeypatch, meet=2)  # deadlocks (BrokenBarrierError) if written one by one
     assert tier.put_many(list(blocks.items())) == 5
     assert len(threads) == 5 and all(name.startswith("kvstore-files-write") for name in threads)
@@ -632,15 +634,15 @@ def test_a_batch_is_written_by_several_threads_at_once(open_tier, disk_dir, layo
 
 
 def test_one_write_thread_writes_in_the_callers_thread(open_tier, layout, blocks, monkeypatch):
-    tier = open_tier(10 * BLOCK, write_threads=1)
+    tier = open_tier(10 * BLOCK, io_threads=1)
     threads = _recording_pwritev(monkeypatch)
     assert tier.put_many(list(blocks.items())) == 5
     assert threads == [threading.current_thread().name] * 5
 
 
-@pytest.mark.parametrize("write_threads", [1, 4])
-def test_a_batch_larger_than_the_tier_keeps_its_last_blocks(open_tier, disk_dir, layout, blocks, write_threads):
-    tier = open_tier(3 * BLOCK, write_threads=write_threads)
+@pytest.mark.parametrize("io_threads", [1, 4])
+def test_a_batch_larger_than_the_tier_keeps_its_last_blocks(open_tier, disk_dir, layout, blocks, io_threads):
+    tier = open_tier(3 * BLOCK, io_threads=io_threads)
     tier.put_many([(A, blocks[A])])
     assert tier.put_many([(key, blocks[key]) for key in (B, C, D, E)]) == 3  # B was evicted by E
     assert _names(tier) == ["C", "D", "E"] and disk_usage(disk_dir) == tier.used_bytes() == 3 * BLOCK
@@ -651,7 +653,7 @@ def test_a_batch_larger_than_the_tier_keeps_its_last_blocks(open_tier, disk_dir,
 
 def test_a_write_failing_in_a_batch_raises_after_the_others_are_stored(open_tier, disk_dir, layout, blocks,
                                                                         monkeypatch):
-    tier = open_tier(10 * BLOCK, write_threads=4)
+    tier = open_tier(10 * BLOCK, io_threads=4)
     _recording_pwritev(monkeypatch, fail_key=C)
     with pytest.raises(OSError) as raised:
         tier.put_many(list(blocks.items()))
@@ -668,7 +670,7 @@ def test_a_write_failing_in_a_batch_raises_after_the_others_are_stored(open_tier
 
 
 def test_a_squatted_path_in_a_batch_rejects_that_block_only(open_tier, disk_dir, layout, blocks):
-    tier = open_tier(10 * BLOCK, write_threads=4)
+    tier = open_tier(10 * BLOCK, io_threads=4)
     os.makedirs(block_path(disk_dir, B))  # a directory where B's file would go
     assert tier.put_many(list(blocks.items())) == 4
     assert _names(tier) == ["A", "C", "D", "E"] and tier.stats()["rejected"] == 1
@@ -676,12 +678,75 @@ def test_a_squatted_path_in_a_batch_rejects_that_block_only(open_tier, disk_dir,
 
 
 def test_the_same_key_twice_in_a_batch_is_written_once(open_tier, disk_dir, layout, blocks):
-    tier = open_tier(10 * BLOCK, write_threads=4)
+    tier = open_tier(10 * BLOCK, io_threads=4)
     assert tier.put_many([(A, blocks[A]), (A, blocks[A]), (B, blocks[B])]) == 3  # counts items held
     assert tier.stats()["blocks_written"] == 2 and disk_usage(disk_dir) == 2 * BLOCK
 
 
-def test_write_threads_must_be_a_positive_integer(disk_dir, layout):
+def test_io_threads_must_be_a_positive_integer(disk_dir, layout):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads"):
-            FilesTier(disk_dir, 10 * BLOCK, layout, write_threads=bad)
+            FilesTier(disk_dir, 10 * BLOCK, layout, io_threads=bad)
+
+
+# -- a large block read in parts side by side --------------------------------------------------------------
+
+BIG = tiny_layout(num_layers=8, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_tokens=256)  # 8 MiB
+
+
+@pytest.fixture
+def four_cores(monkeypatch):
+    """Reads split a large block into one part per core, up to io_threads: make it four parts here."""
+    monkeypatch.setattr(files_module.os, "cpu_count", lambda: 4)
+
+
+@pytest.mark.parametrize("io_threads", [1, 2, 4])
+def test_a_large_block_read_in_parts_is_exact(open_tier, disk_dir, four_cores, io_threads):
+    assert BIG.block_bytes >= files_module._SPLIT_READ_BYTES
+    tier = open_tier(4 * (BIG.block_bytes + HEADER_BYTES), lay=BIG, io_threads=io_threads)
+    kv = make_kv(BIG, 3 * 256, seed=3)
+    blocks = {key: kv[:, :, i * 256:(i + 1) * 256] for i, key in enumerate((A, B, C))}  # strided slices
+    assert tier.put_many(list(blocks.items())) == 3
+    out = torch.zeros(BIG.shape(3 * 256), dtype=BIG.dtype)
+    for i, key in enumerate((A, B, C)):
+        assert tier.get_into(key, out[:, :, i * 256:(i + 1) * 256])
+    assert_same_kv(out, kv)
+    assert tier.stats()["hits"] == 3 and tier.stats()["corrupt"] == 0
+
+
+@pytest.mark.parametrize("damage", ["first-part", "last-part", "truncated", "one-byte-longer"])
+def test_damage_anywhere_in_a_large_block_read_in_parts_is_a_miss(open_tier, disk_dir, four_cores, damage):
+    tier = open_tier(4 * (BIG.block_bytes + HEADER_BYTES), lay=BIG, io_threads=4)
+    kv = make_kv(BIG, 256, seed=4)
+    assert tier.put_many([(A, kv)]) == 1
+    path = block_path(disk_dir, A)
+    data = bytearray(open(path, "rb").read())
+    if damage == "first-part":
+        data[HEADER_BYTES + 10] ^= 0x01
+    elif damage == "last-part":
+        data[-10] ^= 0x01
+    elif damage == "truncated":
+        data = data[:-4096]
+    else:
+        data += b"\0"
+    open(path, "wb").write(data)
+    out = torch.zeros(BIG.shape(256), dtype=BIG.dtype)
+    assert not tier.get_into(A, out)
+    assert tier.stats()["corrupt"] == 1 and not os.path.exists(path) and not tier.contains(A)
+
+
+def test_a_damaged_large_block_leaves_the_blocks_after_it_untouched(tmp_path, four_cores):
+    config = StoreConfig(host_bytes=0, files_dir=str(tmp_path / "files"), files_sync=False, slow_factor=1e9)
+    tokens, kv = list(range(3 * 256)), make_kv(BIG, 3 * 256, seed=5)
+    with KVStore(BIG, config) as store:
+        assert store.put(tokens, kv) == 3
+        keys = [ref.key for ref in store.block_keys(tokens)]
+    path = block_path(tmp_path / "files", keys[1])
+    data = bytearray(open(path, "rb").read())
+    data[-100] ^= 0x01  # in the part another thread reads
+    open(path, "wb").write(data)
+    with KVStore(BIG, config) as store:
+        out = torch.full(BIG.shape(3 * 256), 7.0, dtype=BIG.dtype)
+        assert store.get_into(tokens, out) == 256
+        assert_same_kv(out[:, :, :256], kv[:, :, :256])
+        assert torch.equal(out[:, :, 512:], torch.full(BIG.shape(256), 7.0, dtype=BIG.dtype))
