@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from first_pass_ttft import first_pass_ratios, main
 from kvbench.serving import ServingSettings
 from kvbench.workloads import WorkloadSettings
-from kvstore.integrations.demo import build_model
 
-import pytest
+from kvstore.integrations.demo import build_model
 
 QUICK = ServingSettings.quick()
 
