@@ -8,6 +8,7 @@ The pytest-benchmark suites under ``bench/`` reuse these pieces.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import statistics
@@ -205,10 +206,10 @@ def promoted_get_pair(directory: Path, repeat: int, layout: KVLayout = LLAMA3_8B
         for tokens in stored:
             store.put(tokens, kv)
         store.flush()
-        turn = iter(range(1 << 62))
+        in_turn = itertools.cycle(stored)
 
         def get() -> None:
-            if store.get_into(stored[next(turn) % 2], out) != layout.block_tokens:
+            if store.get_into(next(in_turn), out) != layout.block_tokens:
                 raise RuntimeError("promoted get benchmark: a stored block was not read back")
         return alternate("lmdb get (promoted)", layout.block_bytes, get,
                          lambda: raw_read(directory / "raw.bin", buffer), "raw read (warm)", 0.9, repeat)

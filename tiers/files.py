@@ -120,12 +120,14 @@ def _transfer(call: Callable[[int, list, int], int], fd: int, buffers: Sequence[
 def _split(views: Sequence[memoryview], parts: int) -> list[list[memoryview]]:
     """``views`` cut into ``parts`` runs of about equal bytes, in order (a view may be cut in two)."""
     total = sum(view.nbytes for view in views)
+    ends = [(n + 1) * total // parts for n in range(parts)]  # where each run ends, in bytes
     groups: list[list[memoryview]] = [[] for _ in range(parts)]
-    at = 0
+    at = group = 0
     for view in views:
         while view.nbytes:
-            group = min(at * parts // total, parts - 1)
-            take = min(view.nbytes, (group + 1) * total // parts - at) or view.nbytes
+            while at >= ends[group]:
+                group += 1
+            take = min(view.nbytes, ends[group] - at)
             groups[group].append(view[:take])
             view, at = view[take:], at + take
     return [group for group in groups if group]
@@ -247,6 +249,7 @@ class FilesTier:
         self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale", "temp_removed", "o_direct_fallbacks")
         self._writers = IOPool(io_threads, "kvstore-files-write")
         self._readers = IOPool(io_threads, "kvstore-files-read")  # reads never wait behind a batch of writes
+        self._parts_per_read = min(io_threads, os.cpu_count() or 1)  # a page-cache copy takes a core per part
         self._rescan(clean_temps=True)
 
     @property
@@ -659,8 +662,7 @@ class FilesTier:
         ones after it untouched.
         """
         tail, digest = bytearray(1), xxhash.xxh3_64()
-        parts = min(self._readers.threads, os.cpu_count() or 1)  # copying from the page cache takes a core each
-        groups = _split(views, parts) if expected >= _SPLIT_READ_BYTES else [views]
+        groups = _split(views, self._parts_per_read) if expected >= _SPLIT_READ_BYTES else [views]
         later, offset = [], HEADER_BYTES + sum(view.nbytes for view in groups[0])
         for n, group in enumerate(groups[1:], 2):
             last = [tail] if n == len(groups) else []

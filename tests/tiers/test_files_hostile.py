@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import pwd
@@ -27,7 +28,7 @@ import threading
 import pytest
 import torch
 
-from conftest import assert_same_kv, mounted_tmpfs, remount, run_python
+from conftest import assert_same_kv, make_kv, mounted_tmpfs, remount, run_python
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.compression.registry import get_codec
 from kvstore.tiers.files import FilesTier
@@ -400,6 +401,36 @@ def test_read_only_filesystem_still_serves_reads(tmpfs, layout, blocks):
         os.utime(paths[A])
     assert info.value.errno == errno.EROFS  # the filesystem really is read-only
     check_serves_reads(root, layout, blocks, paths, stamp_refused=True)
+
+
+def test_a_batch_filling_a_real_filesystem_stores_what_fits_and_raises(tmpfs, layout):
+    """A batch written by four threads onto a 1 MiB tmpfs with room for far fewer blocks than it holds: the
+    disk's ENOSPC is raised once every write has ended; each block indexed reads back exact, no temp file
+    is left, the tier counts what is on disk, and writes resume once there is room."""
+    done = remount(tmpfs, "size=1m")
+    assert done.returncode == 0, done.stderr
+    root = tmpfs / "kv"
+    keys = [hashlib.sha256(b"%d" % i).digest() for i in range(300)]
+    kv = {key: make_kv(layout, 16, seed=i) for i, key in enumerate(keys)}
+    tier = FilesTier(root, 400 * BLOCK, layout, sync=False, io_threads=4)
+    try:
+        with pytest.raises(OSError) as raised:
+            tier.put_many([(key, kv[key]) for key in keys])
+        assert raised.value.errno == errno.ENOSPC
+        stored = list(tier.keys())
+        assert 0 < len(stored) < len(keys)
+        for key in stored:
+            assert_same_kv(_read(tier, layout, key), kv[key])
+        files = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
+        assert all(path.endswith(".kvb") for path in files)  # every failed write's temp file is gone
+        assert tier.used_bytes() == sum(os.path.getsize(path) for path in files) == len(stored) * BLOCK
+        for key in stored[:len(stored) // 2]:
+            assert tier.delete(key)
+        late, late_kv = hashlib.sha256(b"late").digest(), make_kv(layout, 16, seed=1000)
+        assert tier.put_many([(late, late_kv)]) == 1  # room again: a new block is stored
+        assert_same_kv(_read(tier, layout, late), late_kv)
+    finally:
+        tier.close()
 
 
 @contextlib.contextmanager

@@ -613,7 +613,7 @@ def _recording_pwritev(monkeypatch, meet: int = 0, fail_key: bytes | None = None
         threads.append(threading.current_thread().name)
         if barrier is not None and len(threads) <= meet:
             barrier.wait()
-        if fail_key is not None and os.readlink(f"/proc/self/fd/{fd}").find(f".{fail_key.hex()}~") >= 0:
+        if fail_key is not None and f".{fail_key.hex()}~" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, buffers, offset)
 
