@@ -21,7 +21,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -193,6 +193,22 @@ class TierStack:
             if self.contains(level, key):
                 return level
         return None
+
+    def held_run(self, keys: Iterable[bytes]) -> int:
+        """How many leading ``keys`` some available level holds; draws no key past the first miss.
+
+        ``where`` per key in one loop: a lookup of a long prompt asks this of every block.
+        """
+        levels, contains = self.levels, self.contains
+        held = 0
+        for key in keys:
+            for level in levels:
+                if contains(level, key):
+                    break
+            else:
+                return held
+            held += 1
+        return held
 
     def prefix_length(self, level: Level, keys: Sequence[bytes]) -> int:
         return self.guarded(level, "prefix_length", lambda: level.tier.prefix_length(keys), 0)

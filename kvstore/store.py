@@ -204,16 +204,14 @@ class KVStore:
     def lookup(self, tokens: Tokens, salt: Salt = None) -> int:
         """Number of leading tokens of ``tokens`` whose KV is stored in some tier (partial tail included)."""
         self._check_open()
-        total = len(tokens)
         if self.stack.batch:
             blocks = self._keys.blocks(tokens, salt)
+            total = len(tokens)
             found = num_tokens_of(blocks[:len(self.stack.locate([b.key for b in blocks]))])
         else:  # keys are chained lazily: a miss early on hashes no more blocks
-            found = 0
-            for block in self._keys.iter_blocks(tokens, salt):
-                if self.stack.where(block.key) is None:
-                    break
-                found = block.end
+            keys = self._keys.iter_keys(tokens, salt)  # checks tokens before any tier is asked
+            total = len(tokens)
+            found = min(total, self.stack.held_run(keys) * self._keys.block_tokens)
         counters = self._flow.counters
         counters.add("lookups")
         counters.add("lookup_tokens", total)

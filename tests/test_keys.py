@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvstore import KeyChain, KVLayout
-from kvstore.keys import token_bytes
+from kvstore.keys import HASHES, token_bytes
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "keys.md"
 TOKENS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
@@ -114,3 +117,41 @@ def test_unknown_hash_and_empty_model_rejected():
         KeyChain("m", b"\x00" * 16, 4, "md5")
     with pytest.raises(ValueError, match="model_id"):
         KeyChain("", b"\x00" * 16, 4)
+
+
+SPELLED_OUT = {  # each registered hash, fed the way docs/keys.md spells it: update(parent), update(block)
+    "sha256": hashlib.sha256,
+    "blake2b": lambda: hashlib.blake2b(digest_size=32),
+    "xxh3_128": xxhash.xxh3_128,
+}
+
+
+def _spelled_out_keys(chain: KeyChain, name: str, tokens: list[int]) -> list[bytes]:
+    keys, parent, n = [], chain.root(), chain.block_tokens
+    for start in range(0, len(tokens), n):
+        h = SPELLED_OUT[name]()
+        block = tokens[start:start + n]
+        if len(block) < n:
+            h.update(b"P")
+        h.update(parent)
+        h.update(struct.pack(f"<{len(block)}I", *block))
+        parent = h.digest()
+        keys.append(parent)
+    return keys
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(sorted(SPELLED_OUT)), block_tokens=st.integers(1, 9),
+       tokens=st.lists(st.integers(0, 2**32 - 1), max_size=40))
+def test_keys_follow_the_spec_for_every_hash(name, block_tokens, tokens):
+    chain = KeyChain("m", b"\x01" * 16, block_tokens, name)
+    expected = _spelled_out_keys(chain, name, tokens)
+    blocks = chain.blocks(tokens)
+    assert [b.key for b in blocks] == expected
+    assert list(chain.iter_keys(tokens)) == expected
+    assert [(b.start, b.end) for b in blocks] == [(s, min(s + block_tokens, len(tokens)))
+                                                  for s in range(0, len(tokens), block_tokens)]
+
+
+def test_key_registry_covers_every_hash():
+    assert set(SPELLED_OUT) == set(HASHES)

@@ -363,6 +363,10 @@ BAD_PUTS = {
                       ["expected a 1-D array", "got shape [4, 4]"]),
     "string ids": (lambda t, lay: ("hello world", torch.zeros(lay.shape(11), dtype=torch.float16)),
                    ["expected a list of ints", "got str"]),
+    "one int for ids": (lambda t, lay: (7, torch.zeros(lay.shape(1), dtype=torch.float16)),
+                        ["expected a list of ints", "got int"]),
+    "generator ids": (lambda t, lay: ((x for x in t[:16]), torch.zeros(lay.shape(16), dtype=torch.float16)),
+                      ["expected a list of ints", "got generator"]),
 }
 
 
@@ -386,9 +390,9 @@ def test_bad_put_rejected_and_store_unchanged(make_store, kv_for, case, mode):
     assert store.stats() == before_after_probe  # nothing counted, nothing stored
     assert _state(store, probes)[1] == before[1] == [40, 16, 16]
     assert_same_kv(store.get(tokens), kv)
-    # Bad token ids are rejected by lookup and get too, with the same message.
+    # Bad token ids are rejected by lookup, get, plan and prefetch too, with the same message.
     if not case.startswith("kv") and "kv tokens" not in case:
-        for call in (store.lookup, store.get):
+        for call in (store.lookup, store.get, store.plan, store.prefetch):
             with pytest.raises(ValueError) as again:
                 call(bad_tokens)
             assert str(again.value) == str(info.value)
