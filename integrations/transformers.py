@@ -70,6 +70,7 @@ from transformers import DynamicCache
 
 from kvstore import KVLayout, KVStore
 from kvstore.compression.fidelity import cache_argument
+from kvstore.integrations.continued_attention import use_continued_attention
 from kvstore.prefetch import PrefetchHandle
 
 Salt = str | bytes | None
@@ -196,6 +197,10 @@ class CachedModel:
     hit across salts); a per-call ``salt`` overrides it. ``save_generated``:
     after ``generate``, also save the generated tokens' KV (what the next
     turn of a chat reuses). ``last_info`` is the latest ``RequestInfo``.
+
+    A model using ``sdpa`` is switched to ``continued_attention.NAME``: the
+    same attention, computed in two parts when a prefill continues a loaded
+    prefix on CPU (``continued_attention`` is True when it was switched).
     """
 
     def __init__(self, model: Any, store: KVStore, *, salt: Salt = None, save_generated: bool = True):
@@ -213,6 +218,9 @@ class CachedModel:
         self.save_generated = save_generated
         self.last_info: RequestInfo | None = None
         self._cache_kwarg = cache_argument(model)  # transformers renamed it; the old name warns
+        # sdpa computes a prefill after a loaded prefix over the whole masked rectangle (slower, on CPU, than
+        # prefilling the prefix too); the variant computes the same attention at the cost of a cold prefill
+        self.continued_attention = use_continued_attention(model)
 
     @property
     def device(self) -> torch.device:
