@@ -121,7 +121,8 @@ class TierHealth:
         self._baseline: deque[float] = deque(maxlen=baseline_reads)  # seconds per byte
         self._since_baseline = 0  # reads since the last (re)baseline
         self._rebaseline = False  # degraded for slowness: clear the windows when probing starts
-        self._bandwidth = 0.0  # bytes per second
+        self._bandwidth = 0.0  # bytes per second, as of the last time it was asked for
+        self._bandwidth_stale = False  # reads recorded since: recomputed when asked, not on every read
         self._error_rate = 0.0
         self._errors = 0
         self._degradations = 0
@@ -135,6 +136,7 @@ class TierHealth:
                 self._state = PROBING
                 if self._rebaseline:
                     self._rebaseline = False
+                    self._current_bandwidth()  # the estimate keeps the window's last median
                     self._recent.clear()
                     self._baseline.clear()
                     self._since_baseline = 0
@@ -148,7 +150,7 @@ class TierHealth:
             self._recent.append((cost, seconds))
             self._baseline.append(cost)
             self._since_baseline += 1
-            self._bandwidth = 1.0 / statistics.median([c for c, _ in self._recent])
+            self._bandwidth_stale = True
             self._error_rate *= 1 - ALPHA
             if self._state == PROBING:
                 self._state = HEALTHY
@@ -189,6 +191,15 @@ class TierHealth:
     @property
     def read_bandwidth(self) -> float:
         """Bytes/s: 1 / the median cost of the last W reads; 0.0 before the first read."""
+        with self._lock:
+            return self._current_bandwidth()
+
+    def _current_bandwidth(self) -> float:
+        """Under the lock. A host-RAM hit reads a block in tens of microseconds, so the median is taken
+        when the planner asks (once a request), not on every read."""
+        if self._bandwidth_stale and self._recent:
+            self._bandwidth = 1.0 / statistics.median([c for c, _ in self._recent])
+        self._bandwidth_stale = False
         return self._bandwidth
 
     @property
@@ -201,8 +212,8 @@ class TierHealth:
         """State, read bandwidth estimate (bytes/s), error rate (moving), errors and degradations."""
         state = self.state
         with self._lock:
-            return {"state": state, "read_bandwidth": round(self._bandwidth), "error_rate": round(self._error_rate, 4),
-                    "errors": self._errors, "degradations": self._degradations}
+            return {"state": state, "read_bandwidth": round(self._current_bandwidth()),
+                    "error_rate": round(self._error_rate, 4), "errors": self._errors, "degradations": self._degradations}
 
 
 

@@ -74,6 +74,7 @@ class SlotTier:
             pool = torch.empty(numel, dtype=layout.dtype, device=device, pin_memory=pin_memory)
             pool.view(torch.uint8).zero_()  # fault every page in now, not on the hot path
         self._pool = pool.view(self._slots, layout.block_bytes // layout.element_bytes)
+        self._block_shape = layout.block_shape
         self.on_evict = on_evict
         self._lock = threading.Lock()
         self._faulted = threading.Condition(self._lock)  # a slice's slots became free
@@ -139,6 +140,8 @@ class SlotTier:
             return len(self._index) * self.layout.block_bytes
 
     def _view(self, slot: int, num_tokens: int) -> torch.Tensor:
+        if num_tokens == self._block_shape[2]:  # a full block is its slot's whole row: one index, no slice
+            return self._pool[slot].view(self._block_shape)
         shape = self.layout.shape(num_tokens)
         return self._pool[slot, : self.layout.token_bytes // self.layout.element_bytes * num_tokens].view(shape)
 
@@ -276,7 +279,7 @@ class SlotTier:
         """``get_into``, and the lossy codec the bytes copied out went through (None: exact)."""
         with self._lock:
             entry = self._index.get(key)
-            if entry is not None and self.layout.shape(entry.num_tokens) == tuple(out.shape):
+            if entry is not None and out.shape == self.layout.shape(entry.num_tokens):
                 entry.pins += 1
                 self._index.move_to_end(key)
             else:
