@@ -246,11 +246,23 @@ class BlockFlow:
             if run:
                 got = self._read_run(keys[n:n + run], dsts[n:n + run])
             else:
-                got = int(self.read_block(keys[n], dsts[n]))
+                got = (self._read_fastest_run(keys[n:n + BATCH_READ_BLOCKS], dsts[n:n + BATCH_READ_BLOCKS])
+                       or int(self.read_block(keys[n], dsts[n])))
             if not got:
                 break
             n += got
         return n
+
+    def _read_fastest_run(self, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
+        """Read the leading ``keys`` the fastest level holds, if it is a memory level, in one call; returns
+        blocks read (0: the first key is not there, and ``read_block`` asks every level for it)."""
+        level = self.stack.fastest
+        if level is None or not level.slots:
+            return 0
+        marks = self.stack.read_run(level, keys, dsts)
+        for key, dst, lossy in zip(keys, dsts, marks):
+            self._was_read(level, key, dst, lossy)
+        return len(marks)
 
     def _read_run(self, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
         """Read ``keys`` from the first batch level that serves the first; returns leading blocks read."""

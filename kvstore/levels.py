@@ -268,6 +268,23 @@ class TierStack:
         level.health.record_read(dst.numel() * dst.element_size(), seconds)
         return lossy
 
+    def read_run(self, level: Level, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> list[str | None]:
+        """Read the leading ``keys`` a memory level holds into ``dsts`` in one call: the lossy mark of each
+        block read (None: exact), fewer than ``keys`` where the next is not held there. The run feeds the
+        level's bandwidth estimate as one read."""
+        if not self.available(level):
+            return []
+        start = time.perf_counter()
+        try:
+            marks = level.tier.get_run_marked(keys, dsts)
+        except Exception as error:
+            level.note_failure("get_into", error)
+            return []
+        if marks:
+            nbytes = sum(dst.numel() * dst.element_size() for dst in dsts[:len(marks)])
+            level.health.record_read(nbytes, time.perf_counter() - start)
+        return marks
+
     def read_many(self, level: Level, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
         """Read ``keys`` from a batch level in one round trip; returns how many leading blocks it read."""
         if not self.available(level):

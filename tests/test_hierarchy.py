@@ -360,3 +360,25 @@ def test_stats_show_state_bandwidth_and_queue(stack):
             assert field in entry, (name, field)
         assert entry["state"] == "healthy"
     assert tiers["device"]["read_bandwidth"] > 0 and tiers["device"]["hits"] == 1
+
+
+def test_a_get_reads_runs_from_the_fastest_tier_around_a_block_only_below(stack):
+    store = stack(device=0, host=6, lmdb=6, files=0, write_policy="write_through")
+    tokens, kv = make_tokens(80, seed=40), make_kv(tiny_layout(), 80, seed=40)
+    assert store.put(tokens, kv) == 5
+    store.flush()
+    host = next(tier for tier in store.tiers if tier.name == "host")
+    keys = [block.key for block in store.block_keys(tokens)]
+    assert host.delete(keys[2])  # block 2 now only in LMDB: runs 0-1 and 3-4 from host RAM, 2 from below
+    before = {name: (tier["hits"], tier["misses"]) for name, tier in store.stats()["tiers"].items()}
+    assert_same_kv(store.get(tokens), kv)
+    after = {name: (tier["hits"], tier["misses"]) for name, tier in store.stats()["tiers"].items()}
+    assert after["host"] == (before["host"][0] + 4, before["host"][1] + 1)  # the gap is the host's one miss
+    assert after["lmdb"] == (before["lmdb"][0] + 1, before["lmdb"][1])
+    assert host.contains(keys[2]) and store.stats()["store"]["promotions"] == 1
+    out = torch.full_like(kv, 3.0)
+    host.delete(keys[4])
+    store.tiers[-1].delete(keys[4])  # block 4 gone everywhere: the get stops after block 3
+    assert store.get_into(tokens, out) == 64
+    assert_same_kv(out[:, :, :64], kv[:, :, :64])
+    assert bool((out[:, :, 64:] == 3.0).all())

@@ -122,9 +122,9 @@ class FlakyHostTier(HostTier):
             self.raised += 1
             raise OSError(errno.EIO, f"injected fault in {call}")
 
-    def get_into_marked(self, key, out):  # the slot read the store makes (get_into goes through it too)
-        self._fault("get_into_marked")
-        return super().get_into_marked(key, out)
+    def get_run_marked(self, keys, outs):  # the slot read the store makes (get_into_marked goes through it too)
+        self._fault("get_run_marked")
+        return super().get_run_marked(keys, outs)
 
     def put_many(self, items):
         self._fault("put_many")

@@ -277,24 +277,42 @@ class SlotTier:
 
     def get_into_marked(self, key: bytes, out: torch.Tensor) -> tuple[bool, str | None]:
         """``get_into``, and the lossy codec the bytes copied out went through (None: exact)."""
-        with self._lock:
-            entry = self._index.get(key)
-            if entry is not None and out.shape == self.layout.shape(entry.num_tokens):
-                entry.pins += 1
-                self._index.move_to_end(key)
-            else:
-                entry = None
-        if entry is None:
+        marks = self.get_run_marked([key], [out])
+        if not marks:
             self._counters.add("misses")
             return False, None
+        return True, marks[0]
+
+    def get_run_marked(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[str | None]:
+        """Copy the leading ``keys`` held here into ``outs``, up to the first one not held (or held with
+        another number of tokens than its ``out``); the lossy mark of each block copied (None: exact).
+
+        One lock to pin the run and one to release it: a hit on a 2 MiB block
+        copies in about 100 us, and per-block bookkeeping was a tenth of that.
+        No miss is counted (the caller asks the next tier for the next key).
+        """
+        entries: list[_Entry] = []
+        with self._lock:
+            for key, out in zip(keys, outs):
+                entry = self._index.get(key)
+                if entry is None or out.shape != self.layout.shape(entry.num_tokens):
+                    break
+                entry.pins += 1
+                self._index.move_to_end(key)
+                entries.append(entry)
+        nbytes = 0
         try:
-            self._copy_out(entry.slot, out, self._view(entry.slot, entry.num_tokens))
+            for entry, out in zip(entries, outs):
+                self._copy_out(entry.slot, out, self._view(entry.slot, entry.num_tokens))
+                nbytes += out.numel() * out.element_size()
         finally:
             with self._lock:
-                entry.pins -= 1
-        self._counters.add("hits")
-        self._counters.add("bytes_read", out.numel() * out.element_size())
-        return True, entry.lossy
+                for entry in entries:
+                    entry.pins -= 1
+        if entries:
+            self._counters.add("hits", len(entries))
+            self._counters.add("bytes_read", nbytes)
+        return [entry.lossy for entry in entries]
 
     def delete(self, key: bytes) -> bool:
         """Drop ``key``; refused (False) while a reader has it pinned."""

@@ -261,3 +261,25 @@ def test_a_pool_still_faulting_in_stores_every_block_and_evicts_in_exact_order(l
         assert_same_kv(_read(tier, layout, key), kv[key])
     tier.close()
     assert not any(t.name == "kvstore-host-fault" for t in threading.enumerate())
+
+
+def test_a_run_reads_the_leading_blocks_held_and_stops_at_the_first_gap(layout, blocks):
+    tier = HostTier(layout, 4 * layout.block_bytes)
+    for key in (A, B, D):
+        tier.put(key, blocks[key])
+    tier.put_lossy([(C, blocks[C][:, :, :3])], "ec4")  # a partial block, held with its lossy mark
+    outs = [torch.full_like(blocks[A], 7.0) for _ in range(4)]
+    outs[2] = torch.full_like(blocks[C][:, :, :3], 7.0)
+    assert tier.get_run_marked([B, A, C, E], outs) == [None, None, "ec4"]
+    assert_same_kv(outs[0], blocks[B])
+    assert_same_kv(outs[1], blocks[A])
+    assert_same_kv(outs[2], blocks[C][:, :, :3])
+    assert bool((outs[3] == 7.0).all())  # E is not held: its out untouched
+    assert _names(tier) == ["D", "B", "A", "C"]  # the run's blocks became the most recent, in order
+    stats = tier.stats()
+    assert (stats["hits"], stats["misses"]) == (3, 0)
+    assert stats["bytes_read"] == 2 * layout.block_bytes + 3 * layout.token_bytes
+    # an out of another size ends the run there, as a key not held does
+    assert tier.get_run_marked([D, A], [torch.empty_like(blocks[D]), torch.empty_like(blocks[A][:, :, :2])]) == [None]
+    assert tier.get_run_marked([], []) == [] and tier.get_run_marked([E, A], outs[:2]) == []
+    assert all(tier.delete(key) for key in (A, B, C, D))  # every pin a run took was released (delete refuses pinned)
