@@ -104,12 +104,16 @@ def _two_part_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 
 def use_continued_attention(model: Any) -> bool:
-    """Switch ``model`` from transformers' ``sdpa`` to this variant; False (left as it is) for any other choice.
+    """Switch ``model`` from transformers' ``sdpa`` to this variant: True if it uses it (now or already), False
+    (left as it is) for any other implementation.
 
     Registering under ``NAME`` is idempotent; the model's answers do not
     change, only the cost of a prefill after a loaded prefix on CPU.
     """
-    if getattr(model.config, "_attn_implementation", None) != "sdpa" or _flash_kernel() is None:
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation == NAME:  # switched by an earlier CachedModel
+        return True
+    if implementation != "sdpa" or _flash_kernel() is None:
         return False
     AttentionInterface.register(NAME, continued_prefill_attention)
     AttentionMaskInterface.register(NAME, continued_prefill_mask)

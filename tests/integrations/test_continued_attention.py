@@ -126,6 +126,7 @@ def test_store_hit_takes_the_two_parts_and_matches_the_model(arch, new_store, me
     model = tiny_model(arch)
     cached = CachedModel(model, new_store(model))
     assert cached.continued_attention and model.config._attn_implementation == NAME
+    assert CachedModel(model, new_store(model)).continued_attention  # a second wrapper finds it switched
     ids = tokens(45, seed=3)
     cached.forward(ids[:, :33])
     assert merges == []  # a cold prefill is transformers' sdpa
