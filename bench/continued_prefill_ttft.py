@@ -38,30 +38,28 @@ MODES = ("continued attention", "sdpa mask")
 def speedups(model: Any, prefix: int, tokens: int, rounds: int, vocab: int) -> dict[str, list[float]]:
     """Per mode, each round's cold TTFT over the cached TTFT (the warm-up round left out)."""
     ratios: dict[str, list[float]] = {mode: [] for mode in MODES}
-    store = KVStore(layout_for(model, block_tokens=64), StoreConfig(model_id="continued-prefill",
-                                                                    host_bytes="256MiB"))
     generator = torch.Generator().manual_seed(0)
-    try:
+    config = StoreConfig(model_id="continued-prefill", host_bytes="256MiB")
+    with KVStore(layout_for(model, block_tokens=64), config) as store:
         cached = CachedModel(model, store)
-        for round_ in range(rounds + 1):
-            ids = torch.randint(0, vocab, (1, tokens), generator=generator)
-            with torch.inference_mode():
-                start = time.perf_counter()
-                model(ids)
-                cold = time.perf_counter() - start
-                cached.forward(ids[:, :prefix])  # the prefix is stored
-                for mode in MODES:
-                    model.set_attn_implementation(NAME if mode == MODES[0] else "sdpa")
-                    _, info = cached.forward(ids, save=False)
-                    if info.loaded_tokens != prefix:
-                        raise RuntimeError(f"expected {prefix} tokens loaded, got {info.loaded_tokens}")
-                    if round_:
-                        ratios[mode].append(cold / info.ttft_seconds)
-    finally:
-        model.set_attn_implementation(NAME if cached.continued_attention else "sdpa")
-        store.close()
+        try:
+            for round_ in range(rounds + 1):
+                ids = torch.randint(0, vocab, (1, tokens), generator=generator)
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    model(ids)
+                    cold = time.perf_counter() - start
+                    cached.forward(ids[:, :prefix])  # the prefix is stored
+                    for mode in MODES:
+                        model.set_attn_implementation(NAME if mode == MODES[0] else "sdpa")
+                        _, info = cached.forward(ids, save=False)
+                        if info.loaded_tokens != prefix:
+                            raise RuntimeError(f"expected {prefix} tokens loaded, got {info.loaded_tokens}")
+                        if round_:
+                            ratios[mode].append(cold / info.ttft_seconds)
+        finally:  # the model leaves as CachedModel set it up
+            model.set_attn_implementation(NAME if cached.continued_attention else "sdpa")
     return ratios
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -51,7 +51,8 @@ def _pedantic(benchmark, fn) -> None:
 @pytest.mark.benchmark(group="attention-continued-prefill")
 def test_cold_prefill_ceiling(benchmark, tensors):
     whole, _, key, value = tensors
-    _pedantic(benchmark, lambda: F.scaled_dot_product_attention(whole, repeat_kv(key, 3), repeat_kv(value, 3),
+    groups = HEADS // KV_HEADS
+    _pedantic(benchmark, lambda: F.scaled_dot_product_attention(whole, repeat_kv(key, groups), repeat_kv(value, groups),
                                                                   is_causal=True))
 
 

@@ -195,18 +195,11 @@ class TierStack:
         return None
 
     def held_run(self, keys: Iterable[bytes]) -> int:
-        """How many leading ``keys`` some available level holds; draws no key past the first miss.
-
-        ``where`` per key in one loop: a lookup of a long prompt asks this of every block.
-        """
-        levels, contains = self.levels, self.contains
+        """How many leading ``keys`` some available level holds; draws no key past the first miss."""
         held = 0
         for key in keys:
-            for level in levels:
-                if contains(level, key):
-                    break
-            else:
-                return held
+            if self.where(key) is None:
+                break
             held += 1
         return held
 

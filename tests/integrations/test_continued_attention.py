@@ -17,7 +17,11 @@ transformers = pytest.importorskip("transformers")
 
 from torch.nn.attention.bias import CausalBias  # noqa: E402
 from transformers.integrations.sdpa_attention import repeat_kv  # noqa: E402
-from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function  # noqa: E402
+from transformers.masking_utils import (  # noqa: E402
+    causal_mask_function,
+    sdpa_mask,
+    sliding_window_causal_mask_function,
+)
 
 from kvstore.compression.fidelity import cache_argument  # noqa: E402
 from kvstore.integrations import continued_attention  # noqa: E402
