@@ -67,8 +67,10 @@ def payload_views(out: torch.Tensor) -> list[memoryview] | None:
     A token range of a larger buffer is strided, but each (layer, part) of
     it is contiguous: a raw block can be read from the socket straight into
     it, or sent from where it lies. None if ``out`` is not laid out that way.
-    The views come from one strided numpy view of ``out``'s bytes (about a
-    microsecond each; a torch slice per view costs several).
+    The views are slices of one flat byte view spanning ``out``'s storage
+    (a slice is a tenth of a microsecond; a numpy row view or a torch slice
+    per view costs one to several): a block store makes this call per block,
+    and on a thread competing for the GIL with its I/O threads.
     """
     if out.device.type != "cpu" or out.dim() != 5:
         return None
@@ -81,9 +83,12 @@ def payload_views(out: torch.Tensor) -> list[memoryview] | None:
         return [memoryview(b"")] * (layers * parts)
     size = out.element_size()
     row = tokens * heads * dim * size
-    data = out.view(torch.uint8).numpy()  # strided like ``out``, the last dimension in bytes
-    rows = np.lib.stride_tricks.as_strided(data, (layers, parts, row), (data.strides[0], data.strides[1], 1))
-    return [memoryview(r) for layer in rows for r in layer]  # numpy rows are views: never a copy
+    layer_step, part_step = out.stride(0) * size, out.stride(1) * size
+    span = (layers - 1) * layer_step + (parts - 1) * part_step + row
+    flat = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage(), out.storage_offset() * size, (span,), (1,))
+    base = memoryview(flat.numpy())  # holds the storage alive, as the views do
+    starts = [layer * layer_step + part * part_step for layer in range(layers) for part in range(parts)]
+    return [base[start:start + row] for start in starts]
 
 
 class BufferPool:

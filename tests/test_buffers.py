@@ -161,3 +161,19 @@ def test_payload_views_of_a_token_range_are_its_bytes_in_order_and_write_through
     assert (block.view(torch.uint8) == 0x7F).all()
     untouched = torch.cat([kv[:, :, :start], kv[:, :, stop:]], dim=2)
     assert not (untouched.view(torch.uint8) == 0x7F).all(dim=-1).any()  # nothing outside the range written
+
+
+@pytest.mark.parametrize("start, stop", [(0, 16), (5, 6), (47, 48)])
+def test_payload_views_of_a_part_major_buffer_follow_its_strides(start, stop):
+    # An engine buffer laid out [P, L, T, H, D] and viewed as [L, P, ...]: the (layer, part) rows are not in
+    # storage order, and a one-token range has a token stride of the whole buffer's tokens.
+    kv = torch.randn(2, 3, 48, 2, 8).to(torch.float16).permute(1, 0, 2, 3, 4)
+    block = kv[:, :, start:stop]
+    views = payload_views(block)
+    assert len(views) == 6
+    assert b"".join(views) == block.contiguous().view(torch.uint8).numpy().tobytes()
+    for view in views:
+        view[:] = b"\x7f" * len(view)
+    assert (block.view(torch.uint8) == 0x7F).all()
+    untouched = torch.cat([kv[:, :, :start], kv[:, :, stop:]], dim=2)
+    assert not (untouched.view(torch.uint8) == 0x7F).all(dim=-1).any()

@@ -24,6 +24,10 @@ tenth of the time since the last one began, it rescans; if still over,
 it deletes the least recently accessed files until used + incoming is at
 most the low-water mark, 90% of capacity in whole full blocks (a tier of
 under ten blocks evicts just what the write needs), so rescans stay rare.
+The batch that evicts overwrites as many of those files as the capacity
+lets it park for its next writes (``tiers/parked.py``: a quarter of the
+time of a new file plus an unlink) and unlinks the rest; what it parked and
+did not reuse is removed before ``put_many`` returns.
 Files already deleted by another process are skipped; writers in several
 processes may overshoot by their in-flight writes until they rescan. A
 reader racing an eviction opened the file first (POSIX keeps it readable)
@@ -59,6 +63,7 @@ from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE,
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
 from kvstore.tiers.base import TIER_COUNTERS, Capability, tier_stats
+from kvstore.tiers.parked import Parked, ParkedFiles
 from kvstore.compression.registry import get_codec
 from kvstore.config import StoreConfig
 from kvstore.tiers.spec import TierSpec
@@ -85,7 +90,8 @@ _SCAN_TIME_SHARE = 0.1
 
 class _Write(NamedTuple):
     key: bytes
-    size: int  # header + payload bytes, reserved until it is settled
+    size: int  # header + payload bytes
+    held: int  # bytes reserved until it is settled: its size, or the parked file it overwrites
     logical: int  # the block's raw bytes
     future: "Future[int]"  # the file's mtime (ns) once written
 
@@ -154,6 +160,15 @@ def _unlink(path: str, same: os.stat_result | None = None) -> bool:
             return False
         raise
     return True
+
+
+def _vanished(path: str) -> bool:
+    """Whether nothing is at ``path`` any more."""
+    try:
+        os.lstat(path)
+    except OSError as exc:
+        return exc.errno in _GONE
+    return False
 
 
 def _squatted(path: str) -> bool:
@@ -246,7 +261,8 @@ class FilesTier:
         self._scan_removed: set[bytes] | None = None  # keys forgotten while a scan runs
         self._last_scan = 0.0  # when the last scan ended (monotonic seconds)
         self._scan_seconds = 0.0  # how long it took
-        self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale", "temp_removed", "o_direct_fallbacks")
+        self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale", "temp_removed",
+                                  "o_direct_fallbacks", "recycled")
         self._writers = IOPool(io_threads, "kvstore-files-write")
         self._readers = IOPool(io_threads, "kvstore-files-read")  # reads never wait behind a batch of writes
         self._parts_per_read = min(io_threads, os.cpu_count() or 1)  # a page-cache copy takes a core per part
@@ -384,8 +400,14 @@ class FilesTier:
             self._last_scan = time.monotonic()
             self._scan_seconds = self._last_scan - began
 
-    def _make_room(self, incoming: int) -> None:
-        """Rescan if due; evict least recently accessed files if over capacity; reserve ``incoming``."""
+    def _make_room(self, incoming: int, parked: ParkedFiles) -> Parked | None:
+        """Rescan if due; evict least recently accessed files if over capacity; reserve ``incoming``, or
+        return a parked victim of at least that size to overwrite (reserved already).
+
+        Of the victims, as many as the capacity allows beside what is
+        stored and reserved are parked for this batch's next writes; the
+        rest are unlinked.
+        """
         with self._scan_lock:
             with self._lock:
                 over = self._used + self._reserved + incoming > self._capacity
@@ -399,13 +421,20 @@ class FilesTier:
             with self._lock:
                 if self._used + self._reserved + incoming > self._capacity:
                     while self._index and self._used + self._reserved + incoming > self._low_water:
-                        victims.append(next(iter(self._index)))
-                        self._forget(victims[-1])
-            for key in victims:
-                _unlink(self._path(key))
+                        key, entry = next(iter(self._index.items()))
+                        victims.append((key, entry.size))
+                        self._forget(key)
+                room = self._capacity - self._used - self._reserved - incoming  # bytes that may stay parked
+            before = parked.bytes
+            for key, size in victims:
+                path = self._path(key)
+                if not (size <= room - (parked.bytes - before) and parked.park(path, self._temp_path(key), size)):
+                    _unlink(path)
             self._counters.add("evictions", len(victims))
+            spare = parked.take(incoming)
             with self._lock:
-                self._reserved += incoming
+                self._reserved += parked.bytes - before + (spare.size if spare is not None else incoming)
+            return spare
 
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """Write each block not yet present (here or by another process) atomically; count those stored.
@@ -419,22 +448,29 @@ class FilesTier:
         """
         in_flight: list[_Write] = []
         error: Exception | None = None
+        parked = ParkedFiles()  # this batch's evicted files, overwritten by its next writes (tiers/parked.py)
         try:
             for key, parts, logical in self._payloads(items):
                 size = sum(part.nbytes for part in parts) + HEADER_BYTES
                 if size > self._capacity or size > self._max_file_bytes(logical):
                     self._counters.add("rejected")  # too big to fit, or a frame so big a read would refuse it
                     continue
-                if in_flight and not self._fits_beside_in_flight(size):
-                    error, in_flight = self._settle(in_flight), []
-                    if error is not None:
-                        break
-                self._make_room(size)
+                spare = parked.take(size)  # reserved when it was parked: overwriting it grows nothing
+                if spare is None:
+                    self._release(parked.drop())  # none of them can hold this block
+                    if in_flight and not self._fits_beside_in_flight(size):
+                        error, in_flight = self._settle(in_flight), []
+                        if error is not None:
+                            break
+                    spare = self._make_room(size, parked)
                 with self._lock:
                     self._writing.add(key)
-                in_flight.append(_Write(key, size, logical, self._writers.submit(self._write_file, key, parts)))
+                held = size if spare is None else spare.size
+                in_flight.append(_Write(key, size, held, logical,
+                                        self._writers.submit(self._write_file, key, parts, spare)))
         finally:
             error = self._settle(in_flight) or error
+            self._release(parked.drop())
         if error is not None:
             raise error
         return sum(self.contains(key) for key, _ in items)
@@ -457,6 +493,12 @@ class FilesTier:
     def _encoded_parts(self, block: torch.Tensor) -> list[memoryview]:
         return [memoryview(self.encoding.encode(block)).cast("B")]
 
+    def _release(self, nbytes: int) -> None:
+        """Parked files of ``nbytes`` were removed: they are no longer reserved."""
+        if nbytes:
+            with self._lock:
+                self._reserved -= nbytes
+
     def _fits_beside_in_flight(self, size: int) -> bool:
         """Whether evicting stored files can make room for ``size`` more bytes beside the writes in flight
         (which cannot be evicted before they are stored)."""
@@ -475,7 +517,7 @@ class FilesTier:
             except Exception as exc:  # the tier's own failure (a full disk): raised once all are settled
                 error = error or exc
             with self._lock:
-                self._reserved -= write.size
+                self._reserved -= write.held
                 self._writing.discard(write.key)
                 if mtime_ns is not None:
                     self._remember(write.key, write.size, mtime_ns)
@@ -506,23 +548,49 @@ class FilesTier:
         views = payload_views(block)
         return views if views is not None and len(views) <= _MAX_IOVECS else None
 
-    def _write_file(self, key: bytes, parts: list[memoryview]) -> int:
-        """Write a temp file holding ``parts`` (the payload, in order), rename it onto block ``key``'s path;
-        returns the file's mtime (ns)."""
-        final = self._path(key)
-        directory = os.path.dirname(final)
-        temp = os.path.join(directory, f".{key.hex()}~{self._host}~{os.getpid()}~{secrets.token_hex(6)}.tmp")
-        header = BlockHeader.for_parts(key, self._fingerprint, parts, self.encoding.header_encoding).pack()
-        total = HEADER_BYTES + sum(part.nbytes for part in parts)
+    def _temp_path(self, key: bytes) -> str:
+        """A new temp name beside block ``key``'s path (a live writer's, for the scans of every process)."""
+        return os.path.join(os.path.dirname(self._path(key)),
+                            f".{key.hex()}~{self._host}~{os.getpid()}~{secrets.token_hex(6)}.tmp")
+
+    def _make_dirs(self, directory: str) -> None:
+        """Create block fan-out ``directory`` (durably if ``sync``)."""
+        os.makedirs(directory, exist_ok=True)
+        if self._sync:
+            _fsync_dir(os.path.dirname(directory))
+            _fsync_dir(self._root)
+
+    def _open_temp(self, key: bytes, spare: Parked | None) -> tuple[str, int, bool]:
+        """(temp path, fd, direct) to write block ``key`` into: the parked file ``spare`` if it still opens as
+        a regular file, else a new temp file beside the block's path."""
+        if spare is not None:
+            try:
+                fd, direct = self._open(spare.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                pass  # removed meanwhile (its bytes are gone too), or something else was put there
+            else:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    self._counters.add("recycled")
+                    return spare.path, fd, direct
+                os.close(fd)
+        temp = self._temp_path(key)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             fd, direct = self._open(temp, flags)
         except FileNotFoundError:  # first block of this fan-out directory
-            os.makedirs(directory, exist_ok=True)
-            if self._sync:
-                _fsync_dir(os.path.dirname(directory))
-                _fsync_dir(self._root)
+            self._make_dirs(os.path.dirname(temp))
             fd, direct = self._open(temp, flags)
+        return temp, fd, direct
+
+    def _write_file(self, key: bytes, parts: list[memoryview], spare: Parked | None = None) -> int:
+        """Write a temp file holding ``parts`` (the payload, in order), rename it onto block ``key``'s path;
+        returns the file's mtime (ns). The temp file is ``spare``, an evicted file overwritten in place,
+        when it is still there."""
+        final = self._path(key)
+        directory = os.path.dirname(final)
+        header = BlockHeader.for_parts(key, self._fingerprint, parts, self.encoding.header_encoding).pack()
+        total = HEADER_BYTES + sum(part.nbytes for part in parts)
+        temp, fd, direct = self._open_temp(key, spare)
         try:
             try:
                 if direct:  # aligned bounce buffer padded to a page, then cut to the true length
@@ -537,6 +605,8 @@ class FilesTier:
                     os.ftruncate(fd, total)
                 else:
                     written = _transfer(os.pwritev, fd, [header, *parts])
+                    if spare is not None and temp == spare.path and spare.size != total:
+                        os.ftruncate(fd, total)  # a larger evicted file overwritten: cut to this block
                 if written < total:
                     raise OSError(errno.EIO, f"short write of {temp}: {written} of {total} bytes")
                 if self._sync:
@@ -544,7 +614,13 @@ class FilesTier:
                 mtime_ns = os.fstat(fd).st_mtime_ns
             finally:
                 os.close(fd)
-            os.rename(temp, final)
+            try:
+                os.rename(temp, final)
+            except FileNotFoundError:  # an overwritten parked file moves to a fan-out directory not made yet
+                if os.path.dirname(temp) == directory:
+                    raise
+                self._make_dirs(directory)
+                os.rename(temp, final)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
@@ -580,6 +656,8 @@ class FilesTier:
                 verdict, st = "gone", None
             else:
                 raise
+        if verdict == CORRUPT and st is not None and _vanished(path):
+            verdict = "gone"  # evicted (and maybe overwritten, tiers/parked.py) while read: no damage of ours
         if verdict == INTACT:
             with self._lock:
                 if st.st_nlink:
