@@ -186,6 +186,27 @@ def disk_pairs(directory: Path, repeat: int, layout: KVLayout = LLAMA3_8B) -> It
     yield from _medium_pairs("lmdb", config, layout, repeat, directory, same, 0.7)
 
 
+def full_disk_put_pair(directory: Path, repeat: int, layout: KVLayout = LLAMA3_8B) -> Pair:
+    """A durable LMDB put into a tier already at capacity, against raw write+fsync of the same bytes.
+
+    ``disk_pairs`` times a tier filling up, whose file grows with every put:
+    on this VM's fresh page cache its last puts before capacity ran at
+    0.28-0.4 of the ceiling while the first ran at 0.8. A serving engine's
+    disk tier is full most of its life, so every put here also evicts.
+    """
+    blocks = 10
+    config = StoreConfig(model_id="bench", host_bytes=0, disk_dir=str(directory / "full-lmdb"),
+                         disk_bytes=blocks * (layout.block_bytes + 4096))
+    kv = random_kv(layout, layout.block_tokens)
+    raw = kv.view(torch.uint8).reshape(-1).numpy()
+    prompts = PromptSource(layout.block_tokens)
+    with KVStore(layout, config) as store:
+        for _ in range(2 * blocks):
+            store.put(prompts(), kv)
+        return alternate("lmdb put (fsync, full)", layout.block_bytes, lambda: store.put(prompts(), kv),
+                         lambda: raw_write_fsync(directory / "raw.bin", raw), "raw write+fsync", 0.8, repeat)
+
+
 def promoted_get_pair(directory: Path, repeat: int, layout: KVLayout = LLAMA3_8B) -> Pair:
     """A warm LMDB get through a store with host RAM in front, against a raw read of the same bytes.
 
@@ -323,6 +344,7 @@ def run_quick(data_dir: str | os.PathLike[str], repeat: int = 5, echo: Callable[
             echo(pair.line())
         for pair in disk_pairs(directory, repeat):
             echo(pair.line())
+        echo(full_disk_put_pair(directory, repeat).line())
         echo(promoted_get_pair(directory, repeat).line())
         for pair in files_pairs(directory, repeat):
             echo(pair.line())

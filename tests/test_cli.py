@@ -55,6 +55,7 @@ def test_bench_quick_prints_every_figure_with_its_ceiling(tmp_path):
     lines = result.stdout.splitlines()
     for name, ceiling in (("host put", "Tensor.copy_"), ("host get_into", "Tensor.copy_"),
                           ("lmdb put (fsync)", "raw write+fsync"), ("lmdb get (warm)", "raw read (warm)"),
+                          ("lmdb put (fsync, full)", "raw write+fsync"),
                           ("lmdb get (promoted)", "raw read (warm)")):
         (line,) = [line for line in lines if line.startswith(name + " ")]
         assert ceiling in line and "ratio" in line
