@@ -425,15 +425,19 @@ class FilesTier:
                         victims.append((key, entry.size))
                         self._forget(key)
                 room = self._capacity - self._used - self._reserved - incoming  # bytes that may stay parked
-            before = parked.bytes
             for key, size in victims:
                 path = self._path(key)
-                if not (size <= room - (parked.bytes - before) and parked.park(path, self._temp_path(key), size)):
+                if size <= room and parked.park(path, self._temp_path(key), size):
+                    room -= size
+                    with self._lock:  # reserved at once: an unlink failing below leaves the books right
+                        self._reserved += size
+                else:
                     _unlink(path)
             self._counters.add("evictions", len(victims))
             spare = parked.take(incoming)
-            with self._lock:
-                self._reserved += parked.bytes - before + (spare.size if spare is not None else incoming)
+            if spare is None:
+                with self._lock:
+                    self._reserved += incoming
             return spare
 
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
@@ -566,8 +570,9 @@ class FilesTier:
         if spare is not None:
             try:
                 fd, direct = self._open(spare.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except OSError:
-                pass  # removed meanwhile (its bytes are gone too), or something else was put there
+            except OSError:  # removed meanwhile (its bytes are gone too), or something else was put there
+                with contextlib.suppress(OSError):
+                    _unlink(spare.path)  # a regular file that would not open: its bytes are released with it
             else:
                 if stat.S_ISREG(os.fstat(fd).st_mode):
                     self._counters.add("recycled")
