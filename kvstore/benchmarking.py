@@ -154,11 +154,12 @@ def host_pairs(repeat: int, layout: KVLayout = LLAMA3_8B) -> Iterator[Pair]:
 
 def _medium_pairs(label: str, config: StoreConfig, layout: KVLayout, repeat: int, raw_dir: Path,
                   write_ceilings: dict[str, Callable[[np.ndarray], Callable[[], object]]],
-                  target: float) -> Iterator[Pair]:
+                  target: float, get_target: float | None = None) -> Iterator[Pair]:
     """A persistent tier's durable put against each write ceiling, and its warm get against a raw read.
 
     ``write_ceilings`` maps a ceiling's name to a factory that, given the raw
-    bytes, makes the ceiling call. All files live under ``raw_dir``.
+    bytes, makes the ceiling call. All files live under ``raw_dir``. The
+    get is held to ``get_target`` if given, else to ``target`` as the puts.
     """
     kv = random_kv(layout, layout.block_tokens)
     raw = kv.view(torch.uint8).reshape(-1).numpy()
@@ -175,15 +176,23 @@ def _medium_pairs(label: str, config: StoreConfig, layout: KVLayout, repeat: int
         stored = prompts()
         store.put(stored, kv)
         yield alternate(f"{label} get (warm)", layout.block_bytes, lambda: store.get_into(stored, out),
-                        lambda: raw_read(raw_path, buffer), "raw read (warm)", target, repeat)
+                        lambda: raw_read(raw_path, buffer), "raw read (warm)", get_target or target, repeat)
 
 
 def disk_pairs(directory: Path, repeat: int, layout: KVLayout = LLAMA3_8B) -> Iterator[Pair]:
-    """LMDB put (durable) against raw write+fsync, and warm LMDB get against a raw read."""
+    """LMDB put (durable) into a filling tier against raw write+fsync, and warm LMDB get against a raw read.
+
+    A filling LMDB grows its file, so its puts are timed against writing a
+    new file per call (``FreshFiles``) as well as against rewriting one:
+    here a growing file's fresh pages cost LMDB and the new files alike
+    (``full_disk_put_pair`` times the tier once it is full).
+    """
     config = StoreConfig(model_id="bench", host_bytes=0, disk_dir=str(directory / "lmdb"),
-                         disk_bytes=(repeat + 3) * (layout.block_bytes + 4096))
-    same = {"raw write+fsync": lambda raw: lambda: raw_write_fsync(directory / "raw.bin", raw)}
-    yield from _medium_pairs("lmdb", config, layout, repeat, directory, same, 0.7)
+                         disk_bytes=(2 * repeat + 4) * (layout.block_bytes + 4096))
+    (directory / "fresh").mkdir(parents=True, exist_ok=True)
+    ceilings = {"raw write+fsync, new": lambda raw: FreshFiles(directory / "fresh", raw),
+                "raw write+fsync": lambda raw: lambda: raw_write_fsync(directory / "raw.bin", raw)}
+    yield from _medium_pairs("lmdb", config, layout, repeat, directory, ceilings, 0.8, get_target=0.9)
 
 
 def full_disk_put_pair(directory: Path, repeat: int, layout: KVLayout = LLAMA3_8B) -> Pair:
