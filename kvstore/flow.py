@@ -238,7 +238,9 @@ class BlockFlow:
         """Read blocks ``keys`` into ``dsts`` in order until one is missing; returns blocks read.
 
         A run of blocks no local level holds is read from the batch levels
-        (cache server, Redis) in one round trip.
+        (cache server, Redis) in one round trip; a run the files tier holds
+        is read there side by side, so ``dsts`` past the count returned may
+        have been read into.
         """
         n = 0
         while n < len(keys):
@@ -246,7 +248,8 @@ class BlockFlow:
             if run:
                 got = self._read_run(keys[n:n + run], dsts[n:n + run])
             else:
-                got = (self._read_fastest_run(keys[n:n + BATCH_READ_BLOCKS], dsts[n:n + BATCH_READ_BLOCKS])
+                ahead, into = keys[n:n + BATCH_READ_BLOCKS], dsts[n:n + BATCH_READ_BLOCKS]
+                got = (self._read_fastest_run(ahead, into) or self._read_side_by_side(ahead, into)
                        or int(self.read_block(keys[n], dsts[n])))
             if not got:
                 break
@@ -263,6 +266,23 @@ class BlockFlow:
         for key, dst, lossy in zip(keys, dsts, marks):
             self._was_read(level, key, dst, lossy)
         return len(marks)
+
+    def _read_side_by_side(self, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
+        """Read the leading ``keys`` whose fastest holder is the level holding the first, if that level reads
+        runs side by side (the files tier), in one call; blocks read (0: a run of one, or no such level, and
+        ``read_block`` reads the first)."""
+        level = self.stack.where(keys[0])
+        if level is None or not level.runs:
+            return 0
+        run = 1
+        while run < len(keys) and self.stack.where(keys[run]) is level:
+            run += 1
+        if run == 1:
+            return 0
+        got = self.stack.read_side_by_side(level, keys[:run], dsts[:run])
+        for key, dst in zip(keys[:got], dsts):
+            self._was_read(level, key, dst, level.lossy)
+        return got
 
     def _read_run(self, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
         """Read ``keys`` from the first batch level that serves the first; returns leading blocks read."""

@@ -81,6 +81,11 @@ class Level:
         """Answers for many keys in one round trip (cache server, Redis)."""
         return Capability.BATCH in self.capabilities
 
+    @property
+    def runs(self) -> bool:
+        """Reads a run of blocks side by side (the files tier)."""
+        return Capability.RUNS in self.capabilities
+
     def takes(self, lossy: str | None) -> bool:
         """Whether bytes that went through the lossy codec ``lossy`` (None: exact) may be written here.
 
@@ -278,17 +283,30 @@ class TierStack:
             level.health.record_read(nbytes, time.perf_counter() - start)
         return marks
 
+    def read_side_by_side(self, level: Level, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
+        """Read ``keys`` from a level that reads runs side by side (the files tier); how many leading blocks
+        it read."""
+        return self._read_leading(level, "get_run_into", lambda: level.tier.get_run_into(keys, dsts), dsts)
+
     def read_many(self, level: Level, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
         """Read ``keys`` from a batch level in one round trip; returns how many leading blocks it read."""
+        def leading() -> int:
+            found = level.tier.get_many_into(list(keys), list(dsts))
+            return next((k for k, ok in enumerate(found) if not ok), len(found))
+        return self._read_leading(level, "get_many_into", leading, dsts)
+
+    def _read_leading(self, level: Level, operation: str, call: Callable[[], int],
+                      dsts: Sequence[torch.Tensor]) -> int:
+        """``call()``, guarded, reads leading blocks into ``dsts``; it feeds the level's bandwidth estimate
+        as one read."""
         if not self.available(level):
             return 0
         timer = ReadTimer().start()
         try:
-            found = level.tier.get_many_into(list(keys), list(dsts))
+            got = call()
         except Exception as error:
-            level.note_failure("get_many_into", error)
+            level.note_failure(operation, error)
             return 0
-        got = next((k for k, ok in enumerate(found) if not ok), len(found))
         if got:
             nbytes = sum(d.numel() * d.element_size() for d in dsts[:got])
             level.health.record_read(nbytes, timer.stop())

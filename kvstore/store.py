@@ -238,7 +238,8 @@ class KVStore:
         Filling stops at the first block no tier can return. Only the
         returned count of tokens is valid: the slice of a block that failed
         its checksum may have been read into (tiers read straight into
-        ``out``, without a bounce copy), and slices after it are untouched.
+        ``out``, without a bounce copy), and so may slices after it where
+        the files tier reads a run of blocks on several threads side by side.
         """
         self._check_open()
         blocks = self._keys.blocks(tokens, salt)

@@ -71,6 +71,7 @@ class Capability(enum.Flag):
     BATCH = enum.auto()  # ``BatchTier``: one round trip answers for many keys (cache server, Redis)
     EVICTS = enum.auto()  # ``EvictingTier``: hands each block it evicts for room to ``on_evict``
     ENCODED = enum.auto()  # ``EncodedTier``: stores blocks serialized by a ``BlockEncoding`` (raw or a codec)
+    RUNS = enum.auto()  # ``RunReader``: reads a run of blocks on several threads side by side (the files tier)
 
 
 # Sees a block a tier evicts for room: (key, its bytes, the lossy codec they went through or None).
@@ -128,8 +129,22 @@ class EncodedTier(Tier, Protocol):
     encoding: BlockEncoding
 
 
+class RunReader(Tier, Protocol):
+    """A tier that reads a run of blocks side by side: one thread copying from the page cache leaves the
+    other cores idle."""
+
+    def get_run_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> int:
+        """Read the leading ``keys`` into ``outs``; how many leading blocks were read and verified.
+
+        ``outs`` past the returned count may have been read into as well
+        (another thread was reading them); only the count is valid.
+        """
+        ...
+
+
 _PROTOCOLS: dict[Capability, type] = {Capability.SLOTS: MemorySlots, Capability.BATCH: BatchTier,
-                                      Capability.EVICTS: EvictingTier, Capability.ENCODED: EncodedTier}
+                                      Capability.EVICTS: EvictingTier, Capability.ENCODED: EncodedTier,
+                                      Capability.RUNS: RunReader}
 
 
 def _members(protocol: type, inherited: type | None = None) -> tuple[str, ...]:

@@ -84,6 +84,7 @@ _NO_FILE = (*_GONE, errno.ENOTDIR, errno.EAGAIN)
 _FRAME_SLACK = 4096  # bytes a codec's frame may exceed the raw block by (frame header, zstd block headers)
 _STAMP_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)  # atime stamp on a read-only or foreign file
 _SPLIT_READ_BYTES = 8 << 20  # a raw payload this large is read in parts side by side
+_SPLIT_RUN_BYTES = 4 << 20  # a run of blocks this large is read in runs side by side
 # A scan forced by a full tier waits until scans have taken at most this share of the time since the last began.
 _SCAN_TIME_SHARE = 0.1
 
@@ -226,7 +227,7 @@ class FilesTier:
 
     name = "files"
     persistent = True
-    capabilities = Capability.ENCODED
+    capabilities = Capability.ENCODED | Capability.RUNS
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, *,
                  sync: bool = True, o_direct: bool = False, stale_temp_seconds: float = 300.0,
@@ -642,6 +643,53 @@ class FilesTier:
             setattr(self._local, name, buf)
         return buf
 
+    def get_run_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> int:
+        """Read the leading blocks ``keys`` into ``outs`` as up to ``io_threads`` runs side by side (at
+        most one per core); how many leading blocks were read and verified.
+
+        One thread copying from the page cache leaves the other cores idle:
+        a store read 256 MiB of 2 MiB blocks in 48 ms block by block and in
+        26 ms as two runs on two cores. A run of under
+        ``_SPLIT_RUN_BYTES`` is read block by block. Each block is read and
+        judged as ``get_into`` does; ``outs`` past the returned count may
+        have been read into by a later run. A tier error (EIO) on the first
+        block raises; further on, it ends the count there.
+        """
+        if len(keys) != len(outs):
+            raise ValueError(f"outs: expected one per key ({len(keys)}), got {len(outs)}")
+        nbytes = sum(out.numel() * out.element_size() for out in outs)
+        parts = min(self._parts_per_read, len(keys)) if nbytes >= _SPLIT_RUN_BYTES else 1
+        bounds = [n * len(keys) // parts for n in range(parts + 1)]
+        runs = list(zip(bounds, bounds[1:]))
+        # A run on the pool reads whole blocks: were it to wait there for parts of a block, the runs of two
+        # callers could hold every pool thread and wait on each other.
+        later = [self._readers.submit(self._read_in_order, keys[a:b], outs[a:b], False) for a, b in runs[1:]]
+        results = []
+        try:
+            a, b = runs[0]
+            results.append(self._read_in_order(keys[a:b], outs[a:b], not later))
+        finally:
+            results.extend(future.result() for future in later)  # every read ends before this returns
+        read = 0
+        for (a, b), (got, error) in zip(runs, results):
+            read += got
+            if got < b - a:
+                if error is not None and read == 0:
+                    raise error
+                break
+        return read
+
+    def _read_in_order(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor],
+                       split: bool) -> tuple[int, OSError | None]:
+        """Blocks read in order until one is not there: (how many, the tier error that stopped it)."""
+        for n, (key, out) in enumerate(zip(keys, outs)):
+            try:
+                if not self._get(key, out, split):
+                    return n, None
+            except OSError as error:
+                return n, error
+        return len(keys), None
+
     def get_into(self, key: bytes, out: torch.Tensor) -> bool:
         """Read and verify block ``key`` into ``out``; on False ``out`` may have been partly overwritten.
 
@@ -651,9 +699,13 @@ class FilesTier:
         except that only regular files are ever deleted. Other OSErrors (EIO,
         EACCES, ...) propagate: the store above tracks tier health.
         """
+        return self._get(key, out, True)
+
+    def _get(self, key: bytes, out: torch.Tensor, split: bool) -> bool:
+        """``get_into``; ``split``: a large block may be read in parts on the pool."""
         path = self._path(key)
         try:
-            verdict, st = self._read(path, key, out)
+            verdict, st = self._read(path, key, out, split)
         except OSError as exc:
             if exc.errno in _NOT_A_FILE or (exc.errno in (errno.EACCES, errno.EPERM) and _squatted(path)):
                 verdict, st = CORRUPT, None  # a symlink, socket, device (EACCES on nodev), ... is there
@@ -683,7 +735,7 @@ class FilesTier:
                     _unlink(path, same=st)
         return False
 
-    def _read(self, path: str, key: bytes, out: torch.Tensor) -> tuple[str, os.stat_result]:
+    def _read(self, path: str, key: bytes, out: torch.Tensor, split: bool) -> tuple[str, os.stat_result]:
         """(verdict, the file's stat, touched on a hit); raises OSError.
 
         A raw tier reads header and payload straight into a contiguous CPU
@@ -703,7 +755,7 @@ class FilesTier:
             verdict = None
             views = payload_views(out) if self.encoding.codec is None and not direct else None
             if views is not None and len(views) <= _MAX_IOVECS:
-                verdict = self._read_raw(fd, key, views)
+                verdict = self._read_raw(fd, key, views, split)
             if verdict is None:
                 verdict = self._read_whole(fd, direct, key, out, st.st_size)
             if verdict == INTACT:
@@ -716,12 +768,12 @@ class FilesTier:
         finally:
             os.close(fd)
 
-    def _read_raw(self, fd: int, key: bytes, views: list[memoryview]) -> str | None:
+    def _read_raw(self, fd: int, key: bytes, views: list[memoryview], split: bool) -> str | None:
         """Header and payload read straight into ``views`` (the output's bytes, in payload order, one
         ``preadv``); None if the file holds something else."""
         expected = sum(view.nbytes for view in views)
         header = bytearray(HEADER_BYTES)
-        total, digest = self._read_parts(fd, header, views, expected)
+        total, digest = self._read_parts(fd, header, views, expected, split)
         parsed = BlockHeader.unpack(header) if total >= HEADER_BYTES else None
         if parsed is None or parsed.key != key or parsed.layout != self._fingerprint:
             return CORRUPT
@@ -731,8 +783,8 @@ class FilesTier:
             return CORRUPT  # truncated, too long, or the checksum does not match
         return INTACT
 
-    def _read_parts(self, fd: int, header: bytearray, views: list[memoryview],
-                    expected: int) -> tuple[int, "xxhash.xxh3_64"]:
+    def _read_parts(self, fd: int, header: bytearray, views: list[memoryview], expected: int,
+                    split: bool) -> tuple[int, "xxhash.xxh3_64"]:
         """Read ``header`` and ``views`` from the file, and one byte more (it must not be there): bytes read,
         and the checksum of what ``views`` hold.
 
@@ -745,7 +797,7 @@ class FilesTier:
         ones after it untouched.
         """
         tail, digest = bytearray(1), xxhash.xxh3_64()
-        groups = _split(views, self._parts_per_read) if expected >= _SPLIT_READ_BYTES else [views]
+        groups = _split(views, self._parts_per_read) if split and expected >= _SPLIT_READ_BYTES else [views]
         later, offset = [], HEADER_BYTES + sum(view.nbytes for view in groups[0])
         for n, group in enumerate(groups[1:], 2):
             last = [tail] if n == len(groups) else []

@@ -1,0 +1,178 @@
+"""The files tier reads a run of blocks as runs side by side: exact bytes, a count that stops at the first block
+not there, and no pool deadlock when several callers read runs of large blocks at once."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TESTS_DIR, assert_same_kv, make_kv, make_tokens, tiny_layout
+from kvstore import KVStore, StoreConfig
+from kvstore.blockformat import HEADER_BYTES
+from kvstore.tiers import files as files_module
+from tierkit import block_path, files_tiers
+
+MID = tiny_layout(num_layers=4, num_kv_heads=4, head_dim=64, dtype=torch.bfloat16, block_tokens=256)  # 1 MiB
+BLOCKS = 8
+FILL = 7.0
+
+
+@pytest.fixture
+def four_cores(monkeypatch):
+    """Runs are one per core, up to io_threads: allow four here."""
+    monkeypatch.setattr(files_module.os, "cpu_count", lambda: 4)
+
+
+@pytest.fixture
+def stored(tmp_path, four_cores):
+    """``stored(io_threads)``: (tier, keys, kv) with BLOCKS 1 MiB blocks written, the tier closed at teardown."""
+    with files_tiers(tmp_path / "files", MID, 0) as factory:
+        def make(io_threads: int = 4):
+            tier = factory(2 * BLOCKS * (MID.block_bytes + HEADER_BYTES), io_threads=io_threads)
+            kv = make_kv(MID, BLOCKS * 256, seed=io_threads)
+            keys = [bytes([n + 1]) * 32 for n in range(BLOCKS)]
+            assert tier.put_many([(key, kv[:, :, n * 256:(n + 1) * 256]) for n, key in enumerate(keys)]) == BLOCKS
+            return tier, keys, kv
+        yield make
+
+
+def slices(out: torch.Tensor, blocks: int) -> list[torch.Tensor]:
+    return [out[:, :, n * 256:(n + 1) * 256] for n in range(blocks)]  # strided views, as a store passes them
+
+
+def assert_own_bytes_or_untouched(out: torch.Tensor, kv: torch.Tensor, blocks: range) -> None:
+    """Past the count a slice was either not read into or holds its own block: never another block's bytes."""
+    for n in blocks:
+        got, own = out[:, :, n * 256:(n + 1) * 256], kv[:, :, n * 256:(n + 1) * 256]
+        assert torch.equal(got, torch.full_like(got, FILL)) or torch.equal(got, own), n
+
+
+@pytest.mark.parametrize("io_threads", [1, 2, 4])
+def test_a_run_read_side_by_side_is_exact(stored, io_threads):
+    tier, keys, kv = stored(io_threads)
+    assert BLOCKS * MID.block_bytes >= files_module._SPLIT_RUN_BYTES
+    out = torch.full(MID.shape(BLOCKS * 256), FILL, dtype=MID.dtype)
+    assert tier.get_run_into(keys, slices(out, BLOCKS)) == BLOCKS
+    assert_same_kv(out, kv)
+    assert tier.stats()["hits"] == BLOCKS and tier.stats()["misses"] == 0
+
+
+def test_a_short_run_and_an_empty_one(stored):
+    tier, keys, kv = stored()
+    out = torch.full(MID.shape(BLOCKS * 256), FILL, dtype=MID.dtype)
+    assert tier.get_run_into([], []) == 0
+    assert tier.get_run_into(keys[:2], slices(out, 2)) == 2  # 2 MiB: under _SPLIT_RUN_BYTES, block by block
+    assert_same_kv(out[:, :, :512], kv[:, :, :512])
+    with pytest.raises(ValueError, match="outs: expected one per key"):
+        tier.get_run_into(keys[:2], slices(out, 1))
+
+
+@pytest.mark.parametrize("at", [0, 1, 3, 4, 7])
+@pytest.mark.parametrize("fault", ["damaged", "missing"])
+def test_the_count_stops_at_the_first_block_not_there_in_any_run(stored, at, fault):
+    tier, keys, kv = stored()
+    path = block_path(tier._root, keys[at])
+    if fault == "damaged":
+        data = bytearray(open(path, "rb").read())
+        data[HEADER_BYTES + 5] ^= 0x01
+        open(path, "wb").write(data)
+    else:
+        os.unlink(path)
+    out = torch.full(MID.shape(BLOCKS * 256), FILL, dtype=MID.dtype)
+    assert tier.get_run_into(keys, slices(out, BLOCKS)) == at
+    assert_same_kv(out[:, :, :at * 256], kv[:, :, :at * 256])
+    assert_own_bytes_or_untouched(out, kv, range(at + 1, BLOCKS))
+    assert tier.stats()["corrupt"] == (fault == "damaged")
+    assert not os.path.exists(path) and not tier.contains(keys[at])
+
+
+@pytest.mark.parametrize("at", [0, 5])
+def test_a_tier_error_raises_on_the_first_block_and_ends_the_count_further_on(stored, monkeypatch, at):
+    tier, keys, kv = stored()
+    failing = block_path(tier._root, keys[at])
+    real_read = tier._read
+
+    def read(path, key, out, split):
+        if path == failing:
+            raise OSError(errno.EIO, "Input/output error", path)
+        return real_read(path, key, out, split)
+
+    monkeypatch.setattr(tier, "_read", read)
+    out = torch.full(MID.shape(BLOCKS * 256), FILL, dtype=MID.dtype)
+    if at == 0:
+        with pytest.raises(OSError) as raised:
+            tier.get_run_into(keys, slices(out, BLOCKS))
+        assert raised.value.errno == errno.EIO
+    else:
+        assert tier.get_run_into(keys, slices(out, BLOCKS)) == at
+        assert_same_kv(out[:, :, :at * 256], kv[:, :, :at * 256])
+    assert tier.contains(keys[at])  # a failing medium is not a damaged block: nothing deleted
+
+
+READERS = r"""
+import os, sys, threading
+import torch
+from conftest import TESTS_DIR, assert_same_kv, make_kv, tiny_layout
+from kvstore.tiers import files as files_module
+files_module.os.cpu_count = lambda: 4
+lay = tiny_layout(num_layers=8, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_tokens=256)
+tier = files_module.FilesTier(sys.argv[1], 8 * (lay.block_bytes + 4096), lay, sync=False, io_threads=2)
+kv = make_kv(lay, 4 * 256, seed=1)
+keys = [bytes([n + 1]) * 32 for n in range(4)]
+assert tier.put_many([(key, kv[:, :, n * 256:(n + 1) * 256]) for n, key in enumerate(keys)]) == 4
+outs = [torch.zeros(lay.shape(4 * 256), dtype=lay.dtype) for _ in range(3)]
+counts = {}
+def reader(n):
+    for _ in range(3):
+        counts[n] = tier.get_run_into(keys, [outs[n][:, :, i * 256:(i + 1) * 256] for i in range(4)])
+threads = [threading.Thread(target=reader, args=(n,)) for n in range(3)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+assert counts == {0: 4, 1: 4, 2: 4}, counts
+for out in outs:
+    assert_same_kv(out, kv)
+tier.close()
+print("read", sum(counts.values()))
+"""
+
+
+def test_callers_reading_runs_of_large_blocks_at_once_do_not_wait_on_each_other(tmp_path):
+    """Runs on the pool read whole 8 MiB blocks: were they to queue parts of a block on the same two pool
+    threads, three callers' runs could hold both threads and wait on each other forever (the child is
+    killed after 120 s, and the test fails)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+    try:
+        done = subprocess.run([sys.executable, "-c", READERS, str(tmp_path / "files")], capture_output=True,
+                              text=True, env=env, cwd=str(TESTS_DIR), timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("readers of runs of large blocks deadlocked on the read pool")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "read 12"
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_a_store_reads_the_files_tier_in_runs_and_promotes_them(tmp_path, four_cores, host):
+    blocks = 2 * BLOCKS
+    config = StoreConfig(host_bytes=(blocks + 1) * MID.block_bytes if host else 0, files_dir=str(tmp_path / "f"),
+                         files_sync=False, files_write_policy="write_through", slow_factor=1e9)
+    tokens, kv = make_tokens(blocks * 256, seed=3), make_kv(MID, blocks * 256, seed=3)
+    with KVStore(MID, config) as store:
+        assert store.put(tokens, kv) == blocks
+        store.flush()
+    with KVStore(MID, config) as store:  # a new process's view: every block on disk, none in RAM
+        out = torch.full(MID.shape(blocks * 256), FILL, dtype=MID.dtype)
+        assert store.get_into(tokens, out) == blocks * 256
+        assert_same_kv(out, kv)
+        tiers = store.stats()["tiers"]
+        assert tiers["files"]["hits"] == blocks
+        if host:
+            assert tiers["host"]["blocks"] == blocks  # every block of the runs promoted
+            assert store.get_into(tokens, torch.empty_like(out)) == blocks * 256
+            assert store.stats()["tiers"]["files"]["hits"] == blocks  # the second read came from RAM
