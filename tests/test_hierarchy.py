@@ -382,3 +382,20 @@ def test_a_get_reads_runs_from_the_fastest_tier_around_a_block_only_below(stack)
     assert store.get_into(tokens, out) == 64
     assert_same_kv(out[:, :, :64], kv[:, :, :64])
     assert bool((out[:, :, 64:] == 3.0).all())
+
+
+def test_a_lookup_asks_the_next_tier_when_one_fails_and_blames_it_once(layout, tmp_path):
+    """LMDB's ``contains`` raising EIO mid-lookup: the files tier answers for every block, and the failure
+    is counted once for the lookup, not once a block."""
+    store, lmdb = fault_store(layout, tmp_path, degraded_seconds=30.0)
+    with store:
+        tokens, kv = make_tokens(5 * 16, seed=7), make_kv(layout, 5 * 16, seed=7)
+        assert store.put(tokens, kv) == 5
+        store.flush()
+        assert store.lookup(tokens) == 80
+        lmdb.fail = True
+        assert store.lookup(tokens) == 80
+        assert store.stats()["tiers"]["lmdb"]["errors"] == 1
+        assert store.lookup(tokens + make_tokens(16, seed=8)) == 80  # and the block after them is a miss
+        lmdb.fail = False
+        assert_same_kv(store.get(tokens), kv)
