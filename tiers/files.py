@@ -85,6 +85,7 @@ _FRAME_SLACK = 4096  # bytes a codec's frame may exceed the raw block by (frame 
 _STAMP_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)  # atime stamp on a read-only or foreign file
 _SPLIT_READ_BYTES = 8 << 20  # a raw payload this large is read in parts side by side
 _SPLIT_RUN_BYTES = 4 << 20  # a run of blocks this large is read in runs side by side
+_HASH_PIECE_BYTES = 4 << 20  # a raw payload is read and checksummed this much at a time, while it is in cache
 # A scan forced by a full tier waits until scans have taken at most this share of the time since the last began.
 _SCAN_TIME_SHARE = 0.1
 
@@ -122,6 +123,31 @@ def _transfer(call: Callable[[int, list, int], int], fd: int, buffers: Sequence[
             else:
                 views[0], n = views[0][n:], 0
     return done
+
+
+def _read_hashed(fd: int, header: bytearray, views: Sequence[memoryview], tail: list[bytearray],
+                 digest: "xxhash.xxh3_64") -> int:
+    """``header``, ``views`` and ``tail`` read from the file's start in pieces of about ``_HASH_PIECE_BYTES``,
+    each piece of ``views`` checksummed as soon as it is in; bytes read, up to the first short read.
+
+    A piece is checksummed while it is still in the CPU's cache: checksumming
+    a 32 MiB block after reading it all read it from memory a second time
+    (256 MiB of such blocks read through a store: 26-31 ms before, 24-27 ms
+    after, three alternating runs). A 2 MiB block is one piece.
+    """
+    nbytes = sum(view.nbytes for view in views)
+    pieces = _split(views, max(1, nbytes // _HASH_PIECE_BYTES)) if nbytes else [[]]
+    total = 0
+    for n, piece in enumerate(pieces):
+        buffers = [*([header] if n == 0 else []), *piece, *(tail if n == len(pieces) - 1 else [])]
+        wanted = sum(memoryview(buffer).nbytes for buffer in buffers)
+        got = _transfer(os.preadv, fd, buffers, total)
+        total += got
+        for view in piece:
+            digest.update(view)
+        if got < wanted:
+            break
+    return total
 
 
 def _split(views: Sequence[memoryview], parts: int) -> list[list[memoryview]]:
@@ -805,11 +831,11 @@ class FilesTier:
             offset += sum(view.nbytes for view in group)
         total, error = 0, None
         try:
-            total = _transfer(os.preadv, fd, [header, *groups[0], *([] if later else [tail])])
+            total = _read_hashed(fd, header, groups[0], [] if later else [tail], digest)
         finally:
-            for group, future in zip(groups, [None, *later]):  # every read ends before the file is closed
+            for group, future in zip(groups[1:], later):  # every read ends before the file is closed
                 try:
-                    total += future.result() if future is not None else 0
+                    total += future.result()
                 except Exception as exc:
                     error = error or exc
                 for view in group:
