@@ -176,3 +176,34 @@ def test_a_store_reads_the_files_tier_in_runs_and_promotes_them(tmp_path, four_c
             assert tiers["host"]["blocks"] == blocks  # every block of the runs promoted
             assert store.get_into(tokens, torch.empty_like(out)) == blocks * 256
             assert store.stats()["tiers"]["files"]["hits"] == blocks  # the second read came from RAM
+
+
+BIG = tiny_layout(num_layers=8, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_tokens=256)  # 8 MiB
+
+
+@pytest.mark.parametrize("damage", [None, "first-piece", "second-piece", "truncated-in-first", "one-byte-longer"])
+def test_a_block_read_and_checksummed_in_pieces_is_exact_or_a_miss(tmp_path, damage):
+    """One thread reads an 8 MiB block in 4 MiB pieces, checksumming each as it comes in."""
+    assert BIG.block_bytes >= 2 * files_module._HASH_PIECE_BYTES
+    with files_tiers(tmp_path / "files", BIG, 0) as factory:
+        tier = factory(4 * (BIG.block_bytes + HEADER_BYTES), io_threads=1)
+        kv = make_kv(BIG, 256, seed=9)
+        key = b"\x09" * 32
+        assert tier.put_many([(key, kv)]) == 1
+        path = block_path(tier._root, key)
+        data = bytearray(open(path, "rb").read())
+        if damage == "first-piece":
+            data[HEADER_BYTES + 100] ^= 0x01
+        elif damage == "second-piece":
+            data[-100] ^= 0x01
+        elif damage == "truncated-in-first":
+            data = data[:HEADER_BYTES + files_module._HASH_PIECE_BYTES // 2]
+        elif damage == "one-byte-longer":
+            data += b"\0"
+        open(path, "wb").write(data)
+        out = torch.full(BIG.shape(256), FILL, dtype=BIG.dtype)
+        assert tier.get_into(key, out) == (damage is None)
+        if damage is None:
+            assert_same_kv(out, kv)
+        else:
+            assert tier.stats()["corrupt"] == 1 and not os.path.exists(path)
