@@ -173,7 +173,7 @@ class EngineHooks:
                 chosen, PrefetchPolicy(WAIT), num_tokens_of(chosen))
             return LayerLoader(self.layout, chosen, handle, lambda block, dst: self._flow.read_block(block.key, dst),
                                device, self.config.load_lookahead_layers, on_sized=self._loaded, buffers=self.buffers,
-                               sink=sink)
+                               sink=sink, read_run=lambda run, dsts: self._flow.fill_keys([b.key for b in run], dsts))
         start = time.perf_counter()
         if out is None:
             out = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype, device=device)

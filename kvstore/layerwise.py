@@ -31,6 +31,9 @@ from kvstore.prefetch import PrefetchHandle
 
 # Reads a block into ``dst`` (its canonical view) from whichever tier has it; False on a miss.
 ReadBlock = Callable[[BlockRef, torch.Tensor], bool]
+# Reads blocks into their ``dsts`` in order until one is missing; how many were read (a disk tier reads a run of
+# them side by side).
+ReadRun = Callable[[Sequence[BlockRef], Sequence[torch.Tensor]], int]
 # Takes layer ``layer`` of the loaded blocks as ``(first token, [P, block tokens, H, D])`` pairs, in token order.
 LayerSink = Callable[[int, list[tuple[int, torch.Tensor]]], None]
 
@@ -46,8 +49,9 @@ class _Pipeline:
     def __init__(self, layout: KVLayout, blocks: Sequence[BlockRef], handle: PrefetchHandle,
                  read_block: ReadBlock, device: torch.device, lookahead: int,
                  on_layer: Callable[[int], None] | None, on_sized: Callable[[int, float], None] | None,
-                 buffers: BufferPool | None = None, sink: LayerSink | None = None):
+                 buffers: BufferPool | None = None, sink: LayerSink | None = None, read_run: ReadRun | None = None):
         self.layout = layout
+        self.read_run = read_run
         self.buffers = buffers
         self.sink = sink
         self.blocks = list(blocks)
@@ -70,18 +74,32 @@ class _Pipeline:
         self.ring: list[torch.Tensor] = []
 
     def sources(self) -> list[torch.Tensor]:
-        """A readable block view per planned block, stopping at the first that cannot be had."""
+        """A readable block view per planned block, stopping at the first that cannot be had: the prefetch's
+        pinned view, else a private copy (each run of blocks not pinned read by one ``read_run``, if given)."""
         self.handle.result()
         pinned = self.handle.views()
-        sources = []
-        for i, block in enumerate(self.blocks):
-            if i < len(pinned) and tuple(pinned[i].shape) == self.layout.shape(block.num_tokens):
-                sources.append(pinned[i])
+
+        def is_pinned(i: int) -> bool:
+            return i < len(pinned) and tuple(pinned[i].shape) == self.layout.shape(self.blocks[i].num_tokens)
+
+        sources: list[torch.Tensor] = []
+        while len(sources) < len(self.blocks):
+            start = len(sources)
+            if is_pinned(start):
+                sources.append(pinned[start])
                 continue
-            private = torch.empty(self.layout.shape(block.num_tokens), dtype=self.layout.dtype)
-            if not self.read_block(block, private):
+            end = start + 1
+            while self.read_run is not None and end < len(self.blocks) and not is_pinned(end):
+                end += 1
+            run = self.blocks[start:end]
+            privates = [torch.empty(self.layout.shape(block.num_tokens), dtype=self.layout.dtype) for block in run]
+            if self.read_run is not None:
+                got = self.read_run(run, privates)
+            else:
+                got = int(self.read_block(run[0], privates[0]))
+            sources.extend(privates[:got])
+            if got < len(run):
                 break
-            sources.append(private)
         return sources
 
     def run(self) -> None:
@@ -185,7 +203,9 @@ class LayerLoader:
     each layer of the loaded blocks, in place, to ``sink(layer, parts)``
     instead (an engine scattering straight into its own cache: one copy,
     no ring), as fast as it can; the engine then calls ``wait_layer(i)``
-    rather than ``layer(i)``. ``close()`` stops the worker and
+    rather than ``layer(i)``. Blocks the prefetch did not pin are read with
+    ``read_block``, or each run of them with one ``read_run`` call if given
+    (the files tier reads a run side by side). ``close()`` stops the worker and
     releases every pin (its layer buffers go back to the store for reuse: do
     not keep a layer tensor past it); a loader used as a context manager closes itself,
     and one dropped without either is stopped when it is garbage collected.
@@ -194,14 +214,14 @@ class LayerLoader:
     def __init__(self, layout: KVLayout, blocks: Sequence[BlockRef], handle: PrefetchHandle,
                  read_block: ReadBlock, device: torch.device | str = "cpu", lookahead: int = 2,
                  on_layer: Callable[[int], None] | None = None, on_sized: Callable[[int, float], None] | None = None,
-                 buffers: BufferPool | None = None, sink: LayerSink | None = None):
+                 buffers: BufferPool | None = None, sink: LayerSink | None = None, read_run: ReadRun | None = None):
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
             raise ValueError(f"lookahead: expected an integer >= 1, got {lookahead!r}")
         self.layout = layout
         self.device = torch.device(device)
         self.lookahead = lookahead
         self._pipe = _Pipeline(layout, blocks, handle, read_block, self.device, lookahead, on_layer, on_sized,
-                               buffers, sink)
+                               buffers, sink, read_run)
         self._thread = threading.Thread(target=self._pipe.run, name="kvstore-layer-loader", daemon=True)
         self._finalizer = weakref.finalize(self, self._pipe.stop)
         self._thread.start()

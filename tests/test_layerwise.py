@@ -474,3 +474,31 @@ def test_a_layer_written_into_its_buffer_is_saved_without_a_copy(tmp_path):
             saver.save_layer(layer, buffer)
         assert saver.stored == 3
         assert_same_kv(store.get(tokens), kv)
+
+
+@pytest.mark.parametrize("damaged", [None, 0, 2, 5])
+def test_a_files_only_store_loads_layer_wise_in_runs_up_to_a_damaged_block(tmp_path, monkeypatch, damaged):
+    """No host RAM to prefetch into: the loader reads its blocks privately, as one run the files tier reads
+    side by side (8 blocks of 1 MiB); a damaged block ends the load at the tokens before it."""
+    from kvstore.config import StoreConfig
+    from kvstore.tiers import files as files_module
+    monkeypatch.setattr(files_module.os, "cpu_count", lambda: 2)
+    lay = tiny_layout(num_layers=4, num_kv_heads=4, head_dim=64, dtype=torch.bfloat16, block_tokens=256)  # 1 MiB
+    config = StoreConfig(host_bytes=0, files_dir=str(tmp_path / "files"), files_sync=False, slow_factor=1e9)
+    tokens, kv = make_tokens(8 * 256 - 100), make_kv(lay, 8 * 256 - 100)  # a partial tail block too
+    with KVStore(lay, config) as store:
+        assert store.put(tokens, kv) == 8
+        if damaged is not None:
+            key = store.block_keys(tokens)[damaged].key.hex()
+            path = tmp_path / "files" / key[:2] / key[2:4] / f"{key}.kvb"
+            data = bytearray(path.read_bytes())
+            data[-7] ^= 0x01
+            path.write_bytes(data)
+        expected = len(tokens) if damaged is None else damaged * 256
+        with store.load(tokens, layer_wise=True, plan=store.plan(tokens)) as loader:
+            assert loader.num_tokens == expected
+            for index, layer in loader:
+                assert_same_kv(layer, kv[index, :, :expected])
+        files = store.stats()["tiers"]["files"]
+        assert files["corrupt"] == (damaged is not None)
+        assert pinned(store) == 0
