@@ -3,6 +3,7 @@ not there, and no pool deadlock when several callers read runs of large blocks a
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import subprocess
@@ -207,3 +208,32 @@ def test_a_block_read_and_checksummed_in_pieces_is_exact_or_a_miss(tmp_path, dam
             assert_same_kv(out, kv)
         else:
             assert tier.stats()["corrupt"] == 1 and not os.path.exists(path)
+
+
+@pytest.mark.parametrize("mode", ["zstd", "o_direct", "kivi4"])
+def test_runs_through_a_codec_or_o_direct_decode_each_block_and_promote_it_marked(tmp_path, four_cores, mode):
+    """Encoded or O_DIRECT blocks take the whole-file path, each on the thread of its run; approximate
+    (kivi4) blocks reach host RAM marked lossy, never as exact ones."""
+    blocks = BLOCKS
+    codec = {"zstd": "zstd", "o_direct": "raw", "kivi4": "kivi4"}[mode]
+    config = StoreConfig(host_bytes=0, files_dir=str(tmp_path / "f"), files_sync=False, files_codec=codec,
+                         files_o_direct=mode == "o_direct", slow_factor=1e9)
+    tokens, kv = make_tokens(blocks * 256, seed=4), make_kv(MID, blocks * 256, seed=4)
+    with KVStore(MID, config) as store:
+        assert store.put(tokens, kv) == blocks
+        store.flush()
+    with KVStore(MID, dataclasses.replace(config, host_bytes=(blocks + 1) * MID.block_bytes)) as store:
+        out = torch.full(MID.shape(blocks * 256), FILL, dtype=MID.dtype)
+        assert store.get_into(tokens, out) == blocks * 256
+        if mode == "kivi4":
+            assert not torch.equal(out, kv)  # approximate, as that codec stores it
+            assert (out.float() - kv.float()).abs().max() < 2.0
+        else:
+            assert_same_kv(out, kv)
+        again = torch.empty_like(out)
+        assert store.get_into(tokens, again) == blocks * 256  # from host RAM now
+        assert torch.equal(again, out)
+        host = store.stats()["tiers"]["host"]
+        assert host["blocks"] == blocks and store.stats()["tiers"]["files"]["hits"] == blocks
+        marks = {store.tiers[0].lossy_of(ref.key) for ref in store.block_keys(tokens)}
+        assert marks == {"kivi4" if mode == "kivi4" else None}
