@@ -274,8 +274,10 @@ class BlockFlow:
         level = self.stack.where(keys[0])
         if level is None or not level.runs:
             return 0
+        faster = self.stack.levels[:level.index]  # memory and local disk levels: no round trip to ask them
         run = 1
-        while run < len(keys) and self.stack.where(keys[run]) is level:
+        while (run < len(keys) and self.stack.contains(level, keys[run])
+               and not any(self.stack.contains(other, keys[run]) for other in faster)):
             run += 1
         if run == 1:
             return 0

@@ -49,7 +49,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import NamedTuple
 
 import torch
@@ -690,12 +690,12 @@ class FilesTier:
         # A run on the pool reads whole blocks: were it to wait there for parts of a block, the runs of two
         # callers could hold every pool thread and wait on each other.
         later = [self._readers.submit(self._read_in_order, keys[a:b], outs[a:b], False) for a, b in runs[1:]]
-        results = []
         try:
             a, b = runs[0]
-            results.append(self._read_in_order(keys[a:b], outs[a:b], not later))
+            results = [self._read_in_order(keys[a:b], outs[a:b], not later)]
         finally:
-            results.extend(future.result() for future in later)  # every read ends before this returns
+            wait(later)  # every read into ``outs`` ends before this returns, whatever raised
+        results.extend(future.result() for future in later)
         read = 0
         for (a, b), (got, error) in zip(runs, results):
             read += got

@@ -8,6 +8,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -237,3 +238,44 @@ def test_runs_through_a_codec_or_o_direct_decode_each_block_and_promote_it_marke
         assert host["blocks"] == blocks and store.stats()["tiers"]["files"]["hits"] == blocks
         marks = {store.tiers[0].lossy_of(ref.key) for ref in store.block_keys(tokens)}
         assert marks == {"kivi4" if mode == "kivi4" else None}
+
+
+def test_every_run_has_ended_when_another_run_raises(stored, monkeypatch):
+    """A run that raises something unexpected is passed on only once the other runs have stopped writing
+    into ``outs`` (the caller may reuse them at once)."""
+    tier, keys, kv = stored(io_threads=4)
+    real_get, finished = tier._get, []
+
+    def get(key, out, split):
+        index = keys.index(key)
+        if index == 2:  # the second run's first block
+            raise RuntimeError("injected")
+        if index >= 4:  # the third and fourth runs: slow
+            time.sleep(0.1)
+        found = real_get(key, out, split)
+        finished.append(index)
+        return found
+
+    monkeypatch.setattr(tier, "_get", get)
+    out = torch.full(MID.shape(BLOCKS * 256), FILL, dtype=MID.dtype)
+    with pytest.raises(RuntimeError, match="injected"):
+        tier.get_run_into(keys, slices(out, BLOCKS))
+    assert sorted(finished) == [0, 1, 4, 5, 6, 7]
+
+
+def test_a_run_stops_where_host_ram_holds_a_block_and_starts_again_after_it(tmp_path, four_cores):
+    """Files hold every block and host RAM blocks 3 and 4: blocks 0-2 come from the files tier as one run,
+    3-4 from RAM, 5-7 from the files tier again; every byte exact."""
+    config = StoreConfig(host_bytes=0, files_dir=str(tmp_path / "f"), files_sync=False, slow_factor=1e9)
+    tokens, kv = make_tokens(BLOCKS * 256, seed=6), make_kv(MID, BLOCKS * 256, seed=6)
+    with KVStore(MID, config) as store:
+        assert store.put(tokens, kv) == BLOCKS
+    with KVStore(MID, dataclasses.replace(config, host_bytes=(BLOCKS + 1) * MID.block_bytes, promote=False)) as store:
+        refs = store.block_keys(tokens)
+        host = store.tiers[0]
+        assert host.put_many([(refs[n].key, kv[:, :, n * 256:(n + 1) * 256]) for n in (3, 4)]) == 2
+        out = torch.full(MID.shape(BLOCKS * 256), FILL, dtype=MID.dtype)
+        assert store.get_into(tokens, out) == BLOCKS * 256
+        assert_same_kv(out, kv)
+        tiers = store.stats()["tiers"]
+        assert tiers["files"]["hits"] == BLOCKS - 2 and tiers["host"]["hits"] == 2
