@@ -80,7 +80,7 @@ def payload_views(out: torch.Tensor) -> list[memoryview] | None:
     if out.stride(4) != 1 or out.stride(3) != dim or (tokens > 1 and out.stride(2) != heads * dim):
         return None
     if out.numel() == 0:
-        return [memoryview(b"")] * (layers * parts)
+        return [memoryview(bytearray())] * (layers * parts)  # writable, as a read into them needs
     size = out.element_size()
     row = tokens * heads * dim * size
     layer_step, part_step = out.stride(0) * size, out.stride(1) * size
