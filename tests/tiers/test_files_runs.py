@@ -279,3 +279,27 @@ def test_a_run_stops_where_host_ram_holds_a_block_and_starts_again_after_it(tmp_
         assert_same_kv(out, kv)
         tiers = store.stats()["tiers"]
         assert tiers["files"]["hits"] == BLOCKS - 2 and tiers["host"]["hits"] == 2
+
+
+@pytest.mark.parametrize("known", [False, True])
+def test_a_read_that_comes_up_short_goes_on_where_it_stopped(tmp_path, known):
+    """A medium that moves at most 1,000 bytes a call (NFS, a FUSE mount): every byte lands in its buffer."""
+    data = os.urandom(10_000)
+    path = tmp_path / "block"
+    path.write_bytes(data)
+    buffers = [bytearray(72), memoryview(bytearray(4000)), memoryview(bytearray()), bytearray(5928), bytearray(1)]
+
+    def at_most_1000(fd, views, offset):
+        room, limited = 1000, []
+        for view in views:
+            view = memoryview(view).cast("B")[:room]
+            limited.append(view)
+            room -= view.nbytes
+        return os.preadv(fd, limited, offset)
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = files_module._transfer(at_most_1000, fd, buffers, 0, 10_001 if known else None)
+    finally:
+        os.close(fd)
+    assert got == 10_000 and bytes(b"".join(bytes(b) for b in buffers[:4])) == data and buffers[4] == bytearray(1)
