@@ -274,10 +274,9 @@ class BlockFlow:
         level = self.stack.where(keys[0])
         if level is None or not level.runs:
             return 0
-        faster = self.stack.levels[:level.index]  # memory and local disk levels: no round trip to ask them
+        up_to = self.stack.levels[:level.index + 1]  # memory and local disk levels: no round trip to ask them
         run = 1
-        while (run < len(keys) and self.stack.contains(level, keys[run])
-               and not any(self.stack.contains(other, keys[run]) for other in faster)):
+        while run < len(keys) and self.stack.where(keys[run], up_to) is level:
             run += 1
         if run == 1:
             return 0

@@ -192,9 +192,9 @@ class TierStack:
             level.note_failure("contains", error)
             return False
 
-    def where(self, key: bytes) -> Level | None:
-        """The fastest available level holding ``key``."""
-        for level in self.levels:
+    def where(self, key: bytes, levels: Sequence[Level] | None = None) -> Level | None:
+        """The fastest available level holding ``key``, of ``levels`` (default: all of them)."""
+        for level in self.levels if levels is None else levels:
             if self.contains(level, key):
                 return level
         return None
@@ -211,6 +211,8 @@ class TierStack:
         held = 0
         for key in keys:
             failed = []
+            # ``contains`` less its availability check, spelled out: a helper call cost a third more (83
+            # against 62 us for 512 keys)
             for level in asked:
                 try:
                     if level.tier.contains(key):

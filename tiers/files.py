@@ -118,7 +118,7 @@ def _transfer(call: Callable[[int, list, int], int], fd: int, buffers: Sequence[
     """
     done = 0
     if nbytes is not None:
-        done = call(fd, list(buffers), offset)
+        done = call(fd, buffers, offset)
         if done >= nbytes or done == 0:
             return done
     views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
@@ -151,11 +151,13 @@ def _read_hashed(fd: int, header: bytearray, views: Sequence[memoryview], tail: 
     nbytes = sum(view.nbytes for view in views)
     parts = nbytes // _HASH_PIECE_BYTES
     pieces = _split(views, parts) if parts > 1 else [views]
+    last = len(pieces) - 1
     total = 0
     for n, piece in enumerate(pieces):
-        buffers = [*([header] if n == 0 else []), *piece, *(tail if n == len(pieces) - 1 else [])]
-        wanted = ((len(header) if n == 0 else 0) + (nbytes if len(pieces) == 1 else sum(v.nbytes for v in piece))
-                  + (sum(map(len, tail)) if n == len(pieces) - 1 else 0))
+        before, after = [header] if n == 0 else [], tail if n == last else []
+        buffers = [*before, *piece, *after]
+        wanted = (sum(map(len, before)) + (nbytes if last == 0 else sum(view.nbytes for view in piece))
+                  + sum(map(len, after)))
         got = _transfer(os.preadv, fd, buffers, total, wanted)
         total += got
         for view in piece:
