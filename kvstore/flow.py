@@ -28,7 +28,7 @@ from functools import partial
 import torch
 
 from kvstore.config import StoreConfig
-from kvstore.keys import BlockRef
+from kvstore.keys import BlockRef, block_slices
 from kvstore.layout import KVLayout
 from kvstore.levels import Level, TierStack
 from kvstore.metrics import Counters
@@ -227,7 +227,7 @@ class BlockFlow:
         """Copy a request's ``blocks`` into ``out`` (token 0 is ``blocks[0]``'s first) in order until one is
         missing; returns tokens filled, and counts the get."""
         offset = blocks[0].start if blocks else 0
-        got = self.fill_keys([b.key for b in blocks], [out[:, :, b.start - offset:b.end - offset] for b in blocks])
+        got = self.fill_keys([b.key for b in blocks], block_slices(out, blocks, self.layout.block_tokens))
         filled = blocks[got - 1].end - offset if got else 0
         self.counters.add("gets")
         self.counters.add("get_tokens", blocks[-1].end - offset if blocks else 0)

@@ -71,10 +71,10 @@ class Level:
     def persistent(self) -> bool:
         return self.policy.persistent
 
-    @property
-    def slots(self) -> bool:
-        """A memory slot pool (host RAM, HBM): pins, in-place fills, a lossy mark per block."""
-        return Capability.SLOTS in self.capabilities
+    slots: bool = field(init=False)  # a memory slot pool (host RAM, HBM): pins, in-place fills, lossy marks
+
+    def __post_init__(self) -> None:
+        self.slots = Capability.SLOTS in self.capabilities  # asked once a block stored or read
 
     @property
     def batch(self) -> bool:

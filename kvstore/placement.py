@@ -50,6 +50,9 @@ class Placement:
         self.promote = promote
         needs_filter = any(p.admit_after > 1 for p in self.policies)
         self._filter = AdmissionFilter() if needs_filter else None
+        self._write_through = tuple(  # asked once a block stored: worked out once here
+            tuple(i for i in range(landed + 1, len(self.policies)) if self.policies[i].write == WRITE_THROUGH)
+            for landed in range(len(self.policies)))
 
     @property
     def counting(self) -> bool:
@@ -67,9 +70,9 @@ class Placement:
     def admits(self, tier: int, sightings: int) -> bool:
         return sightings >= self.policies[tier].admit_after
 
-    def write_through(self, landed: int) -> list[int]:
+    def write_through(self, landed: int) -> tuple[int, ...]:
         """Tiers below ``landed`` that get a copy in the background as soon as it lands."""
-        return [i for i in range(landed + 1, len(self.policies)) if self.policies[i].write == WRITE_THROUGH]
+        return self._write_through[landed]
 
     def on_evict(self, tier: int) -> int | None:
         """The tier that receives a block evicted from ``tier`` (write-back), if any."""

@@ -28,7 +28,7 @@ from kvstore.flow import BlockFlow
 from kvstore.hierarchy import TIER_SPECS, build_tiers
 from kvstore.hooks import EngineHooks, num_tokens_of
 from kvstore.keyed import EngineKey, KeyedBlocks
-from kvstore.keys import BlockRef, KeyChain, Salt, Tokens
+from kvstore.keys import BlockRef, KeyChain, Salt, Tokens, block_slices
 from kvstore.layerwise import LayerLoader, LayerSaver, LayerSink
 from kvstore.layout import KVLayout
 from kvstore.levels import TierStack, make_level
@@ -197,9 +197,9 @@ class KVStore:
     def _store_blocks(self, blocks: Sequence[BlockRef], kv: torch.Tensor) -> int:
         """Store ``blocks`` whose KV is ``kv`` (its token 0 is ``blocks[0].start``); returns blocks newly stored."""
         self._check_open()
-        offset = blocks[0].start if blocks else 0
         kv = kv.detach()  # the bytes, not an autograd graph: stored copies never require grad
-        return self._flow.store_items([(b.key, kv[:, :, b.start - offset:b.end - offset]) for b in blocks])
+        pieces = block_slices(kv, blocks, self.layout.block_tokens)
+        return self._flow.store_items([(b.key, piece) for b, piece in zip(blocks, pieces)])
 
     def lookup(self, tokens: Tokens, salt: Salt = None) -> int:
         """Number of leading tokens of ``tokens`` whose KV is stored in some tier (partial tail included)."""

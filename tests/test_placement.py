@@ -71,12 +71,12 @@ def test_placement_needs_a_tier():
 
 def test_write_through_targets():
     placement = Placement([DEVICE, HOST_WT, LMDB_WB, FILES_WT])
-    assert placement.write_through(0) == [1, 3]  # every write-through tier below, not the write-back one
-    assert placement.write_through(1) == [3]
-    assert placement.write_through(2) == [3]
-    assert placement.write_through(3) == []
-    assert Placement([DEVICE]).write_through(0) == []
-    assert Placement([HOST_WT, LMDB_WB]).write_through(0) == []
+    assert placement.write_through(0) == (1, 3)  # every write-through tier below, not the write-back one
+    assert placement.write_through(1) == (3,)
+    assert placement.write_through(2) == (3,)
+    assert placement.write_through(3) == ()
+    assert Placement([DEVICE]).write_through(0) == ()
+    assert Placement([HOST_WT, LMDB_WB]).write_through(0) == ()
 
 
 def test_on_evict_only_into_next_write_back_tier():
