@@ -4,7 +4,7 @@ Nothing here allocates a pool, takes a directory's lock or writes: the host
 and device tiers are reported by their configured size (their pools live in
 the engine's process), the LMDB tier by a read-only snapshot of its ``meta``
 records (``kvstore.tiers.lmdb.inspect_directory``), the files tier by a
-walk of ``<files_dir>/xx/yy/*.kvb`` with ``lstat``, and the shared tiers by
+walk of ``<files_dir>/xx/*.kvb`` (and ``xx/yy/*.kvb``, the older layout) with ``lstat``, and the shared tiers by
 their URL alone (no connection is made; ``kvstore stats --url`` asks a
 cache server). So it works while an engine has the store open.
 """
@@ -23,9 +23,9 @@ import yaml
 from kvstore.config import StoreConfig
 from kvstore.layout import KVLayout
 from kvstore.sizes import format_size
+from kvstore.tiers.fanout import SUFFIX, TEMP_SUFFIX
 from kvstore.tiers.lmdb import inspect_directory
 
-_SUFFIX, _TEMP_SUFFIX = ".kvb", ".tmp"  # as kvstore/tiers/files.py names them
 _SECRETS = ("remote_token",)
 _URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
 HIDDEN = "<hidden>"
@@ -101,29 +101,29 @@ def _subdirs(path: str, root: str) -> list[str]:
 def files_usage(path: str | os.PathLike[str]) -> dict[str, int]:
     """Block files under a ``FilesTier`` directory: ``blocks``, ``used_bytes``, ``temp_files`` (writes in flight).
 
-    Only regular files named ``<hex key>.kvb`` two levels down count (``lstat``:
+    Only regular files named ``<hex key>.kvb`` in a fan-out directory count (``lstat``:
     links are not followed). A directory that does not exist holds 0 blocks.
     """
     root = os.path.abspath(os.fspath(path))
     usage = {"blocks": 0, "used_bytes": 0, "temp_files": 0}
     for level1 in _subdirs(root, root):
-        for level2 in _subdirs(level1, root):
+        for directory in (level1, *_subdirs(level1, root)):  # the two-level layout's files count until moved up
             try:
-                with os.scandir(level2) as it:
+                with os.scandir(directory) as it:
                     entries = list(it)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
-                raise OSError(f"files_dir {root}: cannot read {level2}: {exc.strerror or exc}") from None
+                raise OSError(f"files_dir {root}: cannot read {directory}: {exc.strerror or exc}") from None
             for entry in entries:
                 name = entry.name
                 if name.startswith("."):
-                    usage["temp_files"] += name.endswith(_TEMP_SUFFIX)
+                    usage["temp_files"] += name.endswith(TEMP_SUFFIX)
                     continue
-                if not name.endswith(_SUFFIX):
+                if not name.endswith(SUFFIX):
                     continue
                 try:
-                    bytes.fromhex(name[:-len(_SUFFIX)])
+                    bytes.fromhex(name[:-len(SUFFIX)])
                     st = entry.stat(follow_symlinks=False)
                 except ValueError:
                     continue  # not a hex name: not a block

@@ -324,15 +324,18 @@ def test_files_usage_counts_regular_block_files_only(tmp_path):
     tier.put_many([(b"key-%d" % i, kv[:, :, 16 * i:16 * (i + 1)]) for i in range(3)])
     expected = tier.used_bytes()
     tier.close()
-    level2 = next((tmp_path / "files").glob("*/*"))
+    level1 = next(path for path in (tmp_path / "files").iterdir() if path.is_dir())
     outside = tmp_path / "outside.kvb"
     outside.write_bytes(b"x" * 100_000)
-    (level2 / "abcd.kvb").symlink_to(outside)  # a link is not a block of this directory
-    (level2 / "notes.kvb").write_bytes(b"x" * 10)  # not a hex name
-    (level2 / "ef01.kvb").mkdir()  # not a regular file
-    (level2 / ".ef02~host~1~t.tmp").write_bytes(b"x" * 10)  # a write in flight
+    (level1 / "abcd.kvb").symlink_to(outside)  # a link is not a block of this directory
+    (level1 / "notes.kvb").write_bytes(b"x" * 10)  # not a hex name
+    (level1 / "ef01.kvb").mkdir()  # not a regular file
+    (level1 / ".ef02~host~1~t.tmp").write_bytes(b"x" * 10)  # a write in flight
     (tmp_path / "files" / "zz-not-fanout").mkdir()
-    assert files_usage(tmp_path / "files") == {"blocks": 3, "used_bytes": expected, "temp_files": 1}
+    old = tmp_path / "files" / "ab" / "cd"  # the two-level layout of older versions: moved up on the next open
+    old.mkdir(parents=True)
+    (old / "abcd12.kvb").write_bytes(b"x" * 77)
+    assert files_usage(tmp_path / "files") == {"blocks": 4, "used_bytes": expected + 77, "temp_files": 1}
     assert files_usage(tmp_path / "missing") == {"blocks": 0, "used_bytes": 0, "temp_files": 0}
 
 

@@ -178,7 +178,7 @@ def _durable_window(start: int, last_flush: int | None) -> range:
     """Prompts of this cycle whose every block must have survived the kill in LMDB or the files tier.
 
     A prompt is at most 4 blocks (3 full + a tail). The files tier (60 full blocks) evicts its least
-    recently used files down to the low-water mark (54 blocks) minus the incoming block, so at any time
+    recently used files down to the low-water mark (54 blocks) minus the incoming block at most, so at any time
     it keeps at least the most recent 52 full blocks' worth of what it was given. The child writes the
     files tier in put order, after everything older: earlier cycles' blocks were last touched by the
     parent's verification, which ran before this child started. Written after the first block of

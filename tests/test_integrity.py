@@ -23,6 +23,7 @@ from conftest import assert_same_kv, make_kv, make_tokens, tiny_layout
 from kvstore.blockformat import HEADER_BYTES, MAGIC
 from kvstore.config import StoreConfig
 from kvstore.store import KVStore
+from kvstore.tiers.fanout import block_path
 from kvstore.tiers.files import FilesTier
 from kvstore.tiers.lmdb import LmdbTier
 
@@ -128,8 +129,7 @@ def _damage_lmdb(path, key: bytes, how: str, layout) -> None:
 
 
 def _block_file(files_dir, key: bytes) -> str:
-    h = key.hex()
-    return os.path.join(files_dir, h[:2], h[2:4], h + ".kvb")
+    return block_path(str(files_dir), key)
 
 
 def _damage_file(files_dir, keys: list[bytes], index: int, how: str, layout) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch
 from conftest import assert_same_kv, make_kv, make_tokens, tiny_layout
 from kvstore.layerwise import LayerLoader, LayerSaver
 from kvstore.store import KVStore
+from kvstore.tiers.fanout import block_path
 
 LONG = 10.0  # an upper bound on waits that must succeed
 STILL_BLOCKED = 0.01  # seconds a loader that must wait is given to (wrongly) run further ahead
@@ -489,8 +491,7 @@ def test_a_files_only_store_loads_layer_wise_in_runs_up_to_a_damaged_block(tmp_p
     with KVStore(lay, config) as store:
         assert store.put(tokens, kv) == 8
         if damaged is not None:
-            key = store.block_keys(tokens)[damaged].key.hex()
-            path = tmp_path / "files" / key[:2] / key[2:4] / f"{key}.kvb"
+            path = Path(block_path(str(tmp_path / "files"), store.block_keys(tokens)[damaged].key))
             data = bytearray(path.read_bytes())
             data[-7] ^= 0x01
             path.write_bytes(data)

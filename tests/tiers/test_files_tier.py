@@ -83,7 +83,7 @@ def test_files_are_fanned_out_with_header_and_payload(open_tier, disk_dir, layou
     partial = make_kv(layout, 3, seed=9)
     tier.put_many([(A, blocks[A]), (E, partial)])
     assert all_files(disk_dir) == sorted([block_path(disk_dir, A), block_path(disk_dir, E)])  # no temp left
-    assert block_path(disk_dir, A) == str(disk_dir / "41" / "41" / ("41" * 32 + ".kvb"))
+    assert block_path(disk_dir, A) == str(disk_dir / "41" / ("41" * 32 + ".kvb"))  # one level of fan-out
     for key, kv in ((A, blocks[A]), (E, partial)):
         data = open(block_path(disk_dir, key), "rb").read()
         payload = as_bytes(kv)
@@ -272,16 +272,23 @@ def test_hit_touches_mtime_and_misses_do_not(open_tier, disk_dir, layout, blocks
     assert os.stat(block_path(disk_dir, A)).st_mtime_ns > 1_600_000_000 * SECOND
 
 
-def test_low_water_mark_evicts_ten_percent_in_whole_blocks(open_tier, disk_dir, layout):
+def test_a_full_tier_evicts_what_each_batch_writes_and_overwrites_every_file_it_evicts(open_tier, disk_dir, layout):
+    """Evicting down to the low-water mark (18 of 20 blocks here) for a put of one block left files to unlink
+    and room the next put filled with new files; a batch evicts for its own blocks only, at most down to
+    the low-water mark a round, and overwrites each file it evicts."""
     tier = open_tier(20 * BLOCK)
-    keys = [i.to_bytes(32, "little") for i in range(21)]
+    keys = [i.to_bytes(32, "little") for i in range(36)]
     for i, key in enumerate(keys[:20]):
         tier.put_many([(key, make_kv(layout, 16, seed=i))])
     assert tier.stats()["evictions"] == 0
-    tier.put_many([(keys[20], make_kv(layout, 16, seed=20))])
-    assert tier.stats()["evictions"] == 3  # down to 18 blocks including the new one
-    assert list(tier.keys()) == keys[3:]
-    assert disk_usage(disk_dir) == tier.used_bytes() == 18 * BLOCK
+    written = 20
+    for batch in (1, 5, 10):  # one block; a batch within the low-water gap; one larger than it
+        tier.put_many([(key, make_kv(layout, 16, seed=i)) for i, key in enumerate(keys[written:written + batch],
+                                                                                   start=written)])
+        written += batch
+        assert list(tier.keys()) == keys[written - 20:written]  # least recently used evicted first, in order
+        assert tier.stats()["evictions"] == tier.stats()["recycled"] == written - 20
+        assert disk_usage(disk_dir) == tier.used_bytes() == 20 * BLOCK
 
 
 def test_capacity_never_exceeded(open_tier, disk_dir, layout):

@@ -33,7 +33,7 @@ def make_blocks(layout) -> dict:
 def block_path(root, key: bytes) -> str:
     """Where a files tier rooted at ``root`` keeps block ``key``."""
     h = key.hex()
-    return os.path.join(str(root), h[:2], h[2:4], h + ".kvb")
+    return os.path.join(str(root), h[:2], h + ".kvb")
 
 
 @contextmanager
