@@ -147,6 +147,8 @@ def _damage_file(files_dir, keys: list[bytes], index: int, how: str, layout) -> 
         data = data[:HEADER_BYTES + 1000]
     elif how == "header-only":
         data = data[:HEADER_BYTES]
+    elif how == "grown":  # the whole block, then bytes no block of this size has: not what was written
+        data += b"\x00" * 3
     elif how == "empty":
         data = bytearray()
     elif how == "other-block":  # the intact file of the block before it, copied over this one
@@ -168,7 +170,7 @@ def _damage_file(files_dir, keys: list[bytes], index: int, how: str, layout) -> 
 LMDB_DAMAGE = ["payload-bit", "payload-truncated", "payload-empty", "meta-checksum", "meta-layout", "meta-magic",
                "meta-truncated", "other-layout"]
 FILE_DAMAGE = ["payload-bit", "header-byte", "checksum-byte", "truncated", "header-only", "empty", "other-block",
-               "other-layout"]
+               "other-layout", "grown"]
 
 
 # -- (a) damage in the only tier holding the block ---------------------------------------------------------

@@ -145,17 +145,20 @@ def _transfer(call: Callable[[int, list, int], int], fd: int, buffers: Sequence[
 
 
 def _read_hashed(fd: int, header: bytearray, views: Sequence[memoryview], tail: list[bytearray],
-                 digest: "xxhash.xxh3_64") -> int:
-    """``header``, ``views`` and ``tail`` read from the file's start in pieces of about ``_HASH_PIECE_BYTES``,
-    each piece of ``views`` checksummed as soon as it is in; bytes read, up to the first short read.
+                 digest: "xxhash.xxh3_64", nbytes: int) -> int:
+    """``header``, ``views`` (``nbytes`` in all) and ``tail`` read from the file's start in pieces of about
+    ``_HASH_PIECE_BYTES``, each piece of ``views`` checksummed as soon as it is in; bytes read, up to the
+    first short read.
 
     A piece is checksummed while it is still in the CPU's cache: checksumming
     a 32 MiB block after reading it all read it from memory a second time
     (256 MiB of such blocks read through a store: 26-31 ms before, 24-27 ms
     after, three alternating runs). A 2 MiB block is one piece, and its
-    views are not cut (cutting 64 views cost 26 us a block).
+    views are not cut (cutting 64 views cost 26 us a block). A piece that
+    ends where the file does (the tail byte not read, as it must not be) is
+    whole: asking again to learn that cost a second ``preadv`` a block and
+    a byte view of each of its buffers.
     """
-    nbytes = sum(view.nbytes for view in views)
     parts = nbytes // _HASH_PIECE_BYTES
     pieces = _split(views, parts) if parts > 1 else [views]
     last = len(pieces) - 1
@@ -163,9 +166,8 @@ def _read_hashed(fd: int, header: bytearray, views: Sequence[memoryview], tail: 
     for n, piece in enumerate(pieces):
         before, after = [header] if n == 0 else [], tail if n == last else []
         buffers = [*before, *piece, *after]
-        wanted = (sum(map(len, before)) + (nbytes if last == 0 else sum(view.nbytes for view in piece))
-                  + sum(map(len, after)))
-        got = _transfer(os.preadv, fd, buffers, total, wanted)
+        wanted = sum(map(len, before)) + (nbytes if last == 0 else sum(view.nbytes for view in piece))
+        got = _transfer(os.preadv, fd, buffers, total, wanted)  # the tail byte, if read, shows a longer file
         total += got
         for view in piece:
             digest.update(view)
@@ -388,7 +390,12 @@ class FilesTier:
                 if name.endswith(SUFFIX) and not name.startswith("."):
                     key = old_block_key(directory, name)
                     if key is not None and entry.is_file(follow_symlinks=False):
-                        os.rename(entry.path, self._path(key))
+                        new = self._path(key)
+                        if os.path.lexists(new):  # never replaced by an old copy
+                            if not _squatted(new):
+                                _unlink(entry.path)  # the block is held already: its old copy goes
+                            continue  # (beside anything else there, the old copy stays, unread)
+                        os.rename(entry.path, new)
                         moved += 1
                 elif clean_temps:
                     self._clean_temp(entry)
@@ -870,14 +877,16 @@ class FilesTier:
         """
         tail, digest = bytearray(1), xxhash.xxh3_64()
         groups = _split(views, self._parts_per_read) if split and expected >= _SPLIT_READ_BYTES else [views]
-        later, offset = [], HEADER_BYTES + sum(view.nbytes for view in groups[0])
+        first = expected if len(groups) == 1 else sum(view.nbytes for view in groups[0])
+        later, offset = [], HEADER_BYTES + first
         for n, group in enumerate(groups[1:], 2):
             last = [tail] if n == len(groups) else []
-            later.append(self._readers.submit(_transfer, os.preadv, fd, group + last, offset))
+            later.append(self._readers.submit(_transfer, os.preadv, fd, group + last, offset,
+                                              sum(view.nbytes for view in group)))
             offset += sum(view.nbytes for view in group)
         total, error = 0, None
         try:
-            total = _read_hashed(fd, header, groups[0], [] if later else [tail], digest)
+            total = _read_hashed(fd, header, groups[0], [] if later else [tail], digest, first)
         finally:
             for group, future in zip(groups[1:], later):  # every read ends before the file is closed
                 try:

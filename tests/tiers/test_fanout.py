@@ -140,3 +140,20 @@ def test_a_block_an_older_version_puts_beside_an_open_tier_is_moved_up_by_its_ne
     assert tier.stats()["moved_up"] == 1
     assert as_bytes(read(tier, layout, later)) == as_bytes(make_kv(layout, 16, seed=11))
     assert as_bytes(read(tier, layout, first)) == as_bytes(make_kv(layout, 16, seed=10))
+
+
+def test_an_old_copy_never_replaces_a_block_already_at_its_new_path(open_tier, disk_dir, layout):
+    key = key_of(20)
+    tier = open_tier()
+    tier.put_many([(key, make_kv(layout, 16, seed=20))])
+    tier.close()
+    os.makedirs(os.path.dirname(old_path(disk_dir, key)))
+    with open(block_path(disk_dir, key), "rb") as f:
+        damaged = bytearray(f.read())
+    damaged[-3] ^= 0xFF
+    with open(old_path(disk_dir, key), "wb") as f:  # an older process's copy, damaged on its disk
+        f.write(damaged)
+    tier = open_tier()
+    assert tier.stats()["moved_up"] == 0
+    assert not os.path.exists(old_path(disk_dir, key))
+    assert as_bytes(read(tier, layout, key)) == as_bytes(make_kv(layout, 16, seed=20))
