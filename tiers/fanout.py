@@ -11,7 +11,9 @@ which ext4, XFS and NFS look up by hash.
 
 A tier still finds what the old layout holds: a scan (on open, and each
 rescan) renames each block file of an old two-level directory up into its
-one-level path, on the same filesystem, and removes the emptied directory.
+one-level path, on the same filesystem, and removes the emptied directory;
+a file it cannot move (a read-only directory) is read where it is. The
+first open of a large old directory renames every block file once.
 A process of an older kvstore sharing the directory misses the blocks a
 newer one moved (a miss, never other bytes) and writes them again where
 it looks, and the next scan moves them up again.

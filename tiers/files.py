@@ -280,8 +280,8 @@ class FilesTier:
         self._stale_temp_ns = int(stale_temp_seconds * 1e9)
         self._rescan_seconds = rescan_seconds
         self._host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
-        # A temp name's last part: this tier's random token and a count. A random token a name released the
-        # GIL for getrandom(), and the writers then kept the caller's thread waiting (80 us a block, 2 MiB).
+        # A temp name's last part: this tier's random token and a count. A new random token for each name
+        # called getrandom(), which let the writers take the GIL while the caller waited (80 us a 2 MiB block).
         self._temp_token, self._temp_names = secrets.token_hex(4), itertools.count()
         self._local = threading.local()  # this thread's scratch and bounce buffers
         self._lock = threading.Lock()  # guards the index and the byte counts
@@ -292,6 +292,7 @@ class FilesTier:
         self._writing: set[bytes] = set()  # their keys: a scan that sees their files leaves them to the writer
         self._seq = 0
         self._scan_removed: set[bytes] | None = None  # keys forgotten while a scan runs
+        self._unmoved: dict[bytes, str] = {}  # key -> its two-level path, where a scan could not move it up
         self._last_scan = 0.0  # when the last scan ended (monotonic seconds)
         self._scan_seconds = 0.0  # how long it took
         self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale", "temp_removed",
@@ -310,7 +311,9 @@ class FilesTier:
             return self._used
 
     def _path(self, key: bytes) -> str:
-        return block_path(self._root, key)
+        """Where block ``key`` is read and removed: its one-level path, or where a scan left it."""
+        unmoved = self._unmoved.get(key) if self._unmoved else None
+        return block_path(self._root, key) if unmoved is None else unmoved
 
     def _max_file_bytes(self, raw_bytes: int) -> int:
         """The largest file a block of ``raw_bytes`` (or a full block of this layout, if larger: a read may
@@ -359,12 +362,12 @@ class FilesTier:
         asked, as far as the directory lets it (a read-only one keeps them). Block files of the two-level
         layout are moved up first (``tiers/fanout.py``)."""
         found: dict[bytes, tuple[int, int]] = {}
+        moved, unmoved = 0, {}
         for level1 in fanout_dirs(self._root):
             entries = entries_of(level1)
             old = [entry.path for entry in entries if is_fanout(entry)]
             if old:
-                for directory in old:
-                    self._move_up(directory, clean_temps)
+                moved += sum(self._move_up(directory, clean_temps, found, unmoved) for directory in old)
                 entries = entries_of(level1)
             for entry in entries:
                 name = entry.name
@@ -378,11 +381,21 @@ class FilesTier:
                         self._clean_temp(entry)
                 except FileNotFoundError:
                     continue  # removed by another process meanwhile
+        if moved:
+            self._counters.add("moved_up", moved)
+            log.info("files tier %s: moved %d block files of the two-level layout up", self._root, moved)
+        if unmoved:
+            log.info("files tier %s: %d block files of the two-level layout could not be moved up (a read-only "
+                     "directory?); they are read where they are", self._root, len(unmoved))
+        with self._lock:
+            self._unmoved = unmoved
         return found
 
-    def _move_up(self, directory: str, clean_temps: bool) -> None:
+    def _move_up(self, directory: str, clean_temps: bool, found: dict[bytes, tuple[int, int]],
+                 unmoved: dict[bytes, str]) -> int:
         """Rename the block files of two-level fan-out ``directory`` to their one-level paths, then remove
-        it if that emptied it. A file that cannot be moved (a read-only directory) stays, unread."""
+        it if that emptied it; how many were moved. A block file that cannot be moved (a read-only
+        directory) is put in ``found`` and ``unmoved`` (its path) and read where it is."""
         moved = 0
         for entry in entries_of(directory):
             name = entry.name
@@ -390,23 +403,27 @@ class FilesTier:
                 if name.endswith(SUFFIX) and not name.startswith("."):
                     key = old_block_key(directory, name)
                     if key is not None and entry.is_file(follow_symlinks=False):
-                        new = self._path(key)
+                        new = block_path(self._root, key)
                         if os.path.lexists(new):  # never replaced by an old copy
                             if not _squatted(new):
                                 _unlink(entry.path)  # the block is held already: its old copy goes
                             continue  # (beside anything else there, the old copy stays, unread)
-                        os.rename(entry.path, new)
+                        try:
+                            os.rename(entry.path, new)
+                        except (FileNotFoundError, NotADirectoryError):
+                            continue  # gone meanwhile, or the directory to move it to is not one
+                        except OSError:  # EROFS, EACCES, EPERM, ...: not ours to move
+                            st = entry.stat(follow_symlinks=False)
+                            found[key], unmoved[key] = (st.st_size, st.st_mtime_ns), entry.path
+                            continue
                         moved += 1
                 elif clean_temps:
                     self._clean_temp(entry)
             except OSError:
-                continue  # gone meanwhile, or not ours to move (EROFS, EACCES, ...)
+                continue  # gone meanwhile
         with contextlib.suppress(OSError):
             os.rmdir(directory)  # only if empty: a writer of an older kvstore may be filling it
-        if moved:
-            self._counters.add("moved_up", moved)
-            log.info("files tier %s: moved %d block files of the two-level layout up from %s", self._root,
-                     moved, directory)
+        return moved
 
     def _clean_temp(self, entry: os.DirEntry) -> None:
         """Remove ``entry`` if it is a stale temp file (best effort: EROFS, EACCES, EPERM, ... leave it)."""
@@ -604,6 +621,7 @@ class FilesTier:
                 self._reserved -= write.held
                 self._writing.discard(write.key)
                 if mtime_ns is not None:
+                    self._unmoved.pop(write.key, None)  # written anew where a block is written
                     self._remember(write.key, write.size, mtime_ns)
             if mtime_ns is not None:
                 self._counters.add("blocks_written")
@@ -634,7 +652,7 @@ class FilesTier:
 
     def _temp_path(self, key: bytes) -> str:
         """A new temp name beside block ``key``'s path (a live writer's, for the scans of every process)."""
-        return os.path.join(os.path.dirname(self._path(key)),
+        return os.path.join(os.path.dirname(block_path(self._root, key)),
                             f".{key.hex()}~{self._host}~{os.getpid()}~{self._temp_token}{next(self._temp_names):x}.tmp")
 
     def _make_dirs(self, directory: str) -> None:
@@ -670,7 +688,7 @@ class FilesTier:
         """Write a temp file holding ``parts`` (the payload, in order), rename it onto block ``key``'s path;
         returns the file's mtime (ns). The temp file is ``spare``, an evicted file overwritten in place,
         when it is still there."""
-        final = self._path(key)
+        final = block_path(self._root, key)
         directory = os.path.dirname(final)
         header = BlockHeader.for_parts(key, self._fingerprint, parts, self.encoding.header_encoding).pack()
         total = HEADER_BYTES + sum(part.nbytes for part in parts)

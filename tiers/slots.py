@@ -145,7 +145,7 @@ class SlotTier:
         if num_tokens == self._block_shape[2]:  # a full block is its slot's whole row: one index, no view
             return self._blocks[slot]
         shape = self.layout.shape(num_tokens)
-        return self._pool[slot, : self.layout.token_bytes // self.layout.element_bytes * num_tokens].view(shape)
+        return self._pool[slot, : self._token_bytes // self.layout.element_bytes * num_tokens].view(shape)
 
     def contains(self, key: bytes) -> bool:
         # A dict membership test is atomic under the GIL; no lock on the lookup hot path.
@@ -194,13 +194,10 @@ class SlotTier:
                         blocks += 1
                         nbytes += written
         finally:
-            self._count_written(blocks, nbytes)
+            if blocks:
+                self._counters.add("blocks_written", blocks)
+                self._counters.add("bytes_written", nbytes)
         return held
-
-    def _count_written(self, blocks: int, nbytes: int) -> None:
-        if blocks:
-            self._counters.add("blocks_written", blocks)
-            self._counters.add("bytes_written", nbytes)
 
     @property
     def fills_in_place(self) -> bool:

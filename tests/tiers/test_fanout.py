@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 
 import pytest
@@ -48,15 +50,19 @@ def test_a_fresh_tier_makes_one_level_of_at_most_256_directories(open_tier, disk
     assert len(dirs) == 256 and all(len(d) == 2 for d in dirs)  # 300 keys over all 256 first bytes, one level
 
 
-def test_blocks_of_the_two_level_layout_are_moved_up_on_open_and_read_back_exactly(open_tier, disk_dir, layout):
+def test_blocks_of_the_two_level_layout_are_moved_up_on_open_and_read_back_exactly(open_tier, disk_dir, layout,
+                                                                                     caplog):
     keys = [key_of(i) for i in range(20)]
     tier = open_tier()
     assert tier.put_many([(key, make_kv(layout, 16, seed=i)) for i, key in enumerate(keys)]) == 20
     tier.close()
     to_old_layout(disk_dir, keys)
     assert len(directories_under(disk_dir)) > 20  # a second level, as an older version left it
-    tier = open_tier()
+    with caplog.at_level(logging.INFO, logger="kvstore.tiers.files"):
+        tier = open_tier()
     assert tier.stats()["moved_up"] == 20
+    assert [r.getMessage() for r in caplog.records if r.name == "kvstore.tiers.files"] == [
+        f"files tier {disk_dir}: moved 20 block files of the two-level layout up"]  # one line, not one a folder
     for i, key in enumerate(keys):
         assert as_bytes(read(tier, layout, key)) == as_bytes(make_kv(layout, 16, seed=i))
     assert all(len(d) == 2 for d in directories_under(disk_dir))  # the emptied second level is gone
@@ -157,3 +163,33 @@ def test_an_old_copy_never_replaces_a_block_already_at_its_new_path(open_tier, d
     assert tier.stats()["moved_up"] == 0
     assert not os.path.exists(old_path(disk_dir, key))
     assert as_bytes(read(tier, layout, key)) == as_bytes(make_kv(layout, 16, seed=20))
+
+
+def test_old_block_files_that_cannot_be_moved_are_read_where_they_are(open_tier, disk_dir, layout, monkeypatch):
+    """A read-only directory (EROFS; as root no permission bit refuses, so the refusal is injected into the
+    one call): its blocks of the old layout still serve exact bytes, and eviction and a later put of such a
+    block go through the one-level paths."""
+    keys = [key_of(i) for i in range(6)]
+    tier = open_tier()
+    tier.put_many([(key, make_kv(layout, 16, seed=i)) for i, key in enumerate(keys)])
+    tier.close()
+    to_old_layout(disk_dir, keys)
+    real_rename = os.rename
+
+    def read_only(src, dst, *args, **kwargs):
+        if os.path.basename(os.path.dirname(os.path.dirname(src))) != os.path.basename(str(disk_dir)):
+            raise OSError(errno.EROFS, "Read-only file system", src)  # a file two levels down
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", read_only)
+    tier = open_tier()
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert tier.stats()["moved_up"] == 0 and sorted(tier.keys()) == sorted(keys)
+    for _ in range(2):  # a hit leaves the block where it is for the next
+        for i, key in enumerate(keys):
+            assert as_bytes(read(tier, layout, key)) == as_bytes(make_kv(layout, 16, seed=i))
+            assert os.path.isfile(old_path(disk_dir, key)) and not os.path.exists(block_path(disk_dir, key))
+    assert tier.delete(keys[0]) and not os.path.exists(old_path(disk_dir, keys[0]))
+    assert tier.put_many([(keys[0], make_kv(layout, 16, seed=0))]) == 1
+    assert os.path.isfile(block_path(disk_dir, keys[0]))  # written again: the one-level path
+    assert as_bytes(read(tier, layout, keys[0])) == as_bytes(make_kv(layout, 16, seed=0))
