@@ -23,7 +23,7 @@ import yaml
 from kvstore.config import StoreConfig
 from kvstore.layout import KVLayout
 from kvstore.sizes import format_size
-from kvstore.tiers.fanout import SUFFIX, TEMP_SUFFIX
+from kvstore.tiers.fanout import SUFFIX, TEMP_SUFFIX, is_fanout
 from kvstore.tiers.lmdb import inspect_directory
 
 _SECRETS = ("remote_token",)
@@ -85,7 +85,7 @@ def _subdirs(path: str, root: str) -> list[str]:
     """The two-character fan-out directories directly under ``path`` (not following links)."""
     try:
         with os.scandir(path) as entries:
-            return sorted(e.path for e in entries if len(e.name) == 2 and e.is_dir(follow_symlinks=False))
+            return sorted(e.path for e in entries if is_fanout(e))
     except FileNotFoundError:
         if path == root and os.path.lexists(root):  # a dangling link
             raise NotADirectoryError(f"files_dir {root}: not a directory") from None

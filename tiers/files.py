@@ -899,9 +899,9 @@ class FilesTier:
         later, offset = [], HEADER_BYTES + first
         for n, group in enumerate(groups[1:], 2):
             last = [tail] if n == len(groups) else []
-            later.append(self._readers.submit(_transfer, os.preadv, fd, group + last, offset,
-                                              sum(view.nbytes for view in group)))
-            offset += sum(view.nbytes for view in group)
+            size = sum(view.nbytes for view in group)
+            later.append(self._readers.submit(_transfer, os.preadv, fd, group + last, offset, size))
+            offset += size
         total, error = 0, None
         try:
             total = _read_hashed(fd, header, groups[0], [] if later else [tail], digest, first)
