@@ -334,12 +334,12 @@ def _hash_floor(tokens: np.ndarray | list[int], block_tokens: int, blocks: int) 
 
     def floor() -> bytes:
         if isinstance(tokens, np.ndarray):
-            data = tokens.astype("<u4").tobytes()
+            view = memoryview(tokens.astype("<u4")).cast("B")
         else:
             packed = array.array("I")
             packed.fromlist(tokens)
-            data = packed.tobytes()
-        view, digest = memoryview(data), bytes(32)
+            view = memoryview(packed).cast("B")
+        digest = bytes(32)
         for offset in range(0, blocks * step, step):
             digest = hashlib.sha256(digest + view[offset:offset + step]).digest()
         return digest

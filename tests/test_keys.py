@@ -155,3 +155,18 @@ def test_keys_follow_the_spec_for_every_hash(name, block_tokens, tokens):
 
 def test_key_registry_covers_every_hash():
     assert set(SPELLED_OUT) == set(HASHES)
+
+
+@pytest.mark.parametrize("form", ["list", "numpy uint32", "numpy int64", "tensor"])
+def test_lazy_keys_are_of_the_tokens_as_they_were_when_asked(doc_chain, form):
+    """``iter_keys`` draws keys lazily; a caller changing its tokens meanwhile must not change them."""
+    _, chain = doc_chain
+    tokens = list(range(1, 17))
+    values = {"list": lambda: list(tokens), "numpy uint32": lambda: np.array(tokens, dtype=np.uint32),
+              "numpy int64": lambda: np.array(tokens, dtype=np.int64),
+              "tensor": lambda: torch.tensor(tokens, dtype=torch.int32)}[form]()
+    expected = [b.key for b in chain.blocks(tokens)]
+    keys = chain.iter_keys(values)
+    first = next(keys)
+    values[4:] = values[4:] * 0 + 99 if form != "list" else [99] * 12
+    assert [first, *keys] == expected
