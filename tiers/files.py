@@ -215,6 +215,15 @@ def _unlink(path: str, same: os.stat_result | None = None) -> bool:
     return True
 
 
+def _same_file(path: str, st: os.stat_result) -> bool:
+    """Whether ``path`` is still the file ``st`` describes (not renamed away, replaced or removed)."""
+    try:
+        now = os.lstat(path)
+    except OSError:
+        return False
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+
+
 def _vanished(path: str) -> bool:
     """Whether nothing is at ``path`` any more."""
     try:
@@ -301,6 +310,7 @@ class FilesTier:
         self._readers = IOPool(io_threads, "kvstore-files-read")  # reads never wait behind a batch of writes
         self._parts_per_read = min(io_threads, os.cpu_count() or 1)  # a page-cache copy takes a core per part
         self._rescan(clean_temps=True)
+        self._evict_to_capacity()
 
     @property
     def capacity_bytes(self) -> int:
@@ -337,6 +347,25 @@ class FilesTier:
         if self._scan_removed is not None:
             self._scan_removed.add(key)
 
+    def _pop_lru(self, limit: int) -> list[tuple[bytes, int]]:
+        """Under the lock: forget least recently accessed blocks until at most ``limit`` bytes are stored;
+        returns their (key, size), for the caller to unlink or park."""
+        victims = []
+        while self._index and self._used > limit:
+            key, entry = next(iter(self._index.items()))
+            victims.append((key, entry.size))
+            self._forget(key)
+        return victims
+
+    def _evict_to_capacity(self) -> None:
+        """Unlink what this capacity cannot hold: a directory filled under a larger capacity (or by other
+        processes) is brought within it at open, not at the first put."""
+        with self._lock:
+            victims = self._pop_lru(self._capacity)
+        for key, _ in victims:
+            _unlink(self._path(key))
+        self._counters.add("evictions", len(victims))
+
     def contains(self, key: bytes) -> bool:
         if key in self._index:  # atomic under the GIL: no lock on the lookup hot path
             return True
@@ -349,7 +378,7 @@ class FilesTier:
         if not stat.S_ISREG(st.st_mode):
             return False  # a symlink, FIFO, directory, ... is no block (a put renames a block over it)
         with self._lock:
-            if key not in self._index:
+            if key not in self._index and key not in self._writing:  # a write here indexes its own when settled
                 self._remember(key, st.st_size, st.st_mtime_ns)
         return True
 
@@ -483,9 +512,11 @@ class FilesTier:
             self._last_scan = time.monotonic()
             self._scan_seconds = self._last_scan - began
 
-    def _make_room(self, incoming: int, parked: ParkedFiles, later: int = 0) -> Parked | None:
+    def _make_room(self, incoming: int, parked: ParkedFiles, later: int = 0) -> tuple[bool, Parked | None]:
         """Rescan if due; evict least recently accessed files if over capacity; reserve ``incoming``, or
-        return a parked victim of at least that size to overwrite (reserved already).
+        return a parked victim of at least that size to overwrite (reserved already). False, None if no
+        room can be made: other threads' writes in flight hold it (they cannot be evicted before they are
+        stored, and waiting for them here could wait on a thread that waits for this one's scan lock).
 
         Over capacity, it evicts room for ``incoming`` and for ``later``
         (about the bytes of the batch's blocks after it), down to the
@@ -506,14 +537,10 @@ class FilesTier:
             # fill took a fifth of the write time (2 MiB blocks): scans keep to a share of the time instead.
             if since > self._rescan_seconds or (over and since >= self._scan_seconds * (1 / _SCAN_TIME_SHARE - 1)):
                 self._rescan()
-            victims = []
+            victims: list[tuple[bytes, int]] = []
             with self._lock:
                 if self._used + self._reserved + incoming > self._capacity:
-                    floor = max(self._low_water, self._capacity - later)
-                    while self._index and self._used + self._reserved + incoming > floor:
-                        key, entry = next(iter(self._index.items()))
-                        victims.append((key, entry.size))
-                        self._forget(key)
+                    victims = self._pop_lru(max(self._low_water, self._capacity - later) - self._reserved - incoming)
                 room = self._capacity - self._used - self._reserved  # bytes that may stay parked (one: this write)
             for key, size in victims:
                 path = self._path(key)
@@ -531,8 +558,10 @@ class FilesTier:
                 if over:  # none of them holds this block: their room is its
                     self._release(parked.drop())
                 with self._lock:
+                    if self._used + self._reserved + incoming > self._capacity:
+                        return False, None
                     self._reserved += incoming
-            return spare
+            return True, spare
 
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """Write each block not yet present (here or by another process) atomically; count those stored.
@@ -560,7 +589,10 @@ class FilesTier:
                         error, in_flight = self._settle(in_flight), []
                         if error is not None:
                             break
-                    spare = self._make_room(size, parked, later)
+                    fits, spare = self._make_room(size, parked, later)
+                    if not fits:
+                        self._counters.add("rejected")
+                        continue
                 with self._lock:
                     self._writing.add(key)
                 held = size if spare is None else spare.size
@@ -801,6 +833,7 @@ class FilesTier:
     def _get(self, key: bytes, out: torch.Tensor, split: bool) -> bool:
         """``get_into``; ``split``: a large block may be read in parts on the pool."""
         path = self._path(key)
+        known = key in self._index
         try:
             verdict, st = self._read(path, key, out, split)
         except OSError as exc:
@@ -814,10 +847,12 @@ class FilesTier:
             verdict = "gone"  # evicted (and maybe overwritten, tiers/parked.py) while read: no damage of ours
         if verdict == INTACT:
             with self._lock:
-                if st.st_nlink:
-                    self._remember(key, st.st_size, st.st_mtime_ns)
-                else:  # evicted while we read it: the data was still sound
+                if not st.st_nlink:  # evicted while we read it: the data was still sound
                     self._forget(key)
+                elif key in self._index or (not known and key not in self._writing and _same_file(path, st)):
+                    self._remember(key, st.st_size, st.st_mtime_ns)
+                # else evicted here while read (its file parked or gone): indexing it again counted its bytes
+                # twice, beside the parked file's reservation, and put the tier over its capacity
             self._counters.add("hits")
             self._counters.add("bytes_read", st.st_size - HEADER_BYTES)
             return True

@@ -211,7 +211,7 @@ out = torch.zeros(layout.block_shape, dtype=layout.dtype)
 reports = {{}}
 for kind, root in {roots!r}.items():
     options = dict(o_direct=kind == "o_direct", codec=get_codec("zstd") if kind == "zstd" else None)
-    tier = FilesTier(root, 1 << 20, layout, sync=False, **options)
+    tier = FilesTier(root, 2 << 30, layout, sync=False, **options)  # room for the 1 GiB file: kept at open
     assert tier.get_into(C, out)  # the usual buffers, allocated before measuring
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()

@@ -172,6 +172,47 @@ def test_eviction_follows_mtimes_learned_from_a_scan(open_tier, disk_dir, layout
     assert reader.stats()["evictions"] == 1 and disk_usage(disk_dir) == 4 * BLOCK
 
 
+def test_reopening_with_a_smaller_capacity_evicts_down_to_it_at_once(open_tier, disk_dir, layout, blocks):
+    writer = open_tier(10 * BLOCK)
+    for key, seconds in zip((A, B, C, D, E), (1000, 5000, 2000, 4000, 3000)):
+        writer.put_many([(key, blocks[key])])
+        set_mtime(disk_dir, key, seconds)
+    writer.close()
+    smaller = open_tier(3 * BLOCK)
+    assert _names(smaller) == ["E", "D", "B"]  # the least recently accessed went first
+    assert smaller.used_bytes() == disk_usage(disk_dir) == 3 * BLOCK
+    assert smaller.stats()["evictions"] == 2
+    for key in (B, D, E):
+        assert_same_kv(_read(smaller, layout, key), blocks[key])
+
+
+def test_a_write_finding_the_room_held_by_another_threads_writes_is_rejected(open_tier, disk_dir, layout, blocks,
+                                                                              monkeypatch):
+    """Writes in flight cannot be evicted before they are stored: a put from another thread that finds the
+    whole capacity reserved by them is rejected, never written past the capacity."""
+    tier = open_tier(2 * BLOCK, io_threads=4)
+    release, started, real = threading.Event(), threading.Semaphore(0), tier._write_file
+
+    def held_write(*args):
+        started.release()
+        release.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(tier, "_write_file", held_write)
+    first = threading.Thread(target=tier.put_many, args=([(A, blocks[A]), (B, blocks[B])],))
+    first.start()
+    assert started.acquire(timeout=10) and started.acquire(timeout=10)  # both of its writes hold their room
+    try:
+        assert tier.put_many([(C, blocks[C])]) == 0
+    finally:
+        release.set()
+        first.join(10)
+    assert tier.stats()["rejected"] == 1
+    assert _names(tier) == ["A", "B"] and tier.used_bytes() == disk_usage(disk_dir) == 2 * BLOCK
+    for key in (A, B):
+        assert_same_kv(_read(tier, layout, key), blocks[key])
+
+
 def test_rescan_places_a_block_touched_elsewhere_by_its_mtime(open_tier, disk_dir, layout, blocks):
     tier = open_tier(3 * BLOCK, rescan_seconds=0)
     for key in (A, B, C):
@@ -515,9 +556,13 @@ def test_cuda_tensors_round_trip(open_tier, layout, blocks):
 # -- concurrency -----------------------------------------------------------------------------------------
 
 
-def test_threads_share_one_tier(open_tier, disk_dir, layout):
-    tier = open_tier(12 * BLOCK)
+@pytest.mark.parametrize("capacity_blocks", [12, 2])
+def test_threads_share_one_tier(open_tier, disk_dir, layout, capacity_blocks):
+    """Four threads put and read at once; with room for two blocks, each finds the room held by the others'
+    writes in flight now and then: the capacity holds throughout, and every block is written or rejected."""
+    tier = open_tier(capacity_blocks * BLOCK, io_threads=4)
     errors: list[BaseException] = []
+    used: list[int] = []
 
     def work(t: int) -> None:
         try:
@@ -525,6 +570,7 @@ def test_threads_share_one_tier(open_tier, disk_dir, layout):
                 seed = 100 * t + i
                 key = seed.to_bytes(32, "big")
                 tier.put_many([(key, make_kv(layout, 16, seed=seed))])
+                used.append(tier.used_bytes())
                 got = _read(tier, layout, key)
                 if got is not None:
                     assert_same_kv(got, make_kv(layout, 16, seed=seed))
@@ -537,9 +583,10 @@ def test_threads_share_one_tier(open_tier, disk_dir, layout):
     for thread in threads:
         thread.join()
     assert errors == []
-    assert tier.used_bytes() <= 12 * BLOCK and tier.stats()["corrupt"] == 0
-    assert tier.stats()["blocks_written"] == 80
+    assert max(used) <= capacity_blocks * BLOCK and tier.stats()["corrupt"] == 0
+    assert tier.stats()["blocks_written"] + tier.stats()["rejected"] == 80
     assert sorted(tier.keys()) == sorted(bytes.fromhex(os.path.basename(p)[:-4]) for p in all_files(disk_dir))
+    assert tier.used_bytes() == disk_usage(disk_dir) <= capacity_blocks * BLOCK
 
 
 CHILD = r"""

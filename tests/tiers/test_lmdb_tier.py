@@ -81,6 +81,25 @@ def test_batch_evicts_enough_and_keeps_its_own_blocks(open_tier, layout, blocks)
     assert tier.stats()["evictions"] == 2
 
 
+def test_a_batch_larger_than_the_tier_stores_its_leading_blocks_within_capacity(open_tier, layout, blocks):
+    """One transaction never evicts its own blocks: a batch the tier cannot hold keeps the leading ones that
+    fit (those a lookup reaches), and the rest are rejected, never committed past the capacity."""
+    tier = open_tier(3 * BLOCK)
+    tier.put_many([(A, blocks[A])])
+    batch = [(key, blocks[key]) for key in (B, C, D, E)] + [(B, blocks[B])]
+    assert tier.put_many(batch) == 4  # B, C, D and B again; E is rejected
+    assert _names(tier) == ["B", "C", "D"] and tier.used_bytes() == 3 * BLOCK
+    assert tier.stats()["rejected"] == 1 and tier.stats()["evictions"] == 1
+    for key in (B, C, D):
+        assert_same_kv(_read(tier, layout, key), blocks[key])
+
+
+def test_the_same_key_twice_in_a_batch_is_counted_once(open_tier, layout, blocks):
+    tier = open_tier(3 * BLOCK)
+    assert tier.put_many([(A, blocks[A]), (A, blocks[A]), (B, blocks[B])]) == 3
+    assert _names(tier) == ["A", "B"] and tier.used_bytes() == 2 * BLOCK
+
+
 def test_capacity_never_exceeded(open_tier, layout):
     capacity = 5 * BLOCK + 1000
     tier = open_tier(capacity)
