@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from kvstore import __version__
+from kvstore.config import MAX_WAIT_SECONDS
 from kvstore.layout import KVLayout
 from kvstore.sizes import format_size
 
@@ -159,6 +160,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from kvstore.client import Connection
     from kvstore.protocol import ServerError
 
+    if not 0 < args.timeout <= MAX_WAIT_SECONDS:
+        raise ValueError(f"--timeout: expected seconds > 0 and <= {MAX_WAIT_SECONDS:.0f}, got {args.timeout}")
     token = args.token
     if token is None and args.token_file:
         try:

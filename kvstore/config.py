@@ -8,8 +8,10 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
+import torch
 import yaml
 
 from kvstore.compression.registry import get_codec
@@ -167,6 +169,11 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
             raise ValueError(f"model_id: expected a non-empty string, got {self.model_id!r}")
+        try:
+            self.model_id.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"model_id: expected a string that is valid UTF-8, got {self.model_id!r} "
+                             f"({error.reason} at position {error.start})") from None
         for name in ("device_bytes", "host_bytes", "disk_bytes", "files_bytes", "staging_bytes"):
             object.__setattr__(self, name, parse_size(getattr(self, name), name))
         for name in ("disk_dir", "files_dir", "remote_token_file", "remote_tls_ca_file"):
@@ -180,12 +187,21 @@ class StoreConfig:
             if value is not None and (not isinstance(value, str) or value.partition("://")[0] not in schemes
                                       or not value.partition("://")[2]):
                 raise ValueError(f"{name}: expected a URL starting {[s + '://' for s in schemes]}, got {value!r}")
+            if value is not None:
+                _check_address(name, value)
         for name in ("remote_token", "redis_namespace"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device: expected a torch device name such as 'cuda:0' or 'cpu', got {self.device!r}")
+        try:
+            device_type = torch.device(self.device).type
+        except (RuntimeError, ValueError):
+            raise ValueError(f"device: expected a torch device name such as 'cuda:0' or 'cpu', got "
+                             f"{self.device!r}") from None
+        if device_type == "meta":
+            raise ValueError("device: expected a device that holds data, got 'meta'")
         _check_choice("write_policy", self.write_policy, WRITE_POLICIES)
         for name in ("host_write_policy", "disk_write_policy", "files_write_policy", "remote_write_policy",
                      "redis_write_policy"):
@@ -209,11 +225,14 @@ class StoreConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
                 raise ValueError(f"{name}: expected a number >= {least}, got {value!r}")
+            if name in _WAITS and not value <= MAX_WAIT_SECONDS:  # a socket or a lock cannot wait for ever
+                raise ValueError(f"{name}: expected at most {MAX_WAIT_SECONDS} seconds, got {value!r}")
             object.__setattr__(self, name, float(value))
         if self.redis_ttl_seconds is not None:
             ttl = self.redis_ttl_seconds
-            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
-                raise ValueError(f"redis_ttl_seconds: expected a number > 0 or None, got {ttl!r}")
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL_SECONDS:
+                raise ValueError(f"redis_ttl_seconds: expected a number > 0 and <= {MAX_TTL_SECONDS} or None, "
+                                 f"got {ttl!r}")
             object.__setattr__(self, "redis_ttl_seconds", float(ttl))
         for name in ("disk_codec", "files_codec", "remote_codec", "redis_codec"):
             try:
@@ -263,6 +282,30 @@ class StoreConfig:
         return dataclasses.replace(self, **changes)
 
 
+MAX_WAIT_SECONDS = 86_400.0  # a day: longer per call is a mistake, and infinity overflows a socket's timeout
+MAX_TTL_SECONDS = 2**31 - 1  # what Redis's EXPIRE takes on every version
+_WAITS = frozenset({"remote_timeout_seconds", "redis_timeout_seconds", "prefetch_timeout_base_seconds",
+                    "prefetch_timeout_per_1k_tokens_seconds"})
+
+
+def _check_address(name: str, url: str) -> None:
+    """A ``ValueError`` naming ``name`` if ``url``'s host:port parts do not parse (a port out of range, not
+    a number, an unclosed IPv6 bracket); the tier's client raised them later without naming the setting."""
+    scheme, _, rest = url.partition("://")
+    if scheme == "unix":
+        return
+    netloc = rest.split("/", 1)[0].rpartition("@")[2]
+    hosts = netloc.split(",") if scheme.endswith("+cluster") else [netloc]
+    try:
+        for host in hosts:
+            parts = urlsplit("//" + host.strip())
+            if not parts.hostname:
+                raise ValueError(f"no host in {host!r}")
+            parts.port  # noqa: B018 -- parsing the port is the check
+    except ValueError as error:
+        raise ValueError(f"{name}: expected host:port parts that parse, got {url!r} ({error})") from None
+
+
 def _parse_bool(name: str, text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -275,6 +318,9 @@ def _parse_bool(name: str, text: str) -> bool:
 def settings_from_dict(cls: type, values: Mapping[str, Any], source: str) -> Any:
     """Dataclass ``cls`` built from ``values``; an unknown key is a ``ValueError`` naming it and ``source``."""
     fields = {f.name for f in dataclasses.fields(cls)}
+    odd = [key for key in values if not isinstance(key, str)]
+    if odd:
+        raise ValueError(f"{source}: expected setting names as strings, got {odd[0]!r}")
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"{source}: unknown setting(s) {unknown}; expected some of {sorted(fields)}")
@@ -287,7 +333,13 @@ def read_settings_file(path: str | os.PathLike[str], table: str) -> dict[str, An
     loader = _FILE_LOADERS.get(path.suffix.lower())
     if loader is None:
         raise ValueError(f"{path}: expected a file ending in {sorted(_FILE_LOADERS)}, got {path.suffix!r}")
-    values = loader(path.read_text())
+    try:
+        values = loader(path.read_text())
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        kind = "TOML" if path.suffix.lower() == ".toml" else "YAML"
+        raise ValueError(f"{path}: not valid {kind}: {' '.join(str(exc).split())}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (expected TOML or YAML)") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
     if set(values) == {table} and isinstance(values[table], dict):

@@ -149,6 +149,12 @@ class EngineHooks:
         self._check_open()
         blocks = self._keys.blocks(tokens, salt)
         device = check_device(device)
+        if not isinstance(layer_wise, bool):
+            raise ValueError(f"layer_wise: expected True or False, got {layer_wise!r}")
+        if prefetch is not None and not isinstance(prefetch, PrefetchHandle):
+            raise ValueError(f"prefetch: expected a PrefetchHandle from prefetch(), got {type(prefetch).__name__}")
+        if plan is not None and not isinstance(plan, LoadPlan):
+            raise ValueError(f"plan: expected a LoadPlan from plan(), got {type(plan).__name__}")
         if out is not None:
             if layer_wise:
                 raise ValueError("out: expected None with layer_wise=True (the loader yields layers), got a tensor")
@@ -161,6 +167,8 @@ class EngineHooks:
             raise ValueError("prefetch: expected a handle from prefetch() of these tokens and salt, got one of others")
         if plan is not None and plan.num_tokens != num_tokens_of(blocks):
             raise ValueError(f"plan: expected a plan of these {num_tokens_of(blocks)} tokens, got {plan.num_tokens}")
+        if plan is not None and not (isinstance(plan.load_tokens, int) and 0 <= plan.load_tokens <= plan.num_tokens):
+            raise ValueError(f"plan: expected load_tokens between 0 and {plan.num_tokens}, got {plan.load_tokens!r}")
         num_tokens = (plan or self._plan(blocks)).load_tokens
         if prefetch is not None:
             ready = prefetch.result()

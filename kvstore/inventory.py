@@ -15,10 +15,8 @@ import dataclasses
 import os
 import re
 import stat
-import tomllib
 from typing import Any
 
-import yaml
 
 from kvstore.config import StoreConfig
 from kvstore.layout import KVLayout
@@ -31,11 +29,6 @@ _URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
 HIDDEN = "<hidden>"
 
 
-def one_line(text: object) -> str:
-    """``text`` with its line breaks and runs of spaces folded into single spaces."""
-    return " ".join(str(text).split())
-
-
 def load_config(path: str | None, environ: dict[str, str] | None = None) -> tuple[StoreConfig, str]:
     """``StoreConfig.load(path)`` and a description of where it came from.
 
@@ -46,12 +39,6 @@ def load_config(path: str | None, environ: dict[str, str] | None = None) -> tupl
     source = path if path is not None else environ.get("KVSTORE_CONFIG")
     try:
         config = StoreConfig.load(path, environ)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{source}: not valid TOML: {one_line(exc)}") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{source}: not valid YAML: {one_line(exc)}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{source}: not a text file (expected TOML or YAML)") from None
     except OSError as exc:
         if source is None or exc.filename is None:
             raise

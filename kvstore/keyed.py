@@ -33,6 +33,8 @@ class KeyedBlocks:
 
     def engine_keys(self, names: Sequence[EngineKey], salt: Salt = None) -> list[bytes]:
         """Store keys of engine-named blocks (see ``KeyChain.engine_key``)."""
+        if isinstance(names, (str, bytes, bytearray)):
+            raise ValueError(f"names: expected a sequence of engine keys, got one {type(names).__name__} {names!r:.80}")
         return [self._keys.engine_key(name, salt) for name in names]
 
     def _check_block(self, name: EngineKey, block: object, what: str) -> None:
@@ -47,6 +49,9 @@ class KeyedBlocks:
         Every block is validated before any is stored; returns blocks newly stored.
         """
         self._check_open()
+        for item in items:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(f"items: expected (name, block) pairs, got {type(item).__name__} {item!r:.80}")
         for name, block in items:
             self._check_block(name, block, "block")
             self.layout.check_kv(block, block.shape[2])

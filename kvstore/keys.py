@@ -42,6 +42,8 @@ HASHES: dict[str, Callable[..., "hashlib._Hash"]] = {
     "xxh3_128": xxhash.xxh3_128,
 }
 
+_INTEGER_DTYPES = frozenset({torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16,
+                             torch.uint32, torch.uint64})
 _ARRAY_CODE = "I" if array.array("I").itemsize == 4 else "L"
 
 
@@ -76,7 +78,7 @@ def packed_tokens(tokens: Tokens) -> memoryview:
     call, whatever the caller does to its list or array afterwards.
     """
     if isinstance(tokens, torch.Tensor):
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        if tokens.dtype not in _INTEGER_DTYPES:  # floats, bools, complex and quantized types
             raise ValueError(f"tokens: expected an integer tensor, got dtype {tokens.dtype}")
         if tokens.layout != torch.strided or tokens.device.type == "meta":
             raise ValueError(f"tokens: expected a dense tensor that holds data, got layout {tokens.layout} "
@@ -98,7 +100,7 @@ def packed_tokens(tokens: Tokens) -> memoryview:
     packed = array.array(_ARRAY_CODE)
     try:  # fromlist converts a list about a third faster than the constructor does
         packed.fromlist(tokens if isinstance(tokens, list) else list(tokens))
-    except (OverflowError, TypeError):
+    except Exception:  # OverflowError, TypeError; or whatever an element's own __index__ raises
         raise _bad_token_error(tokens) from None
     if sys.byteorder == "big":
         packed.byteswap()
@@ -176,9 +178,11 @@ class KeyChain:
         ``H(ENGINE_TAG || root(salt) || name)``: scoped to this model, layout
         and salt like every chain, and domain-separated from chained keys.
         """
+        if not isinstance(name, (str, bytes, bytearray)):  # bytes(5) would be five zero bytes: another name's key
+            raise ValueError(f"name: expected a str or bytes, got {type(name).__name__} {name!r:.80}")
         try:
             raw = name.encode() if isinstance(name, str) else bytes(name)
-        except (UnicodeEncodeError, TypeError):
+        except UnicodeEncodeError:
             raise ValueError(f"name: expected a str of valid UTF-8 or bytes, got {name!r}") from None
         if not raw:
             raise ValueError("name: expected a non-empty engine key, got an empty one")

@@ -66,7 +66,7 @@ class KVLayout:
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype))
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_tokens", "tp_size"):
             _positive_int(name, getattr(self, name))
-        if self.kv_parts not in (1, 2):
+        if isinstance(self.kv_parts, bool) or not isinstance(self.kv_parts, int) or self.kv_parts not in (1, 2):
             raise ValueError(f"kv_parts: expected 2 (K and V) or 1 (latent/MLA), got {self.kv_parts!r}")
         _positive_int("tp_rank", self.tp_rank, minimum=0)
         _positive_int("first_layer", self.first_layer, minimum=0)
@@ -132,3 +132,6 @@ class KVLayout:
             )
         if kv.dtype != self.dtype:
             raise ValueError(f"{name}: expected dtype {self.dtype}, got {kv.dtype}")
+        if kv.is_neg() or kv.is_conj():  # its bytes are not its values: tiers that copy bytes would drop the bit
+            raise ValueError(f"{name}: expected a tensor without a pending negation or conjugation, got a view "
+                             f"with one (call .resolve_neg() / .resolve_conj() first)")

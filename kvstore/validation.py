@@ -24,15 +24,41 @@ def check_device(device: object) -> torch.device:
         raise ValueError("device: expected a device that holds data, got 'meta'")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: expected an available device, got {device!r} on a machine without CUDA")
+    if parsed.type not in ("cpu", "cuda"):  # xla, mps, privateuseone...: usable only if a tensor can live there
+        try:
+            torch.empty(0, device=parsed)
+        except Exception as error:  # each backend fails its own way (NotImplementedError, ModuleNotFoundError)
+            raise ValueError(f"device: expected an available device, got {device!r} ({type(error).__name__}: "
+                             f"{' '.join(str(error).split())[:200]})") from None
     return parsed
 
 
+def may_overlap(tensor: torch.Tensor) -> bool:
+    """Whether two elements of ``tensor`` may share memory, judged by its sizes and strides alone.
+
+    Dimensions taken by increasing stride must each step past all that the
+    smaller ones reach; a layout that interleaves dimensions without
+    overlapping also fails this, and is refused as an output too.
+    """
+    reach = 1  # elements' offsets the dimensions so far span, plus one
+    for stride, size in sorted((st, sz) for sz, st in zip(tensor.shape, tensor.stride()) if sz > 1):
+        if stride < reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
 def check_out(layout: KVLayout, out: torch.Tensor, num_tokens: int, name: str = "out") -> None:
-    """``out`` must be a writable ``[L, P, num_tokens, H, D]`` tensor of the layout's dtype."""
+    """``out`` must be a writable ``[L, P, num_tokens, H, D]`` tensor of the layout's dtype, whose elements
+    are each their own memory: a copy into an expanded or self-overlapping ``out`` raised inside every tier,
+    which was then blamed and bypassed, and the files tier deleted the good block it had read as damaged."""
     layout.check_kv(out, num_tokens, name)
     if out.requires_grad:
         raise ValueError(f"{name}: expected a tensor that does not require grad (the store writes into it), "
                          f"got one with requires_grad=True")
+    if out.numel() and may_overlap(out):
+        raise ValueError(f"{name}: expected a tensor whose elements do not share memory, got sizes "
+                         f"{list(out.shape)} with strides {list(out.stride())}")
 
 
 def check_counts(settings: object, names: Iterable[str], least: int = 1) -> None:

@@ -174,12 +174,46 @@ def test_bad_value_in_file(tmp_path, field, toml_value, shown):
         (dict(promote=1), "promote"),
         (dict(disk_sync="true"), "disk_sync"),
         (dict(host_bytes=0), "host_bytes"),  # no tier at all
+        (dict(model_id="\ud800"), "model_id"),  # no UTF-8 encoding: the keys could not be made
+        (dict(device="meta", device_bytes="4KiB"), "device"),  # holds no data: nothing could be read back
+        (dict(device="bogus:x"), "device"),
+        (dict(remote_url="kvstore://127.0.0.1:1", remote_timeout_seconds=float("inf")), "remote_timeout_seconds"),
+        (dict(redis_url="redis://127.0.0.1:1", redis_timeout_seconds=1e300), "redis_timeout_seconds"),
+        (dict(prefetch_timeout_base_seconds=float("inf")), "prefetch_timeout_base_seconds"),
+        (dict(redis_url="redis://127.0.0.1:1", redis_ttl_seconds=float("inf")), "redis_ttl_seconds"),
+        (dict(remote_url="kvstore://h:99999"), "remote_url"),
+        (dict(remote_url="kvstore://h:abc"), "remote_url"),
+        (dict(remote_url="kvstore://[::1"), "remote_url"),
+        (dict(remote_url="kvstore://:5000"), "remote_url"),
+        (dict(redis_url="redis://h:abc"), "redis_url"),
+        (dict(redis_url="redis+cluster://a:1,b:x"), "redis_url"),
     ],
 )
 def test_bad_value_in_code(kwargs, field):
     with pytest.raises(ValueError) as info:
         StoreConfig(**kwargs)
     assert str(info.value).startswith(f"{field}:"), str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(redis_url="redis://:pw@h:6379/0"), dict(redis_url="redis+cluster://a:1,b:2"),
+                                    dict(redis_url="unix:///tmp/x.sock"), dict(remote_url="kvstore://[::1]:5000"),
+                                    dict(remote_url="kvstore://h"), dict(redis_url="redis://h", redis_ttl_seconds=2**31 - 1),
+                                    dict(device="cuda:1")])
+def test_good_addresses_and_bounds_are_accepted(kwargs):
+    assert StoreConfig(**kwargs)
+
+
+@pytest.mark.parametrize("suffix, content, expected", [
+    (".yaml", "1: 2\nfoo: 3\n", "expected setting names as strings, got 1"),
+    (".yaml", "host_bytes: [unclosed\n", "not valid YAML"),
+    (".toml", "host_bytes = \n", "not valid TOML"),
+])
+def test_a_file_that_does_not_parse_is_a_value_error_naming_it(tmp_path, suffix, content, expected):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(content)
+    with pytest.raises(ValueError) as info:
+        StoreConfig.from_file(path)
+    assert str(info.value).startswith(str(path)) and expected in str(info.value)
 
 
 def test_host_bytes_zero_ok_with_disk(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
@@ -206,3 +207,13 @@ def decode_blob(encoding: BlockEncoding, key: bytes, fingerprint: bytes, blob: o
     if header is None or not header.verifies(key, fingerprint, payload):
         return CORRUPT
     return encoding.decode_into(payload, out, header.encoding)
+
+
+def make_directory(path: str | os.PathLike[str], setting: str) -> None:
+    """Create directory ``path`` (and its parents) if missing; a ``ValueError`` naming ``setting`` if a file
+    or anything else not a directory is there or on the way (``FileExistsError`` named neither)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{setting}: expected a directory, got {os.fspath(path)!r}: something that is not a "
+                         f"directory is there or on its path") from None

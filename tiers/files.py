@@ -66,7 +66,7 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS, Capability, tier_stats
+from kvstore.tiers.base import TIER_COUNTERS, Capability, make_directory, tier_stats
 from kvstore.tiers.fanout import (SUFFIX, TEMP_SUFFIX, block_key, block_path, entries_of, fanout_dirs, is_fanout,
                                   old_block_key)
 from kvstore.tiers.parked import Parked, ParkedFiles
@@ -279,7 +279,7 @@ class FilesTier:
             if not value >= 0:
                 raise ValueError(f"{name}: expected seconds >= 0, got {value!r}")
         self._root = os.path.abspath(os.fspath(path))
-        os.makedirs(self._root, exist_ok=True)
+        make_directory(self._root, "files_dir")
         self._capacity = capacity_bytes
         self._low_water = capacity_bytes - capacity_bytes // 10 // full * full
         self._layout = layout

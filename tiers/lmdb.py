@@ -36,7 +36,7 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS, Capability, EvictCallback, tier_stats
+from kvstore.tiers.base import TIER_COUNTERS, Capability, EvictCallback, make_directory, tier_stats
 from kvstore.compression.registry import get_codec
 from kvstore.config import StoreConfig
 from kvstore.tiers.spec import TierSpec
@@ -75,9 +75,10 @@ LOCK_WAIT_SECONDS = 2.0
 def lock_directory(path: Path, message: str) -> IO[str]:
     """Create ``path`` and hold an exclusive flock on it (released when the returned file closes).
 
-    ``DirectoryInUseError(message)`` (``{path}`` filled in) if another process holds it.
+    ``DirectoryInUseError(message)`` (``{path}`` filled in) if another process holds it; a ``ValueError``
+    naming the setting (the message's first word) if something other than a directory is at ``path``.
     """
-    path.mkdir(parents=True, exist_ok=True)
+    make_directory(path, message.split()[0])
     lock_file = open(path / "kvstore.lock", "a+")
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
@@ -91,6 +92,24 @@ def lock_directory(path: Path, message: str) -> IO[str]:
             time.sleep(0.01)
     _HELD_LOCKS.add(lock_file)
     return lock_file
+
+
+def open_environment(path: Path, capacity_bytes: int, sync: bool, lock_file: IO[str],
+                     setting: str) -> lmdb.Environment:
+    """The LMDB environment at ``path`` for ``capacity_bytes`` of data, its map twice that (or 1 GiB more) so
+    that fragmentation never fills it; ``lock_file`` is closed if it cannot be opened. A map larger than the
+    machine can reserve is a ``ValueError`` naming ``setting``; any other LMDB failure an ``OSError``."""
+    map_size = max(2 * capacity_bytes, capacity_bytes + (1 << 30))
+    try:
+        return lmdb.open(str(path), map_size=map_size, max_dbs=2, sync=sync, metasync=sync, readahead=False,
+                         max_readers=512, subdir=True)
+    except lmdb.MemoryError:
+        lock_file.close()
+        raise ValueError(f"{setting}: expected a size this machine can map (LMDB reserves {map_size} bytes of "
+                         f"address space for it), got {capacity_bytes}") from None
+    except lmdb.Error as exc:
+        lock_file.close()
+        raise OSError(f"{path}: LMDB could not open it: {exc}") from None
 
 
 class LmdbTier:
@@ -113,17 +132,16 @@ class LmdbTier:
                 f"got {capacity_bytes}"
             )
         self.path = Path(path)
-        self._lock_file = lock_directory(self.path, "disk_dir {path} is open in another process; give each "
-                                                    "process its own disk_dir or share one through the cache server")
+        self._lock_file = lock_directory(self.path, "disk_dir {path} is open in another process (or another "
+                                                    "store of this one); give each store its own disk_dir or share "
+                                                    "one through the cache server")
         self._capacity = capacity_bytes
         self._layout = layout
         self._fingerprint = layout.fingerprint
         self.encoding = BlockEncoding(layout, codec)
         # Sees each block evicted for room (verified bytes) after the eviction commits: write-back below.
         self.on_evict: EvictCallback | None = None
-        map_size = max(2 * capacity_bytes, capacity_bytes + (1 << 30))
-        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=2, sync=sync, metasync=sync,
-                              readahead=False, max_readers=512, subdir=True)
+        self._env = open_environment(self.path, capacity_bytes, sync, self._lock_file, "disk_bytes")
         self._blocks = self._env.open_db(b"blocks")
         self._meta = self._env.open_db(b"meta")
         self._lock = threading.Lock()  # guards the index, the clock and the pending stamps

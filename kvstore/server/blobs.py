@@ -30,7 +30,7 @@ from kvstore.arena import Arena
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.buffers import alloc_bytes
 from kvstore.protocol import PutResult
-from kvstore.tiers.lmdb import lock_directory
+from kvstore.tiers.lmdb import lock_directory, open_environment
 
 NAMESPACE_COUNTERS = ("hits_ram", "hits_disk", "misses", "bytes_in", "bytes_out", "bytes_out_ram", "bytes_out_disk",
                       "bytes_written_disk", "stored", "present", "rejected",
@@ -93,8 +93,7 @@ class BlobStore:
         if disk_bytes > 0:
             path = Path(data_dir)
             self._lock_file = lock_directory(path, "data_dir {path} is in use by another kvstore server")
-            self._env = lmdb.open(str(path / "blobs.lmdb"), map_size=max(2 * disk_bytes, disk_bytes + (1 << 30)),
-                                  max_dbs=2, sync=sync, metasync=sync, readahead=False, max_readers=512)
+            self._env = open_environment(path / "blobs.lmdb", disk_bytes, sync, self._lock_file, "disk_bytes")
             self._blobs = self._env.open_db(b"blobs")
             self._meta = self._env.open_db(b"meta")
             self._ops: deque = deque()  # disk writes and deletes in order; bounded through ``backlog_bytes``

@@ -155,6 +155,13 @@ def test_a_second_server_on_a_held_data_dir_or_a_used_port_says_which_and_what_t
         again.kill()
 
 
+@pytest.mark.parametrize("timeout", ["inf", "-1", "0", "1e300"])
+def test_stats_with_a_timeout_no_socket_takes_is_a_one_line_error(timeout):
+    done = kvstore("stats", "--url", f"kvstore://127.0.0.1:{free_port()}", "--token", TOKEN, "--timeout", timeout)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("kvstore: error: --timeout: expected seconds > 0")
+
+
 def test_stats_without_a_token_file_says_where_a_token_comes_from(tmp_path):
     message = one_line_error(kvstore("stats", "--token-file", str(tmp_path / "nope")), code=2)
     assert str(tmp_path / "nope") in message and "--token" in message and "KVSTORE_REMOTE_TOKEN" in message
@@ -198,3 +205,21 @@ def test_a_bad_setting_stops_serve_and_is_named(tmp_path, capsys, monkeypatch, a
     err = capsys.readouterr().err
     assert err.startswith("kvstore: error: ") and message in err
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("content, message", [("host_bytes: [unclosed\n", "not valid YAML"),
+                                              ("1: 2\nfoo: 3\n", "expected setting names as strings")])
+def test_a_config_file_that_does_not_parse_stops_serve_in_one_line(tmp_path, content, message):
+    path = tmp_path / "server.yaml"
+    path.write_text(content)
+    done = kvstore("serve", "--config", str(path), "--data-dir", str(tmp_path / "data"), "--port", "0",
+                   "--metrics-port", "0", "--token", TOKEN)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("kvstore: error: ") and message in done.stderr and str(path) in done.stderr
+
+
+def test_a_disk_larger_than_the_machine_can_map_stops_serve_in_one_line(tmp_path):
+    done = kvstore("serve", "--data-dir", str(tmp_path / "data"), "--disk-bytes", "1000TiB", "--port", "0",
+                   "--metrics-port", "0", "--token", TOKEN)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "disk_bytes: expected a size this machine can map" in done.stderr

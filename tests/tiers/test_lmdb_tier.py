@@ -410,3 +410,22 @@ def test_wrong_out_shape_does_not_destroy_block(open_tier, layout, blocks):
     assert _read(tier, layout, A, 8) is None
     assert tier.contains(A)
     assert tier.stats()["corrupt"] == 0
+
+
+@pytest.mark.parametrize("setting", ["disk_dir", "files_dir"])
+def test_a_directory_setting_naming_a_file_is_a_value_error_naming_it(tmp_path, setting):
+    from kvstore import KVStore, StoreConfig
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    sizes = {"disk_dir": "disk_bytes", "files_dir": "files_bytes"}
+    for path in (a_file, a_file / "below"):
+        with pytest.raises(ValueError, match=f"^{setting}: expected a directory"):
+            KVStore(tiny_layout(), StoreConfig(model_id="m", host_bytes=0, **{setting: str(path),
+                                                                              sizes[setting]: "1MiB"}))
+
+
+def test_a_capacity_the_machine_cannot_map_is_a_value_error_and_leaves_the_directory_free(disk_dir, layout):
+    with pytest.raises(ValueError, match="^disk_bytes: expected a size this machine can map"):
+        LmdbTier(disk_dir, 1 << 61, layout)  # 4 EiB of map: more than even 5-level paging addresses
+    LmdbTier(disk_dir, 3 * BLOCK, layout).close()  # the failed attempt held no lock
