@@ -46,7 +46,7 @@ class Arena:
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
             raise ValueError(f"capacity_bytes: expected an integer >= 0, got {capacity_bytes!r}")
         self.capacity_bytes = capacity_bytes - capacity_bytes % PAGE_BYTES
-        self._memory = HostRegion(self.capacity_bytes)
+        self._memory = HostRegion(self.capacity_bytes, "host_bytes")
         self._lock = threading.Lock()
         self._starts: list[int] = []  # free extents' starts, sorted
         self._free: dict[int, int] = {}  # start -> bytes, free and faulted in

@@ -24,11 +24,16 @@ _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Python names 
 class HostRegion:
     """``num_bytes`` of anonymous memory as a writable uint8 numpy ``array`` (shared by every view of it)."""
 
-    def __init__(self, num_bytes: int):
+    def __init__(self, num_bytes: int, setting: str = "num_bytes"):
+        """``setting``: the configuration field that sized it, named if the memory cannot be reserved."""
         if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < 0:
-            raise ValueError(f"num_bytes: expected an integer >= 0, got {num_bytes!r}")
+            raise ValueError(f"{setting}: expected an integer >= 0, got {num_bytes!r}")
         self.num_bytes = num_bytes
-        self._map = mmap.mmap(-1, num_bytes) if num_bytes else None
+        try:
+            self._map = mmap.mmap(-1, num_bytes) if num_bytes else None
+        except OSError as error:  # more than the machine (or its overcommit policy) will reserve
+            raise OSError(error.errno, f"{setting}: could not reserve {num_bytes} bytes of memory: "
+                                       f"{error.strerror}") from None
         self.array = np.frombuffer(self._map, dtype=np.uint8) if self._map is not None else np.empty(0, np.uint8)
         self._populate = self._map is not None and hasattr(self._map, "madvise")
         if self._populate:

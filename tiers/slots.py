@@ -68,7 +68,7 @@ class SlotTier:
         numel = self._slots * layout.block_bytes // layout.element_bytes
         self._region: HostRegion | None = None
         if device.type == "cpu" and not pin_memory and self._slots:
-            self._region = HostRegion(self._slots * layout.block_bytes)
+            self._region = HostRegion(self._slots * layout.block_bytes, self.setting)
             pool = torch.from_numpy(self._region.array).view(layout.dtype)
         else:
             pool = torch.empty(numel, dtype=layout.dtype, device=device, pin_memory=pin_memory)

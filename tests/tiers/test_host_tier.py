@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_same_kv, make_kv, make_tokens
+from conftest import assert_same_kv, make_kv, make_tokens, tiny_layout
 from kvstore.tiers.base import Tier
 from kvstore.tiers.host import HostTier
 
@@ -283,3 +283,10 @@ def test_a_run_reads_the_leading_blocks_held_and_stops_at_the_first_gap(layout, 
     assert tier.get_run_marked([D, A], [torch.empty_like(blocks[D]), torch.empty_like(blocks[A][:, :, :2])]) == [None]
     assert tier.get_run_marked([], []) == [] and tier.get_run_marked([E, A], outs[:2]) == []
     assert all(tier.delete(key) for key in (A, B, C, D))  # every pin a run took was released (delete refuses pinned)
+
+
+def test_more_memory_than_the_machine_reserves_is_an_error_naming_host_bytes():
+    from kvstore import KVStore, StoreConfig
+
+    with pytest.raises(OSError, match="host_bytes: could not reserve"):
+        KVStore(tiny_layout(), StoreConfig(model_id="m", host_bytes=1 << 60))  # 1 EiB
