@@ -12,7 +12,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,6 +78,15 @@ def mounted_tmpfs(point: Path, options: str) -> Iterator[Path]:
 def remount(point: Path, options: str) -> subprocess.CompletedProcess:
     """``mount -o remount,OPTIONS point`` (``ro``, ``size=128m``...)."""
     return subprocess.run(["mount", "-o", f"remount,{options}", str(point)], capture_output=True, text=True)
+
+
+def run_threads(target: Callable[[int], None], count: int, timeout: float = 60) -> None:
+    """Run ``target(0) .. target(count - 1)`` on threads at once and wait for them all."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
 
 
 def run_python(code: str, *, env_extra: dict[str, str] | None = None, timeout: float = 60) -> str:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import array
-import threading
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import run_threads
 from kvstore import KeyChain
 from kvstore.keymemo import KeyMemo, common_bytes
 from kvstore.keys import packed_tokens
@@ -128,11 +128,7 @@ def test_threads_sharing_one_chain_draw_the_spec_keys():
             if list(chain.iter_keys(prompts[i])) != expected[i]:
                 wrong.append(i)
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads(worker, 4)
     assert wrong == []
 
 

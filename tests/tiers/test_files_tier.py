@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TESTS_DIR, as_bytes, assert_same_kv, make_kv, tiny_layout
+from conftest import TESTS_DIR, as_bytes, assert_same_kv, make_kv, run_threads, tiny_layout
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.tiers import files as files_module
 from kvstore.tiers.base import Tier
@@ -577,11 +577,7 @@ def test_threads_share_one_tier(open_tier, disk_dir, layout, capacity_blocks):
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads(work, 4)
     assert errors == []
     assert max(used) <= capacity_blocks * BLOCK and tier.stats()["corrupt"] == 0
     assert tier.stats()["blocks_written"] + tier.stats()["rejected"] == 80
