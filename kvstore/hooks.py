@@ -9,7 +9,9 @@ tier is touched.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -26,6 +28,9 @@ from kvstore.validation import check_device, check_out
 
 # What ``_pin_fastest`` returns for a block a fastest level that cannot pin holds: it is ready where it is.
 _PRESENT = torch.empty(0)
+
+
+_Closing = TypeVar("_Closing", PrefetchHandle, LayerLoader)
 
 
 def num_tokens_of(blocks: Sequence[BlockRef]) -> int:
@@ -59,12 +64,16 @@ class EngineHooks:
         fastest = self._stack.fastest
         slots = fastest.tier.num_slots if fastest is not None and fastest.slots else None
         # prefetches pin at most half the fastest slot pool
+        self._opened: weakref.WeakSet[_Closing] = weakref.WeakSet()  # loaders and handles given out
         self.prefetcher = Prefetcher(lambda block: flow.bring_up(block.key, block.num_tokens), self._pin_fastest,
                                      self._unpin_fastest, config.prefetch_workers, config.prefetch_queue_blocks,
                                      max_pins=None if slots is None else slots // 2)
 
     def close(self) -> None:
-        """Stop the prefetch workers and drop idle staging buffers."""
+        """Stop the layer loaders and prefetch handles still open, the prefetch workers; drop idle staging
+        buffers. A loader an engine dropped unread waited on its lookahead for ever, pins held."""
+        for opened in list(self._opened):
+            opened.close()
         self.prefetcher.close()
         self.buffers.clear()
 
@@ -107,7 +116,12 @@ class EngineHooks:
         chosen = self._policy if policy is None else PrefetchPolicy(
             policy, self._policy.timeout_base_seconds, self._policy.timeout_per_1k_tokens_seconds)
         located = self._stack.locate([b.key for b in blocks])
-        return self.prefetcher.start(blocks[:len(located)], chosen, num_tokens_of(blocks))
+        return self._live(self.prefetcher.start(blocks[:len(located)], chosen, num_tokens_of(blocks)))
+
+    def _live(self, opened: _Closing) -> _Closing:
+        """``opened`` (a prefetch handle or a layer loader) is closed with the store if still open then."""
+        self._opened.add(opened)
+        return opened
 
     def _pin_fastest(self, key: bytes) -> torch.Tensor | None:
         """Pin ``key`` in the fastest level; one that cannot pin (persistent) gives an empty marker if it has it."""
@@ -163,8 +177,10 @@ class EngineHooks:
             raise ValueError("sink: expected None without layer_wise=True, got a callable")
         if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0 or (skip and not layer_wise):
             raise ValueError(f"skip: expected an int >= 0 (and layer_wise=True when > 0), got {skip!r}")
-        if prefetch is not None and prefetch.blocks and (not blocks or prefetch.blocks[0].key != blocks[0].key):
+        if prefetch is not None and any(a.key != b.key for a, b in zip(prefetch.blocks, blocks)):
             raise ValueError("prefetch: expected a handle from prefetch() of these tokens and salt, got one of others")
+        if sink is not None and not callable(sink):
+            raise ValueError(f"sink: expected a callable sink(layer, parts), got {type(sink).__name__}")
         if plan is not None and plan.num_tokens != num_tokens_of(blocks):
             raise ValueError(f"plan: expected a plan of these {num_tokens_of(blocks)} tokens, got {plan.num_tokens}")
         if plan is not None and not (isinstance(plan.load_tokens, int) and 0 <= plan.load_tokens <= plan.num_tokens):
@@ -177,11 +193,12 @@ class EngineHooks:
         chosen = [block for block in blocks if block.end <= num_tokens]
         if layer_wise:
             chosen = [block for block in chosen if block.end > skip]
-            handle = prefetch if prefetch is not None else self.prefetcher.start(
-                chosen, PrefetchPolicy(WAIT), num_tokens_of(chosen))
-            return LayerLoader(self.layout, chosen, handle, lambda block, dst: self._flow.read_block(block.key, dst),
-                               device, self.config.load_lookahead_layers, on_sized=self._loaded, buffers=self.buffers,
-                               sink=sink, read_run=lambda run, dsts: self._flow.fill_keys([b.key for b in run], dsts))
+            handle = prefetch if prefetch is not None else self._live(self.prefetcher.start(
+                chosen, PrefetchPolicy(WAIT), num_tokens_of(chosen)))
+            return self._live(LayerLoader(
+                self.layout, chosen, handle, lambda block, dst: self._flow.read_block(block.key, dst), device,
+                self.config.load_lookahead_layers, on_sized=self._loaded, buffers=self.buffers, sink=sink,
+                read_run=lambda run, dsts: self._flow.fill_keys([b.key for b in run], dsts)))
         start = time.perf_counter()
         if out is None:
             out = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype, device=device)
@@ -205,6 +222,8 @@ class EngineHooks:
         are already stored) and stores the blocks when the last layer arrives.
         """
         self._check_open()
+        if not layer_wise and (isinstance(start, bool) or start != 0):
+            raise ValueError(f"start: expected 0 without layer_wise=True (put_from stores from a token), got {start!r}")
         if not layer_wise:
             if kv is None:
                 raise ValueError("kv: expected a tensor [L, P, len(tokens), H, D] (or layer_wise=True), got None")

@@ -77,16 +77,24 @@ class _Pipeline:
         """A readable block view per planned block, stopping at the first that cannot be had: the prefetch's
         pinned view, else a private copy (each run of blocks not pinned read by one ``read_run``, if given)."""
         self.handle.result()
-        pinned = self.handle.views()
+        # By key, never by position: a load that skips leading blocks, or a handle of another prompt, has
+        # pins that are not its blocks in order (they were handed out as the wrong tokens' KV).
+        pinned = {block.key: view for block, view in zip(self.handle.blocks, self.handle.views())}
+
+        def pinned_view(i: int) -> torch.Tensor | None:
+            view = pinned.get(self.blocks[i].key)
+            return view if view is not None and tuple(view.shape) == self.layout.shape(self.blocks[i].num_tokens) \
+                else None
 
         def is_pinned(i: int) -> bool:
-            return i < len(pinned) and tuple(pinned[i].shape) == self.layout.shape(self.blocks[i].num_tokens)
+            return pinned_view(i) is not None
 
         sources: list[torch.Tensor] = []
         while len(sources) < len(self.blocks):
             start = len(sources)
-            if is_pinned(start):
-                sources.append(pinned[start])
+            view = pinned_view(start)
+            if view is not None:
+                sources.append(view)
                 continue
             end = start + 1
             while self.read_run is not None and end < len(self.blocks) and not is_pinned(end):

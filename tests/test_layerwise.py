@@ -137,6 +137,66 @@ def test_load_with_a_prefetch_handle_uses_and_closes_it(make_store):
     assert pinned(store) == 0
 
 
+@pytest.mark.parametrize("skip", [16, 17, 32])
+@pytest.mark.parametrize("with_sink", [False, True])
+def test_a_load_skipping_blocks_with_a_prefetch_handle_hands_each_token_its_own_kv(make_store, skip, with_sink):
+    """The handle pins the prompt's blocks from block 0; the load starts past ``skip``. Pins are matched by
+    key: blocks 0 and 1 were handed out as the KV of tokens 16 to 48."""
+    tokens, kv = make_tokens(48), make_kv(LAY, 48)
+    store = stored(make_store, "host", tokens, kv)
+    handle = store.prefetch(tokens, policy="wait")
+    assert handle.wait(LONG) == 48
+    got: dict[int, list] = {}
+    sink = (lambda layer, parts: got.setdefault(layer, []).extend((t, p.clone()) for t, p in parts)) \
+        if with_sink else None
+    with store.load(tokens, layer_wise=True, prefetch=handle, skip=skip, sink=sink) as loader:
+        first = loader.first_token
+        assert first == skip // 16 * 16 and loader.num_tokens == 48
+        for index in range(LAY.num_layers):
+            if with_sink:
+                loader.wait_layer(index)
+                for token, part in got[index]:
+                    assert_same_kv(part, kv[index][:, token:token + part.shape[1]])
+                assert sorted(t for t, _ in got[index]) == list(range(first, 48, 16))
+            else:
+                assert_same_kv(loader.layer(index), kv[index][:, first:48])
+    assert handle.closed and pinned(store) == 0
+
+
+def test_a_handle_of_another_prompt_is_a_value_error(make_store):
+    """Same full blocks, another tail; or the same first block and others after it."""
+    a = make_tokens(40)
+    store = stored(make_store, "host", a, make_kv(LAY, 40))
+    for b in (a[:32] + [7] * 8, a[:16] + [7] * 24):
+        store.put(b, make_kv(LAY, 40, seed=1))
+        handle = store.prefetch(a, policy="wait")
+        for layer_wise in (False, True):
+            with pytest.raises(ValueError, match="^prefetch: expected a handle from prefetch\\(\\) of these tokens"):
+                store.load(b, layer_wise=layer_wise, prefetch=handle)
+        handle.close()
+    assert pinned(store) == 0 and not loader_threads()
+
+
+def test_a_sink_that_cannot_be_called_is_a_value_error_before_any_tier(make_store):
+    tokens = make_tokens(40)
+    store = stored(make_store, "host", tokens, make_kv(LAY, 40))
+    with pytest.raises(ValueError, match="^sink: expected a callable"):
+        store.load(tokens, layer_wise=True, sink="not a callable")
+    assert pinned(store) == 0 and not loader_threads()
+
+
+def test_closing_the_store_stops_loaders_and_handles_an_engine_left_open(make_store):
+    tokens = make_tokens(40)
+    store = stored(make_store, "host", tokens, make_kv(LAY, 40))
+    loader = store.load(tokens, layer_wise=True)  # the engine aborts the request before taking a layer
+    handle = store.prefetch(tokens)
+    assert loader_threads()
+    store.close()
+    assert not loader_threads() and handle.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        loader.layer(0)
+
+
 def test_layers_must_be_asked_for_in_order_once_each(make_store):
     tokens, kv = make_tokens(40), make_kv(LAY, 40)
     store = stored(make_store, "host", tokens, kv)
@@ -459,6 +519,9 @@ def test_save_rejects_bad_arguments(make_store):
         store.save(tokens, kv, layer_wise=True)
     with pytest.raises(ValueError, match=r"^kv: expected a tensor .*, got None$"):
         store.save(tokens)
+    for start in (16, True, "x"):
+        with pytest.raises(ValueError, match="^start: expected 0 without layer_wise=True"):
+            store.save(tokens, kv, start=start)
     assert store.save(tokens, kv) == 3  # not layer-wise: a put
     assert store.lookup(tokens) == 40
 
