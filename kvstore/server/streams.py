@@ -45,11 +45,12 @@ class SocketStream:
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket):
         self._loop = loop
         self._sock = sock
-        self._buf = bytearray(READ_AHEAD_BYTES)
-        self._view = memoryview(self._buf)
-        self._pos = self._end = 0
+        self._view = memoryview(b"")  # the read-ahead buffer, made at the first read: a connection refused at
+        self._pos = self._end = 0       # the cap never reads, and cost 256 KiB each until then
 
     async def read_into(self, view: memoryview) -> None:
+        if not self._view:
+            self._view = memoryview(bytearray(READ_AHEAD_BYTES))
         size = len(view)
         got = min(size, self._end - self._pos)
         if got:

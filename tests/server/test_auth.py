@@ -15,7 +15,9 @@ import socket
 import ssl
 import stat
 import subprocess
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -527,3 +529,39 @@ def test_tenants_of_a_config(tmp_path):
     tenants, open_namespace, printed = tenants_of(ServerConfig(data_dir=str(tmp_path / "fresh")))
     assert tenants == [Tenant(DEFAULT_NAMESPACE, printed, operator=True)] and open_namespace is None
     assert (tmp_path / "fresh" / "token").read_text().strip() == printed
+
+
+def test_tls_handshakes_in_progress_count_against_the_connection_cap(tls_server, tmp_path):
+    """Silent sockets never finish a handshake; each one in progress holds TLS buffers (300 KiB), so they hold
+    a connection slot: past the cap the server closes them at once instead of keeping thousands open."""
+    cert = Path(tls_server.ca)
+    server = ServerProcess(tmp_path / "data", "--tls-cert", str(cert), "--tls-key", str(cert.with_name("k.pem")),
+                           "--host-bytes", "8MiB", "--disk-bytes", "0", "--max-connections", "4").start()
+    try:
+        fds = Path(f"/proc/{server.proc.pid}/fd")
+        baseline = len(list(fds.iterdir()))
+        host, port = host_port(server.url)
+        silent = [socket.create_connection((host, port), timeout=3.0) for _ in range(64)]
+        deadline = time.monotonic() + 3  # well inside the 10 s a handshake may take
+        while time.monotonic() < deadline and sum(1 for s in silent if _closed_by_peer(s)) < 60:
+            time.sleep(0.05)
+        assert sum(1 for s in silent if _closed_by_peer(s)) >= 60  # all but the cap's four
+        assert len(list(fds.iterdir())) <= baseline + 4
+        for sock in silent:
+            sock.close()
+        conn = Connection(server.url, TOKEN, 5.0, tls_ca_file=str(cert))
+        assert conn.ping(b"served again") == b"served again"
+        conn.close()
+    finally:
+        stop_server(server)
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (a read sees the end of the stream) without blocking."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
