@@ -36,6 +36,16 @@ ENCODING_RAW = 0
 HEADER_BYTES = _HEADER.size
 
 
+FRAME_SLACK = 4096  # bytes a codec's frame may exceed the raw block by (frame header, zstd block headers)
+
+
+def max_stored_bytes(raw_bytes: int) -> int:
+    """The most a stored block of ``raw_bytes`` can take, header included, raw or as any codec's frame (an
+    incompressible block grows a little under a lossless codec). Anything larger under a block's key is
+    another writer's and is never read whole: reads of shared stores stay bounded by the block size."""
+    return HEADER_BYTES + raw_bytes + raw_bytes // 1024 + FRAME_SLACK
+
+
 def checksum(payload: object) -> int:
     """xxh3-64 of a bytes-like payload (about 25 GB/s, so it never limits a disk read)."""
     return xxhash.xxh3_64_intdigest(payload)

@@ -29,6 +29,7 @@ from kvstore.protocol import (FLAG_ERROR, FLAG_REPLY, HEADER_BYTES, MAX_KEY_BYTE
                               put_item_header, unpack_json, unpack_keys)
 
 DEFAULT_PORT = 8477
+_DISCARD_BYTES = 1 << 20
 _READ_AHEAD_BYTES = 64 << 10
 Bytes = bytes | bytearray | memoryview
 # Given (index of the key, blob bytes), the buffers to read that blob into, in order (None: read and discard).
@@ -116,6 +117,15 @@ class Connection:
                 raise ConnectionError("the server closed the connection")
             got += n
 
+    def _discard(self, num_bytes: int) -> None:
+        """Read ``num_bytes`` and drop them, through one bounded buffer (a hostile 100 MB blob under a key of a
+        512-byte block was read into a buffer of its size)."""
+        scratch = memoryview(bytearray(min(num_bytes, _DISCARD_BYTES)))
+        while num_bytes:
+            take = min(num_bytes, len(scratch))
+            self._recv_into(scratch[:take])
+            num_bytes -= take
+
     def _recv(self, num_bytes: int) -> bytearray:
         data = bytearray(num_bytes)
         self._recv_into(memoryview(data))
@@ -189,9 +199,11 @@ class Connection:
                     sizes.append(None)
                     continue
                 buffers = sink(i, size)
-                if buffers is None:  # not wanted: read it through
-                    buffers = [memoryview(bytearray(size))]
-                elif sum(len(b) for b in buffers) != size:
+                if buffers is None:  # not wanted (larger than any block the caller can take): read it through
+                    self._discard(size)
+                    sizes.append(size)
+                    continue
+                if sum(len(b) for b in buffers) != size:
                     raise ValueError(f"sink: expected buffers of {size} bytes in all for key {i}, got "
                                      f"{sum(len(b) for b in buffers)}")
                 for buffer in buffers:

@@ -60,7 +60,7 @@ import torch
 import xxhash
 
 from kvstore.background import IOPool
-from kvstore.blockformat import ENCODING_RAW, HEADER_BYTES, BlockHeader
+from kvstore.blockformat import ENCODING_RAW, HEADER_BYTES, BlockHeader, max_stored_bytes
 from kvstore.buffers import payload_views
 from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE, BlockEncoding
@@ -88,7 +88,6 @@ _NOT_A_FILE = (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.ENODEV)
 # open() that finds no block there: a fan-out directory is a file (ENOTDIR), or another process holds a
 # lease on the file (EAGAIN: O_NONBLOCK instead of waiting for it).
 _NO_FILE = (*_GONE, errno.ENOTDIR, errno.EAGAIN)
-_FRAME_SLACK = 4096  # bytes a codec's frame may exceed the raw block by (frame header, zstd block headers)
 _STAMP_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)  # atime stamp on a read-only or foreign file
 _SPLIT_READ_BYTES = 8 << 20  # a raw payload this large is read in parts side by side
 _SPLIT_RUN_BYTES = 4 << 20  # a run of blocks this large is read in runs side by side
@@ -329,8 +328,7 @@ class FilesTier:
         """The largest file a block of ``raw_bytes`` (or a full block of this layout, if larger: a read may
         find one) can be, raw or as a codec's frame; anything larger at a block's path is read as corrupt
         without reading it."""
-        raw = max(raw_bytes, self._layout.block_bytes)
-        return HEADER_BYTES + raw + raw // 1024 + _FRAME_SLACK
+        return max_stored_bytes(max(raw_bytes, self._layout.block_bytes))
 
     def _remember(self, key: bytes, size: int, mtime_ns: int) -> None:
         """Under the lock: ``key`` is stored and was just accessed."""

@@ -50,11 +50,11 @@ import redis
 import torch
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import (AskError, ClusterDownError, OutOfMemoryError, RedisClusterException, ResponseError,
-                              TryAgainError)
+from redis.exceptions import (AskError, ClusterDownError, NoPermissionError, OutOfMemoryError, RedisClusterException,
+                              ResponseError, TryAgainError)
 from redis.retry import Retry
 
-from kvstore.blockformat import HEADER_BYTES, BlockHeader, checksum
+from kvstore.blockformat import HEADER_BYTES, BlockHeader, checksum, max_stored_bytes
 from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
@@ -118,6 +118,12 @@ def _is_timeout(exc: BaseException) -> bool:
 
 def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _read_limit(out: torch.Tensor) -> int:
+    """The last byte a read of a block for ``out`` asks for: one past the most such a block can take, so a
+    larger value (another writer's, up to Redis's 512 MB) is known as such without moving it all."""
+    return max_stored_bytes(out.numel() * out.element_size())
 
 
 class RedisTier:
@@ -239,8 +245,13 @@ class RedisTier:
                 return pipe.execute(raise_on_error=False)
 
         if self.cluster:
-            return self._call(lambda c: self._per_node(c, rkeys, run))
-        return self._call(lambda c: run(c, range(len(rkeys))))
+            replies = self._call(lambda c: self._per_node(c, rkeys, run))
+        else:
+            replies = self._call(lambda c: run(c, range(len(rkeys))))
+        for reply in replies:  # an ACL that refuses our commands: the tier's failure, raised to be seen
+            if isinstance(reply, NoPermissionError):
+                raise reply
+        return replies
 
     def _per_node(self, client: Any, rkeys: Sequence[bytes], run: Callable[[Any, Sequence[int]], list]) -> list:
         """``run`` the keys of each cluster node in a pipeline on that node alone; ``_FAILED`` for a node down.
@@ -448,9 +459,10 @@ class RedisTier:
         (or a damaged value); raises if the server cannot be reached."""
         rkey = self.redis_key(key)
         self._check_block("out", out)
+        limit = _read_limit(out)
         def get(client: Any) -> object:
             try:
-                return client.get(rkey)
+                return client.getrange(rkey, 0, limit)
             except ResponseError as exc:
                 if _wrong_type(exc):
                     return exc
@@ -467,10 +479,8 @@ class RedisTier:
             self._check_block("out", out)
         if not rkeys:
             return []
-        if self.cluster:  # MGET needs all its keys in one hash slot
-            values = self._batch(rkeys, lambda pipe, i: pipe.get(rkeys[i]))
-        else:
-            values = self._call(lambda c: c.mget(rkeys))
+        limits = [_read_limit(out) for out in outs]
+        values = self._batch(rkeys, lambda pipe, i: pipe.getrange(rkeys[i], 0, limits[i]))
         return [self._decode(bytes(key), rkey, value, out)
                 for key, rkey, value, out in zip(keys, rkeys, values, outs)]
 
@@ -481,7 +491,14 @@ class RedisTier:
             verdict = CORRUPT  # not a string: not a block of ours under our key
         elif isinstance(value, Exception):
             self._count_failure(value)
-        elif value is not None and value is not _FAILED:
+        elif value is _FAILED:  # its cluster node is down
+            pass
+        elif not value:  # GETRANGE gives b"" for a key that is not there, and for an empty value, which
+            if self._guard(lambda c: c.exists(rkey), 0):  # would hold the key from SET NX for good
+                verdict = CORRUPT
+        elif len(value) > _read_limit(out):  # GETRANGE stopped one byte past any block's size
+            verdict = CORRUPT
+        else:
             verdict = decode_blob(self.encoding, key, self._fingerprint, value, out)
         if verdict == INTACT:
             self._counters.add("hits")

@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import torch
 
-from kvstore.blockformat import ENCODING_RAW, HEADER_BYTES, BlockHeader
+from kvstore.blockformat import ENCODING_RAW, HEADER_BYTES, BlockHeader, max_stored_bytes
 from kvstore.buffers import payload_views
 from kvstore.client import ConnectionPool, Connection
 from kvstore.compression.codec import FrameCodec
@@ -57,6 +57,11 @@ log = logging.getLogger(__name__)
 
 class _BackingOff(ConnectionError):
     """A call not tried: the server failed a moment ago and the tier's back-off has not run out."""
+
+
+class _TooLarge(Exception):
+    """A GET whose reply the server refused as larger than ``max_inflight_bytes``: blobs larger than the
+    blocks asked for are under those keys (another writer's), which read as misses, not a server failure."""
 
 
 class RemoteTier:
@@ -89,9 +94,10 @@ class RemoteTier:
         self.last_error: str | None = None
         self.token_refused = False  # the server refused this client's token: said once, shown in stats()
 
-    def _call(self, operation: Callable[[Connection], T]) -> T:
+    def _call(self, operation: Callable[[Connection], T], reading: bool = False) -> T:
         """``operation`` on a pooled connection; raises if the server fails (one of ``FAILURES``), and inside
-        the back-off after a failure raises ``ConnectionError`` without trying."""
+        the back-off after a failure raises ``ConnectionError`` without trying. ``reading``: a GET, whose
+        TOO_LARGE reply raises ``_TooLarge``."""
         if time.monotonic() < self._retry_at:
             self._counters.add("unavailable")
             raise _BackingOff(f"{self.url}: not tried inside the back-off after {self.last_error}")
@@ -99,22 +105,9 @@ class RemoteTier:
             with self._pool.connection() as conn:
                 result = operation(conn)
         except FAILURES as exc:
-            self._pool.discard_idle()
-            if isinstance(exc, TimeoutError):
-                self._counters.add("timeouts")
-            with self._lock:
-                first = not self._backoff
-                self._backoff = min(self._max_backoff_seconds, 2 * self._backoff or self._backoff_seconds)
-                self._retry_at = time.monotonic() + self._backoff
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, ServerError) and exc.status == Status.UNAUTHORIZED:
-                if not self.token_refused:
-                    self.token_refused = True
-                    log.error("remote tier: the server at %s refused this engine's token (remote_token or "
-                              "remote_token_file): nothing is read from or stored there until the token is one "
-                              "the server knows", self.url)
-            elif first:
-                log.warning("remote tier: %s failed a call (%s); backing off", self.url, self.last_error)
+            if reading and isinstance(exc, ServerError) and exc.status == Status.TOO_LARGE:
+                raise _TooLarge(str(exc)) from exc  # what the server holds, not its failure: no back-off
+            self._failed(exc)
             raise
         if self._backoff:
             with self._lock:
@@ -122,6 +115,25 @@ class RemoteTier:
             self.token_refused = False
             log.info("remote tier: %s answers again", self.url)
         return result
+
+    def _failed(self, exc: BaseException) -> None:
+        """A call failed: count it, back off (doubling, up to the maximum), log the first failure."""
+        self._pool.discard_idle()
+        if isinstance(exc, TimeoutError):
+            self._counters.add("timeouts")
+        with self._lock:
+            first = not self._backoff
+            self._backoff = min(self._max_backoff_seconds, 2 * self._backoff or self._backoff_seconds)
+            self._retry_at = time.monotonic() + self._backoff
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ServerError) and exc.status == Status.UNAUTHORIZED:
+            if not self.token_refused:
+                self.token_refused = True
+                log.error("remote tier: the server at %s refused this engine's token (remote_token or "
+                          "remote_token_file): nothing is read from or stored there until the token is one "
+                          "the server knows", self.url)
+        elif first:
+            log.warning("remote tier: %s failed a call (%s); backing off", self.url, self.last_error)
 
     def _quiet(self, operation: Callable[[Connection], T], default: T) -> T:
         """``operation`` as ``_call`` runs it, but ``default`` (the failure counted ``errors``) if the server fails:
@@ -196,8 +208,15 @@ class RemoteTier:
         heads = [bytearray(HEADER_BYTES) for _ in keys]
         scratch: list[bytearray | None] = [None] * len(keys)
 
-        def sink(i: int, size: int) -> list[memoryview]:
+        raw = [out.numel() * out.element_size() for out in outs]
+        # What replies are sized by, to keep each within the server's max_inflight_bytes: this tier's own
+        # blocks (a frame may be a little larger than the raw block: an incompressible block, lossless codec).
+        expected = [HEADER_BYTES + n + (4096 if self.encoding.codec else 0) for n in raw]
+
+        def sink(i: int, size: int) -> list[memoryview] | None:
             out = outs[i]
+            if size > max_stored_bytes(raw[i]):  # no block of this size: read through a bounded buffer, a miss
+                return None
             if self.encoding.codec is None and size == HEADER_BYTES + out.numel() * out.element_size():
                 views = payload_views(out)
                 if views is not None:
@@ -205,10 +224,14 @@ class RemoteTier:
             scratch[i] = bytearray(size)
             return [memoryview(scratch[i])]
 
-        # A frame may be a little larger than the raw block (an incompressible block under a lossless codec).
-        expected = [HEADER_BYTES + out.numel() * out.element_size() + (4096 if self.encoding.codec else 0)
-                    for out in outs]
-        sizes = self._call(lambda conn: conn.get(keys, sink, expected))
+        try:
+            sizes = self._call(lambda conn: conn.get(keys, sink, expected), reading=True)
+        except _TooLarge:  # blobs larger than blocks (another writer's) made the reply too large for the server
+            if len(keys) == 1:
+                self._counters.add("misses")
+                self._counters.add("corrupt")
+                return [False]
+            return [self.get_many_into([key], [out])[0] for key, out in zip(keys, outs)]
         found = []
         for i, size in enumerate(sizes):
             if size is None:

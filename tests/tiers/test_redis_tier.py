@@ -186,6 +186,49 @@ def test_damaged_value_is_a_miss_counted_corrupt(make_tier, layout, shared_redis
     assert_same_kv(read(tier, layout, A), blocks[A])
 
 
+@pytest.mark.parametrize("many", [False, True])
+def test_a_value_far_larger_than_a_block_is_a_corrupt_miss_read_only_in_part(make_tier, layout, shared_redis, many):
+    """64 MiB under a 4 KiB block's key (another writer's): the read asks for one byte past the largest a
+    block can be, so the server sends a few KiB, not the value."""
+    tier = make_tier()
+    blocks = make_blocks(layout)
+    tier.put_many([(B, blocks[B])])
+    with shared_redis.client() as raw:
+        raw.set(tier.redis_key(A), bytes(64 << 20))
+        sent = raw.info("stats")["total_net_output_bytes"]
+        if many:
+            outs = [out_like(layout), out_like(layout)]
+            assert tier.get_many_into([B, A], outs) == [True, False]
+            assert_same_kv(outs[0], blocks[B])
+        else:
+            assert read(tier, layout, A) is None
+        assert raw.info("stats")["total_net_output_bytes"] - sent < 1 << 20
+        assert counts(tier, "corrupt", "errors") == (1, 0)
+        assert raw.exists(tier.redis_key(A)) == 0  # deleted
+
+
+def test_an_acl_that_refuses_writes_is_the_tiers_failure_raised_and_seen(make_tier, layout, shared_redis):
+    """A read-only user: every SET is refused. It was counted in ``errors`` alone: a store showed the tier
+    healthy, logged nothing, and lost every write."""
+    with shared_redis.client() as raw:
+        raw.execute_command("ACL", "SETUSER", "kvstore-ro", "on", ">ro-pass-1", "~*", "+@read", "+ping", "+info",
+                            "+hello", "+dbsize")
+    try:
+        url = shared_redis.url.replace("redis://", "redis://kvstore-ro:ro-pass-1@", 1)
+        tier = make_tier(url=url)
+        with pytest.raises(Exception, match="(?i)permission|NOPERM"):
+            tier.put_many([(A, make_blocks(layout)[A])])
+        tokens = make_tokens(16)
+        with KVStore(layout, StoreConfig(model_id="m", host_bytes=0, redis_url=url)) as store:
+            assert store.put(tokens, make_kv(layout, 16)) == 0
+            redis_stats = store.stats()["tiers"]["redis"]
+            assert redis_stats["errors"] >= 1 and redis_stats["last_error"] and "ermission" in redis_stats["last_error"]
+            assert store.lookup(tokens) == 0
+    finally:
+        with shared_redis.client() as raw:
+            raw.execute_command("ACL", "DELUSER", "kvstore-ro")
+
+
 def test_value_of_another_type_is_corrupt(make_tier, layout, shared_redis):
     tier = make_tier()
     with shared_redis.client() as raw:

@@ -666,6 +666,33 @@ def test_a_get_whose_reply_exceeds_max_inflight_bytes_is_split(limited):
         tier.close()
 
 
+def test_blobs_larger_than_the_blocks_asked_for_are_corrupt_misses_not_a_server_failure(limited):
+    """Another writer (same namespace) put blobs of about 7 KiB under the keys of 512-byte blocks: one is read
+    through a bounded buffer and dropped; three together are more than the server sends in one reply (16 KiB),
+    which the tier reads as misses instead of a failing server to back off from."""
+    small = tiny_layout(num_layers=1, num_kv_heads=1, block_tokens=16)  # 512-byte blocks
+    tier = RemoteTier(limited.url, small, TOKEN)
+    try:
+        good = [(key("good", i), make_kv(small, 16, seed=i)) for i in range(2)]
+        assert tier.put_many(good) == 2
+        hostile = [key("hostile", i) for i in range(3)]
+        for k in hostile:
+            payload = bytes(7 << 10)
+            header = BlockHeader.for_payload(k, small.fingerprint, payload).pack()
+            assert tier._call(lambda conn: conn.put([(k, [header, payload])])) == [PutResult.STORED]
+        for keys in ([hostile[0]], hostile, [good[0][0], hostile[0], good[1][0]]):
+            outs = [zeros(small) for _ in keys]
+            found = tier.get_many_into(keys, outs)
+            assert found == [k in dict(good) for k in keys], tier.last_error
+            for k, out, ok in zip(keys, outs, found):
+                if ok:
+                    assert_same_kv(out, dict(good)[k])
+        stats = tier.stats()
+        assert stats["errors"] == 0 and stats["corrupt"] >= 5 and tier.last_error is None
+    finally:
+        tier.close()
+
+
 def test_a_store_gets_a_prefix_whose_blocks_add_up_past_max_inflight_bytes(limited):
     fp32 = tiny_layout(dtype=torch.float32)
     tokens, kv = make_tokens(64, seed=31), make_kv(fp32, 64, seed=31)
