@@ -33,6 +33,7 @@ HEADER_BYTES = HEADER.size
 FLAG_REPLY = 1
 FLAG_ERROR = 2
 MAX_KEY_BYTES = 64
+MAX_HELLO_BYTES = 4096  # a HELLO's payload; a server's max_frame_bytes is at least this
 # A GET reply's size-table entry for a key that is not stored.
 MISSING = (1 << 64) - 1
 U8 = struct.Struct("<B")

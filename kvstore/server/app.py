@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from kvstore.protocol import (FLAG_ERROR, FLAG_REPLY, HEADER_BYTES, MAX_KEY_BYTES, MISSING, SUPPORTED_VERSIONS,
+from kvstore.protocol import (FLAG_ERROR, FLAG_REPLY, HEADER_BYTES, MAX_HELLO_BYTES, MAX_KEY_BYTES, MISSING, SUPPORTED_VERSIONS,
                               U64, Header, Op, ProtocolError, PutResult, Status, Welcome, choose_version, pack_json,
                               pack_keys, unpack_hello, unpack_keys)
 from kvstore.server.auth import Authenticator, Tenant
@@ -32,7 +32,6 @@ from kvstore.server.config import ServerConfig
 from kvstore.server.metrics import ServerMetrics, serve_http
 from kvstore.server.streams import SocketStream, Stream, TlsStream, read_exact
 
-MAX_HELLO_BYTES = 4096
 DISK_READ_THREADS = 4
 _BACKLOG_POLL_SECONDS = 0.002
 _ACCEPT_RETRY_SECONDS = 0.05
@@ -55,6 +54,20 @@ def _listen_error(exc: OSError, host: str, port: int, flag: str, what: str) -> O
     return OSError(exc.errno, f"cannot listen for {what}connections on {host}:{port}: {reason} ({hint})")
 
 
+def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context, if it serves TLS; a ``ValueError`` naming the files if they cannot be used."""
+    if config.tls_cert is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except OSError as error:  # ssl.SSLError is one: not PEM, or a key that is not the certificate's
+        reason = getattr(error, "reason", None) or error.strerror or error
+        raise ValueError(f"tls_cert, tls_key: expected a readable PEM certificate and its private key, got "
+                         f"{config.tls_cert!r} and {config.tls_key!r} ({reason})") from None
+    return context
+
+
 class CacheServer:
     """A cache server for ``config``; ``tenants`` (else from the config) name who may connect.
 
@@ -63,6 +76,7 @@ class CacheServer:
 
     def __init__(self, config: ServerConfig, tenants: list[Tenant], open_namespace: str | None = None):
         self.config = config
+        self._ssl = _tls_context(config)  # before anything is opened: a bad certificate stops serve at once
         self.auth = Authenticator(tenants, open_namespace)
         # What RAM holds: the recent blobs and, with a disk, the blobs queued for it (up to the backlog bound and
         # one frame, counted here up to host_bytes again: past that, a backlog that deep allocates as before).
@@ -71,10 +85,6 @@ class CacheServer:
         self.store = BlobStore(config.data_dir, config.host_bytes, config.disk_bytes, self.auth.quota_of,
                                sync=config.disk_sync, arena_bytes=arena_bytes)
         self.metrics = ServerMetrics(self.store, config.metrics_namespaces)
-        self._ssl = None
-        if config.tls_cert is not None:
-            self._ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self._ssl.load_cert_chain(config.tls_cert, config.tls_key)
         self._connections: set[_Connection] = set()
         self._handshakes = 0  # TLS connections not yet through their handshake
         self._disk = ThreadPoolExecutor(DISK_READ_THREADS, thread_name_prefix="kvstore-server-read")

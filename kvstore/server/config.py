@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvstore.config import env_values, read_settings_file, settings_from_dict
+from kvstore.protocol import MAX_HELLO_BYTES
 from kvstore.sizes import parse_size
 
 ENV_PREFIX = "KVSTORE_SERVER_"
@@ -122,6 +123,9 @@ class ServerConfig:
                                  f"{65535 if 'port' in name else 1 << 31}], got {value!r}")
         if self.host_bytes <= 0:
             raise ValueError(f"host_bytes: expected > 0, got {self.host_bytes}")
+        if self.max_frame_bytes < MAX_HELLO_BYTES:
+            raise ValueError(f"max_frame_bytes: expected at least {MAX_HELLO_BYTES} (a HELLO must fit), got "
+                             f"{self.max_frame_bytes}")
         if self.max_frame_bytes > self.max_inflight_bytes:
             raise ValueError(f"max_frame_bytes: expected <= max_inflight_bytes ({self.max_inflight_bytes}), "
                              f"got {self.max_frame_bytes}")

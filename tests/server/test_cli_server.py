@@ -223,3 +223,14 @@ def test_a_disk_larger_than_the_machine_can_map_stops_serve_in_one_line(tmp_path
                    "--metrics-port", "0", "--token", TOKEN)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "disk_bytes: expected a size this machine can map" in done.stderr
+
+
+@pytest.mark.parametrize("content", [None, "not a certificate"])
+def test_a_tls_file_that_is_missing_or_not_pem_stops_serve_naming_it(tmp_path, content):
+    cert = tmp_path / "cert.pem"
+    if content is not None:
+        cert.write_text(content)
+    done = kvstore("serve", "--tls-cert", str(cert), "--tls-key", str(cert), "--data-dir", str(tmp_path / "data"),
+                   "--port", "0", "--metrics-port", "0", "--token", TOKEN)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "tls_cert, tls_key: expected a readable PEM certificate" in done.stderr and str(cert) in done.stderr

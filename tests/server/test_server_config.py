@@ -19,6 +19,7 @@ def test_server_defaults_are_loopback_and_bounded():
     (dict(host="0.0.0.0", allow_unauthenticated=True), "loopback"),
     (dict(port=70000), "port"),
     (dict(max_frame_bytes="1GiB", max_inflight_bytes="512MiB"), "max_frame_bytes"),
+    (dict(max_frame_bytes=16), "max_frame_bytes: expected at least 4096"),  # no HELLO would fit
     (dict(tls_cert="c.pem"), "tls_cert, tls_key"),
     (dict(loop="trio"), "loop"),
     (dict(host_bytes=0), "host_bytes"),
