@@ -17,6 +17,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 import zstandard
 
+from kvstore.blockformat import max_stored_bytes
 from kvstore.compression.frame import (
     BadParamsError,
     FrameHeader,
@@ -167,11 +168,8 @@ class FrameCodec:
                              f"got {list(out.shape)} and {out.dtype}")
         if header.numel == 0:
             return out
-        if self.zstd and not self.lossless:
-            try:
-                payload = memoryview(zstandard.ZstdDecompressor().decompress(payload))
-            except zstandard.ZstdError as exc:
-                raise BadParamsError(f"frame: the zstd payload does not decompress ({exc})") from None
+        if self.zstd and not self.lossless:  # a lossy payload is never larger than the raw block
+            payload = memoryview(decompress_at_most(payload, max_stored_bytes(header.numel * header.dtype.itemsize)))
         data = as_uint8(payload)
         if out.device.type != "cpu":
             data = data.to(out.device, non_blocking=False)
@@ -201,6 +199,45 @@ def take(payload: torch.Tensor, at: int, count: int, dtype: torch.dtype) -> tupl
             part = part.clone()  # the frame sits at an odd address; floats need alignment
         part = part.view(dtype)
     return part, at + nbytes
+
+
+def take_params(payload: torch.Tensor, at: int, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """``take`` for a codec's parameters (scales, minimums, norms, steps): each must be finite. An encoder
+    never writes another, and a NaN or infinite scale decoded to NaN or, clamped, to the dtype's largest."""
+    params, at = take(payload, at, count, dtype)
+    if params.is_floating_point() and count and not bool(torch.isfinite(params).all()):
+        raise BadParamsError("frame: a codec parameter (scale, minimum, norm or step) is not finite")
+    return params, at
+
+
+def decompress_at_most(data: object, limit: int) -> bytes:
+    """A zstd frame's content, of at most ``limit`` bytes, or a ``BadParamsError``: never more memory.
+
+    ``ZstdDecompressor.decompress`` allocates what a frame declares, and
+    ignores ``max_output_size`` when it declares a size: a 101-byte frame
+    declaring 2**40 bytes raised MemoryError, and one of 4 KB expanded to
+    256 MiB before its length was checked. A frame that declares no size is
+    read as a stream, stopping one byte past ``limit``.
+    """
+    try:
+        declared = zstandard.frame_content_size(data)
+        if declared > limit:
+            raise BadParamsError(f"frame: the zstd payload declares {declared} bytes, expected at most {limit}")
+        if declared >= 0:
+            return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
+        chunks, size = [], 0
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            while size <= limit:
+                chunk = reader.read(min(1 << 20, limit + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+    except zstandard.ZstdError as exc:
+        raise BadParamsError(f"frame: the zstd payload does not decompress ({exc})") from None
+    if size > limit:
+        raise BadParamsError(f"frame: the zstd payload holds more than the {limit} bytes expected")
+    return b"".join(chunks)
 
 
 def expect_end(payload: torch.Tensor, at: int) -> None:

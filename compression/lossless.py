@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import zstandard
 
-from kvstore.compression.codec import FrameCodec, as_uint8, check_int, expect_end
+from kvstore.compression.codec import FrameCodec, as_uint8, check_int, decompress_at_most, expect_end
 from kvstore.compression.frame import BadParamsError, FrameHeader
 
 
@@ -65,10 +65,7 @@ class ZstdCodec(FrameCodec):
     def _decode(self, header: FrameHeader, payload: torch.Tensor, out: torch.Tensor) -> None:
         width = out.element_size()
         expected = header.numel * width
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(payload.cpu().numpy(), max_output_size=expected)
-        except zstandard.ZstdError as exc:
-            raise BadParamsError(f"frame: the zstd payload does not decompress ({exc})") from None
+        raw = decompress_at_most(payload.cpu().numpy(), expected)
         if len(raw) != expected:
             raise BadParamsError(f"frame: expected {expected} bytes after zstd, got {len(raw)}")
         data = as_uint8(raw)

@@ -246,3 +246,60 @@ def test_decode_new_refuses_what_the_tier_cannot_read():
 def test_encoding_refuses_a_non_codec():
     with pytest.raises(ValueError, match="codec"):
         BlockEncoding(LAYOUT, "kivi4")
+
+
+# -- hostile frames: bounded memory, finite parameters -------------------------------------------------
+
+
+def rle_zstd(declared: int | None, blocks: int) -> bytes:
+    """A zstd frame made by hand (RFC 8878): ``blocks`` RLE blocks of 128 KiB of zeros, 4 bytes each, so a
+    few KB expand to many MiB; its header declares ``declared`` bytes of content, or none."""
+    import struct
+    if declared is None:
+        out = bytearray(struct.pack("<I", 0xFD2FB528)) + bytes([0, 0x58])  # no size; a 128 MiB window
+    else:
+        out = bytearray(struct.pack("<I", 0xFD2FB528)) + bytes([0xE0]) + struct.pack("<Q", declared)
+    for i in range(blocks):
+        header = (i == blocks - 1) | (1 << 1) | ((128 << 10) << 3)  # last flag, RLE type, block size
+        out += struct.pack("<I", header)[:3] + b"\x00"
+    return bytes(out)
+
+
+def _with_body(frame: object, body: bytes) -> bytes:
+    header, _ = parse_frame(frame)
+    return pack_frame(header.codec_id, header.dtype, header.shape, header.params, [body])
+
+
+@pytest.mark.parametrize("spec", ["zstd", "int8:zstd=3", "kivi4:zstd=3", "rq4:zstd=3"])
+@pytest.mark.parametrize("declared, blocks", [(1 << 40, 1), (256 << 20, 2048), (None, 512)],
+                         ids=["declares-1TiB", "expands-256MiB", "undeclared-64MiB"])
+def test_a_zstd_bomb_in_a_frame_is_corrupt_in_memory_bounded_by_the_block(spec, declared, blocks):
+    """A frame with a sound checksum whose zstd part declares or expands to far more than the block: a miss,
+    never a MemoryError (which blamed the tier and bypassed it) nor hundreds of MiB decompressed to learn it."""
+    import tracemalloc
+    encoding = BlockEncoding(LAYOUT, get_codec(spec))
+    bomb = _with_body(encoding.encode(make_kv(LAYOUT, 16)), rle_zstd(declared, blocks))
+    tracemalloc.start()
+    try:
+        verdict, _ = read(encoding, bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert verdict == CORRUPT
+    assert peak < 8 << 20, f"{peak >> 20} MiB to judge a 4 KiB block"
+    if spec == "zstd":  # lossless: a tier without the codec judges it too
+        assert read(BlockEncoding(LAYOUT), bomb)[0] == CORRUPT
+
+
+@pytest.mark.parametrize("spec", ["int8", "kivi4", "rq4", "ec4"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_frame_whose_scale_is_not_finite_is_corrupt(spec, value):
+    """The first parameter of each codec's payload (a scale, minimum, norm or mean) patched to NaN or Inf:
+    it decoded to NaN, or clamped to 65504, as intact."""
+    encoding = BlockEncoding(LAYOUT, get_codec(spec))
+    frame = encoding.encode(make_kv(LAYOUT, 16))
+    _, body = parse_frame(frame)
+    patched = bytearray(bytes(body))
+    patched[0:2] = torch.tensor([value], dtype=torch.float16).view(torch.uint8).numpy().tobytes()
+    assert read(encoding, _with_body(frame, bytes(patched)))[0] == CORRUPT
+    assert read(encoding, frame)[0] == INTACT
