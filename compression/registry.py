@@ -7,6 +7,7 @@ A spec is a name, optionally with parameters: ``"kivi4"``,
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 
 import torch
@@ -18,6 +19,8 @@ from kvstore.compression.frame import FrameHeader, UnknownCodecError, parse_fram
 from kvstore.compression.lossless import RawCodec, ZstdCodec
 from kvstore.compression.quant import Int8Codec, KiviCodec
 from kvstore.compression.rotation import RotationCodec
+
+_INTEGER = re.compile(r"[-+]?[0-9]+")
 
 # Frame codec id -> class; ids are on disk: never renumber, only append.
 CODEC_CLASSES: dict[int, type[FrameCodec]] = {
@@ -47,13 +50,12 @@ def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
         raise ValueError(f"codec: expected one of {sorted(CODECS)}, got {name!r}")
     params: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, sep, value = item.partition("=")
-        try:
-            params[key.strip()] = int(value)
-        except ValueError:
-            sep = ""
-        if not sep or not key.strip():
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not _INTEGER.fullmatch(value):  # int() also took "1_0" and other digits
             raise ValueError(f"codec {spec!r}: expected parameters as key=integer, got {item!r}")
+        if key in params:
+            raise ValueError(f"codec {spec!r}: expected each parameter once, got {key!r} twice")
+        params[key] = int(value)
     return name, params
 
 
@@ -61,6 +63,10 @@ def get_codec(spec: str, **params: int) -> FrameCodec:
     """The codec ``spec`` names, with its parameters (and ``params``) applied; ValueError if unknown."""
     name, parsed = parse_spec(spec)
     parsed.update(params)
+    fixed = getattr(CODECS[name], "keywords", {}).get("bits")
+    if fixed is not None and "bits" in parsed:  # 'kivi4:bits=2' made a kivi2 under kivi4's name
+        raise ValueError(f"codec {spec!r}: the name sets bits={fixed}; expected no bits parameter (the names "
+                         f"with other bits: {sorted(n for n in CODECS if n.rstrip('0123456789') == name.rstrip('0123456789'))})")
     try:
         return CODECS[name](**parsed)
     except TypeError:

@@ -234,7 +234,7 @@ class StoreConfig:
                 raise ValueError(f"redis_ttl_seconds: expected a number > 0 and <= {MAX_TTL_SECONDS} or None, "
                                  f"got {ttl!r}")
             object.__setattr__(self, "redis_ttl_seconds", float(ttl))
-        for name in ("disk_codec", "files_codec", "remote_codec", "redis_codec"):
+        for name in ("host_codec", "disk_codec", "files_codec", "remote_codec", "redis_codec"):
             try:
                 get_codec(getattr(self, name))
             except ValueError as exc:  # name the setting, then the codecs there are

@@ -23,7 +23,12 @@ def build_tiers(layout: KVLayout, config: StoreConfig) -> list[Tier]:
     try:
         for spec in TIER_SPECS.values():
             if spec.wanted(config):
-                tiers.append(spec.build(layout, config))
+                try:
+                    tiers.append(spec.build(layout, config))
+                except ValueError as error:  # a codec this layout cannot take: name the setting that chose it
+                    if spec.codec_setting is None or not str(error).startswith("codec "):
+                        raise
+                    raise ValueError(f"{spec.codec_setting}: {error}") from None
     except BaseException:
         for tier in tiers:
             tier.close()

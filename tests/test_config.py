@@ -187,6 +187,9 @@ def test_bad_value_in_file(tmp_path, field, toml_value, shown):
         (dict(remote_url="kvstore://:5000"), "remote_url"),
         (dict(redis_url="redis://h:abc"), "redis_url"),
         (dict(redis_url="redis+cluster://a:1,b:x"), "redis_url"),
+        (dict(host_codec="bogus"), "host_codec"),
+        (dict(host_codec="zstd:foo=1"), "host_codec"),
+        (dict(files_codec="zstd:level=1,level=2"), "files_codec"),
     ],
 )
 def test_bad_value_in_code(kwargs, field):

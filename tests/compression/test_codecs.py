@@ -564,6 +564,11 @@ def test_get_codec_unknown_name_names_the_codecs(spec):
     ("kivi4", {"group": 0}, "group"),
     ("kivi4", {"bogus": 1}, "bogus"),
     ("kivi4", {"bits": True}, "bits"),
+    ("zstd:level=1,level=2", {}, "each parameter once"),  # the last one won
+    ("kivi4:bits=2", {}, "the name sets bits=4"),  # a kivi2 under kivi4's name
+    ("rq4:bits=1", {}, "the name sets bits=4"),
+    ("zstd:level=1_0", {}, "key=integer"),  # int() reads 10
+    ("zstd:level=\u0663", {}, "key=integer"),  # an Arabic-Indic 3, which int() reads as 3
 ])
 def test_get_codec_bad_params(spec, params, match):
     with pytest.raises(ValueError, match=match):

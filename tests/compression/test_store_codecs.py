@@ -421,3 +421,14 @@ def test_config_from_file_with_codecs(tmp_path):
     assert config.replace(disk_codec="kivi4").disk_codec == "kivi4"
     with pytest.raises(ValueError):
         config.replace(disk_codec="nope")
+
+
+@pytest.mark.parametrize("setting, size", [("disk_codec", "disk"), ("files_codec", "files")])
+def test_a_codec_the_layout_cannot_take_names_its_setting(tmp_path, setting, size):
+    from kvstore import KVLayout
+
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=1, dtype=torch.float16, block_tokens=4)
+    dirs = {"disk": dict(disk_dir=str(tmp_path / "d"), disk_bytes="1MiB"),
+            "files": dict(files_dir=str(tmp_path / "f"), files_bytes="1MiB")}[size]
+    with pytest.raises(ValueError, match=f"^{setting}: codec rq4: cannot store this layout's blocks"):
+        KVStore(layout, StoreConfig(model_id="m", host_bytes="64KiB", **dirs, **{setting: "rq4"}))

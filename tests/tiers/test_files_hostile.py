@@ -31,6 +31,7 @@ import torch
 from conftest import assert_same_kv, make_kv, mounted_tmpfs, remount, run_python
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.compression.registry import get_codec
+from kvstore.compression.quant import KiviCodec
 from kvstore.tiers.files import FilesTier
 
 from tierkit import A, B, C, D, E, block_path, files_tiers, make_blocks, read as _read
@@ -335,7 +336,7 @@ def test_delete_and_eviction_never_remove_a_directory_or_follow_a_symlink(open_t
 def test_codec_frame_a_read_would_refuse_is_not_written(open_tier, disk_dir, layout, blocks):
     """A codec whose frame outgrows the raw block by far (8-bit codes, a scale and offset per element) would
     write files every read refuses as too large: it is rejected at put instead."""
-    codec = get_codec("kivi2", bits=8, group=1)
+    codec = KiviCodec(bits=8, group=1)
     assert len(codec.encode(blocks[A])) > 2 * layout.block_bytes
     tier = open_tier(100 * BLOCK, codec=codec)
     assert tier.put_many([(A, blocks[A])]) == 0
