@@ -201,15 +201,6 @@ def take(payload: torch.Tensor, at: int, count: int, dtype: torch.dtype) -> tupl
     return part, at + nbytes
 
 
-def take_params(payload: torch.Tensor, at: int, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """``take`` for a codec's parameters (scales, minimums, norms, steps): each must be finite. An encoder
-    never writes another, and a NaN or infinite scale decoded to NaN or, clamped, to the dtype's largest."""
-    params, at = take(payload, at, count, dtype)
-    if params.is_floating_point() and count and not bool(torch.isfinite(params).all()):
-        raise BadParamsError("frame: a codec parameter (scale, minimum, norm or step) is not finite")
-    return params, at
-
-
 def decompress_at_most(data: object, limit: int) -> bytes:
     """A zstd frame's content, of at most ``limit`` bytes, or a ``BadParamsError``: never more memory.
 

@@ -44,7 +44,7 @@ import functools
 import torch
 import zstandard
 
-from kvstore.compression.codec import FrameCodec, check_int, expect_end, param_dtype, row_chunks, take, take_params
+from kvstore.compression.codec import FrameCodec, check_int, expect_end, param_dtype, row_chunks, take
 from kvstore.compression.frame import BadParamsError, FrameHeader
 from kvstore.compression.quant import round_outward
 
@@ -178,10 +178,9 @@ class EntropyCodec(FrameCodec):
             raise BadParamsError(f"frame: rope needs a head dim of at least 2, got {list(header.shape)}")
         S, Tq = self._quantized(T)
         pd = param_dtype(header.dtype)
-        key_params = take_params if Tq else take  # no quantized token: the encoder's unused mean is NaN
-        k_mean, at = key_params(payload, 0, L * H * D, pd)
-        k_step, at = key_params(payload, at, L * H * D, pd)
-        v_step, at = take_params(payload, at, L * (P - 1) * Tq * H, pd)
+        k_mean, at = take(payload, 0, L * H * D, pd)
+        k_step, at = take(payload, at, L * H * D, pd)
+        v_step, at = take(payload, at, L * (P - 1) * Tq * H, pd)
         sinks, at = take(payload, at, L * P * S * H * D, header.dtype)
         length, at = take(payload, at, 8, torch.uint8)
         length = int.from_bytes(bytes(length.cpu().numpy()), "little")

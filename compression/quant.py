@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kvstore.compression.bitpack import pack, packed_bytes, unpack
-from kvstore.compression.codec import FrameCodec, check_int, expect_end, param_dtype, row_chunks, take, take_params
+from kvstore.compression.codec import FrameCodec, check_int, expect_end, param_dtype, row_chunks, take
 from kvstore.compression.frame import BadParamsError, FrameHeader
 
 
@@ -67,7 +67,7 @@ class Int8Codec(FrameCodec):
     def _decode(self, header: FrameHeader, payload: torch.Tensor, out: torch.Tensor) -> None:
         width = header.shape[-1]
         count = header.numel // width
-        scales, at = take_params(payload, 0, count, param_dtype(header.dtype))
+        scales, at = take(payload, 0, count, param_dtype(header.dtype))
         codes, at = take(payload, at, header.numel, torch.int8)
         expect_end(payload, at)
         rows, temporary = rows_of(out, width)
@@ -197,10 +197,10 @@ class KiviCodec(FrameCodec):
         L, P, T, H, D, Tq, gk, nk, gv, Dg = self._geometry(header.shape)
         pd = param_dtype(header.dtype)
         v_rows = (P - 1) * Tq * H * (Dg // gv)
-        k_low, at = take_params(payload, 0, L * nk * H * D, pd)
-        k_scale, at = take_params(payload, at, L * nk * H * D, pd)
-        v_low, at = take_params(payload, at, L * v_rows, pd)
-        v_scale, at = take_params(payload, at, L * v_rows, pd)
+        k_low, at = take(payload, 0, L * nk * H * D, pd)
+        k_scale, at = take(payload, at, L * nk * H * D, pd)
+        v_low, at = take(payload, at, L * v_rows, pd)
+        v_scale, at = take(payload, at, L * v_rows, pd)
         residual, at = take(payload, at, L * P * (T - Tq) * H * D, header.dtype)
         k_count, v_count = L * nk * gk * H * D, L * v_rows * gv
         if self._vbits == self.bits:

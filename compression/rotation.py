@@ -27,7 +27,7 @@ import math
 import torch
 
 from kvstore.compression.bitpack import pack, packed_bytes, unpack
-from kvstore.compression.codec import FrameCodec, check_int, expect_end, param_dtype, row_chunks, take, take_params
+from kvstore.compression.codec import FrameCodec, check_int, expect_end, param_dtype, row_chunks, take
 from kvstore.compression.frame import BadParamsError, FrameHeader
 from kvstore.compression.quant import rows_of
 
@@ -155,9 +155,9 @@ class RotationCodec(FrameCodec):
         at, mean = 0, None
         if self._centered(header.shape):
             mean_shape = (*header.shape[:-3], 1, *header.shape[-2:])
-            mean, at = take_params(payload, 0, math.prod(mean_shape), param_dtype(header.dtype))
+            mean, at = take(payload, 0, math.prod(mean_shape), param_dtype(header.dtype))
             mean = mean.view(mean_shape)
-        norms, at = take_params(payload, at, count, param_dtype(header.dtype))
+        norms, at = take(payload, at, count, param_dtype(header.dtype))
         packed, at = take(payload, at, packed_bytes(header.numel, self.bits), torch.uint8)
         expect_end(payload, at)
         codes = unpack(packed, self.bits, header.numel).view(count, dim)

@@ -128,8 +128,8 @@ class BlockFlow:
             if not self.placement.admits(index, sightings):
                 level.counters.add("admission_rejected")
                 continue
-            if self.stack.contains(level, key) or self.writes.pending(level.name, key):
-                continue
+            if (self.stack.contains(level, key) and not self._marked(level, key)) or self.writes.pending(level.name, key):
+                continue  # held exactly, or on its way (a copy held approximately is replaced by exact bytes)
             self._queue(level, key, block, landed)
 
     def _queue(self, target: Level, key: bytes, block: torch.Tensor | PendingBlock | None, holder: Level) -> None:
@@ -147,16 +147,18 @@ class BlockFlow:
             if pinned is None:
                 continue
             view, lossy = pinned
-            if lossy is not None:  # held approximately: no exact copy to give
+            if lossy is not None:  # held approximately here: look for an exact copy in a faster level
                 level.tier.unpin(key)
-                target.counters.add("lossy_refused")
-                return
+                continue
             block, release = view, partial(level.tier.unpin, key)
             break
         else:
-            if block is None:  # only a persistent level holds it: read a private copy
+            if block is None:  # only a persistent level holds it exactly, if any: read a private copy
                 block = torch.empty(self.layout.block_shape, dtype=self.layout.dtype)
-                if self.stack.read(holder, key, block) is not None:  # a miss (False) or approximate bytes
+                got = self.stack.read(holder, key, block)
+                if got is not None:  # a miss (False) or approximate bytes: no exact copy to give
+                    if got is not False:
+                        target.counters.add("lossy_refused")
                     return
             elif isinstance(block, PendingBlock):
                 block = block.materialize()  # a host tensor of the store's own
