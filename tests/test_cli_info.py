@@ -300,6 +300,9 @@ def test_an_unreadable_directory_is_one_line(tmp_path, monkeypatch, capsys):
 def test_inspect_directory_counts_unreadable_headers(tmp_path):
     disk = tmp_path / "disk"
     assert inspect_directory(disk) == {"blocks": 0, "used_bytes": 0, "unreadable": 0, "file_bytes": 0}
+    disk.mkdir()
+    (disk / "data.mdb").touch()  # what a store killed during its first open leaves
+    assert inspect_directory(disk) == {"blocks": 0, "used_bytes": 0, "unreadable": 0, "file_bytes": 0}
     used = _fill_lmdb(disk, 2)
     env = lmdb.open(str(disk), max_dbs=2, subdir=True)
     with env.begin(write=True, db=env.open_db(b"meta")) as txn:

@@ -534,7 +534,9 @@ class FilesTier:
             # but a directory of many small blocks fills its low-water gap fast, and scanning at every such
             # fill took a fifth of the write time (2 MiB blocks): scans keep to a share of the time instead.
             if since > self._rescan_seconds or (over and since >= self._scan_seconds * (1 / _SCAN_TIME_SHARE - 1)):
-                self._rescan()
+                # the periodic scan also removes what writers that died left behind (temp and parked files):
+                # cleaned at open only, they grew a long-lived process's directory past its capacity
+                self._rescan(clean_temps=since > self._rescan_seconds)
             victims: list[tuple[bytes, int]] = []
             with self._lock:
                 if self._used + self._reserved + incoming > self._capacity:

@@ -219,15 +219,12 @@ class LmdbTier:
         return sum(self.contains(key) for key, _ in items)
 
     def _write(self, payloads: list[tuple[bytes, object]], deletes: list[bytes]) -> None:
-        """One write transaction: evict, delete, store ``payloads`` not yet stored, persist stamps."""
-        evicted = self._write_locked(payloads, deletes)
-        if self.on_evict is not None:
-            for key, block in evicted:
-                self.on_evict(key, block, self.encoding.lossy)
+        """One write transaction: evict, delete, store ``payloads`` not yet stored, persist stamps.
 
-    def _write_locked(self, payloads: list[tuple[bytes, object]],
-                      deletes: list[bytes]) -> list[tuple[bytes, torch.Tensor]]:
-        """``_write`` under the write lock; returns the evicted blocks ``on_evict`` wants to see."""
+        Victims go to ``on_evict`` (write-back to the tier below) before the
+        transaction that deletes them commits: a process killed between the
+        two lost them from every tier, flushed and durable as they were.
+        """
         with self._write_lock:
             # Another writer may have stored some of these since the caller looked.
             with self._lock:
@@ -238,9 +235,13 @@ class LmdbTier:
                     victims = self._pick_victims(incoming, {k for k, _ in payloads})
                     stamps = dict(self._pending_stamps)
                     records = [(k, p, self._tick()) for k, p in payloads]
+                if self.on_evict is not None and victims:
+                    with self._env.begin(buffers=True) as txn:
+                        evicted = self._copy_out(txn, victims)
+                    for key, block in evicted:
+                        self.on_evict(key, block, self.encoding.lossy)
                 try:
                     with self._env.begin(write=True) as txn:
-                        evicted = self._copy_out(txn, victims) if self.on_evict is not None else []
                         for key in victims + deletes:
                             txn.delete(key, db=self._blocks)
                             txn.delete(key, db=self._meta)
@@ -255,9 +256,8 @@ class LmdbTier:
                     continue
                 self._commit_index(records, victims + deletes, stamps)
                 self._counters.add("evictions", len(victims))
-                return evicted
+                return
         self._counters.add("rejected", len(payloads))
-        return []
 
     def _copy_out(self, txn: lmdb.Transaction, keys: list[bytes]) -> list[tuple[bytes, torch.Tensor]]:
         """Verified copies of blocks about to be evicted (a damaged one is not passed on)."""
@@ -400,6 +400,8 @@ def inspect_directory(path: str | os.PathLike[str]) -> dict[str, int]:
         raise NotADirectoryError(f"disk_dir {root}: not a directory") from None
     except OSError as exc:
         raise OSError(f"disk_dir {root}: cannot read it: {exc.strerror or exc}") from None
+    if usage["file_bytes"] == 0:  # created, its header not yet written (or a store killed right then)
+        return usage
     try:
         env = lmdb.open(str(root), readonly=True, lock=True, create=False, subdir=True, max_dbs=2,
                         max_readers=512, readahead=False)

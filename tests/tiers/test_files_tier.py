@@ -802,3 +802,19 @@ def test_a_damaged_large_block_ends_the_read_and_nothing_after_it_holds_other_by
         after = out[:, :, 512:]  # read side by side with the damaged block, or not read at all
         assert torch.equal(after, torch.full_like(after, 7.0)) or torch.equal(after, kv[:, :, 512:])
         assert store.stats()["tiers"]["files"]["corrupt"] == 1
+
+
+def test_a_long_lived_tier_removes_what_dead_writers_left_at_its_periodic_scan(open_tier, disk_dir, layout, blocks):
+    """A writer killed mid-write leaves its temp file; a process that keeps the directory open for days
+    removed such files only at open, and they grew the directory past its capacity."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True).stdout)
+    tier = open_tier(10 * BLOCK, rescan_seconds=0)
+    folder = disk_dir / "41"
+    folder.mkdir(exist_ok=True)
+    left = folder / f".{'41' * 32}~{host}~{dead_pid}~aaaa.tmp"
+    left.write_bytes(b"partial")
+    tier.put_many([(A, blocks[A])])  # a put past rescan_seconds scans the directory
+    assert not left.exists() and tier.stats()["temp_removed"] == 1
+    assert_same_kv(_read(tier, layout, A), blocks[A])
