@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import torch
 
-from kvstore.blockformat import ENCODING_RAW, HEADER_BYTES, BlockHeader, max_stored_bytes
+from kvstore.blockformat import ENCODING_RAW, FRAME_SLACK, HEADER_BYTES, BlockHeader, max_stored_bytes
 from kvstore.buffers import payload_views
 from kvstore.client import ConnectionPool, Connection
 from kvstore.compression.codec import FrameCodec
@@ -211,7 +211,7 @@ class RemoteTier:
         raw = [out.numel() * out.element_size() for out in outs]
         # What replies are sized by, to keep each within the server's max_inflight_bytes: this tier's own
         # blocks (a frame may be a little larger than the raw block: an incompressible block, lossless codec).
-        expected = [HEADER_BYTES + n + (4096 if self.encoding.codec else 0) for n in raw]
+        expected = [HEADER_BYTES + n + (FRAME_SLACK if self.encoding.codec else 0) for n in raw]
 
         def sink(i: int, size: int) -> list[memoryview] | None:
             out = outs[i]
