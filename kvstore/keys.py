@@ -165,9 +165,13 @@ class KeyChain:
         self.block_tokens = block_tokens
         self.hash_name = hash_name
         self._memo = KeyMemo()
+        self._unsalted_root = self._root_of(None)
 
     def root(self, salt: Salt = None) -> bytes:
         """Digest every chain starts from: domain tag, model id, layout fingerprint, salt."""
+        return self._unsalted_root if salt is None else self._root_of(salt)
+
+    def _root_of(self, salt: Salt) -> bytes:
         h = self._new()
         h.update(self._root_prefix + _salt_bytes(salt))
         return h.digest()

@@ -41,7 +41,7 @@ def test_every_key_drawn_is_the_key_the_spec_gives(asks, entries):
     """Keys drawn lazily (some draws stop early) through one memo, in any order, with salts: always the
     spec's keys, whatever the memo held, however small it is."""
     chain = KeyChain("m", FINGERPRINT, BT)
-    chain._memo = KeyMemo(max_entries=entries)
+    chain._memo = KeyMemo(max_entries=entries, min_blocks=1)
     for tokens, salt, draw in asks:
         keys = chain.iter_keys(tokens, salt)
         drawn = [key for key, _ in zip(keys, range(draw))]
@@ -52,6 +52,7 @@ def test_every_key_drawn_is_the_key_the_spec_gives(asks, entries):
 
 def test_a_sequence_one_token_apart_shares_only_the_blocks_before_that_token():
     chain = KeyChain("m", FINGERPRINT, BT)
+    chain._memo = KeyMemo(min_blocks=1)
     tokens = list(range(1, 4 * BT + 1))
     assert chain.blocks(tokens)  # remembered
     for position in range(len(tokens)):
@@ -64,7 +65,7 @@ def test_a_sequence_one_token_apart_shares_only_the_blocks_before_that_token():
 
 
 def test_known_keys_stop_where_the_bytes_differ_and_where_the_memo_stopped_drawing():
-    memo = KeyMemo()
+    memo = KeyMemo(min_blocks=1)
     tokens = list(range(10, 10 + 4 * BT))
     keys = spec_keys(tokens)
     memo.remember(b"root", packed(tokens), 4 * BT, keys[:3])
@@ -78,7 +79,7 @@ def test_known_keys_stop_where_the_bytes_differ_and_where_the_memo_stopped_drawi
 
 @pytest.mark.parametrize("max_entries, max_bytes", [(0, 1 << 20), (3, 1 << 20), (16, 4 * 4 * BT * 5)])
 def test_the_memo_holds_at_most_its_entries_and_bytes_and_drops_the_least_recently_used(max_entries, max_bytes):
-    memo = KeyMemo(max_entries=max_entries, max_bytes=max_bytes)
+    memo = KeyMemo(max_entries=max_entries, max_bytes=max_bytes, min_blocks=1)
     prompts = [[n] * (4 * BT) for n in range(1, 40)]
     for tokens in prompts:
         memo.remember(b"root", packed(tokens), 4 * BT, spec_keys(tokens))
@@ -91,7 +92,7 @@ def test_the_memo_holds_at_most_its_entries_and_bytes_and_drops_the_least_recent
 
 
 def test_a_sequence_longer_than_the_memo_is_not_remembered():
-    memo = KeyMemo(max_bytes=4 * BT)
+    memo = KeyMemo(max_bytes=4 * BT, min_blocks=1)
     tokens = list(range(2 * BT))
     memo.remember(b"root", packed(tokens), 4 * BT, spec_keys(tokens))
     assert memo.known(b"root", packed(tokens), 4 * BT) == ()
@@ -100,6 +101,30 @@ def test_a_sequence_longer_than_the_memo_is_not_remembered():
 def test_bad_sizes_are_a_value_error():
     with pytest.raises(ValueError, match="expected sizes >= 0"):
         KeyMemo(max_entries=-1)
+    with pytest.raises(ValueError, match="min_blocks >= 1, got .* min_blocks 0"):
+        KeyMemo(min_blocks=0)
+
+
+def test_sequences_shorter_than_min_blocks_are_hashed_not_remembered():
+    memo = KeyMemo(min_blocks=3)
+    short, long = list(range(2 * BT + 1)), list(range(3 * BT))
+    memo.remember(b"root", packed(short), 4 * BT, spec_keys(short)[:2])
+    memo.remember(b"root", packed(long), 4 * BT, spec_keys(long))
+    assert memo.known(b"root", packed(short), 4 * BT) == ()  # it would match two blocks of ``long``
+    assert memo.known(b"root", packed(long), 4 * BT) == tuple(spec_keys(long))
+
+
+def test_of_many_entries_under_one_head_the_longest_match_is_found_whichever_was_used_last():
+    """Entries compared whole only where they hold the block after the best match so far must still
+    yield the longest match: here the longest is the least recently used."""
+    memo = KeyMemo(min_blocks=1)
+    base = list(range(100, 100 + 8 * BT))
+    for cut in (8, 2, 5, 3, 1):  # entries sharing the first ``cut`` blocks with ``base``, the 8 first
+        tokens = base[:cut * BT] + [7] * ((8 - cut) * BT)
+        memo.remember(b"root", packed(tokens), 4 * BT, spec_keys(tokens))
+    asked = base[:6 * BT] + [9] * (2 * BT)
+    assert memo.known(b"root", packed(asked), 4 * BT) == tuple(spec_keys(base)[:6])
+    assert memo.known(b"root", packed(base), 4 * BT) == tuple(spec_keys(base))
 
 
 @pytest.mark.parametrize("size", [0, 1, 7, 8, 4096])
@@ -134,6 +159,7 @@ def test_threads_sharing_one_chain_draw_the_spec_keys():
 
 def test_the_memo_holds_its_own_copy_of_the_tokens():
     chain = KeyChain("m", FINGERPRINT, BT)
+    chain._memo = KeyMemo(min_blocks=1)
     tokens = np.arange(1, 4 * BT + 1, dtype=np.uint32)
     first = [b.key for b in chain.blocks(tokens)]
     tokens[BT] = 999  # the caller reuses its buffer for another prompt
