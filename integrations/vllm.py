@@ -19,7 +19,9 @@ is a ``ValueError`` naming it. ``model_id`` defaults to a digest of the
 model's weights (``integrations/model_identity.py``), so engines loading the
 same weights from different paths share one cache.
 ``kv_load_failure_policy: "recompute"`` makes vLLM recompute blocks this
-connector reports as failed (vLLM's default, ``fail``, fails the request).
+connector reports as failed; it is required in a role that loads (vLLM's
+default, ``fail``, would fail a request whenever a block is evicted between
+lookup and load, so the connector refuses to start with it).
 
 The connector is a facade over two halves, as vLLM runs it:
 
@@ -37,8 +39,9 @@ parallelism (each stage's keys name its layers) and data-parallel ranks on
 one node hit on host and local-disk tiers, not only on shared ones.
 
 Exactness: keys chain over the prompt's tokens with each multimodal item's
-placeholder tokens replaced by its content digest, salted with
-``cache_salt``, the LoRA name and ``salt``; fp8 caches (vLLM's uint8 views)
+placeholder tokens, and each run of positions a mixed-mode prompt gives as
+embeddings, replaced by its content digest, salted with ``cache_salt``, the
+LoRA name and path and ``salt``; fp8 caches (vLLM's uint8 views)
 and MLA latent caches are stored byte for byte. A load vLLM would not wait
 for layer by layer (the request has at most a decode's worth of tokens left,
 so the step may replay a FULL CUDA graph) is queued whole before the forward;
@@ -109,6 +112,11 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.settings = connector_settings(vllm_config)
         transfer = self._kv_transfer_config
+        policy = getattr(transfer, "kv_load_failure_policy", "recompute")
+        if transfer.is_kv_consumer and policy != "recompute":
+            raise ValueError(f"kv_transfer_config.kv_load_failure_policy: expected 'recompute' with the kvstore "
+                             f"connector, got {policy!r}: a block evicted between the scheduler's lookup and "
+                             f"the worker's load would fail the user's request instead of being recomputed")
         self._stats = KVStoreConnectorStats()
         self._stats_lock = threading.Lock()
         self._events = ConnectorEvents()

@@ -214,14 +214,51 @@ def layout_from_caches(vllm_config: Any, caches: Sequence[torch.Tensor], first_l
 # -- what a request's keys bind ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Bound:
+    """Prompt positions whose KV depends on more than their token ids (a multimodal item, or a run of
+    positions given as embeddings), and the digest of what they hold."""
+
+    offset: int
+    length: int
+    digest: bytes  # 32 bytes
+
+
+def _bound_spans(request: Any) -> list[_Bound]:
+    """Each multimodal item's placeholders, and each run of positions a mixed-mode prompt gives as embeddings
+    (vLLM marks them in ``prompt_is_token_ids``; without the mask every position comes from the embeddings)."""
+    spans = [_Bound(f.mm_position.offset, f.mm_position.length,
+                    hashlib.sha256(f"{f.modality}\0{f.identifier}".encode()).digest())
+             for f in (getattr(request, "mm_features", None) or ())]
+    embeds = getattr(request, "prompt_embeds", None)
+    if embeds is None:
+        return spans
+    mask = getattr(request, "prompt_is_token_ids", None)
+    count = len(embeds)
+    given = [True] * count if mask is None else [not is_token for is_token in list(mask)[:count]]
+    start = None
+    for position, by_embedding in enumerate(given + [False]):
+        if by_embedding and start is None:
+            start = position
+        elif not by_embedding and start is not None:
+            rows = embeds[start:position].detach().to("cpu").contiguous()
+            digest = hashlib.sha256(f"embeds\0{rows.dtype}\0{list(rows.shape)}\0".encode())
+            digest.update(rows.view(torch.uint8).numpy().tobytes() if rows.numel() else b"")
+            spans.append(_Bound(start, position - start, digest.digest()))
+            start = None
+    return spans
+
+
 def request_salt(request: Any, extra: str | None = None) -> str | None:
-    """The kvstore salt of a request: its ``cache_salt``, LoRA adapter, the configured salt, and the digests of
-    multimodal items too short to be bound through their placeholder tokens (``key_tokens``)."""
+    """The kvstore salt of a request: its ``cache_salt``, LoRA adapter (name and path, as vLLM keys it: a name
+    pointed at a retrained adapter must not reuse the old one's KV), the configured salt, and the digests of
+    bound spans too short to be bound through their positions' words (``key_tokens``)."""
     lora = getattr(request, "lora_request", None)
     parts: dict[str, Any] = {"cache_salt": getattr(request, "cache_salt", None),
-                             "lora": getattr(lora, "lora_name", None) if lora is not None else None, "salt": extra}
-    short = [f"{f.mm_position.offset}:{_item_digest(f).hex()}" for f in (getattr(request, "mm_features", None) or ())
-             if f.mm_position.length < MM_WORDS]
+                             "lora": (getattr(lora, "lora_name", None), getattr(lora, "lora_path", None))
+                             if lora is not None else None,
+                             "salt": extra}
+    short = [f"{span.offset}:{span.digest.hex()}" for span in _bound_spans(request) if span.length < MM_WORDS]
     if short:
         parts["mm"] = ",".join(short)
     if all(v is None for v in parts.values()):
@@ -229,22 +266,18 @@ def request_salt(request: Any, extra: str | None = None) -> str | None:
     return ";".join(f"{k}={v!r}" for k, v in parts.items())
 
 
-def _item_digest(feature: Any) -> bytes:
-    return hashlib.sha256(f"{feature.modality}\0{feature.identifier}".encode()).digest()
-
-
 def key_tokens(request: Any) -> list[int] | None:
-    """The token ids a request's keys chain over: its prompt, with each multimodal item's placeholder tokens
-    replaced by words of the item's digest (top bit set: no vocabulary reaches it). An image then binds
-    the blocks from its first placeholder on, as vLLM's own block hashes do, and the text before it is
-    shared with requests that have other images. None for a prompt given as embeddings (not stored)."""
+    """The token ids a request's keys chain over: its prompt, with each multimodal item's placeholder tokens,
+    and each run of positions given as embeddings, replaced by words of their digest (top bit set: no
+    vocabulary reaches it). An image then binds the blocks from its first placeholder on, as vLLM's own
+    block hashes do, and the text before it is shared with requests that have other images. None for a
+    prompt given only as embeddings (not stored)."""
     tokens = getattr(request, "prompt_token_ids", None)
     if tokens is None:
         return None
     tokens = list(tokens)
-    for feature in getattr(request, "mm_features", None) or ():
-        words = struct.unpack(f"<{MM_WORDS}I", _item_digest(feature))
-        offset, length = feature.mm_position.offset, feature.mm_position.length
-        for j in range(max(0, offset), min(len(tokens), offset + length)):
-            tokens[j] = MM_TOKEN_BIT | (words[(j - offset) % MM_WORDS] >> 1)
+    for span in _bound_spans(request):
+        words = struct.unpack(f"<{MM_WORDS}I", span.digest)
+        for j in range(max(0, span.offset), min(len(tokens), span.offset + span.length)):
+            tokens[j] = MM_TOKEN_BIT | (words[(j - span.offset) % MM_WORDS] >> 1)
     return tokens

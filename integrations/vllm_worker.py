@@ -225,11 +225,15 @@ class WorkerHalf:
 
     # -- saves --------------------------------------------------------------------------------------------
 
-    def wait_for_save(self, meta: Any) -> None:
-        forward_seconds = time.perf_counter() - self._step_started  # bind to here: the forward, not the saves
-        for job in self._active:  # loads vLLM did not wait for layer by layer
+    def _complete_active(self) -> None:
+        """Finish the loads vLLM did not wait for layer by layer (a drafter's layers, say), and account them."""
+        for job in self._active:
             job.advance(self.store.layout.num_layers - 1 if self.store else 0)
         self._retire()
+
+    def wait_for_save(self, meta: Any) -> None:
+        forward_seconds = time.perf_counter() - self._step_started  # bind to here: the forward, not the saves
+        self._complete_active()
         if not isinstance(meta, KVStoreConnectorMetadata) or self.engine is None:
             return
         for spec in meta.saves:
@@ -293,6 +297,10 @@ class WorkerHalf:
         return done, failed
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        # With speculative decoding vLLM asks when the target model's forward ends, before the drafter's
+        # layers were waited for and before wait_for_save: a short load must be told in this step's output,
+        # or vLLM samples from the stale pages and learns of them a step late.
+        self._complete_active()
         with self._lock:
             errors, self._errors = self._errors, set()
         return errors

@@ -234,3 +234,72 @@ def test_module_refuses_mla_and_bad_block_tokens(tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("role", ["WORKER", "SCHEDULER"])
+def test_the_fail_load_policy_is_refused_at_start_up_where_the_connector_loads(tmp_path, role):
+    """vLLM's default ``kv_load_failure_policy`` ("fail") turns a block evicted between lookup and load into a
+    failed user request; the connector says so at start-up instead."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm_env import kv_cache_config, make_config, write_model
+    config = make_config(write_model(tmp_path / "model"), {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"},
+                         failure_policy="fail")
+    with pytest.raises(ValueError, match="kv_load_failure_policy: expected 'recompute'.*got 'fail'"):
+        KVConnectorFactory.create_connector(config, getattr(KVConnectorRole, role), kv_cache_config())
+    config.kv_transfer_config.kv_role = "kv_producer"  # a producer never loads: any policy is fine
+    KVConnectorFactory.create_connector(config, getattr(KVConnectorRole, role), kv_cache_config()).shutdown()
+
+
+def test_a_short_load_is_reported_in_the_step_that_used_it_with_a_drafter(tmp_path):
+    """With speculative decoding vLLM 0.33 collects ``get_block_ids_with_load_errors`` when the target model's
+    forward ends (``_get_kv_connector_output(defer_finalize=True)``), before the drafter's layers are waited
+    for and before ``wait_for_save``. The blocks a load could not fill must be in that step's output, or vLLM
+    samples from their stale pages. Driven through vLLM's own context manager, in its order."""
+    from types import SimpleNamespace
+
+    import vllm.distributed.kv_transfer.kv_transfer_state as kv_state
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.forward_context import set_forward_context
+    from vllm.v1.worker.kv_connector_model_runner_mixin import KVConnectorModelRunnerMixin
+    from vllm_env import HEAD_DIM, KV_HEADS, LAYERS, make_config, write_model
+
+    draft = f"model.layers.{LAYERS}.self_attn.attn"  # an EAGLE head's layer after the model's
+    names = LAYER_NAMES + [draft]
+
+    def caches(seed: int) -> dict[str, torch.Tensor]:
+        raw = torch.randn(len(names), 32, PAGE, KV_HEADS, 2 * HEAD_DIM, generator=torch.Generator().manual_seed(seed))
+        return {n: raw[i].permute(0, 2, 1, 3) for i, n in enumerate(names)}
+
+    extra = {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB", "files_dir": str(tmp_path / "files")}
+    config = make_config(write_model(tmp_path / "model"), extra)
+    saver = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER, None)
+    loader = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER, None)
+    agent = kv_state._KV_CONNECTOR_AGENT
+    try:
+        saver.register_kv_caches(caches(0))
+        loader.register_kv_caches(caches(1))
+        tokens = prompt(2 * BLOCK_TOKENS, seed=1)
+        saver.bind_connector_metadata(KVStoreConnectorMetadata(saves=[SaveSpec("s", tokens, None, ([1, 2, 3, 4],))]))
+        saver.wait_for_save()
+        saver.clear_connector_metadata()
+        assert saver.store.flush(30)
+        saver.store.files.delete(saver.store.block_keys(tokens)[1].key)  # evicted between lookup and load
+
+        meta = KVStoreConnectorMetadata(loads=[LoadSpec("r", tokens, None, ([10, 11, 12, 13],), 0, len(tokens))])
+        output = SimpleNamespace(kv_connector_metadata=meta, has_sync_kv_loads=True, finished_req_ids=set())
+        kv_state._KV_CONNECTOR_AGENT = loader
+        with set_forward_context(None, config):
+            with KVConnectorModelRunnerMixin._get_kv_connector_output(output, defer_finalize=True) as kv_out:
+                for name in LAYER_NAMES:  # the target model's attention layers
+                    loader.wait_for_layer_load(name)
+            reported = set(kv_out.invalid_block_ids)  # goes out with this step's sampled tokens
+            loader.wait_for_layer_load(draft)  # the drafter's forward
+            KVConnectorModelRunnerMixin.finalize_kv_connector()
+        assert reported == {12, 13}
+        assert loader.get_block_ids_with_load_errors() == set()  # told once
+    finally:
+        kv_state._KV_CONNECTOR_AGENT = agent
+        saver.shutdown()
+        loader.shutdown()

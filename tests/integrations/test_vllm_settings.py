@@ -210,3 +210,39 @@ def test_key_tokens_keep_text_and_mark_every_placeholder(prompt, other):
     if spans and other != spans[0][2]:
         swapped = [(off, n, other if i == 0 else ident) for i, (off, n, ident) in enumerate(spans)]
         assert key_tokens(_request(tokens, *[_item(ident, off, n) for off, n, ident in swapped])) != keyed
+
+
+def test_a_lora_name_pointed_at_another_adapter_is_another_salt():
+    """vLLM keys a LoRA by name and path: a retrained adapter redeployed under the same name must not be
+    served the KV the old adapter computed (a persistent or shared tier still holds it)."""
+    v1 = request_salt(_request([1], lora_request=NS(lora_name="bot", lora_int_id=1, lora_path="/a/bot-v1")))
+    v2 = request_salt(_request([1], lora_request=NS(lora_name="bot", lora_int_id=1, lora_path="/a/bot-v2")))
+    assert v1 and v2 and v1 != v2
+    assert v1 == request_salt(_request([1], lora_request=NS(lora_name="bot", lora_int_id=7, lora_path="/a/bot-v1")))
+
+
+def _mixed(tokens, mask, seed, dtype=torch.float32):
+    embeds = torch.randn(len(tokens), 8, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return _request(tokens, prompt_embeds=embeds, prompt_is_token_ids=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_positions_given_as_embeddings_bind_their_embeddings(dtype):
+    """Mixed mode (chat parts given as ``prompt_embeds``): the placeholder ids at embedding positions say
+    nothing of the KV there, so two requests whose embeddings differ share only the text before them."""
+    tokens = list(range(100, 116)) + [5] * 12 + list(range(200, 216))
+    mask = [True] * 16 + [False] * 12 + [True] * 16
+    a, b = key_tokens(_mixed(tokens, mask, 1, dtype)), key_tokens(_mixed(tokens, mask, 2, dtype))
+    assert a[:16] == b[:16] == tokens[:16] and a[28:] == b[28:] == tokens[28:]
+    assert all(t >= MM_TOKEN_BIT for t in a[16:28] + b[16:28]) and a[16:28] != b[16:28]
+    assert key_tokens(_mixed(tokens, mask, 1, dtype)) == a  # the same embeddings: the same keys
+    assert request_salt(_mixed(tokens, mask, 1, dtype)) is None  # a run as long as MM_WORDS binds through its words
+    one = [True] * 16 + [False] + [True] * 27  # a run shorter than MM_WORDS is also salted by its digest
+    salts = {request_salt(_mixed(tokens, one, seed, dtype)) for seed in (1, 2)}
+    assert len(salts) == 2 and None not in salts
+
+
+def test_embeddings_without_a_mask_bind_every_position():
+    tokens = list(range(100, 132))
+    a, b = key_tokens(_mixed(tokens, None, 1)), key_tokens(_mixed(tokens, None, 2))
+    assert all(t >= MM_TOKEN_BIT for t in a + b) and a != b
