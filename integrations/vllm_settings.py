@@ -123,6 +123,11 @@ class RankPlace:
 def rank_place(vllm_config: Any, worker: bool) -> RankPlace:
     """This process's place; a worker reads its ranks from vLLM's parallel state (the scheduler has none)."""
     parallel = vllm_config.parallel_config
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        size = int(getattr(parallel, name, 1) or 1)
+        if size > 1:  # each rank's pages hold an interleaved share of the tokens: not a prefix's KV
+            raise ValueError(f"parallel_config.{name}: expected 1 with the kvstore connector, got {size}: context "
+                             f"parallelism spreads each block's tokens over ranks, which kvstore does not store")
     place = RankPlace(engine_id=str(vllm_config.kv_transfer_config.engine_id),
                       dp_rank=int(getattr(parallel, "data_parallel_rank", 0) or 0),
                       dp_size=int(getattr(parallel, "data_parallel_size", 1) or 1),

@@ -246,3 +246,16 @@ def test_embeddings_without_a_mask_bind_every_position():
     tokens = list(range(100, 132))
     a, b = key_tokens(_mixed(tokens, None, 1)), key_tokens(_mixed(tokens, None, 2))
     assert all(t >= MM_TOKEN_BIT for t in a + b) and a != b
+
+
+@pytest.mark.parametrize("name", ["decode_context_parallel_size", "prefill_context_parallel_size"])
+@pytest.mark.parametrize("worker", [False, True])
+def test_context_parallelism_is_refused_at_start_up(name, worker):
+    """Under DCP/PCP a rank's pages hold an interleaved share of a block's tokens (with MLA every rank has the
+    same layout): stored through a shared tier, one rank's share would be served to another as the prefix."""
+    config = _config(tp=2)
+    setattr(config.parallel_config, name, 2)
+    with pytest.raises(ValueError, match=f"parallel_config.{name}: expected 1 .* got 2"):
+        rank_place(config, worker)
+    setattr(config.parallel_config, name, 1)
+    assert rank_place(config, worker).tp_size == 2
