@@ -152,7 +152,8 @@ class _Pipeline:
 
     def give_back(self) -> None:
         """Hand the ring to the buffer pool (only once the worker has stopped)."""
-        ring, self.ring = self.ring, []
+        with self.cond:
+            ring, self.ring = self.ring, []
         if self.buffers is not None and self.device.type == "cpu":
             for buf in ring:
                 self.buffers.give(buf)
@@ -281,7 +282,10 @@ class LayerLoader:
         pipe.wait(lambda: pipe.loaded > index)
         if pipe.stream is not None:
             torch.cuda.current_stream(self.device).wait_event(pipe.copied[index])
-        return pipe.ring[index % len(pipe.ring)]
+        with pipe.cond:  # a close from another thread (the store's) may have handed the ring back meanwhile
+            if pipe.closed or not pipe.ring:
+                raise RuntimeError("layer-wise load is closed")
+            return pipe.ring[index % len(pipe.ring)]
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         for index in range(self._pipe.taken + 1, self.layout.num_layers):
@@ -294,7 +298,8 @@ class LayerLoader:
             self._thread.join()
             self._pipe.give_back()
         else:
-            self._pipe.ring = []
+            with self._pipe.cond:
+                self._pipe.ring = []
 
     def __enter__(self) -> "LayerLoader":
         return self

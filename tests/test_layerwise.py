@@ -566,3 +566,25 @@ def test_a_files_only_store_loads_layer_wise_in_runs_up_to_a_damaged_block(tmp_p
         files = store.stats()["tiers"]["files"]
         assert files["corrupt"] == (damaged is not None)
         assert pinned(store) == 0
+
+
+def test_a_store_closed_from_another_thread_as_a_layer_is_handed_over_is_a_clean_error(make_store):
+    """The store's ``close`` hands a loader's ring back from its own thread. Closed right after the engine's
+    ``layer()`` found its layer loaded, the engine got ``ZeroDivisionError`` (an emptied ring), not the
+    loader's closed error."""
+    store = make_store("host", lay=LAY)
+    tokens = make_tokens(4 * LAY.block_tokens)
+    store.put(tokens, make_kv(LAY, len(tokens)))
+    loader = store.load(tokens, layer_wise=True)
+    pipe = loader._pipe
+    waited = pipe.wait
+
+    def wait_then_close(ready):
+        waited(ready)
+        closer = threading.Thread(target=store.close)
+        closer.start()
+        closer.join(LONG)
+    pipe.wait = wait_then_close
+    with pytest.raises(RuntimeError, match="layer-wise load is closed"):
+        loader.layer(0)
+    assert not loader_threads()

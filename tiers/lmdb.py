@@ -37,6 +37,7 @@ from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncodi
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
 from kvstore.tiers.base import TIER_COUNTERS, Capability, EvictCallback, make_directory, tier_stats
+from kvstore.tiers.inuse import InUse
 from kvstore.compression.registry import get_codec
 from kvstore.config import StoreConfig
 from kvstore.tiers.spec import TierSpec
@@ -151,7 +152,7 @@ class LmdbTier:
         self._pending_stamps: dict[bytes, int] = {}
         self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale")
         self._clock = self._load_index()
-        self._closed = False
+        self._in_use = InUse()  # the map is unmapped at close: no call may be inside it then
         if self._used > self._capacity:
             self._write([], [])
 
@@ -200,7 +201,11 @@ class LmdbTier:
         return self._clock
 
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
-        """Write blocks in one durable transaction, evicting LRU blocks to make room."""
+        """Write blocks in one durable transaction, evicting LRU blocks to make room (none once closing)."""
+        with self._in_use.hold() as held:
+            return self._put_many(items) if held else 0
+
+    def _put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         fitting, total, seen = [], 0, set()
         for n, (key, block) in enumerate(items):
             if key in seen or self.contains(key):
@@ -310,7 +315,14 @@ class LmdbTier:
                     del self._pending_stamps[key]
 
     def get_into(self, key: bytes, out: torch.Tensor) -> bool:
-        """Copy block ``key`` into ``out`` after checking its header and checksum."""
+        """Copy block ``key`` into ``out`` after checking its header and checksum (a miss once closing)."""
+        with self._in_use.hold() as held:
+            if held:
+                return self._get_into(key, out)
+        self._counters.add("misses")
+        return False
+
+    def _get_into(self, key: bytes, out: torch.Tensor) -> bool:
         with self._lock:
             known = key in self._index
         if not known:
@@ -350,11 +362,12 @@ class LmdbTier:
         return INTACT
 
     def delete(self, key: bytes) -> bool:
-        with self._lock:
-            if key not in self._index:
-                return False
-        self._write([], [key])
-        return True
+        with self._in_use.hold() as held:
+            with self._lock:
+                if not held or key not in self._index:
+                    return False
+            self._write([], [key])
+            return True
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -363,9 +376,8 @@ class LmdbTier:
 
     def close(self) -> None:
         """Write pending access stamps, close the environment and release the directory."""
-        if self._closed:
+        if not self._in_use.close():
             return
-        self._closed = True
         with self._lock:
             pending = bool(self._pending_stamps)
         if pending:

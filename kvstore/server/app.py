@@ -155,8 +155,10 @@ class CacheServer:
         if self._http is not None:
             self._http.close()
             await self._http.wait_closed()
-        await asyncio.get_running_loop().run_in_executor(None, self.store.close)
-        self._disk.shutdown(wait=True)
+        loop = asyncio.get_running_loop()
+        # A cancelled GET's disk read still runs in its thread: the store's map must outlive it.
+        await loop.run_in_executor(None, self._disk.shutdown, True)
+        await loop.run_in_executor(None, self.store.close)
         self._stopped.set()
 
     async def _accept_loop(self) -> None:
