@@ -6,7 +6,8 @@ worker drains up to ``BATCH`` jobs into one ``write`` call, one LMDB
 transaction). A job holds its source block (usually a pinned slot of a
 faster tier) until written, then calls its ``release``. When a queue is full
 the caller is blocked (``block``) or the lower copy is dropped and counted
-(``drop``). ``flush()`` returns once every accepted job has been written;
+(``drop``). ``flush()`` returns once every job accepted before it was
+called has been written (jobs accepted meanwhile cannot keep it waiting);
 ``close()`` flushes and stops every worker.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ class Job:
     key: bytes
     block: torch.Tensor
     release: Callable[[], None] | None = None
+    number: int = -1  # in the order accepted, for ``flush``
 
     def done(self) -> None:
         if self.release is not None:
@@ -55,7 +58,11 @@ class WriteBehind:
         self._on_full = on_full
         self._queues = {name: queue.Queue(maxsize=max_blocks) for name in writers}
         self._pending: set[tuple[str, bytes]] = set()
-        self._unfinished = 0
+        # Numbers of the jobs accepted and not yet finished (bounded by the queues), counted: a job a writer
+        # queues while it writes (an eviction's write-back below) takes the number of the batch it came from.
+        self._unfinished: Counter[int] = Counter()
+        self._accepted = 0  # jobs accepted so far: the next new job's number
+        self._writing = threading.local()  # in a worker: the number of the batch it is writing
         self._cond = threading.Condition()
         self._closed = False
         self.counters = Counters("queued", "written", "dropped", "coalesced", "failed")
@@ -75,14 +82,18 @@ class WriteBehind:
             raise ValueError(f"target: expected one of {sorted(self._queues)}, got {target!r}")
         job = Job(key, block, release)
         with self._cond:
-            if self._closed:
+            if self._closed and getattr(self._writing, "number", None) is None:  # close still waits for a writer's
                 raise RuntimeError("write-behind is closed")
             if (target, key) in self._pending:
                 self.counters.add("coalesced")
                 job.done()
                 return True
             self._pending.add((target, key))
-            self._unfinished += 1
+            job.number = getattr(self._writing, "number", None)
+            if job.number is None:
+                job.number = self._accepted
+                self._accepted += 1
+            self._unfinished[job.number] += 1
         try:
             if self._on_full == "block":
                 self._queues[target].put(job)
@@ -116,6 +127,7 @@ class WriteBehind:
                     jobs_queue.put(_STOP)  # handle the batch first, then stop
                     break
                 jobs.append(job)
+            self._writing.number = min(job.number for job in jobs)
             try:
                 self._writers[target]([(job.key, job.block) for job in jobs])
                 self.counters.add("written", len(jobs))
@@ -123,6 +135,7 @@ class WriteBehind:
                 log.exception("write-behind to %s failed for %d blocks", target, len(jobs))
                 self.counters.add("failed", len(jobs))
             finally:
+                self._writing.number = None
                 self._finish(target, jobs)
 
     def _finish(self, target: str, jobs: list[Job]) -> None:
@@ -131,7 +144,9 @@ class WriteBehind:
         with self._cond:
             for job in jobs:
                 self._pending.discard((target, job.key))
-            self._unfinished -= len(jobs)
+                self._unfinished[job.number] -= 1
+                if not self._unfinished[job.number]:
+                    del self._unfinished[job.number]
             self._cond.notify_all()
 
     def depth(self) -> dict[str, int]:
@@ -139,9 +154,15 @@ class WriteBehind:
         return {name: q.qsize() for name, q in self._queues.items()}
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every accepted job is written; False if ``timeout`` seconds ran out first."""
+        """Wait until every job accepted before this call is written; False if ``timeout`` seconds ran out first.
+
+        Jobs accepted while it waits are not waited for (with other threads
+        putting all along, waiting for an empty queue never ended), except those
+        the waited-for writes queue themselves (their evictions' write-back).
+        """
         with self._cond:
-            return self._cond.wait_for(lambda: self._unfinished == 0, timeout)
+            before = self._accepted
+            return self._cond.wait_for(lambda: not self._unfinished or min(self._unfinished) >= before, timeout)
 
     def close(self) -> None:
         """Flush, then stop and join every worker. Idempotent."""

@@ -367,6 +367,61 @@ def test_flush_waits_for_in_flight_jobs(make_wb):
     assert not wb.pending("t", key(0))
 
 
+def test_flush_returns_once_the_jobs_before_it_are_written_while_others_keep_putting(make_wb):
+    """Two threads putting all along kept a global count of unfinished jobs above zero: ``flush`` waited
+    until its timeout (forever without one) though the jobs before it were written in milliseconds."""
+    class SlowWriter(Writer):  # slower than the producers: the queue never empties while they run
+        def __call__(self, items) -> None:
+            super().__call__(items)
+            time.sleep(0.001)
+    writer = SlowWriter()
+    wb = make_wb({"t": writer}, max_blocks=4)
+    stop = threading.Event()
+    accepted: list[bytes] = []  # appended after submit returns: each was accepted before its append
+
+    def producer(first: int) -> None:
+        i = first
+        while not stop.is_set():
+            assert wb.submit("t", key(i), block(i))
+            accepted.append(key(i))
+            i += 2
+    producers = [threading.Thread(target=producer, args=(n,)) for n in (0, 1)]
+    for thread in producers:
+        thread.start()
+    while len(accepted) < 20:
+        time.sleep(0.001)
+    before = list(accepted)
+    try:
+        assert wb.flush(timeout=LONG) is True
+    finally:
+        stop.set()
+        for thread in producers:
+            thread.join(LONG)
+    written = writer.written()
+    assert [k for k in before if not written[k]] == []
+
+
+def test_flush_waits_for_the_writes_its_jobs_queue_while_they_are_written(make_wb):
+    """A write that queues another (an LMDB eviction's write-back to the files tier) is part of the work
+    ``flush`` waits for, also during ``close``."""
+    below = Writer()
+    wb = None
+
+    def above(items) -> None:
+        for k, b in items:
+            assert wb.submit("below", k, b)
+    wb = make_wb({"above": above, "below": below})
+    below.hold()
+    assert wb.submit("above", key(1), block(1))
+    assert below.entered.wait(LONG)
+    assert wb.flush(timeout=STILL_BLOCKED) is False
+    below.go()
+    assert wb.flush(timeout=LONG) is True and below.written() == Counter({key(1): 1})
+    assert wb.submit("above", key(2), block(2))
+    wb.close()
+    assert below.written() == Counter({key(1): 1, key(2): 1})
+
+
 # -- failures --------------------------------------------------------------------------------------------
 
 
