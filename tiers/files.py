@@ -298,6 +298,9 @@ class FilesTier:
         self._used = 0
         self._reserved = 0  # bytes of this process's writes in flight
         self._writing: set[bytes] = set()  # their keys: a scan that sees their files leaves them to the writer
+        # Keys evicted here whose files are not yet parked or unlinked: a read or ``contains`` that finds such
+        # a file must not index it again (it was counted twice, beside the parked file's reservation).
+        self._evicting: set[bytes] = set()
         self._seq = 0
         self._scan_removed: set[bytes] | None = None  # keys forgotten while a scan runs
         self._unmoved: dict[bytes, str] = {}  # key -> its two-level path, where a scan could not move it up
@@ -353,15 +356,24 @@ class FilesTier:
             key, entry = next(iter(self._index.items()))
             victims.append((key, entry.size))
             self._forget(key)
+            self._evicting.add(key)
         return victims
+
+    def _evicted(self, victims: list[tuple[bytes, int]]) -> None:
+        """``_pop_lru``'s victims are parked or unlinked: their paths may be indexed again (new writes)."""
+        with self._lock:
+            self._evicting.difference_update(key for key, _ in victims)
 
     def _evict_to_capacity(self) -> None:
         """Unlink what this capacity cannot hold: a directory filled under a larger capacity (or by other
         processes) is brought within it at open, not at the first put."""
         with self._lock:
             victims = self._pop_lru(self._capacity)
-        for key, _ in victims:
-            _unlink(self._path(key))
+        try:
+            for key, _ in victims:
+                _unlink(self._path(key))
+        finally:
+            self._evicted(victims)
         self._counters.add("evictions", len(victims))
 
     def contains(self, key: bytes) -> bool:
@@ -375,8 +387,9 @@ class FilesTier:
             raise
         if not stat.S_ISREG(st.st_mode):
             return False  # a symlink, FIFO, directory, ... is no block (a put renames a block over it)
-        with self._lock:
-            if key not in self._index and key not in self._writing:  # a write here indexes its own when settled
+        with self._lock:  # a write here indexes its own when settled; an eviction here may be moving it away
+            if (key not in self._index and key not in self._writing and key not in self._evicting
+                    and _same_file(self._path(key), st)):
                 self._remember(key, st.st_size, st.st_mtime_ns)
         return True
 
@@ -542,14 +555,17 @@ class FilesTier:
                 if self._used + self._reserved + incoming > self._capacity:
                     victims = self._pop_lru(max(self._low_water, self._capacity - later) - self._reserved - incoming)
                 room = self._capacity - self._used - self._reserved  # bytes that may stay parked (one: this write)
-            for key, size in victims:
-                path = self._path(key)
-                if size <= room and parked.park(path, self._temp_path(key), size):
-                    room -= size
-                    with self._lock:  # reserved at once: an unlink failing below leaves the books right
-                        self._reserved += size
-                else:
-                    _unlink(path)
+            try:
+                for key, size in victims:
+                    path = self._path(key)
+                    if size <= room and parked.park(path, self._temp_path(key), size):
+                        room -= size
+                        with self._lock:  # reserved at once: an unlink failing below leaves the books right
+                            self._reserved += size
+                    else:
+                        _unlink(path)
+            finally:
+                self._evicted(victims)
             self._counters.add("evictions", len(victims))
             spare = parked.take(incoming)
             if spare is None:
@@ -849,7 +865,8 @@ class FilesTier:
             with self._lock:
                 if not st.st_nlink:  # evicted while we read it: the data was still sound
                     self._forget(key)
-                elif key in self._index or (not known and key not in self._writing and _same_file(path, st)):
+                elif key in self._index or (not known and key not in self._writing and key not in self._evicting
+                                            and _same_file(path, st)):
                     self._remember(key, st.st_size, st.st_mtime_ns)
                 # else evicted here while read (its file parked or gone): indexing it again counted its bytes
                 # twice, beside the parked file's reservation, and put the tier over its capacity

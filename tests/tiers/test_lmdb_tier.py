@@ -372,12 +372,12 @@ def test_same_key_put_by_two_threads_counted_once(open_tier, layout, blocks):
 def test_block_evicted_during_read_is_a_plain_miss(open_tier, layout, blocks):
     tier = open_tier(3 * BLOCK)
     tier.put_many([(A, blocks[A])])
-    source, first = inspect.getsourcelines(LmdbTier.get_into)
+    source, first = inspect.getsourcelines(LmdbTier._get_into)
     pause_line = first + next(i for i, line in enumerate(source) if "self._env.begin(buffers=True)" in line)
     paused, resume = threading.Event(), threading.Event()
 
     def tracer(frame, event, arg):
-        if frame.f_code is LmdbTier.get_into.__code__:
+        if frame.f_code is LmdbTier._get_into.__code__:
             if event == "line" and frame.f_lineno == pause_line:
                 paused.set()
                 resume.wait(10)

@@ -232,3 +232,33 @@ def test_parked_files_are_taken_oldest_first_by_size_and_dropped(tmp_path):
     assert parked.bytes == 30
     assert parked.drop() == 30 and parked.bytes == 0
     assert sorted(os.listdir(tmp_path)) == ["b.tmp", "dir"]  # the taken one is the writer's now
+
+
+@pytest.mark.parametrize("ask", ["contains", "get_into"])
+def test_a_block_found_while_its_eviction_moves_it_away_is_not_indexed_again(open_tier, disk_dir, layout,
+                                                                              monkeypatch, ask):
+    """``contains`` (or a read) that finds a victim's file between its eviction and its parking indexed it
+    again: its bytes counted twice, beside the parked file's reservation, and ``used_bytes`` went over the
+    capacity (5,840 of 4,672 bytes in a stress run)."""
+    tier = open_tier(capacity=3 * BLOCK)
+    for i in range(3):
+        tier.put_many([(key_of(i), make_kv(layout, 16, seed=i))])
+    parking, release = threading.Event(), threading.Event()
+    park = ParkedFiles.park
+
+    def held_park(self, path, temp, size):
+        parking.set()
+        assert release.wait(10)
+        return park(self, path, temp, size)
+    monkeypatch.setattr(ParkedFiles, "park", held_park)
+    writer = threading.Thread(target=tier.put_many, args=([(key_of(9), make_kv(layout, 16, seed=9))],))
+    writer.start()
+    assert parking.wait(10)  # key 0 is evicted, its file not yet parked
+    if ask == "contains":
+        tier.contains(key_of(0))
+    else:
+        read(tier, layout, key_of(0), 16)
+    release.set()
+    writer.join(10)
+    assert sorted(tier.keys()) == [key_of(1), key_of(2), key_of(9)]
+    assert sum(files_under(disk_dir).values()) == tier.used_bytes() == 3 * BLOCK
