@@ -60,6 +60,8 @@ class BlockFlow:
             if Capability.EVICTS in level.capabilities and placement.on_evict(level.index) is not None:
                 level.tier.on_evict = partial(self.evicted, level)
         self._scratch = threading.local()
+        # Memory levels hold approximate copies only of what a lossy level served: none, none to replace.
+        self._marks = [level for level in stack if level.slots] if any(level.lossy for level in stack) else []
 
     def _queue_bound(self, config: StoreConfig) -> int:
         """Queued jobs pin their source slots: keep the pins to half the fastest slot pool."""
@@ -89,6 +91,10 @@ class BlockFlow:
             # a level that stores with a lossy codec cannot give an exact copy down: these bytes can
             self._send_down(where, key, block if where.lossy else None, sightings, newly_admitted=True)
         stored = self._land(new)
+        for level in self._marks:  # whatever their write policy: an approximate copy left was served later
+            exact = [(key, block) for key, block in items if self._marked(level, key)]
+            if exact:
+                self.stack.write(level, exact)
         self.counters.add("blocks_stored", stored)
         return stored
 
@@ -174,8 +180,8 @@ class BlockFlow:
         if index is None:
             return
         below = self.stack[index]
-        if self.stack.contains(below, key):
-            return
+        if self.stack.contains(below, key) and not (lossy is None and self._marked(below, key)):
+            return  # held there, unless approximately while these bytes are exact
         if not self.placement.admits(index, self.placement.sightings(key)):
             below.counters.add("admission_rejected")
             return

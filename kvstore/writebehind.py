@@ -41,9 +41,15 @@ class Job:
     release: Callable[[], None] | None = None
     number: int = -1  # in the order accepted, for ``flush``
 
-    def done(self) -> None:
-        if self.release is not None:
-            self.release()
+    def done(self) -> bool:
+        """Release the job's source; False if the release raised (a tier's unpin: its slot stays pinned)."""
+        try:
+            if self.release is not None:
+                self.release()
+            return True
+        except Exception:  # raised in a worker, it killed the worker and flush and close waited forever
+            log.exception("write-behind: releasing the source of the block %s failed", self.key.hex()[:16])
+            return False
 
 
 class WriteBehind:
@@ -86,7 +92,8 @@ class WriteBehind:
                 raise RuntimeError("write-behind is closed")
             if (target, key) in self._pending:
                 self.counters.add("coalesced")
-                job.done()
+                if not job.done():
+                    self.counters.add("failed")
                 return True
             self._pending.add((target, key))
             job.number = getattr(self._writing, "number", None)
@@ -139,8 +146,9 @@ class WriteBehind:
                 self._finish(target, jobs)
 
     def _finish(self, target: str, jobs: list[Job]) -> None:
-        for job in jobs:
-            job.done()
+        released = sum(job.done() for job in jobs)
+        if released < len(jobs):
+            self.counters.add("failed", len(jobs) - released)
         with self._cond:
             for job in jobs:
                 self._pending.discard((target, job.key))

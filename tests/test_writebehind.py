@@ -425,6 +425,28 @@ def test_flush_waits_for_the_writes_its_jobs_queue_while_they_are_written(make_w
 # -- failures --------------------------------------------------------------------------------------------
 
 
+def test_a_release_that_raises_is_counted_and_kills_nothing(make_wb):
+    """A tier's ``unpin`` (the release of a job's source slot) that raised in the worker killed it: ``flush``
+    never returned True again and ``close`` waited forever. A coalesced job's release raised into ``put``."""
+    writer = Writer()
+    wb = make_wb({"t": writer})
+
+    def broken() -> None:
+        raise OSError(5, "unpin failed")
+    writer.hold()
+    assert wb.submit("t", key(1), block(1), broken)
+    assert writer.entered.wait(LONG)
+    assert wb.submit("t", key(1), block(1), broken)  # coalesced: released at once, in this thread
+    writer.go()
+    assert wb.flush(timeout=LONG) is True
+    assert wb.submit("t", key(2), block(2))
+    assert wb.flush(timeout=LONG) is True
+    assert writer.written() == Counter({key(1): 1, key(2): 1})
+    assert wb.counters.snapshot()["failed"] == 2
+    wb.close()
+    assert not kvstore_threads()
+
+
 def test_raising_writer_does_not_kill_the_worker(make_wb):
     writer = Writer(fail_on={key(13)})
     wb = make_wb({"t": writer})

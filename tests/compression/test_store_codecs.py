@@ -434,19 +434,23 @@ def test_a_codec_the_layout_cannot_take_names_its_setting(tmp_path, setting, siz
         KVStore(layout, StoreConfig(model_id="m", host_bytes="64KiB", **dirs, **{setting: "rq4"}))
 
 
+@pytest.mark.parametrize("host_policy", ["write_through", "write_back"])
 @pytest.mark.parametrize("device", [False, True])
-def test_a_put_of_the_exact_bytes_replaces_approximate_copies_in_every_memory_tier_and_reaches_disk(tmp_path, device):
+def test_a_put_of_the_exact_bytes_replaces_approximate_copies_in_every_memory_tier_and_reaches_disk(tmp_path, device,
+                                                                                                   host_policy):
     """Approximate copies read from a kivi4 files tier sit in host RAM (and HBM). The engine then puts the exact
     bytes: they must replace every approximate copy and be written to the exact LMDB tier. With a device
     tier, only the device copy was replaced; the host kept its approximate one, the LMDB copy was refused as
-    lossy, and gets served approximate bytes again once the device tier had moved on."""
+    lossy, and gets served approximate bytes again once the device tier had moved on. A write-back host
+    kept its approximate copy even then: only write-through levels were refreshed, and the device's exact
+    block, evicted, was not written back over it."""
     layout = tiny_layout()
     tokens, kv = make_tokens(32, seed=3), make_kv(layout, 32, seed=3)
     files = dict(files_dir=str(tmp_path / "files"), files_bytes="1MiB", files_codec="kivi4")
     with KVStore(layout, StoreConfig(model_id="m", host_bytes=0, **files)) as writer:
         writer.put(tokens, kv)
     config = StoreConfig(model_id="m", host_bytes=64 * layout.block_bytes, disk_dir=str(tmp_path / "lmdb"),
-                         disk_bytes="1MiB", disk_sync=False, **files,
+                         disk_bytes="1MiB", disk_sync=False, host_write_policy=host_policy, **files,
                          **(dict(device="cpu", device_bytes=2 * layout.block_bytes) if device else {}))
     with KVStore(layout, config) as store:
         assert not torch.equal(store.get(tokens), kv)  # approximate, from the files tier
