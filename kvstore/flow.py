@@ -154,9 +154,9 @@ class BlockFlow:
                 continue
             view, lossy = pinned
             if lossy is not None:  # held approximately here: look for an exact copy in a faster level
-                level.tier.unpin(key)
+                self.stack.unpin(level, key)
                 continue
-            block, release = view, partial(level.tier.unpin, key)
+            block, release = view, partial(self.stack.unpin, level, key)
             break
         else:
             if block is None:  # only a persistent level holds it exactly, if any: read a private copy
@@ -207,7 +207,7 @@ class BlockFlow:
                 try:
                     self.stack.write(self.stack[target], [(key, pinned[0])], pinned[1])
                 finally:
-                    level.tier.unpin(key)
+                    self.stack.unpin(level, key)
 
     # -- reads --------------------------------------------------------------------------
 

@@ -136,7 +136,7 @@ class EngineHooks:
     def _unpin_fastest(self, key: bytes) -> None:
         fastest = self._stack.fastest
         if fastest is not None and fastest.slots:
-            fastest.tier.unpin(key)
+            self._stack.unpin(fastest, key)
 
     def load(self, tokens: Tokens, salt: Salt = None, *, layer_wise: bool = False,
              device: torch.device | str = "cpu", prefetch: PrefetchHandle | None = None,

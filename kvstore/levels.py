@@ -356,3 +356,12 @@ class TierStack:
     def pin(self, level: Level, key: bytes) -> tuple[torch.Tensor, str | None] | None:
         """Pin ``key`` in a slot level: (a view of its bytes, its lossy mark), or None."""
         return self.guarded(level, "pin", lambda: level.tier.pinned_marked(key), None)
+
+    @staticmethod
+    def unpin(level: Level, key: bytes) -> None:
+        """Release a pin ``pin`` took, even on a bypassed level; a tier whose unpin raises is blamed for it
+        (a custom tier's raised into the write-behind worker and killed it), never the caller."""
+        try:
+            level.tier.unpin(key)
+        except Exception as error:
+            level.note_failure("unpin", error)

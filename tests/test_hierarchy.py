@@ -399,3 +399,34 @@ def test_a_lookup_asks_the_next_tier_when_one_fails_and_blames_it_once(layout, t
         assert store.lookup(tokens + make_tokens(16, seed=8)) == 80  # and the block after them is a miss
         lmdb.fail = False
         assert_same_kv(store.get(tokens), kv)
+
+
+def test_a_tier_whose_unpin_raises_is_blamed_and_flush_and_close_still_finish(layout, tmp_path):
+    """The write-behind releases a job's source slot with the tier's ``unpin``; a custom tier's that raised
+    killed the worker: ``flush`` never returned True again and ``close`` waited forever."""
+    class BrokenUnpin(HostTier):
+        failing = True
+
+        def unpin(self, key: bytes) -> None:
+            super().unpin(key)
+            if self.failing:
+                raise OSError(5, "unpin failed")
+    host = BrokenUnpin(layout, 8 * BLOCK, pin_memory=False)
+    lower = LmdbTier(tmp_path / "lmdb", 64 * STORED, layout, sync=False)
+    store = KVStore(layout, StoreConfig(host_bytes=8 * BLOCK), tiers=[host, lower])
+    closer = threading.Thread(target=store.close)
+    try:
+        data = prompts(2)
+        store.put(*data[0])
+        assert store.flush(timeout=10) is True
+        assert where(store, data[0][0]) == ["host", "lmdb"]
+        assert store.stats()["tiers"]["host"]["last_error"].startswith("unpin: OSError")
+        host.failing = False
+        store.put(*data[1])  # the host tier is bypassed for a while, as a tier that failed is
+        assert store.flush(timeout=10) is True
+        assert "lmdb" in where(store, data[1][0])
+        assert_same_kv(store.get(data[1][0]), data[1][1])
+    finally:
+        closer.start()
+        closer.join(10)
+    assert not closer.is_alive()
