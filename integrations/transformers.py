@@ -62,15 +62,20 @@ at EOS save their padding tokens too (valid KV of those ids, rarely reused).
 
 from __future__ import annotations
 
+import copy
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import xxhash
 from transformers import DynamicCache
+from transformers.generation.configuration_utils import GenerationMode
 
-from kvstore import KVLayout, KVStore
+from kvstore import KVLayout, KVStore, StoreConfig
+from kvstore.keys import Salt, salt_bytes
 from kvstore.compression.fidelity import cache_argument
 from kvstore.integrations.continued_attention import use_continued_attention
 from kvstore.prefetch import PrefetchHandle
@@ -93,6 +98,29 @@ def _config_int(config: Any, name: str) -> int:
     return value
 
 
+log = logging.getLogger(__name__)
+
+_UNNAMED = StoreConfig().model_id  # the model_id of a store whose config names no model
+_LATENT_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+# generate's modes whose cache continues the preloaded prefix one row per request (beams, assistants and the
+# like re-prefill or reorder it: the KV saved after them was not the returned rows')
+_GENERATION_MODES = frozenset({GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE})
+
+
+def weights_digest(model: Any) -> bytes:
+    """A digest of ``model``'s config and parameters (names, dtypes, shapes and bytes): the identity of the KV it
+    computes. xxh3-128 (tens of GB/s): weights are the operator's, not a tenant's, so no one crafts a collision."""
+    h = xxhash.xxh3_128()
+    config = getattr(model, "config", None)
+    h.update((config.to_json_string(use_diff=False) if config is not None else type(model).__name__).encode())
+    for name, parameter in model.named_parameters():
+        data = parameter.detach()
+        h.update(f"\0{name}\0{data.dtype}\0{list(data.shape)}\0".encode())
+        if data.numel():
+            h.update(data.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.digest()
+
+
 def layout_for(model_or_config: Any, dtype: torch.dtype | str | None = None, block_tokens: int = 256,
                **layout_fields: Any) -> KVLayout:
     """The ``KVLayout`` of a transformers model's KV cache (a model or its config).
@@ -106,6 +134,10 @@ def layout_for(model_or_config: Any, dtype: torch.dtype | str | None = None, blo
     stored block; other KVLayout fields (``tp_rank``...) pass through.
     """
     config = _text_config(model_or_config)
+    latent = [name for name in _LATENT_FIELDS if getattr(config, name, None)]
+    if latent:  # keys and values of different widths (a latent or split head): not one [L, 2, T, H, D] layout
+        raise ValueError(f"config.{latent[0]}: expected a model whose keys and values have one head_dim "
+                         f"(multi-head latent attention is not supported here), got {getattr(config, latent[0])}")
     num_layers = _config_int(config, "num_hidden_layers")
     num_heads = _config_int(config, "num_attention_heads")
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
@@ -217,12 +249,22 @@ class CachedModel:
         self.model = model
         self.store = store
         self.salt = salt
+        # A store that names no model (model_id left at its default) keys this model's blocks under a digest
+        # of its weights: another model sharing the directory (same shapes, other weights) was served them.
+        self._weights = weights_digest(model) if store.config.model_id == _UNNAMED else None
         self.save_generated = save_generated
         self.last_info: RequestInfo | None = None
         self._cache_kwarg = cache_argument(model)  # transformers renamed it; the old name warns
         # sdpa computes a prefill after a loaded prefix over the whole masked rectangle (slower, on CPU, than
         # prefilling the prefix too); the variant computes the same attention at the cost of a cold prefill
         self.continued_attention = use_continued_attention(model)
+
+    def key_salt(self, salt: Salt = None) -> Salt:
+        """The salt a call's blocks are keyed under in ``store`` (for asking the store directly): ``salt``,
+        bound to a digest of the weights when the store names no model. ``ValueError`` for a bad salt."""
+        if self._weights is None:
+            return salt
+        return b"weights=" + self._weights.hex().encode() + b";" + salt_bytes(salt)
 
     @property
     def device(self) -> torch.device:
@@ -248,6 +290,13 @@ class CachedModel:
                 raise ValueError(f"attention_mask: expected all ones of shape {list(ids.shape)} (padding is not "
                                  f"supported), got shape {list(mask.shape)} with {int((mask == 0).sum())} zeros")
         return ids.to(device=self.device, dtype=torch.long)
+
+    def _generation_config(self, generate_kwargs: dict[str, Any]) -> Any:
+        """The generation config ``generate`` will run with: the one passed (or the model's), updated with the
+        keyword arguments that are its fields (a ``generation_config`` argument got past the checks)."""
+        config = copy.deepcopy(generate_kwargs.get("generation_config") or self.model.generation_config)
+        config.update(**{name: value for name, value in generate_kwargs.items() if hasattr(config, name)})
+        return config
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -316,6 +365,9 @@ class CachedModel:
         lengths = [lengths] if isinstance(lengths, int) else list(lengths)
         ids = torch.as_tensor(input_ids).cpu()
         ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+        return self._put_rows(ids, cache, lengths, self.key_salt(salt))
+
+    def _put_rows(self, ids: torch.Tensor, cache: DynamicCache, lengths: list[int], salt: Salt) -> int:
         stored = 0
         for row in range(ids.shape[0]):
             kv = kv_from_cache(cache, row, max(lengths))
@@ -329,7 +381,7 @@ class CachedModel:
         if info.fetched_tokens == max(lengths):
             return
         start = time.perf_counter()
-        info.blocks_stored = self.save(ids, cache, lengths, salt)
+        info.blocks_stored = self._put_rows(ids.cpu(), cache, lengths, salt)
         info.saved_tokens = max(lengths)
         info.save_seconds = time.perf_counter() - start
 
@@ -344,7 +396,7 @@ class CachedModel:
         ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise ValueError(f"input_ids: expected one request [tokens] or [1, tokens], got {list(ids.shape)}")
-        return self.store.prefetch(ids[0].cpu(), salt=self.salt if salt is None else salt, policy=policy)
+        return self.store.prefetch(ids[0].cpu(), salt=self.key_salt(self.salt if salt is None else salt), policy=policy)
 
     def forward(self, input_ids: Any, *, salt: Salt = None, save: bool = True,
                 prefetch: PrefetchHandle | None = None, **model_kwargs: Any) -> tuple[Any, RequestInfo]:
@@ -357,8 +409,11 @@ class CachedModel:
         """
         ids = self._batch(input_ids, model_kwargs)
         model_kwargs.pop("attention_mask", None)  # all ones (checked): the cache length sets positions
-        salt = self.salt if salt is None else salt
+        positions = model_kwargs.get("position_ids")
+        salt = self.key_salt(self.salt if salt is None else salt)
         cache, info = self._load(ids, salt, prefetch)
+        if positions is not None:  # given for the whole prompt: the model runs on the computed part only
+            model_kwargs["position_ids"] = torch.as_tensor(positions)[..., info.loaded_tokens:]
         hooks = self._time_prefill(info)
         try:
             with torch.no_grad():
@@ -383,12 +438,18 @@ class CachedModel:
         that of the generated tokens but the last, which has none yet.
         """
         ids = self._batch(input_ids, generate_kwargs)
-        config = self.model.generation_config
+        config = self._generation_config(generate_kwargs)
         for name in ("num_beams", "num_return_sequences"):
-            value = generate_kwargs.get(name, getattr(config, name, 1)) or 1
+            value = getattr(config, name, 1) or 1
             if value != 1:
                 raise ValueError(f"{name}: expected 1 (the saved KV must match the returned rows), got {value}")
-        salt = self.salt if salt is None else salt
+        mode = config.get_generation_mode(generate_kwargs.get("assistant_model"))
+        if mode not in _GENERATION_MODES:
+            raise ValueError(f"generate: expected greedy search or sampling (a cache continuing the stored prefix, "
+                             f"one row a request), got {mode.value}")
+        if getattr(config, "cache_implementation", None) is not None:  # the wrapper's own cache holds the prefix
+            generate_kwargs["cache_implementation"] = None
+        salt = self.key_salt(self.salt if salt is None else salt)
         save_generated = self.save_generated if save_generated is None else save_generated
         cache, info = self._load(ids, salt, prefetch)
         hooks = self._time_prefill(info)
@@ -399,6 +460,10 @@ class CachedModel:
                 hook.remove()
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         info.generated_tokens = sequences.shape[1] - info.prompt_tokens
+        if save and cache.get_seq_length() > sequences.shape[1]:  # not the rows' KV: a mode that re-prefilled
+            log.warning("generate: the cache holds %d positions for %d tokens (a generation mode that does not "
+                        "continue the loaded prefix); nothing is saved", cache.get_seq_length(), sequences.shape[1])
+            save = False
         if save:
             lengths = [info.prompt_tokens]
             if save_generated and cache.get_seq_length() > info.prompt_tokens:

@@ -111,7 +111,7 @@ def _length_prefixed(data: bytes) -> bytes:
     return struct.pack("<I", len(data)) + data
 
 
-def _salt_bytes(salt: Salt) -> bytes:
+def salt_bytes(salt: Salt) -> bytes:
     if salt is None:
         return b"\x00"
     if isinstance(salt, str):
@@ -173,7 +173,7 @@ class KeyChain:
 
     def _root_of(self, salt: Salt) -> bytes:
         h = self._new()
-        h.update(self._root_prefix + _salt_bytes(salt))
+        h.update(self._root_prefix + salt_bytes(salt))
         return h.digest()
 
     def engine_key(self, name: str | bytes, salt: Salt = None) -> bytes:

@@ -97,11 +97,17 @@ class Planner:
         """The engine prefilled ``num_tokens`` tokens in ``seconds``: moves the throughput estimate."""
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
             raise ValueError(f"num_tokens: expected an int >= 0, got {num_tokens!r}")
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
-            raise ValueError(f"seconds: expected a number >= 0, got {seconds!r}")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
+            raise ValueError(f"seconds: expected a finite number >= 0, got {seconds!r}")
         if num_tokens == 0 or seconds == 0:
             return
-        rate = num_tokens / seconds
+        try:
+            rate = num_tokens / seconds
+        except OverflowError:
+            rate = math.inf
+        if rate == math.inf:  # one such sample kept the average infinite for ever: nothing loaded again
+            raise ValueError(f"num_tokens / seconds: expected a finite prefill rate, got {num_tokens} tokens in "
+                             f"{seconds!r} s")
         with self._lock:
             self._measured = rate if self._measured == 0 else (1 - ALPHA) * self._measured + ALPHA * rate
 

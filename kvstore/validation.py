@@ -53,6 +53,9 @@ def check_out(layout: KVLayout, out: torch.Tensor, num_tokens: int, name: str = 
     are each their own memory: a copy into an expanded or self-overlapping ``out`` raised inside every tier,
     which was then blamed and bypassed, and the files tier deleted the good block it had read as damaged."""
     layout.check_kv(out, num_tokens, name)
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{name}: expected a tensor writable here, got an inference tensor (made under "
+                         f"torch.inference_mode()) outside inference mode")
     if out.requires_grad:
         raise ValueError(f"{name}: expected a tensor that does not require grad (the store writes into it), "
                          f"got one with requires_grad=True")

@@ -108,6 +108,17 @@ def test_unknown_throughput_never_loads_from_a_zero_bandwidth_tier():
     assert math.isfinite(plan.load_seconds)
 
 
+@pytest.mark.parametrize("num_tokens, seconds", [(64, 1e-320), (10**400, 1.0), (64, float("inf"))])
+def test_a_prefill_rate_that_is_not_finite_is_a_value_error_and_changes_nothing(num_tokens, seconds):
+    """One sample of 64 tokens in 1e-320 s made the running average infinite for ever: nothing was loaded
+    again. 10**400 tokens raised OverflowError."""
+    planner = Planner()
+    planner.record_prefill(1000, 0.5)
+    with pytest.raises(ValueError, match="finite"):
+        planner.record_prefill(num_tokens, seconds)
+    assert planner.prefill_tokens_per_second == 2000
+
+
 def test_record_prefill_moves_the_estimate():
     planner = Planner()
     planner.record_prefill(1000, 0.5)

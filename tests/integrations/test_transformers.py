@@ -153,7 +153,7 @@ def test_generate_passes_kwargs_and_can_save_only_the_prompt(new_store):
     out, info = cached.generate(ids, return_dict_in_generate=True, output_scores=True, **GREEDY)
     assert torch.equal(out.sequences, model.generate(ids, **GREEDY))
     assert len(out.scores) == 14 and info.saved_tokens == 21
-    assert cached.store.lookup(out.sequences[0, :34]) == BLOCK  # only the prompt's first block covers it
+    assert cached.store.lookup(out.sequences[0, :34], salt=cached.key_salt()) == BLOCK  # only the prompt's first block covers it
     _, again = cached.generate(ids, save_generated=True, **GREEDY)
     assert (again.loaded_tokens, again.saved_tokens) == (20, 34)
 
@@ -243,7 +243,7 @@ def test_store_returning_fewer_tokens_than_planned(new_store, monkeypatch):
     assert (info.planned_tokens, info.fetched_tokens, info.loaded_tokens, info.computed_tokens) == (40, 16, 16, 24)
     assert max_diff(out.logits, reference_logits(model, ids)[:, 16:]) <= FP32_TOL
     assert (info.saved_tokens, info.blocks_stored) == (40, 1)  # the vanished block is stored again
-    assert store.lookup(ids[0]) == 40
+    assert store.lookup(ids[0], salt=cached.key_salt()) == 40
 
 
 def test_batch_loads_the_prefix_every_row_has(new_store):
@@ -321,3 +321,96 @@ def test_kvstore_imports_without_transformers():
         print("ok", "transformers" in sys.modules and sys.modules["transformers"] is not None)
     """)
     assert out.strip() == "ok False"
+
+
+def _other_weights(arch: str):
+    """``tiny_model(arch)``'s shapes and config with other weights (a fine-tune, a retrained checkpoint)."""
+    model = tiny_model(arch)
+    torch.manual_seed(1)
+    return type(model)(model.config).eval()
+
+
+def test_a_model_with_other_weights_is_never_served_anothers_kv(tmp_path):
+    """Two models of one config but other weights, one after the other on one disk directory, with a store that
+    names no model (the README's way): the second was served 39 tokens of the first one's KV."""
+    first, second = tiny_model("llama"), _other_weights("llama")
+    layout = layout_for(first, block_tokens=BLOCK)
+    config = StoreConfig(host_bytes=0, disk_dir=str(tmp_path / "lmdb"), disk_bytes="4MiB", disk_sync=False,
+                         prefill_tokens_per_second=1.0)
+    ids = tokens(40, seed=11)
+    with KVStore(layout, config) as store:
+        assert CachedModel(first, store).forward(ids)[1].saved_tokens == 40
+    with KVStore(layout, config) as store:
+        out, info = CachedModel(second, store).forward(ids)
+        assert info.loaded_tokens == 0
+        assert max_diff(out.logits, reference_logits(second, ids)) <= FP32_TOL
+        _, again = CachedModel(first, store).forward(ids)
+        assert again.loaded_tokens == 39  # the first model's own blocks are still its own (all but the last token)
+
+
+def test_a_named_model_is_keyed_by_its_name_alone(new_store):
+    """``model_id`` set: the operator names the weights, and no digest of them is taken."""
+    model = tiny_model("llama")
+    cached = CachedModel(model, new_store(model, model_id="llama-tiny"))
+    assert cached.key_salt("tenant") == "tenant"
+    cached.forward(tokens(20, seed=12))
+    assert cached.store.lookup(tokens(20, seed=12)[0]) == 20
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt_lookup_num_tokens=3), "expected greedy search or sampling .* got assisted_generation"),
+    (dict(generation_config=transformers.GenerationConfig(num_beams=3)), "num_beams: expected 1.*got 3"),
+    (dict(generation_config=transformers.GenerationConfig(num_return_sequences=2, do_sample=True)),
+     "num_return_sequences: expected 1.*got 2"),
+    (dict(num_beams=2, num_beam_groups=2, diversity_penalty=1.0), "num_beams: expected 1.*got 2"),
+])
+def test_generation_modes_that_do_not_continue_the_loaded_prefix_are_refused(new_store, kwargs, message):
+    """Prompt lookup re-prefilled the whole prompt over the loaded prefix: other tokens came out, and the KV
+    saved after it served later requests wrong logits. Beams given through ``generation_config`` got past
+    the check and failed inside transformers on the next hit."""
+    model = tiny_model("llama")
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(40, seed=13)
+    cached.forward(ids[:, :33])
+    with pytest.raises(ValueError, match=message):
+        cached.generate(ids, max_new_tokens=4, **kwargs)
+    out, info = cached.forward(ids)
+    assert info.loaded_tokens == 32 and max_diff(out.logits, reference_logits(model, ids)[:, 32:]) <= FP32_TOL
+
+
+@pytest.mark.parametrize("implementation", ["static", "dynamic"])
+def test_a_model_asking_for_its_own_cache_kind_generates_the_same_tokens(new_store, implementation):
+    """A ``generation_config.cache_implementation`` (torch.compile setups ask for "static") made generate fail
+    after the load: transformers refused it beside the wrapper's own cache."""
+    model = _other_weights("llama")
+    model.generation_config.cache_implementation = implementation
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(37, seed=14)
+    cached.forward(ids[:, :33])
+    generated, info = cached.generate(ids, **GREEDY)
+    assert info.loaded_tokens == 32
+    model.generation_config.cache_implementation = None
+    assert torch.equal(generated, model.generate(ids, **GREEDY))
+
+
+def test_position_ids_given_for_the_whole_prompt_are_cut_to_the_computed_part(new_store):
+    """``forward(ids, position_ids=...)`` raised inside the model on every hit: the positions were the whole
+    prompt's while the model ran on the uncached tokens only."""
+    model = tiny_model("llama")
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(40, seed=15)
+    cached.forward(ids[:, :33])
+    out, info = cached.forward(ids, position_ids=torch.arange(40).unsqueeze(0))
+    assert info.loaded_tokens == 32
+    assert max_diff(out.logits, reference_logits(model, ids)[:, 32:]) <= FP32_TOL
+
+
+def test_a_model_whose_keys_and_values_differ_in_width_is_refused_up_front():
+    """Multi-head latent attention (DeepSeek-V2/V3): ``head_dim`` is the rotary part only, keys and values have
+    other widths. Accepted, it failed in the save after the model had run."""
+    config = transformers.DeepseekV3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                           moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None,
+                                           qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
+    with pytest.raises(ValueError, match="config.kv_lora_rank: expected a model whose keys and values have one"):
+        layout_for(config, dtype=torch.float32)

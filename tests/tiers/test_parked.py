@@ -159,10 +159,16 @@ def test_parked_files_that_no_write_can_use_still_count_against_the_capacity(ope
         tier.put_many([(key_of(i), make_kv(layout, 4, seed=i))])
     real_write, seen = tier._write_file, []
 
+    def measure() -> int:
+        # Under the lock evictions hold: a walk that counted a victim and, after its unlink, a new block's file
+        # counted both (it failed under load), though the two were never on disk at once.
+        with tier._scan_lock:
+            return sum(files_under(disk_dir).values())
+
     def write_and_measure(*args):
-        seen.append(sum(files_under(disk_dir).values()))
+        seen.append(measure())
         mtime = real_write(*args)
-        seen.append(sum(files_under(disk_dir).values()))
+        seen.append(measure())
         return mtime
 
     tier._write_file = write_and_measure
