@@ -141,7 +141,9 @@ class RotationCodec(FrameCodec):
             norm = torch.linalg.vector_norm(y, dim=-1)
             norms[rows] = norm.clamp(max=limit)
             scale = (per_unit / norm).nan_to_num_(0.0, 0.0, 0.0).unsqueeze(-1)
-            cell = y.mul_(scale).add_(_CELLS / 2).clamp_(0, _CELLS - 1).to(torch.int32)
+            # a row holding inf or NaN has scale 0 and inf * 0 is NaN, which became INT_MIN and indexed out of
+            # the table: the tier was blamed and bypassed for every block. Such entries take the middle cell.
+            cell = y.mul_(scale).add_(_CELLS / 2).nan_to_num_(_CELLS / 2).clamp_(0, _CELLS - 1).to(torch.int32)
             codes[rows] = table.index_select(0, cell.view(-1)).view(-1, dim)
         return [*means, norms, pack(codes, self.bits)]
 

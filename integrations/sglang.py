@@ -101,7 +101,8 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
 
 from kvstore.integrations.sglang_config import SGLANG_KEYS, kv_format, store_config_from  # noqa: E402
 from kvstore.integrations.sglang_metrics import StorageCounters  # noqa: E402
-from kvstore.integrations.sglang_pages import PoolKindMismatch, canonical_page_view, describe_pool  # noqa: E402
+from kvstore.integrations.sglang_pages import (PoolKindMismatch, canonical_page_view, describe_pool,  # noqa: E402
+                                               host_page_tokens)
 from kvstore.integrations.sglang_pools import KV_POOL, SidecarPools, pool_hit  # noqa: E402
 
 __all__ = ["KVStoreHiCache", "SGLANG_KEYS", "canonical_page_view", "store_config_from"]
@@ -261,7 +262,7 @@ class KVStoreHiCache(HiCacheStorage):
     def _pool_views(self, host_indices: torch.Tensor, count: int) -> list[torch.Tensor]:
         """Canonical views of the host pool's pages starting at ``host_indices[i * page_size]``."""
         pool = self.mem_pool_host
-        page = pool.page_size
+        page = host_page_tokens(pool)
         if host_indices.numel() != count * page:
             raise ValueError(f"host_indices: expected {count * page} indices for {count} pages of {page}, got "
                              f"{host_indices.numel()}")

@@ -12,8 +12,11 @@ from kvstore import StoreConfig
 from kvstore.config import ENV_OTHER_PREFIXES, ENV_PREFIX, ENV_RESERVED, env_values, read_settings_file
 
 # extra_config keys SGLang itself (or another backend sharing the config) reads: ignored here.
+# (SGLang's scheduler drops its prefetch knobs before it builds a backend; its PD decode side passes them on.)
 SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "tp_lcm_size",
-                         "extra_backend_tag", "enable_storage_metrics"})
+                         "extra_backend_tag", "enable_storage_metrics", "prefetch_threshold", "prefetch_timeout_base",
+                         "prefetch_timeout_per_ki_token", "hicache_storage_pass_prefix_keys"})
+SHARED_TIERS = ("files_dir", "remote_url", "redis_url")  # tiers every rank of a node (or nodes) reads
 # extra_config keys of this backend that are not StoreConfig fields.
 OWN_KEYS = frozenset({"kvstore_config", "salt", "kv_cache_dtype"})
 # SGLang's --kv-cache-dtype values whose pages its host pool holds as plain bytes (uint8): the format is in the key.
@@ -45,12 +48,17 @@ def store_config_from(storage_config: Any,
         given |= set(read_settings_file(path, "kvstore"))
     config = l3_defaults(config, given, environ)
     c = storage_config
-    if config.disk_dir is not None and (c.tp_size * c.pp_size * c.attn_cp_size > 1 or c.dp_rank > 0):
+    if getattr(c, "is_mla_model", False) and c.tp_size > 1 and not any(getattr(config, n) for n in SHARED_TIERS):
+        raise ValueError(f"extra_config: an MLA model at tp_size {c.tp_size} needs a tier every rank reads "
+                         f"({', '.join(SHARED_TIERS)}): SGLang stores its pages from TP rank 0 only and takes "
+                         f"the least hit over the ranks, so a rank-local L3 (disk_dir, host_bytes) never serves one")
+    replica = c.dp_rank or _replica()
+    if config.disk_dir is not None and (c.tp_size * c.pp_size * c.attn_cp_size > 1 or replica > 0):
         # One LMDB environment per process (its directory is locked): each rank gets its own under disk_dir.
         # With DP attention every DP rank's attention group counts TP ranks from 0: the DP rank tells them apart.
         rank = f"rank-tp{c.tp_rank}of{c.tp_size}-pp{c.pp_rank}of{c.pp_size}-cp{c.attn_cp_rank}of{c.attn_cp_size}"
-        if c.dp_rank > 0:
-            rank = f"rank-dp{c.dp_rank}-" + rank.removeprefix("rank-")
+        if replica > 0:
+            rank = f"rank-dp{replica}-" + rank.removeprefix("rank-")
         config = config.replace(disk_dir=os.path.join(config.disk_dir, rank))
     if config.model_id == StoreConfig.model_id and storage_config.model_name:
         config = config.replace(model_id=storage_config.model_name)  # not named anywhere: SGLang's model
@@ -58,6 +66,16 @@ def store_config_from(storage_config: Any,
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise ValueError(f"extra_config['salt']: expected a non-empty string, got {salt!r}")
     return config, salt
+
+
+def _replica() -> int:
+    """This process's data-parallel replica, where SGLang's storage config does not say (it sets ``dp_rank`` under
+    DP attention only): replicas of one node otherwise opened one LMDB directory, and the second did not start."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+        return int(get_parallel().dp_rank or 0)
+    except Exception:  # an SGLang without it, or no parallel state (tests that build a backend by hand)
+        return 0
 
 
 def default_l3_dir(environ: Mapping[str, str]) -> str:

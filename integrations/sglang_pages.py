@@ -31,6 +31,12 @@ _MLA_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def host_page_tokens(pool: Any) -> int:
+    """Tokens a page of ``pool`` spans in SGLang's host indices: its logical page (``page_size * dcp_size`` under
+    decode context parallelism, where each rank's page holds its share of them), else its ``page_size``."""
+    return int(getattr(pool, "logical_page_size", None) or getattr(pool, "page_size", 1) or 1)
+
+
 def canonical_page_view(page: torch.Tensor, host_layout: str, mla: bool = False) -> torch.Tensor:
     """SGLang's page view (``get_data_page(i, flat=False)``) as kvstore's ``[L, P, T, H, D]``: a view, no copy."""
     views = _MLA_VIEWS if mla else _MHA_VIEWS
@@ -75,8 +81,11 @@ def describe_pool(pool: Any, storage_config: Any, expect_mla: bool | None = None
             raise ValueError("storage_config.should_split_heads: split-heads heterogeneous TP is not supported "
                              "by the kvstore backend")
         heads, parts, tp_rank, tp_size = pool.head_num, 2, c.tp_rank, c.tp_size
+    # first_layer: a pipeline stage holds layers [start_layer, ...]; after a re-partition another stage of as
+    # many layers was served these layers' pages as its own
     layout = KVLayout(num_layers=pool.layer_num, num_kv_heads=heads, head_dim=head_dim, dtype=pool.dtype,
-                      block_tokens=pool.page_size, kv_parts=parts, tp_rank=tp_rank, tp_size=tp_size)
+                      block_tokens=pool.page_size, kv_parts=parts, tp_rank=tp_rank, tp_size=tp_size,
+                      first_layer=int(getattr(pool, "start_layer", 0) or 0))
     views = _MLA_VIEWS if mla else _MHA_VIEWS
     if host_layout not in views:
         raise ValueError(f"host pool layout: expected one of {sorted(views)}, got {host_layout!r}")

@@ -37,7 +37,7 @@ import torch
 from kvstore import KVLayout, KVStore, StoreConfig
 from kvstore.buffers import BufferPool
 from kvstore.compression.registry import get_codec
-from kvstore.integrations.sglang_pages import PageGeometry, describe_pool
+from kvstore.integrations.sglang_pages import PageGeometry, describe_pool, host_page_tokens
 
 from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolTransferResult  # noqa: E402  (after kvstore)
 
@@ -80,7 +80,7 @@ class _Pool:
 
     @property
     def tokens_per_page(self) -> int:
-        return int(getattr(self.host_pool, "page_size", 1) or 1)
+        return host_page_tokens(self.host_pool)
 
 
 class SidecarPools:

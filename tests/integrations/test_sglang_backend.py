@@ -445,3 +445,40 @@ def test_fp8_formats_are_kept_apart(tmp_path):
         again.close()
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         make_backend(None, kv_cache_dtype="e4m3")
+
+
+def test_a_pipeline_stage_of_other_layers_is_not_served_a_former_stages_pages(tmp_path):
+    """A re-partitioned pipeline (44 layers as 11,10,12,11, then 10,10,13,11) gives stage 1 ten layers both times,
+    from layer 11 and then from layer 10: over a shared tier the new stage was served layers 11..20 as 10..19."""
+    def stage(start: int, seed: int):
+        device = MHATokenToKVPool(DEVICE_TOKENS, PAGE, torch.bfloat16, HEADS, HEAD_DIM, 10, "cpu", False,
+                                  start_layer=start, end_layer=start + 9)
+        pool = MHATokenToKVPoolHost(device.get_device_pool_infos()[0].buffer_info, 2.0, 0, PAGE, "layer_first",
+                                    pin_memory=False, device_capacity_tokens=device.size, start_layer=start,
+                                    end_layer=start + 9, write_back_staging=device.hicache_write_back_staging)
+        raw = pool.kv_buffer.view(torch.uint8)
+        raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)))
+        config = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=1, pp_size=4, attn_cp_rank=0, attn_cp_size=1,
+                                      is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=False,
+                                      model_name="test/44-layers",
+                                      extra_config=kvstore_extra(host_bytes=0, files_dir=str(tmp_path / "shared")))
+        backend = StorageBackendFactory.create_backend("dynamic", config, pool)
+        backend.register_mem_pool_host(pool)
+        return pool, backend
+
+    ks = keys(2, "pp")
+    _, first = stage(11, seed=1)
+    try:
+        assert first.batch_set_v1(ks, indices([0, 1])) == [True, True]
+    finally:
+        first.close()
+    _, second = stage(10, seed=2)
+    try:
+        assert second.batch_exists(ks) == 0 and second.batch_get_v1(ks, indices([4, 5])) == [False, False]
+    finally:
+        second.close()
+    _, again = stage(11, seed=3)  # the same partition again: its own pages
+    try:
+        assert again.batch_exists(ks) == 2
+    finally:
+        again.close()

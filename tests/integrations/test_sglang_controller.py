@@ -145,9 +145,9 @@ def indices(pages) -> torch.Tensor:
 # -- MLA host pools -------------------------------------------------------------------------------
 
 
-def test_mla_pool_registers_a_rank_replicated_layout():
+def test_mla_pool_registers_a_rank_replicated_layout(tmp_path):
     pool = mla_host_pool()
-    backend = make_mla_backend(pool, tp_rank=1, tp_size=2)
+    backend = make_mla_backend(pool, tp_rank=1, tp_size=2, files_dir=str(tmp_path / "shared"))
     try:
         layout = backend.layout
         assert backend.mla and backend.host_layout == "layer_first"
@@ -529,3 +529,79 @@ def test_controller_reattach_sees_disk_pages_until_clear(parallel, tmp_path):
         assert cleared.storage_hit_count == 0 and none is None
     finally:
         controller.detach_storage_backend()
+
+
+@pytest.mark.parametrize("settings", [dict(host_bytes=0, disk_dir="kv"), dict(host_bytes="4MiB"), dict()],
+                         ids=["disk_dir", "host_only", "default_l3"])
+def test_mla_at_tp_2_without_a_tier_every_rank_reads_is_refused_at_attach(tmp_path, settings):
+    """SGLang backs MLA pages up from TP rank 0 only and takes the least hit over the ranks: with rank-local
+    tiers the other ranks' stores stay empty and the L3 never served a page, with nothing logged."""
+    settings = {k: str(tmp_path / v) if k == "disk_dir" else v for k, v in settings.items()}
+    if not settings:  # no tier named: the default L3 directory (host_bytes is kvstore_extra's, dropped here)
+        extra = {k: v for k, v in kvstore_extra().items() if k != "host_bytes"}
+        config = storage_config(extra, tp_rank=1, tp_size=2)
+    else:
+        config = storage_config(kvstore_extra(**settings), tp_rank=1, tp_size=2)
+    with pytest.raises(ValueError, match="MLA model at tp_size 2 needs a tier every rank reads"):
+        StorageBackendFactory.create_backend("dynamic", config, mla_host_pool())
+
+
+@pytest.mark.parametrize("key, value", [("prefetch_threshold", 256), ("prefetch_timeout_base", 1),
+                                        ("prefetch_timeout_per_ki_token", 0.25),
+                                        ("hicache_storage_pass_prefix_keys", True)])
+def test_sglangs_own_prefetch_settings_are_accepted_as_the_decode_side_passes_them(parallel, key, value):
+    """The PD decode side's offload manager hands the whole extra config to its controller, without dropping
+    SGLang's prefetch knobs as the scheduler does: the decode server did not start."""
+    controller, _ = make_controller("mha", "layer_first", 1, **{key: value})
+    controller.detach_storage_backend()
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(disk_dir="kv")], ids=["default_l3", "disk_dir"])
+def test_data_parallel_replicas_on_one_node_open_their_own_directories(tmp_path, settings):
+    """``--dp-size 2`` without DP attention: SGLang gives every replica dp_rank 0 in the storage config, so
+    both opened one LMDB directory and the second replica did not start."""
+    extra = {k: v for k, v in kvstore_extra().items() if k != "host_bytes"}
+    extra.update({k: str(tmp_path / v) for k, v in settings.items()})
+    replicas = []
+    try:
+        for dp in range(2):
+            with sgl.get_parallel().override(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_dcp_rank=0,
+                                             attn_dcp_size=1, dp_rank=dp):
+                pool = host_pool_for(mha_device_pool(), "layer_first")
+                backend = StorageBackendFactory.create_backend("dynamic", storage_config(extra, mla=False), pool)
+                replicas.append(backend)
+                backend.register_mem_pool_host(pool)
+        dirs = [b.config.disk_dir for b in replicas]
+        assert dirs[0] != dirs[1] and dirs[1].endswith("rank-dp1-tp0of1-pp0of1-cp0of1")
+    finally:
+        for backend in replicas:
+            backend.close()
+
+
+@pytest.mark.parametrize("layout", MLA_LAYOUTS)
+def test_decode_context_parallel_pages_round_trip_zero_copy(tmp_path, layout):
+    """Under ``--dcp-size 2`` SGLang passes logical host indices (a logical page spans page_size * dcp_size
+    tokens, each rank's page its share): every zero-copy set and get was refused on the physical page size."""
+    dcp, logical = 2, 2 * PAGE
+    device = mla_device_pool()
+    pool = _fill_random(sgl.MLATokenToKVPoolHost(
+        device.get_device_pool_infos()[0].buffer_info, 2.0, 0, logical, layout, pin_memory=False,
+        device_capacity_tokens=device.size, start_layer=0, end_layer=LAYERS - 1, target_layer_num=device.layer_num,
+        override_kv_cache_dim=device.kv_cache_dim, dcp_size=dcp, dcp_rank=0), 3)
+    config = HiCacheStorageConfig(tp_rank=0, tp_size=2, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
+                                  is_mla_model=True, enable_storage_metrics=False, is_page_first_layout=False,
+                                  model_name="test/tiny-mla", dcp_size=dcp, dcp_rank=0, logical_page_size=logical,
+                                  extra_config=kvstore_extra(files_dir=str(tmp_path / "shared")))
+    backend = StorageBackendFactory.create_backend("dynamic", config, pool)
+    backend.register_mem_pool_host(pool)
+
+    def logical_indices(pages):
+        return torch.cat([torch.arange(p * logical, (p + 1) * logical) for p in pages])
+    try:
+        ks = keys(3, "dcp")
+        assert backend.batch_set_v1(ks, logical_indices([0, 1, 2])) == [True] * 3
+        assert backend.batch_get_v1(ks, logical_indices([5, 6, 7])) == [True] * 3
+        for s, d in zip([0, 1, 2], [5, 6, 7]):
+            assert torch.equal(page_bytes(pool, s * logical), page_bytes(pool, d * logical))
+    finally:
+        backend.close()
