@@ -46,33 +46,32 @@ def _intact(store) -> None:
     assert torch.equal(store.get(TOKENS).view(torch.int16), make_kv(layout, len(TOKENS)).view(torch.int16))
 
 
-@pytest.mark.parametrize("call", ["get_into", "load", "get_keyed"])
+# The reads that write into a caller's ``out``: call name -> (read, tokens ``out`` holds).
+READS_INTO = {
+    "get_into": (lambda store, out: store.get_into(TOKENS, out), len(TOKENS)),
+    "load": (lambda store, out: store.load(TOKENS, out=out), len(TOKENS)),
+    "get_keyed": (lambda store, out: store.get_keyed(["a"], [out]), 16),
+}
+
+
+@pytest.mark.parametrize("call", sorted(READS_INTO))
 def test_an_out_whose_elements_share_memory_is_refused_before_any_tier(store, call):
-    for what, out in _overlapping_outs(store.layout, len(TOKENS) if call != "get_keyed" else 16):
+    read, num_tokens = READS_INTO[call]
+    for what, out in _overlapping_outs(store.layout, num_tokens):
         with pytest.raises(ValueError, match="do not share memory"):
-            if call == "get_into":
-                store.get_into(TOKENS, out)
-            elif call == "load":
-                store.load(TOKENS, out=out)
-            else:
-                store.get_keyed(["a"], [out])
+            read(store, out)
         _intact(store)
 
 
-@pytest.mark.parametrize("call", ["get_into", "load", "get_keyed"])
+@pytest.mark.parametrize("call", sorted(READS_INTO))
 def test_an_inference_tensor_out_of_inference_mode_is_refused_before_any_tier(store, call):
     """Every tier raised "Inplace update to inference tensor outside InferenceMode" inside its copy, was blamed
     and bypassed: later valid reads missed too."""
-    num_tokens = len(TOKENS) if call != "get_keyed" else 16
+    read, num_tokens = READS_INTO[call]
     with torch.inference_mode():
         out = torch.empty(store.layout.shape(num_tokens), dtype=store.layout.dtype)
     with pytest.raises(ValueError, match="inference tensor .* outside inference mode"):
-        if call == "get_into":
-            store.get_into(TOKENS, out)
-        elif call == "load":
-            store.load(TOKENS, out=out)
-        else:
-            store.get_keyed(["a"], [out])
+        read(store, out)
     _intact(store)
     if call == "get_into":
         with torch.inference_mode():  # inside inference mode it is an ordinary output
