@@ -75,12 +75,11 @@ from transformers import DynamicCache
 from transformers.generation.configuration_utils import GenerationMode
 
 from kvstore import KVLayout, KVStore, StoreConfig
-from kvstore.keys import Salt, salt_bytes
 from kvstore.compression.fidelity import cache_argument
 from kvstore.integrations.continued_attention import use_continued_attention
+from kvstore.keys import Salt, salt_bytes
 from kvstore.prefetch import PrefetchHandle
 
-Salt = str | bytes | None
 # Layer kinds whose cache is plain per-token K and V (what a KVLayout with kv_parts=2 describes).
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 
