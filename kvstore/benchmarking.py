@@ -147,6 +147,7 @@ def host_pairs(repeat: int, layout: KVLayout = LLAMA3_8B) -> Iterator[Pair]:
     config = StoreConfig(model_id="bench", host_bytes=(repeat + 3) * layout.block_bytes)
     prompts = PromptSource(layout.block_tokens)
     with KVStore(layout, config) as store:
+        store.host.wait_warm()  # the steady state: a pool still faulting in is the start-up's cost, not a put's
         yield alternate("host put", layout.block_bytes, lambda: store.put(prompts(), kv),
                         lambda: out.copy_(kv), "Tensor.copy_", 0.8, repeat)
         stored = prompts()

@@ -290,3 +290,30 @@ def test_more_memory_than_the_machine_reserves_is_an_error_naming_host_bytes():
 
     with pytest.raises(OSError, match="host_bytes: could not reserve"):
         KVStore(tiny_layout(), StoreConfig(model_id="m", host_bytes=1 << 60))  # 1 EiB
+
+
+def test_wait_warm_returns_once_every_slice_is_faulted_in(layout, monkeypatch):
+    """An engine (or a benchmark of the steady state) can wait for the pool to be backed before it serves."""
+    import threading
+
+    import kvstore.tiers.slots as slots
+    from kvstore.region import HostRegion
+
+    released, faulted = threading.Event(), []
+    real_fault_in = HostRegion.fault_in
+
+    def held_fault_in(region, start, end):
+        assert released.wait(10)
+        faulted.append((start, end))
+        real_fault_in(region, start, end)
+    monkeypatch.setattr(HostRegion, "fault_in", held_fault_in)
+    monkeypatch.setattr(slots, "_FAULT_SLICE_BYTES", 2 * layout.block_bytes)
+    tier = HostTier(layout, 6 * layout.block_bytes, pin_memory=False)
+    try:
+        assert tier.wait_warm(timeout=0.05) is False  # the first slice is held
+        released.set()
+        assert tier.wait_warm(timeout=10) is True
+        assert sum(end - start for start, end in faulted) == 6 * layout.block_bytes
+        assert tier.wait_warm() is True  # warm: nothing left to wait for
+    finally:
+        tier.close()
