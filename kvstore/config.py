@@ -334,12 +334,16 @@ def read_settings_file(path: str | os.PathLike[str], table: str) -> dict[str, An
     if loader is None:
         raise ValueError(f"{path}: expected a file ending in {sorted(_FILE_LOADERS)}, got {path.suffix!r}")
     try:
-        values = loader(path.read_text())
+        text = path.read_text()
+    except OSError as exc:  # missing, a directory, unreadable: the caller's setting, named (SGLang's start-up too)
+        raise ValueError(f"{path}: {exc.strerror or exc} (expected a readable TOML or YAML settings file)") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (expected TOML or YAML)") from None
+    try:
+        values = loader(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         kind = "TOML" if path.suffix.lower() == ".toml" else "YAML"
         raise ValueError(f"{path}: not valid {kind}: {' '.join(str(exc).split())}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text file (expected TOML or YAML)") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
     if set(values) == {table} and isinstance(values[table], dict):

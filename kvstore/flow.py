@@ -35,7 +35,7 @@ from kvstore.metrics import Counters
 from kvstore.pending import PendingBlock
 from kvstore.placement import Placement
 from kvstore.tiers.base import Capability
-from kvstore.writebehind import WriteBehind
+from kvstore.writebehind import WriteBehind, WriteBehindClosed
 
 STORE_COUNTERS = ("puts", "blocks_stored", "dedup_blocks", "dedup_bytes", "lookups", "lookup_tokens",
                   "lookup_hit_tokens", "gets", "get_tokens", "get_hit_tokens", "promotions", "demotions")
@@ -170,7 +170,13 @@ class BlockFlow:
                 block = block.materialize()  # a host tensor of the store's own
             else:
                 block = block.detach().to("cpu", copy=True)  # the caller may reuse its buffer after put
-        if not self.writes.submit(target.name, key, block, release):
+        try:
+            accepted = self.writes.submit(target.name, key, block, release)
+        except WriteBehindClosed:  # a put racing the store's close: it stands in the faster level, not below
+            if release is not None:
+                release()
+            accepted = False
+        if not accepted:
             target.counters.add("queue_dropped")
 
     def evicted(self, level: Level, key: bytes, block: torch.Tensor, lossy: str | None = None) -> None:

@@ -32,17 +32,12 @@ HIDDEN = "<hidden>"
 def load_config(path: str | None, environ: dict[str, str] | None = None) -> tuple[StoreConfig, str]:
     """``StoreConfig.load(path)`` and a description of where it came from.
 
-    A file that does not parse is a ``ValueError`` naming it (TOML and YAML
-    errors included), one that cannot be read an ``OSError`` naming it.
+    A file that cannot be read or does not parse is a ``ValueError`` naming
+    it (``read_settings_file``).
     """
     environ = dict(os.environ) if environ is None else environ
     source = path if path is not None else environ.get("KVSTORE_CONFIG")
-    try:
-        config = StoreConfig.load(path, environ)
-    except OSError as exc:
-        if source is None or exc.filename is None:
-            raise
-        raise OSError(f"config file {source}: {exc.strerror or exc}") from None
+    config = StoreConfig.load(path, environ)
     env_vars = sorted(v for v in environ if v.startswith("KVSTORE_") and v != "KVSTORE_CONFIG"
                       and not v.startswith("KVSTORE_SERVER_"))
     parts = [f"file {source}"] if source else ["defaults"]

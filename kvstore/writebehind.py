@@ -34,6 +34,10 @@ Writer = Callable[[Sequence[tuple[bytes, torch.Tensor]]], None]
 _STOP = object()
 
 
+class WriteBehindClosed(RuntimeError):
+    """A job submitted after ``close`` began (a put racing its store's close)."""
+
+
 @dataclass
 class Job:
     key: bytes
@@ -89,7 +93,7 @@ class WriteBehind:
         job = Job(key, block, release)
         with self._cond:
             if self._closed and getattr(self._writing, "number", None) is None:  # close still waits for a writer's
-                raise RuntimeError("write-behind is closed")
+                raise WriteBehindClosed("write-behind is closed")
             if (target, key) in self._pending:
                 self.counters.add("coalesced")
                 if not job.done():

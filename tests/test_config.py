@@ -305,3 +305,14 @@ def test_env_bool_rejects(text):
         StoreConfig.load(environ={"KVSTORE_PROMOTE": text})
     assert str(info.value).startswith("KVSTORE_PROMOTE:")
     assert repr(text) in str(info.value)
+
+
+def test_a_settings_file_that_cannot_be_read_is_a_value_error_naming_it(tmp_path):
+    """A missing (or unreadable) settings file was a bare OSError: SGLang's backend and the vLLM connector
+    read ``kvstore_config`` / ``$KVSTORE_CONFIG`` at start-up, where a caller's bad setting is a ValueError."""
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(ValueError, match=f"{missing}: No such file.*expected a readable TOML or YAML"):
+        StoreConfig.load(str(missing))
+    (tmp_path / "a-dir.yaml").mkdir()
+    with pytest.raises(ValueError, match="a-dir.yaml: Is a directory"):
+        StoreConfig.load(str(tmp_path / "a-dir.yaml"))

@@ -291,6 +291,18 @@ def test_closed_store(make_store, kv_for):
             call()
 
 
+def test_a_put_racing_close_stands_in_the_fastest_tier_and_drops_only_its_lower_copy(make_store, kv_for):
+    """A put past its open check when ``close`` stops the write-behind raised "write-behind is closed" into the
+    engine, though its blocks were stored. Here the write-behind is stopped first, as close does."""
+    store = make_store("both")
+    tokens = make_tokens(16)
+    store._flow.writes.close()
+    assert store.put(tokens, kv_for(16)) == 1
+    assert store.lookup(tokens) == 16
+    lmdb = store.stats()["tiers"]["lmdb"]
+    assert lmdb["queue_dropped"] == 1 and lmdb["blocks"] == 0
+
+
 def test_context_manager_releases_disk(tmp_path, layout, kv_for):
     config = StoreConfig(host_bytes="64KiB", disk_dir=str(tmp_path / "d"), disk_bytes="1MiB", disk_sync=False)
     tokens, kv = make_tokens(32), kv_for(32)
