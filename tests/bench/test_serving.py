@@ -14,8 +14,14 @@ WORKLOADS = WorkloadSettings(vocab_size=QUICK.model.vocab_size).scaled(0.1)
 def served(tmp_path_factory):
     arrivals = {name: generate(name, WORKLOADS) for name in ("agent", "no_reuse")}
     notes = []
-    rows = run_serving(arrivals, ["host", "host+nvme+codec"], QUICK, tmp_path_factory.mktemp("stores"), None,
-                       notes.append)
+    # A slow prefill rate (1 token/s): every stored block is worth loading, whatever the machine. The planner's
+    # measured rate let a loaded CI machine recompute a warm prompt (0 tokens loaded) instead.
+    slow = {name: (lambda s, d, r, build=build: build(s, d, r).replace(prefill_tokens_per_second=1.0), remote)
+            for name, (build, remote) in CONFIGS.items()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("kvbench.serving.CONFIGS", slow)
+        rows = run_serving(arrivals, ["host", "host+nvme+codec"], QUICK, tmp_path_factory.mktemp("stores"), None,
+                           notes.append)
     return arrivals, rows, notes
 
 
