@@ -24,7 +24,7 @@ from kvstore.integrations.vllm_groups import cache_groups, load_tables
 from kvstore.integrations.vllm_lookup import Answer, LookupClient, address
 from kvstore.integrations.vllm_meta import KVStoreConnectorMetadata, LoadSpec, SaveSpec
 from kvstore.integrations.vllm_metrics import KVStoreConnectorStats
-from kvstore.integrations.vllm_settings import ConnectorSettings, RankPlace, key_tokens, request_salt
+from kvstore.integrations.vllm_settings import ConnectorSettings, RankPlace, request_keys
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class SchedulerHalf:
         if state is None:
             lora = getattr(request, "lora_request", None)
             state = self._requests[request.request_id] = _Request(
-                key_tokens(request), request_salt(request, self.settings.salt),
+                *request_keys(request, self.settings.salt),
                 getattr(lora, "lora_name", None) if lora is not None else None, request=request)
         return state
 

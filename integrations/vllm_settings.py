@@ -254,16 +254,27 @@ def _bound_spans(request: Any) -> list[_Bound]:
     return spans
 
 
+def request_keys(request: Any, extra: str | None = None) -> tuple[list[int] | None, str | None]:
+    """``key_tokens`` and ``request_salt`` of a request, its bound spans digested once (a mixed-mode prompt's
+    embeddings were hashed once for each)."""
+    spans = _bound_spans(request)
+    return _key_tokens(request, spans), _request_salt(request, extra, spans)
+
+
 def request_salt(request: Any, extra: str | None = None) -> str | None:
     """The kvstore salt of a request: its ``cache_salt``, LoRA adapter (name and path, as vLLM keys it: a name
     pointed at a retrained adapter must not reuse the old one's KV), the configured salt, and the digests of
     bound spans too short to be bound through their positions' words (``key_tokens``)."""
+    return _request_salt(request, extra, _bound_spans(request))
+
+
+def _request_salt(request: Any, extra: str | None, spans: list[_Bound]) -> str | None:
     lora = getattr(request, "lora_request", None)
     parts: dict[str, Any] = {"cache_salt": getattr(request, "cache_salt", None),
                              "lora": (getattr(lora, "lora_name", None), getattr(lora, "lora_path", None))
                              if lora is not None else None,
                              "salt": extra}
-    short = [f"{span.offset}:{span.digest.hex()}" for span in _bound_spans(request) if span.length < MM_WORDS]
+    short = [f"{span.offset}:{span.digest.hex()}" for span in spans if span.length < MM_WORDS]
     if short:
         parts["mm"] = ",".join(short)
     if all(v is None for v in parts.values()):
@@ -277,11 +288,15 @@ def key_tokens(request: Any) -> list[int] | None:
     vocabulary reaches it). An image then binds the blocks from its first placeholder on, as vLLM's own
     block hashes do, and the text before it is shared with requests that have other images. None for a
     prompt given only as embeddings (not stored)."""
+    return _key_tokens(request, _bound_spans(request))
+
+
+def _key_tokens(request: Any, spans: list[_Bound]) -> list[int] | None:
     tokens = getattr(request, "prompt_token_ids", None)
     if tokens is None:
         return None
     tokens = list(tokens)
-    for span in _bound_spans(request):
+    for span in spans:
         words = struct.unpack(f"<{MM_WORDS}I", span.digest)
         for j in range(max(0, span.offset), min(len(tokens), span.offset + span.length)):
             tokens[j] = MM_TOKEN_BIT | (words[(j - span.offset) % MM_WORDS] >> 1)
