@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -189,6 +190,8 @@ class StoreConfig:
                 raise ValueError(f"{name}: expected a URL starting {[s + '://' for s in schemes]}, got {value!r}")
             if value is not None:
                 _check_address(name, value)
+        if self.redis_url is not None:
+            check_redis_url("redis_url", self.redis_url)
         for name in ("remote_token", "redis_namespace"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -286,6 +289,30 @@ MAX_WAIT_SECONDS = 86_400.0  # a day: longer per call is a mistake, and infinity
 MAX_TTL_SECONDS = 2**31 - 1  # what Redis's EXPIRE takes on every version
 _WAITS = frozenset({"remote_timeout_seconds", "redis_timeout_seconds", "prefetch_timeout_base_seconds",
                     "prefetch_timeout_per_1k_tokens_seconds"})
+
+
+def check_redis_url(name: str, url: str) -> None:
+    """A ``ValueError`` naming ``name`` unless ``url``'s database and query are ones the redis tier uses.
+
+    redis-py reads ``redis://h:p/abc`` as database 0 without a word, and a
+    cluster client takes no database and no query: both would quietly
+    connect somewhere other than the operator wrote.
+    """
+    scheme, _, rest = url.partition("://")
+    parts = urlsplit(url)
+    if scheme.endswith("+cluster"):
+        if parts.path not in ("", "/", "/0") or parts.query:
+            raise ValueError(f"{name}: a Redis Cluster URL takes no database (other than 0) and no query, "
+                             f"expected {scheme}://host:port[,host:port...], got {url!r}")
+        return
+    if scheme != "unix" and not re.fullmatch(r"/?\d*", parts.path):
+        raise ValueError(f"{name}: expected a database number after the address ({scheme}://host:port/0), "
+                         f"got path {parts.path!r} in {url!r}")
+    from redis.connection import parse_url  # the client's own reading of the query, at settings time
+    try:
+        parse_url(url)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error} (got {url!r})") from None
 
 
 def _check_address(name: str, url: str) -> None:

@@ -187,6 +187,12 @@ def test_bad_value_in_file(tmp_path, field, toml_value, shown):
         (dict(remote_url="kvstore://:5000"), "remote_url"),
         (dict(redis_url="redis://h:abc"), "redis_url"),
         (dict(redis_url="redis+cluster://a:1,b:x"), "redis_url"),
+        # A database or query redis-py would misread (database 0) or reject only at KVStore(...) as "url:".
+        (dict(redis_url="redis://h:1/abc"), "redis_url"),
+        (dict(redis_url="redis://h:1/0?db=zz"), "redis_url"),
+        (dict(redis_url="redis://h:1/0?socket_timeout=abc"), "redis_url"),
+        (dict(redis_url="redis+cluster://a:1,b:2/1"), "redis_url"),
+        (dict(redis_url="redis+cluster://a:1?socket_timeout=3"), "redis_url"),
         (dict(host_codec="bogus"), "host_codec"),
         (dict(host_codec="zstd:foo=1"), "host_codec"),
         (dict(files_codec="zstd:level=1,level=2"), "files_codec"),
@@ -201,6 +207,8 @@ def test_bad_value_in_code(kwargs, field):
 @pytest.mark.parametrize("kwargs", [dict(redis_url="redis://:pw@h:6379/0"), dict(redis_url="redis+cluster://a:1,b:2"),
                                     dict(redis_url="unix:///tmp/x.sock"), dict(remote_url="kvstore://[::1]:5000"),
                                     dict(remote_url="kvstore://h"), dict(redis_url="redis://h", redis_ttl_seconds=2**31 - 1),
+                                    dict(redis_url="redis://h:1/3"), dict(redis_url="redis://h:1/"),
+                                    dict(redis_url="unix:///tmp/x.sock?db=2"), dict(redis_url="redis+cluster://a:1/0"),
                                     dict(device="cuda:1")])
 def test_good_addresses_and_bounds_are_accepted(kwargs):
     assert StoreConfig(**kwargs)

@@ -23,10 +23,11 @@ A server that is down, hung or resets a connection is a failure, not a miss:
 ``redis.ConnectionError``, ...), so that the store's health breaker bypasses
 the tier instead of waiting on it call after call. Each call makes one
 attempt (no redis-py retry): a hung server costs it one ``timeout_seconds``.
-redis-py reconnects on a later call. A cluster batch goes to each node in its
-own pipeline: a node that refuses the connection (down) leaves its keys
-unserved (counted ``errors``) while the nodes still up serve theirs; a node
-that times out fails the whole call. Only a miss (no such key) or a damaged
+redis-py reconnects on a later call. On a cluster every call, one key or a
+batch, goes to each node in its own pipeline: a node that refuses the
+connection (down) leaves its keys unserved (misses, counted ``errors``) while
+the nodes still up serve theirs, and the call raises only if no primary
+answers; a node that times out fails the whole call. Only a miss (no such key) or a damaged
 value is a False / 0 answer. ``delete``, ``keys``, ``used_bytes`` and
 ``stats`` never raise for a failing server: they count it (``errors``,
 ``timeouts``) and answer as if the server held nothing. ``errors`` counts the
@@ -38,6 +39,7 @@ store counts them in the tier's ``errors``). ``timeouts`` counts both.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -61,12 +63,13 @@ from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
 from kvstore.tiers.base import TIER_COUNTERS, Capability, decode_blob, tier_stats
 from kvstore.compression.registry import get_codec
-from kvstore.config import StoreConfig
+from kvstore.config import StoreConfig, check_redis_url
 from kvstore.tiers.spec import TierSpec
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+SCHEMES_BY_NAME = tuple(s[:-3] for s in SCHEMES)
 # What a call that could not reach the server raises: redis-py's errors (TimeoutError, ConnectionError, ...),
 # the cluster client's, and the socket layer's (socket.timeout is the builtin TimeoutError, an OSError).
 _FAILURES = (redis.RedisError, RedisClusterException, OSError)
@@ -76,6 +79,18 @@ _SCAN_COUNT = 1000
 _T = TypeVar("_T")
 _FAILED = object()  # a command whose server could not be reached
 _SCRATCH_BYTES = 128 << 20  # most bytes of values a thread keeps a buffer for between puts
+# Delete KEYS[1] only if it still holds what a read judged: ARGV[2] is "wrongtype" (not a string) or the
+# SHA-1 hex of the GETRANGE 0..ARGV[1] the read saw; an absent key is left alone.
+_DROP_JUDGED = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then return 0 end
+if kind ~= 'string' then
+  if ARGV[2] == 'wrongtype' then return redis.call('DEL', KEYS[1]) end
+  return 0
+end
+if redis.sha1hex(redis.call('GETRANGE', KEYS[1], 0, ARGV[1])) == ARGV[2] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 _SAME_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # numpy-viewable dtypes
 
 
@@ -86,14 +101,14 @@ def _connect(url: str, timeout: float) -> Callable[[], Any]:
     # multiple of ``timeout`` before the caller hears of it. A connection the server closed meanwhile (a
     # restart) needs no retry: the pool checks a connection before lending it and reconnects.
     options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+    if scheme in SCHEMES_BY_NAME:
+        check_redis_url("url", url)
     if scheme in ("redis", "rediss", "unix"):
         return lambda: redis.Redis.from_url(url, **options)
     if scheme in ("redis+cluster", "rediss+cluster"):
         parts = urlsplit(url)
         userinfo, _, hosts = parts.netloc.rpartition("@")
         user, _, password = userinfo.partition(":")
-        if parts.path not in ("", "/", "/0"):
-            raise ValueError(f"url: a Redis Cluster has only database 0, got path {parts.path!r}")
         nodes = []
         for host in hosts.split(","):
             node = urlsplit("//" + host.strip())
@@ -297,10 +312,24 @@ class RedisTier:
             if isinstance(reply, redis.ConnectionError):
                 failure, results[i] = reply, _FAILED
         if failure is not None and any(reply is _FAILED for reply in results):
-            if all(reply is _FAILED for reply in results):
+            down = {name for name, (_, indices) in groups.items() if all(results[i] is _FAILED for i in indices)}
+            if all(reply is _FAILED for reply in results) and not self._others_answer(client, down):
                 raise failure
-            self._count_failure(failure)  # the nodes still up served their keys
+            self._count_failure(failure)  # the nodes still up serve their keys: these are misses
         return results
+
+    def _others_answer(self, client: Any, down: set[str]) -> bool:
+        """Whether a cluster primary other than those in ``down`` answers a PING: one dead node then costs
+        its own keys only, instead of the store's breaker bypassing the whole cluster for its sake."""
+        for node in client.get_primaries():
+            if node.name in down:
+                continue
+            try:
+                if client.get_redis_connection(node).ping():
+                    return True
+            except _FAILURES:
+                continue
+        return False
 
     def _per_server(self, ask: Callable[[Any], _T]) -> tuple[list[_T], bool]:
         """(``ask(server)`` of each server that answered, whether all did): each primary of a cluster."""
@@ -396,6 +425,8 @@ class RedisTier:
 
     def contains(self, key: bytes) -> bool:
         """EXISTS on the block's key; raises if the server cannot be reached."""
+        if self.cluster:  # through the per-node batch: a key on a node that is down is a miss
+            return self.prefix_length([key]) == 1
         rkey = self.redis_key(key)
         return bool(self._call(lambda c: c.exists(rkey)))
 
@@ -457,6 +488,8 @@ class RedisTier:
     def get_into(self, key: bytes, out: torch.Tensor) -> bool:
         """GET block ``key`` and copy it into ``out`` after checking header and checksum; False on a miss
         (or a damaged value); raises if the server cannot be reached."""
+        if self.cluster:  # through the per-node batch: a key on a node that is down is a miss
+            return self.get_many_into([key], [out])[0]
         rkey = self.redis_key(key)
         self._check_block("out", out)
         limit = _read_limit(out)
@@ -494,8 +527,10 @@ class RedisTier:
         elif value is _FAILED:  # its cluster node is down
             pass
         elif not value:  # GETRANGE gives b"" for a key that is not there, and for an empty value, which
-            if self._guard(lambda c: c.exists(rkey), 0):  # would hold the key from SET NX for good
-                verdict = CORRUPT
+            if self._drop_judged(rkey, value, out):  # would hold the key from SET NX for good
+                self._counters.add("misses")
+                self._counters.add("corrupt")
+                return False
         elif len(value) > _read_limit(out):  # GETRANGE stopped one byte past any block's size
             verdict = CORRUPT
         else:
@@ -507,8 +542,15 @@ class RedisTier:
         self._counters.add("misses")
         if verdict in (CORRUPT, OTHER_CODEC):  # damaged, or in a form this tier no longer serves
             self._counters.add("corrupt" if verdict == CORRUPT else "stale")
-            self._guard(lambda c: c.delete(rkey), 0)
+            self._drop_judged(rkey, value, out)
         return False
+
+    def _drop_judged(self, rkey: bytes, value: object, out: torch.Tensor) -> bool:
+        """Delete ``rkey`` if it still holds the ``value`` this read judged (a string that is not, or an
+        empty one); True if deleted. One script, atomic on the server: another process that stored a good
+        block under the key since the read (after an eviction, or racing this reader) keeps it."""
+        judged = "wrongtype" if _wrong_type(value) else hashlib.sha1(value).hexdigest()  # noqa: S324 -- an equality check
+        return bool(self._guard(lambda c: c.eval(_DROP_JUDGED, 1, rkey, _read_limit(out), judged), 0))
 
     def delete(self, key: bytes) -> bool:
         """DEL block ``key``; True if it was stored, False if not or if the server cannot be reached."""
