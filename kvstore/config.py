@@ -26,7 +26,8 @@ REMOTE_SCHEMES = ("kvstore", "kvstores")
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 ENV_PREFIX = "KVSTORE_"
 # Names under the prefix that are not settings.
-ENV_RESERVED = frozenset({"KVSTORE_CONFIG"})
+ENV_RESERVED = frozenset({"KVSTORE_CONFIG", "KVSTORE_MODEL_CACHE", "KVSTORE_SLOW", "KVSTORE_SHRINK", "KVSTORE_CRASH_CYCLES",
+                           "KVSTORE_BENCH_PROFILE"})
 # Variables under these prefixes belong to other settings (the cache server's ``ServerConfig``).
 ENV_OTHER_PREFIXES = ("KVSTORE_SERVER_",)
 

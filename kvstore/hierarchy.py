@@ -19,16 +19,18 @@ TIER_SPECS: dict[str, TierSpec] = {spec.name: spec for spec in (
 
 def build_tiers(layout: KVLayout, config: StoreConfig) -> list[Tier]:
     """The configured tiers, fastest first; if one fails to open, those already open are closed."""
+    wanted = [spec for spec in TIER_SPECS.values() if spec.wanted(config)]
+    for spec in wanted:
+        spec.check(config)
     tiers: list[Tier] = []
     try:
-        for spec in TIER_SPECS.values():
-            if spec.wanted(config):
-                try:
-                    tiers.append(spec.build(layout, config))
-                except ValueError as error:  # a codec this layout cannot take: name the setting that chose it
-                    if spec.codec_setting is None or not str(error).startswith("codec "):
-                        raise
-                    raise ValueError(f"{spec.codec_setting}: {error}") from None
+        for spec in wanted:
+            try:
+                tiers.append(spec.build(layout, config))
+            except ValueError as error:  # a codec this layout cannot take: name the setting that chose it
+                if spec.codec_setting is None or not str(error).startswith("codec "):
+                    raise
+                raise ValueError(f"{spec.codec_setting}: {error}") from None
     except BaseException:
         for tier in tiers:
             tier.close()

@@ -23,6 +23,9 @@ _DTYPE_BY_NAME.update({"fp16": torch.float16, "half": torch.float16, "bf16": tor
                        "fp32": torch.float32, "float": torch.float32})
 
 LAYOUT_FORMAT_VERSION = 1
+# The largest block taken, in bytes: far past any model's (a 405B model's 256 tokens are 132 MB), so that a
+# typo in a dimension is an error here, not an allocation of exabytes later.
+MAX_BLOCK_BYTES = 1 << 40
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -72,6 +75,10 @@ class KVLayout:
         _positive_int("first_layer", self.first_layer, minimum=0)
         if self.tp_rank >= self.tp_size:
             raise ValueError(f"tp_rank: expected 0 <= tp_rank < tp_size={self.tp_size}, got {self.tp_rank}")
+        if self.block_bytes > MAX_BLOCK_BYTES:
+            raise ValueError(f"layout: expected a block of at most {MAX_BLOCK_BYTES} bytes (1 TiB), got "
+                             f"{self.block_bytes} ({self.num_layers} layers x {self.kv_parts} x {self.block_tokens} "
+                             f"tokens x {self.num_kv_heads} heads x {self.head_dim} x {self.element_bytes} bytes)")
 
     @property
     def element_bytes(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -21,7 +22,9 @@ _UNITS: dict[str, int] = {
     "tib": 1 << 40,
 }
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")  # ASCII digits: "١٢٣" is no size
+# The largest size taken, in bytes: what a signed 64-bit file offset or C size can hold (8 EiB).
+MAX_SIZE = (1 << 63) - 1
 
 
 def parse_size(value: int | str, name: str = "size") -> int:
@@ -34,8 +37,8 @@ def parse_size(value: int | str, name: str = "size") -> int:
     if isinstance(value, bool):
         raise ValueError(f"{name}: expected a byte size (int or e.g. '4GiB'), got {value!r}")
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{name}: expected a byte size >= 0, got {value}")
+        if not 0 <= value <= MAX_SIZE:
+            raise ValueError(f"{name}: expected a byte size from 0 to {MAX_SIZE}, got {value}")
         return value
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
@@ -43,7 +46,12 @@ def parse_size(value: int | str, name: str = "size") -> int:
             number, unit = match.groups()
             factor = _UNITS.get(unit.lower())
             if factor is not None:
-                return int(float(number) * factor)
+                if len(number) > 40:  # past any size taken; Fraction would work through it all the same
+                    raise ValueError(f"{name}: expected a byte size up to {MAX_SIZE}, got {value[:60]!r}...")
+                size = int(Fraction(number) * factor)  # exact: float lost the units of 2**53 and up
+                if size > MAX_SIZE:
+                    raise ValueError(f"{name}: expected a byte size up to {MAX_SIZE}, got {value!r}")
+                return size
     raise ValueError(
         f"{name}: expected a byte size such as 536870912, '512MiB' or '4GiB', got {value!r}"
     )

@@ -28,6 +28,9 @@ GiB = 1 << 30
         ("123B", 123),
         (0, 0),
         (536870912, 536870912),
+        ("9007199254740993", 9007199254740993),  # exact: a float made it ...992
+        ("9223372036854775807", 2**63 - 1),
+        ("0.5KiB", 512),
     ],
 )
 def test_parse_size(text, expected):
@@ -35,12 +38,21 @@ def test_parse_size(text, expected):
     assert type(parse_size(text)) is int
 
 
-@pytest.mark.parametrize("bad", ["lots", "", "4 GiBs", "-1", "1e9", "GiB", -5, True, 1.5, None])
+@pytest.mark.parametrize("bad", ["lots", "", "4 GiBs", "-1", "1e9", "GiB", -5, True, 1.5, None,
+                                 "\u0661\u0662\u0663",  # Arabic-Indic digits: \\d took them as 123
+                                 "9223372036854775808", 2**63, "9" * 25 + "TiB"])
 def test_parse_size_rejects(bad):
     with pytest.raises(ValueError) as info:
         parse_size(bad, "host_bytes")
     assert str(info.value).startswith("host_bytes:")
     assert repr(bad) in str(info.value) or str(bad) in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["9" * 400, "1" + "0" * 309 + "GiB"])
+def test_parse_size_of_hundreds_of_digits_is_a_value_error(bad):
+    """It raised OverflowError (float infinity), which ``kvstore info`` and ``serve`` showed as a traceback."""
+    with pytest.raises(ValueError, match="^host_bytes: expected a byte size up to"):
+        parse_size(bad, "host_bytes")
 
 
 def test_defaults_and_sizes_in_code():
@@ -288,6 +300,15 @@ def test_env_unknown_variable(tmp_path):
     path.write_text('host_bytes = "1MiB"\n')
     with pytest.raises(ValueError, match="KVSTORE_FOO"):
         StoreConfig.load(path, environ={"KVSTORE_FOO": "1"})
+
+
+@pytest.mark.parametrize("name", ["KVSTORE_MODEL_CACHE", "KVSTORE_SLOW", "KVSTORE_SHRINK", "KVSTORE_CRASH_CYCLES",
+                                  "KVSTORE_BENCH_PROFILE"])
+def test_env_variables_of_the_project_that_are_not_settings_are_left_alone(name):
+    """``kvstore model``'s cache folder and the test suite's knobs (which the README sets for CI): with one
+    of them set, ``load`` refused to start the store, and with it vLLM's and SGLang's connectors."""
+    config = StoreConfig.load(environ={name: "1", "KVSTORE_HOST_BYTES": "2MiB"})
+    assert config.host_bytes == 2 << 20
 
 
 def test_env_bad_value_names_field():

@@ -115,6 +115,9 @@ def test_all_fingerprints_distinct():
         (dict(dtype="fp17"), "dtype", "fp17"),
         (dict(dtype=torch.float64), "dtype", "float64"),
         (dict(dtype=torch.int32), "dtype", "int32"),
+        # A typo in a dimension: kvstore info printed "23841857910156.2 TiB per block".
+        (dict(head_dim=99999999999999999999), "layout", "99999999999999999999"),
+        (dict(block_tokens=1 << 40), "layout", str(1 << 40)),
     ],
 )
 def test_bad_values_name_the_field(changes, field, actual):

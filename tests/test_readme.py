@@ -27,3 +27,18 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "grep -E '^python3\\.11 -m venv .* pytest ' README.md" in ci
     assert re.search(r"^python3\.11 -m venv .* pytest ", README, flags=re.M).group(0) in install_and_test
+
+
+def test_readme_toml_examples_load(tmp_path):
+    """The tenants file and the store's settings file, copied from the README, are taken as written (a
+    14-character token in the tenants example was refused by ``kvstore serve``)."""
+    from kvstore.config import StoreConfig
+    from kvstore.server.auth import load_tenants
+
+    tenants_toml, settings_toml = re.findall(r"```toml\n(.*?)```", README, flags=re.S)
+    tenants_file = tmp_path / "tokens.toml"
+    tenants_file.write_text(tenants_toml)
+    assert sorted(t.namespace for t in load_tenants(tenants_file)) == ["ops", "team-a", "team-b"]
+    settings_file = tmp_path / "kvstore.toml"
+    settings_file.write_text(settings_toml)
+    assert StoreConfig.load(settings_file, environ={}).model_id == "llama-3-8b"

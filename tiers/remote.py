@@ -25,6 +25,7 @@ when it returns.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -280,11 +281,31 @@ class RemoteTier:
         self._pool.close()
 
 
+def _token(config: StoreConfig) -> str | None:
+    """``remote_token``, else the contents of ``remote_token_file``; ValueError naming the file if unreadable."""
+    if config.remote_token is not None or config.remote_token_file is None:
+        return config.remote_token
+    try:
+        return Path(config.remote_token_file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"remote_token_file: expected a readable UTF-8 file holding the token, got "
+                         f"{config.remote_token_file!r} ({error})") from None
+
+
+def _check(config: StoreConfig) -> None:
+    """The token file and the TLS CA file, read at open: a typo in the CA path made every connection fail,
+    and the cache server was blamed (bypassed as degraded) for it."""
+    _token(config)
+    if config.remote_tls_ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=config.remote_tls_ca_file)
+        except (ssl.SSLError, OSError, ValueError) as error:
+            raise ValueError(f"remote_tls_ca_file: expected a readable file of PEM certificates, got "
+                             f"{config.remote_tls_ca_file!r} ({error})") from None
+
+
 def _build(layout: KVLayout, config: StoreConfig) -> RemoteTier:
-    token = config.remote_token
-    if token is None and config.remote_token_file is not None:
-        token = Path(config.remote_token_file).read_text().strip()
-    return RemoteTier(config.remote_url, layout, token, timeout_seconds=config.remote_timeout_seconds,
+    return RemoteTier(config.remote_url, layout, _token(config), timeout_seconds=config.remote_timeout_seconds,
                       connections=config.remote_connections, codec=get_codec(config.remote_codec),
                       tls_ca_file=config.remote_tls_ca_file)
 
@@ -293,6 +314,7 @@ SPEC = TierSpec(
     name="remote",
     wanted=lambda config: config.remote_url is not None,
     build=_build,
+    check=_check,
     persistent=True,
     bandwidth_prior=1e9,
     admit_after=lambda config: config.remote_admit_after,

@@ -581,6 +581,26 @@ def test_a_fresh_store_gets_the_kv_back_from_the_server(srv, token, tmp_path):
         assert again.lookup(tokens) == 100
 
 
+@pytest.mark.parametrize("setting, content, message", [
+    ("remote_token_file", None, "remote_token_file: expected a readable UTF-8 file"),
+    ("remote_token_file", b"\xff\xfe\x00", "remote_token_file: expected a readable UTF-8 file"),
+    ("remote_tls_ca_file", None, "remote_tls_ca_file: expected a readable file of PEM certificates"),
+    ("remote_tls_ca_file", b"not a certificate\n", "remote_tls_ca_file: expected a readable file of PEM"),
+])
+def test_an_unusable_token_or_ca_file_is_a_value_error_before_any_tier_opens(tmp_path, setting, content, message):
+    """A typo in the CA path was taken: every connection then failed and the server was blamed (degraded);
+    a missing token file was a bare FileNotFoundError naming no setting, after the LMDB tier had opened."""
+    path = tmp_path / "secret"
+    if content is not None:
+        path.write_bytes(content)
+    disk = tmp_path / "disk"
+    config = StoreConfig(host_bytes=2 * FP16.block_bytes, disk_dir=str(disk), remote_url="kvstores://127.0.0.1:1",
+                         **{setting: str(path)})
+    with pytest.raises(ValueError, match=message):
+        KVStore(FP16, config)
+    assert not disk.exists() or not any(disk.iterdir())  # no tier was touched
+
+
 def test_a_store_whose_server_dies_serves_its_host_tier(tmp_path):
     server = ServerProcess(tmp_path / "srv", "--host-bytes", "16MiB", "--disk-bytes", "0").start()
     near, far, later = make_tokens(32, seed=1), make_tokens(96, seed=2), make_tokens(16, seed=4)
