@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import itertools
 import queue
+import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +33,12 @@ from kvstore.protocol import (FLAG_ERROR, FLAG_REPLY, HEADER_BYTES, MAX_KEY_BYTE
 DEFAULT_PORT = 8477
 _DISCARD_BYTES = 1 << 20
 _READ_AHEAD_BYTES = 64 << 10
+# A call may take its timeout plus the time to move its blocks at this rate (bytes/s): far below any
+# network a cache server is worth using over, so only a server that trickles runs out of it.
+MIN_TRANSFER_RATE = 32 << 20
+# The most payload bytes a reply of these kinds can need: a HELLO's welcome, a STATS document.
+_MAX_WELCOME_BYTES = 64 << 10
+_MAX_STATS_BYTES = 16 << 20
 Bytes = bytes | bytearray | memoryview
 # Given (index of the key, blob bytes), the buffers to read that blob into, in order (None: read and discard).
 Sink = Callable[[int, int], Sequence[memoryview] | None]
@@ -47,9 +55,14 @@ def parse_url(url: str) -> tuple[str, int, bool]:
 class Connection:
     """One authenticated connection to a server. Not thread-safe: a pool lends it to one thread at a time."""
 
-    def __init__(self, url: str, token: str | None, timeout: float, tls_ca_file: str | None = None):
+    def __init__(self, url: str, token: str | None, timeout: float, tls_ca_file: str | None = None,
+                 deadline: float | None = None):
         host, port, tls = parse_url(url)
-        sock = socket.create_connection((host, port), timeout=timeout)
+        self._timeout = timeout
+        self._call_deadline = deadline
+        self._deadline = time.monotonic() + timeout if deadline is None else deadline
+        self._short = False  # the socket's timeout was cut to what was left of the deadline
+        sock = socket.create_connection((host, port), timeout=max(1e-3, min(timeout, self._left())))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls:
@@ -67,10 +80,52 @@ class Connection:
         try:
             rid = self._send(Op.HELLO, 0, [pack_hello(token)])
             header = self._header(rid, Op.HELLO)
-            self.welcome = Welcome.unpack(self._recv(header.payload_len))
+            self.welcome = Welcome.unpack(self._payload(header, _MAX_WELCOME_BYTES))
         except BaseException:
             self.close()
             raise
+
+    # -- the call's deadline ---------------------------------------------------------
+
+    def begin(self, deadline: float | None) -> None:
+        """The calls made until the next ``begin`` end by ``deadline`` (monotonic seconds; plus their
+        transfers); None: each operation gets ``timeout`` seconds of its own from when it starts."""
+        self._call_deadline = deadline
+
+    def _start(self) -> None:
+        """An operation starts: its deadline is the call's, or ``timeout`` from now."""
+        self._deadline = self._call_deadline if self._call_deadline is not None else time.monotonic() + self._timeout
+        if self._short:
+            self._sock.settimeout(self._timeout)
+            self._short = False
+
+    def allow(self, num_bytes: int) -> None:
+        """Give the call time to move ``num_bytes`` more at ``MIN_TRANSFER_RATE``."""
+        self._deadline += num_bytes / MIN_TRANSFER_RATE
+
+    def alive(self) -> bool:
+        """False if the server has closed this idle connection (or sent what no request asked for): a
+        connection kept in the pool across a server restart would fail its next call, and the tier with it."""
+        if self.closed or self._pos < self._end:
+            return False
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def _left(self) -> float:
+        return self._deadline - time.monotonic()
+
+    def _before_io(self) -> None:
+        """Raise ``TimeoutError`` once the call's deadline has passed; near it, cut the socket's timeout to
+        what is left, so a server that trickles bytes cannot stretch a call without bound."""
+        left = self._left()
+        if left <= 0:
+            raise TimeoutError(f"the call took longer than its deadline ({self._timeout} s and its transfers)")
+        if left < self._timeout:
+            self._sock.settimeout(left)
+            self._short = True
 
     def close(self) -> None:
         self.closed = True
@@ -92,9 +147,11 @@ class Connection:
         """Send the views in order from where they are: scatter-gather ``sendmsg`` (``sendall`` each over TLS)."""
         if isinstance(self._sock, ssl.SSLSocket):
             for view in views:
+                self._before_io()
                 self._sock.sendall(view)
             return
         while views:
+            self._before_io()
             views = after_sent(views, self._sock.sendmsg(views[:IOV_MAX]))
 
     def _recv_into(self, view: memoryview) -> None:
@@ -106,6 +163,7 @@ class Connection:
             view[:got] = self._ahead[self._pos:self._pos + got]
             self._pos += got
         while got < size:
+            self._before_io()
             if size - got >= _READ_AHEAD_BYTES // 2:  # large: straight into the destination
                 n = self._sock.recv_into(view[got:])
             else:
@@ -130,6 +188,14 @@ class Connection:
         data = bytearray(num_bytes)
         self._recv_into(memoryview(data))
         return data
+
+    def _payload(self, header: Header, limit: int) -> bytearray:
+        """The reply's payload, if it is at most ``limit`` bytes: a peer declaring 2**62 bytes is broken, and
+        is not handed that much memory."""
+        if header.payload_len > limit:
+            raise ConnectionError(f"expected a {Op(header.opcode).name} reply of at most {limit} bytes, got "
+                                  f"{header.payload_len}")
+        return self._recv(header.payload_len)
 
     def _header(self, rid: int, op: Op) -> Header:
         """Read the next reply header; raises ``ServerError`` for an error reply."""
@@ -164,11 +230,13 @@ class Connection:
     # -- operations ---------------------------------------------------------------------
 
     def ping(self, payload: bytes = b"") -> bytes:
+        self._start()
         rid = self._send(Op.PING, 0, [payload])
-        return bytes(self._recv(self._header(rid, Op.PING).payload_len))
+        return bytes(self._payload(self._header(rid, Op.PING), len(payload)))
 
     def exists_prefix(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` the server holds (one round trip per ``max_keys`` keys)."""
+        self._start()
         found = 0
         for run in self._batches(len(keys)):
             rid = self._send(Op.EXISTS_PREFIX, len(run), [pack_keys(keys[run.start:run.stop])])
@@ -184,6 +252,7 @@ class Connection:
         ``expected``: blob sizes the caller expects (bytes), so that no
         reply is asked to exceed the server's ``max_inflight_bytes``.
         """
+        self._start()
         sizes_of = (lambda i: 8 + expected[i]) if expected is not None else None
         runs = self._batches(len(keys), sizes_of, self.welcome.max_inflight_bytes)
         rids = [self._send(Op.GET, len(run), [pack_keys(keys[run.start:run.stop])]) for run in runs]
@@ -198,6 +267,7 @@ class Connection:
                 if size == MISSING:
                     sizes.append(None)
                     continue
+                self.allow(size)
                 buffers = sink(i, size)
                 if buffers is None:  # not wanted (larger than any block the caller can take): read it through
                     self._discard(size)
@@ -217,12 +287,14 @@ class Connection:
         A block too large for one frame (``max_frame_bytes``) is not sent:
         its result is ``REJECTED``, and the others are stored.
         """
+        self._start()
         results: list[PutResult] = [PutResult.REJECTED] * len(items)
         sizes = {i: 1 + len(key) + U64.size + sum(memoryview(p).nbytes for p in parts)
                  for i, (key, parts) in enumerate(items)}
         sendable = [i for i in range(len(items)) if sizes[i] <= self.welcome.max_frame_bytes]
         runs = [[sendable[j] for j in run] for run in self._batches(len(sendable), lambda j: sizes[sendable[j]])]
         rids = []
+        self.allow(sum(sizes[i] for i in sendable))
         for run in runs:
             parts: list[Bytes] = []
             for i in run:
@@ -232,30 +304,38 @@ class Connection:
             rids.append(self._send(Op.PUT, len(run), parts))
         for run, rid in zip(runs, rids):
             header = self._header(rid, Op.PUT)
+            if header.payload_len != len(run):
+                raise ConnectionError(f"expected {len(run)} PUT results, got {header.payload_len}")
             statuses = self._recv(header.payload_len)
-            if len(statuses) != len(run):
-                raise ConnectionError(f"expected {len(run)} PUT results, got {len(statuses)}")
             for i, status in zip(run, statuses):
                 results[i] = PutResult(status)
         return results
 
     def delete(self, keys: Sequence[bytes]) -> list[bool]:
+        self._start()
         runs = self._batches(len(keys))
         rids = [self._send(Op.DELETE, len(run), [pack_keys(keys[run.start:run.stop])]) for run in runs]
         done: list[bool] = []
-        for rid in rids:
-            done.extend(bool(b) for b in self._recv(self._header(rid, Op.DELETE).payload_len))
+        for run, rid in zip(runs, rids):
+            header = self._header(rid, Op.DELETE)
+            if header.payload_len != len(run):
+                raise ConnectionError(f"expected {len(run)} DELETE results, got {header.payload_len}")
+            done.extend(bool(b) for b in self._recv(header.payload_len))
         return done
 
     def stats(self) -> dict[str, Any]:
+        self._start()
         rid = self._send(Op.STATS, 0, [])
-        return unpack_json(self._recv(self._header(rid, Op.STATS).payload_len))
+        return unpack_json(self._payload(self._header(rid, Op.STATS), _MAX_STATS_BYTES))
 
     def list_keys(self, offset: int = 0, limit: int | None = None) -> list[bytes]:
+        self._start()
         limit = self.welcome.max_keys if limit is None else min(limit, self.welcome.max_keys)
         rid = self._send(Op.LIST, limit, [U64.pack(offset)])
         header = self._header(rid, Op.LIST)
-        return unpack_keys(self._recv(header.payload_len), header.count)
+        if header.count > limit:
+            raise ConnectionError(f"expected at most {limit} keys in a LIST reply, got {header.count}")
+        return unpack_keys(self._payload(header, header.count * (1 + MAX_KEY_BYTES)), header.count)
 
 
 class ConnectionPool:
@@ -275,19 +355,23 @@ class ConnectionPool:
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:
+        """A connection for one call, which ends ``timeout`` seconds from now (plus its transfers, see
+        ``Connection.allow``): waiting for a free slot, connecting and the call itself all count."""
+        deadline = time.monotonic() + self._timeout
         if not self._slots.acquire(timeout=self._timeout):
             raise TimeoutError(f"no free connection to {self.url} within {self._timeout} s")
         try:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = Connection(self.url, self._token, self._timeout, self._tls_ca_file)
+            conn = self._reuse()
+            if conn is None:
+                conn = Connection(self.url, self._token, self._timeout, self._tls_ca_file, deadline)
                 self.welcome = conn.welcome
+            conn.begin(deadline)
             try:
                 yield conn
             except BaseException:
                 conn.close()
                 raise
+            conn.begin(None)
             with self._lock:
                 if self._closed:
                     conn.close()
@@ -295,6 +379,17 @@ class ConnectionPool:
                     self._idle.put(conn)
         finally:
             self._slots.release()
+
+    def _reuse(self) -> Connection | None:
+        """An idle connection the server has not closed meanwhile (those it has are closed here), or None."""
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return None
+            if conn.alive():
+                return conn
+            conn.close()
 
     def discard_idle(self) -> None:
         """Close the idle connections (after one failed, the others to that server are likely dead too)."""

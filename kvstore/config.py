@@ -100,7 +100,8 @@ class StoreConfig:
     - ``remote_url``: a ``kvstore serve`` cache server, ``kvstore://host:port``
       (``kvstores://`` for TLS, verified against ``remote_tls_ca_file`` or the
       system's CAs); ``remote_token`` or ``remote_token_file``: its shared
-      secret; ``remote_timeout_seconds``: the longest one call may wait;
+      secret; ``remote_timeout_seconds``: the longest one call may wait (plus
+      its blocks' transfer at 32 MiB/s);
       ``remote_connections``: the client's connection pool.
     - ``redis_url``: ``redis://``, ``rediss://``, ``unix://`` or a cluster,
       ``redis+cluster://host:port[,host:port...]``; ``redis_namespace``:

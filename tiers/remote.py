@@ -68,9 +68,10 @@ class _TooLarge(Exception):
 class RemoteTier:
     """Blocks of ``layout`` in this client's namespace on the server at ``url`` (``kvstore://host:port``).
 
-    ``timeout_seconds`` bounds each socket operation; ``connections`` is
-    the pool size (calls beyond it wait for a free connection, at most
-    ``timeout_seconds``); back-off after a failure starts at
+    ``timeout_seconds`` bounds each call: waiting for one of the pool's
+    ``connections``, connecting, and the call itself, plus the time its
+    blocks take at 32 MiB/s (``kvstore.client.MIN_TRANSFER_RATE``), so a
+    server that trickles bytes cannot stretch a call; back-off after a failure starts at
     ``backoff_seconds`` and doubles up to ``max_backoff_seconds``.
     """
 
@@ -156,11 +157,18 @@ class RemoteTier:
             welcome = self._pool.welcome
         return welcome.quota_bytes if welcome is not None else 0
 
-    def _server_stats(self) -> dict:
-        return self._quiet(lambda conn: conn.stats(), {}).get("blocks", {})
+    def _server_stats(self) -> dict[str, int]:
+        """The namespace's figures from STATS (the counts alone: a reply of another shape, from a broken or
+        newer server, gives none, rather than an exception from ``store.stats()``)."""
+        reply = self._quiet(lambda conn: conn.stats(), {})
+        figures = reply.get("blocks") if isinstance(reply, dict) else None
+        if not isinstance(figures, dict):
+            return {}
+        return {name: value for name, value in figures.items()
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0}
 
     def used_bytes(self) -> int:
-        return int(self._server_stats().get("used_bytes", 0))
+        return self._server_stats().get("used_bytes", 0)
 
     def contains(self, key: bytes) -> bool:
         """Whether the server holds ``key``; raises if the server fails."""
@@ -272,8 +280,7 @@ class RemoteTier:
 
     def stats(self) -> dict[str, int]:
         server = self._server_stats()
-        stats = tier_stats(self._counters, int(server.get("blocks", 0)), int(server.get("used_bytes", 0)),
-                           self.capacity_bytes)
+        stats = tier_stats(self._counters, server.get("blocks", 0), server.get("used_bytes", 0), self.capacity_bytes)
         stats["token_refused"] = int(self.token_refused)  # the store's stats() says so in the tier's state
         return stats
 

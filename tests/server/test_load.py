@@ -311,3 +311,45 @@ def test_one_remote_tier_shared_by_many_threads(server_factory):
         assert stats["blocks_written"] == 16 * 20 + 8 and stats["blocks"] == 16 * 20 + 8
     finally:
         tier.close()
+
+
+def test_concurrent_puts_keep_the_write_backlog_within_its_bound(server_factory):
+    """Eight connections PUT 8 MiB frames behind a 1 MiB backlog over a synced disk. Each PUT checked the
+    backlog before reading its payload and added to it after, so every connection got past the check at
+    once: the backlog reached 24 MiB, and the RAM held past host_bytes + backlog + one frame. Now a PUT is
+    admitted while the backlog and the PUTs being received leave room for it, or when nothing is queued."""
+    frame_blobs, blob_bytes = 8, 1 << 20
+    server = server_factory("--host-bytes", "4MiB", "--disk-bytes", "512MiB", "--write-backlog-bytes", "1MiB",
+                            "--disk-sync", "true", "--preallocate", "false")
+    frame = frame_blobs * (blob_bytes + 72)
+    payload = os.urandom(blob_bytes)
+
+    def writer(client: int) -> None:
+        conn = server.connect(timeout=60.0)
+        try:
+            for round_ in range(3):
+                items = []
+                for i in range(frame_blobs):
+                    key = blob_key("backlog", client, round_, i)
+                    items.append((key, [BlockHeader.for_payload(key, FINGERPRINT, payload).pack(), payload]))
+                assert set(conn.put(items)) <= {PutResult.STORED, PutResult.PRESENT}
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=writer, args=(c,)) for c in range(8)]
+    monitor = server.connect()
+    peak_backlog = peak_ram = 0
+    try:
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            totals = monitor.stats()["server"]
+            peak_backlog = max(peak_backlog, totals["write_backlog_bytes"])
+            peak_ram = max(peak_ram, totals["ram_bytes"])
+            time.sleep(0.002)
+    finally:
+        for thread in threads:
+            thread.join(120)
+        monitor.close()
+    assert 0 < peak_backlog <= max(1 << 20, frame), peak_backlog  # the bound, or one frame alone
+    assert peak_ram <= (4 << 20) + (1 << 20) + frame, peak_ram

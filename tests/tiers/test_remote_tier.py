@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import assert_same_kv, make_kv, make_tokens, tiny_layout
+from conftest import assert_same_kv, make_kv, make_tokens, run_threads, tiny_layout
 from kvstore import KVStore, StoreConfig
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.compression.registry import get_codec
@@ -389,8 +389,9 @@ class FakeServer:
     listener never even accepts (the kernel completes the handshake, nothing is read).
     """
 
-    def __init__(self, answer=None):
+    def __init__(self, answer=None, trickle: float = 0.0):
         self.answer = answer
+        self.trickle = trickle  # seconds between the bytes of each reply after HELLO's (0: all at once)
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
@@ -428,9 +429,16 @@ class FakeServer:
                 if reply is None:
                     self.closed.wait()
                     return
-                count, payload = reply
-                sock.sendall(Header(header.opcode, header.request_id, count, len(payload), FLAG_REPLY).pack()
-                             + payload)
+                count, payload, *declared = reply  # declared: a payload length other than the payload's
+                frame = Header(header.opcode, header.request_id, count, declared[0] if declared else len(payload),
+                               FLAG_REPLY).pack() + payload
+                if not self.trickle or header.opcode == Op.HELLO:
+                    sock.sendall(frame)
+                    continue
+                for i in range(len(frame)):
+                    sock.sendall(frame[i:i + 1])
+                    if self.closed.wait(self.trickle):
+                        return
         except (OSError, EOFError):
             pass
 
@@ -448,8 +456,8 @@ WELCOME = Welcome(1, 1 << 20, 64, 1 << 21, 0, "default").pack()
 def fake():
     servers = []
 
-    def factory(answer=None) -> FakeServer:
-        servers.append(FakeServer(answer))
+    def factory(answer=None, trickle: float = 0.0) -> FakeServer:
+        servers.append(FakeServer(answer, trickle))
         return servers[-1]
 
     yield factory
@@ -548,6 +556,101 @@ def test_a_server_breaking_the_protocol_costs_failures_not_wrong_answers(fake, c
     assert raised == {}
     # a HELLO this client cannot read fails every data call; a PUT result it does not know fails the put
     assert failed == (["contains", "put_many", "prefix_length"] if case == "short-hello" else ["put_many"])
+
+
+def test_a_server_that_trickles_its_replies_costs_one_timeout_per_call(fake):
+    """A byte every 0.2 s: each receive returns within the socket's timeout, so a timeout per socket
+    operation let one lookup run 12 s against a 1 s timeout. The call has one deadline."""
+    server = fake(lambda h: (0, WELCOME) if h.opcode == Op.HELLO else (0, b""), trickle=0.2)
+    tier = RemoteTier(server.url, FP16, TOKEN, timeout_seconds=0.5, backoff_seconds=0.001, max_backoff_seconds=0.001)
+    try:
+        for call in (lambda: tier.contains(key("x")), lambda: tier.prefix_length([key("x")])):
+            start = time.monotonic()
+            with pytest.raises(TimeoutError):
+                call()
+            assert time.monotonic() - start < 3.0  # 0.5 s and the connect; a frame header alone took 6.4 s
+            time.sleep(0.01)
+    finally:
+        tier.close()
+    with KVStore(FP16, StoreConfig(host_bytes=4 * FP16.block_bytes, remote_url=server.url, remote_token=TOKEN,
+                                   remote_timeout_seconds=0.5)) as store:
+        start = time.monotonic()
+        assert store.lookup(make_tokens(64)) == 0
+        assert time.monotonic() - start < 3.0
+
+
+def test_calls_beyond_the_pool_wait_within_one_timeout_in_all(fake):
+    """Eight callers, a pool of four, a server that never answers after HELLO: a caller that waited the
+    whole timeout for a free connection then had a whole timeout more to connect and call."""
+    server = fake(lambda h: (0, WELCOME) if h.opcode == Op.HELLO else None)
+    tier = RemoteTier(server.url, FP16, TOKEN, timeout_seconds=1.0, connections=4)
+    took = []
+
+    def call(_: int) -> None:
+        start = time.monotonic()
+        with pytest.raises((TimeoutError, ConnectionError)):
+            tier.contains(key("x"))
+        took.append(time.monotonic() - start)
+
+    try:
+        run_threads(call, 8)
+    finally:
+        tier.close()
+    assert len(took) == 8 and max(took) < 1.7, took  # the ones that waited for a slot took 2 s
+
+
+@pytest.mark.parametrize("stats, delete", [(b"[]", b"\x01"), (b'{"blocks": null}', b"\x01"),
+                                           (b'{"blocks": {"blocks": "many", "used_bytes": -5}}', b"\x01"),
+                                           (b"{}", b"")])
+def test_replies_of_another_shape_are_failures_or_nothing_never_exceptions(fake, stats, delete):
+    """STATS JSON that is not the figures the client knows, a DELETE reply shorter than the keys asked:
+    ``tier.stats()`` (so ``store.stats()``) raised AttributeError or ValueError, ``delete`` IndexError."""
+    replies = {Op.HELLO: (0, WELCOME), Op.STATS: (0, stats), Op.DELETE: (0, delete)}
+    server = fake(lambda h: replies.get(h.opcode, (0, b"")))
+    tier = RemoteTier(server.url, FP16, TOKEN, timeout_seconds=1.0, backoff_seconds=0.001, max_backoff_seconds=0.001)
+    try:
+        figures = tier.stats()
+        assert figures["blocks"] == 0 and figures["used_bytes"] == 0
+        assert tier.used_bytes() == 0
+        time.sleep(0.01)
+        assert tier.delete(key("x")) is (delete == b"\x01")
+    finally:
+        tier.close()
+    with KVStore(FP16, StoreConfig(host_bytes=4 * FP16.block_bytes, remote_url=server.url,
+                                   remote_token=TOKEN)) as store:
+        assert store.stats()["tiers"]["remote"]["used_bytes"] == 0
+
+
+def test_a_peer_declaring_a_huge_reply_is_a_failure_not_an_allocation(fake):
+    """A HELLO reply claiming 2**62 bytes: the client allocated it, and MemoryError came out of KVStore()."""
+    server = fake(lambda h: (0, WELCOME, 1 << 62) if h.opcode == Op.HELLO else (0, b""))
+    with KVStore(FP16, StoreConfig(host_bytes=4 * FP16.block_bytes, remote_url=server.url, remote_token=TOKEN,
+                                   remote_timeout_seconds=0.5)) as store:
+        tokens = make_tokens(32)
+        assert store.put(tokens, make_kv(FP16, 32)) == 2
+        assert store.lookup(tokens) == 32  # the host tier still serves
+        remote = store.stats()["tiers"]["remote"]
+        assert remote["errors"] >= 1
+
+
+def test_a_graceful_restart_of_the_server_costs_no_bypass(tmp_path):
+    """SIGTERM, then the server starts again on its port and data: the pooled connections the old one
+    closed were reused, the first call failed, and the store bypassed a healthy server for 30 s."""
+    server = ServerProcess(tmp_path / "srv", "--host-bytes", "16MiB", "--disk-bytes", "64MiB").start()
+    tokens, kv = make_tokens(128, seed=3), make_kv(FP16, 128, seed=3)
+    try:
+        with KVStore(FP16, store_config(server, TOKEN, 1, degraded_seconds=30.0)) as store:
+            store.put(tokens, kv)
+            assert store.flush(timeout=30)
+            assert store.lookup(tokens) == 128
+            assert server.stop() == 0
+            server.restart()
+            assert store.lookup(tokens) == 128  # at once: no failure, no bypass
+            assert_same_kv(store.get(tokens), kv)
+            remote = store.stats()["tiers"]["remote"]
+            assert remote["state"] == "healthy" and remote["errors"] == 0
+    finally:
+        server.stop()
 
 
 # -- a KVStore whose lowest tier is the server -----------------------------------------------------------------
