@@ -32,7 +32,8 @@ The rule (defaults in brackets; ``W = window_reads``)
     after clean reads; earlier when stalls sit among the 3 reads before it).
 
 * Any exception (``record_error``) degrades the tier at once: a failure is
-  not a statistic.
+  not a statistic. A failed write (``record_write_error``) suspends writes
+  alone for the back-off period: a full disk still reads.
 
 Degraded, probing, re-baseline
 ------------------------------
@@ -126,6 +127,8 @@ class TierHealth:
         self._error_rate = 0.0
         self._errors = 0
         self._degradations = 0
+        self._writes_until = 0.0  # writes are suspended until then (a write failed; reads go on)
+        self._write_suspensions = 0
 
     def available(self) -> bool:
         """False while the tier is bypassed; a degraded tier whose back-off ran out is probed."""
@@ -182,6 +185,27 @@ class TierHealth:
             self._error_rate = (1 - ALPHA) * self._error_rate + ALPHA
             self._degrade()
 
+    def record_write_error(self) -> None:
+        """A write raised: writes to the tier are suspended for the back-off period, reads go on.
+
+        A full disk (ENOSPC, a full LMDB map), a quota or a read-only mount
+        fail writes while every block already there still reads; bypassing
+        the tier for reads too made everything on it a miss for the back-off,
+        and again after each retried write while the disk stayed full. A
+        medium that has really failed fails its next read too, and is then
+        bypassed whole.
+        """
+        with self._lock:
+            self._errors += 1
+            self._error_rate = (1 - ALPHA) * self._error_rate + ALPHA
+            if self._clock() >= self._writes_until:
+                self._write_suspensions += 1
+            self._writes_until = self._clock() + self._degraded_seconds
+
+    def writes_available(self) -> bool:
+        """False while writes are suspended after a failed write (see ``record_write_error``)."""
+        return self._writes_until == 0.0 or self._clock() >= self._writes_until
+
     def _degrade(self) -> None:
         if self._state != DEGRADED:
             self._degradations += 1
@@ -213,7 +237,9 @@ class TierHealth:
         state = self.state
         with self._lock:
             return {"state": state, "read_bandwidth": round(self._current_bandwidth()),
-                    "error_rate": round(self._error_rate, 4), "errors": self._errors, "degradations": self._degradations}
+                    "error_rate": round(self._error_rate, 4), "errors": self._errors, "degradations": self._degradations,
+                    "writes": "ok" if self._clock() >= self._writes_until else "suspended",
+                    "write_suspensions": self._write_suspensions}
 
 
 

@@ -36,7 +36,7 @@ from kvstore.tiers.base import Capability, Tier, declared_capabilities
 log = logging.getLogger(__name__)
 
 # Store-side counters kept per tier, shown beside the tier's own in ``stats()``.
-PER_TIER_COUNTERS = ("admission_rejected", "queue_dropped", "bypassed", "errors", "lossy_refused")
+PER_TIER_COUNTERS = ("admission_rejected", "queue_dropped", "bypassed", "errors", "lossy_refused", "write_suspended")
 # A read must take this many GIL switch intervals (5 ms each by default) to be judged slow.
 SLOW_READ_SWITCH_INTERVALS = 10
 # At most one log record per tier in this many seconds; the rest are counted in the next record.
@@ -95,19 +95,24 @@ class Level:
         """
         return lossy is None or self.slots
 
-    def note_failure(self, operation: str, error: BaseException) -> None:
-        """Count, remember and log (at most once per ``LOG_INTERVAL_SECONDS``) a failure of this tier."""
+    def note_failure(self, operation: str, error: BaseException, *, write: bool = False) -> None:
+        """Count, remember and log (at most once per ``LOG_INTERVAL_SECONDS``) a failure of this tier; a failed
+        ``write`` suspends writes to it, any other failure bypasses it (``TierHealth``)."""
         self.counters.add("errors")
         self.last_error = f"{operation}: {type(error).__name__}: {error}"
-        self.health.record_error()
+        if write:
+            self.health.record_write_error()
+        else:
+            self.health.record_error()
         now = time.monotonic()
         with self._log_lock:
             if now - self._logged_at < LOG_INTERVAL_SECONDS:
                 self._suppressed += 1
                 return
             suppressed, self._suppressed, self._logged_at = self._suppressed, 0, now
-        log.warning("tier %s: %s failed (%s: %s); bypassed for now%s", self.name, operation, type(error).__name__,
-                    error, f" ({suppressed} more failures since the last report)" if suppressed else "")
+        log.warning("tier %s: %s failed (%s: %s); %s for now%s", self.name, operation, type(error).__name__,
+                    error, "writes suspended" if write else "bypassed",
+                    f" ({suppressed} more failures since the last report)" if suppressed else "")
 
     def snapshot(self) -> dict[str, object]:
         """The store's view of this tier for ``stats()``: its counters, health and last error."""
@@ -338,6 +343,9 @@ class TierStack:
         """Write blocks that all went through ``lossy`` (None: exact) to ``level``, if it may take them."""
         if not items or not self.available(level):
             return
+        if not level.health.writes_available():
+            level.counters.add("write_suspended", len(items))
+            return
         if not level.takes(lossy):
             level.counters.add("lossy_refused", len(items))
             return
@@ -350,7 +358,13 @@ class TierStack:
                 level.tier.put_lossy(items, lossy)
             return True
 
-        if self.guarded(level, "put_many", put, False):
+        try:
+            put()
+        except FillError:
+            raise  # the engine's fill failed, not the tier
+        except Exception as error:
+            level.note_failure("put_many", error, write=True)
+        else:
             level.health.record_ok()
 
     def pin(self, level: Level, key: bytes) -> tuple[torch.Tensor, str | None] | None:

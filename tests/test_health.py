@@ -76,7 +76,7 @@ def test_new_tier_is_healthy(clock):
     assert health.available()
     assert health.state == "healthy"
     assert health.snapshot() == {"state": "healthy", "read_bandwidth": 0, "error_rate": 0.0,
-                                 "errors": 0, "degradations": 0}
+                                 "errors": 0, "degradations": 0, "writes": "ok", "write_suspensions": 0}
 
 
 def test_window_sizes_are_checked():
@@ -207,6 +207,25 @@ def test_error_degrades_immediately(clock):
     assert not health.available()
     snap = health.snapshot()
     assert (snap["errors"], snap["degradations"], snap["error_rate"]) == (1, 1, 0.2)
+
+
+def test_a_write_error_suspends_writes_only_for_the_back_off(clock):
+    """A full disk fails writes and still reads: reads go on, writes wait ``degraded_seconds``."""
+    health = warmed(clock, degraded_seconds=10.0)
+    health.record_write_error()
+    assert health.available() and health.state == HEALTHY
+    assert not health.writes_available()
+    health.record_read(MB, FAST)
+    assert health.state == HEALTHY and not health.writes_available()
+    clock.advance(5.0)
+    health.record_write_error()  # a retry inside the back-off (another path) starts it again
+    clock.advance(9.0)
+    assert not health.writes_available()
+    clock.advance(1.0)
+    assert health.writes_available()
+    snap = health.snapshot()
+    assert (snap["state"], snap["writes"], snap["errors"], snap["write_suspensions"], snap["degradations"]) == \
+        (HEALTHY, "ok", 2, 1, 0)
 
 
 def test_error_degrades_a_warmed_tier_immediately(clock):
@@ -428,7 +447,8 @@ def test_snapshot_values(clock):
     assert health.snapshot()["read_bandwidth"] == 2**30
     health.record_error()
     snap = health.snapshot()
-    assert snap == {"state": "degraded", "read_bandwidth": 2**30, "error_rate": 0.2, "errors": 1, "degradations": 1}
+    assert snap == {"state": "degraded", "read_bandwidth": 2**30, "error_rate": 0.2, "errors": 1, "degradations": 1,
+                    "writes": "ok", "write_suspensions": 0}
     health.record_ok()
     assert health.snapshot()["error_rate"] == 0.16  # decays by 0.8 per clean operation
     health.record_read(MB, FAST)

@@ -1,0 +1,42 @@
+"""A tier whose disk fills (a real small tmpfs) still serves what it holds: a failed write suspends writes to
+the tier for ``degraded_seconds``, never its reads. It made every block there a miss for 30 s, and again
+after each retried write while the disk stayed full."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import assert_same_kv, make_kv, make_tokens, mounted_tmpfs, tiny_layout
+from kvstore import KVStore, StoreConfig
+
+LAYOUT = tiny_layout()
+
+
+@pytest.mark.parametrize("tier", ["lmdb", "files"])
+@pytest.mark.parametrize("host", [False, True])
+def test_a_full_disk_keeps_serving_what_it_holds(tmp_path, tier, host):
+    with mounted_tmpfs(tmp_path / "small", "size=1m") as point:
+        where = str(point / "kv")
+        settings = dict(disk_dir=where, disk_bytes="16MiB") if tier == "lmdb" else dict(files_dir=where,
+                                                                                         files_bytes="16MiB")
+        # A host tier of one block: reads of the early prompts must come from the full disk.
+        config = StoreConfig(model_id="m", host_bytes=LAYOUT.block_bytes if host else 0, degraded_seconds=60.0,
+                             **settings)
+        prompts = [(make_tokens(48, seed=i), make_kv(LAYOUT, 48, seed=i)) for i in range(200)]
+        with KVStore(LAYOUT, config) as store:
+            for tokens, kv in prompts[:5]:
+                store.put(tokens, kv)
+            assert store.flush(timeout=30)
+            for tokens, kv in prompts[5:]:  # 1 MiB fills: a write fails (ENOSPC, or LMDB's commit fails)
+                store.put(tokens, kv)
+            assert store.flush(timeout=30)
+            stats = store.stats()["tiers"][tier]
+            assert stats["errors"] >= 1 and stats["writes"] == "suspended"
+            assert stats["state"] == "healthy"  # reads are not bypassed
+            for tokens, kv in prompts[:5]:
+                assert store.lookup(tokens) == 48
+                assert_same_kv(store.get(tokens), kv)
+            later = store.stats()["tiers"][tier]
+            assert later["hits"] > stats["hits"]
+            if not host:  # the puts after the failure were not sent to the full disk at all
+                assert later["write_suspended"] >= 1
