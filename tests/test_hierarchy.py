@@ -430,3 +430,23 @@ def test_a_tier_whose_unpin_raises_is_blamed_and_flush_and_close_still_finish(la
         closer.start()
         closer.join(10)
     assert not closer.is_alive()
+
+
+@pytest.mark.parametrize("tiers", ["host", "files", "lmdb", "host+lmdb", "host+files"])
+def test_a_prompt_larger_than_its_tiers_keeps_a_prefix_a_lookup_reaches(tmp_path, tiers):
+    """An 8-block prompt into 3-block tiers: the host and files tiers kept its last blocks (evicting its first
+    ones for them), so put said 3 blocks were stored and lookup found 0 tokens."""
+    layout = tiny_layout()
+    small = 3 * (layout.block_bytes + HEADER_BYTES)  # three blocks and their headers
+    settings = dict(host_bytes={"host": 3, "host+lmdb": 2, "host+files": 2}.get(tiers, 0) * layout.block_bytes)
+    if "lmdb" in tiers:
+        settings.update(disk_dir=str(tmp_path / "lmdb"), disk_bytes=small)
+    if "files" in tiers:
+        settings.update(files_dir=str(tmp_path / "files"), files_bytes=small)
+    tokens, kv = make_tokens(128, seed=5), make_kv(layout, 128, seed=5)
+    with KVStore(layout, StoreConfig(model_id="m", **settings)) as store:
+        assert store.put(tokens, kv) >= 2
+        assert store.flush(timeout=30)
+        found = store.lookup(tokens)
+        assert found >= 32
+        assert_same_kv(store.get(tokens), kv[:, :, :found])

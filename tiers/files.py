@@ -52,7 +52,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, wait
 from typing import NamedTuple
 
@@ -348,12 +348,15 @@ class FilesTier:
         if self._scan_removed is not None:
             self._scan_removed.add(key)
 
-    def _pop_lru(self, limit: int) -> list[tuple[bytes, int]]:
-        """Under the lock: forget least recently accessed blocks until at most ``limit`` bytes are stored;
-        returns their (key, size), for the caller to unlink or park."""
+    def _pop_lru(self, limit: int, keep: Collection[bytes] = ()) -> list[tuple[bytes, int]]:
+        """Under the lock: forget least recently accessed blocks, none of ``keep``, until at most ``limit``
+        bytes are stored; returns their (key, size), for the caller to unlink or park."""
         victims = []
-        while self._index and self._used > limit:
-            key, entry = next(iter(self._index.items()))
+        while self._used > limit:
+            key = next((key for key in self._index if key not in keep), None)  # ``keep`` is the newest
+            if key is None:
+                break
+            entry = self._index[key]
             victims.append((key, entry.size))
             self._forget(key)
             self._evicting.add(key)
@@ -523,7 +526,8 @@ class FilesTier:
             self._last_scan = time.monotonic()
             self._scan_seconds = self._last_scan - began
 
-    def _make_room(self, incoming: int, parked: ParkedFiles, later: int = 0) -> tuple[bool, Parked | None]:
+    def _make_room(self, incoming: int, parked: ParkedFiles, later: int = 0,
+                   keep: Collection[bytes] = ()) -> tuple[bool, Parked | None]:
         """Rescan if due; evict least recently accessed files if over capacity; reserve ``incoming``, or
         return a parked victim of at least that size to overwrite (reserved already). False, None if no
         room can be made: other threads' writes in flight hold it (they cannot be evicted before they are
@@ -537,7 +541,9 @@ class FilesTier:
         batch writes left its parked files to be unlinked when it ended,
         and the next batch then wrote new files into their room: a full
         tier given 128 blocks of 2 MiB a put wrote 15% of them as new
-        files, each several times the cost of overwriting one.
+        files, each several times the cost of overwriting one. Blocks in
+        ``keep`` (the batch's own, written before this one) are never
+        victims.
         """
         with self._scan_lock:
             with self._lock:
@@ -553,7 +559,8 @@ class FilesTier:
             victims: list[tuple[bytes, int]] = []
             with self._lock:
                 if self._used + self._reserved + incoming > self._capacity:
-                    victims = self._pop_lru(max(self._low_water, self._capacity - later) - self._reserved - incoming)
+                    victims = self._pop_lru(max(self._low_water, self._capacity - later) - self._reserved - incoming,
+                                            keep)
                 room = self._capacity - self._used - self._reserved  # bytes that may stay parked (one: this write)
             try:
                 for key, size in victims:
@@ -586,10 +593,13 @@ class FilesTier:
         releases the GIL; two threads wrote 256 MiB of new files in 54% of
         one's time here). Room is made block by block as if they were
         written one after another; a block that does not fit beside the
-        writes in flight waits until they are stored, so the batch's own
-        blocks are evicted in order when it is larger than the tier.
+        writes in flight waits until they are stored. A batch larger than
+        the tier keeps its leading blocks and its trailing ones are
+        ``rejected``: evicting its own leading blocks for them left only
+        blocks no lookup reaches (a prefix is read from its first block).
         """
         in_flight: list[_Write] = []
+        written: set[bytes] = set()
         error: Exception | None = None
         parked = ParkedFiles()  # this batch's evicted files, overwritten by its next writes (tiers/parked.py)
         try:
@@ -605,10 +615,11 @@ class FilesTier:
                         error, in_flight = self._settle(in_flight), []
                         if error is not None:
                             break
-                    fits, spare = self._make_room(size, parked, later)
+                    fits, spare = self._make_room(size, parked, later, written)
                     if not fits:
                         self._counters.add("rejected")
                         continue
+                written.add(key)
                 with self._lock:
                     self._writing.add(key)
                 held = size if spare is None else spare.size

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -155,8 +155,9 @@ class SlotTier:
         with self._lock:
             return iter(list(self._index))
 
-    def _take_slot(self) -> tuple[int, tuple[bytes, _Entry] | None] | None:
-        """Under the lock: a free slot, or the LRU unpinned block's slot (removed from the index)."""
+    def _take_slot(self, keep: Collection[bytes] = ()) -> tuple[int, tuple[bytes, _Entry] | None] | None:
+        """Under the lock: a free slot, or the slot of the LRU unpinned block not in ``keep`` (removed from
+        the index)."""
         if self._free:
             return self._free.pop(), None
         if self._fresh < self._slots:  # ahead of the fault thread: this put faults the slot's pages itself
@@ -167,7 +168,7 @@ class SlotTier:
         if self._free:
             return self._free.pop(), None
         for key, entry in self._index.items():
-            if entry.pins == 0:
+            if entry.pins == 0 and key not in keep:
                 del self._index[key]
                 return entry.slot, (key, entry)
         return None
@@ -183,12 +184,20 @@ class SlotTier:
 
     def _put_each(self, items: Sequence[tuple[bytes, torch.Tensor]], lossy: str | None) -> int:
         """``put`` of each item in turn; the write counters bumped once for the batch (a 2 MiB block's
-        bookkeeping is a few percent of its copy, and the counters were a fifth of that)."""
+        bookkeeping is a few percent of its copy, and the counters were a fifth of that).
+
+        No block of the batch evicts one the batch put before it: a batch
+        larger than the pool keeps its leading blocks and its trailing ones
+        are ``rejected``. Evicting its own leading blocks left only blocks
+        no lookup reaches (a prefix is read from its first block).
+        """
         held = blocks = nbytes = 0
+        keep: set[bytes] = set()
         try:
             for key, block in items:
-                written = self._put(key, block, lossy)
+                written = self._put(key, block, lossy, keep)
                 if written is not None:
+                    keep.add(key)
                     held += 1
                     if written:
                         blocks += 1
@@ -214,9 +223,10 @@ class SlotTier:
         """
         return self._put_each([(key, block)], lossy) == 1
 
-    def _put(self, key: bytes, block: torch.Tensor | PendingBlock, lossy: str | None) -> int | None:
+    def _put(self, key: bytes, block: torch.Tensor | PendingBlock, lossy: str | None,
+             keep: Collection[bytes] = ()) -> int | None:
         """``put`` of one block, counters of its write aside: bytes written (0: held already), None if
-        refused."""
+        refused (every slot pinned, or held by ``keep``)."""
         with self._lock:
             entry = self._index.get(key)
             if entry is not None:
@@ -225,7 +235,7 @@ class SlotTier:
                     return 0
                 del self._index[key]  # exact bytes replace approximate ones: a fresh slot, same order
                 self._free.append(entry.slot)
-            taken = self._take_slot()
+            taken = self._take_slot(keep)
             if taken is None:
                 self._counters.add("rejected")
                 return None

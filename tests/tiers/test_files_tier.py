@@ -691,13 +691,15 @@ def test_one_write_thread_writes_in_the_callers_thread(open_tier, layout, blocks
 
 
 @pytest.mark.parametrize("io_threads", [1, 4])
-def test_a_batch_larger_than_the_tier_keeps_its_last_blocks(open_tier, disk_dir, layout, blocks, io_threads):
+def test_a_batch_larger_than_the_tier_keeps_its_leading_blocks(open_tier, disk_dir, layout, blocks, io_threads):
+    """It evicted its own leading blocks for its trailing ones, and kept only blocks no lookup reaches."""
     tier = open_tier(3 * BLOCK, io_threads=io_threads)
     tier.put_many([(A, blocks[A])])
-    assert tier.put_many([(key, blocks[key]) for key in (B, C, D, E)]) == 3  # B was evicted by E
-    assert _names(tier) == ["C", "D", "E"] and disk_usage(disk_dir) == tier.used_bytes() == 3 * BLOCK
-    assert tier.stats()["evictions"] == 2
-    for key in (C, D, E):
+    assert tier.put_many([(key, blocks[key]) for key in (B, C, D, E)]) == 3  # E rejected, A evicted
+    assert _names(tier) == ["B", "C", "D"] and disk_usage(disk_dir) == tier.used_bytes() == 3 * BLOCK
+    stats = tier.stats()
+    assert (stats["evictions"], stats["rejected"]) == (1, 1)
+    for key in (B, C, D):
         assert_same_kv(_read(tier, layout, key), blocks[key])
 
 

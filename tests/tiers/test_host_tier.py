@@ -69,6 +69,22 @@ def test_capacity_never_exceeded(layout):
         assert_same_kv(_read(tier, layout, key, block.shape[2]), block)
 
 
+def test_a_batch_larger_than_the_pool_keeps_its_leading_blocks(layout, blocks):
+    """It evicted its own leading blocks for its trailing ones: a prompt of 5 blocks in 3 slots kept blocks
+    2-4, which no lookup reaches (a prefix is read from its first block). Older blocks are evicted first."""
+    tier = HostTier(layout, 3 * layout.block_bytes)
+    other = make_kv(layout, 16, seed=99)
+    tier.put_many([(b"o" * 32, other)])
+    assert tier.put_many([(key, blocks[key]) for key in (A, B, C, D, E)]) == 3
+    assert list(tier.keys()) == [A, B, C]
+    stats = tier.stats()
+    assert (stats["evictions"], stats["rejected"]) == (1, 2)
+    for key in (A, B, C):
+        assert_same_kv(_read(tier, layout, key), blocks[key])
+    assert tier.put_many([(D, blocks[D])]) == 1  # a later put evicts the LRU block as ever
+    assert list(tier.keys()) == [B, C, D]
+
+
 def test_strided_source_block(layout):
     tier = HostTier(layout, 2 * layout.block_bytes)
     kv = make_kv(layout, 40, seed=3)
