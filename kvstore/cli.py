@@ -53,8 +53,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     from kvstore.benchmarking import run_quick
 
+    _check_folder("--data-dir", args.data_dir)
     run_quick(args.data_dir, repeat=5)
     return 0
+
+
+def _check_folder(flag: str, path: str) -> None:
+    """A ``ValueError`` naming ``flag`` if ``path`` is there but is not a folder (it printed only
+    "[Errno 17] File exists")."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag}: expected a folder (or a path to create one at), got {path!r}, which is a file")
 
 
 def _cmd_codecs(args: argparse.Namespace) -> int:
@@ -62,7 +70,10 @@ def _cmd_codecs(args: argparse.Namespace) -> int:
 
     from kvstore.compression.table import DEFAULT_SPECS, TableSettings, codec_table, format_table
 
-    specs = [s for s in args.codecs.split(";") if s.strip()] if args.codecs else list(DEFAULT_SPECS)
+    specs = [s for s in args.codecs.split(";") if s.strip()] if args.codecs is not None else list(DEFAULT_SPECS)
+    if not specs:
+        raise ValueError(f"--codecs: expected codec specs separated by ';' (such as 'zstd;kivi4'), got "
+                         f"{args.codecs!r}")
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"--dtype: expected float16, bfloat16 or float32, got {args.dtype!r}")
@@ -114,6 +125,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from kvstore.integrations.demo import RANDOM, DemoSettings, build_model, run_demo
     from kvstore.integrations.demo_report import format_report
 
+    _check_folder("--data-dir", args.data_dir)
     model = RANDOM if args.random_model else args.model
     settings = DemoSettings.quick(model) if args.quick else DemoSettings(model=model)
     if args.prefix_tokens is not None:
@@ -157,19 +169,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from kvstore.client import Connection
+    from kvstore.client import Connection, parse_url
     from kvstore.protocol import ServerError
 
     if not 0 < args.timeout <= MAX_WAIT_SECONDS:
         raise ValueError(f"--timeout: expected seconds > 0 and <= {MAX_WAIT_SECONDS:.0f}, got {args.timeout}")
+    try:
+        parse_url(args.url)
+    except ValueError as error:  # a port out of range, no host: say which flag and what came
+        raise ValueError(f"--url: expected kvstore://host:port, got {args.url!r} ({_one_line(error)})") from None
     token = args.token
     if token is None and args.token_file:
         try:
-            with open(args.token_file) as f:
+            with open(args.token_file, encoding="utf-8") as f:
                 token = f.read().strip()
         except FileNotFoundError:
             raise ValueError(f"no token: --token-file {args.token_file} does not exist; give --token (or set "
                              f"$KVSTORE_REMOTE_TOKEN), or --token-file <the server's data dir>/token") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"--token-file: expected a readable UTF-8 file holding the token, got "
+                             f"{args.token_file!r} ({_one_line(error)})") from None
     try:
         conn = Connection(args.url, token, args.timeout)
     except ServerError:  # it answered (a refused token...): its own message says what is wrong

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import os
 import re
 import tomllib
@@ -32,6 +34,32 @@ ENV_RESERVED = frozenset({"KVSTORE_CONFIG", "KVSTORE_MODEL_CACHE", "KVSTORE_SLOW
 ENV_OTHER_PREFIXES = ("KVSTORE_SERVER_",)
 
 
+class UnknownSetting(ValueError, TypeError):
+    """A keyword a settings class does not have: a ``ValueError`` naming it, as every bad setting is (and the
+    ``TypeError`` Python raises for an unknown keyword, for callers that catch that)."""
+
+
+def refuse_unknown_settings(cls: type) -> type:
+    """Make the dataclass ``cls`` raise ``UnknownSetting`` (naming the key and its nearest setting) for an
+    unknown keyword, where its generated ``__init__`` raised a bare ``TypeError``."""
+    init = cls.__init__
+    names = frozenset(field.name for field in dataclasses.fields(cls))
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise UnknownSetting(f"{unknown[0]}: unknown setting of {cls.__name__}{hint}; expected some of "
+                                 f"{sorted(names)}, got {unknown}")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+@refuse_unknown_settings
 @dataclass(frozen=True)
 class StoreConfig:
     """Settings of one KVStore. Sizes are bytes (int) or strings such as ``"4GiB"``.

@@ -16,6 +16,7 @@ How long the engine waits when it asks is the handle's policy:
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -36,6 +37,7 @@ PREFETCH_COUNTERS = ("prefetches", "prefetch_blocks", "prefetch_ready_blocks", "
                      "prefetch_coalesced", "prefetch_failed", "prefetch_cancelled", "prefetch_dropped",
                      "prefetch_pin_limited")
 _STOP = object()
+MAX_WAIT_SECONDS = 10 * 365 * 86400.0  # ten years: past it, a wait is a wait until done
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,11 @@ class PrefetchHandle:
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait up to ``timeout`` seconds (None: until done); returns leading tokens ready in the fastest tier."""
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or math.isnan(timeout)):
+            raise ValueError(f"timeout: expected seconds (a number) or None, got {timeout!r}")
+        if timeout is not None and timeout > MAX_WAIT_SECONDS:
+            timeout = None  # longer than any wait a clock can time (Event.wait overflows): until done
         deadline = None if timeout is None else time.monotonic() + timeout
         for fetch in self._state.fetches:
             if fetch is None:

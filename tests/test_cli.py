@@ -102,3 +102,33 @@ def test_codecs_refuses_no_windows_of_text_before_loading_the_model():
     result = _kvstore("codecs", "--codecs", "ec4", "--windows", "0", "--no-model", "--no-peers")
     assert result.returncode == 2
     assert "--windows" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("case", ["data-dir-bench", "data-dir-demo", "data-dir-serve", "url-port", "token-dir",
+                                  "token-binary", "no-codecs", "huge-size", "env-not-a-setting"])
+def test_user_mistakes_name_the_flag_or_setting_without_a_traceback(tmp_path, case):
+    """Each printed a bare errno ("[Errno 17] File exists"), a bare parser message ("Port out of range"), a
+    traceback (OverflowError from a size of hundreds of digits), exited 0 with an empty table, or refused
+    to start because a variable of the project's own (``KVSTORE_MODEL_CACHE``) was taken for a setting."""
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"\xff\xfe\x00binary")
+    args, expected, env = {
+        "data-dir-bench": (["bench", "--quick", "--data-dir", str(a_file)], "--data-dir: expected a folder", None),
+        "data-dir-demo": (["demo", "--quick", "--data-dir", str(a_file)], "--data-dir: expected a folder", None),
+        "data-dir-serve": (["serve", "--data-dir", str(a_file)], "data_dir: expected a folder", None),
+        "url-port": (["stats", "--url", "kvstore://h:99999"], "--url: expected kvstore://host:port", None),
+        "token-dir": (["stats", "--url", "kvstore://127.0.0.1:1", "--token-file", str(tmp_path)],
+                      "--token-file: expected a readable UTF-8 file", None),
+        "token-binary": (["stats", "--url", "kvstore://127.0.0.1:1", "--token-file", str(a_file)],
+                         "--token-file: expected a readable UTF-8 file", None),
+        "no-codecs": (["codecs", "--codecs", ";", "--no-model", "--no-peers"], "--codecs: expected codec specs",
+                      None),
+        "huge-size": (["info"], "host_bytes: expected a byte size up to", {"KVSTORE_HOST_BYTES": "9" * 400}),
+        "env-not-a-setting": (["info"], None, {"KVSTORE_MODEL_CACHE": str(tmp_path), "KVSTORE_SLOW": "1"}),
+    }[case]
+    result = _kvstore(*args, env=env, cwd=tmp_path)
+    assert "Traceback" not in result.stderr, result.stderr
+    if expected is None:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode == 2 and expected in result.stderr, result.stderr

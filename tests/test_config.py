@@ -311,6 +311,15 @@ def test_env_variables_of_the_project_that_are_not_settings_are_left_alone(name)
     assert config.host_bytes == 2 << 20
 
 
+@pytest.mark.parametrize("build", [lambda: StoreConfig(host_byte=1), lambda: StoreConfig().replace(host_bytez=1)])
+def test_an_unknown_keyword_is_a_value_error_naming_it_and_the_nearest_setting(build):
+    """It was the dataclass's bare TypeError; it is still a TypeError too, for callers that catch that."""
+    with pytest.raises(ValueError, match=r"^host_byte\w?: unknown setting of StoreConfig \(did you mean "
+                                         r"'host_bytes'\?\)") as info:
+        build()
+    assert isinstance(info.value, TypeError)
+
+
 def test_env_bad_value_names_field():
     with pytest.raises(ValueError) as info:
         StoreConfig.load(environ={"KVSTORE_HOST_BYTES": "lots"})

@@ -398,6 +398,18 @@ def test_per_call_wait_overrides_a_best_effort_config(held_store, kv_for):
     assert disk.total_reads == 3
 
 
+@pytest.mark.parametrize("timeout", ["1", float("nan"), True, [1]])
+def test_a_wait_of_no_number_is_a_value_error(make_store, kv_for, timeout):
+    """``wait("1")`` raised TypeError from inside the comparison; ``wait(nan)`` returned at once."""
+    store = make_store("host")
+    tokens = make_tokens(16)
+    store.put(tokens, kv_for(16))
+    with store.prefetch(tokens) as handle:
+        with pytest.raises(ValueError, match="^timeout: expected seconds"):
+            handle.wait(timeout)
+        assert handle.wait(1e300) == 16  # longer than a clock can time: until done (Event.wait overflowed)
+
+
 @pytest.mark.parametrize("policy", ["eager", "WAIT", "", 3])
 def test_invalid_policy_is_rejected_by_name(make_store, kv_for, policy):
     store = make_store("host")

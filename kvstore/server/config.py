@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvstore.config import env_values, read_settings_file, settings_from_dict
+from kvstore.config import env_values, read_settings_file, refuse_unknown_settings, settings_from_dict
 from kvstore.protocol import MAX_HELLO_BYTES
 from kvstore.sizes import parse_size
 
@@ -47,6 +47,7 @@ FLAG_HELP: dict[str, str] = {
 }
 
 
+@refuse_unknown_settings
 @dataclass(frozen=True)
 class ServerConfig:
     """Settings of one cache server. Sizes are bytes or strings such as ``"4GiB"``.
@@ -123,6 +124,11 @@ class ServerConfig:
                                  f"{65535 if 'port' in name else 1 << 31}], got {value!r}")
         if self.host_bytes <= 0:
             raise ValueError(f"host_bytes: expected > 0, got {self.host_bytes}")
+        if not isinstance(self.data_dir, str) or not self.data_dir:
+            raise ValueError(f"data_dir: expected a folder, got {self.data_dir!r}")
+        if os.path.exists(self.data_dir) and not os.path.isdir(self.data_dir):
+            raise ValueError(f"data_dir: expected a folder (or a path to create one at), got {self.data_dir!r}, "
+                             f"which is a file")
         if self.max_frame_bytes < MAX_HELLO_BYTES:
             raise ValueError(f"max_frame_bytes: expected at least {MAX_HELLO_BYTES} (a HELLO must fit), got "
                              f"{self.max_frame_bytes}")
