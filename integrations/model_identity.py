@@ -15,6 +15,11 @@ digest of the files that determine the KV (weights and ``config.json``):
 A model vLLM names by hub id is looked up in the local Hugging Face cache;
 if its files cannot be found (weights streamed from object storage, say)
 the id is ``name@revision``. An explicit ``model_id`` skips all of this.
+
+Engine settings that change the KV computed from the same weights (vLLM's
+``--hf-overrides``, SGLang's ``--json-model-override-args``, a quantization
+applied at load) are bound too, by ``bind_engine_settings``: one checkpoint
+served with another RoPE base or scaling must never share KV.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -118,3 +123,27 @@ def default_model_id(model: str, revision: str | None = None) -> str:
         if digest is not None:
             return digest
     return f"{model}@{revision or 'default'}"
+
+
+def _canonical(value: object) -> object:
+    """``value`` as JSON-able data, the same in every process: a callable by its module and name."""
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if callable(value):
+        return f"callable:{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    return repr(value)
+
+
+def bind_engine_settings(model_id: str, settings: Mapping[str, object]) -> str:
+    """``model_id`` with a digest of the engine ``settings`` that change the KV the same weights compute
+    (overrides of the model's config, a quantization applied at load); unchanged when none is set, so the
+    ids of plain deployments stay as they were."""
+    present = {name: _canonical(value) for name, value in settings.items() if value not in (None, "", {}, [], "{}")}
+    if not present:
+        return model_id
+    text = json.dumps(present, sort_keys=True, separators=(",", ":"))
+    return f"{model_id}|engine-{hashlib.sha256(text.encode()).hexdigest()[:16]}"

@@ -4,12 +4,17 @@ defaults an L3 under SGLang's own host pool needs (``l3_defaults``) and a data d
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from kvstore import StoreConfig
 from kvstore.config import ENV_OTHER_PREFIXES, ENV_PREFIX, ENV_RESERVED, env_values, read_settings_file
+from kvstore.integrations.model_identity import bind_engine_settings, default_model_id
+
+log = logging.getLogger(__name__)
 
 # extra_config keys SGLang itself (or another backend sharing the config) reads: ignored here.
 # (SGLang's scheduler drops its prefetch knobs before it builds a backend; its PD decode side passes them on.)
@@ -60,12 +65,54 @@ def store_config_from(storage_config: Any,
         if replica > 0:
             rank = f"rank-dp{replica}-" + rank.removeprefix("rank-")
         config = config.replace(disk_dir=os.path.join(config.disk_dir, rank))
-    if config.model_id == StoreConfig.model_id and storage_config.model_name:
-        config = config.replace(model_id=storage_config.model_name)  # not named anywhere: SGLang's model
+    config = config.replace(model_id=model_id_for(storage_config.model_name,
+                                                  None if config.model_id == StoreConfig.model_id else config.model_id))
     salt = extra.get("salt")
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise ValueError(f"extra_config['salt']: expected a non-empty string, got {salt!r}")
     return config, salt
+
+
+def model_id_for(model_name: str | None, named: str | None) -> str:
+    """The store's model id: ``named`` (configured), else a digest of the weights SGLang loads, beside the
+    name SGLang keys pages on (its served name, tagged with its host pool's page format); bound to the
+    settings that change the KV those weights compute (``--json-model-override-args``, ``--quantization``).
+
+    SGLang's name is the model path by default: a new checkpoint written at
+    the same path was served the old one's pages from a persistent L3.
+    """
+    args = _server_args()
+    path = getattr(args, "model_path", None)
+    if not path and model_name and os.path.isdir(model_name):
+        path = model_name  # a backend built without SGLang's server args: its name is the model folder
+    if named is not None:
+        base = named
+    elif path:
+        weights = default_model_id(path, getattr(args, "revision", None))
+        base = weights if model_name in (None, "", path) else f"{weights}|{model_name}"
+    elif model_name:
+        log.warning("SGLang gave no model path to digest the weights of: pages are keyed by the model name "
+                    "%r alone; set model_id if other weights are ever served under that name", model_name)
+        base = model_name
+    else:
+        base = StoreConfig.model_id
+    overrides = getattr(args, "json_model_override_args", None)
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides or "{}")
+        except ValueError:
+            pass  # SGLang refuses it itself; bound as given
+    return bind_engine_settings(base, {"model_override_args": overrides,
+                                       "quantization": getattr(args, "quantization", None)})
+
+
+def _server_args() -> Any:
+    """SGLang's server arguments in this process, or None (a backend built by hand, an SGLang without them)."""
+    try:
+        from sglang.srt.runtime_context import get_server_args
+        return get_server_args()
+    except Exception:
+        return None
 
 
 def _replica() -> int:

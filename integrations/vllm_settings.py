@@ -22,7 +22,7 @@ import torch
 
 from kvstore import KVLayout, StoreConfig
 from kvstore.config import ENV_PREFIX
-from kvstore.integrations.model_identity import default_model_id
+from kvstore.integrations.model_identity import bind_engine_settings, default_model_id
 from kvstore.layout import resolve_dtype
 from kvstore.sizes import parse_size
 
@@ -155,12 +155,17 @@ def _packing_tag() -> str:
 
 
 def model_id_of(settings: ConnectorSettings, vllm_config: Any) -> str:
-    """The configured model id, or a digest of the weights vLLM loads (``integrations/model_identity.py``);
-    tagged when the caches hold an engine-specific packing (``_packing_tag``)."""
-    if settings.model_named:
-        return settings.store.model_id + _packing_tag()
+    """The configured model id, or a digest of the weights vLLM loads (``integrations/model_identity.py``),
+    bound to the settings that change the KV those weights compute (``--hf-overrides`` of the RoPE base or
+    scaling, a ``--quantization`` applied at load: the same weights served two ways shared KV); tagged when
+    the caches hold an engine-specific packing (``_packing_tag``)."""
     model = vllm_config.model_config
-    return default_model_id(str(model.model), getattr(model, "revision", None)) + _packing_tag()
+    if settings.model_named:
+        base = settings.store.model_id
+    else:
+        base = default_model_id(str(model.model), getattr(model, "revision", None))
+    engine = {"hf_overrides": getattr(model, "hf_overrides", None), "quantization": getattr(model, "quantization", None)}
+    return bind_engine_settings(base, engine) + _packing_tag()
 
 
 def rank_store_config(settings: ConnectorSettings, place: RankPlace, model_id: str) -> StoreConfig:

@@ -143,8 +143,11 @@ class KVStore:
             self._closed = True
         self.hooks.close()
         self._flow.close()
-        for level in self.stack:
-            level.tier.close()
+        for level in self.stack:  # each tier closes, whatever another's close raised
+            try:
+                level.tier.close()
+            except Exception as error:
+                level.note_failure("close", error)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import struct
 import threading
@@ -46,6 +47,8 @@ _STAMP = struct.Struct("<Q")
 _MAX_WRITE_ATTEMPTS = 8
 # Dirty access stamps kept for the next write; beyond this they are written on their own.
 _MAX_PENDING_STAMPS = 4096
+
+log = logging.getLogger(__name__)
 
 
 class DirectoryInUseError(RuntimeError):
@@ -380,10 +383,15 @@ class LmdbTier:
             return
         with self._lock:
             pending = bool(self._pending_stamps)
-        if pending:
-            self._write([], [])
-        self._env.close()
-        self._lock_file.close()
+        try:
+            if pending:
+                self._write([], [])
+        except (lmdb.Error, OSError) as error:  # a full disk: the stamps are lost, the blocks are not
+            log.warning("lmdb tier: %s: the last access times could not be written at close (%s: %s)",
+                        self.path, type(error).__name__, error)
+        finally:
+            self._env.close()
+            self._lock_file.close()
 
 
 def inspect_directory(path: str | os.PathLike[str]) -> dict[str, int]:

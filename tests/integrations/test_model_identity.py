@@ -171,3 +171,19 @@ def test_a_hub_id_not_in_the_local_cache_is_named_by_name_and_revision():
     assert default_model_id(name) == f"{name}@default"
     assert default_model_id(name, "main") == f"{name}@main"
     assert default_model_id("s3://bucket/weights", "r1") == "s3://bucket/weights@r1"
+
+
+def test_bind_engine_settings_is_stable_and_leaves_plain_ids_alone():
+    from kvstore.integrations.model_identity import bind_engine_settings
+
+    assert bind_engine_settings("m", {"hf_overrides": {}, "quantization": None}) == "m"
+    one = bind_engine_settings("m", {"hf_overrides": {"b": 2, "a": 1}})
+    assert one == bind_engine_settings("m", {"hf_overrides": {"a": 1, "b": 2}})  # order does not matter
+    assert one != bind_engine_settings("m", {"hf_overrides": {"a": 1, "b": 3}})
+    assert one != bind_engine_settings("m", {"quantization": {"a": 1, "b": 2}})  # the setting's name counts
+
+    def override(config):
+        return config
+
+    by_function = bind_engine_settings("m", {"hf_overrides": override})
+    assert by_function == bind_engine_settings("m", {"hf_overrides": override})  # no address in it

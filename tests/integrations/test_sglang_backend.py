@@ -35,10 +35,11 @@ LAYERS, HEADS, HEAD_DIM, PAGE = 3, 2, 16, 16
 DEVICE_TOKENS = 256  # the host pool holds twice that: 32 pages
 
 
-def storage_config(extra: dict | None = None, tp_rank: int = 0, tp_size: int = 1, **kw) -> HiCacheStorageConfig:
+def storage_config(extra: dict | None = None, tp_rank: int = 0, tp_size: int = 1, model_name: str = "test/tiny-llama",
+                   **kw) -> HiCacheStorageConfig:
     return HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
                                 attn_cp_size=1, is_mla_model=False, enable_storage_metrics=False,
-                                is_page_first_layout=False, model_name="test/tiny-llama", extra_config=extra, **kw)
+                                is_page_first_layout=False, model_name=model_name, extra_config=extra, **kw)
 
 
 def kvstore_extra(**settings) -> dict:
@@ -84,6 +85,40 @@ def test_sglang_factory_loads_the_backend(tmp_path):
         assert [t.name for t in backend.store.tiers] == ["host", "lmdb"]
     finally:
         backend.close()
+
+
+def test_a_checkpoint_replaced_at_its_path_is_never_served_the_old_pages(tmp_path, monkeypatch):
+    """SGLang names the model by its path (served_model_name defaults to model_path): a new fine-tune written
+    at the same path, after a restart, was served the old weights' pages from the persistent L3. The id is
+    a digest of the weights now, beside SGLang's name."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = tmp_path / "my-finetune"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"weights v1" * 100)
+    keys = [f"page-{i}" for i in range(4)]
+
+    def backend(pool):
+        built = StorageBackendFactory.create_backend(
+            "dynamic", storage_config(kvstore_extra(disk_dir=str(tmp_path / "l3")), model_name=str(model)), pool)
+        built.register_mem_pool_host(pool)
+        return built
+
+    first = backend(host_pool(seed=1))
+    try:
+        assert first.config.model_id.startswith("weights-sha256:")
+        assert first.batch_set_v1(keys, indices(range(4))) == [True] * 4
+        assert first.batch_exists(keys) == 4
+    finally:
+        first.close()
+    (model / "model.safetensors").write_bytes(b"weights v2" * 100)  # the operator deploys a new fine-tune
+    second = backend(host_pool(seed=2))
+    try:
+        assert second.config.model_id != first.config.model_id
+        assert second.batch_exists(keys) == 0
+        assert second.batch_get_v1(keys, indices(range(10, 14))) == [False] * 4
+    finally:
+        second.close()
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -98,6 +98,29 @@ def test_model_id_of_an_unnamed_model_comes_from_its_weights(tmp_path, monkeypat
     assert model_id_of(_settings(), config).startswith("weights-sha256:")
 
 
+def test_engine_settings_that_change_the_kv_are_bound_in_the_model_id(tmp_path, monkeypatch):
+    """``--hf-overrides`` of the RoPE base and scaling on the same weights: both engines had one model id
+    and one layout, and the second loaded KV rotated with the first one's RoPE."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
+    ids = {}
+    for name, overrides, quantization in [("plain", {}, None), ("rope", {"rope_theta": 1e6}, None),
+                                          ("yarn", {"rope_theta": 1e6, "rope_scaling": {"rope_type": "yarn"}}, None),
+                                          ("fp8", {}, "fp8")]:
+        config = _config()
+        config.model_config.model = str(tmp_path / "model")
+        config.model_config.hf_overrides, config.model_config.quantization = overrides, quantization
+        ids[name] = model_id_of(_settings(), config)
+    assert len(set(ids.values())) == 4
+    weights = ids["plain"]
+    assert weights.startswith("weights-sha256:") and "|" not in weights  # plain deployments keep their ids
+    named = _config(extra={"model_id": "llama"})
+    named.model_config.hf_overrides, named.model_config.quantization = {"rope_theta": 1e6}, None
+    assert model_id_of(_settings({"model_id": "llama"}), named).startswith("llama|engine-")
+
+
 def test_rank_store_config_gives_each_rank_its_own_disk_dir(tmp_path):
     base = _settings({"disk_dir": str(tmp_path)})
     alone = rank_store_config(base, RankPlace("e"), "model-a")
