@@ -120,6 +120,12 @@ def weights_digest(model: Any) -> bytes:
     return h.digest()
 
 
+def _weights_state(model: Any) -> tuple[tuple[int, int], ...]:
+    """Each parameter's version counter and storage address: what changes when the weights are updated in
+    place (autograd's counter) or given new tensors, at a few microseconds a hundred parameters."""
+    return tuple((p._version, p.data_ptr()) for p in model.parameters())
+
+
 def layout_for(model_or_config: Any, dtype: torch.dtype | str | None = None, block_tokens: int = 256,
                **layout_fields: Any) -> KVLayout:
     """The ``KVLayout`` of a transformers model's KV cache (a model or its config).
@@ -251,6 +257,7 @@ class CachedModel:
         # A store that names no model (model_id left at its default) keys this model's blocks under a digest
         # of its weights: another model sharing the directory (same shapes, other weights) was served them.
         self._weights = weights_digest(model) if store.config.model_id == _UNNAMED else None
+        self._weights_seen = _weights_state(model) if self._weights is not None else ()
         self.save_generated = save_generated
         self.last_info: RequestInfo | None = None
         self._cache_kwarg = cache_argument(model)  # transformers renamed it; the old name warns
@@ -260,10 +267,26 @@ class CachedModel:
 
     def key_salt(self, salt: Salt = None) -> Salt:
         """The salt a call's blocks are keyed under in ``store`` (for asking the store directly): ``salt``,
-        bound to a digest of the weights when the store names no model. ``ValueError`` for a bad salt."""
+        bound to a digest of the weights when the store names no model. ``ValueError`` for a bad salt.
+
+        The digest is taken again when a parameter changed since (an in-place
+        update under ``no_grad``, or a new tensor assigned to ``.data``, as
+        optimizers and adapter merges do): stored KV of the old weights must
+        never reach the new ones. Writes through ``param.data`` in place do
+        not show; call ``refresh_weights()`` after those.
+        """
         if self._weights is None:
             return salt
+        if _weights_state(self.model) != self._weights_seen:
+            self.refresh_weights()
         return b"weights=" + self._weights.hex().encode() + b";" + salt_bytes(salt)
+
+    def refresh_weights(self) -> None:
+        """Digest the model's weights again (after changing them in place through ``param.data``); only when
+        the store names no model (a named model is whatever the name says)."""
+        if self._weights is not None:
+            self._weights = weights_digest(self.model)
+            self._weights_seen = _weights_state(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -406,6 +429,9 @@ class CachedModel:
         distribution) and whose ``past_key_values`` hold all ``S`` tokens,
         and the request's ``RequestInfo``. Other ``model_kwargs`` pass through.
         """
+        if model_kwargs.get("labels") is not None:
+            raise ValueError("labels: expected none: the model computes only the tokens not loaded from the store, "
+                             "so a loss over the whole prompt cannot come from it (call the model itself)")
         ids = self._batch(input_ids, model_kwargs)
         model_kwargs.pop("attention_mask", None)  # all ones (checked): the cache length sets positions
         positions = model_kwargs.get("position_ids")
@@ -436,6 +462,9 @@ class CachedModel:
         KV is saved and, when ``save_generated`` (default: the wrapper's),
         that of the generated tokens but the last, which has none yet.
         """
+        if generate_kwargs.get("custom_generate") is not None:
+            raise ValueError("custom_generate: expected none: a decoding loop of its own need not continue the "
+                             "loaded prefix's cache (greedy search or sampling only)")
         ids = self._batch(input_ids, generate_kwargs)
         config = self._generation_config(generate_kwargs)
         for name in ("num_beams", "num_return_sequences"):

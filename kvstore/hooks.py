@@ -116,7 +116,8 @@ class EngineHooks:
         chosen = self._policy if policy is None else PrefetchPolicy(
             policy, self._policy.timeout_base_seconds, self._policy.timeout_per_1k_tokens_seconds)
         located = self._stack.locate([b.key for b in blocks])
-        return self._live(self.prefetcher.start(blocks[:len(located)], chosen, num_tokens_of(blocks)))
+        return self._live(self.prefetcher.start(blocks[:len(located)], chosen, num_tokens_of(blocks),
+                                                blocks[0].key if blocks else None))
 
     def _live(self, opened: _Closing) -> _Closing:
         """``opened`` (a prefetch handle or a layer loader) is closed with the store if still open then."""
@@ -177,7 +178,10 @@ class EngineHooks:
             raise ValueError("sink: expected None without layer_wise=True, got a callable")
         if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0 or (skip and not layer_wise):
             raise ValueError(f"skip: expected an int >= 0 (and layer_wise=True when > 0), got {skip!r}")
-        if prefetch is not None and any(a.key != b.key for a, b in zip(prefetch.blocks, blocks)):
+        if prefetch is not None and prefetch.closed:
+            raise ValueError("prefetch: expected an open handle, got a closed one (a load consumes its handle)")
+        if prefetch is not None and (any(a.key != b.key for a, b in zip(prefetch.blocks, blocks)) or (
+                blocks and prefetch.request_key is not None and prefetch.request_key != blocks[0].key)):
             raise ValueError("prefetch: expected a handle from prefetch() of these tokens and salt, got one of others")
         if sink is not None and not callable(sink):
             raise ValueError(f"sink: expected a callable sink(layer, parts), got {type(sink).__name__}")

@@ -77,9 +77,10 @@ class _Fetch:
 class _HandleState:
     """What a handle owns (kept apart from the handle so dropping the handle can release it)."""
 
-    def __init__(self, blocks: Sequence[BlockRef], request_tokens: int):
+    def __init__(self, blocks: Sequence[BlockRef], request_tokens: int, request_key: bytes | None = None):
         self.blocks = list(blocks)
         self.request_tokens = request_tokens
+        self.request_key = request_key  # the key of the request's first block: which prompt (and salt) it is
         self.index = {block.key: i for i, block in enumerate(self.blocks)}
         self.views: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.fetches: list[_Fetch | None] = [None] * len(self.blocks)
@@ -116,11 +117,13 @@ class Prefetcher:
         for thread in self._threads:
             thread.start()
 
-    def start(self, leading: Sequence[BlockRef], policy: PrefetchPolicy, request_tokens: int) -> "PrefetchHandle":
+    def start(self, leading: Sequence[BlockRef], policy: PrefetchPolicy, request_tokens: int,
+              request_key: bytes | None = None) -> "PrefetchHandle":
         """A handle bringing up ``leading``, the stored leading blocks of a request of ``request_tokens``
-        tokens (the ``timeout`` policy's budget grows with the request)."""
+        tokens (the ``timeout`` policy's budget grows with the request) whose first block's key is
+        ``request_key`` (so a load can tell the handle of another prompt, even one that found nothing)."""
         leading = list(leading)
-        state = _HandleState(leading, request_tokens)
+        state = _HandleState(leading, request_tokens, request_key)
         handle = PrefetchHandle(self, state, policy)
         self.counters.add("prefetches")
         self.counters.add("prefetch_blocks", len(leading))
@@ -237,6 +240,11 @@ class PrefetchHandle:
     def blocks(self) -> list[BlockRef]:
         """The request's leading blocks some tier held when the prefetch started."""
         return self._state.blocks
+
+    @property
+    def request_key(self) -> bytes | None:
+        """The key of the first block of the request this handle was started for (None: not recorded)."""
+        return self._state.request_key
 
     @property
     def num_tokens(self) -> int:

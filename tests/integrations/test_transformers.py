@@ -348,6 +348,58 @@ def test_a_model_with_other_weights_is_never_served_anothers_kv(tmp_path):
         assert again.loaded_tokens == 39  # the first model's own blocks are still its own (all but the last token)
 
 
+@pytest.mark.parametrize("change", ["in_place", "new_tensor"])
+def test_weights_changed_after_wrapping_are_never_served_the_old_kv(new_store, change):
+    """The digest was taken once per wrapper: an optimizer step or an adapter merge changed the weights under
+    it, and the next request loaded the old weights' KV (logits off by 0.02 on SmolLM2)."""
+    model = tiny_model("llama")
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(40, seed=21)
+    assert cached.forward(ids)[1].saved_tokens == 40
+    weight = model.model.layers[0].self_attn.k_proj.weight
+    with torch.no_grad():
+        if change == "in_place":
+            weight.mul_(1.01)  # autograd's version counter moves
+        else:
+            weight.data = weight.data * 1.01  # a new tensor: its storage moves
+    out, info = cached.forward(ids)
+    assert info.loaded_tokens == 0
+    assert max_diff(out.logits, reference_logits(model, ids)) <= FP32_TOL
+    with torch.no_grad():
+        weight.data.mul_(1.01)  # through .data in place: neither moves, so the caller says so
+    cached.refresh_weights()
+    assert cached.forward(ids)[1].loaded_tokens == 0
+
+
+def test_labels_and_custom_generate_are_refused_before_the_store_is_touched(new_store):
+    """``labels`` worked on a miss and raised on every hit (the model ran on the computed tokens only); a
+    ``custom_generate`` loop passed the mode check and its save raised after generating."""
+    model = tiny_model("llama")
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(40, seed=22)
+    with pytest.raises(ValueError, match="^labels: expected none"):
+        cached.forward(ids, labels=ids)
+    with pytest.raises(ValueError, match="^custom_generate: expected none"):
+        cached.generate(ids, custom_generate=lambda *args, **kwargs: ids, **GREEDY)
+    assert cached.store.stats()["store"]["puts"] == 0 and cached.store.lookup(ids[0]) == 0
+
+
+def test_a_prefetch_handle_of_another_request_or_already_used_is_refused(new_store):
+    """A handle of another salt found nothing, so no block compared unequal and the load silently loaded 0
+    tokens; a handle a load had consumed did the same."""
+    model = tiny_model("llama")
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(40, seed=23)
+    cached.forward(ids)
+    other = cached.prefetch(ids, salt="another tenant")
+    with pytest.raises(ValueError, match="^prefetch: expected a handle from prefetch\\(\\) of these tokens"):
+        cached.forward(ids, prefetch=other)
+    handle = cached.prefetch(ids)
+    assert cached.forward(ids, prefetch=handle)[1].loaded_tokens == 39
+    with pytest.raises(ValueError, match="^prefetch: expected an open handle"):
+        cached.forward(ids, prefetch=handle)
+
+
 def test_a_named_model_is_keyed_by_its_name_alone(new_store):
     """``model_id`` set: the operator names the weights, and no digest of them is taken."""
     model = tiny_model("llama")
