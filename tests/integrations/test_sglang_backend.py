@@ -389,9 +389,10 @@ def test_compressed_disk_round_trips_lossless(tmp_path):
         assert backend.batch_set_v1(ks, indices(range(n))) == [True] * n
         backend.store.flush()
         assert backend.batch_exists(ks) == n
-        assert backend.batch_get_v1(ks[:4], indices(range(28, 32))) == [True] * 4
+        # the host tier keeps a batch's leading pages: the last ones are on the disk only
+        assert backend.batch_get_v1(ks[-4:], indices(range(28, 32))) == [True] * 4
         for s in range(4):
-            assert torch.equal(page_bytes(pool, s * PAGE), page_bytes(pool, (28 + s) * PAGE))
+            assert torch.equal(page_bytes(pool, (n - 4 + s) * PAGE), page_bytes(pool, (28 + s) * PAGE))
         assert backend.store.stats()["tiers"]["lmdb"]["hits"] >= 1
     finally:
         backend.close()
