@@ -328,7 +328,7 @@ def check_redis_url(name: str, url: str) -> None:
     cluster client takes no database and no query: both would quietly
     connect somewhere other than the operator wrote.
     """
-    scheme, _, rest = url.partition("://")
+    scheme = url.partition("://")[0]
     parts = urlsplit(url)
     if scheme.endswith("+cluster"):
         if parts.path not in ("", "/", "/0") or parts.query:
