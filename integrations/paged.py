@@ -26,7 +26,7 @@ CUDA.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -64,9 +64,24 @@ def check_page_size(page_size: int, block_tokens: int) -> None:
         raise ValueError(f"page_size: expected a divisor of the store's block_tokens={block_tokens}, got {page_size}")
 
 
+def request_table(block_table: Ids, num_tokens: int, start: int) -> torch.Tensor:
+    """``block_table`` as a 1-D int64 tensor on the CPU, with ``num_tokens`` and ``start`` checked as ints >= 0:
+    the checks every adapter's ``locate`` makes before any page is read or written (a negative ``start``
+    wrapped around the table, and float ids were truncated to other pages)."""
+    _check_int("num_tokens", num_tokens)
+    _check_int("start", start)
+    return _ids("block_table", block_table, torch.device("cpu"))
+
+
 def _ids(name: str, ids: Ids, device: torch.device | str | None) -> torch.Tensor:
     """``ids`` as a 1-D int64 tensor on ``device`` (its own device when None)."""
-    t = torch.as_tensor(ids)
+    if isinstance(ids, (str, bytes, Mapping)) or ids is None:
+        raise ValueError(f"{name}: expected a 1-D sequence of ints, got {type(ids).__name__}")
+    try:
+        t = torch.as_tensor(ids)
+    except (TypeError, RuntimeError, ValueError, OverflowError) as error:  # None inside, a generator, ...
+        raise ValueError(f"{name}: expected a 1-D sequence of ints, got {type(ids).__name__} "
+                         f"({' '.join(str(error).split())})") from None
     if t.dim() != 1:
         raise ValueError(f"{name}: expected a 1-D sequence of ints, got shape {list(t.shape)}")
     if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):

@@ -44,12 +44,25 @@ class PagePlaces:
         return self._places[key]
 
 
+def check_pages(adapter: Any, block_table: Sequence[int], tokens: Tokens, start: int) -> None:
+    """A ``ValueError`` now if ``block_table`` does not place every token ``[start, len(tokens))`` in
+    ``adapter``'s pages: checked block by block, a bad id stored the blocks before it and then raised (a
+    ``FillError``, from the direct path)."""
+    try:
+        total = len(tokens)
+    except TypeError:
+        return  # not a sequence: the store's own check names it
+    if total > start:
+        adapter.locate(block_table, total - start, start=start)
+
+
 def save_paged(store: Any, tokens: Tokens, adapter: Any, block_table: Sequence[int], salt: Salt = None,
                start: int = 0) -> int:
     """Store tokens ``[start, len(tokens))`` of a request whose KV sits at ``block_table`` in ``adapter``'s
     pages (``start`` on a store block boundary); returns blocks newly stored."""
     layers = store.layout.num_layers
     places = PagePlaces(adapter, block_table)
+    check_pages(adapter, block_table, tokens, start)
     if store.layout.block_tokens >= DIRECT_PAGES * adapter.page_size:
         def fill(block: BlockRef, dst: torch.Tensor) -> None:
             where = places(block.start, block.num_tokens)

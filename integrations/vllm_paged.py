@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kvstore.integrations.paged import VLLMPagedAdapter, as_words, check_page_size
+from kvstore.integrations.paged import VLLMPagedAdapter, as_words, check_page_size, request_table
 from kvstore.integrations.vllm_groups import NO_PAGE
 from kvstore.layout import KVLayout
 
@@ -69,7 +69,7 @@ class StandardizedPagedAdapter:
 
     def locate(self, block_table: Sequence[int], num_tokens: int, start: int = 0) -> PageSlots:
         page = self.page_size
-        table = torch.as_tensor(list(block_table), dtype=torch.int64)
+        table = request_table(block_table, num_tokens, start)
         end = start + num_tokens
         if table.numel() < -(-end // page):
             raise ValueError(f"block_table: expected at least {-(-end // page)} block ids for tokens "

@@ -188,11 +188,15 @@ class _Pipeline:
                 raise RuntimeError(f"layer-wise load failed: {self.error!r}") from self.error
             raise RuntimeError("layer-wise load is closed")
 
-    def stop(self) -> None:
-        """Stop the worker at its next step and release the pins (from any thread; idempotent)."""
+    def halt(self) -> None:
+        """Stop the worker at its next step (from any thread; idempotent)."""
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+
+    def stop(self) -> None:
+        """Stop the worker at its next step and release the pins (from any thread; idempotent)."""
+        self.halt()
         self.settle()
         self.handle.close()
 
@@ -293,11 +297,15 @@ class LayerLoader:
 
     def close(self) -> None:
         """Stop copying, release the prefetch pins and the layer buffers."""
-        self._finalizer()
         if self._thread is not threading.current_thread():
+            # The pins go once the worker is done: on a CPU its copy out of a pinned slot runs in the
+            # worker itself, and a slot unpinned before it ends could be refilled under it.
+            self._pipe.halt()
             self._thread.join()
+            self._finalizer()
             self._pipe.give_back()
         else:
+            self._finalizer()
             with self._pipe.cond:
                 self._pipe.ring = []
 

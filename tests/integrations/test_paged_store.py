@@ -67,3 +67,32 @@ def test_a_save_of_stored_blocks_gathers_nothing():
         assert save_paged(store, tokens, source, table) == 0
         got = store.get(tokens)
     assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+
+
+@pytest.mark.parametrize("path", ["staged", "direct", "copy-engine"])
+@pytest.mark.parametrize("bad", ["short", "out-of-range", "negative"])
+def test_a_bad_block_table_stores_nothing_and_is_a_value_error(path, bad):
+    """Checked block by block, a table covering only the first block (or with a bad last id) stored the blocks
+    before it, then raised: a FillError (no ValueError) on the direct path, after the first chunk was queued
+    on the copy engine's staged path."""
+    from kvstore.integrations.vllm_copy import CopyEngine
+
+    block_tokens = PAGE if path == "staged" else DIRECT_PAGES * PAGE
+    lay = tiny_layout(block_tokens=block_tokens)
+    tokens, kv = make_tokens(TOKENS, seed=7), make_kv(lay, TOKENS, seed=7)
+    source, table = _pages(lay), _table(4)
+    source.scatter(kv, source.locate(table, TOKENS))
+    last = (TOKENS - 1) // PAGE  # the page of the last token
+    table = {"short": table[:block_tokens // PAGE], "out-of-range": table[:last] + [99],
+             "negative": table[:last] + [-1]}[bad]
+    with KVStore(lay, StoreConfig(host_bytes=64 * lay.block_bytes)) as store:
+        with pytest.raises(ValueError, match="^block_table: expected"):
+            if path == "copy-engine":
+                engine = CopyEngine(store, source, staging_bytes=4 * lay.block_bytes, staged=True)
+                try:
+                    engine.save(tokens, None, table, 0)
+                finally:
+                    engine.close()
+            else:
+                save_paged(store, tokens, source, table)
+        assert store.lookup(tokens) == 0 and store.host.used_bytes() == 0

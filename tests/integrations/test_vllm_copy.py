@@ -292,3 +292,20 @@ def test_grouped_pages_load_each_group_from_its_own_table_and_never_touch_missin
     with pytest.raises(ValueError, match="holds no page"):
         save_paged(store, make_tokens(n, seed=8), grouped, (full, held))
     assert store.lookup(make_tokens(n, seed=8)) == 0
+
+
+@pytest.mark.parametrize("order", ["NHD", "HND"])
+@pytest.mark.parametrize("table, num_tokens, start, message", [
+    ([0, 1, 2, 3], 4, -4, "^start: expected an int >= 0"),  # wrapped to the table's last pages
+    ([0, 1, 2, 3], -3, 0, "^num_tokens: expected an int >= 0"),
+    ([0.9, 1.7], 4, 0, "^block_table: expected integer ids"),  # truncated to pages 0 and 1
+    ([True, False], 4, 0, "^block_table: expected integer ids"),
+    ([[0, 1], [2, 3]], 4, 0, "^block_table: expected a 1-D sequence of ints"),
+    ([0, None], 4, 0, "^block_table: expected a 1-D sequence of ints"),
+    (None, 4, 0, "^block_table: expected a 1-D sequence of ints"),
+])
+def test_locate_refuses_what_would_read_or_write_other_pages(order, table, num_tokens, start, message):
+    """vLLM 0.33's standardized views took a negative start, float or bool ids and 2-D tables without a word."""
+    _, adapter = _caches(order)
+    with pytest.raises(ValueError, match=message):
+        adapter.locate(table, num_tokens, start=start)
