@@ -24,8 +24,10 @@ served with another RoPE base or scaling must never share KV.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import marshal
 import logging
 import os
 import re
@@ -125,16 +127,40 @@ def default_model_id(model: str, revision: str | None = None) -> str:
     return f"{model}@{revision or 'default'}"
 
 
-def _canonical(value: object) -> object:
-    """``value`` as JSON-able data, the same in every process: a callable by its module and name."""
+_MAX_DEPTH = 16
+
+
+def _canonical(value: object, depth: int = 0) -> object:
+    """``value`` as JSON-able data, the same in every process: a function by its code, defaults and closure
+    (what it reads from its module's globals is not seen), a ``functools.partial`` with its arguments."""
+    if depth > _MAX_DEPTH:  # a function whose closure holds itself, a structure holding itself
+        return f"deep:{type(value).__name__}"
+    depth += 1
     if isinstance(value, Mapping):
-        return {str(k): _canonical(v) for k, v in value.items()}
+        return {str(k): _canonical(v, depth) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
+        return [_canonical(v, depth) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, functools.partial):
+        return {"partial": _canonical(value.func, depth), "args": _canonical(list(value.args), depth),
+                "keywords": _canonical(dict(value.keywords), depth)}
     if callable(value):
-        return f"callable:{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+        name = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+        code = getattr(value, "__code__", None)
+        if code is None:  # an object with __call__: its class and its state
+            return {"callable": name, "state": _canonical(getattr(value, "__dict__", {}), depth)}
+        cells = []
+        for cell in value.__closure__ or ():
+            try:
+                cells.append(_canonical(cell.cell_contents, depth))
+            except ValueError:  # a cell not filled yet
+                cells.append(None)
+        # Its code (two lambdas, one edited function), defaults and closure: not its name alone, under which
+        # two overrides that set other RoPE values shared one id.
+        return {"function": name, "code": hashlib.sha256(marshal.dumps(code)).hexdigest(),
+                "defaults": _canonical(getattr(value, "__defaults__", None), depth),
+                "kwdefaults": _canonical(getattr(value, "__kwdefaults__", None), depth), "closure": cells}
     return repr(value)
 
 

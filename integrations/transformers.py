@@ -122,8 +122,9 @@ def weights_digest(model: Any) -> bytes:
 
 def _weights_state(model: Any) -> tuple[tuple[int, int], ...]:
     """Each parameter's version counter and storage address: what changes when the weights are updated in
-    place (autograd's counter) or given new tensors, at a few microseconds a hundred parameters."""
-    return tuple((p._version, p.data_ptr()) for p in model.parameters())
+    place (autograd's counter) or given new tensors, at a few microseconds a hundred parameters. Tensors
+    made under ``torch.inference_mode()`` keep no counter: only a new tensor shows for them."""
+    return tuple((-1 if p.is_inference() else p._version, p.data_ptr()) for p in model.parameters())
 
 
 def layout_for(model_or_config: Any, dtype: torch.dtype | str | None = None, block_tokens: int = 256,

@@ -108,11 +108,14 @@ class Connection:
         connection kept in the pool across a server restart would fail its next call, and the tier with it."""
         if self.closed or self._pos < self._end:
             return False
+        if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+            return False  # decrypted bytes nobody asked for
+        poller = select.poll()  # not select(): it refuses descriptors past 1024, which engines reach
         try:
-            readable, _, _ = select.select([self._sock], [], [], 0)
+            poller.register(self._sock, select.POLLIN | select.POLLPRI)
+            return not poller.poll(0)
         except (OSError, ValueError):
             return False
-        return not readable
 
     def _left(self) -> float:
         return self._deadline - time.monotonic()
@@ -126,6 +129,9 @@ class Connection:
         if left < self._timeout:
             self._sock.settimeout(left)
             self._short = True
+        elif self._short:  # ``allow`` gave the call more time since: each wait may take the whole timeout again
+            self._sock.settimeout(self._timeout)
+            self._short = False
 
     def close(self) -> None:
         self.closed = True

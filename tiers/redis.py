@@ -192,6 +192,7 @@ class RedisTier:
         self._client_obj: Any = None
         self._closed = False
         self._failing = False  # the last call raised: logged once, until a call succeeds again
+        self._no_scripts = False  # the server refused EVAL once: damaged blocks are deleted with a plain DEL
         try:  # a cluster client connects on construction: if the cluster is down, the first call retries
             self._client()
         except (redis.RedisError, RedisClusterException, OSError):
@@ -550,7 +551,20 @@ class RedisTier:
         empty one); True if deleted. One script, atomic on the server: another process that stored a good
         block under the key since the read (after an eviction, or racing this reader) keeps it."""
         judged = "wrongtype" if _wrong_type(value) else hashlib.sha1(value).hexdigest()  # noqa: S324 -- an equality check
-        return bool(self._guard(lambda c: c.eval(_DROP_JUDGED, 1, rkey, _read_limit(out), judged), 0))
+        if not self._no_scripts:
+            try:
+                return bool(self._client().eval(_DROP_JUDGED, 1, rkey, _read_limit(out), judged))
+            except ResponseError as exc:  # an ACL without scripting (NOPERM), or a server without EVAL
+                self._no_scripts = True
+                log.warning("redis tier: the server refuses scripts (%s); a damaged block is deleted without "
+                            "checking that no other process stored it again meanwhile", exc)
+            except _FAILURES as exc:
+                self._count_failure(exc)
+                return False
+        # Without scripts, the clean-up races a writer between the read and the delete, as it did before them.
+        if value == b"" and not self._guard(lambda c: c.exists(rkey), 0):
+            return False  # the read found no key: nothing to delete
+        return bool(self._guard(lambda c: c.delete(rkey), 0))
 
     def delete(self, key: bytes) -> bool:
         """DEL block ``key``; True if it was stored, False if not or if the server cannot be reached."""

@@ -34,6 +34,7 @@ from kvstore.server.streams import SocketStream, Stream, TlsStream, read_exact
 
 DISK_READ_THREADS = 4
 _BACKLOG_POLL_SECONDS = 0.002
+_ADMIT_CHUNK_BYTES = 1 << 20  # how far ahead of its bytes a PUT counts them against the write backlog
 _ACCEPT_RETRY_SECONDS = 0.05
 
 
@@ -345,34 +346,42 @@ class CacheServer:
         sizes = b"".join(U64.pack(MISSING if b is None else len(b)) for b in blobs)
         await self._reply(conn, header, len(keys), sizes, *(b for b in blobs if b is not None))
 
-    async def _admit_put(self, payload_bytes: int) -> None:
-        """Wait until the disk backlog, the PUTs being received and this one fit ``write_backlog_bytes``
-        (or nothing else is queued or incoming: a frame larger than the bound goes alone), then count this
-        one as incoming. Checked and counted with no await between, on the one event loop thread: checking
-        the backlog alone let every connection past it at once, and 8 writers of 8 MiB frames held 24 MiB
-        against a 1 MiB bound. A failing disk does not drain the backlog: its PUTs are refused at once."""
+    async def _admit_put(self, num_bytes: int, held: int) -> None:
+        """Wait until ``num_bytes`` more of a PUT's payload may be received: while the disk backlog, the PUT
+        bytes received and not yet queued (``held`` of them this PUT's own) and these fit
+        ``write_backlog_bytes``, or nothing but this PUT is queued or incoming (a frame larger than the bound
+        goes alone). Then they count as incoming. Checked and counted with no await between, on the one
+        event loop thread: checking the backlog alone let every connection past it at once (8 writers of
+        8 MiB frames held 24 MiB behind a 1 MiB backlog). Counted as the bytes are about to arrive, at most
+        ``_ADMIT_CHUNK_BYTES`` ahead, so a client that announces a frame and stalls holds no more room
+        than that. A failing disk does not drain the backlog: its PUTs are refused at once."""
         if self.config.disk_bytes:
             bound = self.config.write_backlog_bytes
             while self.store.disk_error is None:
-                queued = self.store.backlog_bytes() + self._incoming
-                if queued == 0 or queued + payload_bytes <= bound:
+                others = self.store.backlog_bytes() + self._incoming - held
+                if others == 0 or others + held + num_bytes <= bound:
                     break
                 await asyncio.sleep(_BACKLOG_POLL_SECONDS)
-        self._incoming += payload_bytes
+        self._incoming += num_bytes
 
     async def _put(self, conn: _Connection, header: Header) -> None:
-        await self._admit_put(header.payload_len)
-        incoming = [header.payload_len]  # until the blobs are queued (and so counted in the backlog)
+        held = [0]  # this PUT's bytes counted incoming until its blobs are queued (then in the backlog)
+
+        async def admit(num_bytes: int) -> None:
+            await self._admit_put(num_bytes, held[0])
+            held[0] += num_bytes
 
         def queued() -> None:
-            self._incoming -= incoming.pop() if incoming else 0
+            self._incoming -= held[0]
+            held[0] = 0
 
         try:
-            await self._receive_put(conn, header, queued)
+            await self._receive_put(conn, header, admit, queued)
         finally:
             queued()
 
-    async def _receive_put(self, conn: _Connection, header: Header, queued: Callable[[], None]) -> None:
+    async def _receive_put(self, conn: _Connection, header: Header, admit: Callable[[int], Awaitable[None]],
+                           queued: Callable[[], None]) -> None:
         remaining = header.payload_len
         items = []
         for i in range(header.count):
@@ -388,7 +397,11 @@ class CacheServer:
                 raise ProtocolError(Status.MALFORMED, f"block {i}: expected at most {remaining} bytes, "
                                                       f"header says {blob_len}")
             blob = self.store.buffer(blob_len)
-            await conn.stream.read_into(memoryview(blob))
+            view = memoryview(blob)
+            for at in range(0, blob_len, _ADMIT_CHUNK_BYTES):
+                part = view[at:at + _ADMIT_CHUNK_BYTES]
+                await admit(len(part))
+                await conn.stream.read_into(part)
             items.append((key, blob))
             remaining -= blob_len
         if remaining:

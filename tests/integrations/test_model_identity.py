@@ -9,6 +9,8 @@ is named ``name@revision``. Nothing here reaches the network.
 
 from __future__ import annotations
 
+import functools
+
 import builtins
 import hashlib
 import json
@@ -187,3 +189,14 @@ def test_bind_engine_settings_is_stable_and_leaves_plain_ids_alone():
 
     by_function = bind_engine_settings("m", {"hf_overrides": override})
     assert by_function == bind_engine_settings("m", {"hf_overrides": override})  # no address in it
+
+    def set_rope(config, theta):
+        config.rope_theta = theta
+        return config
+
+    # Named by module and name alone, two partials (and two lambdas) that set other values had one id.
+    ids = {bind_engine_settings("m", {"hf_overrides": hook}) for hook in (
+        functools.partial(set_rope, theta=1e4), functools.partial(set_rope, theta=1e6),
+        lambda config: set_rope(config, 1e4), lambda config: set_rope(config, 1e6))}
+    assert len(ids) == 4
+    assert bind_engine_settings("m", {"hf_overrides": functools.partial(set_rope, theta=1e6)}) in ids

@@ -371,6 +371,18 @@ def test_weights_changed_after_wrapping_are_never_served_the_old_kv(new_store, c
     assert cached.forward(ids)[1].loaded_tokens == 0
 
 
+def test_a_model_built_under_inference_mode_is_wrapped_and_served(new_store):
+    """Its parameters keep no version counter: reading it raised out of ``CachedModel(...)``."""
+    with torch.inference_mode():
+        model = tiny_model("llama")
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(40, seed=24)
+    cached.forward(ids)
+    out, info = cached.forward(ids)
+    assert info.loaded_tokens == 39
+    assert max_diff(out.logits, reference_logits(model, ids)[:, 39:]) <= FP32_TOL
+
+
 def test_labels_and_custom_generate_are_refused_before_the_store_is_touched(new_store):
     """``labels`` worked on a miss and raised on every hit (the model ran on the computed tokens only); a
     ``custom_generate`` loop passed the mode check and its save raised after generating."""

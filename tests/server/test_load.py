@@ -22,7 +22,7 @@ import torch
 from conftest import TESTS_DIR, make_kv, tiny_layout
 from kvstore.blockformat import BlockHeader
 from kvstore.client import Connection
-from kvstore.protocol import PutResult, ServerError
+from kvstore.protocol import Header, Op, PutResult, ServerError, put_item_header
 from kvstore.tiers.remote import RemoteTier
 
 from .conftest import TOKEN
@@ -353,3 +353,22 @@ def test_concurrent_puts_keep_the_write_backlog_within_its_bound(server_factory)
         monitor.close()
     assert 0 < peak_backlog <= max(1 << 20, frame), peak_backlog  # the bound, or one frame alone
     assert peak_ram <= (4 << 20) + (1 << 20) + frame, peak_ram
+
+
+def test_a_put_that_stalls_after_announcing_a_large_blob_blocks_no_one(server_factory):
+    """The admission counted a PUT's whole announced payload from its header on: one client announcing the
+    backlog's worth and sending nothing more made every other tenant's PUT wait for its request timeout
+    (60 s). Bytes count now as they are about to arrive, a chunk ahead at most."""
+    server = server_factory("--host-bytes", "64MiB", "--disk-bytes", "256MiB", "--write-backlog-bytes", "16MiB",
+                            "--disk-sync", "false", "--preallocate", "false")
+    staller = server.connect()
+    key = blob_key("stalled")
+    staller._sock.sendall(Header(int(Op.PUT), 1000, 1, 1 + len(key) + 8 + (16 << 20)).pack()
+                          + put_item_header(key, 16 << 20) + b"x" * 1000)  # then nothing
+    other = server.connect(timeout=5.0)
+    try:
+        items = [(blob_key("other", i), [blob_of(blob_key("other", i))]) for i in range(8)]
+        assert other.put(items) == [PutResult.STORED] * 8  # timed out after 5 s before
+    finally:
+        other.close()
+        staller.close()

@@ -226,6 +226,29 @@ def test_a_block_stored_by_another_process_after_the_read_is_kept(make_tier, lay
     assert_same_kv(read(tier, layout, A), block)
 
 
+def test_a_user_without_scripting_still_clears_a_damaged_block(make_tier, layout, shared_redis):
+    """The compare-and-delete is a script: an ACL user without ``@scripting`` left the damaged value in place,
+    so SET NX kept finding it and the block stayed a miss for good. Without scripts it is a plain DEL."""
+    with shared_redis.client() as raw:
+        raw.execute_command("ACL", "SETUSER", "kvstore-noeval", "on", ">noeval-pass-1", "~*", "+@all", "-@scripting")
+    try:
+        url = shared_redis.url.replace("redis://", "redis://kvstore-noeval:noeval-pass-1@", 1)
+        tier = make_tier(url=url)
+        block = make_blocks(layout)[A]
+        tier.put_many([(A, block)])
+        with shared_redis.client() as raw:
+            good = raw.get(tier.redis_key(A))
+            raw.set(tier.redis_key(A), good[:-1] + bytes([good[-1] ^ 1]))
+            assert read(tier, layout, A) is None
+            assert raw.exists(tier.redis_key(A)) == 0  # deleted
+        assert tier.put_many([(A, block)]) == 1
+        assert_same_kv(read(tier, layout, A), block)
+        assert counts(tier, "corrupt", "errors") == (1, 0)
+    finally:
+        with shared_redis.client() as raw:
+            raw.execute_command("ACL", "DELUSER", "kvstore-noeval")
+
+
 @pytest.mark.parametrize("many", [False, True])
 def test_a_value_far_larger_than_a_block_is_a_corrupt_miss_read_only_in_part(make_tier, layout, shared_redis, many):
     """64 MiB under a 4 KiB block's key (another writer's): the read asks for one byte past the largest a
