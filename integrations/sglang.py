@@ -25,7 +25,8 @@ belongs to one process, so with more than one rank each gets its own
 ``disk_dir/rank-tp{r}of{n}-pp{r}of{n}-cp{r}of{n}`` (``rank-dp{d}-tp...`` for
 the DP ranks after the first under DP attention); ``files_dir``, the cache
 server and Redis are shared by all ranks as they are.
-``model_id`` defaults to SGLang's model name; ``extra_config["salt"]`` adds a
+``model_id`` defaults to a digest of the weights at SGLang's model path beside
+its model name (``sglang_config.model_id_for``); ``extra_config["salt"]`` adds a
 tenant salt. Keys SGLang or other backends read from ``extra_config`` are
 ignored (``SGLANG_KEYS``); any other unknown key is a ``ValueError`` naming it.
 
