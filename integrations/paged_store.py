@@ -44,16 +44,16 @@ class PagePlaces:
         return self._places[key]
 
 
-def check_pages(adapter: Any, block_table: Sequence[int], tokens: Tokens, start: int) -> None:
-    """A ``ValueError`` now if ``block_table`` does not place every token ``[start, len(tokens))`` in
-    ``adapter``'s pages: checked block by block, a bad id stored the blocks before it and then raised (a
-    ``FillError``, from the direct path)."""
+def check_pages(places: PagePlaces, tokens: Tokens, start: int) -> None:
+    """A ``ValueError`` now if ``places``' block table does not place every token ``[start, len(tokens))``
+    in its adapter's pages: checked block by block, a bad id stored the blocks before it and then raised (a
+    ``FillError``, from the direct path). The range located stays in ``places`` for the save to use."""
     try:
         total = len(tokens)
     except TypeError:
         return  # not a sequence: the store's own check names it
     if total > start:
-        adapter.locate(block_table, total - start, start=start)
+        places(start, total - start)
 
 
 def save_paged(store: Any, tokens: Tokens, adapter: Any, block_table: Sequence[int], salt: Salt = None,
@@ -62,7 +62,7 @@ def save_paged(store: Any, tokens: Tokens, adapter: Any, block_table: Sequence[i
     pages (``start`` on a store block boundary); returns blocks newly stored."""
     layers = store.layout.num_layers
     places = PagePlaces(adapter, block_table)
-    check_pages(adapter, block_table, tokens, start)
+    check_pages(places, tokens, start)
     if store.layout.block_tokens >= DIRECT_PAGES * adapter.page_size:
         def fill(block: BlockRef, dst: torch.Tensor) -> None:
             where = places(block.start, block.num_tokens)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from kvstore.buffers import empty_host
-from kvstore.integrations.paged_store import block_sink, check_pages, save_paged
+from kvstore.integrations.paged_store import PagePlaces, block_sink, check_pages, save_paged
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class CopyEngine:
         if not self.staged:
             save_paged(self.store, tokens, self.adapter, block_ids, salt, start)
             return len(tokens) - start
-        check_pages(self.adapter, block_ids, tokens, start)  # all of it, before a first chunk is stored
+        check_pages(PagePlaces(self.adapter, block_ids), tokens, start)  # all of it, before a chunk is stored
         for lo in range(start, len(tokens), self.chunk_tokens):
             hi = min(len(tokens), lo + self.chunk_tokens)
             try:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from kvstore import __version__
-from kvstore.config import MAX_WAIT_SECONDS
+from kvstore.config import MAX_WAIT_SECONDS, check_folder
 from kvstore.layout import KVLayout
 from kvstore.sizes import format_size
 
@@ -53,16 +53,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     from kvstore.benchmarking import run_quick
 
-    _check_folder("--data-dir", args.data_dir)
+    check_folder("--data-dir", args.data_dir)
     run_quick(args.data_dir, repeat=5)
     return 0
-
-
-def _check_folder(flag: str, path: str) -> None:
-    """A ``ValueError`` naming ``flag`` if ``path`` is there but is not a folder (it printed only
-    "[Errno 17] File exists")."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag}: expected a folder (or a path to create one at), got {path!r}, which is a file")
 
 
 def _cmd_codecs(args: argparse.Namespace) -> int:
@@ -125,7 +118,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from kvstore.integrations.demo import RANDOM, DemoSettings, build_model, run_demo
     from kvstore.integrations.demo_report import format_report
 
-    _check_folder("--data-dir", args.data_dir)
+    check_folder("--data-dir", args.data_dir)
     model = RANDOM if args.random_model else args.model
     settings = DemoSettings.quick(model) if args.quick else DemoSettings(model=model)
     if args.prefix_tokens is not None:

@@ -93,11 +93,9 @@ class Connection:
         self._call_deadline = deadline
 
     def _start(self) -> None:
-        """An operation starts: its deadline is the call's, or ``timeout`` from now."""
+        """An operation starts: its deadline is the call's, or ``timeout`` from now (``_before_io`` sets the
+        socket's timeout from it)."""
         self._deadline = self._call_deadline if self._call_deadline is not None else time.monotonic() + self._timeout
-        if self._short:
-            self._sock.settimeout(self._timeout)
-            self._short = False
 
     def allow(self, num_bytes: int) -> None:
         """Give the call time to move ``num_bytes`` more at ``MIN_TRANSFER_RATE``."""
@@ -129,7 +127,7 @@ class Connection:
         if left < self._timeout:
             self._sock.settimeout(left)
             self._short = True
-        elif self._short:  # ``allow`` gave the call more time since: each wait may take the whole timeout again
+        elif self._short:  # a new operation, or ``allow`` gave this one more time: each wait may take it all again
             self._sock.settimeout(self._timeout)
             self._short = False
 

@@ -321,6 +321,13 @@ _WAITS = frozenset({"remote_timeout_seconds", "redis_timeout_seconds", "prefetch
                     "prefetch_timeout_per_1k_tokens_seconds"})
 
 
+def check_folder(name: str, path: str) -> None:
+    """A ``ValueError`` naming ``name`` if ``path`` is there but is not a folder (creating the folder printed
+    only "[Errno 17] File exists")."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name}: expected a folder (or a path to create one at), got {path!r}, which is a file")
+
+
 def check_redis_url(name: str, url: str) -> None:
     """A ``ValueError`` naming ``name`` unless ``url``'s database and query are ones the redis tier uses.
 

@@ -181,8 +181,7 @@ class TierHealth:
     def record_error(self) -> None:
         """An operation raised: the tier is bypassed for the back-off period."""
         with self._lock:
-            self._errors += 1
-            self._error_rate = (1 - ALPHA) * self._error_rate + ALPHA
+            self._count_error()
             self._degrade()
 
     def record_write_error(self) -> None:
@@ -196,11 +195,15 @@ class TierHealth:
         bypassed whole.
         """
         with self._lock:
-            self._errors += 1
-            self._error_rate = (1 - ALPHA) * self._error_rate + ALPHA
+            self._count_error()
             if self._clock() >= self._writes_until:
                 self._write_suspensions += 1
             self._writes_until = self._clock() + self._degraded_seconds
+
+    def _count_error(self) -> None:
+        """Under the lock: one more error, in the count and the moving rate."""
+        self._errors += 1
+        self._error_rate = (1 - ALPHA) * self._error_rate + ALPHA
 
     def writes_available(self) -> bool:
         """False while writes are suspended after a failed write (see ``record_write_error``)."""

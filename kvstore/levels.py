@@ -351,15 +351,11 @@ class TierStack:
             return
         if not (level.slots and level.tier.fills_in_place):
             items = [(key, as_tensor(block)) for key, block in items]
-        def put() -> bool:
+        try:
             if lossy is None:
                 level.tier.put_many(items)
             else:
                 level.tier.put_lossy(items, lossy)
-            return True
-
-        try:
-            put()
         except FillError:
             raise  # the engine's fill failed, not the tier
         except Exception as error:

@@ -37,7 +37,7 @@ PREFETCH_COUNTERS = ("prefetches", "prefetch_blocks", "prefetch_ready_blocks", "
                      "prefetch_coalesced", "prefetch_failed", "prefetch_cancelled", "prefetch_dropped",
                      "prefetch_pin_limited")
 _STOP = object()
-MAX_WAIT_SECONDS = 10 * 365 * 86400.0  # ten years: past it, a wait is a wait until done
+_FOREVER_SECONDS = 10 * 365 * 86400.0  # ten years: past it, a wait is a wait until done
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,7 @@ class PrefetchHandle:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or math.isnan(timeout)):
             raise ValueError(f"timeout: expected seconds (a number) or None, got {timeout!r}")
-        if timeout is not None and timeout > MAX_WAIT_SECONDS:
+        if timeout is not None and timeout > _FOREVER_SECONDS:
             timeout = None  # longer than any wait a clock can time (Event.wait overflows): until done
         deadline = None if timeout is None else time.monotonic() + timeout
         for fetch in self._state.fetches:

@@ -27,8 +27,8 @@ redis-py reconnects on a later call. On a cluster every call, one key or a
 batch, goes to each node in its own pipeline: a node that refuses the
 connection (down) leaves its keys unserved (misses, counted ``errors``) while
 the nodes still up serve theirs, and the call raises only if no primary
-answers; a node that times out fails the whole call. Only a miss (no such key) or a damaged
-value is a False / 0 answer. ``delete``, ``keys``, ``used_bytes`` and
+answers; a node that times out fails the whole call. Only a miss (no such
+key) or a damaged value is a False / 0 answer. ``delete``, ``keys``, ``used_bytes`` and
 ``stats`` never raise for a failing server: they count it (``errors``,
 ``timeouts``) and answer as if the server held nothing. ``errors`` counts the
 failures the tier absorbed; the ones it raised are the caller's to count (the
@@ -63,13 +63,12 @@ from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
 from kvstore.tiers.base import TIER_COUNTERS, Capability, decode_blob, tier_stats
 from kvstore.compression.registry import get_codec
-from kvstore.config import StoreConfig, check_redis_url
+from kvstore.config import REDIS_SCHEMES, StoreConfig, check_redis_url
 from kvstore.tiers.spec import TierSpec
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
-SCHEMES_BY_NAME = tuple(s[:-3] for s in SCHEMES)
 # What a call that could not reach the server raises: redis-py's errors (TimeoutError, ConnectionError, ...),
 # the cluster client's, and the socket layer's (socket.timeout is the builtin TimeoutError, an OSError).
 _FAILURES = (redis.RedisError, RedisClusterException, OSError)
@@ -101,7 +100,7 @@ def _connect(url: str, timeout: float) -> Callable[[], Any]:
     # multiple of ``timeout`` before the caller hears of it. A connection the server closed meanwhile (a
     # restart) needs no retry: the pool checks a connection before lending it and reconnects.
     options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
-    if scheme in SCHEMES_BY_NAME:
+    if scheme in REDIS_SCHEMES:
         check_redis_url("url", url)
     if scheme in ("redis", "rediss", "unix"):
         return lambda: redis.Redis.from_url(url, **options)

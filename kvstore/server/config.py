@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvstore.config import env_values, read_settings_file, refuse_unknown_settings, settings_from_dict
+from kvstore.config import check_folder, env_values, read_settings_file, refuse_unknown_settings, settings_from_dict
 from kvstore.protocol import MAX_HELLO_BYTES
 from kvstore.sizes import parse_size
 
@@ -126,9 +126,7 @@ class ServerConfig:
             raise ValueError(f"host_bytes: expected > 0, got {self.host_bytes}")
         if not isinstance(self.data_dir, str) or not self.data_dir:
             raise ValueError(f"data_dir: expected a folder, got {self.data_dir!r}")
-        if os.path.exists(self.data_dir) and not os.path.isdir(self.data_dir):
-            raise ValueError(f"data_dir: expected a folder (or a path to create one at), got {self.data_dir!r}, "
-                             f"which is a file")
+        check_folder("data_dir", self.data_dir)
         if self.max_frame_bytes < MAX_HELLO_BYTES:
             raise ValueError(f"max_frame_bytes: expected at least {MAX_HELLO_BYTES} (a HELLO must fit), got "
                              f"{self.max_frame_bytes}")
