@@ -22,7 +22,7 @@ block held approximately stores them again instead of counting dedup.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import partial
 
 import torch
@@ -104,32 +104,54 @@ class BlockFlow:
         return level.slots and level.tier.lossy_of(key) is not None
 
     def _land(self, items: list[tuple[bytes, torch.Tensor | PendingBlock, int]]) -> int:
-        """Put blocks in the fastest available level that takes them, then queue the lower copies."""
-        stored = 0
+        """Put blocks in the fastest available level that takes them, then queue the lower copies.
+
+        Blocks a level rejects (the batch is larger than it) go on to the
+        level below in the same call. That level is then also written the
+        copies it is due of the blocks landed above, in token order, so it
+        keeps the prompt's leading blocks: queued behind the overflow, those
+        copies evicted it (host 2 and files 3 blocks left files holding
+        blocks 0, 1 and 3 of an 8-block prompt, so a lookup reached 2).
+        """
+        order = {key: position for position, (key, _, _) in enumerate(items)}
+        landed: list[tuple[Level, bytes, torch.Tensor | PendingBlock, int]] = []
+        written: dict[bytes, set[int]] = {}  # key -> levels its copy was written to with an overflow
         for level in self.stack:
             if not items:
                 break
-            self.stack.write(level, [(key, block) for key, block, _ in items])
+            copies = [(key, block) for holder, key, block, sightings in landed
+                      if self._copy_due(holder, level, sightings)]
+            for key, _ in copies:
+                written.setdefault(key, set()).add(level.index)
+            batch = sorted(copies + [(key, block) for key, block, _ in items], key=lambda item: order[item[0]])
+            self.stack.write(level, batch)
             rest = []
             for key, block, sightings in items:
                 if self.stack.contains(level, key) and not self._marked(level, key):
-                    stored += 1
-                    self._send_down(level, key, block, sightings)
+                    landed.append((level, key, block, sightings))
                 else:
                     rest.append((key, block, sightings))
             items = rest
-        return stored
+        for holder, key, block, sightings in landed:
+            self._send_down(holder, key, block, sightings, skip=written.get(key, ()))
+        return len(landed)
+
+    def _copy_due(self, holder: Level, level: Level, sightings: int) -> bool:
+        """Whether ``level`` takes a write-through copy of a block that just landed in ``holder``."""
+        return level.index in self.placement.write_through(holder.index) and self.placement.admits(level.index,
+                                                                                                   sightings)
 
     def _send_down(self, landed: Level, key: bytes, block: torch.Tensor | PendingBlock | None, sightings: int,
-                   newly_admitted: bool = False) -> None:
+                   newly_admitted: bool = False, skip: Collection[int] = ()) -> None:
         """Queue write-through copies of a block held by ``landed`` for the levels below it.
 
         ``newly_admitted``: only for levels whose admission threshold this
         very sighting reached (a block seen again that was kept out before).
+        ``skip``: levels the copy was written to already.
         """
         for index in self.placement.write_through(landed.index):
             level = self.stack[index]
-            if newly_admitted and sightings != level.policy.admit_after:
+            if index in skip or (newly_admitted and sightings != level.policy.admit_after):
                 continue
             if not self.placement.admits(index, sightings):
                 level.counters.add("admission_rejected")

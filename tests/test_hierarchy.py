@@ -450,3 +450,25 @@ def test_a_prompt_larger_than_its_tiers_keeps_a_prefix_a_lookup_reaches(tmp_path
         found = store.lookup(tokens)
         assert found >= 32
         assert_same_kv(store.get(tokens), kv[:, :, :found])
+
+
+@pytest.mark.parametrize("below", ["files", "lmdb"])
+def test_a_prompt_overflowing_host_ram_leaves_the_tier_below_its_leading_blocks(tmp_path, below):
+    """Host 2 blocks over a 3-block tier: the overflow (blocks 2 to 7) was written below first, then the
+    queued copies of blocks 0 and 1 evicted two of it, so the files tier held blocks 0, 1 and 3 and a lookup
+    once the host had lost the prompt found 32 tokens, not 48."""
+    layout = tiny_layout()
+    small = 3 * (layout.block_bytes + HEADER_BYTES)
+    lower = (dict(files_dir=str(tmp_path / "files"), files_bytes=small, files_sync=False) if below == "files"
+             else dict(disk_dir=str(tmp_path / "lmdb"), disk_bytes=small, disk_sync=False))
+    tokens, kv = make_tokens(128, seed=7), make_kv(layout, 128, seed=7)
+    with KVStore(layout, StoreConfig(model_id="m", host_bytes=2 * layout.block_bytes, **lower)) as store:
+        store.put(tokens, kv)
+        assert store.flush(timeout=30)
+        keys = [block.key for block in store.block_keys(tokens)]
+        tier = next(tier for tier in store.tiers if tier.name == below)
+        assert [tier.contains(key) for key in keys] == [True] * 3 + [False] * 5
+        assert store.lookup(tokens) == 48
+    with KVStore(layout, StoreConfig(model_id="m", host_bytes=0, **lower)) as store:
+        assert store.lookup(tokens) == 48
+        assert_same_kv(store.get(tokens), kv[:, :, :48])

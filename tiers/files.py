@@ -340,6 +340,13 @@ class FilesTier:
         self._index[key] = _Entry(size, mtime_ns, self._seq)
         self._used += size
 
+    def _touch(self, key: bytes) -> None:
+        """``key`` was just accessed, if it is indexed here."""
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is not None:
+                self._remember(key, entry.size, entry.mtime_ns)
+
     def _forget(self, key: bytes) -> None:
         """Under the lock: drop ``key`` from the index."""
         old = self._index.pop(key, None)
@@ -599,11 +606,11 @@ class FilesTier:
         blocks no lookup reaches (a prefix is read from its first block).
         """
         in_flight: list[_Write] = []
-        written: set[bytes] = set()
+        ours: set[bytes] = set()  # the batch's blocks written or found stored: never its victims
         error: Exception | None = None
         parked = ParkedFiles()  # this batch's evicted files, overwritten by its next writes (tiers/parked.py)
         try:
-            for key, parts, logical, later in self._payloads(items):
+            for key, parts, logical, later in self._payloads(items, ours):
                 size = sum(part.nbytes for part in parts) + HEADER_BYTES
                 if size > self._capacity or size > self._max_file_bytes(logical):
                     self._counters.add("rejected")  # too big to fit, or a frame so big a read would refuse it
@@ -615,11 +622,11 @@ class FilesTier:
                         error, in_flight = self._settle(in_flight), []
                         if error is not None:
                             break
-                    fits, spare = self._make_room(size, parked, later, written)
+                    fits, spare = self._make_room(size, parked, later, ours)
                     if not fits:
                         self._counters.add("rejected")
                         continue
-                written.add(key)
+                ours.add(key)
                 with self._lock:
                     self._writing.add(key)
                 held = size if spare is None else spare.size
@@ -632,14 +639,20 @@ class FilesTier:
             raise error
         return sum(self.contains(key) for key, _ in items)
 
-    def _payloads(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> Iterator[tuple[bytes, list, int, int]]:
+    def _payloads(self, items: Sequence[tuple[bytes, torch.Tensor]],
+                  stored: set[bytes]) -> Iterator[tuple[bytes, list, int, int]]:
         """(key, payload parts, raw bytes, raw bytes of the blocks after it, headers included) of each block
-        not stored yet, in order; encoded on the pool."""
+        not stored yet, in order; encoded on the pool. The blocks found stored are added to ``stored`` and
+        count as just accessed: the batch's later blocks evicted them when they were the oldest here."""
         todo: list[tuple[bytes, list | Future, int]] = []
         seen: set[bytes] = set()
         for key, block in items:
-            if key in seen or self.contains(key):
-                continue  # an existing file is never rewritten
+            if key in seen:
+                continue
+            if self.contains(key):  # an existing file is never rewritten
+                self._touch(key)
+                stored.add(key)
+                continue
             seen.add(key)
             parts = self._raw_parts(block)
             if parts is None:

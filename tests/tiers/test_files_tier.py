@@ -703,6 +703,19 @@ def test_a_batch_larger_than_the_tier_keeps_its_leading_blocks(open_tier, disk_d
         assert_same_kv(_read(tier, layout, key), blocks[key])
 
 
+@pytest.mark.parametrize("io_threads", [1, 4])
+def test_a_batch_never_evicts_its_own_blocks_found_stored(open_tier, disk_dir, layout, blocks, io_threads):
+    """Blocks of a batch stored already (by another process, or an earlier put) were skipped but stayed the
+    oldest here: the batch's new blocks evicted them, leaving blocks after a hole no lookup reaches."""
+    tier = open_tier(3 * BLOCK, io_threads=io_threads)
+    tier.put_many([(A, blocks[A]), (B, blocks[B])])
+    tier.put_many([(C, blocks[C])])
+    assert tier.put_many([(key, blocks[key]) for key in (A, B, D, E)]) == 3  # C evicted, E rejected
+    assert _names(tier) == ["A", "B", "D"] and disk_usage(disk_dir) == tier.used_bytes() == 3 * BLOCK
+    tier.put_many([(E, blocks[E])])  # the batch touched A and B in its order: A is the oldest now
+    assert _names(tier) == ["B", "D", "E"]
+
+
 def test_a_write_failing_in_a_batch_raises_after_the_others_are_stored(open_tier, disk_dir, layout, blocks,
                                                                         monkeypatch):
     tier = open_tier(10 * BLOCK, io_threads=4)
