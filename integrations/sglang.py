@@ -100,7 +100,8 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
         "does not install: build the opt-in environment with `scripts/engine-venvs.sh sglang` and use "
         f".venv-sglang/bin/python (import failed: {_exc})") from _exc
 
-from kvstore.integrations.sglang_config import SGLANG_KEYS, kv_format, store_config_from  # noqa: E402
+from kvstore.integrations.sglang_config import (FP8_FORMATS, SGLANG_KEYS, kv_format, served_kv_format,  # noqa: E402
+                                               store_config_from)
 from kvstore.integrations.sglang_metrics import StorageCounters  # noqa: E402
 from kvstore.integrations.sglang_pages import (PoolKindMismatch, canonical_page_view, describe_pool,  # noqa: E402
                                                host_page_tokens)
@@ -161,6 +162,17 @@ class KVStoreHiCache(HiCacheStorage):
             parts.append(f"kv={self.kv_format}")
         return ";".join(parts)
 
+    def _adopt_served_kv_format(self) -> None:
+        """Bind SGLang's ``--kv-cache-dtype`` into the keys of a host pool that holds KV as bytes; a
+        ``ValueError`` when nothing says the format (an e5m2 engine was served an e4m3 engine's pages)."""
+        served = served_kv_format()
+        if served is None:
+            raise ValueError("SGLang's host pool holds this model's KV as bytes (an fp8 or fp4 --kv-cache-dtype) "
+                             "and no server arguments say which format: set extra_config kv_cache_dtype to it "
+                             f"({', '.join(sorted(FP8_FORMATS))})")
+        self.kv_format = served
+        self._salt = self._make_salt()
+
     def _register_flat_anchor(self, pool: Any, why: BaseException) -> None:
         try:
             self.pools.register(pool, KV_POOL)
@@ -198,6 +210,8 @@ class KVStoreHiCache(HiCacheStorage):
         except (ValueError, AttributeError) as exc:
             self._register_flat_anchor(mem_pool_host, exc)
             return
+        if layout.dtype == torch.uint8 and self.kv_format is None:
+            self._adopt_served_kv_format()
         self.flat_anchor = False
         with self._lock:
             old = self.store
@@ -210,10 +224,6 @@ class KVStoreHiCache(HiCacheStorage):
             self.layout, self.host_layout = layout, host_layout
             self._to_canonical, self._page_shape = to_canonical, page_shape
             self.store = KVStore(layout, self.config)
-        if layout.dtype == torch.uint8 and self.kv_format is None:
-            self._fail("SGLang's host pool holds this model's KV as bytes (an fp8 or fp4 --kv-cache-dtype): set "
-                       "extra_config kv_cache_dtype to it (fp8_e4m3, fp8_e5m2...), or pages of one format may be "
-                       "served to an engine running another")
         logger.info("kvstore HiCache backend: %s pages of %d tokens (%s host layout, %d bytes each), tiers %s",
                     "MLA" if self.mla else "MHA", layout.block_tokens, host_layout, layout.block_bytes,
                     [t.name for t in self.store.tiers])

@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from kvstore import StoreConfig
 from kvstore.config import ENV_OTHER_PREFIXES, ENV_PREFIX, ENV_RESERVED, env_values, read_settings_file
 from kvstore.integrations.model_identity import bind_engine_settings, default_model_id
@@ -104,6 +106,19 @@ def model_id_for(model_name: str | None, named: str | None) -> str:
             pass  # SGLang refuses it itself; bound as given
     return bind_engine_settings(base, {"model_override_args": overrides,
                                        "quantization": getattr(args, "quantization", None)})
+
+
+def served_kv_format() -> str | None:
+    """SGLang's ``--kv-cache-dtype`` in this process (``auto``: the checkpoint's own, which the weights' digest
+    covers), tagged on ROCm, whose e4m3 is another format; None without server arguments."""
+    try:  # the resolved value: SGLang's model overrides may pick a format for --kv-cache-dtype auto
+        from sglang.srt.runtime_context import get_model
+        value = get_model().kv_cache_dtype
+    except Exception:  # an SGLang without config bags, or none published
+        value = getattr(_server_args(), "kv_cache_dtype", None)
+    if not isinstance(value, str) or not value:
+        return None
+    return f"{value}/hip" if getattr(torch.version, "hip", None) else value
 
 
 def _server_args() -> Any:

@@ -46,6 +46,19 @@ class _Request:
     load_failed: bool = False  # a load of it failed: it is not offered another (vLLM would retry it forever)
 
 
+def eagle_block_drop(spec: Any) -> bool:
+    """Whether a hit leaves its last page to be computed again, as vLLM's own prefix cache does for EAGLE and
+    MTP drafters: a draft layer's KV at a position is computed from the token after it, so the last
+    position of a stored block holds the writer's next token's mark, which a key of the tokens up to the
+    block's end does not cover (a reader with another next token was served it)."""
+    if spec is None:
+        return False
+    try:
+        return bool(spec.use_eagle_block_drop())
+    except AttributeError:  # a vLLM before the method: its EAGLE always dropped the block
+        return bool(getattr(spec, "use_eagle", lambda: False)())
+
+
 class SchedulerHalf:
     """Lookups, load and save decisions, and the metadata the workers act on (see module docstring)."""
 
@@ -63,6 +76,7 @@ class SchedulerHalf:
         self.async_load = settings.async_load or (self.groups is not None and self.groups.hybrid)
         spec = getattr(vllm_config, "speculative_config", None)
         self.uniform_decode = 1 + int(getattr(spec, "num_speculative_tokens", 0) or 0)
+        self.volatile_tail = self.page_size if eagle_block_drop(spec) else 0
         names = [address(place.engine_id, place.dp_rank, pp, tp) for pp, tp in place.peers()]
         self.client = LookupClient(names, settings.lookup_timeout_s)
         self._requests: dict[str, _Request] = {}
@@ -88,7 +102,8 @@ class SchedulerHalf:
         if state.answer is None:
             started = time.perf_counter()
             state.answer = self.client.lookup(state.tokens, state.salt) if state.tokens else Answer()
-            hit = min(state.answer.load_tokens, len(state.tokens or ()) - 1) // self.page_size * self.page_size
+            hit = (min(state.answer.load_tokens - self.volatile_tail, len(state.tokens or ()) - 1)
+                   // self.page_size * self.page_size)
             self.stats.record_lookup(len(state.tokens or ()), 0, time.perf_counter() - started)
             state.answer = Answer(max(0, hit), state.answer.sources)
             state.sources = dict(state.answer.sources)

@@ -165,6 +165,10 @@ def model_id_of(settings: ConnectorSettings, vllm_config: Any) -> str:
     else:
         base = default_model_id(str(model.model), getattr(model, "revision", None))
     engine = {"hf_overrides": getattr(model, "hf_overrides", None), "quantization": getattr(model, "quantization", None)}
+    if vllm_config.cache_config.cache_dtype not in (None, "auto"):
+        # The layout's dtype is then the cache's (fp8): the model's own dtype, which the KV was computed in,
+        # reaches the keys only here (an fp16 engine's pages were served to a bf16 one).
+        engine["dtype"] = str(getattr(model, "dtype", None))
     return bind_engine_settings(base, engine) + _packing_tag()
 
 
@@ -190,13 +194,29 @@ def layer_index(name: str) -> int:
 
 
 def cache_dtype(vllm_config: Any) -> torch.dtype:
-    """The dtype the KV is stored in: ``--kv-cache-dtype`` (fp8 variants), else the model's dtype."""
+    """The dtype the KV is stored in: ``--kv-cache-dtype`` (fp8 variants, in the platform's own e4m3 format),
+    else the model's dtype; a ``ValueError`` naming the setting for a cache kvstore does not store."""
     name = vllm_config.cache_config.cache_dtype
-    model_dtype = vllm_config.model_config.dtype
     if name in (None, "auto"):
-        return resolve_dtype(model_dtype)
+        return resolve_dtype(vllm_config.model_config.dtype)
     mapped = CACHE_DTYPES.get(str(name), str(name))
-    return resolve_dtype(mapped)
+    if mapped == "float8_e4m3fn":
+        mapped = _platform_fp8(mapped)
+    try:
+        return resolve_dtype(mapped)
+    except ValueError:
+        raise ValueError(f"cache_config.cache_dtype: expected 'auto' or one of {sorted(CACHE_DTYPES)} with the "
+                         f"kvstore connector, got {name!r}") from None
+
+
+def _platform_fp8(default: str) -> str:
+    """vLLM's e4m3 format on this platform: ROCm's MI300 keeps fp8 caches as ``float8_e4m3fnuz``, whose bytes
+    mean other values than ``float8_e4m3fn``'s, so a fleet of both must not share keys."""
+    try:
+        from vllm.platforms import current_platform
+        return str(current_platform.fp8_dtype()).removeprefix("torch.")
+    except Exception:  # no vLLM platform (a layout worked out by hand)
+        return default
 
 
 def layout_from_caches(vllm_config: Any, caches: Sequence[torch.Tensor], first_layer: int, block_tokens: int,

@@ -15,6 +15,8 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float32: "float32",
     torch.float8_e4m3fn: "float8_e4m3fn",
     torch.float8_e5m2: "float8_e5m2",
+    torch.float8_e4m3fnuz: "float8_e4m3fnuz",  # ROCm's (MI300) fp8 formats: other values for the same bytes
+    torch.float8_e5m2fnuz: "float8_e5m2fnuz",
     torch.int8: "int8",
     torch.uint8: "uint8",
 }

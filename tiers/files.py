@@ -271,7 +271,8 @@ class FilesTier:
                  rescan_seconds: float = 5.0, codec: FrameCodec | None = None, io_threads: int = 4):
         full = layout.block_bytes + HEADER_BYTES
         if capacity_bytes < full:
-            raise ValueError(f"files_bytes: expected at least one block ({full} bytes), got {capacity_bytes}")
+            raise ValueError(f"files_bytes: expected at least one block ({full} bytes: its header and raw bytes, which "
+                             f"a codec's frame of KV it cannot shrink may take), got {capacity_bytes}")
         if o_direct and not hasattr(os, "O_DIRECT"):
             raise ValueError("o_direct: expected False on a platform without os.O_DIRECT, got True")
         for name, value in (("stale_temp_seconds", stale_temp_seconds), ("rescan_seconds", rescan_seconds)):

@@ -132,8 +132,8 @@ class LmdbTier:
                  codec: FrameCodec | None = None):
         if capacity_bytes < layout.block_bytes + HEADER_BYTES:
             raise ValueError(
-                f"disk_bytes: expected at least one block ({layout.block_bytes + HEADER_BYTES} bytes), "
-                f"got {capacity_bytes}"
+                f"disk_bytes: expected at least one block ({layout.block_bytes + HEADER_BYTES} bytes: its header "
+                f"and raw bytes, which a codec's frame of KV it cannot shrink may take), got {capacity_bytes}"
             )
         self.path = Path(path)
         self._lock_file = lock_directory(self.path, "disk_dir {path} is open in another process (or another "

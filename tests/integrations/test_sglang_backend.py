@@ -483,6 +483,36 @@ def test_fp8_formats_are_kept_apart(tmp_path):
         make_backend(None, kv_cache_dtype="e4m3")
 
 
+def test_fp8_formats_are_kept_apart_by_sglangs_own_server_arguments(tmp_path):
+    """Without ``extra_config kv_cache_dtype`` the format comes from SGLang's ``--kv-cache-dtype``: only a
+    warning was logged, and an e5m2 engine was served an e4m3 engine's pages (other values for the same bytes).
+    With neither, the backend refuses the byte-stored pool at registration."""
+    from sglang.srt.runtime_context import get_context
+    pool = host_pool(dtype=torch.float8_e4m3fn)
+    stored = page_bytes(pool, 0).clone()
+    with get_context().override_server_args(device="cpu", kv_cache_dtype="fp8_e4m3"):
+        e4m3 = make_backend(pool, disk_dir=str(tmp_path / "kv"))
+        try:
+            assert e4m3.batch_set_v1(keys(2, "f"), indices([0, 1])) == [True, True]
+        finally:
+            e4m3.close()
+    with get_context().override_server_args(device="cpu", kv_cache_dtype="fp8_e5m2"):
+        e5m2 = make_backend(pool, disk_dir=str(tmp_path / "kv"))
+        try:
+            assert e5m2.batch_exists(keys(2, "f")) == 0
+        finally:
+            e5m2.close()
+    with get_context().override_server_args(device="cpu", kv_cache_dtype="fp8_e4m3"):
+        again = make_backend(pool, disk_dir=str(tmp_path / "kv"))
+        try:
+            assert again.batch_get_v1(keys(2, "f"), indices([8, 9])) == [True, True]
+            assert torch.equal(page_bytes(pool, 8 * PAGE), stored)
+        finally:
+            again.close()
+    with pytest.raises(ValueError, match="no server arguments say which format.*kv_cache_dtype"):
+        make_backend(pool, disk_dir=str(tmp_path / "kv"))
+
+
 def test_a_pipeline_stage_of_other_layers_is_not_served_a_former_stages_pages(tmp_path):
     """A re-partitioned pipeline (44 layers as 11,10,12,11, then 10,10,13,11) gives stage 1 ten layers both times,
     from layer 11 and then from layer 10: over a shared tier the new stage was served layers 11..20 as 10..19."""

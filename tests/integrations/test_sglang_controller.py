@@ -248,7 +248,7 @@ def test_mla_fp8_kv_round_trips_byte_exact():
     device = sgl.MLATokenToKVPool(DEVICE_TOKENS, PAGE, torch.float8_e4m3fn, KV_LORA_RANK, QK_ROPE_HEAD_DIM, LAYERS,
                                   "cpu", False, start_layer=0, end_layer=LAYERS - 1)
     pool = host_pool_for(device, "page_first", seed=6)
-    backend = make_mla_backend(pool)
+    backend = make_mla_backend(pool, kv_cache_dtype="fp8_e4m3")
     try:
         assert backend.layout.dtype == pool.dtype == torch.uint8
         assert backend.layout.block_bytes == LAYERS * PAGE * MLA_DIM

@@ -303,3 +303,19 @@ def test_a_short_load_is_reported_in_the_step_that_used_it_with_a_drafter(tmp_pa
         kv_state._KV_CONNECTOR_AGENT = agent
         saver.shutdown()
         loader.shutdown()
+
+
+def test_an_eagle_drafter_is_offered_a_hit_less_its_last_page(tmp_path):
+    """An EAGLE layer's KV at a position is computed from the token after it: a stored block's last position
+    holds the writer's next token's mark, which the block's key does not cover. vLLM's own prefix cache drops
+    the last block of a hit for it; the connector offered the whole hit (32 tokens here, not 16)."""
+    from vllm_env import with_eagle_drafter
+    engine = Engine(tmp_path, {"block_tokens": 32, "host_bytes": "4MiB"}, configure=with_eagle_drafter)
+    try:
+        assert engine.config.speculative_config.use_eagle_block_drop()
+        shared = prompt(32, seed=1)
+        engine.serve("A", shared + prompt(16, seed=2))
+        new = engine.serve("B", shared + prompt(16, seed=3)).scheduled_new_reqs[0]
+        assert new.num_computed_tokens == 32 - PAGE
+    finally:
+        engine.close()

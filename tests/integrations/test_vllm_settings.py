@@ -121,6 +121,30 @@ def test_engine_settings_that_change_the_kv_are_bound_in_the_model_id(tmp_path, 
     assert model_id_of(_settings({"model_id": "llama"}), named).startswith("llama|engine-")
 
 
+def test_an_fp8_cache_binds_the_models_own_dtype_in_the_model_id(tmp_path, monkeypatch):
+    """With ``--kv-cache-dtype fp8`` the layout's dtype is the cache's: an fp16 engine and a bf16 engine on the
+    same weights had one model id and one layout, and the bf16 one was served the fp16 one's pages."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
+    ids = {}
+    for cache in ("auto", "fp8"):
+        for dtype in (torch.float16, torch.bfloat16):
+            config = _config(cache_dtype=cache, dtype=dtype)
+            config.model_config.model = str(tmp_path / "model")
+            ids[cache, dtype] = model_id_of(_settings(), config)
+    assert ids["fp8", torch.float16] != ids["fp8", torch.bfloat16]
+    assert ids["auto", torch.float16] == ids["auto", torch.bfloat16]  # the layout's dtype tells them apart
+    assert "|" not in ids["auto", torch.float16]  # plain deployments keep their ids
+
+
+@pytest.mark.parametrize("name", ["int8_per_token_head", "nvfp4"])
+def test_a_cache_dtype_kvstore_does_not_store_is_named_in_the_error(name):
+    caches = [torch.empty(4, 2, 16, 32, dtype=torch.uint8)]
+    with pytest.raises(ValueError, match=f"cache_config.cache_dtype: expected 'auto' or one of .*got '{name}'"):
+        layout_from_caches(_config(cache_dtype=name), caches, 0, 16, RankPlace("e"))
+
+
 def test_rank_store_config_gives_each_rank_its_own_disk_dir(tmp_path):
     base = _settings({"disk_dir": str(tmp_path)})
     alone = rank_store_config(base, RankPlace("e"), "model-a")

@@ -122,8 +122,10 @@ def make_request(req_id: str, tokens: list[int], cache_salt: str | None = None, 
 class Engine:
     """A real Scheduler and a worker connector over CPU caches; ``step()`` is one engine step."""
 
-    def __init__(self, tmp_path: Path, extra: dict, kind: str = "LBNHC"):
+    def __init__(self, tmp_path: Path, extra: dict, kind: str = "LBNHC", configure=None):
         self.config = make_config(write_model(tmp_path / "model"), extra)
+        if configure is not None:  # more of vLLM's settings, before the connectors see them
+            configure(self.config)
         self.config.cache_config.num_gpu_blocks = NUM_BLOCKS
         # The worker connector first, as vLLM initialises its workers before the scheduler: the worker's store
         # answers the scheduler's lookups over its socket.
@@ -187,6 +189,20 @@ class Engine:
     def close(self) -> None:
         self.connector.shutdown()
         self.worker.shutdown()
+
+
+def with_eagle_drafter(config: VllmConfig) -> None:
+    """An EAGLE drafter of one layer beside the target model (``configure`` for ``Engine``)."""
+    from vllm.config import SpeculativeConfig
+    model = Path(config.model_config.model)
+    draft = model.parent / "draft"
+    draft.mkdir(exist_ok=True)
+    settings = json.loads((model / "config.json").read_text())
+    settings.update(num_hidden_layers=1, architectures=["EagleLlamaForCausalLM"])
+    (draft / "config.json").write_text(json.dumps(settings))
+    config.speculative_config = SpeculativeConfig(method="eagle", model=str(draft), num_speculative_tokens=1,
+                                                  target_model_config=config.model_config,
+                                                  target_parallel_config=config.parallel_config)
 
 
 def prompt(n: int, seed: int) -> list[int]:
