@@ -58,6 +58,13 @@ class BlockEncoding:
         self.header_encoding = ENCODING_RAW if self.codec is None else frame_encoding(self.codec)
         self.lossy = None if self.codec is None or self.codec.lossless else self.codec.name
 
+    def foreign(self, encoding: int) -> bool:
+        """Whether a block whose header says ``encoding`` is in the lossy form of another codec known here,
+        which this tier never serves (``OTHER_CODEC``): a tier that reads its headers at open drops it, so a
+        put stores the block again instead of counting it as held."""
+        cls = None if encoding == ENCODING_RAW else CODEC_CLASSES.get(encoding - 1)
+        return cls is not None and not cls.lossless and (self.codec is None or cls.codec_id != self.codec.codec_id)
+
     def encode(self, block: torch.Tensor) -> object:
         """The bytes-like payload to store for ``block`` (its header's encoding is ``header_encoding``)."""
         return host_bytes(block) if self.codec is None else self.codec.encode(block)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import assert_same_kv, make_kv, make_tokens, mounted_tmpfs, tiny_layout
+from conftest import assert_same_kv, make_kv, make_tokens, mounted_tmpfs, remount, tiny_layout
+from kvstore.blockformat import HEADER_BYTES
 from kvstore import KVStore, StoreConfig
 
 LAYOUT = tiny_layout()
@@ -40,3 +41,19 @@ def test_a_full_disk_keeps_serving_what_it_holds(tmp_path, tier, host):
             assert later["hits"] > stats["hits"]
             if not host:  # the puts after the failure were not sent to the full disk at all
                 assert later["write_suspended"] >= 1
+
+
+def test_a_read_only_files_dir_larger_than_files_bytes_is_served_as_it_is(tmp_path):
+    """A reader node mounting a shared export read-only, with a smaller ``files_bytes`` than the writers':
+    the open tried to evict down to it and raised ``EROFS`` out of the store's constructor."""
+    layout = tiny_layout()
+    tokens, kv = make_tokens(80, seed=4), make_kv(layout, 80, seed=4)
+    with mounted_tmpfs(tmp_path / "export", "size=4m") as point:
+        config = StoreConfig(model_id="m", host_bytes=0, files_dir=str(point / "files"), files_bytes=1 << 20)
+        with KVStore(layout, config) as writer:
+            assert writer.put(tokens, kv) == 5
+        assert remount(point, "ro").returncode == 0
+        smaller = config.replace(files_bytes=2 * (layout.block_bytes + HEADER_BYTES))
+        with KVStore(layout, smaller) as reader:
+            assert reader.lookup(tokens) == 80
+            assert_same_kv(reader.get(tokens), kv)

@@ -105,8 +105,8 @@ def open_environment(path: Path, capacity_bytes: int, sync: bool, lock_file: IO[
     machine can reserve is a ``ValueError`` naming ``setting``; any other LMDB failure an ``OSError``."""
     map_size = max(2 * capacity_bytes, capacity_bytes + (1 << 30))
     try:
-        return lmdb.open(str(path), map_size=map_size, max_dbs=2, sync=sync, metasync=sync, readahead=False,
-                         max_readers=512, subdir=True)
+        env = lmdb.open(str(path), map_size=map_size, max_dbs=2, sync=sync, metasync=sync, readahead=False,
+                        max_readers=512, subdir=True)
     except lmdb.MemoryError:
         lock_file.close()
         raise ValueError(f"{setting}: expected a size this machine can map (LMDB reserves {map_size} bytes of "
@@ -114,6 +114,27 @@ def open_environment(path: Path, capacity_bytes: int, sync: bool, lock_file: IO[
     except lmdb.Error as exc:
         lock_file.close()
         raise OSError(f"{path}: LMDB could not open it: {exc}") from None
+    try:
+        check_whole(env, path)
+    except OSError:
+        env.close()
+        lock_file.close()
+        raise
+    return env
+
+
+def check_whole(env: lmdb.Environment, path: Path) -> None:
+    """An ``OSError`` if ``path``'s data file is shorter than its pages in use: LMDB maps the file and reads
+    pages past its end as it meets them, and the first one killed the process with SIGBUS (a file truncated
+    by a copy that ran out of room, or by hand)."""
+    try:
+        size = os.path.getsize(path / "data.mdb")
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    except (OSError, lmdb.Error) as exc:
+        raise OSError(f"{path}: cannot size the LMDB data file: {exc}") from None
+    if size < needed:
+        raise OSError(f"{path}: the LMDB data file is truncated ({size} bytes, its pages in use need {needed}); "
+                      f"remove data.mdb to start this cache empty")
 
 
 class LmdbTier:
@@ -154,13 +175,18 @@ class LmdbTier:
         self._used = 0
         self._pending_stamps: dict[bytes, int] = {}
         self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale")
+        self._foreign: set[bytes] = set()  # indexed blocks in another codec's lossy form (``_load_index``)
         self._clock = self._load_index()
         self._in_use = InUse()  # the map is unmapped at close: no call may be inside it then
         if self._used > self._capacity:
             self._write([], [])
 
     def _load_index(self) -> int:
-        """Rebuild the in-memory LRU from the meta records; drop records that do not parse."""
+        """Rebuild the in-memory LRU from the meta records; drop records that do not parse. Blocks in another
+        codec's lossy form are indexed (they take room, and are evicted in turn) but ``foreign``: not held for a
+        lookup or a put, which overwrites them (after a lossy ``disk_codec`` was turned off they were counted
+        as held, so a put skipped them and a get repaired one block a request). Turned back on, the codec
+        serves them again."""
         records: list[tuple[int, bytes, int]] = []
         broken: list[bytes] = []
         with self._env.begin(db=self._meta) as txn:
@@ -169,6 +195,8 @@ class LmdbTier:
                 if header is None or len(value) != HEADER_BYTES + _STAMP.size or header.key != key:
                     broken.append(key)
                     continue
+                if self.encoding.foreign(header.encoding):
+                    self._foreign.add(key)
                 (stamp,) = _STAMP.unpack_from(value, HEADER_BYTES)
                 records.append((stamp, key, header.length + HEADER_BYTES))
         if broken:
@@ -193,11 +221,11 @@ class LmdbTier:
 
     def contains(self, key: bytes) -> bool:
         # A dict membership test is atomic under the GIL; no lock on the lookup hot path.
-        return key in self._index
+        return key in self._index and key not in self._foreign
 
     def keys(self) -> Iterator[bytes]:
         with self._lock:
-            return iter(list(self._index))
+            return iter([key for key in self._index if key not in self._foreign])
 
     def _tick(self) -> int:
         self._clock += 1
@@ -236,7 +264,7 @@ class LmdbTier:
         with self._write_lock:
             # Another writer may have stored some of these since the caller looked.
             with self._lock:
-                payloads = [(k, p) for k, p in payloads if k not in self._index]
+                payloads = [(k, p) for k, p in payloads if k not in self._index or k in self._foreign]
             incoming = sum(memoryview(p).nbytes + HEADER_BYTES for _, p in payloads)
             for _ in range(_MAX_WRITE_ATTEMPTS):
                 with self._lock:
@@ -303,7 +331,8 @@ class LmdbTier:
     def _commit_index(self, records: list[tuple[bytes, object, int]], removed: list[bytes],
                       stamps: dict[bytes, int]) -> None:
         with self._lock:
-            for key in removed:
+            for key in removed + [key for key, _, _ in records if key in self._foreign]:  # overwritten: ours now
+                self._foreign.discard(key)
                 size = self._index.pop(key, None)
                 if size is not None:
                     self._used -= size
@@ -428,6 +457,7 @@ def inspect_directory(path: str | os.PathLike[str]) -> dict[str, int]:
     except lmdb.Error as exc:
         raise OSError(f"disk_dir {root}: cannot open the LMDB environment read-only: {exc}") from None
     try:
+        check_whole(env, root)
         try:
             meta = env.open_db(b"meta", create=False)
         except lmdb.NotFoundError:

@@ -38,7 +38,7 @@ from kvstore.blockformat import ENCODING_RAW, FRAME_SLACK, HEADER_BYTES, BlockHe
 from kvstore.buffers import payload_views
 from kvstore.client import ConnectionPool, Connection
 from kvstore.compression.codec import FrameCodec
-from kvstore.compression.stored import INTACT, BlockEncoding
+from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
 from kvstore.protocol import ProtocolError, PutResult, ServerError, Status
@@ -48,7 +48,7 @@ from kvstore.config import StoreConfig
 from kvstore.tiers.spec import TierSpec
 
 T = TypeVar("T")
-REMOTE_COUNTERS = ("errors", "timeouts", "unavailable")
+REMOTE_COUNTERS = ("errors", "timeouts", "unavailable", "stale")
 # What a call to a server that is down, hung or broken raises. OSError: ConnectionError, TimeoutError,
 # SSLError, ServerError; ProtocolError and ValueError: a reply this client cannot parse (a broken or newer server).
 FAILURES = (OSError, ProtocolError, ValueError)
@@ -249,21 +249,27 @@ class RemoteTier:
         return found
 
     def _verify(self, key: bytes, out: torch.Tensor, head: bytearray, blob: bytearray | None, size: int) -> bool:
-        """Check a fetched block's header (and decode it if it came in a buffer); counts hit, miss or corrupt."""
+        """Check a fetched block's header (and decode it if it came in a buffer); counts hit, miss, corrupt or
+        stale. A damaged blob of this layout, or one in a lossy form this tier does not serve, is deleted on the
+        server: left there it was a miss for good (the server answers a put of its key ``PRESENT``, and a failed
+        read refreshed it in the server's LRU), as the prefix an exact client met after a lossy one wrote it."""
         if blob is None:
             views = payload_views(out)
             header = BlockHeader.unpack(head)
-            intact = header is not None and header.verifies_parts(key, self._fingerprint, views)
-            if intact and header.encoding != ENCODING_RAW:  # a frame of the raw block's size: decode it
-                intact = self.encoding.decode_into(b"".join(views), out, header.encoding) == INTACT
+            verdict = INTACT if header is not None and header.verifies_parts(key, self._fingerprint, views) else CORRUPT
+            if verdict == INTACT and header.encoding != ENCODING_RAW:  # a frame of the raw block's size: decode it
+                verdict = self.encoding.decode_into(b"".join(views), out, header.encoding)
         else:
-            intact = decode_blob(self.encoding, key, self._fingerprint, blob, out) == INTACT
-        self._counters.add("hits" if intact else "misses")
-        if intact:
+            verdict = decode_blob(self.encoding, key, self._fingerprint, blob, out)
+        self._counters.add("hits" if verdict == INTACT else "misses")
+        if verdict == INTACT:
             self._counters.add("bytes_read", size - HEADER_BYTES)
-        else:
-            self._counters.add("corrupt")
-        return intact
+        elif verdict in (CORRUPT, OTHER_CODEC):
+            self._counters.add("corrupt" if verdict == CORRUPT else "stale")
+            header = BlockHeader.unpack(head if blob is None else blob)
+            if header is None or header.layout == self._fingerprint:  # ours, not another layout's writer's
+                self.delete(key)
+        return verdict == INTACT
 
     def delete(self, key: bytes) -> bool:
         """Delete ``key``; False if the server did not hold it, or failed (counted ``errors``)."""

@@ -488,3 +488,30 @@ def test_close_waits_for_a_read_inside_the_map_and_later_calls_miss(disk_dir):
         print("after close", tier.get_into(key, out), tier.put_many([(b"j" * 32, kv)]), tier.delete(key))
     """)
     assert out.split("\n")[:3] == ["close waited True", "read [True] True", "after close False 0 False"]
+
+
+def test_a_truncated_data_file_is_an_oserror_not_a_bus_error(tmp_path):
+    """A data.mdb cut short (a copy that ran out of room) opened fine, and the first read of a page past its
+    end killed the process with SIGBUS: the tier, ``kvstore info`` and the cache server's blob store alike.
+    Run in a child, so a regression fails this test instead of killing the run."""
+    out = run_python(f"""
+        import os
+        from pathlib import Path
+        from conftest import make_kv, make_tokens, tiny_layout
+        from kvstore import KVStore, StoreConfig
+        from kvstore.tiers.lmdb import inspect_directory
+        layout, disk = tiny_layout(), Path({str(tmp_path / "disk")!r})
+        config = StoreConfig(model_id="m", host_bytes=0, disk_dir=str(disk), disk_bytes=1 << 20)
+        with KVStore(layout, config) as store:
+            for seed in range(20):
+                store.put(make_tokens(64, seed=seed), make_kv(layout, 64, seed=seed))
+        data = disk / "data.mdb"
+        os.truncate(data, os.path.getsize(data) // 2)
+        for attempt in (lambda: KVStore(layout, config), lambda: inspect_directory(disk)):
+            try:
+                attempt()
+            except OSError as error:
+                print("refused:", error)
+    """)
+    refused = [line for line in out.splitlines() if line.startswith("refused:")]
+    assert len(refused) == 2 and all("truncated" in line and "remove data.mdb" in line for line in refused), out

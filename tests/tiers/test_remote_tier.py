@@ -255,6 +255,23 @@ def test_lossy_codec_reads_back_what_the_codec_gives(remote):
     assert remote().get_into(key("int8"), zeros(FP16)) is False  # a lossy frame only for its own codec
 
 
+def test_a_lossy_blob_an_exact_reader_meets_is_replaced_by_its_exact_put(remote):
+    """A fleet that turned its lossy ``remote_codec`` off: the exact reader counted the int8 blob corrupt and
+    left it, the server answered its put ``PRESENT``, and the prefix was a miss for good (the failed reads
+    even kept the blob fresh in the server's LRU)."""
+    block = make_kv(FP16, 16, seed=8)
+    assert remote(codec=get_codec("int8")).put_many([(key("was-lossy"), block)]) == 1
+    exact = remote()
+    assert exact.get_into(key("was-lossy"), zeros(FP16)) is False
+    stats = exact.stats()
+    assert (stats["stale"], stats["corrupt"]) == (1, 0)
+    assert not exact.contains(key("was-lossy"))
+    assert exact.put_many([(key("was-lossy"), block)]) == 1
+    out = zeros(FP16)
+    assert exact.get_into(key("was-lossy"), out)
+    assert_same_kv(out, block)
+
+
 def test_raw_blocks_land_in_the_output_without_a_bounce_buffer(remote, monkeypatch):
     tier = remote()
     block, tail = make_kv(FP16, 16, seed=8), make_kv(FP16, 5, seed=9)
@@ -801,11 +818,11 @@ def test_blobs_larger_than_the_blocks_asked_for_are_corrupt_misses_not_a_server_
         good = [(key("good", i), make_kv(small, 16, seed=i)) for i in range(2)]
         assert tier.put_many(good) == 2
         hostile = [key("hostile", i) for i in range(3)]
-        for k in hostile:
-            payload = bytes(7 << 10)
-            header = BlockHeader.for_payload(k, small.fingerprint, payload).pack()
-            assert tier._call(lambda conn: conn.put([(k, [header, payload])])) == [PutResult.STORED]
         for keys in ([hostile[0]], hostile, [good[0][0], hostile[0], good[1][0]]):
+            for k in set(keys) & set(hostile):  # a blob read as corrupt is deleted: put it there again
+                payload = bytes(7 << 10)
+                header = BlockHeader.for_payload(k, small.fingerprint, payload).pack()
+                assert tier._call(lambda conn: conn.put([(k, [header, payload])])) == [PutResult.STORED]
             outs = [zeros(small) for _ in keys]
             found = tier.get_many_into(keys, outs)
             assert found == [k in dict(good) for k in keys], tier.last_error
