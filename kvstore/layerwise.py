@@ -200,6 +200,13 @@ class _Pipeline:
         self.settle()
         self.handle.close()
 
+    def abandon(self) -> None:
+        """``stop`` for the loader's finalizer: the pins go to the prefetcher to release later (the garbage
+        collector runs it inside whatever lock its thread holds, a slot tier's among them)."""
+        self.halt()
+        self.settle()
+        self.handle.abandon()
+
     def settle(self) -> None:
         """Wait for the copies queued on the loader's stream: they read pinned slots, whose pins go next."""
         if self.stream is not None:
@@ -236,7 +243,7 @@ class LayerLoader:
         self._pipe = _Pipeline(layout, blocks, handle, read_block, self.device, lookahead, on_layer, on_sized,
                                buffers, sink, read_run)
         self._thread = threading.Thread(target=self._pipe.run, name="kvstore-layer-loader", daemon=True)
-        self._finalizer = weakref.finalize(self, self._pipe.stop)
+        self._finalizer = weakref.finalize(self, self._pipe.abandon)
         self._thread.start()
 
     @property
@@ -302,10 +309,12 @@ class LayerLoader:
             # worker itself, and a slot unpinned before it ends could be refilled under it.
             self._pipe.halt()
             self._thread.join()
-            self._finalizer()
+            self._finalizer.detach()
+            self._pipe.stop()
             self._pipe.give_back()
         else:
-            self._finalizer()
+            self._finalizer.detach()
+            self._pipe.stop()
             with self._pipe.cond:
                 self._pipe.ring = []
 

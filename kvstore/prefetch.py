@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ PREFETCH_COUNTERS = ("prefetches", "prefetch_blocks", "prefetch_ready_blocks", "
                      "prefetch_coalesced", "prefetch_failed", "prefetch_cancelled", "prefetch_dropped",
                      "prefetch_pin_limited")
 _STOP = object()
+# A worker with nothing to fetch releases the handles the garbage collector freed at least this often.
+ORPHAN_SWEEP_SECONDS = 0.5
 _FOREVER_SECONDS = 10 * 365 * 86400.0  # ten years: past it, a wait is a wait until done
 
 
@@ -107,7 +110,11 @@ class Prefetcher:
         self._unpin = unpin
         self._max_pins = max_pins
         self._pins = 0
-        self._lock = threading.RLock()  # a handle's finalizer may run inside a locked region (gc)
+        self._lock = threading.RLock()
+        # Handles the garbage collector freed: their pins are released here later, never in the finalizer,
+        # which runs at any allocation of any thread, inside a tier's lock too (a slot tier's unpin then
+        # waited for the lock its own thread held, and froze the store). deque.append takes no lock.
+        self._orphans: deque[_HandleState] = deque()
         self._inflight: dict[bytes, _Fetch] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_blocks)
         self.counters = Counters(*PREFETCH_COUNTERS)
@@ -122,6 +129,7 @@ class Prefetcher:
         """A handle bringing up ``leading``, the stored leading blocks of a request of ``request_tokens``
         tokens (the ``timeout`` policy's budget grows with the request) whose first block's key is
         ``request_key`` (so a load can tell the handle of another prompt, even one that found nothing)."""
+        self._sweep()
         leading = list(leading)
         state = _HandleState(leading, request_tokens, request_key)
         handle = PrefetchHandle(self, state, policy)
@@ -158,7 +166,11 @@ class Prefetcher:
 
     def _work(self) -> None:
         while True:
-            fetch = self._queue.get()
+            try:
+                fetch = self._queue.get(timeout=ORPHAN_SWEEP_SECONDS)
+            except queue.Empty:
+                self._sweep()
+                continue
             if fetch is _STOP:
                 return
             with self._lock:
@@ -187,6 +199,19 @@ class Prefetcher:
                 fetch.ok = ok
             fetch.event.set()
 
+    def orphaned(self, state: _HandleState) -> None:
+        """A handle's finalizer: ``state`` is released by a worker (or the next call) instead; no lock here."""
+        self._orphans.append(state)
+
+    def _sweep(self) -> None:
+        """Release the states of handles the garbage collector freed."""
+        while self._orphans:
+            try:
+                state = self._orphans.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            self.release(state)
+
     def release(self, state: _HandleState) -> None:
         """Unpin what ``state`` holds and stop waiting for its fetches (idempotent)."""
         with self._lock:
@@ -204,6 +229,7 @@ class Prefetcher:
 
     def pinned(self) -> int:
         """Blocks pinned (or reserved for a pin) by live handles."""
+        self._sweep()
         with self._lock:
             return self._pins
 
@@ -217,6 +243,7 @@ class Prefetcher:
             self._queue.put(_STOP)
         for thread in self._threads:
             thread.join()
+        self._sweep()
         with self._lock:
             for fetch in self._inflight.values():
                 fetch.event.set()
@@ -234,7 +261,7 @@ class PrefetchHandle:
         self._prefetcher = prefetcher
         self._state = state
         self.policy = policy
-        self._finalizer = weakref.finalize(self, prefetcher.release, state)
+        self._finalizer = weakref.finalize(self, prefetcher.orphaned, state)
 
     @property
     def blocks(self) -> list[BlockRef]:
@@ -300,9 +327,15 @@ class PrefetchHandle:
 
     def cancel(self) -> None:
         """Stop waiting for fetches and release every pin; fetches no other handle needs are skipped."""
-        self._finalizer()
+        self._finalizer.detach()
+        self._prefetcher.release(self._state)
 
     close = cancel
+
+    def abandon(self) -> None:
+        """``cancel`` from a finalizer: the pins are released later, by the prefetcher, taking no lock now."""
+        if self._finalizer.detach() is not None:
+            self._prefetcher.orphaned(self._state)
 
     @property
     def closed(self) -> bool:

@@ -500,6 +500,36 @@ def test_cancel_releases_reserved_pins_and_skips_queued_fetches(held_store, kv_f
     assert pinned(store) == 0
 
 
+def test_a_handle_the_collector_frees_inside_a_slot_tiers_lock_does_not_freeze_the_store(make_store, kv_for):
+    """An engine's request object that holds its handle and itself (a cycle) is freed by the garbage collector
+    at any allocation, in any thread: inside the host tier's lock, the handle's finalizer unpinned, waited
+    for that lock its own thread held, and every thread of the store froze behind it."""
+    store = make_store("host")
+    tokens = make_tokens(40)
+    store.put(tokens, kv_for(40))
+
+    class Request:
+        pass
+
+    request = Request()
+    request.me, request.handle = request, store.prefetch(tokens)
+    assert request.handle.wait(LONG) == 40
+    del request
+    collected = threading.Event()
+
+    def collect_in_the_lock() -> None:
+        with store.host._lock:
+            gc.collect()
+        collected.set()
+
+    worker = threading.Thread(target=collect_in_the_lock, daemon=True)
+    worker.start()
+    worker.join(LONG)
+    assert collected.is_set()
+    assert pinned(store) == 0  # released outside the finalizer
+    assert host_deletable(store, keys_of(store, tokens)) == [True, True, True]
+
+
 def test_dropping_a_handle_with_fetches_in_flight_releases_and_skips(held_store, kv_for):
     store, disk = held_store(prefetch_workers=1)
     tokens, kv = make_tokens(48), kv_for(48)
