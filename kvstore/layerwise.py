@@ -76,7 +76,7 @@ class _Pipeline:
     def sources(self) -> list[torch.Tensor]:
         """A readable block view per planned block, stopping at the first that cannot be had: the prefetch's
         pinned view, else a private copy (each run of blocks not pinned read by one ``read_run``, if given)."""
-        self.handle.result()
+        self.handle.result(stop=lambda: self.closed)
         # By key, never by position: a load that skips leading blocks, or a handle of another prompt, has
         # pins that are not its blocks in order (they were handed out as the wrong tokens' KV).
         pinned = {block.key: view for block, view in zip(self.handle.blocks, self.handle.views())}
@@ -90,7 +90,7 @@ class _Pipeline:
             return pinned_view(i) is not None
 
         sources: list[torch.Tensor] = []
-        while len(sources) < len(self.blocks):
+        while len(sources) < len(self.blocks) and not self.closed:  # closed: no more reads for nobody
             start = len(sources)
             view = pinned_view(start)
             if view is not None:

@@ -40,6 +40,8 @@ PREFETCH_COUNTERS = ("prefetches", "prefetch_blocks", "prefetch_ready_blocks", "
 _STOP = object()
 # A worker with nothing to fetch releases the handles the garbage collector freed at least this often.
 ORPHAN_SWEEP_SECONDS = 0.5
+# How often a wait that may be stopped (``PrefetchHandle.result``) looks at its stop condition.
+STOP_POLL_SECONDS = 0.05
 _FOREVER_SECONDS = 10 * 365 * 86400.0  # ten years: past it, a wait is a wait until done
 
 
@@ -298,18 +300,26 @@ class PrefetchHandle:
             raise ValueError(f"timeout: expected seconds (a number) or None, got {timeout!r}")
         if timeout is not None and timeout > _FOREVER_SECONDS:
             timeout = None  # longer than any wait a clock can time (Event.wait overflows): until done
+        return self._wait(timeout)
+
+    def _wait(self, timeout: float | None, stop: Callable[[], bool] | None = None) -> int:
+        """``wait``; with ``stop``, in slices of ``STOP_POLL_SECONDS``, returning as soon as ``stop()`` is true."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for fetch in self._state.fetches:
-            if fetch is None:
-                continue
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not fetch.event.wait(remaining):
-                break
+            while fetch is not None:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                step = remaining if stop is None else min(STOP_POLL_SECONDS, STOP_POLL_SECONDS if remaining is None
+                                                          else remaining)
+                if fetch.event.wait(step):
+                    break
+                if (remaining is not None and remaining <= step) or (stop is not None and stop()):
+                    return self.ready()
         return self.ready()
 
-    def result(self) -> int:
-        """Tokens ready after waiting as the handle's policy says (best_effort, wait or timeout)."""
-        return self.wait(self.policy.budget(self._state.request_tokens))
+    def result(self, stop: Callable[[], bool] | None = None) -> int:
+        """Tokens ready after waiting as the handle's policy says (best_effort, wait or timeout), or as soon as
+        ``stop()`` is true (a layer loader being closed: it waited for every fetch queued on a slow tier)."""
+        return self._wait(self.policy.budget(self._state.request_tokens), stop)
 
     def views(self) -> list[torch.Tensor]:
         """Pinned views ``[L, P, tokens, H, D]`` of the leading ready blocks (valid until close).

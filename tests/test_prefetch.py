@@ -530,6 +530,28 @@ def test_a_handle_the_collector_frees_inside_a_slot_tiers_lock_does_not_freeze_t
     assert host_deletable(store, keys_of(store, tokens)) == [True, True, True]
 
 
+def test_closing_a_layer_wise_load_does_not_wait_for_its_queued_fetches(held_store, kv_for):
+    """Its worker waited for the prefetch's every fetch (the ``wait`` policy) before it looked at ``closed``:
+    on a slow tier, closing a 400-block load took seconds, block after block. Now close stops the wait, and
+    the fetches nobody waits for are skipped."""
+    store, disk = held_store(prefetch_workers=1, prefetch_policy="wait")
+    tokens, kv = make_tokens(48), kv_for(48)
+    only_on_disk(store, tokens, kv)
+    disk.hold.clear()
+    loader = store.load(tokens, layer_wise=True)
+    assert disk.wait_entered(1)
+    closer = threading.Thread(target=loader.close, daemon=True)
+    closer.start()
+    closer.join(LONG)
+    assert not closer.is_alive()  # the held read is still held: close did not wait for it, nor for the rest
+    disk.hold.set()
+    assert pinned(store) == 0
+    deadline = time.monotonic() + LONG
+    while counters(store)["prefetch_cancelled"] < 2:  # the two fetches queued behind the held one
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def test_dropping_a_handle_with_fetches_in_flight_releases_and_skips(held_store, kv_for):
     store, disk = held_store(prefetch_workers=1)
     tokens, kv = make_tokens(48), kv_for(48)
