@@ -75,6 +75,7 @@ class BlockFlow:
 
     def _write_queued(self, level: Level, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
         self.stack.write(level, items)  # queued copies are exact: approximate ones are never queued
+        self.stack.touch_chain(level, [key for key, _ in items])  # queued in token order: the head last used
 
     def store_items(self, items: Sequence[Item]) -> int:
         """Store blocks ``(key, [L, P, tokens, H, D])`` not stored yet; returns blocks newly stored."""
@@ -95,6 +96,10 @@ class BlockFlow:
             exact = [(key, block) for key, block in items if self._marked(level, key)]
             if exact:
                 self.stack.write(level, exact)
+        if len(items) > 1:  # the prompt's head, stored before or now, the most recently used (``ChainTier``)
+            keys = [key for key, _ in items]
+            for level in self.stack:
+                self.stack.touch_chain(level, keys)
         self.counters.add("blocks_stored", stored)
         return stored
 
@@ -254,6 +259,9 @@ class BlockFlow:
 
     def _was_read(self, level: Level, key: bytes, dst: torch.Tensor, lossy: str | None) -> None:
         """``level`` served ``key`` into ``dst``: count the sighting, promote, maybe admit it below."""
+        served = getattr(self._scratch, "served", None)
+        if served is not None:
+            served.add(level.index)
         sightings = self.placement.sighted(key)
         self._promote(level, key, dst, sightings, lossy)
         if self.placement.counting:  # a read hit may be the sighting that admits it below
@@ -278,6 +286,19 @@ class BlockFlow:
         is read there side by side, so ``dsts`` past the count returned may
         have been read into.
         """
+        served = self._scratch.served = set()  # levels that served a block of this read (``_was_read``)
+        try:
+            n = self._fill_keys(keys, dsts)
+        finally:
+            self._scratch.served = None
+        if n > 1:  # read head first, the head became the least recently used: evicted first, it took the rest
+            for level in self.stack:
+                if level.slots or level.index in served:  # memory levels also took the promotions
+                    self.stack.touch_chain(level, keys[:n])
+        return n
+
+    def _fill_keys(self, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
+        """``fill_keys``' reads."""
         n = 0
         while n < len(keys):
             run = self.stack.local_run(keys[n:n + BATCH_READ_BLOCKS]) if self.stack.batch else 0

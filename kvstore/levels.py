@@ -72,9 +72,11 @@ class Level:
         return self.policy.persistent
 
     slots: bool = field(init=False)  # a memory slot pool (host RAM, HBM): pins, in-place fills, lossy marks
+    chains: bool = field(init=False)  # evicts a prompt's blocks tail first (``touch_chain``)
 
     def __post_init__(self) -> None:
         self.slots = Capability.SLOTS in self.capabilities  # asked once a block stored or read
+        self.chains = Capability.CHAINS in self.capabilities
 
     @property
     def batch(self) -> bool:
@@ -362,6 +364,12 @@ class TierStack:
             level.note_failure("put_many", error, write=True)
         else:
             level.health.record_ok()
+
+    def touch_chain(self, level: Level, keys: Sequence[bytes]) -> None:
+        """A prompt's blocks ``keys`` were just read: ``level`` keeps their head the most recently used, if it
+        evicts chains tail first (``Capability.CHAINS``)."""
+        if level.chains:
+            self.guarded(level, "touch_chain", lambda: level.tier.touch_chain(keys), None)
 
     def pin(self, level: Level, key: bytes) -> tuple[torch.Tensor, str | None] | None:
         """Pin ``key`` in a slot level: (a view of its bytes, its lossy mark), or None."""

@@ -472,3 +472,34 @@ def test_a_prompt_overflowing_host_ram_leaves_the_tier_below_its_leading_blocks(
     with KVStore(layout, StoreConfig(model_id="m", host_bytes=0, **lower)) as store:
         assert store.lookup(tokens) == 48
         assert_same_kv(store.get(tokens), kv[:, :, :48])
+
+
+@pytest.mark.parametrize("tiers", ["host", "lmdb", "host+lmdb"])
+@pytest.mark.parametrize("read_first", [False, True])
+def test_eviction_takes_a_prompts_tail_before_its_head(tmp_path, tiers, read_first):
+    """Blocks put or read in token order left a prompt's head the least recently used: the next eviction took
+    block 0, and the blocks left behind it were blocks no lookup reaches (a reopened smaller LMDB, the same).
+    A put and a read leave the head the most recently used, so the tail goes first. (Copies written behind
+    into a lower tier are ordered per write batch only: a prompt's copies split over two batches are not.)"""
+    layout = tiny_layout()
+    blocks3 = 3 * layout.block_bytes
+    settings = dict(model_id="m", host_bytes=blocks3 if "host" in tiers else 0)
+    if "lmdb" in tiers:
+        settings.update(disk_dir=str(tmp_path / "lmdb"), disk_bytes=3 * (layout.block_bytes + HEADER_BYTES),
+                        disk_sync=False)
+    first, first_kv = make_tokens(48, seed=1), make_kv(layout, 48, seed=1)
+    other, other_kv = make_tokens(16, seed=2), make_kv(layout, 16, seed=2)
+    with KVStore(layout, StoreConfig(**settings)) as store:
+        assert store.put(first, first_kv) == 3
+        assert store.flush(timeout=30)
+        if read_first:
+            assert_same_kv(store.get(first), first_kv)
+        assert store.put(other, other_kv) == 1  # every tier is full: one block of ``first`` goes
+        assert store.flush(timeout=30)
+        found = store.lookup(first)
+        assert found >= 32  # with host RAM over LMDB, the blocks left in each may still make all 48
+        assert_same_kv(store.get(first), first_kv[:, :, :found])
+    if tiers == "lmdb":  # reopened smaller: the recency persisted (the get above read ``first`` last)
+        smaller = dict(settings, host_bytes=0, disk_bytes=2 * (layout.block_bytes + HEADER_BYTES))
+        with KVStore(layout, StoreConfig(**smaller)) as store:
+            assert store.lookup(first) == 32 and store.lookup(other) == 0

@@ -73,6 +73,7 @@ class Capability(enum.Flag):
     EVICTS = enum.auto()  # ``EvictingTier``: hands each block it evicts for room to ``on_evict``
     ENCODED = enum.auto()  # ``EncodedTier``: stores blocks serialized by a ``BlockEncoding`` (raw or a codec)
     RUNS = enum.auto()  # ``RunReader``: reads a run of blocks on several threads side by side (the files tier)
+    CHAINS = enum.auto()  # ``ChainTier``: keeps a chain's head the most recently used (``touch_chain``)
 
 
 # Sees a block a tier evicts for room: (key, its bytes, the lossy codec they went through or None).
@@ -130,6 +131,23 @@ class EncodedTier(Tier, Protocol):
     encoding: BlockEncoding
 
 
+class ChainTier(Tier, Protocol):
+    """A tier whose eviction takes a prompt's blocks tail first.
+
+    A prefix is read from its first block: a chain that lost its head to
+    eviction keeps only blocks no lookup reaches, while one that lost its
+    tail still serves its head (vLLM frees a request's blocks tail first for
+    the same reason). Blocks used in token order would leave the head the
+    least recently used; ``touch_chain`` (and the tier's own batch puts)
+    make it the most recently used instead.
+    """
+
+    def touch_chain(self, keys: Sequence[bytes]) -> None:
+        """``keys``, a prompt's blocks in order, were just used: those held here become the most recently
+        used, the first one most of all."""
+        ...
+
+
 class RunReader(Tier, Protocol):
     """A tier that reads a run of blocks side by side: one thread copying from the page cache leaves the
     other cores idle."""
@@ -145,7 +163,7 @@ class RunReader(Tier, Protocol):
 
 _PROTOCOLS: dict[Capability, type] = {Capability.SLOTS: MemorySlots, Capability.BATCH: BatchTier,
                                       Capability.EVICTS: EvictingTier, Capability.ENCODED: EncodedTier,
-                                      Capability.RUNS: RunReader}
+                                      Capability.RUNS: RunReader, Capability.CHAINS: ChainTier}
 
 
 def _members(protocol: type, inherited: type | None = None) -> tuple[str, ...]:

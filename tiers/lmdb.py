@@ -82,8 +82,14 @@ def lock_directory(path: Path, message: str) -> IO[str]:
     ``DirectoryInUseError(message)`` (``{path}`` filled in) if another process holds it; a ``ValueError``
     naming the setting (the message's first word) if something other than a directory is at ``path``.
     """
-    make_directory(path, message.split()[0])
-    lock_file = open(path / "kvstore.lock", "a+")
+    setting = message.split()[0]
+    make_directory(path, setting)
+    try:
+        lock_file = open(path / "kvstore.lock", "a+")
+    except OSError as exc:  # a read-only mount, another user's directory, a directory named kvstore.lock
+        raise OSError(exc.errno, f"{setting} {path}: cannot open its lock file kvstore.lock ({exc.strerror}); "
+                                 f"an LMDB directory must be writable (a read-only shared directory can be a "
+                                 f"files_dir)") from None
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         try:
@@ -147,7 +153,7 @@ class LmdbTier:
 
     name = "lmdb"
     persistent = True
-    capabilities = Capability.EVICTS | Capability.ENCODED
+    capabilities = Capability.EVICTS | Capability.ENCODED | Capability.CHAINS
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, sync: bool = True,
                  codec: FrameCodec | None = None):
@@ -383,6 +389,21 @@ class LmdbTier:
         self._counters.add("hits")
         self._counters.add("bytes_read", stored)
         return True
+
+    def touch_chain(self, keys: Sequence[bytes]) -> None:
+        """``ChainTier.touch_chain``: the held ``keys`` become the most recently used, the first most of all
+        (stamped as a read's hit is, persisted with the next write)."""
+        with self._in_use.hold() as held:
+            if not held:
+                return
+            with self._lock:
+                for key in reversed(keys):
+                    if key in self._index and key not in self._foreign:
+                        self._index.move_to_end(key)
+                        self._pending_stamps[key] = self._tick()
+                flush = len(self._pending_stamps) >= _MAX_PENDING_STAMPS
+            if flush:
+                self._write([], [])
 
     def _check(self, key: bytes, meta: object, payload: object) -> str:
         """``intact`` (header and checksum hold), ``gone`` (evicted since the index said present) or ``corrupt``."""

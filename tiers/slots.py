@@ -52,7 +52,7 @@ class SlotTier:
 
     name = "slots"
     persistent = False
-    capabilities = Capability.SLOTS | Capability.EVICTS
+    capabilities = Capability.SLOTS | Capability.EVICTS | Capability.CHAINS
     setting = "slot_bytes"  # the config field that sized the pool, for error messages
 
     def __init__(self, layout: KVLayout, capacity_bytes: int, device: torch.device,
@@ -207,6 +207,13 @@ class SlotTier:
                 self._counters.add("blocks_written", blocks)
                 self._counters.add("bytes_written", nbytes)
         return held
+
+    def touch_chain(self, keys: Sequence[bytes]) -> None:
+        """``ChainTier.touch_chain``: the held ``keys`` become the most recently used, the first most of all."""
+        with self._lock:
+            for key in reversed(keys):
+                if key in self._index:
+                    self._index.move_to_end(key)
 
     @property
     def fills_in_place(self) -> bool:

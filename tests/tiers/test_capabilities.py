@@ -71,8 +71,8 @@ def test_real_tiers_declare_what_they_implement(tmp_path):
     lmdb = LmdbTier(tmp_path / "lmdb", 8 * LAYOUT.block_bytes, LAYOUT)
     files = FilesTier(tmp_path / "files", 8 * LAYOUT.block_bytes, LAYOUT)
     try:
-        assert declared_capabilities(host) == Capability.SLOTS | Capability.EVICTS
-        assert declared_capabilities(lmdb) == Capability.EVICTS | Capability.ENCODED
+        assert declared_capabilities(host) == Capability.SLOTS | Capability.EVICTS | Capability.CHAINS
+        assert declared_capabilities(lmdb) == Capability.EVICTS | Capability.ENCODED | Capability.CHAINS
         assert declared_capabilities(files) == Capability.ENCODED | Capability.RUNS
     finally:
         for tier in (host, lmdb, files):

@@ -85,6 +85,13 @@ def test_a_batch_larger_than_the_pool_keeps_its_leading_blocks(layout, blocks):
     assert list(tier.keys()) == [B, C, D]
 
 
+def test_touch_chain_makes_the_head_the_most_recently_used(layout, blocks):
+    tier = HostTier(layout, 3 * layout.block_bytes)
+    tier.put_many([(key, blocks[key]) for key in (A, B, C)])
+    tier.touch_chain([A, B, D, C])  # D is not held: passed over
+    assert list(tier.keys()) == [C, B, A]
+
+
 def test_strided_source_block(layout):
     tier = HostTier(layout, 2 * layout.block_bytes)
     kv = make_kv(layout, 40, seed=3)

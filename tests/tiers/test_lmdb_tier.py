@@ -515,3 +515,21 @@ def test_a_truncated_data_file_is_an_oserror_not_a_bus_error(tmp_path):
     """)
     refused = [line for line in out.splitlines() if line.startswith("refused:")]
     assert len(refused) == 2 and all("truncated" in line and "remove data.mdb" in line for line in refused), out
+
+
+def test_a_lock_file_that_cannot_be_opened_is_an_oserror_naming_disk_dir(tmp_path, layout):
+    """A directory squatting on kvstore.lock (as a read-only mount does with EROFS) raised a bare error that
+    named neither the setting nor what to do."""
+    (tmp_path / "lmdb" / "kvstore.lock").mkdir(parents=True)
+    with pytest.raises(OSError, match=r"disk_dir .*lmdb: cannot open its lock file kvstore\.lock .*files_dir"):
+        LmdbTier(tmp_path / "lmdb", 1 << 20, layout)
+
+
+def test_touch_chain_makes_the_head_the_most_recently_used_and_persists(open_tier, blocks):
+    tier = open_tier(3 * BLOCK)
+    tier.put_many([(key, blocks[key]) for key in (A, B, C)])
+    tier.touch_chain([A, B, D])  # D is not held: passed over
+    assert _names(tier) == ["C", "B", "A"]
+    tier.close()
+    again = open_tier(2 * BLOCK)  # reopened smaller: the least recently used goes, as stamped
+    assert _names(again) == ["B", "A"]

@@ -733,18 +733,18 @@ def test_a_store_whose_server_dies_serves_its_host_tier(tmp_path):
             assert store.flush(timeout=30)
             store.put(near, near_kv)
             assert store.flush(timeout=30)
+            server.kill()
+            store.put(later, make_kv(FP16, 16, seed=4))  # lands in host RAM (evicting far's tail, read last)
+            assert store.flush(timeout=30)
             assert all(store.host.contains(b.key) for b in store.block_keys(near))
             local_far = 16 * next((n for n, b in enumerate(store.block_keys(far)) if not store.host.contains(b.key)))
             assert local_far < 96
-            server.kill()
             for _ in range(3):
                 assert store.lookup(near) == 32
                 assert_same_kv(store.get(near), near_kv)
                 assert store.lookup(far) == local_far  # the rest was only on the server
                 assert_same_kv(store.get(far), far_kv[:, :, :local_far])
                 assert store.lookup(make_tokens(48, seed=3)) == 0
-                store.put(later, make_kv(FP16, 16, seed=4))  # lands in host RAM
-                assert store.flush(timeout=30)
                 assert store.lookup(later) == 16
             remote = store.stats()["tiers"]["remote"]
             assert remote["errors"] >= 1 and remote["timeouts"] == 0  # the tier raised; the store counted it
