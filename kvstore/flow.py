@@ -64,11 +64,13 @@ class BlockFlow:
         self._marks = [level for level in stack if level.slots] if any(level.lossy for level in stack) else []
 
     def _queue_bound(self, config: StoreConfig) -> int:
-        """Queued jobs pin their source slots: keep the pins to half the fastest slot pool."""
+        """Queued jobs pin their source slots: keep the pins to half the fastest slot pool. A worker's batch
+        out of its queue holds pins too, as many as the queue at most: a bound of a quarter per target (the
+        queue alone at half let a slow tier's jobs pin every slot of a 16-slot pool)."""
         bound = config.write_queue_blocks
         fastest = self.stack.fastest
         if fastest is not None and fastest.slots:
-            bound = min(bound, max(1, fastest.tier.num_slots // (2 * max(1, len(self._targets)))))
+            bound = min(bound, max(1, fastest.tier.num_slots // (4 * max(1, len(self._targets)))))
         return bound
 
     # -- writes -------------------------------------------------------------------------
