@@ -27,6 +27,7 @@ from functools import partial
 
 import torch
 
+from kvstore.chains import ChainMemo
 from kvstore.config import StoreConfig
 from kvstore.keys import BlockRef, block_slices
 from kvstore.layout import KVLayout
@@ -60,6 +61,7 @@ class BlockFlow:
             if Capability.EVICTS in level.capabilities and placement.on_evict(level.index) is not None:
                 level.tier.on_evict = partial(self.evicted, level)
         self._scratch = threading.local()
+        self._chains = ChainMemo()
         # Memory levels hold approximate copies only of what a lossy level served: none, none to replace.
         self._marks = [level for level in stack if level.slots] if any(level.lossy for level in stack) else []
 
@@ -77,7 +79,10 @@ class BlockFlow:
 
     def _write_queued(self, level: Level, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
         self.stack.write(level, items)  # queued copies are exact: approximate ones are never queued
-        self.stack.touch_chain(level, [key for key, _ in items])  # queued in token order: the head last used
+        if level.chains:  # each prompt these blocks came with: its head the most recently used
+            keys = [key for key, _ in items]
+            for chain in self._chains.chains_of(keys) or [keys]:
+                self.stack.touch_chain(level, chain)
 
     def store_items(self, items: Sequence[Item]) -> int:
         """Store blocks ``(key, [L, P, tokens, H, D])`` not stored yet; returns blocks newly stored."""
@@ -100,6 +105,7 @@ class BlockFlow:
                 self.stack.write(level, exact)
         if len(items) > 1:  # the prompt's head, stored before or now, the most recently used (``ChainTier``)
             keys = [key for key, _ in items]
+            self._chains.remember(keys)  # for its copies written behind (``kvstore/chains.py``)
             for level in self.stack:
                 self.stack.touch_chain(level, keys)
         self.counters.add("blocks_stored", stored)

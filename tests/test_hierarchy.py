@@ -479,8 +479,8 @@ def test_a_prompt_overflowing_host_ram_leaves_the_tier_below_its_leading_blocks(
 def test_eviction_takes_a_prompts_tail_before_its_head(tmp_path, tiers, read_first):
     """Blocks put or read in token order left a prompt's head the least recently used: the next eviction took
     block 0, and the blocks left behind it were blocks no lookup reaches (a reopened smaller LMDB, the same).
-    A put and a read leave the head the most recently used, so the tail goes first. (Copies written behind
-    into a lower tier are ordered per write batch only: a prompt's copies split over two batches are not.)"""
+    A put and a read leave the head the most recently used, so the tail goes first, also in the tier the
+    copies are written behind into (a prompt's copies split over two write batches were ordered per batch)."""
     layout = tiny_layout()
     blocks3 = 3 * layout.block_bytes
     settings = dict(model_id="m", host_bytes=blocks3 if "host" in tiers else 0)
@@ -492,6 +492,9 @@ def test_eviction_takes_a_prompts_tail_before_its_head(tmp_path, tiers, read_fir
     with KVStore(layout, StoreConfig(**settings)) as store:
         assert store.put(first, first_kv) == 3
         assert store.flush(timeout=30)
+        keys = [block.key for block in store.block_keys(first)]
+        for tier in store.tiers:
+            assert list(tier.keys()) == keys[::-1], tier.name  # least recently used first: the tail
         if read_first:
             assert_same_kv(store.get(first), first_kv)
         assert store.put(other, other_kv) == 1  # every tier is full: one block of ``first`` goes
