@@ -36,6 +36,8 @@ ReadBlock = Callable[[BlockRef, torch.Tensor], bool]
 ReadRun = Callable[[Sequence[BlockRef], Sequence[torch.Tensor]], int]
 # Takes layer ``layer`` of the loaded blocks as ``(first token, [P, block tokens, H, D])`` pairs, in token order.
 LayerSink = Callable[[int, list[tuple[int, torch.Tensor]]], None]
+# How often a worker waiting for the engine to take layers looks whether its loader was dropped (seconds).
+WORKER_POLL_SECONDS = 0.5
 
 
 class _Pipeline:
@@ -128,7 +130,7 @@ class _Pipeline:
             for layer in range(self.layout.num_layers):
                 with self.cond:  # a sink holds no ring: nothing bounds how far ahead it runs
                     while not self.closed and self.sink is None and layer > self.taken + self.lookahead:
-                        self.cond.wait()
+                        self.cond.wait(WORKER_POLL_SECONDS)  # ``abandon`` sets ``closed`` without a notify
                     if self.closed:
                         return
                 self.copy_layer(layer, sources)
@@ -201,9 +203,10 @@ class _Pipeline:
         self.handle.close()
 
     def abandon(self) -> None:
-        """``stop`` for the loader's finalizer: the pins go to the prefetcher to release later (the garbage
-        collector runs it inside whatever lock its thread holds, a slot tier's among them)."""
-        self.halt()
+        """``stop`` for the loader's finalizer, taking no lock: the garbage collector runs it inside whatever
+        lock its thread holds (a slot tier's, the buffer pool's the worker may wait for under ``cond``). The
+        worker sees ``closed`` within ``WORKER_POLL_SECONDS``; the pins go to the prefetcher to release."""
+        self.closed = True
         self.settle()
         self.handle.abandon()
 
