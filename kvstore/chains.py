@@ -6,7 +6,8 @@ batches of whatever is queued when a worker wakes: a prompt's blocks are
 often split over two batches, and ordering each batch alone left the tier
 holding the prompt's blocks as ``[0, 2, 1]``, its head the least recently
 used again. Remembering each queued key's whole chain lets the writer touch
-the chain after every batch, whichever of its blocks that batch held.
+the whole chain with the batch that holds its last block (the others only
+order their own blocks).
 """
 
 from __future__ import annotations

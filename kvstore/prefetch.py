@@ -175,6 +175,8 @@ class Prefetcher:
                 continue
             if fetch is _STOP:
                 return
+            if self._orphans:  # a busy worker sweeps too: the dropped handles' fetches are then not wanted
+                self._sweep()
             with self._lock:
                 wanted = bool(fetch.waiters) and not self._closed
                 if not wanted:

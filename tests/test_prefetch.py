@@ -552,6 +552,47 @@ def test_closing_a_layer_wise_load_does_not_wait_for_its_queued_fetches(held_sto
         time.sleep(0.02)
 
 
+def test_a_busy_worker_releases_a_collected_handles_pins_and_skips_its_fetches():
+    """A worker swept the handles the garbage collector freed only after half a second with nothing queued:
+    behind another request's slow fetches, a dropped handle's pins stayed until the queue drained, and its
+    own queued fetches were still read and pinned for nobody."""
+    from kvstore.keys import BlockRef
+    from kvstore.prefetch import Prefetcher
+    gate, unpinned, fetched = threading.Event(), [], []
+
+    def fetch(block):
+        if block.key.startswith(b"slow"):
+            gate.wait(LONG)
+        fetched.append(block.key)
+        return True
+
+    def pin(key):
+        return torch.zeros(1) if key.startswith(b"ready") else None
+
+    def blocks(prefix, n):
+        return [BlockRef(f"{prefix}{i}".encode(), 16 * i, 16 * (i + 1)) for i in range(n)]
+
+    prefetcher = Prefetcher(fetch, pin, unpinned.append, workers=1)
+    try:
+        busy = prefetcher.start(blocks("slow", 3), PrefetchPolicy(), 48)
+        dropped = prefetcher.start(blocks("ready", 2) + blocks("later", 2), PrefetchPolicy(), 64)
+        assert dropped.ready() == 32
+        del dropped
+        gc.collect()
+        gate.set()  # the worker takes its next fetch: the sweep comes first
+        busy.wait(LONG)
+        assert busy.done()
+        deadline = time.monotonic() + LONG
+        while len(unpinned) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert sorted(unpinned) == [b"ready0", b"ready1"]
+        assert not any(key.startswith(b"later") for key in fetched)
+        assert prefetcher.counters.snapshot()["prefetch_cancelled"] == 2
+    finally:
+        prefetcher.close()
+
+
 def test_dropping_a_handle_with_fetches_in_flight_releases_and_skips(held_store, kv_for):
     store, disk = held_store(prefetch_workers=1)
     tokens, kv = make_tokens(48), kv_for(48)
