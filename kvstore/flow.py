@@ -271,10 +271,12 @@ class BlockFlow:
     def _was_read(self, level: Level, key: bytes, dst: torch.Tensor, lossy: str | None) -> None:
         """``level`` served ``key`` into ``dst``: count the sighting, promote, maybe admit it below."""
         served = getattr(self._scratch, "served", None)
-        if served is not None:
-            served.add(level.index)
         sightings = self.placement.sighted(key)
-        self._promote(level, key, dst, sightings, lossy)
+        if served is None:
+            self._promote(level, key, dst, sightings, lossy)
+        else:  # a request's read: promoted once all of it is read (``fill_keys``)
+            served.add(level.index)
+            self._scratch.promotions.append((level, key, dst, sightings, lossy))
         if self.placement.counting:  # a read hit may be the sighting that admits it below
             self._send_down(level, key, None, sightings, newly_admitted=True)
 
@@ -297,11 +299,17 @@ class BlockFlow:
         is read there side by side, so ``dsts`` past the count returned may
         have been read into.
         """
-        served = self._scratch.served = set()  # levels that served a block of this read (``_was_read``)
+        # Levels that served a block of this read, and the promotions its blocks are due (``_was_read``): made
+        # once every block is read, since a promotion's eviction written back below could evict the request's
+        # next block there (write_back: lookup 64 tokens, then get 48).
+        served = self._scratch.served = set()
+        promotions = self._scratch.promotions = []
         try:
             n = self._fill_keys(keys, dsts)
         finally:
-            self._scratch.served = None
+            self._scratch.served = self._scratch.promotions = None
+        for level, key, dst, sightings, lossy in promotions:
+            self._promote(level, key, dst, sightings, lossy)
         if n > 1:  # read head first, the head became the least recently used: evicted first, it took the rest
             for level in self.stack:
                 if level.slots or level.index in served:  # memory levels also took the promotions

@@ -474,7 +474,7 @@ def test_a_prompt_overflowing_host_ram_leaves_the_tier_below_its_leading_blocks(
         assert_same_kv(store.get(tokens), kv[:, :, :48])
 
 
-@pytest.mark.parametrize("tiers", ["host", "lmdb", "host+lmdb"])
+@pytest.mark.parametrize("tiers", ["host", "lmdb", "host+lmdb", "files", "host+files"])
 @pytest.mark.parametrize("read_first", [False, True])
 def test_eviction_takes_a_prompts_tail_before_its_head(tmp_path, tiers, read_first):
     """Blocks put or read in token order left a prompt's head the least recently used: the next eviction took
@@ -487,6 +487,9 @@ def test_eviction_takes_a_prompts_tail_before_its_head(tmp_path, tiers, read_fir
     if "lmdb" in tiers:
         settings.update(disk_dir=str(tmp_path / "lmdb"), disk_bytes=3 * (layout.block_bytes + HEADER_BYTES),
                         disk_sync=False)
+    if "files" in tiers:
+        settings.update(files_dir=str(tmp_path / "files"), files_bytes=3 * (layout.block_bytes + HEADER_BYTES),
+                        files_sync=False)
     first, first_kv = make_tokens(48, seed=1), make_kv(layout, 48, seed=1)
     other, other_kv = make_tokens(16, seed=2), make_kv(layout, 16, seed=2)
     with KVStore(layout, StoreConfig(**settings)) as store:
@@ -506,3 +509,19 @@ def test_eviction_takes_a_prompts_tail_before_its_head(tmp_path, tiers, read_fir
         smaller = dict(settings, host_bytes=0, disk_bytes=2 * (layout.block_bytes + HEADER_BYTES))
         with KVStore(layout, StoreConfig(**smaller)) as store:
             assert store.lookup(first) == 32 and store.lookup(other) == 0
+
+
+def test_a_read_gets_every_block_its_lookup_found_when_promotions_write_back(tmp_path):
+    """write_back, host 2 and LMDB 2 blocks, a 4-block prompt: promoting block 2 into host RAM wrote block 0
+    back into LMDB, whose eviction took block 3 before it was read (lookup 64 tokens, then get 48)."""
+    layout = tiny_layout()
+    config = StoreConfig(model_id="m", host_bytes=2 * layout.block_bytes, disk_dir=str(tmp_path / "lmdb"),
+                         disk_bytes=2 * (layout.block_bytes + HEADER_BYTES), disk_sync=False,
+                         write_policy="write_back")
+    tokens, kv = make_tokens(64, seed=9), make_kv(layout, 64, seed=9)
+    with KVStore(layout, config) as store:
+        store.put(tokens, kv)
+        assert store.flush(timeout=30)
+        for _ in range(3):
+            assert store.lookup(tokens) == 64
+            assert_same_kv(store.get(tokens), kv)

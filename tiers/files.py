@@ -264,7 +264,7 @@ class FilesTier:
 
     name = "files"
     persistent = True
-    capabilities = Capability.ENCODED | Capability.RUNS
+    capabilities = Capability.ENCODED | Capability.RUNS | Capability.CHAINS
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, *,
                  sync: bool = True, o_direct: bool = False, stale_temp_seconds: float = 300.0,
@@ -341,12 +341,14 @@ class FilesTier:
         self._index[key] = _Entry(size, mtime_ns, self._seq)
         self._used += size
 
-    def _touch(self, key: bytes) -> None:
-        """``key`` was just accessed, if it is indexed here."""
+    def touch_chain(self, keys: Sequence[bytes]) -> None:
+        """``ChainTier.touch_chain``: the indexed ``keys`` become the most recently accessed, the first most of
+        all, in this process's order (which a rescan keeps); other processes see file times, block by block."""
         with self._lock:
-            entry = self._index.get(key)
-            if entry is not None:
-                self._remember(key, entry.size, entry.mtime_ns)
+            for key in reversed(keys):
+                entry = self._index.get(key)
+                if entry is not None:
+                    self._remember(key, entry.size, entry.mtime_ns)
 
     def _forget(self, key: bytes) -> None:
         """Under the lock: drop ``key`` from the index."""
@@ -666,7 +668,7 @@ class FilesTier:
             if key in seen:
                 continue
             if self.contains(key):  # an existing file is never rewritten
-                self._touch(key)
+                self.touch_chain([key])
                 stored.add(key)
                 continue
             seen.add(key)

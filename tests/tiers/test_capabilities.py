@@ -73,7 +73,7 @@ def test_real_tiers_declare_what_they_implement(tmp_path):
     try:
         assert declared_capabilities(host) == Capability.SLOTS | Capability.EVICTS | Capability.CHAINS
         assert declared_capabilities(lmdb) == Capability.EVICTS | Capability.ENCODED | Capability.CHAINS
-        assert declared_capabilities(files) == Capability.ENCODED | Capability.RUNS
+        assert declared_capabilities(files) == Capability.ENCODED | Capability.RUNS | Capability.CHAINS
     finally:
         for tier in (host, lmdb, files):
             tier.close()

@@ -716,6 +716,15 @@ def test_a_batch_never_evicts_its_own_blocks_found_stored(open_tier, disk_dir, l
     assert _names(tier) == ["B", "D", "E"]
 
 
+def test_touch_chain_makes_the_head_the_most_recently_accessed(open_tier, blocks):
+    tier = open_tier(3 * BLOCK)
+    tier.put_many([(key, blocks[key]) for key in (A, B, C)])
+    tier.touch_chain([A, B, D])  # D is not held: passed over
+    assert _names(tier) == ["C", "B", "A"]
+    tier.put_many([(E, blocks[E])])
+    assert _names(tier) == ["B", "A", "E"]
+
+
 def test_a_write_failing_in_a_batch_raises_after_the_others_are_stored(open_tier, disk_dir, layout, blocks,
                                                                         monkeypatch):
     tier = open_tier(10 * BLOCK, io_threads=4)
