@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from continued_prefill_ttft import MODES, main, speedups
 
@@ -14,7 +16,8 @@ def test_each_mode_gets_a_ratio_a_round_and_the_model_is_left_on_the_variant():
     assert model.config._attn_implementation == "sdpa"
     ratios = speedups(model, prefix=64, tokens=100, rounds=2, vocab=model.config.vocab_size)
     assert list(ratios) == list(MODES)
-    assert all(len(values) == 2 and all(0.05 < v < 50 for v in values) for values in ratios.values())
+    # a ratio each round, whatever the machine's load (a bound on its value failed on a busy CI machine)
+    assert all(len(values) == 2 and all(v > 0 and math.isfinite(v) for v in values) for values in ratios.values())
     assert model.config._attn_implementation == NAME  # CachedModel switched it; the sdpa rounds put it back
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from first_pass_ttft import first_pass_ratios, main
 from kvbench.serving import ServingSettings
@@ -17,7 +19,8 @@ def test_every_configuration_gets_a_ratio_a_round(tmp_path):
     workloads = WorkloadSettings(vocab_size=QUICK.model.vocab_size).scaled(0.1)
     ratios = first_pass_ratios("no_reuse", ["host", "host+nvme+codec"], 2, model, QUICK, tmp_path, workloads)
     assert list(ratios) == ["host", "host+nvme+codec"]
-    assert all(len(values) == 2 and all(0.05 < v < 20 for v in values) for values in ratios.values())
+    # a ratio each round, whatever the machine's load (speed is the benchmark's to report, not a test's)
+    assert all(len(values) == 2 and all(v > 0 and math.isfinite(v) for v in values) for values in ratios.values())
     assert list(tmp_path.iterdir()) == []  # each store's data is removed after its pass
 
 
