@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -379,13 +379,7 @@ class LmdbTier:
                 self._counters.add("corrupt" if verdict == CORRUPT else "stale")
                 self._write([], [key])
             return False
-        with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
-                self._pending_stamps[key] = self._tick()
-            flush = len(self._pending_stamps) >= _MAX_PENDING_STAMPS
-        if flush:
-            self._write([], [])
+        self._stamp([key])
         self._counters.add("hits")
         self._counters.add("bytes_read", stored)
         return True
@@ -394,16 +388,20 @@ class LmdbTier:
         """``ChainTier.touch_chain``: the held ``keys`` become the most recently used, the first most of all
         (stamped as a read's hit is, persisted with the next write)."""
         with self._in_use.hold() as held:
-            if not held:
-                return
-            with self._lock:
-                for key in reversed(keys):
-                    if key in self._index and key not in self._foreign:
-                        self._index.move_to_end(key)
-                        self._pending_stamps[key] = self._tick()
-                flush = len(self._pending_stamps) >= _MAX_PENDING_STAMPS
-            if flush:
-                self._write([], [])
+            if held:
+                self._stamp(reversed(keys))
+
+    def _stamp(self, keys: Iterable[bytes]) -> None:
+        """The held ``keys`` were used, in this order (the last one most recently); their access stamps are
+        written with the next write, or now if enough are pending. Inside ``_in_use``."""
+        with self._lock:
+            for key in keys:
+                if key in self._index and key not in self._foreign:
+                    self._index.move_to_end(key)
+                    self._pending_stamps[key] = self._tick()
+            flush = len(self._pending_stamps) >= _MAX_PENDING_STAMPS
+        if flush:
+            self._write([], [])
 
     def _check(self, key: bytes, meta: object, payload: object) -> str:
         """``intact`` (header and checksum hold), ``gone`` (evicted since the index said present) or ``corrupt``."""
