@@ -49,6 +49,8 @@ DTYPE_IDS: dict[torch.dtype, int] = {
     torch.int64: 9,
     torch.float8_e4m3fn: 10,
     torch.float8_e5m2: 11,
+    torch.float8_e4m3fnuz: 12,  # ROCm's fp8 formats (KVLayout takes them)
+    torch.float8_e5m2fnuz: 13,
 }
 _DTYPES_BY_ID = {v: k for k, v in DTYPE_IDS.items()}
 
@@ -100,6 +102,11 @@ class FrameHeader:
 def header_size(ndim: int, param_count: int) -> int:
     """Bytes of a header (checksum included) for a shape of ``ndim`` dims and ``param_count`` parameters."""
     return _FIXED.size + 8 * (ndim + param_count) + _U64.size
+
+
+def frame_codec_id(frame: object) -> int:
+    """The codec id of a frame ``pack_frame`` made (its writer's own bytes: nothing read is taken on trust)."""
+    return _FIXED.unpack_from(frame)[2]
 
 
 def pack_frame(codec_id: int, dtype: torch.dtype, shape: tuple[int, ...], params: tuple[int, ...],

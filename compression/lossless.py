@@ -14,7 +14,7 @@ import torch
 import zstandard
 
 from kvstore.compression.codec import FrameCodec, as_uint8, check_int, decompress_at_most, expect_end
-from kvstore.compression.frame import BadParamsError, FrameHeader
+from kvstore.compression.frame import DTYPE_IDS, BadParamsError, FrameHeader
 
 
 class RawCodec(FrameCodec):
@@ -28,6 +28,8 @@ class RawCodec(FrameCodec):
     def check_tensor(self, tensor: torch.Tensor) -> None:
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"tensor: expected a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in DTYPE_IDS:  # a frame names its dtype: refused when the tier opens, not per put
+            raise ValueError(f"tensor: expected dtype in {sorted(str(d) for d in DTYPE_IDS)}, got {tensor.dtype}")
 
     def _encode(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         return [tensor]

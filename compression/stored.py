@@ -5,7 +5,9 @@ of a frame); nothing is guessed from the payload, so raw KV whose bytes
 happen to form a valid frame is served as the raw KV it is, and a frame
 is never served as raw KV.
 
-A tier with a codec writes frames; every tier reads raw blocks and lossless
+A tier with a codec writes frames; a lossy one writes a block holding NaN or
+infinity as an exact frame (quantising it would spread the non-finite value
+over its group or channel, onto finite values). Every tier reads raw blocks and lossless
 frames, because a directory may hold blocks written under another config
 (or by another process sharing it). A lossy frame is decoded only by a tier
 configured with that same codec: a store that did not opt into a lossy
@@ -22,13 +24,14 @@ import torch
 
 from kvstore.blockformat import ENCODING_RAW
 from kvstore.compression.codec import FrameCodec, as_uint8, host_bytes
-from kvstore.compression.frame import FrameError, UnknownCodecError, UnsupportedVersionError
+from kvstore.compression.frame import FrameError, UnknownCodecError, UnsupportedVersionError, frame_codec_id
 from kvstore.compression.lossless import RawCodec
 from kvstore.compression.registry import CODEC_CLASSES, codec_of
 from kvstore.layout import KVLayout
 
 # Verdicts of ``decode_into``.
 INTACT, OTHER_SIZE, OTHER_CODEC, CORRUPT = "intact", "other-size", "other-codec", "corrupt"
+_EXACT = RawCodec()  # stateless
 
 
 def frame_encoding(codec: FrameCodec) -> int:
@@ -39,8 +42,8 @@ def frame_encoding(codec: FrameCodec) -> int:
 class BlockEncoding:
     """Encodes blocks for one tier (``codec`` None or ``raw``: plain bytes) and decodes what it reads.
 
-    ``header_encoding`` is what goes into the header of every payload
-    ``encode`` returns; ``lossy`` names the lossy codec this tier stores
+    ``header_encoding(payload)`` is what goes into the header of a payload
+    ``encode`` returned; ``lossy`` names the lossy codec this tier stores
     with (None: the tier is exact).
     """
 
@@ -55,7 +58,6 @@ class BlockEncoding:
             except ValueError as exc:
                 raise ValueError(f"codec {self.codec.name}: cannot store this layout's blocks ({exc})") from None
         self.name = self.codec.name if self.codec is not None else "raw"
-        self.header_encoding = ENCODING_RAW if self.codec is None else frame_encoding(self.codec)
         self.lossy = None if self.codec is None or self.codec.lossless else self.codec.name
 
     def foreign(self, encoding: int) -> bool:
@@ -66,8 +68,17 @@ class BlockEncoding:
         return cls is not None and not cls.lossless and (self.codec is None or cls.codec_id != self.codec.codec_id)
 
     def encode(self, block: torch.Tensor) -> object:
-        """The bytes-like payload to store for ``block`` (its header's encoding is ``header_encoding``)."""
-        return host_bytes(block) if self.codec is None else self.codec.encode(block)
+        """The bytes-like payload to store for ``block`` (its header's encoding: ``header_encoding``)."""
+        if self.codec is None:
+            return host_bytes(block)
+        if self.lossy is not None and not bool(torch.isfinite(block).all()):
+            return _EXACT.encode(block)
+        return self.codec.encode(block)
+
+    def header_encoding(self, payload: object) -> int:
+        """The header's ``encoding`` for ``payload``, which ``encode`` returned: raw bytes, or the codec of
+        the frame it made (the tier's, or an exact frame of a non-finite block)."""
+        return ENCODING_RAW if self.codec is None else frame_codec_id(payload) + 1
 
     def decode_into(self, payload: object, out: torch.Tensor, encoding: int) -> str:
         """Write the block ``payload`` holds into ``out``; a verdict (``INTACT`` only if ``out`` is valid).

@@ -18,7 +18,7 @@ Layout of the 72-byte header, little-endian::
     layout     16s  KVLayout.fingerprint
     key        32s  the block key, zero padded
     length     u64  payload bytes
-    checksum   u64  xxh3-64 of the payload
+    checksum   u64  xxh3-64 of the payload, seeded with ``encoding``
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import xxhash
 
 MAGIC = b"KVSB"
-# Version 2 added ``encoding`` (version 1 had a u16 key length there); a version-1 block reads as a miss.
-FORMAT_VERSION = 2
+# Version 2 added ``encoding`` (version 1 had a u16 key length there); version 3 seeds the checksum with it.
+# A block of an older version reads as a miss.
+FORMAT_VERSION = 3
 _HEADER = struct.Struct("<4sHBB16s32sQQ")
 ENCODING_RAW = 0
 HEADER_BYTES = _HEADER.size
@@ -46,9 +47,11 @@ def max_stored_bytes(raw_bytes: int) -> int:
     return HEADER_BYTES + raw_bytes + raw_bytes // 1024 + FRAME_SLACK
 
 
-def checksum(payload: object) -> int:
-    """xxh3-64 of a bytes-like payload (about 25 GB/s, so it never limits a disk read)."""
-    return xxhash.xxh3_64_intdigest(payload)
+def checksum(payload: object, encoding: int = ENCODING_RAW) -> int:
+    """xxh3-64 of a bytes-like payload (about 25 GB/s, so it never limits a disk read), seeded with the
+    header's ``encoding``: the other fields are compared with what the reader expects, but the encoding is
+    read from the header, and a bit flipped there (frame -> raw) would otherwise serve a frame's bytes as KV."""
+    return xxhash.xxh3_64_intdigest(payload, seed=encoding)
 
 
 @dataclass(frozen=True)
@@ -65,13 +68,13 @@ class BlockHeader:
 
     @classmethod
     def for_payload(cls, key: bytes, layout: bytes, payload: object, encoding: int = ENCODING_RAW) -> "BlockHeader":
-        return cls(key, layout, memoryview(payload).nbytes, checksum(payload), encoding)
+        return cls(key, layout, memoryview(payload).nbytes, checksum(payload, encoding), encoding)
 
     @classmethod
     def for_parts(cls, key: bytes, layout: bytes, parts: "list[memoryview]",
                   encoding: int = ENCODING_RAW) -> "BlockHeader":
         """``for_payload`` of a payload held in several pieces (in order), without joining them."""
-        digest = xxhash.xxh3_64()
+        digest = xxhash.xxh3_64(seed=encoding)
         for part in parts:
             digest.update(part)
         return cls(key, layout, sum(p.nbytes for p in parts), digest.intdigest(), encoding)
@@ -98,5 +101,5 @@ class BlockHeader:
             self.key == key
             and self.layout == layout
             and self.length == view.nbytes
-            and self.checksum == checksum(view)
+            and self.checksum == checksum(view, self.encoding)
         )

@@ -6,6 +6,8 @@ medium is one module and one entry here.
 
 from __future__ import annotations
 
+from kvstore.compression import get_codec
+from kvstore.compression.stored import BlockEncoding
 from kvstore.config import StoreConfig
 from kvstore.layout import KVLayout
 from kvstore.tiers import device, files, host, lmdb, redis, remote
@@ -22,17 +24,24 @@ def build_tiers(layout: KVLayout, config: StoreConfig) -> list[Tier]:
     wanted = [spec for spec in TIER_SPECS.values() if spec.wanted(config)]
     for spec in wanted:
         spec.check(config)
+        _check_codec(spec, layout, config)
     tiers: list[Tier] = []
     try:
         for spec in wanted:
-            try:
-                tiers.append(spec.build(layout, config))
-            except ValueError as error:  # a codec this layout cannot take: name the setting that chose it
-                if spec.codec_setting is None or not str(error).startswith("codec "):
-                    raise
-                raise ValueError(f"{spec.codec_setting}: {error}") from None
+            tiers.append(spec.build(layout, config))
     except BaseException:
         for tier in tiers:
             tier.close()
         raise
     return tiers
+
+
+def _check_codec(spec: TierSpec, layout: KVLayout, config: StoreConfig) -> None:
+    """A codec this layout cannot take is a ``ValueError`` naming the setting that chose it, raised before
+    any tier is opened (an LMDB environment, a files directory and the host pool were made before it)."""
+    if spec.codec_setting is None:
+        return
+    try:
+        BlockEncoding(layout, get_codec(getattr(config, spec.codec_setting)))
+    except ValueError as error:
+        raise ValueError(f"{spec.codec_setting}: {error}") from None

@@ -31,7 +31,7 @@ STORED = 4096 + HEADER_BYTES  # a full tiny-layout block below host RAM
 NUM_TOKENS = 40  # blocks [0:16], [16:32] and the partial tail [32:40]
 DAMAGED = 1  # the block every case damages: the middle one
 INTACT_PREFIX = 16  # what a store can still return when only block DAMAGED is lost
-# header fields: magic 4, version 2, key_len 2, layout 16, key 32, length 8, checksum 8
+# header fields: magic 4, version 2, key_len 1, encoding 1, layout 16, key 32, length 8, checksum 8
 CHECKSUM_OFFSET = 4 + 2 + 2 + 16 + 32 + 8
 LAYOUT_OFFSET = 4 + 2 + 2
 # LmdbTier reserves max(2 * capacity, capacity + 1 GiB) of map; reopen the environment with as much.
@@ -412,3 +412,61 @@ def test_get_into_counts_only_verified_tokens_when_damage_was_read_into_out(tmp_
         assert not torch.equal(out[:, :, INTACT_PREFIX:damaged_end], kv[:, :, INTACT_PREFIX:damaged_end])
         assert torch.equal(out[:, :, damaged_end:], torch.full(lay.shape(NUM_TOKENS - damaged_end), 7.0,
                                                                dtype=lay.dtype))
+
+
+# -- (e) a header whose encoding byte flipped ----------------------------------------------------------------
+
+ENCODING_OFFSET = 4 + 2 + 1  # magic, version, key_len
+
+
+def _kv_whose_zstd_frame_is_one_raw_block(layout) -> torch.Tensor:
+    """KV whose zstd frame is exactly as long as the raw block: read as raw, its length would pass."""
+    from kvstore.compression import get_codec
+    zstd = get_codec("zstd")
+    gen = torch.Generator().manual_seed(4)
+    noise = torch.randint(0, 256, (layout.block_bytes,), dtype=torch.uint8, generator=gen)
+    low = torch.randint(0, 200, (layout.block_bytes,), dtype=torch.uint8, generator=gen)
+    for random_bytes in range(layout.block_bytes):
+        raw = low.clone()
+        raw[:random_bytes] = noise[:random_bytes]
+        kv = raw.view(layout.dtype).view(layout.shape(layout.block_tokens))
+        if len(zstd.encode(kv)) == layout.block_bytes:
+            return kv
+    raise AssertionError("no KV found whose frame is one raw block long")
+
+
+@pytest.mark.parametrize("name", ["lmdb", "files"])
+def test_a_frame_whose_header_says_raw_is_a_miss_not_its_frame_bytes(open_store, tmp_path, layout, name):
+    """One bit of the header's encoding byte (zstd frame -> raw) served the frame's own bytes as the KV when
+    the frame was as long as the raw block: the checksum covered the payload, not how to read it."""
+    kv = _kv_whose_zstd_frame_is_one_raw_block(layout)
+    tokens = make_tokens(16, seed=6)
+    codec = dict(disk_codec="zstd") if name == "lmdb" else dict(files_codec="zstd")
+    tiers = dict(lmdb=name == "lmdb", files=name == "files", **codec)
+    store = open_store(**tiers)
+    assert store.put(tokens, kv) == 1 and store.flush(timeout=30)
+    (key,) = [ref.key for ref in store.block_keys(tokens)]
+    store.close()
+    if name == "files":
+        with open(_block_file(tmp_path / "files", key), "r+b") as f:
+            f.seek(ENCODING_OFFSET)
+            assert f.read(1) == b"\x02"  # zstd's codec id + 1
+            f.seek(ENCODING_OFFSET)
+            f.write(b"\x00")
+    else:
+        env = lmdb.open(str(tmp_path / "lmdb"), map_size=MAP_SIZE, max_dbs=2, subdir=True)
+        try:
+            with env.begin(write=True) as txn:
+                meta = env.open_db(b"meta", txn=txn)
+                header = bytearray(txn.get(key, db=meta))
+                assert header[ENCODING_OFFSET] == 2
+                header[ENCODING_OFFSET] = 0
+                txn.put(key, bytes(header), db=meta)
+        finally:
+            env.close()
+    store = open_store(**tiers)
+    got = store.get(tokens)
+    assert got.shape[2] == 0  # a miss, never the frame's bytes
+    assert _tier_stats(store, name)["corrupt"] == 1
+    assert store.put(tokens, kv) == 1 and store.flush(timeout=30)
+    assert torch.equal(store.get(tokens).view(torch.uint8), kv.view(torch.uint8))  # random bytes hold NaNs

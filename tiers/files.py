@@ -780,7 +780,8 @@ class FilesTier:
         when it is still there."""
         final = block_path(self._root, key)
         directory = os.path.dirname(final)
-        header = BlockHeader.for_parts(key, self._fingerprint, parts, self.encoding.header_encoding).pack()
+        header = BlockHeader.for_parts(key, self._fingerprint, parts,
+                                      self.encoding.header_encoding(parts[0])).pack()
         total = HEADER_BYTES + sum(part.nbytes for part in parts)
         temp, fd, direct = self._open_temp(key, spare)
         try:

@@ -289,7 +289,7 @@ class LmdbTier:
                             txn.delete(key, db=self._meta)
                         for key, payload, stamp in records:
                             header = BlockHeader.for_payload(key, self._fingerprint, payload,
-                                                             self.encoding.header_encoding).pack()
+                                                             self.encoding.header_encoding(payload)).pack()
                             txn.put(key, payload, db=self._blocks)
                             txn.put(key, header + _STAMP.pack(stamp), db=self._meta)
                         self._write_stamps(txn, stamps, skip=set(victims) | set(deletes))

@@ -372,7 +372,8 @@ class RedisTier:
         """Header + payload of ``block``; stored raw, one copy of its bytes into ``into`` (or a new buffer)."""
         if self.encoding.codec is not None:
             payload = self.encoding.encode(block)
-            return BlockHeader.for_payload(key, self._fingerprint, payload, self.encoding.header_encoding).pack() + payload
+            header = BlockHeader.for_payload(key, self._fingerprint, payload, self.encoding.header_encoding(payload))
+            return header.pack() + payload
         nbytes = block.numel() * block.element_size()
         value = bytearray(HEADER_BYTES + nbytes) if into is None else into
         dst = torch.frombuffer(value, dtype=torch.uint8, offset=HEADER_BYTES, count=nbytes)

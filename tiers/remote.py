@@ -204,8 +204,8 @@ class RemoteTier:
         if views is not None:
             return [BlockHeader.for_parts(key, self._fingerprint, views).pack(), *views]
         payload = self.encoding.encode(block)
-        return [BlockHeader.for_payload(key, self._fingerprint, payload, self.encoding.header_encoding).pack(),
-                payload]
+        header = BlockHeader.for_payload(key, self._fingerprint, payload, self.encoding.header_encoding(payload))
+        return [header.pack(), payload]
 
     def get_into(self, key: bytes, out: torch.Tensor) -> bool:
         """Fetch block ``key`` into ``out``; False on a miss (or a damaged block); raises if the server fails."""

@@ -196,7 +196,7 @@ def test_codec_id_of_another_known_codec():
     refused(frame, BadParamsError)
 
 
-@pytest.mark.parametrize("dtype_id", [0, 12, 200])
+@pytest.mark.parametrize("dtype_id", [0, 14, 200])
 def test_unknown_dtype_id(dtype_id):
     assert dtype_id not in DTYPE_IDS.values()
     frame = edited(frame_of(), DTYPE, dtype_id)

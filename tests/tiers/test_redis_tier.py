@@ -164,6 +164,7 @@ DAMAGE = {
     "checksum": lambda value, other: _flip(value, HEADER_BYTES - 1),
     "layout": lambda value, other: _flip(value, 4 + 2 + 2 + 3),
     "magic": lambda value, other: _flip(value, 0),
+    "encoding": lambda value, other: _flip(value, 4 + 2 + 1),  # raw read as a frame: the seeded checksum fails
     "truncated": lambda value, other: value[:-100],
     "header-only": lambda value, other: value[:HEADER_BYTES],
     "empty": lambda value, other: b"",
