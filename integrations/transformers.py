@@ -69,6 +69,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import xxhash
 from transformers import DynamicCache
@@ -103,6 +104,9 @@ _UNNAMED = StoreConfig().model_id  # the model_id of a store whose config names 
 _LATENT_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 # generate's modes whose cache continues the preloaded prefix one row per request (beams, assistants and the
 # like re-prefill or reorder it: the KV saved after them was not the returned rows')
+# Per-token tensors a call may pass: checked (all ones, 0 .. S-1), or the cache's own positions. Any other
+# (token_type_ids, inputs_embeds, pixel_values...) changes the KV of the same ids, which the keys do not cover.
+_PER_TOKEN_CHECKED = frozenset({"attention_mask", "position_ids", "cache_position"})
 _GENERATION_MODES = frozenset({GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE})
 
 
@@ -144,10 +148,18 @@ def layout_for(model_or_config: Any, dtype: torch.dtype | str | None = None, blo
     if latent:  # keys and values of different widths (a latent or split head): not one [L, 2, T, H, D] layout
         raise ValueError(f"config.{latent[0]}: expected a model whose keys and values have one head_dim "
                          f"(multi-head latent attention is not supported here), got {getattr(config, latent[0])}")
+    shared = getattr(config, "num_kv_shared_layers", None)
+    if shared:  # Gemma 3n: the last layers reuse earlier layers' KV, so the cache holds fewer layers
+        raise ValueError(f"config.num_kv_shared_layers: expected 0 (every layer with a KV cache of its own), "
+                         f"got {shared}")
     num_layers = _config_int(config, "num_hidden_layers")
     num_heads = _config_int(config, "num_attention_heads")
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(config, "head_dim", None)
+    try:
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None)
+    except RuntimeError as error:  # a config whose layers differ (Gemma 4) refuses to name one value
+        raise ValueError(f"config: expected one num_key_value_heads and head_dim for every layer, got per-layer "
+                         f"values ({error})") from None
     if head_dim is None:
         hidden = _config_int(config, "hidden_size")
         if hidden % num_heads:
@@ -304,14 +316,31 @@ class CachedModel:
         for name in ("past_key_values", "cache"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name}: expected None (the cache is built from the store), got a cache")
-        if kwargs.pop("use_cache", True) is not True:
-            raise ValueError("use_cache: expected True (the KV to save comes from the cache), got False")
+        use_cache = kwargs.pop("use_cache", None)
+        if use_cache is not None and not use_cache:
+            raise ValueError(f"use_cache: expected True or None (the KV to save comes from the cache), "
+                             f"got {use_cache!r}")
+        for name, value in kwargs.items():
+            if isinstance(value, (torch.Tensor, np.ndarray)) and name not in _PER_TOKEN_CHECKED:
+                raise ValueError(f"{name}: expected no per-token input but input_ids (the store keys KV by token "
+                                 f"ids and salt, and {name} changes it; call the model itself), got a "
+                                 f"{type(value).__name__}")
+        if self.model.dtype != self.store.layout.dtype:
+            raise ValueError(f"model dtype: expected {self.store.layout.dtype}, the store's KV (the model's when "
+                             f"wrapped), got {self.model.dtype}: wrap the model again with a store of its layout")
         mask = kwargs.get("attention_mask")
         if mask is not None:
             mask = torch.as_tensor(mask)
             if tuple(mask.shape) != tuple(ids.shape) or not bool((mask == 1).all()):
                 raise ValueError(f"attention_mask: expected all ones of shape {list(ids.shape)} (padding is not "
                                  f"supported), got shape {list(mask.shape)} with {int((mask == 0).sum())} zeros")
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            positions = torch.as_tensor(positions)
+            expected = torch.arange(ids.shape[1])
+            if positions.shape[-1:] != ids.shape[-1:] or not bool((positions.cpu() == expected).all()):
+                raise ValueError(f"position_ids: expected 0 .. {ids.shape[1] - 1} in every row (other positions "
+                                 f"give other KV for the same tokens), got shape {list(positions.shape)}")
         return ids.to(device=self.device, dtype=torch.long)
 
     def _generation_config(self, generate_kwargs: dict[str, Any]) -> Any:
@@ -478,6 +507,7 @@ class CachedModel:
                              f"one row a request), got {mode.value}")
         if getattr(config, "cache_implementation", None) is not None:  # the wrapper's own cache holds the prefix
             generate_kwargs["cache_implementation"] = None
+        generate_kwargs["use_cache"] = True  # a fine-tune's config may say False: the loaded prefix is a cache
         salt = self.key_salt(self.salt if salt is None else salt)
         save_generated = self.save_generated if save_generated is None else save_generated
         cache, info = self._load(ids, salt, prefetch)

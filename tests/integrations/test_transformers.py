@@ -478,3 +478,59 @@ def test_a_model_whose_keys_and_values_differ_in_width_is_refused_up_front():
                                            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
     with pytest.raises(ValueError, match="config.kv_lora_rank: expected a model whose keys and values have one"):
         layout_for(config, dtype=torch.float32)
+
+
+def test_a_model_whose_config_turns_the_cache_off_generates_the_same_tokens(new_store):
+    """A fine-tune saved after gradient-checkpointed training has ``use_cache=False`` in its config (MPT's
+    default too): generate then ran without a cache and returned other tokens, hit or not."""
+    model = _other_weights("llama")
+    model.generation_config.use_cache = False
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(40, seed=16)
+    expected = model.generate(ids, **GREEDY, use_cache=True)
+    cold, info = cached.generate(ids, **GREEDY)
+    assert info.loaded_tokens == 0 and torch.equal(cold, expected)
+    hit, info = cached.generate(ids, **GREEDY)
+    assert info.loaded_tokens == 39 and torch.equal(hit, expected)
+    assert torch.equal(cached.generate(ids, use_cache=None, **GREEDY)[0], expected)  # transformers' "default"
+    with pytest.raises(ValueError, match="use_cache: expected True or None .*got 0"):
+        cached.generate(ids, use_cache=0, **GREEDY)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("position_ids", torch.arange(40).unsqueeze(0) + 100),
+    ("position_ids", torch.arange(39).unsqueeze(0)),
+    ("token_type_ids", torch.ones((1, 40), dtype=torch.long)),
+    ("inputs_embeds", torch.zeros((1, 40, 64))),
+])
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_per_token_inputs_the_keys_do_not_cover_are_refused(new_store, name, value, call):
+    """Positions 100.. (or GPT-2's token types) changed the KV of the same ids, stored under the ids' keys: a
+    plain call of the same ids was then served it (logits off by 1.03 and 2.17)."""
+    model = tiny_model("llama")
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(40, seed=17)
+    kwargs = dict(max_new_tokens=2) if call == "generate" else {}
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+        getattr(cached, call)(ids, **{name: value}, **kwargs)
+    assert cached.store.lookup(ids[0]) == 0
+
+
+def test_a_model_moved_to_another_dtype_is_refused_before_the_store(new_store):
+    model = _other_weights("llama")
+    cached = CachedModel(model, new_store(model))
+    ids = tokens(20, seed=18)
+    cached.forward(ids)
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="model dtype: expected torch.float32.*got torch.bfloat16"):
+        cached.forward(ids)
+
+
+def test_a_model_sharing_kv_across_layers_is_refused_up_front():
+    """Gemma 3n's last layers reuse earlier layers' KV: the layout counted every layer, and the first save
+    failed after the model had run."""
+    config = transformers.Gemma3nTextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                                            head_dim=16, num_kv_shared_layers=2)
+    with pytest.raises(ValueError, match="config.num_kv_shared_layers: expected 0 .*got 2"):
+        layout_for(config, dtype=torch.float32)
