@@ -20,7 +20,10 @@ tier's own form.
 
 from __future__ import annotations
 
+import struct
+
 import torch
+import xxhash
 
 from kvstore.blockformat import ENCODING_RAW
 from kvstore.compression.codec import FrameCodec, as_uint8, host_bytes
@@ -59,13 +62,24 @@ class BlockEncoding:
                 raise ValueError(f"codec {self.codec.name}: cannot store this layout's blocks ({exc})") from None
         self.name = self.codec.name if self.codec is not None else "raw"
         self.lossy = None if self.codec is None or self.codec.lossless else self.codec.name
+        # Names this tier's lossy form beside the header's codec id: kivi4 and kivi2 (or rq4 and rq3) share one.
+        self.form = 0 if self.lossy is None else xxhash.xxh3_64_intdigest(
+            struct.pack(f"<{1 + len(self.codec.params())}q", self.codec.codec_id, *self.codec.params()))
 
-    def foreign(self, encoding: int) -> bool:
-        """Whether a block whose header says ``encoding`` is in the lossy form of another codec known here,
-        which this tier never serves (``OTHER_CODEC``): a tier that reads its headers at open drops it, so a
-        put stores the block again instead of counting it as held."""
-        cls = None if encoding == ENCODING_RAW else CODEC_CLASSES.get(encoding - 1)
-        return cls is not None and not cls.lossless and (self.codec is None or cls.codec_id != self.codec.codec_id)
+    def form_of(self, payload: object) -> int:
+        """``form`` if ``payload`` (from ``encode``) is in this tier's lossy form, else 0 (exact)."""
+        return self.form if self.form and self.header_encoding(payload) == self.codec.codec_id + 1 else 0
+
+    def foreign(self, encoding: int, form: int) -> bool:
+        """Whether a block whose header says ``encoding``, written as ``form`` (``form_of``), is one this tier
+        never serves (``OTHER_CODEC``): another codec's lossy form, this codec's with other parameters, or a
+        codec this kvstore does not know. A tier that reads its headers at open drops it, so a put stores the
+        block again instead of counting it as held."""
+        if encoding == ENCODING_RAW:
+            return False
+        cls = CODEC_CLASSES.get(encoding - 1)
+        return cls is None or not cls.lossless and (self.codec is None or cls.codec_id != self.codec.codec_id
+                                                    or form != self.form)
 
     def encode(self, block: torch.Tensor) -> object:
         """The bytes-like payload to store for ``block`` (its header's encoding: ``header_encoding``)."""

@@ -104,7 +104,7 @@ def _damage_lmdb(path, key: bytes, how: str, layout) -> None:
         with env.begin(write=True) as txn:
             payload = bytearray(txn.get(key, db=blocks))
             header = bytearray(txn.get(key, db=meta))
-            assert len(payload) in (4096, 8 * 256) and len(header) == HEADER_BYTES + 8  # full block or tail
+            assert len(payload) in (4096, 8 * 256) and len(header) == HEADER_BYTES + 16  # full block or tail; stamp, form
             assert bytes(header[:4]) == MAGIC
             if how == "payload-bit":
                 payload[2000] ^= 0x04

@@ -43,7 +43,10 @@ from kvstore.compression.registry import get_codec
 from kvstore.config import StoreConfig
 from kvstore.tiers.spec import TierSpec
 
-_STAMP = struct.Struct("<Q")
+# A meta record: the block header, then its access stamp and the lossy form it was written in
+# (``BlockEncoding.form_of``; 0: exact), which the header's codec id alone does not name.
+_TAIL = struct.Struct("<QQ")
+_META_BYTES = HEADER_BYTES + _TAIL.size
 _MAX_WRITE_ATTEMPTS = 8
 # Dirty access stamps kept for the next write; beyond this they are written on their own.
 _MAX_PENDING_STAMPS = 4096
@@ -198,12 +201,12 @@ class LmdbTier:
         with self._env.begin(db=self._meta) as txn:
             for key, value in txn.cursor():
                 header = BlockHeader.unpack(value)
-                if header is None or len(value) != HEADER_BYTES + _STAMP.size or header.key != key:
+                if header is None or len(value) != _META_BYTES or header.key != key:
                     broken.append(key)
                     continue
-                if self.encoding.foreign(header.encoding):
+                stamp, form = _TAIL.unpack_from(value, HEADER_BYTES)
+                if self.encoding.foreign(header.encoding, form):
                     self._foreign.add(key)
-                (stamp,) = _STAMP.unpack_from(value, HEADER_BYTES)
                 records.append((stamp, key, header.length + HEADER_BYTES))
         if broken:
             with self._env.begin(write=True) as txn:
@@ -291,7 +294,7 @@ class LmdbTier:
                             header = BlockHeader.for_payload(key, self._fingerprint, payload,
                                                              self.encoding.header_encoding(payload)).pack()
                             txn.put(key, payload, db=self._blocks)
-                            txn.put(key, header + _STAMP.pack(stamp), db=self._meta)
+                            txn.put(key, header + _TAIL.pack(stamp, self.encoding.form_of(payload)), db=self._meta)
                         self._write_stamps(txn, stamps, skip=set(victims) | set(deletes))
                 except lmdb.MapFullError:
                     incoming += self._capacity // 8  # fragmentation: make more room and retry
@@ -331,8 +334,9 @@ class LmdbTier:
             if key in skip:
                 continue
             value = txn.get(key, db=self._meta)
-            if value is not None and len(value) == HEADER_BYTES + _STAMP.size:
-                txn.put(key, bytes(value[:HEADER_BYTES]) + _STAMP.pack(stamp), db=self._meta)
+            if value is not None and len(value) == _META_BYTES:
+                _, form = _TAIL.unpack_from(value, HEADER_BYTES)
+                txn.put(key, bytes(value[:HEADER_BYTES]) + _TAIL.pack(stamp, form), db=self._meta)
 
     def _commit_index(self, records: list[tuple[bytes, object, int]], removed: list[bytes],
                       stamps: dict[bytes, int]) -> None:

@@ -383,6 +383,24 @@ def test_store_switching_off_a_lossy_codec_serves_the_prompt_again_after_a_put(m
     assert_same_kv(second.get(tokens), kv)
 
 
+@pytest.mark.parametrize("before, after", [("kivi4", "kivi2"), ("rq4", "rq3"), ("ec4", "ec5"),
+                                           ("int8", "int8:zstd=3"), ("kivi4", "raw")])
+def test_lmdb_reopened_with_another_lossy_form_stores_the_prompt_again_in_one_put(make_store, before, after):
+    """kivi4 and kivi2 (rq4 and rq3, ...) share a codec id: blocks of the old parameters were counted as held,
+    so lookup promised 40 tokens, get returned none, and a put skipped them: one block came back a request."""
+    tokens, kv = prompt(40, seed=5)
+    first = make_store("disk", disk_codec=before)
+    first.put(tokens, kv)
+    first.close()
+    second = make_store("disk", disk_codec=after)
+    assert second.lookup(tokens) == 0  # nothing it would serve is promised
+    assert second.put(tokens, kv) == 3
+    assert second.lookup(tokens) == 40 and second.get(tokens).shape[2] == 40
+    second.close()
+    third = make_store("disk", disk_codec=after)  # its own form survives a restart
+    assert third.lookup(tokens) == 40 and third.get(tokens).shape[2] == 40
+
+
 # -- config ------------------------------------------------------------------------------
 
 
