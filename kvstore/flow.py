@@ -108,7 +108,8 @@ class BlockFlow:
                 self.stack.write(level, exact)
         if len(items) > 1:  # the prompt's head, stored before or now, the most recently used (``ChainTier``)
             keys = [key for key, _ in items]
-            self._chains.remember(keys)  # for its copies written behind (``kvstore/chains.py``)
+            if self._targets:
+                self._chains.remember(keys)  # for its copies written behind (``kvstore/chains.py``)
             for level in self.stack:
                 self.stack.touch_chain(level, keys)
         self.counters.add("blocks_stored", stored)

@@ -17,6 +17,7 @@ engine.
 
 from __future__ import annotations
 
+import atexit
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -89,6 +90,9 @@ class KVStore:
         self.hooks = EngineHooks(layout, config, self._keys, self._flow, self.put, self._store_blocks,
                                  self._check_open)
         self.keyed = KeyedBlocks(layout, self._keys, self._flow, self._check_open)
+        # A store left open at exit is closed while the interpreter still runs: its write-behind threads,
+        # killed inside a torch call at finalization, aborted the process (and lost the queued writes).
+        atexit.register(self.close)
 
     @property
     def tiers(self) -> list[Tier]:
@@ -141,6 +145,7 @@ class KVStore:
             if self._closed:
                 return
             self._closed = True
+        atexit.unregister(self.close)
         self.hooks.close()
         self._flow.close()
         for level in self.stack:  # each tier closes, whatever another's close raised

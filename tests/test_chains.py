@@ -29,3 +29,20 @@ def test_the_oldest_keys_are_forgotten_past_the_bound():
     assert memo.chains_of([b"a0"]) == [] and memo.chains_of([b"a1"]) == [(b"a0", b"a1")]
     with pytest.raises(ValueError, match="max_keys"):
         ChainMemo(max_keys=0)
+
+
+def test_the_keys_held_by_remembered_chains_stay_bounded():
+    """Prompts sharing a long head, each with its own last block: every last block's key kept its whole
+    chain alive, so a bound on keys let 16,384 chains of 257 keys live (about 0.5 GiB)."""
+    memo = ChainMemo(max_keys=64, max_held=200)
+    head = [b"h%d" % i for i in range(40)]
+    for n in range(500):
+        memo.remember(head + [b"tail%d" % n])
+        assert memo.held() <= 200
+    assert memo.chains_of([b"tail499"]) == [tuple(head + [b"tail499"])]
+    assert memo.chains_of([b"h0"]) == [tuple(head + [b"tail499"])]
+    assert memo.chains_of([b"tail0"]) == []
+    memo.remember([b"x%d" % i for i in range(201)])  # longer than the bound: not remembered
+    assert memo.chains_of([b"x0"]) == [] and memo.held() <= 200
+    memo.remember([b"d", b"d"])  # a key twice: counted once
+    assert memo.chains_of([b"d"]) == [(b"d", b"d")]
