@@ -12,14 +12,16 @@ frames, because a directory may hold blocks written under another config
 (or by another process sharing it). A lossy frame is decoded only by a tier
 configured with that same codec: a store that did not opt into a lossy
 codec never gets approximate bytes, whatever another process wrote into a
-shared tier. A frame of a codec id this kvstore does not know (a newer
-kvstore's) is a miss. Tiers delete what they read as ``OTHER_CODEC``
-(counted ``stale``), so the next put of that prefix stores it again in the
-tier's own form.
+shared tier; and a shared tier stores a lossy form under names of its own
+(``BlockEncoding.stored_name``), so stores of other codecs never meet its blocks.
+A frame of a codec id this kvstore does not know (a newer kvstore's) is a
+miss. Tiers delete what they read as ``OTHER_CODEC`` (counted ``stale``), so
+the next put of that prefix stores it again in the tier's own form.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import torch
@@ -65,6 +67,15 @@ class BlockEncoding:
         # Names this tier's lossy form beside the header's codec id: kivi4 and kivi2 (or rq4 and rq3) share one.
         self.form = 0 if self.lossy is None else xxhash.xxh3_64_intdigest(
             struct.pack(f"<{1 + len(self.codec.params())}q", self.codec.codec_id, *self.codec.params()))
+
+    def stored_name(self, key: bytes) -> bytes:
+        """What block ``key`` is stored as in a shared tier (a files directory, a cache server, Redis): the key
+        itself for exact forms, which every tier reads; another name of the same length for this tier's lossy
+        form. Stores of other codecs sharing the tier then never meet each other's lossy blocks: each counted
+        the other's as held and deleted it on reading, so neither got a hit."""
+        if not self.form:
+            return key
+        return hashlib.blake2b(key, digest_size=len(key), key=self.form.to_bytes(8, "little")).digest()
 
     def form_of(self, payload: object) -> int:
         """``form`` if ``payload`` (from ``encode``) is in this tier's lossy form, else 0 (exact)."""

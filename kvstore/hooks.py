@@ -180,8 +180,8 @@ class EngineHooks:
             raise ValueError(f"skip: expected an int >= 0 (and layer_wise=True when > 0), got {skip!r}")
         if prefetch is not None and prefetch.closed:
             raise ValueError("prefetch: expected an open handle, got a closed one (a load consumes its handle)")
-        if prefetch is not None and (any(a.key != b.key for a, b in zip(prefetch.blocks, blocks)) or (
-                blocks and prefetch.request_key is not None and prefetch.request_key != blocks[0].key)):
+        if prefetch is not None and (any(a.key != b.key for a, b in zip(prefetch.blocks, blocks))
+                                     or prefetch.request_key != (blocks[0].key if blocks else None)):
             raise ValueError("prefetch: expected a handle from prefetch() of these tokens and salt, got one of others")
         if sink is not None and not callable(sink):
             raise ValueError(f"sink: expected a callable sink(layer, parts), got {type(sink).__name__}")
@@ -197,7 +197,7 @@ class EngineHooks:
         chosen = [block for block in blocks if block.end <= num_tokens]
         if layer_wise:
             chosen = [block for block in chosen if block.end > skip]
-            handle = prefetch if prefetch is not None else self._live(self.prefetcher.start(
+            handle = prefetch.hand_over() if prefetch is not None else self._live(self.prefetcher.start(
                 chosen, PrefetchPolicy(WAIT), num_tokens_of(chosen)))
             return self._live(LayerLoader(
                 self.layout, chosen, handle, lambda block, dst: self._flow.read_block(block.key, dst), device,

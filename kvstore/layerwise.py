@@ -270,7 +270,13 @@ class LayerLoader:
         """Wait until layer ``index`` is delivered (into the sink, or the ring); raises what the worker raised."""
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.layout.num_layers:
             raise ValueError(f"layer: expected an int in [0, {self.layout.num_layers}), got {index!r}")
-        self._pipe.wait(lambda: self._pipe.loaded > index)
+        pipe = self._pipe
+        with pipe.cond:
+            reach = pipe.taken + pipe.lookahead
+        if pipe.sink is None and index > reach:  # the worker waits for layers to be taken: this would never return
+            raise ValueError(f"layer: expected at most layer {reach} until more are taken (a loader without a "
+                             f"sink copies {pipe.lookahead} layer(s) ahead of the engine), got {index}")
+        pipe.wait(lambda: pipe.loaded > index)
 
     def layer(self, index: int) -> torch.Tensor:
         """Layer ``index`` as ``[P, num_tokens, H, D]``; layers are asked for in order, each once."""

@@ -266,6 +266,7 @@ class PrefetchHandle:
         self._state = state
         self.policy = policy
         self._finalizer = weakref.finalize(self, prefetcher.orphaned, state)
+        self._handed_over = False
 
     @property
     def blocks(self) -> list[BlockRef]:
@@ -339,8 +340,18 @@ class PrefetchHandle:
 
     def cancel(self) -> None:
         """Stop waiting for fetches and release every pin; fetches no other handle needs are skipped."""
+        if self._handed_over:
+            return
         self._finalizer.detach()
         self._prefetcher.release(self._state)
+
+    def hand_over(self) -> "PrefetchHandle":
+        """A new handle owning this one's fetches and pins (a layer loader's), and this one closed: closing it
+        then releases nothing. The engine closing its handle (a ``with`` block around the load) released the
+        pins of the slots a layer loader was still copying from, and other prompts' KV took them."""
+        self._finalizer.detach()
+        self._handed_over = True
+        return PrefetchHandle(self._prefetcher, self._state, self.policy)
 
     close = cancel
 
@@ -351,7 +362,7 @@ class PrefetchHandle:
 
     @property
     def closed(self) -> bool:
-        return self._state.closed
+        return self._handed_over or self._state.closed
 
     def __enter__(self) -> "PrefetchHandle":
         return self

@@ -588,3 +588,55 @@ def test_a_store_closed_from_another_thread_as_a_layer_is_handed_over_is_a_clean
     with pytest.raises(RuntimeError, match="layer-wise load is closed"):
         loader.layer(0)
     assert not loader_threads()
+
+
+@pytest.mark.parametrize("how", ["with-block", "close", "cancel"])
+def test_the_engine_closing_its_handle_leaves_the_loaders_pins(make_store, how):
+    """``with store.prefetch(t) as h: loader = store.load(t, layer_wise=True, prefetch=h)``: the block's end
+    released the pins of the slots the loader was still copying from; other puts took those slots, and the
+    loader handed out their KV as this prompt's layers."""
+    slots = 8
+    store = make_store("host", lay=LAY, host_bytes=slots * LAY.block_bytes, load_lookahead_layers=1)
+    tokens, kv = make_tokens(48, seed=40), make_kv(LAY, 48, seed=40)
+    store.put(tokens, kv)
+    handle = store.prefetch(tokens, policy="wait")
+    assert handle.wait(LONG) == 48
+    loader = store.load(tokens, layer_wise=True, prefetch=handle)
+    got = [loader.layer(0).clone()]  # the worker copied layer 1 ahead and waits
+    {"with-block": lambda: handle.__exit__(None, None, None), "close": handle.close,
+     "cancel": handle.cancel}[how]()
+    assert handle.closed and pinned(store) == 3  # the loader's pins stay
+    with pytest.raises(ValueError, match="a load consumes its handle"):
+        store.load(tokens, prefetch=handle)
+    for n in range(4):  # other requests fill the pool
+        store.put(make_tokens(16 * slots, seed=41 + n), make_kv(LAY, 16 * slots, seed=41 + n))
+    got += [loader.layer(layer).clone() for layer in range(1, LAY.num_layers)]
+    assert loader.num_tokens == 48
+    loader.close()
+    for layer, tensor in enumerate(got):
+        assert_same_kv(tensor, kv[layer])
+    assert pinned(store) == 0
+
+
+def test_waiting_for_a_layer_past_the_look_ahead_is_refused_not_a_hang(make_store):
+    store = make_store("host", lay=LAY, load_lookahead_layers=1)
+    tokens, kv = make_tokens(40, seed=42), make_kv(LAY, 40, seed=42)
+    store.put(tokens, kv)
+    with store.load(tokens, layer_wise=True) as loader:
+        loader.wait_layer(0)  # within the look-ahead
+        with pytest.raises(ValueError, match="expected at most layer 0 until more are taken .*got 3"):
+            loader.wait_layer(3)
+        assert_same_kv(loader.layer(0), kv[0])
+        loader.wait_layer(1)
+
+
+def test_a_handle_of_an_empty_prompt_is_refused_for_another(make_store):
+    """``prefetch([])`` recorded no request, so its handle passed for any prompt's: a best-effort load of a
+    stored prompt then loaded nothing."""
+    store = make_store("host", lay=LAY)
+    tokens, kv = make_tokens(32, seed=43), make_kv(LAY, 32, seed=43)
+    store.put(tokens, kv)
+    for layer_wise in (False, True):
+        with pytest.raises(ValueError, match="prefetch: expected a handle from prefetch\\(\\) of these tokens"):
+            store.load(tokens, layer_wise=layer_wise, prefetch=store.prefetch([]))
+    assert store.load(tokens).shape[2] == 32

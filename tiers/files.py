@@ -344,6 +344,11 @@ class FilesTier:
     def touch_chain(self, keys: Sequence[bytes]) -> None:
         """``ChainTier.touch_chain``: the indexed ``keys`` become the most recently accessed, the first most of
         all, in this process's order (which a rescan keeps); other processes see file times, block by block."""
+        self._touch_named([self.encoding.stored_name(key) for key in keys])
+
+    def _touch_named(self, keys: Sequence[bytes]) -> None:
+        """``touch_chain`` of blocks by the names they are stored as (``BlockEncoding.stored_name``); as every method
+        named ``_*_named`` or taking keys below the public ones, which take the blocks' keys."""
         with self._lock:
             for key in reversed(keys):
                 entry = self._index.get(key)
@@ -405,6 +410,9 @@ class FilesTier:
             self._counters.add("evictions", removed)
 
     def contains(self, key: bytes) -> bool:
+        return self._contains_named(self.encoding.stored_name(key))
+
+    def _contains_named(self, key: bytes) -> bool:
         if key in self._index:  # atomic under the GIL: no lock on the lookup hot path
             return True
         try:
@@ -623,6 +631,7 @@ class FilesTier:
         ``rejected``: evicting its own leading blocks for them left only
         blocks no lookup reaches (a prefix is read from its first block).
         """
+        items = [(self.encoding.stored_name(key), block) for key, block in items]
         in_flight: list[_Write] = []
         ours: set[bytes] = set()  # the batch's blocks written or found stored: never its victims
         error: Exception | None = None
@@ -655,7 +664,7 @@ class FilesTier:
             self._release(parked.drop())
         if error is not None:
             raise error
-        return sum(self.contains(key) for key, _ in items)
+        return sum(self._contains_named(key) for key, _ in items)
 
     def _payloads(self, items: Sequence[tuple[bytes, torch.Tensor]],
                   stored: set[bytes]) -> Iterator[tuple[bytes, list, int, int]]:
@@ -667,8 +676,8 @@ class FilesTier:
         for key, block in items:
             if key in seen:
                 continue
-            if self.contains(key):  # an existing file is never rewritten
-                self.touch_chain([key])
+            if self._contains_named(key):  # an existing file is never rewritten
+                self._touch_named([key])
                 stored.add(key)
                 continue
             seen.add(key)
@@ -845,6 +854,7 @@ class FilesTier:
         """
         if len(keys) != len(outs):
             raise ValueError(f"outs: expected one per key ({len(keys)}), got {len(outs)}")
+        keys = [self.encoding.stored_name(key) for key in keys]
         nbytes = sum(out.numel() * out.element_size() for out in outs)
         parts = min(self._parts_per_read, len(keys)) if nbytes >= _SPLIT_RUN_BYTES else 1
         bounds = [n * len(keys) // parts for n in range(parts + 1)]
@@ -887,7 +897,7 @@ class FilesTier:
         except that only regular files are ever deleted. Other OSErrors (EIO,
         EACCES, ...) propagate: the store above tracks tier health.
         """
-        return self._get(key, out, True)
+        return self._get(self.encoding.stored_name(key), out, True)
 
     def _get(self, key: bytes, out: torch.Tensor, split: bool) -> bool:
         """``get_into``; ``split``: a large block may be read in parts on the pool."""
@@ -1037,6 +1047,7 @@ class FilesTier:
 
     def delete(self, key: bytes) -> bool:
         """Remove block ``key`` for every process sharing the directory; True if this call removed it."""
+        key = self.encoding.stored_name(key)
         path = self._path(key)
         with self._lock:
             self._forget(key)

@@ -9,7 +9,9 @@ One concept: a block is one Redis string under
 ``<key_prefix>:<namespace>:<layout fingerprint hex>:<key hex>`` whose value is
 the 72-byte ``BlockHeader`` then the payload (raw bytes or a codec's frame,
 ``BlockEncoding``). The namespace keeps tenants apart, the fingerprint keeps
-layouts (models, dtypes, shards) apart. A value that fails its header or
+layouts (models, dtypes, shards) apart, and a lossy codec's form follows it
+(``<fingerprint hex>~<form hex>``), so stores of other codecs never meet its
+blocks. A value that fails its header or
 checksum is a miss counted ``corrupt`` and deleted, never data.
 
 Redis manages its own memory: eviction follows the server's
@@ -179,7 +181,9 @@ class RedisTier:
         self._layout = layout
         self._fingerprint = layout.fingerprint
         self.encoding = BlockEncoding(layout, codec)
-        self._prefix = f"{key_prefix}:{namespace}:{layout.fingerprint.hex()}:".encode()
+        # A lossy form has keys of its own (``BlockEncoding.stored_name``): stores of other codecs never meet its blocks.
+        form = f"~{self.encoding.form:016x}" if self.encoding.form else ""
+        self._prefix = f"{key_prefix}:{namespace}:{layout.fingerprint.hex()}{form}:".encode()
         self._pattern = _glob_escape(self._prefix.decode()) + "*"
         self._ttl_ms = None if ttl_seconds is None else max(1, round(ttl_seconds * 1000))
         self._capacity = capacity_bytes

@@ -172,18 +172,21 @@ class RemoteTier:
 
     def contains(self, key: bytes) -> bool:
         """Whether the server holds ``key``; raises if the server fails."""
-        return self._call(lambda conn: conn.exists_prefix([key])) == 1
+        name = self.encoding.stored_name(key)
+        return self._call(lambda conn: conn.exists_prefix([name])) == 1
 
     def prefix_length(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` the server holds, in one round trip; raises if the server fails."""
-        return self._call(lambda conn: conn.exists_prefix(keys)) if keys else 0
+        names = [self.encoding.stored_name(key) for key in keys]
+        return self._call(lambda conn: conn.exists_prefix(names)) if names else 0
 
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """Send the blocks in as few frames as the server's limits allow; returns how many it holds after.
         Raises if the server fails."""
         if not items:
             return 0
-        parts = [(key, self._blob_parts(key, block)) for key, block in items]
+        parts = [(name, self._blob_parts(name, block))
+                 for name, block in ((self.encoding.stored_name(key), block) for key, block in items)]
         results = self._call(lambda conn: conn.put(parts))
         held = 0
         for (_, blob), result in zip(parts, results):
@@ -214,6 +217,10 @@ class RemoteTier:
     def get_many_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]:
         """Fetch blocks in one round trip; raw blocks land in ``outs`` without a bounce buffer. Raises if the
         server fails."""
+        return self._get_named([self.encoding.stored_name(key) for key in keys], outs)
+
+    def _get_named(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]:
+        """``get_many_into`` of blocks by the names they are stored as (in their headers too)."""
         heads = [bytearray(HEADER_BYTES) for _ in keys]
         scratch: list[bytearray | None] = [None] * len(keys)
 
@@ -240,7 +247,7 @@ class RemoteTier:
                 self._counters.add("misses")
                 self._counters.add("corrupt")
                 return [False]
-            return [self.get_many_into([key], [out])[0] for key, out in zip(keys, outs)]
+            return [self._get_named([key], [out])[0] for key, out in zip(keys, outs)]
         found = []
         for i, size in enumerate(sizes):
             if size is None:
@@ -268,12 +275,15 @@ class RemoteTier:
             self._counters.add("corrupt" if verdict == CORRUPT else "stale")
             header = BlockHeader.unpack(head if blob is None else blob)
             if header is None or header.layout == self._fingerprint:  # ours, not another layout's writer's
-                self.delete(key)
+                self._delete_named(key)
         return verdict == INTACT
 
     def delete(self, key: bytes) -> bool:
         """Delete ``key``; False if the server did not hold it, or failed (counted ``errors``)."""
-        return self._quiet(lambda conn: conn.delete([key])[0], False)
+        return self._delete_named(self.encoding.stored_name(key))
+
+    def _delete_named(self, name: bytes) -> bool:
+        return self._quiet(lambda conn: conn.delete([name])[0], False)
 
     def keys(self) -> Iterator[bytes]:
         """This namespace's keys on the server, least recently used first (empty if it is unreachable)."""

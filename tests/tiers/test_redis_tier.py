@@ -318,10 +318,13 @@ def test_codecs(make_tier, layout):
     got = read(int8, layout, A)
     assert got is not None and torch.allclose(got.float(), block.float(), atol=0.05, rtol=0.05)
     assert not torch.equal(got, block)
-    plain = make_tier(namespace="int8")  # a lossy frame is never served by a tier without that codec
-    assert read(plain, layout, A) is None
-    assert counts(plain, "stale", "corrupt") == (1, 0)
-    assert not int8.contains(A)  # deleted: the next put stores it in the reader's form
+    plain = make_tier(namespace="int8")  # a lossy frame is never met by a tier without that codec
+    assert not plain.contains(A) and read(plain, layout, A) is None
+    assert counts(plain, "stale", "corrupt") == (0, 0)
+    assert plain.put_many([(A, block)]) == 1  # stored exact beside it: each store keeps its own form
+    assert_same_kv(read(plain, layout, A), block)
+    assert int8.contains(A) and not torch.equal(read(int8, layout, A), block)
+    assert not make_tier(namespace="int8", codec=get_codec("kivi4")).contains(A)  # nor by another lossy codec
 
 
 def test_capacity(make_tier, redis_server, layout):

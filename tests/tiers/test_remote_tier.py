@@ -255,22 +255,23 @@ def test_lossy_codec_reads_back_what_the_codec_gives(remote):
     assert remote().get_into(key("int8"), zeros(FP16)) is False  # a lossy frame only for its own codec
 
 
-def test_a_lossy_blob_an_exact_reader_meets_is_replaced_by_its_exact_put(remote):
-    """A fleet that turned its lossy ``remote_codec`` off: the exact reader counted the int8 blob corrupt and
-    left it, the server answered its put ``PRESENT``, and the prefix was a miss for good (the failed reads
-    even kept the blob fresh in the server's LRU)."""
+def test_an_exact_reader_never_meets_a_lossy_blob_and_both_keep_their_own(remote):
+    """A fleet that turned its lossy ``remote_codec`` off (or runs both): the exact reader counted the int8 blob
+    corrupt and left it, the server answered its put ``PRESENT``, and the prefix was a miss for good; deleting
+    it instead made the two kinds of client delete each other's blocks. A lossy form has names of its own."""
     block = make_kv(FP16, 16, seed=8)
-    assert remote(codec=get_codec("int8")).put_many([(key("was-lossy"), block)]) == 1
+    lossy = remote(codec=get_codec("int8"))
+    assert lossy.put_many([(key("was-lossy"), block)]) == 1
     exact = remote()
-    assert exact.get_into(key("was-lossy"), zeros(FP16)) is False
+    assert not exact.contains(key("was-lossy")) and exact.get_into(key("was-lossy"), zeros(FP16)) is False
     stats = exact.stats()
-    assert (stats["stale"], stats["corrupt"]) == (1, 0)
-    assert not exact.contains(key("was-lossy"))
+    assert (stats["stale"], stats["corrupt"]) == (0, 0)
     assert exact.put_many([(key("was-lossy"), block)]) == 1
     out = zeros(FP16)
     assert exact.get_into(key("was-lossy"), out)
     assert_same_kv(out, block)
-
+    assert lossy.contains(key("was-lossy")) and lossy.get_into(key("was-lossy"), zeros(FP16))
+    assert lossy.delete(key("was-lossy")) and exact.contains(key("was-lossy"))
 
 def test_raw_blocks_land_in_the_output_without_a_bounce_buffer(remote, monkeypatch):
     tier = remote()
