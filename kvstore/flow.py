@@ -309,8 +309,9 @@ class BlockFlow:
             n = self._fill_keys(keys, dsts)
         finally:
             self._scratch.served = self._scratch.promotions = None
+        request = set(keys[:n])  # a promotion into memory evicts none of the request's blocks
         for level, key, dst, sightings, lossy in promotions:
-            self._promote(level, key, dst, sightings, lossy)
+            self._promote(level, key, dst, sightings, lossy, request)
         if n > 1:  # read head first, the head became the least recently used: evicted first, it took the rest
             for level in self.stack:
                 if level.slots or level.index in served:  # memory levels also took the promotions
@@ -372,7 +373,8 @@ class BlockFlow:
                 return got
         return 0
 
-    def _promote(self, hit: Level, key: bytes, block: torch.Tensor, sightings: int, lossy: str | None) -> None:
+    def _promote(self, hit: Level, key: bytes, block: torch.Tensor, sightings: int, lossy: str | None,
+                 keep: Collection[bytes] = ()) -> None:
         for index in self.placement.promote_into(hit.index):
             level = self.stack[index]
             if self.stack.contains(level, key) or not self.stack.available(level):
@@ -385,7 +387,7 @@ class BlockFlow:
                 self._queue(level, key, block, hit)
                 self.counters.add("promotions")
             else:
-                self.stack.write(level, [(key, block)], lossy)
+                self.stack.write(level, [(key, block)], lossy, keep)
                 if self.stack.contains(level, key):
                     self.counters.add("promotions")
 

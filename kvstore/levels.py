@@ -21,7 +21,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -341,8 +341,9 @@ class TierStack:
         return got
 
     def write(self, level: Level, items: Sequence[tuple[bytes, torch.Tensor | PendingBlock]],
-              lossy: str | None = None) -> None:
-        """Write blocks that all went through ``lossy`` (None: exact) to ``level``, if it may take them."""
+              lossy: str | None = None, keep: Collection[bytes] = ()) -> None:
+        """Write blocks that all went through ``lossy`` (None: exact) to ``level``, if it may take them; a
+        memory level evicts none of ``keep`` for them."""
         if not items or not self.available(level):
             return
         if not level.health.writes_available():
@@ -354,7 +355,9 @@ class TierStack:
         if not (level.slots and level.tier.fills_in_place):
             items = [(key, as_tensor(block)) for key, block in items]
         try:
-            if lossy is None:
+            if keep and level.slots:
+                level.tier.put_keeping(items, lossy, keep)
+            elif lossy is None:
                 level.tier.put_many(items)
             else:
                 level.tier.put_lossy(items, lossy)

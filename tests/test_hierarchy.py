@@ -525,3 +525,26 @@ def test_a_read_gets_every_block_its_lookup_found_when_promotions_write_back(tmp
         for _ in range(3):
             assert store.lookup(tokens) == 64
             assert_same_kv(store.get(tokens), kv)
+
+
+@pytest.mark.parametrize("how", ["get", "load", "layer_wise"])
+def test_a_reads_promotions_never_evict_its_own_blocks(tmp_path, how):
+    """Host 2 blocks, LMDB admitting a block on its third sighting: a 6-block prompt's head is only in host
+    RAM, its tail only in LMDB. Reading it promoted the tail into host RAM one block at a time, and each
+    evicted the head's only copy: lookup 87 tokens before the read, 0 after."""
+    layout = tiny_layout()
+    config = StoreConfig(model_id="m", host_bytes=2 * layout.block_bytes, disk_dir=str(tmp_path / "lmdb"),
+                         disk_bytes="4MiB", disk_sync=False, disk_admit_after=3)
+    tokens, kv = make_tokens(87, seed=10), make_kv(layout, 87, seed=10)
+    with KVStore(layout, config) as store:
+        store.put(tokens, kv)
+        assert store.flush(timeout=30)
+        for _ in range(2):
+            assert store.lookup(tokens) == 87
+            if how == "layer_wise":
+                with store.load(tokens, layer_wise=True) as loader:
+                    got = torch.stack([loader.layer(n).clone() for n in range(layout.num_layers)])
+            else:
+                got = store.get(tokens) if how == "get" else store.load(tokens)
+            assert_same_kv(got, kv)
+        assert store.stats()["tiers"]["host"]["evictions"] == 0

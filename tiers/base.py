@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
@@ -95,6 +95,9 @@ class MemorySlots(Tier, Protocol):
     def fills_in_place(self) -> bool: ...
 
     def put_lossy(self, items: Sequence[tuple[bytes, torch.Tensor]], codec: str) -> int: ...
+
+    def put_keeping(self, items: Sequence[tuple[bytes, torch.Tensor]], lossy: str | None,
+                    keep: Collection[bytes]) -> int: ...
 
     def get_into_marked(self, key: bytes, out: torch.Tensor) -> tuple[bool, str | None]: ...
 

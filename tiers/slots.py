@@ -182,7 +182,14 @@ class SlotTier:
             raise ValueError(f"codec: expected the name of a lossy codec, got {codec!r}")
         return self._put_each(items, codec)
 
-    def _put_each(self, items: Sequence[tuple[bytes, torch.Tensor]], lossy: str | None) -> int:
+    def put_keeping(self, items: Sequence[tuple[bytes, torch.Tensor]], lossy: str | None,
+                    keep: Collection[bytes]) -> int:
+        """``put_many`` (``put_lossy`` with ``lossy``) that evicts none of ``keep``: a read's promotions, which
+        evicted the request's own blocks, and a head held only here was lost (lookup 87 tokens, then 0)."""
+        return self._put_each(items, lossy, keep)
+
+    def _put_each(self, items: Sequence[tuple[bytes, torch.Tensor]], lossy: str | None,
+                  keep: Collection[bytes] = ()) -> int:
         """``put`` of each item in turn; the write counters bumped once for the batch (a 2 MiB block's
         bookkeeping is a few percent of its copy, and the counters were a fifth of that).
 
@@ -192,7 +199,7 @@ class SlotTier:
         no lookup reaches (a prefix is read from its first block).
         """
         held = blocks = nbytes = 0
-        keep: set[bytes] = set()
+        keep = set(keep)
         try:
             for key, block in items:
                 written = self._put(key, block, lossy, keep)
