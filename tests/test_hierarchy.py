@@ -511,40 +511,38 @@ def test_eviction_takes_a_prompts_tail_before_its_head(tmp_path, tiers, read_fir
             assert store.lookup(first) == 32 and store.lookup(other) == 0
 
 
-def test_a_read_gets_every_block_its_lookup_found_when_promotions_write_back(tmp_path):
-    """write_back, host 2 and LMDB 2 blocks, a 4-block prompt: promoting block 2 into host RAM wrote block 0
-    back into LMDB, whose eviction took block 3 before it was read (lookup 64 tokens, then get 48)."""
+def _read_whole_each_time(tmp_path, num_tokens: int, read, **settings) -> KVStore:
+    """A prompt put into host RAM of 2 blocks over LMDB (``settings``), then looked up and read (``read(store,
+    tokens)``) three times: all of it every time. Returns the (closed) store."""
     layout = tiny_layout()
     config = StoreConfig(model_id="m", host_bytes=2 * layout.block_bytes, disk_dir=str(tmp_path / "lmdb"),
-                         disk_bytes=2 * (layout.block_bytes + HEADER_BYTES), disk_sync=False,
-                         write_policy="write_back")
-    tokens, kv = make_tokens(64, seed=9), make_kv(layout, 64, seed=9)
+                         disk_sync=False, **settings)
+    tokens, kv = make_tokens(num_tokens, seed=9), make_kv(layout, num_tokens, seed=9)
     with KVStore(layout, config) as store:
         store.put(tokens, kv)
         assert store.flush(timeout=30)
         for _ in range(3):
-            assert store.lookup(tokens) == 64
-            assert_same_kv(store.get(tokens), kv)
+            assert store.lookup(tokens) == num_tokens
+            assert_same_kv(read(store, tokens), kv)
+    return store
 
 
-@pytest.mark.parametrize("how", ["get", "load", "layer_wise"])
-def test_a_reads_promotions_never_evict_its_own_blocks(tmp_path, how):
+def test_a_read_gets_every_block_its_lookup_found_when_promotions_write_back(tmp_path):
+    """write_back, host 2 and LMDB 2 blocks, a 4-block prompt: promoting block 2 into host RAM wrote block 0
+    back into LMDB, whose eviction took block 3 before it was read (lookup 64 tokens, then get 48)."""
+    _read_whole_each_time(tmp_path, 64, KVStore.get, write_policy="write_back",
+                          disk_bytes=2 * (tiny_layout().block_bytes + HEADER_BYTES))
+
+
+def _layer_wise(store: KVStore, tokens) -> torch.Tensor:
+    with store.load(tokens, layer_wise=True) as loader:
+        return torch.stack([loader.layer(n).clone() for n in range(store.layout.num_layers)])
+
+
+@pytest.mark.parametrize("read", [KVStore.get, KVStore.load, _layer_wise], ids=["get", "load", "layer_wise"])
+def test_a_reads_promotions_never_evict_its_own_blocks(tmp_path, read):
     """Host 2 blocks, LMDB admitting a block on its third sighting: a 6-block prompt's head is only in host
     RAM, its tail only in LMDB. Reading it promoted the tail into host RAM one block at a time, and each
     evicted the head's only copy: lookup 87 tokens before the read, 0 after."""
-    layout = tiny_layout()
-    config = StoreConfig(model_id="m", host_bytes=2 * layout.block_bytes, disk_dir=str(tmp_path / "lmdb"),
-                         disk_bytes="4MiB", disk_sync=False, disk_admit_after=3)
-    tokens, kv = make_tokens(87, seed=10), make_kv(layout, 87, seed=10)
-    with KVStore(layout, config) as store:
-        store.put(tokens, kv)
-        assert store.flush(timeout=30)
-        for _ in range(2):
-            assert store.lookup(tokens) == 87
-            if how == "layer_wise":
-                with store.load(tokens, layer_wise=True) as loader:
-                    got = torch.stack([loader.layer(n).clone() for n in range(layout.num_layers)])
-            else:
-                got = store.get(tokens) if how == "get" else store.load(tokens)
-            assert_same_kv(got, kv)
-        assert store.stats()["tiers"]["host"]["evictions"] == 0
+    store = _read_whole_each_time(tmp_path, 87, read, disk_bytes="4MiB", disk_admit_after=3)
+    assert store.stats()["tiers"]["host"]["evictions"] == 0
