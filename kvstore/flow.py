@@ -278,8 +278,19 @@ class BlockFlow:
         else:  # a request's read: promoted once all of it is read (``fill_keys``)
             served.add(level.index)
             self._scratch.promotions.append((level, key, dst, sightings, lossy))
+        self._admit_below(level, key, sightings)
+
+    def _admit_below(self, level: Level, key: bytes, sightings: int) -> None:
         if self.placement.counting:  # a read hit may be the sighting that admits it below
             self._send_down(level, key, None, sightings, newly_admitted=True)
+
+    def pinned_hit(self, key: bytes) -> None:
+        """A layer-wise load read ``key`` from its pin in the fastest level, where the prefetch found it: a
+        read hit like a get's, counted as a sighting (a vLLM engine's re-reads never admitted a block to a
+        tier with ``admit_after`` > 1, so a second engine sharing that tier was offered nothing)."""
+        fastest = self.stack.fastest
+        if fastest is not None:
+            self._admit_below(fastest, key, self.placement.sighted(key))
 
     def fill(self, blocks: Sequence[BlockRef], out: torch.Tensor) -> int:
         """Copy a request's ``blocks`` into ``out`` (token 0 is ``blocks[0]``'s first) in order until one is

@@ -202,7 +202,8 @@ class EngineHooks:
             return self._live(LayerLoader(
                 self.layout, chosen, handle, lambda block, dst: self._flow.read_block(block.key, dst), device,
                 self.config.load_lookahead_layers, on_sized=self._loaded, buffers=self.buffers, sink=sink,
-                read_run=lambda run, dsts: self._flow.fill_keys([b.key for b in run], dsts)))
+                read_run=lambda run, dsts: self._flow.fill_keys([b.key for b in run], dsts),
+                on_hit=self._flow.pinned_hit))
         start = time.perf_counter()
         if out is None:
             out = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype, device=device)

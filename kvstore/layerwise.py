@@ -51,9 +51,11 @@ class _Pipeline:
     def __init__(self, layout: KVLayout, blocks: Sequence[BlockRef], handle: PrefetchHandle,
                  read_block: ReadBlock, device: torch.device, lookahead: int,
                  on_layer: Callable[[int], None] | None, on_sized: Callable[[int, float], None] | None,
-                 buffers: BufferPool | None = None, sink: LayerSink | None = None, read_run: ReadRun | None = None):
+                 buffers: BufferPool | None = None, sink: LayerSink | None = None, read_run: ReadRun | None = None,
+                 on_hit: Callable[[bytes], None] | None = None):
         self.layout = layout
         self.read_run = read_run
+        self.on_hit = on_hit
         self.buffers = buffers
         self.sink = sink
         self.blocks = list(blocks)
@@ -91,12 +93,15 @@ class _Pipeline:
         def is_pinned(i: int) -> bool:
             return pinned_view(i) is not None
 
+        found = self.handle.found_ready
         sources: list[torch.Tensor] = []
         while len(sources) < len(self.blocks) and not self.closed:  # closed: no more reads for nobody
             start = len(sources)
             view = pinned_view(start)
             if view is not None:
                 sources.append(view)
+                if self.on_hit is not None and self.blocks[start].key in found:
+                    self.on_hit(self.blocks[start].key)  # read where it was: a read hit, as a get's
                 continue
             end = start + 1
             while self.read_run is not None and end < len(self.blocks) and not is_pinned(end):
@@ -237,14 +242,15 @@ class LayerLoader:
     def __init__(self, layout: KVLayout, blocks: Sequence[BlockRef], handle: PrefetchHandle,
                  read_block: ReadBlock, device: torch.device | str = "cpu", lookahead: int = 2,
                  on_layer: Callable[[int], None] | None = None, on_sized: Callable[[int, float], None] | None = None,
-                 buffers: BufferPool | None = None, sink: LayerSink | None = None, read_run: ReadRun | None = None):
+                 buffers: BufferPool | None = None, sink: LayerSink | None = None, read_run: ReadRun | None = None,
+                 on_hit: Callable[[bytes], None] | None = None):
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
             raise ValueError(f"lookahead: expected an integer >= 1, got {lookahead!r}")
         self.layout = layout
         self.device = torch.device(device)
         self.lookahead = lookahead
         self._pipe = _Pipeline(layout, blocks, handle, read_block, self.device, lookahead, on_layer, on_sized,
-                               buffers, sink, read_run)
+                               buffers, sink, read_run, on_hit)
         self._thread = threading.Thread(target=self._pipe.run, name="kvstore-layer-loader", daemon=True)
         self._finalizer = weakref.finalize(self, self._pipe.abandon)
         self._thread.start()

@@ -89,6 +89,7 @@ class _HandleState:
         self.index = {block.key: i for i, block in enumerate(self.blocks)}
         self.views: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.fetches: list[_Fetch | None] = [None] * len(self.blocks)
+        self.found: set[bytes] = set()  # pinned where they were found, in the fastest tier: no fetch read them
         self.closed = False
 
 
@@ -148,6 +149,7 @@ class Prefetcher:
                 if view is not None:
                     self._pins += 1
                     state.views[i] = view
+                    state.found.add(block.key)
                     self.counters.add("prefetch_ready_blocks")
                     continue
                 fetch = self._inflight.get(block.key)
@@ -277,6 +279,11 @@ class PrefetchHandle:
     def request_key(self) -> bytes | None:
         """The key of the first block of the request this handle was started for (None: not recorded)."""
         return self._state.request_key
+
+    @property
+    def found_ready(self) -> frozenset[bytes]:
+        """Keys of the blocks pinned where they were found, in the fastest tier (a fetch read the others)."""
+        return frozenset(self._state.found)
 
     @property
     def num_tokens(self) -> int:

@@ -640,3 +640,25 @@ def test_a_handle_of_an_empty_prompt_is_refused_for_another(make_store):
         with pytest.raises(ValueError, match="prefetch: expected a handle from prefetch\\(\\) of these tokens"):
             store.load(tokens, layer_wise=layer_wise, prefetch=store.prefetch([]))
     assert store.load(tokens).shape[2] == 32
+
+
+@pytest.mark.parametrize("sink", [False, True])
+def test_a_layer_wise_read_is_a_sighting_that_admits_below(make_store, tmp_path, sink):
+    """``files_admit_after=2``: a put and a read hit admit a block to the files tier. A layer-wise load (how
+    vLLM's worker reads) took blocks from the prefetch's pins and counted no sighting, so an engine's re-reads
+    never reached the shared tier and a second engine sharing it was offered nothing."""
+    store = make_store("host", lay=LAY, files_dir=str(tmp_path / "files"), files_admit_after=2, files_sync=False)
+    tokens, kv = make_tokens(40, seed=44), make_kv(LAY, 40, seed=44)
+    store.put(tokens, kv)
+    assert store.flush(LONG) and store.stats()["tiers"]["files"]["blocks"] == 0
+    layers = []
+    with store.load(tokens, layer_wise=True, sink=(lambda n, parts: layers.append(n)) if sink else None) as loader:
+        if sink:
+            loader.wait_layer(LAY.num_layers - 1)
+        else:
+            for n in range(LAY.num_layers):
+                assert_same_kv(loader.layer(n), kv[n])
+    assert store.flush(LONG)
+    assert store.stats()["tiers"]["files"]["blocks"] == 3
+    store.host.delete(keys_of(store, tokens)[0])
+    assert store.lookup(tokens) == 40  # block 0 from the files tier now
