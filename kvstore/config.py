@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import re
 import tomllib
@@ -256,8 +257,12 @@ class StoreConfig:
                             ("prefetch_timeout_per_1k_tokens_seconds", 0.0), ("prefill_tokens_per_second", 0.0),
                             ("remote_timeout_seconds", 0.001), ("redis_timeout_seconds", 0.001)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
-                raise ValueError(f"{name}: expected a number >= {least}, got {value!r}")
+            try:  # an int past a float's range (10**400, from a TOML or YAML file) is no number of these
+                finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            except OverflowError:
+                finite = False
+            if not finite or not value >= least:  # inf: a tier degraded for ever, a slowness never seen
+                raise ValueError(f"{name}: expected a finite number >= {least}, got {value!r:.80}")
             if name in _WAITS and not value <= MAX_WAIT_SECONDS:  # a socket or a lock cannot wait for ever
                 raise ValueError(f"{name}: expected at most {MAX_WAIT_SECONDS} seconds, got {value!r}")
             object.__setattr__(self, name, float(value))
@@ -318,7 +323,7 @@ class StoreConfig:
 MAX_WAIT_SECONDS = 86_400.0  # a day: longer per call is a mistake, and infinity overflows a socket's timeout
 MAX_TTL_SECONDS = 2**31 - 1  # what Redis's EXPIRE takes on every version
 _WAITS = frozenset({"remote_timeout_seconds", "redis_timeout_seconds", "prefetch_timeout_base_seconds",
-                    "prefetch_timeout_per_1k_tokens_seconds"})
+                    "prefetch_timeout_per_1k_tokens_seconds", "degraded_seconds"})
 
 
 def check_folder(name: str, path: str) -> None:
@@ -398,7 +403,7 @@ def read_settings_file(path: str | os.PathLike[str], table: str) -> dict[str, An
     if loader is None:
         raise ValueError(f"{path}: expected a file ending in {sorted(_FILE_LOADERS)}, got {path.suffix!r}")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is no setting
     except OSError as exc:  # missing, a directory, unreadable: the caller's setting, named (SGLang's start-up too)
         raise ValueError(f"{path}: {exc.strerror or exc} (expected a readable TOML or YAML settings file)") from None
     except UnicodeDecodeError:
@@ -408,6 +413,8 @@ def read_settings_file(path: str | os.PathLike[str], table: str) -> dict[str, An
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         kind = "TOML" if path.suffix.lower() == ".toml" else "YAML"
         raise ValueError(f"{path}: not valid {kind}: {' '.join(str(exc).split())}") from None
+    if values is None:  # an empty (or all-comment) YAML file: no settings, as an empty TOML file
+        values = {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
     if set(values) == {table} and isinstance(values[table], dict):
@@ -428,6 +435,8 @@ def env_values(cls: type, environ: Mapping[str, str], prefix: str, reserved: fro
         if not var.startswith(prefix) or var in reserved or var.startswith(tuple(other_prefixes)):
             continue
         name = var[len(prefix):].lower()
+        if var[len(prefix):] != name.upper():  # KVSTORE_host_bytes beside KVSTORE_HOST_BYTES: which one won?
+            raise ValueError(f"{var}: expected an upper-case setting name, {prefix}{name.upper()}")
         if name not in names:
             raise ValueError(f"{var}: unknown setting {name!r}; expected {prefix} plus one of {sorted(names)}")
         texts[name] = (var, text)
@@ -450,12 +459,15 @@ def _as_text(name: str, text: str) -> str:
     return text
 
 
+_NUMBER_TEXT = {int: re.compile(r"[+-]?[0-9]+"),  # ASCII digits only: int("١٢") is 12, "1_000" is 1000
+                float: re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")}
+
+
 def _parse_number(kind: Callable[[str], Any]) -> Callable[[str, str], Any]:
     def convert(name: str, text: str) -> Any:
-        try:
+        if _NUMBER_TEXT[kind].fullmatch(text.strip()):
             return kind(text.strip())
-        except ValueError:
-            raise ValueError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        raise ValueError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {text!r}")
     return convert
 
 
@@ -471,8 +483,26 @@ def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last one silently won; TOML refuses)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"setting {key!r} given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 _FILE_LOADERS: dict[str, Callable[[str], Any]] = {
     ".toml": tomllib.loads,
-    ".yaml": yaml.safe_load,
-    ".yml": yaml.safe_load,
+    ".yaml": _load_yaml,
+    ".yml": _load_yaml,
 }

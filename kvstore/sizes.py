@@ -48,7 +48,10 @@ def parse_size(value: int | str, name: str = "size") -> int:
             if factor is not None:
                 if len(number) > 40:  # past any size taken; Fraction would work through it all the same
                     raise ValueError(f"{name}: expected a byte size up to {MAX_SIZE}, got {value[:60]!r}...")
-                size = int(Fraction(number) * factor)  # exact: float lost the units of 2**53 and up
+                exact = Fraction(number) * factor  # exact: float lost the units of 2**53 and up
+                if factor == 1 and exact.denominator != 1:
+                    raise ValueError(f"{name}: expected a whole number of bytes, got {value!r}")
+                size = int(exact)
                 if size > MAX_SIZE:
                     raise ValueError(f"{name}: expected a byte size up to {MAX_SIZE}, got {value!r}")
                 return size

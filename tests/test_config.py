@@ -40,7 +40,8 @@ def test_parse_size(text, expected):
 
 @pytest.mark.parametrize("bad", ["lots", "", "4 GiBs", "-1", "1e9", "GiB", -5, True, 1.5, None,
                                  "\u0661\u0662\u0663",  # Arabic-Indic digits: \\d took them as 123
-                                 "9223372036854775808", 2**63, "9" * 25 + "TiB"])
+                                 "9223372036854775808", 2**63, "9" * 25 + "TiB",
+                                 "1.5b", "0.5"])  # a fraction of a byte (it was cut to 1 and 0)
 def test_parse_size_rejects(bad):
     with pytest.raises(ValueError) as info:
         parse_size(bad, "host_bytes")
@@ -208,6 +209,13 @@ def test_bad_value_in_file(tmp_path, field, toml_value, shown):
         (dict(host_codec="bogus"), "host_codec"),
         (dict(host_codec="zstd:foo=1"), "host_codec"),
         (dict(files_codec="zstd:level=1,level=2"), "files_codec"),
+        # inf degraded a tier for ever after one error, or hid every slowness; 10**400 raised OverflowError
+        (dict(degraded_seconds=float("inf")), "degraded_seconds"),
+        (dict(degraded_seconds=1e300), "degraded_seconds"),
+        (dict(slow_factor=float("inf")), "slow_factor"),
+        (dict(slow_factor=10**400), "slow_factor"),
+        (dict(prefill_tokens_per_second=float("inf")), "prefill_tokens_per_second"),
+        (dict(prefill_tokens_per_second=10**400), "prefill_tokens_per_second"),
     ],
 )
 def test_bad_value_in_code(kwargs, field):
@@ -248,6 +256,46 @@ def test_unsupported_file_suffix(tmp_path):
     path.write_text("{}")
     with pytest.raises(ValueError, match=r"\.json"):
         StoreConfig.from_file(path)
+
+
+@pytest.mark.parametrize("suffix, content, expected", [
+    (".yaml", "host_bytes: 1MiB\nhost_bytes: 2MiB\n", "setting 'host_bytes' given twice"),  # the last one won
+    (".yml", "kvstore:\n  disk_bytes: 1\n  disk_bytes: 2\n", "setting 'disk_bytes' given twice"),
+])
+def test_a_setting_given_twice_in_yaml_is_refused(tmp_path, suffix, content, expected):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=expected):
+        StoreConfig.from_file(path)
+
+
+@pytest.mark.parametrize("suffix, content", [(".toml", 'host_bytes = "2MiB"\n'), (".yaml", "host_bytes: 2MiB\n")])
+def test_a_settings_file_with_a_byte_order_mark_reads_as_without(tmp_path, suffix, content):
+    path = tmp_path / f"c{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + content.encode())
+    assert StoreConfig.from_file(path).host_bytes == 2 * MiB
+
+
+@pytest.mark.parametrize("content", ["", "# nothing set yet\n"])
+def test_an_empty_yaml_file_gives_the_defaults_as_an_empty_toml_file_does(tmp_path, content):
+    for suffix in (".yaml", ".toml"):
+        path = tmp_path / f"c{suffix}"
+        path.write_text(content)
+        assert StoreConfig.from_file(path) == StoreConfig()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"KVSTORE_FILES_IO_THREADS": "\u0661\u0662"}, "KVSTORE_FILES_IO_THREADS: expected an integer"),  # int() took 12
+    ({"KVSTORE_FILES_IO_THREADS": "1_000"}, "KVSTORE_FILES_IO_THREADS: expected an integer"),
+    ({"KVSTORE_SLOW_FACTOR": "\u0661\u0662.5"}, "KVSTORE_SLOW_FACTOR: expected a number"),
+    ({"KVSTORE_SLOW_FACTOR": "nan"}, "KVSTORE_SLOW_FACTOR: expected a number"),
+    ({"KVSTORE_DEGRADED_SECONDS": "1e400"}, "degraded_seconds: expected a finite number"),
+    ({"KVSTORE_host_bytes": "1MiB"}, "KVSTORE_host_bytes: expected an upper-case setting name, KVSTORE_HOST_BYTES"),
+])
+def test_env_numbers_are_ascii_and_names_upper_case(env, message):
+    with pytest.raises(ValueError, match=message):
+        StoreConfig.load(environ=env)
+    assert StoreConfig.load(environ={"KVSTORE_SLOW_FACTOR": "2.5e1"}).slow_factor == 25.0
 
 
 def test_file_not_a_mapping(tmp_path):
