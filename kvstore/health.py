@@ -87,6 +87,8 @@ BASELINE_READS = 64
 # Reads measured since the last (re)baseline before slowness is judged (W: the window's own size).
 WARMUP_READS = WINDOW_READS
 MIN_SLOW_SECONDS = 0.005
+# A read estimate no read refreshed for this long, or for ``degraded_seconds`` if longer, is forgotten.
+MIN_FORGET_SECONDS = 1.0
 
 
 def slow_reads_to_trip(window_reads: int) -> int:
@@ -124,6 +126,7 @@ class TierHealth:
         self._rebaseline = False  # degraded for slowness: clear the windows when probing starts
         self._bandwidth = 0.0  # bytes per second, as of the last time it was asked for
         self._bandwidth_stale = False  # reads recorded since: recomputed when asked, not on every read
+        self._last_read = 0.0  # clock of the last read recorded
         self._error_rate = 0.0
         self._errors = 0
         self._degradations = 0
@@ -137,9 +140,9 @@ class TierHealth:
         with self._lock:
             if self._state == DEGRADED and self._clock() >= self._until:
                 self._state = PROBING
-                if self._rebaseline:
+                if self._rebaseline:  # the slow window is forgotten: the estimate is the prior's again
                     self._rebaseline = False
-                    self._current_bandwidth()  # the estimate keeps the window's last median
+                    self._bandwidth, self._bandwidth_stale = 0.0, False
                     self._recent.clear()
                     self._baseline.clear()
                     self._since_baseline = 0
@@ -150,6 +153,7 @@ class TierHealth:
         seconds = max(seconds, 1e-9)
         cost = seconds / max(nbytes, 1)
         with self._lock:
+            self._last_read = self._clock()
             self._recent.append((cost, seconds))
             self._baseline.append(cost)
             self._since_baseline += 1
@@ -223,9 +227,18 @@ class TierHealth:
 
     def _current_bandwidth(self) -> float:
         """Under the lock. A host-RAM hit reads a block in tens of microseconds, so the median is taken
-        when the planner asks (once a request), not on every read."""
+        when the planner asks (once a request), not on every read.
+
+        An estimate no read has refreshed for ``degraded_seconds`` (at least ``MIN_FORGET_SECONDS``) is
+        forgotten, and the prior stands again:
+        a planner that plans no read from a tier it thinks slow never learns it is fast again (a moment of
+        4 stalled reads in 8 kept a recovered disk's plans at 0 tokens for good). The lower median: half
+        the window stalled does not set the estimate (the mean of the two middle reads did)."""
+        if self._recent and self._clock() - self._last_read >= max(self._degraded_seconds, MIN_FORGET_SECONDS):
+            self._recent.clear()
+            self._bandwidth, self._bandwidth_stale = 0.0, False
         if self._bandwidth_stale and self._recent:
-            self._bandwidth = 1.0 / statistics.median([c for c, _ in self._recent])
+            self._bandwidth = 1.0 / statistics.median_low([c for c, _ in self._recent])
         self._bandwidth_stale = False
         return self._bandwidth
 

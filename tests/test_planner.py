@@ -343,7 +343,7 @@ def test_load_rejects_a_plan_of_other_tokens(make_store, kv_for):
 
 @pytest.mark.parametrize("value", [-1, -0.001, math.nan, True, "1e6", None])
 def test_config_rejects_a_bad_prefill_throughput(value):
-    with pytest.raises(ValueError, match=rf"^prefill_tokens_per_second: expected a number >= 0.0, got {value!r}$"):
+    with pytest.raises(ValueError, match=rf"^prefill_tokens_per_second: expected a finite number >= 0.0, got {value!r}$"):
         StoreConfig(prefill_tokens_per_second=value)
 
 
