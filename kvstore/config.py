@@ -250,9 +250,10 @@ class StoreConfig:
         for name in ("disk_admit_after", "files_admit_after", "files_io_threads", "write_queue_blocks",
                      "prefetch_workers", "prefetch_queue_blocks", "load_lookahead_layers", "remote_connections",
                      "remote_admit_after", "redis_admit_after"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+            value, most = getattr(self, name), _MOST.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most and value > most):
+                raise ValueError(f"{name}: expected an integer >= 1{f' and <= {most}' if most else ''}, got "
+                                 f"{value!r:.80}")
         for name, least in (("slow_factor", 1.0), ("degraded_seconds", 0.0), ("prefetch_timeout_base_seconds", 0.0),
                             ("prefetch_timeout_per_1k_tokens_seconds", 0.0), ("prefill_tokens_per_second", 0.0),
                             ("remote_timeout_seconds", 0.001), ("redis_timeout_seconds", 0.001)):
@@ -322,6 +323,9 @@ class StoreConfig:
 
 MAX_WAIT_SECONDS = 86_400.0  # a day: longer per call is a mistake, and infinity overflows a socket's timeout
 MAX_TTL_SECONDS = 2**31 - 1  # what Redis's EXPIRE takes on every version
+# Threads and connections are started at open: 10**6 prefetch workers was accepted, and tried.
+_MOST = {"prefetch_workers": 256, "files_io_threads": 256, "remote_connections": 1024,
+         "load_lookahead_layers": 4096}
 _WAITS = frozenset({"remote_timeout_seconds", "redis_timeout_seconds", "prefetch_timeout_base_seconds",
                     "prefetch_timeout_per_1k_tokens_seconds", "degraded_seconds"})
 

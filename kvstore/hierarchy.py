@@ -23,7 +23,7 @@ def build_tiers(layout: KVLayout, config: StoreConfig) -> list[Tier]:
     """The configured tiers, fastest first; if one fails to open, those already open are closed."""
     wanted = [spec for spec in TIER_SPECS.values() if spec.wanted(config)]
     for spec in wanted:
-        spec.check(config)
+        spec.check(layout, config)
         _check_codec(spec, layout, config)
     tiers: list[Tier] = []
     try:

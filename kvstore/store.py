@@ -70,6 +70,7 @@ class KVStore:
         built = list(tiers) if tiers is not None else build_tiers(layout, config)
         if not built:
             raise ValueError("tiers: expected at least one tier, got none")
+        started: list[BlockFlow | EngineHooks] = []  # what runs threads, closed if a later part fails
         try:
             levels = []
             for index, tier in enumerate(built):
@@ -79,17 +80,21 @@ class KVStore:
                 prior = spec.bandwidth_prior if spec is not None else DEFAULT_BANDWIDTH_PRIOR
                 levels.append(make_level(index, tier, config.tier_write_policy(tier.name), admit_after,
                                          config.slow_factor, config.degraded_seconds, prior))
-        except BaseException:
+            self.stack = TierStack(levels)
+            self.placement = Placement([level.policy for level in levels], promote=config.promote)
+            self._flow = BlockFlow(layout, config, self.stack, self.placement)
+            started.append(self._flow)
+            self.hooks = EngineHooks(layout, config, self._keys, self._flow, self.put, self._store_blocks,
+                                     self._check_open)
+            started.append(self.hooks)
+            self.keyed = KeyedBlocks(layout, self._keys, self._flow, self._check_open)
+        except BaseException:  # a thread the OS refused, say: nothing left running, no directory left locked
+            for part in reversed(started):
+                part.close()
             if tiers is None:
                 for tier in built:
                     tier.close()
             raise
-        self.stack = TierStack(levels)
-        self.placement = Placement([level.policy for level in levels], promote=config.promote)
-        self._flow = BlockFlow(layout, config, self.stack, self.placement)
-        self.hooks = EngineHooks(layout, config, self._keys, self._flow, self.put, self._store_blocks,
-                                 self._check_open)
-        self.keyed = KeyedBlocks(layout, self._keys, self._flow, self._check_open)
         # A store left open at exit is closed while the interpreter still runs: its write-behind threads,
         # killed inside a torch call at finalization, aborted the process (and lost the queued writes).
         atexit.register(self.close)

@@ -615,3 +615,43 @@ def test_a_store_left_open_at_exit_is_closed_and_loses_nothing(tmp_path, policy)
         run_python(code)  # exit status 0, every run
         with KVStore(tiny_layout(), StoreConfig(host_bytes=0, disk_dir=str(disk), disk_bytes="8MiB")) as store:
             assert all(store.lookup([n * 1000 + t for t in range(160)]) == 160 for n in range(40))
+
+
+def test_a_store_that_fails_to_open_late_leaves_no_thread_and_no_lock(tmp_path, monkeypatch):
+    """The OS refusing a prefetch worker's thread left the write-behind workers running and the LMDB
+    directory locked for the rest of the process (``DirectoryInUseError`` on every reopen)."""
+    import kvstore.hooks
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    before = set(threading.enumerate())
+    config = StoreConfig(host_bytes="1MiB", disk_dir=str(tmp_path / "disk"), disk_bytes="8MiB", disk_sync=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(kvstore.hooks, "Prefetcher", refused)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            KVStore(tiny_layout(), config)
+    assert set(threading.enumerate()) <= before
+    with KVStore(tiny_layout(), config) as store:  # the directory is free again
+        assert store.put(make_tokens(16), make_kv(tiny_layout(), 16)) == 1
+
+
+@pytest.mark.parametrize("name, value", [("prefetch_workers", 257), ("files_io_threads", 10**6),
+                                         ("remote_connections", 1025), ("load_lookahead_layers", 4097)])
+def test_thread_and_connection_counts_are_bounded(name, value):
+    with pytest.raises(ValueError, match=f"^{name}: expected an integer >= 1 and <= "):
+        StoreConfig(**{name: value})
+
+
+@pytest.mark.parametrize("bad", [dict(files_bytes=100), dict(files_dir="FILE"), dict(disk_bytes=2**62),
+                                 dict(disk_bytes=100), dict(disk_dir="FILE")])
+def test_a_tier_setting_opening_would_refuse_leaves_no_tier_made(tmp_path, bad):
+    """LMDB (opened first) had made its files, and the host pool its memory, when the files tier or LMDB's
+    own map refused a setting: the ValueError came after tiers were touched."""
+    (tmp_path / "FILE").write_text("not a directory")
+    settings = dict(host_bytes="1MiB", disk_dir=str(tmp_path / "disk"), disk_bytes="8MiB", disk_sync=False,
+                    files_dir=str(tmp_path / "files"), files_bytes="8MiB")
+    settings.update({key: str(tmp_path / value) if key.endswith("_dir") else value for key, value in bad.items()})
+    with pytest.raises(ValueError, match=f"^{next(iter(bad))}: expected"):
+        KVStore(tiny_layout(), StoreConfig(**settings))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["FILE"]

@@ -12,6 +12,7 @@ import torch
 
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.compression.stored import CORRUPT, BlockEncoding
+from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
 
 # Counters every tier reports in ``stats()``.
@@ -238,3 +239,22 @@ def make_directory(path: str | os.PathLike[str], setting: str) -> None:
     except (FileExistsError, NotADirectoryError):
         raise ValueError(f"{setting}: expected a directory, got {os.fspath(path)!r}: something that is not a "
                          f"directory is there or on its path") from None
+
+
+def check_one_block(layout: KVLayout, capacity_bytes: int, setting: str) -> None:
+    """A ``ValueError`` naming ``setting`` unless ``capacity_bytes`` holds one block of ``layout``."""
+    full = layout.block_bytes + HEADER_BYTES
+    if capacity_bytes < full:
+        raise ValueError(f"{setting}: expected at least one block ({full} bytes: its header and raw bytes, which "
+                         f"a codec's frame of KV it cannot shrink may take), got {capacity_bytes}")
+
+
+def check_directory_path(path: str | os.PathLike[str], setting: str) -> None:
+    """``make_directory``'s ``ValueError``, before anything is made: something not a directory is at ``path``
+    or on its way (checked before any tier is opened, so a bad setting leaves no other tier's files)."""
+    probe = os.path.abspath(os.fspath(path))
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{setting}: expected a directory, got {os.fspath(path)!r}: something that is not a "
+                         f"directory is there or on its path")

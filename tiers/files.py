@@ -66,7 +66,8 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS, Capability, make_directory, tier_stats
+from kvstore.tiers.base import (TIER_COUNTERS, Capability, check_directory_path, check_one_block, make_directory,
+                                tier_stats)
 from kvstore.tiers.fanout import (SUFFIX, TEMP_SUFFIX, block_key, block_path, entries_of, fanout_dirs, is_fanout,
                                   old_block_key)
 from kvstore.tiers.parked import Parked, ParkedFiles
@@ -269,10 +270,8 @@ class FilesTier:
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, *,
                  sync: bool = True, o_direct: bool = False, stale_temp_seconds: float = 300.0,
                  rescan_seconds: float = 5.0, codec: FrameCodec | None = None, io_threads: int = 4):
+        check_one_block(layout, capacity_bytes, "files_bytes")
         full = layout.block_bytes + HEADER_BYTES
-        if capacity_bytes < full:
-            raise ValueError(f"files_bytes: expected at least one block ({full} bytes: its header and raw bytes, which "
-                             f"a codec's frame of KV it cannot shrink may take), got {capacity_bytes}")
         if o_direct and not hasattr(os, "O_DIRECT"):
             raise ValueError("o_direct: expected False on a platform without os.O_DIRECT, got True")
         for name, value in (("stale_temp_seconds", stale_temp_seconds), ("rescan_seconds", rescan_seconds)):
@@ -1068,6 +1067,12 @@ class FilesTier:
             self._used = 0
 
 
+def _check(layout: KVLayout, config: StoreConfig) -> None:
+    """What opening would refuse, before any tier makes a file: a bad setting left LMDB's files behind."""
+    check_one_block(layout, config.files_bytes, "files_bytes")
+    check_directory_path(config.files_dir, "files_dir")
+
+
 def _build(layout: KVLayout, config: StoreConfig) -> FilesTier:
     return FilesTier(config.files_dir, config.files_bytes, layout, sync=config.files_sync,
                      o_direct=config.files_o_direct, codec=get_codec(config.files_codec),
@@ -1078,6 +1083,7 @@ SPEC = TierSpec(
     name="files",
     wanted=lambda config: config.files_dir is not None and config.files_bytes > 0,
     build=_build,
+    check=_check,
     persistent=True,
     bandwidth_prior=0.5e9,
     admit_after=lambda config: config.files_admit_after,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -37,7 +38,8 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS, Capability, EvictCallback, make_directory, tier_stats
+from kvstore.tiers.base import (TIER_COUNTERS, Capability, EvictCallback, check_directory_path, check_one_block,
+                                make_directory, tier_stats)
 from kvstore.tiers.inuse import InUse
 from kvstore.compression.registry import get_codec
 from kvstore.config import StoreConfig
@@ -112,14 +114,13 @@ def open_environment(path: Path, capacity_bytes: int, sync: bool, lock_file: IO[
     """The LMDB environment at ``path`` for ``capacity_bytes`` of data, its map twice that (or 1 GiB more) so
     that fragmentation never fills it; ``lock_file`` is closed if it cannot be opened. A map larger than the
     machine can reserve is a ``ValueError`` naming ``setting``; any other LMDB failure an ``OSError``."""
-    map_size = max(2 * capacity_bytes, capacity_bytes + (1 << 30))
+    map_size = _map_size(capacity_bytes)
     try:
         env = lmdb.open(str(path), map_size=map_size, max_dbs=2, sync=sync, metasync=sync, readahead=False,
                         max_readers=512, subdir=True)
     except lmdb.MemoryError:
         lock_file.close()
-        raise ValueError(f"{setting}: expected a size this machine can map (LMDB reserves {map_size} bytes of "
-                         f"address space for it), got {capacity_bytes}") from None
+        raise _unmappable(setting, capacity_bytes) from None
     except lmdb.Error as exc:
         lock_file.close()
         raise OSError(f"{path}: LMDB could not open it: {exc}") from None
@@ -130,6 +131,26 @@ def open_environment(path: Path, capacity_bytes: int, sync: bool, lock_file: IO[
         lock_file.close()
         raise
     return env
+
+
+def _map_size(capacity_bytes: int) -> int:
+    return max(2 * capacity_bytes, capacity_bytes + (1 << 30))
+
+
+def _unmappable(setting: str, capacity_bytes: int) -> ValueError:
+    return ValueError(f"{setting}: expected a size this machine can map (LMDB reserves {_map_size(capacity_bytes)} "
+                      f"bytes of address space for it), got {capacity_bytes}")
+
+
+def check_mappable(capacity_bytes: int, setting: str) -> None:
+    """``open_environment``'s ``ValueError`` for a map this process cannot reserve, found by reserving (not
+    committing) as much address space, before a directory or a file is made."""
+    try:
+        probe = mmap.mmap(-1, _map_size(capacity_bytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                          | getattr(mmap, "MAP_NORESERVE", 0), prot=getattr(mmap, "PROT_NONE", 0))
+    except (OSError, OverflowError, ValueError):
+        raise _unmappable(setting, capacity_bytes) from None
+    probe.close()
 
 
 def check_whole(env: lmdb.Environment, path: Path) -> None:
@@ -160,11 +181,7 @@ class LmdbTier:
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, sync: bool = True,
                  codec: FrameCodec | None = None):
-        if capacity_bytes < layout.block_bytes + HEADER_BYTES:
-            raise ValueError(
-                f"disk_bytes: expected at least one block ({layout.block_bytes + HEADER_BYTES} bytes: its header "
-                f"and raw bytes, which a codec's frame of KV it cannot shrink may take), got {capacity_bytes}"
-            )
+        check_one_block(layout, capacity_bytes, "disk_bytes")
         self.path = Path(path)
         self._lock_file = lock_directory(self.path, "disk_dir {path} is open in another process (or another "
                                                     "store of this one); give each store its own disk_dir or share "
@@ -500,6 +517,13 @@ def inspect_directory(path: str | os.PathLike[str]) -> dict[str, int]:
     return usage
 
 
+def _check(layout: KVLayout, config: StoreConfig) -> None:
+    """What opening would refuse, before any tier makes a file: a bad setting left LMDB's files behind."""
+    check_one_block(layout, config.disk_bytes, "disk_bytes")
+    check_directory_path(config.disk_dir, "disk_dir")
+    check_mappable(config.disk_bytes, "disk_bytes")
+
+
 def _build(layout: KVLayout, config: StoreConfig) -> LmdbTier:
     return LmdbTier(config.disk_dir, config.disk_bytes, layout, sync=config.disk_sync,
                     codec=get_codec(config.disk_codec))
@@ -509,6 +533,7 @@ SPEC = TierSpec(
     name="lmdb",
     wanted=lambda config: config.disk_dir is not None and config.disk_bytes > 0,
     build=_build,
+    check=_check,
     persistent=True,
     bandwidth_prior=2e9,
     admit_after=lambda config: config.disk_admit_after,

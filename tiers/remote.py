@@ -315,7 +315,7 @@ def _token(config: StoreConfig) -> str | None:
                          f"{config.remote_token_file!r} ({error})") from None
 
 
-def _check(config: StoreConfig) -> None:
+def _check(layout: KVLayout, config: StoreConfig) -> None:
     """The token file and the TLS CA file, read at open: a typo in the CA path made every connection fail,
     and the cache server was blamed (bypassed as degraded) for it."""
     _token(config)

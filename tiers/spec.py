@@ -27,7 +27,7 @@ class TierSpec:
     ``wanted(config)``: whether the config asks for it (a size of 0 turns a
     tier off). ``admit_after(config)``: sightings before a block is written
     to it. ``bandwidth_prior``: bytes/s. ``codec_setting``: the config field
-    naming its codec (None: it stores raw blocks in memory). ``check(config)``
+    naming its codec (None: it stores raw blocks in memory). ``check(layout, config)``
     raises a ``ValueError`` naming a setting the tier could not use (a file
     it reads at open); the store checks every wanted tier before it builds
     any, so a bad setting touches no tier.
@@ -40,7 +40,7 @@ class TierSpec:
     bandwidth_prior: float
     admit_after: Callable[[StoreConfig], int] = lambda config: 1
     codec_setting: str | None = None
-    check: Callable[[StoreConfig], None] = lambda config: None
+    check: Callable[[KVLayout, StoreConfig], None] = lambda layout, config: None
 
     def __post_init__(self) -> None:
         if not self.name:
