@@ -95,6 +95,10 @@ _SPLIT_RUN_BYTES = 4 << 20  # a run of blocks this large is read in runs side by
 _HASH_PIECE_BYTES = 4 << 20  # a raw payload is read and checksummed this much at a time, while it is in cache
 # A scan forced by a full tier waits until scans have taken at most this share of the time since the last began.
 _SCAN_TIME_SHARE = 0.1
+# An indexed block whose file was not seen for this long is looked at again before ``contains`` says yes:
+# another process sharing the directory may have evicted it (lookup promised 256 tokens, get found none,
+# and a put deduplicated against the gone blocks, so the prompt came back one block a request).
+_VERIFY_SECONDS = 1.0
 
 
 class _Write(NamedTuple):
@@ -109,6 +113,7 @@ class _Entry(NamedTuple):
     size: int  # header + payload bytes
     mtime_ns: int  # the file's mtime as this process last saw or set it
     seq: int  # when this process last put or read it (0: learned from a scan)
+    checked: float = 0.0  # when this process last saw the file there (monotonic seconds; 0: not since a scan)
 
 
 def _round_up(n: int) -> int:
@@ -190,6 +195,17 @@ def _split(views: Sequence[memoryview], parts: int) -> list[list[memoryview]]:
             groups[group].append(view[:take])
             view, at = view[take:], at + take
     return [group for group in groups if group]
+
+
+def _process_scope() -> str:
+    """This host and PID namespace, as temp file names carry it: a writer's pid is judged alive or dead only
+    by a process of both. Containers of one node share its hostname (host networking) but not their pids:
+    one's cleanup at open removed another's temp files as it wrote them, and that writer's tier was blamed."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+    try:
+        return f"{host}.pidns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # no /proc (another platform): the hostname alone
+        return host
 
 
 def _unlink(path: str, same: os.stat_result | None = None) -> bool:
@@ -287,7 +303,7 @@ class FilesTier:
         self._sync, self._o_direct = sync, o_direct
         self._stale_temp_ns = int(stale_temp_seconds * 1e9)
         self._rescan_seconds = rescan_seconds
-        self._host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+        self._host = _process_scope()
         # A temp name's last part: this tier's random token and a count. A new random token for each name
         # called getrandom(), which let the writers take the GIL while the caller waited (80 us a 2 MiB block).
         self._temp_token, self._temp_names = secrets.token_hex(4), itertools.count()
@@ -305,6 +321,7 @@ class FilesTier:
         self._scan_removed: set[bytes] | None = None  # keys forgotten while a scan runs
         self._unmoved: dict[bytes, str] = {}  # key -> its two-level path, where a scan could not move it up
         self._last_scan = 0.0  # when the last scan ended (monotonic seconds)
+        self._stale_view = False  # another process removed blocks this index held: rescan when a write may
         self._scan_seconds = 0.0  # how long it took
         self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale", "temp_removed",
                                   "o_direct_fallbacks", "recycled", "moved_up")
@@ -337,7 +354,7 @@ class FilesTier:
         """Under the lock: ``key`` is stored and was just accessed."""
         self._forget(key)
         self._seq += 1
-        self._index[key] = _Entry(size, mtime_ns, self._seq)
+        self._index[key] = _Entry(size, mtime_ns, self._seq, time.monotonic())
         self._used += size
 
     def touch_chain(self, keys: Sequence[bytes]) -> None:
@@ -412,14 +429,22 @@ class FilesTier:
         return self._contains_named(self.encoding.stored_name(key))
 
     def _contains_named(self, key: bytes) -> bool:
-        if key in self._index:  # atomic under the GIL: no lock on the lookup hot path
+        entry = self._index.get(key)  # atomic under the GIL: no lock on the lookup hot path
+        if entry is not None and time.monotonic() - entry.checked < _VERIFY_SECONDS:
             return True
         try:
             st = os.lstat(self._path(key))
         except OSError as exc:
             if exc.errno in _GONE or exc.errno == errno.ENOTDIR:
+                if entry is not None:
+                    self._gone_elsewhere(key, entry)
                 return False
             raise
+        if entry is not None:
+            with self._lock:  # seen there now (same order: an existing key keeps its place)
+                if self._index.get(key) is entry:
+                    self._index[key] = entry._replace(checked=time.monotonic())
+            return True
         if not stat.S_ISREG(st.st_mode):
             return False  # a symlink, FIFO, directory, ... is no block (a put renames a block over it)
         with self._lock:  # a write here indexes its own when settled; an eviction here may be moving it away
@@ -427,6 +452,14 @@ class FilesTier:
                     and _same_file(self._path(key), st)):
                 self._remember(key, st.st_size, st.st_mtime_ns)
         return True
+
+    def _gone_elsewhere(self, key: bytes, entry: _Entry) -> None:
+        """Indexed block ``key`` (as ``entry``) has no file: another process removed it. Forgotten, and the
+        directory is rescanned at the next write that may (this process's view of it is stale)."""
+        with self._lock:
+            if self._index.get(key) is entry:
+                self._forget(key)
+            self._stale_view = True
 
     def keys(self) -> Iterator[bytes]:
         with self._lock:
@@ -557,6 +590,7 @@ class FilesTier:
             self._used = sum(entry.size for entry in self._index.values())
             self._last_scan = time.monotonic()
             self._scan_seconds = self._last_scan - began
+            self._stale_view = False
 
     def _make_room(self, incoming: int, parked: ParkedFiles, later: int = 0,
                    keep: Collection[bytes] = ()) -> tuple[bool, Parked | None]:
@@ -584,7 +618,8 @@ class FilesTier:
             # Over capacity, a scan learns what other processes wrote or removed before anything is evicted;
             # but a directory of many small blocks fills its low-water gap fast, and scanning at every such
             # fill took a fifth of the write time (2 MiB blocks): scans keep to a share of the time instead.
-            if since > self._rescan_seconds or (over and since >= self._scan_seconds * (1 / _SCAN_TIME_SHARE - 1)):
+            share = since >= self._scan_seconds * (1 / _SCAN_TIME_SHARE - 1)
+            if since > self._rescan_seconds or ((over or self._stale_view) and share):
                 # the periodic scan also removes what writers that died left behind (temp and parked files):
                 # cleaned at open only, they grew a long-lived process's directory past its capacity
                 self._rescan(clean_temps=since > self._rescan_seconds)
@@ -601,8 +636,8 @@ class FilesTier:
                         room -= size
                         with self._lock:  # reserved at once: an unlink failing below leaves the books right
                             self._reserved += size
-                    else:
-                        _unlink(path)
+                    elif not _unlink(path):  # another process evicted it: what else does this view miss?
+                        self._stale_view = True
             finally:
                 self._evicted(victims)
             self._counters.add("evictions", len(victims))
@@ -926,6 +961,8 @@ class FilesTier:
             self._counters.add("bytes_read", st.st_size - HEADER_BYTES)
             return True
         self._counters.add("misses")
+        if verdict == "gone" and known:
+            self._stale_view = True  # another process removed an indexed block: rescan at the next write
         if verdict != OTHER_SIZE:
             with self._lock:
                 self._forget(key)

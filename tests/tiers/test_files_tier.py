@@ -382,22 +382,27 @@ def test_two_tiers_on_one_directory(open_tier, disk_dir, layout):
 
 def test_stale_temp_files_removed_on_open(disk_dir, open_tier, layout):
     host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+    scope = f"{host}.pidns{os.stat('/proc/self/ns/pid').st_ino}"  # this host and PID namespace
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(done.stdout)
     folder = disk_dir / "41" / "41"
     folder.mkdir(parents=True)
     names = {
-        "dead": f".{'41' * 32}~{host}~{dead_pid}~aaaa.tmp",
+        "dead": f".{'41' * 32}~{scope}~{dead_pid}~aaaa.tmp",
         "old": f".{'41' * 32}~elsewhere~123~bbbb.tmp",
-        "live": f".{'41' * 32}~{host}~{os.getpid()}~cccc.tmp",
+        "live": f".{'41' * 32}~{scope}~{os.getpid()}~cccc.tmp",
         "fresh-elsewhere": f".{'41' * 32}~elsewhere~123~dddd.tmp",
+        # a container of this node (its hostname) in its own PID namespace: its pid means nothing here
+        "other-namespace": f".{'41' * 32}~{host}.pidns1~{dead_pid}~eeee.tmp",
+        "hostname-only": f".{'41' * 32}~{host}~{dead_pid}~ffff.tmp",  # an older kvstore's name: no namespace
     }
     for name in names.values():
         (folder / name).write_bytes(b"partial")
     os.utime(folder / names["old"], ns=(1000 * SECOND, 1000 * SECOND))
     tier = open_tier(stale_temp_seconds=300)
     assert tier.stats()["temp_removed"] == 2
-    assert sorted(os.listdir(folder)) == sorted([names["live"], names["fresh-elsewhere"]])
+    assert sorted(os.listdir(folder)) == sorted([names["live"], names["fresh-elsewhere"], names["other-namespace"],
+                                                 names["hostname-only"]])
     assert tier.stats()["blocks"] == 0 and tier.used_bytes() == 0
 
 
@@ -831,7 +836,7 @@ def test_a_damaged_large_block_ends_the_read_and_nothing_after_it_holds_other_by
 def test_a_long_lived_tier_removes_what_dead_writers_left_at_its_periodic_scan(open_tier, disk_dir, layout, blocks):
     """A writer killed mid-write leaves its temp file; a process that keeps the directory open for days
     removed such files only at open, and they grew the directory past its capacity."""
-    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+    host = files_module._process_scope()
     dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                                   text=True).stdout)
     tier = open_tier(10 * BLOCK, rescan_seconds=0)
@@ -842,3 +847,32 @@ def test_a_long_lived_tier_removes_what_dead_writers_left_at_its_periodic_scan(o
     tier.put_many([(A, blocks[A])])  # a put past rescan_seconds scans the directory
     assert not left.exists() and tier.stats()["temp_removed"] == 1
     assert_same_kv(_read(tier, layout, A), blocks[A])
+
+
+def test_an_index_entry_another_process_evicted_is_not_promised(disk_dir, open_tier, layout, blocks, monkeypatch):
+    """Process A indexed its blocks; B, sharing the directory with a smaller capacity, evicted them. A's
+    ``contains`` trusted its index: lookup promised the blocks, get found none, and a put deduplicated
+    against them, so the prompt came back one block a request. An entry not seen for ``_VERIFY_SECONDS``
+    is looked at again."""
+    monkeypatch.setattr(files_module, "_VERIFY_SECONDS", 0.0)
+    a = open_tier(8 * BLOCK)
+    assert a.put_many([(A, blocks[A]), (B, blocks[B]), (C, blocks[C])]) == 3
+    b = open_tier(BLOCK)  # opening brings the directory within its capacity: two of A's files go
+    there = [os.path.exists(block_path(disk_dir, key)) for key in (A, B, C)]
+    assert sum(there) == 1
+    assert [a.contains(key) for key in (A, B, C)] == there
+    assert a.stats()["blocks"] == 1 and a.used_bytes() == BLOCK
+    gone = [key for key, kept in zip((A, B, C), there) if not kept][0]
+    assert a.put_many([(gone, blocks[gone])]) == 1  # stored again, not deduplicated against a gone file
+    assert_same_kv(_read(a, layout, gone), blocks[gone])
+    assert b.contains(gone)
+
+
+def test_a_recently_seen_entry_is_trusted_without_a_look(disk_dir, open_tier, blocks, monkeypatch):
+    tier = open_tier(8 * BLOCK)
+    assert tier.put_many([(A, blocks[A])]) == 1
+    looks = []
+    real_lstat = os.lstat
+    monkeypatch.setattr(files_module.os, "lstat", lambda path, *a, **k: looks.append(path) or real_lstat(path, *a, **k))
+    assert all(tier.contains(A) for _ in range(100))
+    assert looks == []  # a lookup of a prompt it just stored costs no system call a block
