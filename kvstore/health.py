@@ -148,8 +148,9 @@ class TierHealth:
                     self._since_baseline = 0
             return self._state != DEGRADED
 
-    def record_read(self, nbytes: int, seconds: float) -> None:
-        """A read of ``nbytes`` that took ``seconds`` (on the medium: see ``ReadTimer``) succeeded."""
+    def record_read(self, nbytes: int, seconds: float) -> bool:
+        """A read of ``nbytes`` that took ``seconds`` (on the medium: see ``ReadTimer``) succeeded; True if
+        it made the tier degraded for slowness (for the caller to say so)."""
         seconds = max(seconds, 1e-9)
         cost = seconds / max(nbytes, 1)
         with self._lock:
@@ -164,6 +165,8 @@ class TierHealth:
             elif self._state == HEALTHY and self._is_slow():
                 self._rebaseline = True
                 self._degrade()
+                return True
+        return False
 
     def _is_slow(self) -> bool:
         """More than half of the last W reads are slow (the rule in the module docstring); under the lock."""

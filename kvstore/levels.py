@@ -116,6 +116,14 @@ class Level:
                     error, "writes suspended" if write else "bypassed",
                     f" ({suppressed} more failures since the last report)" if suppressed else "")
 
+    def record_read(self, nbytes: int, seconds: float) -> None:
+        """A read of ``nbytes`` took ``seconds``; a tier whose reads slowed down is bypassed, and says so (it
+        was bypassed without a word, ``last_error`` None)."""
+        if self.health.record_read(nbytes, seconds):
+            self.last_error = "reads: most of the last ones far slower than this tier's usual"
+            log.warning("tier %s: most of its last reads were slow (this one: %.1f ms for %d bytes); bypassed for "
+                        "now", self.name, seconds * 1e3, nbytes)
+
     def snapshot(self) -> dict[str, object]:
         """The store's view of this tier for ``stats()``: its counters, health and last error."""
         entry: dict[str, object] = dict(self.counters.snapshot())
@@ -291,7 +299,7 @@ class TierStack:
         if not found:
             return False
         seconds = timer.stop() if timer is not None else time.perf_counter() - start
-        level.health.record_read(dst.numel() * dst.element_size(), seconds)
+        level.record_read(dst.numel() * dst.element_size(), seconds)
         return lossy
 
     def read_run(self, level: Level, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> list[str | None]:
@@ -308,7 +316,7 @@ class TierStack:
             return []
         if marks:
             nbytes = sum(dst.numel() * dst.element_size() for dst in dsts[:len(marks)])
-            level.health.record_read(nbytes, time.perf_counter() - start)
+            level.record_read(nbytes, time.perf_counter() - start)
         return marks
 
     def read_side_by_side(self, level: Level, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
@@ -337,7 +345,7 @@ class TierStack:
             return 0
         if got:
             nbytes = sum(d.numel() * d.element_size() for d in dsts[:got])
-            level.health.record_read(nbytes, timer.stop())
+            level.record_read(nbytes, timer.stop())
         return got
 
     def write(self, level: Level, items: Sequence[tuple[bytes, torch.Tensor | PendingBlock]],

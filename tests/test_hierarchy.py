@@ -546,3 +546,26 @@ def test_a_reads_promotions_never_evict_its_own_blocks(tmp_path, read):
     evicted the head's only copy: lookup 87 tokens before the read, 0 after."""
     store = _read_whole_each_time(tmp_path, 87, read, disk_bytes="4MiB", disk_admit_after=3)
     assert store.stats()["tiers"]["host"]["evictions"] == 0
+
+
+def test_a_tier_bypassed_for_slow_reads_says_so(tmp_path, caplog):
+    """An LMDB tier whose reads turned 20x slower was degraded (bypassed) without a log record, and its
+    ``last_error`` stayed None: an operator saw hits fall and nothing saying why."""
+    from kvstore.levels import make_level
+    from kvstore.tiers.lmdb import LmdbTier
+
+    layout = tiny_layout()
+    tier = LmdbTier(tmp_path / "lmdb", 1 << 20, layout, sync=False)
+    try:
+        level = make_level(0, tier, "write_through", 1, slow_factor=10.0, degraded_seconds=30.0,
+                           bandwidth_prior=1e9)
+        for _ in range(64):
+            level.record_read(1 << 20, 0.001)
+        assert not caplog.records and level.last_error is None
+        with caplog.at_level("WARNING", logger="kvstore.levels"):
+            while level.health.state == "healthy":
+                level.record_read(1 << 20, 0.05)
+        assert level.health.state == "degraded" and "slow" in level.last_error
+        assert [r.getMessage() for r in caplog.records if "most of its last reads were slow" in r.getMessage()]
+    finally:
+        tier.close()
