@@ -30,6 +30,17 @@ T = TypeVar("T")
 BACKGROUND_NICENESS = 19
 
 
+def start_threads(threads: list[threading.Thread], stop: Callable[[list[threading.Thread]], None]) -> None:
+    """Start ``threads``; if one cannot be started (the OS refused it), ``stop`` those already running (it is
+    given them) and raise: a refused third worker left the first two running after the store failed to open."""
+    for n, thread in enumerate(threads):
+        try:
+            thread.start()
+        except BaseException:
+            stop(threads[:n])
+            raise
+
+
 def lower_priority() -> None:
     """Set the calling thread's nice value to ``BACKGROUND_NICENESS``, where the OS allows it."""
     try:

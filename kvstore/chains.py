@@ -39,10 +39,14 @@ class ChainMemo:
     def remember(self, chain: Sequence[bytes]) -> None:
         """``chain``, a prompt's block keys in order, was just put (the oldest keys are forgotten past the
         bounds; a chain longer than ``max_held`` is not remembered)."""
-        chain = tuple(chain)
-        if len(chain) > self._max_held:
-            return
+        chain = tuple(list(chain))  # a new tuple, always: its id names it in ``_users``
         with self._lock:
+            if not chain or len(chain) > self._max_held:
+                for key in chain:  # not remembered: its keys no longer name an older chain either
+                    old = self._chains.pop(key, None)
+                    if old is not None:
+                        self._drop_user(old)
+                return
             self._held += len(chain)
             self._users[id(chain)] = 0
             for key in chain:

@@ -491,10 +491,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (the last one silently won; TOML refuses)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
+        seen = set()  # the keys written here: a merged mapping's (``<<: *defaults``) may be overridden
+        for key_node, _ in [pair for pair in node.value if pair[0].tag != "tag:yaml.org,2002:merge"]:
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                twice = key in seen
+            except TypeError:  # a list or mapping as a key: safe_load's own error
+                raise yaml.constructor.ConstructorError(None, None, "found unhashable key",
+                                                        key_node.start_mark) from None
+            if twice:
                 raise yaml.constructor.ConstructorError(None, None, f"setting {key!r} given twice",
                                                         key_node.start_mark)
             seen.add(key)

@@ -121,6 +121,8 @@ class TierHealth:
         self._state = HEALTHY
         self._until = 0.0
         self._recent: deque[tuple[float, float]] = deque(maxlen=window_reads)  # (seconds per byte, seconds)
+        # The read estimate's own window: forgotten when stale, while ``_recent`` still judges slowness.
+        self._costs: deque[float] = deque(maxlen=window_reads)  # seconds per byte
         self._baseline: deque[float] = deque(maxlen=baseline_reads)  # seconds per byte
         self._since_baseline = 0  # reads since the last (re)baseline
         self._rebaseline = False  # degraded for slowness: clear the windows when probing starts
@@ -144,6 +146,7 @@ class TierHealth:
                     self._rebaseline = False
                     self._bandwidth, self._bandwidth_stale = 0.0, False
                     self._recent.clear()
+                    self._costs.clear()
                     self._baseline.clear()
                     self._since_baseline = 0
             return self._state != DEGRADED
@@ -156,6 +159,7 @@ class TierHealth:
         with self._lock:
             self._last_read = self._clock()
             self._recent.append((cost, seconds))
+            self._costs.append(cost)
             self._baseline.append(cost)
             self._since_baseline += 1
             self._bandwidth_stale = True
@@ -237,11 +241,11 @@ class TierHealth:
         a planner that plans no read from a tier it thinks slow never learns it is fast again (a moment of
         4 stalled reads in 8 kept a recovered disk's plans at 0 tokens for good). The lower median: half
         the window stalled does not set the estimate (the mean of the two middle reads did)."""
-        if self._recent and self._clock() - self._last_read >= max(self._degraded_seconds, MIN_FORGET_SECONDS):
-            self._recent.clear()
+        if self._costs and self._clock() - self._last_read >= max(self._degraded_seconds, MIN_FORGET_SECONDS):
+            self._costs.clear()  # the estimate only: a tier read rarely is still judged on its slow reads
             self._bandwidth, self._bandwidth_stale = 0.0, False
-        if self._bandwidth_stale and self._recent:
-            self._bandwidth = 1.0 / statistics.median_low([c for c, _ in self._recent])
+        if self._bandwidth_stale and self._costs:
+            self._bandwidth = 1.0 / statistics.median_low(self._costs)
         self._bandwidth_stale = False
         return self._bandwidth
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.background import start_threads
 from kvstore.config import PREFETCH_POLICIES
 from kvstore.keys import BlockRef
 from kvstore.metrics import Counters
@@ -124,8 +125,7 @@ class Prefetcher:
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"kvstore-prefetch-{i}", daemon=True)
                          for i in range(workers)]
-        for thread in self._threads:
-            thread.start()
+        start_threads(self._threads, self._stop_started)
 
     def start(self, leading: Sequence[BlockRef], policy: PrefetchPolicy, request_tokens: int,
               request_key: bytes | None = None) -> "PrefetchHandle":
@@ -239,6 +239,11 @@ class Prefetcher:
         with self._lock:
             return self._pins
 
+    def _stop_started(self, started: list[threading.Thread]) -> None:
+        """Opening failed part-way: stop the workers ``started``."""
+        self._threads = started
+        self.close()
+
     def close(self) -> None:
         """Stop the workers; queued fetches are dropped and every waiting handle wakes up."""
         with self._lock:
@@ -269,6 +274,7 @@ class PrefetchHandle:
         self.policy = policy
         self._finalizer = weakref.finalize(self, prefetcher.orphaned, state)
         self._handed_over = False
+        self._hand_over_lock = threading.Lock()
 
     @property
     def blocks(self) -> list[BlockRef]:
@@ -355,9 +361,13 @@ class PrefetchHandle:
     def hand_over(self) -> "PrefetchHandle":
         """A new handle owning this one's fetches and pins (a layer loader's), and this one closed: closing it
         then releases nothing. The engine closing its handle (a ``with`` block around the load) released the
-        pins of the slots a layer loader was still copying from, and other prompts' KV took them."""
-        self._finalizer.detach()
-        self._handed_over = True
+        pins of the slots a layer loader was still copying from, and other prompts' KV took them. A handle
+        closed or handed over already is a ``ValueError`` (two loads of one handle at once)."""
+        with self._hand_over_lock:
+            if self.closed:
+                raise ValueError("prefetch: expected an open handle, got a closed one (a load consumes its handle)")
+            self._finalizer.detach()
+            self._handed_over = True
         return PrefetchHandle(self._prefetcher, self._state, self.policy)
 
     close = cancel

@@ -18,6 +18,7 @@ engine.
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -97,7 +98,12 @@ class KVStore:
             raise
         # A store left open at exit is closed while the interpreter still runs: its write-behind threads,
         # killed inside a torch call at finalization, aborted the process (and lost the queued writes).
-        atexit.register(self.close)
+        self._opened_by = os.getpid()
+        atexit.register(self._close_at_exit)
+
+    def _close_at_exit(self) -> None:
+        if os.getpid() == self._opened_by:  # a forked child has none of the threads that would flush it
+            self.close()
 
     @property
     def tiers(self) -> list[Tier]:
@@ -150,7 +156,7 @@ class KVStore:
             if self._closed:
                 return
             self._closed = True
-        atexit.unregister(self.close)
+        atexit.unregister(self._close_at_exit)
         self.hooks.close()
         self._flow.close()
         for level in self.stack:  # each tier closes, whatever another's close raised

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.background import become_background_worker
+from kvstore.background import become_background_worker, start_threads
 from kvstore.config import QUEUE_FULL_POLICIES
 from kvstore.metrics import Counters
 
@@ -78,8 +78,7 @@ class WriteBehind:
         self.counters = Counters("queued", "written", "dropped", "coalesced", "failed")
         self._threads = [threading.Thread(target=self._work, args=(name,), name=f"kvstore-write-{name}", daemon=True)
                          for name in writers]
-        for thread in self._threads:
-            thread.start()
+        start_threads(self._threads, self._stop_started)
 
     def submit(self, target: str, key: bytes, block: torch.Tensor,
                release: Callable[[], None] | None = None) -> bool:
@@ -175,6 +174,11 @@ class WriteBehind:
         with self._cond:
             before = self._accepted
             return self._cond.wait_for(lambda: not self._unfinished or min(self._unfinished) >= before, timeout)
+
+    def _stop_started(self, started: list[threading.Thread]) -> None:
+        """Opening failed part-way: stop the workers ``started`` (nothing was queued yet)."""
+        self._threads = started
+        self.close()
 
     def close(self) -> None:
         """Flush, then stop and join every worker. Idempotent."""

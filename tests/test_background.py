@@ -108,3 +108,28 @@ def test_an_io_pool_used_before_a_fork_works_in_the_child():
 def test_an_io_pool_needs_a_positive_thread_count(bad):
     with pytest.raises(ValueError, match="threads: expected an integer >= 1"):
         IOPool(bad, "test-pool")
+
+
+def test_a_refused_thread_stops_the_ones_already_started():
+    """The OS refusing the third prefetch worker left the first two running after the store failed to open."""
+    from kvstore.background import start_threads
+
+    stop_event = threading.Event()
+
+    class Refused(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    threads = [threading.Thread(target=stop_event.wait), threading.Thread(target=stop_event.wait),
+               Refused(target=stop_event.wait)]
+    stopped = []
+
+    def stop(started):
+        stopped.extend(started)
+        stop_event.set()
+        for thread in started:
+            thread.join()
+
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        start_threads(threads, stop)
+    assert stopped == threads[:2] and not any(thread.is_alive() for thread in threads[:2])

@@ -46,3 +46,16 @@ def test_the_keys_held_by_remembered_chains_stay_bounded():
     assert memo.chains_of([b"x0"]) == [] and memo.held() <= 200
     memo.remember([b"d", b"d"])  # a key twice: counted once
     assert memo.chains_of([b"d"]) == [(b"d", b"d")]
+
+
+def test_one_chain_object_remembered_twice_is_counted_once():
+    memo = ChainMemo(max_keys=64, max_held=100)
+    chain = (b"a", b"b", b"c")
+    memo.remember(chain)
+    memo.remember(chain)
+    assert memo.held() == 3
+    memo.remember(())
+    assert memo.held() == 3
+    for n in range(100):  # every key pushed out: nothing held
+        memo.remember([b"x%d" % n, b"y%d" % n])
+    assert memo.chains_of([b"a"]) == [] and memo.held() <= 100

@@ -402,3 +402,23 @@ def test_a_settings_file_that_cannot_be_read_is_a_value_error_naming_it(tmp_path
     (tmp_path / "a-dir.yaml").mkdir()
     with pytest.raises(ValueError, match="a-dir.yaml: Is a directory"):
         StoreConfig.load(str(tmp_path / "a-dir.yaml"))
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("<<: {host_bytes: 1MiB}\ndisk_bytes: 2MiB\n", (MiB, 2 * MiB)),
+    ("kvstore:\n  <<: {host_bytes: 1MiB, disk_bytes: 2MiB}\n  host_bytes: 2MiB\n", (2 * MiB, 2 * MiB)),  # overridden
+])
+def test_yaml_merge_keys_are_read_as_yaml_says(tmp_path, content, expected):
+    """The loader refusing a setting given twice took a merged key overridden for one given twice."""
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    config = StoreConfig.from_file(path)
+    assert (config.host_bytes, config.disk_bytes) == expected
+
+
+@pytest.mark.parametrize("content", ["? [a, b]\n: 1\n", "{[1]: 2}\n"])
+def test_an_unhashable_yaml_key_is_a_value_error(tmp_path, content):
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="not valid YAML: found unhashable key"):
+        StoreConfig.from_file(path)

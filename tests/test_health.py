@@ -668,3 +668,16 @@ def test_read_timer_sees_real_run_queue_wait():
     assert timer.wall_seconds >= 0.3
     assert 0.05 < timer.wait_seconds < timer.wall_seconds  # three runnable threads on one CPU: about 2/3 waited
     assert timer.seconds == pytest.approx(timer.wall_seconds - timer.wait_seconds)
+
+
+def test_asking_for_the_estimate_does_not_hide_a_slow_tier_read_rarely(clock):
+    """Forgetting a stale estimate cleared the window that judges slowness: a tier read every 1.5 s, with
+    ``stats()`` asked between reads, was never bypassed however slow its reads."""
+    health = warmed(clock, degraded_seconds=1.0)
+    for _ in range(20):
+        clock.advance(1.5)
+        health.read_bandwidth  # noqa: B018 (stats() asks)
+        health.record_read(MB, 100 * FAST)
+        if health.state == DEGRADED:
+            break
+    assert health.snapshot()["degradations"] == 1

@@ -662,3 +662,16 @@ def test_a_layer_wise_read_is_a_sighting_that_admits_below(make_store, tmp_path,
     assert store.stats()["tiers"]["files"]["blocks"] == 3
     store.host.delete(keys_of(store, tokens)[0])
     assert store.lookup(tokens) == 40  # block 0 from the files tier now
+
+
+def test_a_handle_is_handed_over_once(make_store):
+    store = make_store("host", lay=LAY)
+    tokens = make_tokens(32, seed=45)
+    store.put(tokens, make_kv(LAY, 32, seed=45))
+    handle = store.prefetch(tokens, policy="wait")
+    owner = handle.hand_over()
+    with pytest.raises(ValueError, match="a load consumes its handle"):
+        handle.hand_over()
+    assert pinned(store) == 2
+    owner.close()
+    assert pinned(store) == 0

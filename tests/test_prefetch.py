@@ -778,18 +778,18 @@ def test_a_handle_waiting_during_close_returns(held_store, kv_for):
 @pytest.mark.parametrize("name,value,expected", [
     ("prefetch_policy", "eager", r"one of \['best_effort', 'wait', 'timeout'\]"),
     ("prefetch_policy", None, r"one of \['best_effort', 'wait', 'timeout'\]"),
-    ("prefetch_timeout_base_seconds", -0.01, "a number >= 0.0"),
-    ("prefetch_timeout_base_seconds", math.nan, "a number >= 0.0"),
-    ("prefetch_timeout_base_seconds", "1s", "a number >= 0.0"),
-    ("prefetch_timeout_per_1k_tokens_seconds", -1, "a number >= 0.0"),
-    ("prefetch_timeout_per_1k_tokens_seconds", True, "a number >= 0.0"),
-    ("prefetch_workers", 0, "an integer >= 1"),
-    ("prefetch_workers", 2.0, "an integer >= 1"),
-    ("prefetch_workers", True, "an integer >= 1"),
+    ("prefetch_timeout_base_seconds", -0.01, "a finite number >= 0.0"),
+    ("prefetch_timeout_base_seconds", math.nan, "a finite number >= 0.0"),
+    ("prefetch_timeout_base_seconds", "1s", "a finite number >= 0.0"),
+    ("prefetch_timeout_per_1k_tokens_seconds", -1, "a finite number >= 0.0"),
+    ("prefetch_timeout_per_1k_tokens_seconds", True, "a finite number >= 0.0"),
+    ("prefetch_workers", 0, "an integer >= 1 and <= 256"),
+    ("prefetch_workers", 2.0, "an integer >= 1 and <= 256"),
+    ("prefetch_workers", True, "an integer >= 1 and <= 256"),
     ("prefetch_queue_blocks", 0, "an integer >= 1"),
     ("prefetch_queue_blocks", "8", "an integer >= 1"),
-    ("load_lookahead_layers", 0, "an integer >= 1"),
-    ("load_lookahead_layers", -2, "an integer >= 1"),
+    ("load_lookahead_layers", 0, "an integer >= 1 and <= 4096"),
+    ("load_lookahead_layers", -2, "an integer >= 1 and <= 4096"),
 ])
 def test_config_rejects_bad_prefetch_settings(name, value, expected):
     with pytest.raises(ValueError, match=rf"^{name}: expected {expected}, got {value!r}$"):

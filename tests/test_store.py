@@ -655,3 +655,29 @@ def test_a_tier_setting_opening_would_refuse_leaves_no_tier_made(tmp_path, bad):
     with pytest.raises(ValueError, match=f"^{next(iter(bad))}: expected"):
         KVStore(tiny_layout(), StoreConfig(**settings))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["FILE"]
+
+
+def test_a_forked_child_exits_without_closing_its_parents_store(tmp_path):
+    """The store closed at exit in a child forked with writes queued: no thread of the child would ever write
+    them, so its exit waited for ever on the flush."""
+    out = run_python(f"""
+        import os, sys, time
+        from conftest import make_kv, tiny_layout
+        from kvstore import KVStore, StoreConfig
+        layout = tiny_layout()
+        store = KVStore(layout, StoreConfig(host_bytes="1MiB", disk_dir={str(tmp_path / "disk")!r},
+                                            disk_bytes="8MiB", disk_sync=True))
+        for n in range(20):
+            store.put([n * 1000 + t for t in range(160)], make_kv(layout, 160, seed=n))
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+            time.sleep(0.05)
+        if time.monotonic() >= deadline:
+            os.kill(pid, 9)
+        print("child exited" if time.monotonic() < deadline else "child hung")
+        store.close()
+        """)
+    assert "child exited" in out

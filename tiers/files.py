@@ -1,9 +1,13 @@
 """Shared-storage tier: one file per block in a directory that processes and machines share.
 
-Block ``key`` is ``<path>/<hex[0:2]>/<hex of key>.kvb`` (``tiers/fanout.py``; a
+Block ``key`` is ``<path>/<hex[0:2]>/<hex of its name>.kvb`` (``tiers/fanout.py``; a
 scan moves the files of the older two-level layout up): the 72-byte
-``BlockHeader``, then the payload. Writers write a temp file
-(``.<hex>~<host>~<pid>~<token>.tmp``) and rename it into place, so nobody sees
+``BlockHeader``, then the payload. Its name is the key, or for a lossy
+codec's form a keyed digest of it (``BlockEncoding.stored_name``): every
+method below the public ones takes names (and ``keys()`` lists them).
+Writers write a temp file (``.<hex>~<host>.pidns<inode>~<pid>~<token>.tmp``:
+a writer's pid is judged alive only by a process of its host and PID
+namespace) and rename it into place, so nobody sees
 a partial block and no lock server is needed (two writers of one key replace
 one identical file with another). Readers check header and checksum; a
 damaged file is deleted and read as a miss. The directory is untrusted:
@@ -30,8 +34,10 @@ evicts overwrites as many of those files as the capacity lets it park for
 its next writes (``tiers/parked.py``: a quarter of the time of a new file
 plus an unlink) and unlinks the rest; what it parked and did not reuse is
 removed before ``put_many`` returns.
-Files already deleted by another process are skipped; writers in several
-processes may overshoot by their in-flight writes until they rescan. A
+Files already deleted by another process are skipped, and make the next
+write rescan; an indexed block not seen for ``_VERIFY_SECONDS`` is looked at
+again before ``contains`` says yes. Writers in several processes may
+overshoot by what the others wrote since their last scan. A
 reader racing an eviction opened the file first (POSIX keeps it readable)
 or misses. Capacity counts header + payload of each file.
 """
@@ -350,11 +356,12 @@ class FilesTier:
         without reading it."""
         return max_stored_bytes(max(raw_bytes, self._layout.block_bytes))
 
-    def _remember(self, key: bytes, size: int, mtime_ns: int) -> None:
-        """Under the lock: ``key`` is stored and was just accessed."""
+    def _remember(self, key: bytes, size: int, mtime_ns: int, checked: float | None = None) -> None:
+        """Under the lock: ``key`` is stored and was just accessed; its file was seen at ``checked`` (default:
+        now)."""
         self._forget(key)
         self._seq += 1
-        self._index[key] = _Entry(size, mtime_ns, self._seq, time.monotonic())
+        self._index[key] = _Entry(size, mtime_ns, self._seq, time.monotonic() if checked is None else checked)
         self._used += size
 
     def touch_chain(self, keys: Sequence[bytes]) -> None:
@@ -368,8 +375,8 @@ class FilesTier:
         with self._lock:
             for key in reversed(keys):
                 entry = self._index.get(key)
-                if entry is not None:
-                    self._remember(key, entry.size, entry.mtime_ns)
+                if entry is not None:  # accessed, not seen: a gone file is not trusted for longer
+                    self._remember(key, entry.size, entry.mtime_ns, entry.checked)
 
     def _forget(self, key: bytes) -> None:
         """Under the lock: drop ``key`` from the index."""
@@ -441,6 +448,9 @@ class FilesTier:
                 return False
             raise
         if entry is not None:
+            if not stat.S_ISREG(st.st_mode):  # something else was put there: no block
+                self._gone_elsewhere(key, entry)
+                return False
             with self._lock:  # seen there now (same order: an existing key keeps its place)
                 if self._index.get(key) is entry:
                     self._index[key] = entry._replace(checked=time.monotonic())
@@ -564,6 +574,7 @@ class FilesTier:
         began = time.monotonic()
         with self._lock:
             start_seq, self._scan_removed = self._seq, set()
+            self._stale_view = False  # what this scan will see; a block found gone meanwhile sets it again
         try:
             found = self._scan(clean_temps)
         except BaseException:
@@ -590,7 +601,6 @@ class FilesTier:
             self._used = sum(entry.size for entry in self._index.values())
             self._last_scan = time.monotonic()
             self._scan_seconds = self._last_scan - began
-            self._stale_view = False
 
     def _make_room(self, incoming: int, parked: ParkedFiles, later: int = 0,
                    keep: Collection[bytes] = ()) -> tuple[bool, Parked | None]:

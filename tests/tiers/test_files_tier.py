@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -876,3 +877,15 @@ def test_a_recently_seen_entry_is_trusted_without_a_look(disk_dir, open_tier, bl
     monkeypatch.setattr(files_module.os, "lstat", lambda path, *a, **k: looks.append(path) or real_lstat(path, *a, **k))
     assert all(tier.contains(A) for _ in range(100))
     assert looks == []  # a lookup of a prompt it just stored costs no system call a block
+
+
+def test_touching_a_block_does_not_vouch_for_its_file(disk_dir, open_tier, blocks, monkeypatch):
+    """A put of a prompt held elsewhere touches its blocks here (``touch_chain``), which counted as having
+    seen their files: a file another process removed was promised for another second after each touch."""
+    monkeypatch.setattr(files_module, "_VERIFY_SECONDS", 0.2)
+    tier = open_tier(8 * BLOCK)
+    assert tier.put_many([(A, blocks[A])]) == 1
+    os.unlink(block_path(disk_dir, A))  # another process evicted it
+    time.sleep(0.25)
+    tier.touch_chain([A])
+    assert not tier.contains(A)
