@@ -155,9 +155,10 @@ class SlotTier:
         with self._lock:
             return iter(list(self._index))
 
-    def _take_slot(self, keep: Collection[bytes] = ()) -> tuple[int, tuple[bytes, _Entry] | None] | None:
-        """Under the lock: a free slot, or the slot of the LRU unpinned block not in ``keep`` (removed from
-        the index)."""
+    def _take_slot(self, keep: Collection[bytes] = (),
+                   also: Collection[bytes] = ()) -> tuple[int, tuple[bytes, _Entry] | None] | None:
+        """Under the lock: a free slot, or the slot of the LRU unpinned block in neither ``keep`` nor ``also``
+        (removed from the index)."""
         if self._free:
             return self._free.pop(), None
         if self._fresh < self._slots:  # ahead of the fault thread: this put faults the slot's pages itself
@@ -168,7 +169,7 @@ class SlotTier:
         if self._free:
             return self._free.pop(), None
         for key, entry in self._index.items():
-            if entry.pins == 0 and key not in keep:
+            if entry.pins == 0 and key not in keep and key not in also:
                 del self._index[key]
                 return entry.slot, (key, entry)
         return None
@@ -199,12 +200,12 @@ class SlotTier:
         no lookup reaches (a prefix is read from its first block).
         """
         held = blocks = nbytes = 0
-        keep = set(keep)
+        own: set[bytes] = set()  # ``keep`` is not copied: a request's promotions come one block at a time
         try:
             for key, block in items:
-                written = self._put(key, block, lossy, keep)
+                written = self._put(key, block, lossy, own, keep)
                 if written is not None:
-                    keep.add(key)
+                    own.add(key)
                     held += 1
                     if written:
                         blocks += 1
@@ -238,9 +239,9 @@ class SlotTier:
         return self._put_each([(key, block)], lossy) == 1
 
     def _put(self, key: bytes, block: torch.Tensor | PendingBlock, lossy: str | None,
-             keep: Collection[bytes] = ()) -> int | None:
+             keep: Collection[bytes] = (), also: Collection[bytes] = ()) -> int | None:
         """``put`` of one block, counters of its write aside: bytes written (0: held already), None if
-        refused (every slot pinned, or held by ``keep``)."""
+        refused (every slot pinned, or held by ``keep`` and ``also``)."""
         with self._lock:
             entry = self._index.get(key)
             if entry is not None:
@@ -249,7 +250,7 @@ class SlotTier:
                     return 0
                 del self._index[key]  # exact bytes replace approximate ones: a fresh slot, same order
                 self._free.append(entry.slot)
-            taken = self._take_slot(keep)
+            taken = self._take_slot(keep, also)
             if taken is None:
                 self._counters.add("rejected")
                 return None
