@@ -353,10 +353,11 @@ class PrefetchHandle:
 
     def cancel(self) -> None:
         """Stop waiting for fetches and release every pin; fetches no other handle needs are skipped."""
-        if self._handed_over:
-            return
-        self._finalizer.detach()
-        self._prefetcher.release(self._state)
+        with self._hand_over_lock:  # not while a load takes the pins over
+            if self._handed_over:
+                return
+            self._finalizer.detach()
+            self._prefetcher.release(self._state)
 
     def hand_over(self) -> "PrefetchHandle":
         """A new handle owning this one's fetches and pins (a layer loader's), and this one closed: closing it
