@@ -181,7 +181,7 @@ class RedisTier:
         self._layout = layout
         self._fingerprint = layout.fingerprint
         self.encoding = BlockEncoding(layout, codec)
-        # A lossy form has keys of its own (``BlockEncoding.stored_name``): stores of other codecs never meet its blocks.
+        # A lossy form has keys of its own: stores of other codecs never meet its blocks.
         form = f"~{self.encoding.form:016x}" if self.encoding.form else ""
         self._prefix = f"{key_prefix}:{namespace}:{layout.fingerprint.hex()}{form}:".encode()
         self._pattern = _glob_escape(self._prefix.decode()) + "*"
