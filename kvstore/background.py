@@ -30,14 +30,16 @@ T = TypeVar("T")
 BACKGROUND_NICENESS = 19
 
 
-def start_threads(threads: list[threading.Thread], stop: Callable[[list[threading.Thread]], None]) -> None:
-    """Start ``threads``; if one cannot be started (the OS refused it), ``stop`` those already running (it is
-    given them) and raise: a refused third worker left the first two running after the store failed to open."""
+def start_threads(threads: list[threading.Thread], close: Callable[[], None]) -> None:
+    """Start ``threads``, the owner's own list; if one cannot be started (the OS refused it), drop the ones
+    not started from that list, ``close`` the owner (which joins those running) and raise: a refused third
+    worker left the first two running after the store failed to open."""
     for n, thread in enumerate(threads):
         try:
             thread.start()
         except BaseException:
-            stop(threads[:n])
+            del threads[n:]
+            close()
             raise
 
 

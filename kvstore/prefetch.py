@@ -125,7 +125,7 @@ class Prefetcher:
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"kvstore-prefetch-{i}", daemon=True)
                          for i in range(workers)]
-        start_threads(self._threads, self._stop_started)
+        start_threads(self._threads, self.close)
 
     def start(self, leading: Sequence[BlockRef], policy: PrefetchPolicy, request_tokens: int,
               request_key: bytes | None = None) -> "PrefetchHandle":
@@ -238,11 +238,6 @@ class Prefetcher:
         self._sweep()
         with self._lock:
             return self._pins
-
-    def _stop_started(self, started: list[threading.Thread]) -> None:
-        """Opening failed part-way: stop the workers ``started``."""
-        self._threads = started
-        self.close()
 
     def close(self) -> None:
         """Stop the workers; queued fetches are dropped and every waiting handle wakes up."""

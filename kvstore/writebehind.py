@@ -78,7 +78,7 @@ class WriteBehind:
         self.counters = Counters("queued", "written", "dropped", "coalesced", "failed")
         self._threads = [threading.Thread(target=self._work, args=(name,), name=f"kvstore-write-{name}", daemon=True)
                          for name in writers]
-        start_threads(self._threads, self._stop_started)
+        start_threads(self._threads, self.close)
 
     def submit(self, target: str, key: bytes, block: torch.Tensor,
                release: Callable[[], None] | None = None) -> bool:
@@ -174,11 +174,6 @@ class WriteBehind:
         with self._cond:
             before = self._accepted
             return self._cond.wait_for(lambda: not self._unfinished or min(self._unfinished) >= before, timeout)
-
-    def _stop_started(self, started: list[threading.Thread]) -> None:
-        """Opening failed part-way: stop the workers ``started`` (nothing was queued yet)."""
-        self._threads = started
-        self.close()
 
     def close(self) -> None:
         """Flush, then stop and join every worker. Idempotent."""

@@ -122,14 +122,16 @@ def test_a_refused_thread_stops_the_ones_already_started():
 
     threads = [threading.Thread(target=stop_event.wait), threading.Thread(target=stop_event.wait),
                Refused(target=stop_event.wait)]
-    stopped = []
+    closed = []
 
-    def stop(started):
-        stopped.extend(started)
+    def close():  # the owner's close: it joins the threads left in its list
+        closed.append(list(threads))
         stop_event.set()
-        for thread in started:
+        for thread in threads:
             thread.join()
 
+    started = list(threads)
     with pytest.raises(RuntimeError, match="can't start new thread"):
-        start_threads(threads, stop)
-    assert stopped == threads[:2] and not any(thread.is_alive() for thread in threads[:2])
+        start_threads(threads, close)
+    assert closed == [started[:2]] and threads == started[:2]
+    assert not any(thread.is_alive() for thread in started[:2])

@@ -241,12 +241,14 @@ def make_directory(path: str | os.PathLike[str], setting: str) -> None:
                          f"directory is there or on its path") from None
 
 
-def check_one_block(layout: KVLayout, capacity_bytes: int, setting: str) -> None:
-    """A ``ValueError`` naming ``setting`` unless ``capacity_bytes`` holds one block of ``layout``."""
+def check_one_block(layout: KVLayout, capacity_bytes: int, setting: str) -> int:
+    """A ``ValueError`` naming ``setting`` unless ``capacity_bytes`` holds one block of ``layout``; else the bytes
+    the largest stored block of ``layout`` takes (header and raw bytes)."""
     full = layout.block_bytes + HEADER_BYTES
     if capacity_bytes < full:
         raise ValueError(f"{setting}: expected at least one block ({full} bytes: its header and raw bytes, which "
                          f"a codec's frame of KV it cannot shrink may take), got {capacity_bytes}")
+    return full
 
 
 def check_directory_path(path: str | os.PathLike[str], setting: str) -> None:

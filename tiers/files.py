@@ -292,8 +292,7 @@ class FilesTier:
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, *,
                  sync: bool = True, o_direct: bool = False, stale_temp_seconds: float = 300.0,
                  rescan_seconds: float = 5.0, codec: FrameCodec | None = None, io_threads: int = 4):
-        check_one_block(layout, capacity_bytes, "files_bytes")
-        full = layout.block_bytes + HEADER_BYTES
+        full = check_one_block(layout, capacity_bytes, "files_bytes")
         if o_direct and not hasattr(os, "O_DIRECT"):
             raise ValueError("o_direct: expected False on a platform without os.O_DIRECT, got True")
         for name, value in (("stale_temp_seconds", stale_temp_seconds), ("rescan_seconds", rescan_seconds)):
@@ -370,8 +369,10 @@ class FilesTier:
         self._touch_named([self.encoding.stored_name(key) for key in keys])
 
     def _touch_named(self, keys: Sequence[bytes]) -> None:
-        """``touch_chain`` of blocks by the names they are stored as (``BlockEncoding.stored_name``); as every method
-        named ``_*_named`` or taking keys below the public ones, which take the blocks' keys."""
+        """``touch_chain`` of blocks by the names they are stored as (``BlockEncoding.stored_name``).
+
+        So are the keys of every method named ``_*_named`` and of those below
+        the public ones; the public methods take the blocks' keys."""
         with self._lock:
             for key in reversed(keys):
                 entry = self._index.get(key)
