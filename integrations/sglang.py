@@ -348,14 +348,14 @@ class KVStoreHiCache(HiCacheStorage):
         """Store blocks; how many leading ``keys`` some tier holds afterwards (a backup, counted)."""
         started = time.perf_counter()
         store.put_keyed(list(zip(keys, blocks)), self._salt)
-        held = store.lookup_keyed(keys, self._salt)
+        held = store.lookup_keyed(list(keys), self._salt)
         self._record("backup", held, len(keys), started)
         return held
 
     def _get(self, store: KVStore, keys: Sequence[str], outs: Sequence[torch.Tensor]) -> int:
         """Read blocks into ``outs``; how many leading ``keys`` were read (a prefetch, counted)."""
         started = time.perf_counter()
-        n = store.get_keyed(keys, outs, self._salt)
+        n = store.get_keyed(list(keys), list(outs), self._salt)
         self._record("prefetch", n, len(keys), started)
         return n
 

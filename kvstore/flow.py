@@ -88,8 +88,24 @@ class BlockFlow:
                 self.stack.touch_chain(level, chain if chain[-1] in written else keys)
 
     def store_items(self, items: Sequence[Item]) -> int:
-        """Store blocks ``(key, [L, P, tokens, H, D])`` not stored yet; returns blocks newly stored."""
+        """Store blocks ``(key, [L, P, tokens, H, D])`` not stored yet, one put of a prompt's blocks (its
+        head left the most recently used); returns blocks newly stored."""
+        stored = self.store_blocks(items)
+        self.end_put([key for key, _ in items])
+        return stored
+
+    def end_put(self, keys: Sequence[bytes]) -> None:
+        """Count one put of a prompt whose blocks' keys are ``keys`` (in token order, each stored by
+        ``store_blocks`` or before), and leave its head the most recently used (``ChainTier``)."""
         self.counters.add("puts")
+        if len(keys) > 1:
+            if self._targets:
+                self._chains.remember(keys)  # for its copies written behind (``kvstore/chains.py``)
+            for level in self.stack:
+                self.stack.touch_chain(level, keys)
+
+    def store_blocks(self, items: Sequence[Item]) -> int:
+        """``store_items`` less ``end_put``: for a put that stores its prompt a block at a time."""
         new = []
         for key, block in items:
             sightings = self.placement.sighted(key)
@@ -106,12 +122,6 @@ class BlockFlow:
             exact = [(key, block) for key, block in items if self._marked(level, key)]
             if exact:
                 self.stack.write(level, exact)
-        if len(items) > 1:  # the prompt's head, stored before or now, the most recently used (``ChainTier``)
-            keys = [key for key, _ in items]
-            if self._targets:
-                self._chains.remember(keys)  # for its copies written behind (``kvstore/chains.py``)
-            for level in self.stack:
-                self.stack.touch_chain(level, keys)
         self.counters.add("blocks_stored", stored)
         return stored
 
@@ -372,6 +382,9 @@ class BlockFlow:
         got = self.stack.read_side_by_side(level, keys[:run], dsts[:run])
         for key, dst in zip(keys[:got], dsts):
             self._was_read(level, key, dst, level.lossy)
+        for above in up_to[:-1]:  # as many misses as ``read_block`` would have counted asking them one by one
+            if above.slots and self.stack.available(above):
+                above.tier.count_misses(got)
         return got
 
     def _read_run(self, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:

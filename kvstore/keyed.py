@@ -33,9 +33,7 @@ class KeyedBlocks:
 
     def engine_keys(self, names: Sequence[EngineKey], salt: Salt = None) -> list[bytes]:
         """Store keys of engine-named blocks (see ``KeyChain.engine_key``)."""
-        if isinstance(names, (str, bytes, bytearray)):
-            raise ValueError(f"names: expected a sequence of engine keys, got one {type(names).__name__} {names!r:.80}")
-        return [self._keys.engine_key(name, salt) for name in names]
+        return [self._keys.engine_key(name, salt) for name in _listed(names, "names", "engine keys")]
 
     def _check_block(self, name: EngineKey, block: object, what: str) -> None:
         if not isinstance(block, torch.Tensor) or block.dim() != 5 or not 1 <= block.shape[2] <= \
@@ -49,6 +47,7 @@ class KeyedBlocks:
         Every block is validated before any is stored; returns blocks newly stored.
         """
         self._check_open()
+        items = _listed(items, "items", "(name, block) pairs")
         for item in items:
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise ValueError(f"items: expected (name, block) pairs, got {type(item).__name__} {item!r:.80}")
@@ -56,7 +55,14 @@ class KeyedBlocks:
             self._check_block(name, block, "block")
             self.layout.check_kv(block, block.shape[2])
         keys = self.engine_keys([name for name, _ in items], salt)
-        return self._flow.store_items([(key, block.detach()) for key, (_, block) in zip(keys, items)])
+        unique: dict[bytes, torch.Tensor] = {}
+        for key, (_, block) in zip(keys, items):  # a name given again stores nothing, as one stored before
+            if key in unique:
+                self._flow.counters.add("dedup_blocks")
+                self._flow.counters.add("dedup_bytes", block.shape[2] * self.layout.token_bytes)
+            else:
+                unique[key] = block
+        return self._flow.store_items([(key, block.detach()) for key, block in unique.items()])
 
     def lookup_keyed(self, names: Sequence[EngineKey], salt: Salt = None) -> int:
         """How many leading engine-named blocks some tier holds (one round trip to a server for the rest)."""
@@ -67,9 +73,18 @@ class KeyedBlocks:
         """Read engine-named blocks into ``outs`` (one ``[L, P, tokens, H, D]`` each) in order until one is
         missing; returns how many leading blocks were read (only those ``outs`` are valid)."""
         self._check_open()
+        names, outs = _listed(names, "names", "engine keys"), _listed(outs, "outs", "tensors")
         if len(names) != len(outs):
             raise ValueError(f"outs: expected one buffer per name ({len(names)}), got {len(outs)}")
         for name, out in zip(names, outs):
             self._check_block(name, out, "out for")
             check_out(self.layout, out, out.shape[2], f"out for {name!r}")
         return self._flow.fill_keys(self.engine_keys(names, salt), list(outs))
+
+
+def _listed(values: object, what: str, of: str) -> Sequence:
+    """``values`` if it is a list or tuple, else a ``ValueError``: a generator was read up by the first of
+    several passes (``put_keyed`` stored nothing and returned 0), a str or a dict is no sequence of them."""
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{what}: expected a list or tuple of {of}, got {type(values).__name__} {values!r:.80}")
+    return values

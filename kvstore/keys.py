@@ -85,6 +85,9 @@ def packed_tokens(tokens: Tokens) -> memoryview:
                              f"on device {tokens.device}")
         tokens = tokens.detach().cpu().numpy()
     if isinstance(tokens, np.ndarray):
+        if isinstance(tokens, np.ma.MaskedArray):  # its min and max skip masked values the cast then wraps
+            raise ValueError("tokens: expected a plain integer array, got a masked array (masked entries are no "
+                             "token ids)")
         if tokens.ndim != 1:
             raise ValueError(f"tokens: expected a 1-D array, got shape {list(tokens.shape)}")
         if tokens.dtype.kind not in "iu":
@@ -160,6 +163,14 @@ class KeyChain:
             raise ValueError(f"hash: expected one of {sorted(HASHES)}, got {hash_name!r}")
         if not isinstance(model_id, str) or not model_id:
             raise ValueError(f"model_id: expected a non-empty string, got {model_id!r}")
+        try:
+            model_id.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"model_id: expected a string of valid UTF-8, got {model_id!r}") from None
+        if not isinstance(fingerprint, bytes):
+            raise ValueError(f"fingerprint: expected bytes (KVLayout.fingerprint), got {type(fingerprint).__name__}")
+        if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens < 1:
+            raise ValueError(f"block_tokens: expected an integer >= 1, got {block_tokens!r}")
         self._new = HASHES[hash_name]
         self._root_prefix = ROOT_TAG + _length_prefixed(model_id.encode()) + _length_prefixed(fingerprint)
         self.block_tokens = block_tokens

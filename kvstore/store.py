@@ -38,7 +38,7 @@ from kvstore.pending import Fill, PendingBlock
 from kvstore.placement import Placement
 from kvstore.planner import LoadPlan
 from kvstore.prefetch import PrefetchHandle
-from kvstore.tiers.base import Tier, check_tier
+from kvstore.tiers.base import Tier, check_tier, check_tier_layout
 from kvstore.tiers.spec import DEFAULT_BANDWIDTH_PRIOR
 from kvstore.validation import check_device, check_out
 
@@ -76,6 +76,7 @@ class KVStore:
             levels = []
             for index, tier in enumerate(built):
                 check_tier(tier)
+                check_tier_layout(tier, layout, built[:index])
                 spec = TIER_SPECS.get(tier.name)
                 admit_after = spec.admit_after(config) if spec is not None else 1
                 prior = spec.bandwidth_prior if spec is not None else DEFAULT_BANDWIDTH_PRIOR
@@ -208,9 +209,12 @@ class KVStore:
         if not callable(fill):
             raise ValueError(f"fill: expected a callable fill(block, dst), got {type(fill).__name__}")
         stored = 0
-        for block in blocks:  # one at a time: a fill that raises leaves every earlier block fully stored
-            if block.start >= start:
-                stored += self._flow.store_items([(block.key, PendingBlock(self.layout, block, fill))])
+        try:
+            for block in blocks:  # one at a time: a fill that raises leaves every earlier block fully stored
+                if block.start >= start:
+                    stored += self._flow.store_blocks([(block.key, PendingBlock(self.layout, block, fill))])
+        finally:  # one put, whose head (blocks before ``start`` too) is left the most recently used
+            self._flow.end_put([block.key for block in blocks])
         return stored
 
     def _store_blocks(self, blocks: Sequence[BlockRef], kv: torch.Tensor) -> int:

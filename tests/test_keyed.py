@@ -68,6 +68,36 @@ def test_bad_input_stores_nothing(store):
     assert store.lookup_keyed(["a", "b", "c"]) == 0
 
 
+def test_arguments_that_are_no_list_are_refused(store):
+    """A generator was read up by the first of put_keyed's passes: it stored nothing and returned 0."""
+    kv = make_kv(store.layout, 16, seed=4)
+    with pytest.raises(ValueError, match="items: expected a list or tuple of \\(name, block\\) pairs, got generator"):
+        store.put_keyed((name, kv) for name in ["p0", "p1"])
+    with pytest.raises(ValueError, match="items: expected a list or tuple .* got dict"):
+        store.put_keyed({"p0": kv})
+    for bad in (None, "p0", b"p0", (name for name in ["p0"])):
+        with pytest.raises(ValueError, match="names: expected a list or tuple of engine keys"):
+            store.lookup_keyed(bad)
+        with pytest.raises(ValueError, match="names: expected a list or tuple of engine keys"):
+            store.get_keyed(bad, [torch.zeros_like(kv)])
+    with pytest.raises(ValueError, match="outs: expected a list or tuple of tensors"):
+        store.get_keyed(["p0"], (torch.zeros_like(kv) for _ in range(1)))
+    assert store.put_keyed((("p0", kv), ("p1", kv))) == 2  # a tuple is a sequence
+    assert store.lookup_keyed(("p0", "p1")) == 2
+
+
+def test_a_name_given_twice_in_one_call_is_stored_once(store):
+    """Both copies were counted stored (2 for a tier holding one block); the second is dedup, as a name stored by
+    an earlier call is."""
+    first, second = make_kv(store.layout, 16, seed=5), make_kv(store.layout, 16, seed=6)
+    assert store.put_keyed([("d", first), ("e", second), ("d", second)]) == 2
+    counters = store.stats()["store"]
+    assert counters["blocks_stored"] == 2 and counters["dedup_blocks"] == 1
+    out = torch.zeros_like(first)
+    assert store.get_keyed(["d"], [out]) == 1
+    assert_same_kv(out, first)
+
+
 def test_engine_key_is_the_documented_hash(store):
     import hashlib
 

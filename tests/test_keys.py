@@ -105,6 +105,8 @@ def test_hashes_give_different_keys(doc_chain):
     (np.array([-5], dtype=np.int64), "got -5 at position 0"),
     (torch.tensor([1.0]), "integer tensor, got dtype torch.float32"),
     ("abc", "got str"),
+    # its min and max skip masked entries, which the cast to u32 then wrapped: -1 became [..., 4294967295]'s key
+    (np.ma.array([1, 2, 3, -1], mask=[0, 0, 0, 1]), "got a masked array"),
 ])
 def test_bad_tokens_raise(bad, fragment):
     with pytest.raises(ValueError) as info:
@@ -117,6 +119,19 @@ def test_unknown_hash_and_empty_model_rejected():
         KeyChain("m", b"\x00" * 16, 4, "md5")
     with pytest.raises(ValueError, match="model_id"):
         KeyChain("", b"\x00" * 16, 4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("m", b"fp", -1), "block_tokens: expected an integer >= 1, got -1"),  # gave no keys, no error
+    (("m", b"fp", 0), "block_tokens: expected an integer >= 1, got 0"),
+    (("m", b"fp", "4"), "block_tokens: expected an integer >= 1, got '4'"),
+    (("m", b"fp", True), "block_tokens: expected an integer >= 1, got True"),
+    (("m", "fp", 4), "fingerprint: expected bytes"),
+    (("\ud800", b"fp", 4), "model_id: expected a string of valid UTF-8"),
+])
+def test_a_key_chain_refuses_bad_settings_when_made(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        KeyChain(*args)
 
 
 SPELLED_OUT = {  # each registered hash, fed the way docs/keys.md spells it: update(parent), update(block)

@@ -83,3 +83,26 @@ def test_bad_arguments_are_refused(make_store):
         store.put_from(tokens, lambda block, dst: None, start=5)
     with pytest.raises(ValueError, match=r"^fill: expected a callable fill\(block, dst\), got str$"):
         store.put_from(tokens, "fill")
+
+
+@pytest.mark.parametrize("tier", ["host", "lmdb", "files"])
+def test_a_prompt_stored_block_by_block_keeps_its_head_the_most_recently_used(tmp_path, layout, tier):
+    """put_from (vLLM's worker and ``save_paged``) stored a block a call: the prompt's first block was the least
+    recently used, and one eviction lost the whole prompt. It is one put, as ``put`` is."""
+    from kvstore import KVStore, StoreConfig
+    from kvstore.blockformat import HEADER_BYTES
+
+    capacity = 4 * (layout.block_bytes + HEADER_BYTES)  # the prompt's four blocks
+    settings = {"host": dict(host_bytes=4 * layout.block_bytes),
+                "lmdb": dict(host_bytes=0, disk_dir=str(tmp_path / "lmdb"), disk_bytes=capacity, disk_sync=False),
+                "files": dict(host_bytes=0, files_dir=str(tmp_path / "files"), files_bytes=capacity,
+                              files_sync=False)}[tier]
+    tokens, kv = make_tokens(64), make_kv(layout, 64)
+    with KVStore(layout, StoreConfig(model_id="m", **settings)) as store:
+        assert store.put_from(tokens, filler(kv, [])) == 4
+        store.flush()
+        assert store.stats()["store"]["puts"] == 1
+        store.put(make_tokens(16, seed=9), make_kv(layout, 16, seed=9))  # one block in: one of the four out
+        store.flush()
+        assert store.lookup(tokens) == 48  # the tail went, not the head
+        assert_same_kv(store.get(tokens), kv[:, :, :48])

@@ -681,3 +681,20 @@ def test_a_forked_child_exits_without_closing_its_parents_store(tmp_path):
         store.close()
         """)
     assert "child exited" in out
+
+
+@pytest.mark.parametrize("lower", ["lmdb", "files"])
+def test_host_misses_count_the_blocks_read_below_it(tmp_path, layout, lower):
+    """The files tier reads a run side by side without asking host RAM block by block: host RAM counted no miss
+    for the same read that counted 4 with LMDB below."""
+    tokens, kv = make_tokens(64), make_kv(layout, 64)
+    below = dict(disk_dir=str(tmp_path / "d"), disk_bytes="1MiB") if lower == "lmdb" else \
+        dict(files_dir=str(tmp_path / "f"), files_bytes="1MiB")
+    config = StoreConfig(model_id="m", host_bytes="1MiB", **below)
+    with KVStore(layout, config) as store:
+        store.put(tokens, kv)
+    with KVStore(layout, config) as store:  # host RAM empty
+        assert_same_kv(store.get(tokens), kv)
+        tiers = store.stats()["tiers"]
+        assert (tiers["host"]["hits"], tiers["host"]["misses"]) == (0, 4)
+        assert tiers[lower]["hits"] == 4

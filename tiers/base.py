@@ -32,6 +32,8 @@ class Tier(Protocol):
     name: str
     # Whether what it holds survives the process (a disk, a server), as opposed to a memory pool.
     persistent: bool
+    # The blocks it holds: a store refuses a tier of another layout (its bytes would be read as this one's).
+    layout: KVLayout
 
     @property
     def capacity_bytes(self) -> int: ...
@@ -103,6 +105,10 @@ class MemorySlots(Tier, Protocol):
     def get_into_marked(self, key: bytes, out: torch.Tensor) -> tuple[bool, str | None]: ...
 
     def get_run_marked(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[str | None]: ...
+
+    def count_misses(self, count: int) -> None:
+        """Count ``count`` reads this pool did not hold, served below without asking it block by block."""
+        ...
 
     def lossy_of(self, key: bytes) -> str | None: ...
 
@@ -191,6 +197,22 @@ def check_tier(tier: object) -> None:
     if missing:
         raise ValueError(f"tier {getattr(tier, 'name', tier)!r}: expected the Tier protocol "
                          f"({', '.join(_TIER_MEMBERS)}), got one without {missing}")
+
+
+def check_tier_layout(tier: Tier, layout: KVLayout, before: Sequence[Tier]) -> None:
+    """``ValueError`` unless ``tier`` holds blocks of ``layout`` and is none of the tiers ``before`` it.
+
+    A host tier made for a bf16 layout took a store's fp16 blocks and gave
+    back other bytes of the same size; one made for fewer layers promised
+    blocks it could not return.
+    """
+    if any(tier is other for other in before):
+        raise ValueError(f"tiers: expected each tier once, got tier {tier.name!r} twice")
+    held = tier.layout
+    if not isinstance(held, KVLayout) or held.fingerprint != layout.fingerprint:
+        got = held.describe() if isinstance(held, KVLayout) else repr(held)
+        raise ValueError(f"tier {tier.name!r}: expected a tier of the store's layout ({layout.describe()}), "
+                         f"got one of {got}")
 
 
 def declared_capabilities(tier: object) -> Capability:

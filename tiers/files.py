@@ -302,7 +302,7 @@ class FilesTier:
         make_directory(self._root, "files_dir")
         self._capacity = capacity_bytes
         self._low_water = capacity_bytes - capacity_bytes // 10 // full * full
-        self._layout = layout
+        self.layout = layout
         self._fingerprint = layout.fingerprint
         self.encoding = BlockEncoding(layout, codec)
         self._sync, self._o_direct = sync, o_direct
@@ -353,7 +353,7 @@ class FilesTier:
         """The largest file a block of ``raw_bytes`` (or a full block of this layout, if larger: a read may
         find one) can be, raw or as a codec's frame; anything larger at a block's path is read as corrupt
         without reading it."""
-        return max_stored_bytes(max(raw_bytes, self._layout.block_bytes))
+        return max_stored_bytes(max(raw_bytes, self.layout.block_bytes))
 
     def _remember(self, key: bytes, size: int, mtime_ns: int, checked: float | None = None) -> None:
         """Under the lock: ``key`` is stored and was just accessed; its file was seen at ``checked`` (default:

@@ -187,7 +187,7 @@ class LmdbTier:
                                                     "store of this one); give each store its own disk_dir or share "
                                                     "one through the cache server")
         self._capacity = capacity_bytes
-        self._layout = layout
+        self.layout = layout
         self._fingerprint = layout.fingerprint
         self.encoding = BlockEncoding(layout, codec)
         # Sees each block evicted for room (verified bytes) after the eviction commits: write-back below.

@@ -178,7 +178,7 @@ class RedisTier:
             raise ValueError(f"capacity_bytes: expected an integer >= 0, got {capacity_bytes!r}")
         self._build = _connect(url, float(timeout_seconds))
         self.cluster = url.lower().startswith(("redis+cluster://", "rediss+cluster://"))
-        self._layout = layout
+        self.layout = layout
         self._fingerprint = layout.fingerprint
         self.encoding = BlockEncoding(layout, codec)
         # A lossy form has keys of its own: stores of other codecs never meet its blocks.
@@ -354,11 +354,11 @@ class RedisTier:
     def _check_block(self, name: str, block: torch.Tensor) -> None:
         """ValueError unless ``block`` is a tensor of this layout with 1 to ``block_tokens`` tokens."""
         tokens = block.shape[2] if isinstance(block, torch.Tensor) and block.dim() == 5 else 0
-        if not 1 <= tokens <= self._layout.block_tokens:
+        if not 1 <= tokens <= self.layout.block_tokens:
             shape = list(block.shape) if isinstance(block, torch.Tensor) else type(block).__name__
-            raise ValueError(f"{name}: expected shape {list(self._layout.block_shape)} "
-                             f"with 1 to {self._layout.block_tokens} tokens, got {shape}")
-        self._layout.check_kv(block, tokens)
+            raise ValueError(f"{name}: expected shape {list(self.layout.block_shape)} "
+                             f"with 1 to {self.layout.block_tokens} tokens, got {shape}")
+        self.layout.check_kv(block, tokens)
 
     def _scratch(self, nbytes: int) -> memoryview:
         """This thread's reusable buffer for values, at least ``min(nbytes, _SCRATCH_BYTES)`` bytes.

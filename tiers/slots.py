@@ -331,6 +331,9 @@ class SlotTier:
             return False, None
         return True, marks[0]
 
+    def count_misses(self, count: int) -> None:
+        self._counters.add("misses", count)
+
     def get_run_marked(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[str | None]:
         """Copy the leading ``keys`` held here into ``outs``, up to the first one not held (or held with
         another number of tokens than its ``out``); the lossy mark of each block copied (None: exact).

@@ -31,6 +31,7 @@ class PlainDict:
     name = "dict"
     persistent = False
     capacity_bytes = 1 << 20
+    layout = LAYOUT
 
     def __init__(self):
         self.blocks: dict[bytes, torch.Tensor] = {}
@@ -92,6 +93,31 @@ def test_an_object_that_is_no_tier_is_refused_at_open():
 
     with pytest.raises(ValueError, match="expected the Tier protocol .* without \\['persistent'"):
         KVStore(LAYOUT, StoreConfig(model_id="m"), tiers=[NoTier()])
+
+
+@pytest.mark.parametrize("kind", ["host", "lmdb", "files"])
+@pytest.mark.parametrize("other", [dict(dtype=torch.bfloat16), dict(num_layers=1), dict(head_dim=8, dtype=torch.float32),
+                                   dict(block_tokens=8), dict(tp_rank=1, tp_size=2)])
+def test_a_tier_made_for_another_layout_is_refused_at_open(tmp_path, kind, other):
+    """A host tier made for bf16 took a store's fp16 blocks of the same size and gave back other bytes; one made
+    for fewer layers promised blocks it could not return. Nothing is written to it."""
+    layout = tiny_layout(**other)
+    tier = {"host": lambda: HostTier(layout, 8 * layout.block_bytes),
+            "lmdb": lambda: LmdbTier(tmp_path / "lmdb", 1 << 20, layout),
+            "files": lambda: FilesTier(tmp_path / "files", 1 << 20, layout)}[kind]()
+    try:
+        with pytest.raises(ValueError, match=f"tier '{tier.name}': expected a tier of the store's layout "
+                                             f"\\(kvstore-layout.*\\), got one of kvstore-layout"):
+            KVStore(LAYOUT, StoreConfig(model_id="m"), tiers=[HostTier(LAYOUT, 4 * LAYOUT.block_bytes), tier])
+        assert tier.used_bytes() == 0 and list(tier.keys()) == []
+    finally:
+        tier.close()
+
+
+def test_one_tier_given_twice_is_refused_at_open():
+    tier = HostTier(LAYOUT, 4 * LAYOUT.block_bytes)
+    with pytest.raises(ValueError, match="tiers: expected each tier once, got tier 'host' twice"):
+        KVStore(LAYOUT, StoreConfig(model_id="m"), tiers=[tier, tier])
 
 
 def test_a_custom_tier_declaring_nothing_serves_exact_bytes():
