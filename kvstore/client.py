@@ -31,7 +31,6 @@ from kvstore.protocol import (FLAG_ERROR, FLAG_REPLY, HEADER_BYTES, MAX_KEY_BYTE
                               put_item_header, unpack_json, unpack_keys)
 
 DEFAULT_PORT = 8477
-_DISCARD_BYTES = 1 << 20
 _READ_AHEAD_BYTES = 64 << 10
 # A call may take its timeout plus the time to move its blocks at this rate (bytes/s): far below any
 # network a cache server is worth using over, so only a server that trickles runs out of it.
@@ -179,15 +178,6 @@ class Connection:
                 raise ConnectionError("the server closed the connection")
             got += n
 
-    def _discard(self, num_bytes: int) -> None:
-        """Read ``num_bytes`` and drop them, through one bounded buffer (a hostile 100 MB blob under a key of a
-        512-byte block was read into a buffer of its size)."""
-        scratch = memoryview(bytearray(min(num_bytes, _DISCARD_BYTES)))
-        while num_bytes:
-            take = min(num_bytes, len(scratch))
-            self._recv_into(scratch[:take])
-            num_bytes -= take
-
     def _recv(self, num_bytes: int) -> bytearray:
         data = bytearray(num_bytes)
         self._recv_into(memoryview(data))
@@ -253,6 +243,10 @@ class Connection:
     def get(self, keys: Sequence[bytes], sink: Sink, expected: Sequence[int] | None = None) -> list[int | None]:
         """Fetch blobs; ``sink(i, size)`` names the buffers blob ``i`` is read into. Returns sizes (None: miss).
 
+        A sink that returns None for a blob (larger than the caller can take)
+        ends the call there: the connection is closed rather than read
+        through it, and the blobs after it are returned as misses.
+
         ``expected``: blob sizes the caller expects (bytes), so that no
         reply is asked to exceed the server's ``max_inflight_bytes``.
         """
@@ -266,17 +260,24 @@ class Connection:
             if header.count != len(run):
                 raise ConnectionError(f"expected {len(run)} sizes in a GET reply, got {header.count}")
             table = self._recv(8 * len(run))
-            for j, i in enumerate(run):
-                (size,) = U64.unpack_from(table, 8 * j)
+            announced = [U64.unpack_from(table, 8 * j)[0] for j in range(len(run))]
+            blobs = sum(size for size in announced if size != MISSING)
+            # A server sends its size table and the blobs it names, within the limit it announced: a reply
+            # naming a blob of 2**62 bytes was read (and its deadline stretched to match) for ever.
+            if header.payload_len != 8 * len(run) + blobs or header.payload_len > self.welcome.max_inflight_bytes:
+                raise ConnectionError(f"expected a GET reply of its size table and the blobs it names, at most "
+                                      f"{self.welcome.max_inflight_bytes} bytes, got {header.payload_len} bytes "
+                                      f"naming {blobs} bytes of blobs")
+            for i, size in zip(run, announced):
                 if size == MISSING:
                     sizes.append(None)
                     continue
-                self.allow(size)
                 buffers = sink(i, size)
-                if buffers is None:  # not wanted (larger than any block the caller can take): read it through
-                    self._discard(size)
+                if buffers is None:  # not wanted (larger than any block the caller can take): not read through
+                    self.close()  # (a blob of 200 MiB was, to answer a miss): the rest of the stream is lost
                     sizes.append(size)
-                    continue
+                    return sizes + [None] * (len(keys) - len(sizes))
+                self.allow(size)
                 if sum(len(b) for b in buffers) != size:
                     raise ValueError(f"sink: expected buffers of {size} bytes in all for key {i}, got "
                                      f"{sum(len(b) for b in buffers)}")

@@ -337,6 +337,10 @@ def check_folder(name: str, path: str) -> None:
         raise ValueError(f"{name}: expected a folder (or a path to create one at), got {path!r}, which is a file")
 
 
+_TIER_OWNED_REDIS_OPTIONS = frozenset({"socket_timeout", "socket_connect_timeout", "retry_on_timeout",
+                                       "retry_on_error"})
+
+
 def check_redis_url(name: str, url: str) -> None:
     """A ``ValueError`` naming ``name`` unless ``url``'s database and query are ones the redis tier uses.
 
@@ -356,9 +360,15 @@ def check_redis_url(name: str, url: str) -> None:
                          f"got path {parts.path!r} in {url!r}")
     from redis.connection import parse_url  # the client's own reading of the query, at settings time
     try:
-        parse_url(url)
+        options = parse_url(url)
     except ValueError as error:
         raise ValueError(f"{name}: {error} (got {url!r})") from None
+    # redis-py lets the URL's query override the tier's own options: ?socket_timeout=8 made a hung server cost
+    # every call 8 s, not redis_timeout_seconds; ?socket_timeout=0 failed every call.
+    owned = sorted(option for option in options if option in _TIER_OWNED_REDIS_OPTIONS)
+    if owned:
+        raise ValueError(f"{name}: expected a query without {', '.join(owned)} (the tier sets them: "
+                         f"redis_timeout_seconds, one attempt a command), got {url!r}")
 
 
 def _check_address(name: str, url: str) -> None:

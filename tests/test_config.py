@@ -204,6 +204,12 @@ def test_bad_value_in_file(tmp_path, field, toml_value, shown):
         (dict(redis_url="redis://h:1/abc"), "redis_url"),
         (dict(redis_url="redis://h:1/0?db=zz"), "redis_url"),
         (dict(redis_url="redis://h:1/0?socket_timeout=abc"), "redis_url"),
+        # the query overrode the tier's own options: ?socket_timeout=8 made a hung server cost 8 s a call, not
+        # redis_timeout_seconds, and ?socket_timeout=0 failed every call
+        (dict(redis_url="redis://h:1/0?socket_timeout=8"), "redis_url"),
+        (dict(redis_url="unix:///tmp/r.sock?socket_timeout=0"), "redis_url"),
+        (dict(redis_url="redis://h:1?socket_connect_timeout=9"), "redis_url"),
+        (dict(redis_url="redis://h:1?retry_on_timeout=yes"), "redis_url"),
         (dict(redis_url="redis+cluster://a:1,b:2/1"), "redis_url"),
         (dict(redis_url="redis+cluster://a:1?socket_timeout=3"), "redis_url"),
         (dict(host_codec="bogus"), "host_codec"),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import enum
+import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
@@ -233,6 +236,34 @@ def declared_capabilities(tier: object) -> Capability:
                 raise ValueError(f"tier {getattr(tier, 'name', tier)!r}: declares {capability.name} but lacks "
                                  f"{missing}")
     return declared
+
+
+class RefusalLog:
+    """Writes a tier's medium refused, logged at most once per ``interval`` seconds with the count since.
+
+    Not failures: the tier answers, but keeps nothing (Redis out of memory
+    under ``noeviction``, blocks larger than a cache server's frames). Only
+    counted, such a tier read ``healthy`` while it stored nothing.
+    """
+
+    def __init__(self, logger: logging.Logger, tier: str, interval: float = 10.0):
+        self._log = logger
+        self._tier = tier
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._logged_at = float("-inf")
+        self._unreported = 0
+
+    def refused(self, count: int, why: str) -> None:
+        """``count`` blocks were refused, because ``why`` (what the operator can change, named)."""
+        now = time.monotonic()
+        with self._lock:
+            self._unreported += count
+            if now - self._logged_at < self._interval:
+                return
+            count, self._unreported, self._logged_at = self._unreported, 0, now
+        self._log.warning("%s tier: the server refused %d block%s: %s", self._tier, count, "" if count == 1 else "s",
+                          why)
 
 
 def tier_stats(counters: Counters, blocks: int, used_bytes: int, capacity_bytes: int) -> dict[str, int]:

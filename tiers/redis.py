@@ -54,8 +54,8 @@ import redis
 import torch
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import (AskError, ClusterDownError, NoPermissionError, OutOfMemoryError, RedisClusterException,
-                              ResponseError, TryAgainError)
+from redis.exceptions import (AskError, AuthenticationError, ClusterDownError, MovedError, NoPermissionError,
+                              OutOfMemoryError, RedisClusterException, ResponseError, TryAgainError)
 from redis.retry import Retry
 
 from kvstore.blockformat import HEADER_BYTES, BlockHeader, checksum, max_stored_bytes
@@ -63,7 +63,7 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import TIER_COUNTERS, Capability, decode_blob, tier_stats
+from kvstore.tiers.base import TIER_COUNTERS, Capability, RefusalLog, decode_blob, tier_stats
 from kvstore.compression.registry import get_codec
 from kvstore.config import REDIS_SCHEMES, StoreConfig, check_redis_url
 from kvstore.tiers.spec import TierSpec
@@ -195,7 +195,9 @@ class RedisTier:
         self._client_obj: Any = None
         self._closed = False
         self._failing = False  # the last call raised: logged once, until a call succeeds again
+        self._fixes_logged: set[str] = set()  # settings the server refused, each logged once as an error
         self._no_scripts = False  # the server refused EVAL once: damaged blocks are deleted with a plain DEL
+        self._refusals = RefusalLog(log, "redis")
         try:  # a cluster client connects on construction: if the cluster is down, the first call retries
             self._client()
         except (redis.RedisError, RedisClusterException, OSError):
@@ -226,14 +228,31 @@ class RedisTier:
         except _FAILURES as exc:
             if _is_timeout(exc):
                 self._counters.add("timeouts")
-            if not self._failing:
-                self._failing = True
+            fix = self._misconfigured(exc)
+            if fix is not None and fix not in self._fixes_logged:
+                self._fixes_logged.add(fix)
+                log.error("redis tier: a call failed (%s: %s): %s", type(exc).__name__, exc, fix)
+            elif not self._failing:
                 log.warning("redis tier: a call failed (%s: %s); raising it to the caller", type(exc).__name__, exc)
+            self._failing = True
             raise
         if self._failing:
             self._failing = False
             log.info("redis tier: the server answers again")
         return result
+
+    def _misconfigured(self, exc: BaseException) -> str | None:
+        """What the operator must change if ``exc`` is no outage but the server refusing these settings (it
+        was logged like an outage, and retried for ever); None otherwise."""
+        if isinstance(exc, (MovedError, AskError)) and not self.cluster:
+            return ("the server is a Redis Cluster node (it redirected a key to another node): set redis_url to "
+                    "redis+cluster://host:port[,host:port...]")
+        if isinstance(exc, AuthenticationError):
+            return "the server refused redis_url's credentials: write them as redis://user:password@host:port"
+        if isinstance(exc, NoPermissionError):
+            return (f"redis_url's user lacks a permission (ACL): it needs GET, SET, DEL, EXISTS, SCAN, INFO and "
+                    f"DBSIZE on keys {self._pattern}")
+        return None
 
     def _guard(self, call: Callable[[Any], _T], default: _T, server: Any = None) -> _T:
         """``call(server or the client)``, or ``default`` (the failure counted) if the server is down, hung or
@@ -263,14 +282,16 @@ class RedisTier:
                     queue(pipe, i)
                 return pipe.execute(raise_on_error=False)
 
+        def refused(replies: list) -> list:
+            for reply in replies:  # an ACL that refuses our commands, a cluster node reached as a server: the
+                if isinstance(reply, NoPermissionError) or (  # tier's failure, raised to be seen
+                        isinstance(reply, (MovedError, AskError)) and not self.cluster):
+                    raise reply
+            return replies
+
         if self.cluster:
-            replies = self._call(lambda c: self._per_node(c, rkeys, run))
-        else:
-            replies = self._call(lambda c: run(c, range(len(rkeys))))
-        for reply in replies:  # an ACL that refuses our commands: the tier's failure, raised to be seen
-            if isinstance(reply, NoPermissionError):
-                raise reply
-        return replies
+            return self._call(lambda c: refused(self._per_node(c, rkeys, run)))
+        return self._call(lambda c: refused(run(c, range(len(rkeys)))))
 
     def _per_node(self, client: Any, rkeys: Sequence[bytes], run: Callable[[Any, Sequence[int]], list]) -> list:
         """``run`` the keys of each cluster node in a pipeline on that node alone; ``_FAILED`` for a node down.
@@ -475,12 +496,13 @@ class RedisTier:
         if not rkeys:
             return 0
         replies = self._batch(rkeys, lambda pipe, i: pipe.set(rkeys[i], values[i], nx=True, px=self._ttl_ms))
-        stored = 0
+        stored = out_of_memory = 0
         for value, reply in zip(values, replies):
             if reply is _FAILED:
                 continue
             if isinstance(reply, OutOfMemoryError):
                 self._counters.add("rejected")  # out of memory under maxmemory-policy noeviction
+                out_of_memory += 1
             elif isinstance(reply, Exception):
                 self._count_failure(reply)
             else:
@@ -488,6 +510,10 @@ class RedisTier:
                 if reply:  # None: NX found it already stored
                     self._counters.add("blocks_written")
                     self._counters.add("bytes_written", len(value) - HEADER_BYTES)
+        if out_of_memory:
+            self._refusals.refused(out_of_memory, "out of memory (OOM) at its maxmemory, with nothing it may evict: "
+                                   "set maxmemory-policy to allkeys-lru (or a volatile-* policy with "
+                                   "redis_ttl_seconds set), or give it more maxmemory")
         return stored
 
     def get_into(self, key: bytes, out: torch.Tensor) -> bool:

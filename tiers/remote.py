@@ -42,7 +42,7 @@ from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncodi
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
 from kvstore.protocol import ProtocolError, PutResult, ServerError, Status
-from kvstore.tiers.base import TIER_COUNTERS, Capability, decode_blob, tier_stats
+from kvstore.tiers.base import TIER_COUNTERS, Capability, RefusalLog, decode_blob, tier_stats
 from kvstore.compression.registry import get_codec
 from kvstore.config import StoreConfig
 from kvstore.tiers.spec import TierSpec
@@ -58,6 +58,13 @@ log = logging.getLogger(__name__)
 
 class _BackingOff(ConnectionError):
     """A call not tried: the server failed a moment ago and the tier's back-off has not run out."""
+
+
+_REFUSALS = {  # why the server kept no copy of a block, as the operator can change it
+    PutResult.REJECTED: "larger than a frame (its --max-frame-bytes), or past this token's quota or the server's "
+                        "capacity (see its stats)",
+    PutResult.INVALID: "its header did not match its key or bytes (a server of another protocol version?)",
+}
 
 
 class _TooLarge(Exception):
@@ -88,6 +95,7 @@ class RemoteTier:
         self._pool = ConnectionPool(url, token, timeout_seconds, connections, tls_ca_file)
         self._fingerprint = layout.fingerprint
         self._counters = Counters(*TIER_COUNTERS, *REMOTE_COUNTERS)
+        self._refusals = RefusalLog(log, "remote")
         self._backoff_seconds = backoff_seconds
         self._max_backoff_seconds = max_backoff_seconds
         self._lock = threading.Lock()
@@ -189,14 +197,18 @@ class RemoteTier:
                  for name, block in ((self.encoding.stored_name(key), block) for key, block in items)]
         results = self._call(lambda conn: conn.put(parts))
         held = 0
+        refused: dict[PutResult, int] = {}
         for (_, blob), result in zip(parts, results):
             if result in (PutResult.STORED, PutResult.PRESENT):
                 held += 1
             else:
                 self._counters.add("rejected")
+                refused[result] = refused.get(result, 0) + 1
             if result == PutResult.STORED:
                 self._counters.add("blocks_written")
                 self._counters.add("bytes_written", sum(memoryview(p).nbytes for p in blob[1:]))
+        for result, count in refused.items():
+            self._refusals.refused(count, _REFUSALS.get(result, result.name))
         return held
 
     def _blob_parts(self, key: bytes, block: torch.Tensor) -> list[object]:

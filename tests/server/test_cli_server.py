@@ -88,7 +88,7 @@ def test_stats_prints_a_readable_summary(configured, capsys, tmp_path):
     try:
         keys = [b"cli-stats-%d" % i for i in range(3)]
         conn.put([(k, [BlockHeader.for_payload(k, b"F" * 16, payload).pack(), payload]) for k in keys])
-        assert conn.get([keys[0], b"cli-stats-missing"], lambda i, size: None) == [72 + len(payload), None]
+        assert conn.get([keys[0], b"cli-stats-missing"], lambda i, size: [memoryview(bytearray(size))]) == [72 + len(payload), None]
         blocks = conn.stats()["blocks"]["blocks"]
     finally:
         conn.close()

@@ -9,6 +9,7 @@ nodes still up serve their keys.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 
@@ -293,6 +294,26 @@ def test_an_acl_that_refuses_writes_is_the_tiers_failure_raised_and_seen(make_ti
             raw.execute_command("ACL", "DELUSER", "kvstore-ro")
 
 
+def test_settings_the_server_refuses_are_logged_as_errors_naming_the_fix(make_tier, layout, shared_redis,
+                                                                         redis_cluster, caplog):
+    """A wrong password, or redis:// given a cluster node, were logged as an outage and retried for ever."""
+    cases = [(shared_redis.url.replace("redis://", "redis://nobody:wrong-pass@", 1),
+              "the server refused redis_url's credentials"),
+             ("redis://" + redis_cluster.url.split("://", 1)[1].split(",")[0],
+              "the server is a Redis Cluster node (it redirected a key to another node): set redis_url to "
+              "redis+cluster://")]
+    for url, fix in cases:
+        tier = make_tier(url=url)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kvstore.tiers.redis"):
+            for _ in range(2):
+                with pytest.raises(Exception):  # noqa: B017 -- the tier's failure, whatever redis-py calls it
+                    tier.put_many([(key, make_kv(layout, 16)) for key in _keys(16)])  # some slot is elsewhere
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and fix in errors[0], [r.getMessage() for r in caplog.records]
+        tier.close()
+
+
 def test_value_of_another_type_is_corrupt(make_tier, layout, shared_redis):
     tier = make_tier()
     with shared_redis.client() as raw:
@@ -327,7 +348,7 @@ def test_codecs(make_tier, layout):
     assert not make_tier(namespace="int8", codec=get_codec("kivi4")).contains(A)  # nor by another lossy codec
 
 
-def test_capacity(make_tier, redis_server, layout):
+def test_capacity(make_tier, redis_server, layout, caplog):
     small = make_tier(capacity_bytes=4096 + HEADER_BYTES - 1)
     assert small.capacity_bytes == 4096 + HEADER_BYTES - 1
     assert small.put_many([(A, make_kv(layout, 16)), (B, make_kv(layout, 15))]) == 1
@@ -337,8 +358,15 @@ def test_capacity(make_tier, redis_server, layout):
         raw.config_set("maxmemory-policy", "noeviction")
         tier = make_tier(url=redis_server.url)
         assert tier.capacity_bytes == 1
-        assert tier.put_many([(A, make_kv(layout, 16))]) == 0
-        assert counts(tier, "rejected", "errors") == (1, 0)
+        with caplog.at_level(logging.WARNING, logger="kvstore.tiers.redis"):
+            assert tier.put_many([(A, make_kv(layout, 16))]) == 0
+            assert tier.put_many([(B, make_kv(layout, 16))]) == 0
+        assert counts(tier, "rejected", "errors") == (2, 0)
+        # counted alone, a tier refused every write while it read healthy, and nothing said so
+        refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert refusals == ["redis tier: the server refused 1 block: out of memory (OOM) at its maxmemory, with "
+                            "nothing it may evict: set maxmemory-policy to allkeys-lru (or a volatile-* policy with "
+                            "redis_ttl_seconds set), or give it more maxmemory"]  # once in a while, not per write
         raw.config_set("maxmemory", 0)
     assert tier.put_many([(A, make_kv(layout, 16))]) == 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import re
 import socket
@@ -342,7 +343,7 @@ def test_the_server_rejects_blobs_that_do_not_verify(srv, token):
                             (key("flipped"), [bytes(flipped)]), (key("good"), [good.pack(), payload])])
         assert results == [PutResult.INVALID] * 4 + [PutResult.STORED]
         sizes = conn.get([key("bad-sum"), key("other-key"), key("short"), key("flipped"), key("good")],
-                         lambda i, size: None)
+                         lambda i, size: [memoryview(bytearray(size))])
         assert sizes == [None, None, None, None, len(payload) + HEADER_BYTES]
         assert conn.stats()["blocks"]["invalid"] == 4
     finally:
@@ -524,6 +525,27 @@ def test_a_server_that_stops_answering_after_hello_costs_timeouts_then_back_off(
         assert stats["unavailable"] >= 2
         assert stats["timeouts"] == 4 and stats["errors"] == 0  # one timeout per call tried, all of them raised
         assert stats["misses"] == 0
+    finally:
+        tier.close()
+
+
+@pytest.mark.parametrize("sizes, declared", [
+    ([2**62], 8 + 2**62),  # a blob past the server's own max_inflight_bytes: it was read (and waited for) for ever
+    ([2**62], 8),  # a payload length that disagrees with the size table
+    ([100], 8 + 50),
+])
+def test_a_get_reply_naming_more_bytes_than_it_may_send_is_the_servers_failure(fake, sizes, declared):
+    def answer(header: Header):
+        if header.opcode == Op.HELLO:
+            return 0, WELCOME
+        table = b"".join(size.to_bytes(8, "little") for size in sizes)
+        return len(sizes), table, declared
+
+    tier = RemoteTier(fake(answer).url, FP16, TOKEN, timeout_seconds=30.0)
+    try:
+        with pytest.raises(ConnectionError, match="expected a GET reply of its size table and the blobs it names"):
+            tier.get_into(key("x"), zeros(FP16))  # at once, not at the timeout
+        assert "GET reply" in tier.last_error
     finally:
         tier.close()
 
@@ -811,7 +833,7 @@ def test_a_get_whose_reply_exceeds_max_inflight_bytes_is_split(limited):
 
 def test_blobs_larger_than_the_blocks_asked_for_are_corrupt_misses_not_a_server_failure(limited):
     """Another writer (same namespace) put blobs of about 7 KiB under the keys of 512-byte blocks: one is read
-    through a bounded buffer and dropped; three together are more than the server sends in one reply (16 KiB),
+    not read (the connection is dropped: a 200 MiB one was read through to answer a miss); three together are more than the server sends in one reply (16 KiB),
     which the tier reads as misses instead of a failing server to back off from."""
     small = tiny_layout(num_layers=1, num_kv_heads=1, block_tokens=16)  # 512-byte blocks
     tier = RemoteTier(limited.url, small, TOKEN)
@@ -826,7 +848,9 @@ def test_blobs_larger_than_the_blocks_asked_for_are_corrupt_misses_not_a_server_
                 assert tier._call(lambda conn: conn.put([(k, [header, payload])])) == [PutResult.STORED]
             outs = [zeros(small) for _ in keys]
             found = tier.get_many_into(keys, outs)
-            assert found == [k in dict(good) for k in keys], tier.last_error
+            # a blob not wanted is not read through: the connection is dropped, and the blocks after it are misses
+            wanted = list(itertools.takewhile(lambda k: k in dict(good), keys))
+            assert found == [k in wanted for k in keys], tier.last_error
             for k, out, ok in zip(keys, outs, found):
                 if ok:
                     assert_same_kv(out, dict(good)[k])
@@ -888,3 +912,18 @@ def test_the_pool_reuses_its_connection_in_a_process_with_many_descriptors(fake)
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_blocks_larger_than_the_servers_frames_are_refused_with_a_warning_naming_the_limit(limited, caplog):
+    """A server whose frames are smaller than a block stored nothing of it, and the tier read healthy in silence."""
+    big = tiny_layout(dtype=torch.float32, num_layers=4)  # 32 KiB blocks, frames of 16 KiB
+    tier = RemoteTier(limited.url, big, TOKEN)
+    try:
+        with caplog.at_level(logging.WARNING, logger="kvstore.tiers.remote"):
+            for i in range(3):
+                assert tier.put_many([(key("too-big", i), make_kv(big, 16, seed=i))]) == 0
+        assert tier.stats()["rejected"] == 3 and tier.last_error is None  # refused, not failing
+        warnings = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(warnings) == 1 and "--max-frame-bytes" in warnings[0], warnings
+    finally:
+        tier.close()
