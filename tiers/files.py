@@ -101,6 +101,9 @@ _SPLIT_RUN_BYTES = 4 << 20  # a run of blocks this large is read in runs side by
 _HASH_PIECE_BYTES = 4 << 20  # a raw payload is read and checksummed this much at a time, while it is in cache
 # A scan forced by a full tier waits until scans have taken at most this share of the time since the last began.
 _SCAN_TIME_SHARE = 0.1
+# A scan that took longer than this (seconds) runs on a pool thread, not in the write due it: 50,000 files took
+# 2.4 s, the write-behind queue filled meanwhile and the engine's puts waited.
+_INLINE_SCAN_SECONDS = 0.05
 # An indexed block whose file was not seen for this long is looked at again before ``contains`` says yes:
 # another process sharing the directory may have evicted it (lookup promised 256 tokens, get found none,
 # and a put deduplicated against the gone blocks, so the prompt came back one block a request).
@@ -315,6 +318,8 @@ class FilesTier:
         self._local = threading.local()  # this thread's scratch and bounce buffers
         self._lock = threading.Lock()  # guards the index and the byte counts
         self._scan_lock = threading.Lock()  # one rescan-and-evict at a time
+        self._rescan_lock = threading.Lock()  # one directory scan at a time, inline or in the background
+        self._scan_queued_by = 0  # the process whose periodic scan is submitted to the writers' pool, not ended
         self._index: OrderedDict[bytes, _Entry] = OrderedDict()  # least recently accessed first
         self._used = 0
         self._reserved = 0  # bytes of this process's writes in flight
@@ -571,7 +576,46 @@ class FilesTier:
         return time.time_ns() - entry.stat(follow_symlinks=False).st_mtime_ns > self._stale_temp_ns
 
     def _rescan(self, clean_temps: bool = False) -> None:
-        """Re-learn the directory and merge what other processes did into this process's order."""
+        """Re-learn the directory and merge what other processes did into this process's order.
+
+        Puts, reads and evictions may run meanwhile (the walk holds no lock
+        of theirs, and the merge keeps what they did); scans run one at a time.
+        """
+        with self._rescan_lock:
+            self._rescan_now(clean_temps)
+
+    def _rescan_unless_scanning(self, clean_temps: bool) -> None:
+        """``_rescan``, unless one is under way (the periodic one, in the background): a write over capacity
+        goes on with the view it has rather than wait for that walk, whose merge learns what it would."""
+        if self._rescan_lock.acquire(blocking=False):
+            try:
+                self._rescan_now(clean_temps)
+            finally:
+                self._rescan_lock.release()
+
+    def _scan_behind(self) -> None:
+        """The periodic scan, on a writer thread of the tier's pool rather than the write that is due it.
+
+        Inline, it stalled that write for the whole walk: 2.4 s of 50,000
+        files, during which the write-behind queue filled and the engine's
+        puts waited. With one I/O thread the pool runs it inline still.
+        """
+        with self._lock:
+            if self._scan_queued_by == os.getpid():
+                return
+            self._scan_queued_by = os.getpid()  # a child forked meanwhile has no such scan: it queues its own
+
+        def scan() -> None:
+            try:
+                self._rescan_unless_scanning(clean_temps=True)
+            except Exception as exc:  # the directory gone or unreadable: a write's own scan meets it too
+                log.warning("files tier %s: the periodic scan failed (%s)", self._root, exc)
+            finally:
+                with self._lock:
+                    self._scan_queued_by = 0
+        self._writers.submit(scan)
+
+    def _rescan_now(self, clean_temps: bool) -> None:
         began = time.monotonic()
         with self._lock:
             start_seq, self._scan_removed = self._seq, set()
@@ -630,10 +674,14 @@ class FilesTier:
             # but a directory of many small blocks fills its low-water gap fast, and scanning at every such
             # fill took a fifth of the write time (2 MiB blocks): scans keep to a share of the time instead.
             share = since >= self._scan_seconds * (1 / _SCAN_TIME_SHARE - 1)
-            if since > self._rescan_seconds or ((over or self._stale_view) and share):
-                # the periodic scan also removes what writers that died left behind (temp and parked files):
-                # cleaned at open only, they grew a long-lived process's directory past its capacity
-                self._rescan(clean_temps=since > self._rescan_seconds)
+            # the periodic scan also removes what writers that died left behind (temp and parked files):
+            # cleaned at open only, they grew a long-lived process's directory past its capacity
+            due = since > self._rescan_seconds
+            if due or ((over or self._stale_view) and share):
+                if self._scan_seconds < _INLINE_SCAN_SECONDS:
+                    self._rescan_unless_scanning(clean_temps=due)
+                elif share:  # a walk that takes long: behind this write, and within its share of the time
+                    self._scan_behind()
             victims: list[tuple[bytes, int]] = []
             with self._lock:
                 if self._used + self._reserved + incoming > self._capacity:
