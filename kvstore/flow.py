@@ -281,13 +281,12 @@ class BlockFlow:
 
     def _was_read(self, level: Level, key: bytes, dst: torch.Tensor, lossy: str | None) -> None:
         """``level`` served ``key`` into ``dst``: count the sighting, promote, maybe admit it below."""
-        served = getattr(self._scratch, "served", None)
+        promotions = getattr(self._scratch, "promotions", None)
         sightings = self.placement.sighted(key)
-        if served is None:
+        if promotions is None:
             self._promote(level, key, dst, sightings, lossy)
         else:  # a request's read: promoted once all of it is read (``fill_keys``)
-            served.add(level.index)
-            self._scratch.promotions.append((level, key, dst, sightings, lossy))
+            promotions.append((level, key, dst, sightings, lossy))
         self._admit_below(level, key, sightings)
 
     def _admit_below(self, level: Level, key: bytes, sightings: int) -> None:
@@ -321,23 +320,27 @@ class BlockFlow:
         is read there side by side, so ``dsts`` past the count returned may
         have been read into.
         """
-        # Levels that served a block of this read, and the promotions its blocks are due (``_was_read``): made
-        # once every block is read, since a promotion's eviction written back below could evict the request's
-        # next block there (write_back: lookup 64 tokens, then get 48).
-        served = self._scratch.served = set()
+        # The promotions this read's blocks are due (``_was_read``): made once every block is read, since a
+        # promotion's eviction written back below could evict the request's next block there (write_back:
+        # lookup 64 tokens, then get 48).
         promotions = self._scratch.promotions = []
         try:
             n = self._fill_keys(keys, dsts)
         finally:
-            self._scratch.served = self._scratch.promotions = None
+            self._scratch.promotions = None
         request = set(keys[:n])  # a promotion into memory evicts none of the request's blocks
         for level, key, dst, sightings, lossy in promotions:
             self._promote(level, key, dst, sightings, lossy, request)
-        if n > 1:  # read head first, the head became the least recently used: evicted first, it took the rest
-            for level in self.stack:
-                if level.slots or level.index in served:  # memory levels also took the promotions
-                    self.stack.touch_chain(level, keys[:n])
+        self.touch_read(keys[:n])
         return n
+
+    def touch_read(self, keys: Sequence[bytes]) -> None:
+        """A prompt's blocks ``keys`` (its head first) were read: every level that holds them keeps the head the
+        most recently used. Read head first, the head became the least recently used: evicted first, it took the
+        rest. Every level, not only those read: a prompt always read from host RAM went first from the disks."""
+        if len(keys) > 1:
+            for level in self.stack:
+                self.stack.touch_chain(level, keys)
 
     def _fill_keys(self, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> int:
         """``fill_keys``' reads."""

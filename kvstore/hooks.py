@@ -199,9 +199,14 @@ class EngineHooks:
             chosen = [block for block in chosen if block.end > skip]
             handle = prefetch.hand_over() if prefetch is not None else self._live(self.prefetcher.start(
                 chosen, PrefetchPolicy(WAIT), num_tokens_of(chosen)))
+
+            def sized(loaded: int, seconds: float) -> None:  # the loader's blocks are known: as a get's read
+                self._loaded(loaded, seconds)
+                end = (chosen[0].start if chosen else 0) + loaded
+                self._flow.touch_read([block.key for block in blocks if block.end <= end])  # the skipped head too
             return self._live(LayerLoader(
                 self.layout, chosen, handle, lambda block, dst: self._flow.read_block(block.key, dst), device,
-                self.config.load_lookahead_layers, on_sized=self._loaded, buffers=self.buffers, sink=sink,
+                self.config.load_lookahead_layers, on_sized=sized, buffers=self.buffers, sink=sink,
                 read_run=lambda run, dsts: self._flow.fill_keys([b.key for b in run], dsts),
                 on_hit=self._flow.pinned_hit))
         start = time.perf_counter()

@@ -569,3 +569,30 @@ def test_a_tier_bypassed_for_slow_reads_says_so(tmp_path, caplog):
         assert [r.getMessage() for r in caplog.records if "most of its last reads were slow" in r.getMessage()]
     finally:
         tier.close()
+
+
+@pytest.mark.parametrize("lower", ["lmdb", "files"])
+@pytest.mark.parametrize("read", ["get", "layer-wise load"])
+def test_a_prompt_read_from_host_ram_stays_the_most_recently_used_below(tmp_path, lower, read):
+    """Reads served by host RAM never refreshed the disks' order: the hottest prompt, read after every put, was
+    the first to go from LMDB and the files tier, and a restart lost it while prompts never read hit."""
+    layout = tiny_layout()
+    below = (dict(disk_dir=str(tmp_path / "lmdb"), disk_bytes=12 * (layout.block_bytes + HEADER_BYTES),
+                  disk_sync=False) if lower == "lmdb" else
+             dict(files_dir=str(tmp_path / "files"), files_bytes=12 * (layout.block_bytes + HEADER_BYTES),
+                  files_sync=False))
+    config = StoreConfig(model_id="m", host_bytes=8 * layout.block_bytes, **below)
+    prompts = [make_tokens(32, seed=i) for i in range(12)]  # two blocks each: the disk holds six of them
+    hot = prompts[0]
+    with KVStore(layout, config) as store:
+        for i, tokens in enumerate(prompts):
+            store.put(tokens, make_kv(layout, 32, seed=i))
+            store.flush()
+            if read == "get":
+                assert store.get(hot).shape[2] == 32
+            else:
+                with store.load(hot, layer_wise=True) as loader:
+                    assert loader.num_tokens == 32
+    with KVStore(layout, config.replace(host_bytes=0)) as store:  # a restart: only the disk is left
+        assert store.lookup(hot) == 32
+        assert store.lookup(prompts[1]) == 0  # the oldest of those never read went instead
