@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -76,9 +76,29 @@ def _close_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
+# A put of more than half the tier is written in transactions of at most this fraction of its capacity each: in one,
+# the blocks it evicted kept their pages until it committed (beside the snapshots readers hold), and the data file
+# grew to 4.7 times the capacity.
+_PARTS_PER_CAPACITY = 4
+
 # A child forked a moment ago may not have closed its inherited copy yet: a held lock is retried this long
 # (seconds) before the directory is reported in use.
 LOCK_WAIT_SECONDS = 2.0
+
+
+def _parts(payloads: list[tuple[bytes, object]], most_bytes: int) -> Iterator[list[tuple[bytes, object]]]:
+    """``payloads`` in order, in runs of at most ``most_bytes`` stored bytes (a payload larger alone)."""
+    part: list[tuple[bytes, object]] = []
+    size = 0
+    for key, payload in payloads:
+        stored = memoryview(payload).nbytes + HEADER_BYTES
+        if part and size + stored > most_bytes:
+            yield part
+            part, size = [], 0
+        part.append((key, payload))
+        size += stored
+    if part or not payloads:
+        yield part
 
 
 def lock_directory(path: Path, message: str) -> IO[str]:
@@ -277,11 +297,12 @@ class LmdbTier:
             seen.add(key)
             fitting.append((key, payload))
             self._counters.add("logical_bytes_written", block.numel() * block.element_size())
-        self._write(fitting, [])
+        for part in _parts(fitting, self._capacity // _PARTS_PER_CAPACITY if total > self._capacity // 2 else total):
+            self._write(part, [], keep=seen)
         return sum(self.contains(key) for key, _ in items)
 
-    def _write(self, payloads: list[tuple[bytes, object]], deletes: list[bytes]) -> None:
-        """One write transaction: evict, delete, store ``payloads`` not yet stored, persist stamps.
+    def _write(self, payloads: list[tuple[bytes, object]], deletes: list[bytes], keep: Collection[bytes] = ()) -> None:
+        """One write transaction: evict (none of ``keep``), delete, store ``payloads`` not yet stored, persist stamps.
 
         Victims go to ``on_evict`` (write-back to the tier below) before the
         transaction that deletes them commits: a process killed between the
@@ -294,7 +315,7 @@ class LmdbTier:
             incoming = sum(memoryview(p).nbytes + HEADER_BYTES for _, p in payloads)
             for _ in range(_MAX_WRITE_ATTEMPTS):
                 with self._lock:
-                    victims = self._pick_victims(incoming, {k for k, _ in payloads})
+                    victims = self._pick_victims(incoming, {k for k, _ in payloads}.union(keep))
                     stamps = dict(self._pending_stamps)
                     records = [(k, p, self._tick()) for k, p in payloads]
                 if self.on_evict is not None and victims:
