@@ -147,6 +147,8 @@ def _workload_requests(settings) -> int:  # noqa: ANN001 - counts requests for t
 def _cmd_model(args: argparse.Namespace) -> int:
     from kvstore.models import smollm2_gguf
 
+    if args.cache_dir is not None:
+        check_folder("--cache-dir", args.cache_dir)
     print(smollm2_gguf(args.cache_dir, fetch=not args.no_fetch))
     return 0
 
@@ -342,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConnectionError, TimeoutError, OSError) as error:
         print(f"kvstore: error: {_one_line(error)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: what ran stopped where it was, its data folders as they are
+        print("kvstore: interrupted", file=sys.stderr)
+        return 130
 
 
 def _one_line(error: BaseException) -> str:

@@ -330,11 +330,16 @@ _WAITS = frozenset({"remote_timeout_seconds", "redis_timeout_seconds", "prefetch
                     "prefetch_timeout_per_1k_tokens_seconds", "degraded_seconds"})
 
 
-def check_folder(name: str, path: str) -> None:
-    """A ``ValueError`` naming ``name`` if ``path`` is there but is not a folder (creating the folder printed
-    only "[Errno 17] File exists")."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{name}: expected a folder (or a path to create one at), got {path!r}, which is a file")
+def check_folder(name: str, path: str | os.PathLike[str]) -> None:
+    """A ``ValueError`` naming ``name`` if something that is not a folder is at ``path`` or on its way there,
+    checked before anything is made (creating the folder printed only "[Errno 17] File exists", or "[Errno
+    20] Not a directory" without the setting; a tier's bad setting left other tiers' files behind)."""
+    probe = os.path.abspath(os.fspath(path))
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{name}: expected a folder (or a path to create one at), got {os.fspath(path)!r}, where "
+                         f"{probe!r} is a file")
 
 
 _TIER_OWNED_REDIS_OPTIONS = frozenset({"socket_timeout", "socket_connect_timeout", "retry_on_timeout",
@@ -410,6 +415,9 @@ def settings_from_dict(cls: type, values: Mapping[str, Any], source: str) -> Any
     return cls(**dict(values))
 
 
+_SETTINGS_TABLES = frozenset({"kvstore", "server"})  # StoreConfig's table, ServerConfig's
+
+
 def read_settings_file(path: str | os.PathLike[str], table: str) -> dict[str, Any]:
     """Settings from a ``.toml``, ``.yaml`` or ``.yml`` file: its top level, or its ``[table]`` table alone."""
     path = Path(path)
@@ -431,7 +439,12 @@ def read_settings_file(path: str | os.PathLike[str], table: str) -> dict[str, An
         values = {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
-    if set(values) == {table} and isinstance(values[table], dict):
+    if isinstance(values.get(table), dict):
+        others = sorted(set(values) - {table} - _SETTINGS_TABLES)  # the store's and the server's: one file
+        if others:
+            raise ValueError(f"{path}: expected the [{table}] table alone (or beside "
+                             f"{' '.join(f'[{t}]' for t in sorted(_SETTINGS_TABLES - {table}))}), or settings at "
+                             f"the top level, got [{table}] beside {others}")
         values = values[table]
     return values
 

@@ -104,7 +104,8 @@ def test_codecs_refuses_no_windows_of_text_before_loading_the_model():
     assert "--windows" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("case", ["data-dir-bench", "data-dir-demo", "data-dir-serve", "url-port", "token-dir",
+@pytest.mark.parametrize("case", ["data-dir-bench", "data-dir-demo", "data-dir-serve", "data-dir-under-a-file",
+                                  "cache-dir-a-file", "url-port", "token-dir",
                                   "token-binary", "no-codecs", "huge-size", "env-not-a-setting"])
 def test_user_mistakes_name_the_flag_or_setting_without_a_traceback(tmp_path, case):
     """Each printed a bare errno ("[Errno 17] File exists"), a bare parser message ("Port out of range"), a
@@ -116,6 +117,11 @@ def test_user_mistakes_name_the_flag_or_setting_without_a_traceback(tmp_path, ca
         "data-dir-bench": (["bench", "--quick", "--data-dir", str(a_file)], "--data-dir: expected a folder", None),
         "data-dir-demo": (["demo", "--quick", "--data-dir", str(a_file)], "--data-dir: expected a folder", None),
         "data-dir-serve": (["serve", "--data-dir", str(a_file)], "data_dir: expected a folder", None),
+        # under a regular file: "[Errno 20] Not a directory", without the flag
+        "data-dir-under-a-file": (["bench", "--quick", "--data-dir", str(a_file / "sub")],
+                                  "--data-dir: expected a folder", None),
+        "cache-dir-a-file": (["model", "--no-fetch", "--cache-dir", str(a_file)], "--cache-dir: expected a folder",
+                             None),
         "url-port": (["stats", "--url", "kvstore://h:99999"], "--url: expected kvstore://host:port", None),
         "token-dir": (["stats", "--url", "kvstore://127.0.0.1:1", "--token-file", str(tmp_path)],
                       "--token-file: expected a readable UTF-8 file", None),
@@ -132,3 +138,19 @@ def test_user_mistakes_name_the_flag_or_setting_without_a_traceback(tmp_path, ca
         assert result.returncode == 0, result.stderr
     else:
         assert result.returncode == 2 and expected in result.stderr, result.stderr
+
+
+def test_ctrl_c_stops_a_command_without_a_traceback(tmp_path):
+    """SIGINT during ``kvstore bench --quick`` printed a KeyboardInterrupt traceback from deep in a tier."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore.cli", "bench", "--quick", "--data-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("kvstore bench")  # running: its first line is out
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "kvstore: interrupted" in err and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())  # its data went with it

@@ -129,12 +129,22 @@ def test_yaml_kvstore_table(tmp_path):
     assert StoreConfig.from_file(path) == _expected(tmp_path / "d")
 
 
-def test_kvstore_table_beside_other_tables_is_not_unwrapped(tmp_path):
+def test_kvstore_table_beside_other_tables_is_refused_naming_them(tmp_path):
+    """It was read as the settings 'kvstore' and 'engine', both unknown."""
     path = tmp_path / "serving.toml"
     path.write_text('[kvstore]\nhost_bytes = "1MiB"\n[engine]\nx = 1\n')
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match=r"expected the \[kvstore\] table alone \(or beside \[server\]\), or settings "
+                                         r"at the top level, got \[kvstore\] beside \['engine'\]"):
         StoreConfig.from_file(path)
-    assert "'engine'" in str(info.value) and "'kvstore'" in str(info.value)
+
+
+def test_one_file_holds_the_store_and_the_server_tables(tmp_path):
+    from kvstore.server.config import ServerConfig
+
+    path = tmp_path / "kvstore.toml"
+    path.write_text(f'[kvstore]\nhost_bytes = "1MiB"\n[server]\nmax_keys = 10\ndata_dir = "{tmp_path / "s"}"\n')
+    assert StoreConfig.from_file(path).host_bytes == 1 << 20
+    assert ServerConfig.load(path, environ={}).max_keys == 10
 
 
 @pytest.mark.parametrize(

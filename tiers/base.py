@@ -302,14 +302,3 @@ def check_one_block(layout: KVLayout, capacity_bytes: int, setting: str) -> int:
         raise ValueError(f"{setting}: expected at least one block ({full} bytes: its header and raw bytes, which "
                          f"a codec's frame of KV it cannot shrink may take), got {capacity_bytes}")
     return full
-
-
-def check_directory_path(path: str | os.PathLike[str], setting: str) -> None:
-    """``make_directory``'s ``ValueError``, before anything is made: something not a directory is at ``path``
-    or on its way (checked before any tier is opened, so a bad setting leaves no other tier's files)."""
-    probe = os.path.abspath(os.fspath(path))
-    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"{setting}: expected a directory, got {os.fspath(path)!r}: something that is not a "
-                         f"directory is there or on its path")

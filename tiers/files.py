@@ -72,13 +72,13 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import (TIER_COUNTERS, Capability, check_directory_path, check_one_block, make_directory,
+from kvstore.tiers.base import (TIER_COUNTERS, Capability, check_one_block, make_directory,
                                 tier_stats)
 from kvstore.tiers.fanout import (SUFFIX, TEMP_SUFFIX, block_key, block_path, entries_of, fanout_dirs, is_fanout,
                                   old_block_key)
 from kvstore.tiers.parked import Parked, ParkedFiles
 from kvstore.compression.registry import get_codec
-from kvstore.config import StoreConfig
+from kvstore.config import StoreConfig, check_folder
 from kvstore.tiers.spec import TierSpec
 
 log = logging.getLogger(__name__)
@@ -1166,7 +1166,7 @@ class FilesTier:
 def _check(layout: KVLayout, config: StoreConfig) -> None:
     """What opening would refuse, before any tier makes a file: a bad setting left LMDB's files behind."""
     check_one_block(layout, config.files_bytes, "files_bytes")
-    check_directory_path(config.files_dir, "files_dir")
+    check_folder("files_dir", config.files_dir)
 
 
 def _build(layout: KVLayout, config: StoreConfig) -> FilesTier:

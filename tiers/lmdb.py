@@ -38,11 +38,11 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import (TIER_COUNTERS, Capability, EvictCallback, check_directory_path, check_one_block,
+from kvstore.tiers.base import (TIER_COUNTERS, Capability, EvictCallback, check_one_block,
                                 make_directory, tier_stats)
 from kvstore.tiers.inuse import InUse
 from kvstore.compression.registry import get_codec
-from kvstore.config import StoreConfig
+from kvstore.config import StoreConfig, check_folder
 from kvstore.tiers.spec import TierSpec
 
 # A meta record: the block header, then its access stamp and the lossy form it was written in
@@ -541,7 +541,7 @@ def inspect_directory(path: str | os.PathLike[str]) -> dict[str, int]:
 def _check(layout: KVLayout, config: StoreConfig) -> None:
     """What opening would refuse, before any tier makes a file: a bad setting left LMDB's files behind."""
     check_one_block(layout, config.disk_bytes, "disk_bytes")
-    check_directory_path(config.disk_dir, "disk_dir")
+    check_folder("disk_dir", config.disk_dir)
     check_mappable(config.disk_bytes, "disk_bytes")
 
 

@@ -124,6 +124,13 @@ class ServerConfig:
                                  f"{65535 if 'port' in name else 1 << 31}], got {value!r}")
         if self.host_bytes <= 0:
             raise ValueError(f"host_bytes: expected > 0, got {self.host_bytes}")
+        # an empty host (an unset variable in a unit file) bound every interface, metrics port included
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise ValueError(f"host: expected a host name or address to listen on, got {self.host!r}")
+        for name in ("tls_cert", "tls_key", "tokens_file", "token"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name}: expected a {'token' if name == 'token' else 'file path'}, got {value!r}")
         if not isinstance(self.data_dir, str) or not self.data_dir:
             raise ValueError(f"data_dir: expected a folder, got {self.data_dir!r}")
         check_folder("data_dir", self.data_dir)

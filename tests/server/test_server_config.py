@@ -24,6 +24,13 @@ def test_server_defaults_are_loopback_and_bounded():
     (dict(loop="trio"), "loop"),
     (dict(host_bytes=0), "host_bytes"),
     (dict(durable="yes"), "durable"),
+    # an empty host (an unset variable in a unit file) bound every interface; wrong types raised TypeError
+    (dict(host=""), "host: expected a host name or address to listen on, got ''"),
+    (dict(host=5), "host: expected a host name or address to listen on, got 5"),
+    (dict(host=["a"]), "host: expected"),
+    (dict(tls_cert=5, tls_key=6), "tls_cert: expected a file path, got 5"),
+    (dict(tokens_file=5), "tokens_file: expected a file path, got 5"),
+    (dict(token=7), "token: expected a token, got 7"),
 ])
 def test_server_config_errors_name_the_setting(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -420,7 +420,7 @@ def test_a_directory_setting_naming_a_file_is_a_value_error_naming_it(tmp_path, 
     a_file.write_text("x")
     sizes = {"disk_dir": "disk_bytes", "files_dir": "files_bytes"}
     for path in (a_file, a_file / "below"):
-        with pytest.raises(ValueError, match=f"^{setting}: expected a directory"):
+        with pytest.raises(ValueError, match=f"^{setting}: expected a folder"):
             KVStore(tiny_layout(), StoreConfig(model_id="m", host_bytes=0, **{setting: str(path),
                                                                               sizes[setting]: "1MiB"}))
 
