@@ -439,14 +439,17 @@ def read_settings_file(path: str | os.PathLike[str], table: str) -> dict[str, An
         values = {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+    # One file may hold the store's and the server's settings: each in its table, or one side's at the top level
+    # beside the other's table.
+    (theirs,) = _SETTINGS_TABLES - {table}
     if isinstance(values.get(table), dict):
-        others = sorted(set(values) - {table} - _SETTINGS_TABLES)  # the store's and the server's: one file
+        others = sorted(k for k in values
+                        if k not in (table, theirs) and (theirs in values or isinstance(values[k], dict)))
         if others:
-            raise ValueError(f"{path}: expected the [{table}] table alone (or beside "
-                             f"{' '.join(f'[{t}]' for t in sorted(_SETTINGS_TABLES - {table}))}), or settings at "
-                             f"the top level, got [{table}] beside {others}")
-        values = values[table]
-    return values
+            raise ValueError(f"{path}: expected the [{table}] table alone, beside the [{theirs}] table or beside "
+                             f"top-level settings of the {theirs}, got [{table}] beside {others}")
+        return values[table]
+    return {k: v for k, v in values.items() if not (k == theirs and isinstance(v, dict))}
 
 
 def env_values(cls: type, environ: Mapping[str, str], prefix: str, reserved: frozenset[str] = frozenset(),

@@ -133,8 +133,8 @@ def test_kvstore_table_beside_other_tables_is_refused_naming_them(tmp_path):
     """It was read as the settings 'kvstore' and 'engine', both unknown."""
     path = tmp_path / "serving.toml"
     path.write_text('[kvstore]\nhost_bytes = "1MiB"\n[engine]\nx = 1\n')
-    with pytest.raises(ValueError, match=r"expected the \[kvstore\] table alone \(or beside \[server\]\), or settings "
-                                         r"at the top level, got \[kvstore\] beside \['engine'\]"):
+    with pytest.raises(ValueError, match=r"expected the \[kvstore\] table alone, beside the \[server\] table or beside "
+                                         r"top-level settings of the server, got \[kvstore\] beside \['engine'\]"):
         StoreConfig.from_file(path)
 
 
@@ -145,6 +145,13 @@ def test_one_file_holds_the_store_and_the_server_tables(tmp_path):
     path.write_text(f'[kvstore]\nhost_bytes = "1MiB"\n[server]\nmax_keys = 10\ndata_dir = "{tmp_path / "s"}"\n')
     assert StoreConfig.from_file(path).host_bytes == 1 << 20
     assert ServerConfig.load(path, environ={}).max_keys == 10
+    # the store's settings at the top level, beside the server's table
+    path.write_text(f'host_bytes = "1MiB"\n[server]\nmax_keys = 10\ndata_dir = "{tmp_path / "s"}"\n')
+    assert StoreConfig.from_file(path).host_bytes == 1 << 20
+    assert ServerConfig.load(path, environ={}).max_keys == 10
+    path.write_text('host_bytes = "1MiB"\n[kvstore]\nhost_bytes = "2MiB"\n[server]\nmax_keys = 10\n')  # whose?
+    with pytest.raises(ValueError, match=r"beside \['host_bytes'\]"):
+        StoreConfig.from_file(path)
 
 
 @pytest.mark.parametrize(

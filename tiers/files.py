@@ -57,6 +57,7 @@ import socket
 import stat
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, wait
@@ -104,6 +105,15 @@ _SCAN_TIME_SHARE = 0.1
 # A scan that took longer than this (seconds) runs on a pool thread, not in the write due it: 50,000 files took
 # 2.4 s, the write-behind queue filled meanwhile and the engine's puts waited.
 _INLINE_SCAN_SECONDS = 0.05
+_OPEN_TIERS: "weakref.WeakSet[FilesTier]" = weakref.WeakSet()  # their locks are made anew in a forked child
+
+
+def _renew_locks_in_child() -> None:
+    for tier in list(_OPEN_TIERS):
+        tier._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_renew_locks_in_child)
 # An indexed block whose file was not seen for this long is looked at again before ``contains`` says yes:
 # another process sharing the directory may have evicted it (lookup promised 256 tokens, get found none,
 # and a put deduplicated against the gone blocks, so the prompt came back one block a request).
@@ -340,6 +350,7 @@ class FilesTier:
         self._parts_per_read = min(io_threads, os.cpu_count() or 1)  # a page-cache copy takes a core per part
         self._rescan(clean_temps=True)
         self._evict_to_capacity()
+        _OPEN_TIERS.add(self)
 
     @property
     def capacity_bytes(self) -> int:
@@ -579,7 +590,9 @@ class FilesTier:
         """Re-learn the directory and merge what other processes did into this process's order.
 
         Puts, reads and evictions may run meanwhile (the walk holds no lock
-        of theirs, and the merge keeps what they did); scans run one at a time.
+        of theirs, and the merge keeps what they did: a block evicted since
+        the scan began, or being evicted as it began, is not indexed again
+        from a file the walk saw before it went); scans run one at a time.
         """
         with self._rescan_lock:
             self._rescan_now(clean_temps)
@@ -592,6 +605,16 @@ class FilesTier:
                 self._rescan_now(clean_temps)
             finally:
                 self._rescan_lock.release()
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child has none of the parent's threads: locks one of them held (a background scan holds
+        one for the whole walk) would be held for ever, and every scan of the child skipped."""
+        self._lock = threading.Lock()
+        self._scan_lock = threading.Lock()
+        self._rescan_lock = threading.Lock()
+        self._scan_queued_by = 0
+        self._scan_removed = None  # nor their writes, evictions and scans under way: nothing will end them here
+        self._writing, self._evicting, self._reserved = set(), set(), 0
 
     def _scan_behind(self) -> None:
         """The periodic scan, on a writer thread of the tier's pool rather than the write that is due it.
@@ -618,7 +641,8 @@ class FilesTier:
     def _rescan_now(self, clean_temps: bool) -> None:
         began = time.monotonic()
         with self._lock:
-            start_seq, self._scan_removed = self._seq, set()
+            # blocks being evicted as it starts count as removed during it: their files may still be there
+            start_seq, self._scan_removed = self._seq, set(self._evicting)
             self._stale_view = False  # what this scan will see; a block found gone meanwhile sets it again
         try:
             found = self._scan(clean_temps)

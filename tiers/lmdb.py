@@ -278,7 +278,8 @@ class LmdbTier:
         return self._clock
 
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
-        """Write blocks in one durable transaction, evicting LRU blocks to make room (none once closing)."""
+        """Write blocks durably, evicting LRU blocks to make room (none once closing): in one transaction, or in
+        several of a quarter of the tier each for a put of more than half of it."""
         with self._in_use.hold() as held:
             return self._put_many(items) if held else 0
 
@@ -290,8 +291,8 @@ class LmdbTier:
             payload = self.encoding.encode(block)
             total += memoryview(payload).nbytes + HEADER_BYTES
             if total > self._capacity:
-                # One transaction, whose own blocks eviction never takes: a prompt larger than the tier was
-                # committed whole (50 blocks in a tier of 3). The leading blocks are those a lookup reaches.
+                # A put whose own blocks eviction never takes: a prompt larger than the tier was committed
+                # whole (50 blocks in a tier of 3). The leading blocks are those a lookup reaches.
                 self._counters.add("rejected", len({k for k, _ in items[n:] if not self.contains(k)} - seen))
                 break
             seen.add(key)

@@ -243,7 +243,7 @@ class RemoteTier:
 
         def sink(i: int, size: int) -> list[memoryview] | None:
             out = outs[i]
-            if size > max_stored_bytes(raw[i]):  # no block of this size: read through a bounded buffer, a miss
+            if size > max_stored_bytes(raw[i]):  # no block of this size: a miss, and the call ends here
                 return None
             if self.encoding.codec is None and size == HEADER_BYTES + out.numel() * out.element_size():
                 views = payload_views(out)

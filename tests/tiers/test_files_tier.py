@@ -878,6 +878,70 @@ def test_a_periodic_scan_that_takes_long_runs_behind_the_write_due_it(open_tier,
         assert_same_kv(_read(tier, layout, key), blocks[key])
 
 
+def test_a_scan_under_way_re_indexes_no_block_an_eviction_is_removing(open_tier, disk_dir, layout, blocks,
+                                                                       monkeypatch):
+    """A background scan that began after an eviction picked its victims, but before it removed their files,
+    indexed a victim again from its file: a ghost entry, counted in the bytes used (over capacity)."""
+    tier = open_tier(4 * BLOCK, io_threads=2, rescan_seconds=1000)
+    assert tier.put_many([(key, blocks[key]) for key in (A, B, C, D)]) == 4
+    picked, go = threading.Event(), threading.Event()
+    real_unlink, real_park = files_module._unlink, files_module.ParkedFiles.park
+
+    def held_unlink(path):
+        picked.set()
+        assert go.wait(10)
+        return real_unlink(path)
+
+    def held_park(self, path, temp, size):
+        picked.set()
+        assert go.wait(10)
+        return real_park(self, path, temp, size)
+
+    monkeypatch.setattr(files_module, "_unlink", held_unlink)
+    monkeypatch.setattr(files_module.ParkedFiles, "park", held_park)
+    writer = threading.Thread(target=tier.put_many, args=([(E, blocks[E])],))
+    writer.start()
+    assert picked.wait(10)  # the victim is out of the index, its file still there
+    tier._scan_behind()  # the periodic scan, on a pool thread, runs meanwhile
+    deadline = time.monotonic() + 10
+    while tier._scan_queued_by and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.set()
+    writer.join(10)
+    assert len(_names(tier)) == 4 and tier.used_bytes() == disk_usage(disk_dir) == 4 * BLOCK
+
+
+def test_a_child_forked_during_a_background_scan_scans_for_itself(open_tier, disk_dir, layout, blocks):
+    """The scan's lock, held by the parent's pool thread at the fork, was held for ever in the child: every scan
+    of the child was skipped, and it never learned what other processes wrote."""
+    tier = open_tier(10 * BLOCK, io_threads=2, rescan_seconds=0)
+    real_scan, scanning, release = tier._scan, threading.Event(), threading.Event()
+
+    def slow_scan(clean_temps):
+        scanning.set()
+        release.wait(10)
+        return real_scan(clean_temps)
+
+    tier._scan = slow_scan
+    tier._scan_seconds, tier._last_scan = 1.0, time.monotonic() - 60
+    tier.put_many([(A, blocks[A])])  # queues the periodic scan behind it
+    assert scanning.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 if its own scan learns of B, written by another process
+        try:
+            tier._scan = real_scan
+            other = FilesTier(disk_dir, 10 * BLOCK, layout, sync=False)
+            other.put_many([(B, blocks[B])])
+            other.close()
+            tier._rescan_unless_scanning(clean_temps=True)
+            os._exit(0 if B in tier._index else 1)
+        except BaseException:
+            os._exit(2)
+    release.set()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_an_index_entry_another_process_evicted_is_not_promised(disk_dir, open_tier, layout, blocks, monkeypatch):
     """Process A indexed its blocks; B, sharing the directory with a smaller capacity, evicted them. A's
     ``contains`` trusted its index: lookup promised the blocks, get found none, and a put deduplicated
