@@ -415,7 +415,7 @@ def settings_from_dict(cls: type, values: Mapping[str, Any], source: str) -> Any
     return cls(**dict(values))
 
 
-_SETTINGS_TABLES = frozenset({"kvstore", "server"})  # StoreConfig's table, ServerConfig's
+_SIDE_BY_SIDE = {"kvstore": "server", "server": "kvstore"}  # StoreConfig's table and ServerConfig's, in one file
 
 
 def read_settings_file(path: str | os.PathLike[str], table: str) -> dict[str, Any]:
@@ -441,13 +441,14 @@ def read_settings_file(path: str | os.PathLike[str], table: str) -> dict[str, An
         raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
     # One file may hold the store's and the server's settings: each in its table, or one side's at the top level
     # beside the other's table.
-    (theirs,) = _SETTINGS_TABLES - {table}
+    theirs = _SIDE_BY_SIDE.get(table)
     if isinstance(values.get(table), dict):
-        others = sorted(k for k in values
-                        if k not in (table, theirs) and (theirs in values or isinstance(values[k], dict)))
+        others = sorted(k for k in values if k not in (table, theirs)
+                        and (theirs is None or theirs in values or isinstance(values[k], dict)))
         if others:
-            raise ValueError(f"{path}: expected the [{table}] table alone, beside the [{theirs}] table or beside "
-                             f"top-level settings of the {theirs}, got [{table}] beside {others}")
+            beside = "" if theirs is None else \
+                f", beside the [{theirs}] table or beside top-level settings of the {theirs}"
+            raise ValueError(f"{path}: expected the [{table}] table alone{beside}, got [{table}] beside {others}")
         return values[table]
     return {k: v for k, v in values.items() if not (k == theirs and isinstance(v, dict))}
 
