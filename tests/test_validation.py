@@ -115,7 +115,7 @@ def test_bad_load_arguments_are_value_errors(store, kwargs, message):
 @pytest.mark.parametrize("names, message", [
     ([5], "name: expected a str or bytes, got int"),
     ([[104, 105]], "name: expected a str or bytes, got list"),
-    ("abc", "names: expected a sequence of engine keys, got one str"),
+    ("abc", "names: expected a list or tuple of engine keys, got str 'abc'"),
 ])
 def test_engine_keys_are_str_or_bytes_only(store, names, message):
     """``bytes(5)`` is five zero bytes and ``bytes([104, 105])`` is ``b'hi'``: other names' keys."""
