@@ -144,8 +144,11 @@ def test_ctrl_c_stops_a_command_without_a_traceback(tmp_path):
     """SIGINT during ``kvstore bench --quick`` printed a KeyboardInterrupt traceback from deep in a tier."""
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-m", "kvstore.cli", "bench", "--quick", "--data-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    exe = shutil.which("kvstore") or str(Path(sys.executable).with_name("kvstore"))
+    data = tmp_path / "data"
+    proc = subprocess.Popen([exe, "bench", "--quick", "--data-dir", str(data)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,  # as a user runs it, not from the repo
+                            env={k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")})
     try:
         assert proc.stdout.readline().startswith("kvstore bench")  # running: its first line is out
         proc.send_signal(signal.SIGINT)
@@ -153,4 +156,4 @@ def test_ctrl_c_stops_a_command_without_a_traceback(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130 and "kvstore: interrupted" in err and "Traceback" not in err, err
-    assert not any(tmp_path.iterdir())  # its data went with it
+    assert not any(data.iterdir())  # its data went with it
