@@ -39,7 +39,7 @@ bad argument) reaches the caller.
 Several machines share the rules and differ in the configurations and
 faults they draw, so one bug does not hide the others. The default run is
 bounded (``max_examples=50``; 12 and 20 for the cache server and slow-read
-machines); ``KVSTORE_SLOW=1`` (CI) runs 500 examples a machine (60 and 120
+machines); ``KVSTORE_SLOW=1`` (CI) runs 300 examples a machine (60 and 120
 for those two: a server restart costs a second of CPU, a slow read up to
 0.06 s). Shrinking is off by default to keep a failing run short; set
 ``KVSTORE_SHRINK=1`` to get a minimal failing sequence.
@@ -78,7 +78,7 @@ from storefixtures import (BLOCK_BYTES, BT, LAYOUT, READS, STORED_BYTES, LazyCac
 
 SLOW = os.environ.get("KVSTORE_SLOW") == "1"
 PHASES = tuple(Phase) if os.environ.get("KVSTORE_SHRINK") == "1" else tuple(p for p in Phase if p != Phase.shrink)
-SETTINGS = settings(max_examples=500 if SLOW else 50, stateful_step_count=40 if SLOW else 25, deadline=None,
+SETTINGS = settings(max_examples=300 if SLOW else 50, stateful_step_count=40 if SLOW else 25, deadline=None,
                     database=None, phases=PHASES,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                            HealthCheck.data_too_large])
