@@ -113,8 +113,7 @@ class BlockFlow:
             if where is None or self._marked(where, key):
                 new.append((key, block, sightings))  # not stored, or held approximately in memory: store these
                 continue
-            self.counters.add("dedup_blocks")
-            self.counters.add("dedup_bytes", block.shape[2] * self.layout.token_bytes)
+            self.count_dedup(block)
             # a level that stores with a lossy codec cannot give an exact copy down: these bytes can
             self._send_down(where, key, block if where.lossy else None, sightings, newly_admitted=True)
         stored = self._land(new)
@@ -124,6 +123,11 @@ class BlockFlow:
                 self.stack.write(level, exact)
         self.counters.add("blocks_stored", stored)
         return stored
+
+    def count_dedup(self, block: torch.Tensor | PendingBlock) -> None:
+        """A block a put gave that was stored already: counted, not stored again."""
+        self.counters.add("dedup_blocks")
+        self.counters.add("dedup_bytes", block.shape[2] * self.layout.token_bytes)
 
     @staticmethod
     def _marked(level: Level, key: bytes) -> bool:

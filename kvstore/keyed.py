@@ -58,8 +58,7 @@ class KeyedBlocks:
         unique: dict[bytes, torch.Tensor] = {}
         for key, (_, block) in zip(keys, items):  # a name given again stores nothing, as one stored before
             if key in unique:
-                self._flow.counters.add("dedup_blocks")
-                self._flow.counters.add("dedup_bytes", block.shape[2] * self.layout.token_bytes)
+                self._flow.count_dedup(block)
             else:
                 unique[key] = block
         return self._flow.store_items([(key, block.detach()) for key, block in unique.items()])

@@ -164,7 +164,7 @@ class KeyChain:
         if not isinstance(model_id, str) or not model_id:
             raise ValueError(f"model_id: expected a non-empty string, got {model_id!r}")
         try:
-            model_id.encode()
+            model_name = model_id.encode()
         except UnicodeEncodeError:
             raise ValueError(f"model_id: expected a string of valid UTF-8, got {model_id!r}") from None
         if not isinstance(fingerprint, bytes):
@@ -172,7 +172,7 @@ class KeyChain:
         if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens < 1:
             raise ValueError(f"block_tokens: expected an integer >= 1, got {block_tokens!r}")
         self._new = HASHES[hash_name]
-        self._root_prefix = ROOT_TAG + _length_prefixed(model_id.encode()) + _length_prefixed(fingerprint)
+        self._root_prefix = ROOT_TAG + _length_prefixed(model_name) + _length_prefixed(fingerprint)
         self.block_tokens = block_tokens
         self.hash_name = hash_name
         self._memo = KeyMemo()

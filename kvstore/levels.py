@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import TypeVar
 import torch
 
 from kvstore.health import MIN_SLOW_SECONDS, ReadTimer, TierHealth
-from kvstore.metrics import Counters
+from kvstore.metrics import Counters, LogLimit
 from kvstore.pending import FillError, PendingBlock, as_tensor
 from kvstore.placement import TierPolicy
 from kvstore.tiers.base import Capability, Tier, declared_capabilities
@@ -59,9 +58,7 @@ class Level:
     decode_bytes_per_second: float
     counters: Counters = field(default_factory=lambda: Counters(*PER_TIER_COUNTERS))
     last_error: str | None = None
-    _suppressed: int = 0
-    _logged_at: float = -float("inf")
-    _log_lock: threading.Lock = field(default_factory=threading.Lock)
+    _failures_logged: LogLimit = field(default_factory=lambda: LogLimit(LOG_INTERVAL_SECONDS))
 
     @property
     def name(self) -> str:
@@ -106,12 +103,10 @@ class Level:
             self.health.record_write_error()
         else:
             self.health.record_error()
-        now = time.monotonic()
-        with self._log_lock:
-            if now - self._logged_at < LOG_INTERVAL_SECONDS:
-                self._suppressed += 1
-                return
-            suppressed, self._suppressed, self._logged_at = self._suppressed, 0, now
+        events = self._failures_logged.due()
+        if not events:
+            return
+        suppressed = events - 1
         log.warning("tier %s: %s failed (%s: %s); %s for now%s", self.name, operation, type(error).__name__,
                     error, "writes suspended" if write else "bypassed",
                     f" ({suppressed} more failures since the last report)" if suppressed else "")

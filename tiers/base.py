@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import threading
-import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
@@ -16,7 +14,7 @@ import torch
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.compression.stored import CORRUPT, BlockEncoding
 from kvstore.layout import KVLayout
-from kvstore.metrics import Counters
+from kvstore.metrics import Counters, LogLimit
 
 # Counters every tier reports in ``stats()``.
 TIER_COUNTERS = ("hits", "misses", "bytes_read", "bytes_written", "blocks_written",
@@ -239,7 +237,8 @@ def declared_capabilities(tier: object) -> Capability:
 
 
 class RefusalLog:
-    """Writes a tier's medium refused, logged at most once per ``interval`` seconds with the count since.
+    """Writes a tier's medium refused, logged at most once per ``interval`` seconds for each reason, with the
+    count since.
 
     Not failures: the tier answers, but keeps nothing (Redis out of memory
     under ``noeviction``, blocks larger than a cache server's frames). Only
@@ -250,20 +249,15 @@ class RefusalLog:
         self._log = logger
         self._tier = tier
         self._interval = interval
-        self._lock = threading.Lock()
-        self._logged_at = float("-inf")
-        self._unreported = 0
+        self._limits: dict[str, LogLimit] = {}  # one a reason: one reason's lines do not hide another's
 
     def refused(self, count: int, why: str) -> None:
         """``count`` blocks were refused, because ``why`` (what the operator can change, named)."""
-        now = time.monotonic()
-        with self._lock:
-            self._unreported += count
-            if now - self._logged_at < self._interval:
-                return
-            count, self._unreported, self._logged_at = self._unreported, 0, now
-        self._log.warning("%s tier: the server refused %d block%s: %s", self._tier, count, "" if count == 1 else "s",
-                          why)
+        limit = self._limits.get(why) or self._limits.setdefault(why, LogLimit(self._interval))
+        count = limit.due(count)
+        if count:
+            self._log.warning("%s tier: the server refused %d block%s: %s", self._tier, count,
+                              "" if count == 1 else "s", why)
 
 
 def tier_stats(counters: Counters, blocks: int, used_bytes: int, capacity_bytes: int) -> dict[str, int]:

@@ -105,6 +105,10 @@ _SCAN_TIME_SHARE = 0.1
 # A scan that took longer than this (seconds) runs on a pool thread, not in the write due it: 50,000 files took
 # 2.4 s, the write-behind queue filled meanwhile and the engine's puts waited.
 _INLINE_SCAN_SECONDS = 0.05
+# An indexed block whose file was not seen for this long is looked at again before ``contains`` says yes:
+# another process sharing the directory may have evicted it (lookup promised 256 tokens, get found none,
+# and a put deduplicated against the gone blocks, so the prompt came back one block a request).
+_VERIFY_SECONDS = 1.0
 _OPEN_TIERS: "weakref.WeakSet[FilesTier]" = weakref.WeakSet()  # their locks are made anew in a forked child
 
 
@@ -114,10 +118,6 @@ def _renew_locks_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_renew_locks_in_child)
-# An indexed block whose file was not seen for this long is looked at again before ``contains`` says yes:
-# another process sharing the directory may have evicted it (lookup promised 256 tokens, get found none,
-# and a put deduplicated against the gone blocks, so the prompt came back one block a request).
-_VERIFY_SECONDS = 1.0
 
 
 class _Write(NamedTuple):
