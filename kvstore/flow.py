@@ -87,6 +87,13 @@ class BlockFlow:
                 # block prompt 2.6 s of LMDB stamps instead of 0.25 s
                 self.stack.touch_chain(level, chain if chain[-1] in written else keys)
 
+    def store_kv(self, blocks: Sequence[BlockRef], kv: torch.Tensor) -> int:
+        """Store ``blocks`` whose KV is ``kv`` (its token 0 is ``blocks[0].start``, its shape checked by the
+        caller), one put; returns blocks newly stored."""
+        kv = kv.detach()  # the bytes, not an autograd graph: stored copies never require grad
+        pieces = block_slices(kv, blocks, self.layout.block_tokens)
+        return self.store_items([(b.key, piece) for b, piece in zip(blocks, pieces)])
+
     def store_items(self, items: Sequence[Item]) -> int:
         """Store blocks ``(key, [L, P, tokens, H, D])`` not stored yet, one put of a prompt's blocks (its
         head left the most recently used); returns blocks newly stored."""

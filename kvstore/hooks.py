@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from kvstore.buffers import BufferPool
 from kvstore.config import StoreConfig
 from kvstore.flow import BlockFlow
+from kvstore.gate import Gate, gated
 from kvstore.keys import BlockRef, KeyChain, Salt, Tokens
 from kvstore.layerwise import LayerLoader, LayerSaver, LayerSink
 from kvstore.layout import KVLayout
@@ -41,22 +42,18 @@ def num_tokens_of(blocks: Sequence[BlockRef]) -> int:
 class EngineHooks:
     """``plan``, ``record_prefill``, ``prefetch``, ``load`` and ``save`` over one store's keys and tiers.
 
-    ``put(tokens, kv, salt)`` and ``store_blocks(blocks, kv)`` (the blocks
-    whose KV is ``kv``) are the store's put paths; ``check_open()`` raises
-    once the store is closed.
+    ``gate`` is the store's (``kvstore/gate.py``): every hook runs inside
+    it. Nothing here refers to the store itself, so a store dropped unclosed
+    is collected (and closed) like any object.
     """
 
-    def __init__(self, layout: KVLayout, config: StoreConfig, keys: KeyChain, flow: BlockFlow,
-                 put: Callable[[Tokens, torch.Tensor, Salt], int],
-                 store_blocks: Callable[[Sequence[BlockRef], torch.Tensor], int], check_open: Callable[[], None]):
+    def __init__(self, layout: KVLayout, config: StoreConfig, keys: KeyChain, flow: BlockFlow, gate: Gate):
         self.layout = layout
         self.config = config
         self._keys = keys
         self._flow = flow
         self._stack = flow.stack
-        self._put = put
-        self._store_blocks = store_blocks
-        self._check_open = check_open
+        self._gate = gate
         self.planner = Planner(config.prefill_tokens_per_second)
         self._policy = PrefetchPolicy(config.prefetch_policy, config.prefetch_timeout_base_seconds,
                                       config.prefetch_timeout_per_1k_tokens_seconds)
@@ -77,13 +74,13 @@ class EngineHooks:
         self.prefetcher.close()
         self.buffers.clear()
 
+    @gated
     def plan(self, tokens: Tokens, salt: Salt = None) -> LoadPlan:
         """How many leading tokens of ``tokens`` to load, and from which tiers (see ``kvstore/planner.py``).
 
         Never plans a load expected to take longer than recomputing the same
         tokens at the engine's prefill throughput.
         """
-        self._check_open()
         return self._plan(self._keys.blocks(tokens, salt))
 
     def _plan(self, blocks: Sequence[BlockRef]) -> LoadPlan:
@@ -104,6 +101,7 @@ class EngineHooks:
         """Tell the planner the engine prefilled ``num_tokens`` tokens in ``seconds`` (its throughput estimate)."""
         self.planner.record_prefill(num_tokens, seconds)
 
+    @gated
     def prefetch(self, tokens: Tokens, salt: Salt = None, policy: str | None = None) -> PrefetchHandle:
         """Start bringing the stored leading blocks of ``tokens`` into the fastest tier; returns at once.
 
@@ -111,7 +109,6 @@ class EngineHooks:
         ``handle.result()`` and ``load(..., prefetch=handle)`` wait. The
         handle pins what it brought up until it is closed or consumed by ``load``.
         """
-        self._check_open()
         blocks = self._keys.blocks(tokens, salt)
         chosen = self._policy if policy is None else PrefetchPolicy(
             policy, self._policy.timeout_base_seconds, self._policy.timeout_per_1k_tokens_seconds)
@@ -139,6 +136,7 @@ class EngineHooks:
         if fastest is not None and fastest.slots:
             self._stack.unpin(fastest, key)
 
+    @gated
     def load(self, tokens: Tokens, salt: Salt = None, *, layer_wise: bool = False,
              device: torch.device | str = "cpu", prefetch: PrefetchHandle | None = None,
              plan: LoadPlan | None = None, out: torch.Tensor | None = None,
@@ -161,7 +159,6 @@ class EngineHooks:
         tokens the engine already holds; blocks that end at or before it are
         not read, and the loader's layers start at ``loader.first_token``.
         """
-        self._check_open()
         blocks = self._keys.blocks(tokens, salt)
         device = check_device(device)
         if not isinstance(layer_wise, bool):
@@ -223,6 +220,7 @@ class EngineHooks:
     def _loaded(self, num_tokens: int, seconds: float) -> None:
         self.planner.record_load(num_tokens, seconds)
 
+    @gated
     def save(self, tokens: Tokens, kv: torch.Tensor | None = None, salt: Salt = None, *,
              layer_wise: bool = False, start: int = 0) -> int | LayerSaver:
         """Store the KV the engine computed: ``put`` at once, or with ``layer_wise`` a ``LayerSaver``.
@@ -231,14 +229,20 @@ class EngineHooks:
         len(tokens))`` (``start`` on a block boundary: the blocks before it
         are already stored) and stores the blocks when the last layer arrives.
         """
-        self._check_open()
         if not layer_wise and (isinstance(start, bool) or start != 0):
             raise ValueError(f"start: expected 0 without layer_wise=True (put_from stores from a token), got {start!r}")
         if not layer_wise:
             if kv is None:
                 raise ValueError("kv: expected a tensor [L, P, len(tokens), H, D] (or layer_wise=True), got None")
-            return self._put(tokens, kv, salt)
+            blocks = self._keys.blocks(tokens, salt)
+            self.layout.check_kv(kv, num_tokens_of(blocks))
+            return self._flow.store_kv(blocks, kv)
         if kv is not None:
             raise ValueError(f"kv: expected None with layer_wise=True (layers go to save_layer), got "
                              f"{type(kv).__name__}")
-        return LayerSaver(self.layout, self._keys.blocks(tokens, salt), start, self._store_blocks, self.buffers)
+        return LayerSaver(self.layout, self._keys.blocks(tokens, salt), start, self._store_kv, self.buffers)
+
+    @gated
+    def _store_kv(self, blocks: Sequence[BlockRef], kv: torch.Tensor) -> int:
+        """A layer-wise save's blocks, when its last layer came: refused if the store closed meanwhile."""
+        return self._flow.store_kv(blocks, kv)

@@ -10,11 +10,12 @@ and can never be confused with them. ``KVStore`` owns one and delegates to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from kvstore.flow import BlockFlow
+from kvstore.gate import Gate, gated
 from kvstore.keys import KeyChain, Salt
 from kvstore.layout import KVLayout
 from kvstore.validation import check_out
@@ -25,11 +26,11 @@ EngineKey = str | bytes
 class KeyedBlocks:
     """``put_keyed``, ``lookup_keyed`` and ``get_keyed`` over one store's keys and block flow."""
 
-    def __init__(self, layout: KVLayout, keys: KeyChain, flow: BlockFlow, check_open: Callable[[], None]):
+    def __init__(self, layout: KVLayout, keys: KeyChain, flow: BlockFlow, gate: Gate):
         self.layout = layout
         self._keys = keys
         self._flow = flow
-        self._check_open = check_open
+        self._gate = gate
 
     def engine_keys(self, names: Sequence[EngineKey], salt: Salt = None) -> list[bytes]:
         """Store keys of engine-named blocks (see ``KeyChain.engine_key``)."""
@@ -41,12 +42,12 @@ class KeyedBlocks:
             raise ValueError(f"{what} {name!r}: expected a tensor [L, P, 1..{self.layout.block_tokens}, H, D], "
                              f"got {getattr(block, 'shape', type(block).__name__)}")
 
+    @gated
     def put_keyed(self, items: Sequence[tuple[EngineKey, torch.Tensor]], salt: Salt = None) -> int:
         """Store blocks named by the engine: ``(name, [L, P, tokens, H, D])`` with 1..block_tokens tokens.
 
         Every block is validated before any is stored; returns blocks newly stored.
         """
-        self._check_open()
         items = _listed(items, "items", "(name, block) pairs")
         for item in items:
             if not isinstance(item, (tuple, list)) or len(item) != 2:
@@ -63,15 +64,15 @@ class KeyedBlocks:
                 unique[key] = block
         return self._flow.store_items([(key, block.detach()) for key, block in unique.items()])
 
+    @gated
     def lookup_keyed(self, names: Sequence[EngineKey], salt: Salt = None) -> int:
         """How many leading engine-named blocks some tier holds (one round trip to a server for the rest)."""
-        self._check_open()
         return len(self._flow.stack.locate(self.engine_keys(names, salt)))
 
+    @gated
     def get_keyed(self, names: Sequence[EngineKey], outs: Sequence[torch.Tensor], salt: Salt = None) -> int:
         """Read engine-named blocks into ``outs`` (one ``[L, P, tokens, H, D]`` each) in order until one is
         missing; returns how many leading blocks were read (only those ``outs`` are valid)."""
-        self._check_open()
         names, outs = _listed(names, "names", "engine keys"), _listed(outs, "outs", "tensors")
         if len(names) != len(outs):
             raise ValueError(f"outs: expected one buffer per name ({len(names)}), got {len(outs)}")

@@ -17,20 +17,22 @@ engine.
 
 from __future__ import annotations
 
-import atexit
 import os
 import threading
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kvstore.config import StoreConfig
 from kvstore.flow import BlockFlow
+from kvstore.gate import Gate, gated
 from kvstore.hierarchy import TIER_SPECS, build_tiers
 from kvstore.hooks import EngineHooks, num_tokens_of
 from kvstore.keyed import EngineKey, KeyedBlocks
-from kvstore.keys import BlockRef, KeyChain, Salt, Tokens, block_slices
+from kvstore.keys import BlockRef, KeyChain, Salt, Tokens
 from kvstore.layerwise import LayerLoader, LayerSaver, LayerSink
 from kvstore.layout import KVLayout
 from kvstore.levels import TierStack, make_level
@@ -41,6 +43,10 @@ from kvstore.prefetch import PrefetchHandle
 from kvstore.tiers.base import Tier, check_tier, check_tier_layout
 from kvstore.tiers.spec import DEFAULT_BANDWIDTH_PRIOR
 from kvstore.validation import check_device, check_out
+
+# How long ``close`` waits for calls other threads have inside the store (a read from a remote tier is bounded by
+# its own timeouts, far below this) before it closes the tiers under them.
+CLOSE_WAIT_SECONDS = 30.0
 
 
 class KVStore:
@@ -66,8 +72,7 @@ class KVStore:
         self.layout = layout
         self.config = config
         self._keys = KeyChain(config.model_id, layout.fingerprint, layout.block_tokens, config.hash)
-        self._closed = False
-        self._close_lock = threading.Lock()
+        self._gate = Gate()
         built = list(tiers) if tiers is not None else build_tiers(layout, config)
         if not built:
             raise ValueError("tiers: expected at least one tier, got none")
@@ -86,10 +91,9 @@ class KVStore:
             self.placement = Placement([level.policy for level in levels], promote=config.promote)
             self._flow = BlockFlow(layout, config, self.stack, self.placement)
             started.append(self._flow)
-            self.hooks = EngineHooks(layout, config, self._keys, self._flow, self.put, self._store_blocks,
-                                     self._check_open)
+            self.hooks = EngineHooks(layout, config, self._keys, self._flow, self._gate)
             started.append(self.hooks)
-            self.keyed = KeyedBlocks(layout, self._keys, self._flow, self._check_open)
+            self.keyed = KeyedBlocks(layout, self._keys, self._flow, self._gate)
         except BaseException:  # a thread the OS refused, say: nothing left running, no directory left locked
             for part in reversed(started):
                 part.close()
@@ -97,14 +101,13 @@ class KVStore:
                 for tier in built:
                     tier.close()
             raise
-        # A store left open at exit is closed while the interpreter still runs: its write-behind threads,
-        # killed inside a torch call at finalization, aborted the process (and lost the queued writes).
-        self._opened_by = os.getpid()
-        atexit.register(self._close_at_exit)
+        # A store dropped unclosed is closed when it is collected, and one left open at exit while the
+        # interpreter still runs: its write-behind threads, killed inside a torch call at finalization,
+        # aborted the process (and lost the queued writes). Its parts do not refer to it.
+        self._finalizer = weakref.finalize(self, _close_dropped, os.getpid(), self._parts())
 
-    def _close_at_exit(self) -> None:
-        if os.getpid() == self._opened_by:  # a forked child has none of the threads that would flush it
-            self.close()
+    def _parts(self) -> _Parts:
+        return _Parts(self._gate, self.hooks, self._flow, self.stack)
 
     @property
     def tiers(self) -> list[Tier]:
@@ -138,6 +141,7 @@ class KVStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @gated
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every copy ``put`` queued for a lower tier has been written or has failed.
 
@@ -148,27 +152,13 @@ class KVStore:
         that every tier holds every block. False if ``timeout`` seconds ran
         out first.
         """
-        self._check_open()
         return self._flow.writes.flush(timeout)
 
     def close(self) -> None:
-        """Flush the write-behind queues, stop their workers, write back what only volatile tiers hold, close tiers."""
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-        atexit.unregister(self._close_at_exit)
-        self.hooks.close()
-        self._flow.close()
-        for level in self.stack:  # each tier closes, whatever another's close raised
-            try:
-                level.tier.close()
-            except Exception as error:
-                level.note_failure("close", error)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("KVStore is closed")
+        """Wait for calls other threads have inside, flush the write-behind queues, stop their workers, write
+        back what only volatile tiers hold, close the tiers (the host pool's memory goes back to the system)."""
+        if self._finalizer.detach() is not None:  # the first close; a second returns at once
+            self._parts().close()
 
     # -- the contract -----------------------------------------------------------
 
@@ -176,6 +166,7 @@ class KVStore:
         """The keys and token ranges of ``tokens``' blocks (full blocks, then the partial tail)."""
         return self._keys.blocks(tokens, salt)
 
+    @gated
     def put(self, tokens: Tokens, kv: torch.Tensor, salt: Salt = None) -> int:
         """Store the KV of ``tokens`` (``kv``: ``[L, P, len(tokens), H, D]``); returns blocks newly stored.
 
@@ -184,11 +175,11 @@ class KVStore:
         already stored in any tier are skipped and counted as dedup.
         Everything is validated before anything is stored.
         """
-        self._check_open()
         blocks = self._keys.blocks(tokens, salt)
         self.layout.check_kv(kv, num_tokens_of(blocks))
-        return self._store_blocks(blocks, kv)
+        return self._flow.store_kv(blocks, kv)
 
+    @gated
     def put_from(self, tokens: Tokens, fill: Fill, salt: Salt = None, *, start: int = 0) -> int:
         """Store the KV of ``tokens`` written by ``fill(block, dst)`` straight into the store's memory.
 
@@ -201,7 +192,6 @@ class KVStore:
         raises, that block is not stored and the error (``FillError``)
         reaches the caller; blocks filled before it stay stored.
         """
-        self._check_open()
         blocks = self._keys.blocks(tokens, salt)
         bounds = {0, num_tokens_of(blocks)} | {b.start for b in blocks}
         if isinstance(start, bool) or not isinstance(start, int) or start not in bounds:
@@ -217,16 +207,9 @@ class KVStore:
             self._flow.end_put([block.key for block in blocks])
         return stored
 
-    def _store_blocks(self, blocks: Sequence[BlockRef], kv: torch.Tensor) -> int:
-        """Store ``blocks`` whose KV is ``kv`` (its token 0 is ``blocks[0].start``); returns blocks newly stored."""
-        self._check_open()
-        kv = kv.detach()  # the bytes, not an autograd graph: stored copies never require grad
-        pieces = block_slices(kv, blocks, self.layout.block_tokens)
-        return self._flow.store_items([(b.key, piece) for b, piece in zip(blocks, pieces)])
-
+    @gated
     def lookup(self, tokens: Tokens, salt: Salt = None) -> int:
         """Number of leading tokens of ``tokens`` whose KV is stored in some tier (partial tail included)."""
-        self._check_open()
         if self.stack.batch:
             blocks = self._keys.blocks(tokens, salt)
             total = len(tokens)
@@ -241,13 +224,13 @@ class KVStore:
         counters.add("lookup_hit_tokens", found)
         return found
 
+    @gated
     def get(self, tokens: Tokens, salt: Salt = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """KV of the longest stored prefix of ``tokens``: a tensor ``[L, P, n, H, D]`` on ``device``.
 
         ``n`` is ``len(tokens)`` when every block is found (as ``lookup``
         promised), fewer if a block was evicted or damaged in between.
         """
-        self._check_open()
         blocks = self._keys.blocks(tokens, salt)
         device = check_device(device)
         num_tokens = num_tokens_of(blocks)
@@ -255,6 +238,7 @@ class KVStore:
         filled = self._flow.fill(blocks, out)
         return out if filled == num_tokens else out[:, :, :filled].clone()
 
+    @gated
     def get_into(self, tokens: Tokens, out: torch.Tensor, salt: Salt = None) -> int:
         """Copy the KV of ``tokens`` into ``out`` (``[L, P, len(tokens), H, D]``); returns tokens filled.
 
@@ -264,7 +248,6 @@ class KVStore:
         ``out``, without a bounce copy), and so may slices after it where
         the files tier reads a run of blocks on several threads side by side.
         """
-        self._check_open()
         blocks = self._keys.blocks(tokens, salt)
         check_out(self.layout, out, num_tokens_of(blocks))
         return self._flow.fill(blocks, out)
@@ -337,3 +320,35 @@ class KVStore:
         prefetch["pinned_blocks"] = prefetcher.pinned()
         return {"store": store, "prefetch": prefetch, "write_behind": self._flow.writes.counters.snapshot(),
                 "tiers": tiers}
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What closing a store closes, without the store: its finalizer must not refer to it."""
+
+    gate: Gate
+    hooks: EngineHooks
+    flow: BlockFlow
+    stack: TierStack
+
+    def close(self) -> None:
+        self.gate.shut(CLOSE_WAIT_SECONDS)
+        self.hooks.close()
+        self.flow.close()
+        for level in self.stack:  # each tier closes, whatever another's close raised
+            try:
+                level.tier.close()
+            except Exception as error:
+                level.note_failure("close", error)
+
+
+def _close_dropped(opened_by: int, parts: _Parts) -> None:
+    """A store collected unclosed, or open at exit: closed as by ``close()``. Not in a forked child, which has
+    none of the threads that would flush it; on a thread of its own (a collection can run on any), by another,
+    since closing joins them."""
+    if os.getpid() != opened_by:
+        return
+    if threading.current_thread().name.startswith("kvstore-"):
+        threading.Thread(target=parts.close, name="kvstore-close-dropped", daemon=True).start()
+    else:
+        parts.close()

@@ -390,10 +390,15 @@ class SlotTier:
         return tier_stats(self._counters, blocks, blocks * self.layout.block_bytes, self.capacity_bytes)
 
     def close(self) -> None:
-        """Stop faulting in and forget every block (the pool is freed with the object)."""
+        """Stop faulting in, forget every block and let the pool go: its memory goes back to the system once
+        no view of it is left (a closed store kept 8 GiB of host RAM for as long as the object lived). A put
+        after close is refused."""
         self._stop.set()
         if self._fault_thread is not None:
             self._fault_thread.join()
         with self._lock:
             self._index.clear()
-            self._free, self._fresh = list(range(self._slots - 1, -1, -1)), self._slots
+            self._free, self._fresh = [], self._slots
+            self._pool = self._pool[:0].clone()
+            self._blocks = self._blocks[:0].clone()
+            self._region = None

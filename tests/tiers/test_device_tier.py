@@ -229,13 +229,13 @@ def test_reading_miss_yields_none(layout):
         assert view is None
 
 
-def test_close_forgets(layout, blocks):
+def test_close_forgets_and_refuses_puts(layout, blocks):
     tier = cpu_tier(layout, 2)
     tier.put(A, blocks[A])
     tier.close()
     assert list(tier.keys()) == [] and tier.used_bytes() == 0
-    assert tier.put(B, blocks[B]) and tier.put(C, blocks[C])
-    assert tier.stats()["evictions"] == 0
+    assert not tier.put(B, blocks[B]) and not tier.contains(B)
+    assert tier.stats()["evictions"] == 0 and tier.stats()["rejected"] == 1
 
 
 def test_failed_put_does_not_leak_a_slot(layout, blocks):

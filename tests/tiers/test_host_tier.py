@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -184,13 +186,30 @@ def test_on_evict_sees_victim_bytes(layout, blocks):
     assert_same_kv(seen[-1][1], make_kv(layout, 3, seed=9))
 
 
-def test_close_forgets(layout, blocks):
+def test_close_forgets_and_refuses_puts(layout, blocks):
     tier = HostTier(layout, 2 * layout.block_bytes)
     tier.put(A, blocks[A])
     tier.close()
     assert list(tier.keys()) == [] and tier.used_bytes() == 0
-    assert tier.put(B, blocks[B]) and tier.put(C, blocks[C])
-    assert tier.stats()["evictions"] == 0
+    assert not tier.put(B, blocks[B]) and not tier.contains(B)
+    out = torch.empty_like(blocks[A])
+    assert not tier.get_into(A, out)
+    assert tier.stats()["evictions"] == 0 and tier.stats()["rejected"] == 1
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident set from /proc")
+def test_close_gives_the_pool_back_while_the_tier_lives(layout, blocks):
+    pool = 256 << 20
+    tier = HostTier(layout, pool)
+    assert tier.wait_warm(60)
+    warm = _rss_bytes()
+    tier.close()
+    assert warm - _rss_bytes() > pool * 3 // 4  # the object lives on; its pool does not
 
 
 # -- write-back through a KVStore ------------------------------------------------------------------------

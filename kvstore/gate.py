@@ -1,0 +1,75 @@
+"""The door of a store: calls in flight are counted, and ``close`` waits for them before the tiers go.
+
+A store closed from one thread while another was inside ``get`` closed the
+tiers under the reader: LMDB's environment, the files tier's pool, the host
+pool. The gate turns that race into an order. A call entering a closed store
+raises ``RuntimeError`` before anything is touched; a call already inside
+finishes, then the tiers close. A call that closes the store from inside one
+of its own calls (a ``fill`` callback of ``put_from``) does not wait for
+itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_log = logging.getLogger(__name__)
+
+
+class Gate:
+    """Counts the calls inside a store (``with gate:``); ``shut`` refuses new ones and waits for those inside."""
+
+    def __init__(self, what: str = "KVStore"):
+        self._what = what
+        self._cond = threading.Condition(threading.Lock())
+        self._inside = 0
+        self._mine = threading.local()  # this thread's calls inside (nested calls: put inside save)
+        self.closed = False
+
+    def check(self) -> None:
+        """Raise ``RuntimeError`` once shut."""
+        if self.closed:
+            raise RuntimeError(f"{self._what} is closed")
+
+    def __enter__(self) -> None:
+        with self._cond:
+            if self.closed:
+                raise RuntimeError(f"{self._what} is closed")
+            self._inside += 1
+        self._mine.depth = getattr(self._mine, "depth", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._mine.depth -= 1
+        with self._cond:
+            self._inside -= 1
+            if self.closed:
+                self._cond.notify_all()
+
+    def shut(self, timeout: float | None = None) -> bool:
+        """Refuse new calls and wait until the calls of other threads inside have returned (``timeout``
+        seconds at most, None: no limit); False if the gate was shut already (by another ``shut``)."""
+        own = getattr(self._mine, "depth", 0)
+        with self._cond:
+            if self.closed:
+                return False
+            self.closed = True
+            if not self._cond.wait_for(lambda: self._inside <= own, timeout):
+                _log.warning("%s: closing with %d call(s) still inside after %.0f s", self._what,
+                             self._inside - own, timeout)
+            return True
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def gated(method: _Method) -> _Method:
+    """A method of an object with a ``_gate``, run inside it (refused once the gate is shut)."""
+    @functools.wraps(method)
+    def inside(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._gate:
+            return method(self, *args, **kwargs)
+    return inside  # type: ignore[return-value]

@@ -1,0 +1,114 @@
+"""Closing a store: calls inside finish first, a dropped store is closed when collected, the host pool goes back."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+
+from conftest import assert_same_kv, make_kv, make_tokens
+from kvstore.config import StoreConfig
+from kvstore.gate import Gate
+from kvstore.store import KVStore
+
+
+def _kvstore_threads() -> list[str]:
+    return [thread.name for thread in threading.enumerate() if thread.name.startswith("kvstore-")]
+
+
+def test_gate_refuses_calls_once_shut_and_waits_for_those_inside():
+    gate = Gate("thing")
+    inside, release = threading.Event(), threading.Event()
+
+    def call():
+        with gate:
+            inside.set()
+            release.wait(10)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert inside.wait(10)
+    shutter = threading.Thread(target=gate.shut)
+    shutter.start()
+    shutter.join(0.2)
+    assert shutter.is_alive()  # the call inside has not returned: shut waits for it
+    with pytest.raises(RuntimeError, match="thing is closed"):
+        with gate:
+            pass
+    release.set()
+    shutter.join(10)
+    caller.join(10)
+    assert not shutter.is_alive() and not gate.shut()  # shut once; the second says so
+
+
+def test_close_waits_for_a_put_from_inside(layout, tmp_path):
+    store = KVStore(layout, StoreConfig(host_bytes=1 << 20, disk_dir=str(tmp_path / "disk"), disk_bytes=4 << 20,
+                                        disk_sync=False))
+    tokens, kv = make_tokens(48), make_kv(layout, 48)
+    filling, release = threading.Event(), threading.Event()
+    stored = []
+
+    def fill(block, dst):
+        filling.set()
+        release.wait(10)
+        dst.copy_(kv[:, :, block.start:block.end])
+
+    putter = threading.Thread(target=lambda: stored.append(store.put_from(tokens, fill)))
+    putter.start()
+    assert filling.wait(10)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # LMDB and the host pool stay open under the engine's fill
+    with pytest.raises(RuntimeError, match="closed"):
+        store.lookup(tokens)
+    release.set()
+    putter.join(10)
+    closer.join(10)
+    assert stored == [3] and not closer.is_alive()
+    with KVStore(layout, StoreConfig(host_bytes=0, disk_dir=str(tmp_path / "disk"), disk_bytes=4 << 20)) as again:
+        assert again.lookup(tokens) == 48  # written through before the tiers closed
+        assert_same_kv(again.get(tokens), kv)
+
+
+def test_close_from_inside_a_fill_does_not_wait_for_itself(layout):
+    store = KVStore(layout, StoreConfig(host_bytes=1 << 20))
+    tokens, kv = make_tokens(32), make_kv(layout, 32)
+
+    def fill(block, dst):
+        dst.copy_(kv[:, :, block.start:block.end])
+        store.close()
+
+    store.put_from(tokens, fill)  # returns: the fill's close did not wait for the put around it
+    with pytest.raises(RuntimeError, match="closed"):
+        store.get(tokens)
+
+
+def test_a_dropped_store_is_collected_and_closed(layout, tmp_path):
+    before = _kvstore_threads()
+    store = KVStore(layout, StoreConfig(host_bytes=1 << 20, disk_dir=str(tmp_path / "disk"), disk_bytes=4 << 20,
+                                        disk_sync=False, write_policy="write_back"))
+    tokens, kv = make_tokens(40), make_kv(layout, 40)
+    store.put(tokens, kv)
+    store.prefetch(tokens)  # a handle dropped with it
+    gone = weakref.ref(store)
+    del store
+    gc.collect()
+    assert gone() is None
+    assert _kvstore_threads() == before  # its prefetch workers stopped
+    # closing wrote back what only host RAM held, and let go of the LMDB directory
+    with KVStore(layout, StoreConfig(host_bytes=0, disk_dir=str(tmp_path / "disk"), disk_bytes=4 << 20)) as again:
+        assert again.lookup(tokens) == 40
+        assert_same_kv(again.get(tokens), kv)
+
+
+def test_closed_store_still_referenced_holds_no_host_pool(layout):
+    store = KVStore(layout, StoreConfig(host_bytes=64 << 20))
+    store.put(make_tokens(16), make_kv(layout, 16))
+    host = store.host
+    store.close()
+    assert host.used_bytes() == 0
+    assert not host.put(b"k" * 32, torch.zeros(layout.block_shape, dtype=layout.dtype))
