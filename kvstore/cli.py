@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shlex
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 
@@ -184,10 +185,15 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as error:
             raise ValueError(f"--token-file: expected a readable UTF-8 file holding the token, got "
                              f"{args.token_file!r} ({_one_line(error)})") from None
+    if args.tls_ca_file is not None and not os.path.isfile(args.tls_ca_file):
+        raise ValueError(f"--tls-ca-file: expected a PEM file of CA certificates, got {args.tls_ca_file!r}")
     try:
-        conn = Connection(args.url, token, args.timeout)
+        conn = Connection(args.url, token, args.timeout, tls_ca_file=args.tls_ca_file)
     except ServerError:  # it answered (a refused token...): its own message says what is wrong
         raise
+    except ssl.SSLCertVerificationError as exc:
+        raise OSError(f"the cache server at {args.url} has a certificate this machine does not trust "
+                      f"({exc.verify_message}): give its CA with --tls-ca-file") from None
     except (ConnectionError, TimeoutError, OSError) as exc:
         raise OSError(f"cannot reach the cache server at {args.url}: {_one_line(exc)} (is kvstore serve "
                       f"running there? --url names another)") from None
@@ -273,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read the token from this file when --token is not given (default ./kvstore-server/token)")
     stats.add_argument("--timeout", type=float, default=5.0, help="seconds per socket operation (default 5)")
     stats.add_argument("--json", action="store_true", help="print the raw figures as JSON")
+    stats.add_argument("--tls-ca-file", help="PEM file of the CA that signed a kvstores:// server's certificate "
+                                             "(default: the system's)")
     stats.set_defaults(run=_cmd_stats)
 
     info = commands.add_parser("info", help="show the configuration and what each persistent tier holds (read-only; "

@@ -9,7 +9,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -304,7 +304,10 @@ class StoreConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> "StoreConfig":
         """Load a ``.toml``, ``.yaml`` or ``.yml`` file (top level, or a ``[kvstore]`` table)."""
-        return cls.from_dict(read_settings_file(path, "kvstore"), source=str(path))
+        from kvstore.server.config import ServerConfig  # here: the server's settings import these
+
+        server_fields = {field.name for field in dataclasses.fields(ServerConfig)}
+        return cls.from_dict(read_settings_file(path, "kvstore", server_fields), source=str(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None,
@@ -418,8 +421,13 @@ def settings_from_dict(cls: type, values: Mapping[str, Any], source: str) -> Any
 _SIDE_BY_SIDE = {"kvstore": "server", "server": "kvstore"}  # StoreConfig's table and ServerConfig's, in one file
 
 
-def read_settings_file(path: str | os.PathLike[str], table: str) -> dict[str, Any]:
-    """Settings from a ``.toml``, ``.yaml`` or ``.yml`` file: its top level, or its ``[table]`` table alone."""
+def read_settings_file(path: str | os.PathLike[str], table: str,
+                       their_fields: Collection[str] | None = None) -> dict[str, Any]:
+    """Settings from a ``.toml``, ``.yaml`` or ``.yml`` file: its top level, or its ``[table]`` table alone.
+
+    ``their_fields``: the settings of the other side of ``_SIDE_BY_SIDE``,
+    which top-level settings beside ``[table]`` must be (a server's ``port``
+    written there was silently the store's, and ignored)."""
     path = Path(path)
     loader = _FILE_LOADERS.get(path.suffix.lower())
     if loader is None:
@@ -449,6 +457,11 @@ def read_settings_file(path: str | os.PathLike[str], table: str) -> dict[str, An
             beside = "" if theirs is None else \
                 f", beside the [{theirs}] table or beside top-level settings of the {theirs}"
             raise ValueError(f"{path}: expected the [{table}] table alone{beside}, got [{table}] beside {others}")
+        strays = sorted(k for k in values if k not in (table, theirs) and their_fields is not None
+                        and k not in their_fields)
+        if strays:
+            raise ValueError(f"{path}: top-level settings beside the [{table}] table are the {theirs}'s; "
+                             f"{strays} are none of the {theirs}'s settings (expected them in [{table}])")
         return values[table]
     return {k: v for k, v in values.items() if not (k == theirs and isinstance(v, dict))}
 

@@ -137,6 +137,7 @@ class BlockRef(NamedTuple):
 
     @property
     def num_tokens(self) -> int:
+        """Tokens the block covers (``end - start``): ``block_tokens``, or fewer for a prompt's tail."""
         return self.end - self.start
 
 

@@ -16,7 +16,6 @@ How long the engine waits when it asks is the handle's policy:
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -31,6 +30,7 @@ from kvstore.background import start_threads
 from kvstore.config import PREFETCH_POLICIES
 from kvstore.keys import BlockRef
 from kvstore.metrics import Counters
+from kvstore.validation import check_timeout
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ _STOP = object()
 ORPHAN_SWEEP_SECONDS = 0.5
 # How often a wait that may be stopped (``PrefetchHandle.result``) looks at its stop condition.
 STOP_POLL_SECONDS = 0.05
-_FOREVER_SECONDS = 10 * 365 * 86400.0  # ten years: past it, a wait is a wait until done
 
 
 @dataclass(frozen=True)
@@ -306,12 +305,7 @@ class PrefetchHandle:
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait up to ``timeout`` seconds (None: until done); returns leading tokens ready in the fastest tier."""
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or math.isnan(timeout)):
-            raise ValueError(f"timeout: expected seconds (a number) or None, got {timeout!r}")
-        if timeout is not None and timeout > _FOREVER_SECONDS:
-            timeout = None  # longer than any wait a clock can time (Event.wait overflows): until done
-        return self._wait(timeout)
+        return self._wait(check_timeout(timeout))
 
     def _wait(self, timeout: float | None, stop: Callable[[], bool] | None = None) -> int:
         """``wait``; with ``stop``, in slices of ``STOP_POLL_SECONDS``, returning as soon as ``stop()`` is true."""
@@ -375,6 +369,7 @@ class PrefetchHandle:
 
     @property
     def closed(self) -> bool:
+        """True once closed or cancelled (its pins released) or handed over to a load: no load may take it."""
         return self._handed_over or self._state.closed
 
     def __enter__(self) -> "PrefetchHandle":

@@ -42,7 +42,7 @@ from kvstore.planner import LoadPlan
 from kvstore.prefetch import PrefetchHandle
 from kvstore.tiers.base import Tier, check_tier, check_tier_layout
 from kvstore.tiers.spec import DEFAULT_BANDWIDTH_PRIOR
-from kvstore.validation import check_device, check_out
+from kvstore.validation import check_device, check_out, check_timeout
 
 # How long ``close`` waits for calls other threads have inside the store (a read from a remote tier is bounded by
 # its own timeouts, far below this) before it closes the tiers under them.
@@ -152,7 +152,7 @@ class KVStore:
         that every tier holds every block. False if ``timeout`` seconds ran
         out first.
         """
-        return self._flow.writes.flush(timeout)
+        return self._flow.writes.flush(check_timeout(timeout))
 
     def close(self) -> None:
         """Wait for calls other threads have inside, flush the write-behind queues, stop their workers, write

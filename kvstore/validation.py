@@ -7,11 +7,25 @@ so no tier is ever blamed (and bypassed) for it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 
 from kvstore.layout import KVLayout
+
+_FOREVER_SECONDS = 10 * 365 * 86400.0  # ten years: past it, a wait is a wait until done
+
+
+def check_timeout(timeout: object, name: str = "timeout") -> float | None:
+    """A wait's ``timeout`` in seconds: None (or longer than ten years: ``Condition.wait`` overflows) waits until
+    done; a bool, a non-number or NaN is a ``ValueError`` (a string waited for ever, or raised a ``TypeError``
+    only when there was something to wait for)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout):
+        raise ValueError(f"{name}: expected seconds (a number) or None, got {timeout!r}")
+    return None if timeout > _FOREVER_SECONDS else float(timeout)
 
 
 def check_device(device: object) -> torch.device:

@@ -154,6 +154,22 @@ def test_one_file_holds_the_store_and_the_server_tables(tmp_path):
         StoreConfig.from_file(path)
 
 
+def test_a_server_setting_above_the_server_table_is_refused_not_ignored(tmp_path):
+    """Top-level settings beside ``[server]`` are the store's: the server's ``port`` there was silently dropped."""
+    from kvstore.server.config import ServerConfig
+
+    path = tmp_path / "kvstore.toml"
+    path.write_text('port = 9999\nhost_bytes = "5MiB"\n[server]\nmax_keys = 16\n')
+    with pytest.raises(ValueError, match=r"top-level settings beside the \[server\] table are the kvstore's; "
+                                         r"\['port'\] are none of the kvstore's settings \(expected them in \[server\]\)"):
+        ServerConfig.load(path, environ={})
+    path.write_text('port = 1\nbogus = 2\n[kvstore]\nhost_bytes = "1MiB"\n')  # and the other way round
+    with pytest.raises(ValueError, match=r"\['bogus'\] are none of the server's settings"):
+        StoreConfig.from_file(path)
+    path.write_text('port = 1\n[kvstore]\nhost_bytes = "1MiB"\n')
+    assert StoreConfig.from_file(path).host_bytes == 1 << 20
+
+
 @pytest.mark.parametrize(
     "suffix, content",
     [

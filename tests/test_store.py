@@ -410,6 +410,16 @@ def test_bad_put_rejected_and_store_unchanged(make_store, kv_for, case, mode):
             assert str(again.value) == str(info.value)
 
 
+@pytest.mark.parametrize("timeout", ["x", True, float("nan"), [1]])
+def test_flush_timeout_must_be_seconds_or_none(make_store, kv_for, timeout):
+    """``flush(timeout="x")`` returned True on an idle store and raised ``TypeError`` on a busy one."""
+    store = make_store("both")
+    store.put(make_tokens(16), kv_for(16))
+    with pytest.raises(ValueError, match=r"timeout: expected seconds \(a number\) or None, got "):
+        store.flush(timeout)
+    assert store.flush(float("inf")) and store.flush(None)  # ten years and more: until done
+
+
 @pytest.mark.parametrize("salt", [1, 2.0, ["a"]])
 def test_bad_salt(make_store, kv_for, salt):
     store = make_store("host")

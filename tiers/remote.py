@@ -61,8 +61,8 @@ class _BackingOff(ConnectionError):
 
 
 _REFUSALS = {  # why the server kept no copy of a block, as the operator can change it
-    PutResult.REJECTED: "larger than a frame (its --max-frame-bytes), or past this token's quota or the server's "
-                        "capacity (see its stats)",
+    PutResult.REJECTED: "larger than a frame (its --max-frame-bytes), past this token's quota or the server's "
+                        "capacity, or the server's disk refusing writes (see its stats: disk_failing)",
     PutResult.INVALID: "its header did not match its key or bytes (a server of another protocol version?)",
 }
 

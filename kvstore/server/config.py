@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvstore.config import check_folder, env_values, read_settings_file, refuse_unknown_settings, settings_from_dict
+from kvstore.config import MAX_WAIT_SECONDS, StoreConfig, check_folder, env_values, read_settings_file, refuse_unknown_settings, settings_from_dict
 from kvstore.protocol import MAX_HELLO_BYTES
 from kvstore.sizes import parse_size
 
@@ -154,8 +155,9 @@ class ServerConfig:
                              f"got host {self.host!r}")
         for name in ("shutdown_grace_seconds", "hello_timeout_seconds", "request_timeout_seconds"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_WAIT_SECONDS:
+                raise ValueError(f"{name}: expected a number > 0 and <= {MAX_WAIT_SECONDS:.0f} (seconds), "
+                                 f"got {value!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "server config") -> "ServerConfig":
@@ -169,7 +171,8 @@ class ServerConfig:
         overridden by ``KVSTORE_SERVER_*`` variables, overridden by ``overrides`` (the flags given)."""
         environ = os.environ if environ is None else environ
         path = path if path is not None else environ.get(ENV_PREFIX + "CONFIG")
-        values = dict(read_settings_file(path, "server")) if path else {}
+        store_fields = {field.name for field in dataclasses.fields(StoreConfig)}
+        values = dict(read_settings_file(path, "server", store_fields)) if path else {}
         values.update(env_values(cls, environ, ENV_PREFIX, frozenset({ENV_PREFIX + "CONFIG"})))
         values.update(overrides)  # flags given (a None is "none" given: e.g. --metrics-port none turns metrics off)
         return settings_from_dict(cls, values, f"{path or 'defaults'} + KVSTORE_SERVER_* + flags")

@@ -402,6 +402,20 @@ def test_plain_tcp_and_unverified_clients_fail_cleanly_against_a_tls_server(tls_
     conn.close()
 
 
+def test_stats_command_reaches_a_tls_server_given_its_ca(tls_server, capsys):
+    """``kvstore stats`` had no way to name a private CA: every TLS server of one said 'is kvstore serve running?'."""
+    from kvstore.cli import main
+
+    assert main(["stats", "--url", tls_server.url, "--token", TOKEN, "--timeout", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "has a certificate this machine does not trust" in err and "--tls-ca-file" in err
+    assert "Traceback" not in err
+    assert main(["stats", "--url", tls_server.url, "--token", TOKEN, "--tls-ca-file", tls_server.ca]) == 0
+    assert f"namespace {DEFAULT_NAMESPACE}" in capsys.readouterr().out
+    assert main(["stats", "--url", tls_server.url, "--token", TOKEN, "--tls-ca-file", "/nonexistent.pem"]) == 2
+    assert "--tls-ca-file: expected a PEM file" in capsys.readouterr().err
+
+
 # -- the Authenticator and tenant loading, without a server ----------------------------------------------------------------
 
 def _tenants() -> list[Tenant]:

@@ -31,6 +31,10 @@ def test_server_defaults_are_loopback_and_bounded():
     (dict(tls_cert=5, tls_key=6), "tls_cert: expected a file path, got 5"),
     (dict(tokens_file=5), "tokens_file: expected a file path, got 5"),
     (dict(token=7), "token: expected a token, got 7"),
+    # read from a TOML file: infinity overflowed the server's waits; the flags refused it already
+    (dict(shutdown_grace_seconds=float("inf")), r"shutdown_grace_seconds: expected a number > 0 and <= 86400"),
+    (dict(request_timeout_seconds=1e300), r"request_timeout_seconds: expected a number > 0 and <= 86400"),
+    (dict(hello_timeout_seconds=float("nan")), r"hello_timeout_seconds: expected"),
 ])
 def test_server_config_errors_name_the_setting(changes, message):
     with pytest.raises(ValueError, match=message):
