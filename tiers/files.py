@@ -887,10 +887,13 @@ class FilesTier:
                 with contextlib.suppress(OSError):
                     _unlink(spare.path)  # a regular file that would not open: its bytes are released with it
             else:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
+                opened = os.fstat(fd)
+                if stat.S_ISREG(opened.st_mode) and opened.st_nlink == 1:  # linked since it was parked: not ours
                     self._counters.add("recycled")
                     return spare.path, fd, direct
                 os.close(fd)
+                with contextlib.suppress(OSError):
+                    _unlink(spare.path)  # the name goes; the other names keep their bytes
         temp = self._temp_path(key)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:

@@ -39,8 +39,11 @@ class ParkedFiles:
         """Rename block file ``path`` (``size`` bytes) to ``temp``; False if it is gone or cannot be renamed
         (the caller then unlinks it as before)."""
         try:
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                return False  # something else squats there now: never moved, never overwritten
+            found = os.lstat(path)
+            if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
+                # something else squats there now, or the file is also another name's (a hard-linked snapshot
+                # of the directory, a backup): never moved, never overwritten
+                return False
             os.rename(path, temp)
         except OSError:
             return False

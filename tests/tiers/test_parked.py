@@ -268,3 +268,23 @@ def test_a_block_found_while_its_eviction_moves_it_away_is_not_indexed_again(ope
     writer.join(10)
     assert sorted(tier.keys()) == [key_of(1), key_of(2), key_of(9)]
     assert sum(files_under(disk_dir).values()) == tier.used_bytes() == 3 * BLOCK
+
+
+def test_a_hard_linked_block_file_is_never_overwritten_in_place(open_tier, disk_dir, layout, tmp_path):
+    """A ``cp -al`` snapshot of the directory (or any other name for a block file) shares its inodes: eviction
+    that recycled them wrote other blocks into the snapshot."""
+    tier = open_tier()
+    for i in range(20):
+        assert tier.put_many([(key_of(i), make_kv(layout, 16, seed=i))]) == 1
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    linked = {}
+    for path in files_under(disk_dir):
+        linked[path] = snapshot / f"{len(linked)}.kvb"
+        os.link(path, linked[path])
+    before = {path: link.read_bytes() for path, link in linked.items()}
+    assert tier.put_many([(key_of(i), make_kv(layout, 16, seed=i)) for i in range(20, 32)]) == 12
+    assert tier.stats()["evictions"] >= 12
+    assert {path: link.read_bytes() for path, link in linked.items()} == before
+    for i in range(32 - len(list(tier.keys())), 32):  # the tier itself is as exact as ever
+        assert_same_kv(read(tier, layout, key_of(i)), make_kv(layout, 16, seed=i))
