@@ -86,8 +86,10 @@ class StoreConfig:
     - ``disk_admit_after`` / ``files_admit_after``: sightings (puts and read
       hits) a block needs before it is written to that tier (1 = at once).
     - ``write_queue_blocks``: bound of each lower tier's background write
-      queue (queued blocks stay pinned in the fastest tier, so the bound is
-      also capped at half its slots shared among the lower tiers);
+      queue (queued blocks stay pinned in the fastest tier, and so do a
+      worker's batch taken out of it, so the bound is also capped at a
+      quarter of its slots shared among the lower tiers: 16 host slots and
+      one lower tier queue at most 4 blocks);
       ``queue_full``: ``block`` the caller or ``drop`` the lower copy.
     - ``promote``: copy a block found in a lower tier up into the faster ones.
     - ``slow_factor`` / ``degraded_seconds``: a tier that errors, or whose

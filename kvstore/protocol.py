@@ -72,7 +72,7 @@ class PutResult(enum.IntEnum):
 
     STORED = 0
     PRESENT = 1  # already stored: skipped
-    REJECTED = 2  # larger than the namespace's quota or the server's capacity
+    REJECTED = 2  # larger than a frame, past the quota or the server's capacity, or its disk refusing writes
     INVALID = 3  # its integrity header does not match its key or bytes
 
 

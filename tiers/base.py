@@ -257,10 +257,11 @@ class RefusalLog:
     counted, such a tier read ``healthy`` while it stored nothing.
     """
 
-    def __init__(self, logger: logging.Logger, tier: str, interval: float = 10.0):
+    def __init__(self, logger: logging.Logger, tier: str, interval: float = 10.0, medium: str = "the server"):
         self._log = logger
         self._tier = tier
         self._interval = interval
+        self._medium = medium  # who refused: "the server", "its directory"
         self._limits: dict[str, LogLimit] = {}  # one a reason: one reason's lines do not hide another's
 
     def refused(self, count: int, why: str) -> None:
@@ -268,7 +269,7 @@ class RefusalLog:
         limit = self._limits.get(why) or self._limits.setdefault(why, LogLimit(self._interval))
         count = limit.due(count)
         if count:
-            self._log.warning("%s tier: the server refused %d block%s: %s", self._tier, count,
+            self._log.warning("%s tier: %s refused %d block%s: %s", self._tier, self._medium, count,
                               "" if count == 1 else "s", why)
 
 

@@ -72,8 +72,8 @@ from kvstore.buffers import payload_views
 from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE, BlockEncoding
 from kvstore.layout import KVLayout
-from kvstore.metrics import Counters
-from kvstore.tiers.base import (TIER_COUNTERS, Capability, check_one_block, make_directory,
+from kvstore.metrics import Counters, LogLimit
+from kvstore.tiers.base import (TIER_COUNTERS, Capability, RefusalLog, check_one_block, make_directory,
                                 tier_stats)
 from kvstore.tiers.fanout import (SUFFIX, TEMP_SUFFIX, block_key, block_path, entries_of, fanout_dirs, is_fanout,
                                   old_block_key)
@@ -345,6 +345,9 @@ class FilesTier:
         self._scan_seconds = 0.0  # how long it took
         self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale", "temp_removed",
                                   "o_direct_fallbacks", "recycled", "moved_up")
+        self._refusals = RefusalLog(log, "files", medium="its directory")
+        self._stuck: set[bytes] = set()  # block files eviction could not remove (another owner's): tried again
+        self._stuck_log = LogLimit(10.0)  # after the next full scan, never victims before it
         self._writers = IOPool(io_threads, "kvstore-files-write")
         self._readers = IOPool(io_threads, "kvstore-files-read")  # reads never wait behind a batch of writes
         self._parts_per_read = min(io_threads, os.cpu_count() or 1)  # a page-cache copy takes a core per part
@@ -408,7 +411,7 @@ class FilesTier:
         bytes are stored; returns their (key, size), for the caller to unlink or park."""
         victims = []
         while self._used > limit:
-            key = next((key for key in self._index if key not in keep), None)  # ``keep`` is the newest
+            key = next((key for key in self._index if key not in keep and key not in self._stuck), None)
             if key is None:
                 break
             entry = self._index[key]
@@ -416,6 +419,49 @@ class FilesTier:
             self._forget(key)
             self._evicting.add(key)
         return victims
+
+    def _evict_for(self, incoming: int, parked: ParkedFiles, later: int, keep: Collection[bytes]) -> bool:
+        """``_make_room``'s eviction, under the scan lock: victims parked (as many as may stay) or unlinked;
+        True if one of them could not be removed (another round is due)."""
+        victims: list[tuple[bytes, int]] = []
+        with self._lock:
+            if self._used + self._reserved + incoming > self._capacity:
+                victims = self._pop_lru(max(self._low_water, self._capacity - later) - self._reserved - incoming,
+                                        keep)
+            room = self._capacity - self._used - self._reserved  # bytes that may stay parked (one: this write)
+        stuck = 0
+        try:
+            for key, size in victims:
+                path = self._path(key)
+                if size <= room and parked.park(path, self._temp_path(key), size):
+                    room -= size
+                    with self._lock:  # reserved at once: an unlink failing below leaves the books right
+                        self._reserved += size
+                    continue
+                try:
+                    if not _unlink(path):  # another process evicted it: what else does this view miss?
+                        self._stale_view = True
+                except OSError as exc:
+                    if exc.errno not in _STAMP_REFUSED:
+                        raise
+                    self._unremovable(key, size, exc)
+                    stuck += 1
+        finally:
+            self._evicted(victims)
+        self._counters.add("evictions", len(victims) - stuck)
+        return stuck > 0
+
+    def _unremovable(self, key: bytes, size: int, exc: OSError) -> None:
+        """Victim ``key``'s file (``size`` bytes) could not be removed (a read-only or another user's fan-out
+        directory): it stays indexed, counted in the bytes used, and no victim until the next full scan. Its
+        error escaped the eviction, and every later write of the tier failed the same way."""
+        with self._lock:
+            self._stuck.add(key)
+            self._remember(key, size, 0)
+        count = self._stuck_log.due()
+        if count:
+            log.warning("files_dir %s: %d block file%s could not be evicted (%s); kept and counted, the next "
+                        "oldest evicted instead", self._root, count, "" if count == 1 else "s", exc)
 
     def _evicted(self, victims: list[tuple[bytes, int]]) -> None:
         """``_pop_lru``'s victims are parked or unlinked: their paths may be indexed again (new writes)."""
@@ -436,14 +482,14 @@ class FilesTier:
             victims = self._pop_lru(self._capacity)
         removed = 0
         try:
-            for key, _ in victims:
+            for key, size in victims:
                 try:
                     _unlink(self._path(key))
-                except OSError as exc:  # a fan-out directory of another owner: left there, found again if read
+                except OSError as exc:  # a fan-out directory of another owner
                     if exc.errno not in _STAMP_REFUSED:
                         raise
-                    log.warning("files_dir %s: cannot remove block files over files_bytes (%s)", self._root, exc)
-                    break
+                    self._unremovable(key, size, exc)
+                    continue
                 removed += 1
         finally:
             self._evicted(victims)
@@ -638,12 +684,19 @@ class FilesTier:
                     self._scan_queued_by = 0
         self._writers.submit(scan)
 
+    def _age(self, size: int, mtime_ns: int) -> int:
+        """Where a file found by a scan goes in the eviction order: by its mtime, but a file larger than the
+        whole tier (junk at a block's name, a sparse 1 TiB file) first of all: by its mtime, every block of
+        the tier was evicted before it."""
+        return mtime_ns if size <= self._capacity else -1
+
     def _rescan_now(self, clean_temps: bool) -> None:
         began = time.monotonic()
         with self._lock:
             # blocks being evicted as it starts count as removed during it: their files may still be there
             start_seq, self._scan_removed = self._seq, set(self._evicting)
             self._stale_view = False  # what this scan will see; a block found gone meanwhile sets it again
+            self._stuck.clear()  # files eviction could not remove: tried again (their owner may have fixed it)
         try:
             found = self._scan(clean_temps)
         except BaseException:
@@ -660,9 +713,9 @@ class FilesTier:
                 elif seen is not None and seen[1] == entry.mtime_ns:
                     anchored.append((entry.mtime_ns, key, entry._replace(size=seen[0])))
                 elif seen is not None:  # touched by another process
-                    floating.append((seen[1], key, _Entry(seen[0], seen[1], 0)))
+                    floating.append((self._age(*seen), key, _Entry(seen[0], seen[1], 0)))
             # a file being written here is counted as reserved until its write is settled, and indexed then
-            floating += [(m, k, _Entry(s, m, 0)) for k, (s, m) in found.items()
+            floating += [(self._age(s, m), k, _Entry(s, m, 0)) for k, (s, m) in found.items()
                          if k not in removed and k not in self._writing]
             floating.sort(key=lambda item: item[:2])
             merged = heapq.merge(anchored, floating, key=lambda item: item[0])  # stable: anchored first on ties
@@ -706,24 +759,8 @@ class FilesTier:
                     self._rescan_unless_scanning(clean_temps=due)
                 elif share:  # a walk that takes long: behind this write, and within its share of the time
                     self._scan_behind()
-            victims: list[tuple[bytes, int]] = []
-            with self._lock:
-                if self._used + self._reserved + incoming > self._capacity:
-                    victims = self._pop_lru(max(self._low_water, self._capacity - later) - self._reserved - incoming,
-                                            keep)
-                room = self._capacity - self._used - self._reserved  # bytes that may stay parked (one: this write)
-            try:
-                for key, size in victims:
-                    path = self._path(key)
-                    if size <= room and parked.park(path, self._temp_path(key), size):
-                        room -= size
-                        with self._lock:  # reserved at once: an unlink failing below leaves the books right
-                            self._reserved += size
-                    elif not _unlink(path):  # another process evicted it: what else does this view miss?
-                        self._stale_view = True
-            finally:
-                self._evicted(victims)
-            self._counters.add("evictions", len(victims))
+            while self._evict_for(incoming, parked, later, keep):
+                pass  # a victim could not be removed (it is counted still): the next oldest in its place
             spare = parked.take(incoming)
             if spare is None:
                 with self._lock:
@@ -830,7 +867,9 @@ class FilesTier:
             try:
                 mtime_ns = write.future.result()
             except (IsADirectoryError, NotADirectoryError):  # a directory squats on the block's path, or a
-                self._counters.add("rejected")                  # file on a fan-out directory's: not ours
+                self._counters.add("rejected")                  # file or a symlink on a fan-out directory's
+                self._refusals.refused(1, "a directory, a symlink or a file stands where a block or its fan-out "
+                                          "directory goes (the tier writes through nothing it did not make)")
             except Exception as exc:  # the tier's own failure (a full disk): raised once all are settled
                 error = error or exc
             with self._lock:
@@ -895,6 +934,9 @@ class FilesTier:
                 with contextlib.suppress(OSError):
                     _unlink(spare.path)  # the name goes; the other names keep their bytes
         temp = self._temp_path(key)
+        if os.path.islink(os.path.dirname(temp)):  # the scans never follow it: its blocks would go uncounted
+            raise NotADirectoryError(errno.ENOTDIR, "a symlink stands for a fan-out directory; the files tier "
+                                     "writes no block through one", os.path.dirname(temp))
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             fd, direct = self._open(temp, flags)

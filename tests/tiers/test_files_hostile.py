@@ -333,6 +333,26 @@ def test_delete_and_eviction_never_remove_a_directory_or_follow_a_symlink(open_t
     assert tier.delete(E) is True and not os.path.exists(block_path(disk_dir, E))
 
 
+def test_no_block_is_written_through_a_symlinked_fanout_directory(open_tier, disk_dir, layout, blocks, tmp_path,
+                                                                  caplog):
+    """Writes went through a fan-out directory that is a symlink (``ab -> /disk2/ab``) while the scans skipped
+    it: after each rescan its blocks were uncounted, and the directory grew to 6x files_bytes."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.makedirs(disk_dir, exist_ok=True)
+    for key in (A, B):
+        os.symlink(str(elsewhere), os.path.dirname(block_path(disk_dir, key)))
+    tier = open_tier(3 * BLOCK)
+    with caplog.at_level("WARNING", logger="kvstore.tiers.files"):
+        assert tier.put_many([(A, blocks[A]), (B, blocks[B]), (C, blocks[C])]) == 1
+    assert list(elsewhere.iterdir()) == []  # nothing written there, temp files included
+    assert tier.stats()["rejected"] == 2 and list(tier.keys()) == [C]
+    assert any("its directory refused" in record.getMessage() for record in caplog.records)
+    tier._rescan()
+    assert tier.used_bytes() == BLOCK and tier.used_bytes() <= tier.capacity_bytes
+    assert_same_kv(_read(tier, layout, C), blocks[C])
+
+
 def test_codec_frame_a_read_would_refuse_is_not_written(open_tier, disk_dir, layout, blocks):
     """A codec whose frame outgrows the raw block by far (8-bit codes, a scale and offset per element) would
     write files every read refuses as too large: it is rejected at put instead."""
@@ -502,3 +522,47 @@ def test_unreadable_block_file_still_raises(shared_dir, layout, blocks):
             tier.get_into(A, torch.zeros(layout.block_shape, dtype=layout.dtype))
         assert tier.stats()["corrupt"] == 0 and os.path.exists(paths[A])
         assert_same_kv(_read(tier, layout, B), blocks[B])
+
+
+def test_a_block_file_eviction_cannot_remove_is_kept_and_the_next_oldest_goes(shared_dir, layout, blocks, caplog):
+    """One block file in a fan-out directory of another owner: its ``EACCES`` escaped the eviction, the put
+    failed (the tier's writes suspended), and every later eviction met it again first."""
+    root = os.path.join(shared_dir, "kv")
+    os.mkdir(root)
+    os.chmod(root, 0o777)
+    with unprivileged():
+        tier = FilesTier(root, 3 * BLOCK, layout, sync=False)
+    try:
+        with unprivileged():
+            assert tier.put_many([(A, blocks[A]), (B, blocks[B]), (C, blocks[C])]) == 3
+        foreign = os.path.dirname(block_path(root, A))
+        if os.geteuid() == 0:
+            os.chown(foreign, 0, 0)  # root's now: nobody may not remove what is in it
+        os.chmod(foreign, 0o755 if os.geteuid() == 0 else 0o555)
+        with unprivileged(), caplog.at_level("WARNING", logger="kvstore.tiers.files"):
+            assert tier.put_many([(D, blocks[D]), (E, blocks[E])]) == 2
+        assert sorted(tier.keys()) == [A, D, E] and os.path.exists(block_path(root, A))
+        assert tier.used_bytes() == 3 * BLOCK <= tier.capacity_bytes and tier.stats()["evictions"] == 2
+        assert any("could not be evicted" in record.getMessage() for record in caplog.records)
+        for key in (A, D, E):
+            assert_same_kv(_read(tier, layout, key), blocks[key])
+    finally:
+        tier.close()
+
+
+def test_a_file_larger_than_the_tier_is_evicted_first_not_the_blocks(open_tier, disk_dir, layout, blocks):
+    """Junk at a block's name (a sparse 1 TiB file) took its place in the eviction order by its mtime, and
+    every block went before it: the tier opened empty."""
+    tier = open_tier(10 * BLOCK)
+    assert tier.put_many([(A, blocks[A]), (B, blocks[B]), (C, blocks[C])]) == 3
+    tier.close()
+    junk = block_path(disk_dir, D)
+    os.makedirs(os.path.dirname(junk), exist_ok=True)
+    with open(junk, "wb") as f:
+        f.truncate(1 << 40)  # sparse: no disk used
+    os.utime(junk, ns=(10**18 * 4, 10**18 * 4))  # and newer than every block
+    again = open_tier(10 * BLOCK)
+    assert sorted(again.keys()) == [A, B, C] and not os.path.exists(junk)
+    assert again.stats()["evictions"] == 1 and again.used_bytes() == 3 * BLOCK
+    for key in (A, B, C):
+        assert_same_kv(_read(again, layout, key), blocks[key])
