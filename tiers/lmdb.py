@@ -21,6 +21,7 @@ import fcntl
 import logging
 import mmap
 import os
+import stat
 import struct
 import threading
 import time
@@ -33,7 +34,7 @@ from typing import IO
 import lmdb
 import torch
 
-from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.blockformat import HEADER_BYTES, BlockHeader, max_stored_bytes
 from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
@@ -135,6 +136,18 @@ def open_environment(path: Path, capacity_bytes: int, sync: bool, lock_file: IO[
     that fragmentation never fills it; ``lock_file`` is closed if it cannot be opened. A map larger than the
     machine can reserve is a ``ValueError`` naming ``setting``; any other LMDB failure an ``OSError``."""
     map_size = _map_size(capacity_bytes)
+    for name in ("data.mdb", "lock.mdb"):  # LMDB opens what it finds: a FIFO there hung the store's open
+        try:
+            found = os.stat(path / name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            lock_file.close()
+            raise OSError(f"{path / name}: cannot be read ({exc.strerror}): not a kvstore LMDB environment") from None
+        if not stat.S_ISREG(found.st_mode):
+            lock_file.close()
+            raise OSError(f"{path / name}: expected a regular file (LMDB's), got a {_kind(found.st_mode)}: "
+                          f"not a kvstore LMDB environment")
     try:
         env = lmdb.open(str(path), map_size=map_size, max_dbs=2, sync=sync, metasync=sync, readahead=False,
                         max_readers=512, subdir=True)
@@ -151,6 +164,24 @@ def open_environment(path: Path, capacity_bytes: int, sync: bool, lock_file: IO[
         lock_file.close()
         raise
     return env
+
+
+def open_databases(env: lmdb.Environment, path: Path, lock_file: IO[str], *names: bytes) -> list:
+    """``env``'s named databases ``names``; an environment another program made, where those names are not
+    databases (plain keys, other flags), is an ``OSError`` naming ``path``, with ``env`` and ``lock_file``
+    closed (it was a raw ``lmdb.IncompatibleError``, a traceback from ``kvstore serve``)."""
+    try:
+        return [env.open_db(name) for name in names]
+    except lmdb.Error as exc:
+        env.close()
+        lock_file.close()
+        raise OSError(f"{path}: not a kvstore LMDB environment (another program's?): {exc}") from None
+
+
+def _kind(mode: int) -> str:
+    kinds = {stat.S_ISDIR: "directory", stat.S_ISFIFO: "FIFO", stat.S_ISCHR: "character device",
+             stat.S_ISBLK: "block device", stat.S_ISSOCK: "socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 
 def _map_size(capacity_bytes: int) -> int:
@@ -213,8 +244,7 @@ class LmdbTier:
         # Sees each block evicted for room (verified bytes) after the eviction commits: write-back below.
         self.on_evict: EvictCallback | None = None
         self._env = open_environment(self.path, capacity_bytes, sync, self._lock_file, "disk_bytes")
-        self._blocks = self._env.open_db(b"blocks")
-        self._meta = self._env.open_db(b"meta")
+        self._blocks, self._meta = open_databases(self._env, self.path, self._lock_file, b"blocks", b"meta")
         self._lock = threading.Lock()  # guards the index, the clock and the pending stamps
         self._write_lock = threading.Lock()  # one writer at a time
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> stored bytes, LRU first
@@ -235,10 +265,12 @@ class LmdbTier:
         serves them again."""
         records: list[tuple[int, bytes, int]] = []
         broken: list[bytes] = []
+        largest = max_stored_bytes(self.layout.block_bytes)  # a flipped bit in a length evicted the whole tier
         with self._env.begin(db=self._meta) as txn:
             for key, value in txn.cursor():
                 header = BlockHeader.unpack(value)
-                if header is None or len(value) != _META_BYTES or header.key != key:
+                if header is None or len(value) != _META_BYTES or header.key != key or \
+                        header.length + HEADER_BYTES > largest:
                     broken.append(key)
                     continue
                 stamp, form = _TAIL.unpack_from(value, HEADER_BYTES)

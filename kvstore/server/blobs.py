@@ -30,7 +30,7 @@ from kvstore.arena import Arena
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.buffers import alloc_bytes
 from kvstore.protocol import PutResult
-from kvstore.tiers.lmdb import lock_directory, open_environment
+from kvstore.tiers.lmdb import lock_directory, open_databases, open_environment
 
 NAMESPACE_COUNTERS = ("hits_ram", "hits_disk", "misses", "bytes_in", "bytes_out", "bytes_out_ram", "bytes_out_disk",
                       "bytes_written_disk", "stored", "present", "rejected",
@@ -87,6 +87,7 @@ class BlobStore:
         self.disk_error: str | None = None  # while set, commits fail (full disk, I/O error, read-only): puts refused
         self.disk_write_errors = 0
         self.disk_refused = 0  # blobs refused because the disk was failing
+        self.corrupt_dropped = 0  # broken records deleted at open
         self._closed = False
         self._env: lmdb.Environment | None = None
         self._lock_file = None
@@ -94,8 +95,8 @@ class BlobStore:
             path = Path(data_dir)
             self._lock_file = lock_directory(path, "data_dir {path} is in use by another kvstore server")
             self._env = open_environment(path / "blobs.lmdb", disk_bytes, sync, self._lock_file, "disk_bytes")
-            self._blobs = self._env.open_db(b"blobs")
-            self._meta = self._env.open_db(b"meta")
+            self._blobs, self._meta = open_databases(self._env, path / "blobs.lmdb", self._lock_file, b"blobs",
+                                                     b"meta")
             self._ops: deque = deque()  # disk writes and deletes in order; bounded through ``backlog_bytes``
             self._backlog = 0
             self._wake = threading.Condition(self._lock)
@@ -112,13 +113,33 @@ class BlobStore:
         return self._disk_bytes if self._env is not None else self._host_bytes
 
     def _load_index(self) -> int:
-        records = []
-        with self._env.begin(db=self._meta) as txn:
-            for lkey, value in txn.cursor():
-                namespace, _, key = bytes(lkey).partition(b"\0")
-                if len(value) == _META.size and key:
-                    stamp, size = _META.unpack(value)
-                    records.append((stamp, (namespace.decode(), key), size))
+        """The index from the meta records, least recently used first. A record that does not parse, names no
+        UTF-8 namespace, claims a size its blob does not have (or none fits the disk), or has no blob, is
+        deleted with its blob: one such record kept the server from starting, evicted everything at open
+        (a flipped bit in a size), or was a hit that no GET could read and no PUT would repair."""
+        records, broken = [], []
+        with self._env.begin(buffers=True) as txn:
+            for lkey, value in txn.cursor(db=self._meta):
+                lkey = bytes(lkey)
+                namespace, _, key = lkey.partition(b"\0")
+                try:
+                    ident = (namespace.decode(), key)
+                except UnicodeDecodeError:
+                    ident = None
+                size = _META.unpack(value)[1] if len(value) == _META.size else -1
+                blob = txn.get(lkey, db=self._blobs) if ident is not None and key else None
+                if blob is None or not 0 < size <= self._disk_bytes or len(blob) != size:
+                    broken.append(lkey)
+                else:
+                    records.append((_META.unpack(value)[0], ident, size))
+        if broken:
+            with self._env.begin(write=True) as txn:
+                for lkey in broken:
+                    txn.delete(lkey, db=self._meta)
+                    txn.delete(lkey, db=self._blobs)
+            self.corrupt_dropped = len(broken)
+            log.warning("data_dir %s: dropped %d broken blob record(s) at open (damaged, or another tool's)",
+                        self._env.path(), len(broken))
         records.sort()
         with self._lock:
             for _, ident, size in records:
@@ -309,9 +330,12 @@ class BlobStore:
                 self._count(namespace, "misses")
                 if blob is not None:
                     self._count(namespace, "corrupt")
-                    if self._lru.get(ident) is not None:
-                        self._remove(ident)
-                        self._enqueue("del", ident)
+                entry = self._lru.get(ident)
+                # damaged, or gone from the disk under an index entry that says it is there (a PUT was then
+                # answered PRESENT, and the block never repaired)
+                if entry is not None and (blob is not None or (entry.on_disk and entry.ram is None)):
+                    self._remove(ident)
+                    self._enqueue("del", ident)
             return None
         with self._lock:
             self._count(namespace, "hits_disk")
@@ -366,7 +390,7 @@ class BlobStore:
                     "ram_evictions": self.evicted_ram,
                     "write_backlog_bytes": self.backlog_bytes(),
                     "disk_failing": int(self.disk_error is not None), "disk_write_errors": self.disk_write_errors,
-                    "disk_refused_blocks": self.disk_refused,
+                    "disk_refused_blocks": self.disk_refused, "corrupt_dropped_at_open": self.corrupt_dropped,
                     **{f"arena_{name}": value for name, value in self._arena.stats().items()}}
 
     # -- the disk writer ------------------------------------------------------------

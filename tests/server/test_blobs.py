@@ -167,6 +167,56 @@ def test_a_blob_damaged_on_disk_is_a_miss_and_dropped(tmp_path, open_store):
     assert held(again, "a") == []
 
 
+def _damage(path, change) -> None:
+    """``change(txn, blobs, meta)`` inside one write transaction of the server's LMDB at ``path``."""
+    env = lmdb.open(str(path / "blobs.lmdb"), max_dbs=2)
+    with env.begin(write=True) as txn:
+        change(txn, env.open_db(b"blobs", txn=txn), env.open_db(b"meta", txn=txn))
+    env.close()
+
+
+def _meta_size_flipped(txn, blobs, meta) -> None:
+    record = bytearray(txn.get(b"a\0" + key("1"), db=meta))
+    record[-1] |= 0x40  # a high bit of the little-endian size
+    txn.put(b"a\0" + key("1"), bytes(record), db=meta)
+
+
+@pytest.mark.parametrize("change, why", [
+    # one blob gone under its record: a hit no GET could read, and every PUT of it answered PRESENT
+    (lambda txn, blobs, meta: txn.delete(b"a\0" + key("1"), db=blobs), "blob gone"),
+    # a non-UTF-8 namespace: the server did not start
+    (lambda txn, blobs, meta: txn.put(b"\xff\0" + key("1"), txn.pop(b"a\0" + key("1"), db=meta), db=meta),
+     "namespace"),
+    # a size of 2**62: every blob evicted at open
+    (_meta_size_flipped, "size"),
+    (lambda txn, blobs, meta: txn.put(b"a\0" + key("1"), b"short", db=meta), "record"),
+])
+def test_broken_records_are_dropped_at_open_and_the_rest_kept(tmp_path, open_store, change, why):
+    store = open_store(path=tmp_path / "d")
+    put(store, "a", "1", "2", "3")
+    store.close()
+    _damage(tmp_path / "d", change)
+    again = open_store(path=tmp_path / "d")
+    assert held(again, "a") == ["2", "3"]
+    assert [read(again, "a", name) for name in ("2", "3")] == [blob("2"), blob("3")]
+    assert again.totals()["corrupt_dropped_at_open"] == 1 and again.totals()["blocks"] == 2
+    assert put(again, "a", "1") == [PutResult.STORED]  # repaired by the next PUT
+    assert read(again, "a", "1") == blob("1")
+
+
+def test_a_blob_gone_from_the_disk_under_its_entry_is_forgotten_on_read(tmp_path, open_store):
+    """While the server runs: the read misses, the entry goes, and the next PUT stores it again."""
+    store = open_store(host_blobs=1, path=tmp_path / "d")
+    put(store, "a", "1", "2")
+    store.flush()  # both on disk; "1" no longer in RAM (one blob's room)
+    assert store.get_ram("a", key("1")) == (None, True)
+    with store._env.begin(write=True) as txn:  # another tool, or damage, while the server runs
+        txn.delete(b"a\0" + key("1"), db=store._blobs)
+    assert read(store, "a", "1") is None
+    assert held(store, "a") == ["2"]
+    assert put(store, "a", "1") == [PutResult.STORED]
+
+
 def test_durable_callback_runs_after_the_commit(open_store):
     store = open_store()
     done = threading.Event()

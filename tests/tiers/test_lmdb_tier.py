@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import TESTS_DIR, assert_same_kv, make_kv, make_tokens, run_python, tiny_layout
-from kvstore.blockformat import ENCODING_RAW, FORMAT_VERSION, HEADER_BYTES, MAGIC
+from kvstore.blockformat import ENCODING_RAW, FORMAT_VERSION, HEADER_BYTES, MAGIC, BlockHeader
 from kvstore.tiers.base import Tier
 from kvstore.tiers.lmdb import DirectoryInUseError, LmdbTier
 
@@ -341,6 +341,31 @@ def test_corrupt_header_is_a_miss(open_tier, disk_dir, layout, blocks, where, of
     assert_same_kv(_read(again, layout, A), blocks[A])
 
 
+def test_a_meta_record_claiming_a_huge_length_is_dropped_not_trusted(open_tier, disk_dir, layout, blocks):
+    """One high bit flipped in one record's length: 2**62 bytes counted used, and every block evicted at open."""
+    import lmdb
+
+    tier = open_tier(3 * BLOCK)
+    tier.put_many([(A, blocks[A]), (B, blocks[B]), (C, blocks[C])])
+    tier.close()
+    env = lmdb.open(str(disk_dir), max_dbs=2, map_size=1 << 30)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True, db=meta) as txn:
+        record = bytearray(txn.get(A))
+        header = BlockHeader.unpack(bytes(record))
+        at = bytes(record).find(header.length.to_bytes(8, "little"), 4)
+        record[at + 7] |= 0x40  # bit 62 of the little-endian length
+        assert BlockHeader.unpack(bytes(record)).length == header.length | (1 << 62)
+        txn.put(A, bytes(record))
+    env.close()
+    again = open_tier(3 * BLOCK)
+    stats = again.stats()
+    assert (stats["corrupt"], stats["evictions"], stats["blocks"]) == (1, 0, 2)
+    assert sorted(again.keys()) == [B, C] and again.used_bytes() == 2 * BLOCK
+    for key in (B, C):
+        assert_same_kv(_read(again, layout, key), blocks[key])
+
+
 # -- races (deterministic interleavings) -----------------------------------------------------------------
 
 
@@ -429,6 +454,38 @@ def test_a_capacity_the_machine_cannot_map_is_a_value_error_and_leaves_the_direc
     with pytest.raises(ValueError, match="^disk_bytes: expected a size this machine can map"):
         LmdbTier(disk_dir, 1 << 61, layout)  # 4 EiB of map: more than even 5-level paging addresses
     LmdbTier(disk_dir, 3 * BLOCK, layout).close()  # the failed attempt held no lock
+
+
+def test_a_fifo_for_data_mdb_is_refused_at_open_not_waited_on(disk_dir):
+    """LMDB opened the FIFO and waited for a writer: the store's open hung for ever (a child, so a hang fails)."""
+    disk_dir.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(disk_dir / "data.mdb")
+    out = run_python(f"""
+        from conftest import tiny_layout
+        from kvstore.tiers.lmdb import LmdbTier
+        try:
+            LmdbTier({str(disk_dir)!r}, 1 << 20, tiny_layout())
+        except OSError as exc:
+            print("refused:", exc)
+        """, timeout=60)
+    assert "data.mdb: expected a regular file (LMDB's), got a FIFO: not a kvstore LMDB environment" in out
+    LmdbTier(disk_dir.parent / "fresh", 1 << 20, tiny_layout()).close()  # nothing was left locked
+
+
+def test_an_environment_of_another_program_is_an_os_error_naming_it(disk_dir, layout):
+    """Its main database held plain keys named ``blocks`` and ``meta``: a raw ``lmdb.IncompatibleError``."""
+    import lmdb
+
+    env = lmdb.open(str(disk_dir), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        txn.put(b"blocks", b"x")
+        txn.put(b"meta", b"y")
+    env.close()
+    with pytest.raises(OSError, match=r"not a kvstore LMDB environment \(another program's\?\)") as info:
+        LmdbTier(disk_dir, 3 * BLOCK, layout)
+    assert str(disk_dir) in str(info.value)
+    with pytest.raises(OSError, match="not a kvstore LMDB environment"):  # the directory lock was let go
+        LmdbTier(disk_dir, 3 * BLOCK, layout)
 
 
 def test_a_victim_is_handed_on_before_the_transaction_that_deletes_it_commits(open_tier, layout, blocks):
