@@ -38,6 +38,10 @@ from kvstore.placement import Placement
 from kvstore.tiers.base import Capability
 from kvstore.writebehind import WriteBehind, WriteBehindClosed
 
+# How long a put waits for another landing the same blocks before it lands them itself (an engine's ``fill``
+# runs inside a landing: one that blocks must not hold every other save of its prompt).
+_LANDING_WAIT_SECONDS = 10.0
+
 STORE_COUNTERS = ("puts", "blocks_stored", "dedup_blocks", "dedup_bytes", "lookups", "lookup_tokens",
                   "lookup_hit_tokens", "gets", "get_tokens", "get_hit_tokens", "promotions", "demotions")
 # Blocks a batch level (cache server, Redis) is asked for in one read.
@@ -61,6 +65,8 @@ class BlockFlow:
             if Capability.EVICTS in level.capabilities and placement.on_evict(level.index) is not None:
                 level.tier.on_evict = partial(self.evicted, level)
         self._scratch = threading.local()
+        self._landing: dict[bytes, threading.Event] = {}  # keys a put is landing now -> set when it is done
+        self._landing_lock = threading.Lock()
         self._chains = ChainMemo()
         # Memory levels hold approximate copies only of what a lossy level served: none, none to replace.
         self._marks = [level for level in stack if level.slots] if any(level.lossy for level in stack) else []
@@ -112,7 +118,37 @@ class BlockFlow:
                 self.stack.touch_chain(level, keys)
 
     def store_blocks(self, items: Sequence[Item]) -> int:
-        """``store_items`` less ``end_put``: for a put that stores its prompt a block at a time."""
+        """``store_items`` less ``end_put``: for a put that stores its prompt a block at a time.
+
+        Keys another put is landing now are left to it, then looked at again
+        once it is done (as stored blocks: dedup). Two threads saving one
+        prompt both stored every block: each counted them all stored (and
+        was told so), and each landing evicted room for them.
+        """
+        stored = 0
+        while items:
+            done = threading.Event()
+            with self._landing_lock:
+                theirs = [item for item in items if item[0] in self._landing]
+                mine = [item for item in items if item[0] not in self._landing]
+                waits = {id(self._landing[key]): self._landing[key] for key, _ in theirs}
+                self._landing.update((key, done) for key, _ in mine)
+            try:
+                stored += self._store_unclaimed(mine)
+            finally:
+                with self._landing_lock:
+                    for key, _ in mine:
+                        if self._landing.get(key) is done:
+                            del self._landing[key]
+                done.set()
+            for landing in waits.values():  # bounded: an engine's fill that never returns holds no one for ever
+                landing.wait(_LANDING_WAIT_SECONDS)
+            items = theirs
+        self.counters.add("blocks_stored", stored)
+        return stored
+
+    def _store_unclaimed(self, items: Sequence[Item]) -> int:
+        """``store_blocks`` of keys no other put is landing; returns blocks newly stored."""
         new = []
         for key, block in items:
             sightings = self.placement.sighted(key)
@@ -128,7 +164,6 @@ class BlockFlow:
             exact = [(key, block) for key, block in items if self._marked(level, key)]
             if exact:
                 self.stack.write(level, exact)
-        self.counters.add("blocks_stored", stored)
         return stored
 
     def count_dedup(self, block: torch.Tensor | PendingBlock) -> None:

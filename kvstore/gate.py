@@ -11,31 +11,45 @@ itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 _log = logging.getLogger(__name__)
 
 
 class Gate:
-    """Counts the calls inside a store (``with gate:``); ``shut`` refuses new ones and waits for those inside."""
+    """Counts the calls inside a store (``with gate:``); ``shut`` refuses new ones and waits for those inside.
+
+    A store belongs to the process that opened it: its worker threads do not
+    survive a fork (a child's puts, flushes and prefetches waited for them
+    for ever) and LMDB forbids an environment across one, so a call from a
+    forked child is refused; the child opens a store of its own.
+    """
 
     def __init__(self, what: str = "KVStore"):
         self._what = what
         self._cond = threading.Condition(threading.Lock())
         self._inside = 0
         self._mine = threading.local()  # this thread's calls inside (nested calls: put inside save)
+        self._pid = os.getpid()
         self.closed = False
+        self._done = threading.Event()  # set by ``done()`` once whoever shut the gate has closed everything
 
     def check(self) -> None:
-        """Raise ``RuntimeError`` once shut."""
+        """Raise ``RuntimeError`` once shut, or in a process other than the one that opened it."""
         if self.closed:
             raise RuntimeError(f"{self._what} is closed")
+        if os.getpid() != self._pid:
+            raise RuntimeError(f"{self._what} was opened by process {self._pid}, before a fork: open one in this "
+                               f"process (its threads and LMDB do not survive a fork)")
 
     def __enter__(self) -> None:
+        self.check()
         with self._cond:
             if self.closed:
                 raise RuntimeError(f"{self._what} is closed")
@@ -49,6 +63,24 @@ class Gate:
             if self.closed:
                 self._cond.notify_all()
 
+    @contextlib.contextmanager
+    def visit(self) -> Iterator[bool]:
+        """Inside, as ``with gate:``, if still open (yields True); else yields False and raises nothing: for
+        figures read after close too, never while the tiers close."""
+        try:
+            self.__enter__()
+        except RuntimeError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self.__exit__()
+
+    def in_call(self) -> bool:
+        """Whether the calling thread is inside a call."""
+        return getattr(self._mine, "depth", 0) > 0
+
     def shut(self, timeout: float | None = None) -> bool:
         """Refuse new calls and wait until the calls of other threads inside have returned (``timeout``
         seconds at most, None: no limit); False if the gate was shut already (by another ``shut``)."""
@@ -61,6 +93,19 @@ class Gate:
                 _log.warning("%s: closing with %d call(s) still inside after %.0f s", self._what,
                              self._inside - own, timeout)
             return True
+
+    def done(self) -> None:
+        """Whoever shut the gate has closed everything behind it."""
+        self._done.set()
+
+    def wait_done(self, timeout: float | None = None) -> bool:
+        """Wait until ``done()`` (a second ``close`` returns once the store is closed, not while the first is
+        still flushing: the directory was still locked when it returned); False if ``timeout`` ran out."""
+        return self._done.wait(timeout)
+
+    def forked(self) -> bool:
+        """Whether this is a process other than the one that opened it."""
+        return os.getpid() != self._pid
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])

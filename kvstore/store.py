@@ -17,7 +17,6 @@ engine.
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -104,7 +103,7 @@ class KVStore:
         # A store dropped unclosed is closed when it is collected, and one left open at exit while the
         # interpreter still runs: its write-behind threads, killed inside a torch call at finalization,
         # aborted the process (and lost the queued writes). Its parts do not refer to it.
-        self._finalizer = weakref.finalize(self, _close_dropped, os.getpid(), self._parts())
+        self._finalizer = weakref.finalize(self, _close_dropped, self._parts())
 
     def _parts(self) -> _Parts:
         return _Parts(self._gate, self.hooks, self._flow, self.stack)
@@ -157,8 +156,12 @@ class KVStore:
     def close(self) -> None:
         """Wait for calls other threads have inside, flush the write-behind queues, stop their workers, write
         back what only volatile tiers hold, close the tiers (the host pool's memory goes back to the system)."""
-        if self._finalizer.detach() is not None:  # the first close; a second returns at once
+        if self._gate.forked():  # the parent's threads and LMDB are not this process's to close
+            self._finalizer.detach()
+        elif self._finalizer.detach() is not None:
             self._parts().close()
+        elif not self._gate.in_call():  # a second close returns once the first has closed everything
+            self._gate.wait_done(2 * CLOSE_WAIT_SECONDS)
 
     # -- the contract -----------------------------------------------------------
 
@@ -298,7 +301,13 @@ class KVStore:
         return self.keyed.get_keyed(names, outs, salt)
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the store, of the write-behind and of each tier with its health, queue depth and last error."""
+        """Counters of the store, of the write-behind and of each tier with its health, queue depth and last error.
+
+        Also after ``close`` (never while the tiers close: a Redis tier's figures raced its client's teardown)."""
+        with self._gate.visit():
+            return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
         depth = self._flow.writes.depth()
         tiers = {}
         for level in self.stack:
@@ -332,21 +341,24 @@ class _Parts:
     stack: TierStack
 
     def close(self) -> None:
-        self.gate.shut(CLOSE_WAIT_SECONDS)
-        self.hooks.close()
-        self.flow.close()
-        for level in self.stack:  # each tier closes, whatever another's close raised
-            try:
-                level.tier.close()
-            except Exception as error:
-                level.note_failure("close", error)
+        try:
+            self.gate.shut(CLOSE_WAIT_SECONDS)
+            self.hooks.close()
+            self.flow.close()
+            for level in self.stack:  # each tier closes, whatever another's close raised
+                try:
+                    level.tier.close()
+                except Exception as error:
+                    level.note_failure("close", error)
+        finally:
+            self.gate.done()
 
 
-def _close_dropped(opened_by: int, parts: _Parts) -> None:
+def _close_dropped(parts: _Parts) -> None:
     """A store collected unclosed, or open at exit: closed as by ``close()``. Not in a forked child, which has
     none of the threads that would flush it; on a thread of its own (a collection can run on any), by another,
     since closing joins them."""
-    if os.getpid() != opened_by:
+    if parts.gate.forked():
         return
     if threading.current_thread().name.startswith("kvstore-"):
         threading.Thread(target=parts.close, name="kvstore-close-dropped", daemon=True).start()

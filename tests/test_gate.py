@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import weakref
 
@@ -112,3 +113,64 @@ def test_closed_store_still_referenced_holds_no_host_pool(layout):
     store.close()
     assert host.used_bytes() == 0
     assert not host.put(b"k" * 32, torch.zeros(layout.block_shape, dtype=layout.dtype))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_is_refused_the_parents_store_and_the_parent_keeps_it(layout, tmp_path):
+    """The child's puts, flushes and prefetches waited for ever on worker threads a fork does not copy."""
+    store = KVStore(layout, StoreConfig(host_bytes=1 << 20, disk_dir=str(tmp_path / "disk"), disk_bytes=4 << 20,
+                                        disk_sync=False))
+    tokens, kv = make_tokens(32), make_kv(layout, 32)
+    store.put(tokens, kv)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: every call refused at once, close harmless, exit without the parent's at-exit
+        os.close(read)
+        said = []
+        for call in (lambda: store.put(make_tokens(16, seed=5), make_kv(layout, 16)), store.flush,
+                     lambda: store.lookup(tokens), lambda: store.prefetch(tokens)):
+            try:
+                call()
+                said.append("ran")
+            except RuntimeError as exc:
+                said.append("refused" if "before a fork" in str(exc) else repr(exc))
+        store.close()
+        os.write(write, ",".join(said).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        said = pipe.read()
+    assert os.waitpid(pid, 0)[1] == 0
+    assert said == "refused,refused,refused,refused"
+    assert store.lookup(tokens) == 32  # the parent's store is unharmed
+    assert_same_kv(store.get(tokens), kv)
+    store.close()
+
+
+def test_a_second_close_returns_once_the_store_is_closed(layout, tmp_path):
+    """It returned at once while the first still waited for a call inside: the LMDB directory stayed locked."""
+    config = StoreConfig(host_bytes=1 << 20, disk_dir=str(tmp_path / "disk"), disk_bytes=4 << 20, disk_sync=False)
+    store = KVStore(layout, config)
+    tokens, kv = make_tokens(32), make_kv(layout, 32)
+    filling, release = threading.Event(), threading.Event()
+
+    def fill(block, dst):
+        filling.set()
+        release.wait(10)
+        dst.copy_(kv[:, :, block.start:block.end])
+
+    putter = threading.Thread(target=store.put_from, args=(tokens, fill))
+    putter.start()
+    assert filling.wait(10)
+    first = threading.Thread(target=store.close)
+    first.start()
+    second = threading.Thread(target=store.close)
+    second.start()
+    second.join(0.2)
+    assert second.is_alive()  # waits for the first close, which waits for the put
+    release.set()
+    for thread in (putter, first, second):
+        thread.join(10)
+    assert not second.is_alive()
+    with KVStore(layout, config) as again:  # the directory is free the moment close returned
+        assert again.lookup(tokens) == 32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -536,6 +537,41 @@ def test_keys_equal_across_processes_and_hash_seeds():
 
 
 # -- threads ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["host", "disk", "both"])
+def test_one_prompt_saved_by_several_threads_at_once_is_stored_and_counted_once(make_store, layout, mode):
+    """Each thread was told it stored every block (``blocks_stored`` 4x, dedup 0) and each landing evicted
+    room for them: older prompts were lost to a prompt stored once."""
+    store = make_store(mode, host_bytes=20 * layout.block_bytes, disk_bytes=40 * (layout.block_bytes + 72))
+    older = [(make_tokens(16, seed=i), make_kv(layout, 16, seed=i)) for i in range(16)]
+    for tokens, kv in older:
+        store.put(tokens, kv)
+    tokens, kv = make_tokens(64, seed=99), make_kv(layout, 64, seed=99)
+    together, told = threading.Barrier(2), []  # the two put_from savers
+
+    def fill(block, dst) -> None:
+        if block.start == 0:  # both inside their first block at once (before: they were, and each stored it)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                together.wait(0.5)
+        dst.copy_(kv[:, :, block.start:block.end])
+
+    def save(how: int) -> None:
+        told.append(store.put_from(tokens, fill) if how % 2 else store.put(tokens, kv))
+
+    threads = [threading.Thread(target=save, args=(how,)) for how in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    store.flush()
+    counted = store.stats()["store"]
+    assert sum(told) == 4 and counted["blocks_stored"] == 16 + 4  # a put_from lands a block at a time
+    assert counted["dedup_blocks"] == 3 * 4
+    for name, tier in store.stats()["tiers"].items():
+        assert tier["blocks_written"] == 16 + 4, name  # one copy of each block written, in each tier
+    assert sum(store.lookup(t) == 16 for t, _ in older) == 16  # the 20-block tiers evicted nothing
+    assert_same_kv(store.get(tokens), kv)
 
 
 @pytest.mark.parametrize("write_policy", ["write_through", "write_back"])

@@ -80,6 +80,8 @@ class SlotTier:
         self.on_evict = on_evict
         self._lock = threading.Lock()
         self._faulted = threading.Condition(self._lock)  # a slice's slots became free
+        self._filling: set[bytes] = set()  # keys being copied into a slot (put by two threads: one slot)
+        self._filled = threading.Condition(self._lock)  # one of them was indexed (or failed)
         self._index: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU first
         self._free: list[int] = []
         self._fresh = 0  # slots [_fresh, _slots) are neither faulted in nor handed out
@@ -243,6 +245,8 @@ class SlotTier:
         """``put`` of one block, counters of its write aside: bytes written (0: held already), None if
         refused (every slot pinned, or held by ``keep`` and ``also``)."""
         with self._lock:
+            while key in self._filling:  # another thread is filling it: its slot will hold it, not a second one
+                self._filled.wait()
             entry = self._index.get(key)
             if entry is not None:
                 self._index.move_to_end(key)
@@ -254,7 +258,17 @@ class SlotTier:
             if taken is None:
                 self._counters.add("rejected")
                 return None
-        slot, victim = taken
+            self._filling.add(key)
+        try:
+            return self._fill(key, block, lossy, *taken)
+        finally:
+            with self._lock:
+                self._filling.discard(key)
+                self._filled.notify_all()
+
+    def _fill(self, key: bytes, block: torch.Tensor | PendingBlock, lossy: str | None, slot: int,
+              victim: tuple[bytes, _Entry] | None) -> int:
+        """``_put``'s copy into ``slot`` (taken, ``victim`` evicted from it), then the index entry."""
         if victim is not None:
             self._counters.add("evictions")
             if self.on_evict is not None:
