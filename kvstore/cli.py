@@ -185,8 +185,14 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as error:
             raise ValueError(f"--token-file: expected a readable UTF-8 file holding the token, got "
                              f"{args.token_file!r} ({_one_line(error)})") from None
-    if args.tls_ca_file is not None and not os.path.isfile(args.tls_ca_file):
-        raise ValueError(f"--tls-ca-file: expected a PEM file of CA certificates, got {args.tls_ca_file!r}")
+    if args.tls_ca_file is not None:
+        if not parse_url(args.url)[2]:
+            raise ValueError(f"--tls-ca-file: only for a TLS server (kvstores://host:port), got --url {args.url}")
+        try:
+            ssl.create_default_context(cafile=args.tls_ca_file)
+        except (OSError, ssl.SSLError) as error:  # missing, unreadable, or no certificate in it
+            raise ValueError(f"--tls-ca-file: expected a PEM file of CA certificates, got {args.tls_ca_file!r} "
+                             f"({_one_line(error)})") from None
     try:
         conn = Connection(args.url, token, args.timeout, tls_ca_file=args.tls_ca_file)
     except ServerError:  # it answered (a refused token...): its own message says what is wrong

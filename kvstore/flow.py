@@ -65,8 +65,9 @@ class BlockFlow:
             if Capability.EVICTS in level.capabilities and placement.on_evict(level.index) is not None:
                 level.tier.on_evict = partial(self.evicted, level)
         self._scratch = threading.local()
-        self._landing: dict[bytes, threading.Event] = {}  # keys a put is landing now -> set when it is done
-        self._landing_lock = threading.Lock()
+        self._landing: dict[bytes, int] = {}  # keys a put is landing now -> the thread landing them
+        self._landed = threading.Condition(threading.Lock())  # some of them were landed
+        self._waiting = 0  # threads waiting for another's landing
         self._chains = ChainMemo()
         # Memory levels hold approximate copies only of what a lossy level served: none, none to replace.
         self._marks = [level for level in stack if level.slots] if any(level.lossy for level in stack) else []
@@ -120,35 +121,50 @@ class BlockFlow:
     def store_blocks(self, items: Sequence[Item]) -> int:
         """``store_items`` less ``end_put``: for a put that stores its prompt a block at a time.
 
-        Keys another put is landing now are left to it, then looked at again
-        once it is done (as stored blocks: dedup). Two threads saving one
+        Keys another thread's put is landing now are left to it, then looked
+        at again once it is done (as stored blocks: dedup), or after
+        ``_LANDING_WAIT_SECONDS`` (then stored here). Two threads saving one
         prompt both stored every block: each counted them all stored (and
-        was told so), and each landing evicted room for them.
+        was told so), and each landing evicted room for them. A put inside a
+        put of the same thread (an engine's fill that saves) never waits.
         """
-        stored = 0
-        while items:
-            done = threading.Event()
-            with self._landing_lock:
-                theirs = [item for item in items if item[0] in self._landing]
-                mine = [item for item in items if item[0] not in self._landing]
-                waits = {id(self._landing[key]): self._landing[key] for key, _ in theirs}
-                self._landing.update((key, done) for key, _ in mine)
-            try:
-                stored += self._store_unclaimed(mine)
-            finally:
-                with self._landing_lock:
-                    for key, _ in mine:
-                        if self._landing.get(key) is done:
-                            del self._landing[key]
-                done.set()
-            for landing in waits.values():  # bounded: an engine's fill that never returns holds no one for ever
-                landing.wait(_LANDING_WAIT_SECONDS)
-            items = theirs
+        me = threading.get_ident()
+        ours: list[Item] = []
+        theirs: list[Item] = []
+        claimed: list[bytes] = []
+        with self._landed:
+            for item in items:
+                holder = self._landing.get(item[0])
+                if holder is None:
+                    self._landing[item[0]] = me
+                    claimed.append(item[0])
+                if holder is None or holder == me:
+                    ours.append(item)
+                else:
+                    theirs.append(item)
+        try:
+            stored = self._store_now(ours)
+        finally:
+            if claimed:
+                with self._landed:
+                    for key in claimed:
+                        del self._landing[key]
+                    if self._waiting:
+                        self._landed.notify_all()
+        if theirs:
+            with self._landed:
+                self._waiting += 1
+                try:
+                    self._landed.wait_for(lambda: not any(key in self._landing for key, _ in theirs),
+                                          _LANDING_WAIT_SECONDS)
+                finally:
+                    self._waiting -= 1
+            stored += self._store_now(theirs)  # found now (dedup), or the other put failed (or still lands)
         self.counters.add("blocks_stored", stored)
         return stored
 
-    def _store_unclaimed(self, items: Sequence[Item]) -> int:
-        """``store_blocks`` of keys no other put is landing; returns blocks newly stored."""
+    def _store_now(self, items: Sequence[Item]) -> int:
+        """``store_blocks`` of keys no other thread's put is landing; returns blocks newly stored."""
         new = []
         for key, block in items:
             sightings = self.placement.sighted(key)

@@ -64,12 +64,15 @@ class Gate:
                 self._cond.notify_all()
 
     @contextlib.contextmanager
-    def visit(self) -> Iterator[bool]:
-        """Inside, as ``with gate:``, if still open (yields True); else yields False and raises nothing: for
-        figures read after close too, never while the tiers close."""
+    def visit(self, timeout: float | None = None) -> Iterator[bool]:
+        """Inside, as ``with gate:``, if still open (yields True); else, once whoever shut it is done (``timeout``
+        seconds at most), yields False and raises nothing: for figures read after close too, never while the
+        tiers close."""
         try:
             self.__enter__()
         except RuntimeError:
+            if not self.forked() and not self.in_call():
+                self.wait_done(timeout)
             yield False
             return
         try:
@@ -97,6 +100,10 @@ class Gate:
     def done(self) -> None:
         """Whoever shut the gate has closed everything behind it."""
         self._done.set()
+
+    def is_done(self) -> bool:
+        """Whether ``done()`` was called: what the gate guards is closed."""
+        return self._done.is_set()
 
     def wait_done(self, timeout: float | None = None) -> bool:
         """Wait until ``done()`` (a second ``close`` returns once the store is closed, not while the first is

@@ -204,6 +204,8 @@ class KVStore:
         stored = 0
         try:
             for block in blocks:  # one at a time: a fill that raises leaves every earlier block fully stored
+                if self._gate.is_done():  # a fill closed the store (another thread's close waits for this call)
+                    break
                 if block.start >= start:
                     stored += self._flow.store_blocks([(block.key, PendingBlock(self.layout, block, fill))])
         finally:  # one put, whose head (blocks before ``start`` too) is left the most recently used
@@ -304,7 +306,7 @@ class KVStore:
         """Counters of the store, of the write-behind and of each tier with its health, queue depth and last error.
 
         Also after ``close`` (never while the tiers close: a Redis tier's figures raced its client's teardown)."""
-        with self._gate.visit():
+        with self._gate.visit(2 * CLOSE_WAIT_SECONDS):
             return self._stats()
 
     def _stats(self) -> dict[str, Any]:

@@ -540,37 +540,54 @@ def test_keys_equal_across_processes_and_hash_seeds():
 
 
 @pytest.mark.parametrize("mode", ["host", "disk", "both"])
-def test_one_prompt_saved_by_several_threads_at_once_is_stored_and_counted_once(make_store, layout, mode):
-    """Each thread was told it stored every block (``blocks_stored`` 4x, dedup 0) and each landing evicted
-    room for them: older prompts were lost to a prompt stored once."""
+def test_one_prompt_saved_by_two_threads_at_once_is_stored_and_counted_once(make_store, layout, mode):
+    """Each thread was told it stored every block (``blocks_stored`` 2x, dedup 0), each filled every block, and
+    each landing evicted room for them: older prompts were lost to a prompt stored once."""
     store = make_store(mode, host_bytes=20 * layout.block_bytes, disk_bytes=40 * (layout.block_bytes + 72))
     older = [(make_tokens(16, seed=i), make_kv(layout, 16, seed=i)) for i in range(16)]
     for tokens, kv in older:
         store.put(tokens, kv)
     tokens, kv = make_tokens(64, seed=99), make_kv(layout, 64, seed=99)
-    together, told = threading.Barrier(2), []  # the two put_from savers
+    together, told, fills = threading.Barrier(2), [], []
 
     def fill(block, dst) -> None:
-        if block.start == 0:  # both inside their first block at once (before: they were, and each stored it)
+        fills.append(block.start)
+        if block.start == 0:  # both savers inside their first block at once, if both may fill it
             with contextlib.suppress(threading.BrokenBarrierError):
                 together.wait(0.5)
         dst.copy_(kv[:, :, block.start:block.end])
 
-    def save(how: int) -> None:
-        told.append(store.put_from(tokens, fill) if how % 2 else store.put(tokens, kv))
-
-    threads = [threading.Thread(target=save, args=(how,)) for how in range(4)]
+    threads = [threading.Thread(target=lambda: told.append(store.put_from(tokens, fill))) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(30)
     store.flush()
     counted = store.stats()["store"]
+    assert sorted(fills) == [0, 16, 32, 48]  # each block filled once (both filled block 0 before)
     assert sum(told) == 4 and counted["blocks_stored"] == 16 + 4  # a put_from lands a block at a time
-    assert counted["dedup_blocks"] == 3 * 4
+    assert counted["dedup_blocks"] == 4
     for name, tier in store.stats()["tiers"].items():
         assert tier["blocks_written"] == 16 + 4, name  # one copy of each block written, in each tier
     assert sum(store.lookup(t) == 16 for t, _ in older) == 16  # the 20-block tiers evicted nothing
+    assert_same_kv(store.get(tokens), kv)
+
+
+def test_a_save_inside_a_save_of_the_same_prompt_does_not_wait_for_itself(make_store, layout):
+    """An engine's fill that saves the same prompt (re-entrant) waited on its own thread's landing."""
+    store = make_store("both")
+    tokens, kv = make_tokens(32), make_kv(layout, 32)
+    inner = []
+
+    def fill(block, dst) -> None:
+        dst.copy_(kv[:, :, block.start:block.end])
+        if block.start == 0 and not inner:
+            inner.append(store.put(tokens, kv))
+
+    done = threading.Thread(target=store.put_from, args=(tokens, fill))
+    done.start()
+    done.join(20)
+    assert not done.is_alive() and inner and store.lookup(tokens) == 32
     assert_same_kv(store.get(tokens), kv)
 
 

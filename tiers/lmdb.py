@@ -34,7 +34,7 @@ from typing import IO
 import lmdb
 import torch
 
-from kvstore.blockformat import HEADER_BYTES, BlockHeader, max_stored_bytes
+from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
@@ -265,12 +265,13 @@ class LmdbTier:
         serves them again."""
         records: list[tuple[int, bytes, int]] = []
         broken: list[bytes] = []
-        largest = max_stored_bytes(self.layout.block_bytes)  # a flipped bit in a length evicted the whole tier
+        # a flipped bit in a length evicted the whole tier; a block larger than the tier cannot be held (and other
+        # layouts' blocks, larger than this one's, are kept: one directory serves models in turn)
         with self._env.begin(db=self._meta) as txn:
             for key, value in txn.cursor():
                 header = BlockHeader.unpack(value)
                 if header is None or len(value) != _META_BYTES or header.key != key or \
-                        header.length + HEADER_BYTES > largest:
+                        header.length + HEADER_BYTES > self._capacity:
                     broken.append(key)
                     continue
                 stamp, form = _TAIL.unpack_from(value, HEADER_BYTES)

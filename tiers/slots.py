@@ -30,6 +30,7 @@ from kvstore.tiers.base import TIER_COUNTERS, Capability, EvictCallback, tier_st
 
 
 _FAULT_SLICE_BYTES = 64 << 20  # faulted in per step of the fault thread
+_CLOSE_FILL_SECONDS = 10.0  # how long close waits for copies into slots other threads are making
 
 
 @dataclass
@@ -80,7 +81,9 @@ class SlotTier:
         self.on_evict = on_evict
         self._lock = threading.Lock()
         self._faulted = threading.Condition(self._lock)  # a slice's slots became free
-        self._filling: set[bytes] = set()  # keys being copied into a slot (put by two threads: one slot)
+        self._closed = False
+        self._pinned = pin_memory and device.type == "cpu"
+        self._filling: dict[bytes, int] = {}  # keys being copied into a slot -> the thread copying (one slot)
         self._filled = threading.Condition(self._lock)  # one of them was indexed (or failed)
         self._index: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU first
         self._free: list[int] = []
@@ -245,7 +248,8 @@ class SlotTier:
         """``put`` of one block, counters of its write aside: bytes written (0: held already), None if
         refused (every slot pinned, or held by ``keep`` and ``also``)."""
         with self._lock:
-            while key in self._filling:  # another thread is filling it: its slot will hold it, not a second one
+            me = threading.get_ident()
+            while self._filling.get(key, me) != me:  # another thread fills it: its slot will hold it, not a second
                 self._filled.wait()
             entry = self._index.get(key)
             if entry is not None:
@@ -258,13 +262,15 @@ class SlotTier:
             if taken is None:
                 self._counters.add("rejected")
                 return None
-            self._filling.add(key)
+            outer = self._filling.get(key)  # this thread's own fill of it, further up (an engine's fill saving)
+            self._filling[key] = me
         try:
             return self._fill(key, block, lossy, *taken)
         finally:
             with self._lock:
-                self._filling.discard(key)
-                self._filled.notify_all()
+                if outer is None:
+                    del self._filling[key]
+                    self._filled.notify_all()
 
     def _fill(self, key: bytes, block: torch.Tensor | PendingBlock, lossy: str | None, slot: int,
               victim: tuple[bytes, _Entry] | None) -> int:
@@ -286,6 +292,8 @@ class SlotTier:
                 self._free.append(slot)
             raise
         with self._lock:
+            if self._closed:  # closed while this copy ran: the pool is gone, nothing is indexed
+                return None
             if key in self._index:  # another thread stored it meanwhile
                 self._free.append(slot)
                 return 0
@@ -410,9 +418,18 @@ class SlotTier:
         self._stop.set()
         if self._fault_thread is not None:
             self._fault_thread.join()
+        me = threading.get_ident()
         with self._lock:
+            self._closed = True
+            # copies other threads are making into slots finish first (an engine's fill: bounded)
+            self._filled.wait_for(lambda: all(thread == me for thread in self._filling.values()),
+                                  _CLOSE_FILL_SECONDS)
             self._index.clear()
             self._free, self._fresh = [], self._slots
             self._pool = self._pool[:0].clone()
             self._blocks = self._blocks[:0].clone()
             self._region = None
+        if self.device.type == "cpu" and self._pinned:  # torch caches freed pinned memory: give it back
+            empty_cache = getattr(torch._C, "_host_emptyCache", None)
+            if empty_cache is not None:
+                empty_cache()

@@ -412,8 +412,12 @@ def test_stats_command_reaches_a_tls_server_given_its_ca(tls_server, capsys):
     assert "Traceback" not in err
     assert main(["stats", "--url", tls_server.url, "--token", TOKEN, "--tls-ca-file", tls_server.ca]) == 0
     assert f"namespace {DEFAULT_NAMESPACE}" in capsys.readouterr().out
-    assert main(["stats", "--url", tls_server.url, "--token", TOKEN, "--tls-ca-file", "/nonexistent.pem"]) == 2
-    assert "--tls-ca-file: expected a PEM file" in capsys.readouterr().err
+    for wrong in ("/nonexistent.pem", __file__):  # missing, and not PEM
+        assert main(["stats", "--url", tls_server.url, "--token", TOKEN, "--tls-ca-file", wrong]) == 2
+        assert "--tls-ca-file: expected a PEM file of CA certificates" in capsys.readouterr().err
+    plain = tls_server.url.replace("kvstores://", "kvstore://")
+    assert main(["stats", "--url", plain, "--token", TOKEN, "--tls-ca-file", tls_server.ca]) == 2
+    assert "--tls-ca-file: only for a TLS server" in capsys.readouterr().err
 
 
 # -- the Authenticator and tenant loading, without a server ----------------------------------------------------------------

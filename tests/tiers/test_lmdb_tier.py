@@ -456,6 +456,21 @@ def test_a_capacity_the_machine_cannot_map_is_a_value_error_and_leaves_the_direc
     LmdbTier(disk_dir, 3 * BLOCK, layout).close()  # the failed attempt held no lock
 
 
+def test_a_layout_with_smaller_blocks_keeps_the_larger_blocks_of_another(open_tier, layout):
+    """One directory serves models in turn: a check of records against the opening layout's block size deleted
+    every block of a model with more KV heads."""
+    big = tiny_layout(num_kv_heads=8)
+    block = make_kv(big, 16, seed=4)
+    tier = open_tier(64 * BLOCK, lay=big)
+    tier.put_many([(A, block)])
+    tier.close()
+    small = open_tier(64 * BLOCK)
+    assert small.stats()["corrupt"] == 0
+    small.close()
+    again = open_tier(64 * BLOCK, lay=big)
+    assert_same_kv(_read(again, big, A), block)
+
+
 def test_a_fifo_for_data_mdb_is_refused_at_open_not_waited_on(disk_dir):
     """LMDB opened the FIFO and waited for a writer: the store's open hung for ever (a child, so a hang fails)."""
     disk_dir.mkdir(parents=True, exist_ok=True)
