@@ -346,8 +346,8 @@ class FilesTier:
         self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale", "temp_removed",
                                   "o_direct_fallbacks", "recycled", "moved_up")
         self._refusals = RefusalLog(log, "files", medium="its directory")
-        self._stuck: set[bytes] = set()  # block files eviction could not remove (another owner's): tried again
-        self._stuck_log = LogLimit(10.0)  # after the next full scan, never victims before it
+        self._stuck: set[bytes] = set()  # block files eviction could not remove (another owner's): no victims
+        self._stuck_log = LogLimit(10.0)  # until the next full scan; their warnings, one per 10 s at most
         self._writers = IOPool(io_threads, "kvstore-files-write")
         self._readers = IOPool(io_threads, "kvstore-files-read")  # reads never wait behind a batch of writes
         self._parts_per_read = min(io_threads, os.cpu_count() or 1)  # a page-cache copy takes a core per part

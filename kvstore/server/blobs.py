@@ -319,6 +319,9 @@ class BlobStore:
     def read_disk(self, namespace: str, key: bytes) -> Blob | None:
         """Read a blob from LMDB (blocking: run it off the event loop), check it and keep a RAM copy."""
         ident = (namespace, key)
+        with self._lock:  # the entry, if it was committed before this read's snapshot
+            committed = self._lru.get(ident)
+            committed = committed if committed is not None and committed.on_disk else None
         with self._env.begin(db=self._blobs, buffers=True) as txn:
             stored = txn.get(_lmdb_key(ident))
             intact = stored is not None and blob_intact(key, stored)  # checked in place, in the map
@@ -331,9 +334,9 @@ class BlobStore:
                 if blob is not None:
                     self._count(namespace, "corrupt")
                 entry = self._lru.get(ident)
-                # damaged, or gone from the disk under an index entry that says it is there (a PUT was then
-                # answered PRESENT, and the block never repaired)
-                if entry is not None and (blob is not None or (entry.on_disk and entry.ram is None)):
+                # damaged, or gone from the disk under an entry committed before this read looked (a PUT was then
+                # answered PRESENT, and the block never repaired); a blob put again since is not judged by it
+                if entry is not None and (blob is not None or (entry is committed and entry.ram is None)):
                     self._remove(ident)
                     self._enqueue("del", ident)
             return None
