@@ -573,6 +573,36 @@ def test_one_prompt_saved_by_two_threads_at_once_is_stored_and_counted_once(make
     assert_same_kv(store.get(tokens), kv)
 
 
+@pytest.mark.parametrize("mode", ["host", "disk", "both"])
+def test_a_fill_waiting_for_another_threads_save_of_its_prompt_is_bounded(make_store, layout, mode, monkeypatch):
+    """The fill of a ``put_from`` waits for a second thread's ``put`` of the same prompt: that put waited for the
+    fill's block (a landing, a slot being filled) and the fill for it, for ever on a store with host RAM."""
+    import kvstore.flow
+    import kvstore.tiers.slots
+
+    monkeypatch.setattr(kvstore.flow, "_LANDING_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(kvstore.tiers.slots, "_FILL_WAIT_SECONDS", 0.2)
+    store = make_store(mode)
+    tokens, kv = make_tokens(32), make_kv(layout, 32)
+
+    def fill(block, dst) -> None:
+        dst.copy_(kv[:, :, block.start:block.end])
+        if block.start == 0:
+            other = threading.Thread(target=store.put, args=(tokens, kv))
+            other.start()
+            other.join(30)
+
+    saver = threading.Thread(target=store.put_from, args=(tokens, fill))
+    saver.start()
+    saver.join(30)
+    assert not saver.is_alive()
+    store.flush()
+    assert store.lookup(tokens) == 32
+    assert_same_kv(store.get(tokens), kv)
+    for name, tier in store.stats()["tiers"].items():
+        assert tier["blocks"] == 2 and tier["used_bytes"] <= tier["capacity_bytes"], name
+
+
 def test_a_save_inside_a_save_of_the_same_prompt_does_not_wait_for_itself(make_store, layout):
     """An engine's fill that saves the same prompt (re-entrant) waited on its own thread's landing."""
     store = make_store("both")

@@ -31,6 +31,7 @@ from kvstore.tiers.base import TIER_COUNTERS, Capability, EvictCallback, tier_st
 
 _FAULT_SLICE_BYTES = 64 << 20  # faulted in per step of the fault thread
 _CLOSE_FILL_SECONDS = 10.0  # how long close waits for copies into slots other threads are making
+_FILL_WAIT_SECONDS = 10.0  # how long a put of a key waits for another thread's copy of the same key
 
 
 @dataclass
@@ -249,8 +250,9 @@ class SlotTier:
         refused (every slot pinned, or held by ``keep`` and ``also``)."""
         with self._lock:
             me = threading.get_ident()
-            while self._filling.get(key, me) != me:  # another thread fills it: its slot will hold it, not a second
-                self._filled.wait()
+            # another thread fills it: its slot will hold it, not a second one; bounded (an engine's fill may wait
+            # for this very put), then a slot of its own, and the later of the two copies is dropped
+            self._filled.wait_for(lambda: self._filling.get(key, me) == me, _FILL_WAIT_SECONDS)
             entry = self._index.get(key)
             if entry is not None:
                 self._index.move_to_end(key)
@@ -262,13 +264,15 @@ class SlotTier:
             if taken is None:
                 self._counters.add("rejected")
                 return None
-            outer = self._filling.get(key)  # this thread's own fill of it, further up (an engine's fill saving)
-            self._filling[key] = me
+            # unless this thread fills it further up (an engine's fill saving), or another still does
+            first = key not in self._filling
+            if first:
+                self._filling[key] = me
         try:
             return self._fill(key, block, lossy, *taken)
         finally:
-            with self._lock:
-                if outer is None:
+            if first:
+                with self._lock:
                     del self._filling[key]
                     self._filled.notify_all()
 
