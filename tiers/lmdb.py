@@ -178,6 +178,14 @@ def open_databases(env: lmdb.Environment, path: Path, lock_file: IO[str], *names
         raise OSError(f"{path}: not a kvstore LMDB environment (another program's?): {exc}") from None
 
 
+def drop_records(env: lmdb.Environment, keys: Sequence[bytes], *databases: object) -> None:
+    """Delete ``keys`` from each of ``databases`` in one transaction (broken records found at open)."""
+    with env.begin(write=True) as txn:
+        for key in keys:
+            for db in databases:
+                txn.delete(key, db=db)
+
+
 def _kind(mode: int) -> str:
     kinds = {stat.S_ISDIR: "directory", stat.S_ISFIFO: "FIFO", stat.S_ISCHR: "character device",
              stat.S_ISBLK: "block device", stat.S_ISSOCK: "socket"}
@@ -279,10 +287,7 @@ class LmdbTier:
                     self._foreign.add(key)
                 records.append((stamp, key, header.length + HEADER_BYTES))
         if broken:
-            with self._env.begin(write=True) as txn:
-                for key in broken:
-                    txn.delete(key, db=self._meta)
-                    txn.delete(key, db=self._blocks)
+            drop_records(self._env, broken, self._meta, self._blocks)
             self._counters.add("corrupt", len(broken))
         records.sort()
         for _, key, size in records:

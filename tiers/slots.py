@@ -433,7 +433,7 @@ class SlotTier:
             self._pool = self._pool[:0].clone()
             self._blocks = self._blocks[:0].clone()
             self._region = None
-        if self.device.type == "cpu" and self._pinned:  # torch caches freed pinned memory: give it back
+        if self._pinned:  # torch caches freed pinned memory: give it back
             empty_cache = getattr(torch._C, "_host_emptyCache", None)
             if empty_cache is not None:
                 empty_cache()

@@ -30,7 +30,7 @@ from kvstore.arena import Arena
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.buffers import alloc_bytes
 from kvstore.protocol import PutResult
-from kvstore.tiers.lmdb import lock_directory, open_databases, open_environment
+from kvstore.tiers.lmdb import drop_records, lock_directory, open_databases, open_environment
 
 NAMESPACE_COUNTERS = ("hits_ram", "hits_disk", "misses", "bytes_in", "bytes_out", "bytes_out_ram", "bytes_out_disk",
                       "bytes_written_disk", "stored", "present", "rejected",
@@ -126,17 +126,14 @@ class BlobStore:
                     ident = (namespace.decode(), key)
                 except UnicodeDecodeError:
                     ident = None
-                size = _META.unpack(value)[1] if len(value) == _META.size else -1
+                stamp, size = _META.unpack(value) if len(value) == _META.size else (0, -1)
                 blob = txn.get(lkey, db=self._blobs) if ident is not None and key else None
                 if blob is None or not 0 < size <= self._disk_bytes or len(blob) != size:
                     broken.append(lkey)
                 else:
-                    records.append((_META.unpack(value)[0], ident, size))
+                    records.append((stamp, ident, size))
         if broken:
-            with self._env.begin(write=True) as txn:
-                for lkey in broken:
-                    txn.delete(lkey, db=self._meta)
-                    txn.delete(lkey, db=self._blobs)
+            drop_records(self._env, broken, self._meta, self._blobs)
             self.corrupt_dropped = len(broken)
             log.warning("data_dir %s: dropped %d broken blob record(s) at open (damaged, or another tool's)",
                         self._env.path(), len(broken))
