@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -129,6 +130,31 @@ def _weights_state(model: Any) -> tuple[tuple[int, int], ...]:
     place (autograd's counter) or given new tensors, at a few microseconds a hundred parameters. Tensors
     made under ``torch.inference_mode()`` keep no counter: only a new tensor shows for them."""
     return tuple((-1 if p.is_inference() else p._version, p.data_ptr()) for p in model.parameters())
+
+
+def adapter_state(model: Any) -> bytes:
+    """What the model's PEFT adapters do now: for each tuner layer, its active adapters and their scaling,
+    whether adapters are disabled and which are merged; empty for a model without adapters.
+
+    Switching the active adapter, disabling adapters or rescaling them
+    changes the KV of the same ids while every parameter stays as it was: a
+    LoRA wrapper saved with adapter ``a`` served its KV to adapter ``b`` and
+    to the base model (last logits 0.7 off). Read at every call, in
+    microseconds a module; nothing at all unless PEFT is imported (a model
+    with adapters imported it).
+    """
+    if "peft" not in sys.modules:
+        return b""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            active = tuple(module.active_adapters)
+            scaling = getattr(module, "scaling", {})  # LoRA's; other tuners have none
+            layers.append((name, active, bool(module.disable_adapters), tuple(module.merged_adapters),
+                           [scaling.get(adapter) for adapter in active]))
+    return repr(layers).encode() if layers else b""
 
 
 def layout_for(model_or_config: Any, dtype: torch.dtype | str | None = None, block_tokens: int = 256,
@@ -280,7 +306,8 @@ class CachedModel:
 
     def key_salt(self, salt: Salt = None) -> Salt:
         """The salt a call's blocks are keyed under in ``store`` (for asking the store directly): ``salt``,
-        bound to a digest of the weights when the store names no model. ``ValueError`` for a bad salt.
+        bound to a digest of the weights when the store names no model, and to what the model's PEFT
+        adapters do now (``adapter_state``). ``ValueError`` for a bad salt.
 
         The digest is taken again when a parameter changed since (an in-place
         update under ``no_grad``, or a new tensor assigned to ``.data``, as
@@ -288,6 +315,9 @@ class CachedModel:
         never reach the new ones. Writes through ``param.data`` in place do
         not show; call ``refresh_weights()`` after those.
         """
+        adapters = adapter_state(self.model)
+        if adapters:
+            salt = b"adapters=" + xxhash.xxh3_128_hexdigest(adapters).encode() + b";" + salt_bytes(salt)
         if self._weights is None:
             return salt
         if _weights_state(self.model) != self._weights_seen:

@@ -249,8 +249,8 @@ def test_sigkill_store_writer_loop(tmp_path, layout, size, request):
     if size == "long":
         markexpr = request.config.getoption("markexpr") or ""
         if os.environ.get("KVSTORE_SLOW") != "1" and not ("slow" in markexpr and "not slow" not in markexpr):
-            pytest.skip("100 crash cycles: set KVSTORE_SLOW=1 or select -m slow")
-        cycles = max(100, _cycles(100))
+            pytest.skip("60 crash cycles: set KVSTORE_SLOW=1 or select -m slow")
+        cycles = max(60, _cycles(60))
     else:
         cycles = _cycles(20)
     settings = json.dumps(_store_settings(tmp_path))

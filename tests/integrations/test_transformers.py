@@ -534,3 +534,35 @@ def test_a_model_sharing_kv_across_layers_is_refused_up_front():
                                             head_dim=16, num_kv_shared_layers=2)
     with pytest.raises(ValueError, match="config.num_kv_shared_layers: expected 0 .*got 2"):
         layout_for(config, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("model_id", [None, "llama-tiny"])
+def test_switching_or_disabling_peft_adapters_is_never_served_another_adapters_kv(new_store, model_id):
+    """Adapter state is no parameter: a LoRA wrapper saved under adapter ``a`` served those blocks to adapter
+    ``b`` and to the base model with adapters disabled (39 tokens loaded, last logits 0.7 off)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(3)
+    base = _other_weights("llama")
+    lora = dict(r=4, target_modules=["k_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(base, peft.LoraConfig(**lora), adapter_name="a")
+    model.add_adapter("b", peft.LoraConfig(**lora))
+    model.set_adapter("a")
+    model.eval()
+    store = new_store(model) if model_id is None else new_store(model, model_id=model_id)
+    cached = CachedModel(model, store)
+    ids = tokens(40, seed=31)
+    assert cached.forward(ids)[1].saved_tokens == 40
+
+    def served() -> int:
+        out, info = cached.forward(ids)
+        assert max_diff(out.logits[:, -1], reference_logits(model, ids)[:, -1]) <= FP32_TOL
+        return info.loaded_tokens
+
+    model.set_adapter("b")
+    assert served() == 0
+    with model.disable_adapter():
+        assert served() == 0
+    model.base_model.model.model.layers[0].self_attn.k_proj.scaling["b"] *= 2  # rescaled, no parameter changed
+    assert served() == 0
+    model.set_adapter("a")
+    assert served() == 39  # its own blocks are still its own (all but the last token)
