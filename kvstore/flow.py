@@ -69,6 +69,10 @@ class BlockFlow:
         self._landed = threading.Condition(threading.Lock())  # some of them were landed
         self._waiting = 0  # threads waiting for another's landing
         self._chains = ChainMemo()
+        # Where a put looks for blocks stored already: the local levels. Asking the cache server or Redis cost
+        # a put a round trip a new block (32 EXISTS for 32), and a hung server its whole timeout; their copies
+        # are checked for on the write-behind's side instead (``_write_queued``).
+        self._dedup = stack.local or stack.levels
         # Memory levels hold approximate copies only of what a lossy level served: none, none to replace.
         self._marks = [level for level in stack if level.slots] if any(level.lossy for level in stack) else []
 
@@ -85,6 +89,8 @@ class BlockFlow:
     # -- writes -------------------------------------------------------------------------
 
     def _write_queued(self, level: Level, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
+        if level.batch:  # a put does not ask it what it holds (``_dedup``): blocks it holds are not sent again
+            items = [(key, block) for key, block in items if not self.stack.contains(level, key)]
         self.stack.write(level, items)  # queued copies are exact: approximate ones are never queued
         if level.chains:  # each prompt these blocks came with: its head the most recently used
             keys = [key for key, _ in items]
@@ -168,7 +174,7 @@ class BlockFlow:
         new = []
         for key, block in items:
             sightings = self.placement.sighted(key)
-            where = self.stack.where(key)
+            where = self.stack.where(key, self._dedup)
             if where is None or self._marked(where, key):
                 new.append((key, block, sightings))  # not stored, or held approximately in memory: store these
                 continue
@@ -213,6 +219,8 @@ class BlockFlow:
             for key, _ in copies:
                 written.setdefault(key, set()).add(level.index)
             batch = sorted(copies + [(key, block) for key, block, _ in items], key=lambda item: order[item[0]])
+            if level.batch:  # blocks it holds are not sent again (a put asks it nothing before they land there)
+                batch = [(key, block) for key, block in batch if not self.stack.contains(level, key)]
             self.stack.write(level, batch)
             rest = []
             for key, block, sightings in items:
@@ -245,7 +253,8 @@ class BlockFlow:
             if not self.placement.admits(index, sightings):
                 level.counters.add("admission_rejected")
                 continue
-            if (self.stack.contains(level, key) and not self._marked(level, key)) or self.writes.pending(level.name, key):
+            if self.writes.pending(level.name, key) or (
+                    not level.batch and self.stack.contains(level, key) and not self._marked(level, key)):
                 continue  # held exactly, or on its way (a copy held approximately is replaced by exact bytes)
             self._queue(level, key, block, landed)
 
@@ -297,6 +306,9 @@ class BlockFlow:
         if index is None:
             return
         below = self.stack[index]
+        if below.batch:  # a copy for the cache server or Redis waits for no round trip in the put that evicts
+            self._evicted_to_batch(below, key, block, lossy)
+            return
         if self.stack.contains(below, key) and not (lossy is None and self._marked(below, key)):
             return  # held there, unless approximately while these bytes are exact
         if not self.placement.admits(index, self.placement.sightings(key)):
@@ -305,6 +317,24 @@ class BlockFlow:
         self.stack.write(below, [(key, block)], lossy)
         if below.takes(lossy):
             self.counters.add("demotions")
+
+    def _evicted_to_batch(self, below: Level, key: bytes, block: torch.Tensor, lossy: str | None) -> None:
+        """``evicted``'s copy for a batch level: queued (a copy of the bytes, whose slot is being reused), and
+        checked for there by the write-behind; approximate bytes are kept from it (``Level.takes``)."""
+        if not below.takes(lossy):
+            below.counters.add("lossy_refused")
+            return
+        if not self.placement.admits(below.index, self.placement.sightings(key)):
+            below.counters.add("admission_rejected")
+            return
+        try:
+            accepted = self.writes.submit(below.name, key, block.detach().to("cpu", copy=True), None)
+        except WriteBehindClosed:
+            accepted = False
+        if accepted:
+            self.counters.add("demotions")
+        else:
+            below.counters.add("queue_dropped")
 
     def write_back_all(self) -> None:
         """On close: blocks only memory levels hold go to the first persistent ``write_back`` level."""

@@ -175,7 +175,10 @@ class KVStore:
 
         Returns once the blocks are in the fastest tier that takes them;
         lower tiers are written in the background (see ``flush``). Blocks
-        already stored in any tier are skipped and counted as dedup.
+        already stored in a local tier (HBM, host RAM, LMDB, files) are
+        skipped and counted as dedup; the cache server and Redis are asked
+        nothing here (a round trip a block, and a hung server's timeout), but
+        where a block goes to them: one they hold is not sent again.
         Everything is validated before anything is stored.
         """
         blocks = self._keys.blocks(tokens, salt)

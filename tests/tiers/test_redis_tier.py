@@ -587,6 +587,35 @@ def test_kvstore_host_then_redis(shared_redis, layout):
         tier.contains(A)  # the store closed it
 
 
+def _commands(server: RedisServer) -> dict[str, int]:
+    return {name: stats["calls"] for name, stats in server.client().info("commandstats").items()}
+
+
+def test_a_put_asks_redis_nothing_and_sends_no_block_it_holds(redis_server, layout):
+    """A put asked Redis whether it held each new block (32 EXISTS round trips for 32 blocks, and a stopped
+    server's whole timeout): dedup looks at the local levels; Redis's copies are checked for where blocks go
+    to it (the write-behind, or a put whose blocks overflow host RAM), and none is sent again."""
+    def config(blocks: int, policy: str) -> StoreConfig:
+        return StoreConfig(host_bytes=blocks * layout.block_bytes, redis_url=redis_server.url,
+                           redis_namespace="put", redis_write_policy=policy)
+
+    def sent(call) -> dict[str, int]:
+        before = _commands(redis_server)
+        call()
+        return {name: calls - before.get(name, 0) for name, calls in _commands(redis_server).items()
+                if calls > before.get(name, 0) and name not in ("cmdstat_info", "cmdstat_hello")}  # the test's own
+
+    tokens, kv = make_tokens(96, seed=8), make_kv(layout, 96, seed=8)
+    with KVStore(layout, config(8, "write_back")) as store:
+        assert sent(lambda: store.put(tokens, kv)) == {}  # host RAM holds all six: Redis is not asked
+    assert store.stats()["tiers"]["redis"]["blocks_written"] == 6  # written back at close
+    for host_blocks in (8, 2):  # all in host RAM, then written behind; or four overflowing to Redis at once
+        with KVStore(layout, config(host_blocks, "write_through")) as store:
+            assert "cmdstat_set" not in sent(lambda: (store.put(tokens, kv), store.flush(10)))
+            assert store.stats()["tiers"]["redis"]["blocks_written"] == 0
+            assert_same_kv(store.get(tokens), kv)
+
+
 def test_store_config_builds_the_redis_tier_below_host(redis_cluster, layout):
     config = StoreConfig(host_bytes=2 * layout.block_bytes, redis_url=redis_cluster.url, redis_namespace="cfg",
                          redis_codec="zstd", redis_ttl_seconds=600)
