@@ -28,13 +28,14 @@ import torch
 from kvstore.config import StoreConfig
 from kvstore.flow import BlockFlow
 from kvstore.gate import Gate, gated
+from kvstore.health import HEALTHY
 from kvstore.hierarchy import TIER_SPECS, build_tiers
 from kvstore.hooks import EngineHooks, num_tokens_of
 from kvstore.keyed import EngineKey, KeyedBlocks
 from kvstore.keys import BlockRef, KeyChain, Salt, Tokens
 from kvstore.layerwise import LayerLoader, LayerSaver, LayerSink
 from kvstore.layout import KVLayout
-from kvstore.levels import TierStack, make_level
+from kvstore.levels import Level, TierStack, make_level
 from kvstore.pending import Fill, PendingBlock
 from kvstore.placement import Placement
 from kvstore.planner import LoadPlan
@@ -312,11 +313,20 @@ class KVStore:
         with self._gate.visit(2 * CLOSE_WAIT_SECONDS):
             return self._stats()
 
+    @staticmethod
+    def _tier_figures(level: Level) -> dict[str, Any]:
+        """``level``'s own figures; a bypassed cache server or Redis shows those it last gave (asking one that
+        hangs cost every ``stats()`` its timeout, and counted an error each time)."""
+        if level.batch and level.health.state != HEALTHY:  # a data call probes it, not this
+            return dict(level.last_figures)
+        level.last_figures = dict(level.tier.stats())
+        return dict(level.last_figures)
+
     def _stats(self) -> dict[str, Any]:
         depth = self._flow.writes.depth()
         tiers = {}
         for level in self.stack:
-            entry: dict[str, Any] = dict(level.tier.stats())
+            entry: dict[str, Any] = self._tier_figures(level)
             for name, value in level.snapshot().items():
                 if name == "errors":
                     entry[name] = entry.get(name, 0) + value  # what the tier counted and what it raised

@@ -555,6 +555,24 @@ def test_server_not_answering_times_out(redis_server, layout):
     tier.close()
 
 
+def test_stats_of_a_store_whose_redis_hangs_do_not_wait_on_it(redis_server, layout):
+    """``stats()`` asked a bypassed, stopped Redis for its figures: each call waited out the timeout and
+    counted another error. While the tier is bypassed it shows the figures it last gave."""
+    config = StoreConfig(host_bytes=2 * layout.block_bytes, redis_url=redis_server.url, redis_timeout_seconds=0.2,
+                         degraded_seconds=600)
+    with KVStore(layout, config) as store:
+        assert store.stats()["tiers"]["redis"]["state"] == "healthy"
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            assert store.lookup(make_tokens(48, seed=4)) == 0  # host RAM misses, Redis times out: bypassed
+            first = store.stats()["tiers"]["redis"]
+            assert first["state"] == "degraded" and first["timeouts"] + first["errors"] >= 1
+            for _ in range(3):
+                assert store.stats()["tiers"]["redis"] == first  # Redis not asked again
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+
+
 def test_cluster_unreachable_at_start(layout):
     tier = RedisTier(f"redis+cluster://127.0.0.1:{free_port()}", layout, timeout_seconds=0.2)
     assert counts(tier, "errors")[0] >= 1  # building the client failed: counted, not raised
