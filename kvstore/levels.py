@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -58,7 +58,6 @@ class Level:
     decode_bytes_per_second: float
     counters: Counters = field(default_factory=lambda: Counters(*PER_TIER_COUNTERS))
     last_error: str | None = None
-    last_figures: dict[str, Any] = field(default_factory=dict)  # the tier's ``stats()`` when last asked
     _failures_logged: LogLimit = field(default_factory=lambda: LogLimit(LOG_INTERVAL_SECONDS))
 
     @property

@@ -315,12 +315,11 @@ class KVStore:
 
     @staticmethod
     def _tier_figures(level: Level) -> dict[str, Any]:
-        """``level``'s own figures; a bypassed cache server or Redis shows those it last gave (asking one that
-        hangs cost every ``stats()`` its timeout, and counted an error each time)."""
+        """``level``'s own figures; a bypassed cache server or Redis is not asked for its server's (asking one
+        that hangs cost every ``stats()`` its timeout, and counted an error each time)."""
         if level.batch and level.health.state != HEALTHY:  # a data call probes it, not this
-            return dict(level.last_figures)
-        level.last_figures = dict(level.tier.stats())
-        return dict(level.last_figures)
+            return dict(level.tier.cached_stats())
+        return dict(level.tier.stats())
 
     def _stats(self) -> dict[str, Any]:
         depth = self._flow.writes.depth()

@@ -141,6 +141,11 @@ class BatchTier(Tier, Protocol):
 
     def get_many_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]: ...
 
+    def cached_stats(self) -> dict[str, int]:
+        """``stats()`` without asking the server: the tier's counters, and the server's figures as last read
+        (a bypassed server that hangs costs ``stats()`` nothing)."""
+        ...
+
 
 class EvictingTier(Tier, Protocol):
     """A tier that evicts for room and lets the store see each evicted block (write-back below it)."""

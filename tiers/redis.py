@@ -622,7 +622,11 @@ class RedisTier:
         """Counters, plus ``blocks`` (DBSIZE: keys of the whole database, every namespace, summed over
         cluster primaries), ``used_bytes`` (see ``used_bytes``) and ``capacity_bytes``; servers that do
         not answer add nothing."""
-        used, keys, maxmemory = self._server_figures()
+        self._server_figures()
+        return self.cached_stats()
+
+    def cached_stats(self) -> dict[str, int]:
+        used, keys, maxmemory = self._last_figures
         capacity = self._capacity or (maxmemory if self._server_capacity is None else self._server_capacity)
         return tier_stats(self._counters, keys, used, capacity)
 

@@ -95,6 +95,7 @@ class RemoteTier:
         self._pool = ConnectionPool(url, token, timeout_seconds, connections, tls_ca_file)
         self._fingerprint = layout.fingerprint
         self._counters = Counters(*TIER_COUNTERS, *REMOTE_COUNTERS)
+        self._last_server: dict[str, int] = {}  # the server's figures when last asked (``cached_stats``)
         self._refusals = RefusalLog(log, "remote")
         self._backoff_seconds = backoff_seconds
         self._max_backoff_seconds = max_backoff_seconds
@@ -307,7 +308,11 @@ class RemoteTier:
                 return iter(keys)
 
     def stats(self) -> dict[str, int]:
-        server = self._server_stats()
+        self._last_server = self._server_stats()
+        return self.cached_stats()
+
+    def cached_stats(self) -> dict[str, int]:
+        server = self._last_server
         stats = tier_stats(self._counters, server.get("blocks", 0), server.get("used_bytes", 0), self.capacity_bytes)
         stats["token_refused"] = int(self.token_refused)  # the store's stats() says so in the tier's state
         return stats
