@@ -9,11 +9,13 @@ import pytest
 from conftest import assert_same_kv, make_kv, make_tokens, mounted_tmpfs, remount, tiny_layout
 from kvstore.blockformat import HEADER_BYTES
 from kvstore import KVStore, StoreConfig
+from kvstore.tiers.files import FilesTier
+from kvstore.tiers.host import HostTier
 
 LAYOUT = tiny_layout()
 
 
-@pytest.mark.parametrize("tier", ["lmdb", "files"])
+@pytest.mark.parametrize("tier", ["lmdb"])
 @pytest.mark.parametrize("host", [False, True])
 def test_a_full_disk_keeps_serving_what_it_holds(tmp_path, tier, host):
     with mounted_tmpfs(tmp_path / "small", "size=1m") as point:
@@ -57,3 +59,36 @@ def test_a_read_only_files_dir_larger_than_files_bytes_is_served_as_it_is(tmp_pa
         with KVStore(layout, smaller) as reader:
             assert reader.lookup(tokens) == 80
             assert_same_kv(reader.get(tokens), kv)
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_a_files_tier_on_a_filesystem_smaller_than_files_bytes_keeps_to_the_room_it_has(tmp_path, host):
+    """A 1 MiB filesystem under ``files_bytes=16MiB``: the first ENOSPC suspended the tier's writes for good;
+    it kept its oldest blocks and the newest prompts never landed. It now evicts within the room it has, and
+    holds more again once room comes back."""
+    with mounted_tmpfs(tmp_path / "small", "size=1m") as point:
+        files = FilesTier(point / "kv", 16 << 20, LAYOUT, rescan_seconds=0.0)  # scans at every write
+        tiers = [HostTier(LAYOUT, LAYOUT.block_bytes, pin_memory=False), files] if host else [files]
+        config = StoreConfig(model_id="m", degraded_seconds=60.0)  # its tiers are these
+        prompts = [(make_tokens(48, seed=i), make_kv(LAYOUT, 48, seed=i)) for i in range(120)]
+        ballast = point / "ballast"
+        ballast.write_bytes(b"x" * (256 << 10))  # another user's quarter of the filesystem
+        with KVStore(LAYOUT, config, tiers=tiers) as store:
+            for tokens, kv in prompts[:100]:
+                store.put(tokens, kv)
+                assert store.flush(timeout=30)
+            stats = store.stats()["tiers"]["files"]
+            assert stats["filesystem_full"] >= 1 and stats["errors"] == 0 and stats["writes"] != "suspended"
+            assert stats["capacity_bytes"] <= 768 << 10 and stats["used_bytes"] <= stats["capacity_bytes"]
+            for tokens, kv in prompts[97:100]:  # the newest prompts landed, exact
+                assert store.lookup(tokens) == 48
+                assert_same_kv(store.get(tokens), kv)
+            assert store.lookup(prompts[0][0]) < 48  # the oldest made room
+            ballast.unlink()
+            for tokens, kv in prompts[100:]:  # room came back: a scan raises the capacity again
+                store.put(tokens, kv)
+                assert store.flush(timeout=30)
+            later = store.stats()["tiers"]["files"]
+            assert later["capacity_bytes"] > stats["capacity_bytes"] + (128 << 10) and later["errors"] == 0
+            for tokens, kv in prompts[-3:]:
+                assert_same_kv(store.get(tokens), kv)

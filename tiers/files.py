@@ -39,7 +39,9 @@ write rescan; an indexed block not seen for ``_VERIFY_SECONDS`` is looked at
 again before ``contains`` says yes. Writers in several processes may
 overshoot by what the others wrote since their last scan. A
 reader racing an eviction opened the file first (POSIX keeps it readable)
-or misses. Capacity counts header + payload of each file.
+or misses. Capacity counts header + payload of each file; a write that finds
+the filesystem full holds it to the bytes used plus the room left (until a
+scan finds room again), and the batch is written again within it.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ _NOT_A_FILE = (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.ENODEV)
 # open() that finds no block there: a fan-out directory is a file (ENOTDIR), or another process holds a
 # lease on the file (EAGAIN: O_NONBLOCK instead of waiting for it).
 _NO_FILE = (*_GONE, errno.ENOTDIR, errno.EAGAIN)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full filesystem, or the writer's quota
 _STAMP_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)  # atime stamp on a read-only or foreign file
 _SPLIT_READ_BYTES = 8 << 20  # a raw payload this large is read in parts side by side
 _SPLIT_RUN_BYTES = 4 << 20  # a run of blocks this large is read in runs side by side
@@ -313,8 +316,10 @@ class FilesTier:
                 raise ValueError(f"{name}: expected seconds >= 0, got {value!r}")
         self._root = os.path.abspath(os.fspath(path))
         make_directory(self._root, "files_dir")
-        self._capacity = capacity_bytes
-        self._low_water = capacity_bytes - capacity_bytes // 10 // full * full
+        self._full, self._configured = full, capacity_bytes
+        self._capacity = self._low_water = 0  # bytes: held to the filesystem's room after a full disk
+        self._set_capacity(capacity_bytes)
+        self._room_log = LogLimit(60.0)
         self.layout = layout
         self._fingerprint = layout.fingerprint
         self.encoding = BlockEncoding(layout, codec)
@@ -344,7 +349,7 @@ class FilesTier:
         self._stale_view = False  # another process removed blocks this index held: rescan when a write may
         self._scan_seconds = 0.0  # how long it took
         self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale", "temp_removed",
-                                  "o_direct_fallbacks", "recycled", "moved_up")
+                                  "o_direct_fallbacks", "recycled", "moved_up", "filesystem_full")
         self._refusals = RefusalLog(log, "files", medium="its directory")
         self._stuck: set[bytes] = set()  # block files eviction could not remove (another owner's): no victims
         self._stuck_log = LogLimit(10.0)  # until the next full scan; their warnings, one per 10 s at most
@@ -362,6 +367,41 @@ class FilesTier:
     def used_bytes(self) -> int:
         with self._lock:
             return self._used
+
+    def _set_capacity(self, capacity: int) -> None:
+        """The bytes the tier holds now, and the low-water mark an eviction goes down to (90% in whole full
+        blocks; a tier of under ten blocks evicts just what the write needs)."""
+        self._capacity = capacity
+        self._low_water = capacity - capacity // 10 // self._full * self._full
+
+    def _fit_to_filesystem(self, full_disk: bool) -> bool:
+        """Hold the tier to the bytes it uses plus what the filesystem has free (``files_bytes`` at most);
+        True if that lowered its capacity. ``full_disk``: a write just found no space.
+
+        A filesystem smaller than ``files_bytes`` (or filled by others) made
+        every write fail with ENOSPC: the tier's writes were suspended for
+        good, it kept its oldest blocks, and new prompts never landed. Now it
+        evicts within the room it has; the periodic scan raises the capacity
+        again as room comes back.
+        """
+        try:
+            fs = os.statvfs(self._root)
+        except OSError:
+            return False
+        with self._lock:
+            room = self._used + self._reserved + fs.f_bavail * fs.f_frsize
+            capacity = max(self._full, min(self._configured, room))
+            if capacity == self._capacity or (not full_disk and capacity < self._capacity):
+                return False
+            lowered, before = capacity < self._capacity, self._capacity
+            self._set_capacity(capacity)
+        if lowered and self._room_log.due():
+            log.warning("files_dir %s: the filesystem is full at %d bytes of blocks, below files_bytes=%d; the "
+                        "tier keeps to the room it has", self._root, capacity, self._configured)
+        elif not lowered:
+            log.info("files_dir %s: room came back; the tier holds up to %d bytes (was %d)", self._root,
+                     capacity, before)
+        return lowered and self._used > 0
 
     def _path(self, key: bytes) -> str:
         """Where block ``key`` is read and removed: its one-level path, or where a scan left it."""
@@ -754,6 +794,8 @@ class FilesTier:
             # the periodic scan also removes what writers that died left behind (temp and parked files):
             # cleaned at open only, they grew a long-lived process's directory past its capacity
             due = since > self._rescan_seconds
+            if due and self._capacity < self._configured:
+                self._fit_to_filesystem(full_disk=False)
             if due or ((over or self._stale_view) and share):
                 if self._scan_seconds < _INLINE_SCAN_SECONDS:
                     self._rescan_unless_scanning(clean_temps=due)
@@ -774,6 +816,19 @@ class FilesTier:
             return True, spare
 
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+        """``_put_batch``; a batch the filesystem had no room for is written again once, in the room it has
+        (``_fit_to_filesystem``)."""
+        try:
+            return self._put_batch(items)
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            self._counters.add("filesystem_full")
+            if not self._fit_to_filesystem(full_disk=True):
+                raise
+        return self._put_batch(items)
+
+    def _put_batch(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """Write each block not yet present (here or by another process) atomically; count those stored.
 
         Up to ``io_threads`` files are written at once (a file write
