@@ -314,9 +314,19 @@ class BlockFlow:
         if not self.placement.admits(index, self.placement.sightings(key)):
             below.counters.add("admission_rejected")
             return
-        self.stack.write(below, [(key, block)], lossy)
-        if below.takes(lossy):
+        self._written_back(below, key, block, lossy)
+
+    def _written_back(self, target: Level, key: bytes, block: torch.Tensor, lossy: str | None) -> None:
+        """Write ``key`` back to ``target``; one it refuses (a codec's frame larger than the tier, a failed
+        write) goes on down as if ``target`` evicted it. Blocks a write-back target refused were lost: only a
+        put's overflow went on to the level below."""
+        self.stack.write(target, [(key, block)], lossy)
+        if not target.takes(lossy):
+            return
+        if self.stack.contains(target, key):
             self.counters.add("demotions")
+        else:
+            self.evicted(target, key, block, lossy)
 
     def _evicted_to_batch(self, below: Level, key: bytes, block: torch.Tensor, lossy: str | None) -> None:
         """``evicted``'s copy for a batch level: queued (a copy of the bytes, whose slot is being reused), and
@@ -352,7 +362,7 @@ class BlockFlow:
                 if pinned is None:
                     continue
                 try:
-                    self.stack.write(self.stack[target], [(key, pinned[0])], pinned[1])
+                    self._written_back(self.stack[target], key, pinned[0], pinned[1])
                 finally:
                     self.stack.unpin(level, key)
 

@@ -13,6 +13,7 @@ from faulty import FaultyTier
 from kvstore.blockformat import HEADER_BYTES
 from kvstore.config import StoreConfig
 from kvstore.health import WINDOW_READS, slow_reads_to_trip
+from kvstore.layout import KVLayout
 from kvstore.store import KVStore
 from kvstore.tiers.files import FilesTier
 from kvstore.tiers.host import HostTier
@@ -96,6 +97,30 @@ def test_close_writes_back_what_only_volatile_tiers_hold(stack, tmp_path, layout
                                      disk_sync=False)) as again:
         for tokens, kv in data:
             assert_same_kv(again.get(tokens), kv)
+
+
+@pytest.mark.parametrize("when", ["evicted", "closed"])
+def test_a_block_the_write_back_target_refuses_goes_on_to_the_tier_below(tmp_path, when):
+    """fp8 KV, LMDB with zstd holding one raw block (its frames are larger than the raw bytes: refused) above
+    a files tier, write-back: what LMDB refused was lost, on eviction from host RAM and at close."""
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=128, dtype=torch.float8_e4m3fn, block_tokens=16)
+    config = StoreConfig(model_id="m", host_bytes=(1 if when == "evicted" else 8) * layout.block_bytes,
+                         disk_dir=str(tmp_path / "lmdb"), disk_bytes=layout.block_bytes + HEADER_BYTES,
+                         disk_codec="zstd", disk_sync=False, files_dir=str(tmp_path / "files"),
+                         files_bytes="64MiB", files_sync=False, write_policy="write_back")
+    generator = torch.Generator().manual_seed(5)
+    prompts = [(make_tokens(16 * blocks, seed=n),
+                torch.randint(0, 256, layout.shape(16 * blocks), dtype=torch.uint8, generator=generator)
+                .view(torch.float8_e4m3fn)) for n, blocks in enumerate((4, 1, 1, 1))]
+    with KVStore(layout, config) as store:
+        for tokens, kv in prompts:
+            store.put(tokens, kv)
+    tiers = store.stats()["tiers"]
+    assert tiers["lmdb"]["rejected"] >= 1 and tiers["files"]["blocks_written"] >= 4
+    with KVStore(layout, config.replace(host_bytes=0, write_policy="write_through")) as reopened:
+        for tokens, kv in prompts:
+            assert reopened.lookup(tokens) == len(tokens)
+            assert torch.equal(reopened.get(tokens).view(torch.uint8), kv.view(torch.uint8))
 
 
 def test_promotion_from_files_into_every_faster_tier(stack):
