@@ -41,6 +41,11 @@ class SaveSpec:
     block_hashes: list = field(default_factory=list)
     lora_name: str | None = None
     after: int = 0
+    # For KV cache events, as vLLM's own carry them: the prompt's token ids where ``tokens`` has words of an
+    # image's or embeddings' digest (None: ``tokens`` are the ids), and vLLM's extra keys of each full page
+    # from page ``after // page_size`` on (LoRA, images, cache salt; None: none has any).
+    event_tokens: list[int] | None = None
+    extra_keys: list | None = None
 
 
 @dataclass

@@ -232,8 +232,10 @@ class ConnectorEvents:
         self.dropped = 0
 
     def stored(self, block_hashes: Sequence[bytes | int], parent_block_hash: bytes | int | None,
-               token_ids: Sequence[int], block_size: int, medium: str, lora_name: str | None = None) -> None:
-        """Blocks of ``block_size`` tokens (``token_ids`` theirs, in prefix order) now in tier ``medium``.
+               token_ids: Sequence[int], block_size: int, medium: str, lora_name: str | None = None,
+               extra_keys: list | None = None) -> None:
+        """Blocks of ``block_size`` tokens (``token_ids`` theirs, in prefix order) now in tier ``medium``;
+        ``extra_keys``: vLLM's, one entry a block (None: none has any).
 
         Hashes must be the same on every worker (see ``KVStoreKVEvents``);
         ``bytes`` go through vLLM's ``maybe_convert_block_hash`` as its own
@@ -242,7 +244,8 @@ class ConnectorEvents:
         parent = _external([parent_block_hash])[0]
         self._append(_event(BlockStored, block_hashes=_external(block_hashes), parent_block_hash=parent,
                             token_ids=list(token_ids), block_size=block_size, lora_id=None, medium=medium_of(medium),
-                            lora_name=lora_name, group_idx=0, kv_cache_spec_kind="full_attention",
+                            lora_name=lora_name, extra_keys=extra_keys, group_idx=0,
+                            kv_cache_spec_kind="full_attention",
                             locality=locality_of(medium), ownership=OWNERSHIP))
 
     def removed(self, block_hashes: Sequence[bytes | int], medium: str) -> None:

@@ -26,6 +26,12 @@ from kvstore.integrations.vllm_meta import KVStoreConnectorMetadata, LoadSpec, S
 from kvstore.integrations.vllm_metrics import KVStoreConnectorStats
 from kvstore.integrations.vllm_settings import ConnectorSettings, RankPlace, request_keys
 
+try:  # vLLM's own extra keys of a block, as its KV cache events carry them (vLLM 0.33)
+    from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys as _block_extra_keys
+    from vllm.v1.core.kv_cache_utils import to_event_extra_keys as _event_extra_keys
+except ImportError:  # an older vLLM: events without them
+    _block_extra_keys = _event_extra_keys = None
+
 log = logging.getLogger(__name__)
 
 
@@ -35,6 +41,7 @@ class _Request:
 
     tokens: list[int] | None
     salt: str | None
+    bound: bool = False  # ``RequestKeys.bound``: the key tokens are not all the prompt's ids
     lora_name: str | None = None
     block_ids: list[list[int]] = field(default_factory=list)  # vLLM's block ids, one list per KV-cache group
     saved: bool = False  # the whole prompt was handed to the workers
@@ -77,6 +84,8 @@ class SchedulerHalf:
         spec = getattr(vllm_config, "speculative_config", None)
         self.uniform_decode = 1 + int(getattr(spec, "num_speculative_tokens", 0) or 0)
         self.volatile_tail = self.page_size if eagle_block_drop(spec) else 0
+        # vLLM publishes KV cache events: their extra keys are worth a call a page (40 ms for 131,072 tokens)
+        self.events = bool(getattr(getattr(vllm_config, "kv_events_config", None), "enable_kv_cache_events", False))
         names = [address(place.engine_id, place.dp_rank, pp, tp) for pp, tp in place.peers()]
         self.client = LookupClient(names, settings.lookup_timeout_s)
         self._requests: dict[str, _Request] = {}
@@ -90,7 +99,7 @@ class SchedulerHalf:
             lora = getattr(request, "lora_request", None)
             state = self._requests[request.request_id] = _Request(
                 *request_keys(request, self.settings.salt),
-                getattr(lora, "lora_name", None) if lora is not None else None, request=request)
+                lora_name=getattr(lora, "lora_name", None) if lora is not None else None, request=request)
         return state
 
     def on_new_request(self, request: Any) -> None:
@@ -171,7 +180,22 @@ class SchedulerHalf:
         after, state.saved_upto = state.saved_upto, upto
         hashes = list(getattr(state.request, "block_hashes", None) or ())[:upto // self.page_size]
         tables = self.groups.save_tables(state.block_ids, num_computed, self.page_size, -(-upto // self.page_size))
-        return SaveSpec(req_id, state.tokens[:upto], state.salt, tables, hashes, state.lora_name, after)
+        event_tokens = list(state.request.prompt_token_ids[:upto]) if state.bound else None
+        return SaveSpec(req_id, state.tokens[:upto], state.salt, tables, hashes, state.lora_name, after,
+                        event_tokens, self._extra_keys(state.request, after, upto) if hashes else None)
+
+    def _extra_keys(self, request: Any, after: int, upto: int) -> list | None:
+        """vLLM's extra keys of the request's full pages from the one holding token ``after`` up to token
+        ``upto``, as its own KV cache events give them (LoRA name, image identifiers and offsets, cache salt,
+        embeddings' digests: a KV-aware router hashes them with the token ids); None if none has any."""
+        if _event_extra_keys is None or not self.events:
+            return None
+        keys, mm_index = [], 0
+        for start in range(after // self.page_size * self.page_size, upto // self.page_size * self.page_size,
+                           self.page_size):
+            extra, mm_index = _block_extra_keys(request, start, start + self.page_size, mm_index)
+            keys.append(extra)
+        return _event_extra_keys(keys)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVStoreConnectorMetadata:
         meta = KVStoreConnectorMetadata(loads=list(self._pending_loads.values()),

@@ -16,7 +16,7 @@ import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -279,11 +279,19 @@ def _bound_spans(request: Any) -> list[_Bound]:
     return spans
 
 
-def request_keys(request: Any, extra: str | None = None) -> tuple[list[int] | None, str | None]:
+class RequestKeys(NamedTuple):
+    """What a request's blocks are keyed by (``request_keys``)."""
+
+    tokens: list[int] | None  # ``key_tokens``
+    salt: str | None  # ``request_salt``
+    bound: bool  # some positions' words are digests of what they hold (images, embeddings), not token ids
+
+
+def request_keys(request: Any, extra: str | None = None) -> RequestKeys:
     """``key_tokens`` and ``request_salt`` of a request, its bound spans digested once (a mixed-mode prompt's
     embeddings were hashed once for each)."""
     spans = _bound_spans(request)
-    return _key_tokens(request, spans), _request_salt(request, extra, spans)
+    return RequestKeys(_key_tokens(request, spans), _request_salt(request, extra, spans), bool(spans))
 
 
 def request_salt(request: Any, extra: str | None = None) -> str | None:

@@ -280,9 +280,14 @@ class WorkerHalf:
         if last <= first:
             return
         tier = self.store.stack.fastest.name if self.store.stack.fastest is not None else "host"
+        tokens = spec.tokens if spec.event_tokens is None else spec.event_tokens
+        extra = None
+        if spec.extra_keys is not None:
+            offset = spec.after // self.page_size
+            extra = spec.extra_keys[first - offset:last - offset]
         self.events.stored(spec.block_hashes[first:last], spec.block_hashes[first - 1] if first else None,
-                           spec.tokens[first * self.page_size:last * self.page_size], self.page_size, tier,
-                           spec.lora_name)
+                           tokens[first * self.page_size:last * self.page_size], self.page_size, tier,
+                           spec.lora_name, extra)
 
     # -- results ------------------------------------------------------------------------------------------
 

@@ -336,6 +336,45 @@ def test_saved_blocks_are_reported_as_kv_events(tmp_path):
         engine.close()
 
 
+def test_kv_events_of_an_image_prompt_carry_its_token_ids_and_vllms_extra_keys(tmp_path):
+    """An image prompt's events carried kvstore's key words (2**31 and up) where the prompt has its
+    placeholder ids, and no extra keys: a KV-aware router hashing ids and extra keys as vLLM's own events
+    give them never matched these blocks."""
+    from vllm.config import KVEventsConfig
+    from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys, to_event_extra_keys
+
+    def publish_events(config) -> None:
+        config.kv_events_config = KVEventsConfig(enable_kv_cache_events=True)
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"}, configure=publish_events)
+    try:
+        tokens = prompt(40, seed=9) + [999] * 40 + prompt(20, seed=10)  # placeholder ids 999 at [40, 80)
+        request = with_image(tokens, "image-A", 40, 40)
+        request.cache_salt = "tenant"
+        half = engine.connector.scheduler
+        state = half._state(request)
+        state.block_ids = [list(range(10, 17))]
+        spec = half._save_spec("a", state, 0, len(tokens))
+        write_tokens(engine.caches, state.block_ids[0], 0, true_kv(tokens, 0, len(tokens)))  # its forward
+        worker = engine.worker
+        worker.bind_connector_metadata(KVStoreConnectorMetadata(saves=[spec]))
+        worker.wait_for_save()
+        worker.clear_connector_metadata()
+        stored = [e for e in worker.get_kv_connector_kv_cache_events().get_all_events()
+                  if isinstance(e, BlockStored)]
+        pages = 96 // PAGE  # the saved store blocks: three of 32 tokens
+        assert [h for e in stored for h in e.block_hashes] == [maybe_convert_block_hash(h)
+                                                               for h in request.block_hashes[:pages]]
+        assert [t for e in stored for t in e.token_ids] == tokens[:pages * PAGE]  # the ids, 999 included
+        mm_index, expected = 0, []
+        for page in range(pages):
+            keys, mm_index = generate_block_hash_extra_keys(request, page * PAGE, (page + 1) * PAGE, mm_index)
+            expected.append(keys)
+        assert [k for e in stored for k in e.extra_keys] == to_event_extra_keys(expected)
+        assert stored[0].extra_keys[0] == ("tenant",) and stored[0].extra_keys[2][0][0] == "image-A"
+    finally:
+        engine.close()
+
+
 def test_prometheus_metrics_register_and_move(tmp_path):
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
     from vllm.v1.metrics.loggers import PrometheusStatLogger
