@@ -220,7 +220,12 @@ class BlockFlow:
                 written.setdefault(key, set()).add(level.index)
             batch = sorted(copies + [(key, block) for key, block, _ in items], key=lambda item: order[item[0]])
             if level.batch:  # blocks it holds are not sent again (a put asks it nothing before they land there)
-                batch = [(key, block) for key, block in batch if not self.stack.contains(level, key)]
+                held = {key for key, _ in batch if self.stack.contains(level, key)}
+                batch = [(key, block) for key, block in batch if key not in held]
+                for key, block, _ in items:
+                    if key in held:
+                        self.count_dedup(block)
+                items = [item for item in items if item[0] not in held]
             self.stack.write(level, batch)
             rest = []
             for key, block, sightings in items:

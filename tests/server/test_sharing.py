@@ -60,7 +60,7 @@ with KVStore(layout, config) as store:
     assert_same_kv(got, kv)  # byte-exact, or the child fails
     hits = store.stats()["tiers"]["remote"]["hits"]
     # host RAM kept 4 of the 6 blocks it read: those are dedup; the other 2 land in host RAM (a put asks
-    # no server what it holds), and none goes to the server again
+    # no server what it holds) or, overflowing it, are found on the server; none is sent to it again
     again = store.put(tokens, kv)
     assert store.flush(timeout=60)
     keys = [b.key.hex() for b in store.block_keys(tokens)]
@@ -72,7 +72,7 @@ print(json.dumps({"lookup": found, "got": got.shape[2], "hits": hits, "again": a
     assert second["keys"] == first["keys"]  # block keys do not depend on the process's hash seed
     assert (second["lookup"], second["got"]) == (TOKENS, TOKENS)
     assert second["hits"] == 6
-    assert (second["again"], second["dedup"], second["resent"]) == (2, 4, 0)
+    assert second["again"] + second["dedup"] == 6 and second["again"] <= 2 and second["resent"] == 0
 
     third = engine(srv, """
 with KVStore(layout, config) as store:

@@ -627,10 +627,13 @@ def test_a_put_asks_redis_nothing_and_sends_no_block_it_holds(redis_server, layo
     with KVStore(layout, config(8, "write_back")) as store:
         assert sent(lambda: store.put(tokens, kv)) == {}  # host RAM holds all six: Redis is not asked
     assert store.stats()["tiers"]["redis"]["blocks_written"] == 6  # written back at close
-    for host_blocks in (8, 2):  # all in host RAM, then written behind; or four overflowing to Redis at once
-        with KVStore(layout, config(host_blocks, "write_through")) as store:
-            assert "cmdstat_set" not in sent(lambda: (store.put(tokens, kv), store.flush(10)))
+    for host_blocks, stored in ((8, 6), (2, 2)):  # all in host RAM, then written behind; or four overflowing
+        with KVStore(layout, config(host_blocks, "write_through")) as store:  # to Redis, which holds them
+            results = []
+            assert "cmdstat_set" not in sent(lambda: results.extend([store.put(tokens, kv), store.flush(10)]))
+            assert results == [stored, True]
             assert store.stats()["tiers"]["redis"]["blocks_written"] == 0
+            assert store.stats()["store"]["dedup_blocks"] == 6 - stored
             assert_same_kv(store.get(tokens), kv)
 
 
