@@ -53,15 +53,13 @@ import itertools
 import logging
 import mmap
 import os
-import re
 import secrets
-import socket
 import stat
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, wait
 from typing import NamedTuple
 
@@ -79,6 +77,9 @@ from kvstore.tiers.base import (TIER_COUNTERS, Capability, RefusalLog, check_one
                                 tier_stats)
 from kvstore.tiers.fanout import (SUFFIX, TEMP_SUFFIX, block_key, block_path, entries_of, fanout_dirs, is_fanout,
                                   old_block_key)
+from kvstore.tiers.fileio import (ALIGN, GONE, MAX_IOVECS, NO_FILE, NO_SPACE, NOT_A_FILE, READ_FLAGS, STAMP_REFUSED,
+                                  fsync_dir, process_scope, read_hashed, round_up, same_file, split_views, squatted,
+                                  transfer, unlink_file, vanished)
 from kvstore.tiers.parked import Parked, ParkedFiles
 from kvstore.compression.registry import get_codec
 from kvstore.config import StoreConfig, check_folder
@@ -86,23 +87,8 @@ from kvstore.tiers.spec import TierSpec
 
 log = logging.getLogger(__name__)
 
-_ALIGN = 4096  # O_DIRECT alignment of buffers, file offsets and lengths, bytes
-_MAX_IOVECS = 512  # pieces of one preadv/pwritev (the kernel's limit is 1024, with the header and a spare)
-_GONE = (errno.ENOENT, errno.ESTALE)  # ESTALE: deleted by another NFS client
-# The directory is shared, so whatever sits at a block's path is untrusted: never follow a symlink there
-# (ELOOP), never wait on a FIFO (O_NONBLOCK), never take a terminal; then fstat must show a regular file.
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
-# open() of something at a block's path that is no block file: a symlink (ELOOP; EMLINK on the BSDs), a
-# socket (ENXIO), a device node without a driver (ENODEV).
-_NOT_A_FILE = (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.ENODEV)
-# open() that finds no block there: a fan-out directory is a file (ENOTDIR), or another process holds a
-# lease on the file (EAGAIN: O_NONBLOCK instead of waiting for it).
-_NO_FILE = (*_GONE, errno.ENOTDIR, errno.EAGAIN)
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full filesystem, or the writer's quota
-_STAMP_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)  # atime stamp on a read-only or foreign file
 _SPLIT_READ_BYTES = 8 << 20  # a raw payload this large is read in parts side by side
 _SPLIT_RUN_BYTES = 4 << 20  # a run of blocks this large is read in runs side by side
-_HASH_PIECE_BYTES = 4 << 20  # a raw payload is read and checksummed this much at a time, while it is in cache
 # A scan forced by a full tier waits until scans have taken at most this share of the time since the last began.
 _SCAN_TIME_SHARE = 0.1
 # A scan that took longer than this (seconds) runs on a pool thread, not in the write due it: 50,000 files took
@@ -136,155 +122,6 @@ class _Entry(NamedTuple):
     mtime_ns: int  # the file's mtime as this process last saw or set it
     seq: int  # when this process last put or read it (0: learned from a scan)
     checked: float = 0.0  # when this process last saw the file there (monotonic seconds; 0: not since a scan)
-
-
-def _round_up(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
-
-
-def _transfer(call: Callable[[int, list, int], int], fd: int, buffers: Sequence[object], offset: int = 0,
-              nbytes: int | None = None) -> int:
-    """``os.preadv``/``os.pwritev`` ``buffers`` from file ``offset`` until done or end of file; bytes moved.
-
-    ``nbytes``: their total, where the caller knows it. Then the first call
-    takes ``buffers`` as they are, and only a short transfer pays for a byte
-    view of each (the 66 of a 2 MiB block cost about 10 us a block).
-    """
-    done = 0
-    if nbytes is not None:
-        done = call(fd, buffers, offset)
-        if done >= nbytes or done == 0:
-            return done
-    views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
-    moved = done
-    while True:
-        while moved and views:  # drop what has been moved
-            if moved >= views[0].nbytes:
-                moved -= views.pop(0).nbytes
-            else:
-                views[0], moved = views[0][moved:], 0
-        if not views:
-            return done
-        moved = call(fd, views, offset + done)
-        if moved == 0:
-            return done
-        done += moved
-
-
-def _read_hashed(fd: int, header: bytearray, views: Sequence[memoryview], tail: list[bytearray],
-                 digest: "xxhash.xxh3_64", nbytes: int) -> int:
-    """``header``, ``views`` (``nbytes`` in all) and ``tail`` read from the file's start in pieces of about
-    ``_HASH_PIECE_BYTES``, each piece of ``views`` checksummed as soon as it is in; bytes read, up to the
-    first short read.
-
-    A piece is checksummed while it is still in the CPU's cache: checksumming
-    a 32 MiB block after reading it all read it from memory a second time
-    (256 MiB of such blocks read through a store: 26-31 ms before, 24-27 ms
-    after, three alternating runs). A 2 MiB block is one piece, and its
-    views are not cut (cutting 64 views cost 26 us a block). A piece that
-    ends where the file does (the tail byte not read, as it must not be) is
-    whole: asking again to learn that cost a second ``preadv`` a block and
-    a byte view of each of its buffers.
-    """
-    parts = nbytes // _HASH_PIECE_BYTES
-    pieces = _split(views, parts) if parts > 1 else [views]
-    last = len(pieces) - 1
-    total = 0
-    for n, piece in enumerate(pieces):
-        before, after = [header] if n == 0 else [], tail if n == last else []
-        buffers = [*before, *piece, *after]
-        wanted = sum(map(len, before)) + (nbytes if last == 0 else sum(view.nbytes for view in piece))
-        got = _transfer(os.preadv, fd, buffers, total, wanted)  # the tail byte, if read, shows a longer file
-        total += got
-        for view in piece:
-            digest.update(view)
-        if got < wanted:
-            break
-    return total
-
-
-def _split(views: Sequence[memoryview], parts: int) -> list[list[memoryview]]:
-    """``views`` cut into ``parts`` runs of about equal bytes, in order (a view may be cut in two)."""
-    total = sum(view.nbytes for view in views)
-    ends = [(n + 1) * total // parts for n in range(parts)]  # where each run ends, in bytes
-    groups: list[list[memoryview]] = [[] for _ in range(parts)]
-    at = group = 0
-    for view in views:
-        while view.nbytes:
-            while at >= ends[group]:
-                group += 1
-            take = min(view.nbytes, ends[group] - at)
-            groups[group].append(view[:take])
-            view, at = view[take:], at + take
-    return [group for group in groups if group]
-
-
-def _process_scope() -> str:
-    """This host and PID namespace, as temp file names carry it: a writer's pid is judged alive or dead only
-    by a process of both. Containers of one node share its hostname (host networking) but not their pids:
-    one's cleanup at open removed another's temp files as it wrote them, and that writer's tier was blamed."""
-    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
-    try:
-        return f"{host}.pidns{os.stat('/proc/self/ns/pid').st_ino}"
-    except OSError:  # no /proc (another platform): the hostname alone
-        return host
-
-
-def _unlink(path: str, same: os.stat_result | None = None) -> bool:
-    """Remove ``path`` if it is a regular file (and the inode of ``same``, if given); False if it was
-    already gone (another process may have removed it) or is something else: a directory is never
-    removed, and a symlink is not followed."""
-    try:
-        st = os.lstat(path)
-    except OSError as exc:
-        if exc.errno in _GONE or exc.errno == errno.ENOTDIR:
-            return False
-        raise
-    if not stat.S_ISREG(st.st_mode):
-        return False
-    if same is not None and (st.st_dev, st.st_ino) != (same.st_dev, same.st_ino):
-        return False  # a writer has renamed a new file over it since
-    try:
-        os.unlink(path)
-    except OSError as exc:
-        if exc.errno in _GONE or exc.errno == errno.EISDIR:  # EISDIR: swapped for a directory meanwhile
-            return False
-        raise
-    return True
-
-
-def _same_file(path: str, st: os.stat_result) -> bool:
-    """Whether ``path`` is still the file ``st`` describes (not renamed away, replaced or removed)."""
-    try:
-        now = os.lstat(path)
-    except OSError:
-        return False
-    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
-
-
-def _vanished(path: str) -> bool:
-    """Whether nothing is at ``path`` any more."""
-    try:
-        os.lstat(path)
-    except OSError as exc:
-        return exc.errno in _GONE
-    return False
-
-
-def _squatted(path: str) -> bool:
-    """True if something other than a regular file is at ``path`` (False if nothing, or unknown)."""
-    try:
-        return not stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FilesTier:
@@ -326,7 +163,7 @@ class FilesTier:
         self._sync, self._o_direct = sync, o_direct
         self._stale_temp_ns = int(stale_temp_seconds * 1e9)
         self._rescan_seconds = rescan_seconds
-        self._host = _process_scope()
+        self._host = process_scope()
         # A temp name's last part: this tier's random token and a count. A new random token for each name
         # called getrandom(), which let the writers take the GIL while the caller waited (80 us a 2 MiB block).
         self._temp_token, self._temp_names = secrets.token_hex(4), itertools.count()
@@ -479,10 +316,10 @@ class FilesTier:
                         self._reserved += size
                     continue
                 try:
-                    if not _unlink(path):  # another process evicted it: what else does this view miss?
+                    if not unlink_file(path):  # another process evicted it: what else does this view miss?
                         self._stale_view = True
                 except OSError as exc:
-                    if exc.errno not in _STAMP_REFUSED:
+                    if exc.errno not in STAMP_REFUSED:
                         raise
                     self._unremovable(key, size, exc)
                     stuck += 1
@@ -524,9 +361,9 @@ class FilesTier:
         try:
             for key, size in victims:
                 try:
-                    _unlink(self._path(key))
+                    unlink_file(self._path(key))
                 except OSError as exc:  # a fan-out directory of another owner
-                    if exc.errno not in _STAMP_REFUSED:
+                    if exc.errno not in STAMP_REFUSED:
                         raise
                     self._unremovable(key, size, exc)
                     continue
@@ -545,7 +382,7 @@ class FilesTier:
         try:
             st = os.lstat(self._path(key))
         except OSError as exc:
-            if exc.errno in _GONE or exc.errno == errno.ENOTDIR:
+            if exc.errno in GONE or exc.errno == errno.ENOTDIR:
                 if entry is not None:
                     self._gone_elsewhere(key, entry)
                 return False
@@ -562,7 +399,7 @@ class FilesTier:
             return False  # a symlink, FIFO, directory, ... is no block (a put renames a block over it)
         with self._lock:  # a write here indexes its own when settled; an eviction here may be moving it away
             if (key not in self._index and key not in self._writing and key not in self._evicting
-                    and _same_file(self._path(key), st)):
+                    and same_file(self._path(key), st)):
                 self._remember(key, st.st_size, st.st_mtime_ns)
         return True
 
@@ -626,8 +463,8 @@ class FilesTier:
                     if key is not None and entry.is_file(follow_symlinks=False):
                         new = block_path(self._root, key)
                         if os.path.lexists(new):  # never replaced by an old copy
-                            if not _squatted(new):
-                                _unlink(entry.path)  # the block is held already: its old copy goes
+                            if not squatted(new):
+                                unlink_file(entry.path)  # the block is held already: its old copy goes
                             continue  # (beside anything else there, the old copy stays, unread)
                         try:
                             os.rename(entry.path, new)
@@ -651,7 +488,7 @@ class FilesTier:
         if not (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)):
             return
         try:
-            removed = self._stale_temp(entry) and _unlink(entry.path)
+            removed = self._stale_temp(entry) and unlink_file(entry.path)
         except FileNotFoundError:
             raise
         except OSError:
@@ -821,7 +658,7 @@ class FilesTier:
         try:
             return self._put_batch(items)
         except OSError as exc:
-            if exc.errno not in _NO_SPACE:
+            if exc.errno not in NO_SPACE:
                 raise
             self._counters.add("filesystem_full")
             if not self._fit_to_filesystem(full_disk=True):
@@ -958,7 +795,7 @@ class FilesTier:
         if self.encoding.codec is not None or self._o_direct:
             return None
         views = payload_views(block)
-        return views if views is not None and len(views) <= _MAX_IOVECS else None
+        return views if views is not None and len(views) <= MAX_IOVECS else None
 
     def _temp_path(self, key: bytes) -> str:
         """A new temp name beside block ``key``'s path (a live writer's, for the scans of every process)."""
@@ -969,7 +806,7 @@ class FilesTier:
         """Create block fan-out ``directory`` (durably if ``sync``)."""
         os.makedirs(directory, exist_ok=True)
         if self._sync:
-            _fsync_dir(self._root)
+            fsync_dir(self._root)
 
     def _open_temp(self, key: bytes, spare: Parked | None) -> tuple[str, int, bool]:
         """(temp path, fd, direct) to write block ``key`` into: the parked file ``spare`` if it still opens as
@@ -979,7 +816,7 @@ class FilesTier:
                 fd, direct = self._open(spare.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError:  # removed meanwhile (its bytes are gone too), or something else was put there
                 with contextlib.suppress(OSError):
-                    _unlink(spare.path)  # a regular file that would not open: its bytes are released with it
+                    unlink_file(spare.path)  # a regular file that would not open: its bytes are released with it
             else:
                 opened = os.fstat(fd)
                 if stat.S_ISREG(opened.st_mode) and opened.st_nlink == 1:  # linked since it was parked: not ours
@@ -987,7 +824,7 @@ class FilesTier:
                     return spare.path, fd, direct
                 os.close(fd)
                 with contextlib.suppress(OSError):
-                    _unlink(spare.path)  # the name goes; the other names keep their bytes
+                    unlink_file(spare.path)  # the name goes; the other names keep their bytes
         temp = self._temp_path(key)
         if os.path.islink(os.path.dirname(temp)):  # the scans never follow it: its blocks would go uncounted
             raise NotADirectoryError(errno.ENOTDIR, "a symlink stands for a fan-out directory; the files tier "
@@ -1013,7 +850,7 @@ class FilesTier:
         try:
             try:
                 if direct:  # aligned bounce buffer padded to a page, then cut to the true length
-                    padded = _round_up(total)
+                    padded = round_up(total)
                     bounce = self._buffer("bounce", padded)
                     bounce[:HEADER_BYTES] = header
                     at = HEADER_BYTES
@@ -1021,10 +858,10 @@ class FilesTier:
                         bounce[at:at + part.nbytes] = part
                         at += part.nbytes
                     bounce[total:padded] = bytes(padded - total)
-                    written = _transfer(os.pwritev, fd, [memoryview(bounce)[:padded]], nbytes=padded)
+                    written = transfer(os.pwritev, fd, [memoryview(bounce)[:padded]], nbytes=padded)
                     os.ftruncate(fd, total)
                 else:
-                    written = _transfer(os.pwritev, fd, [header, *parts], nbytes=total)
+                    written = transfer(os.pwritev, fd, [header, *parts], nbytes=total)
                     if spare is not None and temp == spare.path and spare.size != total:
                         os.ftruncate(fd, total)  # a larger evicted file overwritten: cut to this block
                 if written < total:
@@ -1046,14 +883,14 @@ class FilesTier:
                 os.unlink(temp)
             raise
         if self._sync:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         return mtime_ns
 
     def _buffer(self, name: str, nbytes: int) -> bytearray | mmap.mmap:
         """This thread's ``scratch`` (bytearray) or page-aligned ``bounce`` (mmap) buffer, grown as needed."""
         buf = getattr(self._local, name, None)
         if buf is None or len(buf) < nbytes:
-            buf = mmap.mmap(-1, _round_up(nbytes)) if name == "bounce" else bytearray(nbytes)
+            buf = mmap.mmap(-1, round_up(nbytes)) if name == "bounce" else bytearray(nbytes)
             setattr(self._local, name, buf)
         return buf
 
@@ -1123,20 +960,20 @@ class FilesTier:
         try:
             verdict, st = self._read(path, key, out, split)
         except OSError as exc:
-            if exc.errno in _NOT_A_FILE or (exc.errno in (errno.EACCES, errno.EPERM) and _squatted(path)):
+            if exc.errno in NOT_A_FILE or (exc.errno in (errno.EACCES, errno.EPERM) and squatted(path)):
                 verdict, st = CORRUPT, None  # a symlink, socket, device (EACCES on nodev), ... is there
-            elif exc.errno in _NO_FILE:
+            elif exc.errno in NO_FILE:
                 verdict, st = "gone", None
             else:
                 raise
-        if verdict == CORRUPT and st is not None and _vanished(path):
+        if verdict == CORRUPT and st is not None and vanished(path):
             verdict = "gone"  # evicted (and maybe overwritten, tiers/parked.py) while read: no damage of ours
         if verdict == INTACT:
             with self._lock:
                 if not st.st_nlink:  # evicted while we read it: the data was still sound
                     self._forget(key)
                 elif key in self._index or (not known and key not in self._writing and key not in self._evicting
-                                            and _same_file(path, st)):
+                                            and same_file(path, st)):
                     self._remember(key, st.st_size, st.st_mtime_ns)
                 # else evicted here while read (its file parked or gone): indexing it again counted its bytes
                 # twice, beside the parked file's reservation, and put the tier over its capacity
@@ -1153,7 +990,7 @@ class FilesTier:
             self._counters.add("corrupt" if verdict == CORRUPT else "stale")
             if st is not None:  # only the regular file judged, unless a writer has renamed a new one over it
                 with contextlib.suppress(OSError):  # best effort: a read-only directory keeps it
-                    _unlink(path, same=st)
+                    unlink_file(path, same=st)
         return False
 
     def _read(self, path: str, key: bytes, out: torch.Tensor, split: bool) -> tuple[str, os.stat_result]:
@@ -1167,7 +1004,7 @@ class FilesTier:
         ``_max_file_bytes`` is read (at most that many bytes + 1), so memory
         and time stay bounded by the block size; anything else is ``CORRUPT``.
         """
-        fd, direct = self._open(path, _READ_FLAGS)
+        fd, direct = self._open(path, READ_FLAGS)
         try:
             st = os.fstat(fd)
             if not (stat.S_ISREG(st.st_mode)
@@ -1175,7 +1012,7 @@ class FilesTier:
                 return CORRUPT, st  # a FIFO, device, directory; or a file no block of this size can be
             verdict = None
             views = payload_views(out) if self.encoding.codec is None and not direct else None
-            if views is not None and len(views) <= _MAX_IOVECS:
+            if views is not None and len(views) <= MAX_IOVECS:
                 verdict = self._read_raw(fd, key, views, split)
             if verdict is None:
                 verdict = self._read_whole(fd, direct, key, out, st.st_size)
@@ -1183,7 +1020,7 @@ class FilesTier:
                 try:
                     os.utime(fd)  # the shared last-access stamp
                 except OSError as exc:  # best effort: another user's file, or a read-only directory
-                    if exc.errno not in _STAMP_REFUSED:
+                    if exc.errno not in STAMP_REFUSED:
                         raise
             return verdict, os.fstat(fd)
         finally:
@@ -1218,17 +1055,17 @@ class FilesTier:
         ones after it untouched.
         """
         tail, digest = bytearray(1), xxhash.xxh3_64()
-        groups = _split(views, self._parts_per_read) if split and expected >= _SPLIT_READ_BYTES else [views]
+        groups = split_views(views, self._parts_per_read) if split and expected >= _SPLIT_READ_BYTES else [views]
         first = expected if len(groups) == 1 else sum(view.nbytes for view in groups[0])
         later, offset = [], HEADER_BYTES + first
         for n, group in enumerate(groups[1:], 2):
             last = [tail] if n == len(groups) else []
             size = sum(view.nbytes for view in group)
-            later.append(self._readers.submit(_transfer, os.preadv, fd, group + last, offset, size))
+            later.append(self._readers.submit(transfer, os.preadv, fd, group + last, offset, size))
             offset += size
         total, error = 0, None
         try:
-            total = _read_hashed(fd, header, groups[0], [] if later else [tail], digest, first)
+            total = read_hashed(fd, header, groups[0], [] if later else [tail], digest, first)
         finally:
             for group, future in zip(groups[1:], later):  # every read ends before the file is closed
                 try:
@@ -1245,17 +1082,17 @@ class FilesTier:
         """Read the whole file (``size`` bytes when opened, at most size + 1 read) into a buffer, check its
         header and checksum, decode it into ``out``."""
         if direct:
-            length = _round_up(size + 1)  # aligned reads only; + 1: notice a file that grew
+            length = round_up(size + 1)  # aligned reads only; + 1: notice a file that grew
             source = memoryview(self._buffer("bounce", length))[:length]
             total = 0
             while total < length:  # a short read is the end of the file
                 n = os.preadv(fd, [source[total:]], total)
                 total += n
-                if n == 0 or n % _ALIGN:
+                if n == 0 or n % ALIGN:
                     break
         else:
             source = memoryview(self._buffer("scratch", size + 1))[:size + 1]
-            total = _transfer(os.preadv, fd, [source])
+            total = transfer(os.preadv, fd, [source])
         parsed = BlockHeader.unpack(source[:HEADER_BYTES]) if total >= HEADER_BYTES else None
         if parsed is None or total != HEADER_BYTES + parsed.length:
             return CORRUPT
@@ -1270,7 +1107,7 @@ class FilesTier:
         path = self._path(key)
         with self._lock:
             self._forget(key)
-        return _unlink(path)
+        return unlink_file(path)
 
     def stats(self) -> dict[str, int]:
         with self._lock:

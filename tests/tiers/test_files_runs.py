@@ -16,6 +16,7 @@ import torch
 from conftest import TESTS_DIR, assert_same_kv, make_kv, make_tokens, tiny_layout
 from kvstore import KVStore, StoreConfig
 from kvstore.blockformat import HEADER_BYTES
+from kvstore.tiers import fileio
 from kvstore.tiers import files as files_module
 from tierkit import block_path, files_tiers
 
@@ -186,7 +187,7 @@ BIG = tiny_layout(num_layers=8, num_kv_heads=8, head_dim=128, dtype=torch.bfloat
 @pytest.mark.parametrize("damage", [None, "first-piece", "second-piece", "truncated-in-first", "one-byte-longer"])
 def test_a_block_read_and_checksummed_in_pieces_is_exact_or_a_miss(tmp_path, damage):
     """One thread reads an 8 MiB block in 4 MiB pieces, checksumming each as it comes in."""
-    assert BIG.block_bytes >= 2 * files_module._HASH_PIECE_BYTES
+    assert BIG.block_bytes >= 2 * fileio.HASH_PIECE_BYTES
     with files_tiers(tmp_path / "files", BIG, 0) as factory:
         tier = factory(4 * (BIG.block_bytes + HEADER_BYTES), io_threads=1)
         kv = make_kv(BIG, 256, seed=9)
@@ -199,7 +200,7 @@ def test_a_block_read_and_checksummed_in_pieces_is_exact_or_a_miss(tmp_path, dam
         elif damage == "second-piece":
             data[-100] ^= 0x01
         elif damage == "truncated-in-first":
-            data = data[:HEADER_BYTES + files_module._HASH_PIECE_BYTES // 2]
+            data = data[:HEADER_BYTES + fileio.HASH_PIECE_BYTES // 2]
         elif damage == "one-byte-longer":
             data += b"\0"
         open(path, "wb").write(data)
@@ -299,7 +300,7 @@ def test_a_read_that_comes_up_short_goes_on_where_it_stopped(tmp_path, known):
 
     fd = os.open(path, os.O_RDONLY)
     try:
-        got = files_module._transfer(at_most_1000, fd, buffers, 0, 10_001 if known else None)
+        got = fileio.transfer(at_most_1000, fd, buffers, 0, 10_001 if known else None)
     finally:
         os.close(fd)
     assert got == 10_000 and bytes(b"".join(bytes(b) for b in buffers[:4])) == data and buffers[4] == bytearray(1)

@@ -18,6 +18,7 @@ import torch
 
 from conftest import TESTS_DIR, as_bytes, assert_same_kv, make_kv, run_threads, tiny_layout
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
+from kvstore.tiers import fileio
 from kvstore.tiers import files as files_module
 from kvstore.tiers.base import Tier
 from kvstore.tiers.files import FilesTier
@@ -837,7 +838,7 @@ def test_a_damaged_large_block_ends_the_read_and_nothing_after_it_holds_other_by
 def test_a_long_lived_tier_removes_what_dead_writers_left_at_its_periodic_scan(open_tier, disk_dir, layout, blocks):
     """A writer killed mid-write leaves its temp file; a process that keeps the directory open for days
     removed such files only at open, and they grew the directory past its capacity."""
-    host = files_module._process_scope()
+    host = fileio.process_scope()
     dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                                   text=True).stdout)
     tier = open_tier(10 * BLOCK, rescan_seconds=0)
@@ -885,7 +886,7 @@ def test_a_scan_under_way_re_indexes_no_block_an_eviction_is_removing(open_tier,
     tier = open_tier(4 * BLOCK, io_threads=2, rescan_seconds=1000)
     assert tier.put_many([(key, blocks[key]) for key in (A, B, C, D)]) == 4
     picked, go = threading.Event(), threading.Event()
-    real_unlink, real_park = files_module._unlink, files_module.ParkedFiles.park
+    real_unlink, real_park = files_module.unlink_file, files_module.ParkedFiles.park
 
     def held_unlink(path):
         picked.set()
@@ -897,7 +898,7 @@ def test_a_scan_under_way_re_indexes_no_block_an_eviction_is_removing(open_tier,
         assert go.wait(10)
         return real_park(self, path, temp, size)
 
-    monkeypatch.setattr(files_module, "_unlink", held_unlink)
+    monkeypatch.setattr(files_module, "unlink_file", held_unlink)
     monkeypatch.setattr(files_module.ParkedFiles, "park", held_park)
     writer = threading.Thread(target=tier.put_many, args=([(E, blocks[E])],))
     writer.start()
