@@ -219,8 +219,8 @@ class BlockFlow:
             for key, _ in copies:
                 written.setdefault(key, set()).add(level.index)
             batch = sorted(copies + [(key, block) for key, block, _ in items], key=lambda item: order[item[0]])
-            if level.batch:  # blocks it holds are not sent again (a put asks it nothing before they land there)
-                held = {key for key, _ in batch if self.stack.contains(level, key)}
+            if level.batch and level not in self._dedup:  # blocks it holds are not sent again (a put asked it
+                held = {key for key, _ in batch if self.stack.contains(level, key)}  # nothing before)
                 batch = [(key, block) for key, block in batch if key not in held]
                 for key, block, _ in items:
                     if key in held:
@@ -311,9 +311,6 @@ class BlockFlow:
         if index is None:
             return
         below = self.stack[index]
-        if below.batch:  # a copy for the cache server or Redis waits for no round trip in the put that evicts
-            self._evicted_to_batch(below, key, block, lossy)
-            return
         if self.stack.contains(below, key) and not (lossy is None and self._marked(below, key)):
             return  # held there, unless approximately while these bytes are exact
         if not self.placement.admits(index, self.placement.sightings(key)):
@@ -332,24 +329,6 @@ class BlockFlow:
             self.counters.add("demotions")
         else:
             self.evicted(target, key, block, lossy)
-
-    def _evicted_to_batch(self, below: Level, key: bytes, block: torch.Tensor, lossy: str | None) -> None:
-        """``evicted``'s copy for a batch level: queued (a copy of the bytes, whose slot is being reused), and
-        checked for there by the write-behind; approximate bytes are kept from it (``Level.takes``)."""
-        if not below.takes(lossy):
-            below.counters.add("lossy_refused")
-            return
-        if not self.placement.admits(below.index, self.placement.sightings(key)):
-            below.counters.add("admission_rejected")
-            return
-        try:
-            accepted = self.writes.submit(below.name, key, block.detach().to("cpu", copy=True), None)
-        except WriteBehindClosed:
-            accepted = False
-        if accepted:
-            self.counters.add("demotions")
-        else:
-            below.counters.add("queue_dropped")
 
     def write_back_all(self) -> None:
         """On close: blocks only memory levels hold go to the first persistent ``write_back`` level."""

@@ -157,6 +157,7 @@ class FilesTier:
         self._capacity = self._low_water = 0  # bytes: held to the filesystem's room after a full disk
         self._set_capacity(capacity_bytes)
         self._room_log = LogLimit(60.0)
+        self._lowerings = 0  # times a full disk lowered the capacity
         self.layout = layout
         self._fingerprint = layout.fingerprint
         self.encoding = BlockEncoding(layout, codec)
@@ -211,34 +212,34 @@ class FilesTier:
         self._capacity = capacity
         self._low_water = capacity - capacity // 10 // self._full * self._full
 
-    def _fit_to_filesystem(self, full_disk: bool) -> bool:
-        """Hold the tier to the bytes it uses plus what the filesystem has free (``files_bytes`` at most);
-        True if that lowered its capacity. ``full_disk``: a write just found no space.
+    def _fit_to_filesystem(self, full_disk: bool) -> None:
+        """Hold the tier to the bytes it stores plus what the filesystem has free (``files_bytes`` at most):
+        ``full_disk`` (a write just found no space) may lower its capacity, a periodic scan raise it again.
 
         A filesystem smaller than ``files_bytes`` (or filled by others) made
         every write fail with ENOSPC: the tier's writes were suspended for
         good, it kept its oldest blocks, and new prompts never landed. Now it
-        evicts within the room it has; the periodic scan raises the capacity
-        again as room comes back.
+        evicts within the room it has. Bytes of writes in flight are not
+        counted: other threads' may be failing for want of that room.
         """
         try:
             fs = os.statvfs(self._root)
         except OSError:
-            return False
+            return
         with self._lock:
-            room = self._used + self._reserved + fs.f_bavail * fs.f_frsize
-            capacity = max(self._full, min(self._configured, room))
-            if capacity == self._capacity or (not full_disk and capacity < self._capacity):
-                return False
-            lowered, before = capacity < self._capacity, self._capacity
-            self._set_capacity(capacity)
-        if lowered and self._room_log.due():
-            log.warning("files_dir %s: the filesystem is full at %d bytes of blocks, below files_bytes=%d; the "
-                        "tier keeps to the room it has", self._root, capacity, self._configured)
-        elif not lowered:
+            before = self._capacity
+            capacity = max(self._full, min(self._configured, self._used + fs.f_bavail * fs.f_frsize))
+            if capacity < before if full_disk else capacity > before:
+                self._set_capacity(capacity)
+                self._lowerings += full_disk
+            else:
+                return
+        if not full_disk:
             log.info("files_dir %s: room came back; the tier holds up to %d bytes (was %d)", self._root,
                      capacity, before)
-        return lowered and self._used > 0
+        elif self._room_log.due():
+            log.warning("files_dir %s: the filesystem is full at %d bytes of blocks, below files_bytes=%d; the "
+                        "tier keeps to the room it has", self._root, capacity, self._configured)
 
     def _path(self, key: bytes) -> str:
         """Where block ``key`` is read and removed: its one-level path, or where a scan left it."""
@@ -631,13 +632,13 @@ class FilesTier:
             # the periodic scan also removes what writers that died left behind (temp and parked files):
             # cleaned at open only, they grew a long-lived process's directory past its capacity
             due = since > self._rescan_seconds
-            if due and self._capacity < self._configured:
-                self._fit_to_filesystem(full_disk=False)
             if due or ((over or self._stale_view) and share):
                 if self._scan_seconds < _INLINE_SCAN_SECONDS:
                     self._rescan_unless_scanning(clean_temps=due)
                 elif share:  # a walk that takes long: behind this write, and within its share of the time
                     self._scan_behind()
+            if due and self._capacity < self._configured:  # after the scan, which learned what others removed
+                self._fit_to_filesystem(full_disk=False)
             while self._evict_for(incoming, parked, later, keep):
                 pass  # a victim could not be removed (it is counted still): the next oldest in its place
             spare = parked.take(incoming)
@@ -655,13 +656,17 @@ class FilesTier:
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """``_put_batch``; a batch the filesystem had no room for is written again once, in the room it has
         (``_fit_to_filesystem``)."""
+        lowerings = self._lowerings
         try:
             return self._put_batch(items)
         except OSError as exc:
             if exc.errno not in NO_SPACE:
                 raise
             self._counters.add("filesystem_full")
-            if not self._fit_to_filesystem(full_disk=True):
+            self._fit_to_filesystem(full_disk=True)
+            with self._lock:  # lowered since this batch began (here, or by a thread that met the full disk too)
+                again = self._lowerings != lowerings and self._used > 0
+            if not again:
                 raise
         return self._put_batch(items)
 

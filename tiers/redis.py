@@ -417,8 +417,8 @@ class RedisTier:
 
     def _server_figures(self) -> tuple[int, int, int]:
         """(used_memory bytes, keys in the database, maxmemory bytes), summed over the servers that
-        answer (each primary of a cluster); one round trip per server. Caches a complete maxmemory.
-        After ``close``, the figures last read."""
+        answer (each primary of a cluster); one round trip per server. Caches a complete maxmemory, and
+        the figures when a server answered. After ``close``, the figures last read."""
         if self._closed:
             return self._last_figures
         def ask(server: Any) -> tuple[int, int, int]:
@@ -431,8 +431,9 @@ class RedisTier:
         used, keys, maxmemory = (sum(column) for column in zip(*found)) if found else (0, 0, 0)
         if complete and self._server_capacity is None:
             self._server_capacity = maxmemory
-        self._last_figures = used, keys, maxmemory
-        return self._last_figures
+        if found:  # no server answered: the figures last read stand (``cached_stats``)
+            self._last_figures = used, keys, maxmemory
+        return used, keys, maxmemory
 
     @property
     def capacity_bytes(self) -> int:

@@ -308,12 +308,15 @@ class RemoteTier:
                 return iter(keys)
 
     def stats(self) -> dict[str, int]:
-        self._last_server = self._server_stats()
+        server = self._server_stats()
+        if server:  # a server that did not answer leaves the figures it last gave
+            self._last_server = server
         return self.cached_stats()
 
     def cached_stats(self) -> dict[str, int]:
-        server = self._last_server
-        stats = tier_stats(self._counters, server.get("blocks", 0), server.get("used_bytes", 0), self.capacity_bytes)
+        server, welcome = self._last_server, self._pool.welcome  # never connects: a hung server costs nothing
+        stats = tier_stats(self._counters, server.get("blocks", 0), server.get("used_bytes", 0),
+                           welcome.quota_bytes if welcome is not None else 0)
         stats["token_refused"] = int(self.token_refused)  # the store's stats() says so in the tier's state
         return stats
 

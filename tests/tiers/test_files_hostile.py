@@ -454,6 +454,39 @@ def test_a_batch_filling_a_real_filesystem_stores_what_fits(tmpfs, layout):
         tier.close()
 
 
+def test_threads_meeting_a_full_filesystem_together_each_store_what_fits(tmpfs, layout):
+    """Two threads' batches meeting ENOSPC together: the second found the capacity lowered by the first and
+    raised ENOSPC (the store suspended the tier's writes), or counted the first's failing writes in flight
+    as room and set the capacity above what the filesystem holds."""
+    done = remount(tmpfs, "size=1m")
+    assert done.returncode == 0, done.stderr
+    kv = make_kv(layout, 16, seed=1)
+    for trial in range(8):
+        tier = FilesTier(tmpfs / f"kv{trial}", 400 * BLOCK, layout, sync=False, io_threads=4, rescan_seconds=3600)
+        barrier, raised = threading.Barrier(2), []
+
+        def put(n: int) -> None:
+            items = [(hashlib.sha256(b"%d-%d-%d" % (trial, n, i)).digest(), kv) for i in range(200)]
+            barrier.wait()
+            try:
+                tier.put_many(items)
+            except OSError as exc:
+                raised.append(exc)
+        threads = [threading.Thread(target=put, args=(n,)) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        try:
+            assert raised == []
+            files = [os.path.join(d, f) for d, _, names in os.walk(tmpfs / f"kv{trial}") for f in names]
+            assert tier.used_bytes() == sum(os.path.getsize(path) for path in files) <= tier.capacity_bytes
+            assert tier.capacity_bytes <= 1 << 20
+        finally:
+            tier.close()
+            shutil.rmtree(tmpfs / f"kv{trial}")
+
+
 @contextlib.contextmanager
 def unprivileged():
     """As root: effective uid/gid ``nobody`` for the block (root ignores file modes); otherwise a no-op."""

@@ -555,6 +555,34 @@ def test_server_not_answering_times_out(redis_server, layout):
     tier.close()
 
 
+@pytest.mark.parametrize("shape", ["host, queue dropping", "host and lmdb, at close"])
+def test_blocks_written_back_into_redis_are_never_dropped(redis_server, layout, tmp_path, shape):
+    """Write-back into Redis holds the only copy: host RAM's evictions queued behind ``queue_full="drop"``
+    were dropped (5 of 40 prompts left), and LMDB's evictions at close met a closed queue (none left)."""
+    if shape.startswith("host,"):
+        config = StoreConfig(model_id="m", host_bytes=8 * layout.block_bytes, redis_url=redis_server.url,
+                             write_policy="write_back", queue_full="drop")
+        prompts = [(make_tokens(32, seed=i), make_kv(layout, 32, seed=i)) for i in range(40)]
+    else:
+        config = StoreConfig(model_id="m", host_bytes=16 * layout.block_bytes, disk_dir=str(tmp_path / "lmdb"),
+                             disk_bytes=4 * layout.block_bytes, disk_sync=False, redis_url=redis_server.url,
+                             write_policy="write_back")
+        prompts = [(make_tokens(64, seed=i), make_kv(layout, 64, seed=i)) for i in range(3)]
+    with KVStore(layout, config) as store:
+        for tokens, kv in prompts:
+            store.put(tokens, kv)
+        assert store.flush(10)
+    assert store.stats()["tiers"]["redis"]["queue_dropped"] == 0
+    found = 0
+    with KVStore(layout, config.replace(host_bytes=0)) as reopened:  # reads promoted into LMDB evict to Redis
+        for tokens, kv in prompts:
+            if shape.startswith("host,") and reopened.lookup(tokens) < len(tokens):
+                continue  # the last prompts were in host RAM at close, which writes back to no server
+            assert_same_kv(reopened.get(tokens), kv)
+            found += 1
+    assert found >= len(prompts) - 4
+
+
 def test_stats_of_a_store_whose_redis_hangs_do_not_wait_on_it(redis_server, layout):
     """``stats()`` asked a bypassed, stopped Redis for its figures: each call waited out the timeout and
     counted another error. While the tier is bypassed it shows the figures it last gave."""
