@@ -82,6 +82,8 @@ page of it either), split-heads heterogeneous TP.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -90,6 +92,7 @@ from typing import Any
 import torch
 
 from kvstore import KVLayout, KVStore
+from kvstore.tiers.lmdb import DirectoryInUseError
 
 try:
     from sglang.srt.mem_cache.hicache_storage import (HiCacheStorage, HiCacheStorageConfig,
@@ -100,8 +103,8 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
         "does not install: build the opt-in environment with `scripts/engine-venvs.sh sglang` and use "
         f".venv-sglang/bin/python (import failed: {_exc})") from _exc
 
-from kvstore.integrations.sglang_config import (FP8_FORMATS, SGLANG_KEYS, kv_format, served_kv_format,  # noqa: E402
-                                               store_config_from)
+from kvstore.integrations.sglang_config import (FP8_FORMATS, SGLANG_KEYS, default_l3_dirs,  # noqa: E402
+                                               kv_format, served_kv_format, store_config_from, weight_version)
 from kvstore.integrations.sglang_metrics import StorageCounters  # noqa: E402
 from kvstore.integrations.sglang_pages import (PoolKindMismatch, canonical_page_view, describe_pool,  # noqa: E402
                                                host_page_tokens)
@@ -138,8 +141,10 @@ class KVStoreHiCache(HiCacheStorage):
         self.mla = bool(storage_config.is_mla_model)
         self._page_shape: tuple[int, ...] | None = None
         self._to_canonical: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._generation = 0
-        self._salt = self._make_salt()
+        self._generation = "0"  # a clear's nonce: another engine's clear must not name the same namespace
+        self._weights = weight_version()
+        self._salt_now = self._make_salt()
+        self._salt_lock = threading.Lock()  # the salt's parts change together (a clear, a weight update)
         self._lock = threading.Lock()
         self._warned: set[str] = set()
         self.flat_anchor = False  # the KV pool's pages are stored as flat bytes in ``pools`` (see registration)
@@ -152,10 +157,24 @@ class KVStoreHiCache(HiCacheStorage):
 
     # -- setup ------------------------------------------------------------------------
 
+    @property
+    def _salt(self) -> str:
+        """The salt of the KV pool's keys now: it follows SGLang's weight version, read at every call (an
+        RL engine's ``update_weights_from_tensor`` was served the old policy's pages, which SGLang's flush
+        never asks the backend to drop)."""
+        version = weight_version()
+        if version != self._weights:
+            with self._salt_lock:
+                self._weights = version
+                self._salt_now = self._make_salt()
+        return self._salt_now
+
     def _make_salt(self) -> str:
         c = self.storage_config
         parts = [f"sglang-hicache/v1;gen={self._generation}", f"pp={c.pp_rank}/{c.pp_size}",
                  f"cp={c.attn_cp_rank}/{c.attn_cp_size}", f"dcp={c.dcp_rank}/{c.dcp_size}"]
+        if self._weights is not None:
+            parts.append(f"weights={self._weights}")
         if self._user_salt is not None:
             parts.append(f"salt={self._user_salt}")
         if self.kv_format is not None:
@@ -171,7 +190,8 @@ class KVStoreHiCache(HiCacheStorage):
                              "and no server arguments say which format: set extra_config kv_cache_dtype to it "
                              f"({', '.join(sorted(FP8_FORMATS))})")
         self.kv_format = served
-        self._salt = self._make_salt()
+        with self._salt_lock:
+            self._salt_now = self._make_salt()
 
     def _register_flat_anchor(self, pool: Any, why: BaseException) -> None:
         try:
@@ -223,12 +243,32 @@ class KVStoreHiCache(HiCacheStorage):
                 old.close()
             self.layout, self.host_layout = layout, host_layout
             self._to_canonical, self._page_shape = to_canonical, page_shape
-            self.store = KVStore(layout, self.config)
+            self.store = self._open(layout)
         logger.info("kvstore HiCache backend: %s pages of %d tokens (%s host layout, %d bytes each), tiers %s",
                     "MLA" if self.mla else "MHA", layout.block_tokens, host_layout, layout.block_bytes,
                     [t.name for t in self.store.tiers])
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _open(self, layout: KVLayout) -> KVStore:
+        """The store; on the default L3 held by another engine of this node, the next free ``sglang-l3-N``."""
+        try:
+            return KVStore(layout, self.config)
+        except DirectoryInUseError:
+            others = default_l3_dirs(self.config.disk_dir, os.environ) if self.config.disk_dir else []
+            if not others:
+                raise
+        for disk_dir in others:
+            try:
+                store = KVStore(layout, self.config.replace(disk_dir=disk_dir))
+            except DirectoryInUseError:
+                continue
+            logger.info("kvstore HiCache backend: the default L3 is another engine's; this one keeps its pages in "
+                        "%s", disk_dir)
+            self.config = store.config
+            return store
+        raise DirectoryInUseError(f"disk_dir: the default L3 {self.config.disk_dir} and {len(others)} more are "
+                                  "held by other engines of this node: give disk_dir")
 
     def _fail(self, what: str, exc: BaseException | None = None) -> None:
         """Log a failure that becomes a miss: the first of each kind as a warning, later ones at debug level."""
@@ -474,14 +514,15 @@ class KVStoreHiCache(HiCacheStorage):
     def clear(self) -> None:
         """Forget every page stored so far, as far as this backend can see.
 
-        kvstore has no public delete: the salt moves to a new generation, so
+        kvstore has no public delete: the salt moves to a new generation (a
+        random nonce: another engine's clear must not land in this one's), so
         older blocks are never returned to this backend again and age out of
         the tiers by LRU. A new backend (a restart) starts from generation 0
         and sees persistent blocks stored before the clear.
         """
-        with self._lock:
-            self._generation += 1
-            self._salt = self._make_salt()
+        with self._salt_lock:
+            self._generation = secrets.token_hex(8)
+            self._salt_now = self._make_salt()
 
     def close(self) -> None:
         """Close the store: flush write-behind queues to the lower tiers, close the tiers. Idempotent."""

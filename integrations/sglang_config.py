@@ -121,6 +121,27 @@ def served_kv_format() -> str | None:
     return f"{value}/hip" if getattr(torch.version, "hip", None) else value
 
 
+def weight_version() -> str | None:
+    """SGLang's published weight version in this process (``update_weights_*`` calls that carry one move it),
+    or None: an SGLang without config bags, or none published (a backend built by hand)."""
+    try:
+        from sglang.srt.runtime_context import get_serving
+        return str(get_serving().weight_version)
+    except Exception:
+        return None
+
+
+def default_l3_dirs(disk_dir: str, environ: Mapping[str, str]) -> list[str]:
+    """Where a backend whose ``disk_dir`` is the default L3 (or a rank's directory under it) may open instead,
+    in order, when another engine of this node holds it: ``sglang-l3-1``, ``sglang-l3-2``, ... (a second
+    server on one node failed to start). Empty for a ``disk_dir`` someone gave."""
+    default = default_l3_dir(environ)
+    rank = os.path.relpath(disk_dir, default) if os.path.dirname(disk_dir) == default else None
+    if disk_dir != default and rank is None:
+        return []
+    return [os.path.join(f"{default}-{n}", rank) if rank else f"{default}-{n}" for n in range(1, 64)]
+
+
 def _server_args() -> Any:
     """SGLang's server arguments in this process, or None (a backend built by hand, an SGLang without them)."""
     try:

@@ -23,6 +23,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheFile, HiCacheStorageConf
 from sglang.srt.mem_cache.storage import StorageBackendFactory  # noqa: E402
 
 from kvstore.integrations.sglang import KVStoreHiCache, canonical_page_view  # noqa: E402
+from kvstore.tiers.lmdb import DirectoryInUseError  # noqa: E402
 from sglang_env import keys, no_failure_injection, page_bytes, page_indices, stubbed_torchvision  # noqa: E402,F401
 
 
@@ -285,6 +286,81 @@ def test_tp_ranks_and_clear_never_mix(tmp_path):
     finally:
         rank1.close()
         again0.close()
+
+
+def test_pages_of_older_weights_are_never_served_once_sglang_moves_its_weight_version(tmp_path):
+    """SGLang's weight updates (``update_weights_from_tensor`` in RL rollouts) flush its own caches, never the
+    storage backend's: the L3 served the old policy's pages. The keys follow SGLang's published version."""
+    from sglang.srt.runtime_context import get_context
+    context = get_context()
+    with context.override_server_args(device="cpu"):
+        context.override("test", weight_version="policy-1")
+        old, new = host_pool(seed=1), host_pool(seed=2)
+        backend = make_backend(old, files_dir=str(tmp_path / "shared"))
+        ks = keys(4, tag="w")
+        try:
+            assert backend.batch_set_v1(ks, indices(range(4))) == [True] * 4
+            context.override("test", weight_version="policy-2")  # record_weight_version_change's write
+            assert backend.batch_exists(ks) == 0
+            backend.register_mem_pool_host(new)
+            assert backend.batch_set_v1(ks, indices(range(4))) == [True] * 4
+            dst = host_pool(seed=3)
+            backend.register_mem_pool_host(dst)
+            assert backend.batch_get_v1(ks, indices(range(8, 12))) == [True] * 4
+            assert all(torch.equal(page_bytes(dst, (8 + i) * PAGE), page_bytes(new, i * PAGE)) for i in range(4))
+            context.override("test", weight_version="policy-1")  # the older policy again: its own pages
+            assert backend.batch_get_v1(ks, indices(range(8, 12))) == [True] * 4
+            assert all(torch.equal(page_bytes(dst, (8 + i) * PAGE), page_bytes(old, i * PAGE)) for i in range(4))
+        finally:
+            backend.close()
+
+
+def test_engines_clearing_one_shared_directory_never_meet_each_others_pages(tmp_path):
+    """``clear()`` counted generations from 0 in every process: two engines sharing ``files_dir`` that each
+    cleared once were both at generation 1, and one was served the other's pages."""
+    ks = keys(4, tag="g")
+    shared = str(tmp_path / "shared")
+    a_pool = host_pool(seed=4)
+    a = make_backend(a_pool, files_dir=shared)
+    b = make_backend(host_pool(seed=5), files_dir=shared)
+    try:
+        a.clear()
+        assert a.batch_set_v1(ks, indices(range(4))) == [True] * 4
+        assert a.store.flush(10)  # in files_dir, which b reads
+        b.clear()
+        assert b.batch_exists(ks) == 0
+        assert b.batch_get_v1(ks, indices(range(8, 12))) == [False] * 4
+        assert a.batch_exists(ks) == 4
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_second_engine_on_the_node_opens_a_default_l3_of_its_own(tmp_path, monkeypatch):
+    """Two SGLang servers on one node with the default L3: the second failed to start (its LMDB directory is
+    the first's). It takes the next free ``sglang-l3-N``; a disk_dir someone gave is still refused."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+    def default_l3(pool, **settings):  # no tier named: SGLang's L3 defaults
+        extra = {k: v for k, v in kvstore_extra(**settings).items() if k != "host_bytes"}
+        backend = StorageBackendFactory.create_backend("dynamic", storage_config(extra), pool)
+        backend.register_mem_pool_host(pool)
+        return backend
+    first = default_l3(host_pool(seed=6))
+    second = default_l3(host_pool(seed=7))
+    try:
+        default = tmp_path / "xdg" / "kvstore" / "sglang-l3"
+        assert first.config.disk_dir == str(default) and second.config.disk_dir == f"{default}-1"
+        ks = keys(2, tag="d")
+        assert second.batch_set_v1(ks, indices([0, 1])) == [True, True]
+        assert second.batch_exists(ks) == 2 and first.batch_exists(ks) == 0
+        mine = default_l3(host_pool(seed=8), disk_dir=str(tmp_path / "mine"))
+        with pytest.raises(DirectoryInUseError):
+            default_l3(host_pool(seed=9), disk_dir=str(tmp_path / "mine"))
+        mine.close()
+    finally:
+        first.close()
+        second.close()
 
 
 def _closed_port() -> int:
