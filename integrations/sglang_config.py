@@ -59,6 +59,8 @@ def store_config_from(storage_config: Any,
         raise ValueError(f"extra_config: an MLA model at tp_size {c.tp_size} needs a tier every rank reads "
                          f"({', '.join(SHARED_TIERS)}): SGLang stores its pages from TP rank 0 only and takes "
                          f"the least hit over the ranks, so a rank-local L3 (disk_dir, host_bytes) never serves one")
+    if getattr(c, "is_mla_model", False) and c.tp_size > 1:
+        config = _mla_shared_at_once(config)
     replica = c.dp_rank or _replica()
     if config.disk_dir is not None and (c.tp_size * c.pp_size * c.attn_cp_size > 1 or replica > 0):
         # One LMDB environment per process (its directory is locked): each rank gets its own under disk_dir.
@@ -119,6 +121,31 @@ def served_kv_format() -> str | None:
     if not isinstance(value, str) or not value:
         return None
     return f"{value}/hip" if getattr(torch.version, "hip", None) else value
+
+
+# The shared tiers' settings by StoreConfig prefix: files_dir -> files_*, remote_url -> remote_*, redis_url -> redis_*.
+_SHARED_PREFIXES = {"files_dir": "files", "remote_url": "remote", "redis_url": "redis"}
+
+
+def _mla_shared_at_once(config: StoreConfig) -> StoreConfig:
+    """An MLA model at TP > 1: SGLang backs each page up from TP rank 0 only, once, and takes the least hit
+    over the ranks; a page a shared tier admits only when seen again, or takes only on eviction, or drops
+    from a full queue, is held by rank 0 alone, and no rank is ever served it. The shared tiers take every
+    page at once (admitted at first sight, written through, a full queue waited for)."""
+    changes: dict[str, Any] = {}
+    for tier, prefix in _SHARED_PREFIXES.items():
+        if getattr(config, tier):
+            if getattr(config, f"{prefix}_admit_after") != 1:
+                changes[f"{prefix}_admit_after"] = 1
+            if config.tier_write_policy(prefix) != "write_through":
+                changes[f"{prefix}_write_policy"] = "write_through"
+    if changes and config.queue_full != "block":
+        changes["queue_full"] = "block"
+    if changes:
+        log.warning("kvstore HiCache backend: an MLA model at TP > 1 is backed up from TP rank 0 only, so the "
+                       "tiers every rank reads take its pages at once: %s", changes)
+        config = config.replace(**changes)
+    return config
 
 
 def weight_version() -> str | None:

@@ -363,6 +363,24 @@ def test_a_second_engine_on_the_node_opens_a_default_l3_of_its_own(tmp_path, mon
         second.close()
 
 
+def test_an_mla_model_at_tp_2_has_its_shared_tiers_take_every_page_at_once(tmp_path):
+    """MLA pages are backed up from TP rank 0 only, once, and SGLang takes the least hit over the ranks: with a
+    files tier admitting pages seen twice (the README's sample), or taking them on eviction, rank 0 held them
+    alone and no rank was ever served one."""
+    from kvstore.integrations.sglang import store_config_from
+    extra = kvstore_extra(files_dir=str(tmp_path / "shared"), files_admit_after=2, files_write_policy="write_back",
+                          queue_full="drop")
+    for rank in (0, 1):
+        config, _ = store_config_from(HiCacheStorageConfig(
+            tp_rank=rank, tp_size=2, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1, is_mla_model=True,
+            enable_storage_metrics=False, is_page_first_layout=False, model_name="test/tiny-mla", extra_config=extra))
+        assert (config.files_admit_after, config.tier_write_policy("files"), config.queue_full) == (
+            1, "write_through", "block")
+    config, _ = store_config_from(storage_config(extra))  # not MLA: as given
+    assert (config.files_admit_after, config.tier_write_policy("files"), config.queue_full) == (
+        2, "write_back", "drop")
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
