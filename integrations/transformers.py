@@ -157,6 +157,18 @@ def adapter_state(model: Any) -> bytes:
     return repr(layers).encode() if layers else b""
 
 
+def _prompt_learning(model: Any) -> str | None:
+    """The PEFT type of a prompt-learning adapter of ``model`` (virtual tokens prepended to every prompt), if
+    any: a hit was served KV without them (last logits 0.8 off), and another adapter's."""
+    if "peft" not in sys.modules:
+        return None
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return None
+    return next((str(config.peft_type) for config in model.peft_config.values() if config.is_prompt_learning), None)
+
+
 def layout_for(model_or_config: Any, dtype: torch.dtype | str | None = None, block_tokens: int = 256,
                **layout_fields: Any) -> KVLayout:
     """The ``KVLayout`` of a transformers model's KV cache (a model or its config).
@@ -290,6 +302,10 @@ class CachedModel:
             if getattr(got, name) != getattr(layout, name):
                 raise ValueError(f"store.layout.{name}: expected {getattr(got, name)} (the model's KV), "
                                  f"got {getattr(layout, name)}")
+        if _prompt_learning(model):
+            raise ValueError("model: expected no PEFT prompt learning (prompt tuning, p-tuning, prefix tuning): "
+                             "its virtual tokens are KV the token ids do not key; got a PEFT model with "
+                             f"{_prompt_learning(model)}")
         self.model = model
         self.store = store
         self.salt = salt
@@ -447,7 +463,7 @@ class CachedModel:
         lengths = [lengths] if isinstance(lengths, int) else list(lengths)
         ids = torch.as_tensor(input_ids).cpu()
         ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
-        return self._put_rows(ids, cache, lengths, self.key_salt(salt))
+        return self._put_rows(ids, cache, lengths, self.key_salt(self.salt if salt is None else salt))
 
     def _put_rows(self, ids: torch.Tensor, cache: DynamicCache, lengths: list[int], salt: Salt) -> int:
         stored = 0

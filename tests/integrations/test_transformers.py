@@ -566,3 +566,25 @@ def test_switching_or_disabling_peft_adapters_is_never_served_another_adapters_k
     assert served() == 0
     model.set_adapter("a")
     assert served() == 39  # its own blocks are still its own (all but the last token)
+
+
+def test_a_peft_prompt_learning_model_is_refused(new_store):
+    """Prompt tuning prepends virtual tokens the token ids do not key: a hit was served KV without them."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_other_weights("llama"), peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(ValueError, match="expected no PEFT prompt learning"):
+        CachedModel(model, new_store(model))
+
+
+def test_save_keys_blocks_under_the_wrappers_salt_as_forward_does(new_store):
+    """``save`` ignored the salt the wrapper was made with: its blocks went under no salt, where the
+    wrapper's own requests never looked for them."""
+    model = tiny_model("llama")
+    cached = CachedModel(model, new_store(model, model_id="llama-tiny"), salt="tenant")
+    ids = tokens(32, seed=41)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    assert cached.save(ids, cache, 32) == 2
+    assert cached.store.lookup(ids[0], salt="tenant") == 32 and cached.store.lookup(ids[0]) == 0
+    assert cached.forward(ids)[1].loaded_tokens == 31
