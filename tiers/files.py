@@ -212,7 +212,7 @@ class FilesTier:
         self._capacity = capacity
         self._low_water = capacity - capacity // 10 // self._full * self._full
 
-    def _fit_to_filesystem(self, full_disk: bool) -> None:
+    def _fit_to_filesystem(self, full_disk: bool, quota: bool = False) -> None:
         """Hold the tier to the bytes it stores plus what the filesystem has free (``files_bytes`` at most):
         ``full_disk`` (a write just found no space) may lower its capacity, a periodic scan raise it again.
 
@@ -220,7 +220,9 @@ class FilesTier:
         every write fail with ENOSPC: the tier's writes were suspended for
         good, it kept its oldest blocks, and new prompts never landed. Now it
         evicts within the room it has. Bytes of writes in flight are not
-        counted: other threads' may be failing for want of that room.
+        counted: other threads' may be failing for want of that room. A
+        ``quota`` (EDQUOT) the filesystem's free space does not show: the
+        tier keeps to what it stores.
         """
         try:
             fs = os.statvfs(self._root)
@@ -228,7 +230,8 @@ class FilesTier:
             return
         with self._lock:
             before = self._capacity
-            capacity = max(self._full, min(self._configured, self._used + fs.f_bavail * fs.f_frsize))
+            room = self._used + (0 if quota else fs.f_bavail * fs.f_frsize)
+            capacity = max(self._full, min(self._configured, room))
             if capacity < before if full_disk else capacity > before:
                 self._set_capacity(capacity)
                 self._lowerings += full_disk
@@ -663,7 +666,7 @@ class FilesTier:
             if exc.errno not in NO_SPACE:
                 raise
             self._counters.add("filesystem_full")
-            self._fit_to_filesystem(full_disk=True)
+            self._fit_to_filesystem(full_disk=True, quota=exc.errno == errno.EDQUOT)
             with self._lock:  # lowered since this batch began (here, or by a thread that met the full disk too)
                 again = self._lowerings != lowerings and self._used > 0
             if not again:

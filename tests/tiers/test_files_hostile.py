@@ -454,6 +454,31 @@ def test_a_batch_filling_a_real_filesystem_stores_what_fits(tmpfs, layout):
         tier.close()
 
 
+def test_a_quota_the_free_space_does_not_show_holds_the_tier_to_what_it_stores(tmp_path, layout, monkeypatch):
+    """EDQUOT: the filesystem shows free space, the writer's quota has none. (No quota runs on this kernel's
+    tmpfs or ext4: the write refuses as a quota would, once the directory holds six blocks.)"""
+    root = tmp_path / "kv"
+    real_pwritev = os.pwritev
+
+    def quota_pwritev(fd, buffers, offset):
+        held = sum(name.endswith(".kvb") for _, _, names in os.walk(root) for name in names)
+        if held >= 6:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        return real_pwritev(fd, buffers, offset)
+    monkeypatch.setattr(os, "pwritev", quota_pwritev)
+    tier = FilesTier(root, 400 * BLOCK, layout, sync=False, io_threads=1)
+    try:
+        blocks = {hashlib.sha256(b"q%d" % i).digest(): make_kv(layout, 16, seed=i) for i in range(10)}
+        for key, kv in blocks.items():
+            assert tier.put_many([(key, kv)]) == 1  # each new block evicts the oldest once the quota is met
+        assert tier.stats()["filesystem_full"] >= 1 and tier.capacity_bytes == 6 * BLOCK
+        assert list(tier.keys()) == list(blocks)[-6:]
+        for key in list(blocks)[-6:]:
+            assert_same_kv(_read(tier, layout, key), blocks[key])
+    finally:
+        tier.close()
+
+
 def test_threads_meeting_a_full_filesystem_together_each_store_what_fits(tmpfs, layout):
     """Two threads' batches meeting ENOSPC together: the second found the capacity lowered by the first and
     raised ENOSPC (the store suspended the tier's writes), or counted the first's failing writes in flight
