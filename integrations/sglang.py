@@ -92,7 +92,6 @@ from typing import Any
 import torch
 
 from kvstore import KVLayout, KVStore
-from kvstore.tiers.lmdb import DirectoryInUseError
 
 try:
     from sglang.srt.mem_cache.hicache_storage import (HiCacheStorage, HiCacheStorageConfig,
@@ -103,8 +102,8 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
         "does not install: build the opt-in environment with `scripts/engine-venvs.sh sglang` and use "
         f".venv-sglang/bin/python (import failed: {_exc})") from _exc
 
-from kvstore.integrations.sglang_config import (FP8_FORMATS, SGLANG_KEYS, default_l3_dirs,  # noqa: E402
-                                               kv_format, served_kv_format, store_config_from, weight_version)
+from kvstore.integrations.sglang_config import (FP8_FORMATS, SGLANG_KEYS, claim_l3, kv_format,  # noqa: E402
+                                               served_kv_format, store_config_from, weight_version)
 from kvstore.integrations.sglang_metrics import StorageCounters  # noqa: E402
 from kvstore.integrations.sglang_pages import (PoolKindMismatch, canonical_page_view, describe_pool,  # noqa: E402
                                                host_page_tokens)
@@ -133,7 +132,9 @@ class KVStoreHiCache(HiCacheStorage):
         if not isinstance(storage_config, HiCacheStorageConfig):
             raise ValueError(f"storage_config: expected a HiCacheStorageConfig, got {type(storage_config).__name__}")
         self.storage_config = storage_config
+        environ = os.environ if environ is None else environ
         self.config, self._user_salt = store_config_from(storage_config, environ)
+        self.config, self._l3_claim = claim_l3(self.config, environ)  # the default L3 this engine holds
         self.kv_format = kv_format(storage_config.extra_config or {})
         self.store: KVStore | None = None
         self.layout: KVLayout | None = None
@@ -243,32 +244,12 @@ class KVStoreHiCache(HiCacheStorage):
                 old.close()
             self.layout, self.host_layout = layout, host_layout
             self._to_canonical, self._page_shape = to_canonical, page_shape
-            self.store = self._open(layout)
+            self.store = KVStore(layout, self.config)
         logger.info("kvstore HiCache backend: %s pages of %d tokens (%s host layout, %d bytes each), tiers %s",
                     "MLA" if self.mla else "MHA", layout.block_tokens, host_layout, layout.block_bytes,
                     [t.name for t in self.store.tiers])
 
     # -- helpers ----------------------------------------------------------------------
-
-    def _open(self, layout: KVLayout) -> KVStore:
-        """The store; on the default L3 held by another engine of this node, the next free ``sglang-l3-N``."""
-        try:
-            return KVStore(layout, self.config)
-        except DirectoryInUseError:
-            others = default_l3_dirs(self.config.disk_dir, os.environ) if self.config.disk_dir else []
-            if not others:
-                raise
-        for disk_dir in others:
-            try:
-                store = KVStore(layout, self.config.replace(disk_dir=disk_dir))
-            except DirectoryInUseError:
-                continue
-            logger.info("kvstore HiCache backend: the default L3 is another engine's; this one keeps its pages in "
-                        "%s", disk_dir)
-            self.config = store.config
-            return store
-        raise DirectoryInUseError(f"disk_dir: the default L3 {self.config.disk_dir} and {len(others)} more are "
-                                  "held by other engines of this node: give disk_dir")
 
     def _fail(self, what: str, exc: BaseException | None = None) -> None:
         """Log a failure that becomes a miss: the first of each kind as a warning, later ones at debug level."""
@@ -534,6 +515,9 @@ class KVStoreHiCache(HiCacheStorage):
                 store.close()
         except Exception as exc:
             self._fail("close failed", exc)
+        finally:
+            if self._l3_claim is not None:  # the default L3 is free for the next engine
+                self._l3_claim.close()
 
     def get_stats(self) -> Any:
         """SGLang's ``StorageMetrics`` since the last call: pages and GB/s of each prefetch and backup call

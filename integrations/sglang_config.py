@@ -4,17 +4,19 @@ defaults an L3 under SGLang's own host pool needs (``l3_defaults``) and a data d
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from kvstore import StoreConfig
 from kvstore.config import ENV_OTHER_PREFIXES, ENV_PREFIX, ENV_RESERVED, env_values, read_settings_file
 from kvstore.integrations.model_identity import bind_engine_settings, default_model_id
+from kvstore.tiers.lmdb import DirectoryInUseError
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +160,39 @@ def weight_version() -> str | None:
         return None
 
 
-def default_l3_dirs(disk_dir: str, environ: Mapping[str, str]) -> list[str]:
-    """Where a backend whose ``disk_dir`` is the default L3 (or a rank's directory under it) may open instead,
-    in order, when another engine of this node holds it: ``sglang-l3-1``, ``sglang-l3-2``, ... (a second
-    server on one node failed to start). Empty for a ``disk_dir`` someone gave."""
+_L3_SLOTS = 64  # default L3 directories one node's engines may take: sglang-l3, sglang-l3-1, ...
+
+
+def claim_l3(config: StoreConfig, environ: Mapping[str, str]) -> tuple[StoreConfig, IO[str] | None]:
+    """``config`` with the default L3 (``disk_dir`` of ``l3_defaults``, or a rank's directory under it) this
+    engine holds: the first of ``sglang-l3``, ``sglang-l3-1``, ... no other engine of the node holds, claimed
+    by an flock on ``<directory>.engine`` that the returned file keeps (close it to let go). A second server
+    on one node failed to start on the first's directory. A ``disk_dir`` given elsewhere is returned as it is.
+
+    Chosen once, before any store opens: every pool of the engine (its KV pool, a hybrid model's others,
+    a flat anchor's) opens under the same directory.
+    """
     default = default_l3_dir(environ)
-    rank = os.path.relpath(disk_dir, default) if os.path.dirname(disk_dir) == default else None
-    if disk_dir != default and rank is None:
-        return []
-    return [os.path.join(f"{default}-{n}", rank) if rank else f"{default}-{n}" for n in range(1, 64)]
+    disk_dir = config.disk_dir
+    if disk_dir is None or (disk_dir != default and os.path.dirname(disk_dir) != default):
+        return config, None
+    rank = os.path.relpath(disk_dir, default) if disk_dir != default else ""
+    for n in range(_L3_SLOTS):
+        candidate = os.path.join(f"{default}-{n}" if n else default, rank) if rank else (
+            f"{default}-{n}" if n else default)
+        os.makedirs(os.path.dirname(candidate), exist_ok=True)
+        claim = open(candidate + ".engine", "a+")
+        try:
+            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            claim.close()
+            continue
+        if n:
+            log.info("kvstore HiCache backend: the default L3 is another engine's; this one keeps its pages in %s",
+                     candidate)
+        return config.replace(disk_dir=candidate), claim
+    raise DirectoryInUseError(f"disk_dir: the default L3 {disk_dir} and {_L3_SLOTS - 1} more are held by other "
+                              "engines of this node: give disk_dir")
 
 
 def _server_args() -> Any:

@@ -180,7 +180,7 @@ class SchedulerHalf:
         after, state.saved_upto = state.saved_upto, upto
         hashes = list(getattr(state.request, "block_hashes", None) or ())[:upto // self.page_size]
         tables = self.groups.save_tables(state.block_ids, num_computed, self.page_size, -(-upto // self.page_size))
-        event_tokens = list(state.request.prompt_token_ids[:upto]) if state.bound else None
+        event_tokens = list(state.request.all_token_ids[:upto]) if state.bound else None  # as vLLM's events
         return SaveSpec(req_id, state.tokens[:upto], state.salt, tables, hashes, state.lora_name, after,
                         event_tokens, self._extra_keys(state.request, after, upto) if hashes else None)
 

@@ -351,6 +351,7 @@ def test_a_second_engine_on_the_node_opens_a_default_l3_of_its_own(tmp_path, mon
     try:
         default = tmp_path / "xdg" / "kvstore" / "sglang-l3"
         assert first.config.disk_dir == str(default) and second.config.disk_dir == f"{default}-1"
+        assert second.pools.config.disk_dir == f"{default}-1"  # every pool of the engine (a hybrid model's)
         ks = keys(2, tag="d")
         assert second.batch_set_v1(ks, indices([0, 1])) == [True, True]
         assert second.batch_exists(ks) == 2 and first.batch_exists(ks) == 0
@@ -358,6 +359,10 @@ def test_a_second_engine_on_the_node_opens_a_default_l3_of_its_own(tmp_path, mon
         with pytest.raises(DirectoryInUseError):
             default_l3(host_pool(seed=9), disk_dir=str(tmp_path / "mine"))
         mine.close()
+        second.close()
+        third = default_l3(host_pool(seed=10))  # a closed engine's directory is free again
+        assert third.config.disk_dir == f"{default}-1"
+        third.close()
     finally:
         first.close()
         second.close()
