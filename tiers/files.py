@@ -94,6 +94,9 @@ _SCAN_TIME_SHARE = 0.1
 # A scan that took longer than this (seconds) runs on a pool thread, not in the write due it: 50,000 files took
 # 2.4 s, the write-behind queue filled meanwhile and the engine's puts waited.
 _INLINE_SCAN_SECONDS = 0.05
+# A capacity a quota (EDQUOT) lowered is raised by a scan no sooner than this (seconds): the free space a scan
+# sees says nothing of the quota, and raising it at every scan failed a write each time.
+_QUOTA_RETRY_SECONDS = 300.0
 # An indexed block whose file was not seen for this long is looked at again before ``contains`` says yes:
 # another process sharing the directory may have evicted it (lookup promised 256 tokens, get found none,
 # and a put deduplicated against the gone blocks, so the prompt came back one block a request).
@@ -158,6 +161,7 @@ class FilesTier:
         self._set_capacity(capacity_bytes)
         self._room_log = LogLimit(60.0)
         self._lowerings = 0  # times a full disk lowered the capacity
+        self._quota_until = 0.0  # a quota lowered it: no scan raises it before then (monotonic seconds)
         self.layout = layout
         self._fingerprint = layout.fingerprint
         self.encoding = BlockEncoding(layout, codec)
@@ -230,19 +234,24 @@ class FilesTier:
             return
         with self._lock:
             before = self._capacity
+            if not full_disk and time.monotonic() < self._quota_until:
+                return  # a quota's room does not show in the free space: tried again later, not every scan
             room = self._used + (0 if quota else fs.f_bavail * fs.f_frsize)
             capacity = max(self._full, min(self._configured, room))
             if capacity < before if full_disk else capacity > before:
                 self._set_capacity(capacity)
                 self._lowerings += full_disk
+                if quota:
+                    self._quota_until = time.monotonic() + _QUOTA_RETRY_SECONDS
             else:
                 return
         if not full_disk:
             log.info("files_dir %s: room came back; the tier holds up to %d bytes (was %d)", self._root,
                      capacity, before)
         elif self._room_log.due():
-            log.warning("files_dir %s: the filesystem is full at %d bytes of blocks, below files_bytes=%d; the "
-                        "tier keeps to the room it has", self._root, capacity, self._configured)
+            log.warning("files_dir %s: %s at %d bytes of blocks, below files_bytes=%d; the tier keeps to the room "
+                        "it has", self._root, "the writer's quota is met" if quota else "the filesystem is full",
+                        capacity, self._configured)
 
     def _path(self, key: bytes) -> str:
         """Where block ``key`` is read and removed: its one-level path, or where a scan left it."""
