@@ -145,7 +145,7 @@ def _mla_shared_at_once(config: StoreConfig) -> StoreConfig:
         changes["queue_full"] = "block"
     if changes:
         log.warning("kvstore HiCache backend: an MLA model at TP > 1 is backed up from TP rank 0 only, so the "
-                       "tiers every rank reads take its pages at once: %s", changes)
+                    "tiers every rank reads take its pages at once: %s", changes)
         config = config.replace(**changes)
     return config
 
@@ -178,8 +178,8 @@ def claim_l3(config: StoreConfig, environ: Mapping[str, str]) -> tuple[StoreConf
         return config, None
     rank = os.path.relpath(disk_dir, default) if disk_dir != default else ""
     for n in range(_L3_SLOTS):
-        candidate = os.path.join(f"{default}-{n}" if n else default, rank) if rank else (
-            f"{default}-{n}" if n else default)
+        base = f"{default}-{n}" if n else default
+        candidate = os.path.join(base, rank) if rank else base
         os.makedirs(os.path.dirname(candidate), exist_ok=True)
         claim = open(candidate + ".engine", "a+")
         try:

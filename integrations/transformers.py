@@ -302,10 +302,11 @@ class CachedModel:
             if getattr(got, name) != getattr(layout, name):
                 raise ValueError(f"store.layout.{name}: expected {getattr(got, name)} (the model's KV), "
                                  f"got {getattr(layout, name)}")
-        if _prompt_learning(model):
+        prompt_learning = _prompt_learning(model)
+        if prompt_learning:
             raise ValueError("model: expected no PEFT prompt learning (prompt tuning, p-tuning, prefix tuning): "
                              "its virtual tokens are KV the token ids do not key; got a PEFT model with "
-                             f"{_prompt_learning(model)}")
+                             f"{prompt_learning}")
         self.model = model
         self.store = store
         self.salt = salt

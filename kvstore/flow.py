@@ -22,7 +22,7 @@ block held approximately stores them again instead of counting dedup.
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from functools import partial
 
 import torch
@@ -88,9 +88,15 @@ class BlockFlow:
 
     # -- writes -------------------------------------------------------------------------
 
+    def _held_by(self, level: Level, keys: Iterable[bytes]) -> set[bytes]:
+        """Of ``keys``, those batch ``level`` holds: a put does not ask it (``_dedup``), so where blocks go
+        to it, the ones it holds are not sent again."""
+        return {key for key in keys if self.stack.contains(level, key)}
+
     def _write_queued(self, level: Level, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
-        if level.batch:  # a put does not ask it what it holds (``_dedup``): blocks it holds are not sent again
-            items = [(key, block) for key, block in items if not self.stack.contains(level, key)]
+        if level.batch:
+            held = self._held_by(level, (key for key, _ in items))
+            items = [(key, block) for key, block in items if key not in held]
         self.stack.write(level, items)  # queued copies are exact: approximate ones are never queued
         if level.chains:  # each prompt these blocks came with: its head the most recently used
             keys = [key for key, _ in items]
@@ -219,8 +225,8 @@ class BlockFlow:
             for key, _ in copies:
                 written.setdefault(key, set()).add(level.index)
             batch = sorted(copies + [(key, block) for key, block, _ in items], key=lambda item: order[item[0]])
-            if level.batch and level not in self._dedup:  # blocks it holds are not sent again (a put asked it
-                held = {key for key, _ in batch if self.stack.contains(level, key)}  # nothing before)
+            if level.batch and level not in self._dedup:
+                held = self._held_by(level, (key for key, _ in batch))
                 batch = [(key, block) for key, block in batch if key not in held]
                 for key, block, _ in items:
                     if key in held:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TESTS_DIR, assert_same_kv, make_kv, make_tokens, run_python, tiny_layout
+from conftest import TESTS_DIR, assert_same_kv, make_kv, make_tokens, run_python, run_threads, tiny_layout
 from kvstore.config import StoreConfig
 from kvstore.keys import KeyChain
 from kvstore.flow import STORE_COUNTERS
@@ -661,11 +661,7 @@ def test_threads_overlapping_prefixes(make_store, layout, write_policy):
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, 4)
     assert not errors, errors
     assert all(c > 0 for c in checked)
     host, disk = store.host, store.disk

@@ -228,23 +228,22 @@ class FilesTier:
         ``quota`` (EDQUOT) the filesystem's free space does not show: the
         tier keeps to what it stores.
         """
+        if not full_disk and time.monotonic() < self._quota_until:
+            return  # a quota's room does not show in the free space: tried again later, not every scan
         try:
             fs = os.statvfs(self._root)
         except OSError:
             return
         with self._lock:
             before = self._capacity
-            if not full_disk and time.monotonic() < self._quota_until:
-                return  # a quota's room does not show in the free space: tried again later, not every scan
             room = self._used + (0 if quota else fs.f_bavail * fs.f_frsize)
             capacity = max(self._full, min(self._configured, room))
-            if capacity < before if full_disk else capacity > before:
-                self._set_capacity(capacity)
-                self._lowerings += full_disk
-                if quota:
-                    self._quota_until = time.monotonic() + _QUOTA_RETRY_SECONDS
-            else:
+            if not (capacity < before if full_disk else capacity > before):
                 return
+            self._set_capacity(capacity)
+            self._lowerings += full_disk
+            if quota:
+                self._quota_until = time.monotonic() + _QUOTA_RETRY_SECONDS
         if not full_disk:
             log.info("files_dir %s: room came back; the tier holds up to %d bytes (was %d)", self._root,
                      capacity, before)

@@ -28,7 +28,7 @@ import threading
 import pytest
 import torch
 
-from conftest import assert_same_kv, make_kv, mounted_tmpfs, remount, run_python
+from conftest import assert_same_kv, make_kv, mounted_tmpfs, remount, run_python, run_threads
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.compression.registry import get_codec
 from kvstore.compression.quant import KiviCodec
@@ -498,11 +498,7 @@ def test_threads_meeting_a_full_filesystem_together_each_store_what_fits(tmpfs, 
                 tier.put_many(items)
             except OSError as exc:
                 raised.append(exc)
-        threads = [threading.Thread(target=put, args=(n,)) for n in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_threads(put, 2)
         try:
             assert raised == []
             files = [os.path.join(d, f) for d, _, names in os.walk(tmpfs / f"kv{trial}") for f in names]
