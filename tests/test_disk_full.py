@@ -1,8 +1,13 @@
-"""A tier whose disk fills (a real small tmpfs) still serves what it holds: a failed write suspends writes to
-the tier for ``degraded_seconds``, never its reads. It made every block there a miss for 30 s, and again
-after each retried write while the disk stayed full."""
+"""A disk tier on a real small tmpfs, or under a real file-size limit: a full filesystem holds the tier to
+the room it has; a write that fails with room to spare suspends its writes for ``degraded_seconds``, never its
+reads."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,38 +16,53 @@ from kvstore.blockformat import HEADER_BYTES
 from kvstore import KVStore, StoreConfig
 from kvstore.tiers.files import FilesTier
 from kvstore.tiers.host import HostTier
+from kvstore.tiers import lmdb as lmdb_tier
 
 LAYOUT = tiny_layout()
 
 
-@pytest.mark.parametrize("tier", ["lmdb"])
+_FILE_SIZE_LIMITED = """
+import json, resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+from conftest import make_kv, make_tokens, tiny_layout
+from kvstore import KVStore, StoreConfig
+layout = tiny_layout()
+config = StoreConfig(model_id="m", host_bytes=layout.block_bytes if sys.argv[3] == "host" else 0,
+                     degraded_seconds=60.0, disk_dir=sys.argv[1], disk_bytes="16MiB")
+prompts = [(make_tokens(48, seed=i), make_kv(layout, 48, seed=i)) for i in range(60)]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+with KVStore(layout, config) as store:
+    for tokens, kv in prompts[:5]:
+        store.put(tokens, kv)
+    assert store.flush(timeout=30)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+    for tokens, kv in prompts[5:]:
+        store.put(tokens, kv)
+    assert store.flush(timeout=30)
+    stats = store.stats()["tiers"]["lmdb"]
+    found = [store.lookup(tokens) for tokens, _ in prompts[:5]]
+    exact = all(store.get(tokens).equal(kv) for tokens, kv in prompts[:5])
+    print(json.dumps(dict(stats=stats, found=found, exact=exact, after=store.stats()["tiers"]["lmdb"])))
+"""
+
+
 @pytest.mark.parametrize("host", [False, True])
-def test_a_full_disk_keeps_serving_what_it_holds(tmp_path, tier, host):
-    with mounted_tmpfs(tmp_path / "small", "size=1m") as point:
-        where = str(point / "kv")
-        settings = dict(disk_dir=where, disk_bytes="16MiB") if tier == "lmdb" else dict(files_dir=where,
-                                                                                         files_bytes="16MiB")
-        # A host tier of one block: reads of the early prompts must come from the full disk.
-        config = StoreConfig(model_id="m", host_bytes=LAYOUT.block_bytes if host else 0, degraded_seconds=60.0,
-                             **settings)
-        prompts = [(make_tokens(48, seed=i), make_kv(LAYOUT, 48, seed=i)) for i in range(200)]
-        with KVStore(LAYOUT, config) as store:
-            for tokens, kv in prompts[:5]:
-                store.put(tokens, kv)
-            assert store.flush(timeout=30)
-            for tokens, kv in prompts[5:]:  # 1 MiB fills: a write fails (ENOSPC, or LMDB's commit fails)
-                store.put(tokens, kv)
-            assert store.flush(timeout=30)
-            stats = store.stats()["tiers"][tier]
-            assert stats["errors"] >= 1 and stats["writes"] == "suspended"
-            assert stats["state"] == "healthy"  # reads are not bypassed
-            for tokens, kv in prompts[:5]:
-                assert store.lookup(tokens) == 48
-                assert_same_kv(store.get(tokens), kv)
-            later = store.stats()["tiers"][tier]
-            assert later["hits"] > stats["hits"]
-            if not host:  # the puts after the failure were not sent to the full disk at all
-                assert later["write_suspended"] >= 1
+def test_a_disk_that_fails_writes_keeps_serving_what_it_holds(tmp_path, host):
+    """A disk tier whose writes fail with room to spare (here a real file-size limit: EFBIG, which no eviction
+    helps) suspends its writes for ``degraded_seconds``, never its reads. It made every block there a miss for
+    30 s, and again after each retried write."""
+    done = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMITED, str(tmp_path / "kv"),
+                           str(Path(__file__).parent), "host" if host else "bare"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    stats, later = result["stats"], result["after"]
+    assert stats["errors"] >= 1 and stats["writes"] == "suspended" and stats["filesystem_full"] == 0
+    assert stats["state"] == "healthy"  # reads are not bypassed
+    assert result["found"] == [48] * 5 and result["exact"]
+    assert later["hits"] > stats["hits"]
+    if not host:  # the puts after the failure were not sent to the failing disk at all
+        assert stats["write_suspended"] >= 1
 
 
 def test_a_read_only_files_dir_larger_than_files_bytes_is_served_as_it_is(tmp_path):
@@ -61,14 +81,19 @@ def test_a_read_only_files_dir_larger_than_files_bytes_is_served_as_it_is(tmp_pa
             assert_same_kv(reader.get(tokens), kv)
 
 
+@pytest.mark.parametrize("tier", ["files", "lmdb"])
 @pytest.mark.parametrize("host", [False, True])
-def test_a_files_tier_on_a_filesystem_smaller_than_files_bytes_keeps_to_the_room_it_has(tmp_path, host):
-    """A 1 MiB filesystem under ``files_bytes=16MiB``: the first ENOSPC suspended the tier's writes for good;
-    it kept its oldest blocks and the newest prompts never landed. It now evicts within the room it has, and
-    holds more again once room comes back."""
+def test_a_disk_tier_on_a_filesystem_smaller_than_its_setting_keeps_to_the_room_it_has(tmp_path, monkeypatch,
+                                                                                         host, tier):
+    """A 1 MiB filesystem under a 16 MiB tier: the first ENOSPC (LMDB: a short write it reports as EIO)
+    suspended the tier's writes (files: for good; LMDB: at each retry); it kept its oldest blocks and the
+    newest prompts never landed. It now evicts within the room it has, and holds more again once room comes
+    back."""
+    monkeypatch.setattr(lmdb_tier, "_ROOM_RECHECK_SECONDS", 0.0)  # looks for room at every write
     with mounted_tmpfs(tmp_path / "small", "size=1m") as point:
-        files = FilesTier(point / "kv", 16 << 20, LAYOUT, rescan_seconds=0.0)  # scans at every write
-        tiers = [HostTier(LAYOUT, LAYOUT.block_bytes, pin_memory=False), files] if host else [files]
+        disk = FilesTier(point / "kv", 16 << 20, LAYOUT, rescan_seconds=0.0) if tier == "files" else \
+            lmdb_tier.LmdbTier(point / "kv", 16 << 20, LAYOUT)
+        tiers = [HostTier(LAYOUT, LAYOUT.block_bytes, pin_memory=False), disk] if host else [disk]
         config = StoreConfig(model_id="m", degraded_seconds=60.0)  # its tiers are these
         prompts = [(make_tokens(48, seed=i), make_kv(LAYOUT, 48, seed=i)) for i in range(120)]
         ballast = point / "ballast"
@@ -77,7 +102,7 @@ def test_a_files_tier_on_a_filesystem_smaller_than_files_bytes_keeps_to_the_room
             for tokens, kv in prompts[:100]:
                 store.put(tokens, kv)
                 assert store.flush(timeout=30)
-            stats = store.stats()["tiers"]["files"]
+            stats = store.stats()["tiers"][tier]
             assert stats["filesystem_full"] >= 1 and stats["errors"] == 0 and stats["writes"] != "suspended"
             assert stats["capacity_bytes"] <= 768 << 10 and stats["used_bytes"] <= stats["capacity_bytes"]
             for tokens, kv in prompts[97:100]:  # the newest prompts landed, exact
@@ -85,10 +110,10 @@ def test_a_files_tier_on_a_filesystem_smaller_than_files_bytes_keeps_to_the_room
                 assert_same_kv(store.get(tokens), kv)
             assert store.lookup(prompts[0][0]) < 48  # the oldest made room
             ballast.unlink()
-            for tokens, kv in prompts[100:]:  # room came back: a scan raises the capacity again
+            for tokens, kv in prompts[100:]:  # room came back: a later check raises the capacity again
                 store.put(tokens, kv)
                 assert store.flush(timeout=30)
-            later = store.stats()["tiers"]["files"]
-            assert later["capacity_bytes"] > stats["capacity_bytes"] + (128 << 10) and later["errors"] == 0
+            later = store.stats()["tiers"][tier]
+            assert later["capacity_bytes"] > stats["capacity_bytes"] + (100 << 10) and later["errors"] == 0
             for tokens, kv in prompts[-3:]:
                 assert_same_kv(store.get(tokens), kv)

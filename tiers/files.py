@@ -81,6 +81,7 @@ from kvstore.tiers.fileio import (ALIGN, GONE, MAX_IOVECS, NO_FILE, NO_SPACE, NO
                                   fsync_dir, process_scope, read_hashed, round_up, same_file, split_views, squatted,
                                   transfer, unlink_file, vanished)
 from kvstore.tiers.parked import Parked, ParkedFiles
+from kvstore.tiers.room import FilesystemRoom
 from kvstore.compression.registry import get_codec
 from kvstore.config import StoreConfig, check_folder
 from kvstore.tiers.spec import TierSpec
@@ -94,9 +95,6 @@ _SCAN_TIME_SHARE = 0.1
 # A scan that took longer than this (seconds) runs on a pool thread, not in the write due it: 50,000 files took
 # 2.4 s, the write-behind queue filled meanwhile and the engine's puts waited.
 _INLINE_SCAN_SECONDS = 0.05
-# A capacity a quota (EDQUOT) lowered is raised by a scan no sooner than this (seconds): the free space a scan
-# sees says nothing of the quota, and raising it at every scan failed a write each time.
-_QUOTA_RETRY_SECONDS = 300.0
 # An indexed block whose file was not seen for this long is looked at again before ``contains`` says yes:
 # another process sharing the directory may have evicted it (lookup promised 256 tokens, get found none,
 # and a put deduplicated against the gone blocks, so the prompt came back one block a request).
@@ -156,12 +154,10 @@ class FilesTier:
                 raise ValueError(f"{name}: expected seconds >= 0, got {value!r}")
         self._root = os.path.abspath(os.fspath(path))
         make_directory(self._root, "files_dir")
-        self._full, self._configured = full, capacity_bytes
+        self._full = full
         self._capacity = self._low_water = 0  # bytes: held to the filesystem's room after a full disk
         self._set_capacity(capacity_bytes)
-        self._room_log = LogLimit(60.0)
-        self._lowerings = 0  # times a full disk lowered the capacity
-        self._quota_until = 0.0  # a quota lowered it: no scan raises it before then (monotonic seconds)
+        self._room = FilesystemRoom(self._root, capacity_bytes, full, "files_dir", log)
         self.layout = layout
         self._fingerprint = layout.fingerprint
         self.encoding = BlockEncoding(layout, codec)
@@ -218,39 +214,19 @@ class FilesTier:
 
     def _fit_to_filesystem(self, full_disk: bool, quota: bool = False) -> None:
         """Hold the tier to the bytes it stores plus what the filesystem has free (``files_bytes`` at most):
-        ``full_disk`` (a write just found no space) may lower its capacity, a periodic scan raise it again.
-
-        A filesystem smaller than ``files_bytes`` (or filled by others) made
-        every write fail with ENOSPC: the tier's writes were suspended for
-        good, it kept its oldest blocks, and new prompts never landed. Now it
-        evicts within the room it has. Bytes of writes in flight are not
-        counted: other threads' may be failing for want of that room. A
-        ``quota`` (EDQUOT) the filesystem's free space does not show: the
-        tier keeps to what it stores.
-        """
-        if not full_disk and time.monotonic() < self._quota_until:
-            return  # a quota's room does not show in the free space: tried again later, not every scan
-        try:
-            fs = os.statvfs(self._root)
-        except OSError:
+        ``full_disk`` (a write just found no space) may lower its capacity, a periodic scan raise it again
+        (``FilesystemRoom``). Bytes of writes in flight are not counted: other threads' may be failing for
+        want of that room."""
+        free = self._room.free_bytes(full_disk)
+        if free is None:
             return
         with self._lock:
             before = self._capacity
-            room = self._used + (0 if quota else fs.f_bavail * fs.f_frsize)
-            capacity = max(self._full, min(self._configured, room))
-            if not (capacity < before if full_disk else capacity > before):
+            capacity = self._room.refit(self._used, before, free, full_disk, quota)
+            if capacity is None:
                 return
             self._set_capacity(capacity)
-            self._lowerings += full_disk
-            if quota:
-                self._quota_until = time.monotonic() + _QUOTA_RETRY_SECONDS
-        if not full_disk:
-            log.info("files_dir %s: room came back; the tier holds up to %d bytes (was %d)", self._root,
-                     capacity, before)
-        elif self._room_log.due():
-            log.warning("files_dir %s: %s at %d bytes of blocks, below files_bytes=%d; the tier keeps to the room "
-                        "it has", self._root, "the writer's quota is met" if quota else "the filesystem is full",
-                        capacity, self._configured)
+        self._room.report(capacity, before, full_disk, quota)
 
     def _path(self, key: bytes) -> str:
         """Where block ``key`` is read and removed: its one-level path, or where a scan left it."""
@@ -648,7 +624,7 @@ class FilesTier:
                     self._rescan_unless_scanning(clean_temps=due)
                 elif share:  # a walk that takes long: behind this write, and within its share of the time
                     self._scan_behind()
-            if due and self._capacity < self._configured:  # after the scan, which learned what others removed
+            if due and self._capacity < self._room.configured:  # after the scan, which learned what others removed
                 self._fit_to_filesystem(full_disk=False)
             while self._evict_for(incoming, parked, later, keep):
                 pass  # a victim could not be removed (it is counted still): the next oldest in its place
@@ -667,7 +643,7 @@ class FilesTier:
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """``_put_batch``; a batch the filesystem had no room for is written again once, in the room it has
         (``_fit_to_filesystem``)."""
-        lowerings = self._lowerings
+        lowerings = self._room.lowerings
         try:
             return self._put_batch(items)
         except OSError as exc:
@@ -676,7 +652,7 @@ class FilesTier:
             self._counters.add("filesystem_full")
             self._fit_to_filesystem(full_disk=True, quota=exc.errno == errno.EDQUOT)
             with self._lock:  # lowered since this batch began (here, or by a thread that met the full disk too)
-                again = self._lowerings != lowerings and self._used > 0
+                again = self._room.lowerings != lowerings and self._used > 0
             if not again:
                 raise
         return self._put_batch(items)

@@ -17,6 +17,7 @@ process read concurrently while one writes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import mmap
@@ -42,6 +43,7 @@ from kvstore.metrics import Counters
 from kvstore.tiers.base import (TIER_COUNTERS, Capability, EvictCallback, check_one_block,
                                 make_directory, tier_stats)
 from kvstore.tiers.inuse import InUse
+from kvstore.tiers.room import FilesystemRoom
 from kvstore.compression.registry import get_codec
 from kvstore.config import StoreConfig, check_folder
 from kvstore.tiers.spec import TierSpec
@@ -51,6 +53,10 @@ from kvstore.tiers.spec import TierSpec
 _TAIL = struct.Struct("<QQ")
 _META_BYTES = HEADER_BYTES + _TAIL.size
 _MAX_WRITE_ATTEMPTS = 8
+# A failed commit with this much more free space than twice its bytes did not fail for want of room (bytes).
+_FULL_SLACK_BYTES = 1 << 20
+# How often a tier a full filesystem held below ``disk_bytes`` looks for room that came back (seconds).
+_ROOM_RECHECK_SECONDS = 30.0
 # Dirty access stamps kept for the next write; beyond this they are written on their own.
 _MAX_PENDING_STAMPS = 4096
 
@@ -240,12 +246,14 @@ class LmdbTier:
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, layout: KVLayout, sync: bool = True,
                  codec: FrameCodec | None = None):
-        check_one_block(layout, capacity_bytes, "disk_bytes")
+        self._full = check_one_block(layout, capacity_bytes, "disk_bytes")
         self.path = Path(path)
         self._lock_file = lock_directory(self.path, "disk_dir {path} is open in another process (or another "
                                                     "store of this one); give each store its own disk_dir or share "
                                                     "one through the cache server")
-        self._capacity = capacity_bytes
+        self._capacity = capacity_bytes  # bytes: held to the filesystem's room after a full disk
+        self._room = FilesystemRoom(self.path, capacity_bytes, self._full, "disk_dir", log, free_share=0.5,
+                                    recheck_seconds=_ROOM_RECHECK_SECONDS)
         self.layout = layout
         self._fingerprint = layout.fingerprint
         self.encoding = BlockEncoding(layout, codec)
@@ -258,7 +266,7 @@ class LmdbTier:
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> stored bytes, LRU first
         self._used = 0
         self._pending_stamps: dict[bytes, int] = {}
-        self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale")
+        self._counters = Counters(*TIER_COUNTERS, "logical_bytes_written", "stale", "filesystem_full")
         self._foreign: set[bytes] = set()  # indexed blocks in another codec's lossy form (``_load_index``)
         self._clock = self._load_index()
         self._in_use = InUse()  # the map is unmapped at close: no call may be inside it then
@@ -322,6 +330,10 @@ class LmdbTier:
             return self._put_many(items) if held else 0
 
     def _put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+        if self._room.recheck_due(self._capacity):
+            free = self._room.free_bytes(full_disk=False)
+            if free is not None:
+                self._refit(free, full_disk=False)
         fitting, total, seen = [], 0, set()
         for n, (key, block) in enumerate(items):
             if key in seen or self.contains(key):
@@ -363,10 +375,11 @@ class LmdbTier:
                     for key, block in evicted:
                         self.on_evict(key, block, self.encoding.lossy)
                 try:
+                    if victims and self._capacity < self._room.configured:
+                        self._evict_apart(victims)
+                        victims = []
                     with self._env.begin(write=True) as txn:
-                        for key in victims + deletes:
-                            txn.delete(key, db=self._blocks)
-                            txn.delete(key, db=self._meta)
+                        self._delete(txn, victims + deletes)
                         for key, payload, stamp in records:
                             header = BlockHeader.for_payload(key, self._fingerprint, payload,
                                                              self.encoding.header_encoding(payload)).pack()
@@ -376,10 +389,55 @@ class LmdbTier:
                 except lmdb.MapFullError:
                     incoming += self._capacity // 8  # fragmentation: make more room and retry
                     continue
+                except lmdb.Error as error:
+                    if not self._fit_to_filesystem(error, incoming):
+                        raise
+                    continue
                 self._commit_index(records, victims + deletes, stamps)
                 self._counters.add("evictions", len(victims))
                 return
         self._counters.add("rejected", len(payloads))
+
+    def _delete(self, txn: lmdb.Transaction, keys: list[bytes]) -> None:
+        for key in keys:
+            txn.delete(key, db=self._blocks)
+            txn.delete(key, db=self._meta)
+
+    def _evict_apart(self, victims: list[bytes]) -> None:
+        """Evict ``victims`` in a transaction of their own, before the write that needs their room: on a
+        filesystem with no room left to grow into, LMDB reuses pages only once the transaction that freed
+        them has committed (written in one, the write failed again for want of space)."""
+        with self._env.begin(write=True) as txn:
+            self._delete(txn, victims)
+        self._commit_index([], victims, {})
+        self._counters.add("evictions", len(victims))
+
+    def _fit_to_filesystem(self, error: lmdb.Error, incoming: int) -> bool:
+        """Whether a failed commit of ``incoming`` bytes met a full filesystem (LMDB reports a short write as
+        an I/O error: the free space tells), and the tier now holds at least one block less than it stores,
+        within the room left (``FilesystemRoom``). A filesystem smaller than ``disk_bytes`` (or filled by
+        others) suspended the tier's writes at every failed commit: its oldest blocks stayed, new prompts
+        never landed. A disk error with room to spare is not this: the caller raises it."""
+        quota = os.strerror(errno.EDQUOT) in str(error)
+        free = self._room.free_bytes(full_disk=True)
+        if free is None or (not quota and free >= 2 * incoming + _FULL_SLACK_BYTES):
+            return False
+        self._counters.add("filesystem_full")
+        return self._refit(free, full_disk=True, quota=quota)
+
+    def _refit(self, free: int, full_disk: bool, quota: bool = False) -> bool:
+        """``FilesystemRoom.refit`` with ``free`` bytes free; whether the capacity changed. A lowering holds the
+        tier to one block less than it stores: LMDB's own pages need room too, and each failed commit then
+        evicts more."""
+        with self._lock:
+            before = self._capacity
+            used = max(0, self._used - self._full) if full_disk else self._used
+            capacity = self._room.refit(used, before, free, full_disk, quota)
+            if capacity is None:
+                return False
+            self._capacity = capacity
+        self._room.report(capacity, before, full_disk, quota)
+        return True
 
     def _copy_out(self, txn: lmdb.Transaction, keys: list[bytes]) -> list[tuple[bytes, torch.Tensor]]:
         """Verified copies of blocks about to be evicted (a damaged one is not passed on)."""
