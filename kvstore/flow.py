@@ -90,8 +90,18 @@ class BlockFlow:
 
     def _held_by(self, level: Level, keys: Iterable[bytes]) -> set[bytes]:
         """Of ``keys``, those batch ``level`` holds: a put does not ask it (``_dedup``), so where blocks go
-        to it, the ones it holds are not sent again."""
-        return {key for key in keys if self.stack.contains(level, key)}
+        to it, the ones it holds are not sent again. One round trip a prompt (its keys here in its order,
+        those it holds leading, as a shared prefix is), not one a block: 32 EXISTS for a 32-block put."""
+        wanted = list(dict.fromkeys(keys))
+        asked = set(wanted)
+        runs = [[key for key in chain if key in asked] for chain in self._chains.chains_of(wanted)]
+        covered = {key for run in runs for key in run}
+        runs.append([key for key in wanted if key not in covered])  # blocks of no known prompt, in their order
+        held: set[bytes] = set()
+        for run in runs:
+            if run:
+                held.update(run[:self.stack.prefix_length(level, run)])
+        return held
 
     def _write_queued(self, level: Level, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
         if level.batch:
