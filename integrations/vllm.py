@@ -166,7 +166,8 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
 
     def update_connector_output(self, connector_output: Any) -> None:
         if self.scheduler is not None:  # a request whose load failed is served nothing more: vLLM computes it
-            self.scheduler.loads_failed(getattr(connector_output, "failed_recving", None) or ())
+            self.scheduler.loads_failed(getattr(connector_output, "failed_recving", None) or (),
+                                        getattr(connector_output, "invalid_block_ids", None) or ())
         events = getattr(connector_output, "kv_cache_events", None)
         if isinstance(events, KVStoreKVEvents):
             if self._worker_events is None:

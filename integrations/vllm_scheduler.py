@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvstore.integrations.vllm_groups import cache_groups, load_tables
+from kvstore.integrations.vllm_groups import NO_PAGE, cache_groups, load_tables
 from kvstore.integrations.vllm_lookup import Answer, LookupClient, address
 from kvstore.integrations.vllm_meta import KVStoreConnectorMetadata, LoadSpec, SaveSpec
 from kvstore.integrations.vllm_metrics import KVStoreConnectorStats
@@ -51,6 +51,7 @@ class _Request:
     computed: int = 0  # vLLM's computed tokens when the answer was given
     request: Any = None  # vLLM's Request: its block_hashes name the saved blocks in KV cache events
     load_failed: bool = False  # a load of it failed: it is not offered another (vLLM would retry it forever)
+    loading: frozenset[int] = frozenset()  # the block ids its last load fills (a failure names some of them)
 
 
 def eagle_block_drop(spec: Any) -> bool:
@@ -133,15 +134,19 @@ class SchedulerHalf:
         if state is None:
             return
         answer, state.answer = state.answer, None  # admitted: a later admission (after preemption) asks again
+        state.loading = frozenset()
         if num_external_tokens <= 0 or answer is None or not state.tokens:
             return
         start = state.computed
         end = start + num_external_tokens
+        tables = load_tables(blocks)
+        first, last = start // self.page_size, -(-end // self.page_size)
+        state.loading = frozenset(b for table in tables for b in table[first:last] if b != NO_PAGE)
         self.stats.add("hit_tokens", num_external_tokens)
         cut = min(len(state.tokens), -(-end // self.block_tokens) * self.block_tokens)
         eager = len(state.tokens) - end <= self.uniform_decode
         self._pending_loads[request.request_id] = LoadSpec(
-            request.request_id, state.tokens[:cut], state.salt, load_tables(blocks), start, end,
+            request.request_id, state.tokens[:cut], state.salt, tables, start, end,
             is_async=self.async_load, eager=eager)
 
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int, hit_source: Any,
@@ -231,17 +236,29 @@ class SchedulerHalf:
             self.forget(req_id)
         return meta
 
-    def loads_failed(self, req_ids: Any) -> None:
-        """vLLM reports these requests' loads failed and recomputes them: from now on they are misses."""
-        for req_id in req_ids:
+    def loads_failed(self, req_ids: Any, block_ids: Any = ()) -> None:
+        """vLLM reports these requests' loads failed, or loads that left ``block_ids`` unfilled, and recomputes
+        them: from now on those requests are misses. An async load that failed for good (its copy engine
+        raising) was offered again at each admission, failed again, and vLLM rescheduled it for ever."""
+        failed = set(req_ids)
+        if block_ids:
+            bad = set(block_ids)
+            failed.update(req_id for req_id, state in self._requests.items() if not state.loading.isdisjoint(bad))
+        for req_id in failed:
             state = self._requests.get(req_id)
             if state is not None:
                 state.load_failed = True
                 state.answer = None
 
     def forget(self, req_id: str) -> None:
+        """A finished (or aborted) request's state goes. An async load not yet sent still goes out: vLLM keeps
+        the request's blocks until the worker reports that load finished (a load vLLM deferred to
+        ``update_from_output`` and the client aborted before the next step: dropped here, the request and its
+        blocks were held for ever)."""
         self._requests.pop(req_id, None)
-        self._pending_loads.pop(req_id, None)
+        pending = self._pending_loads.get(req_id)
+        if pending is not None and not pending.is_async:
+            del self._pending_loads[req_id]
 
     def close(self) -> None:
         self.client.close()

@@ -187,9 +187,18 @@ class WorkerHalf:
         return job
 
     def _load_async(self, spec: LoadSpec) -> None:
+        """Run an async load on the pool's thread. A failure after the load began (a CUDA stream's synchronize,
+        a loader's close) loads nothing: it escaped into the future, ``get_finished`` reported the request
+        finished and no block failed, and vLLM computed on pages the load never filled."""
         job = self._start(spec)
-        if job is not None:
-            self._finish(spec, job, self.engine.load_now(job))
+        if job is None:
+            return
+        try:
+            loaded = self.engine.load_now(job)
+        except Exception as exc:
+            log.warning("an async load failed (vLLM recomputes its blocks): %r", exc)
+            loaded = 0
+        self._finish(spec, job, loaded)
 
     def _finish(self, spec: LoadSpec, job: LoadJob | None, loaded: int) -> None:
         """Account a load; blocks it could not fill go to vLLM, which recomputes them (a multi-group request

@@ -12,6 +12,7 @@ processes with different ``PYTHONHASHSEED`` share hits through a files tier.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,14 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed: build its environment with scripts/engine-venvs.sh vllm")
 
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
+from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 from vllm.v1.request import RequestStatus  # noqa: E402
 
 from conftest import run_python  # noqa: E402
 from kvstore.integrations.vllm import KVStoreConnectorMetadata, LoadSpec, SaveSpec, request_salt  # noqa: E402
-from vllm_env import (BLOCK_TOKENS, LAYER_NAMES, NUM_BLOCKS, PAGE, Engine, make_request,  # noqa: E402
-                      paged_caches, prompt, read_tokens, true_kv, worker, write_tokens)
+from vllm_env import (BLOCK_TOKENS, LAYER_NAMES, NUM_BLOCKS, PAGE, Engine, kv_cache_config,  # noqa: E402
+                      make_request, paged_caches, prompt, read_tokens, true_kv, worker, write_tokens)
 
 
 @pytest.mark.parametrize("async_load", [False, True], ids=["sync", "async"])
@@ -110,6 +113,74 @@ def test_failed_load_makes_vllm_recompute(tmp_path):
         engine.close()
 
 
+def test_an_async_load_failing_after_it_began_is_recomputed_not_served(tmp_path):
+    """A failure in the async load's thread after the load began (on CUDA, the stream's synchronize: here the
+    copy engine raising) escaped into its future: vLLM was told the request's load finished and no block
+    failed, and computed on pages the load never filled. Its blocks are now reported failed, and the request
+    is not offered the same load again (vLLM rescheduled it for ever)."""
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB", "async_load": True})
+    try:
+        tokens = prompt(70, seed=8)
+        engine.serve("a", tokens)
+        for cache in engine.caches.values():
+            cache.normal_()  # the freed pages hold other KV now
+        copies = engine.worker.worker.engine
+        attempts = []
+
+        def broken(job):
+            attempts.append(job)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        copies.load_now = broken
+        request = tokens + [5]
+        engine.add(make_request("b", request))
+        out = engine.run("b")
+        new = out.scheduled_new_reqs[0]
+        assert len(attempts) == 1
+        assert new.num_computed_tokens == 0 and out.num_scheduled_tokens["b"] == len(request)
+        assert torch.equal(read_tokens(engine.caches, new.block_ids[0], 0, len(request)),
+                           true_kv(request, 0, len(request)))
+        assert engine.worker.get_kv_connector_stats().data["load_error_blocks"] == 4
+    finally:
+        engine.close()
+
+
+def test_an_aborted_request_whose_async_load_vllm_deferred_frees_its_blocks(tmp_path):
+    """Under async scheduling vLLM may defer an async load's ``update_state_after_alloc`` to
+    ``update_from_output`` (``defer_async_loads``); a client abort before the next step dropped that load
+    unsent, while vLLM kept the request's blocks until the worker reported it finished: held for ever."""
+    def async_scheduling(config) -> None:
+        config.scheduler_config.async_scheduling = True
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB", "async_load": True},
+                    configure=async_scheduling)
+    engine.connector.shutdown()
+    engine.scheduler = AsyncScheduler(vllm_config=engine.config, kv_cache_config=kv_cache_config(), log_stats=True,
+                                      structured_output_manager=StructuredOutputManager(engine.config),
+                                      block_size=PAGE)
+    engine.connector = engine.scheduler.connector
+    try:
+        tokens = prompt(70, seed=9)
+        engine.serve("a", tokens)
+        free = engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+        engine.scheduler.defer_async_loads = True  # as vLLM sets it for HiSparse under async scheduling
+        engine.add(make_request("r", prompt(20, seed=10), max_tokens=50))
+        first = engine.scheduler.schedule()
+        engine.add(make_request("x", tokens + [5]))
+        second = engine.scheduler.schedule()  # admits x while the first batch is in flight: its load waits
+        assert "x" in engine.scheduler.deferred_loads
+        engine.execute(first)  # the first batch's output starts x's load (update_state_after_alloc)
+        engine.scheduler.finish_requests(["x", "r"], RequestStatus.FINISHED_ABORTED)  # the clients went away
+        engine.execute(second)
+        for _ in range(200):
+            if not engine.scheduler.requests:
+                break
+            engine.step()
+            time.sleep(0.005)
+        assert not engine.scheduler.requests
+        assert engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free
+    finally:
+        engine.close()
+
+
 # -- worker side ---------------------------------------------------------------------------
 
 
@@ -177,6 +248,7 @@ def test_salt_names_cache_salt_and_lora():
 
 CHILD = """
 import sys
+import time
 sys.path.insert(0, {here!r})
 import vllm_env as t
 from pathlib import Path

@@ -143,7 +143,10 @@ class Engine:
         self.scheduler.add_request(request)
 
     def step(self):
-        out = self.scheduler.schedule()
+        return self.execute(self.scheduler.schedule())
+
+    def execute(self, out):
+        """The workers' half of a step vLLM scheduled as ``out``: loads, the forward, saves, the output."""
         worker = self.worker
         worker.bind_connector_metadata(out.kv_connector_metadata)
         worker.start_load_kv(None)
