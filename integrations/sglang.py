@@ -137,6 +137,7 @@ class KVStoreHiCache(HiCacheStorage):
         self.config, self._l3_claim = claim_l3(self.config, environ)  # the default L3 this engine holds
         self.kv_format = kv_format(storage_config.extra_config or {})
         self.store: KVStore | None = None
+        self._closed = False  # close() ran: a later call is a miss, and says why
         self.layout: KVLayout | None = None
         self.host_layout: str | None = None
         self.mla = bool(storage_config.is_mla_model)
@@ -270,7 +271,8 @@ class KVStoreHiCache(HiCacheStorage):
         """The KV pool's store (the pools' for a ``flat_anchor``), or None before registration (a miss)."""
         store = self.store if not self.flat_anchor else self.pools
         if store is None:
-            self._fail("no host pool registered yet (register_mem_pool_host): treating the call as a miss")
+            self._fail("the backend is closed: treating the call as a miss" if self._closed else
+                       "no host pool registered yet (register_mem_pool_host): treating the call as a miss")
         return store
 
     def _new_flat_page(self) -> torch.Tensor:
@@ -509,6 +511,7 @@ class KVStoreHiCache(HiCacheStorage):
         """Close the store: flush write-behind queues to the lower tiers, close the tiers. Idempotent."""
         with self._lock:
             store, self.store = self.store, None
+            self._closed = True
         try:
             self.pools.close()
             if store is not None:

@@ -60,7 +60,7 @@ class BlockFlow:
         self.counters = Counters(*STORE_COUNTERS)
         self._targets = {level.index: level for level in stack if level.index > 0 or level.persistent}
         self.writes = WriteBehind({level.name: partial(self._write_queued, level) for level in self._targets.values()},
-                                  self._queue_bound(config), config.queue_full)
+                                  self._queue_bound(config), config.queue_full, on_stall=self._stalled)
         for level in stack:
             if Capability.EVICTS in level.capabilities and placement.on_evict(level.index) is not None:
                 level.tier.on_evict = partial(self.evicted, level)
@@ -539,7 +539,18 @@ class BlockFlow:
             self.stack.write(fastest, [(key, dst)], lossy)
         return self.stack.contains(fastest, key)
 
-    def close(self) -> None:
-        """Flush and stop the write-behind workers, then write back what only memory levels hold."""
-        self.writes.close()
+    def _stalled(self, name: str, seconds: float) -> None:
+        """The write-behind found level ``name`` stuck in a write: its writes are suspended."""
+        for level in self._targets.values():
+            if level.name == name:
+                level.note_failure("write-behind", TimeoutError(f"a write has not ended in {seconds:.0f} s"),
+                                   write=True)
+
+    def close(self) -> set[str]:
+        """Flush and stop the write-behind workers, then write back what only memory levels hold; returns the
+        levels left stuck in a write (their writes suspended afresh: the write-back skips them too)."""
+        stuck = self.writes.close()
+        for name in stuck:
+            self._stalled(name, self.writes.stall_seconds)
         self.write_back_all()
+        return stuck

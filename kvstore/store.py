@@ -17,6 +17,7 @@ engine.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ from kvstore.prefetch import PrefetchHandle
 from kvstore.tiers.base import Tier, check_tier, check_tier_layout
 from kvstore.tiers.spec import DEFAULT_BANDWIDTH_PRIOR
 from kvstore.validation import check_device, check_out, check_timeout
+
+log = logging.getLogger(__name__)
 
 # How long ``close`` waits for calls other threads have inside the store (a read from a remote tier is bounded by
 # its own timeouts, far below this) before it closes the tiers under them.
@@ -358,14 +361,28 @@ class _Parts:
         try:
             self.gate.shut(CLOSE_WAIT_SECONDS)
             self.hooks.close()
-            self.flow.close()
+            stuck = self.flow.close()
             for level in self.stack:  # each tier closes, whatever another's close raised
-                try:
-                    level.tier.close()
-                except Exception as error:
-                    level.note_failure("close", error)
+                if level.name in stuck:  # its close would wait for the write inside it
+                    log.warning("tier %s: a write to it has not ended; it is closed once that write ends",
+                                level.name)
+                    threading.Thread(target=self._close_when_written, args=(level,), daemon=True,
+                                     name=f"kvstore-close-{level.name}").start()
+                    continue
+                self._close_tier(level)
         finally:
             self.gate.done()
+
+    def _close_when_written(self, level: Level) -> None:
+        self.flow.writes.join(level.name)
+        self._close_tier(level)
+
+    @staticmethod
+    def _close_tier(level: Level) -> None:
+        try:
+            level.tier.close()
+        except Exception as error:
+            level.note_failure("close", error)
 
 
 def _close_dropped(parts: _Parts) -> None:

@@ -9,6 +9,12 @@ the caller is blocked (``block``) or the lower copy is dropped and counted
 (``drop``). ``flush()`` returns once every job accepted before it was
 called has been written (jobs accepted meanwhile cannot keep it waiting);
 ``close()`` flushes and stops every worker.
+
+A tier whose write has not ended for ``stall_seconds`` (a hard-mounted
+share that stopped answering) is stuck: a put no longer waits for room in
+its queue, and ``close`` drops its queued copies and leaves its worker (a
+daemon) to the write. Both waited for ever: the engine's puts, and SGLang's
+shutdown.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +39,10 @@ BATCH = 16
 # Writes ``[(key, block), ...]`` to one tier; exceptions are the writer's to handle.
 Writer = Callable[[Sequence[tuple[bytes, torch.Tensor]]], None]
 _STOP = object()
+# A target whose worker has been inside one write this long is stuck (seconds).
+STALL_SECONDS = 30.0
+# Stalled: ``(target, seconds)``, called once a target is found stuck.
+OnStall = Callable[[str, float], None]
 
 
 class WriteBehindClosed(RuntimeError):
@@ -59,7 +70,8 @@ class Job:
 class WriteBehind:
     """Background writers for named target tiers, each behind a queue of ``max_blocks`` jobs."""
 
-    def __init__(self, writers: dict[str, Writer], max_blocks: int, on_full: str = "block"):
+    def __init__(self, writers: dict[str, Writer], max_blocks: int, on_full: str = "block",
+                 on_stall: OnStall | None = None, stall_seconds: float | None = None):
         if max_blocks < 1:
             raise ValueError(f"max_blocks: expected >= 1, got {max_blocks}")
         if on_full not in QUEUE_FULL_POLICIES:
@@ -75,6 +87,11 @@ class WriteBehind:
         self._writing = threading.local()  # in a worker: the number of the batch it is writing
         self._cond = threading.Condition()
         self._closed = False
+        self._on_stall = on_stall
+        self.stall_seconds = STALL_SECONDS if stall_seconds is None else stall_seconds
+        self._open = Counter({name: 0 for name in writers})  # jobs accepted and not finished, per target
+        self._writing_since: dict[str, float | None] = dict.fromkeys(writers)  # when each worker's write began
+        self._stuck: set[str] = set()  # targets whose worker is inside a write that has not ended
         self.counters = Counters("queued", "written", "dropped", "coalesced", "failed")
         self._threads = [threading.Thread(target=self._work, args=(name,), name=f"kvstore-write-{name}", daemon=True)
                          for name in writers]
@@ -104,9 +121,10 @@ class WriteBehind:
                 job.number = self._accepted
                 self._accepted += 1
             self._unfinished[job.number] += 1
+            self._open[target] += 1
         try:
             if self._on_full == "block":
-                self._queues[target].put(job)
+                self._put_waiting(target, job)
             else:
                 self._queues[target].put_nowait(job)
         except queue.Full:
@@ -114,6 +132,30 @@ class WriteBehind:
             self.counters.add("dropped")
             return False
         self.counters.add("queued")
+        return True
+
+    def _put_waiting(self, target: str, job: Job) -> None:
+        """Wait for room in ``target``'s full queue while its worker makes progress; ``queue.Full`` once it is
+        stuck in a write."""
+        while target not in self._stuck:
+            try:
+                self._queues[target].put(job, timeout=min(1.0, self.stall_seconds))
+                return
+            except queue.Full:
+                self._check_stalled(target)
+        raise queue.Full
+
+    def _check_stalled(self, target: str) -> bool:
+        """Whether ``target`` is stuck: its worker inside one write for ``stall_seconds``; told once."""
+        with self._cond:
+            since = self._writing_since[target]
+            if target in self._stuck or since is None or time.monotonic() - since < self.stall_seconds:
+                return target in self._stuck
+            self._stuck.add(target)
+        log.warning("write-behind to %s: a write has not ended in %.0f s; its copies are dropped until it does",
+                    target, self.stall_seconds)
+        if self._on_stall is not None:
+            self._on_stall(target, self.stall_seconds)
         return True
 
     def pending(self, target: str, key: bytes) -> bool:
@@ -138,6 +180,8 @@ class WriteBehind:
                     break
                 jobs.append(job)
             self._writing.number = min(job.number for job in jobs)
+            with self._cond:
+                self._writing_since[target] = time.monotonic()
             try:
                 self._writers[target]([(job.key, job.block) for job in jobs])
                 self.counters.add("written", len(jobs))
@@ -146,6 +190,9 @@ class WriteBehind:
                 self.counters.add("failed", len(jobs))
             finally:
                 self._writing.number = None
+                with self._cond:
+                    self._writing_since[target] = None
+                    self._stuck.discard(target)
                 self._finish(target, jobs)
 
     def _finish(self, target: str, jobs: list[Job]) -> None:
@@ -153,6 +200,7 @@ class WriteBehind:
         if released < len(jobs):
             self.counters.add("failed", len(jobs) - released)
         with self._cond:
+            self._open[target] -= len(jobs)
             for job in jobs:
                 self._pending.discard((target, job.key))
                 self._unfinished[job.number] -= 1
@@ -175,14 +223,45 @@ class WriteBehind:
             before = self._accepted
             return self._cond.wait_for(lambda: not self._unfinished or min(self._unfinished) >= before, timeout)
 
-    def close(self) -> None:
-        """Flush, then stop and join every worker. Idempotent."""
+    def close(self) -> set[str]:
+        """Flush, then stop and join every worker; returns the targets left stuck in a write, whose queued
+        copies were dropped and whose workers (daemons) are not waited for. Idempotent."""
         with self._cond:
             if self._closed:
-                return
+                return set()
             self._closed = True
-        self.flush()
-        for q in self._queues.values():
-            q.put(_STOP)
-        for thread in self._threads:
-            thread.join()
+        while True:
+            with self._cond:
+                if self._cond.wait_for(lambda: all(not self._open[t] or t in self._stuck for t in self._queues),
+                                       timeout=min(1.0, self.stall_seconds)):
+                    stuck = set(self._stuck)
+                    break
+            for target in self._queues:
+                if self._check_stalled(target):
+                    self._drop_queued(target)
+        for name, q in self._queues.items():
+            if name in stuck:
+                self._drop_queued(name)
+            q.put(_STOP)  # empty, or emptied
+        for thread, name in zip(self._threads, self._queues):
+            if name not in stuck:
+                thread.join()
+        return stuck
+
+    def join(self, target: str) -> None:
+        """Wait for ``target``'s worker to end (after ``close``: a stuck one, once its write ends)."""
+        self._threads[list(self._queues).index(target)].join()
+
+    def _drop_queued(self, target: str) -> None:
+        """Finish ``target``'s queued jobs unwritten, counted ``dropped``."""
+        jobs = []
+        while True:
+            try:
+                job = self._queues[target].get_nowait()
+            except queue.Empty:
+                break
+            if job is not _STOP:
+                jobs.append(job)
+        if jobs:
+            self.counters.add("dropped", len(jobs))
+            self._finish(target, jobs)

@@ -75,6 +75,34 @@ def mounted_tmpfs(point: Path, options: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
+@contextmanager
+def mounted_ext4(point: Path, size: str = "32M") -> Iterator[Path]:
+    """A fresh ext4 filesystem of ``size`` on a loop device at ``point`` for the block (``freeze`` stops its
+    writes as a hung mount would), thawed and unmounted after; skips the test where that is not permitted."""
+    point.mkdir(parents=True, exist_ok=True)
+    image = point.parent / f"{point.name}.img"
+    for tool in ("mkfs.ext4", "mount", "fsfreeze"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"no {tool}: cannot make a filesystem to freeze")
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-o", "loop", str(image), str(point)], capture_output=True, text=True)
+    if made.returncode != 0 or done.returncode != 0:
+        pytest.skip(f"a loop-mounted ext4 is not permitted here: {made.stderr.strip()} {done.stderr.strip()}")
+    try:
+        yield point
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(point)], capture_output=True)
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
+        image.unlink(missing_ok=True)
+
+
+def freeze(point: Path, frozen: bool = True) -> None:
+    """Freeze (writes block until thawed, as on a share that stopped answering) or thaw ``point``."""
+    subprocess.run(["fsfreeze", "-f" if frozen else "-u", str(point)], check=True, capture_output=True)
+
+
 def remount(point: Path, options: str) -> subprocess.CompletedProcess:
     """``mount -o remount,OPTIONS point`` (``ro``, ``size=128m``...)."""
     return subprocess.run(["mount", "-o", f"remount,{options}", str(point)], capture_output=True, text=True)

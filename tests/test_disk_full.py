@@ -1,19 +1,21 @@
-"""A disk tier on a real small tmpfs, or under a real file-size limit: a full filesystem holds the tier to
-the room it has; a write that fails with room to spare suspends its writes for ``degraded_seconds``, never its
-reads."""
+"""A disk tier on a real small tmpfs, under a real file-size limit, or on a real frozen filesystem: a full
+filesystem holds the tier to the room it has; a write that fails with room to spare suspends its writes for
+``degraded_seconds``, never its reads; a write that never ends holds up neither puts nor close."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_same_kv, make_kv, make_tokens, mounted_tmpfs, remount, tiny_layout
+from conftest import assert_same_kv, freeze, make_kv, make_tokens, mounted_ext4, mounted_tmpfs, remount, tiny_layout
 from kvstore.blockformat import HEADER_BYTES
-from kvstore import KVStore, StoreConfig
+from kvstore import KVStore, StoreConfig, writebehind
 from kvstore.tiers.files import FilesTier
 from kvstore.tiers.host import HostTier
 from kvstore.tiers import lmdb as lmdb_tier
@@ -25,7 +27,7 @@ _FILE_SIZE_LIMITED = """
 import json, resource, signal, sys
 sys.path.insert(0, sys.argv[2])
 from conftest import make_kv, make_tokens, tiny_layout
-from kvstore import KVStore, StoreConfig
+from kvstore import KVStore, StoreConfig, writebehind
 layout = tiny_layout()
 config = StoreConfig(model_id="m", host_bytes=layout.block_bytes if sys.argv[3] == "host" else 0,
                      degraded_seconds=60.0, disk_dir=sys.argv[1], disk_bytes="16MiB")
@@ -117,3 +119,47 @@ def test_a_disk_tier_on_a_filesystem_smaller_than_its_setting_keeps_to_the_room_
             assert later["capacity_bytes"] > stats["capacity_bytes"] + (100 << 10) and later["errors"] == 0
             for tokens, kv in prompts[-3:]:
                 assert_same_kv(store.get(tokens), kv)
+
+
+def test_a_files_dir_that_stops_answering_blocks_neither_puts_nor_close(tmp_path, monkeypatch):
+    """A files tier on a share that stopped answering (a real ext4 frozen: its writes block until thawed):
+    with the write-behind queue full a put waited for ever, and so did ``close`` (SGLang's shutdown and its
+    backups with it). After ``STALL_SECONDS`` the tier's copies are dropped and its writes suspended; host
+    RAM serves every prompt; ``close`` returns and leaves the stuck tier to its write."""
+    monkeypatch.setattr(writebehind, "STALL_SECONDS", 0.5)
+    prompts = [(make_tokens(48, seed=i), make_kv(LAYOUT, 48, seed=i)) for i in range(12)]
+    with mounted_ext4(tmp_path / "share") as point:
+        config = StoreConfig(model_id="m", host_bytes=64 * LAYOUT.block_bytes, files_dir=str(point / "kv"),
+                             files_bytes="16MiB", files_sync=True, write_queue_blocks=2, queue_full="block")
+        store = KVStore(LAYOUT, config)
+        try:
+            store.put(*prompts[0])
+            assert store.flush(timeout=30)
+            freeze(point)
+            try:
+                for tokens, kv in prompts[1:]:
+                    store.put(tokens, kv)
+                files = store.stats()["tiers"]["files"]
+                assert files["writes"] == "suspended" and "has not ended" in files["last_error"]
+                assert store.stats()["write_behind"]["dropped"] >= 1
+                for tokens, kv in prompts:
+                    assert_same_kv(store.get(tokens), kv)
+                closing = threading.Thread(target=store.close)
+                closing.start()
+                closing.join(30)
+                assert not closing.is_alive()
+                assert _files_threads()  # left to its write
+            finally:
+                freeze(point, frozen=False)
+        finally:
+            store.close()
+        for _ in range(300):  # once its write ended the tier was closed: its threads stopped
+            if not _files_threads():
+                break
+            time.sleep(0.1)
+        assert not _files_threads()
+
+
+def _files_threads() -> list[str]:
+    return [thread.name for thread in threading.enumerate() if thread.name.startswith(("kvstore-files",
+                                                                                        "kvstore-close"))]

@@ -535,3 +535,34 @@ def test_close_idle_instance(make_wb):
     assert kvstore_threads() - before == set()
     with pytest.raises(RuntimeError, match="closed"):
         wb.submit("a", key(0), block(0))
+
+
+def test_a_target_stuck_in_a_write_stops_blocking_submits_and_close():
+    """A writer that never returns (a share that stopped answering) blocked every submit once its queue was
+    full, and ``close`` for ever: after ``stall_seconds`` its copies are dropped (counted), ``on_stall`` is
+    told once, and ``close`` returns naming it; a target that still writes is flushed as before."""
+    gate, written, stalls = threading.Event(), [], []
+    released = Counter()
+
+    def hung(items):
+        gate.wait(60)
+
+    writes = WriteBehind({"hung": hung, "fine": lambda items: written.extend(k for k, _ in items)}, max_blocks=1,
+                         on_stall=lambda target, seconds: stalls.append((target, seconds)), stall_seconds=0.3)
+    try:
+        accepted = [writes.submit("hung", key(i), block(i), release=lambda i=i: released.update([i]))
+                    for i in range(4)]
+        assert accepted[0] and False in accepted  # the first is being written, the queue full, then dropped
+        assert stalls == [("hung", 0.3)]
+        assert writes.submit("fine", key(9), block(9))
+        assert writes.close() == {"hung"}
+        assert written == [key(9)]
+        assert writes.counters.snapshot()["dropped"] >= 2
+        assert sum(released.values()) == 3 and released[0] == 0  # every job but the one inside the write
+    finally:
+        gate.set()
+    for _ in range(100):
+        if released[0]:
+            break
+        time.sleep(0.05)
+    assert released[0] == 1  # the stuck write ended after close: its source released then

@@ -476,6 +476,19 @@ def test_config_from_extra_config_and_environment(monkeypatch, tmp_path):
         make_backend(None, host_byte="1GiB")
     with pytest.raises(ValueError, match="nope"):  # StoreConfig does not name disk_codec here (reported)
         make_backend(None, disk_codec="nope")
+    with pytest.raises(ValueError, match=r"extra_config\['kvstore_config'\]: .*missing.toml"):
+        make_backend(None, kvstore_config=str(tmp_path / "missing.toml"))
+
+
+def test_a_call_after_close_is_a_miss_that_says_the_backend_closed(tmp_path, caplog):
+    pool = host_pool()
+    backend = make_backend(pool, host_bytes="1MiB", disk_dir=str(tmp_path / "kv"))
+    ks = keys(2, tag="closed")
+    assert backend.batch_set_v1(ks, indices(range(2))) == [True, True]
+    backend.close()
+    with caplog.at_level("WARNING"):
+        assert backend.batch_exists(ks) == 0
+    assert "the backend is closed" in caplog.text and "no host pool registered" not in caplog.text
 
 
 def test_compressed_disk_round_trips_lossless(tmp_path):

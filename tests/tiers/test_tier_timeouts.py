@@ -172,7 +172,7 @@ def test_a_store_stops_calling_a_hung_redis_after_its_first_timeout(redis_server
         stats = store.stats()["tiers"]["redis"]  # read once the server answers again: no timeout of its own
         assert stats["timeouts"] == 1  # one timed-out call in all: not one per block, nor one per put
         assert stats["errors"] >= 1 and stats["state"] == "degraded" and stats["degradations"] == 1
-        assert stats["bypassed"] >= BLOCKS  # the 12-block put's calls did not go to redis
+        assert stats["bypassed"] >= 2  # the 12-block put's check and write did not go to redis (a call each)
         assert stats["blocks_written"] == 3  # nothing was written during the hang
 
 
@@ -235,5 +235,5 @@ def test_a_store_stops_calling_a_hung_cache_server_after_its_first_timeout(cache
         stats = store.stats()["tiers"]["remote"]
         assert stats["timeouts"] == 1  # one timed-out call in all
         assert stats["errors"] >= 1 and stats["state"] == "degraded" and stats["degradations"] == 1
-        assert stats["bypassed"] >= BLOCKS
+        assert stats["bypassed"] >= 2  # the 12-block put's check and write (a call each)
         assert stats["blocks_written"] == 3
