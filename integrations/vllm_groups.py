@@ -73,9 +73,12 @@ class CacheGroups:
 
     @property
     def hybrid(self) -> bool:
-        """More than one block table: saves go block by block, loads are async (vLLM takes no per-block
-        load errors from multi-group models, only whole failed requests)."""
-        return len(self.groups) > 1
+        """More than one block table, or one whose pages vLLM frees as the prompt goes on (a sliding window, a
+        chunked local span): saves go block by block, loads are async and fail whole requests. vLLM takes
+        no per-block load errors from multi-group models; for a window-only model (Mistral-7B-v0.1) a failed
+        block's cut point left null pages inside the window, and a prompt longer than one prefill chunk was
+        never saved (its first pages were freed by the time the whole prompt was computed)."""
+        return len(self.groups) > 1 or any(group.kind != "full" for group in self.groups)
 
     def layer_group(self, layer_name: str) -> int | None:
         """The group holding ``layer_name`` (group 0 when vLLM gave no config), None when no group does."""

@@ -52,22 +52,33 @@ def hybrid_config(kind: str, span: int) -> KVCacheConfig:
                                           KVCacheGroupSpec([LAYER_NAMES[1]], _spec(kind, span))])
 
 
-class HybridEngine:
-    """A real Scheduler over a two-group config and a worker connector over one shared CPU cache tensor."""
+def window_only_config(span: int) -> KVCacheConfig:
+    """One sliding-window group for every layer (as vLLM sets up Mistral-7B-v0.1)."""
+    return KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+                         kv_cache_groups=[KVCacheGroupSpec(list(LAYER_NAMES), _spec("window", span))])
 
-    def __init__(self, tmp_path: Path, kind: str, span: int, extra: dict | None = None, chunk: int = CHUNK):
+
+class HybridEngine:
+    """A real Scheduler over a two-group config (or one windowed group: ``window_only``) and a worker connector
+    over one shared CPU cache tensor."""
+
+    def __init__(self, tmp_path: Path, kind: str, span: int, extra: dict | None = None, chunk: int = CHUNK,
+                 window_only: bool = False):
         extra = {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB", **(extra or {})}
         self.config = make_config(write_model(tmp_path / "model"), extra)
         self.config.scheduler_config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=chunk,
                                                        max_model_len=2048, is_encoder_decoder=False,
                                                        enable_chunked_prefill=True)
         self.config.cache_config.num_gpu_blocks = NUM_BLOCKS
-        self.kcc = hybrid_config(kind, span)
+        self.kcc = window_only_config(span) if window_only else hybrid_config(kind, span)
+        self.groups = [0] * len(LAYER_NAMES) if window_only else list(range(len(LAYER_NAMES)))  # each layer's
         self.worker = KVConnectorFactory.create_connector(self.config, KVConnectorRole.WORKER, self.kcc)
         # one tensor shared by both layers, as vLLM's hybrid allocator lays them out: block ids of the two
         # groups come from one pool, so they never meet unless a page is written for the wrong group
-        self.raw = torch.zeros(NUM_BLOCKS, PAGE, KV_HEADS, 2 * HEAD_DIM)
-        self.caches = {name: self.raw.permute(0, 2, 1, 3) for name in LAYER_NAMES}
+        # (one group: a tensor per layer, as vLLM allocates them)
+        shared = torch.zeros(NUM_BLOCKS, PAGE, KV_HEADS, 2 * HEAD_DIM)
+        self.raws = [torch.zeros_like(shared) if window_only else shared for _ in LAYER_NAMES]
+        self.caches = {name: raw.permute(0, 2, 1, 3) for name, raw in zip(LAYER_NAMES, self.raws)}
         self.worker.register_kv_caches(self.caches)
         self.scheduler = Scheduler(vllm_config=self.config, kv_cache_config=self.kcc, log_stats=True,
                                    structured_output_manager=StructuredOutputManager(self.config), block_size=PAGE)
@@ -80,7 +91,8 @@ class HybridEngine:
             free(blocks)
             for block in blocks:
                 if not block.is_null and block.ref_cnt == 0:
-                    self.raw[block.block_id] = float("nan")
+                    for raw in self.raws:
+                        raw[block.block_id] = float("nan")
         pool.free_blocks = free_and_scribble
         self.requests: dict = {}
         self.tables: dict[str, list[list[int]]] = {}  # the worker's view of each request's block tables
@@ -94,12 +106,12 @@ class HybridEngine:
         tokens = self.requests[req_id].all_token_ids
         kv = true_kv(tokens, start, start + n)
         for layer in range(len(LAYER_NAMES)):
-            table = self.tables[req_id][layer]
+            table = self.tables[req_id][self.groups[layer]]
             for j in range(n):
                 t = start + j
                 page = table[t // PAGE]
                 assert page != 0, "vLLM never gives a token it computes the null block"
-                self.raw[page, t % PAGE] = torch.cat([kv[layer, 0, j], kv[layer, 1, j]], dim=-1)
+                self.raws[layer][page, t % PAGE] = torch.cat([kv[layer, 0, j], kv[layer, 1, j]], dim=-1)
 
     def step(self):
         out = self.scheduler.schedule()
@@ -152,12 +164,12 @@ class HybridEngine:
 
     def page_tokens(self, req_id: str, layer: int, end: int) -> dict[int, torch.Tensor]:
         """The KV ``[2, H, D]`` in the pages the request holds now for ``layer``'s group, token by token."""
-        blocks = self.scheduler.kv_cache_manager.get_blocks(req_id).blocks[layer]
+        blocks = self.scheduler.kv_cache_manager.get_blocks(req_id).blocks[self.groups[layer]]
         out = {}
         for t in range(end):
             block = blocks[t // PAGE]
             if not block.is_null:
-                row = self.raw[block.block_id, t % PAGE]
+                row = self.raws[layer][block.block_id, t % PAGE]
                 out[t] = torch.stack([row[:, :HEAD_DIM], row[:, HEAD_DIM:]])
         return out
 
@@ -167,17 +179,18 @@ class HybridEngine:
 
 
 def assert_exact(engine: HybridEngine, req_id: str, tokens: list[int], end: int, window: int) -> None:
-    """Every page the request holds has the true KV of its tokens; the full layer holds all of ``[0, end)``,
-    the windowed layer at least the window of the next token; vLLM's null block is still all zero."""
+    """Every page the request holds has the true KV of its tokens; a full layer holds all of ``[0, end)``,
+    a windowed layer at least the window of the next token; vLLM's null block is still all zero."""
     truth = true_kv(tokens, 0, end)
-    full = engine.page_tokens(req_id, 0, end)
-    assert sorted(full) == list(range(end))
-    windowed = engine.page_tokens(req_id, 1, end)
-    assert set(range(max(0, end - window + 1), end)) <= set(windowed)
-    for layer, held in ((0, full), (1, windowed)):
+    for layer in range(len(LAYER_NAMES)):
+        held = engine.page_tokens(req_id, layer, end)
+        if engine.kcc.kv_cache_groups[engine.groups[layer]].kv_cache_spec.__class__ is FullAttentionSpec:
+            assert sorted(held) == list(range(end))
+        else:
+            assert set(range(max(0, end - window + 1), end)) <= set(held)
         for t, kv in held.items():
             assert torch.equal(kv, truth[layer, :, t]), (layer, t)
-    assert not engine.raw[0].any()
+    assert not any(raw[0].any() for raw in engine.raws)
 
 
 @pytest.mark.parametrize("kind,span", [("window", 40), ("chunk", 32)], ids=["sliding-window", "chunked-local"])
@@ -247,6 +260,39 @@ def test_a_failed_hybrid_load_is_recomputed_whole(tmp_path):
             del store.load
         assert_exact(engine, "b", tokens + [5], len(tokens) + 1, 40)
         assert engine.worker.get_kv_connector_stats().data["load_error_blocks"] > 0
+    finally:
+        engine.close()
+
+
+def test_a_window_only_model_is_saved_chunk_by_chunk_and_a_failed_load_recomputed_whole(tmp_path):
+    """One sliding-window group for every layer: a prompt longer than a prefill chunk was saved only once
+    computed whole, when the window had freed its first pages (nothing stored, no hit ever); a failed block
+    was reported alone, and vLLM computed from there with null pages inside the window."""
+    engine = HybridEngine(tmp_path, "window", 40, window_only=True)
+    try:
+        shared = prompt(200, seed=5)
+        engine.prefill("a", shared + [3])
+        stats = engine.worker.get_kv_connector_stats().data
+        assert stats["saves"] >= 4 and stats.get("save_window_gaps", 0) == 0
+        engine.step()
+        assert engine.scheduler.reset_prefix_cache()
+        second = shared + prompt(30, seed=6)
+        assert engine.connector.get_num_new_matched_tokens(make_request("b", second), 0) == (192, True)
+        assert engine.prefill("b", second) == 192
+        assert_exact(engine, "b", second, len(second), 40)
+        engine.step()
+        assert engine.scheduler.reset_prefix_cache()
+        store = engine.worker.store
+        real_load = store.load
+
+        def short_load(keys, salt=None, **kwargs):  # the last blocks vanished after the lookup
+            return real_load(keys[:5 * BLOCK_TOKENS], salt, **kwargs)
+        store.load = short_load
+        try:
+            assert engine.prefill("c", shared + [5]) == 0  # the load failed: computed from token 0
+        finally:
+            del store.load
+        assert_exact(engine, "c", shared + [5], len(shared) + 1, 40)
     finally:
         engine.close()
 
