@@ -31,8 +31,9 @@ How a request runs (``CachedModel._load`` then the model):
    except the last one, which has no KV yet) is saved; stored blocks dedup.
 
 ``generate`` in transformers 5.23: given ``past_key_values`` holding ``c``
-tokens and the full ``input_ids`` (``S`` tokens, no padding), ``generate``
-builds an all-ones attention mask of length ``S``, so ``_prefill`` sets
+tokens and the full ``input_ids`` (``S`` tokens, no padding, no pad token:
+refused, ``transformers_checks``), ``generate`` builds an all-ones
+attention mask of length ``S``, so ``_prefill`` sets
 ``next_sequence_length = S - c`` and ``prepare_inputs_for_generation``
 feeds only ``input_ids[:, -(S - c):]``; position ids come from the mask's
 cumsum (``0..S-1``) sliced the same way. A user-supplied cache is marked
@@ -79,6 +80,8 @@ from transformers.generation.configuration_utils import GenerationMode
 from kvstore import KVLayout, KVStore, StoreConfig
 from kvstore.compression.fidelity import cache_argument
 from kvstore.integrations.continued_attention import use_continued_attention
+from kvstore.integrations.transformers_checks import (check_call, check_model, check_no_pad, check_saved_cache,
+                                                      dropout_of)
 from kvstore.keys import Salt, salt_bytes
 from kvstore.prefetch import PrefetchHandle
 
@@ -302,6 +305,7 @@ class CachedModel:
             if getattr(got, name) != getattr(layout, name):
                 raise ValueError(f"store.layout.{name}: expected {getattr(got, name)} (the model's KV), "
                                  f"got {getattr(layout, name)}")
+        check_model(model, _text_config(model))
         prompt_learning = _prompt_learning(model)
         if prompt_learning:
             raise ValueError("model: expected no PEFT prompt learning (prompt tuning, p-tuning, prefix tuning): "
@@ -310,6 +314,7 @@ class CachedModel:
         self.model = model
         self.store = store
         self.salt = salt
+        self._dropout = dropout_of(model, _text_config(model))  # refused in training mode (``check_call``)
         # A store that names no model (model_id left at its default) keys this model's blocks under a digest
         # of its weights: another model sharing the directory (same shapes, other weights) was served them.
         self._weights = weights_digest(model) if store.config.model_id == _UNNAMED else None
@@ -375,6 +380,7 @@ class CachedModel:
         if self.model.dtype != self.store.layout.dtype:
             raise ValueError(f"model dtype: expected {self.store.layout.dtype}, the store's KV (the model's when "
                              f"wrapped), got {self.model.dtype}: wrap the model again with a store of its layout")
+        check_call(self.model, ids, self._dropout, self.device)
         mask = kwargs.get("attention_mask")
         if mask is not None:
             mask = torch.as_tensor(mask)
@@ -464,6 +470,10 @@ class CachedModel:
         lengths = [lengths] if isinstance(lengths, int) else list(lengths)
         ids = torch.as_tensor(input_ids).cpu()
         ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or not lengths:
+            raise ValueError(f"input_ids, lengths: expected integer ids [batch, tokens] and at least one length, "
+                             f"got {ids.dtype} {list(ids.shape)} and {lengths!r}")
+        check_saved_cache(cache, ids, lengths)
         return self._put_rows(ids, cache, lengths, self.key_salt(self.salt if salt is None else salt))
 
     def _put_rows(self, ids: torch.Tensor, cache: DynamicCache, lengths: list[int], salt: Salt) -> int:
@@ -548,6 +558,7 @@ class CachedModel:
             value = getattr(config, name, 1) or 1
             if value != 1:
                 raise ValueError(f"{name}: expected 1 (the saved KV must match the returned rows), got {value}")
+        check_no_pad(ids, config)
         mode = config.get_generation_mode(generate_kwargs.get("assistant_model"))
         if mode not in _GENERATION_MODES:
             raise ValueError(f"generate: expected greedy search or sampling (a cache continuing the stored prefix, "
