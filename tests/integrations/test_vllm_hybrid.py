@@ -239,6 +239,20 @@ def test_a_window_that_freed_unsaved_pages_stops_the_saves(tmp_path):
         engine.close()
 
 
+def prefill_losing_blocks(engine: HybridEngine, req_id: str, tokens: list[int], kept: int) -> int:
+    """``engine.prefill`` while the store loses every block past its first ``kept`` tokens after the lookup."""
+    store = engine.worker.store
+    real_load = store.load
+
+    def short_load(keys, salt=None, **kwargs):
+        return real_load(keys[:kept], salt, **kwargs)
+    store.load = short_load
+    try:
+        return engine.prefill(req_id, tokens)
+    finally:
+        del store.load
+
+
 def test_a_failed_hybrid_load_is_recomputed_whole(tmp_path):
     """vLLM takes no per-block load errors from a multi-group model: the request is reported failed and vLLM
     computes it from token 0, exactly."""
@@ -248,16 +262,7 @@ def test_a_failed_hybrid_load_is_recomputed_whole(tmp_path):
         engine.prefill("a", tokens)
         engine.step()
         assert engine.scheduler.reset_prefix_cache()
-        store = engine.worker.store
-        real_load = store.load
-
-        def short_load(keys, salt=None, **kwargs):  # the last blocks vanished after the lookup
-            return real_load(keys[:BLOCK_TOKENS], salt, **kwargs)
-        store.load = short_load
-        try:
-            assert engine.prefill("b", tokens + [5]) == 0  # the load failed: computed from token 0
-        finally:
-            del store.load
+        assert prefill_losing_blocks(engine, "b", tokens + [5], BLOCK_TOKENS) == 0  # computed from token 0
         assert_exact(engine, "b", tokens + [5], len(tokens) + 1, 40)
         assert engine.worker.get_kv_connector_stats().data["load_error_blocks"] > 0
     finally:
@@ -282,16 +287,7 @@ def test_a_window_only_model_is_saved_chunk_by_chunk_and_a_failed_load_recompute
         assert_exact(engine, "b", second, len(second), 40)
         engine.step()
         assert engine.scheduler.reset_prefix_cache()
-        store = engine.worker.store
-        real_load = store.load
-
-        def short_load(keys, salt=None, **kwargs):  # the last blocks vanished after the lookup
-            return real_load(keys[:5 * BLOCK_TOKENS], salt, **kwargs)
-        store.load = short_load
-        try:
-            assert engine.prefill("c", shared + [5]) == 0  # the load failed: computed from token 0
-        finally:
-            del store.load
+        assert prefill_losing_blocks(engine, "c", shared + [5], 5 * BLOCK_TOKENS) == 0  # computed from token 0
         assert_exact(engine, "c", shared + [5], len(shared) + 1, 40)
     finally:
         engine.close()
