@@ -48,12 +48,10 @@ def store_config_from(storage_config: Any,
     path = extra.get("kvstore_config")
     if path is not None and (not isinstance(path, str) or not path):
         raise ValueError(f"extra_config['kvstore_config']: expected a path to a TOML or YAML file, got {path!r}")
-    try:
-        config = StoreConfig.load(path, environ)
-    except ValueError as exc:
-        if path is None:  # KVSTORE_* variables or KVSTORE_CONFIG: their messages name them
-            raise
-        raise ValueError(f"extra_config['kvstore_config']: {exc}") from None
+    if path is not None and not os.path.isfile(path):
+        raise ValueError(f"extra_config['kvstore_config']: expected a readable TOML or YAML file, got {path!r} "
+                         f"(no such file)")
+    config = StoreConfig.load(path, environ)
     if fields:
         config = StoreConfig.from_dict({**dataclasses.asdict(config), **fields}, source="extra_config")
     path = path if path is not None else environ.get("KVSTORE_CONFIG")

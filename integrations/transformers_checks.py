@@ -9,7 +9,7 @@ with the error it caused (last logits off by this much on a hit):
 - RoPE scaled by the sequence's length (Phi-3 ``longrope`` 1.72, ``dynamic`` NTK 0.24);
 - a model in training mode with dropout (0.026);
 - a call under ``torch.autocast`` (an fp32 model's KV at bf16 precision, 0.019);
-- ``generate`` over a prompt holding the pad token (it masks those positions, 0.66);
+- ``generate`` without an attention mask over a prompt holding the pad token (it masks them, 0.66);
 - ``save`` of a cache whose layers are not plain per-token K and V (sliding windows keep
   their last tokens, quantized caches their newest residual: 2.59 and 3.65).
 """
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # RoPE whose frequencies follow the length of the call: the same position gets other KV in a longer prompt.
 LENGTH_DEPENDENT_ROPE = frozenset({"longrope", "dynamic"})
 _DROPOUT_FIELDS = ("dropout", "pdrop")  # config fields of dropout probabilities (attention_dropout, resid_pdrop...)
+_HEAD_FIELDS = ("classifier", "summary")  # dropouts of task heads (sequence classification), not of the LM
 
 
 def _rope_types(config: Any) -> set[str]:
@@ -67,7 +68,8 @@ def dropout_of(model: Any, config: Any) -> str | None:
             return f"{name or 'model'}: p={module.p}"
     settings = config.to_dict() if hasattr(config, "to_dict") else {}
     for name, value in settings.items():
-        if any(part in name for part in _DROPOUT_FIELDS) and isinstance(value, (int, float)) and value > 0:
+        if any(part in name for part in _DROPOUT_FIELDS) and not any(part in name for part in _HEAD_FIELDS) and \
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             return f"config.{name}={value}"
     return None
 
@@ -96,8 +98,8 @@ def _ids_of(value: Any) -> set[int]:
 
 
 def check_no_pad(ids: torch.Tensor, generation_config: Any) -> None:
-    """``generate`` masks a prompt's pad tokens when the pad id is not also an end-of-sequence id (an attention
-    mask the ids do not key): refuse such a prompt."""
+    """``generate`` given no attention mask masks a prompt's pad tokens when the pad id is not also an
+    end-of-sequence id (a mask the ids do not key): refuse such a prompt."""
     pads = _ids_of(getattr(generation_config, "pad_token_id", None))
     eos = _ids_of(getattr(generation_config, "eos_token_id", None))
     for pad in pads - eos:

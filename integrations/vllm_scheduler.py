@@ -133,9 +133,11 @@ class SchedulerHalf:
         state = self._requests.get(request.request_id)
         if state is None:
             return
-        answer, state.answer = state.answer, None  # admitted: a later admission (after preemption) asks again
+        state.answer = None  # admitted: a later admission (after preemption) asks again
         state.loading = frozenset()
-        if num_external_tokens <= 0 or answer is None or not state.tokens:
+        # A load vLLM was promised goes out even if its answer was dropped since (a failure reported while
+        # vLLM deferred this call): vLLM waits for its report, and would wait for ever.
+        if num_external_tokens <= 0 or not state.tokens:
             return
         start = state.computed
         end = start + num_external_tokens
@@ -232,6 +234,10 @@ class SchedulerHalf:
             spec = self._save_spec(req_id, state, cached.num_computed_tokens[i], scheduled.get(req_id, 0))
             if spec is not None:
                 meta.saves.append(spec)
+        for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            state = self._requests.get(req_id)
+            if state is not None:  # its blocks went back to vLLM: another request's failure may name them
+                state.loading = frozenset()
         for req_id in scheduler_output.finished_req_ids:
             self.forget(req_id)
         return meta

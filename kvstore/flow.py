@@ -90,8 +90,9 @@ class BlockFlow:
 
     def _held_by(self, level: Level, keys: Iterable[bytes]) -> set[bytes]:
         """Of ``keys``, those batch ``level`` holds: a put does not ask it (``_dedup``), so where blocks go
-        to it, the ones it holds are not sent again. One round trip a prompt (its keys here in its order,
-        those it holds leading, as a shared prefix is), not one a block: 32 EXISTS for a 32-block put."""
+        to it, the ones it holds are not sent again. One round trip a prompt (its keys here in its order: a
+        cache server answers for the leading run, as a shared prefix is held), not one a block: 32 EXISTS
+        round trips for a 32-block put."""
         wanted = list(dict.fromkeys(keys))
         asked = set(wanted)
         runs = [[key for key in chain if key in asked] for chain in self._chains.chains_of(wanted)]
@@ -100,7 +101,7 @@ class BlockFlow:
         held: set[bytes] = set()
         for run in runs:
             if run:
-                held.update(run[:self.stack.prefix_length(level, run)])
+                held |= self.stack.guarded(level, "held", lambda run=run: level.tier.held(run), set())
         return held
 
     def _write_queued(self, level: Level, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:

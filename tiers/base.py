@@ -139,6 +139,11 @@ class BatchTier(Tier, Protocol):
 
     def prefix_length(self, keys: Sequence[bytes]) -> int: ...
 
+    def held(self, keys: Sequence[bytes]) -> set[bytes]:
+        """Of ``keys``, those stored, asked in one round trip (a cache server answers for their leading run);
+        raises if the server cannot be reached."""
+        ...
+
     def get_many_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]: ...
 
     def cached_stats(self) -> dict[str, int]:

@@ -459,13 +459,22 @@ class RedisTier:
 
     def prefix_length(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` are stored: pipelined EXISTS, one round trip; raises if unreachable."""
-        rkeys = [self.redis_key(k) for k in keys]
         count = 0
-        for reply in self._batch(rkeys, lambda pipe, i: pipe.exists(rkeys[i])) if rkeys else []:
-            if reply is _FAILED or isinstance(reply, Exception) or not reply:
+        for found in self._exists(keys):
+            if not found:
                 break
             count += 1
         return count
+
+    def held(self, keys: Sequence[bytes]) -> set[bytes]:
+        """``BatchTier.held``: one pipelined EXISTS a key, one round trip."""
+        return {key for key, found in zip(keys, self._exists(keys)) if found}
+
+    def _exists(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether each of ``keys`` is stored (a key on a cluster node that is down: not); raises if unreachable."""
+        rkeys = [self.redis_key(k) for k in keys]
+        replies = self._batch(rkeys, lambda pipe, i: pipe.exists(rkeys[i])) if rkeys else []
+        return [reply is not _FAILED and not isinstance(reply, Exception) and bool(reply) for reply in replies]
 
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """SET NX each block (with the TTL) in one pipeline; returns how many are stored afterwards.

@@ -184,6 +184,10 @@ class RemoteTier:
         name = self.encoding.stored_name(key)
         return self._call(lambda conn: conn.exists_prefix([name])) == 1
 
+    def held(self, keys: Sequence[bytes]) -> set[bytes]:
+        """``BatchTier.held``: the leading run the server holds (its protocol asks for prefixes), one round trip."""
+        return set(keys[:self.prefix_length(keys)])
+
     def prefix_length(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` the server holds, in one round trip; raises if the server fails."""
         names = [self.encoding.stored_name(key) for key in keys]

@@ -476,7 +476,7 @@ def test_config_from_extra_config_and_environment(monkeypatch, tmp_path):
         make_backend(None, host_byte="1GiB")
     with pytest.raises(ValueError, match="nope"):  # StoreConfig does not name disk_codec here (reported)
         make_backend(None, disk_codec="nope")
-    with pytest.raises(ValueError, match=r"extra_config\['kvstore_config'\]: .*missing.toml"):
+    with pytest.raises(ValueError, match=r"extra_config\['kvstore_config'\]: expected a readable .*missing.toml"):
         make_backend(None, kvstore_config=str(tmp_path / "missing.toml"))
 
 

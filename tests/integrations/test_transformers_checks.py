@@ -73,6 +73,18 @@ def test_a_model_in_training_mode_with_dropout_is_refused_per_call(new_store):
     assert info.computed_tokens == 40
 
 
+def test_a_model_in_training_mode_without_dropout_is_served(new_store):
+    """GPT-NeoX built from a config is in training mode, with no dropout of its own (a classifier head's
+    ``classifier_dropout`` is not the LM's): its forward is the same in either mode."""
+    model = _model("GPTNeoXConfig", "GPTNeoXForCausalLM", classifier_dropout=0.1).train()
+    cached = CachedModel(model, new_store(model))
+    cached.forward(_ids(40))
+    out, info = cached.forward(_ids(40))
+    assert info.loaded_tokens == 39
+    with torch.no_grad():
+        assert torch.allclose(out.logits[0, -1], model(_ids(40)).logits[0, -1], atol=1e-4)
+
+
 def test_a_call_under_autocast_is_refused(new_store):
     model = _model("LlamaConfig", "LlamaForCausalLM")
     store = new_store(model)
@@ -105,6 +117,12 @@ def test_generate_over_a_prompt_holding_the_pad_token_is_refused(new_store):
     with pytest.raises(ValueError, match=r"expected no pad_token_id=0 .*\(0, 10\)"):
         cached.generate(ids, max_new_tokens=2, do_sample=False)
     _untouched(store)
+    ones = torch.ones_like(ids)  # a mask given (a tokenizer's): generate infers none, the pad id is a token
+    sequences, info = cached.generate(ids, attention_mask=ones, max_new_tokens=2, do_sample=False)
+    again, info = cached.generate(ids, attention_mask=ones, max_new_tokens=2, do_sample=False)
+    with torch.no_grad():
+        reference = model.generate(ids, attention_mask=ones, max_new_tokens=2, do_sample=False)
+    assert info.loaded_tokens == 39 and torch.equal(sequences, reference) and torch.equal(again, reference)
     model.generation_config.pad_token_id = 2  # pad is eos: generate masks nothing
     sequences, info = cached.generate(ids, max_new_tokens=2, do_sample=False)
     with torch.no_grad():

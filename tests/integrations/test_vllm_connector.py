@@ -20,7 +20,11 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed: build its environment with scripts/engine-venvs.sh vllm")
 
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks  # noqa: E402
+from vllm.v1.core.kv_cache_utils import KVCacheBlock  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
+from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
+from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 from vllm.v1.request import RequestStatus  # noqa: E402
 
@@ -177,6 +181,41 @@ def test_an_aborted_request_whose_async_load_vllm_deferred_frees_its_blocks(tmp_
             time.sleep(0.005)
         assert not engine.scheduler.requests
         assert engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free
+    finally:
+        engine.close()
+
+
+def test_a_preempted_request_is_not_blamed_for_its_old_blocks_and_a_promised_load_always_goes_out(tmp_path):
+    """A request kept the block ids of its last load after preemption gave them back: another request's
+    failed load naming a reused id marked it failed; and if vLLM had deferred its next admission's
+    ``update_state_after_alloc``, that load was never sent while vLLM waited for its report for ever."""
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB", "async_load": True})
+    try:
+        tokens = prompt(70, seed=11)
+        engine.serve("a", tokens)
+        half = engine.connector.scheduler
+        x = make_request("x", tokens + [5])
+
+        def admit(first_block: int) -> int:
+            hit, _ = engine.connector.get_num_new_matched_tokens(x, 0)
+            blocks = KVCacheBlocks(([KVCacheBlock(block_id=first_block + i) for i in range(5)],))
+            engine.connector.update_state_after_alloc(x, blocks, hit)
+            return hit
+
+        assert admit(10) == 64
+        meta = engine.connector.build_connector_meta(SchedulerOutput.make_empty())
+        assert [load.req_id for load in meta.loads] == ["x"]
+        preempted = SchedulerOutput.make_empty()
+        preempted.preempted_req_ids = {"x"}
+        engine.connector.build_connector_meta(preempted)  # x gave its blocks back
+        hit, _ = engine.connector.get_num_new_matched_tokens(x, 0)  # re-admitted; vLLM defers the alloc call
+        engine.connector.update_connector_output(KVConnectorOutput(invalid_block_ids={12}))  # another's block 12
+        assert not half._requests["x"].load_failed
+        half.loads_failed(["x"])  # and even if x itself was reported failed in between
+        engine.connector.update_state_after_alloc(x, KVCacheBlocks(([KVCacheBlock(block_id=20 + i)
+                                                                      for i in range(5)],)), hit)
+        meta = engine.connector.build_connector_meta(SchedulerOutput.make_empty())
+        assert [load.req_id for load in meta.loads] == ["x"]  # the promised load goes out
     finally:
         engine.close()
 
