@@ -15,13 +15,17 @@ ways (the no-reuse workload's first pass, ec4 disk tier, 2 cores):
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -123,3 +127,29 @@ class IOPool:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def run_while_progressing(work: Callable[[], None], progress: Callable[[], int], stall_seconds: float,
+                          name: str) -> threading.Thread | None:
+    """Run ``work`` on a daemon thread and wait while ``progress()`` keeps changing; None once it ended, or its
+    thread (still running) when ``progress()`` stood still for ``stall_seconds``: a tier stuck in a write (a
+    share that stopped answering) held a store's close for ever. ``work``'s exceptions are logged."""
+    def guarded() -> None:
+        try:
+            work()
+        except Exception:
+            log.exception("%s failed", name)
+
+    thread = threading.Thread(target=guarded, name=name, daemon=True)
+    thread.start()
+    seen, since = progress(), time.monotonic()
+    while True:
+        thread.join(timeout=min(1.0, stall_seconds))
+        if not thread.is_alive():
+            return None
+        now, moved = time.monotonic(), progress()
+        if moved != seen:
+            seen, since = moved, now
+        elif now - since >= stall_seconds:
+            return thread
+

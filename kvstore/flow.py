@@ -22,11 +22,12 @@ block held approximately stores them again instead of counting dedup.
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from functools import partial
 
 import torch
 
+from kvstore.background import run_while_progressing
 from kvstore.chains import ChainMemo
 from kvstore.config import StoreConfig
 from kvstore.keys import BlockRef, block_slices
@@ -544,14 +545,28 @@ class BlockFlow:
         """The write-behind found level ``name`` stuck in a write: its writes are suspended."""
         for level in self._targets.values():
             if level.name == name:
-                level.note_failure("write-behind", TimeoutError(f"a write has not ended in {seconds:.0f} s"),
+                level.note_failure("write-behind", TimeoutError(f"a write has not ended in {seconds:g} s"),
                                    write=True)
 
-    def close(self) -> set[str]:
+    def close(self) -> dict[str, Callable[[], None]]:
         """Flush and stop the write-behind workers, then write back what only memory levels hold; returns the
-        levels left stuck in a write (their writes suspended afresh: the write-back skips them too)."""
-        stuck = self.writes.close()
+        levels left stuck in a write, each with a wait for that write to end (their writes are suspended
+        afresh: the write-back skips them). The write-back itself is given up while it makes no progress
+        for ``stall_seconds`` (its target stuck: close waited for ever)."""
+        seconds = self.writes.stall_seconds
+        stuck: dict[str, Callable[[], None]] = {name: partial(self.writes.join, name) for name in self.writes.close()}
         for name in stuck:
-            self._stalled(name, self.writes.stall_seconds)
-        self.write_back_all()
+            self._stalled(name, seconds)
+        target = self.placement.on_close()
+        if target is None or self.stack[target].name in stuck:
+            return stuck
+        level = self.stack[target]
+        def progress() -> int:  # blocks the write-back handled at its target, written or refused
+            return sum(level.counters.get(name) for name in ("errors", "write_suspended")) + \
+                self.counters.get("demotions")
+
+        running = run_while_progressing(self.write_back_all, progress, seconds, "kvstore-write-back")
+        if running is not None:
+            self._stalled(level.name, seconds)
+            stuck[level.name] = running.join
         return stuck

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -366,15 +366,15 @@ class _Parts:
                 if level.name in stuck:  # its close would wait for the write inside it
                     log.warning("tier %s: a write to it has not ended; it is closed once that write ends",
                                 level.name)
-                    threading.Thread(target=self._close_when_written, args=(level,), daemon=True,
+                    threading.Thread(target=self._close_when_written, args=(level, stuck[level.name]), daemon=True,
                                      name=f"kvstore-close-{level.name}").start()
                     continue
                 self._close_tier(level)
         finally:
             self.gate.done()
 
-    def _close_when_written(self, level: Level) -> None:
-        self.flow.writes.join(level.name)
+    def _close_when_written(self, level: Level, written: Callable[[], None]) -> None:
+        written()
         self._close_tier(level)
 
     @staticmethod

@@ -163,3 +163,54 @@ def test_a_files_dir_that_stops_answering_blocks_neither_puts_nor_close(tmp_path
 def _files_threads() -> list[str]:
     return [thread.name for thread in threading.enumerate() if thread.name.startswith(("kvstore-files",
                                                                                         "kvstore-close"))]
+
+
+def test_an_lmdb_tier_at_zero_free_bytes_gives_up_its_reserve_to_evict(tmp_path):
+    """16 KiB blocks (LMDB overflow pages) on a 2 MiB tmpfs: once the filesystem had no byte left, the
+    eviction that would make room failed too (LMDB writes new pages to commit a delete) and the tier's writes
+    stayed suspended at every retry. Its reserve file's room is given up for that eviction."""
+    layout = tiny_layout(num_kv_heads=8)
+    prompts = [(make_tokens(64, seed=i), make_kv(layout, 64, seed=i)) for i in range(200)]
+    with mounted_tmpfs(tmp_path / "small", "size=2m") as point:
+        config = StoreConfig(model_id="m", host_bytes=0, degraded_seconds=0.5, disk_dir=str(point / "kv"),
+                             disk_bytes="64MiB")
+        with KVStore(layout, config) as store:
+            assert (point / "kv" / lmdb_tier.RESERVE_NAME).exists()
+            for tokens, kv in prompts:
+                store.put(tokens, kv)
+            stats = store.stats()["tiers"]["lmdb"]
+            assert stats["errors"] == 0 and stats["writes"] == "ok" and stats["filesystem_full"] >= 1
+            assert not (point / "kv" / lmdb_tier.RESERVE_NAME).exists()
+            for tokens, kv in prompts[-5:]:
+                assert_same_kv(store.get(tokens), kv)
+
+
+def test_close_gives_up_writing_back_to_a_files_dir_that_stops_answering(tmp_path, monkeypatch):
+    """``files_write_policy="write_back"``: close writes host RAM's blocks back to the files tier itself, not
+    through the write-behind; on a frozen share it waited for ever. It gives up once no block is written for
+    ``STALL_SECONDS``, and the tier is closed once its write ends."""
+    monkeypatch.setattr(writebehind, "STALL_SECONDS", 0.5)
+    prompts = [(make_tokens(48, seed=i), make_kv(LAYOUT, 48, seed=i)) for i in range(6)]
+    with mounted_ext4(tmp_path / "share") as point:
+        config = StoreConfig(model_id="m", host_bytes=64 * LAYOUT.block_bytes, files_dir=str(point / "kv"),
+                             files_bytes="16MiB", files_sync=True, files_write_policy="write_back")
+        store = KVStore(LAYOUT, config)
+        try:
+            freeze(point)
+            try:
+                for tokens, kv in prompts:  # host RAM holds them: nothing goes to the share yet
+                    store.put(tokens, kv)
+                closing = threading.Thread(target=store.close)
+                closing.start()
+                closing.join(30)
+                assert not closing.is_alive()
+                assert store.stats()["tiers"]["files"]["writes"] == "suspended"
+            finally:
+                freeze(point, frozen=False)
+        finally:
+            store.close()
+    for _ in range(300):
+        if not _files_threads():
+            break
+        time.sleep(0.1)
+    assert not _files_threads()

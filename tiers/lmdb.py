@@ -57,6 +57,11 @@ _MAX_WRITE_ATTEMPTS = 8
 _FULL_SLACK_BYTES = 1 << 20
 # How often a tier a full filesystem held below ``disk_bytes`` looks for room that came back (seconds).
 _ROOM_RECHECK_SECONDS = 30.0
+# A file of room kept beside the environment, given up when the filesystem fills: LMDB writes new pages even to
+# commit a delete, so on a filesystem with no byte left the eviction that would make room failed too, and the
+# tier's writes stayed suspended. 1 MiB, or a 64th of a smaller filesystem (bytes).
+RESERVE_NAME = "room.reserve"
+_RESERVE_BYTES = 1 << 20
 # Dirty access stamps kept for the next write; beyond this they are written on their own.
 _MAX_PENDING_STAMPS = 4096
 
@@ -270,6 +275,7 @@ class LmdbTier:
         self._foreign: set[bytes] = set()  # indexed blocks in another codec's lossy form (``_load_index``)
         self._clock = self._load_index()
         self._in_use = InUse()  # the map is unmapped at close: no call may be inside it then
+        self._keep_reserve()
         if self._used > self._capacity:
             self._write([], [])
 
@@ -332,8 +338,8 @@ class LmdbTier:
     def _put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         if self._room.recheck_due(self._capacity):
             free = self._room.free_bytes(full_disk=False)
-            if free is not None:
-                self._refit(free, full_disk=False)
+            if free is not None and self._refit(free, full_disk=False):
+                self._keep_reserve()
         fitting, total, seen = [], 0, set()
         for n, (key, block) in enumerate(items):
             if key in seen or self.contains(key):
@@ -423,7 +429,34 @@ class LmdbTier:
         if free is None or (not quota and free >= 2 * incoming + _FULL_SLACK_BYTES):
             return False
         self._counters.add("filesystem_full")
-        return self._refit(free, full_disk=True, quota=quota)
+        released = self._release_reserve()  # room for LMDB's own pages while it evicts
+        return self._refit(free, full_disk=True, quota=quota) or released
+
+    def _keep_reserve(self) -> None:
+        """Make the reserve file if it is missing and the filesystem has room for it (several times over)."""
+        reserve = self.path / RESERVE_NAME
+        try:
+            if reserve.exists():
+                return
+            fs = os.statvfs(self.path)
+            size = min(_RESERVE_BYTES, fs.f_blocks * fs.f_frsize // 64)
+            if size <= 0 or fs.f_bavail * fs.f_frsize < 4 * size:
+                return
+            with open(reserve, "wb") as file:
+                file.write(bytes(size))
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError:  # a full disk (no reserve then), or one refusing it: the tier works without
+            reserve.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        """Give the reserve file's room back to the filesystem; whether there was one."""
+        try:
+            (self.path / RESERVE_NAME).unlink()
+        except OSError:
+            return False
+        log.warning("disk_dir %s: the filesystem is full; its reserve of room is given up for the eviction", self.path)
+        return True
 
     def _refit(self, free: int, full_disk: bool, quota: bool = False) -> bool:
         """``FilesystemRoom.refit`` with ``free`` bytes free; whether the capacity changed. A lowering holds the
@@ -431,7 +464,7 @@ class LmdbTier:
         evicts more."""
         with self._lock:
             before = self._capacity
-            used = max(0, self._used - self._full) if full_disk else self._used
+            used = max(0, min(self._used, before) - self._full) if full_disk else self._used
             capacity = self._room.refit(used, before, free, full_disk, quota)
             if capacity is None:
                 return False
