@@ -15,6 +15,7 @@ How long the engine waits when it asks is the handle's policy:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -39,6 +40,8 @@ PREFETCH_COUNTERS = ("prefetches", "prefetch_blocks", "prefetch_ready_blocks", "
                      "prefetch_coalesced", "prefetch_failed", "prefetch_cancelled", "prefetch_dropped",
                      "prefetch_pin_limited")
 _STOP = object()
+# How long close waits for the workers to stop (seconds): one inside a read of a hung share never would.
+_CLOSE_JOIN_SECONDS = 30.0
 # A worker with nothing to fetch releases the handles the garbage collector freed at least this often.
 ORPHAN_SWEEP_SECONDS = 0.5
 # How often a wait that may be stopped (``PrefetchHandle.result``) looks at its stop condition.
@@ -239,15 +242,28 @@ class Prefetcher:
             return self._pins
 
     def close(self) -> None:
-        """Stop the workers; queued fetches are dropped and every waiting handle wakes up."""
+        """Stop the workers; queued fetches past room for the stop marks are dropped, and every waiting handle
+        wakes up. A worker still inside
+        a read after ``_CLOSE_JOIN_SECONDS`` (a filesystem that stopped answering) is left to it: it is a
+        daemon, and close waited for ever."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        for _ in self._threads:
-            self._queue.put(_STOP)
+        for _ in self._threads:  # queued fetches make way for the stop marks, even if the workers are stuck
+            while True:
+                try:
+                    self._queue.put_nowait(_STOP)
+                    break
+                except queue.Full:
+                    with contextlib.suppress(queue.Empty):
+                        self._queue.get_nowait()
+        deadline = time.monotonic() + _CLOSE_JOIN_SECONDS
         for thread in self._threads:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("prefetch: %s is still inside a read at close (its tier has stopped answering?); "
+                            "left to it", thread.name)
         self._sweep()
         with self._lock:
             for fetch in self._inflight.values():

@@ -19,6 +19,7 @@ from kvstore import KVStore, StoreConfig, writebehind
 from kvstore.tiers.files import FilesTier
 from kvstore.tiers.host import HostTier
 from kvstore.tiers import lmdb as lmdb_tier
+from kvstore.tiers.lmdb import DirectoryInUseError
 
 LAYOUT = tiny_layout()
 
@@ -214,3 +215,25 @@ def test_close_gives_up_writing_back_to_a_files_dir_that_stops_answering(tmp_pat
             break
         time.sleep(0.1)
     assert not _files_threads()
+
+
+def test_a_second_store_on_a_held_disk_dir_of_a_frozen_disk_is_refused_at_once(tmp_path):
+    """Opening a directory another store holds, on a filesystem that stopped answering: ``mkdir`` of the
+    existing directory and the lock file's open for writing waited for the thaw before the lock said no."""
+    with mounted_ext4(tmp_path / "share") as point:
+        config = StoreConfig(model_id="m", host_bytes=0, disk_dir=str(point / "kv"), disk_bytes="4MiB")
+        with KVStore(LAYOUT, config):
+            freeze(point)
+            try:
+                refused = []
+
+                def second() -> None:
+                    with pytest.raises(DirectoryInUseError):
+                        KVStore(LAYOUT, config)
+                    refused.append(True)
+                opening = threading.Thread(target=second, daemon=True)
+                opening.start()
+                opening.join(20)
+                assert refused == [True]
+            finally:
+                freeze(point, frozen=False)

@@ -305,7 +305,8 @@ def make_directory(path: str | os.PathLike[str], setting: str) -> None:
     """Create directory ``path`` (and its parents) if missing; a ``ValueError`` naming ``setting`` if a file
     or anything else not a directory is there or on the way (``FileExistsError`` named neither)."""
     try:
-        os.makedirs(path, exist_ok=True)
+        if not os.path.isdir(path):  # mkdir of an existing name still waits on a frozen or hung filesystem
+            os.makedirs(path, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ValueError(f"{setting}: expected a directory, got {os.fspath(path)!r}: something that is not a "
                          f"directory is there or on its path") from None

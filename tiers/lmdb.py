@@ -121,8 +121,9 @@ def lock_directory(path: Path, message: str) -> IO[str]:
     """
     setting = message.split()[0]
     make_directory(path, setting)
-    try:
-        lock_file = open(path / "kvstore.lock", "a+")
+    try:  # read-only when it is there: a flock needs no write, and an open for writing waits on a frozen disk
+        lock_file = open(path / "kvstore.lock", "r") if (path / "kvstore.lock").is_file() else \
+            open(path / "kvstore.lock", "a+")
     except OSError as exc:  # a read-only mount, another user's directory, a directory named kvstore.lock
         raise OSError(exc.errno, f"{setting} {path}: cannot open its lock file kvstore.lock ({exc.strerror}); "
                                  f"an LMDB directory must be writable (a read-only shared directory can be a "
