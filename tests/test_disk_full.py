@@ -5,15 +5,13 @@ filesystem holds the tier to the room it has; a write that fails with room to sp
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import assert_same_kv, freeze, make_kv, make_tokens, mounted_ext4, mounted_tmpfs, remount, tiny_layout
+from conftest import (assert_same_kv, freeze, make_kv, make_tokens, mounted_ext4, mounted_tmpfs, remount, run_python,
+                      tiny_layout)
 from kvstore.blockformat import HEADER_BYTES
 from kvstore import KVStore, StoreConfig, writebehind
 from kvstore.tiers.files import FilesTier
@@ -25,13 +23,12 @@ LAYOUT = tiny_layout()
 
 
 _FILE_SIZE_LIMITED = """
-import json, resource, signal, sys
-sys.path.insert(0, sys.argv[2])
+import json, resource, signal
 from conftest import make_kv, make_tokens, tiny_layout
-from kvstore import KVStore, StoreConfig, writebehind
+from kvstore import KVStore, StoreConfig
 layout = tiny_layout()
-config = StoreConfig(model_id="m", host_bytes=layout.block_bytes if sys.argv[3] == "host" else 0,
-                     degraded_seconds=60.0, disk_dir=sys.argv[1], disk_bytes="16MiB")
+config = StoreConfig(model_id="m", host_bytes=layout.block_bytes if {host} else 0,
+                     degraded_seconds=60.0, disk_dir={where!r}, disk_bytes="16MiB")
 prompts = [(make_tokens(48, seed=i), make_kv(layout, 48, seed=i)) for i in range(60)]
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
 with KVStore(layout, config) as store:
@@ -54,11 +51,7 @@ def test_a_disk_that_fails_writes_keeps_serving_what_it_holds(tmp_path, host):
     """A disk tier whose writes fail with room to spare (here a real file-size limit: EFBIG, which no eviction
     helps) suspends its writes for ``degraded_seconds``, never its reads. It made every block there a miss for
     30 s, and again after each retried write."""
-    done = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMITED, str(tmp_path / "kv"),
-                           str(Path(__file__).parent), "host" if host else "bare"], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    result = json.loads(run_python(_FILE_SIZE_LIMITED.format(host=host, where=str(tmp_path / "kv")), timeout=120))
     stats, later = result["stats"], result["after"]
     assert stats["errors"] >= 1 and stats["writes"] == "suspended" and stats["filesystem_full"] == 0
     assert stats["state"] == "healthy"  # reads are not bypassed
