@@ -243,9 +243,8 @@ class Prefetcher:
 
     def close(self) -> None:
         """Stop the workers; queued fetches past room for the stop marks are dropped, and every waiting handle
-        wakes up. A worker still inside
-        a read after ``_CLOSE_JOIN_SECONDS`` (a filesystem that stopped answering) is left to it: it is a
-        daemon, and close waited for ever."""
+        wakes up. A worker still inside a read after ``_CLOSE_JOIN_SECONDS`` (a filesystem that stopped
+        answering) is left to it: it is a daemon, and close waited for ever."""
         with self._lock:
             if self._closed:
                 return

@@ -795,9 +795,7 @@ class FilesTier:
                             f".{key.hex()}~{self._host}~{os.getpid()}~{self._temp_token}{next(self._temp_names):x}.tmp")
 
     def _make_dirs(self, directory: str) -> None:
-        """Create block fan-out ``directory`` (durably if ``sync``), unless it is there."""
-        if os.path.isdir(directory):
-            return
+        """Create block fan-out ``directory`` (durably if ``sync``)."""
         os.makedirs(directory, exist_ok=True)
         if self._sync:
             fsync_dir(self._root)
