@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import stat
+import time
 from collections.abc import Callable, Sequence
 
 import xxhash
@@ -31,6 +32,19 @@ NO_FILE = (*GONE, errno.ENOTDIR, errno.EAGAIN)
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full filesystem, or the writer's quota
 STAMP_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)  # atime stamp on a read-only or foreign file
 HASH_PIECE_BYTES = 4 << 20  # a raw payload is read and checksummed this much at a time, while it is in cache
+
+
+def chain_stamps(n: int) -> list[int]:
+    """File times (ns) for a chain of ``n`` blocks written or read in order: now, the first the newest.
+
+    A file's mtime is the directory's access stamp, shared by every process;
+    a scan evicts the oldest first. Stamped in the order written or read, a
+    prompt's head was the oldest of its blocks, so after a restart or in
+    another process the head went first and the blocks kept behind it were
+    ones no lookup reaches (a prefix is read from its first block).
+    """
+    now = time.time_ns()
+    return [now + n - i for i in range(n)]
 
 
 def round_up(n: int) -> int:

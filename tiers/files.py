@@ -78,8 +78,8 @@ from kvstore.tiers.base import (TIER_COUNTERS, Capability, RefusalLog, check_one
 from kvstore.tiers.fanout import (SUFFIX, TEMP_SUFFIX, block_key, block_path, entries_of, fanout_dirs, is_fanout,
                                   old_block_key)
 from kvstore.tiers.fileio import (ALIGN, GONE, MAX_IOVECS, NO_FILE, NO_SPACE, NOT_A_FILE, READ_FLAGS, STAMP_REFUSED,
-                                  fsync_dir, process_scope, read_hashed, round_up, same_file, split_views, squatted,
-                                  transfer, unlink_file, vanished)
+                                  chain_stamps, fsync_dir, process_scope, read_hashed, round_up, same_file,
+                                  split_views, squatted, transfer, unlink_file, vanished)
 from kvstore.tiers.parked import Parked, ParkedFiles
 from kvstore.tiers.room import FilesystemRoom
 from kvstore.compression.registry import get_codec
@@ -674,6 +674,7 @@ class FilesTier:
         ours: set[bytes] = set()  # the batch's blocks written or found stored: never its victims
         error: Exception | None = None
         parked = ParkedFiles()  # this batch's evicted files, overwritten by its next writes (tiers/parked.py)
+        stamps = dict(zip(reversed([key for key, _ in items]), reversed(chain_stamps(len(items)))))
         try:
             for key, parts, logical, later in self._payloads(items, ours):
                 size = sum(part.nbytes for part in parts) + HEADER_BYTES
@@ -695,8 +696,8 @@ class FilesTier:
                 with self._lock:
                     self._writing.add(key)
                 held = size if spare is None else spare.size
-                in_flight.append(_Write(key, size, held, logical,
-                                        self._writers.submit(self._write_file, key, parts, spare)))
+                in_flight.append(_Write(key, size, held, logical, self._writers.submit(
+                    self._write_file, key, parts, spare, stamps[key])))
         finally:
             error = self._settle(in_flight) or error
             self._release(parked.drop())
@@ -829,10 +830,11 @@ class FilesTier:
             fd, direct = self._open(temp, flags)
         return temp, fd, direct
 
-    def _write_file(self, key: bytes, parts: list[memoryview], spare: Parked | None = None) -> int:
+    def _write_file(self, key: bytes, parts: list[memoryview], spare: Parked | None = None,
+                    stamp: int | None = None) -> int:
         """Write a temp file holding ``parts`` (the payload, in order), rename it onto block ``key``'s path;
-        returns the file's mtime (ns). The temp file is ``spare``, an evicted file overwritten in place,
-        when it is still there."""
+        returns the file's mtime (ns): ``stamp`` if given. The temp file is ``spare``, an evicted file
+        overwritten in place, when it is still there."""
         final = block_path(self._root, key)
         directory = os.path.dirname(final)
         header = BlockHeader.for_parts(key, self._fingerprint, parts,
@@ -858,6 +860,8 @@ class FilesTier:
                         os.ftruncate(fd, total)  # a larger evicted file overwritten: cut to this block
                 if written < total:
                     raise OSError(errno.EIO, f"short write of {temp}: {written} of {total} bytes")
+                if stamp is not None:
+                    os.utime(fd, ns=(stamp, stamp))
                 if self._sync:
                     os.fsync(fd)
                 mtime_ns = os.fstat(fd).st_mtime_ns
@@ -907,10 +911,12 @@ class FilesTier:
         runs = list(zip(bounds, bounds[1:]))
         # A run on the pool reads whole blocks: were it to wait there for parts of a block, the runs of two
         # callers could hold every pool thread and wait on each other.
-        later = [self._readers.submit(self._read_in_order, keys[a:b], outs[a:b], False) for a, b in runs[1:]]
+        stamps = chain_stamps(len(keys))
+        later = [self._readers.submit(self._read_in_order, keys[a:b], outs[a:b], False, stamps[a:b])
+                 for a, b in runs[1:]]
         try:
             a, b = runs[0]
-            results = [self._read_in_order(keys[a:b], outs[a:b], not later)]
+            results = [self._read_in_order(keys[a:b], outs[a:b], not later, stamps[a:b])]
         finally:
             wait(later)  # every read into ``outs`` ends before this returns, whatever raised
         results.extend(future.result() for future in later)
@@ -923,12 +929,13 @@ class FilesTier:
                 break
         return read
 
-    def _read_in_order(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor],
-                       split: bool) -> tuple[int, OSError | None]:
-        """Blocks read in order until one is not there: (how many, the tier error that stopped it)."""
-        for n, (key, out) in enumerate(zip(keys, outs)):
+    def _read_in_order(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor], split: bool,
+                       stamps: Sequence[int]) -> tuple[int, OSError | None]:
+        """Blocks read in order until one is not there: (how many, the tier error that stopped it); each
+        hit's file gets its access stamp from ``stamps`` (ns)."""
+        for n, (key, out, stamp) in enumerate(zip(keys, outs, stamps)):
             try:
-                if not self._get(key, out, split):
+                if not self._get(key, out, split, stamp):
                     return n, None
             except OSError as error:
                 return n, error
@@ -945,12 +952,13 @@ class FilesTier:
         """
         return self._get(self.encoding.stored_name(key), out, True)
 
-    def _get(self, key: bytes, out: torch.Tensor, split: bool) -> bool:
-        """``get_into``; ``split``: a large block may be read in parts on the pool."""
+    def _get(self, key: bytes, out: torch.Tensor, split: bool, stamp: int | None = None) -> bool:
+        """``get_into``; ``split``: a large block may be read in parts on the pool; ``stamp``: its file's
+        access stamp on a hit (ns; default now)."""
         path = self._path(key)
         known = key in self._index
         try:
-            verdict, st = self._read(path, key, out, split)
+            verdict, st = self._read(path, key, out, split, stamp)
         except OSError as exc:
             if exc.errno in NOT_A_FILE or (exc.errno in (errno.EACCES, errno.EPERM) and squatted(path)):
                 verdict, st = CORRUPT, None  # a symlink, socket, device (EACCES on nodev), ... is there
@@ -985,7 +993,8 @@ class FilesTier:
                     unlink_file(path, same=st)
         return False
 
-    def _read(self, path: str, key: bytes, out: torch.Tensor, split: bool) -> tuple[str, os.stat_result]:
+    def _read(self, path: str, key: bytes, out: torch.Tensor, split: bool,
+              stamp: int | None) -> tuple[str, os.stat_result]:
         """(verdict, the file's stat, touched on a hit); raises OSError.
 
         A raw tier reads header and payload straight into a contiguous CPU
@@ -1010,7 +1019,10 @@ class FilesTier:
                 verdict = self._read_whole(fd, direct, key, out, st.st_size)
             if verdict == INTACT:
                 try:
-                    os.utime(fd)  # the shared last-access stamp
+                    if stamp is None:  # the shared last-access stamp
+                        os.utime(fd)
+                    else:
+                        os.utime(fd, ns=(stamp, stamp))
                 except OSError as exc:  # best effort: another user's file, or a read-only directory
                     if exc.errno not in STAMP_REFUSED:
                         raise

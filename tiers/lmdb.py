@@ -178,10 +178,31 @@ def open_environment(path: Path, capacity_bytes: int, sync: bool, lock_file: IO[
     return env
 
 
+# The named databases of each kind of kvstore LMDB environment, and what an operator calls it.
+ENVIRONMENT_KINDS = {frozenset({b"blocks", b"meta"}): "a store's disk tier (disk_dir)",
+                     frozenset({b"blobs", b"meta"}): "a cache server's data (its data_dir's blobs.lmdb)"}
+
+
 def open_databases(env: lmdb.Environment, path: Path, lock_file: IO[str], *names: bytes) -> list:
     """``env``'s named databases ``names``; an environment another program made, where those names are not
     databases (plain keys, other flags), is an ``OSError`` naming ``path``, with ``env`` and ``lock_file``
-    closed (it was a raw ``lmdb.IncompatibleError``, a traceback from ``kvstore serve``)."""
+    closed (it was a raw ``lmdb.IncompatibleError``, a traceback from ``kvstore serve``).
+
+    So is an environment holding any other database: a store's disk tier
+    pointed at a cache server's ``blobs.lmdb`` (or a server at a store's)
+    shared the ``meta`` database, and each side deleted the other's records
+    as broken at open, while the other was running.
+    """
+    with env.begin() as txn:
+        found = {bytes(key) for key, _ in txn.cursor()}
+    if found - set(names):
+        kind = ENVIRONMENT_KINDS.get(frozenset(found), "another program's")
+        env.close()
+        lock_file.close()
+        raise OSError(f"{path}: expected an LMDB environment holding the databases "
+                      f"{', '.join(sorted(n.decode() for n in names))}; it holds "
+                      f"{', '.join(sorted(n.decode(errors='replace') for n in found))}: this is {kind}. "
+                      f"Give each its own directory (nothing was changed)")
     try:
         return [env.open_db(name) for name in names]
     except lmdb.Error as exc:
@@ -288,22 +309,30 @@ class LmdbTier:
         serves them again."""
         records: list[tuple[int, bytes, int]] = []
         broken: list[bytes] = []
-        # a flipped bit in a length evicted the whole tier; a block larger than the tier cannot be held (and other
-        # layouts' blocks, larger than this one's, are kept: one directory serves models in turn)
+        too_big: list[bytes] = []  # intact, but larger than the tier now (a smaller disk_bytes): evicted
+        # a flipped bit in a length evicted the whole tier (other layouts' blocks, larger than this one's, are
+        # kept: one directory serves models in turn)
         with self._env.begin(db=self._meta) as txn:
             for key, value in txn.cursor():
                 header = BlockHeader.unpack(value)
-                if header is None or len(value) != _META_BYTES or header.key != key or \
-                        header.length + HEADER_BYTES > self._capacity:
+                if header is None or len(value) != _META_BYTES or header.key != key:
                     broken.append(key)
+                    continue
+                if header.length + HEADER_BYTES > self._capacity:  # intact if its block has that length
+                    block = txn.get(key, db=self._blocks)
+                    (too_big if block is not None and len(block) == header.length else broken).append(key)
                     continue
                 stamp, form = _TAIL.unpack_from(value, HEADER_BYTES)
                 if self.encoding.foreign(header.encoding, form):
                     self._foreign.add(key)
                 records.append((stamp, key, header.length + HEADER_BYTES))
-        if broken:
-            drop_records(self._env, broken, self._meta, self._blocks)
+        if broken or too_big:
+            drop_records(self._env, broken + too_big, self._meta, self._blocks)
             self._counters.add("corrupt", len(broken))
+            self._counters.add("evictions", len(too_big))
+        if too_big:
+            log.info("disk_dir %s: evicted %d block(s) larger than disk_bytes=%d at open", self.path, len(too_big),
+                     self._capacity)
         records.sort()
         for _, key, size in records:
             self._index[key] = size

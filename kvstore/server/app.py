@@ -343,6 +343,7 @@ class CacheServer:
                 raise ProtocolError(Status.TOO_LARGE, f"expected a reply of at most {self.config.max_inflight_bytes}"
                                                       f" bytes (max_inflight_bytes), this GET needs more")
             blobs.append(blob)
+        self.store.touch_chain(namespace, [key for key, blob in zip(keys, blobs) if blob is not None])
         sizes = b"".join(U64.pack(MISSING if b is None else len(b)) for b in blobs)
         await self._reply(conn, header, len(keys), sizes, *(b for b in blobs if b is not None))
 

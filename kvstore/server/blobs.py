@@ -20,7 +20,7 @@ import logging
 import struct
 import threading
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +88,7 @@ class BlobStore:
         self.disk_write_errors = 0
         self.disk_refused = 0  # blobs refused because the disk was failing
         self.corrupt_dropped = 0  # broken records deleted at open
+        self.evicted_at_open = 0  # intact blobs larger than disk_bytes, deleted at open
         self._closed = False
         self._env: lmdb.Environment | None = None
         self._lock_file = None
@@ -117,7 +118,7 @@ class BlobStore:
         UTF-8 namespace, claims a size its blob does not have (or none fits the disk), or has no blob, is
         deleted with its blob: one such record kept the server from starting, evicted everything at open
         (a flipped bit in a size), or was a hit that no GET could read and no PUT would repair."""
-        records, broken = [], []
+        records, broken, too_big = [], [], []
         with self._env.begin(buffers=True) as txn:
             for lkey, value in txn.cursor(db=self._meta):
                 lkey = bytes(lkey)
@@ -128,15 +129,22 @@ class BlobStore:
                     ident = None
                 stamp, size = _META.unpack(value) if len(value) == _META.size else (0, -1)
                 blob = txn.get(lkey, db=self._blobs) if ident is not None and key else None
-                if blob is None or not 0 < size <= self._disk_bytes or len(blob) != size:
+                if blob is None or size <= 0 or len(blob) != size:
                     broken.append(lkey)
+                elif size > self._disk_bytes:  # intact, larger than a smaller disk_bytes than last time
+                    too_big.append(lkey)
                 else:
                     records.append((stamp, ident, size))
+        if broken or too_big:
+            drop_records(self._env, broken + too_big, self._meta, self._blobs)
         if broken:
-            drop_records(self._env, broken, self._meta, self._blobs)
             self.corrupt_dropped = len(broken)
             log.warning("data_dir %s: dropped %d broken blob record(s) at open (damaged, or another tool's)",
                         self._env.path(), len(broken))
+        if too_big:
+            self.evicted_at_open = len(too_big)
+            log.info("data_dir %s: evicted %d blob(s) larger than disk_bytes=%d at open", self._env.path(),
+                     len(too_big), self._disk_bytes)
         records.sort()
         with self._lock:
             for _, ident, size in records:
@@ -204,10 +212,20 @@ class BlobStore:
         """Store blobs; a result per item. ``on_durable(True)`` runs (on the writer thread) once all are on
         disk, ``on_durable(False)`` as soon as a commit of one of them failed. While the disk is failing
         (``disk_error``) new blobs are refused (``REJECTED``): what is not on disk must stay in RAM, and RAM
-        is bounded."""
+        is bounded.
+
+        ``items`` are taken as a chain (a prompt's blocks, in order): the
+        first ends the most recently used, and its blobs are committed last
+        to first, so the persisted order says so too; a blob the batch's own
+        earlier blobs would have to make room for is ``REJECTED``. In put
+        order, the head was evicted first, and what stayed of the prompt
+        was blobs no lookup reaches (a prefix is read from its first block).
+        """
         results = []
         quota = self._quota_of(namespace)
         waiting = []
+        batch: list[Ident] = []  # the batch's blobs held after it, in order
+        puts: list[tuple[Ident, Blob, _Entry]] = []
         with self._lock:
             if self._closed:
                 raise RuntimeError("BlobStore is closed")
@@ -215,7 +233,7 @@ class BlobStore:
                 ident = (namespace, key)
                 entry = self._lru.get(ident)
                 if entry is not None:
-                    self._touch(ident)
+                    batch.append(ident)
                     results.append(PutResult.PRESENT)
                     if not entry.on_disk and self._env is not None:
                         waiting.append(entry)
@@ -231,15 +249,23 @@ class BlobStore:
                     results.append(PutResult.REJECTED)
                     self.disk_refused += 1
                     continue
-                for victim in self._make_room(namespace, size, quota):
+                victims = self._make_room(namespace, size, quota, keep=set(batch))
+                for victim in victims:
                     self._enqueue("del", victim)
+                if self._over(namespace, size, quota):
+                    results.append(PutResult.REJECTED)  # only the batch's own blobs are left to evict
+                    continue
                 entry = _Entry(size, blob, on_disk=self._env is None)
                 self._insert(ident, entry)
+                batch.append(ident)
                 results.append(PutResult.STORED)
                 self._count(namespace, "bytes_in", size)
-                self._enqueue("put", ident, blob, entry)
+                puts.append((ident, blob, entry))
                 if self._env is not None:
                     waiting.append(entry)
+            for ident, blob, entry in reversed(puts):
+                self._enqueue("put", ident, blob, entry)
+            self._touch_chain(batch)
             for result in results:
                 self._count(namespace, result.name.lower())
             if on_durable is not None:
@@ -263,21 +289,41 @@ class BlobStore:
         for entry in entries:
             entry.waiters.append(one_done)
 
-    def _make_room(self, namespace: str, incoming: int, quota: int) -> list[Ident]:
-        """Under the lock: evict the namespace's LRU blobs past its quota, then any LRU blobs past capacity."""
+    def _over(self, namespace: str, incoming: int, quota: int) -> bool:
+        """Under the lock: whether ``incoming`` more bytes pass the namespace's quota or the capacity."""
+        return bool(quota and self._ns_used[namespace] + incoming > quota) or \
+            self._used + incoming > self.capacity_bytes
+
+    def _make_room(self, namespace: str, incoming: int, quota: int, keep: Collection[Ident] = ()) -> list[Ident]:
+        """Under the lock: evict the namespace's LRU blobs past its quota, then any LRU blobs past capacity;
+        never one of ``keep``."""
         victims = []
         own = self._namespaces.get(namespace, OrderedDict())
-        while quota and self._ns_used[namespace] + incoming > quota and own:
-            ident = (namespace, next(iter(own)))
+        while quota and self._ns_used[namespace] + incoming > quota:
+            ident = next((i for i in ((namespace, key) for key in own) if i not in keep), None)
+            if ident is None:
+                break
             self._remove(ident)
             victims.append(ident)
             self._count(namespace, "evicted_quota")
-        while self._used + incoming > self.capacity_bytes and self._lru:
-            ident = next(iter(self._lru))
+        while self._used + incoming > self.capacity_bytes:
+            ident = next((i for i in self._lru if i not in keep), None)
+            if ident is None:
+                break
             self._remove(ident)
             victims.append(ident)
             self._count(ident[0], "evicted_capacity")
         return victims
+
+    def touch_chain(self, namespace: str, keys: Sequence[bytes]) -> None:
+        """``keys`` (a chain read in order) become the most recently used, the first most of all."""
+        with self._lock:
+            self._touch_chain([(namespace, key) for key in keys])
+
+    def _touch_chain(self, idents: Sequence[Ident]) -> None:
+        for ident in reversed(idents):
+            if ident in self._lru:
+                self._touch(ident)
 
     def _trim_ram(self) -> None:
         """Under the lock: drop RAM copies (LRU first) of blobs safely on disk until RAM fits."""
@@ -391,6 +437,7 @@ class BlobStore:
                     "write_backlog_bytes": self.backlog_bytes(),
                     "disk_failing": int(self.disk_error is not None), "disk_write_errors": self.disk_write_errors,
                     "disk_refused_blocks": self.disk_refused, "corrupt_dropped_at_open": self.corrupt_dropped,
+                    "evicted_at_open": self.evicted_at_open,
                     **{f"arena_{name}": value for name, value in self._arena.stats().items()}}
 
     # -- the disk writer ------------------------------------------------------------

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 
 import lmdb
 import pytest
+import torch
 
+from conftest import TESTS_DIR
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.protocol import PutResult
 from kvstore.server.blobs import BlobStore, blob_intact
@@ -26,6 +31,11 @@ def blob(name: str, size: int = PAYLOAD) -> bytes:
 
 
 def put(store: BlobStore, ns: str, *names: str) -> list[PutResult]:
+    """Each blob put on its own, in turn (a batch is a chain: ``put_chain``)."""
+    return [result for n in names for result in store.put_many(ns, [(key(n), bytearray(blob(n)))])]
+
+
+def put_chain(store: BlobStore, ns: str, *names: str) -> list[PutResult]:
     return store.put_many(ns, [(key(n), bytearray(blob(n))) for n in names])
 
 
@@ -252,3 +262,100 @@ def test_metrics_count_bytes_per_namespace_and_tier(tmp_path, open_store):
     assert f'kvstore_server_bytes_out_total{{namespace="a",tier="lmdb"}} {BLOB}.0' in text
     assert f'kvstore_server_bytes_out_total{{namespace="a",tier="host"}} {BLOB}.0' in text
     assert 'kvstore_server_hits_total{namespace="a",tier="lmdb"} 1.0' in text
+
+
+def test_blobs_larger_than_a_smaller_disk_are_evicted_at_open_not_counted_broken(tmp_path):
+    store = BlobStore(tmp_path / "d", 0, 10 * BLOB, lambda ns: 0, sync=False)
+    store.put_many("a", [(key("big"), bytearray(blob("big", 3 * PAYLOAD))), (key("1"), bytearray(blob("1")))])
+    store.close()
+    again = BlobStore(tmp_path / "d", 0, 2 * BLOB, lambda ns: 0, sync=False)  # the big one no longer fits
+    try:
+        totals = again.totals()
+        assert (totals["corrupt_dropped_at_open"], totals["evicted_at_open"]) == (0, 1)
+        assert held(again, "a") == ["1"] and read(again, "a", "1") == blob("1")
+    finally:
+        again.close()
+
+
+def test_a_stores_disk_tier_and_a_servers_data_refuse_each_other_and_change_nothing(tmp_path, layout):
+    """A store's ``disk_dir`` pointed at a server's ``blobs.lmdb`` (or a server's ``data_dir`` at a folder whose
+    ``blobs.lmdb`` is a store's disk tier) shared the ``meta`` database: each deleted the other's records at
+    open, as broken, even while the other ran."""
+    from conftest import assert_same_kv, make_kv
+    from kvstore.tiers.lmdb import LmdbTier
+
+    server = BlobStore(tmp_path / "srv", 0, 10 * BLOB, lambda ns: 0, sync=False)
+    put(server, "a", "1", "2")
+    server.close()
+    with pytest.raises(OSError, match="a cache server's data .*nothing was changed"):
+        LmdbTier(tmp_path / "srv" / "blobs.lmdb", 1 << 20, layout, sync=False)
+    again = BlobStore(tmp_path / "srv", 0, 10 * BLOB, lambda ns: 0, sync=False)
+    assert [read(again, "a", n) for n in ("1", "2")] == [blob("1"), blob("2")]
+    assert again.totals()["corrupt_dropped_at_open"] == 0
+    again.close()
+
+    kv = make_kv(layout, 16, seed=3)
+    tier = LmdbTier(tmp_path / "st" / "blobs.lmdb", 1 << 20, layout, sync=False)
+    tier.put_many([(b"k" * 32, kv)])
+    tier.close()
+    with pytest.raises(OSError, match="a store's disk tier .*nothing was changed"):
+        BlobStore(tmp_path / "st", 0, 10 * BLOB, lambda ns: 0, sync=False)
+    tier = LmdbTier(tmp_path / "st" / "blobs.lmdb", 1 << 20, layout, sync=False)
+    try:
+        out = torch.empty_like(kv)
+        assert tier.get_into(b"k" * 32, out) and tier.stats()["corrupt"] == 0
+        assert_same_kv(out, kv)
+    finally:
+        tier.close()
+
+
+def test_a_batch_is_a_chain_its_first_blob_evicted_last_and_kept_so_across_a_restart(tmp_path, open_store):
+    """A PUT of a prompt's blocks in order left its head the least recently used: evicted first, what stayed
+    of the prompt was blobs no lookup reaches."""
+    store = open_store(host_blobs=10, disk_blobs=5, path=tmp_path / "d")
+    put_chain(store, "a", "1", "2", "3")
+    assert held(store, "a") == ["3", "2", "1"]
+    put_chain(store, "a", "4", "5", "6")  # evicts the first chain's tail
+    assert held(store, "a") == ["2", "1", "6", "5", "4"]
+    store.get_ram("a", key("2")), store.get_ram("a", key("1"))
+    store.touch_chain("a", [key("1"), key("2")])  # a GET of the chain, in order
+    assert held(store, "a") == ["6", "5", "4", "2", "1"]
+    store.close()
+    again = open_store(host_blobs=10, disk_blobs=3, path=tmp_path / "d")  # restarted smaller
+    assert held(again, "a") == ["4", "2", "1"] and read(again, "a", "1") == blob("1")
+
+
+def test_a_chain_larger_than_the_store_keeps_its_leading_blobs(open_store):
+    store = open_store(host_blobs=10, disk_blobs=3)
+    put(store, "b", "old")
+    assert put_chain(store, "a", "1", "2", "3", "4") == [PutResult.STORED] * 3 + [PutResult.REJECTED]
+    assert held(store, "a") == ["3", "2", "1"] and held(store, "b") == []
+    assert [read(store, "a", n) for n in ("1", "2", "3")] == [blob(n) for n in ("1", "2", "3")]
+
+
+KILLED_AFTER_A_CHAIN = """
+import os, signal, sys
+from kvstore.blockformat import BlockHeader
+from kvstore.server.blobs import BlobStore
+blob_bytes = int(sys.argv[2])
+store = BlobStore(sys.argv[1], 10 * blob_bytes, 10 * blob_bytes, lambda ns: 0, sync=False)
+items = []
+for name in sys.argv[3:]:
+    key, payload = name.encode().ljust(32, b"."), (name.encode() * 1000)[:1000]
+    items.append((key, bytearray(BlockHeader.for_payload(key, b"L" * 16, payload).pack() + payload)))
+store.put_many("a", items)
+store.flush()  # committed; the order at close is never saved
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_chain_is_committed_last_first_so_a_killed_server_keeps_its_order(tmp_path):
+    """Without a clean close the order on disk is the commits' order."""
+    child = subprocess.run([sys.executable, "-c", KILLED_AFTER_A_CHAIN, str(tmp_path / "d"), str(BLOB), "1", "2",
+                            "3"], cwd=str(TESTS_DIR), capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    again = BlobStore(tmp_path / "d", 10 * BLOB, 10 * BLOB, lambda ns: 0, sync=False)
+    try:
+        assert held(again, "a") == ["3", "2", "1"]
+    finally:
+        again.close()

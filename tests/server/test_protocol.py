@@ -422,10 +422,10 @@ def test_list_returns_the_namespace_keys_least_recently_used_first(srv):
     keys = [f"list/{i}".encode() for i in range(5)]
     with Raw(srv.url) as raw:
         raw.hello()
-        raw.call(Op.PUT, put_payload([(k, blob(k, k)) for k in keys]), 5)
+        raw.call(Op.PUT, put_payload([(k, blob(k, k)) for k in keys]), 5)  # a chain: list/0 the most recent
         raw.call(Op.GET, pack_keys([keys[1]]), 1)  # a read makes list/1 the most recently used
         listed = list_all(raw)
-        assert [k for k in listed if k.startswith(b"list/")] == [keys[0], keys[2], keys[3], keys[4], keys[1]]
+        assert [k for k in listed if k.startswith(b"list/")] == [keys[4], keys[3], keys[2], keys[0], keys[1]]
         assert listed[-1] == keys[1] and len(listed) == len(set(listed))
         # Paging: an offset past the end is empty; a limit of 2 gives 2.
         header, payload = raw.call(Op.LIST, U64.pack(len(listed)), MAX_KEYS)
@@ -982,3 +982,15 @@ def test_a_silent_connection_is_closed_and_frees_its_slot(server_factory):
     finally:
         for sock in silent:
             sock.close()
+
+
+def test_a_get_of_several_keys_leaves_the_first_the_most_recently_used(srv):
+    """A GET reads a prompt's blocks in order: its head must end the most recent, not the oldest of them."""
+    keys = [f"chain-get/{i}".encode() for i in range(4)]
+    with Raw(srv.url) as raw:
+        raw.hello()
+        for k in keys:  # one PUT each: the last the most recent
+            raw.call(Op.PUT, put_payload([(k, blob(k, k))]), 1)
+        raw.call(Op.GET, pack_keys(keys[:3]), 3)
+        listed = [k for k in list_all(raw) if k.startswith(b"chain-get/")]
+        assert listed == [keys[3], keys[2], keys[1], keys[0]]

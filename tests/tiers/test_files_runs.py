@@ -100,10 +100,10 @@ def test_a_tier_error_raises_on_the_first_block_and_ends_the_count_further_on(st
     failing = block_path(tier._root, keys[at])
     real_read = tier._read
 
-    def read(path, key, out, split):
+    def read(path, key, out, split, stamp):
         if path == failing:
             raise OSError(errno.EIO, "Input/output error", path)
-        return real_read(path, key, out, split)
+        return real_read(path, key, out, split, stamp)
 
     monkeypatch.setattr(tier, "_read", read)
     out = torch.full(MID.shape(BLOCKS * 256), FILL, dtype=MID.dtype)
@@ -247,13 +247,13 @@ def test_every_run_has_ended_when_another_run_raises(stored, monkeypatch):
     tier, keys, kv = stored(io_threads=4)
     real_get, finished = tier._get, []
 
-    def get(key, out, split):
+    def get(key, out, split, stamp):
         index = keys.index(key)
         if index == 2:  # the second run's first block
             raise RuntimeError("injected")
         if index >= 4:  # the third and fourth runs: slow
             time.sleep(0.1)
-        found = real_get(key, out, split)
+        found = real_get(key, out, split, stamp)
         finished.append(index)
         return found
 

@@ -982,3 +982,36 @@ def test_touching_a_block_does_not_vouch_for_its_file(disk_dir, open_tier, block
     time.sleep(0.25)
     tier.touch_chain([A])
     assert not tier.contains(A)
+
+
+# -- a chain's head outlives its tail across processes ------------------------------------------------------
+
+
+def _chain(layout, n: int) -> list[tuple[bytes, torch.Tensor]]:
+    return [(bytes([i + 1]) * 32, make_kv(layout, 16, seed=100 + i)) for i in range(n)]
+
+
+def test_a_chain_written_then_reopened_smaller_keeps_its_leading_blocks(open_tier, disk_dir, layout):
+    """File times are the directory's shared recency: a chain stamped in write order made its head the oldest,
+    so a restart with a smaller ``files_bytes`` (or another process's eviction) kept only blocks no lookup
+    reaches."""
+    chain = _chain(layout, 10)
+    assert open_tier(10 * BLOCK).put_many(chain) == 10
+    again = open_tier(4 * BLOCK)
+    assert sorted(again.keys()) == sorted(key for key, _ in chain[:4])
+    for key, kv in chain[:4]:
+        assert_same_kv(_read(again, layout, key), kv)
+
+
+def test_a_chain_read_as_a_run_is_stamped_head_newest(open_tier, disk_dir, layout):
+    chain = _chain(layout, 6)
+    tier = open_tier(10 * BLOCK)
+    tier.put_many(chain)
+    for key, _ in chain:
+        set_mtime(disk_dir, key, 1_000)  # read long after it was written
+    outs = [torch.empty_like(kv) for _, kv in chain]
+    assert tier.get_run_into([key for key, _ in chain], outs) == 6
+    stamps = [os.stat(block_path(disk_dir, key)).st_mtime_ns for key, _ in chain]
+    assert stamps == sorted(stamps, reverse=True) and len(set(stamps)) == 6 and stamps[-1] > 1_000 * SECOND
+    other = open_tier(3 * BLOCK)  # another process's view, at a smaller capacity: the head's run is kept
+    assert sorted(other.keys()) == sorted(key for key, _ in chain[:3])

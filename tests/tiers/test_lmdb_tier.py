@@ -341,6 +341,17 @@ def test_corrupt_header_is_a_miss(open_tier, disk_dir, layout, blocks, where, of
     assert_same_kv(_read(again, layout, A), blocks[A])
 
 
+def test_blocks_larger_than_a_smaller_tier_are_evicted_at_open_not_counted_corrupt(open_tier, disk_dir, layout):
+    """Another layout's intact blocks that no longer fit a smaller ``disk_bytes`` go as evictions: operators
+    watch ``corrupt`` for damage."""
+    big = tiny_layout(block_tokens=64)  # 16 KiB blocks
+    tier = open_tier(10 * BLOCK * 4, lay=big)
+    tier.put_many([(A, make_kv(big, 64, seed=1))])
+    tier.close()
+    again = open_tier(3 * BLOCK)
+    assert (again.stats()["corrupt"], again.stats()["evictions"], again.stats()["blocks"]) == (0, 1, 0)
+
+
 def test_a_meta_record_claiming_a_huge_length_is_dropped_not_trusted(open_tier, disk_dir, layout, blocks):
     """One high bit flipped in one record's length: 2**62 bytes counted used, and every block evicted at open."""
     import lmdb

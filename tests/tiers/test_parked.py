@@ -193,10 +193,10 @@ for i in range(20):
     tier.put_many([(i.to_bytes(32, "little"), make_kv(lay, 16, seed=i))])
 real_write = tier._write_file
 
-def write_then_die(key, parts, spare=None):
+def write_then_die(key, parts, spare=None, stamp=None):
     if spare is not None:  # a batch has parked files: the process dies before it overwrites them
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_write(key, parts, spare)
+    return real_write(key, parts, spare, stamp)
 
 tier._write_file = write_then_die
 tier.put_many([(i.to_bytes(32, "little"), make_kv(lay, 16, seed=i)) for i in range(20, 30)])
