@@ -290,7 +290,10 @@ class Connection:
         """Store blobs given as parts (no join); a result per item.
 
         A block too large for one frame (``max_frame_bytes``) is not sent:
-        its result is ``REJECTED``, and the others are stored.
+        its result is ``REJECTED``, and the others are stored. ``items`` are
+        a chain (a prompt's blocks, in order) and the server takes each PUT
+        as one, its first blob the most recently used: frames go out last
+        first, so the first frame's blobs end the most recent of all.
         """
         self._start()
         results: list[PutResult] = [PutResult.REJECTED] * len(items)
@@ -298,6 +301,7 @@ class Connection:
                  for i, (key, parts) in enumerate(items)}
         sendable = [i for i in range(len(items)) if sizes[i] <= self.welcome.max_frame_bytes]
         runs = [[sendable[j] for j in run] for run in self._batches(len(sendable), lambda j: sizes[sendable[j]])]
+        runs.reverse()
         rids = []
         self.allow(sum(sizes[i] for i in sendable))
         for run in runs:

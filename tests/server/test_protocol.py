@@ -994,3 +994,16 @@ def test_a_get_of_several_keys_leaves_the_first_the_most_recently_used(srv):
         raw.call(Op.GET, pack_keys(keys[:3]), 3)
         listed = [k for k in list_all(raw) if k.startswith(b"chain-get/")]
         assert listed == [keys[3], keys[2], keys[1], keys[0]]
+
+
+def test_a_chain_put_in_several_frames_leaves_its_first_blob_the_most_recently_used(srv):
+    keys = [f"frames/{i}".encode() for i in range(6)]
+    items = [(k, [blob(k, payload_of(k, MAX_FRAME // 3))]) for k in keys]  # two blobs a frame
+    conn = Connection(srv.url, TOKEN, 10.0)
+    try:
+        assert conn.put(items) == [PutResult.STORED] * 6
+    finally:
+        conn.close()
+    with Raw(srv.url) as raw:
+        raw.hello()
+        assert [k for k in list_all(raw) if k.startswith(b"frames/")] == keys[::-1]

@@ -173,9 +173,9 @@ def test_delete_and_keys_in_lru_order(remote):
     a, b, c = key("a"), key("b"), key("c")
     assert list(tier.keys()) == []
     assert tier.put_many([(a, make_kv(FP16, 16, 1)), (b, make_kv(FP16, 16, 2)), (c, make_kv(FP16, 3, 3))]) == 3
-    assert list(tier.keys()) == [a, b, c]
-    assert tier.get_into(a, zeros(FP16))  # a read makes it the most recently used
-    assert list(tier.keys()) == [b, c, a]
+    assert list(tier.keys()) == [c, b, a]  # a chain: its first block the most recently used
+    assert tier.get_into(b, zeros(FP16))  # a read makes it the most recently used
+    assert list(tier.keys()) == [c, a, b]
     assert tier.delete(b) is True
     assert tier.delete(b) is False
     assert list(tier.keys()) == [c, a]
@@ -805,7 +805,7 @@ def test_batches_are_split_within_the_servers_limits(limited):
         before = {op: requests(limited, op) for op in ("PUT", "GET", "EXISTS_PREFIX", "LIST")}
         assert tier.put_many(blocks) == 11  # 3 blocks (12.6 KB) per 16 KiB frame, all sent before any reply
         assert tier.prefix_length([k for k, _ in blocks]) == 11
-        assert list(tier.keys()) == [k for k, _ in blocks]
+        assert list(tier.keys()) == [k for k, _ in blocks][::-1]  # a chain: the first most recently used
         outs = [zeros(FP16) for _ in range(3)]
         assert tier.get_many_into([k for k, _ in blocks[:3]], outs) == [True] * 3
         for (_, block), out in zip(blocks, outs):
