@@ -135,7 +135,8 @@ class CopyEngine:
         self._jobs: queue.Queue[tuple | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._pending = 0
-        self._idle = threading.Condition()
+        self._idle_lock = threading.RLock()
+        self._idle = threading.Condition(self._idle_lock)
         if self.staged:
             lay = self.layout
             per_token = lay.token_bytes * (2 if self.cuda else 1)  # device + pinned host
@@ -184,7 +185,7 @@ class CopyEngine:
                     chunk.host[:, :, :hi - lo].copy_(chunk.device[:, :, :hi - lo], non_blocking=True)
                     copied = torch.cuda.Event()
                     copied.record(self.stream)
-            with self._idle:
+            with self._idle_lock:
                 self._pending += 1
             self._jobs.put((chunk, copied, list(tokens[:hi]), salt, lo))
         return len(tokens) - start
@@ -204,14 +205,14 @@ class CopyEngine:
                 log.warning("storing tokens [%d, %d) failed: %r", lo, len(tokens), exc)
             finally:
                 self._free.put(chunk)
-                with self._idle:
+                with self._idle_lock:
                     self._pending -= 1
                     self._idle.notify_all()
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait until every staged save is stored; False if ``timeout`` seconds passed first."""
         deadline = time.monotonic() + timeout
-        with self._idle:
+        with self._idle_lock:
             while self._pending:
                 left = deadline - time.monotonic()
                 if left <= 0:

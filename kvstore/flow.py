@@ -67,7 +67,8 @@ class BlockFlow:
                 level.tier.on_evict = partial(self.evicted, level)
         self._scratch = threading.local()
         self._landing: dict[bytes, int] = {}  # keys a put is landing now -> the thread landing them
-        self._landed = threading.Condition(threading.Lock())  # some of them were landed
+        self._landed_lock = threading.Lock()
+        self._landed = threading.Condition(self._landed_lock)  # some of them were landed
         self._waiting = 0  # threads waiting for another's landing
         self._chains = ChainMemo()
         # Where a put looks for blocks stored already: the local levels. Asking the cache server or Redis cost
@@ -156,7 +157,7 @@ class BlockFlow:
         ours: list[Item] = []
         theirs: list[Item] = []
         claimed: list[bytes] = []
-        with self._landed:
+        with self._landed_lock:
             for item in items:
                 holder = self._landing.get(item[0])
                 if holder is None:
@@ -170,13 +171,13 @@ class BlockFlow:
             stored = self._store_now(ours)
         finally:
             if claimed:
-                with self._landed:
+                with self._landed_lock:
                     for key in claimed:
                         del self._landing[key]
                     if self._waiting:
                         self._landed.notify_all()
         if theirs:
-            with self._landed:
+            with self._landed_lock:
                 self._waiting += 1
                 try:
                     self._landed.wait_for(lambda: not any(key in self._landing for key, _ in theirs),

@@ -33,45 +33,55 @@ class Gate:
 
     def __init__(self, what: str = "KVStore"):
         self._what = what
-        self._cond = threading.Condition(threading.Lock())
-        self._inside = 0
-        self._mine = threading.local()  # this thread's calls inside (nested calls: put inside save)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        # each thread's calls inside (nested calls: put inside save), by thread id; one dict item changed in one
+        # statement, so a signal's exception lands before or after a call is counted, never half way
+        self._depths: dict[int, int] = {}
         self._pid = os.getpid()
         self.closed = False
         self._done = threading.Event()  # set by ``done()`` once whoever shut the gate has closed everything
+        self.interrupted = False  # a close was interrupted (KeyboardInterrupt) before it was done: close again
 
     def check(self) -> None:
         """Raise ``RuntimeError`` once shut, or in a process other than the one that opened it."""
         if self.closed:
             raise RuntimeError(f"{self._what} is closed")
-        if os.getpid() != self._pid:
-            raise RuntimeError(f"{self._what} was opened by process {self._pid}, before a fork: open one in this "
-                               f"process (its threads and LMDB do not survive a fork)")
+        check_process(self._pid, self._what)
 
     def __enter__(self) -> None:
         self.check()
-        with self._cond:
+        me = threading.get_ident()
+        with self._lock:
             if self.closed:
                 raise RuntimeError(f"{self._what} is closed")
-            self._inside += 1
-        self._mine.depth = getattr(self._mine, "depth", 0) + 1
+            self._depths[me] = self._depths.get(me, 0) + 1
 
     def __exit__(self, *exc: object) -> None:
-        self._mine.depth -= 1
-        with self._cond:
-            self._inside -= 1
+        me = threading.get_ident()
+        with self._lock:
+            self._depths[me] -= 1
+            if not self._depths[me]:
+                del self._depths[me]
             if self.closed:
                 self._cond.notify_all()
+
+    def _others_inside(self, me: int) -> int:
+        """Under the lock: calls inside of threads other than ``me``."""
+        return sum(depth for thread, depth in self._depths.items() if thread != me)
 
     @contextlib.contextmanager
     def visit(self, timeout: float | None = None) -> Iterator[bool]:
         """Inside, as ``with gate:``, if still open (yields True); else, once whoever shut it is done (``timeout``
         seconds at most), yields False and raises nothing: for figures read after close too, never while the
-        tiers close."""
+        tiers close. In a forked child it raises as every call does (the parent's connections are not its own:
+        a remote tier's figures asked over the inherited socket scrambled the parent's replies)."""
         try:
             self.__enter__()
         except RuntimeError:
-            if not self.forked() and not self.in_call():
+            if self.forked():
+                raise
+            if not self.in_call():
                 self.wait_done(timeout)
             yield False
             return
@@ -82,23 +92,24 @@ class Gate:
 
     def in_call(self) -> bool:
         """Whether the calling thread is inside a call."""
-        return getattr(self._mine, "depth", 0) > 0
+        return self._depths.get(threading.get_ident(), 0) > 0
 
     def shut(self, timeout: float | None = None) -> bool:
         """Refuse new calls and wait until the calls of other threads inside have returned (``timeout``
         seconds at most, None: no limit); False if the gate was shut already (by another ``shut``)."""
-        own = getattr(self._mine, "depth", 0)
-        with self._cond:
+        me = threading.get_ident()
+        with self._lock:
             if self.closed:
                 return False
             self.closed = True
-            if not self._cond.wait_for(lambda: self._inside <= own, timeout):
+            if not self._cond.wait_for(lambda: not self._others_inside(me), timeout):
                 _log.warning("%s: closing with %d call(s) still inside after %.0f s", self._what,
-                             self._inside - own, timeout)
+                             self._others_inside(me), timeout)
             return True
 
     def done(self) -> None:
         """Whoever shut the gate has closed everything behind it."""
+        self.interrupted = False
         self._done.set()
 
     def is_done(self) -> bool:
@@ -113,6 +124,14 @@ class Gate:
     def forked(self) -> bool:
         """Whether this is a process other than the one that opened it."""
         return os.getpid() != self._pid
+
+
+def check_process(pid: int, what: str) -> None:
+    """``RuntimeError`` in a process other than ``pid``, which made ``what``: a forked child (the threads that
+    would answer it were not copied: it waited for ever)."""
+    if os.getpid() != pid:
+        raise RuntimeError(f"{what} was opened by process {pid}, before a fork: open one in this process (its "
+                           f"threads and LMDB do not survive a fork)")
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])

@@ -17,6 +17,7 @@ blocks when their last layer arrives.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from kvstore.buffers import BufferPool, empty_host
+from kvstore.gate import check_process
 from kvstore.keys import BlockRef
 from kvstore.layout import KVLayout
 from kvstore.prefetch import PrefetchHandle
@@ -65,7 +67,9 @@ class _Pipeline:
         self.lookahead = lookahead
         self.on_layer = on_layer
         self.on_sized = on_sized
-        self.cond = threading.Condition()
+        self.pid = os.getpid()  # its worker's process: a forked child's waits would never end
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
         self.num_tokens: int | None = None
         self.first_token = self.blocks[0].start if self.blocks else 0  # the ring's token 0
         self.loaded = 0  # layers copied
@@ -122,7 +126,7 @@ class _Pipeline:
             start = time.perf_counter()
             sources = self.sources()
             num_tokens = self.blocks[len(sources) - 1].end if sources else 0
-            with self.cond:
+            with self.lock:
                 self.num_tokens = num_tokens
                 shape = self.layout.shape(max(0, num_tokens - self.first_token))[1:]
                 self.ring = [] if self.sink is not None else [
@@ -133,19 +137,19 @@ class _Pipeline:
             if self.on_sized is not None:
                 self.on_sized(max(0, num_tokens - self.first_token), time.perf_counter() - start)
             for layer in range(self.layout.num_layers):
-                with self.cond:  # a sink holds no ring: nothing bounds how far ahead it runs
+                with self.lock:  # a sink holds no ring: nothing bounds how far ahead it runs
                     while not self.closed and self.sink is None and layer > self.taken + self.lookahead:
                         self.cond.wait(WORKER_POLL_SECONDS)  # ``abandon`` sets ``closed`` without a notify
                     if self.closed:
                         return
                 self.copy_layer(layer, sources)
-                with self.cond:
+                with self.lock:
                     self.loaded = layer + 1
                     self.cond.notify_all()
                 if self.on_layer is not None:
                     self.on_layer(layer)
         except BaseException as exc:  # handed to the engine's thread by layer()
-            with self.cond:
+            with self.lock:
                 self.error = exc
                 self.cond.notify_all()
         finally:
@@ -159,7 +163,7 @@ class _Pipeline:
 
     def give_back(self) -> None:
         """Hand the ring to the buffer pool (only once the worker has stopped)."""
-        with self.cond:
+        with self.lock:
             ring, self.ring = self.ring, []
         if self.buffers is not None and self.device.type == "cpu":
             for buf in ring:
@@ -186,7 +190,7 @@ class _Pipeline:
         self.copied[layer] = event
 
     def wait(self, ready: Callable[[], bool]) -> None:
-        with self.cond:
+        with self.lock:
             while not ready() and self.error is None and not self.closed:
                 self.cond.wait()
             if ready():
@@ -197,7 +201,7 @@ class _Pipeline:
 
     def halt(self) -> None:
         """Stop the worker at its next step (from any thread; idempotent)."""
-        with self.cond:
+        with self.lock:
             self.closed = True
             self.cond.notify_all()
 
@@ -269,7 +273,7 @@ class LayerLoader:
     @property
     def loaded_layers(self) -> int:
         """Layers copied so far."""
-        with self._pipe.cond:
+        with self._pipe.lock:
             return self._pipe.loaded
 
     def wait_layer(self, index: int) -> None:
@@ -277,7 +281,8 @@ class LayerLoader:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.layout.num_layers:
             raise ValueError(f"layer: expected an int in [0, {self.layout.num_layers}), got {index!r}")
         pipe = self._pipe
-        with pipe.cond:
+        check_process(pipe.pid, "the store of this layer-wise load")
+        with pipe.lock:
             reach = pipe.taken + pipe.lookahead
         if pipe.sink is None and index > reach:  # the worker waits for layers to be taken: this would never return
             raise ValueError(f"layer: expected at most layer {reach} until more are taken (a loader without a "
@@ -287,9 +292,10 @@ class LayerLoader:
     def layer(self, index: int) -> torch.Tensor:
         """Layer ``index`` as ``[P, num_tokens, H, D]``; layers are asked for in order, each once."""
         pipe = self._pipe
+        check_process(pipe.pid, "the store of this layer-wise load")  # before its lock: a fork copies it held
         if pipe.sink is not None:
             raise ValueError("layer: this loader hands layers to its sink; expected wait_layer(index)")
-        with pipe.cond:
+        with pipe.lock:
             if pipe.closed:
                 raise RuntimeError("layer-wise load is closed")
             expected = pipe.taken + 1
@@ -302,13 +308,13 @@ class LayerLoader:
             released = torch.cuda.Event()
             released.record(torch.cuda.current_stream(self.device))
             pipe.released[index - 1] = released
-        with pipe.cond:
+        with pipe.lock:
             pipe.taken = index
             pipe.cond.notify_all()
         pipe.wait(lambda: pipe.loaded > index)
         if pipe.stream is not None:
             torch.cuda.current_stream(self.device).wait_event(pipe.copied[index])
-        with pipe.cond:  # a close from another thread (the store's) may have handed the ring back meanwhile
+        with pipe.lock:  # a close from another thread (the store's) may have handed the ring back meanwhile
             if pipe.closed or not pipe.ring:
                 raise RuntimeError("layer-wise load is closed")
             return pipe.ring[index % len(pipe.ring)]
@@ -330,7 +336,7 @@ class LayerLoader:
         else:
             self._finalizer.detach()
             self._pipe.stop()
-            with self._pipe.cond:
+            with self._pipe.lock:
                 self._pipe.ring = []
 
     def __enter__(self) -> "LayerLoader":

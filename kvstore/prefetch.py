@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -29,6 +30,7 @@ import torch
 
 from kvstore.background import start_threads
 from kvstore.config import PREFETCH_POLICIES
+from kvstore.gate import check_process
 from kvstore.keys import BlockRef
 from kvstore.metrics import Counters
 from kvstore.validation import check_timeout
@@ -114,6 +116,7 @@ class Prefetcher:
         self._fetch = fetch
         self._pin = pin
         self._unpin = unpin
+        self.pid = os.getpid()  # its workers' process: a forked child's waits would never end
         self._max_pins = max_pins
         self._pins = 0
         self._lock = threading.RLock()
@@ -157,12 +160,15 @@ class Prefetcher:
                 fetch = self._inflight.get(block.key)
                 if fetch is None:
                     fetch = _Fetch(block)
+                    # registered before it is queued: an interrupt (KeyboardInterrupt) between the two left a
+                    # queued fetch the worker could not find, and the KeyError ended the worker
+                    self._inflight[block.key] = fetch
                     try:
                         self._queue.put_nowait(fetch)
                     except queue.Full:
+                        del self._inflight[block.key]
                         self.counters.add("prefetch_dropped", len(leading) - i)
                         break
-                    self._inflight[block.key] = fetch
                 else:
                     self.counters.add("prefetch_coalesced")
                 self._pins += 1  # reserved now, released if the fetch fails
@@ -184,7 +190,7 @@ class Prefetcher:
             with self._lock:
                 wanted = bool(fetch.waiters) and not self._closed
                 if not wanted:
-                    del self._inflight[fetch.block.key]
+                    self._forget(fetch)
             if not wanted:
                 self.counters.add("prefetch_cancelled")
                 fetch.event.set()
@@ -196,7 +202,7 @@ class Prefetcher:
                 ok = False
             self.counters.add("prefetch_fetched" if ok else "prefetch_failed")
             with self._lock:
-                del self._inflight[fetch.block.key]
+                self._forget(fetch)
                 waiters, fetch.waiters = fetch.waiters, []
                 for state in waiters:
                     view = self._pin(fetch.block.key) if ok else None
@@ -206,6 +212,11 @@ class Prefetcher:
                         state.views[state.index[fetch.block.key]] = view
                 fetch.ok = ok
             fetch.event.set()
+
+    def _forget(self, fetch: "_Fetch") -> None:
+        """Under the lock: ``fetch`` is no longer in flight (if it still is the one for its block)."""
+        if self._inflight.get(fetch.block.key) is fetch:
+            del self._inflight[fetch.block.key]
 
     def orphaned(self, state: _HandleState) -> None:
         """A handle's finalizer: ``state`` is released by a worker (or the next call) instead; no lock here."""
@@ -324,6 +335,7 @@ class PrefetchHandle:
 
     def _wait(self, timeout: float | None, stop: Callable[[], bool] | None = None) -> int:
         """``wait``; with ``stop``, in slices of ``STOP_POLL_SECONDS``, returning as soon as ``stop()`` is true."""
+        check_process(self._prefetcher.pid, "the store of this prefetch handle")
         deadline = None if timeout is None else time.monotonic() + timeout
         for fetch in self._state.fetches:
             while fetch is not None:

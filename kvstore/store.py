@@ -162,7 +162,7 @@ class KVStore:
         back what only volatile tiers hold, close the tiers (the host pool's memory goes back to the system)."""
         if self._gate.forked():  # the parent's threads and LMDB are not this process's to close
             self._finalizer.detach()
-        elif self._finalizer.detach() is not None:
+        elif self._finalizer.detach() is not None or self._gate.interrupted:
             self._parts().close()
         elif not self._gate.in_call():  # a second close returns once the first has closed everything
             self._gate.wait_done(2 * CLOSE_WAIT_SECONDS)
@@ -370,8 +370,13 @@ class _Parts:
                                      name=f"kvstore-close-{level.name}").start()
                     continue
                 self._close_tier(level)
-        finally:
+        except (KeyboardInterrupt, SystemExit):  # a signal's: the next close() does what is left (each step is
+            self.gate.interrupted = True         # idempotent); done, it left threads running, the directory held
+            raise
+        except BaseException:
             self.gate.done()
+            raise
+        self.gate.done()
 
     def _close_when_written(self, level: Level, written: Callable[[], None]) -> None:
         written()

@@ -85,8 +85,10 @@ class WriteBehind:
         self._unfinished: Counter[int] = Counter()
         self._accepted = 0  # jobs accepted so far: the next new job's number
         self._writing = threading.local()  # in a worker: the number of the batch it is writing
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._closed = False
+        self._finished = False  # closed, every worker stopped
         self._on_stall = on_stall
         self.stall_seconds = STALL_SECONDS if stall_seconds is None else stall_seconds
         self._open = Counter({name: 0 for name in writers})  # jobs accepted and not finished, per target
@@ -107,7 +109,7 @@ class WriteBehind:
         if target not in self._queues:
             raise ValueError(f"target: expected one of {sorted(self._queues)}, got {target!r}")
         job = Job(key, block, release)
-        with self._cond:
+        with self._lock:
             if self._closed and getattr(self._writing, "number", None) is None:  # close still waits for a writer's
                 raise WriteBehindClosed("write-behind is closed")
             if (target, key) in self._pending:
@@ -147,7 +149,7 @@ class WriteBehind:
 
     def _check_stalled(self, target: str) -> bool:
         """Whether ``target`` is stuck: its worker inside one write for ``stall_seconds``; told once."""
-        with self._cond:
+        with self._lock:
             since = self._writing_since[target]
             if target in self._stuck or since is None or time.monotonic() - since < self.stall_seconds:
                 return target in self._stuck
@@ -159,7 +161,7 @@ class WriteBehind:
         return True
 
     def pending(self, target: str, key: bytes) -> bool:
-        with self._cond:
+        with self._lock:
             return (target, key) in self._pending
 
     def _work(self, target: str) -> None:
@@ -180,7 +182,7 @@ class WriteBehind:
                     break
                 jobs.append(job)
             self._writing.number = min(job.number for job in jobs)
-            with self._cond:
+            with self._lock:
                 self._writing_since[target] = time.monotonic()
             try:
                 self._writers[target]([(job.key, job.block) for job in jobs])
@@ -190,7 +192,7 @@ class WriteBehind:
                 self.counters.add("failed", len(jobs))
             finally:
                 self._writing.number = None
-                with self._cond:
+                with self._lock:
                     self._writing_since[target] = None
                     self._stuck.discard(target)
                 self._finish(target, jobs)
@@ -199,7 +201,7 @@ class WriteBehind:
         released = sum(job.done() for job in jobs)
         if released < len(jobs):
             self.counters.add("failed", len(jobs) - released)
-        with self._cond:
+        with self._lock:
             self._open[target] -= len(jobs)
             for job in jobs:
                 self._pending.discard((target, job.key))
@@ -219,19 +221,20 @@ class WriteBehind:
         putting all along, waiting for an empty queue never ended), except those
         the waited-for writes queue themselves (their evictions' write-back).
         """
-        with self._cond:
+        with self._lock:
             before = self._accepted
             return self._cond.wait_for(lambda: not self._unfinished or min(self._unfinished) >= before, timeout)
 
     def close(self) -> set[str]:
         """Flush, then stop and join every worker; returns the targets left stuck in a write, whose queued
-        copies were dropped and whose workers (daemons) are not waited for. Idempotent."""
-        with self._cond:
-            if self._closed:
+        copies were dropped and whose workers (daemons) are not waited for. Idempotent; a close a signal's
+        exception (KeyboardInterrupt) interrupted is finished by the next."""
+        with self._lock:
+            if self._finished:
                 return set()
             self._closed = True
         while True:
-            with self._cond:
+            with self._lock:
                 if self._cond.wait_for(lambda: all(not self._open[t] or t in self._stuck for t in self._queues),
                                        timeout=min(1.0, self.stall_seconds)):
                     stuck = set(self._stuck)
@@ -246,6 +249,7 @@ class WriteBehind:
         for thread, name in zip(self._threads, self._queues):
             if name not in stuck:
                 thread.join()
+        self._finished = True
         return stuck
 
     def join(self, target: str) -> None:

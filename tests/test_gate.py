@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
+import sys
 import threading
+import time
 import weakref
 
 import pytest
@@ -174,3 +177,152 @@ def test_a_second_close_returns_once_the_store_is_closed(layout, tmp_path):
     assert not second.is_alive()
     with KVStore(layout, config) as again:  # the directory is free the moment close returned
         assert again.lookup(tokens) == 32
+
+
+# -- a signal's exception (KeyboardInterrupt) inside the store's own code ------------------------------------
+
+
+def _interrupt_at(event: int):
+    """A tracer raising KeyboardInterrupt at the ``event``-th place inside the gate (or the ``threading`` code it
+    calls) where a signal's handler may run: a function's start, or a line run for the first time in its frame
+    (a ``with`` block's exit runs its first line again, and no handler runs there before the lock's C
+    ``__exit__``); returns (tracer, whether it fired)."""
+    seen, fired = [0], [False]
+
+    def fire() -> None:
+        seen[0] += 1
+        if seen[0] == event and not fired[0]:
+            fired[0] = True
+            raise KeyboardInterrupt
+
+    def tracer(frame, kind, arg):
+        if not frame.f_code.co_filename.endswith(("gate.py", "threading.py")):
+            return None
+        lines: set[int] = set()
+        fire()
+
+        def local(frame, kind, arg):
+            if kind == "line" and frame.f_lineno not in lines:
+                lines.add(frame.f_lineno)
+                fire()
+            return local
+        return local
+    return tracer, fired
+
+
+def test_an_interrupt_anywhere_in_the_gate_leaves_no_lock_held_and_no_call_another_close_waits_for():
+    """A KeyboardInterrupt inside a Condition's Python ``__enter__`` left the gate's lock held (every later call
+    and close() waited for ever), or a call counted that this thread's close() waited 30 s for."""
+    event = 0
+    while True:
+        event += 1
+        gate = Gate("thing")
+        tracer, fired = _interrupt_at(event)
+        sys.settrace(tracer)
+        try:
+            with gate:
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        if not fired[0]:
+            break  # past the last line the gate runs
+        assert not gate._lock.locked(), event
+        with gate._lock:  # a call the interrupt left counted is this thread's, whose own close does not wait
+            assert gate._others_inside(threading.get_ident()) == 0, event
+        assert gate.shut(None) is True
+    assert event > 10
+
+
+def test_a_prefetch_interrupted_after_its_fetch_was_queued_keeps_the_workers(layout, tmp_path, monkeypatch):
+    """The fetch was queued before it was registered: the worker's KeyError ended it, and with both workers
+    gone every later prefetch waited for ever."""
+    config = StoreConfig(host_bytes=1 << 20, disk_dir=str(tmp_path / "disk"), disk_bytes=4 << 20, disk_sync=False)
+    prompts = [(make_tokens(64, seed=i), make_kv(layout, 64, seed=i)) for i in range(3)]
+    with KVStore(layout, config) as store:
+        for tokens, kv in prompts:
+            store.put(tokens, kv)
+    with KVStore(layout, config) as store:  # host RAM empty: the prefetches read from LMDB
+        prefetcher = store.hooks.prefetcher
+        real = prefetcher._queue.put_nowait
+
+        def queued_then_interrupted(item):
+            real(item)
+            raise KeyboardInterrupt  # a SIGINT delivered as put_nowait returned
+
+        for tokens, _ in prompts[:2]:
+            monkeypatch.setattr(prefetcher._queue, "put_nowait", queued_then_interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                store.prefetch(tokens, policy="wait")
+            monkeypatch.setattr(prefetcher._queue, "put_nowait", real)
+        tokens, kv = prompts[2]
+        handle = store.prefetch(tokens, policy="wait")
+        assert handle.wait(30) == 64 and handle.done()
+        assert_same_kv(store.load(tokens, prefetch=handle), kv)
+        assert len([name for name in _kvstore_threads() if name.startswith("kvstore-prefetch")]) == 2
+
+
+def test_a_close_interrupted_is_finished_by_the_next(layout, tmp_path, monkeypatch):
+    """The first close had already marked the store closed: a second returned at once, its workers ran on and
+    its directory stayed locked for the process's life."""
+    config = StoreConfig(host_bytes=1 << 20, disk_dir=str(tmp_path / "disk"), disk_bytes=4 << 20, disk_sync=False)
+    store = KVStore(layout, config)
+    tokens, kv = make_tokens(64), make_kv(layout, 64)
+    store.put(tokens, kv)
+    writes = store._flow.writes
+    real = writes.close
+
+    def interrupted():
+        monkeypatch.setattr(writes, "close", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writes, "close", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.close()
+    store.close()
+    assert _kvstore_threads() == []
+    with KVStore(layout, config) as again:  # the directory is free
+        assert again.lookup(tokens) == 64
+        assert_same_kv(again.get(tokens), kv)
+
+
+def test_a_forked_child_is_refused_figures_and_waits_on_the_parents_threads(layout, tmp_path):
+    """``stats()`` in a child asked a remote tier over the parent's socket (scrambling its replies); a parent's
+    prefetch handle or layer loader waited in the child for ever on threads a fork does not copy; an LMDB
+    directory the parent had open could not be opened in the child, even after the parent closed it."""
+    config = StoreConfig(host_bytes=1 << 20, disk_dir=str(tmp_path / "disk"), disk_bytes=4 << 20, disk_sync=False)
+    store = KVStore(layout, config)
+    tokens, kv = make_tokens(64), make_kv(layout, 64)
+    store.put(tokens, kv)
+    handle = store.prefetch(tokens)
+    loader = store.load(tokens, layer_wise=True)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(60)  # a child that hangs is killed: the test fails instead of waiting for ever
+        os.close(read)
+        said = []
+        for call in (store.stats, lambda: handle.wait(5), lambda: loader.layer(0)):
+            try:
+                call()
+                said.append("ran")
+            except RuntimeError as exc:
+                said.append("refused" if "before a fork" in str(exc) else repr(exc))
+            except BaseException as exc:
+                said.append(repr(exc))
+        time.sleep(1)  # the parent has closed its store by now
+        try:
+            KVStore(layout, config).close()
+            said.append("opened")
+        except OSError as exc:
+            said.append("spawned" if "spawned process" in str(exc) else repr(exc))
+        os.write(write, ",".join(said).encode())
+        os._exit(0)
+    os.close(write)
+    loader.close()
+    store.close()
+    with os.fdopen(read) as pipe:
+        said = pipe.read()
+    assert os.waitpid(pid, 0)[1] == 0
+    assert said == "refused,refused,refused,spawned"

@@ -17,14 +17,15 @@ class InUse:
     """A count of the calls inside a resource, and whether it is closing."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._calls = 0
         self._closing = False
 
     @contextmanager
     def hold(self) -> Iterator[bool]:
         """Yields True while the resource stays open for this call; False if it is closing (do nothing)."""
-        with self._cond:
+        with self._lock:
             if self._closing:
                 held = False
             else:
@@ -34,14 +35,14 @@ class InUse:
             yield held
         finally:
             if held:
-                with self._cond:
+                with self._lock:
                     self._calls -= 1
                     if not self._calls:
                         self._cond.notify_all()
 
     def close(self) -> bool:
         """Refuse new calls and wait for those inside; False if another close came first."""
-        with self._cond:
+        with self._lock:
             if self._closing:
                 return False
             self._closing = True

@@ -168,6 +168,11 @@ def open_environment(path: Path, capacity_bytes: int, sync: bool, lock_file: IO[
         raise _unmappable(setting, capacity_bytes) from None
     except lmdb.Error as exc:
         lock_file.close()
+        if "already open in this process" in str(exc):  # py-lmdb's own registry, inherited through a fork too
+            raise OSError(f"{path}: LMDB could not open it: this process has it open already, or was forked from "
+                          f"one that had it open (LMDB refuses it then, even once the parent closed it): open this "
+                          f"store in a spawned process (multiprocessing's 'spawn'), or fork before opening one") \
+                from None
         raise OSError(f"{path}: LMDB could not open it: {exc}") from None
     try:
         check_whole(env, path)
