@@ -1,5 +1,6 @@
 """kvstore: a tiered, prefix-deduplicated KV-cache store for LLM serving engines."""
 
+from kvstore.aio import AsyncKVStore
 from kvstore.config import StoreConfig
 from kvstore.keys import BlockRef, KeyChain
 from kvstore.layerwise import LayerLoader, LayerSaver
@@ -13,5 +14,5 @@ from kvstore.tiers.base import Capability, Tier
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockRef", "Capability", "FillError", "KVLayout", "KVStore", "KeyChain", "LayerLoader", "LayerSaver",
+__all__ = ["AsyncKVStore", "BlockRef", "Capability", "FillError", "KVLayout", "KVStore", "KeyChain", "LayerLoader", "LayerSaver",
            "LoadPlan", "PrefetchHandle", "StoreConfig", "Tier", "parse_size", "__version__"]
