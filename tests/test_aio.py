@@ -16,6 +16,18 @@ def _aio_threads() -> list[str]:
     return [thread.name for thread in threading.enumerate() if thread.name.startswith("kvstore-aio")]
 
 
+def _held(monkeypatch, store: KVStore, name: str) -> threading.Event:
+    """The store's call ``name`` held (as by a slow tier) until the returned event is set."""
+    release, real = threading.Event(), getattr(store, name)
+
+    def held(*args, **kwargs):
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, name, held)
+    return release
+
+
 @pytest.fixture
 def store(layout, tmp_path):
     config = StoreConfig(host_bytes=1 << 20, disk_dir=str(tmp_path / "disk"), disk_bytes=8 << 20, disk_sync=False)
@@ -51,14 +63,7 @@ def test_the_loop_runs_on_while_a_call_waits_on_a_tier(store, layout, monkeypatc
     """A get blocked in a tier (a slow share) must not block the event loop's other work."""
     tokens, kv = make_tokens(32), make_kv(layout, 32)
     store.put(tokens, kv)
-    release = threading.Event()
-    real = store.get
-
-    def slow_get(*args, **kwargs):
-        release.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(store, "get", slow_get)
+    release = _held(monkeypatch, store, "get")
 
     async def main():
         async with AsyncKVStore(store) as hooks:
@@ -76,14 +81,7 @@ def test_the_loop_runs_on_while_a_call_waits_on_a_tier(store, layout, monkeypatc
 
 def test_a_cancelled_await_returns_and_the_store_stays_exact(store, layout, monkeypatch):
     tokens, kv = make_tokens(32), make_kv(layout, 32)
-    release = threading.Event()
-    real = store.put
-
-    def held_put(*args, **kwargs):
-        release.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(store, "put", held_put)
+    release = _held(monkeypatch, store, "put")
 
     async def main():
         hooks = AsyncKVStore(store, max_threads=1)
