@@ -160,15 +160,16 @@ class Prefetcher:
                 fetch = self._inflight.get(block.key)
                 if fetch is None:
                     fetch = _Fetch(block)
-                    # registered before it is queued: an interrupt (KeyboardInterrupt) between the two left a
-                    # queued fetch the worker could not find, and the KeyError ended the worker
-                    self._inflight[block.key] = fetch
-                    try:
+                    try:  # registered and queued, or neither (an interrupt between left a fetch the worker
+                        self._inflight[block.key] = fetch  # could not find, or one it never ran)
                         self._queue.put_nowait(fetch)
                     except queue.Full:
-                        del self._inflight[block.key]
+                        self._forget(fetch)
                         self.counters.add("prefetch_dropped", len(leading) - i)
                         break
+                    except BaseException:  # a signal's exception: a fetch queued with no waiter is cancelled
+                        self._forget(fetch)
+                        raise
                 else:
                     self.counters.add("prefetch_coalesced")
                 self._pins += 1  # reserved now, released if the fetch fails

@@ -251,15 +251,18 @@ def test_a_prefetch_interrupted_after_its_fetch_was_queued_keeps_the_workers(lay
             real(item)
             raise KeyboardInterrupt  # a SIGINT delivered as put_nowait returned
 
-        for tokens, _ in prompts[:2]:
-            monkeypatch.setattr(prefetcher._queue, "put_nowait", queued_then_interrupted)
+        def interrupted_before_queueing(item):
+            raise KeyboardInterrupt  # ... or as it was entered: a fetch registered, never run, was joined
+
+        for (tokens, _), interrupted in zip(prompts[:2], (queued_then_interrupted, interrupted_before_queueing)):
+            monkeypatch.setattr(prefetcher._queue, "put_nowait", interrupted)
             with pytest.raises(KeyboardInterrupt):
                 store.prefetch(tokens, policy="wait")
             monkeypatch.setattr(prefetcher._queue, "put_nowait", real)
-        tokens, kv = prompts[2]
-        handle = store.prefetch(tokens, policy="wait")
-        assert handle.wait(30) == 64 and handle.done()
-        assert_same_kv(store.load(tokens, prefetch=handle), kv)
+        for tokens, kv in prompts[1:]:
+            handle = store.prefetch(tokens, policy="wait")
+            assert handle.wait(30) == 64 and handle.done()
+            assert_same_kv(store.load(tokens, prefetch=handle), kv)
         assert len([name for name in _kvstore_threads() if name.startswith("kvstore-prefetch")]) == 2
 
 

@@ -99,6 +99,7 @@ _INLINE_SCAN_SECONDS = 0.05
 # another process sharing the directory may have evicted it (lookup promised 256 tokens, get found none,
 # and a put deduplicated against the gone blocks, so the prompt came back one block a request).
 _VERIFY_SECONDS = 1.0
+_STAMPED_MOST = 1 << 16  # blocks whose file times this process set, kept until their chain is touched
 _OPEN_TIERS: "weakref.WeakSet[FilesTier]" = weakref.WeakSet()  # their locks are made anew in a forked child
 
 
@@ -177,6 +178,9 @@ class FilesTier:
         self._used = 0
         self._reserved = 0  # bytes of this process's writes in flight
         self._writing: set[bytes] = set()  # their keys: a scan that sees their files leaves them to the writer
+        # blocks written or read here, with the file time they were given (``chain_stamps``; at most
+        # ``_STAMPED_MOST``): a prompt written or read in several batches is stamped again, whole, when touched
+        self._stamped: dict[bytes, int] = {}
         # Keys evicted here whose files are not yet parked or unlinked: a read or ``contains`` that finds such
         # a file must not index it again (it was counted twice, beside the parked file's reservation).
         self._evicting: set[bytes] = set()
@@ -249,8 +253,36 @@ class FilesTier:
 
     def touch_chain(self, keys: Sequence[bytes]) -> None:
         """``ChainTier.touch_chain``: the indexed ``keys`` become the most recently accessed, the first most of
-        all, in this process's order (which a rescan keeps); other processes see file times, block by block."""
-        self._touch_named([self.encoding.stored_name(key) for key in keys])
+        all, in this process's order (which a rescan keeps); and in the file times other processes (and this
+        one after a restart) order by, for the blocks this tier wrote or read since."""
+        names = [self.encoding.stored_name(key) for key in keys]
+        self._touch_named(names)
+        self._restamp(names)
+
+    def _stamp(self, key: bytes, stamp: int) -> None:
+        """Under the lock: block ``key``'s file was given time ``stamp`` (ns) by a write or a read here."""
+        if len(self._stamped) >= _STAMPED_MOST:
+            self._stamped.clear()  # chains never touched (single-block puts): forgotten, not grown
+        self._stamped[key] = stamp
+
+    def _restamp(self, names: Sequence[bytes]) -> None:
+        """The file times of the chain ``names`` set here, head newest, if the batches it was written or read in
+        left them otherwise: each batch is stamped head newest, but a later batch (the write-behind's 16
+        blocks, a read's 64) newer than the head's, so a restart evicted the head's batch first."""
+        with self._lock:
+            found = [(key, self._stamped[key]) for key in names if key in self._stamped]
+        if all(a > b for (_, a), (_, b) in zip(found, found[1:])):
+            return  # one batch's, or in order already (the write-behind touches each batch, then the chain)
+        for (key, _), stamp in zip(found, chain_stamps(len(found))):
+            try:
+                os.utime(self._path(key), ns=(stamp, stamp), follow_symlinks=False)
+            except OSError:  # best effort: gone, another user's, a read-only directory
+                continue
+            with self._lock:
+                entry = self._index.get(key)
+                if entry is not None:  # the index's time is the file's: a rescan keeps it in this process's order
+                    self._index[key] = entry._replace(mtime_ns=stamp)
+                self._stamp(key, stamp)
 
     def _touch_named(self, keys: Sequence[bytes]) -> None:
         """``touch_chain`` of blocks by the names they are stored as (``BlockEncoding.stored_name``).
@@ -763,6 +795,7 @@ class FilesTier:
                 if mtime_ns is not None:
                     self._unmoved.pop(write.key, None)  # written anew where a block is written
                     self._remember(write.key, write.size, mtime_ns)
+                    self._stamp(write.key, mtime_ns)
             if mtime_ns is not None:
                 self._counters.add("blocks_written")
                 self._counters.add("bytes_written", write.size - HEADER_BYTES)
@@ -975,6 +1008,8 @@ class FilesTier:
                 elif key in self._index or (not known and key not in self._writing and key not in self._evicting
                                             and same_file(path, st)):
                     self._remember(key, st.st_size, st.st_mtime_ns)
+                    if stamp is not None:
+                        self._stamp(key, st.st_mtime_ns)
                 # else evicted here while read (its file parked or gone): indexing it again counted its bytes
                 # twice, beside the parked file's reservation, and put the tier over its capacity
             self._counters.add("hits")

@@ -217,7 +217,8 @@ class BlobStore:
         ``items`` are taken as a chain (a prompt's blocks, in order): the
         first ends the most recently used, and its blobs are committed last
         to first, so the persisted order says so too; a blob the batch's own
-        earlier blobs would have to make room for is ``REJECTED``. In put
+        earlier blobs would have to make room for is ``REJECTED``, and so is
+        every new blob after it (before anything is evicted for it). In put
         order, the head was evicted first, and what stayed of the prompt
         was blobs no lookup reaches (a prefix is read from its first block).
         """
@@ -225,6 +226,8 @@ class BlobStore:
         quota = self._quota_of(namespace)
         waiting = []
         batch: list[Ident] = []  # the batch's blobs held after it, in order
+        batch_bytes = 0
+        full = False  # a blob did not fit beside the batch's own: the rest would be stored behind a gap
         puts: list[tuple[Ident, Blob, _Entry]] = []
         with self._lock:
             if self._closed:
@@ -234,6 +237,7 @@ class BlobStore:
                 entry = self._lru.get(ident)
                 if entry is not None:
                     batch.append(ident)
+                    batch_bytes += entry.size
                     results.append(PutResult.PRESENT)
                     if not entry.on_disk and self._env is not None:
                         waiting.append(entry)
@@ -242,8 +246,9 @@ class BlobStore:
                     results.append(PutResult.INVALID)
                     continue
                 size = len(blob)
-                if size > self.capacity_bytes or (quota and size > quota):
-                    results.append(PutResult.REJECTED)
+                if full or batch_bytes + size > self.capacity_bytes or (quota and batch_bytes + size > quota):
+                    results.append(PutResult.REJECTED)  # no room even once every other blob is evicted
+                    full = True
                     continue
                 if self.disk_error is not None:
                     results.append(PutResult.REJECTED)
@@ -254,10 +259,12 @@ class BlobStore:
                     self._enqueue("del", victim)
                 if self._over(namespace, size, quota):
                     results.append(PutResult.REJECTED)  # only the batch's own blobs are left to evict
+                    full = True
                     continue
                 entry = _Entry(size, blob, on_disk=self._env is None)
                 self._insert(ident, entry)
                 batch.append(ident)
+                batch_bytes += size
                 results.append(PutResult.STORED)
                 self._count(namespace, "bytes_in", size)
                 puts.append((ident, blob, entry))

@@ -359,3 +359,18 @@ def test_a_chain_is_committed_last_first_so_a_killed_server_keeps_its_order(tmp_
         assert held(again, "a") == ["3", "2", "1"]
     finally:
         again.close()
+
+
+def test_a_chain_that_cannot_fit_beside_its_own_blobs_evicts_nothing_for_it_and_leaves_no_gap(open_store, quotas):
+    """A blob was rejected only after others were evicted for it, and a smaller one after it was stored behind
+    the gap, where no lookup reaches."""
+    quotas["a"] = 3 * BLOB
+    store = open_store(host_blobs=10, disk_blobs=10)
+    put(store, "other", *[f"o{i}" for i in range(7)])
+    assert put_chain(store, "a", "1", "2", "3", "4", "5") == [PutResult.STORED] * 3 + [PutResult.REJECTED] * 2
+    assert held(store, "other") == [f"o{i}" for i in range(7)]  # quota-bound: nothing of another's evicted
+    quotas["a"] = 0
+    chain = [(key("h"), bytearray(blob("h", PAYLOAD))), (key("m"), bytearray(blob("m", 10 * PAYLOAD))),
+             (key("t"), bytearray(blob("t", PAYLOAD)))]
+    assert store.put_many("b", chain) == [PutResult.STORED, PutResult.REJECTED, PutResult.REJECTED]
+    assert held(store, "b") == ["h"] and len(held(store, "other")) >= 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -16,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TESTS_DIR, as_bytes, assert_same_kv, make_kv, run_threads, tiny_layout
+from conftest import TESTS_DIR, as_bytes, assert_same_kv, make_kv, make_tokens, run_threads, tiny_layout
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.tiers import fileio
 from kvstore.tiers import files as files_module
@@ -1015,3 +1016,25 @@ def test_a_chain_read_as_a_run_is_stamped_head_newest(open_tier, disk_dir, layou
     assert stamps == sorted(stamps, reverse=True) and len(set(stamps)) == 6 and stamps[-1] > 1_000 * SECOND
     other = open_tier(3 * BLOCK)  # another process's view, at a smaller capacity: the head's run is kept
     assert sorted(other.keys()) == sorted(key for key, _ in chain[:3])
+
+
+@pytest.mark.parametrize("path", ["written behind", "read"])
+def test_a_prompt_of_several_batches_keeps_its_head_newest_in_the_file_times(tmp_path, layout, path):
+    """Each batch (the write-behind's 16 blocks, a read's 64) was stamped head newest, but a later batch newer
+    than the head's: a restart with less room kept blocks behind a missing head."""
+    blocks = 80  # five write-behind batches, two read runs
+    tokens, kv = make_tokens(blocks * 16), make_kv(layout, blocks * 16)
+    files = str(tmp_path / "files")
+    config = StoreConfig(host_bytes=1 << 20, files_dir=files, files_bytes=blocks * BLOCK, files_sync=False)
+    with KVStore(layout, config) as store:
+        store.put(tokens, kv)
+        assert store.flush(60)
+    if path == "read":
+        for name in all_files(files):  # written long ago, in another order
+            os.utime(name, ns=(1000 * SECOND, 1000 * SECOND))
+        with KVStore(layout, dataclasses.replace(config, host_bytes=0)) as store:
+            assert_same_kv(store.get(tokens), kv)
+    smaller = dataclasses.replace(config, host_bytes=0, files_bytes=48 * BLOCK)
+    with KVStore(layout, smaller) as store:  # restarted with less room: the tail goes first
+        assert store.lookup(tokens) == 48 * 16
+        assert_same_kv(store.get(tokens), kv[:, :, :48 * 16])
