@@ -6,9 +6,12 @@ read from a slow share or a cache server stalls every request the loop
 serves. Each call here runs the store's own call on one of a few threads of
 its own (``max_threads``, a bounded pool) and awaits it, so the loop goes
 on. A cancelled or timed-out ``await`` (``asyncio.wait_for``) returns at
-once; the call itself runs to its end on its thread, as the store's calls
-are bounded and leave nothing half done (a get's buffer is its own; a
-put is whole or not at all), and ``close`` waits for it.
+once: a call that had not started on a thread yet is dropped, one that had
+runs to its end there (the store's calls are bounded and leave nothing
+half done: a put is whole or not at all), and ``close`` waits for it. A
+layer-wise ``load`` or ``save`` gives the store's own ``LayerLoader`` /
+``LayerSaver``, whose per-layer calls block: they are for the thread that
+runs the model's layers, not for the loop.
 """
 
 from __future__ import annotations
@@ -71,9 +74,10 @@ class AsyncKVStore:
     async def put(self, tokens: Any, kv: torch.Tensor, salt: Any = None) -> int:
         return await self._run(self.store.put, tokens, kv, salt)
 
-    def prefetch(self, tokens: Any, salt: Any = None, policy: str | None = None) -> PrefetchHandle:
-        """``KVStore.prefetch`` as it is: it only queues fetches, and returns at once."""
-        return self.store.prefetch(tokens, salt, policy)
+    async def prefetch(self, tokens: Any, salt: Any = None, policy: str | None = None) -> PrefetchHandle:
+        """``KVStore.prefetch``: it queues fetches, but first asks the tiers which blocks they hold (a round
+        trip to a cache server, a ``stat`` on a share)."""
+        return await self._run(self.store.prefetch, tokens, salt, policy)
 
     async def wait(self, handle: PrefetchHandle, timeout: float | None = None) -> int:
         """``handle.wait(timeout)`` without blocking the loop: leading tokens ready in the fastest tier."""

@@ -172,9 +172,11 @@ class Prefetcher:
                         raise
                 else:
                     self.counters.add("prefetch_coalesced")
+                # recorded, reserved, then waiting: a signal's exception lands after the append (a call) if at all,
+                # and ``release`` finds through ``fetches`` every waiter it must drop
+                state.fetches[i] = fetch
                 self._pins += 1  # reserved now, released if the fetch fails
                 fetch.waiters.append(state)
-                state.fetches[i] = fetch
         return handle
 
     def _work(self) -> None:

@@ -47,7 +47,7 @@ def test_every_hook_awaited_gives_the_stores_exact_answers(store, layout):
             out = torch.empty_like(kv)
             assert await hooks.get_into(tokens, out) == 80
             assert_same_kv(out, kv)
-            handle = hooks.prefetch(tokens, policy="wait")
+            handle = await hooks.prefetch(tokens, policy="wait")
             assert await hooks.wait(handle, 30) == 80
             assert_same_kv(await hooks.load(tokens, prefetch=handle), kv)
             other, more = make_tokens(48, seed=9), make_kv(layout, 48, seed=9)

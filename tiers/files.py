@@ -178,8 +178,8 @@ class FilesTier:
         self._used = 0
         self._reserved = 0  # bytes of this process's writes in flight
         self._writing: set[bytes] = set()  # their keys: a scan that sees their files leaves them to the writer
-        # blocks written or read here, with the file time they were given (``chain_stamps``; at most
-        # ``_STAMPED_MOST``): a prompt written or read in several batches is stamped again, whole, when touched
+        # blocks written or read here, with the file time they were given (``chain_stamps``), the newest last, at
+        # most ``_STAMPED_MOST``: a prompt written or read in several batches is stamped again, whole, when touched
         self._stamped: dict[bytes, int] = {}
         # Keys evicted here whose files are not yet parked or unlinked: a read or ``contains`` that finds such
         # a file must not index it again (it was counted twice, beside the parked file's reservation).
@@ -261,16 +261,18 @@ class FilesTier:
 
     def _stamp(self, key: bytes, stamp: int) -> None:
         """Under the lock: block ``key``'s file was given time ``stamp`` (ns) by a write or a read here."""
-        if len(self._stamped) >= _STAMPED_MOST:
-            self._stamped.clear()  # chains never touched (single-block puts): forgotten, not grown
-        self._stamped[key] = stamp
+        self._stamped.pop(key, None)
+        self._stamped[key] = stamp  # the newest last
+        while len(self._stamped) > _STAMPED_MOST:  # the oldest go: a chain being written keeps its stamps
+            del self._stamped[next(iter(self._stamped))]
 
     def _restamp(self, names: Sequence[bytes]) -> None:
         """The file times of the chain ``names`` set here, head newest, if the batches it was written or read in
         left them otherwise: each batch is stamped head newest, but a later batch (the write-behind's 16
         blocks, a read's 64) newer than the head's, so a restart evicted the head's batch first."""
-        with self._lock:
-            found = [(key, self._stamped[key]) for key in names if key in self._stamped]
+        with self._lock:  # the leading run stamped here: a chain whose head's stamp went is left as it is
+            found = list(itertools.takewhile(lambda pair: pair[1] is not None,
+                                             ((key, self._stamped.get(key)) for key in names)))
         if all(a > b for (_, a), (_, b) in zip(found, found[1:])):
             return  # one batch's, or in order already (the write-behind touches each batch, then the chain)
         for (key, _), stamp in zip(found, chain_stamps(len(found))):

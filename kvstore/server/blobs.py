@@ -226,6 +226,7 @@ class BlobStore:
         quota = self._quota_of(namespace)
         waiting = []
         batch: list[Ident] = []  # the batch's blobs held after it, in order
+        keep: set[Ident] = set()  # the same, never evicted for the batch's later blobs
         batch_bytes = 0
         full = False  # a blob did not fit beside the batch's own: the rest would be stored behind a gap
         puts: list[tuple[Ident, Blob, _Entry]] = []
@@ -236,14 +237,17 @@ class BlobStore:
                 ident = (namespace, key)
                 entry = self._lru.get(ident)
                 if entry is not None:
+                    results.append(PutResult.PRESENT)
+                    if ident in keep:  # the batch's own, twice
+                        continue
+                    keep.add(ident)
                     batch.append(ident)
                     batch_bytes += entry.size
-                    results.append(PutResult.PRESENT)
                     if not entry.on_disk and self._env is not None:
                         waiting.append(entry)
                     continue
                 if not blob_intact(key, blob):
-                    results.append(PutResult.INVALID)
+                    results.append(PutResult.INVALID)  # damaged in flight: the next PUT may repair it
                     continue
                 size = len(blob)
                 if full or batch_bytes + size > self.capacity_bytes or (quota and batch_bytes + size > quota):
@@ -254,7 +258,7 @@ class BlobStore:
                     results.append(PutResult.REJECTED)
                     self.disk_refused += 1
                     continue
-                victims = self._make_room(namespace, size, quota, keep=set(batch))
+                victims = self._make_room(namespace, size, quota, keep=keep)
                 for victim in victims:
                     self._enqueue("del", victim)
                 if self._over(namespace, size, quota):
@@ -263,6 +267,7 @@ class BlobStore:
                     continue
                 entry = _Entry(size, blob, on_disk=self._env is None)
                 self._insert(ident, entry)
+                keep.add(ident)
                 batch.append(ident)
                 batch_bytes += size
                 results.append(PutResult.STORED)

@@ -374,3 +374,10 @@ def test_a_chain_that_cannot_fit_beside_its_own_blobs_evicts_nothing_for_it_and_
              (key("t"), bytearray(blob("t", PAYLOAD)))]
     assert store.put_many("b", chain) == [PutResult.STORED, PutResult.REJECTED, PutResult.REJECTED]
     assert held(store, "b") == ["h"] and len(held(store, "other")) >= 3
+
+
+def test_a_chain_counts_a_repeated_key_once(open_store):
+    store = open_store(host_blobs=10, disk_blobs=3)
+    assert put_chain(store, "b", "x0", "x0", "x1", "x2") == \
+        [PutResult.STORED, PutResult.PRESENT, PutResult.STORED, PutResult.STORED]
+    assert held(store, "b") == ["x2", "x1", "x0"]

@@ -1018,15 +1018,19 @@ def test_a_chain_read_as_a_run_is_stamped_head_newest(open_tier, disk_dir, layou
     assert sorted(other.keys()) == sorted(key for key, _ in chain[:3])
 
 
-@pytest.mark.parametrize("path", ["written behind", "read"])
-def test_a_prompt_of_several_batches_keeps_its_head_newest_in_the_file_times(tmp_path, layout, path):
+@pytest.mark.parametrize("path", ["written behind", "written behind, the stamps kept near their bound", "read"])
+def test_a_prompt_of_several_batches_keeps_its_head_newest_in_the_file_times(tmp_path, layout, path, monkeypatch):
     """Each batch (the write-behind's 16 blocks, a read's 64) was stamped head newest, but a later batch newer
-    than the head's: a restart with less room kept blocks behind a missing head."""
+    than the head's: a restart with less room kept blocks behind a missing head. The stamps kept to stamp a
+    chain again are bounded: crossing the bound in the middle of a chain must not split it."""
     blocks = 80  # five write-behind batches, two read runs
     tokens, kv = make_tokens(blocks * 16), make_kv(layout, blocks * 16)
     files = str(tmp_path / "files")
     config = StoreConfig(host_bytes=1 << 20, files_dir=files, files_bytes=blocks * BLOCK, files_sync=False)
     with KVStore(layout, config) as store:
+        if "bound" in path:
+            monkeypatch.setattr(files_module, "_STAMPED_MOST", 100)
+            store.files._stamped.update({bytes([1, i]) * 16: 0 for i in range(90)})  # older blocks' stamps
         store.put(tokens, kv)
         assert store.flush(60)
     if path == "read":
