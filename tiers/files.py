@@ -99,7 +99,7 @@ _INLINE_SCAN_SECONDS = 0.05
 # another process sharing the directory may have evicted it (lookup promised 256 tokens, get found none,
 # and a put deduplicated against the gone blocks, so the prompt came back one block a request).
 _VERIFY_SECONDS = 1.0
-_STAMPED_MOST = 1 << 16  # blocks whose file times this process set, kept until their chain is touched
+_STAMPED_MOST = 1 << 16  # file times of blocks this process set, remembered (the oldest forgotten first)
 _OPEN_TIERS: "weakref.WeakSet[FilesTier]" = weakref.WeakSet()  # their locks are made anew in a forked child
 
 
