@@ -14,5 +14,5 @@ from kvstore.tiers.base import Capability, Tier
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncKVStore", "BlockRef", "Capability", "FillError", "KVLayout", "KVStore", "KeyChain", "LayerLoader", "LayerSaver",
-           "LoadPlan", "PrefetchHandle", "StoreConfig", "Tier", "parse_size", "__version__"]
+__all__ = ["AsyncKVStore", "BlockRef", "Capability", "FillError", "KVLayout", "KVStore", "KeyChain", "LayerLoader",
+           "LayerSaver", "LoadPlan", "PrefetchHandle", "StoreConfig", "Tier", "parse_size", "__version__"]
