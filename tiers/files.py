@@ -270,9 +270,13 @@ class FilesTier:
         """The file times of the chain ``names`` set here, head newest, if the batches it was written or read in
         left them otherwise: each batch is stamped head newest, but a later batch (the write-behind's 16
         blocks, a read's 64) newer than the head's, so a restart evicted the head's batch first."""
-        with self._lock:  # the leading run stamped here: a chain whose head's stamp went is left as it is
-            found = list(itertools.takewhile(lambda pair: pair[1] is not None,
-                                             ((key, self._stamped.get(key)) for key in names)))
+        found: list[tuple[bytes, int]] = []  # the leading run stamped here: a chain whose head's stamp went is
+        with self._lock:                      # left as it is
+            for key in names:
+                stamp = self._stamped.get(key)
+                if stamp is None:
+                    break
+                found.append((key, stamp))
         if all(a > b for (_, a), (_, b) in zip(found, found[1:])):
             return  # one batch's, or in order already (the write-behind touches each batch, then the chain)
         for (key, _), stamp in zip(found, chain_stamps(len(found))):

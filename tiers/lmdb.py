@@ -315,6 +315,7 @@ class LmdbTier:
         records: list[tuple[int, bytes, int]] = []
         broken: list[bytes] = []
         too_big: list[bytes] = []  # intact, but larger than the tier now (a smaller disk_bytes): evicted
+        oversized: list[tuple[bytes, int]] = []  # (key, payload bytes) of records larger than the tier now
         # a flipped bit in a length evicted the whole tier (other layouts' blocks, larger than this one's, are
         # kept: one directory serves models in turn)
         with self._env.begin(db=self._meta) as txn:
@@ -323,14 +324,18 @@ class LmdbTier:
                 if header is None or len(value) != _META_BYTES or header.key != key:
                     broken.append(key)
                     continue
-                if header.length + HEADER_BYTES > self._capacity:  # intact if its block has that length
-                    block = txn.get(key, db=self._blocks)
-                    (too_big if block is not None and len(block) == header.length else broken).append(key)
+                if header.length + HEADER_BYTES > self._capacity:
+                    oversized.append((key, header.length))
                     continue
                 stamp, form = _TAIL.unpack_from(value, HEADER_BYTES)
                 if self.encoding.foreign(header.encoding, form):
                     self._foreign.add(key)
                 records.append((stamp, key, header.length + HEADER_BYTES))
+        if oversized:  # intact if its block has that length (a view of it: a large block is not copied at open)
+            with self._env.begin(db=self._blocks, buffers=True) as txn:
+                for key, length in oversized:
+                    block = txn.get(key)
+                    (too_big if block is not None and len(block) == length else broken).append(key)
         if broken or too_big:
             drop_records(self._env, broken + too_big, self._meta, self._blocks)
             self._counters.add("corrupt", len(broken))
