@@ -8,7 +8,7 @@ swing either way by half. Here each run measures LMCache's side
 tier alone, no fsync, the same 2,048-token prompts of Llama-3-8B-shaped
 chunks and the same three prompts of capacity, so later rounds evict),
 each in its own process; the ratio of each run is LMCache's seconds over
-kvstore's (above 1: kvstore is faster). Run from the checkout::
+kvstore's (above 1: kvstore is faster), printed with both sides' milliseconds. Run from the checkout::
 
     python bench/disk_vs_lmcache.py --runs 5 --lmcache-python .venv-lmcache/bin/python
 """
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, seconds in ours.items():
                 if name in theirs:
                     ratios.setdefault(name, []).append(theirs[name] / seconds)
-            print(f"run {run + 1}: " + ", ".join(f"{op} {tokens} tokens {theirs[(op, tokens)] / s:.2f}x"
+            print(f"run {run + 1}: " + ", ".join(f"{op} {tokens} tokens {theirs[(op, tokens)] / s:.2f}x "
+                                                  f"({1e3 * theirs[(op, tokens)]:.0f} ms / {1e3 * s:.0f} ms)"
                                                   for (op, tokens), s in ours.items() if (op, tokens) in theirs),
                   flush=True)
     finally:

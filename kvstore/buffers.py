@@ -57,8 +57,36 @@ def after_sent(views: list[memoryview], sent: int) -> list[memoryview]:
 
 
 def writable_bytes(tensor: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
-    return memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")
+    """A writable byte view of a contiguous CPU tensor's memory (no copy).
+
+    Flattened with ``as_strided``: ``view(-1)`` keeps the stride of a
+    one-element tensor's last dimension, which the byte view then refused.
+    """
+    return memoryview(tensor.as_strided((tensor.numel(),), (1,)).view(torch.uint8).numpy()).cast("B")
+
+
+def _viewable(out: torch.Tensor) -> bool:
+    """Whether each (layer, part) of ``out`` ([L, P, tokens, H, D]) is contiguous CPU memory."""
+    if out.device.type != "cpu" or out.dim() != 5:
+        return False
+    if out.is_contiguous():
+        return True
+    _, _, tokens, heads, dim = out.shape
+    return out.stride(4) == 1 and out.stride(3) == dim and (tokens <= 1 or out.stride(2) == heads * dim)
+
+
+def payload_view_count(out: torch.Tensor) -> int | None:
+    """How many views ``payload_views(out)`` gives (None where it gives None), without making them.
+
+    A block store that writes on other threads checks here and makes the
+    views there, just before they are written: 128 blocks' 64 views each,
+    made up front, lived through two garbage collections and so reached the
+    oldest generation, whose full collections (70 ms each with torch
+    imported, holding the GIL) then ran every few puts of 256 MiB.
+    """
+    if not _viewable(out):
+        return None
+    return 1 if out.is_contiguous() else out.shape[0] * out.shape[1]
 
 
 def payload_views(out: torch.Tensor) -> list[memoryview] | None:
@@ -72,13 +100,11 @@ def payload_views(out: torch.Tensor) -> list[memoryview] | None:
     per view costs one to several): a block store makes this call per block,
     and on a thread competing for the GIL with its I/O threads.
     """
-    if out.device.type != "cpu" or out.dim() != 5:
+    if not _viewable(out):
         return None
     if out.is_contiguous():
         return [writable_bytes(out)]
     layers, parts, tokens, heads, dim = out.shape
-    if out.stride(4) != 1 or out.stride(3) != dim or (tokens > 1 and out.stride(2) != heads * dim):
-        return None
     if out.numel() == 0:
         return [memoryview(bytearray())] * (layers * parts)  # writable, as a read into them needs
     size = out.element_size()

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from conftest import assert_same_kv, make_kv, make_tokens, tiny_layout
 from kvstore import StoreConfig
-from kvstore.buffers import LARGE_BYTES, BufferPool, after_sent, byte_view, payload_views
+from kvstore.buffers import LARGE_BYTES, BufferPool, after_sent, byte_view, payload_view_count, payload_views
 from kvstore.store import KVStore
 
 MIB = 1 << 20
@@ -177,3 +177,25 @@ def test_payload_views_of_a_part_major_buffer_follow_its_strides(start, stop):
     assert (block.view(torch.uint8) == 0x7F).all()
     untouched = torch.cat([kv[:, :, :start], kv[:, :, stop:]], dim=2)
     assert not (untouched.view(torch.uint8) == 0x7F).all(dim=-1).any()
+
+
+_DIMS = st.tuples(*[st.integers(1, 4)] * 5)
+
+
+@given(dims=_DIMS, order=st.permutations(range(5)), cut=st.tuples(st.integers(0, 4), st.integers(0, 4)),
+       step=st.integers(1, 2))
+def test_payload_view_count_says_without_views_what_payload_views_gives(dims, order, cut, step):
+    # Any permuted, sliced or stepped buffer: the count is the number of views, or None exactly where there are
+    # none (a writer thread makes the views of a block the store only counted).
+    kv = torch.arange(int(torch.tensor(dims).prod()), dtype=torch.int16).reshape(dims).permute(*order)
+    start, stop = sorted(cut)
+    block = kv[:, :, start:stop:step]
+    views = payload_views(block)
+    assert payload_view_count(block) == (None if views is None else len(views))
+    if views is not None:
+        assert b"".join(views) == block.numpy().tobytes()  # C order, whatever the strides
+
+
+def test_payload_view_count_refuses_what_is_not_a_cpu_block():
+    assert payload_view_count(torch.zeros(2, 2, 2, 2)) is None
+    assert payload_view_count(torch.zeros(2, 2, 4, 2, 2, device="meta")) is None

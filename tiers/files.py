@@ -61,14 +61,14 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, wait
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import torch
 import xxhash
 
 from kvstore.background import IOPool
 from kvstore.blockformat import ENCODING_RAW, HEADER_BYTES, BlockHeader, max_stored_bytes
-from kvstore.buffers import payload_views
+from kvstore.buffers import payload_view_count, payload_views
 from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE, BlockEncoding
 from kvstore.layout import KVLayout
@@ -117,6 +117,10 @@ class _Write(NamedTuple):
     held: int  # bytes reserved until it is settled: its size, or the parked file it overwrites
     logical: int  # the block's raw bytes
     future: "Future[int]"  # the file's mtime (ns) once written
+
+
+# A block's payload as written: its parts (a codec's frame), or the raw block viewed by the writer.
+_Payload = Union[list[memoryview], torch.Tensor]
 
 
 class _Entry(NamedTuple):
@@ -714,8 +718,7 @@ class FilesTier:
         parked = ParkedFiles()  # this batch's evicted files, overwritten by its next writes (tiers/parked.py)
         stamps = dict(zip(reversed([key for key, _ in items]), reversed(chain_stamps(len(items)))))
         try:
-            for key, parts, logical, later in self._payloads(items, ours):
-                size = sum(part.nbytes for part in parts) + HEADER_BYTES
+            for key, payload, size, logical, later in self._payloads(items, ours):
                 if size > self._capacity or size > self._max_file_bytes(logical):
                     self._counters.add("rejected")  # too big to fit, or a frame so big a read would refuse it
                     continue
@@ -735,7 +738,7 @@ class FilesTier:
                     self._writing.add(key)
                 held = size if spare is None else spare.size
                 in_flight.append(_Write(key, size, held, logical, self._writers.submit(
-                    self._write_file, key, parts, spare, stamps[key])))
+                    self._write_file, key, payload, spare, stamps[key])))
         finally:
             error = self._settle(in_flight) or error
             self._release(parked.drop())
@@ -744,11 +747,12 @@ class FilesTier:
         return sum(self._contains_named(key) for key, _ in items)
 
     def _payloads(self, items: Sequence[tuple[bytes, torch.Tensor]],
-                  stored: set[bytes]) -> Iterator[tuple[bytes, list, int, int]]:
-        """(key, payload parts, raw bytes, raw bytes of the blocks after it, headers included) of each block
-        not stored yet, in order; encoded on the pool. The blocks found stored are added to ``stored`` and
-        count as just accessed: the batch's later blocks evicted them when they were the oldest here."""
-        todo: list[tuple[bytes, list | Future, int]] = []
+                  stored: set[bytes]) -> Iterator[tuple[bytes, _Payload, int, int, int]]:
+        """(key, payload, file bytes, raw bytes, raw bytes of the blocks after it, headers included) of each
+        block not stored yet, in order; encoded on the pool, or written raw from the block itself. The blocks
+        found stored are added to ``stored`` and count as just accessed: the batch's later blocks evicted them
+        when they were the oldest here."""
+        todo: list[tuple[bytes, torch.Tensor | Future, int]] = []
         seen: set[bytes] = set()
         for key, block in items:
             if key in seen:
@@ -758,14 +762,16 @@ class FilesTier:
                 stored.add(key)
                 continue
             seen.add(key)
-            parts = self._raw_parts(block)
-            if parts is None:
-                parts = self._writers.submit(self._encoded_parts, block)
-            todo.append((key, parts, block.numel() * block.element_size()))
+            payload = block if self._writes_raw(block) else self._writers.submit(self._encoded_parts, block)
+            todo.append((key, payload, block.numel() * block.element_size()))
         later = sum(logical for _, _, logical in todo) + HEADER_BYTES * len(todo)
-        for key, parts, logical in todo:
+        for key, payload, logical in todo:
             later -= logical + HEADER_BYTES
-            yield key, parts.result() if isinstance(parts, Future) else parts, logical, later
+            if isinstance(payload, Future):
+                parts = payload.result()
+                yield key, parts, sum(part.nbytes for part in parts) + HEADER_BYTES, logical, later
+            else:
+                yield key, payload, logical + HEADER_BYTES, logical, later
 
     def _encoded_parts(self, block: torch.Tensor) -> list[memoryview]:
         return [memoryview(self.encoding.encode(block)).cast("B")]
@@ -821,13 +827,14 @@ class FilesTier:
                     flags = (flags & ~os.O_EXCL) | os.O_TRUNC
         return os.open(path, flags, 0o666), False
 
-    def _raw_parts(self, block: torch.Tensor) -> list[memoryview] | None:
-        """A raw tier's payload as byte views of ``block`` itself (one per layer and part of a token range of
-        a larger tensor): written with one ``pwritev``, no contiguous copy first. None: encode it."""
+    def _writes_raw(self, block: torch.Tensor) -> bool:
+        """Whether a raw tier's payload is written from byte views of ``block`` itself (one per layer and part
+        of a token range of a larger tensor), with one ``pwritev`` and no contiguous copy first; else it is
+        encoded. The views are made by the writer (``payload_views``)."""
         if self.encoding.codec is not None or self._o_direct:
-            return None
-        views = payload_views(block)
-        return views if views is not None and len(views) <= MAX_IOVECS else None
+            return False
+        count = payload_view_count(block)
+        return count is not None and count <= MAX_IOVECS
 
     def _temp_path(self, key: bytes) -> str:
         """A new temp name beside block ``key``'s path (a live writer's, for the scans of every process)."""
@@ -869,11 +876,12 @@ class FilesTier:
             fd, direct = self._open(temp, flags)
         return temp, fd, direct
 
-    def _write_file(self, key: bytes, parts: list[memoryview], spare: Parked | None = None,
+    def _write_file(self, key: bytes, payload: _Payload, spare: Parked | None = None,
                     stamp: int | None = None) -> int:
-        """Write a temp file holding ``parts`` (the payload, in order), rename it onto block ``key``'s path;
-        returns the file's mtime (ns): ``stamp`` if given. The temp file is ``spare``, an evicted file
-        overwritten in place, when it is still there."""
+        """Write a temp file holding ``payload`` (its parts in order, or a raw block's bytes), rename it onto
+        block ``key``'s path; returns the file's mtime (ns): ``stamp`` if given. The temp file is ``spare``,
+        an evicted file overwritten in place, when it is still there."""
+        parts = payload if isinstance(payload, list) else payload_views(payload)
         final = block_path(self._root, key)
         directory = os.path.dirname(final)
         header = BlockHeader.for_parts(key, self._fingerprint, parts,

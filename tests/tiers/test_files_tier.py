@@ -112,6 +112,29 @@ def test_a_token_range_of_a_larger_tensor_is_written_and_read_in_place(open_tier
     assert not out[:, :, :layout.block_tokens].any() and not out[:, :, 2 * layout.block_tokens:].any()
 
 
+def test_a_batchs_raw_blocks_are_viewed_by_the_writers_one_at_a_time(open_tier, disk_dir, layout, monkeypatch):
+    """A put's byte views of each raw block are made by the writer thread that writes it, not all up front by
+    the caller: held for the whole batch, 128 blocks' views outlived two collections and made the oldest
+    generation's full collections (70 ms each, holding the GIL) run every few puts. The files are exact."""
+    prompt = make_kv(layout, 6 * layout.block_tokens, seed=12)
+    blocks = prompt.split(layout.block_tokens, dim=2)
+    made_on: list[str] = []
+    real = files_module.payload_views
+
+    def counted(block):
+        made_on.append(threading.current_thread().name)
+        return real(block)
+    monkeypatch.setattr(files_module, "payload_views", counted)
+    tier = open_tier(capacity=10 * BLOCK)
+    names = [bytes([n]) * 32 for n in range(6)]
+    assert tier.put_many(list(zip(names, blocks))) == 6
+    assert len(made_on) == 6 and all(name.startswith("kvstore-files-write") for name in made_on)
+    for name, block in zip(names, blocks):
+        payload = as_bytes(block.contiguous())
+        assert open(block_path(disk_dir, name), "rb").read() == \
+            BlockHeader.for_payload(name, layout.fingerprint, payload).pack() + payload
+
+
 def test_present_block_is_not_rewritten(open_tier, disk_dir, layout, blocks):
     tier = open_tier()
     tier.put_many([(A, blocks[A])])
