@@ -35,8 +35,8 @@ from typing import TypeVar
 import torch
 
 from kvstore.blockformat import ENCODING_RAW, FRAME_SLACK, HEADER_BYTES, BlockHeader, max_stored_bytes
-from kvstore.buffers import payload_views
-from kvstore.client import ConnectionPool, Connection
+from kvstore.buffers import payload_view_count, payload_views
+from kvstore.client import ConnectionPool, Connection, LazyBlob
 from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
@@ -198,12 +198,12 @@ class RemoteTier:
         Raises if the server fails."""
         if not items:
             return 0
-        parts = [(name, self._blob_parts(name, block))
+        blobs = [(name, self._blob(name, block))
                  for name, block in ((self.encoding.stored_name(key), block) for key, block in items)]
-        results = self._call(lambda conn: conn.put(parts))
+        results = self._call(lambda conn: conn.put(blobs))
         held = 0
         refused: dict[PutResult, int] = {}
-        for (_, blob), result in zip(parts, results):
+        for (_, blob), result in zip(blobs, results):
             if result in (PutResult.STORED, PutResult.PRESENT):
                 held += 1
             else:
@@ -211,21 +211,25 @@ class RemoteTier:
                 refused[result] = refused.get(result, 0) + 1
             if result == PutResult.STORED:
                 self._counters.add("blocks_written")
-                self._counters.add("bytes_written", sum(memoryview(p).nbytes for p in blob[1:]))
+                self._counters.add("bytes_written", blob.nbytes - HEADER_BYTES)
         for result, count in refused.items():
             self._refusals.refused(count, _REFUSALS.get(result, result.name))
         return held
 
-    def _blob_parts(self, key: bytes, block: torch.Tensor) -> list[object]:
-        """The blob of ``block`` as parts to send in order: its header, then the payload. A raw block in host
-        memory is sent from where it lies (a view per layer and K/V when it is a token range of a larger
-        tensor), with no gathering copy."""
-        views = payload_views(block.detach()) if self.encoding.codec is None else None
-        if views is not None:
-            return [BlockHeader.for_parts(key, self._fingerprint, views).pack(), *views]
+    def _blob(self, key: bytes, block: torch.Tensor) -> LazyBlob:
+        """The blob of ``block``, made when its frame is sent: its header, then the payload. A raw block in
+        host memory is sent from where it lies (a view per layer and K/V when it is a token range of a larger
+        tensor), with no gathering copy; another is encoded now (the frame's size depends on it)."""
+        block = block.detach()
+        if self.encoding.codec is None and payload_view_count(block) is not None:
+            def views() -> list[object]:
+                parts = payload_views(block)
+                return [BlockHeader.for_parts(key, self._fingerprint, parts).pack(), *parts]
+            return LazyBlob(HEADER_BYTES + block.numel() * block.element_size(), views)
         payload = self.encoding.encode(block)
         header = BlockHeader.for_payload(key, self._fingerprint, payload, self.encoding.header_encoding(payload))
-        return [header.pack(), payload]
+        parts = [header.pack(), payload]
+        return LazyBlob(HEADER_BYTES + memoryview(payload).nbytes, lambda: parts)
 
     def get_into(self, key: bytes, out: torch.Tensor) -> bool:
         """Fetch block ``key`` into ``out``; False on a miss (or a damaged block); raises if the server fails."""

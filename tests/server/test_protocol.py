@@ -16,6 +16,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 import urllib.error
 import urllib.request
 
@@ -23,7 +24,7 @@ import pytest
 
 from kvstore.blockformat import HEADER_BYTES as BLOB_HEADER_BYTES
 from kvstore.blockformat import BlockHeader
-from kvstore.client import Connection
+from kvstore.client import Connection, LazyBlob
 from kvstore.protocol import (FLAG_ERROR, FLAG_REPLY, HEADER_BYTES, MAX_KEY_BYTES, MISSING, U64, Header, Op,
                               PutResult, ServerError, Status, Welcome, pack_hello, pack_keys, put_item_header,
                               unpack_json, unpack_keys)
@@ -1007,3 +1008,56 @@ def test_a_chain_put_in_several_frames_leaves_its_first_blob_the_most_recently_u
     with Raw(srv.url) as raw:
         raw.hello()
         assert [k for k in list_all(raw) if k.startswith(b"frames/")] == keys[::-1]
+
+
+def _lazy_blobs(prefix: str, count: int, parts: int, part_bytes: int, alive: list[int]) -> list:
+    """``count`` LazyBlobs of ``parts`` numpy parts each; ``alive[0]`` counts parts made and not yet freed,
+    ``alive[1]`` the most at once."""
+    import numpy as np
+
+    def made(data: bytes) -> "np.ndarray":
+        array = np.frombuffer(bytearray(data), dtype=np.uint8)
+        alive[0] += 1
+        alive[1] = max(alive)
+        weakref.finalize(array, lambda: alive.__setitem__(0, alive[0] - 1))
+        return array
+    items = []
+    for n in range(count):
+        key = f"{prefix}/{n}".encode()
+        data = blob(key, payload_of(key, parts * part_bytes - BLOB_HEADER_BYTES))
+        pieces = [data[k * part_bytes:(k + 1) * part_bytes] for k in range(parts)]
+        items.append((key, LazyBlob(len(data), lambda pieces=pieces: [made(piece) for piece in pieces]), data))
+    return items
+
+
+def test_a_put_of_lazy_blobs_stores_them_exactly_and_makes_them_a_few_at_a_time(srv):
+    """A frame's blobs are made as they are sent, so only a few blobs' parts exist at once (the views of 32
+    blocks of 2 MiB, held for a whole frame, reached the oldest GC generation and its 70 ms collections)."""
+    alive = [0, 0]
+    items = _lazy_blobs("lazy", 16, 64, 1024, alive)  # 16 blobs of 64 parts: 1,024 parts in one frame
+    conn = Connection(srv.url, TOKEN, 10.0)
+    try:
+        assert conn.put([(key, lazy) for key, lazy, _ in items]) == [PutResult.STORED] * 16
+        got: dict[int, bytearray] = {}
+        assert conn.get([key for key, _, _ in items], lambda i, size: [memoryview(got.setdefault(i, bytearray(size)))]) \
+            == [len(data) for _, _, data in items]
+    finally:
+        conn.close()
+    assert [bytes(got[i]) for i in range(16)] == [data for _, _, data in items]
+    assert alive[0] == 0 and alive[1] <= 5 * 64  # a send's worth of views (256) and the blob that passed it
+
+
+def test_a_lazy_blob_of_the_wrong_size_is_refused_and_nothing_of_its_frame_is_stored(srv, witness):
+    good = [(f"wrongsize/{n}".encode(), blob(f"wrongsize/{n}".encode(), payload_of(("wrongsize", n), 5000)))
+            for n in range(3)]
+    liar = LazyBlob(len(good[2][1]), lambda: [good[2][1][:-1]])  # one byte short of what it announced
+    conn = Connection(srv.url, TOKEN, 10.0)
+    with pytest.raises(ValueError, match="expected the blob of key 2 to make"):
+        conn.put([(good[0][0], [good[0][1]]), (good[1][0], [good[1][1]]), (good[2][0], liar)])
+    assert not conn.alive()  # half a frame went out: the connection is not used again
+    conn = Connection(srv.url, TOKEN, 10.0)
+    try:
+        assert conn.exists_prefix([key for key, _ in good]) == 0  # the cut frame stored none of its blobs
+    finally:
+        conn.close()
+    assert_unaffected(srv, witness)
