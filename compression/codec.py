@@ -240,7 +240,7 @@ def expect_end(payload: torch.Tensor, at: int) -> None:
 
 def host_bytes(tensor: torch.Tensor) -> object:
     """A flat uint8 numpy view of ``tensor``'s bytes (copied only if strided or on a device)."""
-    tensor = tensor.detach()
+    tensor = tensor.detach().resolve_neg().resolve_conj()  # a lazily negated view's memory holds other values
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     return tensor.contiguous().view(torch.uint8).reshape(-1).numpy()

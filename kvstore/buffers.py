@@ -66,8 +66,9 @@ def writable_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def _viewable(out: torch.Tensor) -> bool:
-    """Whether each (layer, part) of ``out`` ([L, P, tokens, H, D]) is contiguous CPU memory."""
-    if out.device.type != "cpu" or out.dim() != 5:
+    """Whether each (layer, part) of ``out`` ([L, P, tokens, H, D]) is contiguous CPU memory holding its values
+    as they are (a negated or conjugated view's memory holds other values, and numpy refuses it)."""
+    if out.device.type != "cpu" or out.dim() != 5 or out.is_neg() or out.is_conj():
         return False
     if out.is_contiguous():
         return True

@@ -113,7 +113,9 @@ class Connection:
 
     def _start(self) -> None:
         """An operation starts: its deadline is the call's, or ``timeout`` from now (``_before_io`` sets the
-        socket's timeout from it)."""
+        socket's timeout from it). A connection closed by a failed call is not used again."""
+        if self.closed:
+            raise ConnectionError("this connection was closed after a call on it failed: open a new one")
         self._deadline = self._call_deadline if self._call_deadline is not None else time.monotonic() + self._timeout
 
     def allow(self, num_bytes: int) -> None:
@@ -176,19 +178,22 @@ class Connection:
         """
         rid = next(self._ids)
         views = [memoryview(Header(int(Op.PUT), rid, len(run), sum(sizes[i] for i, _, _ in run)).pack())]
-        for i, key, blob in run:
-            made = blob.make() if isinstance(blob, LazyBlob) else blob
-            if isinstance(blob, LazyBlob) and _blob_bytes(made) != blob.nbytes:
-                self.close()  # part of the request was sent: the connection cannot be used again
-                raise ValueError(f"items: expected the blob of key {i} to make {blob.nbytes} bytes, got "
-                                 f"{_blob_bytes(made)}")
-            views.append(memoryview(put_item_header(key, sizes[i] - 1 - len(key) - U64.size)))
-            views.extend(view for view in map(byte_view, made) if view.nbytes)
-            if len(views) >= _SEND_VIEWS:
+        try:
+            for i, key, blob in run:
+                made = list(blob.make()) if isinstance(blob, LazyBlob) else blob
+                if isinstance(blob, LazyBlob) and _blob_bytes(made) != blob.nbytes:
+                    raise ValueError(f"items: expected the blob of key {i} to make {blob.nbytes} bytes, got "
+                                     f"{_blob_bytes(made)}")
+                views.append(memoryview(put_item_header(key, sizes[i] - 1 - len(key) - U64.size)))
+                views.extend(view for view in map(byte_view, made) if view.nbytes)
+                if len(views) >= _SEND_VIEWS:
+                    self._send_views(views)
+                    views = []
+            if views:
                 self._send_views(views)
-                views = []
-        if views:
-            self._send_views(views)
+        except BaseException:
+            self.close()  # part of the request may have gone out: the connection cannot be used again
+            raise
         return rid
 
     def _send_views(self, views: list[memoryview]) -> None:

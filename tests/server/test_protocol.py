@@ -1061,3 +1061,28 @@ def test_a_lazy_blob_of_the_wrong_size_is_refused_and_nothing_of_its_frame_is_st
     finally:
         conn.close()
     assert_unaffected(srv, witness)
+
+
+def test_a_put_whose_blob_fails_to_be_made_closes_the_connection_and_stores_nothing_of_its_frame(srv, witness):
+    """Part of the frame went out before the failing blob was made: the connection is closed (its next bytes
+    would have been read as the rest of the frame), its next call says so, and the server stored nothing."""
+    alive = [0, 0]
+    items = _lazy_blobs("failmake", 8, 64, 1024, alive)
+
+    def fails() -> list:
+        raise RuntimeError("the engine's buffer is gone")
+    conn = Connection(srv.url, TOKEN, 10.0)
+    with pytest.raises(RuntimeError, match="buffer is gone"):
+        conn.put([(key, lazy) for key, lazy, _ in items[:6]] + [(items[6][0], LazyBlob(items[6][1].nbytes, fails))])
+    assert conn.closed and not conn.alive()
+    with pytest.raises(ConnectionError, match="closed after a call on it failed"):
+        conn.ping(b"again")
+    conn = Connection(srv.url, TOKEN, 10.0)
+    try:
+        assert conn.exists_prefix([key for key, _, _ in items]) == 0
+        generated = LazyBlob(len(items[7][2]), lambda: (part for part in [items[7][2]]))  # an iterator of parts
+        assert conn.put([(items[7][0], generated)]) == [PutResult.STORED]
+        assert conn.exists_prefix([items[7][0]]) == 1
+    finally:
+        conn.close()
+    assert_unaffected(srv, witness)

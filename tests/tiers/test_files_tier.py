@@ -135,6 +135,40 @@ def test_a_batchs_raw_blocks_are_viewed_by_the_writers_one_at_a_time(open_tier, 
             BlockHeader.for_payload(name, layout.fingerprint, payload).pack() + payload
 
 
+def test_a_writer_that_fails_before_its_file_is_open_leaves_no_file_and_the_capacity_holds(open_tier, disk_dir,
+                                                                                            layout, monkeypatch):
+    """On a full tier the block's write was handed an evicted file to overwrite; its views then failed on the
+    writer thread before the file was opened. That file (no block any more) stayed, uncounted: the directory
+    held a block more than the capacity after the next put."""
+    tier = open_tier(capacity=3 * BLOCK)
+    names = [bytes([n]) * 32 for n in range(5)]
+    assert tier.put_many([(name, make_kv(layout, layout.block_tokens, seed=n)) for n, name in enumerate(names[:3])]) == 3
+    real = files_module.payload_views
+
+    def fails(block):
+        raise RuntimeError("no views of this one")
+    monkeypatch.setattr(files_module, "payload_views", fails)
+    with pytest.raises(RuntimeError, match="no views"):
+        tier.put_many([(names[3], make_kv(layout, layout.block_tokens, seed=3))])
+    monkeypatch.setattr(files_module, "payload_views", real)
+    assert [os.path.basename(p) for p in all_files(disk_dir) if not p.endswith(".kvb")] == []
+    assert tier.put_many([(names[4], make_kv(layout, layout.block_tokens, seed=4))]) == 1
+    assert disk_usage(disk_dir) <= 3 * BLOCK and tier.used_bytes() == disk_usage(disk_dir)
+    assert _read(tier, layout, names[4]) is not None
+
+
+def test_a_negated_view_is_stored_as_the_values_it_shows(open_tier, layout):
+    """A lazily negated view's memory holds the values before the negation: written from that memory, the
+    block read back was the negation of what was put."""
+    block = make_kv(layout, layout.block_tokens, seed=13)
+    negated = torch._neg_view(block)
+    tier = open_tier()
+    assert tier.put_many([(A, negated)]) == 1
+    out = torch.empty_like(block)
+    assert tier.get_into(A, out)
+    assert_same_kv(out, -block)
+
+
 def test_present_block_is_not_rewritten(open_tier, disk_dir, layout, blocks):
     tier = open_tier()
     tier.put_many([(A, blocks[A])])
