@@ -98,12 +98,20 @@ _PARTS_PER_CAPACITY = 4
 LOCK_WAIT_SECONDS = 2.0
 
 
+def _payload_bytes(payload: object) -> int:
+    """Bytes ``payload`` is stored as: an encoded payload's, or a raw block's (``torch.Tensor``), which is
+    gathered only when its transaction puts it (``LmdbTier._write``)."""
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    return memoryview(payload).nbytes
+
+
 def _parts(payloads: list[tuple[bytes, object]], most_bytes: int) -> Iterator[list[tuple[bytes, object]]]:
     """``payloads`` in order, in runs of at most ``most_bytes`` stored bytes (a payload larger alone)."""
     part: list[tuple[bytes, object]] = []
     size = 0
     for key, payload in payloads:
-        stored = memoryview(payload).nbytes + HEADER_BYTES
+        stored = _payload_bytes(payload) + HEADER_BYTES
         if part and size + stored > most_bytes:
             yield part
             part, size = [], 0
@@ -295,6 +303,7 @@ class LmdbTier:
         self._blocks, self._meta = open_databases(self._env, self.path, self._lock_file, b"blocks", b"meta")
         self._lock = threading.Lock()  # guards the index, the clock and the pending stamps
         self._write_lock = threading.Lock()  # one writer at a time
+        self._gather: torch.Tensor | None = None  # raw strided blocks are gathered here for LMDB (``_gathered``)
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> stored bytes, LRU first
         self._used = 0
         self._pending_stamps: dict[bytes, int] = {}
@@ -384,8 +393,10 @@ class LmdbTier:
         for n, (key, block) in enumerate(items):
             if key in seen or self.contains(key):
                 continue
-            payload = self.encoding.encode(block)
-            total += memoryview(payload).nbytes + HEADER_BYTES
+            # a raw block is gathered in its transaction, into one buffer reused block after block: gathered
+            # up front, 128 strided blocks of 2 MiB were 256 MiB of fresh memory faulted in at every put
+            payload = block if self.encoding.codec is None else self.encoding.encode(block)
+            total += _payload_bytes(payload) + HEADER_BYTES
             if total > self._capacity:
                 # A put whose own blocks eviction never takes: a prompt larger than the tier was committed
                 # whole (50 blocks in a tier of 3). The leading blocks are those a lookup reaches.
@@ -409,7 +420,7 @@ class LmdbTier:
             # Another writer may have stored some of these since the caller looked.
             with self._lock:
                 payloads = [(k, p) for k, p in payloads if k not in self._index or k in self._foreign]
-            incoming = sum(memoryview(p).nbytes + HEADER_BYTES for _, p in payloads)
+            incoming = sum(_payload_bytes(p) + HEADER_BYTES for _, p in payloads)
             for _ in range(_MAX_WRITE_ATTEMPTS):
                 with self._lock:
                     victims = self._pick_victims(incoming, {k for k, _ in payloads}.union(keep))
@@ -427,6 +438,8 @@ class LmdbTier:
                     with self._env.begin(write=True) as txn:
                         self._delete(txn, victims + deletes)
                         for key, payload, stamp in records:
+                            if isinstance(payload, torch.Tensor):
+                                payload = self._gathered(payload)  # LMDB copies it: the buffer is free again
                             header = BlockHeader.for_payload(key, self._fingerprint, payload,
                                                              self.encoding.header_encoding(payload)).pack()
                             txn.put(key, payload, db=self._blocks)
@@ -443,6 +456,19 @@ class LmdbTier:
                 self._counters.add("evictions", len(victims))
                 return
         self._counters.add("rejected", len(payloads))
+
+    def _gathered(self, block: torch.Tensor) -> object:
+        """A raw block's bytes as one buffer: the block's own memory if contiguous, else a copy in the writer's
+        gather buffer (under the write lock), valid until the next call."""
+        block = block.detach().resolve_neg().resolve_conj()
+        if block.device.type != "cpu" or not block.is_contiguous():
+            nbytes = block.numel() * block.element_size()
+            if self._gather is None or self._gather.numel() < nbytes:
+                self._gather = torch.empty(nbytes, dtype=torch.uint8)
+            flat = self._gather[:nbytes]
+            flat.view(block.dtype).view(block.shape).copy_(block)
+            return flat.numpy()
+        return self.encoding.encode(block)
 
     def _delete(self, txn: lmdb.Transaction, keys: list[bytes]) -> None:
         for key in keys:
@@ -555,7 +581,7 @@ class LmdbTier:
                 if size is not None:
                     self._used -= size
             for key, payload, _ in records:
-                size = memoryview(payload).nbytes + HEADER_BYTES
+                size = _payload_bytes(payload) + HEADER_BYTES
                 self._index[key] = size
                 self._used += size
                 self._counters.add("blocks_written")

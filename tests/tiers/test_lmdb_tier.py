@@ -40,6 +40,25 @@ def open_tier(disk_dir, layout):
         tier.close()
 
 
+def test_strided_and_negated_blocks_are_stored_exactly_through_one_reused_gather_buffer(open_tier, layout):
+    """Token ranges of a prompt (strided), a permuted block and a lazily negated one are gathered, one at a
+    time, into one buffer the tier keeps (gathered up front, a 256 MiB prompt of 2 MiB blocks was 256 MiB of
+    fresh memory faulted in at every put), and each comes back as the values it showed."""
+    prompt = make_kv(layout, 3 * layout.block_tokens, seed=21)
+    blocks = list(prompt.split(layout.block_tokens, dim=2))
+    assert not blocks[1].is_contiguous()
+    permuted = make_kv(layout, layout.block_tokens, seed=22).permute(1, 0, 2, 3, 4).contiguous().permute(1, 0, 2, 3, 4)
+    negated = torch._neg_view(make_kv(layout, layout.block_tokens, seed=23))
+    tier = open_tier(10 * BLOCK)
+    names = [bytes([n]) * 32 for n in range(5)]
+    assert tier.put_many(list(zip(names[:3], blocks))) == 3
+    buffer = tier._gather
+    assert tier.put_many([(names[3], permuted), (names[4], negated)]) == 2
+    assert tier._gather is buffer  # reused, not made again
+    for name, expected in zip(names, [*blocks, permuted, negated.resolve_neg()]):
+        assert_same_kv(_read(tier, layout, name), expected)
+
+
 def test_is_a_tier_and_exact_accounting(open_tier, layout, blocks):
     tier = open_tier(10 * BLOCK)
     assert isinstance(tier, Tier)
