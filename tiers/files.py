@@ -881,21 +881,15 @@ class FilesTier:
         """Write a temp file holding ``payload`` (its parts in order, or a raw block's bytes), rename it onto
         block ``key``'s path; returns the file's mtime (ns): ``stamp`` if given. The temp file is ``spare``,
         an evicted file overwritten in place, when it is still there."""
-        try:
-            parts = payload if isinstance(payload, list) else payload_views(payload)
-            header = BlockHeader.for_parts(key, self._fingerprint, parts,
-                                          self.encoding.header_encoding(parts[0])).pack()
-        except BaseException:  # the evicted file handed over is this write's to remove: it is no block now
-            if spare is not None:
-                with contextlib.suppress(OSError):
-                    unlink_file(spare.path)
-            raise
         final = block_path(self._root, key)
         directory = os.path.dirname(final)
-        total = HEADER_BYTES + sum(part.nbytes for part in parts)
         temp, fd, direct = self._open_temp(key, spare)
         try:
-            try:
+            try:  # the payload is viewed and checksummed here: a failure removes the temp file (the spare) too
+                parts = payload if isinstance(payload, list) else payload_views(payload)
+                header = BlockHeader.for_parts(key, self._fingerprint, parts,
+                                              self.encoding.header_encoding(parts[0])).pack()
+                total = HEADER_BYTES + sum(part.nbytes for part in parts)
                 if direct:  # aligned bounce buffer padded to a page, then cut to the true length
                     padded = round_up(total)
                     bounce = self._buffer("bounce", padded)

@@ -460,8 +460,8 @@ class LmdbTier:
     def _gathered(self, block: torch.Tensor) -> object:
         """A raw block's bytes as one buffer: the block's own memory if contiguous, else a copy in the writer's
         gather buffer (under the write lock), valid until the next call."""
-        block = block.detach().resolve_neg().resolve_conj()
-        if block.device.type != "cpu" or not block.is_contiguous():
+        block = block.detach()
+        if block.device.type != "cpu" or not block.is_contiguous():  # copy_ resolves a pending negation
             nbytes = block.numel() * block.element_size()
             if self._gather is None or self._gather.numel() < nbytes:
                 self._gather = torch.empty(nbytes, dtype=torch.uint8)
