@@ -343,7 +343,7 @@ def section_device_tier(ctx: Context, rows: list[dict]) -> None:
     layout, n, sec = layout_of(ctx.sizes), ctx.sizes.tokens, "device_tier"
     kv_dev = random_kv(layout.shape(n), layout.dtype, ctx.device, seed=1)
     kv_host = pinned_like(kv_dev, ctx.cuda)
-    nbytes = kv_dev.numel() * kv_dev.element_size()
+    nbytes = kv_dev.nbytes
     tokens = tokens_of(n, seed=1)
     config = StoreConfig(model_id="gpu-check", device_bytes=4 * nbytes, device=str(ctx.device), host_bytes=0,
                          prefill_tokens_per_second=1.0)
@@ -401,7 +401,7 @@ def section_host_tier(ctx: Context, rows: list[dict]) -> None:
     layout, n, sec = layout_of(ctx.sizes), ctx.sizes.tokens, "host_tier"
     kv_dev = random_kv(layout.shape(n), layout.dtype, ctx.device, seed=2)
     kv_host = kv_dev.cpu()
-    nbytes = kv_dev.numel() * kv_dev.element_size()
+    nbytes = kv_dev.nbytes
     tokens = tokens_of(n, seed=2)
     config = StoreConfig(model_id="gpu-check", host_bytes=4 * nbytes, prefill_tokens_per_second=1.0)
     with KVStore(layout, config) as store:
@@ -449,7 +449,7 @@ def section_layer_wise(ctx: Context, rows: list[dict]) -> None:
 
     layout, n, sec = layout_of(ctx.sizes), ctx.sizes.tokens, "layer_wise"
     kv_dev = random_kv(layout.shape(n), layout.dtype, ctx.device, seed=3)
-    nbytes = kv_dev.numel() * kv_dev.element_size()
+    nbytes = kv_dev.nbytes
     tokens = tokens_of(n, seed=3)
     # prefetch handles pin at most half the fastest pool: 4x leaves every block pinned (no private reads)
     config = StoreConfig(model_id="gpu-check", host_bytes=4 * nbytes, prefill_tokens_per_second=1.0)
@@ -646,7 +646,7 @@ def section_codecs(ctx: Context, rows: list[dict]) -> None:
     for dtype in (torch.bfloat16, torch.float16):
         dt = str(dtype).removeprefix("torch.")
         x = random_kv(ctx.sizes.codec_shape, dtype, ctx.device, seed=4)
-        nbytes = x.numel() * x.element_size()
+        nbytes = x.nbytes
         x_cpu = x.cpu()
         for name in CODECS:
             if ctx.budget.left() <= 0:

@@ -111,7 +111,7 @@ def test_redis_set_ceiling(benchmark, server, kv, size):
 
 def test_redis_put_many(benchmark, tier, kv, size):
     fresh = FreshKeys(tier.delete, lambda n: n.to_bytes(32, "little"))
-    _run(benchmark, "redis-put", kv.numel() * kv.element_size(), lambda key: tier.put_many([(key, kv)]), size,
+    _run(benchmark, "redis-put", kv.nbytes, lambda key: tier.put_many([(key, kv)]), size,
          setup=fresh)
     assert tier.stats()["blocks_written"] == ROUNDS[size] + 1 and tier.stats()["errors"] == 0
 
@@ -129,6 +129,6 @@ def test_redis_get_into(benchmark, tier, kv, size):
     key = b"\x01" * 32
     assert tier.put_many([(key, kv)]) == 1
     out = torch.empty_like(kv)
-    _run(benchmark, "redis-get", kv.numel() * kv.element_size(), lambda: tier.get_into(key, out), size)
+    _run(benchmark, "redis-get", kv.nbytes, lambda: tier.get_into(key, out), size)
     assert torch.equal(out, kv) and tier.stats()["misses"] == 0
     tier.delete(key)

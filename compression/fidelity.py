@@ -625,7 +625,7 @@ def _qtensor_bytes(qt: Any) -> int:
     """Bytes of a quanto ``WeightQBitsTensor``: packed integer data + scale + shift."""
     data = qt._data
     raw = getattr(data, "_data", data)  # PackedTensor wraps the packed uint8 storage
-    return sum(t.numel() * t.element_size() for t in (raw, qt._scale, qt._shift))
+    return sum(t.nbytes for t in (raw, qt._scale, qt._shift))
 
 
 def quanto_quantize(kv: torch.Tensor, settings: QuantoSettings | None = None) -> QuantoResult:

@@ -146,7 +146,7 @@ class BlockEncoding:
             except FrameError:
                 return CORRUPT
             return INTACT
-        expected = out.numel() * out.element_size()
+        expected = out.nbytes
         if view.nbytes != expected:
             valid = 0 < view.nbytes <= self._layout.block_bytes and view.nbytes % self._layout.token_bytes == 0
             return OTHER_SIZE if valid else CORRUPT

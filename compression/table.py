@@ -96,7 +96,7 @@ def codec_table(specs: Sequence[str] = DEFAULT_SPECS, settings: TableSettings | 
     codecs = [(spec, get_codec(spec)) for spec in specs]  # bad specs fail before any measuring
     kv = fidelity.synthetic_kv(settings.layers, settings.heads, settings.tokens, settings.head_dim,
                                dtype=settings.dtype, spec=settings.spec)
-    input_bytes = kv.numel() * kv.element_size()
+    input_bytes = kv.nbytes
     check = fidelity.ModelCheck(fidelity.ModelCheckSettings(kv_dtype=settings.dtype)) if settings.model else None
     with one_thread():
         out = torch.empty_like(kv)
@@ -136,7 +136,7 @@ def _peer_rows(kv: torch.Tensor, check: fidelity.ModelCheck | None, settings: Ta
                    lambda t, q=quanto: fidelity.quanto_quantize(t, q).stored_bytes)
         with one_thread():
             seconds = best_seconds(lambda: fidelity.quanto_quantize(kv, quanto), settings.repeats)
-        row["encode_gbps"] = kv.numel() * kv.element_size() / seconds / 1e9  # quantize + dequantize together
+        row["encode_gbps"] = kv.nbytes / seconds / 1e9  # quantize + dequantize together
         row["decode_gbps"] = float("nan")
         rows.append(row)
     return rows

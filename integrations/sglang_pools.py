@@ -109,9 +109,9 @@ class SidecarPools:
         if not isinstance(sample, torch.Tensor) or not sample.is_contiguous():
             raise ValueError(f"host pool {name!r}: expected a contiguous tensor from get_dummy_flat_data_page, "
                              f"got {type(sample).__name__}")
-        page_bytes = sample.numel() * sample.element_size()  # 0: a pool of no bytes (a logical anchor)
+        page_bytes = sample.nbytes  # 0: a pool of no bytes (a logical anchor)
         page = host_pool.get_data_page(0, flat=True)  # a pool without flat pages fails here, not on first use
-        if not isinstance(page, torch.Tensor) or page.numel() * page.element_size() != page_bytes:
+        if not isinstance(page, torch.Tensor) or page.nbytes != page_bytes:
             raise ValueError(f"host pool {name!r}: expected flat pages of {page_bytes} bytes, got "
                              f"{getattr(page, 'shape', type(page).__name__)}")
         old = self._pools.get(name)

@@ -294,7 +294,7 @@ class TierStack:
         if not found:
             return False
         seconds = timer.stop() if timer is not None else time.perf_counter() - start
-        level.record_read(dst.numel() * dst.element_size(), seconds)
+        level.record_read(dst.nbytes, seconds)
         return lossy
 
     def read_run(self, level: Level, keys: Sequence[bytes], dsts: Sequence[torch.Tensor]) -> list[str | None]:
@@ -310,7 +310,7 @@ class TierStack:
             level.note_failure("get_into", error)
             return []
         if marks:
-            nbytes = sum(dst.numel() * dst.element_size() for dst in dsts[:len(marks)])
+            nbytes = sum(dst.nbytes for dst in dsts[:len(marks)])
             level.record_read(nbytes, time.perf_counter() - start)
         return marks
 
@@ -339,7 +339,7 @@ class TierStack:
             level.note_failure(operation, error)
             return 0
         if got:
-            nbytes = sum(d.numel() * d.element_size() for d in dsts[:got])
+            nbytes = sum(d.nbytes for d in dsts[:got])
             level.record_read(nbytes, timer.stop())
         return got
 

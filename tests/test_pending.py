@@ -24,7 +24,7 @@ def filler(kv: torch.Tensor, calls: list, fail_at: int | None = None):
 def _inside(store, t: torch.Tensor) -> bool:
     pool = store.host._pool
     start = pool.data_ptr()
-    return start <= t.data_ptr() < start + pool.numel() * pool.element_size()
+    return start <= t.data_ptr() < start + pool.nbytes
 
 
 def test_each_new_block_is_filled_once_straight_into_a_host_slot(make_store, layout):

@@ -763,7 +763,7 @@ class FilesTier:
                 continue
             seen.add(key)
             payload = block if self._writes_raw(block) else self._writers.submit(self._encoded_parts, block)
-            todo.append((key, payload, block.numel() * block.element_size()))
+            todo.append((key, payload, block.nbytes))
         later = sum(logical for _, _, logical in todo) + HEADER_BYTES * len(todo)
         for key, payload, logical in todo:
             later -= logical + HEADER_BYTES
@@ -952,7 +952,7 @@ class FilesTier:
         if len(keys) != len(outs):
             raise ValueError(f"outs: expected one per key ({len(keys)}), got {len(outs)}")
         keys = [self.encoding.stored_name(key) for key in keys]
-        nbytes = sum(out.numel() * out.element_size() for out in outs)
+        nbytes = sum(out.nbytes for out in outs)
         parts = min(self._parts_per_read, len(keys)) if nbytes >= _SPLIT_RUN_BYTES else 1
         bounds = [n * len(keys) // parts for n in range(parts + 1)]
         runs = list(zip(bounds, bounds[1:]))
@@ -1058,7 +1058,7 @@ class FilesTier:
         try:
             st = os.fstat(fd)
             if not (stat.S_ISREG(st.st_mode)
-                    and HEADER_BYTES <= st.st_size <= self._max_file_bytes(out.numel() * out.element_size())):
+                    and HEADER_BYTES <= st.st_size <= self._max_file_bytes(out.nbytes)):
                 return CORRUPT, st  # a FIFO, device, directory; or a file no block of this size can be
             verdict = None
             views = payload_views(out) if self.encoding.codec is None and not direct else None

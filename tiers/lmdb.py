@@ -102,7 +102,7 @@ def _payload_bytes(payload: object) -> int:
     """Bytes ``payload`` is stored as: an encoded payload's, or a raw block's (``torch.Tensor``), which is
     gathered only when its transaction puts it (``LmdbTier._write``)."""
     if isinstance(payload, torch.Tensor):
-        return payload.numel() * payload.element_size()
+        return payload.nbytes
     return memoryview(payload).nbytes
 
 
@@ -404,7 +404,7 @@ class LmdbTier:
                 break
             seen.add(key)
             fitting.append((key, payload))
-            self._counters.add("logical_bytes_written", block.numel() * block.element_size())
+            self._counters.add("logical_bytes_written", block.nbytes)
         for part in _parts(fitting, self._capacity // _PARTS_PER_CAPACITY if total > self._capacity // 2 else total):
             self._write(part, [], keep=seen)
         return sum(self.contains(key) for key, _ in items)
@@ -462,7 +462,7 @@ class LmdbTier:
         gather buffer (under the write lock), valid until the next call."""
         block = block.detach()
         if block.device.type != "cpu" or not block.is_contiguous():  # copy_ resolves a pending negation
-            nbytes = block.numel() * block.element_size()
+            nbytes = block.nbytes
             if self._gather is None or self._gather.numel() < nbytes:
                 self._gather = torch.empty(nbytes, dtype=torch.uint8)
             flat = self._gather[:nbytes]

@@ -139,7 +139,7 @@ def _glob_escape(text: str) -> str:
 def _read_limit(out: torch.Tensor) -> int:
     """The last byte a read of a block for ``out`` asks for: one past the most such a block can take, so a
     larger value (another writer's, up to Redis's 512 MB) is known as such without moving it all."""
-    return max_stored_bytes(out.numel() * out.element_size())
+    return max_stored_bytes(out.nbytes)
 
 
 class RedisTier:
@@ -399,7 +399,7 @@ class RedisTier:
             payload = self.encoding.encode(block)
             header = BlockHeader.for_payload(key, self._fingerprint, payload, self.encoding.header_encoding(payload))
             return header.pack() + payload
-        nbytes = block.numel() * block.element_size()
+        nbytes = block.nbytes
         value = bytearray(HEADER_BYTES + nbytes) if into is None else into
         dst = torch.frombuffer(value, dtype=torch.uint8, offset=HEADER_BYTES, count=nbytes)
         dst = dst.view(block.dtype).view(block.shape)
@@ -488,7 +488,7 @@ class RedisTier:
         for key, block in items:
             self.redis_key(key)
             self._check_block("block", block)
-        sizes = [HEADER_BYTES + block.numel() * block.element_size() for _, block in items]
+        sizes = [HEADER_BYTES + block.nbytes for _, block in items]
         scratch = self._scratch(sum(sizes)) if self.encoding.codec is None and sizes else None
         used = 0
         rkeys: list[bytes] = []

@@ -225,7 +225,7 @@ class RemoteTier:
             def views() -> list[object]:
                 parts = payload_views(block)
                 return [BlockHeader.for_parts(key, self._fingerprint, parts).pack(), *parts]
-            return LazyBlob(HEADER_BYTES + block.numel() * block.element_size(), views)
+            return LazyBlob(HEADER_BYTES + block.nbytes, views)
         payload = self.encoding.encode(block)
         header = BlockHeader.for_payload(key, self._fingerprint, payload, self.encoding.header_encoding(payload))
         parts = [header.pack(), payload]
@@ -245,7 +245,7 @@ class RemoteTier:
         heads = [bytearray(HEADER_BYTES) for _ in keys]
         scratch: list[bytearray | None] = [None] * len(keys)
 
-        raw = [out.numel() * out.element_size() for out in outs]
+        raw = [out.nbytes for out in outs]
         # What replies are sized by, to keep each within the server's max_inflight_bytes: this tier's own
         # blocks (a frame may be a little larger than the raw block: an incompressible block, lossless codec).
         expected = [HEADER_BYTES + n + (FRAME_SLACK if self.encoding.codec else 0) for n in raw]
@@ -254,7 +254,7 @@ class RemoteTier:
             out = outs[i]
             if size > max_stored_bytes(raw[i]):  # no block of this size: a miss, and the call ends here
                 return None
-            if self.encoding.codec is None and size == HEADER_BYTES + out.numel() * out.element_size():
+            if self.encoding.codec is None and size == HEADER_BYTES + out.nbytes:
                 views = payload_views(out)
                 if views is not None:
                     return [memoryview(heads[i]), *views]

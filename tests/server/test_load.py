@@ -134,7 +134,7 @@ def tier_client(url: str, token: str, client: int, rounds: int, seed: int) -> di
                         report["problems"].append(f"acknowledged {k!r} missing")
                     continue
                 report["hits"] += 1
-                report["bytes"] += out.numel() * out.element_size()
+                report["bytes"] += out.nbytes
                 if not torch.equal(out.view(torch.uint8), kv_of(k).view(torch.uint8)):
                     report["problems"].append(f"get {k!r}: wrong bytes")
         stats = tier.stats()

@@ -37,7 +37,7 @@ class PlainDict:
         self.blocks: dict[bytes, torch.Tensor] = {}
 
     def used_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.blocks.values())
+        return sum(b.nbytes for b in self.blocks.values())
 
     def contains(self, key: bytes) -> bool:
         return key in self.blocks
