@@ -41,7 +41,22 @@ from kvstore.integrations.vllm_settings import (ConnectorSettings, RankPlace, la
 log = logging.getLogger(__name__)
 
 PREFILL_SAMPLE_TOKENS = 512  # steps computing at least this many tokens teach the planner prefill speed
-FULL_GRAPH = "FULL"
+# CUDA-graph runtime modes whose forward calls the connector's wait_for_layer_load (a FULL graph replays
+# without reaching Python)
+LAYER_HOOK_MODES = frozenset({"NONE", "PIECEWISE"})
+
+
+def layer_hooks_run(forward_context: Any) -> bool:
+    """Whether the forward of the step ``start_load_kv`` was given ``forward_context`` for calls
+    ``wait_for_layer_load``, so that a sync load may still run while the first layers compute.
+
+    Only a step's own context says so: one that carries the step's attention metadata, in eager or
+    piecewise mode. vLLM 0.33's model runner V2 starts the loads of a FULL-graph step outside any forward
+    context, in a stand-in it makes with no metadata and mode NONE; read as NONE, those loads waited for
+    layer hooks the graph replay never called, and the forward read pages not yet filled.
+    """
+    mode = getattr(getattr(forward_context, "cudagraph_runtime_mode", None), "name", None)
+    return getattr(forward_context, "attn_metadata", None) is not None and mode in LAYER_HOOK_MODES
 
 
 def stored_layers(kv_caches: dict[str, torch.Tensor], groups: CacheGroups) -> list[str]:
@@ -158,7 +173,7 @@ class WorkerHalf:
     def start_load_kv(self, meta: Any, forward_context: Any) -> None:
         if not isinstance(meta, KVStoreConnectorMetadata) or self.engine is None:
             return
-        mode = getattr(getattr(forward_context, "cudagraph_runtime_mode", None), "name", None)
+        overlap = layer_hooks_run(forward_context)
         for spec in meta.loads:
             if spec.is_async:
                 if self._pool is None:
@@ -168,7 +183,7 @@ class WorkerHalf:
             job = self._start(spec)
             if job is None:
                 continue
-            if spec.eager or mode == FULL_GRAPH:  # a FULL graph replays without wait_for_layer_load
+            if spec.eager or not overlap:
                 self._finish(spec, job, job.finish())
             else:
                 self._active.append(job)

@@ -30,7 +30,7 @@ from vllm.v1.request import RequestStatus  # noqa: E402
 
 from conftest import run_python  # noqa: E402
 from kvstore.integrations.vllm import KVStoreConnectorMetadata, LoadSpec, SaveSpec, request_salt  # noqa: E402
-from vllm_env import (BLOCK_TOKENS, LAYER_NAMES, NUM_BLOCKS, PAGE, Engine, kv_cache_config,  # noqa: E402
+from vllm_env import (EAGER_STEP, BLOCK_TOKENS, LAYER_NAMES, NUM_BLOCKS, PAGE, Engine, kv_cache_config,  # noqa: E402
                       make_request, paged_caches, prompt, read_tokens, true_kv, worker, write_tokens)
 
 
@@ -248,7 +248,7 @@ def test_saved_blocks_load_byte_exact_into_other_block_ids(tmp_path, kind):
         before = {name: t.clone() for name, t in dst_caches.items()}
         spec = LoadSpec("l", tokens, "t", (dst_ids,), 16, 80)  # vLLM already holds [0, 16)
         loader.bind_connector_metadata(KVStoreConnectorMetadata(loads=[spec]))
-        loader.start_load_kv(None)
+        loader.start_load_kv(EAGER_STEP)
         for name in LAYER_NAMES:
             loader.wait_for_layer_load(name)
         loader.wait_for_save()
@@ -265,7 +265,7 @@ def test_saved_blocks_load_byte_exact_into_other_block_ids(tmp_path, kind):
         # a load the store cannot serve in full: the blocks from the first missing token on are reported
         other = tokens[:40] + [t + 1 for t in tokens[40:]]
         loader.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("m", other, "t", (dst_ids,), 0, 80)]))
-        loader.start_load_kv(None)
+        loader.start_load_kv(EAGER_STEP)
         loader.wait_for_save()
         assert loader.get_block_ids_with_load_errors() == set(dst_ids[2:5])  # [32, 80): block 1 of kvstore missing
         assert loader.get_kv_connector_stats().data["load_error_blocks"] == 3
@@ -315,7 +315,7 @@ else:
     s = KVConnectorFactory.create_connector(config, KVConnectorRole.SCHEDULER, t.kv_cache_config())
     n, is_async = s.get_num_new_matched_tokens(t.make_request("b", tokens), 0)
     w.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("b", tokens, None, (ids,), 0, n)]))
-    w.start_load_kv(None)
+    w.start_load_kv(t.EAGER_STEP)
     w.wait_for_save()
     exact = bool((t.read_tokens(caches, ids, 0, n) == t.true_kv(tokens, 0, n)).all())
     print("hit", n, is_async, exact, w.get_block_ids_with_load_errors(), hash("kvstore"))

@@ -31,8 +31,8 @@ from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
 from kvstore.integrations.vllm import KVStoreConnectorMetadata, LoadSpec, SaveSpec  # noqa: E402
 from kvstore.integrations.vllm_groups import NO_PAGE, cache_groups  # noqa: E402
-from vllm_env import (HEAD_DIM, KV_HEADS, LAYER_NAMES, NUM_BLOCKS, PAGE, make_config, make_request,  # noqa: E402
-                      paged_caches, prompt, read_tokens, true_kv, write_model, write_tokens)
+from vllm_env import (EAGER_STEP, HEAD_DIM, KV_HEADS, LAYER_NAMES, NUM_BLOCKS, PAGE, make_config,  # noqa: E402
+                      make_request, paged_caches, prompt, read_tokens, true_kv, write_model, write_tokens)
 
 BLOCK_TOKENS = 32
 CHUNK = 64  # tokens vLLM computes per step: prompts longer than this are prefilled in chunks
@@ -127,7 +127,7 @@ class HybridEngine:
                     mine.extend(more)
         worker = self.worker
         worker.bind_connector_metadata(out.kv_connector_metadata)
-        worker.start_load_kv(None)
+        worker.start_load_kv(EAGER_STEP)
         for name in LAYER_NAMES:
             worker.wait_for_layer_load(name)
         for req_id, n in out.num_scheduled_tokens.items():
@@ -351,7 +351,7 @@ def test_a_single_group_naming_no_registered_cache_stores_them_all(tmp_path):
         worker.wait_for_save()
         worker.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("l", tokens, None, ([9, 8, 7, 6],),
                                                                                 0, 64)]))
-        worker.start_load_kv(None)
+        worker.start_load_kv(EAGER_STEP)
         worker.wait_for_save()
         assert torch.equal(read_tokens(caches, [9, 8, 7, 6], 0, 64), true_kv(tokens, 0, 64))
     finally:

@@ -37,7 +37,7 @@ from vllm.v1.worker.utils import allocate_kv_cache  # noqa: E402
 
 from kvstore.integrations.vllm import (KVStoreConnector, KVStoreConnectorMetadata, LoadSpec, SaveSpec,  # noqa: E402
                                        key_tokens, request_salt)
-from vllm_env import (BLOCK_TOKENS, KV_HEADS, HEAD_DIM, LAYER_NAMES, LAYERS, NUM_BLOCKS, PAGE,  # noqa: E402
+from vllm_env import (EAGER_STEP, BLOCK_TOKENS, KV_HEADS, HEAD_DIM, LAYER_NAMES, LAYERS, NUM_BLOCKS, PAGE,  # noqa: E402
                       Engine, kv_cache_config, make_config, make_request, paged_caches, prompt, read_tokens,
                       true_kv, write_model, write_tokens)
 
@@ -87,7 +87,7 @@ def save_then_load(tmp_path: Path, make, src_ids, dst_ids, tokens, start, end, n
         before = {n: t.clone() for n, t in dst.items()}
         loader.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("l", tokens, None, (dst_ids,),
                                                                                 start, end)]))
-        loader.start_load_kv(None)
+        loader.start_load_kv(EAGER_STEP)
         for name in names:
             loader.wait_for_layer_load(name)
         loader.wait_for_save()
@@ -199,7 +199,7 @@ def test_hybrid_cache_config_starts_with_hma(tmp_path):
                                    LAYER_NAMES[1]: torch.zeros(NUM_BLOCKS, 3, 7)})
         assert worker.store is None
         worker.bind_connector_metadata(KVStoreConnectorMetadata())
-        worker.start_load_kv(None)
+        worker.start_load_kv(EAGER_STEP)
         worker.wait_for_save()
         assert worker.get_finished(set()) == (None, None)
     finally:
@@ -249,6 +249,35 @@ def test_any_load_completes_before_a_full_graph_forward(tmp_path):
         assert torch.equal(read_tokens(engine.caches, ids, 0, 96), true_kv(tokens, 0, 96))
         worker.wait_for_save()
         worker.clear_connector_metadata()
+    finally:
+        engine.close()
+
+
+def test_a_load_is_complete_before_model_runner_v2_replays_a_full_graph(tmp_path):
+    """vLLM 0.33's default model runner (V2) starts a FULL-graph step's sync loads in its own pre_forward,
+    outside any forward context (in a stand-in of mode NONE): they were left for wait_for_layer_load, which
+    the replay never calls, and the forward read pages the load had not filled. Driven through V2's real
+    ActiveKVConnector, as its execute_model calls it before run_fullgraph."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.worker.gpu.kv_connector import ActiveKVConnector
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    try:
+        tokens = prompt(100, seed=11)
+        engine.serve("a", tokens)
+        engine.add(make_request("b", tokens))
+        out = engine.scheduler.schedule()
+        assert [(s.start, s.end, s.eager, s.is_async) for s in out.kv_connector_metadata.loads] == \
+            [(0, 96, False, False)]  # not a one-token remainder: nothing but the graph's mode finishes it
+        ids = out.scheduled_new_reqs[0].block_ids[0]
+        write_tokens(engine.caches, ids, 0, torch.zeros_like(true_kv(tokens, 0, 96)))
+        runner = ActiveKVConnector.__new__(ActiveKVConnector)  # its __init__ asks vLLM's global transfer group
+        runner.vllm_config, runner.kv_connector = engine.config, engine.worker
+        runner._pending_load_kwargs, runner._disabled = None, False
+        with set_current_vllm_config(engine.config):
+            runner.pre_forward(out, None, attn_metadata={})
+        assert torch.equal(read_tokens(engine.caches, ids, 0, 96), true_kv(tokens, 0, 96))
+        engine.worker.wait_for_save()
+        engine.worker.clear_connector_metadata()
     finally:
         engine.close()
 
@@ -491,7 +520,7 @@ def test_prefill_is_timed_over_the_forward_even_when_loads_start_after_it(tmp_pa
         worker.bind_connector_metadata(KVStoreConnectorMetadata(step_tokens=1000))
         import time
         time.sleep(0.25)  # the forward
-        worker.start_load_kv(None)
+        worker.start_load_kv(EAGER_STEP)
         worker.wait_for_save()
         worker.clear_connector_metadata()
         assert 0 < planner.prefill_tokens_per_second <= 1000 / 0.25  # the 0.25 s forward counted

@@ -45,7 +45,7 @@ from vllm.config import set_current_vllm_config
 from vllm.distributed.parallel_state import ensure_model_parallel_initialized, init_distributed_environment
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-from vllm_env import make_config
+from vllm_env import EAGER_STEP, make_config
 from pathlib import Path
 from kvstore.integrations.vllm import KVStoreConnectorMetadata, LoadSpec, SaveSpec
 
@@ -102,7 +102,7 @@ for line in sys.stdin:
         elif cmd["op"] == "load":
             t, ids, end = cmd["tokens"], cmd["ids"], cmd["end"]
             w.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("l", t, None, (ids,), 0, end)]))
-            w.start_load_kv(None)
+            w.start_load_kv(EAGER_STEP)
             w.wait_for_save()
             w.clear_connector_metadata()
             exact = torch.equal(actual(ids, 0, end), expected(t, ids, 0, end))

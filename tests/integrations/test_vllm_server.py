@@ -73,9 +73,11 @@ def reply(**kw):
 try:
     import torch
     from vllm import SamplingParams
-    from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.config import (CacheConfig, CUDAGraphMode, DeviceConfig, KVTransferConfig, ModelConfig,
+                             SchedulerConfig, VllmConfig)
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.forward_context import ForwardContext
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -202,7 +204,9 @@ def op_step(meta, dump, flush=False):
     before = raw.clone()
     with open(meta, "rb") as f:
         worker.bind_connector_metadata(pickle.load(f))
-    worker.start_load_kv(None)
+    # an eager step's context: loads run on layer by layer
+    worker.start_load_kv(ForwardContext(no_compile_layers={}, attn_metadata={}, slot_mapping={},
+                                        cudagraph_runtime_mode=CUDAGraphMode.NONE))
     for i, name in enumerate(NAMES):
         worker.wait_for_layer_load(name)
         worker.save_kv_layer(name, raw[i].permute(0, 2, 1, 3), None)

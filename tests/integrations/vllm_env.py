@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 from vllm import SamplingParams
-from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.config import CacheConfig, CUDAGraphMode, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.forward_context import ForwardContext
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -30,6 +31,12 @@ LAYER_NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
 NUM_BLOCKS = 64
 BLOCK_TOKENS = 32
 MODULE = "kvstore.integrations.vllm"
+
+# vLLM's forward context of an eager step: the forward calls wait_for_layer_load layer by layer, so a sync load
+# may run on while the first layers compute (a context without attention metadata is no step's: loads finish
+# in start_load_kv)
+EAGER_STEP = ForwardContext(no_compile_layers={}, attn_metadata={}, slot_mapping={},
+                            cudagraph_runtime_mode=CUDAGraphMode.NONE)
 
 
 def write_model(folder: Path) -> Path:
@@ -149,7 +156,7 @@ class Engine:
         """The workers' half of a step vLLM scheduled as ``out``: loads, the forward, saves, the output."""
         worker = self.worker
         worker.bind_connector_metadata(out.kv_connector_metadata)
-        worker.start_load_kv(None)
+        worker.start_load_kv(EAGER_STEP)
         for name in LAYER_NAMES:
             worker.wait_for_layer_load(name)
         for new in out.scheduled_new_reqs:  # the forward pass writes the KV of the scheduled tokens
