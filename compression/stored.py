@@ -44,6 +44,23 @@ def frame_encoding(codec: FrameCodec) -> int:
     return codec.codec_id + 1
 
 
+# The largest magnitude a lossy codec is given, per dtype: past it their float arithmetic overflows (rq's
+# centring in fp16 at |x| = 60,000, ec's squares in fp32 at 1e19, rq's norms at 1e38), and a finite block
+# decoded into NaN, which an attention spreads over the whole request. Real KV stays far below.
+LOSSY_MAX_ABS = {torch.float16: torch.finfo(torch.float16).max / 4, torch.bfloat16: 1e15, torch.float32: 1e15}
+
+
+def codable(block: torch.Tensor) -> bool:
+    """Whether a lossy codec may approximate ``block``: finite, and within ``LOSSY_MAX_ABS`` of zero. Other
+    blocks are stored exact: quantising one NaN or infinity spread it over its group or channel (kivi4 turned
+    31 finite values into NaN, rq4 a whole head), and huge values overflowed the codecs' arithmetic."""
+    if block.numel() == 0:
+        return True
+    low, high = torch.aminmax(block)  # NaN if any value is: never within a limit; no copy of the block
+    limit = LOSSY_MAX_ABS.get(block.dtype, 0.0)
+    return bool(-limit <= low) and bool(high <= limit)
+
+
 class BlockEncoding:
     """Encodes blocks for one tier (``codec`` None or ``raw``: plain bytes) and decodes what it reads.
 
@@ -96,7 +113,7 @@ class BlockEncoding:
         """The bytes-like payload to store for ``block`` (its header's encoding: ``header_encoding``)."""
         if self.codec is None:
             return host_bytes(block)
-        if self.lossy is not None and not bool(torch.isfinite(block).all()):
+        if self.lossy is not None and not codable(block):
             return _EXACT.encode(block)
         return self.codec.encode(block)
 

@@ -43,6 +43,9 @@ class AsyncKVStore:
     """
 
     def __init__(self, store: KVStore, max_threads: int = 4):
+        if not isinstance(store, KVStore):
+            raise ValueError(f"store: expected a KVStore (AsyncKVStore(store) wraps an open store), got "
+                             f"{type(store).__name__}")
         if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
             raise ValueError(f"max_threads: expected an int >= 1, got {max_threads!r}")
         self.store = store

@@ -21,6 +21,7 @@ block held approximately stores them again instead of counting dedup.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from functools import partial
@@ -110,41 +111,51 @@ class BlockFlow:
         if level.batch:
             held = self._held_by(level, (key for key, _ in items))
             items = [(key, block) for key, block in items if key not in held]
-        self.stack.write(level, items)  # queued copies are exact: approximate ones are never queued
+        keys = [key for key, _ in items]
+        written = set(keys)
+        chains = self._chains.chains_of(keys) if level.chains else []
+        # each prompt's blocks before the first of them here: a queued tail evicted the head it follows
+        keep = {key for chain in chains for key in itertools.takewhile(lambda key: key not in written, chain)}
+        self.stack.write(level, items, keep=keep)  # queued copies are exact: approximate ones are never queued
         if level.chains:  # each prompt these blocks came with: its head the most recently used
-            keys = [key for key, _ in items]
-            written = set(keys)
-            for chain in self._chains.chains_of(keys) or [keys]:
+            for chain in chains or [keys]:
                 # the whole chain once, with its last block (written last): after every batch it cost a 4,096-
                 # block prompt 2.6 s of LMDB stamps instead of 0.25 s
                 self.stack.touch_chain(level, chain if chain[-1] in written else keys)
 
-    def store_kv(self, blocks: Sequence[BlockRef], kv: torch.Tensor) -> int:
+    def store_kv(self, blocks: Sequence[BlockRef], kv: torch.Tensor, head: Sequence[bytes] = ()) -> int:
         """Store ``blocks`` whose KV is ``kv`` (its token 0 is ``blocks[0].start``, its shape checked by the
-        caller), one put; returns blocks newly stored."""
+        caller), one put; ``head``: the keys of the prompt's blocks before them. Returns blocks newly stored."""
         kv = kv.detach()  # the bytes, not an autograd graph: stored copies never require grad
         pieces = block_slices(kv, blocks, self.layout.block_tokens)
-        return self.store_items([(b.key, piece) for b, piece in zip(blocks, pieces)])
+        return self.store_items([(b.key, piece) for b, piece in zip(blocks, pieces)], head)
 
-    def store_items(self, items: Sequence[Item]) -> int:
-        """Store blocks ``(key, [L, P, tokens, H, D])`` not stored yet, one put of a prompt's blocks (its
-        head left the most recently used); returns blocks newly stored."""
-        stored = self.store_blocks(items)
-        self.end_put([key for key, _ in items])
+    def store_items(self, items: Sequence[Item], head: Sequence[bytes] = ()) -> int:
+        """Store blocks ``(key, [L, P, tokens, H, D])`` not stored yet, one put of a prompt's blocks after
+        ``head`` (its head left the most recently used); returns blocks newly stored."""
+        keys = [*head, *(key for key, _ in items)]
+        self.begin_put(keys)
+        stored = self.store_blocks(items, head)
+        self.end_put(keys)
         return stored
+
+    def begin_put(self, keys: Sequence[bytes]) -> None:
+        """A put of the prompt whose blocks' keys are ``keys`` (in token order) begins: its copies written
+        behind keep its head (``_write_queued``), however the write-behind batches them."""
+        if len(keys) > 1 and self._targets:
+            self._chains.remember(keys)
 
     def end_put(self, keys: Sequence[bytes]) -> None:
         """Count one put of a prompt whose blocks' keys are ``keys`` (in token order, each stored by
         ``store_blocks`` or before), and leave its head the most recently used (``ChainTier``)."""
         self.counters.add("puts")
         if len(keys) > 1:
-            if self._targets:
-                self._chains.remember(keys)  # for its copies written behind (``kvstore/chains.py``)
             for level in self.stack:
                 self.stack.touch_chain(level, keys)
 
-    def store_blocks(self, items: Sequence[Item]) -> int:
-        """``store_items`` less ``end_put``: for a put that stores its prompt a block at a time.
+    def store_blocks(self, items: Sequence[Item], head: Sequence[bytes] = ()) -> int:
+        """``store_items`` less ``begin_put`` and ``end_put``: for a put that stores its prompt a block at a
+        time. No level evicts the prompt's blocks ``head`` (keys before ``items``) for them.
 
         Keys another thread's put is landing now are left to it, then looked
         at again once it is done (as stored blocks: dedup), or after
@@ -168,7 +179,7 @@ class BlockFlow:
                 else:
                     theirs.append(item)
         try:
-            stored = self._store_now(ours)
+            stored = self._store_now(ours, head)
         finally:
             if claimed:
                 with self._landed_lock:
@@ -184,23 +195,26 @@ class BlockFlow:
                                           _LANDING_WAIT_SECONDS)
                 finally:
                     self._waiting -= 1
-            stored += self._store_now(theirs)  # found now (dedup), or the other put failed (or still lands)
+            stored += self._store_now(theirs, head)  # found now (dedup), or the other put failed (or still lands)
         self.counters.add("blocks_stored", stored)
         return stored
 
-    def _store_now(self, items: Sequence[Item]) -> int:
+    def _store_now(self, items: Sequence[Item], head: Sequence[bytes]) -> int:
         """``store_blocks`` of keys no other thread's put is landing; returns blocks newly stored."""
         new = []
+        lead = list(head)  # the prompt's blocks before its first new one: landing evicts none of them
         for key, block in items:
             sightings = self.placement.sighted(key)
             where = self.stack.where(key, self._dedup)
             if where is None or self._marked(where, key):
                 new.append((key, block, sightings))  # not stored, or held approximately in memory: store these
                 continue
+            if not new:
+                lead.append(key)
             self.count_dedup(block)
             # a level that stores with a lossy codec cannot give an exact copy down: these bytes can
             self._send_down(where, key, block if where.lossy else None, sightings, newly_admitted=True)
-        stored = self._land(new)
+        stored = self._land(new, frozenset(lead))
         for level in self._marks:  # whatever their write policy: an approximate copy left was served later
             exact = [(key, block) for key, block in items if self._marked(level, key)]
             if exact:
@@ -217,8 +231,9 @@ class BlockFlow:
         """Whether a memory level holds ``key`` with approximate bytes (read from a lossy tier)."""
         return level.slots and level.tier.lossy_of(key) is not None
 
-    def _land(self, items: list[tuple[bytes, torch.Tensor | PendingBlock, int]]) -> int:
-        """Put blocks in the fastest available level that takes them, then queue the lower copies.
+    def _land(self, items: list[tuple[bytes, torch.Tensor | PendingBlock, int]], keep: Collection[bytes]) -> int:
+        """Put blocks in the fastest available level that takes them (none evicting ``keep``, the prompt's
+        blocks before them), then queue the lower copies.
 
         Blocks a level rejects (the batch is larger than it) go on to the
         level below in the same call. That level is then also written the
@@ -245,7 +260,7 @@ class BlockFlow:
                     if key in held:
                         self.count_dedup(block)
                 items = [item for item in items if item[0] not in held]
-            self.stack.write(level, batch)
+            self.stack.write(level, batch, keep=keep)
             rest = []
             for key, block, sightings in items:
                 if self.stack.contains(level, key) and not self._marked(level, key):

@@ -175,6 +175,8 @@ class EngineHooks:
             raise ValueError("sink: expected None without layer_wise=True, got a callable")
         if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0 or (skip and not layer_wise):
             raise ValueError(f"skip: expected an int >= 0 (and layer_wise=True when > 0), got {skip!r}")
+        if prefetch is not None and not prefetch.made_by(self.prefetcher):  # another store's pins and readiness
+            raise ValueError("prefetch: expected a handle from this store's prefetch(), got one from another store")
         if prefetch is not None and prefetch.closed:
             raise ValueError("prefetch: expected an open handle, got a closed one (a load consumes its handle)")
         if prefetch is not None and (any(a.key != b.key for a, b in zip(prefetch.blocks, blocks))
@@ -243,6 +245,7 @@ class EngineHooks:
         return LayerSaver(self.layout, self._keys.blocks(tokens, salt), start, self._store_kv, self.buffers)
 
     @gated
-    def _store_kv(self, blocks: Sequence[BlockRef], kv: torch.Tensor) -> int:
-        """A layer-wise save's blocks, when its last layer came: refused if the store closed meanwhile."""
-        return self._flow.store_kv(blocks, kv)
+    def _store_kv(self, blocks: Sequence[BlockRef], kv: torch.Tensor, head: Sequence[bytes]) -> int:
+        """A layer-wise save's blocks (after the prompt's blocks ``head``), when its last layer came: refused if
+        the store closed meanwhile."""
+        return self._flow.store_kv(blocks, kv, head)

@@ -351,13 +351,15 @@ class LayerSaver:
 
     ``kv`` for ``save_layer`` covers tokens ``[start, len(tokens))`` as
     ``[P, tokens, H, D]``. Blocks before ``start`` (already stored, or loaded
-    from the store) are not written. ``store_blocks(blocks, kv)`` writes
-    the blocks whose KV is ``kv`` (token 0 of ``kv`` is ``blocks[0].start``)
-    and returns how many were newly stored.
+    from the store) are not written. ``store_blocks(blocks, kv, head)``
+    writes the blocks whose KV is ``kv`` (token 0 of ``kv`` is
+    ``blocks[0].start``) after the prompt's blocks ``head`` (their keys) and
+    returns how many were newly stored.
     """
 
     def __init__(self, layout: KVLayout, blocks: Sequence[BlockRef], start: int,
-                 store_blocks: Callable[[Sequence[BlockRef], torch.Tensor], int], buffers: BufferPool | None = None):
+                 store_blocks: Callable[[Sequence[BlockRef], torch.Tensor, Sequence[bytes]], int],
+                 buffers: BufferPool | None = None):
         total = blocks[-1].end if blocks else 0
         bounds = {0, total} | {block.start for block in blocks}
         if isinstance(start, bool) or not isinstance(start, int) or start not in bounds:
@@ -366,6 +368,7 @@ class LayerSaver:
         self.start = start
         self.num_tokens = total
         self._blocks = [block for block in blocks if block.start >= start]
+        self._head = [block.key for block in blocks if block.start < start]
         self._store_blocks = store_blocks
         self._buffers = buffers
         shape = layout.shape(total - start)
@@ -411,7 +414,7 @@ class LayerSaver:
                 return None
         staging, self._staging = self._staging, torch.empty(0)
         try:
-            self.stored = self._store_blocks(self._blocks, staging) if self._blocks else 0
+            self.stored = self._store_blocks(self._blocks, staging, self._head) if self._blocks else 0
         finally:
             if self._buffers is not None:
                 self._buffers.give(staging)

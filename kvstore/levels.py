@@ -345,8 +345,8 @@ class TierStack:
 
     def write(self, level: Level, items: Sequence[tuple[bytes, torch.Tensor | PendingBlock]],
               lossy: str | None = None, keep: Collection[bytes] = ()) -> None:
-        """Write blocks that all went through ``lossy`` (None: exact) to ``level``, if it may take them; a
-        memory level evicts none of ``keep`` for them."""
+        """Write blocks that all went through ``lossy`` (None: exact) to ``level``, if it may take them; a level
+        that evicts chains tail first evicts none of ``keep`` for them (``ChainTier.put_keeping``)."""
         if not items or not self.available(level):
             return
         if not level.health.writes_available():
@@ -358,7 +358,7 @@ class TierStack:
         if not (level.slots and level.tier.fills_in_place):
             items = [(key, as_tensor(block)) for key, block in items]
         try:
-            if keep and level.slots:
+            if keep and level.chains:
                 level.tier.put_keeping(items, lossy, keep)
             elif lossy is None:
                 level.tier.put_many(items)

@@ -299,6 +299,10 @@ class PrefetchHandle:
         self._handed_over = False
         self._hand_over_lock = threading.Lock()
 
+    def made_by(self, prefetcher: Prefetcher) -> bool:
+        """Whether ``prefetcher`` (one store's) started this prefetch: its pins and readiness are that store's."""
+        return self._prefetcher is prefetcher
+
     @property
     def blocks(self) -> list[BlockRef]:
         """The request's leading blocks some tier held when the prefetch started."""

@@ -208,15 +208,17 @@ class KVStore:
             raise ValueError(f"start: expected a block boundary in {sorted(bounds)}, got {start!r}")
         if not callable(fill):
             raise ValueError(f"fill: expected a callable fill(block, dst), got {type(fill).__name__}")
+        keys = [block.key for block in blocks]
         stored = 0
+        self._flow.begin_put(keys)
         try:
-            for block in blocks:  # one at a time: a fill that raises leaves every earlier block fully stored
+            for n, block in enumerate(blocks):  # one at a time: a fill that raises leaves every earlier block stored
                 if self._gate.is_done():  # a fill closed the store (another thread's close waits for this call)
                     break
-                if block.start >= start:
-                    stored += self._flow.store_blocks([(block.key, PendingBlock(self.layout, block, fill))])
+                if block.start >= start:  # evicting none of the blocks before it
+                    stored += self._flow.store_blocks([(block.key, PendingBlock(self.layout, block, fill))], keys[:n])
         finally:  # one put, whose head (blocks before ``start`` too) is left the most recently used
-            self._flow.end_put([block.key for block in blocks])
+            self._flow.end_put(keys)
         return stored
 
     @gated

@@ -108,3 +108,9 @@ def test_a_bad_argument_is_the_stores_value_error_and_max_threads_is_checked(sto
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="max_threads"):
             AsyncKVStore(store, max_threads=bad)
+
+
+@pytest.mark.parametrize("bad", ["a store", None, StoreConfig()], ids=["str", "None", "config"])
+def test_only_an_open_store_is_wrapped(bad):
+    with pytest.raises(ValueError, match="store: expected a KVStore"):
+        AsyncKVStore(bad)

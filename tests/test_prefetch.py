@@ -814,3 +814,21 @@ def test_config_prefetch_settings_from_code_and_environment():
         StoreConfig.load(environ={"KVSTORE_PREFETCH_QUEUE_BLOCKS": "many"})
     with pytest.raises(ValueError, match="^prefetch_policy: expected one of"):
         StoreConfig.load(environ={"KVSTORE_PREFETCH_POLICY": "sometimes"})
+
+
+@pytest.mark.parametrize("layer_wise", [False, True])
+def test_a_handle_from_another_store_is_refused_and_left_as_it_was(tmp_path, layout, layer_wise):
+    """Another store's handle (same tokens, same keys) was taken: its pins and readiness are the other
+    store's, and the load returned 0 tokens although this store held them all."""
+    tokens = make_tokens(40, seed=2)
+    kv = torch.randn(layout.shape(40), generator=torch.Generator().manual_seed(2)).to(layout.dtype)
+    config = StoreConfig(model_id="m", host_bytes=8 * layout.block_bytes)
+    with KVStore(layout, config) as one, KVStore(layout, config) as other:
+        for store in (one, other):
+            store.put(tokens, kv)
+        handle = one.prefetch(tokens)
+        with pytest.raises(ValueError, match="from this store's prefetch"):
+            other.load(tokens, prefetch=handle, layer_wise=layer_wise)
+        assert not handle.closed  # untouched: still the first store's to load with
+        assert_same_kv(one.load(tokens, prefetch=handle), kv)
+        assert_same_kv(other.load(tokens), kv)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import TESTS_DIR, assert_same_kv, make_kv, make_tokens, run_python, run_threads, tiny_layout
+from kvstore.blockformat import HEADER_BYTES
 from kvstore.config import StoreConfig
 from kvstore.keys import KeyChain
 from kvstore.flow import STORE_COUNTERS
@@ -787,3 +788,49 @@ def test_host_misses_count_the_blocks_read_below_it(tmp_path, layout, lower):
         tiers = store.stats()["tiers"]
         assert (tiers["host"]["hits"], tiers["host"]["misses"]) == (0, 4)
         assert tiers[lower]["hits"] == 4
+
+
+def _save_tail(store, tokens, kv, how, start):
+    """Store ``tokens`` whose blocks before ``start`` are stored already, the way an engine does after a hit."""
+    if how == "put":
+        store.put(tokens, kv)
+    elif how == "put_from":
+        store.put_from(tokens, lambda block, dst: dst.copy_(kv[:, :, block.start:block.end]), start=start)
+    else:
+        saver = store.save(tokens, layer_wise=True, start=start)
+        for layer in range(store.layout.num_layers):
+            saver.save_layer(layer, kv[layer, :, start:])
+        assert saver.done
+
+
+HEAD_TIERS = {  # each with room for the prompt's two leading blocks only, below host RAM too
+    "host": lambda lay, path: dict(host_bytes=2 * lay.block_bytes),
+    "lmdb": lambda lay, path: dict(host_bytes=0, disk_dir=str(path / "lmdb"), disk_sync=False,
+                                   disk_bytes=2 * (lay.block_bytes + HEADER_BYTES)),
+    "files": lambda lay, path: dict(host_bytes=0, files_dir=str(path / "files"), files_sync=False,
+                                    files_bytes=2 * (lay.block_bytes + HEADER_BYTES)),
+    "host+lmdb": lambda lay, path: dict(host_bytes=8 * lay.block_bytes, disk_dir=str(path / "lmdb"),
+                                        disk_sync=False, disk_bytes=2 * (lay.block_bytes + HEADER_BYTES)),
+}
+
+
+@pytest.mark.parametrize("how", ["put", "put_from", "layer-wise save"])
+@pytest.mark.parametrize("tiers", sorted(HEAD_TIERS))
+def test_a_prompt_whose_head_is_stored_never_evicts_it_for_its_tail(tmp_path, tiers, how):
+    """An engine saves a prompt after a hit on its head: the tail's blocks evicted the head (stored earlier,
+    so the least recently used), and the prompt, then every prompt sharing that head, missed (lookup 64
+    tokens, then 0). The head stays; what has no room beside it is rejected or goes to the tier below."""
+    lay = tiny_layout(dtype=torch.float32)
+    bt = lay.block_tokens
+    tokens, kv = make_tokens(4 * bt + 2), make_kv(lay, 4 * bt + 2, seed=3)
+    with KVStore(lay, StoreConfig(model_id="m", **HEAD_TIERS[tiers](lay, tmp_path))) as store:
+        store.put(tokens[:2 * bt], kv[:, :, :2 * bt])
+        store.flush()
+        _save_tail(store, tokens, kv, how, 2 * bt)
+        store.flush()
+        assert store.lookup(tokens) >= 2 * bt
+        assert_same_kv(store.get(tokens[:2 * bt]), kv[:, :, :2 * bt])
+    if tiers == "host+lmdb":  # the copies written behind kept the head in LMDB as well
+        with KVStore(lay, StoreConfig(model_id="m", **HEAD_TIERS["lmdb"](lay, tmp_path))) as disk_only:
+            assert disk_only.lookup(tokens) == 2 * bt
+            assert_same_kv(disk_only.get(tokens[:2 * bt]), kv[:, :, :2 * bt])

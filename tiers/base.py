@@ -112,9 +112,6 @@ class MemorySlots(Tier, Protocol):
 
     def put_lossy(self, items: Sequence[tuple[bytes, torch.Tensor]], codec: str) -> int: ...
 
-    def put_keeping(self, items: Sequence[tuple[bytes, torch.Tensor]], lossy: str | None,
-                    keep: Collection[bytes]) -> int: ...
-
     def get_into_marked(self, key: bytes, out: torch.Tensor) -> tuple[bool, str | None]: ...
 
     def get_run_marked(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[str | None]: ...
@@ -178,6 +175,14 @@ class ChainTier(Tier, Protocol):
     def touch_chain(self, keys: Sequence[bytes]) -> None:
         """``keys``, a prompt's blocks in order, were just used: those held here become the most recently
         used, the first one most of all."""
+        ...
+
+    def put_keeping(self, items: Sequence[tuple[bytes, torch.Tensor]], lossy: str | None,
+                    keep: Collection[bytes]) -> int:
+        """``put_many`` that evicts none of ``keep`` (``lossy``: the lossy codec the blocks went through, for
+        memory slots only; a tier below takes exact bytes). ``keep`` is the prompt's blocks before these (and a
+        read's own, for its promotions): a prompt whose head was stored already lost it to its own tail,
+        which no lookup then reached. Blocks with no room beside them are ``rejected``."""
         ...
 
 
@@ -303,13 +308,16 @@ def decode_blob(encoding: BlockEncoding, key: bytes, fingerprint: bytes, blob: o
 
 def make_directory(path: str | os.PathLike[str], setting: str) -> None:
     """Create directory ``path`` (and its parents) if missing; a ``ValueError`` naming ``setting`` if a file
-    or anything else not a directory is there or on the way (``FileExistsError`` named neither)."""
+    or anything else not a directory is there or on the way (``FileExistsError`` named neither), an
+    ``OSError`` naming it if the directory cannot be made."""
     try:
         if not os.path.isdir(path):  # mkdir of an existing name still waits on a frozen or hung filesystem
             os.makedirs(path, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ValueError(f"{setting}: expected a directory, got {os.fspath(path)!r}: something that is not a "
                          f"directory is there or on its path") from None
+    except OSError as exc:  # a read-only or pseudo filesystem (/proc), another user's directory: named here
+        raise OSError(exc.errno, f"{setting} {os.fspath(path)!r}: cannot create it ({exc.strerror})") from None
 
 
 def check_one_block(layout: KVLayout, capacity_bytes: int, setting: str) -> int:

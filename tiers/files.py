@@ -683,11 +683,18 @@ class FilesTier:
             return True, spare
 
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
-        """``_put_batch``; a batch the filesystem had no room for is written again once, in the room it has
-        (``_fit_to_filesystem``)."""
+        return self.put_keeping(items, None, ())
+
+    def put_keeping(self, items: Sequence[tuple[bytes, torch.Tensor]], lossy: str | None,
+                    keep: Collection[bytes]) -> int:
+        """``ChainTier.put_keeping`` by ``_put_batch``; a batch the filesystem had no room for is written again
+        once, in the room it has (``_fit_to_filesystem``)."""
+        if lossy is not None:
+            raise ValueError(f"lossy: expected None (a files tier takes exact bytes), got {lossy!r}")
+        keep = {self.encoding.stored_name(key) for key in keep}
         lowerings = self._room.lowerings
         try:
-            return self._put_batch(items)
+            return self._put_batch(items, keep)
         except OSError as exc:
             if exc.errno not in NO_SPACE:
                 raise
@@ -697,9 +704,9 @@ class FilesTier:
                 again = self._room.lowerings != lowerings and self._used > 0
             if not again:
                 raise
-        return self._put_batch(items)
+        return self._put_batch(items, keep)
 
-    def _put_batch(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+    def _put_batch(self, items: Sequence[tuple[bytes, torch.Tensor]], keep: set[bytes]) -> int:
         """Write each block not yet present (here or by another process) atomically; count those stored.
 
         Up to ``io_threads`` files are written at once (a file write
@@ -713,7 +720,7 @@ class FilesTier:
         """
         items = [(self.encoding.stored_name(key), block) for key, block in items]
         in_flight: list[_Write] = []
-        ours: set[bytes] = set()  # the batch's blocks written or found stored: never its victims
+        ours = set(keep)  # the blocks kept, and the batch's written or found stored: never its victims
         error: Exception | None = None
         parked = ParkedFiles()  # this batch's evicted files, overwritten by its next writes (tiers/parked.py)
         stamps = dict(zip(reversed([key for key, _ in items]), reversed(chain_stamps(len(items)))))

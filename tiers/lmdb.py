@@ -384,12 +384,22 @@ class LmdbTier:
         with self._in_use.hold() as held:
             return self._put_many(items) if held else 0
 
-    def _put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+    def put_keeping(self, items: Sequence[tuple[bytes, torch.Tensor]], lossy: str | None,
+                    keep: Collection[bytes]) -> int:
+        """``ChainTier.put_keeping``."""
+        if lossy is not None:
+            raise ValueError(f"lossy: expected None (a disk tier takes exact bytes), got {lossy!r}")
+        with self._in_use.hold() as held:
+            return self._put_many(items, frozenset(keep)) if held else 0
+
+    def _put_many(self, items: Sequence[tuple[bytes, torch.Tensor]], keep: frozenset[bytes] = frozenset()) -> int:
         if self._room.recheck_due(self._capacity):
             free = self._room.free_bytes(full_disk=False)
             if free is not None and self._refit(free, full_disk=False):
                 self._keep_reserve()
-        fitting, total, seen = [], 0, set()
+        with self._lock:  # the room beside the blocks kept: a put evicts none of them
+            kept = sum(self._index.get(key, 0) for key in keep)
+        fitting, total, seen = [], kept, set()
         for n, (key, block) in enumerate(items):
             if key in seen or self.contains(key):
                 continue
@@ -406,7 +416,7 @@ class LmdbTier:
             fitting.append((key, payload))
             self._counters.add("logical_bytes_written", block.nbytes)
         for part in _parts(fitting, self._capacity // _PARTS_PER_CAPACITY if total > self._capacity // 2 else total):
-            self._write(part, [], keep=seen)
+            self._write(part, [], keep=seen | keep)
         return sum(self.contains(key) for key, _ in items)
 
     def _write(self, payloads: list[tuple[bytes, object]], deletes: list[bytes], keep: Collection[bytes] = ()) -> None:

@@ -191,8 +191,8 @@ class SlotTier:
 
     def put_keeping(self, items: Sequence[tuple[bytes, torch.Tensor]], lossy: str | None,
                     keep: Collection[bytes]) -> int:
-        """``put_many`` (``put_lossy`` with ``lossy``) that evicts none of ``keep``: a read's promotions, which
-        evicted the request's own blocks, and a head held only here was lost (lookup 87 tokens, then 0)."""
+        """``ChainTier.put_keeping``: a read's promotions evicted the request's own blocks, and a head held only
+        here was lost (lookup 87 tokens, then 0)."""
         return self._put_each(items, lossy, keep)
 
     def _put_each(self, items: Sequence[tuple[bytes, torch.Tensor]], lossy: str | None,

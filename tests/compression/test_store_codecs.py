@@ -11,6 +11,8 @@ import torch
 from conftest import TESTS_DIR, assert_same_kv, make_kv, make_tokens, tiny_layout
 from kvstore.blockformat import HEADER_BYTES
 from kvstore.compression import KiviCodec, get_codec
+from kvstore.compression.registry import CODECS
+from kvstore.compression.stored import INTACT, LOSSY_MAX_ABS, BlockEncoding
 from kvstore.config import StoreConfig
 from kvstore.store import KVStore
 from kvstore.tiers.files import FilesTier
@@ -530,3 +532,28 @@ def test_a_lossy_tier_keeps_a_non_finite_block_exact(tiers, kind, spec, bad):
     lossy = read(tier, LAYOUT, B)  # a finite block is still encoded by the tier's codec
     assert lossy is not None and torch.isfinite(lossy).all() and not torch.equal(lossy, clean)
     assert rel_err(lossy, clean) < 0.3
+
+
+LOSSY_SPECS = sorted(name for name in CODECS if not get_codec(name).lossless)
+
+
+@pytest.mark.parametrize("spec", LOSSY_SPECS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_a_lossy_codec_never_turns_finite_kv_into_nan(spec, dtype):
+    """Finite values near a dtype's limits overflowed the codecs' arithmetic (rq's centring in fp16 at
+    |x| = 60,000; ec's squares at 1e19; rq's norms at 1e38) and decoded into NaN. Blocks up to
+    ``LOSSY_MAX_ABS`` are approximated finite; larger ones are stored exact."""
+    layout = tiny_layout(dtype=dtype)
+    encoding = BlockEncoding(layout, get_codec(spec))
+    limit = LOSSY_MAX_ABS[dtype]
+    unit = make_kv(layout, layout.block_tokens, seed=5).float().clamp(-1, 1)
+    for scale in (limit / 1e6, limit, 60000.0, 1e19, 1e38, float(torch.finfo(dtype).max)):
+        block = (unit * scale).to(dtype)
+        if not torch.isfinite(block).all():
+            continue  # the scale is past this dtype: not a finite block
+        out = torch.empty_like(block)
+        payload = encoding.encode(block)
+        assert encoding.decode_into(payload, out, encoding.header_encoding(payload)) == INTACT
+        assert torch.isfinite(out).all(), f"{spec} {dtype} at |x| <= {scale:g}"
+        if block.abs().max() > limit:
+            assert torch.equal(out.view(torch.uint8), block.view(torch.uint8))  # stored exact

@@ -480,6 +480,17 @@ def test_a_directory_setting_naming_a_file_is_a_value_error_naming_it(tmp_path, 
                                                                               sizes[setting]: "1MiB"}))
 
 
+@pytest.mark.parametrize("setting", ["disk_dir", "files_dir"])
+def test_a_directory_that_cannot_be_made_is_an_error_naming_its_setting(setting):
+    """A path on a pseudo filesystem (or a read-only one) was a bare FileNotFoundError naming neither."""
+    from kvstore import KVStore, StoreConfig
+
+    sizes = {"disk_dir": "disk_bytes", "files_dir": "files_bytes"}
+    with pytest.raises(OSError, match=f"^\\[Errno 2\\] {setting} '/proc/self/kvstore': cannot create it"):
+        KVStore(tiny_layout(), StoreConfig(model_id="m", host_bytes=0, **{setting: "/proc/self/kvstore",
+                                                                          sizes[setting]: "1MiB"}))
+
+
 def test_a_capacity_the_machine_cannot_map_is_a_value_error_and_leaves_the_directory_free(disk_dir, layout):
     with pytest.raises(ValueError, match="^disk_bytes: expected a size this machine can map"):
         LmdbTier(disk_dir, 1 << 61, layout)  # 4 EiB of map: more than even 5-level paging addresses

@@ -43,3 +43,30 @@ def test_exact_lru_eviction_order(tier, layout):
     stats = tier.stats()
     assert (stats["evictions"], stats["blocks"], stats["hits"], stats["misses"]) == (1, 3, 4, 1)
     assert stats["used_bytes"] <= stats["capacity_bytes"]
+
+
+def test_put_keeping_evicts_none_of_the_blocks_kept(tier, layout):
+    """``put_keeping`` of a prompt's tail evicts none of its head (``keep``): a head stored already was the
+    least recently used and went to its own tail, which no lookup then reached. What finds no room beside
+    the kept blocks is rejected; anything else is evicted as ever, the oldest first."""
+    blocks = make_blocks(layout)
+    tier.put_many([(A, blocks[A])])
+    tier.put_many([(B, blocks[B])])
+    tier.put_many([(C, blocks[C])])
+    assert tier.put_keeping([(D, blocks[D])], None, {A, B}) == 1  # C, the only block not kept, goes
+    assert names(tier) == ["A", "B", "D"]
+    assert tier.put_keeping([(C, blocks[C])], None, {A, B, D}) == 0  # no room beside them: rejected
+    assert names(tier) == ["A", "B", "D"]
+    stats = tier.stats()
+    assert (stats["evictions"], stats["rejected"]) == (1, 1)
+    assert stats["used_bytes"] <= stats["capacity_bytes"]
+    for key in (A, B, D):
+        assert_same_kv(read(tier, layout, key), blocks[key])
+
+
+def test_put_keeping_takes_no_approximate_bytes_below_memory(tier, layout):
+    if isinstance(tier, HostTier):
+        pytest.skip("memory slots hold approximate bytes, marked")
+    with pytest.raises(ValueError, match="lossy: expected None"):
+        tier.put_keeping([(A, make_blocks(layout)[A])], "kivi4", ())
+    assert names(tier) == []
