@@ -367,10 +367,13 @@ class KVStoreHiCache(HiCacheStorage):
             self._fail("batch_set failed", exc)
             return False
 
-    def _put(self, store: KVStore, keys: Sequence[str], blocks: Sequence[torch.Tensor]) -> int:
-        """Store blocks; how many leading ``keys`` some tier holds afterwards (a backup, counted)."""
+    def _put(self, store: KVStore, keys: Sequence[str], blocks: Sequence[torch.Tensor],
+             extra_info: HiCacheStorageExtraInfo | None = None) -> int:
+        """Store blocks; how many leading ``keys`` some tier holds afterwards (a backup, counted). The pages
+        before them (``prefix_keys``, where SGLang passes them) are evicted for none of them."""
         started = time.perf_counter()
-        store.put_keyed(list(zip(keys, blocks)), self._salt)
+        prefix = extra_info.prefix_keys if extra_info is not None and extra_info.prefix_keys else ()
+        store.put_keyed(list(zip(keys, blocks)), self._salt, after=list(prefix))
         held = store.lookup_keyed(list(keys), self._salt)
         self._record("backup", held, len(keys), started)
         return held
@@ -430,7 +433,8 @@ class KVStoreHiCache(HiCacheStorage):
         try:
             if self.flat_anchor:
                 return _count_leading(self.pools.set(KV_POOL, keys, host_indices), len(keys))
-            return _count_leading(self._put(store, keys, self._pool_views(host_indices, len(keys))), len(keys))
+            return _count_leading(self._put(store, keys, self._pool_views(host_indices, len(keys)), extra_info),
+                                  len(keys))
         except Exception as exc:
             self._fail("batch_set_v1 failed", exc)
             return [False] * len(keys)

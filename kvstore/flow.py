@@ -134,14 +134,19 @@ class BlockFlow:
         """Store blocks ``(key, [L, P, tokens, H, D])`` not stored yet, one put of a prompt's blocks after
         ``head`` (its head left the most recently used); returns blocks newly stored."""
         keys = [*head, *(key for key, _ in items)]
-        self.begin_put(keys)
-        stored = self.store_blocks(items, head)
+        self.begin_put(keys, len(head))
+        stored = self.store_blocks(items, set(head))
         self.end_put(keys)
         return stored
 
-    def begin_put(self, keys: Sequence[bytes]) -> None:
-        """A put of the prompt whose blocks' keys are ``keys`` (in token order) begins: its copies written
-        behind keep its head (``_write_queued``), however the write-behind batches them."""
+    def begin_put(self, keys: Sequence[bytes], stored: int = 0) -> None:
+        """A put of the prompt whose blocks' keys are ``keys`` (in token order) begins, its first ``stored``
+        stored already: those become the most recently used (a tier evicting for the rest then finds its
+        victims at once, not behind them), and its copies written behind keep its head (``_write_queued``),
+        however the write-behind batches them."""
+        if stored > 1:
+            for level in self.stack:
+                self.stack.touch_chain(level, keys[:stored])
         if len(keys) > 1 and self._targets:
             self._chains.remember(keys)
 
@@ -153,7 +158,7 @@ class BlockFlow:
             for level in self.stack:
                 self.stack.touch_chain(level, keys)
 
-    def store_blocks(self, items: Sequence[Item], head: Sequence[bytes] = ()) -> int:
+    def store_blocks(self, items: Sequence[Item], head: Collection[bytes] = frozenset()) -> int:
         """``store_items`` less ``begin_put`` and ``end_put``: for a put that stores its prompt a block at a
         time. No level evicts the prompt's blocks ``head`` (keys before ``items``) for them.
 
@@ -178,6 +183,9 @@ class BlockFlow:
                     ours.append(item)
                 else:
                     theirs.append(item)
+        if theirs and ours:  # the blocks before ours another thread is landing are this prompt's head too
+            first = next(n for n, item in enumerate(items) if item is ours[0])
+            head = {*head, *(key for key, _ in items[:first])}
         try:
             stored = self._store_now(ours, head)
         finally:
@@ -199,10 +207,11 @@ class BlockFlow:
         self.counters.add("blocks_stored", stored)
         return stored
 
-    def _store_now(self, items: Sequence[Item], head: Sequence[bytes]) -> int:
-        """``store_blocks`` of keys no other thread's put is landing; returns blocks newly stored."""
+    def _store_now(self, items: Sequence[Item], head: Collection[bytes]) -> int:
+        """``store_blocks`` of keys no other thread's put is landing, after the prompt's blocks ``head``;
+        returns blocks newly stored."""
         new = []
-        lead = list(head)  # the prompt's blocks before its first new one: landing evicts none of them
+        lead = []  # the blocks before the first new one, with ``head``: landing evicts none of them
         for key, block in items:
             sightings = self.placement.sighted(key)
             where = self.stack.where(key, self._dedup)
@@ -214,7 +223,7 @@ class BlockFlow:
             self.count_dedup(block)
             # a level that stores with a lossy codec cannot give an exact copy down: these bytes can
             self._send_down(where, key, block if where.lossy else None, sightings, newly_admitted=True)
-        stored = self._land(new, frozenset(lead))
+        stored = self._land(new, {*head, *lead} if lead else head)
         for level in self._marks:  # whatever their write policy: an approximate copy left was served later
             exact = [(key, block) for key, block in items if self._marked(level, key)]
             if exact:

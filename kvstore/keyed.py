@@ -43,12 +43,17 @@ class KeyedBlocks:
                              f"got {getattr(block, 'shape', type(block).__name__)}")
 
     @gated
-    def put_keyed(self, items: Sequence[tuple[EngineKey, torch.Tensor]], salt: Salt = None) -> int:
+    def put_keyed(self, items: Sequence[tuple[EngineKey, torch.Tensor]], salt: Salt = None, *,
+                  after: Sequence[EngineKey] = ()) -> int:
         """Store blocks named by the engine: ``(name, [L, P, tokens, H, D])`` with 1..block_tokens tokens.
 
-        Every block is validated before any is stored; returns blocks newly stored.
+        ``after``: the names of the engine's blocks before these in the same
+        sequence (SGLang's ``prefix_keys``): no tier evicts them for these, as
+        a prompt's head is never evicted for its tail. Every block is
+        validated before any is stored; returns blocks newly stored.
         """
         items = _listed(items, "items", "(name, block) pairs")
+        head = self.engine_keys(_listed(after, "after", "engine block names"), salt)
         for item in items:
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise ValueError(f"items: expected (name, block) pairs, got {type(item).__name__} {item!r:.80}")
@@ -62,7 +67,7 @@ class KeyedBlocks:
                 self._flow.count_dedup(block)
             else:
                 unique[key] = block
-        return self._flow.store_items([(key, block.detach()) for key, block in unique.items()])
+        return self._flow.store_items([(key, block.detach()) for key, block in unique.items()], head)
 
     @gated
     def lookup_keyed(self, names: Sequence[EngineKey], salt: Salt = None) -> int:

@@ -209,14 +209,16 @@ class KVStore:
         if not callable(fill):
             raise ValueError(f"fill: expected a callable fill(block, dst), got {type(fill).__name__}")
         keys = [block.key for block in blocks]
+        before = {block.key for block in blocks if block.start < start}  # grows: no copy per block
         stored = 0
-        self._flow.begin_put(keys)
+        self._flow.begin_put(keys, len(before))
         try:
-            for n, block in enumerate(blocks):  # one at a time: a fill that raises leaves every earlier block stored
+            for block in blocks:  # one at a time: a fill that raises leaves every earlier block stored
                 if self._gate.is_done():  # a fill closed the store (another thread's close waits for this call)
                     break
                 if block.start >= start:  # evicting none of the blocks before it
-                    stored += self._flow.store_blocks([(block.key, PendingBlock(self.layout, block, fill))], keys[:n])
+                    stored += self._flow.store_blocks([(block.key, PendingBlock(self.layout, block, fill))], before)
+                    before.add(block.key)
         finally:  # one put, whose head (blocks before ``start`` too) is left the most recently used
             self._flow.end_put(keys)
         return stored
@@ -299,9 +301,10 @@ class KVStore:
         """Store keys of engine-named blocks (see ``KeyChain.engine_key``)."""
         return self.keyed.engine_keys(names, salt)
 
-    def put_keyed(self, items: Sequence[tuple[EngineKey, torch.Tensor]], salt: Salt = None) -> int:
-        """Store blocks named by the engine (``KeyedBlocks.put_keyed``)."""
-        return self.keyed.put_keyed(items, salt)
+    def put_keyed(self, items: Sequence[tuple[EngineKey, torch.Tensor]], salt: Salt = None, *,
+                  after: Sequence[EngineKey] = ()) -> int:
+        """Store blocks named by the engine, after its blocks ``after`` (``KeyedBlocks.put_keyed``)."""
+        return self.keyed.put_keyed(items, salt, after=after)
 
     def lookup_keyed(self, names: Sequence[EngineKey], salt: Salt = None) -> int:
         """How many leading engine-named blocks some tier holds (``KeyedBlocks.lookup_keyed``)."""

@@ -103,3 +103,24 @@ def test_engine_key_is_the_documented_hash(store):
 
     root = store._keys.root("s")
     assert store.engine_keys(["page-7"], salt="s") == [hashlib.sha256(b"E" + root + b"page-7").digest()]
+
+
+def test_blocks_put_after_named_ones_never_evict_them(tmp_path):
+    """An engine backs a sequence up in batches (SGLang's ``prefix_keys``): a full tier evicted the earlier
+    pages, the least recently used, for the later ones. Named in ``after``, they stay; the later pages that
+    find no room are refused."""
+    layout = tiny_layout()
+    pages = {f"page-{i}": make_kv(layout, layout.block_tokens, seed=i) for i in range(4)}
+    names = list(pages)
+    with KVStore(layout, StoreConfig(model_id="m", host_bytes=2 * layout.block_bytes)) as store:
+        store.put_keyed([(name, pages[name]) for name in names[:2]])
+        assert store.put_keyed([(name, pages[name]) for name in names[2:]], after=names[:2]) == 0
+        assert store.lookup_keyed(names) == 2
+        outs = [torch.empty_like(pages[name]) for name in names[:2]]
+        assert store.get_keyed(names[:2], outs) == 2
+        for name, out in zip(names, outs):
+            assert_same_kv(out, pages[name])
+        with pytest.raises(ValueError, match="after: expected a list or tuple"):
+            store.put_keyed([(names[2], pages[names[2]])], after=iter(names[:2]))
+        store.put_keyed([(name, pages[name]) for name in names[2:]])  # not named: evicted as ever
+        assert store.lookup_keyed(names) == 0 and store.lookup_keyed(names[2:]) == 2

@@ -306,6 +306,18 @@ def decode_blob(encoding: BlockEncoding, key: bytes, fingerprint: bytes, blob: o
     return encoding.decode_into(payload, out, header.encoding)
 
 
+class Kept:
+    """The blocks a write must not evict: several collections of keys, asked in turn and never copied (a
+    prompt's head of thousands of blocks, copied into one set at every block of a ``put_from``, made it
+    quadratic)."""
+
+    def __init__(self, *parts: Collection[bytes]):
+        self._parts = parts
+
+    def __contains__(self, key: object) -> bool:
+        return any(key in part for part in self._parts)
+
+
 def make_directory(path: str | os.PathLike[str], setting: str) -> None:
     """Create directory ``path`` (and its parents) if missing; a ``ValueError`` naming ``setting`` if a file
     or anything else not a directory is there or on the way (``FileExistsError`` named neither), an

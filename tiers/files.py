@@ -73,8 +73,8 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters, LogLimit
-from kvstore.tiers.base import (TIER_COUNTERS, Capability, RefusalLog, check_one_block, make_directory,
-                                tier_stats)
+from kvstore.tiers.base import (TIER_COUNTERS, Capability, Kept, RefusalLog, check_one_block,
+                                make_directory, tier_stats)
 from kvstore.tiers.fanout import (SUFFIX, TEMP_SUFFIX, block_key, block_path, entries_of, fanout_dirs, is_fanout,
                                   old_block_key)
 from kvstore.tiers.fileio import (ALIGN, GONE, MAX_IOVECS, NO_FILE, NO_SPACE, NOT_A_FILE, READ_FLAGS, STAMP_REFUSED,
@@ -313,7 +313,7 @@ class FilesTier:
         if self._scan_removed is not None:
             self._scan_removed.add(key)
 
-    def _pop_lru(self, limit: int, keep: Collection[bytes] = ()) -> list[tuple[bytes, int]]:
+    def _pop_lru(self, limit: int, keep: Collection[bytes] | Kept = ()) -> list[tuple[bytes, int]]:
         """Under the lock: forget least recently accessed blocks, none of ``keep``, until at most ``limit``
         bytes are stored; returns their (key, size), for the caller to unlink or park."""
         victims = []
@@ -327,7 +327,7 @@ class FilesTier:
             self._evicting.add(key)
         return victims
 
-    def _evict_for(self, incoming: int, parked: ParkedFiles, later: int, keep: Collection[bytes]) -> bool:
+    def _evict_for(self, incoming: int, parked: ParkedFiles, later: int, keep: Collection[bytes] | Kept) -> bool:
         """``_make_room``'s eviction, under the scan lock: victims parked (as many as may stay) or unlinked;
         True if one of them could not be removed (another round is due)."""
         victims: list[tuple[bytes, int]] = []
@@ -632,7 +632,7 @@ class FilesTier:
             self._scan_seconds = self._last_scan - began
 
     def _make_room(self, incoming: int, parked: ParkedFiles, later: int = 0,
-                   keep: Collection[bytes] = ()) -> tuple[bool, Parked | None]:
+                   keep: Collection[bytes] | Kept = ()) -> tuple[bool, Parked | None]:
         """Rescan if due; evict least recently accessed files if over capacity; reserve ``incoming``, or
         return a parked victim of at least that size to overwrite (reserved already). False, None if no
         room can be made: other threads' writes in flight hold it (they cannot be evicted before they are
@@ -691,7 +691,8 @@ class FilesTier:
         once, in the room it has (``_fit_to_filesystem``)."""
         if lossy is not None:
             raise ValueError(f"lossy: expected None (a files tier takes exact bytes), got {lossy!r}")
-        keep = {self.encoding.stored_name(key) for key in keep}
+        if keep and self.encoding.form:  # the names this tier's lossy form stores them as
+            keep = {self.encoding.stored_name(key) for key in keep}
         lowerings = self._room.lowerings
         try:
             return self._put_batch(items, keep)
@@ -706,7 +707,7 @@ class FilesTier:
                 raise
         return self._put_batch(items, keep)
 
-    def _put_batch(self, items: Sequence[tuple[bytes, torch.Tensor]], keep: set[bytes]) -> int:
+    def _put_batch(self, items: Sequence[tuple[bytes, torch.Tensor]], keep: Collection[bytes]) -> int:
         """Write each block not yet present (here or by another process) atomically; count those stored.
 
         Up to ``io_threads`` files are written at once (a file write
@@ -720,7 +721,8 @@ class FilesTier:
         """
         items = [(self.encoding.stored_name(key), block) for key, block in items]
         in_flight: list[_Write] = []
-        ours = set(keep)  # the blocks kept, and the batch's written or found stored: never its victims
+        ours: set[bytes] = set()  # the batch's blocks written or found stored: never its victims
+        kept = Kept(keep, ours)
         error: Exception | None = None
         parked = ParkedFiles()  # this batch's evicted files, overwritten by its next writes (tiers/parked.py)
         stamps = dict(zip(reversed([key for key, _ in items]), reversed(chain_stamps(len(items)))))
@@ -736,7 +738,7 @@ class FilesTier:
                         error, in_flight = self._settle(in_flight), []
                         if error is not None:
                             break
-                    fits, spare = self._make_room(size, parked, later, ours)
+                    fits, spare = self._make_room(size, parked, later, kept)
                     if not fits:
                         self._counters.add("rejected")
                         continue

@@ -40,7 +40,7 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import (TIER_COUNTERS, Capability, EvictCallback, check_one_block,
+from kvstore.tiers.base import (TIER_COUNTERS, Capability, EvictCallback, Kept, check_one_block,
                                 make_directory, tier_stats)
 from kvstore.tiers.inuse import InUse
 from kvstore.tiers.room import FilesystemRoom
@@ -390,16 +390,14 @@ class LmdbTier:
         if lossy is not None:
             raise ValueError(f"lossy: expected None (a disk tier takes exact bytes), got {lossy!r}")
         with self._in_use.hold() as held:
-            return self._put_many(items, frozenset(keep)) if held else 0
+            return self._put_many(items, keep) if held else 0
 
-    def _put_many(self, items: Sequence[tuple[bytes, torch.Tensor]], keep: frozenset[bytes] = frozenset()) -> int:
+    def _put_many(self, items: Sequence[tuple[bytes, torch.Tensor]], keep: Collection[bytes] = ()) -> int:
         if self._room.recheck_due(self._capacity):
             free = self._room.free_bytes(full_disk=False)
             if free is not None and self._refit(free, full_disk=False):
                 self._keep_reserve()
-        with self._lock:  # the room beside the blocks kept: a put evicts none of them
-            kept = sum(self._index.get(key, 0) for key in keep)
-        fitting, total, seen = [], kept, set()
+        fitting, total, seen = [], 0, set()
         for n, (key, block) in enumerate(items):
             if key in seen or self.contains(key):
                 continue
@@ -416,11 +414,14 @@ class LmdbTier:
             fitting.append((key, payload))
             self._counters.add("logical_bytes_written", block.nbytes)
         for part in _parts(fitting, self._capacity // _PARTS_PER_CAPACITY if total > self._capacity // 2 else total):
-            self._write(part, [], keep=seen | keep)
+            self._write(part, [], Kept(keep, seen))
         return sum(self.contains(key) for key, _ in items)
 
-    def _write(self, payloads: list[tuple[bytes, object]], deletes: list[bytes], keep: Collection[bytes] = ()) -> None:
-        """One write transaction: evict (none of ``keep``), delete, store ``payloads`` not yet stored, persist stamps.
+    def _write(self, payloads: list[tuple[bytes, object]], deletes: list[bytes],
+               keep: Collection[bytes] | Kept = ()) -> None:
+        """One write transaction: evict (none of the blocks in ``keep``, nor those stored), delete, store
+        ``payloads`` not yet stored, persist stamps. Trailing payloads that find no room beside the blocks
+        kept are ``rejected``: the tier never holds more than its capacity.
 
         Victims go to ``on_evict`` (write-back to the tier below) before the
         transaction that deletes them commits: a process killed between the
@@ -431,9 +432,19 @@ class LmdbTier:
             with self._lock:
                 payloads = [(k, p) for k, p in payloads if k not in self._index or k in self._foreign]
             incoming = sum(_payload_bytes(p) + HEADER_BYTES for _, p in payloads)
+            keep = Kept(keep, {k for k, _ in payloads})
+            slack = 0  # bytes evicted beyond the payloads' own, for the map's fragmentation
             for _ in range(_MAX_WRITE_ATTEMPTS):
                 with self._lock:
-                    victims = self._pick_victims(incoming, {k for k, _ in payloads}.union(keep))
+                    victims = self._pick_victims(incoming + slack, keep)
+                    freed = sum(self._index[k] for k in victims)
+                    while payloads and self._used - freed + incoming > self._capacity:
+                        # the blocks kept (another writer may have stored some since) leave no room for these
+                        _, dropped = payloads.pop()
+                        incoming -= _payload_bytes(dropped) + HEADER_BYTES
+                        self._counters.add("rejected")
+                        victims = self._pick_victims(incoming + slack, keep)
+                        freed = sum(self._index[k] for k in victims)
                     stamps = dict(self._pending_stamps)
                     records = [(k, p, self._tick()) for k, p in payloads]
                 if self.on_evict is not None and victims:
@@ -456,10 +467,10 @@ class LmdbTier:
                             txn.put(key, header + _TAIL.pack(stamp, self.encoding.form_of(payload)), db=self._meta)
                         self._write_stamps(txn, stamps, skip=set(victims) | set(deletes))
                 except lmdb.MapFullError:
-                    incoming += self._capacity // 8  # fragmentation: make more room and retry
+                    slack += self._capacity // 8  # fragmentation: make more room and retry
                     continue
                 except lmdb.Error as error:
-                    if not self._fit_to_filesystem(error, incoming):
+                    if not self._fit_to_filesystem(error, incoming + slack):
                         raise
                     continue
                 self._commit_index(records, victims + deletes, stamps)
@@ -561,14 +572,15 @@ class LmdbTier:
                 blocks.append((key, block))
         return blocks
 
-    def _pick_victims(self, incoming: int, keep: set[bytes]) -> list[bytes]:
-        """Under the lock: LRU keys whose removal brings used + incoming within capacity."""
+    def _pick_victims(self, incoming: int, keep: Kept) -> list[bytes]:
+        """Under the lock: LRU keys not in ``keep`` (or in another codec's form, which is not held here) whose
+        removal brings used + incoming within capacity, or as near as they can."""
         victims = []
         freed = 0
         for key, size in self._index.items():
             if self._used - freed + incoming <= self._capacity:
                 break
-            if key not in keep:
+            if key in self._foreign or key not in keep:
                 victims.append(key)
                 freed += size
         return victims

@@ -278,9 +278,11 @@ class RemoteTier:
 
     def _verify(self, key: bytes, out: torch.Tensor, head: bytearray, blob: bytearray | None, size: int) -> bool:
         """Check a fetched block's header (and decode it if it came in a buffer); counts hit, miss, corrupt or
-        stale. A damaged blob of this layout, or one in a lossy form this tier does not serve, is deleted on the
-        server: left there it was a miss for good (the server answers a put of its key ``PRESENT``, and a failed
-        read refreshed it in the server's LRU), as the prefix an exact client met after a lossy one wrote it."""
+        stale. A damaged blob, or one in a lossy form this tier does not serve, is deleted on the server: left
+        there it was a miss for good (the server answers a put of its key ``PRESENT``, and a failed read
+        refreshed it in the server's LRU), as the prefix an exact client met after a lossy one wrote it. So is
+        one whose header names another layout: a store's keys derive from its layout, so no other layout's
+        writer holds them honestly, and such a blob had kept its key a miss for every store."""
         if blob is None:
             views = payload_views(out)
             header = BlockHeader.unpack(head)
@@ -294,9 +296,7 @@ class RemoteTier:
             self._counters.add("bytes_read", size - HEADER_BYTES)
         elif verdict in (CORRUPT, OTHER_CODEC):
             self._counters.add("corrupt" if verdict == CORRUPT else "stale")
-            header = BlockHeader.unpack(head if blob is None else blob)
-            if header is None or header.layout == self._fingerprint:  # ours, not another layout's writer's
-                self._delete_named(key)
+            self._delete_named(key)
         return verdict == INTACT
 
     def delete(self, key: bytes) -> bool:

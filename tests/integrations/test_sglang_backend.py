@@ -660,3 +660,31 @@ def test_a_pipeline_stage_of_other_layers_is_not_served_a_former_stages_pages(tm
         assert again.batch_exists(ks) == 2
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_a_backup_after_the_pages_sglang_names_never_evicts_them(passed):
+    """SGLang backs a sequence's pages up batch by batch, naming the pages before each batch
+    (``prefix_keys``, with ``hicache_storage_pass_prefix_keys``): a full tier evicted them, the least
+    recently used, for the new ones, and the sequence was lost (batch_exists 0). Named, they stay and the
+    new pages that find no room are refused; not named, eviction is as before."""
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageExtraInfo
+    pool = host_pool(seed=4)
+    probe = make_backend(pool)
+    block_bytes = probe.store.layout.block_bytes
+    probe.close()
+    backend = make_backend(pool, host_bytes=2 * block_bytes)
+    try:
+        ks = keys(4, tag="prefix")
+        assert backend.batch_set_v1(ks[:2], indices([1, 2])) == [True] * 2
+        info = HiCacheStorageExtraInfo(prefix_keys=ks[:2] if passed else None)
+        result = backend.batch_set_v1(ks[2:], indices([3, 4]), info)
+        if passed:
+            assert result == [False, False] and backend.batch_exists(ks) == 2
+            assert backend.batch_get_v1(ks[:2], indices([20, 21])) == [True] * 2
+            for s, d in zip([1, 2], [20, 21]):
+                assert torch.equal(page_bytes(pool, s * PAGE), page_bytes(pool, d * PAGE))
+        else:
+            assert result == [True] * 2 and backend.batch_exists(ks) == 0
+    finally:
+        backend.close()

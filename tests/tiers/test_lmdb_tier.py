@@ -668,3 +668,41 @@ def test_puts_as_large_as_the_tier_keep_its_file_near_twice_the_capacity(tmp_pat
             assert store.stats()["tiers"]["lmdb"]["used_bytes"] <= capacity
         assert_same_kv(store.get(tokens), kv)  # the last prompt whole
     assert peak <= 3 * capacity, peak / capacity  # 1.5 of it is the pages' rounding
+
+
+def test_a_put_keeping_its_head_holds_the_capacity_when_another_writer_stores_that_head_first(open_tier, layout,
+                                                                                              blocks):
+    """The room beside the blocks kept was measured before the write lock: another writer (a landing put,
+    the write-behind) storing the head in between left nothing to evict, and the tier held 6 blocks in 4."""
+    tier = open_tier(3 * BLOCK)
+    write = tier._write
+    raced = []
+
+    def another_writer_first(*args, **kwargs):
+        if not raced:
+            raced.append(True)
+            write([(A, blocks[A]), (B, blocks[B])], [])
+        return write(*args, **kwargs)
+
+    tier._write = another_writer_first
+    assert tier.put_keeping([(C, blocks[C]), (D, blocks[D])], None, {A, B}) == 1  # D finds no room
+    assert _names(tier) == ["A", "B", "C"] and tier.used_bytes() == 3 * BLOCK
+    assert tier.stats()["rejected"] == 1 and tier.stats()["evictions"] == 0
+    for key in (A, B, C):
+        assert_same_kv(_read(tier, layout, key), blocks[key])
+
+
+def test_blocks_kept_in_another_codecs_form_are_not_held_and_take_no_room(disk_dir, layout, blocks):
+    """A kept head stored in another codec's lossy form is not held here (a miss): it was shielded from
+    eviction all the same, and the tail that needed its room was rejected."""
+    from kvstore.compression import get_codec
+    lossy = LmdbTier(disk_dir, 3 * BLOCK, layout, sync=False, codec=get_codec("int8"))
+    lossy.put_many([(key, blocks[key]) for key in (A, B)])
+    lossy.close()
+    tier = LmdbTier(disk_dir, 3 * BLOCK, layout, sync=False)
+    try:
+        assert not tier.contains(A) and not tier.contains(B)
+        assert tier.put_keeping([(key, blocks[key]) for key in (C, D, E)], None, {A, B}) == 3
+        assert tier.used_bytes() <= 3 * BLOCK and tier.stats()["rejected"] == 0
+    finally:
+        tier.close()

@@ -316,17 +316,22 @@ def test_an_output_of_another_size_is_a_miss(remote):
 
 
 @pytest.mark.parametrize("other", [dict(dtype=torch.bfloat16), dict(num_layers=3)], ids=["same-size", "other-size"])
-def test_a_block_of_another_layout_is_a_miss(remote, other):
+def test_a_block_of_another_layout_under_a_key_is_a_miss_and_repaired(remote, other):
+    """A store's keys derive from its layout, so a blob under one of them whose header names another layout
+    is no honest writer's: it was kept, and the key stayed a miss for good (a put of it answered PRESENT).
+    It is a miss, deleted, and the next put stores the right block."""
     mine, theirs = tiny_layout(), tiny_layout(**other)
     assert mine.fingerprint != theirs.fingerprint
-    writer, reader = remote(mine), remote(theirs)
-    block = make_kv(mine, 16, seed=3)
-    assert writer.put_many([(key("layout"), block)]) == 1
-    out = torch.full(theirs.shape(16), 5.0, dtype=theirs.dtype)
+    writer, reader = remote(theirs), remote(mine)
+    assert writer.put_many([(key("layout"), make_kv(theirs, 16, seed=3))]) == 1
+    out = torch.full(mine.shape(16), 5.0, dtype=mine.dtype)
     assert reader.get_into(key("layout"), out) is False
-    assert reader.stats()["hits"] == 0 and reader.stats()["misses"] == 1
+    assert reader.stats()["hits"] == 0 and reader.stats()["misses"] == 1 and reader.stats()["corrupt"] == 1
+    assert not reader.contains(key("layout"))
+    block = make_kv(mine, 16, seed=4)
+    assert reader.put_many([(key("layout"), block)]) == 1
     again = zeros(mine)
-    assert writer.get_into(key("layout"), again)  # the block itself is unharmed
+    assert reader.get_into(key("layout"), again)
     assert_same_kv(again, block)
 
 
