@@ -67,7 +67,7 @@ import copy
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,13 +114,23 @@ _PER_TOKEN_CHECKED = frozenset({"attention_mask", "position_ids", "cache_positio
 _GENERATION_MODES = frozenset({GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE})
 
 
+def _tensors(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model``'s parameters, then its buffers (a quantized layer's packed weights and scales, RoPE's
+    frequencies): all that the KV it computes depends on besides its config."""
+    yield from model.named_parameters()
+    for name, buffer in model.named_buffers():
+        yield f"buffer:{name}", buffer
+
+
 def weights_digest(model: Any) -> bytes:
-    """A digest of ``model``'s config and parameters (names, dtypes, shapes and bytes): the identity of the KV it
-    computes. xxh3-128 (tens of GB/s): weights are the operator's, not a tenant's, so no one crafts a collision."""
+    """A digest of ``model``'s config, parameters and buffers (names, dtypes, shapes and bytes): the identity of
+    the KV it computes. Buffers count: GPTQ/AWQ layers keep their weights in them, and two such models (or a
+    patched RoPE frequency) shared KV 0.14 off in the last logit. xxh3-128 (tens of GB/s): weights are the
+    operator's, not a tenant's, so no one crafts a collision."""
     h = xxhash.xxh3_128()
     config = getattr(model, "config", None)
     h.update((config.to_json_string(use_diff=False) if config is not None else type(model).__name__).encode())
-    for name, parameter in model.named_parameters():
+    for name, parameter in _tensors(model):
         data = parameter.detach()
         h.update(f"\0{name}\0{data.dtype}\0{list(data.shape)}\0".encode())
         if data.numel():
@@ -129,10 +139,10 @@ def weights_digest(model: Any) -> bytes:
 
 
 def _weights_state(model: Any) -> tuple[tuple[int, int], ...]:
-    """Each parameter's version counter and storage address: what changes when the weights are updated in
-    place (autograd's counter) or given new tensors, at a few microseconds a hundred parameters. Tensors
-    made under ``torch.inference_mode()`` keep no counter: only a new tensor shows for them."""
-    return tuple((-1 if p.is_inference() else p._version, p.data_ptr()) for p in model.parameters())
+    """Each parameter's and buffer's version counter and storage address: what changes when the weights are
+    updated in place (autograd's counter) or given new tensors, at a few microseconds a hundred of them.
+    Tensors made under ``torch.inference_mode()`` keep no counter: only a new tensor shows for them."""
+    return tuple((-1 if p.is_inference() else p._version, p.data_ptr()) for _, p in _tensors(model))
 
 
 def adapter_state(model: Any) -> bytes:

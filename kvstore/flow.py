@@ -77,7 +77,8 @@ class BlockFlow:
         # are checked for on the write-behind's side instead (``_write_queued``).
         self._dedup = stack.local or stack.levels
         # Memory levels hold approximate copies only of what a lossy level served: none, none to replace.
-        self._marks = [level for level in stack if level.slots] if any(level.lossy for level in stack) else []
+        self._lossy = any(level.lossy for level in stack)
+        self._marks = [level for level in stack if level.slots] if self._lossy else []
 
     def _queue_bound(self, config: StoreConfig) -> int:
         """Queued jobs pin their source slots: keep the pins to half the fastest slot pool. A worker's batch
@@ -135,9 +136,48 @@ class BlockFlow:
         ``head`` (its head left the most recently used); returns blocks newly stored."""
         keys = [*head, *(key for key, _ in items)]
         self.begin_put(keys, len(head))
-        stored = self.store_blocks(items, set(head))
+        stored = self.store_blocks(items, set(head), self.taint_of(head))
         self.end_put(keys)
         return stored
+
+    def taint_of(self, head: Iterable[bytes]) -> str | None:
+        """The lossy codec of the first of a prompt's stored blocks ``head`` that a read gets approximately
+        (its fastest holder is a memory slot marked lossy, or a level that stores with a lossy codec); None
+        if every one reads exact, and at once in a store with no lossy level.
+
+        KV an engine computed after an approximate head is approximate too,
+        whatever its keys: saved as exact, an ec4 disk's head made the tail
+        another store read from a shared raw directory 0.15 off in the last
+        logit. Such blocks are held marked in memory, never written below.
+        """
+        if not self._lossy:
+            return None
+        for key in head:
+            level = self.stack.where(key, self._dedup)
+            lossy = None if level is None else self._held_lossy(level, key)
+            if lossy is not None:
+                return lossy
+        return None
+
+    def _held_lossy(self, level: Level, key: bytes) -> str | None:
+        """The lossy codec the copy of ``key`` that ``level`` holds went through (None: exact)."""
+        return level.tier.lossy_of(key) if level.slots else level.lossy
+
+    def _served_back(self, level: Level, key: bytes, block: torch.Tensor | PendingBlock) -> bool:
+        """Whether ``block``, put for ``key``, is the approximate copy ``level`` holds (the engine saving what
+        it was served) rather than KV it computed itself; a block still to be filled is taken for it."""
+        if isinstance(block, PendingBlock):
+            return True
+        if level.slots:
+            pinned = self.stack.pin(level, key)
+            if pinned is None:
+                return False
+            try:
+                return _same_bytes(pinned[0], block)
+            finally:
+                self.stack.unpin(level, key)
+        held = torch.empty(self.layout.shape(block.shape[2]), dtype=self.layout.dtype)
+        return self.stack.read(level, key, held) not in (False, None) and _same_bytes(held, block)
 
     def begin_put(self, keys: Sequence[bytes], stored: int = 0) -> None:
         """A put of the prompt whose blocks' keys are ``keys`` (in token order) begins, its first ``stored``
@@ -158,9 +198,11 @@ class BlockFlow:
             for level in self.stack:
                 self.stack.touch_chain(level, keys)
 
-    def store_blocks(self, items: Sequence[Item], head: Collection[bytes] = frozenset()) -> int:
+    def store_blocks(self, items: Sequence[Item], head: Collection[bytes] = frozenset(),
+                     lossy: str | None = None) -> int:
         """``store_items`` less ``begin_put`` and ``end_put``: for a put that stores its prompt a block at a
-        time. No level evicts the prompt's blocks ``head`` (keys before ``items``) for them.
+        time. No level evicts the prompt's blocks ``head`` (keys before ``items``) for them; ``lossy``: the
+        codec an approximate head went through (``taint_of``), which makes these blocks approximate too.
 
         Keys another thread's put is landing now are left to it, then looked
         at again once it is done (as stored blocks: dedup), or after
@@ -187,7 +229,7 @@ class BlockFlow:
             first = next(n for n, item in enumerate(items) if item is ours[0])
             head = {*head, *(key for key, _ in items[:first])}
         try:
-            stored = self._store_now(ours, head)
+            stored = self._store_now(ours, head, lossy)
         finally:
             if claimed:
                 with self._landed_lock:
@@ -203,28 +245,36 @@ class BlockFlow:
                                           _LANDING_WAIT_SECONDS)
                 finally:
                     self._waiting -= 1
-            stored += self._store_now(theirs, head)  # found now (dedup), or the other put failed (or still lands)
+            stored += self._store_now(theirs, head, lossy)  # found now (dedup), or the other put failed (or lands)
         self.counters.add("blocks_stored", stored)
         return stored
 
-    def _store_now(self, items: Sequence[Item], head: Collection[bytes]) -> int:
-        """``store_blocks`` of keys no other thread's put is landing, after the prompt's blocks ``head``;
-        returns blocks newly stored."""
+    def _store_now(self, items: Sequence[Item], head: Collection[bytes], lossy: str | None) -> int:
+        """``store_blocks`` of keys no other thread's put is landing, after the prompt's blocks ``head``
+        (approximate through ``lossy``, if not None); returns blocks newly stored.
+
+        A block held approximately is replaced by the put's bytes, unless
+        they are that approximation put back (an engine saving the prefix it
+        was served): then it and every block after it are approximate.
+        """
         new = []
         lead = []  # the blocks before the first new one, with ``head``: landing evicts none of them
         for key, block in items:
             sightings = self.placement.sighted(key)
             where = self.stack.where(key, self._dedup)
-            if where is None or self._marked(where, key):
-                new.append((key, block, sightings))  # not stored, or held approximately in memory: store these
+            held = None if where is None else self._held_lossy(where, key)
+            if held is not None and lossy is None and self._served_back(where, key, block):
+                lossy = held
+            if where is None or (held is not None and lossy is None):
+                new.append((key, block, sightings))  # not stored, or held approximately: store these exact bytes
                 continue
             if not new:
                 lead.append(key)
             self.count_dedup(block)
-            # a level that stores with a lossy codec cannot give an exact copy down: these bytes can
-            self._send_down(where, key, block if where.lossy else None, sightings, newly_admitted=True)
-        stored = self._land(new, {*head, *lead} if lead else head)
-        for level in self._marks:  # whatever their write policy: an approximate copy left was served later
+            if held is None:
+                self._send_down(where, key, None, sightings, newly_admitted=True)
+        stored = self._land(new, {*head, *lead} if lead else head, lossy)
+        for level in self._marks if lossy is None else ():  # an approximate copy left was served later
             exact = [(key, block) for key, block in items if self._marked(level, key)]
             if exact:
                 self.stack.write(level, exact)
@@ -240,9 +290,11 @@ class BlockFlow:
         """Whether a memory level holds ``key`` with approximate bytes (read from a lossy tier)."""
         return level.slots and level.tier.lossy_of(key) is not None
 
-    def _land(self, items: list[tuple[bytes, torch.Tensor | PendingBlock, int]], keep: Collection[bytes]) -> int:
+    def _land(self, items: list[tuple[bytes, torch.Tensor | PendingBlock, int]], keep: Collection[bytes],
+              lossy: str | None = None) -> int:
         """Put blocks in the fastest available level that takes them (none evicting ``keep``, the prompt's
-        blocks before them), then queue the lower copies.
+        blocks before them), then queue the lower copies. Blocks approximate through ``lossy`` go to memory
+        slots only, marked, and no copy of them below.
 
         Blocks a level rejects (the batch is larger than it) go on to the
         level below in the same call. That level is then also written the
@@ -257,8 +309,10 @@ class BlockFlow:
         for level in self.stack:
             if not items:
                 break
+            if lossy is not None and not level.slots:
+                continue
             copies = [(key, block) for holder, key, block, sightings in landed
-                      if self._copy_due(holder, level, sightings)]
+                      if lossy is None and self._copy_due(holder, level, sightings)]
             for key, _ in copies:
                 written.setdefault(key, set()).add(level.index)
             batch = sorted(copies + [(key, block) for key, block, _ in items], key=lambda item: order[item[0]])
@@ -269,15 +323,15 @@ class BlockFlow:
                     if key in held:
                         self.count_dedup(block)
                 items = [item for item in items if item[0] not in held]
-            self.stack.write(level, batch, keep=keep)
+            self.stack.write(level, batch, lossy, keep)
             rest = []
             for key, block, sightings in items:
-                if self.stack.contains(level, key) and not self._marked(level, key):
+                if self.stack.contains(level, key) and (lossy is not None or not self._marked(level, key)):
                     landed.append((level, key, block, sightings))
                 else:
                     rest.append((key, block, sightings))
             items = rest
-        for holder, key, block, sightings in landed:
+        for holder, key, block, sightings in landed if lossy is None else ():
             self._send_down(holder, key, block, sightings, skip=written.get(key, ()))
         return len(landed)
 
@@ -595,3 +649,10 @@ class BlockFlow:
             self._stalled(level.name, seconds)
             stuck[level.name] = running.join
         return stuck
+
+
+def _same_bytes(held: torch.Tensor, block: torch.Tensor) -> bool:
+    """Whether ``block`` holds exactly the bytes of ``held`` (a host tensor of the same dtype)."""
+    if tuple(held.shape) != tuple(block.shape) or held.dtype != block.dtype:
+        return False
+    return torch.equal(held.contiguous().view(torch.uint8), block.detach().to("cpu").contiguous().view(torch.uint8))

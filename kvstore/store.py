@@ -212,12 +212,14 @@ class KVStore:
         before = {block.key for block in blocks if block.start < start}  # grows: no copy per block
         stored = 0
         self._flow.begin_put(keys, len(before))
+        lossy = self._flow.taint_of(before)  # an approximate head: KV computed after it is approximate too
         try:
             for block in blocks:  # one at a time: a fill that raises leaves every earlier block stored
                 if self._gate.is_done():  # a fill closed the store (another thread's close waits for this call)
                     break
                 if block.start >= start:  # evicting none of the blocks before it
-                    stored += self._flow.store_blocks([(block.key, PendingBlock(self.layout, block, fill))], before)
+                    stored += self._flow.store_blocks([(block.key, PendingBlock(self.layout, block, fill))], before,
+                                                      lossy)
                     before.add(block.key)
         finally:  # one put, whose head (blocks before ``start`` too) is left the most recently used
             self._flow.end_put(keys)

@@ -557,3 +557,38 @@ def test_a_lossy_codec_never_turns_finite_kv_into_nan(spec, dtype):
         assert torch.isfinite(out).all(), f"{spec} {dtype} at |x| <= {scale:g}"
         if block.abs().max() > limit:
             assert torch.equal(out.view(torch.uint8), block.view(torch.uint8))  # stored exact
+
+
+@pytest.mark.parametrize("how", ["put", "put_from", "layer-wise save"])
+def test_kv_computed_after_an_approximate_head_never_reaches_an_exact_tier(tmp_path, how):
+    """An engine served a prompt's head from a lossy disk computes the rest on it: that KV is approximate
+    whatever its keys. Saved as exact, it went to a shared raw directory, and a store configured exact-only
+    was served it (SmolLM2: last logit 0.15 off). It is held marked in host RAM only; the head it was given
+    back stays approximate, and the exact copies below are untouched."""
+    layout = tiny_layout()
+    bt = layout.block_tokens
+    tokens, kv = make_tokens(4 * bt, seed=7), make_kv(layout, 4 * bt, seed=7)
+    files = dict(files_dir=str(tmp_path / "files"), files_bytes="1MiB", files_sync=False)
+    lossy = StoreConfig(model_id="m", host_bytes=64 * layout.block_bytes, disk_dir=str(tmp_path / "lmdb"),
+                        disk_bytes="1MiB", disk_sync=False, disk_codec="kivi4", **files)
+    with KVStore(layout, lossy) as store:
+        store.put(tokens[:2 * bt], kv[:, :, :2 * bt])
+        assert store.flush(30)
+    with KVStore(layout, lossy) as store:  # reopened: host RAM empty
+        served = store.get(tokens[:2 * bt])  # from the kivi4 disk (before the files tier), promoted marked
+        assert served.shape[2] == 2 * bt and not torch.equal(served, kv[:, :, :2 * bt])
+        computed = torch.cat([served, kv[:, :, 2 * bt:]], dim=2)  # the engine's KV of the whole prompt
+        if how == "put":
+            store.put(tokens, computed)
+        elif how == "put_from":
+            store.put_from(tokens, lambda block, dst: dst.copy_(computed[:, :, block.start:block.end]), start=2 * bt)
+        else:
+            saver = store.save(tokens, layer_wise=True, start=2 * bt)
+            for layer in range(layout.num_layers):
+                saver.save_layer(layer, computed[layer, :, 2 * bt:])
+        assert store.flush(30)
+        assert store.lookup(tokens) == 4 * bt  # this store holds it all, approximately
+        assert store.stats()["tiers"]["lmdb"]["blocks"] == 2  # nothing approximate written below
+    with KVStore(layout, StoreConfig(model_id="m", host_bytes=0, **files)) as exact:
+        assert exact.lookup(tokens) == 2 * bt  # the exact head, never the approximate tail
+        assert_same_kv(exact.get(tokens[:2 * bt]), kv[:, :, :2 * bt])

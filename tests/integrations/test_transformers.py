@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 
+import copy
 import functools
 import types
 
@@ -346,6 +347,46 @@ def test_a_model_with_other_weights_is_never_served_anothers_kv(tmp_path):
         assert max_diff(out.logits, reference_logits(second, ids)) <= FP32_TOL
         _, again = CachedModel(first, store).forward(ids)
         assert again.loaded_tokens == 39  # the first model's own blocks are still its own (all but the last token)
+
+
+class _BufferLinear(torch.nn.Module):
+    """A linear layer whose weight is a buffer, as GPTQ/AWQ layers keep theirs (``qweight``, ``scales``)."""
+
+    def __init__(self, linear: torch.nn.Linear, scale: float):
+        super().__init__()
+        self.register_buffer("weight", linear.weight.detach().clone() * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
+def _with_buffer_weights(scale: float):
+    model = copy.deepcopy(tiny_model("llama"))  # the cached one is shared with other tests
+    for layer in model.model.layers:
+        layer.self_attn.k_proj = _BufferLinear(layer.self_attn.k_proj, scale)
+    return model
+
+
+def test_models_that_differ_in_buffers_only_never_share_kv(tmp_path):
+    """The digest read parameters only: two models whose weights sit in buffers (quantized layers), or whose
+    RoPE frequencies were patched, shared a store's KV (last logit 0.14 off on a tiny Llama)."""
+    first, second = _with_buffer_weights(1.0), _with_buffer_weights(1.5)
+    layout = layout_for(first, block_tokens=BLOCK)
+    config = StoreConfig(host_bytes=0, disk_dir=str(tmp_path / "lmdb"), disk_bytes="4MiB", disk_sync=False,
+                         prefill_tokens_per_second=1.0)
+    ids = tokens(40, seed=12)
+    with KVStore(layout, config) as store:
+        assert CachedModel(first, store).forward(ids)[1].saved_tokens == 40
+    with KVStore(layout, config) as store:
+        cached = CachedModel(second, store)
+        out, info = cached.forward(ids)
+        assert info.loaded_tokens == 0
+        assert max_diff(out.logits, reference_logits(second, ids)) <= FP32_TOL
+        assert cached.forward(ids)[1].loaded_tokens == 39
+        second.model.layers[0].self_attn.k_proj.weight.mul_(1.01)  # a buffer updated in place: seen too
+        out, info = cached.forward(ids)
+        assert info.loaded_tokens == 0
+        assert max_diff(out.logits, reference_logits(second, ids)) <= FP32_TOL
 
 
 @pytest.mark.parametrize("change", ["in_place", "new_tensor"])
