@@ -100,6 +100,9 @@ _INLINE_SCAN_SECONDS = 0.05
 # and a put deduplicated against the gone blocks, so the prompt came back one block a request).
 _VERIFY_SECONDS = 1.0
 _STAMPED_MOST = 1 << 16  # file times of blocks this process set, remembered (the oldest forgotten first)
+# A temp file whose writer is alive is its own (a batch's parked file keeps an evicted block's old time): removed
+# only this much later (seconds), in case the writer died and its pid went to another process.
+ALIVE_WRITER_STALE_SECONDS = 24 * 3600
 _OPEN_TIERS: "weakref.WeakSet[FilesTier]" = weakref.WeakSet()  # their locks are made anew in a forked child
 
 
@@ -128,6 +131,10 @@ class _Entry(NamedTuple):
     mtime_ns: int  # the file's mtime as this process last saw or set it
     seq: int  # when this process last put or read it (0: learned from a scan)
     checked: float = 0.0  # when this process last saw the file there (monotonic seconds; 0: not since a scan)
+
+
+class TempRemoved(FileNotFoundError):
+    """A write's temp file was removed by another process before its rename: that block is not stored."""
 
 
 class FilesTier:
@@ -527,7 +534,8 @@ class FilesTier:
             self._counters.add("temp_removed")
 
     def _stale_temp(self, entry: os.DirEntry) -> bool:
-        """Written by a process of this host that is gone, or not modified for ``stale_temp_seconds``."""
+        """Written by a process of this host that is gone, or not modified for ``stale_temp_seconds`` (for
+        ``ALIVE_WRITER_STALE_SECONDS`` if its writer is alive)."""
         parts = entry.name[1:-len(TEMP_SUFFIX)].split("~")
         if len(parts) == 4 and parts[1] == self._host and parts[2].isascii() and parts[2].isdigit() \
                 and int(parts[2]) > 0:
@@ -535,9 +543,18 @@ class FilesTier:
                 os.kill(int(parts[2]), 0)  # signal 0: only asks whether the writer is alive
             except ProcessLookupError:
                 return True
-            except (PermissionError, OverflowError):
-                pass  # alive, another user's; or no pid at all (left to the age rule)
-        return time.time_ns() - entry.stat(follow_symlinks=False).st_mtime_ns > self._stale_temp_ns
+            except OverflowError:  # no pid at all: the age rule
+                return self._older_than(entry, self._stale_temp_ns)
+            except PermissionError:  # alive, another user's
+                pass
+            # alive: a batch's parked file or a write in flight (removing it failed the writer's rename and
+            # suspended its tier), unless its pid went to another process since
+            return self._older_than(entry, ALIVE_WRITER_STALE_SECONDS * 10**9)
+        return self._older_than(entry, self._stale_temp_ns)
+
+    @staticmethod
+    def _older_than(entry: os.DirEntry, age_ns: int) -> bool:
+        return time.time_ns() - entry.stat(follow_symlinks=False).st_mtime_ns > age_ns
 
     def _rescan(self, clean_temps: bool = False) -> None:
         """Re-learn the directory and merge what other processes did into this process's order.
@@ -808,6 +825,9 @@ class FilesTier:
                 self._counters.add("rejected")                  # file or a symlink on a fan-out directory's
                 self._refusals.refused(1, "a directory, a symlink or a file stands where a block or its fan-out "
                                           "directory goes (the tier writes through nothing it did not make)")
+            except TempRemoved:  # not this tier's failure: the block is not stored
+                self._counters.add("rejected")
+                self._refusals.refused(1, "another process removed a temp file of this one's before its rename")
             except Exception as exc:  # the tier's own failure (a full disk): raised once all are settled
                 error = error or exc
             with self._lock:
@@ -923,13 +943,23 @@ class FilesTier:
                 mtime_ns = os.fstat(fd).st_mtime_ns
             finally:
                 os.close(fd)
+            if os.path.islink(directory):  # the parked file of another directory moves through nothing unmade
+                raise NotADirectoryError(errno.ENOTDIR, "a symlink stands for a fan-out directory; the files tier "
+                                         "writes no block through one", directory)
             try:
                 os.rename(temp, final)
             except FileNotFoundError:  # an overwritten parked file moves to a fan-out directory not made yet
+                if not os.path.lexists(temp):
+                    raise TempRemoved(errno.ENOENT, "another process removed the temp file", temp) from None
                 if os.path.dirname(temp) == directory:
                     raise
                 self._make_dirs(directory)
                 os.rename(temp, final)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                raise NotADirectoryError(errno.ENOTDIR, "a fan-out directory is on another filesystem (a mount or "
+                                         "a symlink stands for it)", directory) from None
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp)

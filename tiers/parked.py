@@ -47,6 +47,8 @@ class ParkedFiles:
             os.rename(path, temp)
         except OSError:
             return False
+        with contextlib.suppress(OSError):  # a temp file of a live writer, not a stale one: its evicted block's
+            os.utime(temp)                  # old time made another process's open remove it mid-batch
         self._files.append(Parked(temp, size))
         self.bytes += size
         return True

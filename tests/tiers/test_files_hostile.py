@@ -353,6 +353,26 @@ def test_no_block_is_written_through_a_symlinked_fanout_directory(open_tier, dis
     assert_same_kv(_read(tier, layout, C), blocks[C])
 
 
+def test_an_evicted_file_overwritten_never_moves_through_a_symlinked_fanout_directory(open_tier, disk_dir, layout,
+                                                                                     blocks, tmp_path):
+    """A full tier overwrites an evicted (parked) file and renames it onto the new block's path: only new temp
+    files were checked for a symlinked fan-out directory, so blocks landed outside files_dir, uncounted (and
+    on another filesystem the rename's EXDEV suspended the tier). The block is refused; the tier stays up."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tier = open_tier(3 * BLOCK)
+    assert tier.put_many([(A, blocks[A]), (B, blocks[B]), (C, blocks[C])]) == 3
+    os.symlink(str(elsewhere), os.path.dirname(block_path(disk_dir, D)))
+    assert tier.put_many([(D, blocks[D])]) == 0  # refused: no tier failure raised for the store to blame
+    assert list(elsewhere.iterdir()) == []
+    assert tier.stats()["rejected"] == 1
+    assert tier.put_many([(E, blocks[E])]) == 1
+    tier._rescan()
+    assert tier.used_bytes() <= tier.capacity_bytes
+    for key in tier.keys():
+        assert_same_kv(_read(tier, layout, key), blocks[key])
+
+
 def test_codec_frame_a_read_would_refuse_is_not_written(open_tier, disk_dir, layout, blocks):
     """A codec whose frame outgrows the raw block by far (8-bit codes, a scale and offset per element) would
     write files every read refuses as too large: it is rejected at put instead."""

@@ -451,6 +451,8 @@ def test_stale_temp_files_removed_on_open(disk_dir, open_tier, layout):
         "dead": f".{'41' * 32}~{scope}~{dead_pid}~aaaa.tmp",
         "old": f".{'41' * 32}~elsewhere~123~bbbb.tmp",
         "live": f".{'41' * 32}~{scope}~{os.getpid()}~cccc.tmp",
+        # a live writer's parked file keeps its evicted block's old time: removed, it failed the writer's rename
+        "live-old": f".{'41' * 32}~{scope}~{os.getpid()}~gggg.tmp",
         "fresh-elsewhere": f".{'41' * 32}~elsewhere~123~dddd.tmp",
         # a container of this node (its hostname) in its own PID namespace: its pid means nothing here
         "other-namespace": f".{'41' * 32}~{host}.pidns1~{dead_pid}~eeee.tmp",
@@ -459,10 +461,12 @@ def test_stale_temp_files_removed_on_open(disk_dir, open_tier, layout):
     for name in names.values():
         (folder / name).write_bytes(b"partial")
     os.utime(folder / names["old"], ns=(1000 * SECOND, 1000 * SECOND))
+    an_hour_ago = time.time_ns() - 3600 * SECOND  # past stale_temp_seconds, and its writer alive
+    os.utime(folder / names["live-old"], ns=(an_hour_ago, an_hour_ago))
     tier = open_tier(stale_temp_seconds=300)
     assert tier.stats()["temp_removed"] == 2
-    assert sorted(os.listdir(folder)) == sorted([names["live"], names["fresh-elsewhere"], names["other-namespace"],
-                                                 names["hostname-only"]])
+    assert sorted(os.listdir(folder)) == sorted([names["live"], names["live-old"], names["fresh-elsewhere"],
+                                                 names["other-namespace"], names["hostname-only"]])
     assert tier.stats()["blocks"] == 0 and tier.used_bytes() == 0
 
 

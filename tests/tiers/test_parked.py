@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -226,8 +227,12 @@ def test_parked_files_are_taken_oldest_first_by_size_and_dropped(tmp_path):
             f.write(b"x" * size)
     parked = ParkedFiles()
     for path, size in zip(paths, (10, 30, 20)):
+        os.utime(path, ns=(10**9, 10**9))  # an evicted block: the oldest file of the directory
         assert parked.park(path, path + ".tmp", size)
         assert not os.path.exists(path)
+        # a live writer's temp file now, not a stale one: the evicted block's old time had another process's
+        # cleanup remove it mid-batch
+        assert time.time() - os.stat(path + ".tmp").st_mtime < 60
     assert not parked.park(str(tmp_path / "gone"), str(tmp_path / "gone.tmp"), 5)
     os.mkdir(tmp_path / "dir")
     assert not parked.park(str(tmp_path / "dir"), str(tmp_path / "dir.tmp"), 5)  # only regular files move
