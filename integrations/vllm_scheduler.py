@@ -24,6 +24,7 @@ from kvstore.integrations.vllm_groups import NO_PAGE, cache_groups, load_tables
 from kvstore.integrations.vllm_lookup import Answer, LookupClient, address
 from kvstore.integrations.vllm_meta import KVStoreConnectorMetadata, LoadSpec, SaveSpec
 from kvstore.integrations.vllm_metrics import KVStoreConnectorStats
+from kvstore.integrations.vllm_lora import AdapterDigests
 from kvstore.integrations.vllm_settings import ConnectorSettings, RankPlace, request_keys
 
 try:  # vLLM's own extra keys of a block, as its KV cache events carry them (vLLM 0.33)
@@ -91,6 +92,7 @@ class SchedulerHalf:
         self.client = LookupClient(names, settings.lookup_timeout_s)
         self._requests: dict[str, _Request] = {}
         self._pending_loads: dict[str, LoadSpec] = {}
+        self._adapters = AdapterDigests()  # a LoRA adapter's files, in its requests' keys
 
     # -- requests --------------------------------------------------------------------------------------
 
@@ -99,7 +101,7 @@ class SchedulerHalf:
         if state is None:
             lora = getattr(request, "lora_request", None)
             state = self._requests[request.request_id] = _Request(
-                *request_keys(request, self.settings.salt),
+                *request_keys(request, self.settings.salt, self._adapters),
                 lora_name=getattr(lora, "lora_name", None) if lora is not None else None, request=request)
         return state
 
@@ -238,8 +240,10 @@ class SchedulerHalf:
             state = self._requests.get(req_id)
             if state is not None:  # its blocks went back to vLLM: another request's failure may name them
                 state.loading = frozenset()
-        for req_id in scheduler_output.finished_req_ids:
-            self.forget(req_id)
+        for req_id in scheduler_output.finished_req_ids:  # request_finished forgot them; an id reused since
+            state = self._requests.get(req_id)           # (a new request of that id) keeps its state
+            if state is None or state.request is None or state.request.is_finished():
+                self.forget(req_id)
         return meta
 
     def loads_failed(self, req_ids: Any, block_ids: Any = ()) -> None:

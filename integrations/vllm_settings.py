@@ -23,6 +23,7 @@ import torch
 from kvstore import KVLayout, StoreConfig
 from kvstore.config import ENV_PREFIX
 from kvstore.integrations.model_identity import bind_engine_settings, default_model_id
+from kvstore.integrations.vllm_lora import AdapterDigests
 from kvstore.layout import resolve_dtype
 from kvstore.sizes import parse_size
 
@@ -287,26 +288,30 @@ class RequestKeys(NamedTuple):
     bound: bool  # some positions' words are digests of what they hold (images, embeddings), not token ids
 
 
-def request_keys(request: Any, extra: str | None = None) -> RequestKeys:
+def request_keys(request: Any, extra: str | None = None, adapters: AdapterDigests | None = None) -> RequestKeys:
     """``key_tokens`` and ``request_salt`` of a request, its bound spans digested once (a mixed-mode prompt's
     embeddings were hashed once for each)."""
     spans = _bound_spans(request)
-    return RequestKeys(_key_tokens(request, spans), _request_salt(request, extra, spans), bool(spans))
+    return RequestKeys(_key_tokens(request, spans), _request_salt(request, extra, spans, adapters), bool(spans))
 
 
-def request_salt(request: Any, extra: str | None = None) -> str | None:
-    """The kvstore salt of a request: its ``cache_salt``, LoRA adapter (name and path, as vLLM keys it: a name
-    pointed at a retrained adapter must not reuse the old one's KV), the configured salt, and the digests of
-    bound spans too short to be bound through their positions' words (``key_tokens``)."""
-    return _request_salt(request, extra, _bound_spans(request))
+def request_salt(request: Any, extra: str | None = None, adapters: AdapterDigests | None = None) -> str | None:
+    """The kvstore salt of a request: its ``cache_salt``, LoRA adapter (name, path, as vLLM keys it, and the
+    digest of its files, through ``adapters``' memo if given: a retrained adapter, at a new path or the same
+    one, must not reuse the old one's KV), the configured salt, and the digests of bound spans too short to be
+    bound through their positions' words (``key_tokens``)."""
+    return _request_salt(request, extra, _bound_spans(request), adapters)
 
 
-def _request_salt(request: Any, extra: str | None, spans: list[_Bound]) -> str | None:
+def _request_salt(request: Any, extra: str | None, spans: list[_Bound],
+                  adapters: AdapterDigests | None) -> str | None:
     lora = getattr(request, "lora_request", None)
-    parts: dict[str, Any] = {"cache_salt": getattr(request, "cache_salt", None),
-                             "lora": (getattr(lora, "lora_name", None), getattr(lora, "lora_path", None))
-                             if lora is not None else None,
-                             "salt": extra}
+    named = None
+    if lora is not None:
+        path = getattr(lora, "lora_path", None)
+        digest = (adapters or AdapterDigests()).digest(path)
+        named = (getattr(lora, "lora_name", None), path) + (() if digest is None else (digest,))
+    parts: dict[str, Any] = {"cache_salt": getattr(request, "cache_salt", None), "lora": named, "salt": extra}
     short = [f"{span.offset}:{span.digest.hex()}" for span in spans if span.length < MM_WORDS]
     if short:
         parts["mm"] = ",".join(short)

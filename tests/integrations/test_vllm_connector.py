@@ -430,3 +430,41 @@ def test_an_eagle_drafter_is_offered_a_hit_less_its_last_page(tmp_path):
         assert new.num_computed_tokens == 32 - PAGE
     finally:
         engine.close()
+
+
+def test_a_request_id_reused_after_it_finished_keeps_its_new_state(tmp_path):
+    """vLLM reports a finished id in the next step's finished_req_ids; a new request of that id admitted by
+    then (ids are the client's with VLLM_DISABLE_REQUEST_ID_RANDOMIZATION) lost its state to the old one's
+    cleanup, and its chunked prompt was never saved (0 of 700 tokens stored; a fresh id stored 700)."""
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "16MiB"})
+    try:
+        engine.add(make_request("r1", prompt(100, seed=31)))
+        engine.step()
+        assert "r1" not in engine.scheduler.requests  # finished (one output token)
+        long = prompt(700, seed=32)  # two chunks of the step budget
+        engine.add(make_request("r1", long))
+        for _ in range(4):
+            engine.step()
+        store = engine.worker.store
+        assert store.flush(10)
+        assert store.lookup(long) == 700 // BLOCK_TOKENS * BLOCK_TOKENS + 700 % BLOCK_TOKENS
+        kv = store.get(long)
+        assert torch.equal(kv, true_kv(long, 0, 700))
+    finally:
+        engine.close()
+
+
+def test_a_lora_adapter_retrained_at_its_path_is_never_served_the_old_kv(tmp_path):
+    """A request's keys named its adapter by name and path: retrained and saved to the same path, it was
+    served the old adapter's KV from the tiers that outlive vLLM. The adapter's files are in the keys."""
+    from vllm.lora.request import LoRARequest
+    from kvstore.integrations.vllm import request_salt
+    folder = tmp_path / "sql-adapter"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"weights v1")
+    request = make_request("a", prompt(40, seed=41))
+    request.lora_request = LoRARequest("sql", 1, str(folder))
+    before = request_salt(request)  # the keys its saves were made under
+    (folder / "adapter_model.safetensors").write_bytes(b"weights v2, retrained")
+    after = request_salt(request)
+    assert before != after and "sql" in before and "sql" in after

@@ -143,6 +143,7 @@ class Engine:
                                    structured_output_manager=StructuredOutputManager(self.config), block_size=PAGE)
         self.connector: KVStoreConnector = self.scheduler.connector
         self.requests: dict[str, Request] = {}
+        self.tables: dict[str, list[int]] = {}  # each request's block ids (its first group's), for later chunks
         self.invalid: set[int] = set()  # block ids the worker reported in the last step
 
     def add(self, request: Request) -> None:
@@ -162,8 +163,18 @@ class Engine:
         for new in out.scheduled_new_reqs:  # the forward pass writes the KV of the scheduled tokens
             n = out.num_scheduled_tokens[new.req_id]
             tokens = self.requests[new.req_id].prompt_token_ids
+            self.tables[new.req_id] = list(new.block_ids[0])
             write_tokens(self.caches, new.block_ids[0], new.num_computed_tokens,
                          true_kv(tokens, new.num_computed_tokens, new.num_computed_tokens + n))
+        cached = out.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):  # and of a prompt's later chunks
+            if cached.new_block_ids[i] is not None:
+                ids = list(cached.new_block_ids[i][0])
+                self.tables[req_id] = ids if req_id in cached.resumed_req_ids else self.tables.get(req_id, []) + ids
+            tokens, start = self.requests[req_id].prompt_token_ids, cached.num_computed_tokens[i]
+            if start < len(tokens):
+                end = min(len(tokens), start + out.num_scheduled_tokens[req_id])
+                write_tokens(self.caches, self.tables[req_id], start, true_kv(tokens, start, end))
         for name in LAYER_NAMES:
             worker.save_kv_layer(name, self.caches[name], None)
         worker.wait_for_save()
@@ -174,9 +185,15 @@ class Engine:
         connector_output = KVConnectorOutput(finished_recving=recving, invalid_block_ids=set(self.invalid))
         self.scheduler.update_from_output(out, ModelRunnerOutput(
             req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-            sampled_token_ids=[[7] for _ in req_ids], logprobs=None, prompt_logprobs_dict={}, pooler_output=None,
-            kv_connector_output=connector_output))
+            sampled_token_ids=[[] if self._partial(r) else [7] for r in req_ids],
+            logprobs=None, prompt_logprobs_dict={}, pooler_output=None, kv_connector_output=connector_output))
         return out
+
+    def _partial(self, req_id: str) -> bool:
+        """Whether a step computed a chunk of ``req_id``'s prompt short of its end: such a step samples no token
+        (one sampled there ended a one-token request after its first chunk)."""
+        request = self.scheduler.requests.get(req_id)
+        return request is not None and request.num_computed_tokens < request.num_prompt_tokens
 
     def run(self, req_id: str, max_steps: int = 500):
         """Step until ``req_id`` is scheduled to compute; returns that step's output (its KV is then written)."""
