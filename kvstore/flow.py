@@ -148,7 +148,7 @@ class BlockFlow:
         KV an engine computed after an approximate head is approximate too,
         whatever its keys: saved as exact, an ec4 disk's head made the tail
         another store read from a shared raw directory 0.15 off in the last
-        logit. Such blocks are held marked in memory, never written below.
+        logit. Such blocks go to memory (marked) and to lossy tiers only.
         """
         if not self._lossy:
             return None
@@ -293,8 +293,8 @@ class BlockFlow:
     def _land(self, items: list[tuple[bytes, torch.Tensor | PendingBlock, int]], keep: Collection[bytes],
               lossy: str | None = None) -> int:
         """Put blocks in the fastest available level that takes them (none evicting ``keep``, the prompt's
-        blocks before them), then queue the lower copies. Blocks approximate through ``lossy`` go to memory
-        slots only, marked, and no copy of them below.
+        blocks before them), then queue the lower copies. Blocks approximate through ``lossy`` go only to
+        memory slots (marked) and to levels that store with a lossy codec, whose readers take approximations.
 
         Blocks a level rejects (the batch is larger than it) go on to the
         level below in the same call. That level is then also written the
@@ -309,10 +309,10 @@ class BlockFlow:
         for level in self.stack:
             if not items:
                 break
-            if lossy is not None and not level.slots:
+            if lossy is not None and not (level.slots or level.lossy):
                 continue
             copies = [(key, block) for holder, key, block, sightings in landed
-                      if lossy is None and self._copy_due(holder, level, sightings)]
+                      if self._copy_due(holder, level, sightings)]
             for key, _ in copies:
                 written.setdefault(key, set()).add(level.index)
             batch = sorted(copies + [(key, block) for key, block, _ in items], key=lambda item: order[item[0]])
@@ -323,7 +323,7 @@ class BlockFlow:
                     if key in held:
                         self.count_dedup(block)
                 items = [item for item in items if item[0] not in held]
-            self.stack.write(level, batch, lossy, keep)
+            self.stack.write(level, batch, lossy if level.slots else None, keep)
             rest = []
             for key, block, sightings in items:
                 if self.stack.contains(level, key) and (lossy is not None or not self._marked(level, key)):
@@ -331,8 +331,8 @@ class BlockFlow:
                 else:
                     rest.append((key, block, sightings))
             items = rest
-        for holder, key, block, sightings in landed if lossy is None else ():
-            self._send_down(holder, key, block, sightings, skip=written.get(key, ()))
+        for holder, key, block, sightings in landed:
+            self._send_down(holder, key, block, sightings, skip=written.get(key, ()), approximate=lossy is not None)
         return len(landed)
 
     def _copy_due(self, holder: Level, level: Level, sightings: int) -> bool:
@@ -341,16 +341,19 @@ class BlockFlow:
                                                                                                    sightings)
 
     def _send_down(self, landed: Level, key: bytes, block: torch.Tensor | PendingBlock | None, sightings: int,
-                   newly_admitted: bool = False, skip: Collection[int] = ()) -> None:
+                   newly_admitted: bool = False, skip: Collection[int] = (), approximate: bool = False) -> None:
         """Queue write-through copies of a block held by ``landed`` for the levels below it.
 
         ``newly_admitted``: only for levels whose admission threshold this
         very sighting reached (a block seen again that was kept out before).
-        ``skip``: levels the copy was written to already.
+        ``skip``: levels the copy was written to already. ``approximate``:
+        the block is (computed after an approximate head): only levels that
+        store with a lossy codec take it.
         """
         for index in self.placement.write_through(landed.index):
             level = self.stack[index]
-            if index in skip or (newly_admitted and sightings != level.policy.admit_after):
+            if index in skip or (newly_admitted and sightings != level.policy.admit_after) or (
+                    approximate and not level.lossy):
                 continue
             if not self.placement.admits(index, sightings):
                 level.counters.add("admission_rejected")
