@@ -135,12 +135,12 @@ class BlockFlow:
         """Store blocks ``(key, [L, P, tokens, H, D])`` not stored yet, one put of a prompt's blocks after
         ``head`` (its head left the most recently used); returns blocks newly stored."""
         keys = [*head, *(key for key, _ in items)]
-        self.begin_put(keys, len(head))
-        stored = self.store_blocks(items, set(head), self.taint_of(head))
+        lossy = self.begin_put(keys, len(head))
+        stored = self.store_blocks(items, set(head), lossy)
         self.end_put(keys)
         return stored
 
-    def taint_of(self, head: Iterable[bytes]) -> str | None:
+    def _taint_of(self, head: Iterable[bytes]) -> str | None:
         """The lossy codec of the first of a prompt's stored blocks ``head`` that a read gets approximately
         (its fastest holder is a memory slot marked lossy, or a level that stores with a lossy codec); None
         if every one reads exact, and at once in a store with no lossy level.
@@ -179,16 +179,18 @@ class BlockFlow:
         held = torch.empty(self.layout.shape(block.shape[2]), dtype=self.layout.dtype)
         return self.stack.read(level, key, held) not in (False, None) and _same_bytes(held, block)
 
-    def begin_put(self, keys: Sequence[bytes], stored: int = 0) -> None:
+    def begin_put(self, keys: Sequence[bytes], stored: int = 0) -> str | None:
         """A put of the prompt whose blocks' keys are ``keys`` (in token order) begins, its first ``stored``
         stored already: those become the most recently used (a tier evicting for the rest then finds its
         victims at once, not behind them), and its copies written behind keep its head (``_write_queued``),
-        however the write-behind batches them."""
+        however the write-behind batches them. Returns the lossy codec that head reads through, if it reads
+        approximately (``_taint_of``): the put's other blocks are approximate too."""
         if stored > 1:
             for level in self.stack:
                 self.stack.touch_chain(level, keys[:stored])
         if len(keys) > 1 and self._targets:
             self._chains.remember(keys)
+        return self._taint_of(keys[:stored])
 
     def end_put(self, keys: Sequence[bytes]) -> None:
         """Count one put of a prompt whose blocks' keys are ``keys`` (in token order, each stored by
@@ -202,7 +204,7 @@ class BlockFlow:
                      lossy: str | None = None) -> int:
         """``store_items`` less ``begin_put`` and ``end_put``: for a put that stores its prompt a block at a
         time. No level evicts the prompt's blocks ``head`` (keys before ``items``) for them; ``lossy``: the
-        codec an approximate head went through (``taint_of``), which makes these blocks approximate too.
+        codec an approximate head went through (``_taint_of``), which makes these blocks approximate too.
 
         Keys another thread's put is landing now are left to it, then looked
         at again once it is done (as stored blocks: dedup), or after

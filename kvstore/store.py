@@ -211,8 +211,7 @@ class KVStore:
         keys = [block.key for block in blocks]
         before = {block.key for block in blocks if block.start < start}  # grows: no copy per block
         stored = 0
-        self._flow.begin_put(keys, len(before))
-        lossy = self._flow.taint_of(before)  # an approximate head: KV computed after it is approximate too
+        lossy = self._flow.begin_put(keys, len(before))  # an approximate head: what follows is approximate too
         try:
             for block in blocks:  # one at a time: a fill that raises leaves every earlier block stored
                 if self._gate.is_done():  # a fill closed the store (another thread's close waits for this call)

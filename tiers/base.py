@@ -318,6 +318,12 @@ class Kept:
         return any(key in part for part in self._parts)
 
 
+def exact_only(lossy: str | None, tier: str) -> None:
+    """``put_keeping``'s ``ValueError`` for approximate bytes given to ``tier``, which stores exact ones only."""
+    if lossy is not None:
+        raise ValueError(f"lossy: expected None ({tier} takes exact bytes), got {lossy!r}")
+
+
 def make_directory(path: str | os.PathLike[str], setting: str) -> None:
     """Create directory ``path`` (and its parents) if missing; a ``ValueError`` naming ``setting`` if a file
     or anything else not a directory is there or on the way (``FileExistsError`` named neither), an

@@ -74,7 +74,7 @@ from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, OTHER_SIZE,
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters, LogLimit
 from kvstore.tiers.base import (TIER_COUNTERS, Capability, Kept, RefusalLog, check_one_block,
-                                make_directory, tier_stats)
+                                exact_only, make_directory, tier_stats)
 from kvstore.tiers.fanout import (SUFFIX, TEMP_SUFFIX, block_key, block_path, entries_of, fanout_dirs, is_fanout,
                                   old_block_key)
 from kvstore.tiers.fileio import (ALIGN, GONE, MAX_IOVECS, NO_FILE, NO_SPACE, NOT_A_FILE, READ_FLAGS, STAMP_REFUSED,
@@ -706,8 +706,7 @@ class FilesTier:
                     keep: Collection[bytes]) -> int:
         """``ChainTier.put_keeping`` by ``_put_batch``; a batch the filesystem had no room for is written again
         once, in the room it has (``_fit_to_filesystem``)."""
-        if lossy is not None:
-            raise ValueError(f"lossy: expected None (a files tier takes exact bytes), got {lossy!r}")
+        exact_only(lossy, "a files tier")
         if keep and self.encoding.form:  # the names this tier's lossy form stores them as
             keep = {self.encoding.stored_name(key) for key in keep}
         lowerings = self._room.lowerings

@@ -40,7 +40,7 @@ from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
 from kvstore.metrics import Counters
-from kvstore.tiers.base import (TIER_COUNTERS, Capability, EvictCallback, Kept, check_one_block,
+from kvstore.tiers.base import (TIER_COUNTERS, Capability, EvictCallback, Kept, check_one_block, exact_only,
                                 make_directory, tier_stats)
 from kvstore.tiers.inuse import InUse
 from kvstore.tiers.room import FilesystemRoom
@@ -381,14 +381,12 @@ class LmdbTier:
     def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """Write blocks durably, evicting LRU blocks to make room (none once closing): in one transaction, or in
         several of a quarter of the tier each for a put of more than half of it."""
-        with self._in_use.hold() as held:
-            return self._put_many(items) if held else 0
+        return self.put_keeping(items, None, ())
 
     def put_keeping(self, items: Sequence[tuple[bytes, torch.Tensor]], lossy: str | None,
                     keep: Collection[bytes]) -> int:
         """``ChainTier.put_keeping``."""
-        if lossy is not None:
-            raise ValueError(f"lossy: expected None (a disk tier takes exact bytes), got {lossy!r}")
+        exact_only(lossy, "an LMDB tier")
         with self._in_use.hold() as held:
             return self._put_many(items, keep) if held else 0
 
@@ -437,14 +435,14 @@ class LmdbTier:
             for _ in range(_MAX_WRITE_ATTEMPTS):
                 with self._lock:
                     victims = self._pick_victims(incoming + slack, keep)
-                    freed = sum(self._index[k] for k in victims)
-                    while payloads and self._used - freed + incoming > self._capacity:
-                        # the blocks kept (another writer may have stored some since) leave no room for these
-                        _, dropped = payloads.pop()
-                        incoming -= _payload_bytes(dropped) + HEADER_BYTES
-                        self._counters.add("rejected")
+                    over = self._used - sum(self._index[k] for k in victims) + incoming - self._capacity
+                    if over > 0:  # every other block is a victim: the blocks kept (another writer may have
+                        while payloads and over > 0:  # stored some since) leave no room for the last payloads
+                            _, dropped = payloads.pop()
+                            incoming -= _payload_bytes(dropped) + HEADER_BYTES
+                            over -= _payload_bytes(dropped) + HEADER_BYTES
+                            self._counters.add("rejected")
                         victims = self._pick_victims(incoming + slack, keep)
-                        freed = sum(self._index[k] for k in victims)
                     stamps = dict(self._pending_stamps)
                     records = [(k, p, self._tick()) for k, p in payloads]
                 if self.on_evict is not None and victims:
