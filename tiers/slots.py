@@ -42,6 +42,25 @@ class _Entry:
     lossy: str | None = None  # the lossy codec these bytes went through (None: exactly what was put)
 
 
+@dataclass
+class _Claim:
+    """A slot a put took for one block, before the block is copied into it."""
+
+    key: bytes
+    block: torch.Tensor | PendingBlock
+    slot: int
+    victim: tuple[bytes, _Entry] | None  # the block evicted from the slot for it
+    first: bool  # whether this put marked the key filling (not a fill of the same thread further up)
+
+
+@dataclass
+class _Run:
+    """Blocks of a put that ``SlotTier._claim_run`` looked at under one lock."""
+
+    claims: list[_Claim]  # the ones given a slot, in order
+    held: list[bytes]  # the keys held already (or twice in the run)
+
+
 class SlotTier:
     """Blocks in slots of one pool of ``capacity_bytes // layout.block_bytes`` full-block slots.
 
@@ -195,32 +214,71 @@ class SlotTier:
         here was lost (lookup 87 tokens, then 0)."""
         return self._put_each(items, lossy, keep)
 
-    def _put_each(self, items: Sequence[tuple[bytes, torch.Tensor]], lossy: str | None,
+    def _put_each(self, items: Sequence[tuple[bytes, torch.Tensor | PendingBlock]], lossy: str | None,
                   keep: Collection[bytes] = ()) -> int:
-        """``put`` of each item in turn; the write counters bumped once for the batch (a 2 MiB block's
-        bookkeeping is a few percent of its copy, and the counters were a fifth of that).
+        """``put`` of each item in turn, a run of them at a time: the run's slots taken under one lock, its
+        copies made, the run indexed under one lock. (One block at a time, a 2 MiB block's three lock
+        sections were a third of its bookkeeping, and the bookkeeping a tenth of a put next to its copies.)
 
         No block of the batch evicts one the batch put before it: a batch
         larger than the pool keeps its leading blocks and its trailing ones
         are ``rejected``. Evicting its own leading blocks left only blocks
         no lookup reaches (a prefix is read from its first block).
         """
-        held = blocks = nbytes = 0
+        held = 0
         own: set[bytes] = set()  # ``keep`` is not copied: a request's promotions come one block at a time
-        try:
-            for key, block in items:
-                written = self._put(key, block, lossy, own, keep)
-                if written is not None:
-                    own.add(key)
-                    held += 1
-                    if written:
-                        blocks += 1
-                        nbytes += written
-        finally:
-            if blocks:
-                self._counters.add("blocks_written", blocks)
-                self._counters.add("bytes_written", nbytes)
+        position = 0
+        while position < len(items):
+            with self._lock:
+                run, position = self._claim_run(items, position, lossy, own, keep)
+            filled = self._fill_run(run.claims, lossy)
+            own.update(run.held, filled)
+            held += len(run.held) + len(filled)
         return held
+
+    def _claim_run(self, items: Sequence[tuple[bytes, torch.Tensor | PendingBlock]], position: int,
+                   lossy: str | None, own: Collection[bytes], keep: Collection[bytes]) -> tuple[_Run, int]:
+        """Under the lock: from ``items[position]`` on, a slot for each block not held already (one refused is
+        ``rejected``), up to a key another thread is copying into a slot; and the position after the run.
+
+        A run that begins at such a key waits for that copy first (bounded:
+        an engine's fill may wait for this very put), then takes a slot of
+        its own, and the later of the two copies is dropped. A run never
+        waits while it has slots taken, so two puts of the same keys in
+        opposite orders do not wait for each other.
+        """
+        me = threading.get_ident()
+        run = _Run([], [])
+        claimed: set[bytes] = set()
+        while position < len(items):
+            key, block = items[position]
+            if self._filling.get(key, me) != me:
+                if run.claims:
+                    break
+                self._filled.wait_for(lambda: self._filling.get(key, me) == me, _FILL_WAIT_SECONDS)
+            position += 1
+            if key in claimed or key in own:
+                run.held.append(key)
+                continue
+            entry = self._index.get(key)
+            if entry is not None:
+                self._index.move_to_end(key)
+                if entry.lossy is None or lossy is not None or entry.pins:
+                    run.held.append(key)
+                    continue
+                del self._index[key]  # exact bytes replace approximate ones: a fresh slot, same order
+                self._free.append(entry.slot)
+            taken = self._take_slot(keep, own)
+            if taken is None:
+                self._counters.add("rejected")
+                continue
+            # unless this thread fills it further up (an engine's fill saving), or another still does
+            first = key not in self._filling
+            if first:
+                self._filling[key] = me
+            claimed.add(key)
+            run.claims.append(_Claim(key, block, *taken, first))
+        return run, position
 
     def touch_chain(self, keys: Sequence[bytes]) -> None:
         """``ChainTier.touch_chain``: the held ``keys`` become the most recently used, the first most of all."""
@@ -244,65 +302,67 @@ class SlotTier:
         """
         return self._put_each([(key, block)], lossy) == 1
 
-    def _put(self, key: bytes, block: torch.Tensor | PendingBlock, lossy: str | None,
-             keep: Collection[bytes] = (), also: Collection[bytes] = ()) -> int | None:
-        """``put`` of one block, counters of its write aside: bytes written (0: held already), None if
-        refused (every slot pinned, or held by ``keep`` and ``also``)."""
-        with self._lock:
-            me = threading.get_ident()
-            # another thread fills it: its slot will hold it, not a second one; bounded (an engine's fill may wait
-            # for this very put), then a slot of its own, and the later of the two copies is dropped
-            self._filled.wait_for(lambda: self._filling.get(key, me) == me, _FILL_WAIT_SECONDS)
-            entry = self._index.get(key)
-            if entry is not None:
-                self._index.move_to_end(key)
-                if entry.lossy is None or lossy is not None or entry.pins:
-                    return 0
-                del self._index[key]  # exact bytes replace approximate ones: a fresh slot, same order
-                self._free.append(entry.slot)
-            taken = self._take_slot(keep, also)
-            if taken is None:
-                self._counters.add("rejected")
-                return None
-            # unless this thread fills it further up (an engine's fill saving), or another still does
-            first = key not in self._filling
-            if first:
-                self._filling[key] = me
-        try:
-            return self._fill(key, block, lossy, *taken)
-        finally:
-            if first:
-                with self._lock:
-                    del self._filling[key]
-                    self._filled.notify_all()
+    def _fill_run(self, claims: list[_Claim], lossy: str | None) -> list[bytes]:
+        """``_claim_run``'s copies into the slots it took (each victim's ``on_evict`` first), then the index
+        entries and the counters; returns the keys now held (one another thread stored meanwhile as well).
 
-    def _fill(self, key: bytes, block: torch.Tensor | PendingBlock, lossy: str | None, slot: int,
-              victim: tuple[bytes, _Entry] | None) -> int:
-        """``_put``'s copy into ``slot`` (taken, ``victim`` evicted from it), then the index entry."""
-        if victim is not None:
-            self._counters.add("evictions")
-            if self.on_evict is not None:
-                victim_key, victim_entry = victim
-                self._ready(slot)
-                self.on_evict(victim_key, self._view(slot, victim_entry.num_tokens), victim_entry.lossy)
-        num_tokens = block.shape[2]
+        A copy that raises frees its slot; the blocks copied before it are
+        indexed, and the slots of the ones after it get their victims back.
+        """
+        made = 0
         try:
-            if isinstance(block, PendingBlock):
-                block.write_into(self._view(slot, num_tokens))
-            else:
-                self._copy_in(slot, self._view(slot, num_tokens), block)
-        except BaseException:
+            for claim in claims:
+                if claim.victim is not None and self.on_evict is not None:
+                    victim_key, victim_entry = claim.victim
+                    self._ready(claim.slot)
+                    self.on_evict(victim_key, self._view(claim.slot, victim_entry.num_tokens), victim_entry.lossy)
+                view = self._view(claim.slot, claim.block.shape[2])
+                if isinstance(claim.block, PendingBlock):
+                    claim.block.write_into(view)
+                else:
+                    self._copy_in(claim.slot, view, claim.block)
+                made += 1
+        finally:
+            evictions = sum(claim.victim is not None for claim in claims[:made + 1])  # the failed copy's too
+            if evictions:
+                self._counters.add("evictions", evictions)
             with self._lock:
-                self._free.append(slot)
-            raise
-        with self._lock:
-            if self._closed:  # closed while this copy ran: the pool is gone, nothing is indexed
-                return None
-            if key in self._index:  # another thread stored it meanwhile
-                self._free.append(slot)
-                return 0
-            self._index[key] = _Entry(slot, num_tokens, lossy=lossy)
-        return num_tokens * self._token_bytes
+                held = [] if self._closed else self._index_run(claims[:made], lossy)  # closed: the pool is gone
+                if made < len(claims):
+                    self._free.append(claims[made].slot)
+                    self._unclaim(claims[made + 1:])
+                for claim in claims:
+                    if claim.first:
+                        del self._filling[claim.key]
+                self._filled.notify_all()
+        return held
+
+    def _index_run(self, claims: list[_Claim], lossy: str | None) -> list[bytes]:
+        """Under the lock: index the slots ``claims`` filled, and count their writes."""
+        blocks = nbytes = 0
+        for claim in claims:
+            if claim.key in self._index:  # another thread stored it meanwhile
+                self._free.append(claim.slot)
+                continue
+            num_tokens = claim.block.shape[2]
+            self._index[claim.key] = _Entry(claim.slot, num_tokens, lossy=lossy)
+            blocks += 1
+            nbytes += num_tokens * self._token_bytes
+        if blocks:
+            self._counters.add("blocks_written", blocks)
+            self._counters.add("bytes_written", nbytes)
+        return [claim.key for claim in claims]
+
+    def _unclaim(self, claims: list[_Claim]) -> None:
+        """Under the lock: slots taken for copies never made go back; a victim evicted for one is held again,
+        the least recently used (its slot was not touched; its ``on_evict`` was not called)."""
+        for claim in claims:
+            if self._closed or claim.victim is None or claim.victim[0] in self._index:
+                self._free.append(claim.slot)
+                continue
+            victim_key, victim_entry = claim.victim
+            self._index[victim_key] = victim_entry
+            self._index.move_to_end(victim_key, last=False)
 
     def pin(self, key: bytes) -> torch.Tensor | None:
         """Pin ``key`` against eviction and return a view of its bytes (None on a miss).

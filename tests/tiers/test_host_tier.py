@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from conftest import assert_same_kv, make_kv, make_tokens, tiny_layout
+from kvstore.keys import BlockRef
+from kvstore.pending import FillError, PendingBlock
 from kvstore.tiers.base import Tier
 from kvstore.tiers.host import HostTier
 
@@ -85,6 +87,39 @@ def test_a_batch_larger_than_the_pool_keeps_its_leading_blocks(layout, blocks):
         assert_same_kv(_read(tier, layout, key), blocks[key])
     assert tier.put_many([(D, blocks[D])]) == 1  # a later put evicts the LRU block as ever
     assert list(tier.keys()) == [B, C, D]
+
+
+def test_a_fill_that_raises_mid_batch_keeps_the_blocks_before_it_and_gives_later_victims_back(layout, blocks):
+    """A batch takes its slots before it copies: the copies made before a fill raised are held, the failed
+    block's slot is free, and the blocks evicted for the blocks after it are held again (their bytes were
+    never touched), in their LRU place."""
+    evicted = []
+    tier = HostTier(layout, 4 * layout.block_bytes, on_evict=lambda key, view, lossy: evicted.append(key))
+    tier.put_many([(key, blocks[key]) for key in (A, B, C, D)])
+    new = {bytes([n]) * 32: make_kv(layout, 16, seed=n) for n in range(3)}
+    keys = list(new)
+
+    def fill(ref, dst):
+        raise OSError("engine buffer gone")
+    pending = PendingBlock(layout, BlockRef(keys[1], 16, 32), fill)
+    with pytest.raises(FillError):
+        tier.put_many([(keys[0], new[keys[0]]), (keys[1], pending), (keys[2], new[keys[2]])])
+    assert evicted == [A, B]  # A for the first block, B for the one whose fill raised
+    assert list(tier.keys()) == [C, D, keys[0]]
+    assert tier.stats()["evictions"] == 2
+    assert tier.put_many([(keys[2], new[keys[2]])]) == 1  # the free slot, then C (the LRU) as ever
+    assert tier.put_many([(keys[1], new[keys[1]])]) == 1 and evicted == [A, B, C]
+    assert list(tier.keys()) == [D, keys[0], keys[2], keys[1]]
+    assert_same_kv(_read(tier, layout, D), blocks[D])
+    for key in keys:
+        assert_same_kv(_read(tier, layout, key), new[key])
+
+
+def test_a_key_twice_in_one_batch_takes_one_slot(layout, blocks):
+    tier = HostTier(layout, 3 * layout.block_bytes)
+    tier.put_many([(A, blocks[A])])
+    assert tier.put_many([(B, blocks[B]), (C, blocks[C]), (B, blocks[B])]) == 3
+    assert list(tier.keys()) == [A, B, C] and tier.stats()["evictions"] == 0
 
 
 def test_touch_chain_makes_the_head_the_most_recently_used(layout, blocks):
