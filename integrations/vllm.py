@@ -90,6 +90,7 @@ except ImportError:  # pragma: no cover - vLLM 0.32
 from kvstore.integrations.vllm_meta import KVStoreConnectorMetadata, LoadSpec, SaveSpec
 from kvstore.integrations.vllm_metrics import (ConnectorEvents, KVStoreConnectorStats, KVStoreKVEvents,
                                                build_kv_connector_stats, build_prom_metrics)
+from kvstore.integrations.vllm_plugin import register
 from kvstore.integrations.vllm_scheduler import SchedulerHalf
 from kvstore.integrations.vllm_settings import (ConnectorSettings, connector_settings, key_tokens, rank_place,
                                                 request_salt)
@@ -258,3 +259,6 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors()
+
+
+register()  # MultiConnector's front end finds the connector by name (kvstore.integrations.vllm_plugin)

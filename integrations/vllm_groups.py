@@ -59,6 +59,7 @@ class Group:
     layer_names: frozenset[str]
     kind: str = "full"
     span: int = 0
+    every_layer: bool = False  # the stand-in group when vLLM gives no config; a group vLLM gives holds its names
 
     def freed_tokens(self, computed: int) -> int:
         """How many leading tokens' pages vLLM may have freed once ``computed`` tokens are computed."""
@@ -81,9 +82,14 @@ class CacheGroups:
         return len(self.groups) > 1 or any(group.kind != "full" for group in self.groups)
 
     def layer_group(self, layer_name: str) -> int | None:
-        """The group holding ``layer_name`` (group 0 when vLLM gave no config), None when no group does."""
+        """The group holding ``layer_name`` (group 0 when vLLM gave no config), None when no group does.
+
+        A group vLLM gives with no layers (a pipeline rank's share of a model whose other ranks hold that
+        group's layers: Gemma-3-1B at PP=4) holds none: read as every layer's, it gave a full-attention layer
+        an empty sliding-window group's block table, and its KV went to and came from that table's pages.
+        """
         for group in self.groups:
-            if not group.layer_names or layer_name in group.layer_names:
+            if group.every_layer or layer_name in group.layer_names:
                 return group.index
         return None
 
@@ -100,7 +106,7 @@ class CacheGroups:
 
 def single_group() -> CacheGroups:
     """The groups when vLLM gives no KV-cache config: one full-attention group of every layer."""
-    return CacheGroups((Group(0, frozenset()),))
+    return CacheGroups((Group(0, frozenset(), every_layer=True),))
 
 
 def cache_groups(kv_cache_config: Any, page_size: int) -> tuple[CacheGroups | None, str]:

@@ -48,6 +48,7 @@ _COUNTERS = {
     "save_bytes": "KV bytes saved, summed over workers, bytes.", "save_seconds": "Time spent saving, seconds.",
     "save_errors": "Saves that failed.", "save_skipped": "Saves dropped because staging memory was full.",
     "save_window_gaps": "Saves not made because a sliding window had freed the pages of tokens not yet stored.",
+    "save_skipped_after_load_error": "Saves not made in the step of a load that fell short (saved once recomputed).",
 }
 STAT_KEYS: tuple[str, ...] = tuple(_COUNTERS)
 STAGING = "staging_bytes"  # the gauge: {"<worker rank>": bytes of staging memory in use}

@@ -249,7 +249,10 @@ class SchedulerHalf:
     def loads_failed(self, req_ids: Any, block_ids: Any = ()) -> None:
         """vLLM reports these requests' loads failed, or loads that left ``block_ids`` unfilled, and recomputes
         them: from now on those requests are misses. An async load that failed for good (its copy engine
-        raising) was offered again at each admission, failed again, and vLLM rescheduled it for ever."""
+        raising) was offered again at each admission, failed again, and vLLM rescheduled it for ever.
+
+        The prompt is handed to the workers again once recomputed: a save in the step of the failed load
+        is skipped (it would store pages the load never filled), and it was marked saved already."""
         failed = set(req_ids)
         if block_ids:
             bad = set(block_ids)
@@ -259,6 +262,7 @@ class SchedulerHalf:
             if state is not None:
                 state.load_failed = True
                 state.answer = None
+                state.saved, state.saved_upto = False, 0
 
     def forget(self, req_id: str) -> None:
         """A finished (or aborted) request's state goes. An async load not yet sent still goes out: vLLM keeps

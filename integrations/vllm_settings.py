@@ -58,12 +58,23 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _config_path(value: Any) -> str | None:
+    """``config``: the path of a kvstore config file, or absent (``$KVSTORE_CONFIG``, then defaults). A number
+    raised a ``TypeError`` naming no key, and an empty string was taken as absent."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"kv_connector_extra_config.config: expected the path of a kvstore config file, got "
+                         f"{value!r}")
+    return value
+
+
 def connector_settings(vllm_config: Any, environ: Mapping[str, str] | None = None) -> ConnectorSettings:
     """The store config (``StoreConfig.load`` + extra_config overrides) and the connector's own settings."""
     environ = dict(os.environ if environ is None else environ)
     extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
     own = {k: extra.pop(k) for k in list(extra) if k in CONNECTOR_KEYS}
-    base = StoreConfig.load(own.get("config"), environ)
+    base = StoreConfig.load(_config_path(own.get("config")), environ)
     named = "model_id" in extra or f"{ENV_PREFIX}MODEL_ID" in environ or base.model_id != StoreConfig.model_id
     store = StoreConfig.from_dict({**dataclasses.asdict(base), **extra}, source="kv_connector_extra_config")
     page = vllm_config.cache_config.block_size

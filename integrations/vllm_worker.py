@@ -90,6 +90,7 @@ class WorkerHalf:
         self._async: dict[str, Future] = {}
         self._errors: set[int] = set()
         self._failed: set[str] = set()  # requests whose async load failed (multi-group configs: recomputed whole)
+        self._short: set[str] = set()  # requests whose load in this step fell short: this step saves none of them
         self.groups, self._why_not = cache_groups(kv_cache_config, self.page_size)
         self._lock = lock  # guards the stats and the error blocks (async loads finish on other threads)
         self._step_started = 0.0
@@ -227,6 +228,8 @@ class WorkerHalf:
         tokens = 0 if whole and loaded < spec.end else max(0, min(loaded, spec.end) - spec.start)
         seconds = time.perf_counter() - job.started if job is not None else 0.0
         with self._lock:
+            if loaded < spec.end and not spec.is_async:
+                self._short.add(spec.req_id)
             if whole and loaded < spec.end:
                 self._failed.add(spec.req_id)
             else:
@@ -260,7 +263,15 @@ class WorkerHalf:
         self._complete_active()
         if not isinstance(meta, KVStoreConnectorMetadata) or self.engine is None:
             return
+        with self._lock:
+            short, self._short = self._short, set()
         for spec in meta.saves:
+            if spec.req_id in short:  # its pages past the load's end, and tokens computed over them, are not KV
+                log.info("request %s is not saved this step: its load fell short (saved once vLLM recomputes "
+                         "it)", spec.req_id)
+                with self._lock:
+                    self.stats.add("save_skipped_after_load_error")
+                continue
             self._save(spec)
         if meta.step_tokens >= PREFILL_SAMPLE_TOKENS and not meta.loads and self._step_started:
             self.store.record_prefill(meta.step_tokens, forward_seconds)

@@ -117,6 +117,37 @@ def test_failed_load_makes_vllm_recompute(tmp_path):
         engine.close()
 
 
+def test_a_load_falling_short_in_the_step_that_completes_the_prompt_saves_only_the_recomputed_kv(tmp_path):
+    """A block evicted between the lookup and the load, in the step that also computes the prompt's last
+    tokens: that step's save stored the pages the load never filled (and tokens computed over them), and a
+    later request was served them. Now the step saves nothing of it, and the recomputed prompt is saved."""
+    engine = Engine(tmp_path, {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    try:
+        tokens = prompt(70, seed=5)
+        engine.serve("a", tokens)
+        for cache in engine.caches.values():
+            cache.normal_()  # freed pages hold other requests' KV now
+        longer = tokens + [5]
+        engine.add(make_request("b", longer))
+        out = engine.scheduler.schedule()  # 64 tokens to load, [64, 71) computed in the same step
+        store = engine.worker.worker.store
+        assert store.host.delete(store.block_keys(longer)[1].key)  # [32, 64) evicted before the worker loads
+        engine.execute(out)
+        assert out.scheduled_new_reqs[0].num_computed_tokens == 64 and engine.invalid
+        assert engine.worker.get_kv_connector_stats().data["save_skipped_after_load_error"] == 1
+        for _ in range(5):
+            engine.step()
+        assert engine.scheduler.reset_prefix_cache()
+        for cache in engine.caches.values():
+            cache.normal_()
+        engine.add(make_request("c", list(longer)))
+        new = engine.run("c").scheduled_new_reqs[0]
+        assert new.num_computed_tokens == 64  # the recomputed prompt was saved
+        assert torch.equal(read_tokens(engine.caches, new.block_ids[0], 0, 64), true_kv(longer, 0, 64))
+    finally:
+        engine.close()
+
+
 def test_an_async_load_failing_after_it_began_is_recomputed_not_served(tmp_path):
     """A failure in the async load's thread after the load began (on CUDA, the stream's synchronize: here the
     copy engine raising) escaped into its future: vLLM was told the request's load finished and no block

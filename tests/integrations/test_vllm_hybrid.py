@@ -333,6 +333,51 @@ def test_groups_of_vllm_specs():
     assert not single.hybrid and single.layer_group("anything") == 0
 
 
+def test_a_pipeline_ranks_empty_group_holds_no_layer_and_each_layer_keeps_its_own_pages(tmp_path):
+    """vLLM's projection of a model's groups to a pipeline rank keeps groups with no layer there (Gemma-3-1B
+    at PP=4, rank 0). Read as every layer's group, the empty sliding-window group took the full-attention
+    layer: its KV was saved from and loaded into the empty group's pages (max diff 4.2, no error reported)."""
+    kcc = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec([LAYER_NAMES[0]], _spec("window", 1024)),
+        KVCacheGroupSpec([], _spec("window", 1024)),  # its layers are on other pipeline ranks
+        KVCacheGroupSpec([LAYER_NAMES[1]], FullAttentionSpec(block_size=PAGE, num_kv_heads=KV_HEADS,
+                                                             head_size=HEAD_DIM, dtype=torch.float32))])
+    groups, _ = cache_groups(kcc, PAGE)
+    assert [groups.layer_group(name) for name in LAYER_NAMES] == [0, 2]
+    config = make_config(write_model(tmp_path / "model"), {"block_tokens": BLOCK_TOKENS, "host_bytes": "4MiB"})
+    worker = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER, kcc)
+    try:
+        shared = torch.zeros(NUM_BLOCKS, PAGE, KV_HEADS, 2 * HEAD_DIM)  # the hybrid allocator's one tensor
+        worker.register_kv_caches({name: shared.permute(0, 2, 1, 3) for name in LAYER_NAMES})
+        tokens = prompt(64, seed=7)
+        kv = true_kv(tokens, 0, 64)
+        saved = ([1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12])
+        shared[5:9] = 99.0  # the empty group's pages hold another request's KV
+
+        def pages_of(layer: int, table: list[int]) -> torch.Tensor:
+            return torch.stack([shared[table[t // PAGE], t % PAGE] for t in range(64)])
+
+        def true_pages(layer: int) -> torch.Tensor:
+            return torch.stack([torch.cat([kv[layer, 0, t], kv[layer, 1, t]], dim=-1) for t in range(64)])
+        for layer, group in ((0, 0), (1, 2)):  # the forward writes each layer into its own group's pages
+            for t in range(64):
+                shared[saved[group][t // PAGE], t % PAGE] = true_pages(layer)[t]
+        worker.bind_connector_metadata(KVStoreConnectorMetadata(saves=[SaveSpec("a", tokens, None, saved)]))
+        worker.wait_for_save()
+        loaded = ([20, 21, 22, 23], [24, 25, 26, 27], [28, 29, 30, 31])
+        worker.bind_connector_metadata(KVStoreConnectorMetadata(loads=[LoadSpec("b", tokens, None, loaded, 0, 64)]))
+        worker.start_load_kv(EAGER_STEP)
+        for name in LAYER_NAMES:
+            worker.wait_for_layer_load(name)
+        worker.wait_for_save()
+        assert not worker.get_block_ids_with_load_errors()
+        for layer, group in ((0, 0), (1, 2)):
+            assert torch.equal(pages_of(layer, loaded[group]), true_pages(layer))
+        assert torch.equal(shared[24:28], torch.zeros_like(shared[24:28]))  # the empty group's: untouched
+    finally:
+        worker.shutdown()
+
+
 def test_a_single_group_naming_no_registered_cache_stores_them_all(tmp_path):
     """A one-group config whose layer names match none of the registered caches (an older vLLM naming them
     otherwise) still stores every cache, as before hybrid support."""

@@ -37,6 +37,7 @@ from vllm.v1.metrics.stats import SchedulerStats  # noqa: E402
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
 from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder  # noqa: E402
 
+from conftest import run_python  # noqa: E402
 from kvstore.integrations import vllm_metrics  # noqa: E402
 from kvstore.integrations.vllm_metrics import (STAT_KEYS, ConnectorEvents, KVStoreConnectorStats,  # noqa: E402
                                                KVStoreKVEvents, KVStorePromMetrics, medium_of)
@@ -125,6 +126,33 @@ def test_stats_travel_like_vllm_and_log():
     assert fields["staging_bytes"] == str(8 * MiB)  # last per worker, summed: not 16 MiB
     assert float(fields["load_p50_ms"]) == 4.0 and float(fields["save_GBps"]) > 0
     assert logging_.transfer_stats_accumulator is None  # reset for the next interval
+
+
+def test_stats_inside_a_multiconnector_reach_the_frontend_log():
+    """vLLM's MultiConnector rebuilds each child's stats by the child's registered name alone, in a front end
+    that never builds a connector: with stats logging on, every request failed with "Connector
+    'KVStoreConnector' is not registered". vLLM's general plugins (loaded by its front end) register it,
+    without importing the connector. A fresh interpreter: this one imported the connector long ago."""
+    out = run_python("""
+        import sys
+        from vllm.config import KVTransferConfig
+        from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
+        from vllm.plugins import load_general_plugins
+        from kvstore.integrations.vllm_metrics import KVStoreConnectorStats
+        load_general_plugins()
+        lazy = "kvstore.integrations.vllm" not in sys.modules
+        multi = KVTransferConfig(kv_connector="MultiConnector", kv_role="kv_both", kv_connector_extra_config={
+            "connectors": [{"kv_connector": "KVStoreConnector", "kv_role": "kv_both",
+                            "kv_connector_module_path": "kvstore.integrations.vllm"}]})
+        stats = KVStoreConnectorStats()
+        stats.record_lookup(64, 32, 0.001)
+        logging_ = KVConnectorLogging(multi)
+        logging_.observe({"KVStoreConnector": stats.data})
+        lines = []
+        logging_.log(log_fn=lambda fmt, *args: lines.append(fmt % args))
+        print(lazy, len(lines), "KVStoreConnector={'lookups': 1," in lines[0])
+    """, timeout=120)
+    assert out.split() == ["True", "1", "True"], out
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,8 @@ def test_settings_from_extra_config_and_environment(tmp_path):
     ("async_load", "yes"), ("async_load", 1), ("salt", ""), ("salt", 5),
     ("staging_bytes", "1KiB"), ("staging_bytes", "lots"), ("staging_bytes", -1), ("staging_bytes", True),
     ("lookup_timeout_s", 0), ("lookup_timeout_s", -1), ("lookup_timeout_s", 60.5), ("lookup_timeout_s", True),
-    ("lookup_timeout_s", "1"), ("host_bytes", "much"), ("no_such_setting", 1),
+    ("lookup_timeout_s", "1"), ("host_bytes", "much"), ("no_such_setting", 1), ("config", 5), ("config", ""),
+    ("config", ["a.toml"]),
 ])
 def test_a_bad_setting_is_a_value_error_naming_it(key, value):
     with pytest.raises(ValueError, match=key):
