@@ -12,7 +12,7 @@ import tomllib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 from typing import Any
 
 import torch
@@ -220,7 +220,8 @@ class StoreConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or value.partition("://")[0] not in schemes
                                       or not value.partition("://")[2]):
-                raise ValueError(f"{name}: expected a URL starting {[s + '://' for s in schemes]}, got {value!r}")
+                shown = hide_password(value) if isinstance(value, str) else value
+                raise ValueError(f"{name}: expected a URL starting {[s + '://' for s in schemes]}, got {shown!r}")
             if value is not None:
                 _check_address(name, value)
         if self.redis_url is not None:
@@ -229,6 +230,10 @@ class StoreConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
+        # The redis tier refused it only when built, naming its own argument ("namespace"), not this setting.
+        if isinstance(self.redis_namespace, str) and ":" in self.redis_namespace:
+            raise ValueError(f"redis_namespace: expected a string without ':' (it separates the parts of a Redis "
+                             f"key), got {self.redis_namespace!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device: expected a torch device name such as 'cuda:0' or 'cpu', got {self.device!r}")
         try:
@@ -349,6 +354,29 @@ def check_folder(name: str, path: str | os.PathLike[str]) -> None:
 
 _TIER_OWNED_REDIS_OPTIONS = frozenset({"socket_timeout", "socket_connect_timeout", "retry_on_timeout",
                                        "retry_on_error"})
+# Options that turn replies into text: a block's bytes then fail to decode (decode_responses: every read an
+# error) or commands go out in another encoding (encoding=utf-16: every write and script refused).
+_REPLY_ENCODING_REDIS_OPTIONS = frozenset({"decode_responses", "encoding", "encoding_errors"})
+# The query options a TLS cluster URL takes, passed to the cluster client (a private CA, a client certificate).
+REDIS_CLUSTER_SSL_OPTIONS = frozenset({"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password",
+                                       "ssl_cert_reqs"})
+
+
+HIDDEN = "<hidden>"  # in place of a secret in what is shown (errors, ``kvstore info``)
+_SECRET_QUERY = re.compile(r"((?:^|&)[^=&]*password=)[^&]*")
+
+
+def hide_password(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part and any ``*password=`` query value hidden:
+    settings errors and ``kvstore info`` show URLs, and they reach logs and terminals."""
+    base, mark, query = url.partition("?")
+    scheme, sep, rest = base.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:{HIDDEN}@{hosts}"
+    query = _SECRET_QUERY.sub(lambda found: found.group(1) + HIDDEN, query)
+    return f"{scheme}{sep}{netloc}{slash}{path}{mark}{query}"
 
 
 def check_redis_url(name: str, url: str) -> None:
@@ -361,24 +389,31 @@ def check_redis_url(name: str, url: str) -> None:
     scheme = url.partition("://")[0]
     parts = urlsplit(url)
     if scheme.endswith("+cluster"):
-        if parts.path not in ("", "/", "/0") or parts.query:
-            raise ValueError(f"{name}: a Redis Cluster URL takes no database (other than 0) and no query, "
-                             f"expected {scheme}://host:port[,host:port...], got {url!r}")
+        query = parse_qs(parts.query, keep_blank_values=True)
+        allowed = REDIS_CLUSTER_SSL_OPTIONS if scheme == "rediss+cluster" else frozenset()
+        if parts.path not in ("", "/", "/0") or set(query) - allowed or any(len(v) > 1 for v in query.values()):
+            takes = f"no query but {', '.join(sorted(allowed))} (once each)" if allowed else "no query"
+            raise ValueError(f"{name}: a Redis Cluster URL takes no database (other than 0) and {takes}, "
+                             f"expected {scheme}://host:port[,host:port...], got {hide_password(url)!r}")
         return
     if scheme != "unix" and not re.fullmatch(r"/?\d*", parts.path):
         raise ValueError(f"{name}: expected a database number after the address ({scheme}://host:port/0), "
-                         f"got path {parts.path!r} in {url!r}")
+                         f"got path {parts.path!r} in {hide_password(url)!r}")
     from redis.connection import parse_url  # the client's own reading of the query, at settings time
     try:
         options = parse_url(url)
     except ValueError as error:
-        raise ValueError(f"{name}: {error} (got {url!r})") from None
+        raise ValueError(f"{name}: {error} (got {hide_password(url)!r})") from None
     # redis-py lets the URL's query override the tier's own options: ?socket_timeout=8 made a hung server cost
     # every call 8 s, not redis_timeout_seconds; ?socket_timeout=0 failed every call.
     owned = sorted(option for option in options if option in _TIER_OWNED_REDIS_OPTIONS)
     if owned:
         raise ValueError(f"{name}: expected a query without {', '.join(owned)} (the tier sets them: "
-                         f"redis_timeout_seconds, one attempt a command), got {url!r}")
+                         f"redis_timeout_seconds, one attempt a command), got {hide_password(url)!r}")
+    text = sorted(option for option in options if option in _REPLY_ENCODING_REDIS_OPTIONS)
+    if text:
+        raise ValueError(f"{name}: expected a query without {', '.join(text)} (the tier reads and writes blocks "
+                         f"as bytes, not text), got {hide_password(url)!r}")
 
 
 def _check_address(name: str, url: str) -> None:
@@ -396,7 +431,7 @@ def _check_address(name: str, url: str) -> None:
                 raise ValueError(f"no host in {host!r}")
             parts.port  # noqa: B018 -- parsing the port is the check
     except ValueError as error:
-        raise ValueError(f"{name}: expected host:port parts that parse, got {url!r} ({error})") from None
+        raise ValueError(f"{name}: expected host:port parts that parse, got {hide_password(url)!r} ({error})") from None
 
 
 def _parse_bool(name: str, text: str) -> bool:

@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import stat
 from typing import Any
 
 
-from kvstore.config import StoreConfig
+from kvstore.config import HIDDEN, StoreConfig, hide_password
 from kvstore.layout import KVLayout
 from kvstore.sizes import format_size
 from kvstore.tiers.fanout import SUFFIX, TEMP_SUFFIX, is_fanout
 from kvstore.tiers.lmdb import inspect_directory
 
 _SECRETS = ("remote_token",)
-_URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
-HIDDEN = "<hidden>"
 
 
 def load_config(path: str | None, environ: dict[str, str] | None = None) -> tuple[StoreConfig, str]:
@@ -56,11 +53,6 @@ def redacted(config: StoreConfig) -> dict[str, Any]:
         if values.get(name) is not None:
             values[name] = hide_password(values[name])
     return values
-
-
-def hide_password(url: str) -> str:
-    """``url`` with the password of its ``user:password@`` part, if any, hidden."""
-    return _URL_PASSWORD.sub(lambda m: m.group(1) + HIDDEN + "@", url)
 
 
 def _subdirs(path: str, root: str) -> list[str]:

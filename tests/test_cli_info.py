@@ -25,7 +25,8 @@ import pytest
 from conftest import REPO_ROOT, TESTS_DIR, make_kv, tiny_layout
 from kvstore.blockformat import HEADER_BYTES
 from kvstore.cli import main
-from kvstore.inventory import files_usage, hide_password
+from kvstore.config import StoreConfig, hide_password
+from kvstore.inventory import files_usage
 from kvstore.tiers.files import FilesTier
 from kvstore.tiers.lmdb import LmdbTier, inspect_directory
 
@@ -346,6 +347,18 @@ def test_hide_password():
     assert hide_password("redis://:pw@h:6379/0") == "redis://:<hidden>@h:6379/0"
     assert hide_password("rediss+cluster://u:p@a:1,b:2") == "rediss+cluster://u:<hidden>@a:1,b:2"
     assert hide_password("redis://h:6379/0") == "redis://h:6379/0"
+    assert hide_password("rediss+cluster://a:1,b:2?ssl_password=pw&ssl_ca_certs=/ca") == (
+        "rediss+cluster://a:1,b:2?ssl_password=<hidden>&ssl_ca_certs=/ca")
+    assert hide_password("unix:///run/redis.sock?password=pw&db=1") == "unix:///run/redis.sock?password=<hidden>&db=1"
+
+
+@pytest.mark.parametrize("url", ["redis://:hunter2@h:6379/abc", "redis://u:hunter2@h:6379/0?socket_timeout=3",
+                                 "redis+cluster://:hunter2@a:1,b:2/5", "redis://:hunter2@h:99999/0",
+                                 "rediss+cluster://a:1?ssl_password=hunter2&db=3"])
+def test_a_bad_redis_url_is_named_without_its_password(url):
+    with pytest.raises(ValueError, match="redis_url") as error:
+        StoreConfig(host_bytes="1MiB", redis_url=url)
+    assert "hunter2" not in str(error.value) and "<hidden>" in str(error.value)
     assert hide_password("unix:///run/redis.sock") == "unix:///run/redis.sock"
 
 

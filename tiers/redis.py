@@ -47,7 +47,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import numpy as np
 import redis
@@ -55,17 +55,17 @@ import torch
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (AskError, AuthenticationError, ClusterDownError, MovedError, NoPermissionError,
-                              OutOfMemoryError, RedisClusterException, ResponseError, TryAgainError)
+                              OutOfMemoryError, ReadOnlyError, RedisClusterException, ResponseError, TryAgainError)
 from redis.retry import Retry
 
 from kvstore.blockformat import HEADER_BYTES, BlockHeader, checksum, max_stored_bytes
 from kvstore.compression.codec import FrameCodec
 from kvstore.compression.stored import CORRUPT, INTACT, OTHER_CODEC, BlockEncoding
 from kvstore.layout import KVLayout
-from kvstore.metrics import Counters
+from kvstore.metrics import Counters, LogLimit
 from kvstore.tiers.base import TIER_COUNTERS, Capability, RefusalLog, decode_blob, tier_stats
 from kvstore.compression.registry import get_codec
-from kvstore.config import REDIS_SCHEMES, StoreConfig, check_redis_url
+from kvstore.config import REDIS_CLUSTER_SSL_OPTIONS, REDIS_SCHEMES, StoreConfig, check_redis_url
 from kvstore.tiers.spec import TierSpec
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,13 @@ _REDIRECTED = (AskError, TryAgainError, ClusterDownError)
 _SCAN_COUNT = 1000
 _T = TypeVar("_T")
 _FAILED = object()  # a command whose server could not be reached
-_SCRATCH_BYTES = 128 << 20  # most bytes of values a thread keeps a buffer for between puts
+_SCRATCH_BYTES = 128 << 20  # most bytes of values one put copies into a reused buffer
+# Most bytes of that buffer a thread keeps between puts: every thread that ever put (an engine's pool) kept up
+# to _SCRATCH_BYTES for life, outside every capacity; a larger buffer is freed when its put ends.
+_SCRATCH_KEEP_BYTES = 16 << 20
+_FAILURE_LOG_SECONDS = 10.0  # at most one log line this often for the failures the tier absorbs
+# What a read found under a key that holds no block of this layout's size to decode (besides the decode verdicts).
+_ABSENT, _EMPTY, _UNSERVED = "absent", "empty", "unserved"
 # Delete KEYS[1] only if it still holds what a read judged: ARGV[2] is "wrongtype" (not a string) or the
 # SHA-1 hex of the GETRANGE 0..ARGV[1] the read saw; an absent key is left alone.
 _DROP_JUDGED = """
@@ -116,9 +122,11 @@ def _connect(url: str, timeout: float) -> Callable[[], Any]:
             if not node.hostname:
                 raise ValueError(f"url: expected redis+cluster://host:port[,host:port...], got host {host!r}")
             nodes.append(ClusterNode(node.hostname, node.port or 6379))
+        # A TLS cluster's certificates (a private CA, a client certificate): check_redis_url let only these in.
+        tls = {name: value for name, value in parse_qsl(parts.query) if name in REDIS_CLUSTER_SSL_OPTIONS}
         return lambda: RedisCluster(startup_nodes=nodes, username=unquote(user) or None,
                                     password=unquote(password) or None, ssl=scheme == "rediss+cluster",
-                                    **options)
+                                    **tls, **options)
     raise ValueError(f"url: expected one of the schemes {', '.join(SCHEMES)} (redis://host:port/db, "
                      f"unix:///path.sock, redis+cluster://host:port[,host:port...]), got scheme {scheme!r}")
 
@@ -132,14 +140,46 @@ def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, (redis.TimeoutError, TimeoutError))
 
 
+def _refuses_settings(reply: object) -> bool:
+    """True if ``reply`` is the server refusing what these settings ask of it, not an outage nor a miss: an ACL
+    without a command (NOPERM), a read-only replica (READONLY), a primary that stopped writes because it cannot
+    persist (MISCONF). Counted alone, each left a tier that stored nothing reading healthy, silent."""
+    return isinstance(reply, (NoPermissionError, ReadOnlyError)) or (
+        isinstance(reply, ResponseError) and str(reply).startswith("MISCONF"))
+
+
+def _scripts_refused(reply: object) -> bool:
+    """True if ``reply`` says this server runs no scripts for us: an ACL without ``@scripting`` (NOPERM), EVAL
+    renamed away or scripting disabled (a managed service). Any other error (a busy script, a timeout) is not."""
+    if isinstance(reply, NoPermissionError):
+        return True
+    text = str(reply).lower() if isinstance(reply, ResponseError) else ""
+    return text.startswith("unknown command") or "script" in text and ("disabled" in text or "not allowed" in text)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the errors it was raised from or while handling: the cluster client wraps what its nodes
+    answered (a refused password) in a ``RedisClusterException``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _per_key(replies: list, per_key: int) -> list:
+    """``replies`` of ``per_key`` commands a key, as one reply a key: the tuple of its replies, or the first
+    error among them that is a failure (a WRONGTYPE is an answer about the key: kept in the tuple)."""
+    grouped: list = []
+    for start in range(0, len(replies), per_key):
+        part = tuple(replies[start:start + per_key])
+        failure = next((r for r in part if isinstance(r, Exception) and not _wrong_type(r)), None)
+        grouped.append(part if failure is None else failure)
+    return grouped
+
+
 def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
-
-
-def _read_limit(out: torch.Tensor) -> int:
-    """The last byte a read of a block for ``out`` asks for: one past the most such a block can take, so a
-    larger value (another writer's, up to Redis's 512 MB) is known as such without moving it all."""
-    return max_stored_bytes(out.nbytes)
 
 
 class RedisTier:
@@ -152,8 +192,9 @@ class RedisTier:
     that long after it was written. ``timeout_seconds`` bounds each connect and
     socket read or write. ``capacity_bytes`` is reported as the capacity (a
     larger block is rejected); 0 reports the server's ``maxmemory`` (summed
-    over cluster primaries; 0 if unlimited). Redis evicts on its own. Each
-    thread that puts keeps a buffer for the values it sends (at most 128 MiB).
+    over cluster primaries; 0 if unlimited). Redis evicts on its own. A put
+    copies its values into a buffer of up to 128 MiB; each thread keeps at
+    most 16 MiB of it between puts.
     """
 
     name = "redis"
@@ -186,6 +227,10 @@ class RedisTier:
         self._prefix = f"{key_prefix}:{namespace}:{layout.fingerprint.hex()}{form}:".encode()
         self._pattern = _glob_escape(self._prefix.decode()) + "*"
         self._ttl_ms = None if ttl_seconds is None else max(1, round(ttl_seconds * 1000))
+        # The last byte a read asks for: one past the most any block of this layout takes (a full one, not the
+        # reader's ``out``: a good block larger than ``out`` is a miss of another size, never damage), so a
+        # larger value (another writer's, up to Redis's 512 MB) is known as such without moving it all.
+        self._limit = max_stored_bytes(layout.block_bytes)
         self._capacity = capacity_bytes
         self._server_capacity: int | None = None
         self._last_figures = (0, 0, 0)  # what _server_figures last returned
@@ -198,6 +243,8 @@ class RedisTier:
         self._fixes_logged: set[str] = set()  # settings the server refused, each logged once as an error
         self._no_scripts = False  # the server refused EVAL once: damaged blocks are deleted with a plain DEL
         self._refusals = RefusalLog(log, "redis")
+        self._failure_log = LogLimit(_FAILURE_LOG_SECONDS)  # the failures absorbed (counted, not raised)
+        self.last_error: str | None = None  # the last failure, absorbed or raised: what is wrong, in words
         try:  # a cluster client connects on construction: if the cluster is down, the first call retries
             self._client()
         except (redis.RedisError, RedisClusterException, OSError):
@@ -228,6 +275,7 @@ class RedisTier:
         except _FAILURES as exc:
             if _is_timeout(exc):
                 self._counters.add("timeouts")
+            self.last_error = f"{type(exc).__name__}: {exc}"
             fix = self._misconfigured(exc)
             if fix is not None and fix not in self._fixes_logged:
                 self._fixes_logged.add(fix)
@@ -244,14 +292,32 @@ class RedisTier:
     def _misconfigured(self, exc: BaseException) -> str | None:
         """What the operator must change if ``exc`` is no outage but the server refusing these settings (it
         was logged like an outage, and retried for ever); None otherwise."""
+        for cause in reversed(list(_causes(exc))):  # the innermost first: what the server answered
+            fix = self._fix_for(cause)
+            if fix is not None:
+                return fix
+        return None
+
+    def _fix_for(self, exc: BaseException) -> str | None:
+        """``_misconfigured`` for one error, not the ones it wraps."""
         if isinstance(exc, (MovedError, AskError)) and not self.cluster:
             return ("the server is a Redis Cluster node (it redirected a key to another node): set redis_url to "
                     "redis+cluster://host:port[,host:port...]")
-        if isinstance(exc, AuthenticationError):
+        if isinstance(exc, AuthenticationError) or (
+                isinstance(exc, RedisClusterException) and "authentication" in str(exc).lower()):
             return "the server refused redis_url's credentials: write them as redis://user:password@host:port"
         if isinstance(exc, NoPermissionError):
-            return (f"redis_url's user lacks a permission (ACL): it needs GET, SET, DEL, EXISTS, SCAN, INFO and "
-                    f"DBSIZE on keys {self._pattern}")
+            return ("redis_url's user lacks a permission (ACL): it needs GETRANGE, EXISTS, SET, EVAL (and TYPE, "
+                    "GETRANGE and DEL inside its script; without @scripting, DEL), SCAN, INFO, DBSIZE and, on a "
+                    f"cluster, PING and CLUSTER SLOTS, on keys {self._pattern}")
+        if isinstance(exc, ReadOnlyError):
+            return "redis_url names a read-only replica; use the primary"
+        if isinstance(exc, ResponseError) and str(exc).startswith("MISCONF"):
+            return ("the server stopped taking writes because it cannot save its RDB snapshot (MISCONF): fix its "
+                    "disk or dir, or set stop-writes-on-bgsave-error no")
+        if isinstance(exc, RedisClusterException) and "cluster mode is not enabled" in str(exc).lower():
+            return ("redis_url names a server that is not a Redis Cluster node: set redis_url to "
+                    "redis://host:port/0")
         return None
 
     def _guard(self, call: Callable[[Any], _T], default: _T, server: Any = None) -> _T:
@@ -264,29 +330,44 @@ class RedisTier:
         return default
 
     def _count_failure(self, exc: BaseException) -> None:
-        """A failure this tier absorbs (does not raise): counted ``errors`` (and ``timeouts``)."""
+        """A failure this tier absorbs (does not raise): counted ``errors`` (and ``timeouts``), kept in
+        ``last_error`` and logged at most once per ``_FAILURE_LOG_SECONDS`` (a dead cluster node, CLUSTERDOWN
+        answers: thousands were counted while the log said nothing)."""
         self._counters.add("errors")
         if _is_timeout(exc):
             self._counters.add("timeouts")
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        events = self._failure_log.due()
+        if events:
+            log.warning("redis tier: %d failure%s absorbed since the last report (keys unserved, counted in "
+                        "errors); the last: %s", events, "" if events == 1 else "s", self.last_error)
 
-    def _batch(self, rkeys: Sequence[bytes], queue: Callable[[Any, int], None]) -> list:
-        """One pipeline (one round trip) of the command ``queue(pipe, i)`` queues for each of ``rkeys``.
+    def _batch(self, rkeys: Sequence[bytes], queue: Callable[[Any, int], None], per_key: int = 1,
+               scripted: bool = False) -> list:
+        """One pipeline (one round trip) of the ``per_key`` commands ``queue(pipe, i)`` queues for each of ``rkeys``.
 
-        Returns each command's reply or its error (an exception); raises if
-        the server cannot be reached. On a cluster, one pipeline per node
-        (see ``_per_node``): ``_FAILED`` for the keys of a node that is down.
+        Returns each key's reply (with ``per_key`` > 1, the tuple of its
+        commands' replies) or its error (an exception); raises if the server
+        cannot be reached, or refuses these settings (``_refuses_settings``;
+        with ``scripted``, a NOPERM is the caller's to handle: an ACL without
+        scripting). On a cluster, one pipeline per node (see ``_per_node``):
+        ``_FAILED`` for the keys of a node that is down.
         """
         def run(client: Any, indices: Sequence[int]) -> list:
             with client.pipeline(transaction=False) as pipe:
                 for i in indices:
                     queue(pipe, i)
-                return pipe.execute(raise_on_error=False)
+                replies = pipe.execute(raise_on_error=False)
+            return replies if per_key == 1 else _per_key(replies, per_key)
 
         def refused(replies: list) -> list:
-            for reply in replies:  # an ACL that refuses our commands, a cluster node reached as a server: the
-                if isinstance(reply, NoPermissionError) or (  # tier's failure, raised to be seen
-                        isinstance(reply, (MovedError, AskError)) and not self.cluster):
-                    raise reply
+            for reply in replies:  # an ACL that refuses our commands, a read-only replica, a cluster node reached
+                if (_refuses_settings(reply) and not (scripted and isinstance(reply, NoPermissionError))) or (
+                        isinstance(reply, (MovedError, AskError)) and not self.cluster):  # as a server: the
+                    raise reply  # tier's failure, raised to be seen
+            down = [reply for reply in replies if isinstance(reply, ClusterDownError)]
+            if down and all(reply is _FAILED or isinstance(reply, ClusterDownError) for reply in replies):
+                raise down[0]  # a cluster that serves no slot: no key answered, the whole tier is down
             return replies
 
         if self.cluster:
@@ -385,13 +466,22 @@ class RedisTier:
         """This thread's reusable buffer for values, at least ``min(nbytes, _SCRATCH_BYTES)`` bytes.
 
         Fresh memory costs a page fault per page when first written, which
-        can cost as much as sending the block to a local server.
+        can cost as much as sending the block to a local server. Kept
+        between puts only up to ``_SCRATCH_KEEP_BYTES`` (``_drop_scratch``).
         """
         want = min(nbytes, _SCRATCH_BYTES)
         buffer = getattr(self._local, "scratch", None)
         if buffer is None or len(buffer) < want:
+            self._local.scratch = None  # the old one freed before the new one is made
             buffer = self._local.scratch = bytearray(want)
         return memoryview(buffer)
+
+    def _drop_scratch(self) -> None:
+        """Free this thread's buffer if larger than ``_SCRATCH_KEEP_BYTES``: each thread that put a long prompt
+        (an engine's pool, a dozen threads) kept up to 128 MiB for life, which no capacity setting covers."""
+        buffer = getattr(self._local, "scratch", None)
+        if buffer is not None and len(buffer) > _SCRATCH_KEEP_BYTES:
+            self._local.scratch = None
 
     def _value(self, key: bytes, block: torch.Tensor, into: memoryview | None) -> bytes | bytearray | memoryview:
         """Header + payload of ``block``; stored raw, one copy of its bytes into ``into`` (or a new buffer)."""
@@ -488,6 +578,13 @@ class RedisTier:
         for key, block in items:
             self.redis_key(key)
             self._check_block("block", block)
+        try:
+            return self._put_many(items)
+        finally:
+            self._drop_scratch()
+
+    def _put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+        """``put_many`` once its arguments are checked."""
         sizes = [HEADER_BYTES + block.nbytes for _, block in items]
         scratch = self._scratch(sum(sizes)) if self.encoding.codec is None and sizes else None
         used = 0
@@ -527,25 +624,20 @@ class RedisTier:
         return stored
 
     def get_into(self, key: bytes, out: torch.Tensor) -> bool:
-        """GET block ``key`` and copy it into ``out`` after checking header and checksum; False on a miss
-        (or a damaged value); raises if the server cannot be reached."""
-        if self.cluster:  # through the per-node batch: a key on a node that is down is a miss
-            return self.get_many_into([key], [out])[0]
-        rkey = self.redis_key(key)
-        self._check_block("out", out)
-        limit = _read_limit(out)
-        def get(client: Any) -> object:
-            try:
-                return client.getrange(rkey, 0, limit)
-            except ResponseError as exc:
-                if _wrong_type(exc):
-                    return exc
-                raise
-        return self._decode(bytes(key), rkey, self._call(get), out)
+        """Read block ``key`` and copy it into ``out`` after checking header and checksum; False on a miss
+        (or a damaged value); raises if the server cannot be reached. See ``get_many_into``."""
+        return self.get_many_into([key], [out])[0]
 
     def get_many_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]:
-        """Read blocks ``keys`` into ``outs`` in one round trip (MGET, or pipelined GETs on a cluster);
-        raises if the server cannot be reached (a cluster node that is down while others serve: misses)."""
+        """Read blocks ``keys`` into ``outs``: one round trip (pipelined GETRANGE and EXISTS a key; on a
+        cluster, one pipeline a node), and one more for all the damaged values to delete, if any.
+
+        Raises if the server cannot be reached (a cluster node that is down
+        while others serve: misses), for the read or for the clean-up: a
+        server that answers reads but hangs writes (CLIENT PAUSE WRITE, a
+        FAILOVER) costs a call one timeout, not one a block. A block
+        larger than its ``out`` (fewer tokens) is a miss that keeps it.
+        """
         if len(keys) != len(outs):
             raise ValueError(f"outs: expected one per key ({len(keys)}), got {len(outs)}")
         rkeys = [self.redis_key(k) for k in keys]
@@ -553,58 +645,71 @@ class RedisTier:
             self._check_block("out", out)
         if not rkeys:
             return []
-        limits = [_read_limit(out) for out in outs]
-        values = self._batch(rkeys, lambda pipe, i: pipe.getrange(rkeys[i], 0, limits[i]))
-        return [self._decode(bytes(key), rkey, value, out)
-                for key, rkey, value, out in zip(keys, rkeys, values, outs)]
+        # EXISTS beside GETRANGE tells an absent key (nothing to clean up) from an empty value without a round
+        # trip a key: GETRANGE answers b"" for both.
+        replies = self._batch(rkeys, lambda pipe, i: (pipe.getrange(rkeys[i], 0, self._limit),
+                                                      pipe.exists(rkeys[i])), per_key=2)
+        judged = [self._judge(bytes(key), reply, out) for key, reply, out in zip(keys, replies, outs)]
+        damaged = [i for i, (verdict, _) in enumerate(judged) if verdict in (CORRUPT, OTHER_CODEC, _EMPTY)]
+        deleted = dict(zip(damaged, self._drop_judged([rkeys[i] for i in damaged], [judged[i][1] for i in damaged])))
+        found = []
+        for i, (verdict, value) in enumerate(judged):
+            found.append(verdict == INTACT)
+            if verdict == INTACT:
+                self._counters.add("hits")
+                self._counters.add("bytes_read", len(value) - HEADER_BYTES)
+                continue
+            self._counters.add("misses")
+            if verdict == CORRUPT or (verdict == _EMPTY and deleted[i]):  # an empty value held the key from
+                self._counters.add("corrupt")  # SET NX for good; a block stored since the read is kept
+            elif verdict == OTHER_CODEC:  # in a form this tier no longer serves
+                self._counters.add("stale")
+        return found
 
-    def _decode(self, key: bytes, rkey: bytes, value: object, out: torch.Tensor) -> bool:
-        """Verify ``value`` read for ``key`` and decode it into ``out``; a damaged value is deleted."""
-        verdict = None
+    def _judge(self, key: bytes, reply: object, out: torch.Tensor) -> tuple[str, object]:
+        """(verdict, value read) of ``reply`` (GETRANGE's and EXISTS's) for ``key``, decoded into ``out`` if
+        intact: a decode verdict (``INTACT``, ``CORRUPT``, ...), or ``_ABSENT``, ``_EMPTY``, ``_UNSERVED``."""
+        if reply is _FAILED:  # its cluster node is down: counted by _per_node
+            return _UNSERVED, None
+        if isinstance(reply, Exception):
+            self._count_failure(reply)
+            return _UNSERVED, None
+        value, present = reply
         if _wrong_type(value):
-            verdict = CORRUPT  # not a string: not a block of ours under our key
-        elif isinstance(value, Exception):
-            self._count_failure(value)
-        elif value is _FAILED:  # its cluster node is down
-            pass
-        elif not value:  # GETRANGE gives b"" for a key that is not there, and for an empty value, which
-            if self._drop_judged(rkey, value, out):  # would hold the key from SET NX for good
-                self._counters.add("misses")
-                self._counters.add("corrupt")
-                return False
-        elif len(value) > _read_limit(out):  # GETRANGE stopped one byte past any block's size
-            verdict = CORRUPT
-        else:
-            verdict = decode_blob(self.encoding, key, self._fingerprint, value, out)
-        if verdict == INTACT:
-            self._counters.add("hits")
-            self._counters.add("bytes_read", len(value) - HEADER_BYTES)
-            return True
-        self._counters.add("misses")
-        if verdict in (CORRUPT, OTHER_CODEC):  # damaged, or in a form this tier no longer serves
-            self._counters.add("corrupt" if verdict == CORRUPT else "stale")
-            self._drop_judged(rkey, value, out)
-        return False
+            return CORRUPT, value  # not a string: not a block of ours under our key
+        if not value:
+            return (_EMPTY if present else _ABSENT), value
+        if len(value) > self._limit:  # GETRANGE stopped one byte past any block's size
+            return CORRUPT, value
+        return decode_blob(self.encoding, key, self._fingerprint, value, out), value
 
-    def _drop_judged(self, rkey: bytes, value: object, out: torch.Tensor) -> bool:
-        """Delete ``rkey`` if it still holds the ``value`` this read judged (a string that is not, or an
-        empty one); True if deleted. One script, atomic on the server: another process that stored a good
-        block under the key since the read (after an eviction, or racing this reader) keeps it."""
-        judged = "wrongtype" if _wrong_type(value) else hashlib.sha1(value).hexdigest()  # noqa: S324 -- an equality check
+    def _drop_judged(self, rkeys: Sequence[bytes], values: Sequence[object]) -> list[bool]:
+        """Delete each of ``rkeys`` if it still holds the value this read judged (a string that is not a block,
+        or an empty one); whether each was deleted. One pipeline of scripts, each atomic on the server:
+        another process that stored a good block under the key since the read (after an eviction, or
+        racing this reader) keeps it. Raises, like a read, if the server cannot be reached."""
+        if not rkeys:
+            return []
+        judged = ["wrongtype" if _wrong_type(v) else hashlib.sha1(v).hexdigest()  # noqa: S324 -- an equality check
+                  for v in values]
         if not self._no_scripts:
-            try:
-                return bool(self._client().eval(_DROP_JUDGED, 1, rkey, _read_limit(out), judged))
-            except ResponseError as exc:  # an ACL without scripting (NOPERM), or a server without EVAL
-                self._no_scripts = True
-                log.warning("redis tier: the server refuses scripts (%s); a damaged block is deleted without "
-                            "checking that no other process stored it again meanwhile", exc)
-            except _FAILURES as exc:
-                self._count_failure(exc)
-                return False
+            replies = self._batch(rkeys, lambda pipe, i: pipe.eval(_DROP_JUDGED, 1, rkeys[i], self._limit,
+                                                                    judged[i]), scripted=True)
+            refusal = next((reply for reply in replies if _scripts_refused(reply)), None)
+            if refusal is None:
+                return self._deleted(replies)
+            self._no_scripts = True
+            log.warning("redis tier: the server refuses scripts (%s); a damaged block is deleted without "
+                        "checking that no other process stored it again meanwhile", refusal)
         # Without scripts, the clean-up races a writer between the read and the delete, as it did before them.
-        if value == b"" and not self._guard(lambda c: c.exists(rkey), 0):
-            return False  # the read found no key: nothing to delete
-        return bool(self._guard(lambda c: c.delete(rkey), 0))
+        return self._deleted(self._batch(rkeys, lambda pipe, i: pipe.delete(rkeys[i])))
+
+    def _deleted(self, replies: Sequence[object]) -> list[bool]:
+        """Whether each clean-up reply deleted its key; a failed one is counted, and is not."""
+        for reply in replies:
+            if isinstance(reply, Exception):
+                self._count_failure(reply)
+        return [reply is not _FAILED and not isinstance(reply, Exception) and bool(reply) for reply in replies]
 
     def delete(self, key: bytes) -> bool:
         """DEL block ``key``; True if it was stored, False if not or if the server cannot be reached."""

@@ -189,8 +189,9 @@ def test_damaged_value_is_a_miss_counted_corrupt(make_tier, layout, shared_redis
 
 
 class _WriteAfterRead:
-    """The tier's real client, but another client writes ``value`` under ``rkey`` right after each read:
-    another process storing the block between this reader's read and what it does about it."""
+    """The tier's real client, but another client writes ``value`` under ``rkey`` right after each read (a
+    pipeline with a GETRANGE): another process storing the block between this reader's read and what it
+    does about it."""
 
     def __init__(self, client, other, rkey, value):
         self._client, self._other, self._rkey, self._value = client, other, rkey, value
@@ -198,10 +199,35 @@ class _WriteAfterRead:
     def __getattr__(self, name):
         return getattr(self._client, name)
 
+    def pipeline(self, *args, **kwargs):
+        return _WriteAfterReadPipeline(self._client.pipeline(*args, **kwargs), self)
+
+
+class _WriteAfterReadPipeline:
+    """A real pipeline whose ``execute`` is followed by the other process's write if it read."""
+
+    def __init__(self, pipe, owner):
+        self._pipe, self._owner, self._read = pipe, owner, False
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def __enter__(self):
+        self._pipe.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._pipe.__exit__(*exc)
+
     def getrange(self, *args):
-        reply = self._client.getrange(*args)
-        self._other.set(self._rkey, self._value)
-        return reply
+        self._read = True
+        return self._pipe.getrange(*args)
+
+    def execute(self, *args, **kwargs):
+        replies = self._pipe.execute(*args, **kwargs)
+        if self._read:
+            self._owner._other.set(self._owner._rkey, self._owner._value)
+        return replies
 
 
 @pytest.mark.parametrize("before", ["absent", "empty", "damaged"])
