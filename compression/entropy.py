@@ -90,6 +90,13 @@ def _inverse(step: torch.Tensor) -> torch.Tensor:
     return torch.where(step == 0, torch.zeros_like(step), step.reciprocal())
 
 
+
+def _capped(step: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+    """``step`` no larger than twice the largest deviation it codes: past that every code is 0 all the same,
+    and a large ``key_step``/``value_step`` (up to 100,000) made fp16 steps round up to inf, decoded as NaN
+    (0 x inf) from finite KV."""
+    return torch.minimum(step, largest * 2)
+
 class EntropyCodec(FrameCodec):
     """Keys per channel and values per vector on uniform steps, codes entropy-coded; sink tokens exact."""
 
@@ -158,16 +165,17 @@ class EntropyCodec(FrameCodec):
             head = spread.square().mean(-1, keepdim=True).sqrt_()
             power = self.key_power / 1000
             spread = spread.pow_(power).mul_(head.pow_(1 - power))
-        floor = centred.abs().amax(1).div_(_CODE_LIMIT)
-        step_out.copy_(round_outward(torch.maximum(spread.mul_(self.key_step / 1000), floor), pd, up=True))
+        largest = centred.abs().amax(1)
+        step = _capped(torch.maximum(spread.mul_(self.key_step / 1000), largest / _CODE_LIMIT), largest)
+        step_out.copy_(round_outward(step, pd, up=True))
         codes_out.copy_(centred.mul_(_inverse(step_out.float()).unsqueeze(1)).round_())
 
     def _encode_values(self, values: torch.Tensor, step_out: torch.Tensor, codes_out: torch.Tensor,
                        pd: torch.dtype) -> None:
         y = values.float()  # [l, P-1, Tq, H, D]; only read below
         rms = y.square().mean(-1).sqrt_().mul_(self.value_step / 1000)
-        floor = torch.maximum(y.amax(-1), y.amin(-1).neg_()).div_(_CODE_LIMIT)
-        step_out.copy_(round_outward(torch.maximum(rms, floor), pd, up=True))
+        largest = torch.maximum(y.amax(-1), y.amin(-1).neg_())
+        step_out.copy_(round_outward(_capped(torch.maximum(rms, largest / _CODE_LIMIT), largest), pd, up=True))
         codes_out.copy_(y.mul(_inverse(step_out.float()).unsqueeze(-1)).round_())
 
     def _decode(self, header: FrameHeader, payload: torch.Tensor, out: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from kvstore.flow import BlockFlow
 from kvstore.gate import Gate, gated
 from kvstore.keys import KeyChain, Salt
 from kvstore.layout import KVLayout
-from kvstore.validation import check_out
+from kvstore.validation import check_disjoint, check_out
 
 EngineKey = str | bytes
 
@@ -84,6 +84,7 @@ class KeyedBlocks:
         for name, out in zip(names, outs):
             self._check_block(name, out, "out for")
             check_out(self.layout, out, out.shape[2], f"out for {name!r}")
+        check_disjoint(outs)
         return self._flow.fill_keys(self.engine_keys(names, salt), list(outs))
 
 

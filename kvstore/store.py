@@ -264,6 +264,9 @@ class KVStore:
         its checksum may have been read into (tiers read straight into
         ``out``, without a bounce copy), and so may slices after it where
         the files tier reads a run of blocks on several threads side by side.
+        ``out`` must be writable memory: torch cannot tell a tensor over a
+        read-only mapping (``np.memmap(mode="r")``), and a copy into one
+        kills the process (SIGSEGV).
         """
         blocks = self._keys.blocks(tokens, salt)
         check_out(self.layout, out, num_tokens_of(blocks))

@@ -8,8 +8,9 @@ so no tier is ever blamed (and bypassed) for it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from kvstore.layout import KVLayout
@@ -76,6 +77,49 @@ def check_out(layout: KVLayout, out: torch.Tensor, num_tokens: int, name: str = 
     if out.numel() and may_overlap(out):
         raise ValueError(f"{name}: expected a tensor whose elements do not share memory, got sizes "
                          f"{list(out.shape)} with strides {list(out.stride())}")
+
+
+_MOST_RUNS = 1 << 20  # past this many contiguous runs in all, outs are not compared (a check costs no more)
+
+
+def _run_dims(tensor: torch.Tensor) -> tuple[list[tuple[int, int]], int]:
+    """The (size, stride) of ``tensor``'s dimensions outside its innermost contiguous run, and the run's
+    length in elements (a KV block's token range of a larger buffer: a run per layer and part)."""
+    dims = [(size, stride) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1]
+    run = 1
+    while dims and dims[-1][1] == run:
+        run *= dims.pop()[0]
+    return dims, run
+
+
+def check_disjoint(outs: Sequence[torch.Tensor], name: str = "outs") -> None:
+    """A ``ValueError`` if two of ``outs`` share memory: each would be read into in turn, the later block's
+    bytes left in both, and both counted read (``get_keyed(names, [buf, buf])`` returned 2 with page b's KV
+    in the out for page a). Views of one buffer that do not overlap (its blocks' token ranges) are fine."""
+    by_storage: dict[tuple[str, int], list[int]] = {}
+    for index, out in enumerate(outs):
+        if out.numel():
+            by_storage.setdefault((str(out.device), out.untyped_storage().data_ptr()), []).append(index)
+    for indices in by_storage.values():
+        shapes = {index: _run_dims(outs[index]) for index in indices}
+        if len(indices) < 2 or sum(math.prod(size for size, _ in dims) for dims, _ in shapes.values()) > _MOST_RUNS:
+            continue
+        spans = []  # (first byte, past the last byte, index) of every run, from the storage's start
+        for index, (dims, run) in shapes.items():
+            starts = np.zeros(1, dtype=np.int64)
+            for size, stride in dims:
+                starts = (starts[:, None] + np.arange(size, dtype=np.int64) * stride).reshape(-1)
+            element = outs[index].element_size()
+            first = (starts + outs[index].storage_offset()) * element
+            spans.extend((start, start + run * element, index) for start in first.tolist())
+        spans.sort()
+        reach, holder = -1, -1
+        for start, end, index in spans:
+            if start < reach and index != holder:
+                raise ValueError(f"{name}: expected buffers that share no memory, got {name}[{holder}] and "
+                                 f"{name}[{index}] over the same bytes")
+            if end > reach:
+                reach, holder = end, index
 
 
 def check_counts(settings: object, names: Iterable[str], least: int = 1) -> None:

@@ -41,6 +41,27 @@ def test_reading_stops_at_the_first_missing_name(store):
     assert not outs[2].any()
 
 
+def test_outs_that_share_memory_are_refused_and_views_that_do_not_are_read_exactly(store):
+    """Each out is read into in turn: two that share memory were left holding the later page, both counted
+    read. Token ranges of one buffer (runs per layer and part, interleaved) share no byte and are fine."""
+    layout = store.layout
+    pages = {f"p{i}": make_kv(layout, 16, seed=10 + i) for i in range(2)}
+    store.put_keyed(list(pages.items()))
+    hits = {name: tier["hits"] for name, tier in store.stats()["tiers"].items()}
+    buffer = torch.zeros(layout.shape(48), dtype=layout.dtype)
+    for outs in ([buffer[:, :, :16], buffer[:, :, :16]], [buffer[:, :, :16], buffer[:, :, 8:24]],
+                 [buffer[:, :, :16], buffer[:, :, 15:31]]):
+        with pytest.raises(ValueError, match=r"^outs: expected buffers that share no memory, got outs\[0\] and "
+                                             r"outs\[1\] over the same bytes$"):
+            store.get_keyed(list(pages), outs)
+    assert {name: tier["hits"] for name, tier in store.stats()["tiers"].items()} == hits  # no tier was read
+    assert not buffer.any()
+    apart = [buffer[:, :, 32:48], buffer[:, :, :16]]  # one buffer, out of order, no byte shared
+    assert store.get_keyed(list(pages), apart) == 2
+    assert_same_kv(buffer[:, :, 32:48], pages["p0"])
+    assert_same_kv(buffer[:, :, :16], pages["p1"])
+
+
 def test_names_are_scoped_by_salt_and_never_meet_token_keys(store):
     kv = make_kv(store.layout, 16, seed=2)
     store.put_keyed([(b"page", kv)], salt="tenant-a")

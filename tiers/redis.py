@@ -79,6 +79,7 @@ _REDIRECTED = (AskError, TryAgainError, ClusterDownError)
 _SCAN_COUNT = 1000
 _T = TypeVar("_T")
 _FAILED = object()  # a command whose server could not be reached
+_DEFAULT_BULK_LEN = 512 << 20  # Redis's largest value unless proto-max-bulk-len says otherwise, bytes
 _SCRATCH_BYTES = 128 << 20  # most bytes of values one put copies into a reused buffer
 # Most bytes of that buffer a thread keeps between puts: every thread that ever put (an engine's pool) kept up
 # to _SCRATCH_BYTES for life, outside every capacity; a larger buffer is freed when its put ends.
@@ -233,6 +234,7 @@ class RedisTier:
         self._limit = max_stored_bytes(layout.block_bytes)
         self._capacity = capacity_bytes
         self._server_capacity: int | None = None
+        self._value_limit: int | None = None  # the servers' proto-max-bulk-len, once every server answered
         self._last_figures = (0, 0, 0)  # what _server_figures last returned
         self._counters = Counters(*TIER_COUNTERS, "stale", "errors", "timeouts")
         self._lock = threading.Lock()  # guards building the client
@@ -525,6 +527,23 @@ class RedisTier:
             self._last_figures = used, keys, maxmemory
         return used, keys, maxmemory
 
+    def _largest_value(self) -> int:
+        """The largest value the servers take, bytes (``proto-max-bulk-len``): asked once some server answers
+        (the smallest of theirs); Redis's default (512 MiB) where CONFIG is not allowed (an ACL, a managed
+        service). Not asked again: a dead node would cost every put its timeout."""
+        if self._value_limit is not None:
+            return self._value_limit
+        def ask(server: Any) -> int:
+            try:
+                return int(server.config_get("proto-max-bulk-len").get("proto-max-bulk-len", _DEFAULT_BULK_LEN))
+            except ResponseError:  # CONFIG refused: the tier needs no permission for it
+                return _DEFAULT_BULK_LEN
+        found, _ = self._per_server(ask)
+        if not found:
+            return _DEFAULT_BULK_LEN
+        self._value_limit = min(found)
+        return self._value_limit
+
     @property
     def capacity_bytes(self) -> int:
         """The configured capacity, else the server's maxmemory in bytes (summed over cluster
@@ -597,6 +616,11 @@ class RedisTier:
             value = self._value(bytes(key), block, into)
             if self._capacity and len(value) > self._capacity:
                 self._counters.add("rejected")
+                continue
+            if len(value) > self._largest_value():  # sent, the server drops the connection: every block of
+                self._counters.add("rejected")  # the batch lost and writes suspended, for one block too large
+                self._refusals.refused(1, "a block's value is past the server's proto-max-bulk-len: raise it "
+                                          "(CONFIG SET proto-max-bulk-len), or store smaller blocks")
                 continue
             rkeys.append(self.redis_key(key))
             values.append(value)

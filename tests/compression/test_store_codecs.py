@@ -535,9 +535,11 @@ def test_a_lossy_tier_keeps_a_non_finite_block_exact(tiers, kind, spec, bad):
 
 
 LOSSY_SPECS = sorted(name for name in CODECS if not get_codec(name).lossless)
+# Steps a user may set at their extremes: the step stored in fp16 rounded up to inf, decoded as NaN (0 x inf).
+EXTREME_SPECS = ["ec4:value_step=100000", "ec4:key_step=100000", "ec5:value_step=6000,key_step=6000"]
 
 
-@pytest.mark.parametrize("spec", LOSSY_SPECS)
+@pytest.mark.parametrize("spec", LOSSY_SPECS + EXTREME_SPECS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_a_lossy_codec_never_turns_finite_kv_into_nan(spec, dtype):
     """Finite values near a dtype's limits overflowed the codecs' arithmetic (rq's centring in fp16 at
@@ -547,7 +549,7 @@ def test_a_lossy_codec_never_turns_finite_kv_into_nan(spec, dtype):
     encoding = BlockEncoding(layout, get_codec(spec))
     limit = LOSSY_MAX_ABS[dtype]
     unit = make_kv(layout, layout.block_tokens, seed=5).float().clamp(-1, 1)
-    for scale in (limit / 1e6, limit, 60000.0, 1e19, 1e38, float(torch.finfo(dtype).max)):
+    for scale in (limit / 1e6, 1000.0, 15000.0, limit, 60000.0, 1e19, 1e38, float(torch.finfo(dtype).max)):
         block = (unit * scale).to(dtype)
         if not torch.isfinite(block).all():
             continue  # the scale is past this dtype: not a finite block

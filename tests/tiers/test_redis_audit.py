@@ -19,6 +19,7 @@ from tierkit import A, B, read
 
 from kvstore.compression.registry import get_codec
 from kvstore.config import StoreConfig
+from kvstore.layout import KVLayout
 from kvstore.store import KVStore
 from kvstore.tiers.redis import RedisTier
 
@@ -180,6 +181,28 @@ def test_a_read_only_replica_is_the_tiers_failure_naming_the_fix(tmp_path, layou
     finally:
         replica.stop()
         primary.stop()
+
+
+def test_a_block_past_the_servers_largest_value_is_rejected_alone(tmp_path, caplog):
+    """A value past proto-max-bulk-len made Redis drop the connection: the whole batch (a small tail
+    included) was lost and the tier's writes suspended. That block alone is now rejected, named in the log."""
+    layout = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, dtype=torch.float32, block_tokens=64)  # 2 MiB
+    server = RedisServer(tmp_path / "small", None, "--proto-max-bulk-len", "1mb").start()  # Redis's least
+    try:
+        tokens, kv = make_tokens(69), make_kv(layout, 69)
+        config = StoreConfig(model_id="m", host_bytes=0, redis_url=server.url)
+        with caplog.at_level(logging.WARNING, logger=LOGGER), KVStore(layout, config) as store:
+            tier = store.tiers[0]
+            assert tier.put_many([(A, kv[:, :, :64]), (B, kv[:, :, 64:])]) == 1  # the 5-token tail fits
+            assert tier.contains(B) and not tier.contains(A)
+            store.put(tokens, kv)
+            assert store.lookup(tokens) == 0  # its first block cannot be stored: nothing a lookup reaches
+            stats = store.stats()["tiers"]["redis"]
+            assert (stats["rejected"], stats["errors"], stats["writes"]) == (2, 0, "ok")
+        warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+        assert any("proto-max-bulk-len" in message for message in warnings)
+    finally:
+        server.stop()
 
 
 def test_an_acl_refusal_names_the_commands_the_tier_sends(make_acl_user, layout, caplog):
