@@ -165,7 +165,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from kvstore.client import Connection, parse_url
+    from kvstore.client import Connection, WrongSchemeError, parse_url
     from kvstore.protocol import ServerError
 
     if not 0 < args.timeout <= MAX_WAIT_SECONDS:
@@ -198,8 +198,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     except ServerError:  # it answered (a refused token...): its own message says what is wrong
         raise
     except ssl.SSLCertVerificationError as exc:
-        raise OSError(f"the cache server at {args.url} has a certificate this machine does not trust "
-                      f"({exc.verify_message}): give its CA with --tls-ca-file") from None
+        raise OSError(_untrusted_certificate(args.url, exc, args.tls_ca_file)) from None
+    except WrongSchemeError as exc:  # kvstore:// to a TLS server, or the reverse: its message says which to use
+        raise OSError(str(exc)) from None
     except (ConnectionError, TimeoutError, OSError) as exc:
         raise OSError(f"cannot reach the cache server at {args.url}: {_one_line(exc)} (is kvstore serve "
                       f"running there? --url names another)") from None
@@ -212,6 +213,26 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         return 0
     print(format_server_stats(args.url, stats))
     return 0
+
+
+# OpenSSL's verify codes that mean "no trusted CA issued it": the case a --tls-ca-file fixes.
+_UNKNOWN_ISSUER_CODES = frozenset({2, 18, 19, 20, 21})  # no issuer cert, self-signed (leaf, in chain), no local issuer
+_EXPIRED_CODES = frozenset({9, 10})  # not yet valid, expired
+
+
+def _untrusted_certificate(url: str, exc: ssl.SSLCertVerificationError, ca_file: str | None) -> str:
+    """Why the server's certificate failed, and the fix that matches the reason (a CA only for an unknown one)."""
+    head = f"the cache server at {url} has a certificate this machine does not trust ({exc.verify_message})"
+    if exc.verify_code in _UNKNOWN_ISSUER_CODES:
+        return f"{head}: " + ("give its CA with --tls-ca-file" if ca_file is None else
+                              f"--tls-ca-file {ca_file} is not the CA that issued it")
+    if exc.verify_code in _EXPIRED_CODES:
+        return f"{head}: the server's certificate is outside its validity dates: renew it (--tls-cert)"
+    if exc.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH (and IP address mismatch, 64)
+        return f"{head}: connect with a host name the certificate names, or reissue it for this one"
+    if exc.verify_code == 64:
+        return f"{head}: connect with an address the certificate names, or reissue it for this one"
+    return head
 
 
 def format_server_stats(url: str, stats: dict) -> str:

@@ -63,6 +63,16 @@ class LazyBlob:
 Blob = Sequence[Bytes] | LazyBlob  # a blob's parts in order, or made when sent
 
 
+class WrongSchemeError(ConnectionError):
+    """The server speaks TLS and the URL says ``kvstore://``, or the reverse: the message says which to use."""
+
+
+_TLS_RECORD_TYPES = (0x15, 0x16)  # a TLS alert, a handshake record: what a TLS server may answer plain bytes with
+# OpenSSL's reasons when the peer's first bytes are no TLS record (1.1, 3.x)
+_NOT_TLS_REASONS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST",
+                    "UNKNOWN_PROTOCOL"}
+
+
 def parse_url(url: str) -> tuple[str, int, bool]:
     """(host, port, tls) of ``kvstore://host:port`` or ``kvstores://host:port``."""
     parts = urlsplit(url)
@@ -86,7 +96,16 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls:
                 context = ssl.create_default_context(cafile=tls_ca_file)
-                sock = context.wrap_socket(sock, server_hostname=host)
+                try:
+                    sock = context.wrap_socket(sock, server_hostname=host)
+                except ssl.SSLCertVerificationError:
+                    raise
+                except ssl.SSLError as exc:
+                    if exc.reason not in _NOT_TLS_REASONS:
+                        raise
+                    raise WrongSchemeError(f"the server at {host}:{port} does not speak TLS (it answered the TLS "
+                                           f"handshake with something else): use kvstore://{host}:{port}, or the "
+                                           f"port of a TLS server ({exc.reason})") from None
             sock.settimeout(timeout)
         except BaseException:
             sock.close()
@@ -98,11 +117,25 @@ class Connection:
         self.closed = False
         try:
             rid = self._send(Op.HELLO, 0, [pack_hello(token)])
+            if not tls:
+                self._check_not_tls(host, port)
             header = self._header(rid, Op.HELLO)
             self.welcome = Welcome.unpack(self._payload(header, _MAX_WELCOME_BYTES))
         except BaseException:
             self.close()
             raise
+
+    def _check_not_tls(self, host: str, port: int) -> None:
+        """Before the HELLO reply is read: a TLS server answers a plain HELLO with a TLS alert, or closes at
+        once; either said only 'the server closed the connection'. ``WrongSchemeError`` saying kvstores://."""
+        self._before_io()
+        first = self._sock.recv(2, socket.MSG_PEEK)
+        if len(first) == 2 and first[0] in _TLS_RECORD_TYPES and first[1] == 0x03:
+            raise WrongSchemeError(f"the server at {host}:{port} speaks TLS (it answered with a TLS record): use "
+                                   f"kvstores://{host}:{port} (and tls_ca_file / --tls-ca-file for a private CA)")
+        if not first:
+            raise ConnectionError(f"the server at {host}:{port} closed the connection without answering HELLO: "
+                                   f"if it serves TLS, use kvstores://{host}:{port}")
 
     # -- the call's deadline ---------------------------------------------------------
 

@@ -8,8 +8,11 @@ writes on the store's writer thread; the event loop only parses, looks up
 and moves bytes. A malformed frame, an unknown opcode or a request over a
 limit gets an error reply and the connection is closed; nothing else is
 affected. Shutdown (SIGTERM/SIGINT, or ``stop()``): stop accepting, let
-requests in flight finish (up to ``shutdown_grace_seconds``), flush the
-disk writer, close, exit 0.
+requests in flight finish (up to ``shutdown_grace_seconds``), let the
+disk writer drain its backlog (until the same deadline, at least a
+second; what is left is lost, as after a crash), close, exit 0.
+``replace_tenants`` swaps the tenants in (a SIGHUP reloading the tokens
+file): connections whose token no longer names their tenant are closed.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class _Connection:
     tenant: Tenant | None = None
     busy: bool = False
     replying: bool = False  # a reply is partly sent: an error frame now would corrupt the stream
+    revoked: bool = False  # its token was taken away (tenants reloaded): closed after the request in flight
     task: asyncio.Task | None = field(default=None, repr=False)
 
 
@@ -55,13 +59,26 @@ def _listen_error(exc: OSError, host: str, port: int, flag: str, what: str) -> O
     return OSError(exc.errno, f"cannot listen for {what}connections on {host}:{port}: {reason} ({hint})")
 
 
+class _EncryptedKey(Exception):
+    """The TLS key asked for a passphrase."""
+
+
 def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
     """The server's TLS context, if it serves TLS; a ``ValueError`` naming the files if they cannot be used."""
     if config.tls_cert is None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+    def no_passphrase() -> bytes:  # OpenSSL would ask for it on the terminal: a service has none to answer
+        raise _EncryptedKey
+
     try:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
+        context.load_cert_chain(config.tls_cert, config.tls_key, password=no_passphrase)
+    except _EncryptedKey:
+        raise ValueError(f"tls_key: expected an unencrypted PEM private key, got {config.tls_key!r}, which is "
+                         f"encrypted (passphrase-protected) and kvstore serve does not ask for passphrases; "
+                         f"decrypt a copy readable by this server only (openssl pkey -in KEY -out PLAIN_KEY)"
+                         ) from None
     except OSError as error:  # ssl.SSLError is one: not PEM, or a key that is not the certificate's
         reason = getattr(error, "reason", None) or error.strerror or error
         raise ValueError(f"tls_cert, tls_key: expected a readable PEM certificate and its private key, got "
@@ -83,8 +100,10 @@ class CacheServer:
         # one frame, counted here up to host_bytes again: past that, a backlog that deep allocates as before).
         queued = min(config.write_backlog_bytes + config.max_frame_bytes, config.host_bytes) if config.disk_bytes else 0
         arena_bytes = config.host_bytes + queued if config.preallocate else 0
-        self.store = BlobStore(config.data_dir, config.host_bytes, config.disk_bytes, self.auth.quota_of,
-                               sync=config.disk_sync, arena_bytes=arena_bytes)
+        # The current Authenticator's quotas (replace_tenants swaps it).
+        self.store = BlobStore(config.data_dir, config.host_bytes, config.disk_bytes,
+                               lambda namespace: self.auth.quota_of(namespace), sync=config.disk_sync,
+                               arena_bytes=arena_bytes)
         self.metrics = ServerMetrics(self.store, config.metrics_namespaces)
         self._connections: set[_Connection] = set()
         self._incoming = 0  # payload bytes of PUTs admitted and still being received (see _admit_put)
@@ -134,6 +153,30 @@ class CacheServer:
     async def serve_until_stopped(self) -> None:
         await self._stopped.wait()
 
+    def replace_tenants(self, tenants: list[Tenant]) -> int:
+        """Swap in ``tenants`` (from the loop's thread; ``ValueError``, nothing changed, if they conflict).
+
+        A new HELLO is checked against them at once; an open connection whose token now names its tenant
+        goes on (with its new quota and operator flag), any other is closed (now if idle, else after its
+        request in flight); each namespace's new quota is enforced at once. Returns the connections closed.
+        """
+        auth = Authenticator(tenants)
+        self.auth = auth
+        closed = 0
+        for conn in list(self._connections):
+            if conn.tenant is None:
+                continue
+            now = auth.authenticate(conn.tenant.token)
+            if now is not None and now.namespace == conn.tenant.namespace:
+                conn.tenant = now
+                continue
+            conn.revoked = True
+            closed += 1
+            if not conn.busy and conn.task is not None:
+                conn.task.cancel()
+        self.store.enforce_quotas()
+        return closed
+
     async def stop(self) -> None:
         """Stop accepting, finish requests in flight, flush and close the store."""
         if self._stopping:
@@ -154,13 +197,14 @@ class CacheServer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        drain = max(deadline - time.monotonic(), min(1.0, self.config.shutdown_grace_seconds))
         if self._http is not None:
             self._http.close()
             await self._http.wait_closed()
         loop = asyncio.get_running_loop()
         # A cancelled GET's disk read still runs in its thread: the store's map must outlive it.
         await loop.run_in_executor(None, self._disk.shutdown, True)
-        await loop.run_in_executor(None, self.store.close)
+        await loop.run_in_executor(None, self.store.close, drain)
         self._stopped.set()
 
     async def _accept_loop(self) -> None:
@@ -180,6 +224,7 @@ class CacheServer:
 
     async def _open(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        hello_deadline = loop.time() + self.config.hello_timeout_seconds  # the TLS handshake and the HELLO
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._ssl is not None:
@@ -191,7 +236,7 @@ class CacheServer:
             self._handshakes += 1
         try:
             stream: Stream = (SocketStream(loop, sock) if self._ssl is None
-                              else await TlsStream.accept(loop, sock, self._ssl))
+                              else await TlsStream.accept(loop, sock, self._ssl, self.config.hello_timeout_seconds))
         except (OSError, ssl.SSLError, asyncio.TimeoutError):
             sock.close()
             return
@@ -207,22 +252,22 @@ class CacheServer:
         self._connections.add(conn)
         self.metrics.connections.inc()
         try:
-            await self._serve(conn)
+            await self._serve(conn, hello_deadline)
         finally:
             self._connections.discard(conn)
             self.metrics.connections.dec()
             stream.close()
 
-    async def _serve(self, conn: _Connection) -> None:
+    async def _serve(self, conn: _Connection, hello_deadline: float) -> None:
         header = Header(0, 0)
         try:
             loop = asyncio.get_running_loop()
-            while not self._stopping:
+            while not self._stopping and not conn.revoked:
                 conn.busy = False
                 if conn.tenant is None:  # a client that never says HELLO, or trickles it, must not keep a slot
-                    deadline = loop.time() + self.config.hello_timeout_seconds
+                    deadline = hello_deadline  # from the accept: a TLS handshake's time counts too
                     raw = await asyncio.wait_for(read_exact(conn.stream, HEADER_BYTES),
-                                                 self.config.hello_timeout_seconds)
+                                                 max(0.0, deadline - loop.time()))
                 else:  # idle between requests is allowed (pooled engine connections); a request is timed
                     raw = await read_exact(conn.stream, HEADER_BYTES)
                     deadline = loop.time() + self.config.request_timeout_seconds

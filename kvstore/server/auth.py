@@ -46,9 +46,12 @@ class Tenant:
         if not NAMESPACE_PATTERN.fullmatch(self.namespace):
             raise ValueError(f"namespace: expected letters, digits, '_', '.', '-' (at most 64), "
                              f"got {self.namespace!r}")
-        if not isinstance(self.token, str) or len(self.token) < MIN_TOKEN_CHARS:
+        if not isinstance(self.token, str):  # its value is never shown: a secret, even a malformed one
+            raise ValueError(f"token of namespace {self.namespace!r}: expected a string of at least "
+                             f"{MIN_TOKEN_CHARS} characters, got a {type(self.token).__name__}")
+        if len(self.token) < MIN_TOKEN_CHARS:
             raise ValueError(f"token of namespace {self.namespace!r}: expected at least {MIN_TOKEN_CHARS} "
-                             f"characters, got {len(self.token) if isinstance(self.token, str) else self.token!r}")
+                             f"characters, got {len(self.token)}")
 
 
 class Authenticator:
@@ -58,8 +61,7 @@ class Authenticator:
         names = [t.namespace for t in tenants]
         if len(set(names)) != len(names):
             raise ValueError(f"tenants: expected one token per namespace, got namespaces {names}")
-        if len({t.token for t in tenants}) != len(tenants):
-            raise ValueError("tenants: expected a distinct token per namespace, got a token used twice")
+        _check_distinct_tokens(tenants, "tenants")
         self._tenants = list(tenants)
         self._quotas = {t.namespace: t.quota_bytes for t in tenants}
         self._open = Tenant(open_namespace, "-" * MIN_TOKEN_CHARS, operator=True) if open_namespace else None
@@ -82,15 +84,38 @@ class Authenticator:
         return list(self._tenants)
 
 
+def _check_distinct_tokens(tenants: Sequence[Tenant], where: str) -> None:
+    """``ValueError`` naming the tenants (never the token) if two share a token."""
+    seen: dict[str, str] = {}
+    for tenant in tenants:
+        if tenant.token in seen:
+            raise ValueError(f"{where}: expected a distinct token per tenant, got the same token for tenants "
+                             f"{seen[tenant.token]!r} and {tenant.namespace!r}")
+        seen[tenant.token] = tenant.namespace
+
+
+_YAML_WHERE = re.compile(r"line \d+, column \d+")
+
+
 def load_tenants(path: str | os.PathLike[str]) -> list[Tenant]:
-    """Tenants of a tokens file (see the module docstring); ``ValueError`` naming what is wrong."""
-    values = read_settings_file(path, "tenants")
+    """Tenants of a tokens file (see the module docstring); ``ValueError`` naming the file, the tenant and
+    what is wrong, and never a token's value."""
+    try:
+        values = read_settings_file(path, "tenants")
+    except ValueError as error:
+        message = str(error)
+        if "not valid YAML" in message:  # YAML's own message quotes the offending line: it may hold a token
+            where = _YAML_WHERE.findall(message)
+            raise ValueError(f"{path}: not valid YAML" + (f" (at {where[-1]})" if where else "")) from None
+        raise
     if "tenants" in values and isinstance(values["tenants"], Mapping):
         values = values["tenants"]
     tenants = []
     for namespace, entry in values.items():
         if not isinstance(entry, Mapping) or "token" not in entry:
-            raise ValueError(f"{path}: tenant {namespace!r}: expected a table with a token, got {entry!r}")
+            got = f"settings {sorted(map(str, entry))}" if isinstance(entry, Mapping) else \
+                f"a {type(entry).__name__}"  # not the value: it may be the token itself
+            raise ValueError(f"{path}: tenant {namespace!r}: expected a table with a token, got {got}")
         unknown = sorted(set(entry) - {"token", "quota", "operator"})
         if unknown:
             raise ValueError(f"{path}: tenant {namespace!r}: unknown setting(s) {unknown}; expected token, quota, "
@@ -98,9 +123,14 @@ def load_tenants(path: str | os.PathLike[str]) -> list[Tenant]:
         operator = entry.get("operator", False)
         if not isinstance(operator, bool):
             raise ValueError(f"{path}: tenant {namespace!r}: operator: expected true or false, got {operator!r}")
-        tenants.append(Tenant(str(namespace), entry["token"], parse_size(entry.get("quota", 0), "quota"), operator))
+        try:
+            tenants.append(Tenant(str(namespace), entry["token"], parse_size(entry.get("quota", 0), "quota"),
+                                  operator))
+        except ValueError as error:  # a bad namespace, a short token, a bad quota: say which file and tenant
+            raise ValueError(f"{path}: tenant {namespace!r}: {error}") from None
     if not tenants:
         raise ValueError(f"{path}: expected at least one tenant, got none")
+    _check_distinct_tokens(tenants, str(path))
     return tenants
 
 

@@ -41,8 +41,9 @@ FLAG_HELP: dict[str, str] = {
     "max_connections": "most client connections at once",
     "max_inflight_bytes": "most bytes of one connection's request plus reply in memory",
     "write_backlog_bytes": "disk writes queued before PUTs wait",
-    "shutdown_grace_seconds": "seconds requests in flight may take to finish on SIGTERM",
-    "hello_timeout_seconds": "seconds a new connection has to send its whole HELLO",
+    "shutdown_grace_seconds": "seconds requests in flight, then the disk writer's backlog, may take to finish on "
+                              "SIGTERM (blocks still queued then are lost, as in a crash, unless --durable)",
+    "hello_timeout_seconds": "seconds a new connection has for its TLS handshake and its whole HELLO",
     "request_timeout_seconds": "seconds a request has from its header to its reply",
     "loop": "event loop: auto (uvloop when installed), asyncio or uvloop",
 }
@@ -77,10 +78,13 @@ class ServerConfig:
       ``max_keys`` (per request), ``max_connections``,
       ``max_inflight_bytes`` (a connection's request plus reply),
       ``write_backlog_bytes`` (disk writes queued before PUTs wait),
-      ``shutdown_grace_seconds`` (how long in-flight requests may finish),
-      ``hello_timeout_seconds`` (how long a new connection may take to send
-      its whole HELLO, header and payload, and be answered before it is
-      closed, so silent or trickling sockets cannot hold slots),
+      ``shutdown_grace_seconds`` (how long in-flight requests may finish,
+      and the disk writer its backlog, until the same deadline and at least
+      a second: what is still queued then is lost, as in a crash),
+      ``hello_timeout_seconds`` (how long a new connection may take, from
+      its accept, for its TLS handshake and to send its whole HELLO, header
+      and payload, and be answered before it is closed, so silent or
+      trickling sockets cannot hold slots),
       ``request_timeout_seconds`` (how long an authenticated request may take
       from its header to its reply: its payload, the work and the reply to a
       client that reads; a connection idle between requests is not timed).

@@ -21,6 +21,13 @@ from kvstore.server.blobs import BlobStore
 
 # Seconds: from 50 us (a PING on loopback) to 10 s (a large GET from disk under load).
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+# The HTTP endpoint needs no token: what one client may hold there is bounded. Connections past this many at once
+# get a 503 and are closed at once; a request must arrive whole within the read timeout and be taken within the
+# write timeout (a scraper sends its few hundred bytes at once). Idle sockets held 5 s each, without a cap.
+MAX_HTTP_CONNECTIONS = 16
+HTTP_READ_TIMEOUT_SECONDS = 2.0
+HTTP_WRITE_TIMEOUT_SECONDS = 10.0
+_HTTP_REQUEST_LIMIT = 16 << 10  # bytes of request line and headers
 
 
 # Per-namespace families: (name, kind, help, the second label or None, [(its value, namespace_stats key)]).
@@ -111,11 +118,18 @@ class ServerMetrics:
 
 
 async def serve_http(host: str, port: int, metrics: ServerMetrics, healthy: Callable[[], bool]) -> asyncio.Server:
-    """A minimal HTTP/1.0 endpoint: ``GET /metrics`` and ``GET /healthz`` (503 while shutting down)."""
+    """A minimal HTTP/1.0 endpoint: ``GET /metrics`` and ``GET /healthz`` (503 while shutting down); at most
+    ``MAX_HTTP_CONNECTIONS`` at once (the next get a 503 ``busy`` and are closed)."""
+    active = [0]
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if active[0] >= MAX_HTTP_CONNECTIONS:
+            writer.write(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n")
+            writer.close()  # sends what fits in the socket's buffer (all of it), never waits for the peer
+            return
+        active[0] += 1
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_READ_TIMEOUT_SECONDS)
             method, _, rest = request.partition(b" ")
             path = rest.partition(b" ")[0].partition(b"?")[0]
             if method != b"GET":
@@ -129,10 +143,14 @@ async def serve_http(host: str, port: int, metrics: ServerMetrics, healthy: Call
                 status, body, kind = "404 Not Found", b"try /metrics or /healthz\n", "text/plain"
             writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
-            pass
+            await asyncio.wait_for(writer.drain(), HTTP_WRITE_TIMEOUT_SECONDS)  # a peer that never reads
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, OSError, ValueError):
+            pass  # ValueError: readuntil past the limit
         finally:
-            writer.close()
+            active[0] -= 1
+            if writer.transport.get_write_buffer_size():  # unsent (a peer that does not read): do not wait
+                writer.transport.abort()
+            else:
+                writer.close()
 
-    return await asyncio.start_server(handle, host, port)
+    return await asyncio.start_server(handle, host, port, limit=_HTTP_REQUEST_LIMIT)

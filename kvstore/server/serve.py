@@ -68,8 +68,63 @@ def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+class TenantReloader:
+    """SIGHUP: read the tokens file again and swap its tenants in (``CacheServer.replace_tenants``).
+
+    A file that cannot be read or is not valid keeps the tenants in use (the error is logged, naming the
+    file); so does a server started without ``tokens_file`` (``token``, a default token, unauthenticated),
+    which has nothing to reload. Signals while a reload runs are one more reload after it, not a queue.
+    """
+
+    def __init__(self, server: CacheServer, config: ServerConfig, say: Callable[[str], None]):
+        self._server = server
+        self._config = config
+        self._say = say
+        self._running = False
+        self._again = False
+        self._task: asyncio.Task | None = None
+
+    def __call__(self) -> None:
+        """The signal handler (on the loop's thread)."""
+        if self._config.tokens_file is None:
+            log.warning("kvstore serve: SIGHUP: no tokens_file to reload (this server uses --token, a default "
+                        "token or no authentication); nothing changed")
+            return
+        if self._running:
+            self._again = True
+            return
+        self._running = True
+        self._task = asyncio.get_running_loop().create_task(self._reload())  # kept: a task nobody holds may go
+
+    async def _reload(self) -> None:
+        loop = asyncio.get_running_loop()
+        path = self._config.tokens_file
+        try:
+            while True:
+                self._again = False
+                try:
+                    tenants = await loop.run_in_executor(None, load_tenants, path)
+                    closed = self._server.replace_tenants(tenants)
+                except (ValueError, OSError) as error:  # unreadable, not TOML/YAML, a bad tenant, a token twice
+                    log.error("kvstore serve: SIGHUP: kept the tenants in use; the tokens file could not be "
+                              "used: %s", " ".join(str(error).split()))
+                except Exception as error:  # a bug must not cost the server: the tenants in use stay
+                    log.error("kvstore serve: SIGHUP: kept the tenants in use; reloading %s failed: %s: %s", path,
+                              type(error).__name__, error)
+                else:
+                    self._say(f"kvstore serve: reloaded {path}: {len(tenants)} tenant(s): "
+                              f"{', '.join(t.namespace for t in tenants)}"
+                              + (f"; closed {closed} connection(s) whose token is gone" if closed else ""))
+                    sys.stdout.flush()
+                if not self._again:
+                    return
+        finally:
+            self._running = False
+
+
 def run(config: ServerConfig, say: Callable[[str], None] = print) -> int:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully; returns the exit status (0)."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the tokens file
+    (``TenantReloader``). Returns the exit status (0)."""
     tenants, open_namespace, token = tenants_of(config)
     keep_freed_memory(config.max_frame_bytes)
     try:
@@ -84,6 +139,7 @@ def run(config: ServerConfig, say: Callable[[str], None] = print) -> int:
         await server.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(server.stop()))
+        loop.add_signal_handler(signal.SIGHUP, TenantReloader(server, config, say))
         host, port = server.address
         scheme = "kvstores" if config.tls_cert else "kvstore"
         say(f"kvstore serve: listening on {scheme}://{host}:{port} (data in {config.data_dir}, "

@@ -28,6 +28,7 @@ from kvstore.protocol import (FLAG_ERROR, FLAG_REPLY, HEADER_BYTES, Header, Op, 
                               pack_hello)
 from kvstore.server.auth import (DEFAULT_NAMESPACE, MIN_TOKEN_CHARS, Authenticator, Tenant, default_token,
                                  load_tenants)
+from kvstore.server.blobs import BLOCK_OVERHEAD_BYTES
 from kvstore.server.config import ServerConfig
 from kvstore.server.serve import tenants_of
 
@@ -246,7 +247,7 @@ def test_a_quota_bounds_a_namespace_and_evicts_its_own_least_recently_used_block
     assert favourite in held
     others = [k for k in held if k != favourite]
     assert others == keys[len(keys) - len(others):]
-    assert len(held) >= (QUOTA_A // size) - 2
+    assert len(held) >= (QUOTA_A // (size + BLOCK_OVERHEAD_BYTES)) - 2  # each block counts its overhead too
     assert get_one(conn_a, held) == [blobs[k] for k in held]
     # b lost nothing to a's quota.
     assert get_one(conn_b, b_keys) == b_blobs
@@ -256,8 +257,9 @@ def test_a_quota_bounds_a_namespace_and_evicts_its_own_least_recently_used_block
 
 def test_a_block_larger_than_the_quota_is_rejected(conn_a, conn_b):
     key = b"quota/too-big"
-    too_big = blob(key, payload_of(key, QUOTA_A - BLOB_HEADER_BYTES + 1))
-    assert len(too_big) == QUOTA_A + 1
+    # A block counts its bytes and BLOCK_OVERHEAD_BYTES against the quota.
+    too_big = blob(key, payload_of(key, QUOTA_A - BLOCK_OVERHEAD_BYTES - BLOB_HEADER_BYTES + 1))
+    assert len(too_big) + BLOCK_OVERHEAD_BYTES == QUOTA_A + 1
     before = conn_a.stats()["blocks"]
     assert conn_a.put([(key, [too_big])]) == [PutResult.REJECTED]
     after = conn_a.stats()["blocks"]
@@ -267,7 +269,7 @@ def test_a_block_larger_than_the_quota_is_rejected(conn_a, conn_b):
     # The same block is fine in b (no quota), and a block of exactly the quota fits in a.
     assert conn_b.put([(key, [too_big])]) == [PutResult.STORED]
     exact_key = b"quota/exact"
-    exact = blob(exact_key, payload_of(exact_key, QUOTA_A - BLOB_HEADER_BYTES))
+    exact = blob(exact_key, payload_of(exact_key, QUOTA_A - BLOCK_OVERHEAD_BYTES - BLOB_HEADER_BYTES))
     assert conn_a.put([(exact_key, [exact])]) == [PutResult.STORED]
     ns = conn_a.stats()["blocks"]
     assert (ns["blocks"], ns["used_bytes"]) == (1, QUOTA_A)

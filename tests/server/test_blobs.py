@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections import OrderedDict
 
 import lmdb
 import pytest
@@ -14,11 +15,12 @@ import torch
 from conftest import TESTS_DIR
 from kvstore.blockformat import HEADER_BYTES, BlockHeader
 from kvstore.protocol import PutResult
-from kvstore.server.blobs import BlobStore, blob_intact
+from kvstore.server.blobs import BLOCK_OVERHEAD_BYTES, BlobStore, block_cost, blob_intact
 
 LAYOUT = b"L" * 16
 PAYLOAD = 1000
 BLOB = HEADER_BYTES + PAYLOAD
+COST = block_cost(BLOB)  # what a blob counts against RAM, capacity and quotas
 
 
 def key(name: str) -> bytes:
@@ -60,7 +62,7 @@ def open_store(tmp_path, quotas):
     stores = []
 
     def make(host_blobs: int = 100, disk_blobs: int = 100, path=None) -> BlobStore:
-        store = BlobStore(path or tmp_path / "data", host_blobs * BLOB, disk_blobs * BLOB,
+        store = BlobStore(path or tmp_path / "data", host_blobs * COST, disk_blobs * COST,
                           lambda ns: quotas.get(ns, 0), sync=False)
         stores.append(store)
         return store
@@ -89,7 +91,7 @@ def test_namespaces_are_isolated(open_store):
 
 
 def test_invalid_and_oversized_blobs_are_not_stored(open_store, quotas):
-    quotas["a"] = 2 * BLOB
+    quotas["a"] = 2 * COST
     store = open_store()
     wrong_key = bytearray(blob("x"))
     results = store.put_many("a", [(key("y"), wrong_key)])
@@ -114,12 +116,12 @@ def test_capacity_evicts_least_recently_used_across_namespaces(open_store):
 
 
 def test_quota_evicts_only_the_namespaces_own_blocks(open_store, quotas):
-    quotas["a"] = 2 * BLOB
+    quotas["a"] = 2 * COST
     store = open_store()
     put(store, "b", "keep")
     for name in ("1", "2", "3", "4"):
         put(store, "a", name)
-        assert store.namespace_stats("a")["used_bytes"] <= 2 * BLOB
+        assert store.namespace_stats("a")["used_bytes"] <= 2 * COST
     assert held(store, "a") == ["3", "4"]
     assert held(store, "b") == ["keep"]
     assert store.namespace_stats("a")["evicted_quota"] == 2
@@ -155,7 +157,7 @@ def test_ram_keeps_only_the_recent_blobs_once_they_are_on_disk(open_store):
     store = open_store(host_blobs=2, disk_blobs=10)
     put(store, "a", "1", "2", "3", "4")
     store.flush()
-    assert store.totals()["ram_bytes"] <= 2 * BLOB
+    assert store.totals()["ram_bytes"] <= 2 * COST
     assert read(store, "a", "1") == blob("1")  # from disk, then kept in RAM
     assert store.namespace_stats("a")["hits_disk"] == 1
 
@@ -237,11 +239,11 @@ def test_durable_callback_runs_after_the_commit(open_store):
 
 
 def test_memory_only_store_bounds_ram(tmp_path):
-    store = BlobStore(tmp_path / "m", 2 * BLOB, 0, lambda ns: 0)
+    store = BlobStore(tmp_path / "m", 2 * COST, 0, lambda ns: 0)
     try:
         put(store, "a", "1", "2", "3")
         assert held(store, "a") == ["2", "3"]
-        assert store.totals()["ram_bytes"] == 2 * BLOB
+        assert store.totals()["ram_bytes"] == 2 * COST
         assert read(store, "a", "3") == blob("3")
         assert not (tmp_path / "m").exists()
     finally:
@@ -265,10 +267,10 @@ def test_metrics_count_bytes_per_namespace_and_tier(tmp_path, open_store):
 
 
 def test_blobs_larger_than_a_smaller_disk_are_evicted_at_open_not_counted_broken(tmp_path):
-    store = BlobStore(tmp_path / "d", 0, 10 * BLOB, lambda ns: 0, sync=False)
+    store = BlobStore(tmp_path / "d", 0, 10 * COST, lambda ns: 0, sync=False)
     store.put_many("a", [(key("big"), bytearray(blob("big", 3 * PAYLOAD))), (key("1"), bytearray(blob("1")))])
     store.close()
-    again = BlobStore(tmp_path / "d", 0, 2 * BLOB, lambda ns: 0, sync=False)  # the big one no longer fits
+    again = BlobStore(tmp_path / "d", 0, 2 * COST, lambda ns: 0, sync=False)  # the big one no longer fits
     try:
         totals = again.totals()
         assert (totals["corrupt_dropped_at_open"], totals["evicted_at_open"]) == (0, 1)
@@ -284,12 +286,12 @@ def test_a_stores_disk_tier_and_a_servers_data_refuse_each_other_and_change_noth
     from conftest import assert_same_kv, make_kv
     from kvstore.tiers.lmdb import LmdbTier
 
-    server = BlobStore(tmp_path / "srv", 0, 10 * BLOB, lambda ns: 0, sync=False)
+    server = BlobStore(tmp_path / "srv", 0, 10 * COST, lambda ns: 0, sync=False)
     put(server, "a", "1", "2")
     server.close()
     with pytest.raises(OSError, match="a cache server's data .*nothing was changed"):
         LmdbTier(tmp_path / "srv" / "blobs.lmdb", 1 << 20, layout, sync=False)
-    again = BlobStore(tmp_path / "srv", 0, 10 * BLOB, lambda ns: 0, sync=False)
+    again = BlobStore(tmp_path / "srv", 0, 10 * COST, lambda ns: 0, sync=False)
     assert [read(again, "a", n) for n in ("1", "2")] == [blob("1"), blob("2")]
     assert again.totals()["corrupt_dropped_at_open"] == 0
     again.close()
@@ -299,7 +301,7 @@ def test_a_stores_disk_tier_and_a_servers_data_refuse_each_other_and_change_noth
     tier.put_many([(b"k" * 32, kv)])
     tier.close()
     with pytest.raises(OSError, match="a store's disk tier .*nothing was changed"):
-        BlobStore(tmp_path / "st", 0, 10 * BLOB, lambda ns: 0, sync=False)
+        BlobStore(tmp_path / "st", 0, 10 * COST, lambda ns: 0, sync=False)
     tier = LmdbTier(tmp_path / "st" / "blobs.lmdb", 1 << 20, layout, sync=False)
     try:
         out = torch.empty_like(kv)
@@ -337,7 +339,7 @@ KILLED_AFTER_A_CHAIN = """
 import os, signal, sys
 from kvstore.blockformat import BlockHeader
 from kvstore.server.blobs import BlobStore
-blob_bytes = int(sys.argv[2])
+blob_bytes = int(sys.argv[2])  # each blob's cost
 store = BlobStore(sys.argv[1], 10 * blob_bytes, 10 * blob_bytes, lambda ns: 0, sync=False)
 items = []
 for name in sys.argv[3:]:
@@ -351,10 +353,10 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def test_a_chain_is_committed_last_first_so_a_killed_server_keeps_its_order(tmp_path):
     """Without a clean close the order on disk is the commits' order."""
-    child = subprocess.run([sys.executable, "-c", KILLED_AFTER_A_CHAIN, str(tmp_path / "d"), str(BLOB), "1", "2",
+    child = subprocess.run([sys.executable, "-c", KILLED_AFTER_A_CHAIN, str(tmp_path / "d"), str(COST), "1", "2",
                             "3"], cwd=str(TESTS_DIR), capture_output=True, text=True, timeout=120)
     assert child.returncode == -signal.SIGKILL, child.stderr
-    again = BlobStore(tmp_path / "d", 10 * BLOB, 10 * BLOB, lambda ns: 0, sync=False)
+    again = BlobStore(tmp_path / "d", 10 * COST, 10 * COST, lambda ns: 0, sync=False)
     try:
         assert held(again, "a") == ["3", "2", "1"]
     finally:
@@ -364,13 +366,14 @@ def test_a_chain_is_committed_last_first_so_a_killed_server_keeps_its_order(tmp_
 def test_a_chain_that_cannot_fit_beside_its_own_blobs_evicts_nothing_for_it_and_leaves_no_gap(open_store, quotas):
     """A blob was rejected only after others were evicted for it, and a smaller one after it was stored behind
     the gap, where no lookup reaches."""
-    quotas["a"] = 3 * BLOB
+    quotas["a"] = 3 * COST
     store = open_store(host_blobs=10, disk_blobs=10)
     put(store, "other", *[f"o{i}" for i in range(7)])
     assert put_chain(store, "a", "1", "2", "3", "4", "5") == [PutResult.STORED] * 3 + [PutResult.REJECTED] * 2
     assert held(store, "other") == [f"o{i}" for i in range(7)]  # quota-bound: nothing of another's evicted
     quotas["a"] = 0
-    chain = [(key("h"), bytearray(blob("h", PAYLOAD))), (key("m"), bytearray(blob("m", 10 * PAYLOAD))),
+    # m fits the store alone, not beside h (its cost: 16 payloads and the per-block overhead)
+    chain = [(key("h"), bytearray(blob("h", PAYLOAD))), (key("m"), bytearray(blob("m", 16 * PAYLOAD))),
              (key("t"), bytearray(blob("t", PAYLOAD)))]
     assert store.put_many("b", chain) == [PutResult.STORED, PutResult.REJECTED, PutResult.REJECTED]
     assert held(store, "b") == ["h"] and len(held(store, "other")) >= 3
@@ -381,3 +384,84 @@ def test_a_chain_counts_a_repeated_key_once(open_store):
     assert put_chain(store, "b", "x0", "x0", "x1", "x2") == \
         [PutResult.STORED, PutResult.PRESENT, PutResult.STORED, PutResult.STORED]
     assert held(store, "b") == ["x2", "x1", "x0"]
+
+
+def test_a_quota_smaller_than_at_the_last_run_is_enforced_at_open(tmp_path, open_store, quotas):
+    """Only the capacity was checked at open: a tenant whose quota was cut kept all its blobs until its next
+    PUT, and kept them for good if it only read."""
+    store = open_store(path=tmp_path / "d")
+    put(store, "a", "1", "2", "3", "4", "5")
+    put(store, "b", "x", "y")
+    store.close()
+    quotas["a"] = 2 * COST
+    again = open_store(path=tmp_path / "d")
+    assert held(again, "a") == ["4", "5"] and held(again, "b") == ["x", "y"]
+    stats = again.namespace_stats("a")
+    assert stats["used_bytes"] == 2 * COST and stats["evicted_quota"] == 3
+    assert [read(again, "a", n) for n in ("1", "4", "5")] == [None, blob("4"), blob("5")]
+    again.close()
+    quotas.clear()
+    last = open_store(path=tmp_path / "d")  # the evicted blobs are gone from LMDB too
+    assert held(last, "a") == ["4", "5"] and held(last, "b") == ["x", "y"]
+
+
+def test_tiny_blobs_count_their_overhead_against_ram_capacity_quota_and_backlog(tmp_path, open_store, quotas):
+    """Only blob bytes counted: 400,000 blobs of 73 bytes held 516 MiB under --host-bytes 16MiB."""
+    tiny = [(b"%031d" % i, bytearray(BlockHeader.for_payload(b"%031d" % i, LAYOUT, b"x").pack() + b"x"))
+            for i in range(50)]
+    size = len(tiny[0][1])
+    quotas["q"] = 10 * block_cost(size)
+    store = open_store(host_blobs=10, disk_blobs=10)  # 10 x COST: fewer than 20 tiny blobs, whatever their size
+    assert store.put_many("q", tiny[:20]) == [PutResult.STORED] * 10 + [PutResult.REJECTED] * 10
+    assert store.namespace_stats("q")["used_bytes"] == 10 * block_cost(size)
+    assert store.put_many("free", tiny[:30]).count(PutResult.STORED) <= 10 * COST // block_cost(size)
+    assert store.totals()["used_bytes"] <= 10 * COST
+    store.flush()
+    assert store.totals()["ram_bytes"] <= 10 * COST and store.backlog_bytes() == 0
+    memory = BlobStore(tmp_path / "m", 10 * COST, 0, lambda ns: 0)
+    try:
+        memory.put_many("a", tiny)
+        assert memory.totals()["blocks"] == 10 * COST // block_cost(size) < len(tiny)
+    finally:
+        memory.close()
+    assert BLOCK_OVERHEAD_BYTES > 0
+
+
+class _CountingDict(OrderedDict):
+    """An OrderedDict that counts the entries iterated over (``list(d)``, ``for k in d``, ``next(iter(d))``)."""
+
+    visited = 0
+
+    def __iter__(self):
+        for item in super().__iter__():
+            _CountingDict.visited += 1
+            yield item
+
+
+def test_committing_a_large_backlog_of_tiny_blobs_does_not_walk_every_blob_per_commit(tmp_path):
+    """Each commit walked every RAM copy not yet on disk, under the store's lock: O(blocks queued) per commit,
+    O(n^2) for a backlog of n (400,000 tiny blobs stalled every tenant for minutes). Counted, not timed."""
+    n = 20_000
+    store = BlobStore(tmp_path / "d", 64 * COST, 1 << 30, lambda ns: 0, sync=False)
+    try:
+        store._ram, store._lru = _CountingDict(store._ram), _CountingDict(store._lru)
+        items = [(b"%031d" % i, bytearray(BlockHeader.for_payload(b"%031d" % i, LAYOUT, b"x").pack() + b"x"))
+                 for i in range(n)]
+        writer_blocked = store._env.begin(write=True)  # the writer's first commit waits: all n are queued
+        try:
+            for at in range(0, n, 4096):
+                store.put_many("a", items[at:at + 4096])
+        finally:
+            writer_blocked.abort()
+        _CountingDict.visited = 0
+        store.flush()  # n / 64 commits
+        assert _CountingDict.visited <= 2 * n  # the old code: about n^2 / 128 = 3,000,000
+        totals = store.totals()
+        assert totals["blocks"] == n and totals["write_backlog_bytes"] == 0 and totals["ram_bytes"] <= 64 * COST
+        assert totals["ram_evictions"] >= n - 64 * COST // block_cost(len(items[0][1]))
+        for i in (0, n // 2, n - 1):
+            got, on_disk = store.get_ram("a", items[i][0])
+            got = got if got is not None else store.read_disk("a", items[i][0])
+            assert bytes(got) == bytes(items[i][1])
+    finally:
+        store.close()

@@ -25,6 +25,7 @@ import pytest
 from kvstore.blockformat import HEADER_BYTES as BLOB_HEADER_BYTES
 from kvstore.blockformat import BlockHeader
 from kvstore.client import Connection, LazyBlob
+from kvstore.server.blobs import BLOCK_OVERHEAD_BYTES
 from kvstore.protocol import (FLAG_ERROR, FLAG_REPLY, HEADER_BYTES, MAX_KEY_BYTES, MISSING, U64, Header, Op,
                               PutResult, ServerError, Status, Welcome, pack_hello, pack_keys, put_item_header,
                               unpack_json, unpack_keys)
@@ -409,7 +410,7 @@ def test_stats_is_json_with_the_namespace_and_its_counters(srv):
         assert isinstance(ns[name], int), name
     assert ns["stored"] == before["blocks"]["stored"] + 1
     assert ns["blocks"] == before["blocks"]["blocks"] + 1
-    assert ns["used_bytes"] == before["blocks"]["used_bytes"] + BLOB_HEADER_BYTES + 1000
+    assert ns["used_bytes"] == before["blocks"]["used_bytes"] + BLOB_HEADER_BYTES + 1000 + BLOCK_OVERHEAD_BYTES
     assert ns["bytes_in"] == before["blocks"]["bytes_in"] + BLOB_HEADER_BYTES + 1000
     assert ns["misses"] >= before["blocks"]["misses"] + 1
     assert ns["hits_ram"] + ns["hits_disk"] >= before["blocks"]["hits_ram"] + before["blocks"]["hits_disk"] + 1
