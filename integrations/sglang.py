@@ -102,16 +102,26 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
         "does not install: build the opt-in environment with `scripts/engine-venvs.sh sglang` and use "
         f".venv-sglang/bin/python (import failed: {_exc})") from _exc
 
-from kvstore.integrations.sglang_config import (FP8_FORMATS, SGLANG_KEYS, claim_l3, kv_format,  # noqa: E402
-                                               served_kv_format, store_config_from, weight_version)
+from kvstore.integrations.sglang_config import (SGLANG_KEYS, claim_l3, kv_format,  # noqa: E402
+                                               served_kv_format, settled_kv_format, store_config_from,
+                                               weight_version)
 from kvstore.integrations.sglang_metrics import StorageCounters  # noqa: E402
-from kvstore.integrations.sglang_pages import (PoolKindMismatch, canonical_page_view, describe_pool,  # noqa: E402
-                                               host_page_tokens)
+from kvstore.integrations.sglang_pages import (RefusedPool, canonical_page_view, describe_pool,  # noqa: E402
+                                               host_page_tokens, page_starts)
 from kvstore.integrations.sglang_pools import KV_POOL, SidecarPools, pool_hit  # noqa: E402
 
 __all__ = ["KVStoreHiCache", "SGLANG_KEYS", "canonical_page_view", "store_config_from"]
 
 logger = logging.getLogger(__name__)
+
+def _key_list(keys: Any) -> list:
+    """SGLang's page keys as a list: anything that is no sequence of them (None) is no keys, so a miss,
+    never an exception into SGLang."""
+    try:
+        return list(keys)
+    except TypeError:
+        return []
+
 
 def _count_leading(n: int, total: int) -> list[bool]:
     return [True] * n + [False] * (total - n)
@@ -183,17 +193,14 @@ class KVStoreHiCache(HiCacheStorage):
             parts.append(f"kv={self.kv_format}")
         return ";".join(parts)
 
-    def _adopt_served_kv_format(self) -> None:
-        """Bind SGLang's ``--kv-cache-dtype`` into the keys of a host pool that holds KV as bytes; a
-        ``ValueError`` when nothing says the format (an e5m2 engine was served an e4m3 engine's pages)."""
-        served = served_kv_format()
-        if served is None:
-            raise ValueError("SGLang's host pool holds this model's KV as bytes (an fp8 or fp4 --kv-cache-dtype) "
-                             "and no server arguments say which format: set extra_config kv_cache_dtype to it "
-                             f"({', '.join(sorted(FP8_FORMATS))})")
-        self.kv_format = served
-        with self._salt_lock:
-            self._salt_now = self._make_salt()
+    def _settle_kv_format(self) -> None:
+        """Bind the format of a host pool that holds KV as bytes into the keys: SGLang's ``--kv-cache-dtype``,
+        which ``extra_config`` must agree with (``settled_kv_format``)."""
+        settled = settled_kv_format(self.kv_format, served_kv_format())
+        if settled != self.kv_format:
+            self.kv_format = settled
+            with self._salt_lock:
+                self._salt_now = self._make_salt()
 
     def _register_flat_anchor(self, pool: Any, why: BaseException) -> None:
         try:
@@ -227,13 +234,13 @@ class KVStoreHiCache(HiCacheStorage):
         try:
             layout, host_layout, to_canonical, page_shape = describe_pool(mem_pool_host, self.storage_config,
                                                                           self.mla)
-        except PoolKindMismatch:
+        except RefusedPool:
             raise
         except (ValueError, AttributeError) as exc:
             self._register_flat_anchor(mem_pool_host, exc)
             return
-        if layout.dtype == torch.uint8 and self.kv_format is None:
-            self._adopt_served_kv_format()
+        if layout.dtype == torch.uint8:
+            self._settle_kv_format()
         self.flat_anchor = False
         with self._lock:
             old = self.store
@@ -296,11 +303,8 @@ class KVStoreHiCache(HiCacheStorage):
     def _pool_views(self, host_indices: torch.Tensor, count: int) -> list[torch.Tensor]:
         """Canonical views of the host pool's pages starting at ``host_indices[i * page_size]``."""
         pool = self.mem_pool_host
-        page = host_page_tokens(pool)
-        if host_indices.numel() != count * page:
-            raise ValueError(f"host_indices: expected {count * page} indices for {count} pages of {page}, got "
-                             f"{host_indices.numel()}")
-        starts = host_indices[::page].tolist()
+        starts = page_starts(host_indices, count, host_page_tokens(pool), getattr(pool, "size", None),
+                             "host_indices")
         return [self._to_canonical(pool.get_data_page(i, flat=False)) for i in starts]
 
     # -- flat-page interface (SGLang's generic path) ----------------------------------
@@ -313,7 +317,7 @@ class KVStoreHiCache(HiCacheStorage):
     def batch_get(self, keys: list[str], target_locations: Any = None,
                   target_sizes: Any = None) -> list[torch.Tensor | None]:
         """Pages ``keys`` into flat tensors; the leading pages found, then None (a miss ends the run)."""
-        keys = list(keys)
+        keys = _key_list(keys)
         misses: list[torch.Tensor | None] = [None] * len(keys)
         store = self._open_store()
         if store is None or not keys:
@@ -350,7 +354,7 @@ class KVStoreHiCache(HiCacheStorage):
     def batch_set(self, keys: list[str], values: Any = None, target_locations: Any = None,
                   target_sizes: Any = None) -> bool:
         """Store flat pages; True when every page is held afterwards (already-held pages are deduplicated)."""
-        keys = list(keys)
+        keys = _key_list(keys)
         store = self._open_store()
         if store is None:
             return False
@@ -408,7 +412,7 @@ class KVStoreHiCache(HiCacheStorage):
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         """Read pages straight into the host pool at ``host_indices`` (one page per ``page_size`` indices)."""
-        keys = list(keys)
+        keys = _key_list(keys)
         store = self._open_store()
         if store is None:
             return [False] * len(keys)
@@ -424,7 +428,7 @@ class KVStoreHiCache(HiCacheStorage):
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         """Store the host pool's pages at ``host_indices`` under ``keys``, straight from the pool."""
-        keys = list(keys)
+        keys = _key_list(keys)
         store = self._open_store()
         if store is None:
             return [False] * len(keys)
@@ -459,7 +463,7 @@ class KVStoreHiCache(HiCacheStorage):
     def batch_exists_v2(self, keys: list[str], pool_transfers: list[PoolTransfer] | None = None,
                         extra_info: HiCacheStorageExtraInfo | None = None) -> PoolTransferResult:
         """The longest prefix of ``keys`` the KV store and every pool can restore, under each pool's policy."""
-        keys = list(keys)
+        keys = _key_list(keys)
         kv_pages = self.batch_exists(keys, extra_info)
         try:
             return pool_hit(kv_pages, list(pool_transfers or ()), self.pools.present, keys)
@@ -482,8 +486,12 @@ class KVStoreHiCache(HiCacheStorage):
                    extra_info: HiCacheStorageExtraInfo | None) -> dict[str, list[bool]]:
         """``kv_op`` for the KV pool's transfer, ``pool_op`` (pages moved) for every other pool's."""
         results: dict[str, list[bool]] = {}
-        for transfer in transfers or ():
-            name, keys = str(transfer.name), list(transfer.keys or ())
+        for transfer in transfers if isinstance(transfers, (list, tuple)) else ():
+            name, keys = getattr(transfer, "name", None), _key_list(getattr(transfer, "keys", None) or ())
+            if name is None:  # no PoolTransfer: nothing to move, and nothing to answer for
+                logger.warning("batch_%s_v2: expected PoolTransfer items, got %s", op, type(transfer).__name__)
+                continue
+            name = str(name)
             if name == KV_POOL:
                 results[name] = kv_op(keys, transfer.host_indices, extra_info)
                 continue

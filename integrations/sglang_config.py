@@ -29,7 +29,10 @@ SHARED_TIERS = ("files_dir", "remote_url", "redis_url")  # tiers every rank of a
 # extra_config keys of this backend that are not StoreConfig fields.
 OWN_KEYS = frozenset({"kvstore_config", "salt", "kv_cache_dtype"})
 # SGLang's --kv-cache-dtype values whose pages its host pool holds as plain bytes (uint8): the format is in the key.
-FP8_FORMATS = frozenset({"fp8_e4m3", "fp8_e5m2", "fp8_e4m3fn", "fp4_e2m1"})
+# SGLang's --kv-cache-dtype values of caches its host pool holds as bytes, and other spellings of them: one name a
+# format, so engines that spell it otherwise share pages, and only formats alike do.
+FP8_FORMATS = frozenset({"fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "mxfp8", "nvfp4", "fp4_mx_block16"})
+_FORMAT_ALIASES = {"fp8_e4m3fn": "fp8_e4m3"}
 _STORE_FIELDS = frozenset(f.name for f in dataclasses.fields(StoreConfig))
 LOWER_TIERS = ("disk_dir", "files_dir", "remote_url", "redis_url")  # the tiers an L3 keeps pages in
 
@@ -240,7 +243,27 @@ def l3_defaults(config: StoreConfig, given: set[str], environ: Mapping[str, str]
 def kv_format(extra: Mapping[str, Any]) -> str | None:
     """``extra_config["kv_cache_dtype"]``: the fp8/fp4 format of pages SGLang's host pool holds as bytes."""
     value = extra.get("kv_cache_dtype")
+    value = _FORMAT_ALIASES.get(value, value) if isinstance(value, str) else value
     if value is not None and value not in FP8_FORMATS:
         raise ValueError(f"extra_config['kv_cache_dtype']: expected one of {sorted(FP8_FORMATS)} (SGLang's "
-                         f"--kv-cache-dtype of a byte-stored cache), got {value!r}")
+                         f"--kv-cache-dtype of a byte-stored cache), got {extra.get('kv_cache_dtype')!r}")
     return value
+
+
+def settled_kv_format(given: str | None, served: str | None) -> str:
+    """The format to key byte-stored pages by: SGLang's own ``--kv-cache-dtype`` (``served``) where it says
+    one, which ``extra_config["kv_cache_dtype"]`` (``given``) must then name too; else ``given``. A
+    ``ValueError`` naming ``kv_cache_dtype`` when they disagree (an e5m2 engine whose extra_config still said
+    e4m3 read e4m3 pages as its own) or nothing names one."""
+    if served is None:
+        if given is None:
+            raise ValueError("SGLang's host pool holds this model's KV as bytes (an fp8 or fp4 --kv-cache-dtype) "
+                             "and no server arguments say which format: set extra_config kv_cache_dtype to it "
+                             f"({', '.join(sorted(FP8_FORMATS))})")
+        return given
+    name, tag, platform = served.partition("/")
+    served = _FORMAT_ALIASES.get(name, name) + tag + platform
+    if given is not None and given != _FORMAT_ALIASES.get(name, name):
+        raise ValueError(f"extra_config['kv_cache_dtype']: expected SGLang's own --kv-cache-dtype {name!r} (or "
+                         f"nothing), got {given!r}: the pages would be keyed as another format than they hold")
+    return served

@@ -37,6 +37,32 @@ def host_page_tokens(pool: Any) -> int:
     return int(getattr(pool, "logical_page_size", None) or getattr(pool, "page_size", 1) or 1)
 
 
+def page_starts(host_indices: Any, count: int, page: int, size: int | None, what: str) -> list[int]:
+    """The first host index of each of ``count`` pages ``host_indices`` names: ``page`` consecutive indices a
+    page, each page starting at a multiple of ``page`` inside a pool of ``size`` tokens (None: not known).
+
+    SGLang always sends such pages. Anything else is a ``ValueError`` (a
+    miss): only the first index of a page was read, so a run from 8 tokens
+    before the pool's end stored a half page under the key (read back by
+    nothing, and deduplicating the whole page later), and a run starting
+    mid-page wrote the whole page it fell in.
+    """
+    if not isinstance(host_indices, torch.Tensor) or host_indices.numel() != count * page:
+        got = host_indices.numel() if isinstance(host_indices, torch.Tensor) else type(host_indices).__name__
+        raise ValueError(f"{what}: expected {count * page} indices for {count} pages of {page}, got {got}")
+    if host_indices.dtype.is_floating_point or host_indices.dtype.is_complex or host_indices.dtype == torch.bool:
+        raise ValueError(f"{what}: expected integer indices, got dtype {host_indices.dtype}")
+    if not count:
+        return []
+    pages = host_indices.reshape(count, page).to(device="cpu", dtype=torch.int64)
+    starts = pages[:, 0]
+    inside = bool((starts >= 0).all()) and (size is None or bool((starts + page <= size).all()))
+    if not inside or bool((starts % page).any()) or not torch.equal(pages, starts[:, None] + torch.arange(page)):
+        raise ValueError(f"{what}: expected pages of {page} consecutive indices, each starting at a multiple of "
+                         f"{page} inside the pool ({size} tokens), got {host_indices.tolist()!r:.200}")
+    return starts.tolist()
+
+
 def canonical_page_view(page: torch.Tensor, host_layout: str, mla: bool = False) -> torch.Tensor:
     """SGLang's page view (``get_data_page(i, flat=False)``) as kvstore's ``[L, P, T, H, D]``: a view, no copy."""
     views = _MLA_VIEWS if mla else _MHA_VIEWS
@@ -46,7 +72,12 @@ def canonical_page_view(page: torch.Tensor, host_layout: str, mla: bool = False)
     return views[host_layout](page)
 
 
-class PoolKindMismatch(ValueError):
+class RefusedPool(ValueError):
+    """A pool configuration kvstore refuses at attach: raised to SGLang, never stored as flat pages instead (a
+    split-heads pool stored so was keyed by its own TP size, and a decode rank of another never hit)."""
+
+
+class PoolKindMismatch(RefusedPool):
     """An MHA pool where SGLang said MLA (rank-replicated KV), or the other way round: a configuration error."""
 
 
@@ -78,7 +109,7 @@ def describe_pool(pool: Any, storage_config: Any, expect_mla: bool | None = None
         if v_head_dim != head_dim:
             raise ValueError(f"host pool: expected equal K and V head dims, got {head_dim} and {v_head_dim}")
         if getattr(c, "should_split_heads", False):
-            raise ValueError("storage_config.should_split_heads: split-heads heterogeneous TP is not supported "
+            raise RefusedPool("storage_config.should_split_heads: split-heads heterogeneous TP is not supported "
                              "by the kvstore backend")
         heads, parts, tp_rank, tp_size = pool.head_num, 2, c.tp_rank, c.tp_size
     # first_layer: a pipeline stage holds layers [start_layer, ...]; after a re-partition another stage of as

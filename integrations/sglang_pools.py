@@ -37,7 +37,7 @@ import torch
 from kvstore import KVLayout, KVStore, StoreConfig
 from kvstore.buffers import BufferPool
 from kvstore.compression.registry import get_codec
-from kvstore.integrations.sglang_pages import PageGeometry, describe_pool, host_page_tokens
+from kvstore.integrations.sglang_pages import PageGeometry, describe_pool, host_page_tokens, page_starts
 
 from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolTransferResult  # noqa: E402  (after kvstore)
 
@@ -137,12 +137,8 @@ class SidecarPools:
         return [pool.store.lookup_keyed([key], salt) == 1 for key in keys]
 
     def _slots(self, pool: _Pool, host_indices: Any, count: int) -> list[int]:
-        per_page = pool.tokens_per_page
-        if host_indices is None or host_indices.numel() != count * per_page:
-            got = None if host_indices is None else host_indices.numel()
-            raise ValueError(f"host_indices of pool {pool.name!r}: expected {count * per_page} for {count} pages "
-                             f"of {per_page}, got {got}")
-        return [int(i) for i in host_indices[::per_page].tolist()]
+        return page_starts(host_indices, count, pool.tokens_per_page, getattr(pool.host_pool, "size", None),
+                           f"host_indices of pool {pool.name!r}")
 
     def get(self, name: str, keys: Sequence[str], host_indices: Any) -> int:
         """Read pages ``keys`` into pool ``name`` at ``host_indices``; how many leading pages were read."""

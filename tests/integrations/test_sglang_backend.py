@@ -428,6 +428,55 @@ def test_misses_and_failures_never_raise_into_sglang():
         down.close()
 
 
+@pytest.mark.parametrize("layout", ["layer_first", "page_first", "page_first_direct"])
+def test_indices_that_are_no_whole_pages_inside_the_pool_are_misses_that_store_and_write_nothing(layout, tmp_path):
+    """Only a page's first index was read: a run from 8 tokens before the pool's end stored a half page under
+    the key (read by nothing, and deduplicating the whole page later), and a run starting mid-page wrote the
+    whole page it fell in. SGLang sends whole pages; anything else is a miss that touches nothing."""
+    pool = host_pool(layout)
+    backend = make_backend(pool, disk_dir=str(tmp_path / "kv"))
+    try:
+        assert backend.batch_set_v1(keys(1, "w"), indices([0])) == [True]
+        past_end = torch.arange(pool.size - PAGE // 2, pool.size + PAGE // 2)
+        mid_page = torch.arange(3 * PAGE + 3, 4 * PAGE + 3)
+        shuffled = indices([5]).flip(0)
+        for bad in (past_end, mid_page, shuffled, indices([5]).float()):
+            assert backend.batch_set_v1(keys(1, "h"), bad) == [False]
+            assert backend.batch_exists(keys(1, "h")) == 0
+            before = [page_bytes(pool, p * PAGE).clone() for p in (3, 4)]
+            assert backend.batch_get_v1(keys(1, "w"), bad) == [False]
+            assert all(torch.equal(page_bytes(pool, p * PAGE), b) for p, b in zip((3, 4), before))
+        assert backend.batch_set_v1(keys(1, "h"), indices([2])) == [True]  # the whole page, stored as ever
+        assert backend.batch_get_v1(keys(1, "h"), indices([6])) == [True]
+        assert torch.equal(page_bytes(pool, 6 * PAGE), page_bytes(pool, 2 * PAGE))
+    finally:
+        backend.close()
+
+
+def test_split_heads_tp_is_refused_at_registration_not_stored_as_flat_pages(tmp_path):
+    """The split-heads refusal was caught as "a pool kvstore cannot view" and the pool stored as flat pages,
+    keyed by the prefill's TP size: a decode rank at another TP size never hit, and nothing said why."""
+    config = storage_config(kvstore_extra(files_dir=str(tmp_path / "f"), host_bytes=0), 0, 2, tp_lcm_size=4,
+                            should_split_heads=True)
+    backend = StorageBackendFactory.create_backend("dynamic", config, None)
+    try:
+        with pytest.raises(ValueError, match="should_split_heads"):
+            backend.register_mem_pool_host(host_pool("page_head"))
+    finally:
+        backend.close()
+
+
+def test_arguments_sglang_never_sends_are_misses_not_exceptions():
+    backend = make_backend(host_pool())
+    try:
+        assert backend.batch_get_v1(None, indices([0])) == []
+        assert backend.batch_set_v1(None, indices([0])) == []
+        assert backend.batch_get(None) == [] and backend.batch_exists(None) == 0
+        assert backend.batch_get_v2(["kv"]) == {}  # no PoolTransfer items
+    finally:
+        backend.close()
+
+
 def test_each_rank_gets_its_own_disk_dir(tmp_path):
     """SGLang runs ranks as processes and LMDB locks its directory: ranks get subdirectories of disk_dir."""
     pool = host_pool()
@@ -623,6 +672,28 @@ def test_fp8_formats_are_kept_apart_by_sglangs_own_server_arguments(tmp_path):
             again.close()
     with pytest.raises(ValueError, match="no server arguments say which format.*kv_cache_dtype"):
         make_backend(pool, disk_dir=str(tmp_path / "kv"))
+
+
+def test_an_extra_config_format_that_contradicts_sglangs_own_is_refused_at_start(tmp_path):
+    """extra_config's kv_cache_dtype was taken over SGLang's --kv-cache-dtype unchecked: an e5m2 engine whose
+    extra_config still said e4m3 was served an e4m3 engine's pages as its own. SGLang's other spellings of
+    a format key it alike."""
+    from sglang.srt.runtime_context import get_context
+    pool = host_pool(dtype=torch.float8_e4m3fn)
+    with get_context().override_server_args(device="cpu", kv_cache_dtype="fp8_e5m2"):
+        with pytest.raises(ValueError, match=r"kv_cache_dtype.*'fp8_e5m2'.*got 'fp8_e4m3'"):
+            make_backend(pool, disk_dir=str(tmp_path / "kv"), kv_cache_dtype="fp8_e4m3")
+    with get_context().override_server_args(device="cpu", kv_cache_dtype="fp8_e4m3"):
+        spelled = make_backend(pool, disk_dir=str(tmp_path / "kv"), kv_cache_dtype="fp8_e4m3fn")
+        try:
+            assert spelled.batch_set_v1(keys(1, "s"), indices([0])) == [True]
+        finally:
+            spelled.close()
+        plain = make_backend(pool, disk_dir=str(tmp_path / "kv"))
+        try:
+            assert plain.batch_exists(keys(1, "s")) == 1
+        finally:
+            plain.close()
 
 
 def test_a_pipeline_stage_of_other_layers_is_not_served_a_former_stages_pages(tmp_path):
