@@ -84,10 +84,14 @@ class AsyncKVStore:
 
     async def wait(self, handle: PrefetchHandle, timeout: float | None = None) -> int:
         """``handle.wait(timeout)`` without blocking the loop: leading tokens ready in the fastest tier."""
+        if not isinstance(handle, PrefetchHandle):
+            raise ValueError(f"handle: expected a PrefetchHandle from prefetch(), got {type(handle).__name__}")
         return await self._run(handle.wait, check_timeout(timeout))
 
     async def load(self, tokens: Any, salt: Any = None, **options: Any) -> torch.Tensor | LayerLoader:
-        """``KVStore.load`` (``prefetch=``, ``layer_wise=``, ... as there)."""
+        """``KVStore.load`` (``prefetch=``, ``layer_wise=``, ... as there). A load cancelled while it runs (a
+        ``wait_for`` timeout) goes on in its thread: an ``out=`` you gave may still be written after the
+        cancellation returns, as ``get_into``'s may."""
         return await self._run(self.store.load, tokens, salt, **options)
 
     async def save(self, tokens: Any, kv: torch.Tensor | None = None, salt: Any = None,

@@ -54,7 +54,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     from kvstore.benchmarking import run_quick
 
-    check_folder("--data-dir", args.data_dir)
+    check_folder("--data-dir", args.data_dir, writable=True)
     run_quick(args.data_dir, repeat=5)
     return 0
 
@@ -68,9 +68,9 @@ def _cmd_codecs(args: argparse.Namespace) -> int:
     if not specs:
         raise ValueError(f"--codecs: expected codec specs separated by ';' (such as 'zstd;kivi4'), got "
                          f"{args.codecs!r}")
-    dtype = getattr(torch, args.dtype, None)
-    if not isinstance(dtype, torch.dtype):
+    if args.dtype not in ("float16", "bfloat16", "float32"):  # float64 was accepted, int8 failed deep inside
         raise ValueError(f"--dtype: expected float16, bfloat16 or float32, got {args.dtype!r}")
+    dtype = getattr(torch, args.dtype)
     from kvstore.compression.registry import get_codec
 
     for spec in specs:  # a bad spec fails before the real model is loaded
@@ -119,7 +119,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from kvstore.integrations.demo import RANDOM, DemoSettings, build_model, run_demo
     from kvstore.integrations.demo_report import format_report
 
-    check_folder("--data-dir", args.data_dir)
+    check_folder("--data-dir", args.data_dir, writable=True)
     model = RANDOM if args.random_model else args.model
     settings = DemoSettings.quick(model) if args.quick else DemoSettings(model=model)
     if args.prefix_tokens is not None:
@@ -149,7 +149,7 @@ def _cmd_model(args: argparse.Namespace) -> int:
     from kvstore.models import smollm2_gguf
 
     if args.cache_dir is not None:
-        check_folder("--cache-dir", args.cache_dir)
+        check_folder("--cache-dir", args.cache_dir, writable=True)
     print(smollm2_gguf(args.cache_dir, fetch=not args.no_fetch))
     return 0
 

@@ -340,16 +340,21 @@ _WAITS = frozenset({"remote_timeout_seconds", "redis_timeout_seconds", "prefetch
                     "prefetch_timeout_per_1k_tokens_seconds", "degraded_seconds"})
 
 
-def check_folder(name: str, path: str | os.PathLike[str]) -> None:
+def check_folder(name: str, path: str | os.PathLike[str], writable: bool = False) -> None:
     """A ``ValueError`` naming ``name`` if something that is not a folder is at ``path`` or on its way there,
     checked before anything is made (creating the folder printed only "[Errno 17] File exists", or "[Errno
-    20] Not a directory" without the setting; a tier's bad setting left other tiers' files behind)."""
+    20] Not a directory" without the setting; a tier's bad setting left other tiers' files behind).
+    ``writable``: also if this process may not write there (a bare "[Errno 13] Permission denied" named no
+    flag); not for a tier's folder, which may be a read-only share served as it is."""
     probe = os.path.abspath(os.fspath(path))
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise ValueError(f"{name}: expected a folder (or a path to create one at), got {os.fspath(path)!r}, where "
                          f"{probe!r} is a file")
+    if writable and not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: expected a folder this process may write (or create), got {os.fspath(path)!r}, "
+                         f"where {probe!r} is not writable (permission denied)")
 
 
 _TIER_OWNED_REDIS_OPTIONS = frozenset({"socket_timeout", "socket_connect_timeout", "retry_on_timeout",

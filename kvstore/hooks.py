@@ -20,7 +20,7 @@ from kvstore.config import StoreConfig
 from kvstore.flow import BlockFlow
 from kvstore.gate import Gate, gated
 from kvstore.keys import BlockRef, KeyChain, Salt, Tokens
-from kvstore.layerwise import LayerLoader, LayerSaver, LayerSink
+from kvstore.layerwise import LayerLoader, LayerSaver, LayerSink, LoaderWorkers
 from kvstore.layout import KVLayout
 from kvstore.levels import Level
 from kvstore.planner import LoadPlan, Planner, TierCost, tier_bandwidth
@@ -62,6 +62,7 @@ class EngineHooks:
         slots = fastest.tier.num_slots if fastest is not None and fastest.slots else None
         # prefetches pin at most half the fastest slot pool
         self._opened: weakref.WeakSet[_Closing] = weakref.WeakSet()  # loaders and handles given out
+        self._workers = LoaderWorkers()  # their worker threads, held until they end (a dropped loader's too)
         self.prefetcher = Prefetcher(lambda block: flow.bring_up(block.key, block.num_tokens), self._pin_fastest,
                                      self._unpin_fastest, config.prefetch_workers, config.prefetch_queue_blocks,
                                      max_pins=None if slots is None else slots // 2)
@@ -71,6 +72,7 @@ class EngineHooks:
         buffers. A loader an engine dropped unread waited on its lookahead for ever, pins held."""
         for opened in list(self._opened):
             opened.close()
+        self._workers.close()
         self.prefetcher.close()
         self.buffers.clear()
 
@@ -207,7 +209,7 @@ class EngineHooks:
                 self.layout, chosen, handle, lambda block, dst: self._flow.read_block(block.key, dst), device,
                 self.config.load_lookahead_layers, on_sized=sized, buffers=self.buffers, sink=sink,
                 read_run=lambda run, dsts: self._flow.fill_keys([b.key for b in run], dsts),
-                on_hit=self._flow.pinned_hit))
+                on_hit=self._flow.pinned_hit, workers=self._workers))
         start = time.perf_counter()
         if out is None:
             out = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype, device=device)

@@ -17,6 +17,7 @@ blocks when their last layer arrives.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -29,7 +30,7 @@ from kvstore.buffers import BufferPool, empty_host
 from kvstore.gate import check_process
 from kvstore.keys import BlockRef
 from kvstore.layout import KVLayout
-from kvstore.prefetch import PrefetchHandle
+from kvstore.prefetch import CLOSE_JOIN_SECONDS, PrefetchHandle
 
 # Reads a block into ``dst`` (its canonical view) from whichever tier has it; False on a miss.
 ReadBlock = Callable[[BlockRef, torch.Tensor], bool]
@@ -39,6 +40,7 @@ ReadRun = Callable[[Sequence[BlockRef], Sequence[torch.Tensor]], int]
 # Takes layer ``layer`` of the loaded blocks as ``(first token, [P, block tokens, H, D])`` pairs, in token order.
 LayerSink = Callable[[int, list[tuple[int, torch.Tensor]]], None]
 # How often a worker waiting for the engine to take layers looks whether its loader was dropped (seconds).
+log = logging.getLogger(__name__)
 WORKER_POLL_SECONDS = 0.5
 
 
@@ -225,6 +227,41 @@ class _Pipeline:
             self.stream.synchronize()
 
 
+class LoaderWorkers:
+    """The worker threads of the layer-wise loads a store gave out, held until each ends.
+
+    A loader the engine dropped is collected while its worker may still be
+    inside a tier's read; the store's ``close`` returned at once and the
+    worker read the files tier a second later, after close. ``close`` now
+    halts every worker and waits for them, ``CLOSE_JOIN_SECONDS`` at most.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: dict[threading.Thread, _Pipeline] = {}
+
+    def start(self, thread: threading.Thread, pipe: _Pipeline) -> None:
+        """Start ``thread`` (running ``pipe``), held until it ends."""
+        with self._lock:
+            for done in [t for t in self._live if not t.is_alive()]:
+                del self._live[done]
+            self._live[thread] = pipe
+        thread.start()
+
+    def close(self) -> None:
+        """Halt every worker still running and wait for them (bounded; one stuck in a read is left to it)."""
+        with self._lock:
+            live, self._live = self._live, {}
+        for pipe in live.values():
+            pipe.halt()
+        deadline = time.monotonic() + CLOSE_JOIN_SECONDS
+        for thread in live:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("a layer-wise load's worker is still inside a read at the store's close (its tier has "
+                            "stopped answering?); left to it")
+
+
 class LayerLoader:
     """Yields ``(layer, kv)`` with ``kv`` of shape ``[P, num_tokens, H, D]``, in layer order.
 
@@ -247,7 +284,7 @@ class LayerLoader:
                  read_block: ReadBlock, device: torch.device | str = "cpu", lookahead: int = 2,
                  on_layer: Callable[[int], None] | None = None, on_sized: Callable[[int, float], None] | None = None,
                  buffers: BufferPool | None = None, sink: LayerSink | None = None, read_run: ReadRun | None = None,
-                 on_hit: Callable[[bytes], None] | None = None):
+                 on_hit: Callable[[bytes], None] | None = None, workers: LoaderWorkers | None = None):
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
             raise ValueError(f"lookahead: expected an integer >= 1, got {lookahead!r}")
         self.layout = layout
@@ -257,7 +294,7 @@ class LayerLoader:
                                buffers, sink, read_run, on_hit)
         self._thread = threading.Thread(target=self._pipe.run, name="kvstore-layer-loader", daemon=True)
         self._finalizer = weakref.finalize(self, self._pipe.abandon)
-        self._thread.start()
+        (workers or LoaderWorkers()).start(self._thread, self._pipe)
 
     @property
     def num_tokens(self) -> int:
@@ -324,13 +361,19 @@ class LayerLoader:
             yield index, self.layer(index)
 
     def close(self) -> None:
-        """Stop copying, release the prefetch pins and the layer buffers."""
+        """Stop copying, release the prefetch pins and the layer buffers. A worker still inside a tier's read
+        after ``CLOSE_JOIN_SECONDS`` (a share that stopped answering) is left to it: it releases the pins
+        itself when the read returns (close waited for ever)."""
         if self._thread is not threading.current_thread():
             # The pins go once the worker is done: on a CPU its copy out of a pinned slot runs in the
             # worker itself, and a slot unpinned before it ends could be refilled under it.
             self._pipe.halt()
-            self._thread.join()
+            self._thread.join(CLOSE_JOIN_SECONDS)
             self._finalizer.detach()
+            if self._thread.is_alive():
+                log.warning("a layer-wise load's worker is still inside a read at close (its tier has stopped "
+                            "answering?); left to it")
+                return
             self._pipe.stop()
             self._pipe.give_back()
         else:

@@ -43,7 +43,7 @@ PREFETCH_COUNTERS = ("prefetches", "prefetch_blocks", "prefetch_ready_blocks", "
                      "prefetch_pin_limited")
 _STOP = object()
 # How long close waits for the workers to stop (seconds): one inside a read of a hung share never would.
-_CLOSE_JOIN_SECONDS = 30.0
+CLOSE_JOIN_SECONDS = 30.0
 # A worker with nothing to fetch releases the handles the garbage collector freed at least this often.
 ORPHAN_SWEEP_SECONDS = 0.5
 # How often a wait that may be stopped (``PrefetchHandle.result``) looks at its stop condition.
@@ -257,7 +257,7 @@ class Prefetcher:
 
     def close(self) -> None:
         """Stop the workers; queued fetches past room for the stop marks are dropped, and every waiting handle
-        wakes up. A worker still inside a read after ``_CLOSE_JOIN_SECONDS`` (a filesystem that stopped
+        wakes up. A worker still inside a read after ``CLOSE_JOIN_SECONDS`` (a filesystem that stopped
         answering) is left to it: it is a daemon, and close waited for ever."""
         with self._lock:
             if self._closed:
@@ -271,7 +271,7 @@ class Prefetcher:
                 except queue.Full:
                     with contextlib.suppress(queue.Empty):
                         self._queue.get_nowait()
-        deadline = time.monotonic() + _CLOSE_JOIN_SECONDS
+        deadline = time.monotonic() + CLOSE_JOIN_SECONDS
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():

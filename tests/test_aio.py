@@ -103,6 +103,9 @@ def test_a_bad_argument_is_the_stores_value_error_and_max_threads_is_checked(sto
         async with AsyncKVStore(store) as hooks:
             with pytest.raises(ValueError, match="kv"):
                 await hooks.put(make_tokens(16), torch.zeros(3))
+            for bad in (None, "handle", 5):  # an AttributeError ('str' object has no attribute 'wait')
+                with pytest.raises(ValueError, match=r"^handle: expected a PrefetchHandle from prefetch\(\), got "):
+                    await hooks.wait(bad)
 
     asyncio.run(main())
     for bad in (0, -1, True, 1.5):

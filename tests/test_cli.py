@@ -106,7 +106,8 @@ def test_codecs_refuses_no_windows_of_text_before_loading_the_model():
 
 @pytest.mark.parametrize("case", ["data-dir-bench", "data-dir-demo", "data-dir-serve", "data-dir-under-a-file",
                                   "cache-dir-a-file", "url-port", "token-dir",
-                                  "token-binary", "no-codecs", "huge-size", "env-not-a-setting"])
+                                  "token-binary", "no-codecs", "huge-size", "env-not-a-setting", "codecs-float64",
+                                  "codecs-int8"])
 def test_user_mistakes_name_the_flag_or_setting_without_a_traceback(tmp_path, case):
     """Each printed a bare errno ("[Errno 17] File exists"), a bare parser message ("Port out of range"), a
     traceback (OverflowError from a size of hundreds of digits), exited 0 with an empty table, or refused
@@ -131,6 +132,10 @@ def test_user_mistakes_name_the_flag_or_setting_without_a_traceback(tmp_path, ca
                       None),
         "huge-size": (["info"], "host_bytes: expected a byte size up to", {"KVSTORE_HOST_BYTES": "9" * 400}),
         "env-not-a-setting": (["info"], None, {"KVSTORE_MODEL_CACHE": str(tmp_path), "KVSTORE_SLOW": "1"}),
+        "codecs-float64": (["codecs", "--dtype", "float64", "--no-model", "--no-peers"],
+                           "--dtype: expected float16, bfloat16 or float32, got 'float64'", None),
+        "codecs-int8": (["codecs", "--dtype", "int8", "--no-model", "--no-peers"],
+                        "--dtype: expected float16, bfloat16 or float32, got 'int8'", None),
     }[case]
     result = _kvstore(*args, env=env, cwd=tmp_path)
     assert "Traceback" not in result.stderr, result.stderr
@@ -138,6 +143,47 @@ def test_user_mistakes_name_the_flag_or_setting_without_a_traceback(tmp_path, ca
         assert result.returncode == 0, result.stderr
     else:
         assert result.returncode == 2 and expected in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="drops root's override of permissions with setpriv")
+@pytest.mark.parametrize("args", [["bench", "--quick", "--data-dir"], ["serve", "--data-dir"],
+                                  ["model", "--no-fetch", "--cache-dir"]], ids=lambda a: a[0])
+def test_a_folder_this_process_may_not_write_is_named_by_its_flag(tmp_path, args):
+    """A bare "[Errno 13] Permission denied: 'noperm/d'" named no flag (as root without CAP_DAC_OVERRIDE,
+    as any other user)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o000)
+    exe = shutil.which("kvstore") or str(Path(sys.executable).with_name("kvstore"))
+    try:
+        result = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+                                 "-dac_override,-dac_read_search", "--", exe, *args, str(locked / "d")],
+                                capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                                env={k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")})
+    finally:
+        locked.chmod(0o755)
+    flag = args[-1] if args[0] != "serve" else "data_dir"
+    assert result.returncode == 2 and f"{flag}: expected a folder this process may write" in result.stderr, (
+        result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def test_a_ctrl_c_while_the_command_is_still_importing_is_one_line():
+    """Importing the CLI takes torch's import (about a second): a Ctrl-C then printed a KeyboardInterrupt
+    traceback from deep inside it. ``import kvstore`` alone now imports no torch at all."""
+    code = """
+import sys
+import kvstore.console
+assert "torch" not in sys.modules, "import kvstore imported torch"
+class Interrupted:  # a Ctrl-C that lands while kvstore.cli is being imported
+    def find_spec(self, name, path, target=None):
+        if name == "kvstore.cli":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupted())
+sys.exit(kvstore.console.main())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and result.stderr == "kvstore: interrupted\n", result.stderr
 
 
 def test_ctrl_c_stops_a_command_without_a_traceback(tmp_path):

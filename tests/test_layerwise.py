@@ -315,6 +315,41 @@ def test_dropping_an_unfinished_loader_releases_its_pins(make_store):
         assert not worker.is_alive()
 
 
+@pytest.mark.parametrize("stuck", [False, True], ids=["read-returns", "read-hangs"])
+def test_closing_the_store_waits_for_a_dropped_loaders_worker_inside_a_read_bounded(make_store, monkeypatch,
+                                                                                     caplog, stuck):
+    """A loader dropped while its worker was inside a tier's read was forgotten by the store: close returned
+    at once and the worker read the files tier after it. Close now waits for it, and a read that never
+    returns (a hung share) is left to it after ``CLOSE_JOIN_SECONDS``, as a loader's own close does."""
+    import kvstore.layerwise as layerwise
+    monkeypatch.setattr(layerwise, "CLOSE_JOIN_SECONDS", 0.5)
+    store = make_store("disk", lay=LAY)
+    tokens = make_tokens(40)
+    store.put(tokens, make_kv(LAY, 40))
+    store.flush(10)
+    inside, release, finished = threading.Event(), threading.Event(), []
+    flow = store.hooks._flow
+    real = flow.fill_keys
+
+    def slow(keys, dsts):
+        inside.set()
+        release.wait(0.2 if not stuck else 30)
+        finished.append(real(keys, dsts))
+        return finished[-1]
+    monkeypatch.setattr(flow, "fill_keys", slow)
+    loader = store.load(tokens, layer_wise=True)
+    assert inside.wait(LONG)
+    del loader  # the engine dropped it mid-read
+    gc.collect()
+    with caplog.at_level("WARNING", logger="kvstore.layerwise"):
+        store.close()
+    if stuck:
+        assert not finished and "left to it" in caplog.text  # close returned; the read is left to it
+        release.set()
+    else:
+        assert finished and "left to it" not in caplog.text  # the read ended before close returned
+
+
 def test_a_failing_read_surfaces_in_the_consumer(make_store):
     store = make_store("host", lay=LAY)
     tokens = make_tokens(40)  # nothing stored: the handle pins nothing and every block is read privately

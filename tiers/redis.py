@@ -45,6 +45,7 @@ import hashlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -80,6 +81,8 @@ _SCAN_COUNT = 1000
 _T = TypeVar("_T")
 _FAILED = object()  # a command whose server could not be reached
 _DEFAULT_BULK_LEN = 512 << 20  # Redis's largest value unless proto-max-bulk-len says otherwise, bytes
+_LEAST_BULK_LEN = 1 << 20  # the least proto-max-bulk-len Redis takes: a value no larger never needs asking
+_ASK_AGAIN_SECONDS = 30.0  # after no server answered what its largest value is
 _SCRATCH_BYTES = 128 << 20  # most bytes of values one put copies into a reused buffer
 # Most bytes of that buffer a thread keeps between puts: every thread that ever put (an engine's pool) kept up
 # to _SCRATCH_BYTES for life, outside every capacity; a larger buffer is freed when its put ends.
@@ -234,7 +237,8 @@ class RedisTier:
         self._limit = max_stored_bytes(layout.block_bytes)
         self._capacity = capacity_bytes
         self._server_capacity: int | None = None
-        self._value_limit: int | None = None  # the servers' proto-max-bulk-len, once every server answered
+        self._value_limit: int | None = None  # the servers' proto-max-bulk-len, once some server answered
+        self._value_limit_asked = -_ASK_AGAIN_SECONDS  # when it was last asked (monotonic seconds)
         self._last_figures = (0, 0, 0)  # what _server_figures last returned
         self._counters = Counters(*TIER_COUNTERS, "stale", "errors", "timeouts")
         self._lock = threading.Lock()  # guards building the client
@@ -533,6 +537,9 @@ class RedisTier:
         service). Not asked again: a dead node would cost every put its timeout."""
         if self._value_limit is not None:
             return self._value_limit
+        if time.monotonic() < self._value_limit_asked + _ASK_AGAIN_SECONDS:  # none answered: not a timeout a put
+            return _DEFAULT_BULK_LEN
+        self._value_limit_asked = time.monotonic()
         def ask(server: Any) -> int:
             try:
                 return int(server.config_get("proto-max-bulk-len").get("proto-max-bulk-len", _DEFAULT_BULK_LEN))
@@ -617,8 +624,8 @@ class RedisTier:
             if self._capacity and len(value) > self._capacity:
                 self._counters.add("rejected")
                 continue
-            if len(value) > self._largest_value():  # sent, the server drops the connection: every block of
-                self._counters.add("rejected")  # the batch lost and writes suspended, for one block too large
+            if len(value) > _LEAST_BULK_LEN and len(value) > self._largest_value():  # sent, the server drops the
+                self._counters.add("rejected")  # connection: the batch lost, writes suspended, for one block
                 self._refusals.refused(1, "a block's value is past the server's proto-max-bulk-len: raise it "
                                           "(CONFIG SET proto-max-bulk-len), or store smaller blocks")
                 continue

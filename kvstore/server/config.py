@@ -138,7 +138,7 @@ class ServerConfig:
                 raise ValueError(f"{name}: expected a {'token' if name == 'token' else 'file path'}, got {value!r}")
         if not isinstance(self.data_dir, str) or not self.data_dir:
             raise ValueError(f"data_dir: expected a folder, got {self.data_dir!r}")
-        check_folder("data_dir", self.data_dir)
+        check_folder("data_dir", self.data_dir, writable=True)
         if self.max_frame_bytes < MAX_HELLO_BYTES:
             raise ValueError(f"max_frame_bytes: expected at least {MAX_HELLO_BYTES} (a HELLO must fit), got "
                              f"{self.max_frame_bytes}")
