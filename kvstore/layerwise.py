@@ -39,8 +39,8 @@ ReadBlock = Callable[[BlockRef, torch.Tensor], bool]
 ReadRun = Callable[[Sequence[BlockRef], Sequence[torch.Tensor]], int]
 # Takes layer ``layer`` of the loaded blocks as ``(first token, [P, block tokens, H, D])`` pairs, in token order.
 LayerSink = Callable[[int, list[tuple[int, torch.Tensor]]], None]
-# How often a worker waiting for the engine to take layers looks whether its loader was dropped (seconds).
 log = logging.getLogger(__name__)
+# How often a worker waiting for the engine to take layers looks whether its loader was dropped (seconds).
 WORKER_POLL_SECONDS = 0.5
 
 
