@@ -95,7 +95,11 @@ def _run_dims(tensor: torch.Tensor) -> tuple[list[tuple[int, int]], int]:
 def check_disjoint(outs: Sequence[torch.Tensor], name: str = "outs") -> None:
     """A ``ValueError`` if two of ``outs`` share memory: each would be read into in turn, the later block's
     bytes left in both, and both counted read (``get_keyed(names, [buf, buf])`` returned 2 with page b's KV
-    in the out for page a). Views of one buffer that do not overlap (its blocks' token ranges) are fine."""
+    in the out for page a). Views of one buffer that do not overlap (its blocks' token ranges) are fine.
+    Each out alone must already hold its own memory (``check_out``): two runs that meet are then two outs'.
+
+    Sorted and compared with numpy: a Python loop over the runs took 6.7 ms for 128 pages of 64 runs each
+    (an SGLang prefetch into its layer-first host pool), on the read's path."""
     by_storage: dict[tuple[str, int], list[int]] = {}
     for index, out in enumerate(outs):
         if out.numel():
@@ -104,22 +108,25 @@ def check_disjoint(outs: Sequence[torch.Tensor], name: str = "outs") -> None:
         shapes = {index: _run_dims(outs[index]) for index in indices}
         if len(indices) < 2 or sum(math.prod(size for size, _ in dims) for dims, _ in shapes.values()) > _MOST_RUNS:
             continue
-        spans = []  # (first byte, past the last byte, index) of every run, from the storage's start
+        firsts, ends, owners = [], [], []  # each run's first byte from the storage's start, past its last, out
         for index, (dims, run) in shapes.items():
             starts = np.zeros(1, dtype=np.int64)
             for size, stride in dims:
                 starts = (starts[:, None] + np.arange(size, dtype=np.int64) * stride).reshape(-1)
             element = outs[index].element_size()
             first = (starts + outs[index].storage_offset()) * element
-            spans.extend((start, start + run * element, index) for start in first.tolist())
-        spans.sort()
-        reach, holder = -1, -1
-        for start, end, index in spans:
-            if start < reach and index != holder:
-                raise ValueError(f"{name}: expected buffers that share no memory, got {name}[{holder}] and "
-                                 f"{name}[{index}] over the same bytes")
-            if end > reach:
-                reach, holder = end, index
+            firsts.append(first)
+            ends.append(first + run * element)
+            owners.append(np.full(first.size, index))
+        order = np.argsort(np.concatenate(firsts), kind="stable")
+        first, end, owner = (np.concatenate(parts)[order] for parts in (firsts, ends, owners))
+        reach = np.maximum.accumulate(end)  # past the last byte of every run up to each
+        clash = np.flatnonzero(first[1:] < reach[:-1])  # a run starting inside an earlier one
+        if clash.size:
+            at = int(clash[0]) + 1
+            holder = int(owner[np.argmax(end[:at])])
+            raise ValueError(f"{name}: expected buffers that share no memory, got {name}[{holder}] and "
+                             f"{name}[{int(owner[at])}] over the same bytes")
 
 
 def check_counts(settings: object, names: Iterable[str], least: int = 1) -> None:
